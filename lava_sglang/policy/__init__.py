@@ -1,0 +1,20 @@
+"""LAVa and baseline KV-cache policies in pure PyTorch (no SGLang import).
+
+`compress_plan` is the entry point; see lava.md for the algorithm.
+"""
+
+from lava_sglang.policy.base import LayerScores, Policy, WindowPolicy
+from lava_sglang.policy.plan import CompressionPlan, PlanBuilder, compress_plan, resolve_budget
+from lava_sglang.policy.registry import POLICIES, make_policy
+
+__all__ = [
+    "POLICIES",
+    "CompressionPlan",
+    "LayerScores",
+    "PlanBuilder",
+    "Policy",
+    "WindowPolicy",
+    "compress_plan",
+    "make_policy",
+    "resolve_budget",
+]

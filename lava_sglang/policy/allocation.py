@@ -1,0 +1,71 @@
+"""Budget allocation: how many selectable tokens each layer and each KV head keeps.
+
+Budgets here count selectable (prefix) tokens per KV head; the window comes on top.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import torch
+
+
+def distribute(total: int, weights: Sequence[float], cap: int) -> list[int]:
+    """Split `total` over layers in proportion to `weights`, each floored and clamped to `cap`.
+
+    What a clamp removes goes to the unclamped layers in proportion to their weights,
+    repeated until no layer exceeds `cap` (lava.md, "Dynamic layer budgets"). Layers
+    whose weights are all zero share equally.
+    """
+    budgets = [0] * len(weights)
+    open_layers = list(range(len(weights)))
+    remaining = total
+    while open_layers:
+        weight_sum = sum(weights[i] for i in open_layers)
+        if weight_sum > 0:
+            shares = {i: math.floor(weights[i] * remaining / weight_sum) for i in open_layers}
+        else:
+            shares = {i: remaining // len(open_layers) for i in open_layers}
+        clamped = [i for i in open_layers if shares[i] > cap]
+        if not clamped:
+            for i in open_layers:
+                budgets[i] = shares[i]
+            break
+        for i in clamped:
+            budgets[i] = cap
+            remaining -= cap
+        open_layers = [i for i in open_layers if i not in clamped]
+    return budgets
+
+
+def pyramid_weights(num_layers: int, per_layer: int, beta: float) -> list[float]:
+    """PyramidKV's linear schedule: layer 0 gets the most, the last layer `per_layer / beta`.
+
+    The weights average to `per_layer`, so the total equals the uniform total.
+    """
+    if num_layers == 1:
+        return [float(per_layer)]
+    low = per_layer / beta
+    high = 2 * per_layer - low
+    step = (high - low) / (num_layers - 1)
+    return [high - layer * step for layer in range(num_layers)]
+
+
+def descending_order(scores: torch.Tensor) -> torch.Tensor:
+    """Indices that sort the last dim by descending score; ties go to the earlier index."""
+    return torch.sort(scores, dim=-1, descending=True, stable=True).indices
+
+
+def flat_topk_head_budgets(scores: torch.Tensor, layer_budget: int, alpha: float) -> list[int]:
+    """Head budgets from one top-k over the whole layer, with the safeguard floor.
+
+    scores: [Hkv, m]; the top `Hkv * layer_budget` entries decide `c_h`, then
+    `cap_h = min(round((1 - alpha) * c_h + floor(alpha * layer_budget)), m)`
+    (round half to even, as Python and torch round).
+    """
+    num_kv_heads, prefix_len = scores.shape
+    top = descending_order(scores.flatten())[: num_kv_heads * layer_budget]
+    counts = torch.bincount(top // prefix_len, minlength=num_kv_heads).tolist()
+    floor_share = math.floor(alpha * layer_budget)
+    return [min(round((1 - alpha) * count + floor_share), prefix_len) for count in counts]

@@ -1,0 +1,88 @@
+"""The policy interface: what every policy in the registry implements.
+
+A policy turns per-layer window statistics into per-(layer, KV head) budgets. The plan
+itself (which positions each head keeps) is assembled the same way for every policy in
+`lava_sglang.policy.plan`, so a policy file only says how it scores and how it splits.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from lava_sglang.policy import scores as score_ops
+from lava_sglang.policy.allocation import descending_order, distribute
+
+
+@dataclass(frozen=True)
+class LayerScores:
+    """What the allocation needs from one layer: `scores` [Hkv, m] fp32 and its entropy."""
+
+    scores: torch.Tensor
+    entropy: float
+
+
+@dataclass(frozen=True)
+class Policy:
+    """Base of all policies. Hyper-parameters are dataclass fields of the subclasses."""
+
+    name: ClassVar[str]
+    window: int = 32
+
+    #: False for positional policies that keep tokens by position alone (no window queries).
+    needs_scores: ClassVar[bool] = True
+    #: True for the full cache: the budget is ignored and nothing is evicted.
+    keeps_everything: ClassVar[bool] = False
+
+    def validate(self) -> None:
+        """Raise ValueError naming the hyper-parameter that is out of range."""
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+            raise ValueError(f"window must be an int >= 1, got {self.window!r}")
+
+    def layer_scores(self, q_window: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> LayerScores:
+        raise NotImplementedError(f"{self.name} keeps tokens by position and computes no scores")
+
+    def layer_budgets(self, entropies: list[float], total: int, prefix_len: int) -> list[int]:
+        """Selectable tokens per KV head for each layer; uniform unless a policy says otherwise."""
+        return distribute(total, [1.0] * len(entropies), prefix_len)
+
+    def head_budgets(self, scores: torch.Tensor, layer_budget: int) -> list[int]:
+        """Selectable tokens for each KV head of one layer; uniform unless a policy says otherwise."""
+        return [layer_budget] * scores.shape[0]
+
+    def select(self, scores: torch.Tensor | None, head_budget: int, prefix_len: int) -> torch.Tensor:
+        """Prefix positions one KV head keeps: its `head_budget` best-scored tokens."""
+        return descending_order(scores)[:head_budget]
+
+
+@dataclass(frozen=True)
+class WindowPolicy(Policy):
+    """Policies that score prefix tokens by the attention the observation window pays them."""
+
+    pool_kernel: int = 7
+
+    #: How the G query heads of a KV group are reduced: "max" (LAVa) or "mean" (SnapKV).
+    gqa_reduce: ClassVar[str] = "mean"
+    #: Multiply by the head's largest value norm (LAVa), making heads comparable.
+    scale_by_value_norm: ClassVar[bool] = False
+
+    def validate(self) -> None:
+        super().validate()
+        kernel = self.pool_kernel
+        if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
+            raise ValueError(f"pool_kernel must be an odd int >= 1, got {kernel!r}")
+
+    def layer_scores(self, q_window: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> LayerScores:
+        prefix_len = keys.shape[1] - q_window.shape[1]
+        mass = score_ops.window_attention_mass(q_window, keys, self.gqa_reduce)
+        scores = score_ops.pool_scores(mass, self.pool_kernel)
+        if self.scale_by_value_norm:
+            scores = scores * score_ops.value_norm_scale(values, prefix_len)[:, None]
+        return LayerScores(scores=scores, entropy=score_ops.layer_entropy(scores))
+
+
+def validate_alpha(alpha: float) -> None:
+    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")

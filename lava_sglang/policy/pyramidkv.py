@@ -1,0 +1,26 @@
+"""PyramidKV: SnapKV scores with a linear layer schedule (more in early layers, same total)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+from lava_sglang.policy.allocation import distribute, pyramid_weights
+from lava_sglang.policy.base import WindowPolicy
+
+
+@dataclass(frozen=True)
+class PyramidKV(WindowPolicy):
+    name: ClassVar[str] = "pyramidkv"
+
+    #: The last layer keeps `1 / beta` of the average budget (PyramidKV's default 20).
+    beta: float = 20.0
+
+    def validate(self) -> None:
+        super().validate()
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not self.beta >= 1:
+            raise ValueError(f"beta must be a number >= 1, got {self.beta!r}")
+
+    def layer_budgets(self, entropies: list[float], total: int, prefix_len: int) -> list[int]:
+        num_layers = len(entropies)
+        return distribute(total, pyramid_weights(num_layers, total // num_layers, self.beta), prefix_len)

@@ -1,0 +1,67 @@
+"""Per-layer token scores from the observation window (lava.md, "Per-layer score").
+
+Everything here is the torch reference: the Triton window-statistics kernel is tested
+against `window_attention_mass` + `pool_scores` + `value_norm_scale` + `layer_entropy`.
+All arithmetic is fp32 whatever the input dtype (the authors' bf16 scores create ties).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+
+def window_attention_mass(q_window: torch.Tensor, keys: torch.Tensor, gqa_reduce: str) -> torch.Tensor:
+    """Mean attention each prefix key receives from the window queries, reduced per KV head.
+
+    q_window: [Hq, w, d] post-RoPE queries of the last w tokens of the scored sequence.
+    keys: [Hkv, n, d] post-RoPE keys of the whole scored sequence.
+    gqa_reduce: "max" (LAVa) or "mean" (the SnapKV family) over the G query heads of a group.
+    Returns [Hkv, m] fp32 with m = n - w (the selectable prefix).
+    """
+    num_q_heads, window, head_dim = q_window.shape
+    num_kv_heads, seq_len, _ = keys.shape
+    group = num_q_heads // num_kv_heads
+    prefix_len = seq_len - window
+    q = q_window.float().view(num_kv_heads, group, window, head_dim)
+    k = keys.float()
+    logits = torch.einsum("hgrd,hjd->hgrj", q, k) / math.sqrt(head_dim)
+    # Window query r sits at position prefix_len + r and must not see later window keys.
+    future = torch.ones(window, window, dtype=torch.bool, device=keys.device).triu(diagonal=1)
+    logits[..., prefix_len:].masked_fill_(future, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    mass = probs[..., :prefix_len].mean(dim=2)  # [Hkv, G, m]
+    if gqa_reduce == "max":
+        return mass.amax(dim=1)
+    if gqa_reduce == "mean":
+        return mass.mean(dim=1)
+    raise ValueError(f"gqa_reduce must be 'max' or 'mean', got {gqa_reduce!r}")
+
+
+def pool_scores(scores: torch.Tensor, kernel: int) -> torch.Tensor:
+    """Max-pool [Hkv, m] scores along tokens (stride 1, same length); padding never wins."""
+    if kernel == 1:
+        return scores
+    return F.max_pool1d(scores.unsqueeze(0), kernel_size=kernel, stride=1, padding=kernel // 2).squeeze(0)
+
+
+def value_norm_scale(values: torch.Tensor, prefix_len: int) -> torch.Tensor:
+    """vbar[h] = max over prefix tokens of the L1 norm of V[h, j] ([Hkv, n, d] -> [Hkv])."""
+    return values[:, :prefix_len].float().abs().sum(dim=-1).amax(dim=-1)
+
+
+def layer_entropy(scores: torch.Tensor) -> float:
+    """Normalised entropy of a layer's score mass over all (head, token) entries, in [0, 1].
+
+    A layer with a single entry, or with no score mass at all, carries no information to
+    spread; it reports 0 and the layer allocation treats it as such.
+    """
+    entries = scores.numel()
+    total = scores.sum()
+    if entries <= 1 or total <= 0:
+        return 0.0
+    p = scores.flatten() / total
+    plogp = torch.where(p > 0, p * torch.log(p), torch.zeros_like(p))
+    return float(-plogp.sum() / math.log(entries))

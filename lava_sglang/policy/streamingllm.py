@@ -1,0 +1,30 @@
+"""StreamingLLM: the first few tokens (attention sinks) plus the most recent ones."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from lava_sglang.policy.base import Policy
+
+
+@dataclass(frozen=True)
+class StreamingLLM(Policy):
+    name: ClassVar[str] = "streamingllm"
+    needs_scores: ClassVar[bool] = False
+
+    sink_tokens: int = 4
+
+    def validate(self) -> None:
+        super().validate()
+        sinks = self.sink_tokens
+        if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
+            raise ValueError(f"sink_tokens must be an int >= 0, got {sinks!r}")
+
+    def select(self, scores: torch.Tensor | None, head_budget: int, prefix_len: int) -> torch.Tensor:
+        # The window is the most recent part; the recent prefix tokens continue it.
+        sinks = min(self.sink_tokens, head_budget)
+        recent = torch.arange(prefix_len - (head_budget - sinks), prefix_len)
+        return torch.cat([torch.arange(sinks), recent])

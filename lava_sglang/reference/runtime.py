@@ -1,0 +1,283 @@
+"""Compress once, answer many, with an HF transformers causal LM (the quality oracle).
+
+    runtime = ReferenceRuntime.load()                    # SmolLM2, fp32
+    capture = runtime.prefill(document_ids)              # one prefill, window statistics kept
+    prefix = runtime.compress(capture, "lava", 0.2)      # per (layer, KV head) kept rows
+    answers = runtime.generate([prefix], question_ids, max_new_tokens=32)
+
+A `CompressedPrefix` is never modified by answering: each call starts its own cache for
+the request's tokens, which continue at position n (the original length), and attention
+is (compressed prefix) merged by LSE with (own tokens), as on the server. Several prefixes
+of the same sequence (different policies or budgets) run as one batch.
+
+Works with Llama/Qwen2/Mistral-style models whose attention goes through transformers'
+attention interface (post-RoPE queries and keys are captured there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, DynamicCache
+
+from lava_sglang.policy import CompressionPlan, Policy, compress_plan
+from lava_sglang.reference.attention import attention_with_lse, causal_visibility, merge_attention_states
+
+ATTENTION_NAME = "lava_reference"
+
+
+@dataclass
+class PrefixCapture:
+    """What one prefill of a scored sequence leaves: per layer the window queries and the
+    full keys and values (post-RoPE, batch dimension dropped), and the last logits."""
+
+    token_ids: list[int]
+    q_window: list[torch.Tensor]  # [Hq, w, d]
+    keys: list[torch.Tensor]  # [Hkv, n, d]
+    values: list[torch.Tensor]  # [Hkv, n, d]
+    last_logits: torch.Tensor  # [vocab]
+
+    @property
+    def seq_len(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass
+class CompressedPrefix:
+    """A compressed KV cache: per layer the kept rows of every KV head, padded to the
+    longest head, with the true lengths."""
+
+    plan: CompressionPlan
+    keys: list[torch.Tensor]  # [Hkv, longest, d]
+    values: list[torch.Tensor]  # [Hkv, longest, d]
+    lengths: torch.Tensor  # [layers, Hkv]
+    last_logits: torch.Tensor  # logits after the last prefix token (full attention, at prefill)
+
+    @property
+    def seq_len(self) -> int:
+        return self.plan.seq_len
+
+    def kv_bytes(self, bytes_per_element: int) -> int:
+        """Memory the kept K and V rows take at `bytes_per_element` (2 for a bf16 cache)."""
+        head_dim = self.keys[0].shape[-1]
+        return int(self.lengths.sum()) * 2 * head_dim * bytes_per_element
+
+    @classmethod
+    def from_plan(cls, capture: PrefixCapture, plan: CompressionPlan) -> "CompressedPrefix":
+        keys, values = [], []
+        for layer, kept in enumerate(plan.kept):
+            longest = max(len(positions) for positions in kept)
+            layer_keys = capture.keys[layer].new_zeros(len(kept), longest, capture.keys[layer].shape[-1])
+            layer_values = capture.values[layer].new_zeros(len(kept), longest, capture.values[layer].shape[-1])
+            for head, positions in enumerate(kept):
+                layer_keys[head, : len(positions)] = capture.keys[layer][head, positions]
+                layer_values[head, : len(positions)] = capture.values[layer][head, positions]
+            keys.append(layer_keys)
+            values.append(layer_values)
+        return cls(plan=plan, keys=keys, values=values, lengths=plan.kept_lengths(),
+                   last_logits=capture.last_logits)
+
+
+@dataclass
+class _Batch:
+    """Compressed prefixes of one sequence stacked for a batched forward."""
+
+    seq_len: int
+    keys: list[torch.Tensor]  # [B, Hkv, longest, d]
+    values: list[torch.Tensor]
+    visible: list[torch.Tensor]  # [B, Hkv, longest] bool
+    last_logits: torch.Tensor  # [B, vocab]
+
+    @property
+    def size(self) -> int:
+        return self.last_logits.shape[0]
+
+    @classmethod
+    def stack(cls, prefixes: Sequence[CompressedPrefix]) -> "_Batch":
+        if not prefixes:
+            raise ValueError("prefixes must not be empty")
+        if len({prefix.seq_len for prefix in prefixes}) != 1:
+            raise ValueError("prefixes in one batch must compress the same sequence length")
+        keys, values, visible = [], [], []
+        for layer in range(len(prefixes[0].keys)):
+            longest = max(prefix.keys[layer].shape[1] for prefix in prefixes)
+            pad = [longest - prefix.keys[layer].shape[1] for prefix in prefixes]
+            keys.append(torch.stack([
+                torch.nn.functional.pad(p.keys[layer], (0, 0, 0, n)) for p, n in zip(prefixes, pad)]))
+            values.append(torch.stack([
+                torch.nn.functional.pad(p.values[layer], (0, 0, 0, n)) for p, n in zip(prefixes, pad)]))
+            lengths = torch.stack([prefix.lengths[layer] for prefix in prefixes])  # [B, Hkv]
+            visible.append(torch.arange(longest)[None, None, :] < lengths[:, :, None])
+        return cls(seq_len=prefixes[0].seq_len, keys=keys, values=values, visible=visible,
+                   last_logits=torch.stack([prefix.last_logits for prefix in prefixes]))
+
+
+# What the registered attention function does for the forward in flight: capture the
+# window (prefill) or attend over compressed prefixes (answering). A context variable
+# keeps concurrent runtimes in different threads apart.
+_active: contextvars.ContextVar[Callable | None] = contextvars.ContextVar("lava_reference_attention", default=None)
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    handler = _active.get()
+    if handler is None:
+        raise RuntimeError(f"the '{ATTENTION_NAME}' attention runs only inside ReferenceRuntime calls")
+    return handler(module, query, key, value, scaling), None
+
+
+AttentionInterface.register(ATTENTION_NAME, _attention)
+
+
+def _grouped(query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[B, Hq, T, d] -> [B, Hkv, G, T, d] (query head g reads KV head g // G, as HF's repeat_kv)."""
+    batch, num_q_heads, length, head_dim = query.shape
+    return query.view(batch, num_kv_heads, num_q_heads // num_kv_heads, length, head_dim)
+
+
+def _ungrouped(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[B, Hkv, G, T, d] -> [B, T, Hq, d], the layout HF's attention functions return."""
+    batch, num_kv_heads, group, length, head_dim = out.shape
+    return out.reshape(batch, num_kv_heads * group, length, head_dim).transpose(1, 2).to(dtype)
+
+
+class ReferenceRuntime:
+    def __init__(self, model, tokenizer, window: int = 32):
+        model.config._attn_implementation = ATTENTION_NAME
+        model.eval()
+        self.model = model
+        self.tokenizer = tokenizer
+        self.window = window
+        self.device = next(model.parameters()).device
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, dtype: torch.dtype = torch.float32, window: int = 32):
+        """Load a checkpoint (default: SmolLM2-135M-Instruct, converted on first use)."""
+        if path is None:
+            from lava_sglang.model import smollm2_path
+
+            path = smollm2_path()
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation="sdpa")
+        return cls(model, tokenizer, window=window)
+
+    @contextlib.contextmanager
+    def _attending(self, handler: Callable) -> Iterator[None]:
+        token = _active.set(handler)
+        try:
+            yield
+        finally:
+            _active.reset(token)
+
+    @torch.inference_mode()
+    def prefill(self, token_ids: Sequence[int]) -> PrefixCapture:
+        """Run the sequence once with full attention and keep what compression needs."""
+        token_ids = [int(t) for t in token_ids]
+        if not token_ids:
+            raise ValueError("token_ids must not be empty")
+        window = min(self.window, len(token_ids))
+        q_window, keys, values = [], [], []
+
+        def capture(module, query, key, value, scaling):
+            q_window.append(query[0, :, -window:].clone())
+            keys.append(key[0].clone())
+            values.append(value[0].clone())
+            grouped = _grouped(query, key.shape[1])
+            visible = causal_visibility(query.shape[2], key.shape[2], query.device)
+            out, _ = attention_with_lse(grouped, key, value, visible, scaling)
+            return _ungrouped(out, query.dtype)
+
+        ids = torch.tensor([token_ids], device=self.device)
+        with self._attending(capture):
+            logits = self.model(input_ids=ids, use_cache=False, logits_to_keep=1).logits
+        return PrefixCapture(token_ids=token_ids, q_window=q_window, keys=keys, values=values,
+                             last_logits=logits[0, -1].float())
+
+    def compress(self, capture: PrefixCapture, policy: str | Policy, budget: float | int, **options) -> CompressedPrefix:
+        """Plan with `compress_plan` and keep only the planned rows."""
+        options.setdefault("window", self.window)
+        plan = compress_plan(policy, capture.q_window, capture.keys, capture.values, budget, **options)
+        return CompressedPrefix.from_plan(capture, plan)
+
+    @torch.inference_mode()
+    def forward(self, prefixes: Sequence[CompressedPrefix], token_ids: torch.Tensor,
+                cache: DynamicCache | None = None) -> tuple[torch.Tensor, DynamicCache]:
+        """Logits of `token_ids` [B, T] (row b after prefix b), continuing `cache` if given."""
+        return self._forward(_Batch.stack(prefixes), token_ids, cache)
+
+    def _forward(self, batch: _Batch, token_ids: torch.Tensor,
+                 cache: DynamicCache | None = None) -> tuple[torch.Tensor, DynamicCache]:
+        if token_ids.shape[0] != batch.size:
+            raise ValueError(f"token_ids has {token_ids.shape[0]} rows for {batch.size} prefixes")
+        cache = cache if cache is not None else DynamicCache()
+        start = batch.seq_len + cache.get_seq_length()
+        positions = torch.arange(start, start + token_ids.shape[1], device=self.device).expand(token_ids.shape[0], -1)
+
+        def attend(module, query, key, value, scaling):
+            layer = module.layer_idx
+            grouped = _grouped(query, key.shape[1])
+            prefix_visible = batch.visible[layer][:, :, None, None, :]
+            out_prefix, lse_prefix = attention_with_lse(
+                grouped, batch.keys[layer], batch.values[layer], prefix_visible, scaling)
+            own_visible = causal_visibility(query.shape[2], key.shape[2], query.device)
+            out_own, lse_own = attention_with_lse(grouped, key, value, own_visible, scaling)
+            out, _ = merge_attention_states(out_prefix, lse_prefix, out_own, lse_own)
+            return _ungrouped(out, query.dtype)
+
+        with self._attending(attend):
+            logits = self.model(input_ids=token_ids.to(self.device), position_ids=positions,
+                                past_key_values=cache, use_cache=True).logits
+        return logits.float(), cache
+
+    @torch.inference_mode()
+    def generate(self, prefixes: Sequence[CompressedPrefix], suffix_ids: Sequence[int],
+                 max_new_tokens: int, stop_ids: Sequence[int] | None = None) -> list[list[int]]:
+        """Greedy answers to the same suffix after each prefix (one batch).
+
+        An empty suffix continues straight from the prefix (the query-aware setting, where
+        the question is part of the compressed sequence): the first token then comes from
+        the prefill's own logits.
+        """
+        stop = set(stop_ids if stop_ids is not None else [self.tokenizer.eos_token_id])
+        batch = _Batch.stack(prefixes)
+        if suffix_ids:
+            logits, cache = self._forward(batch, torch.tensor([list(suffix_ids)] * batch.size))
+            next_logits = logits[:, -1]
+        else:
+            cache = DynamicCache()
+            next_logits = batch.last_logits
+        answers: list[list[int]] = [[] for _ in prefixes]
+        done = [False] * len(prefixes)
+        for step in range(max_new_tokens):
+            next_ids = next_logits.argmax(dim=-1)
+            for row, token in enumerate(next_ids.tolist()):
+                if not done[row]:
+                    if token in stop:
+                        done[row] = True
+                    else:
+                        answers[row].append(token)
+            if all(done) or step == max_new_tokens - 1:
+                break
+            logits, cache = self._forward(batch, next_ids[:, None], cache)
+            next_logits = logits[:, -1]
+        return answers
+
+    @torch.inference_mode()
+    def continuation_logits(self, prefixes: Sequence[CompressedPrefix], suffix_ids: Sequence[int],
+                            continuation_ids: Sequence[int]) -> torch.Tensor:
+        """Teacher forcing: [B, len(continuation), vocab] logits that predict each
+        continuation token after `prefix + suffix + continuation[:i]`."""
+        if not continuation_ids:
+            raise ValueError("continuation_ids must not be empty")
+        batch = _Batch.stack(prefixes)
+        tokens = list(suffix_ids) + list(continuation_ids)[:-1]
+        if not tokens:  # a one-token continuation right after the prefix
+            return batch.last_logits[:, None]
+        logits, _ = self._forward(batch, torch.tensor([tokens] * batch.size))
+        if suffix_ids:
+            return logits[:, len(suffix_ids) - 1 :]
+        return torch.cat([batch.last_logits[:, None], logits], dim=1)

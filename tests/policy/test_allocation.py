@@ -1,0 +1,51 @@
+"""Layer and head budget allocation against hand-computed cases."""
+
+import pytest
+import torch
+
+from lava_sglang.policy.allocation import descending_order, distribute, flat_topk_head_budgets, pyramid_weights
+
+
+def test_distribute_floors_proportional_shares():
+    assert distribute(10, [1.0, 1.0, 2.0], cap=100) == [2, 2, 5]
+
+
+def test_distribute_hands_clamped_excess_to_the_others_by_weight():
+    # Shares 2, 2, 8; layer 2 clamps at 5 and its excess 3 splits 7 over the other two.
+    assert distribute(12, [1.0, 1.0, 4.0], cap=5) == [3, 3, 5]
+
+
+def test_distribute_repeats_until_nothing_exceeds_the_cap():
+    # Layer 2 clamps first, then layer 1, then layer 0: everything ends at the cap.
+    assert distribute(20, [1.0, 2.0, 10.0], cap=6) == [6, 6, 6]
+
+
+def test_distribute_with_zero_weights_shares_equally():
+    assert distribute(9, [0.0, 0.0, 0.0], cap=10) == [3, 3, 3]
+
+
+def test_pyramid_weights_decrease_linearly_and_keep_the_total():
+    weights = pyramid_weights(4, 10, beta=20)
+    assert weights[0] == pytest.approx(19.5) and weights[-1] == pytest.approx(0.5)
+    steps = [a - b for a, b in zip(weights, weights[1:])]
+    assert all(step == pytest.approx(steps[0]) and step > 0 for step in steps)
+    assert sum(weights) == pytest.approx(40)
+    assert pyramid_weights(1, 10, beta=20) == [10.0]
+
+
+def test_flat_topk_counts_then_safeguard():
+    scores = torch.tensor([[9.0, 8.0, 1.0, 0.0], [7.0, 0.5, 0.4, 0.3]])
+    # Top 4 of the layer: 9, 8, 7, 1 -> counts [3, 1]; floor(0.2 * 2) = 0.
+    assert flat_topk_head_budgets(scores, layer_budget=2, alpha=0.2) == [2, 1]  # round(2.4), round(0.8)
+    # alpha = 0.5: floor(0.5 * 2) = 1; round(2.5) = 2 and round(1.5) = 2 (half to even).
+    assert flat_topk_head_budgets(scores, layer_budget=2, alpha=0.5) == [2, 2]
+    # alpha = 1 ignores the scores: every head gets the layer budget.
+    assert flat_topk_head_budgets(scores, layer_budget=3, alpha=1.0) == [3, 3]
+
+
+def test_flat_topk_zero_budget_keeps_nothing():
+    assert flat_topk_head_budgets(torch.rand(3, 5), layer_budget=0, alpha=0.2) == [0, 0, 0]
+
+
+def test_ties_go_to_the_earlier_index():
+    assert descending_order(torch.tensor([1.0, 2.0, 2.0, 1.0, 2.0])).tolist() == [1, 2, 4, 0, 3]

@@ -1,0 +1,283 @@
+"""compress_plan: budgets, invariants, each policy's choice, the streaming form, bad input."""
+
+import math
+
+import pytest
+import torch
+
+from lava_sglang.policy import POLICIES, PlanBuilder, compress_plan, make_policy, resolve_budget
+from lava_sglang.policy.scores import layer_entropy, pool_scores, window_attention_mass
+
+SCORED = ["lava", "snapkv", "ada_snapkv", "pyramidkv"]
+
+
+def random_layers(num_layers=3, num_q_heads=6, num_kv_heads=2, seq_len=40, window=8, head_dim=16, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = [torch.randn(num_q_heads, min(window, seq_len), head_dim, generator=gen) for _ in range(num_layers)]
+    k = [torch.randn(num_kv_heads, seq_len, head_dim, generator=gen) for _ in range(num_layers)]
+    v = [torch.randn(num_kv_heads, seq_len, head_dim, generator=gen) for _ in range(num_layers)]
+    return q, k, v
+
+
+@pytest.mark.parametrize("ratio, seq_len, expected", [(0.2, 2000, 400), (1.0, 7, 7), (0.1, 33, 4), (0.5, 1, 1)])
+def test_ratio_budget_is_ceil_of_the_decimal_ratio(ratio, seq_len, expected):
+    assert resolve_budget(ratio, seq_len) == expected
+
+
+def test_int_budget_is_tokens():
+    assert resolve_budget(17, 1000) == 17
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.1, 1.5, math.nan, math.inf, 0, -3, True, "0.2", None])
+def test_bad_budget_names_the_argument(bad):
+    with pytest.raises(ValueError, match="budget"):
+        resolve_budget(bad, 100)
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_budget_at_least_n_keeps_everything(policy):
+    q, k, v = random_layers(seq_len=40)
+    for budget in (1.0, 40, 1000):
+        plan = compress_plan(policy, q, k, v, budget, window=8)
+        assert all(torch.equal(pos, torch.arange(40)) for layer in plan.kept for pos in layer)
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_sequence_no_longer_than_the_window_keeps_everything(policy):
+    q, k, v = random_layers(seq_len=6, window=8)
+    plan = compress_plan(policy, q, k, v, 0.1, window=8)
+    assert plan.window == 6
+    assert all(torch.equal(pos, torch.arange(6)) for layer in plan.kept for pos in layer)
+
+
+@pytest.mark.parametrize("policy", [p for p in sorted(POLICIES) if p != "full"])
+def test_budget_at_most_the_window_keeps_only_the_window(policy):
+    q, k, v = random_layers(seq_len=40, window=8)
+    plan = compress_plan(policy, q, k, v, 8, window=8)
+    assert all(torch.equal(pos, torch.arange(32, 40)) for layer in plan.kept for pos in layer)
+
+
+@pytest.mark.parametrize("policy", SCORED + ["streamingllm"])
+@pytest.mark.parametrize("group", [1, 3])
+def test_invariants_window_kept_sorted_unique_and_total_within_rounding(policy, group):
+    num_layers, num_kv_heads, seq_len, window, budget = 4, 2, 64, 8, 24
+    q, k, v = random_layers(num_layers, group * num_kv_heads, num_kv_heads, seq_len, window)
+    plan = compress_plan(policy, q, k, v, budget, window=window)
+    window_positions = set(range(seq_len - window, seq_len))
+    for layer, head_budgets in zip(plan.kept, plan.head_budgets):
+        for positions, head_budget in zip(layer, head_budgets):
+            assert positions.dtype == torch.int64
+            assert torch.all(positions[1:] > positions[:-1])
+            assert window_positions <= set(positions.tolist())
+            assert 0 <= positions.min() and positions.max() < seq_len
+            assert len(positions) == head_budget + window
+    target = num_layers * num_kv_heads * budget
+    # Layer budgets are floored (at most one token per layer and head lost) and head caps
+    # are rounded (at most half a token per head either way).
+    assert target - num_layers * num_kv_heads * 1.5 <= plan.kept_rows <= target + num_layers * num_kv_heads * 0.5
+    assert sum(plan.layer_budgets) <= num_layers * (budget - window)
+
+
+def test_snapkv_keeps_each_heads_top_pooled_mean_scores():
+    q, k, v = random_layers(num_layers=1, num_q_heads=4, num_kv_heads=2, seq_len=30, window=6)
+    plan = compress_plan("snapkv", q, k, v, 10, window=6, pool_kernel=3)
+    scores = pool_scores(window_attention_mass(q[0], k[0], "mean"), 3)
+    for head in range(2):
+        best = torch.sort(scores[head], descending=True, stable=True).indices[:4]
+        expected = set(best.tolist()) | set(range(24, 30))
+        assert set(plan.kept[0][head].tolist()) == expected
+    assert plan.head_budgets == [[4, 4]]
+
+
+def two_head_layer(value_scale_head0, value_scale_head1, seq_len=20, window=2):
+    """Head 0's window attends evenly to tokens 0-7 (1/8 each), head 1's to every token (1/20)."""
+    head_dim = 4
+    q = torch.zeros(2, window, head_dim)
+    q[0, :, 0] = 30.0
+    k = torch.zeros(2, seq_len, head_dim)
+    k[0, :8, 0] = 1.0
+    v = torch.ones(2, seq_len, head_dim)
+    v[0] *= value_scale_head0
+    v[1] *= value_scale_head1
+    return [q], [k], [v]
+
+
+def test_lava_value_norm_moves_budget_to_the_head_with_large_values():
+    # By attention alone head 0's eight tokens win the layer's top-8; LAVa scales head 1 by
+    # its 100x larger value norm, and head 1 takes the whole budget instead.
+    q, k, v = two_head_layer(value_scale_head0=0.01, value_scale_head1=1.0)
+    ada = compress_plan("ada_snapkv", q, k, v, 6, window=2, pool_kernel=1, alpha=0.0)
+    lava = compress_plan("lava", q, k, v, 6, window=2, pool_kernel=1, alpha=0.0)
+    assert ada.head_budgets == [[8, 0]]
+    assert lava.head_budgets == [[0, 8]]
+    assert ada.kept[0][0].tolist() == list(range(8)) + [18, 19]
+
+
+def test_lava_uses_max_over_the_query_group():
+    # One query head of the group attends to token 5; the other is flat. Max keeps the peak.
+    head_dim, seq_len, window = 4, 16, 2
+    q = torch.zeros(2, window, head_dim)
+    q[0, :, 0] = 40.0
+    k = torch.zeros(1, seq_len, head_dim)
+    k[0, 5, 0] = 1.0
+    v = torch.ones(1, seq_len, head_dim)
+    plan = make_policy("lava", window=window, pool_kernel=1)
+    scores = plan.layer_scores(q, k, v).scores
+    expected = window_attention_mass(q, k, "max") * v[:, :-window].abs().sum(-1).amax(-1, keepdim=True)
+    assert torch.allclose(scores, expected)
+    assert scores[0, 5] > 0.9 * head_dim
+
+
+def test_lava_gives_more_budget_to_the_layer_with_higher_entropy():
+    seq_len, window, head_dim = 40, 4, 8
+    flat_q = torch.zeros(2, window, head_dim)  # every prefix key gets equal mass
+    peaked_q = torch.zeros(2, window, head_dim)
+    peaked_q[:, :, 0] = 50.0
+    k = torch.zeros(1, seq_len, head_dim)
+    k[0, 7, 0] = 1.0
+    v = torch.ones(1, seq_len, head_dim)
+    plan = compress_plan("lava", [flat_q, peaked_q], [k, k], [v, v], 12, window=window, pool_kernel=1)
+    assert plan.layer_entropy[0] == pytest.approx(1.0, abs=1e-5)
+    assert plan.layer_entropy[1] < 0.1
+    assert plan.layer_budgets[0] > plan.layer_budgets[1]
+    total = 2 * (12 - window)
+    weights = plan.layer_entropy
+    assert plan.layer_budgets[1] == math.floor(weights[1] / sum(weights) * total)
+
+
+def test_lava_layer_budgets_clamp_at_the_prefix_and_hand_the_rest_on():
+    q, k, v = random_layers(num_layers=3, num_q_heads=2, num_kv_heads=1, seq_len=20, window=4)
+    q[0] = torch.zeros_like(q[0])  # the highest-entropy layer would exceed m = 16
+    plan = compress_plan("lava", q, k, v, 15, window=4, pool_kernel=1)
+    assert max(plan.layer_budgets) <= 16
+    assert sum(plan.layer_budgets) >= 3 * 11 - 3
+
+
+def test_pyramidkv_gives_early_layers_more():
+    q, k, v = random_layers(num_layers=4, seq_len=100, window=4)
+    plan = compress_plan("pyramidkv", q, k, v, 24, window=4)
+    assert plan.layer_budgets == sorted(plan.layer_budgets, reverse=True)
+    assert plan.layer_budgets[0] > 20 > plan.layer_budgets[-1]
+    assert sum(plan.layer_budgets) in range(4 * 20 - 4, 4 * 20 + 1)
+
+
+def test_streamingllm_keeps_sinks_and_the_most_recent_tokens():
+    q, k, v = random_layers(seq_len=50, window=8)
+    plan = compress_plan("streamingllm", q, k, v, 20, window=8)
+    expected = list(range(4)) + list(range(34, 50))
+    assert all(pos.tolist() == expected for layer in plan.kept for pos in layer)
+    assert math.isnan(plan.layer_entropy[0])
+
+
+def test_full_ignores_the_budget():
+    q, k, v = random_layers(seq_len=50, window=8)
+    plan = compress_plan("full", q, k, v, 0.1, window=8)
+    assert plan.kept_rows == 3 * 2 * 50 and plan.keep_ratio == 1.0
+
+
+def test_ties_keep_the_earliest_tokens():
+    seq_len, window = 20, 4
+    q = [torch.zeros(1, window, 4)]
+    k = [torch.zeros(1, seq_len, 4)]
+    v = [torch.ones(1, seq_len, 4)]
+    plan = compress_plan("snapkv", q, k, v, 9, window=window, pool_kernel=1)
+    assert plan.kept[0][0].tolist() == list(range(5)) + list(range(16, 20))
+
+
+@pytest.mark.parametrize("policy", sorted(POLICIES))
+def test_streaming_builder_with_precomputed_scores_gives_the_same_plan(policy):
+    q, k, v = random_layers(num_layers=3, seq_len=48, window=8)
+    direct = compress_plan(policy, q, k, v, 0.3, window=8)
+    policy_obj = make_policy(policy, window=8)
+    builder = PlanBuilder(policy_obj, 0.3, seq_len=48, num_layers=3, num_kv_heads=2)
+    for layer_q, layer_k, layer_v in zip(q, k, v):
+        if builder.needs_queries:
+            builder.add_layer_scores(policy_obj.layer_scores(layer_q, layer_k, layer_v))
+        else:
+            builder.add_layer(layer_q, layer_k, layer_v)
+    streamed = builder.finish()
+    assert streamed.layer_budgets == direct.layer_budgets
+    assert streamed.head_budgets == direct.head_budgets
+    assert all(torch.equal(a, b) for la, lb in zip(streamed.kept, direct.kept) for a, b in zip(la, lb))
+
+
+def test_low_precision_inputs_are_scored_in_fp32():
+    q, k, v = random_layers(num_layers=2, seq_len=40, window=8)
+    half = compress_plan("lava", [t.bfloat16() for t in q], [t.bfloat16() for t in k], [t.bfloat16() for t in v],
+                         0.4, window=8)
+    assert math.isfinite(half.layer_entropy[0])
+    expected = layer_entropy(make_policy("lava", window=8).layer_scores(
+        q[0].bfloat16().float(), k[0].bfloat16().float(), v[0].bfloat16().float()).scores)
+    assert half.layer_entropy[0] == pytest.approx(expected, rel=1e-6)
+
+
+class TestBadInput:
+    def test_unknown_policy_lists_the_valid_ones(self):
+        q, k, v = random_layers()
+        with pytest.raises(ValueError, match=r"policy must be one of \['ada_snapkv', 'full', 'lava'"):
+            compress_plan("h2o", q, k, v, 0.5)
+
+    def test_layer_counts_must_match(self):
+        q, k, v = random_layers(num_layers=3)
+        with pytest.raises(ValueError, match="one entry per layer"):
+            compress_plan("lava", q[:2], k, v, 0.5, window=8)
+
+    def test_empty_or_tensor_instead_of_a_list(self):
+        q, k, v = random_layers()
+        with pytest.raises(ValueError, match="keys must be a non-empty sequence"):
+            compress_plan("lava", q, [], v, 0.5, window=8)
+        with pytest.raises(ValueError, match="q_window must be a non-empty sequence"):
+            compress_plan("lava", q[0], k, v, 0.5, window=8)
+
+    def test_query_heads_must_be_a_multiple_of_kv_heads(self):
+        q, k, v = random_layers(num_q_heads=5, num_kv_heads=2)
+        with pytest.raises(ValueError, match="Hq=5, not a multiple of Hkv=2"):
+            compress_plan("lava", q, k, v, 0.5, window=8)
+
+    def test_mismatched_shapes_name_the_tensor_and_layer(self):
+        q, k, v = random_layers()
+        v[1] = v[1][:, :-1]
+        with pytest.raises(ValueError, match=r"values\[1\] must be \[Hkv=2, n=40, d\]"):
+            compress_plan("lava", q, k, v, 0.5, window=8)
+        q, k, v = random_layers()
+        k[2] = k[2][:, :-2]
+        with pytest.raises(ValueError, match=r"keys\[2\]"):
+            compress_plan("lava", q, k, v, 0.5, window=8)
+
+    def test_window_queries_must_match_the_window(self):
+        q, k, v = random_layers(window=8)
+        with pytest.raises(ValueError, match=r"q_window\[0\] must be \[Hq, w=4"):
+            compress_plan("lava", q, k, v, 0.5, window=4)
+
+    def test_non_finite_tensors(self):
+        q, k, v = random_layers()
+        k[1][0, 3, 2] = math.nan
+        with pytest.raises(ValueError, match=r"keys\[1\] contains non-finite"):
+            compress_plan("lava", q, k, v, 0.5, window=8)
+        q, k, v = random_layers()
+        q[0][0, 0, 0] = math.inf
+        with pytest.raises(ValueError, match=r"q_window\[0\] contains non-finite"):
+            compress_plan("snapkv", q, k, v, 0.5, window=8)
+
+    def test_budget_out_of_range(self):
+        q, k, v = random_layers()
+        with pytest.raises(ValueError, match="keep ratio in \\(0, 1\\]"):
+            compress_plan("lava", q, k, v, 1.2, window=8)
+
+    @pytest.mark.parametrize("option, value", [("window", 0), ("pool_kernel", 4), ("alpha", 1.5), ("alpha", math.nan)])
+    def test_bad_hyper_parameters(self, option, value):
+        q, k, v = random_layers()
+        options = {"window": 8, option: value}
+        with pytest.raises(ValueError, match=option):
+            compress_plan("lava", q, k, v, 0.5, **options)
+
+    def test_builder_refuses_extra_or_missing_layers(self):
+        q, k, v = random_layers(num_layers=2)
+        builder = PlanBuilder(make_policy("lava", window=8), 0.5, seq_len=40, num_layers=1, num_kv_heads=2)
+        builder.add_layer(q[0], k[0], v[0])
+        with pytest.raises(ValueError, match="more layers than num_layers=1"):
+            builder.add_layer(q[1], k[1], v[1])
+        short = PlanBuilder(make_policy("lava", window=8), 0.5, seq_len=40, num_layers=2, num_kv_heads=2)
+        short.add_layer(q[0], k[0], v[0])
+        with pytest.raises(ValueError, match="got 1 layers, expected num_layers=2"):
+            short.finish()
