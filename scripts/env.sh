@@ -27,8 +27,9 @@ mkdir -p "$CACHE_ROOT"
         touch "$VENV/.complete"
     fi
     # The environment is shared by clones: point its editable install at this one.
-    installed=$("$VENV/bin/python" -c 'import lava_sglang, os; print(os.path.dirname(os.path.dirname(lava_sglang.__file__)))' 2>/dev/null || true)
-    if [ "$installed" != "$REPO_ROOT" ]; then
+    # (-P: do not let the current directory shadow the installed package.)
+    installed=$("$VENV/bin/python" -P -c 'import lava_sglang, os; print(os.path.dirname(os.path.dirname(lava_sglang.__file__)))' 2>/dev/null || true)
+    if [ "$installed" != "$REPO_ROOT" ] || [ ! -x "$VENV/bin/lava-sglang" ]; then
         "$VENV/bin/python" -m pip install --quiet --no-input --no-deps --no-build-isolation -e "$REPO_ROOT"
     fi
 ) 9>"$CACHE_ROOT/.venv.lock"

@@ -186,10 +186,9 @@ class ReferenceRuntime:
             q_window.append(query[0, :, -window:].clone())
             keys.append(key[0].clone())
             values.append(value[0].clone())
-            grouped = _grouped(query, key.shape[1])
-            visible = causal_visibility(query.shape[2], key.shape[2], query.device)
-            out, _ = attention_with_lse(grouped, key, value, visible, scaling)
-            return _ungrouped(out, query.dtype)
+            out = torch.nn.functional.scaled_dot_product_attention(
+                query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
+            return out.transpose(1, 2)
 
         ids = torch.tensor([token_ids], device=self.device)
         with self._attending(capture):
@@ -235,12 +234,14 @@ class ReferenceRuntime:
 
     @torch.inference_mode()
     def generate(self, prefixes: Sequence[CompressedPrefix], suffix_ids: Sequence[int],
-                 max_new_tokens: int, stop_ids: Sequence[int] | None = None) -> list[list[int]]:
+                 max_new_tokens: int, stop_ids: Sequence[int] | None = None,
+                 stop_when: Callable[[list[int]], bool] | None = None) -> list[list[int]]:
         """Greedy answers to the same suffix after each prefix (one batch).
 
-        An empty suffix continues straight from the prefix (the query-aware setting, where
-        the question is part of the compressed sequence): the first token then comes from
-        the prefill's own logits.
+        A row ends at a stop token (default: EOS, not included) or once `stop_when(tokens)`
+        holds. An empty suffix continues straight from the prefix (the query-aware setting,
+        where the question is part of the compressed sequence): the first token then comes
+        from the prefill's own logits.
         """
         stop = set(stop_ids if stop_ids is not None else [self.tokenizer.eos_token_id])
         batch = _Batch.stack(prefixes)
@@ -260,6 +261,7 @@ class ReferenceRuntime:
                         done[row] = True
                     else:
                         answers[row].append(token)
+                        done[row] = stop_when is not None and stop_when(answers[row])
             if all(done) or step == max_new_tokens - 1:
                 break
             logits, cache = self._forward(batch, next_ids[:, None], cache)

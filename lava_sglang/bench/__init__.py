@@ -1,0 +1,1 @@
+"""Benchmarks: quality on the reference runtime (serving benchmarks come with the plugin)."""

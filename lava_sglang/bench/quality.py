@@ -1,0 +1,222 @@
+"""Quality benchmark: what answer quality compression costs on a real model (CPU).
+
+Tasks
+  retrieval  documents with K planted facts "The special code for <key> is <7 digits>.";
+             every key is its own question; correct = the code appears in the greedy answer.
+  fidelity   open questions; per answer token KL(full || compressed) and top-1 agreement
+             with the full-cache answer, teacher-forced on that answer.
+Modes
+  compress_once  the document is compressed once (window = its last tokens), then every
+                 question is answered against that same compressed cache;
+  query_aware    the question is appended before scoring; one compression per question.
+
+Every configuration (policy x keep ratio) of a question runs in one batch of the reference
+runtime, so all policies see exactly the same documents and questions.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import platform
+import re
+import time
+from collections import defaultdict
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from lava_sglang.bench.documents import (CODE_DIGITS, Document, fidelity_documents, prompt_parts,
+                                         retrieval_documents)
+from lava_sglang.bench.stats import mean_interval, wilson_interval
+from lava_sglang.policy import POLICIES
+from lava_sglang.reference import CompressedPrefix, ReferenceRuntime
+
+TASKS = ("retrieval", "fidelity")
+MODES = ("compress_once", "query_aware")
+FACT_PATTERN = (1, 4, 8)  # planted facts per retrieval document, cycled
+FIDELITY_QUESTIONS_PER_DOCUMENT = 4
+CODE_PATTERN = re.compile(rf"\d{{{CODE_DIGITS}}}")
+
+
+@dataclass
+class QualityConfig:
+    contexts: list[int] = field(default_factory=lambda: [2048, 4096])
+    questions: list[int] = field(default_factory=lambda: [40, 16])  # per task, one per context
+    policies: list[str] = field(default_factory=lambda: ["lava", "snapkv", "ada_snapkv", "pyramidkv",
+                                                         "streamingllm"])
+    keep_ratios: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.4])
+    modes: list[str] = field(default_factory=lambda: list(MODES))
+    tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    retrieval_answer_tokens: int = 24
+    fidelity_answer_tokens: int = 32
+    window: int = 32
+    seed: int = 0
+
+    def validate(self) -> None:
+        if len(self.questions) != len(self.contexts):
+            raise ValueError(f"give one question count per context: contexts={self.contexts}, "
+                             f"questions={self.questions}")
+        if any(n < 1 for n in self.questions) or any(c < 2 * self.window for c in self.contexts):
+            raise ValueError(f"question counts must be >= 1 and contexts >= {2 * self.window} tokens")
+        for name, values, allowed in (("policies", self.policies, POLICIES), ("modes", self.modes, MODES),
+                                      ("tasks", self.tasks, TASKS)):
+            unknown = [v for v in values if v not in allowed]
+            if unknown:
+                raise ValueError(f"{name}: unknown {unknown}; choose from {sorted(allowed)}")
+        if "full" in self.policies:
+            raise ValueError("policies: 'full' is always run as the reference; do not list it")
+        bad = [r for r in self.keep_ratios if not 0 < r <= 1]
+        if bad:
+            raise ValueError(f"keep_ratios must be in (0, 1], got {bad}")
+
+
+def retrieval_fact_counts(num_questions: int) -> list[int]:
+    """Facts per document, cycling FACT_PATTERN, the last document trimmed to the count."""
+    counts = []
+    for facts in itertools.cycle(FACT_PATTERN):
+        left = num_questions - sum(counts)
+        if left <= 0:
+            return counts
+        counts.append(min(facts, left))
+
+
+class _Cells:
+    """Per-question results collected per (task, context, mode, policy, ratio)."""
+
+    def __init__(self):
+        self.values: dict[tuple, list] = defaultdict(list)
+        self.kept: dict[tuple, list[float]] = defaultdict(list)
+
+    def add(self, key: tuple, value, prefix: CompressedPrefix) -> None:
+        self.values[key].append(value)
+        self.kept[key].append(prefix.plan.keep_ratio)
+
+    def records(self) -> list[dict]:
+        records = []
+        for key, values in self.values.items():
+            task, context, mode, policy, ratio = key
+            record = {"task": task, "context_tokens": context, "mode": mode, "policy": policy,
+                      "keep_ratio": ratio, "n_questions": len(values),
+                      "measured_keep_ratio": round(sum(self.kept[key]) / len(self.kept[key]), 4)}
+            if task == "retrieval":
+                hits = sum(values)
+                record["accuracy"] = hits / len(values)
+                record["ci95"] = list(wilson_interval(hits, len(values)))
+            else:
+                kls = [kl for kl, _ in values]
+                top1s = [top1 for _, top1 in values]
+                record["kl"] = sum(kls) / len(kls)
+                record["kl_ci95"] = list(mean_interval(kls))
+                record["top1"] = sum(top1s) / len(top1s)
+                record["ci95"] = list(mean_interval(top1s))
+            records.append(record)
+        return records
+
+
+class QualityBenchmark:
+    def __init__(self, runtime: ReferenceRuntime, config: QualityConfig):
+        config.validate()
+        self.runtime = runtime
+        self.config = config
+        self.tokenizer = runtime.tokenizer
+        self.cells = _Cells()
+        self.configs = [("full", 1.0)] + list(itertools.product(config.policies, config.keep_ratios))
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def _count_tokens(self, text: str) -> int:
+        return len(self._ids(text))
+
+    def documents(self, task: str, context: int, num_questions: int) -> list[Document]:
+        seed = self.config.seed * 1_000_003 + context + (0 if task == "retrieval" else 7)
+        if task == "retrieval":
+            return retrieval_documents(self._count_tokens, context, retrieval_fact_counts(num_questions), seed)
+        num_documents = math.ceil(num_questions / FIDELITY_QUESTIONS_PER_DOCUMENT)
+        documents = fidelity_documents(self._count_tokens, context, num_documents, FIDELITY_QUESTIONS_PER_DOCUMENT,
+                                       seed)
+        del documents[-1].questions[num_questions - (num_documents - 1) * FIDELITY_QUESTIONS_PER_DOCUMENT:]
+        return documents
+
+    def _compress_all(self, token_ids: list[int]) -> list[CompressedPrefix]:
+        capture = self.runtime.prefill(token_ids)
+        return [self.runtime.compress(capture, policy, ratio) for policy, ratio in self.configs]
+
+    def _record(self, task: str, context: int, mode: str, prefixes: Sequence[CompressedPrefix], values) -> None:
+        for (policy, ratio), prefix, value in zip(self.configs, prefixes, values):
+            self.cells.add((task, context, mode, policy, ratio), value, prefix)
+
+    def _has_code(self, tokens: list[int]) -> bool:
+        return CODE_PATTERN.search(self.tokenizer.decode(tokens)) is not None
+
+    def _retrieval(self, prefixes, suffix_ids, answer: str) -> list[bool]:
+        # A row stops at its first 7-digit number: later tokens cannot change the verdict.
+        answers = self.runtime.generate(prefixes, suffix_ids, self.config.retrieval_answer_tokens,
+                                        stop_when=self._has_code)
+        return [answer in self.tokenizer.decode(tokens) for tokens in answers]
+
+    def _fidelity(self, prefixes, suffix_ids, reference_ids: list[int]) -> list[tuple[float, float]]:
+        logits = self.runtime.continuation_logits(prefixes, suffix_ids, reference_ids)
+        log_probs = torch.log_softmax(logits, dim=-1)
+        full = log_probs[0:1]  # the full cache is configuration 0
+        kl = (full.exp() * (full - log_probs)).sum(-1).mean(-1)
+        top1 = (logits.argmax(-1) == logits[0:1].argmax(-1)).float().mean(-1)
+        return list(zip(kl.tolist(), top1.tolist()))
+
+    def run_document(self, task: str, context: int, document: Document, progress: tqdm) -> None:
+        prefix_text, _ = prompt_parts(document.text, "")
+        prefix_ids = self._ids(prefix_text)
+        once = self._compress_all(prefix_ids) if "compress_once" in self.config.modes else None
+        for question in document.questions:
+            suffix_ids = self._ids(prompt_parts(document.text, question.text)[1])
+            if task == "fidelity":
+                full_prefix = once[0] if once else self._compress_all(prefix_ids)[0]
+                answer = self.runtime.generate([full_prefix], suffix_ids, self.config.fidelity_answer_tokens)[0]
+                reference = answer + [self.tokenizer.eos_token_id] if len(answer) < self.config.fidelity_answer_tokens \
+                    else answer
+            for mode in self.config.modes:
+                if mode == "compress_once":
+                    prefixes, suffix = once, suffix_ids
+                else:
+                    prefixes, suffix = self._compress_all(prefix_ids + suffix_ids), []
+                values = (self._retrieval(prefixes, suffix, question.answer) if task == "retrieval"
+                          else self._fidelity(prefixes, suffix, reference))
+                self._record(task, context, mode, prefixes, values)
+            progress.update(1)
+
+    def run(self, progress: bool = True) -> dict:
+        started = time.time()
+        plan = [(task, context, self.documents(task, context, count))
+                for context, count in zip(self.config.contexts, self.config.questions) for task in self.config.tasks]
+        total = sum(len(doc.questions) for _, _, docs in plan for doc in docs)
+        with tqdm(total=total, desc="quality", unit="question", disable=not progress) as bar:
+            for task, context, documents in plan:
+                bar.set_postfix_str(f"{task} {context} tokens")
+                for document in documents:
+                    self.run_document(task, context, document, bar)
+        return {
+            "records": sorted(self.cells.records(), key=lambda r: (r["task"], r["context_tokens"], r["mode"],
+                                                                   r["policy"], r["keep_ratio"])),
+            "meta": run_metadata(self.runtime, self.config, time.time() - started),
+        }
+
+
+def run_metadata(runtime: ReferenceRuntime, config: QualityConfig, wall_seconds: float) -> dict:
+    import transformers
+
+    model_config = runtime.model.config
+    return {
+        "model": Path(getattr(model_config, "_name_or_path", "") or "model").name,
+        "model_shape": {"layers": model_config.num_hidden_layers, "q_heads": model_config.num_attention_heads,
+                        "kv_heads": model_config.num_key_value_heads, "head_dim": model_config.head_dim},
+        "dtype": str(next(runtime.model.parameters()).dtype),
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.platform()}",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "wall_seconds": round(wall_seconds, 1),
+        "config": asdict(config),
+    }

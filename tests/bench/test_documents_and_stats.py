@@ -1,0 +1,88 @@
+"""Benchmark inputs and statistics: planted facts, determinism, intervals, config checks."""
+
+import math
+
+import pytest
+
+from lava_sglang.bench.documents import FACT_TEMPLATE, fidelity_documents, prompt_parts, retrieval_documents
+from lava_sglang.bench.quality import QualityConfig, retrieval_fact_counts
+from lava_sglang.bench.stats import mean_interval, wilson_interval
+
+
+def count_words(text: str) -> int:
+    return len(text.split())
+
+
+def test_retrieval_documents_plant_every_fact_once_with_distinct_words():
+    documents = retrieval_documents(count_words, 1500, [1, 4, 8], seed=3)
+    assert [len(d.questions) for d in documents] == [1, 4, 8]
+    for document in documents:
+        keys = [q.text.split("special code for ")[1].split("?")[0] for q in document.questions]
+        words = [word for key in keys for word in key.split()]
+        assert len(words) == len(set(words))
+        for key, question in zip(keys, document.questions):
+            assert document.text.count(FACT_TEMPLATE.format(key=key, code=question.answer)) == 1
+            assert len(question.answer) == 7 and question.answer.isdigit()
+        assert 1400 <= count_words(document.text) <= 1800
+        # Facts never sit in the last paragraph (the observation window of compress-once).
+        assert "special code" not in document.text.split("\n\n")[-1]
+
+
+def test_documents_are_reproducible_from_the_seed():
+    first = retrieval_documents(count_words, 800, [4], seed=11)[0]
+    again = retrieval_documents(count_words, 800, [4], seed=11)[0]
+    other = retrieval_documents(count_words, 800, [4], seed=12)[0]
+    assert first.text == again.text and [q.answer for q in first.questions] == [q.answer for q in again.questions]
+    assert first.text != other.text
+
+
+def test_too_many_facts_is_refused():
+    with pytest.raises(ValueError, match="at most 20 facts"):
+        retrieval_documents(count_words, 800, [21], seed=0)
+
+
+def test_fidelity_documents_have_open_questions():
+    documents = fidelity_documents(count_words, 600, num_documents=3, questions_per_document=4, seed=1)
+    assert len(documents) == 3
+    assert all(len(d.questions) == 4 and all(q.answer is None for q in d.questions) for d in documents)
+
+
+def test_prompt_prefix_is_shared_by_every_question():
+    prefix_a, suffix_a = prompt_parts("DOC", "first?")
+    prefix_b, suffix_b = prompt_parts("DOC", "second?")
+    assert prefix_a == prefix_b and "DOC" in prefix_a and "first?" not in prefix_a
+    assert suffix_a.endswith("<|im_start|>assistant\n") and "first?" in suffix_a
+
+
+@pytest.mark.parametrize("questions, expected", [(40, [1, 4, 8, 1, 4, 8, 1, 4, 8, 1]), (16, [1, 4, 8, 1, 2]),
+                                                 (1, [1])])
+def test_fact_counts_cycle_and_trim(questions, expected):
+    assert retrieval_fact_counts(questions) == expected
+    assert sum(expected) == questions
+
+
+def test_wilson_interval_known_values():
+    low, high = wilson_interval(8, 10)
+    assert low == pytest.approx(0.4902, abs=1e-4) and high == pytest.approx(0.9433, abs=1e-4)
+    assert wilson_interval(0, 40)[0] == 0.0 and wilson_interval(0, 40)[1] == pytest.approx(0.0876, abs=1e-4)
+    assert wilson_interval(0, 0) == (0.0, 1.0)
+
+
+def test_mean_interval():
+    low, high = mean_interval([1.0, 2.0, 3.0])
+    assert (low + high) / 2 == pytest.approx(2.0)
+    assert high - low == pytest.approx(2 * 1.959963984540054 / math.sqrt(3))
+    assert mean_interval([0.5]) == (0.5, 0.5)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"questions": [40]}, "one question count per context"),
+    ({"policies": ["lava", "h2o"]}, "policies: unknown"),
+    ({"policies": ["full"]}, "always run as the reference"),
+    ({"modes": ["sometimes"]}, "modes: unknown"),
+    ({"keep_ratios": [0.0]}, "keep_ratios must be in"),
+    ({"contexts": [2048, 16]}, "contexts >= 64"),
+])
+def test_quality_config_validation(changes, message):
+    with pytest.raises(ValueError, match=message):
+        QualityConfig(**changes).validate()
