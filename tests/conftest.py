@@ -1,5 +1,13 @@
-import pytest
+import os
+
 import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter. Triton reads this variable
+# when it is first imported (transformers imports it early), so it is set before anything.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 torch.set_num_threads(2)
 

@@ -1,0 +1,74 @@
+"""Partial attention states: (output, natural-log LSE) pairs, and merging them.
+
+Attention after a compressed prefix is computed in two parts over disjoint key sets (the
+compressed prefix, the request's own tokens) and merged by log-sum-exp. This module holds
+the dense torch attention that makes such a state (the reference the attention kernel is
+tested against, and the reference runtime's attention), the torch merge (the single merge
+implementation of the project for non-CUDA tensors) and `merge_states`, which uses SGLang's
+`merge_state` on CUDA. Torch only: importing it compiles no Triton kernel.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def attention_with_lse(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Partial attention and its natural-log LSE, in fp32.
+
+    query: [B, Hkv, G, T, d]; keys, values: [B, Hkv, S, d]; visible: bool, broadcastable to
+    [B, Hkv, G, T, S]. Returns out [B, Hkv, G, T, d] and lse [B, Hkv, G, T]; a query that
+    sees no key gets out = 0 and lse = -inf.
+    """
+    logits = torch.einsum("bhgtd,bhsd->bhgts", query.float(), keys.float()) * scaling
+    logits = logits.masked_fill(~visible, float("-inf"))
+    lse = torch.logsumexp(logits, dim=-1)
+    probs = torch.exp(logits - lse.unsqueeze(-1).clamp_min(torch.finfo(torch.float32).min))
+    out = torch.einsum("bhgts,bhsd->bhgtd", probs, values.float())
+    return out, lse
+
+
+def merge_attention_states(
+    out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Combine two partial attentions over disjoint key sets into attention over their union.
+
+    out_*: [..., d], lse_*: [...] (natural log). Any leading shape; computed in fp32. Both
+    sides empty (lse = -inf) gives out = 0, lse = -inf.
+    """
+    lse = torch.logaddexp(lse_a.float(), lse_b.float())
+    safe = lse.clamp_min(torch.finfo(torch.float32).min)  # both empty: weights 0, not nan
+    weight_a = torch.exp(lse_a - safe).unsqueeze(-1)
+    weight_b = torch.exp(lse_b - safe).unsqueeze(-1)
+    return weight_a * out_a.float() + weight_b * out_b.float(), lse
+
+
+def merge_states(
+    prefix_out: torch.Tensor, prefix_lse: torch.Tensor, suffix_out: torch.Tensor, suffix_lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Merge attention over the compressed prefix with attention over the request's own tokens.
+
+    prefix_out, suffix_out: [tokens, Hq, d] (same dtype); prefix_lse, suffix_lse: [tokens, Hq]
+    fp32, natural log. Returns (out [tokens, Hq, d] in the outputs' dtype, lse fp32).
+    CUDA tensors go to SGLang's `merge_state` (sgl_kernel, or its Triton kernel); other
+    devices to `merge_attention_states`. SGLang's kernels return nan where both sides are
+    empty; on the server the suffix never is (a token always sees itself).
+    """
+    if prefix_out.dim() != 3 or prefix_out.shape != suffix_out.shape:
+        raise ValueError(f"outputs must both be [tokens, Hq, d], got {tuple(prefix_out.shape)} "
+                         f"and {tuple(suffix_out.shape)}")
+    if prefix_out.dtype != suffix_out.dtype:
+        raise ValueError(f"outputs must have one dtype, got {prefix_out.dtype} and {suffix_out.dtype}")
+    for name, lse in (("prefix_lse", prefix_lse), ("suffix_lse", suffix_lse)):
+        if lse.shape != prefix_out.shape[:2] or lse.dtype != torch.float32:
+            raise ValueError(f"{name} must be float32 [tokens, Hq] = {list(prefix_out.shape[:2])}, "
+                             f"got {lse.dtype} {list(lse.shape)}")
+    if prefix_out.is_cuda:
+        from sglang.srt.layers.attention.merge_state import merge_state
+
+        return merge_state(prefix_out.contiguous(), prefix_lse.contiguous(),
+                           suffix_out.contiguous(), suffix_lse.contiguous())
+    out, lse = merge_attention_states(prefix_out, prefix_lse, suffix_out, suffix_lse)
+    return out.to(prefix_out.dtype), lse

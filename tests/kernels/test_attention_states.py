@@ -1,0 +1,91 @@
+"""Merging partial attention states: SGLang's merge_state and the torch fallback agree, and
+merging equals attention over the concatenated keys."""
+
+import math
+
+import pytest
+import torch
+
+from lava_sglang.kernels.attention_states import attention_with_lse, merge_attention_states, merge_states
+
+
+def _states(num_tokens, num_heads, head_dim, dtype, device, seed=0):
+    generator = torch.Generator().manual_seed(seed)
+    outs = [torch.randn(num_tokens, num_heads, head_dim, generator=generator).to(device, dtype) for _ in range(2)]
+    lses = [(3 * torch.randn(num_tokens, num_heads, generator=generator)).to(device) for _ in range(2)]
+    lses[0][0, 0] = float("-inf")  # an empty compressed prefix for one (token, head)
+    return outs[0], lses[0], outs[1], lses[1]
+
+
+
+
+def bf16_rounding(device) -> float:
+    """Largest relative error of one fp32 -> bf16 conversion in a kernel: Triton's
+    interpreter truncates (2^-7, bf16 has 8 significant bits), GPUs round to nearest (2^-8)."""
+    return 2.0 ** -7 if torch.device(device).type == "cpu" else 2.0 ** -8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_sglang_merge_state_agrees_with_the_torch_merge(device, dtype):
+    # On CUDA SGLang's merge_state runs sgl_kernel; on the CPU its Triton fallback
+    # (merge_state_triton) runs under the interpreter. merge_states dispatches to the former
+    # on CUDA and to the torch merge elsewhere.
+    from sglang.srt.layers.attention.merge_state import merge_state
+
+    states = _states(5, 6, 64, dtype, device)
+    sglang_out, sglang_lse = merge_state(*states)
+    out, lse = merge_states(*states)
+    torch_out, torch_lse = merge_attention_states(*states)
+    assert out.dtype == dtype and lse.dtype == torch.float32
+    # bf16: the merged output is rounded to bf16 once.
+    atol = 1e-6 if dtype == torch.float32 else bf16_rounding(device) * float(torch_out.abs().max())
+    for candidate_out, candidate_lse in ((sglang_out, sglang_lse), (out, lse)):
+        torch.testing.assert_close(candidate_out.float(), torch_out, rtol=0, atol=atol)
+        torch.testing.assert_close(candidate_lse, torch_lse, rtol=1e-6, atol=1e-6)
+    # One side empty: the merge is the other side.
+    assert torch.equal(out[0, 0], states[2][0, 0]) and lse[0, 0] == states[3][0, 0]
+
+
+@pytest.mark.parametrize(("num_q_heads", "num_kv_heads"), [(4, 4), (6, 2), (8, 2), (8, 1)])
+def test_merging_equals_attention_over_the_concatenation(num_q_heads, num_kv_heads):
+    # Keys split at an arbitrary point into two disjoint sets; the per-set attentions merged
+    # by LSE equal attention over all keys (torch merge; the SGLang merge is compared with it
+    # above).
+    generator = torch.Generator().manual_seed(1)
+    group, num_tokens, num_keys, head_dim = num_q_heads // num_kv_heads, 3, 23, 64
+    query = torch.randn(1, num_kv_heads, group, num_tokens, head_dim, generator=generator)
+    keys = torch.randn(1, num_kv_heads, num_keys, head_dim, generator=generator)
+    values = torch.randn(1, num_kv_heads, num_keys, head_dim, generator=generator)
+    scale = 1 / math.sqrt(head_dim)
+    everything = torch.ones(1, dtype=torch.bool)
+
+    def token_major(state):
+        """[1, Hkv, G, T, ...] -> [T, Hq, ...], the layout of SGLang's attention outputs."""
+        return state.reshape(num_q_heads, num_tokens, *state.shape[4:]).transpose(0, 1).contiguous()
+
+    expected_out, expected_lse = attention_with_lse(query, keys, values, everything, scale)
+    for split in (0, 1, 9, num_keys):
+        first_out, first_lse = attention_with_lse(query, keys[:, :, :split], values[:, :, :split], everything, scale)
+        second_out, second_lse = attention_with_lse(query, keys[:, :, split:], values[:, :, split:], everything, scale)
+        out, lse = merge_states(token_major(first_out), token_major(first_lse),
+                                token_major(second_out), token_major(second_lse))
+        torch.testing.assert_close(out, token_major(expected_out), rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(lse, token_major(expected_lse), rtol=1e-6, atol=1e-6)
+
+
+def test_torch_merge_of_two_empty_states_is_empty():
+    out, lse = merge_attention_states(torch.ones(2, 3, 4), torch.full((2, 3), float("-inf")),
+                                      torch.ones(2, 3, 4), torch.full((2, 3), float("-inf")))
+    assert bool((out == 0).all()) and bool(torch.isneginf(lse).all())
+
+
+def test_bad_inputs_raise():
+    out, lse, other_out, other_lse = _states(2, 3, 8, torch.float32, "cpu")
+    with pytest.raises(ValueError, match=r"\[tokens, Hq, d\]"):
+        merge_states(out[0], lse, other_out, other_lse)
+    with pytest.raises(ValueError, match="one dtype"):
+        merge_states(out, lse, other_out.bfloat16(), other_lse)
+    with pytest.raises(ValueError, match="suffix_lse must be float32"):
+        merge_states(out, lse, other_out, other_lse.double())
+    with pytest.raises(ValueError, match="prefix_lse must be float32"):
+        merge_states(out, lse[:1], other_out, other_lse)

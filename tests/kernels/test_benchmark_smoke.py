@@ -1,0 +1,30 @@
+"""The kernel benchmarks' smoke mode runs, so the scripts cannot rot unnoticed."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPTS = Path(__file__).resolve().parents[2] / "kernels"
+
+
+@pytest.mark.parametrize("script", ["bench_prefix_attention.py", "bench_compression.py"])
+def test_smoke_mode_prints_machine_inputs_and_a_table(script):
+    # The script sets TRITON_INTERPRET=1 itself when there is no GPU (its own process).
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    result = subprocess.run([sys.executable, str(SCRIPTS / script), "--smoke"], capture_output=True, text=True,
+                            env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    lines = result.stdout.splitlines()
+    assert any(line.startswith("machine: ") for line in lines)
+    assert any(line.startswith("inputs: ") and "SMOKE" in line for line in lines)
+    table = [line for line in lines if line.startswith("| ") and not line.startswith("| document")]
+    assert table, result.stdout
+    assert all("nan" not in line and "inf" not in line for line in table), result.stdout
+
+
+def test_no_package_in_the_scripts_folder():
+    # A top-level package named `kernels` would shadow the `kernels` distribution SGLang uses.
+    assert not (SCRIPTS / "__init__.py").exists()

@@ -1,0 +1,134 @@
+"""The window-statistics kernel against the policy's torch scores on the same rows."""
+
+import pytest
+import torch
+
+from lava_sglang.kernels.window_stats import window_statistics, window_statistics_reference
+from lava_sglang.policy.lava import Lava
+from lava_sglang.policy.scores import pool_scores, value_norm_scale, window_attention_mass
+from lava_sglang.policy.snapkv import SnapKV
+
+# The policy upcasts its inputs to fp32 and computes there; the kernel multiplies the same
+# values in an fp32 accumulator. For bf16 inputs the products of two bf16 numbers are exact
+# in fp32, so in both dtypes the results differ only by the order of fp32 summations and
+# the tolerance is the same: a few fp32 ulps of the softmax sums, relative to the scores.
+SCORE_RTOL = 2e-5
+ENTROPY_ATOL = 1e-5
+
+
+def _pool_inputs(num_q_heads, num_kv_heads, window, seq_len, head_dim, dtype, device, pool_size=None, seed=0):
+    """Window queries, a layer's pool buffers and the document's slots (scattered, not 0..n-1)."""
+    generator = torch.Generator().manual_seed(seed)
+    pool_size = pool_size or seq_len + 37
+    q = torch.randn(num_q_heads, window, head_dim, generator=generator)
+    k_buffer = torch.randn(pool_size, num_kv_heads, head_dim, generator=generator)
+    v_buffer = torch.randn(pool_size, num_kv_heads, head_dim, generator=generator)
+    slots = torch.randperm(pool_size, generator=generator)[:seq_len]
+    return [t.to(device=device, dtype=dtype) for t in (q, k_buffer, v_buffer)] + [slots.to(device)]
+
+
+def _gathered(k_buffer, v_buffer, slots):
+    """[Hkv, n, d] rows of the document, as the policy takes them."""
+    return k_buffer[slots].transpose(0, 1), v_buffer[slots].transpose(0, 1)
+
+
+def _assert_scores_close(actual, expected):
+    torch.testing.assert_close(actual, expected, rtol=SCORE_RTOL, atol=SCORE_RTOL * float(expected.abs().max()))
+
+
+# (GQA group, head dim): groups 1, 3, 4, 8 at both head dims. Window 13 and prefixes that are
+# not multiples of the 64-key block; keys_per_split=40 makes the last split start inside the
+# window, where early window rows see no key of it.
+SHAPES = [(group, head_dim) for group in (1, 3, 4, 8) for head_dim in (64, 128)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("group", "head_dim"), SHAPES)
+def test_matches_policy_lava_and_snapkv(device, group, head_dim, dtype):
+    num_kv_heads, window, seq_len = 2, 13, 93
+    q, k_buffer, v_buffer, slots = _pool_inputs(group * num_kv_heads, num_kv_heads, window, seq_len, head_dim,
+                                                dtype, device, seed=group * head_dim)
+    keys, values = _gathered(k_buffer, v_buffer, slots)
+    for policy in (Lava(window=window), SnapKV(window=window)):
+        expected = policy.layer_scores(q, keys, values)
+        stats = window_statistics(q, k_buffer, v_buffer, slots, gqa_reduce=policy.gqa_reduce,
+                                  pool_kernel=policy.pool_kernel, scale_by_value_norm=policy.scale_by_value_norm,
+                                  keys_per_split=40)
+        assert stats.scores.shape == (num_kv_heads, seq_len - window)
+        _assert_scores_close(stats.scores, expected.scores)
+        assert stats.entropy == pytest.approx(expected.entropy, abs=ENTROPY_ATOL)
+        assert stats.layer_scores().scores is stats.scores
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pooled_and_value_norm_separately(device, dtype):
+    q, k_buffer, v_buffer, slots = _pool_inputs(6, 2, 9, 77, 64, dtype, device)
+    keys, values = _gathered(k_buffer, v_buffer, slots)
+    stats = window_statistics(q, k_buffer, v_buffer, slots, gqa_reduce="max", pool_kernel=5)
+    _assert_scores_close(stats.pooled, pool_scores(window_attention_mass(q, keys, "max"), 5))
+    # vbar is a max of L1 norms: sums of |v| in fp32, the same in both.
+    torch.testing.assert_close(stats.value_norm, value_norm_scale(values, 77 - 9), rtol=1e-6, atol=0)
+    torch.testing.assert_close(stats.scores, stats.pooled * stats.value_norm[:, None])
+    snap = window_statistics(q, k_buffer, v_buffer, slots, gqa_reduce="mean", pool_kernel=1,
+                             scale_by_value_norm=False)
+    assert snap.value_norm is None and snap.scores is snap.pooled
+    _assert_scores_close(snap.pooled, window_attention_mass(q, keys, "mean"))
+
+
+@pytest.mark.parametrize(("window", "seq_len"), [(1, 2), (5, 6), (16, 17), (1, 130), (32, 161)])
+def test_edge_lengths(device, window, seq_len):
+    # Prefix of 1 token, window of 1 query, and lengths across the 64-key blocks.
+    q, k_buffer, v_buffer, slots = _pool_inputs(4, 2, window, seq_len, 64, torch.float32, device)
+    keys, values = _gathered(k_buffer, v_buffer, slots)
+    expected = Lava(window=window).layer_scores(q, keys, values)
+    for keys_per_split in (None, 7):
+        stats = window_statistics(q, k_buffer, v_buffer, slots, keys_per_split=keys_per_split)
+        _assert_scores_close(stats.scores, expected.scores)
+        assert stats.entropy == pytest.approx(expected.entropy, abs=ENTROPY_ATOL)
+
+
+def test_reference_is_the_policy(device):
+    q, k_buffer, v_buffer, slots = _pool_inputs(8, 2, 7, 40, 64, torch.float32, device)
+    reference = window_statistics_reference(q, k_buffer, v_buffer, slots)
+    expected = Lava(window=7).layer_scores(q, *_gathered(k_buffer, v_buffer, slots))
+    assert torch.equal(reference.scores, expected.scores) and reference.entropy == expected.entropy
+
+
+def test_bad_inputs_raise():
+    q, k_buffer, v_buffer, slots = _pool_inputs(4, 2, 8, 30, 64, torch.float32, "cpu")
+    cases = {
+        "need 1 <= w < n": (q, k_buffer, v_buffer, slots[:8]),  # no prefix: nothing to score
+        "not a multiple": (q[:3], k_buffer, v_buffer, slots),
+        "one dtype": (q.bfloat16(), k_buffer, v_buffer, slots),
+        "one shape": (q, k_buffer, v_buffer[:, :1], slots),
+        "slots must lie in": (q, k_buffer, v_buffer, slots + k_buffer.shape[0]),
+        "slots must have dtype": (q, k_buffer, v_buffer, slots.float()),
+        "head dim": (q[..., :32], k_buffer, v_buffer, slots),
+    }
+    for message, args in cases.items():
+        with pytest.raises(ValueError, match=message):
+            window_statistics(*args)
+    with pytest.raises(ValueError, match="gqa_reduce"):
+        window_statistics(q, k_buffer, v_buffer, slots, gqa_reduce="sum")
+    with pytest.raises(ValueError, match="pool_kernel"):
+        window_statistics(q, k_buffer, v_buffer, slots, pool_kernel=4)
+    with pytest.raises(ValueError, match="keys_per_split"):
+        window_statistics(q, k_buffer, v_buffer, slots, keys_per_split=0)
+
+
+def test_long_document_reads_the_pool_in_place(cuda_only):
+    # Llama-3-8B layer shape, a 32K-token document: the statistics need O(Hq * w + Hkv * m)
+    # memory, far less than one gathered copy of the document's keys.
+    num_kv_heads, head_dim, window, seq_len = 8, 128, 32, 32768
+    q, k_buffer, v_buffer, slots = _pool_inputs(32, num_kv_heads, window, seq_len, head_dim, torch.bfloat16, cuda_only)
+    expected = Lava(window=window).layer_scores(q, *_gathered(k_buffer, v_buffer, slots))
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    stats = window_statistics(q, k_buffer, v_buffer, slots)
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - before
+    gathered_keys_bytes = num_kv_heads * seq_len * head_dim * 2
+    assert extra < gathered_keys_bytes / 4, f"peak extra memory {extra} B"
+    _assert_scores_close(stats.scores, expected.scores)
+    assert stats.entropy == pytest.approx(expected.entropy, abs=ENTROPY_ATOL)
