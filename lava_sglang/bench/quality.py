@@ -37,7 +37,6 @@ from lava_sglang.reference import CompressedPrefix, ReferenceRuntime
 
 TASKS = ("retrieval", "fidelity")
 MODES = ("compress_once", "query_aware")
-FACT_PATTERN = (1, 4, 8)  # planted facts per retrieval document, cycled
 FIDELITY_QUESTIONS_PER_DOCUMENT = 4
 CODE_PATTERN = re.compile(rf"\d{{{CODE_DIGITS}}}")
 
@@ -45,12 +44,13 @@ CODE_PATTERN = re.compile(rf"\d{{{CODE_DIGITS}}}")
 @dataclass
 class QualityConfig:
     contexts: list[int] = field(default_factory=lambda: [2048, 4096])
-    questions: list[int] = field(default_factory=lambda: [40, 16])  # per task, one per context
+    questions: list[int] = field(default_factory=lambda: [40, 12])  # per task, one per context
     policies: list[str] = field(default_factory=lambda: ["lava", "snapkv", "ada_snapkv", "pyramidkv",
                                                          "streamingllm"])
     keep_ratios: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.4])
     modes: list[str] = field(default_factory=lambda: list(MODES))
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
+    facts_per_document: list[int] = field(default_factory=lambda: [1, 4, 8])  # retrieval, cycled
     retrieval_answer_tokens: int = 24
     fidelity_answer_tokens: int = 32
     window: int = 32
@@ -72,12 +72,14 @@ class QualityConfig:
         bad = [r for r in self.keep_ratios if not 0 < r <= 1]
         if bad:
             raise ValueError(f"keep_ratios must be in (0, 1], got {bad}")
+        if not self.facts_per_document or min(self.facts_per_document) < 1:
+            raise ValueError(f"facts_per_document must be counts >= 1, got {self.facts_per_document}")
 
 
-def retrieval_fact_counts(num_questions: int) -> list[int]:
-    """Facts per document, cycling FACT_PATTERN, the last document trimmed to the count."""
+def retrieval_fact_counts(num_questions: int, pattern: Sequence[int]) -> list[int]:
+    """Facts per document, cycling `pattern`, the last document trimmed to the count."""
     counts = []
-    for facts in itertools.cycle(FACT_PATTERN):
+    for facts in itertools.cycle(pattern):
         left = num_questions - sum(counts)
         if left <= 0:
             return counts
@@ -135,7 +137,8 @@ class QualityBenchmark:
     def documents(self, task: str, context: int, num_questions: int) -> list[Document]:
         seed = self.config.seed * 1_000_003 + context + (0 if task == "retrieval" else 7)
         if task == "retrieval":
-            return retrieval_documents(self._count_tokens, context, retrieval_fact_counts(num_questions), seed)
+            counts = retrieval_fact_counts(num_questions, self.config.facts_per_document)
+            return retrieval_documents(self._count_tokens, context, counts, seed)
         num_documents = math.ceil(num_questions / FIDELITY_QUESTIONS_PER_DOCUMENT)
         documents = fidelity_documents(self._count_tokens, context, num_documents, FIDELITY_QUESTIONS_PER_DOCUMENT,
                                        seed)
@@ -167,6 +170,14 @@ class QualityBenchmark:
         top1 = (logits.argmax(-1) == logits[0:1].argmax(-1)).float().mean(-1)
         return list(zip(kl.tolist(), top1.tolist()))
 
+    def _reference_answer(self, full_prefix: CompressedPrefix | None, prefix_ids, suffix_ids) -> list[int]:
+        """The full-cache greedy answer, with its EOS when it ended before the cap."""
+        if full_prefix is None:
+            full_prefix = self.runtime.compress(self.runtime.prefill(prefix_ids), "full", 1.0)
+        cap = self.config.fidelity_answer_tokens
+        answer = self.runtime.generate([full_prefix], suffix_ids, cap)[0]
+        return answer + [self.tokenizer.eos_token_id] if len(answer) < cap else answer
+
     def run_document(self, task: str, context: int, document: Document, progress: tqdm) -> None:
         prefix_text, _ = prompt_parts(document.text, "")
         prefix_ids = self._ids(prefix_text)
@@ -174,10 +185,7 @@ class QualityBenchmark:
         for question in document.questions:
             suffix_ids = self._ids(prompt_parts(document.text, question.text)[1])
             if task == "fidelity":
-                full_prefix = once[0] if once else self._compress_all(prefix_ids)[0]
-                answer = self.runtime.generate([full_prefix], suffix_ids, self.config.fidelity_answer_tokens)[0]
-                reference = answer + [self.tokenizer.eos_token_id] if len(answer) < self.config.fidelity_answer_tokens \
-                    else answer
+                reference = self._reference_answer(once[0] if once else None, prefix_ids, suffix_ids)
             for mode in self.config.modes:
                 if mode == "compress_once":
                     prefixes, suffix = once, suffix_ids

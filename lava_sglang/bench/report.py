@@ -36,7 +36,8 @@ def markdown(records: list[dict], meta: dict, command: str, notes: str | None) -
         f"- Wall time: {meta['wall_seconds'] / 60:.1f} min; seed {config['seed']}; window {config['window']}",
         f"- Questions per cell: " + ", ".join(f"{q} at {c} tokens" for c, q in zip(config["contexts"],
                                                                                    config["questions"])),
-        "- Retrieval: K in {1, 4, 8} planted facts per document, one question per fact; correct = the 7-digit "
+        f"- Retrieval: K in {{{', '.join(map(str, config.get('facts_per_document', [1, 4, 8])))}}} planted facts "
+        "per document (cycled), one question per fact; correct = the 7-digit "
         f"code appears in the greedy answer ({config['retrieval_answer_tokens']} tokens at most). "
         "95% Wilson intervals.",
         f"- Fidelity: open questions; the full-cache greedy answer ({config['fidelity_answer_tokens']} tokens at "

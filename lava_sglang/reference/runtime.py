@@ -97,6 +97,18 @@ class _Batch:
     def size(self) -> int:
         return self.last_logits.shape[0]
 
+    def select(self, rows: torch.Tensor) -> "_Batch":
+        """The given rows only, each layer's padding cut to their longest head."""
+        keys, values, visible = [], [], []
+        for layer_keys, layer_values, layer_visible in zip(self.keys, self.values, self.visible):
+            layer_visible = layer_visible[rows]
+            longest = int(layer_visible.sum(-1).max())
+            keys.append(layer_keys[rows, :, :longest])
+            values.append(layer_values[rows, :, :longest])
+            visible.append(layer_visible[:, :, :longest])
+        return _Batch(seq_len=self.seq_len, keys=keys, values=values, visible=visible,
+                      last_logits=self.last_logits[rows])
+
     @classmethod
     def stack(cls, prefixes: Sequence[CompressedPrefix]) -> "_Batch":
         if not prefixes:
@@ -252,18 +264,24 @@ class ReferenceRuntime:
             cache = DynamicCache()
             next_logits = batch.last_logits
         answers: list[list[int]] = [[] for _ in prefixes]
-        done = [False] * len(prefixes)
+        running = list(range(len(prefixes)))  # answer index of each batch row still generating
         for step in range(max_new_tokens):
             next_ids = next_logits.argmax(dim=-1)
-            for row, token in enumerate(next_ids.tolist()):
-                if not done[row]:
-                    if token in stop:
-                        done[row] = True
-                    else:
-                        answers[row].append(token)
-                        done[row] = stop_when is not None and stop_when(answers[row])
-            if all(done) or step == max_new_tokens - 1:
+            keep = []
+            for row, (answer_index, token) in enumerate(zip(running, next_ids.tolist())):
+                if token in stop:
+                    continue
+                answers[answer_index].append(token)
+                if stop_when is None or not stop_when(answers[answer_index]):
+                    keep.append(row)
+            if not keep or step == max_new_tokens - 1:
                 break
+            if len(keep) < len(running):  # finished rows leave the batch
+                rows = torch.tensor(keep)
+                batch, next_ids = batch.select(rows), next_ids[rows]
+                for layer in cache.layers:
+                    layer.batch_select_indices(rows)
+                running = [running[row] for row in keep]
             logits, cache = self._forward(batch, next_ids[:, None], cache)
             next_logits = logits[:, -1]
         return answers

@@ -57,7 +57,7 @@ def test_prompt_prefix_is_shared_by_every_question():
 @pytest.mark.parametrize("questions, expected", [(40, [1, 4, 8, 1, 4, 8, 1, 4, 8, 1]), (16, [1, 4, 8, 1, 2]),
                                                  (1, [1])])
 def test_fact_counts_cycle_and_trim(questions, expected):
-    assert retrieval_fact_counts(questions) == expected
+    assert retrieval_fact_counts(questions, [1, 4, 8]) == expected
     assert sum(expected) == questions
 
 
@@ -82,6 +82,7 @@ def test_mean_interval():
     ({"modes": ["sometimes"]}, "modes: unknown"),
     ({"keep_ratios": [0.0]}, "keep_ratios must be in"),
     ({"contexts": [2048, 16]}, "contexts >= 64"),
+    ({"facts_per_document": [4, 0]}, "facts_per_document"),
 ])
 def test_quality_config_validation(changes, message):
     with pytest.raises(ValueError, match=message):
