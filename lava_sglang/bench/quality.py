@@ -147,7 +147,7 @@ class QualityBenchmark:
 
     def _compress_all(self, token_ids: list[int]) -> list[CompressedPrefix]:
         capture = self.runtime.prefill(token_ids)
-        return [self.runtime.compress(capture, policy, ratio) for policy, ratio in self.configs]
+        return self.runtime.compress_many(capture, self.configs)
 
     def _record(self, task: str, context: int, mode: str, prefixes: Sequence[CompressedPrefix], values) -> None:
         for (policy, ratio), prefix, value in zip(self.configs, prefixes, values):

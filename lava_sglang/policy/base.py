@@ -74,6 +74,12 @@ class WindowPolicy(Policy):
         if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
             raise ValueError(f"pool_kernel must be an odd int >= 1, got {kernel!r}")
 
+    @property
+    def scoring(self) -> tuple:
+        """Everything `layer_scores` depends on: policies with equal `scoring` (SnapKV,
+        Ada-SnapKV and PyramidKV by default) can share one layer's scores."""
+        return (self.gqa_reduce, self.scale_by_value_norm, self.pool_kernel, self.window)
+
     def layer_scores(self, q_window: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> LayerScores:
         prefix_len = keys.shape[1] - q_window.shape[1]
         mass = score_ops.window_attention_mass(q_window, keys, self.gqa_reduce)

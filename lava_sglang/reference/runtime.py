@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from lava_sglang.policy import CompressionPlan, Policy, compress_plan
+from lava_sglang.policy import CompressionPlan, LayerScores, PlanBuilder, Policy, compress_plan, make_policy
 from lava_sglang.reference.attention import attention_with_lse, causal_visibility, merge_attention_states
 
 ATTENTION_NAME = "lava_reference"
@@ -213,6 +213,30 @@ class ReferenceRuntime:
         options.setdefault("window", self.window)
         plan = compress_plan(policy, capture.q_window, capture.keys, capture.values, budget, **options)
         return CompressedPrefix.from_plan(capture, plan)
+
+    def compress_many(self, capture: PrefixCapture, configs: Sequence[tuple[str | Policy, float | int]],
+                      **options) -> list[CompressedPrefix]:
+        """`compress` for several (policy, budget) pairs of one capture, scoring each layer
+        once per distinct scoring instead of once per pair (same plans as `compress`)."""
+        options.setdefault("window", self.window)
+        shared_scores: dict[tuple, list[LayerScores]] = {}
+        prefixes = []
+        for policy, budget in configs:
+            if not isinstance(policy, Policy):
+                policy = make_policy(policy, **options)
+            builder = PlanBuilder(policy, budget, seq_len=capture.seq_len, num_layers=len(capture.keys),
+                                  num_kv_heads=capture.keys[0].shape[0])
+            if builder.needs_queries:
+                if policy.scoring not in shared_scores:
+                    shared_scores[policy.scoring] = [
+                        policy.layer_scores(q, k, v) for q, k, v in zip(capture.q_window, capture.keys, capture.values)]
+                for layer_scores in shared_scores[policy.scoring]:
+                    builder.add_layer_scores(layer_scores)
+            else:
+                for q, k, v in zip(capture.q_window, capture.keys, capture.values):
+                    builder.add_layer(q, k, v)
+            prefixes.append(CompressedPrefix.from_plan(capture, builder.finish()))
+        return prefixes
 
     @torch.inference_mode()
     def forward(self, prefixes: Sequence[CompressedPrefix], token_ids: torch.Tensor,

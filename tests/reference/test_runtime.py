@@ -102,3 +102,14 @@ def test_kv_bytes_counts_kept_rows(runtime, capture):
     config = runtime.model.config
     rows = config.num_hidden_layers * config.num_key_value_heads * 100
     assert prefix.kv_bytes(bytes_per_element=2) == rows * 2 * config.head_dim * 2
+
+
+def test_compress_many_gives_the_plans_of_compress(runtime, capture):
+    configs = [("full", 1.0), ("lava", 0.2), ("snapkv", 0.2), ("ada_snapkv", 0.4), ("pyramidkv", 0.2),
+               ("streamingllm", 0.2), ("snapkv", 0.4)]
+    many = runtime.compress_many(capture, configs)
+    for (policy, ratio), prefix in zip(configs, many):
+        alone = runtime.compress(capture, policy, ratio)
+        assert prefix.plan.head_budgets == alone.plan.head_budgets
+        assert all(torch.equal(a, b) for la, lb in zip(prefix.plan.kept, alone.plan.kept) for a, b in zip(la, lb))
+        assert all(torch.equal(a, b) for a, b in zip(prefix.keys, alone.keys))
