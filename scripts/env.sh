@@ -26,11 +26,13 @@ mkdir -p "$CACHE_ROOT"
         "$VENV/bin/python" -m pip install --quiet --no-input --no-deps -r "$REPO_ROOT/requirements-nodeps.txt"
         touch "$VENV/.complete"
     fi
-    # The environment is shared by clones: point its editable install at this one.
-    # (-P: do not let the current directory shadow the installed package.)
-    installed=$("$VENV/bin/python" -P -c 'import lava_sglang, os; print(os.path.dirname(os.path.dirname(lava_sglang.__file__)))' 2>/dev/null || true)
-    if [ "$installed" != "$REPO_ROOT" ] || [ ! -x "$VENV/bin/lava-sglang" ]; then
+    # The environment is shared by clones: point its editable install at this one, and
+    # reinstall when pyproject.toml changes (entry points such as the SGLang plugin live in
+    # the install's metadata).
+    editable="$REPO_ROOT $(sha256sum "$REPO_ROOT/pyproject.toml" | cut -c1-16)"
+    if [ "$(cat "$VENV/.editable" 2>/dev/null)" != "$editable" ] || [ ! -x "$VENV/bin/lava-sglang" ]; then
         "$VENV/bin/python" -m pip install --quiet --no-input --no-deps --no-build-isolation -e "$REPO_ROOT"
+        echo "$editable" > "$VENV/.editable"
     fi
 ) 9>"$CACHE_ROOT/.venv.lock"
 

@@ -1,0 +1,26 @@
+"""Multi-question document QA as an SGLang frontend program.
+
+The document prefix is added once and the program forks one branch per question: SGLang
+commits the prefix with a `max_new_tokens=0` request before the branches run, which is the
+prefix `--kv-policy` compresses once and every branch reuses.
+"""
+
+from __future__ import annotations
+
+import sglang as sgl
+
+
+@sgl.function
+def multi_question_qa(s, prefix: str, suffixes: list[str], max_tokens: int = 32):
+    """prefix: the shared text (e.g. system prompt + document); suffixes: one per question
+    (the question and the assistant turn's opening). Sets s["answers"], s["meta_info"]."""
+    s += prefix
+    # SGLang 0.5.23's fork() looks at the text before it syncs the stream, so without this
+    # sync the prefix may still be queued and fork() skips committing it.
+    s.text()
+    branches = s.fork(len(suffixes))
+    for branch, suffix in zip(branches, suffixes):
+        branch += suffix + sgl.gen("answer", max_tokens=max_tokens, temperature=0)
+    branches.join()
+    s["answers"] = [branch["answer"] for branch in branches]
+    s["meta_info"] = [branch.get_meta_info("answer") for branch in branches]

@@ -1,0 +1,88 @@
+"""Observation capture and prefix compression, on plain tensors.
+
+`WindowCapture` keeps, for each request slot whose prefill is long enough to be worth
+compressing, the post-RoPE queries of its last `window` tokens at every layer (across
+chunked-prefill chunks). `plan_prefix` turns those queries and the prefix's K/V, read in
+place from the KV pool, into the rows each (layer, KV head) keeps; `store_prefix` copies
+them into the store's cells.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from lava_sglang.policy import PlanBuilder, Policy
+from lava_sglang.store import CellLayout, write_layer
+
+
+@dataclass
+class _CapturedLayer:
+    end: int  # sequence position after the last captured query
+    queries: torch.Tensor  # [rows <= window, Hq, d]
+
+
+class WindowCapture:
+    """Window queries of long prefills, per request slot (`req_pool_idx`) and layer."""
+
+    def __init__(self, window: int, min_prefix: int):
+        self.window = window
+        self.min_prefix = min_prefix
+        self._slots: dict[int, dict[int, _CapturedLayer]] = {}
+
+    def wants(self, seq_len: int) -> bool:
+        return seq_len >= self.min_prefix
+
+    def record(self, layer: int, req_pool_idx: int, start: int, queries: torch.Tensor) -> None:
+        """Queries [tokens, Hq, d] of positions start .. start + tokens - 1."""
+        layers = self._slots.setdefault(req_pool_idx, {})
+        previous = layers.get(layer)
+        tail = queries[-self.window:]
+        if previous is not None and previous.end == start and tail.shape[0] < self.window:
+            tail = torch.cat([previous.queries, tail])[-self.window:]  # a chunk shorter than the window
+        layers[layer] = _CapturedLayer(end=start + queries.shape[0], queries=tail.detach().clone())
+
+    def window_queries(self, req_pool_idx: int, seq_len: int, num_layers: int) -> list[torch.Tensor] | None:
+        """Per layer [Hq, min(window, seq_len), d], or None when the capture does not cover the
+        last min(window, seq_len) queries of a `seq_len`-token prefill in every layer."""
+        layers = self._slots.get(req_pool_idx, {})
+        rows = min(self.window, seq_len)
+        captured = [layers.get(layer) for layer in range(num_layers)]
+        if any(item is None or item.end != seq_len or item.queries.shape[0] < rows for item in captured):
+            return None
+        return [item.queries[-rows:].transpose(0, 1) for item in captured]
+
+    def drop(self, req_pool_idx: int) -> None:
+        self._slots.pop(req_pool_idx, None)
+
+    def clear(self) -> None:
+        self._slots.clear()
+
+
+def plan_prefix(policy: Policy, budget: float | int, window_queries: list[torch.Tensor], k_buffers, v_buffers,
+                slots: torch.Tensor) -> list[list[torch.Tensor]]:
+    """Kept positions per (layer, KV head) for the first len(slots) - 1 tokens of a prefix.
+
+    The plan is made over all n = len(slots) tokens (the observation window ends at the last
+    one); the last token is then left out, because a request matching the prefix recomputes
+    its last token (SGLang matches at most n - 1 tokens of a prompt).
+    """
+    seq_len = slots.numel()
+    num_kv_heads = k_buffers[0].shape[1]
+    builder = PlanBuilder(policy, budget, seq_len=seq_len, num_layers=len(k_buffers), num_kv_heads=num_kv_heads)
+    for layer, queries in enumerate(window_queries):
+        keys = k_buffers[layer][slots].transpose(0, 1).float()
+        values = v_buffers[layer][slots].transpose(0, 1).float()
+        builder.add_layer(queries.float(), keys, values)
+    plan = builder.finish()
+    return [[positions[positions < seq_len - 1] for positions in heads] for heads in plan.kept]
+
+
+def store_prefix(layout: CellLayout, kept: list[list[torch.Tensor]], k_buffers, v_buffers, slots: torch.Tensor) -> None:
+    """Copy the kept rows of the prefix held in pool `slots` into the layout's cells."""
+    for layer, heads in enumerate(kept):
+        source_slots = [slots[positions.to(slots.device)] for positions in heads]
+        keys = torch.cat([k_buffers[layer][rows, head] for head, rows in enumerate(source_slots)])
+        values = torch.cat([v_buffers[layer][rows, head] for head, rows in enumerate(source_slots)])
+        write_layer(layout, layer, k_buffers, v_buffers, keys, values)

@@ -1,0 +1,161 @@
+"""`--kv-policy` and its options: parsing, validation, and the hand-over to SGLang's children.
+
+The launcher parses the flags (they are added to SGLang's own parser by the plugin), checks
+them before anything loads, and passes the result to the scheduler processes, which SGLang
+starts with `spawn`, through one environment variable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+
+from lava_sglang.policy import POLICIES, make_policy, resolve_budget
+
+ENV_VAR = "LAVA_SGLANG_KV_POLICY"
+NONE = "none"
+KV_POLICIES = (NONE, *sorted(name for name in POLICIES if name != "full"))
+SUPPORTED_ATTENTION_BACKENDS = ("torch_native",)
+
+
+class ConfigError(ValueError):
+    """A bad --kv-* value or a combination the plugin cannot serve; the message names the flag."""
+
+
+@dataclass(frozen=True)
+class KvPolicyConfig:
+    """What the plugin does, as given on the command line.
+
+    policy: `none` leaves SGLang untouched; otherwise the policy compressing shared prefixes.
+    budget: keep ratio in (0, 1] (float) or average tokens kept per layer and KV head (int),
+        the observation window included.
+    window: observation window w (the last w prefix tokens score the rest, and are kept).
+    min_prefix: prefixes shorter than this many tokens are not compressed.
+    alpha: LAVa's dynamic-layer-budget strength (lava.md); other policies ignore it.
+    pool_kernel: width of the score pooling (lava.md).
+    """
+
+    policy: str = NONE
+    budget: float | int = 0.2
+    window: int = 32
+    min_prefix: int = 256
+    alpha: float = 0.2
+    pool_kernel: int = 7
+
+    @property
+    def enabled(self) -> bool:
+        return self.policy != NONE
+
+    def make_policy(self):
+        return make_policy(self.policy, window=self.window, pool_kernel=self.pool_kernel, alpha=self.alpha)
+
+    def to_env(self) -> str:
+        return json.dumps(dataclasses.asdict(self))
+
+    @classmethod
+    def from_env(cls, environ=os.environ) -> KvPolicyConfig:
+        text = environ.get(ENV_VAR)
+        return cls(**json.loads(text)) if text else cls()
+
+
+FLAGS = {
+    "kv_policy": ("--kv-policy", NONE,
+                  f"KV-cache policy for shared prefixes: one of {', '.join(KV_POLICIES)} (default: none, "
+                  "stock SGLang). lava-sglang plugin."),
+    "kv_budget": ("--kv-budget", "0.2",
+                  "Budget per compressed prefix: a keep ratio in (0, 1] (e.g. 0.2) or an int >= 1, the "
+                  "average tokens kept per layer and KV head (e.g. 512). Default 0.2."),
+    "kv_window": ("--kv-window", "32",
+                  "Observation window: the last N prefix tokens score the others and are always kept. "
+                  "Default 32."),
+    "kv_min_prefix": ("--kv-min-prefix", "256",
+                      "Do not compress prefixes shorter than this many tokens (must exceed --kv-window). "
+                      "Default 256."),
+    "kv_alpha": ("--kv-alpha", "0.2", "LAVa's layer-budget strength alpha in [0, 1]. Default 0.2."),
+    "kv_pool_kernel": ("--kv-pool-kernel", "7", "Width of the score pooling (odd int >= 1). Default 7."),
+}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the --kv-* flags to SGLang's parser. Values stay strings here: `from_namespace`
+    validates them and fails with one line naming the flag, not argparse's full usage.
+    An SGLang built with patches/sglang-0.5.23-kv-policy.patch already has them: nothing to add."""
+    if "--kv-policy" in parser._option_string_actions:
+        return
+    group = parser.add_argument_group("KV-cache compression (lava-sglang plugin)")
+    for dest, (flag, default, help_text) in FLAGS.items():
+        group.add_argument(flag, dest=dest, type=str, default=default, help=help_text)
+
+
+def _int(flag: str, text: str, minimum: int) -> int:
+    try:
+        value = int(text)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{flag} must be an int >= {minimum}, got {text!r}") from None
+    if value < minimum:
+        raise ConfigError(f"{flag} must be an int >= {minimum}, got {text!r}")
+    return value
+
+
+def parse_budget(text: str) -> float | int:
+    """'0.2' -> keep ratio 0.2; '512' -> 512 tokens."""
+    allowed = "a keep ratio in (0, 1] (e.g. 0.2) or an int >= 1 in tokens (e.g. 512)"
+    text = str(text).strip()
+    try:
+        budget = int(text) if text.lstrip("+-").isdigit() else float(text)
+        resolve_budget(budget, 1)
+    except (TypeError, ValueError):
+        raise ConfigError(f"--kv-budget must be {allowed}, got {text!r}") from None
+    return budget
+
+
+def from_namespace(args: argparse.Namespace) -> KvPolicyConfig:
+    """The validated config from parsed flags; raises ConfigError naming the flag."""
+    policy = str(args.kv_policy)
+    if policy not in KV_POLICIES:
+        raise ConfigError(f"--kv-policy must be one of {', '.join(KV_POLICIES)}, got {policy!r}")
+    try:
+        alpha = float(args.kv_alpha)
+    except (TypeError, ValueError):
+        alpha = math.nan
+    if not 0.0 <= alpha <= 1.0:
+        raise ConfigError(f"--kv-alpha must be a float in [0, 1], got {args.kv_alpha!r}")
+    pool_kernel = _int("--kv-pool-kernel", args.kv_pool_kernel, 1)
+    if pool_kernel % 2 == 0:
+        raise ConfigError(f"--kv-pool-kernel must be an odd int >= 1, got {args.kv_pool_kernel!r}")
+    window = _int("--kv-window", args.kv_window, 1)
+    min_prefix = _int("--kv-min-prefix", args.kv_min_prefix, 2)
+    if min_prefix <= window:
+        raise ConfigError(f"--kv-min-prefix must be greater than --kv-window ({window}), got {min_prefix}")
+    config = KvPolicyConfig(policy=policy, budget=parse_budget(args.kv_budget), window=window,
+                            min_prefix=min_prefix, alpha=alpha, pool_kernel=pool_kernel)
+    if config.enabled:
+        config.make_policy()
+    return config
+
+
+def check_server_args(config: KvPolicyConfig, args: argparse.Namespace) -> None:
+    """Refuse SGLang options the plugin cannot serve with a policy on; raises ConfigError."""
+    if not config.enabled:
+        return
+    refusals = [
+        (getattr(args, "disable_radix_cache", False),
+         "--disable-radix-cache: compressed prefixes live in the radix cache"),
+        (getattr(args, "radix_cache_backend", None) not in (None, "lava"),
+         f"--radix-cache-backend {getattr(args, 'radix_cache_backend', None)}: the plugin is the radix cache"),
+        ((getattr(args, "page_size", None) or 1) != 1, "--page-size > 1: the plugin supports page size 1"),
+        (getattr(args, "attention_backend", None) not in (None, *SUPPORTED_ATTENTION_BACKENDS),
+         f"--attention-backend {getattr(args, 'attention_backend', None)}: supported with a policy: "
+         f"{', '.join(SUPPORTED_ATTENTION_BACKENDS)}"),
+        (getattr(args, "speculative_algorithm", None) is not None, "--speculative-algorithm: not supported"),
+        (getattr(args, "enable_hierarchical_cache", False), "--enable-hierarchical-cache: not supported"),
+        ((getattr(args, "tp_size", 1) or 1) > 1, "--tp-size > 1: not supported"),
+        ((getattr(args, "dp_size", 1) or 1) > 1, "--dp-size > 1: not supported"),
+    ]
+    for refused, reason in refusals:
+        if refused:
+            raise ConfigError(f"--kv-policy {config.policy} cannot run with {reason}")

@@ -1,0 +1,120 @@
+"""The plugin's wiring into SGLang: flags, radix cache backend, attention, server info."""
+
+from __future__ import annotations
+
+import logging
+import os
+
+from lava_sglang.sglang_plugin import attention, touchpoints
+from lava_sglang.sglang_plugin.config import (
+    ENV_VAR,
+    SUPPORTED_ATTENTION_BACKENDS,
+    ConfigError,
+    KvPolicyConfig,
+    add_arguments,
+    check_server_args,
+    from_namespace,
+)
+
+logger = logging.getLogger(__name__)
+
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    _registered = True
+    touchpoints.register_radix_cache_backend(touchpoints.RADIX_CACHE_BACKEND, create_radix_cache)
+    hooks, hook_type = touchpoints.hook_registry()
+    hooks.register(touchpoints.ADD_CLI_ARGS, _after_add_cli_args, hook_type.AFTER)
+    hooks.register(touchpoints.FROM_CLI_ARGS, _around_from_cli_args, hook_type.AROUND)
+    hooks.register(touchpoints.INTERNAL_STATE, _after_internal_state, hook_type.AFTER)
+    hooks.register(touchpoints.VALIDATE_REQUEST, _before_validate_request, hook_type.BEFORE)
+    if KvPolicyConfig.from_env().enabled:  # in the processes the launcher spawns
+        backends = touchpoints.attention_backends()
+        for name in SUPPORTED_ATTENTION_BACKENDS:
+            backends[name] = attention.wrap_factory(backends[name])
+
+
+def _after_add_cli_args(result, parser):
+    add_arguments(parser)
+    return result
+
+
+def _around_from_cli_args(original, cls, args):
+    """Validate the --kv-* flags before anything loads; hand the config to the children."""
+    if hasattr(args, "kv_policy"):
+        try:
+            config = from_namespace(args)
+            check_server_args(config, args)
+        except ConfigError as error:
+            raise SystemExit(f"error: {error}") from None
+        if config.enabled:
+            args.radix_cache_backend = touchpoints.RADIX_CACHE_BACKEND
+            if args.attention_backend is None:
+                args.attention_backend = SUPPORTED_ATTENTION_BACKENDS[0]
+                logger.info("lava: --kv-policy %s uses --attention-backend %s", config.policy, args.attention_backend)
+            os.environ[ENV_VAR] = config.to_env()
+        else:
+            os.environ.pop(ENV_VAR, None)
+    return original(cls, args)
+
+
+def _before_validate_request(tokenizer_manager, obj, input_ids, *args, **kwargs):
+    """Stock SGLang 0.5.23 lets a token id outside the vocabulary reach the embedding, where it
+    kills the scheduler and every request with it; reject it (HTTP 400) instead."""
+    vocab_size = tokenizer_manager.model_config.vocab_size
+    bad = next((token for token in input_ids or () if not 0 <= token < vocab_size), None)
+    if bad is not None:
+        raise ValueError(f"input_ids contains token id {bad} outside the vocabulary [0, {vocab_size})")
+
+
+def _after_internal_state(result, *args, **kwargs):
+    config = KvPolicyConfig.from_env()
+    cache = attention.bound_cache()
+    result.internal_state["lava_kv_policy"] = {
+        **config.__dict__,
+        **({"store": cache.stats()} if cache is not None else {}),
+    }
+    return result
+
+
+def create_radix_cache(ctx):
+    """`--radix-cache-backend lava`: SGLang calls this in the scheduler process."""
+    from lava_sglang.sglang_plugin.radix_cache import LavaRadixCache
+
+    config = KvPolicyConfig.from_env()
+    if not config.enabled:
+        raise ConfigError("--radix-cache-backend lava is chosen by --kv-policy; pass --kv-policy instead")
+    _check_model(ctx, config)
+    kv_pool = ctx.params.token_to_kv_pool_allocator.get_kvcache()
+    cache = LavaRadixCache(ctx.params, config=config, kv_pool=kv_pool)
+    attention.bind(cache)
+    logger.info("lava: KV policy %s, options %s", config.policy, config)
+    return cache
+
+
+def _check_model(ctx, config: KvPolicyConfig) -> None:
+    """Refuse models and engine states the plugin cannot serve, at start-up, with the reason."""
+    model_config = ctx.model_config
+    hf_config = model_config.hf_config
+    backend = ctx.tp_worker.model_runner.attn_backend
+    kv_pool = ctx.params.token_to_kv_pool_allocator.get_kvcache()
+    refusals = [
+        (ctx.is_hybrid_swa or ctx.is_hybrid_ssm or ctx.is_dsa,
+         "hybrid models (sliding-window, state-space or sparse layers) are not supported"),
+        ("MLA" in str(getattr(model_config, "attention_arch", "")), "MLA attention is not supported"),
+        (getattr(hf_config, "sliding_window", None) not in (None, 0)
+         and getattr(hf_config, "use_sliding_window", True), "sliding-window attention is not supported"),
+        (config.window >= model_config.context_len,
+         f"--kv-window {config.window} must be below the model's context length {model_config.context_len}"),
+        (not isinstance(getattr(kv_pool, "k_buffer", None), list) or getattr(kv_pool, "is_quantized_kv_cache", False),
+         f"KV pool {type(kv_pool).__name__} is not a plain per-layer K/V pool"),
+        (not hasattr(backend, "compressed_prefix_path"),
+         f"attention backend {type(backend).__name__}: supported: {', '.join(SUPPORTED_ATTENTION_BACKENDS)}"),
+    ]
+    for refused, reason in refusals:
+        if refused:
+            raise ConfigError(f"--kv-policy {config.policy}: {reason}")

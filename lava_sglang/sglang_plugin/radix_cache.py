@@ -1,0 +1,282 @@
+"""The radix cache with compressed prefixes (`--radix-cache-backend lava`).
+
+SGLang's pure-Python `RadixCache` plus compressed nodes:
+
+- A compressed node covers the first n - 1 tokens of a prefix that a frontend program
+  committed before `fork()` (the `max_new_tokens=0` request). It keeps the full token key,
+  so matching is unchanged, and is a child of the root kept apart from the ordinary
+  children (`self.compressed`), so an ordinary insert never splits it and a request that
+  matches only part of it simply does not use it.
+- Its value, as SGLang's bookkeeping sees it, is n - 1 slot indices: first the pool slots
+  whose memory holds its kept rows (see `lava_sglang.store`), then SGLang's padding slot 0.
+  So positions of later tokens start at n - 1, the request's KV row starts with the entry's
+  first slot (which is how the attention path finds the entry), and nothing but the owned
+  slots is ever freed.
+- Its size for SGLang's pool accounting (evictable / protected) is its owned slots, so the
+  invariant available + evictable + protected + uncached == pool size keeps holding.
+- Ordinary nodes can hang below it (the questions of forked branches and their answers).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import time
+
+import torch
+
+from lava_sglang.sglang_plugin.compressor import WindowCapture, plan_prefix, store_prefix
+from lava_sglang.sglang_plugin.config import KvPolicyConfig
+from lava_sglang.sglang_plugin.touchpoints import radix_cache_api
+from lava_sglang.store import CellLayout, CompressedStore, StoreEntry, slots_needed
+
+RadixCache, RadixKey, TreeNode, EvictParams, EvictResult, IncLockRefResult, DecLockRefResult = radix_cache_api()
+
+logger = logging.getLogger(__name__)
+
+PADDING_SLOT = 0  # SGLang's allocator never hands out slot 0 (it absorbs padded writes)
+
+
+class CompressedNode(TreeNode):
+    def __init__(self, entry: StoreEntry):
+        super().__init__()
+        self.entry = entry
+
+
+def node_size(node) -> int:
+    """Pool slots a node holds: its token count, or the owned slots of a compressed node."""
+    return node.entry.layout.slots.numel() if isinstance(node, CompressedNode) else len(node.key)
+
+
+class LavaRadixCache(RadixCache):
+    def __init__(self, params, *, config: KvPolicyConfig, kv_pool):
+        self.config = config
+        self.policy = config.make_policy()
+        self.kv_pool = kv_pool
+        self.store = CompressedStore(kv_pool.size + kv_pool.page_size, params.token_to_kv_pool_allocator.device)
+        self.capture = WindowCapture(config.window, config.min_prefix)
+        self.compressed: dict = {}  # child key of the first token -> [CompressedNode]
+        super().__init__(params)
+
+    # ----------------------------------------------------------------- state
+
+    def reset(self):
+        super().reset()
+        self.store.clear()
+        self.capture.clear()
+        self.compressed = {}
+
+    def stats(self) -> dict:
+        return {
+            **self.store.stats(),
+            "pool_available": self.token_to_kv_pool_allocator.available_size(),
+            "evictable": self.evictable_size_,
+            "protected": self.protected_size_,
+        }
+
+    # -------------------------------------------------------------- matching
+
+    def _compressed_match(self, key) -> CompressedNode | None:
+        """The longest compressed node whose whole key is a prefix of `key`."""
+        if len(key) == 0:
+            return None
+        best = None
+        for node in self.compressed.get(key.child_key(self.page_size), ()):
+            if len(node.key) <= len(key) and node.key.match(key) == len(node.key):
+                if best is None or len(node.key) > len(best.key):
+                    best = node
+        return best
+
+    def _match_prefix_helper(self, node, key):
+        value, last_node = super()._match_prefix_helper(node, key)
+        compressed = self._compressed_match(key) if node is self.root_node else None
+        if compressed is None:
+            return value, last_node
+        compressed.last_access_time = time.monotonic()
+        rest = key[len(compressed.key):]
+        below_value, below_last = super()._match_prefix_helper(compressed, rest) if len(rest) else ([], compressed)
+        if len(compressed.key) + sum(len(v) for v in below_value) < sum(len(v) for v in value):
+            return value, last_node
+        return [compressed.value, *below_value], below_last
+
+    def _insert_helper(self, node, key, value, priority=0, inserted_len=0):
+        compressed = self._compressed_match(key) if node is self.root_node else None
+        if compressed is None:
+            return super()._insert_helper(node, key, value, priority, inserted_len)
+        # The compressed prefix already holds these tokens: the caller frees its copies.
+        compressed.last_access_time = time.monotonic()
+        covered = len(compressed.key)
+        below_len, last_node = super()._insert_helper(
+            compressed, key[covered:], value[covered:], priority, max(inserted_len - covered, 0))
+        return covered + below_len, last_node
+
+    # ------------------------------------------------------------ accounting
+
+    def inc_lock_ref(self, node) -> IncLockRefResult:
+        if self.disable:
+            return IncLockRefResult(delta=0)
+        delta = 0
+        while node != self.root_node:
+            if node.lock_ref == 0:
+                self.evictable_size_ -= node_size(node)
+                self.protected_size_ += node_size(node)
+                delta -= node_size(node)
+            node.lock_ref += 1
+            self._update_leaf_status(node)
+            node = node.parent
+        return IncLockRefResult(delta=delta)
+
+    def dec_lock_ref(self, node, params=None) -> DecLockRefResult:
+        if self.disable:
+            return DecLockRefResult(delta=0)
+        delta = 0
+        while node != self.root_node:
+            if node.lock_ref == 1:
+                self.evictable_size_ += node_size(node)
+                self.protected_size_ -= node_size(node)
+                delta += node_size(node)
+            node.lock_ref -= 1
+            self._update_leaf_status(node)
+            node = node.parent
+        return DecLockRefResult(delta=delta)
+
+    def total_size(self):
+        total = super().total_size()
+        stack = [node for nodes in self.compressed.values() for node in nodes]
+        while stack:
+            node = stack.pop()
+            total += node_size(node)
+            stack.extend(child for child in node.children.values() if not child.evicted)
+        return total
+
+    # -------------------------------------------------------------- eviction
+
+    def evict(self, params) -> EvictResult:
+        """SGLang's LRU leaf eviction; a compressed leaf gives back its owned slots."""
+        if self.disable:
+            return EvictResult()
+        start_time = time.perf_counter()
+        heap = [(self.eviction_strategy.get_priority(node), node) for node in self.evictable_leaves]
+        heapq.heapify(heap)
+        num_evicted = 0
+        while num_evicted < params.num_tokens and heap:
+            _, node = heapq.heappop(heap)
+            parent = node.parent
+            if isinstance(node, CompressedNode):
+                num_evicted += self._drop_compressed(node)
+            else:
+                self.token_to_kv_pool_allocator.free_segment(node.value, start_pos=0)
+                num_evicted += len(node.value)
+                self._delete_leaf(node)
+                self.kv_events.record_remove(node)
+            if parent is not self.root_node and not parent.children and parent.lock_ref == 0:
+                heapq.heappush(heap, (self.eviction_strategy.get_priority(parent), parent))
+        self.update_eviction_metrics(num_evicted, start_time)
+        return EvictResult(num_tokens_evicted=num_evicted)
+
+    def _drop_compressed(self, node: CompressedNode) -> int:
+        assert node.lock_ref == 0 and not node.children, "dropping a compressed prefix in use"
+        siblings = self.compressed[node.key.child_key(self.page_size)]
+        siblings.remove(node)
+        if not siblings:
+            del self.compressed[node.key.child_key(self.page_size)]
+        self.evictable_leaves.discard(node)
+        size = node_size(node)
+        self.evictable_size_ -= size
+        entry = self.store.remove(node.entry.entry_id)
+        self.token_to_kv_pool_allocator.free(entry.layout.slots)
+        node.value = None
+        logger.info("lava: evicted compressed prefix %d (%d tokens, %d slots)", entry.entry_id, entry.prefix_len, size)
+        return size
+
+    # ----------------------------------------------------------- compression
+
+    def on_release(self, req, *, checkpointed: bool) -> None:
+        try:
+            if checkpointed and self._is_fork_prefix(req):
+                self._compress_request_prefix(req)
+        finally:
+            self.capture.drop(req.kv.req_pool_idx)
+            super().on_release(req, checkpointed=checkpointed)
+
+    def _is_fork_prefix(self, req) -> bool:
+        """A frontend program's `fork()` commits its prefix as a request with max_new_tokens=0."""
+        return req.sampling_params.max_new_tokens == 0 and len(req.origin_input_ids) >= self.config.min_prefix
+
+    def _compress_request_prefix(self, req) -> None:
+        token_ids = req.origin_input_ids
+        seq_len = len(token_ids)
+        full_key = RadixKey(token_ids, req.extra_key, cache_salt=req.cache_salt)
+        prefix_key = full_key[:seq_len - 1]
+        existing = self._compressed_match(prefix_key)
+        if existing is not None:
+            if len(existing.key) == len(prefix_key):
+                logger.debug("lava: prefix of %d tokens already compressed (entry %d)", seq_len,
+                             existing.entry.entry_id)
+            else:
+                logger.info("lava: not compressing a %d-token prefix that extends a compressed one", seq_len)
+            return
+        value, last_node = RadixCache._match_prefix_helper(self, self.root_node, full_key)
+        slots = torch.cat(value) if value else torch.empty(0, dtype=torch.int64)
+        if slots.numel() != seq_len:
+            logger.info("lava: prefix of %d tokens is not in the tree (%d cached); not compressed",
+                        seq_len, slots.numel())
+            return
+        window_queries = self.capture.window_queries(req.kv.req_pool_idx, seq_len, self.kv_pool.layer_num)
+        if window_queries is None:
+            logger.info("lava: observation window of a %d-token prefix was not captured; not compressed", seq_len)
+            return
+        self.inc_lock_ref(last_node)  # keep the full prefix while it is read
+        try:
+            compressed = self._compress(prefix_key, slots, window_queries)
+        finally:
+            self.dec_lock_ref(last_node)
+        if compressed:
+            self._free_uncompressed_path(last_node)
+
+    def _compress(self, prefix_key, slots: torch.Tensor, window_queries) -> bool:
+        started = time.perf_counter()
+        k_buffers, v_buffers = self.kv_pool.k_buffer, self.kv_pool.v_buffer
+        kept = plan_prefix(self.policy, self.config.budget, window_queries, k_buffers, v_buffers, slots)
+        kept_lengths = torch.tensor([[len(rows) for rows in heads] for heads in kept], dtype=torch.int64)
+        num_slots = slots_needed(int(kept_lengths.sum()), *kept_lengths.shape)
+        owned = self._alloc(num_slots)
+        if owned is None:
+            logger.warning("lava: no room for %d slots to compress a %d-token prefix; kept uncompressed",
+                           num_slots, slots.numel())
+            return False
+        layout = CellLayout(owned.to(torch.int64), kept_lengths)
+        store_prefix(layout, kept, k_buffers, v_buffers, slots)
+        head_dim = k_buffers[0].shape[-1]
+        bytes_per_row = 2 * head_dim * k_buffers[0].element_size()
+        entry = self.store.add(len(prefix_key), layout, policy=self.policy.name,
+                               compress_seconds=time.perf_counter() - started, bytes_per_row=bytes_per_row)
+        node = CompressedNode(entry)
+        node.parent = self.root_node
+        node.key = prefix_key
+        padding = torch.full((len(prefix_key) - num_slots,), PADDING_SLOT, dtype=torch.int64, device=owned.device)
+        node.value = torch.cat([layout.slots.to(owned.device), padding])
+        self.compressed.setdefault(prefix_key.child_key(self.page_size), []).append(node)
+        self.evictable_size_ += num_slots
+        self._update_leaf_status(node)
+        logger.info(
+            "lava: compressed prefix %d: %d tokens, policy %s, kept ratio %.3f (%d rows in %d slots), "
+            "%.1f MiB saved, %.1f ms", entry.entry_id, entry.prefix_len, entry.policy, entry.kept_ratio,
+            layout.kept_rows, num_slots, entry.bytes_saved / 2**20, entry.compress_seconds * 1e3)
+        return True
+
+    def _alloc(self, num_slots: int):
+        allocator = self.token_to_kv_pool_allocator
+        shortfall = num_slots - allocator.available_size()
+        if shortfall > 0:
+            self.evict(EvictParams(num_tokens=shortfall))
+        return allocator.alloc(num_slots)
+
+    def _free_uncompressed_path(self, node) -> None:
+        """Give the full-length copy back to the allocator where no one else uses it."""
+        while node is not self.root_node and not node.children and node.lock_ref == 0 and not node.evicted:
+            parent = node.parent
+            self.token_to_kv_pool_allocator.free_segment(node.value, start_pos=0)
+            self._delete_leaf(node)
+            self.kv_events.record_remove(node)
+            node = parent

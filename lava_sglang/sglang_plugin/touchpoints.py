@@ -1,0 +1,61 @@
+"""Every place the plugin touches SGLang 0.5.23, named once.
+
+An SGLang upgrade starts here: the hook targets (dotted paths the plugin wraps through
+SGLang's HookRegistry) and the SGLang objects the plugin subclasses or calls.
+"""
+
+from __future__ import annotations
+
+SGLANG_VERSION = "0.5.23"
+
+# Hook targets (sglang.srt.plugins.hook_registry).
+ADD_CLI_ARGS = "sglang.srt.server_args.ServerArgs.add_cli_args"  # add the --kv-* flags
+FROM_CLI_ARGS = "sglang.srt.server_args.ServerArgs.from_cli_args"  # validate them, pick the radix cache
+VALIDATE_REQUEST = (  # reject token ids outside the vocabulary (they crash the scheduler)
+    "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request"
+)
+INTERNAL_STATE = (  # /server_info -> internal_states[i]["lava_kv_policy"]
+    "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController.get_internal_state"
+)
+
+# The radix cache backend name passed to --radix-cache-backend.
+RADIX_CACHE_BACKEND = "lava"
+
+
+def radix_cache_api():
+    """RadixCache and the types its methods take and return (mem_cache/radix_cache.py)."""
+    from sglang.srt.mem_cache.base_prefix_cache import (
+        DecLockRefResult,
+        EvictParams,
+        EvictResult,
+        IncLockRefResult,
+    )
+    from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
+
+    return RadixCache, RadixKey, TreeNode, EvictParams, EvictResult, IncLockRefResult, DecLockRefResult
+
+
+def register_radix_cache_backend(name, factory) -> None:
+    from sglang.srt.mem_cache.registry import register_radix_cache_backend as register
+
+    register(name, factory)
+
+
+def attention_backends() -> dict:
+    """The name -> factory dict the model runner builds its attention backend from."""
+    from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS
+
+    return ATTENTION_BACKENDS
+
+
+def kv_write_loc(out_cache_loc, swa_out_cache_loc):
+    """The write location `KVCache.set_kv_buffer` takes."""
+    from sglang.srt.mem_cache.memory_pool import KVWriteLoc
+
+    return KVWriteLoc(out_cache_loc, swa_out_cache_loc)
+
+
+def hook_registry():
+    from sglang.srt.plugins.hook_registry import HookRegistry, HookType
+
+    return HookRegistry, HookType

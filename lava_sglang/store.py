@@ -1,0 +1,200 @@
+"""The compressed KV store: where the kept rows of a compressed prefix live.
+
+A compressed prefix keeps a different number of rows per (layer, KV head), so it does not
+fit the token-slot layout of a KV pool (one slot = one token in every layer and head). The
+store borrows whole slots from the pool's own allocator and uses their memory as a flat
+array of cells: a borrowed slot gives `num_layers x num_kv_heads` cells (one in each layer
+buffer and head). The kept rows of a prefix are laid out one after another in (layer, KV
+head, position) order over the cells of its slots, filling the first layer buffer's cells
+before the next, so a prefix costs ceil(kept rows / (layers x heads)) slots whatever its
+per-layer budgets are, and the memory comes out of the pool the serving engine profiled.
+
+Nothing here knows SGLang: buffers are per-layer tensors `[pool_slots, num_kv_heads,
+head_dim]`, slots are int64 indices into them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+def slots_needed(kept_rows: int, num_layers: int, num_kv_heads: int) -> int:
+    """Pool slots that hold `kept_rows` cells."""
+    cells_per_slot = num_layers * num_kv_heads
+    return -(-kept_rows // cells_per_slot)
+
+
+@dataclass(frozen=True)
+class CellLayout:
+    """Row placement of one compressed prefix.
+
+    slots: [num_slots] int64 pool slots the prefix owns.
+    kept_lengths: [num_layers, num_kv_heads] int64 rows each (layer, KV head) keeps.
+    Row r of the prefix's flat row order lives in layer buffer r // (num_slots * Hkv), at
+    cell r % (num_slots * Hkv) of that buffer's [slots, Hkv] grid restricted to `slots`.
+    """
+
+    slots: torch.Tensor
+    kept_lengths: torch.Tensor
+    head_offsets: torch.Tensor = field(init=False)
+
+    def __post_init__(self):
+        num_layers, num_kv_heads = self.kept_lengths.shape
+        if self.slots.dim() != 1 or self.slots.dtype != torch.int64:
+            raise ValueError(f"slots must be a 1-D int64 tensor, got {self.slots.dtype} {tuple(self.slots.shape)}")
+        capacity = self.slots.numel() * num_layers * num_kv_heads
+        if int(self.kept_lengths.sum()) > capacity:
+            raise ValueError(f"{int(self.kept_lengths.sum())} rows do not fit {self.slots.numel()} slots "
+                             f"({capacity} cells)")
+        offsets = torch.zeros(num_layers * num_kv_heads + 1, dtype=torch.int64)
+        offsets[1:] = torch.cumsum(self.kept_lengths.flatten(), 0)
+        object.__setattr__(self, "head_offsets", offsets)
+
+    @property
+    def num_layers(self) -> int:
+        return self.kept_lengths.shape[0]
+
+    @property
+    def num_kv_heads(self) -> int:
+        return self.kept_lengths.shape[1]
+
+    @property
+    def kept_rows(self) -> int:
+        return int(self.head_offsets[-1])
+
+    def layer_rows(self, layer: int) -> tuple[int, int]:
+        """[start, stop) of `layer`'s rows in the flat row order."""
+        first = layer * self.num_kv_heads
+        return int(self.head_offsets[first]), int(self.head_offsets[first + self.num_kv_heads])
+
+    def layer_head_indptr(self, layer: int) -> torch.Tensor:
+        """[Hkv + 1] offsets of each KV head's rows inside the layer's gathered rows."""
+        first = layer * self.num_kv_heads
+        offsets = self.head_offsets[first:first + self.num_kv_heads + 1]
+        return offsets - offsets[0]
+
+    def cells(self, start: int, stop: int) -> list[tuple[int, torch.Tensor]]:
+        """Where rows [start, stop) live: (layer buffer, cell indices into the buffer viewed
+        as [pool_slots * Hkv, head_dim]) pieces, in row order."""
+        cells_per_buffer = self.slots.numel() * self.num_kv_heads
+        pieces = []
+        row = start
+        while row < stop:
+            buffer = row // cells_per_buffer
+            piece_stop = min(stop, (buffer + 1) * cells_per_buffer)
+            local = torch.arange(row - buffer * cells_per_buffer, piece_stop - buffer * cells_per_buffer)
+            slot = self.slots[local // self.num_kv_heads]
+            pieces.append((buffer, slot * self.num_kv_heads + local % self.num_kv_heads))
+            row = piece_stop
+        return pieces
+
+
+def _flat(buffer: torch.Tensor) -> torch.Tensor:
+    return buffer.view(-1, buffer.shape[-1])
+
+
+def write_layer(layout: CellLayout, layer: int, k_buffers, v_buffers, keys: torch.Tensor, values: torch.Tensor) -> None:
+    """Store `layer`'s kept rows: keys, values [rows of the layer, head_dim] in (head, position)
+    order."""
+    start, stop = layout.layer_rows(layer)
+    if keys.shape[0] != stop - start or values.shape[0] != stop - start:
+        raise ValueError(f"layer {layer} keeps {stop - start} rows, got {keys.shape[0]} keys, {values.shape[0]} values")
+    done = 0
+    for buffer, cells in layout.cells(start, stop):
+        count = cells.numel()
+        _flat(k_buffers[buffer])[cells.to(k_buffers[buffer].device)] = keys[done:done + count].to(k_buffers[buffer].dtype)
+        _flat(v_buffers[buffer])[cells.to(v_buffers[buffer].device)] = values[done:done + count].to(v_buffers[buffer].dtype)
+        done += count
+
+
+def read_layer(layout: CellLayout, layer: int, k_buffers, v_buffers) -> tuple[torch.Tensor, torch.Tensor]:
+    """`layer`'s kept keys and values, [rows of the layer, head_dim] each, in (head, position)
+    order; split by `layout.layer_head_indptr(layer)`."""
+    start, stop = layout.layer_rows(layer)
+    keys, values = [], []
+    for buffer, cells in layout.cells(start, stop):
+        keys.append(_flat(k_buffers[buffer])[cells.to(k_buffers[buffer].device)])
+        values.append(_flat(v_buffers[buffer])[cells.to(v_buffers[buffer].device)])
+    if not keys:
+        empty = k_buffers[0].new_empty((0, k_buffers[0].shape[-1]))
+        return empty, empty
+    return torch.cat(keys), torch.cat(values)
+
+
+@dataclass
+class StoreEntry:
+    """One compressed prefix in the store."""
+
+    entry_id: int
+    prefix_len: int
+    layout: CellLayout
+    policy: str
+    compress_seconds: float
+    bytes_per_row: int
+
+    @property
+    def kept_ratio(self) -> float:
+        return self.layout.kept_rows / (self.layout.num_layers * self.layout.num_kv_heads * self.prefix_len)
+
+    @property
+    def bytes_stored(self) -> int:
+        return self.layout.kept_rows * self.bytes_per_row
+
+    @property
+    def bytes_saved(self) -> int:
+        full_rows = self.layout.num_layers * self.layout.num_kv_heads * self.prefix_len
+        return (full_rows - self.layout.kept_rows) * self.bytes_per_row
+
+
+class CompressedStore:
+    """The entries and the slot -> entry map the attention path reads.
+
+    A request whose KV row starts with an entry's first slot attends to that entry's
+    compressed prefix (the radix cache writes an entry's slots first in its node value).
+    """
+
+    def __init__(self, pool_slots: int, device: torch.device | str):
+        self.entries: dict[int, StoreEntry] = {}
+        self.slot_to_entry = torch.full((pool_slots,), -1, dtype=torch.int64, device=device)
+        self._next_id = 0
+        self.compressions = 0
+        self.compress_seconds = 0.0
+
+    def add(self, prefix_len: int, layout: CellLayout, *, policy: str, compress_seconds: float,
+            bytes_per_row: int) -> StoreEntry:
+        entry = StoreEntry(self._next_id, prefix_len, layout, policy, compress_seconds, bytes_per_row)
+        self._next_id += 1
+        self.entries[entry.entry_id] = entry
+        self.slot_to_entry[layout.slots.to(self.slot_to_entry.device)] = entry.entry_id
+        self.compressions += 1
+        self.compress_seconds += compress_seconds
+        return entry
+
+    def remove(self, entry_id: int) -> StoreEntry:
+        entry = self.entries.pop(entry_id)
+        self.slot_to_entry[entry.layout.slots.to(self.slot_to_entry.device)] = -1
+        return entry
+
+    def clear(self) -> None:
+        self.entries.clear()
+        self.slot_to_entry.fill_(-1)
+
+    def entries_for_slots(self, first_slots: torch.Tensor) -> list[StoreEntry | None]:
+        """The entry each request uses, from the first slot of its KV row."""
+        ids = self.slot_to_entry[first_slots].tolist()
+        return [self.entries[entry_id] if entry_id >= 0 else None for entry_id in ids]
+
+    def stats(self) -> dict:
+        entries = list(self.entries.values())
+        return {
+            "entries": len(entries),
+            "prefix_tokens": sum(entry.prefix_len for entry in entries),
+            "stored_rows": sum(entry.layout.kept_rows for entry in entries),
+            "borrowed_slots": sum(entry.layout.slots.numel() for entry in entries),
+            "bytes_stored": sum(entry.bytes_stored for entry in entries),
+            "bytes_saved": sum(entry.bytes_saved for entry in entries),
+            "compressions": self.compressions,
+            "compress_seconds": self.compress_seconds,
+        }

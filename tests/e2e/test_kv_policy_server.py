@@ -1,0 +1,171 @@
+"""`--kv-policy` on the real SGLang server (CPU engine without a GPU, SmolLM2, fp32).
+
+A frontend program commits a ~1K-token document and forks one branch per question. The
+server's own view of its memory comes from /server_info (`internal_states[0]
+["lava_kv_policy"]["store"]`: the compressed store and SGLang's pool counters).
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+
+import pytest
+import requests
+import sglang as sgl
+
+from lava_sglang.bench.documents import prompt_parts, retrieval_documents
+from lava_sglang.frontend import multi_question_qa
+from lava_sglang.sglang_plugin.server_process import ServerProcess
+
+pytestmark = pytest.mark.model
+
+MAX_TOTAL_TOKENS = 8192
+NUM_LAYERS, NUM_KV_HEADS = 30, 3  # SmolLM2-135M
+ANSWER_TOKENS = 16
+BASE_ARGS = ["--dtype", "float32", "--max-total-tokens", str(MAX_TOTAL_TOKENS), "--enable-cache-report"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_path)
+
+
+@pytest.fixture(scope="module")
+def document(tokenizer):
+    return retrieval_documents(lambda text: len(tokenizer(text).input_ids), 1000, [4], seed=0)[0]
+
+
+@pytest.fixture(scope="module")
+def program_inputs(document):
+    prefix, _ = prompt_parts(document.text, "")
+    suffixes = [prompt_parts("", question.text)[1] for question in document.questions]
+    return prefix, suffixes
+
+
+@pytest.fixture(scope="module")
+def prefix_tokens(tokenizer, program_inputs) -> int:
+    return len(tokenizer(program_inputs[0]).input_ids)
+
+
+def run_program(url: str, program_inputs) -> tuple[list[str], list[dict]]:
+    prefix, suffixes = program_inputs
+    state = multi_question_qa.run(prefix=prefix, suffixes=suffixes, max_tokens=ANSWER_TOKENS,
+                                  backend=sgl.RuntimeEndpoint(url))
+    return state["answers"], state["meta_info"]
+
+
+def store_stats(url: str) -> dict:
+    info = requests.get(url + "/server_info", timeout=60).json()
+    return info["internal_states"][0]["lava_kv_policy"]["store"]
+
+
+def flush(url: str) -> None:
+    assert requests.post(url + "/flush_cache", timeout=60).status_code == 200
+
+
+def serve(smollm2_path, tmp_path, name: str, args: list[str]) -> ServerProcess:
+    return ServerProcess(smollm2_path, BASE_ARGS + args, log_path=tmp_path / f"{name}.log")
+
+
+def test_budget_covering_the_document_reproduces_stock_sglang(smollm2_path, tmp_path, program_inputs,
+                                                              monkeypatch):
+    with monkeypatch.context() as patch:
+        patch.setenv("SGLANG_PLUGINS", "stock-only")  # a whitelist naming no plugin: stock SGLang
+        with serve(smollm2_path, tmp_path, "stock", []) as server:
+            stock_answers, _ = run_program(server.url, program_inputs)
+    with serve(smollm2_path, tmp_path, "none", ["--kv-policy", "none"]) as server:
+        none_answers, _ = run_program(server.url, program_inputs)
+    with serve(smollm2_path, tmp_path, "lava-full", ["--kv-policy", "lava", "--kv-budget", "1.0"]) as server:
+        lava_answers, meta_info = run_program(server.url, program_inputs)
+        stats = store_stats(server.url)
+    assert all(answer.strip() for answer in stock_answers)
+    assert none_answers == stock_answers
+    assert lava_answers == stock_answers
+    # The answers came through the compressed store (every row kept), not the main pool.
+    assert stats["compressions"] == 1 and stats["entries"] == 1
+    assert stats["stored_rows"] == NUM_LAYERS * NUM_KV_HEADS * stats["prefix_tokens"]
+    assert all(meta["cached_tokens"] >= stats["prefix_tokens"] for meta in meta_info)
+
+
+@pytest.fixture(scope="module")
+def lava_server(smollm2_path, tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("sglang") / "lava.log"
+    with ServerProcess(smollm2_path, BASE_ARGS + ["--kv-policy", "lava", "--kv-budget", "0.25"],
+                       log_path=log_path) as server:
+        flush(server.url)
+        server.initial_stats = store_stats(server.url)
+        yield server
+
+
+def test_document_is_compressed_once_and_reused_by_every_fork(lava_server, program_inputs, prefix_tokens):
+    flush(lava_server.url)
+    answers, meta_info = run_program(lava_server.url, program_inputs)
+    stats = store_stats(lava_server.url)
+    compressed_tokens = prefix_tokens - 1  # a request always recomputes its last prompt token
+    assert stats["compressions"] == 1 and stats["entries"] == 1
+    assert stats["prefix_tokens"] == compressed_tokens
+    assert all(meta["cached_tokens"] >= compressed_tokens for meta in meta_info)
+    assert len(answers) == 4 and all(answer.strip() for answer in answers)
+    full_rows = NUM_LAYERS * NUM_KV_HEADS * compressed_tokens
+    assert 0.24 <= stats["stored_rows"] / full_rows <= 0.27
+    # No full-length copy of the document is left in the main pool: what the tree holds
+    # beyond the store's borrowed slots is the branches' own tokens.
+    assert stats["evictable"] + stats["protected"] - stats["borrowed_slots"] < compressed_tokens // 4
+    assert stats["borrowed_slots"] * NUM_LAYERS * NUM_KV_HEADS >= stats["stored_rows"]
+
+    again, meta_again = run_program(lava_server.url, program_inputs)
+    assert store_stats(lava_server.url)["compressions"] == 1  # reused, not compressed again
+    assert again == answers
+    assert all(meta["cached_tokens"] >= compressed_tokens for meta in meta_again)
+
+
+def test_flush_gives_back_the_store_and_the_pool(lava_server, program_inputs):
+    run_program(lava_server.url, program_inputs)
+    assert store_stats(lava_server.url)["entries"] == 1
+    flush(lava_server.url)
+    stats = store_stats(lava_server.url)
+    initial = lava_server.initial_stats
+    assert stats["pool_available"] == initial["pool_available"] == MAX_TOTAL_TOKENS
+    assert (stats["entries"], stats["stored_rows"], stats["borrowed_slots"]) == (0, 0, 0)
+    assert (stats["evictable"], stats["protected"]) == (0, 0)
+
+
+def test_chat_completions_share_the_compressed_prefix(lava_server, program_inputs, document, prefix_tokens):
+    flush(lava_server.url)
+    run_program(lava_server.url, program_inputs)
+    from lava_sglang.bench.documents import SYSTEM_PROMPT
+
+    question = document.questions[0].text
+    response = requests.post(lava_server.url + "/v1/chat/completions", timeout=300, json={
+        "model": "default", "temperature": 0, "max_tokens": ANSWER_TOKENS,
+        "messages": [{"role": "system", "content": SYSTEM_PROMPT},
+                     {"role": "user", "content": f"Document:\n{document.text}\n\nQuestion: {question}"}],
+    })
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["choices"][0]["message"]["content"].strip()
+    assert body["usage"]["prompt_tokens_details"]["cached_tokens"] >= prefix_tokens - 2
+    assert store_stats(lava_server.url)["compressions"] >= 1
+
+
+def test_a_malformed_request_fails_alone(lava_server, program_inputs):
+    flush(lava_server.url)
+    prefix, suffixes = program_inputs
+    good = {"text": prefix + suffixes[0], "sampling_params": {"max_new_tokens": 8, "temperature": 0}}
+    bad = [
+        {"text": prefix + suffixes[1], "sampling_params": {"max_new_tokens": -5}},
+        {"text": prefix + suffixes[2], "sampling_params": {"temperature": "hot"}},
+        {"input_ids": [10**9, 5, 6], "sampling_params": {"max_new_tokens": 4}},
+    ]
+    requests_in_order = [good, *bad, good]
+    with concurrent.futures.ThreadPoolExecutor(len(requests_in_order)) as pool:
+        responses = list(pool.map(
+            lambda body: requests.post(lava_server.url + "/generate", json=body, timeout=300), requests_in_order))
+    assert [r.status_code for r in responses[1:-1]] == [400] * len(bad), [r.text for r in responses]
+    for response in responses[1:-1]:
+        assert response.json().get("error") or response.json().get("message") or response.text
+    assert responses[0].status_code == responses[-1].status_code == 200
+    assert responses[0].json()["text"] == responses[-1].json()["text"] != ""
+    assert requests.get(lava_server.url + "/health_generate", timeout=120).status_code == 200

@@ -1,0 +1,88 @@
+"""--kv-* flags: every bad value is refused with a message naming the flag, before anything loads."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+
+import pytest
+
+from lava_sglang.sglang_plugin.config import (
+    KV_POLICIES,
+    ConfigError,
+    KvPolicyConfig,
+    add_arguments,
+    check_server_args,
+    from_namespace,
+)
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(argv)
+
+
+def test_defaults_are_stock_sglang():
+    config = from_namespace(parse())
+    assert config == KvPolicyConfig() and not config.enabled
+
+
+def test_budget_is_a_ratio_or_tokens():
+    assert from_namespace(parse("--kv-policy", "lava", "--kv-budget", "0.25")).budget == 0.25
+    tokens = from_namespace(parse("--kv-policy", "lava", "--kv-budget", "512")).budget
+    assert tokens == 512 and isinstance(tokens, int)
+
+
+def test_config_survives_the_trip_to_the_children():
+    config = from_namespace(parse("--kv-policy", "snapkv", "--kv-budget", "300", "--kv-window", "16"))
+    assert KvPolicyConfig.from_env({"LAVA_SGLANG_KV_POLICY": config.to_env()}) == config
+
+
+@pytest.mark.parametrize("flag, value", [
+    ("--kv-policy", "lavaa"), ("--kv-policy", "full"),
+    ("--kv-budget", "0"), ("--kv-budget", "-0.5"), ("--kv-budget", "nan"), ("--kv-budget", "1.5"),
+    ("--kv-budget", "-3"), ("--kv-budget", "inf"), ("--kv-budget", "a lot"),
+    ("--kv-window", "0"), ("--kv-window", "2.5"),
+    ("--kv-min-prefix", "16"),  # not above the window (32)
+    ("--kv-alpha", "1.5"), ("--kv-alpha", "nan"),
+    ("--kv-pool-kernel", "4"),
+])
+def test_bad_values_name_the_flag(flag, value):
+    with pytest.raises(ConfigError, match=flag):
+        from_namespace(parse("--kv-policy", "lava", flag, value))
+
+
+def test_unknown_policy_lists_the_allowed_ones():
+    with pytest.raises(ConfigError) as error:
+        from_namespace(parse("--kv-policy", "h2o"))
+    assert all(name in str(error.value) for name in KV_POLICIES)
+
+
+@pytest.mark.parametrize("option, value, reason", [
+    ("disable_radix_cache", True, "--disable-radix-cache"),
+    ("attention_backend", "triton", "--attention-backend triton"),
+    ("page_size", 16, "--page-size"),
+    ("radix_cache_backend", "flexkv", "--radix-cache-backend"),
+])
+def test_combinations_that_cannot_work_are_refused(option, value, reason):
+    config = from_namespace(parse("--kv-policy", "lava"))
+    with pytest.raises(ConfigError, match=reason):
+        check_server_args(config, argparse.Namespace(**{option: value}))
+    check_server_args(KvPolicyConfig(), argparse.Namespace(**{option: value}))  # policy none: stock
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["--kv-policy", "lava", "--kv-budget", "0"], "--kv-budget"),
+    (["--kv-policy", "lava", "--disable-radix-cache"], "--disable-radix-cache"),
+])
+def test_the_launcher_stops_with_one_line_before_loading_the_model(argv, flag, tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "sglang.launch_server", "--model-path", str(tmp_path / "no-model"), *argv],
+        capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode != 0
+    last_line = result.stderr.strip().splitlines()[-1]
+    assert last_line.startswith("error: ") and flag in last_line
+    assert "Traceback" not in result.stderr  # stopped by validation, not by the missing model
