@@ -39,6 +39,7 @@ class CellLayout:
     slots: torch.Tensor
     kept_lengths: torch.Tensor
     head_offsets: torch.Tensor = field(init=False)
+    _layer_cells: dict = field(init=False, default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
         num_layers, num_kv_heads = self.kept_lengths.shape
@@ -75,6 +76,13 @@ class CellLayout:
         offsets = self.head_offsets[first:first + self.num_kv_heads + 1]
         return offsets - offsets[0]
 
+    def layer_cells(self, layer: int) -> list[tuple[int, torch.Tensor]]:
+        """`cells` of `layer`'s rows, computed once per layer (the attention reads them every step)."""
+        cached = self._layer_cells.get(layer)
+        if cached is None:
+            cached = self._layer_cells[layer] = self.cells(*self.layer_rows(layer))
+        return cached
+
     def cells(self, start: int, stop: int) -> list[tuple[int, torch.Tensor]]:
         """Where rows [start, stop) live: (layer buffer, cell indices into the buffer viewed
         as [pool_slots * Hkv, head_dim]) pieces, in row order."""
@@ -102,7 +110,7 @@ def write_layer(layout: CellLayout, layer: int, k_buffers, v_buffers, keys: torc
     if keys.shape[0] != stop - start or values.shape[0] != stop - start:
         raise ValueError(f"layer {layer} keeps {stop - start} rows, got {keys.shape[0]} keys, {values.shape[0]} values")
     done = 0
-    for buffer, cells in layout.cells(start, stop):
+    for buffer, cells in layout.layer_cells(layer):
         count = cells.numel()
         _flat(k_buffers[buffer])[cells.to(k_buffers[buffer].device)] = keys[done:done + count].to(k_buffers[buffer].dtype)
         _flat(v_buffers[buffer])[cells.to(v_buffers[buffer].device)] = values[done:done + count].to(v_buffers[buffer].dtype)
@@ -112,9 +120,8 @@ def write_layer(layout: CellLayout, layer: int, k_buffers, v_buffers, keys: torc
 def read_layer(layout: CellLayout, layer: int, k_buffers, v_buffers) -> tuple[torch.Tensor, torch.Tensor]:
     """`layer`'s kept keys and values, [rows of the layer, head_dim] each, in (head, position)
     order; split by `layout.layer_head_indptr(layer)`."""
-    start, stop = layout.layer_rows(layer)
     keys, values = [], []
-    for buffer, cells in layout.cells(start, stop):
+    for buffer, cells in layout.layer_cells(layer):
         keys.append(_flat(k_buffers[buffer])[cells.to(k_buffers[buffer].device)])
         values.append(_flat(v_buffers[buffer])[cells.to(v_buffers[buffer].device)])
     if not keys:
