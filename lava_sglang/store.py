@@ -168,6 +168,7 @@ class CompressedStore:
         self._next_id = 0
         self.compressions = 0
         self.compress_seconds = 0.0
+        self.evictions = 0
 
     def add(self, prefix_len: int, layout: CellLayout, *, policy: str, compress_seconds: float,
             bytes_per_row: int) -> StoreEntry:
@@ -180,8 +181,10 @@ class CompressedStore:
         return entry
 
     def remove(self, entry_id: int) -> StoreEntry:
+        """Forget an evicted entry (its slots are the caller's to free)."""
         entry = self.entries.pop(entry_id)
         self.slot_to_entry[entry.layout.slots.to(self.slot_to_entry.device)] = -1
+        self.evictions += 1
         return entry
 
     def clear(self) -> None:
@@ -204,4 +207,5 @@ class CompressedStore:
             "bytes_saved": sum(entry.bytes_saved for entry in entries),
             "compressions": self.compressions,
             "compress_seconds": self.compress_seconds,
+            "evictions": self.evictions,
         }

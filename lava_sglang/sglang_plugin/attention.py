@@ -9,8 +9,10 @@ G query heads of the group reading them together) and over its own tokens (its K
 after the prefix, causal), merged by LSE. Extend (prefill) batches also record the window
 queries of long prefills for the compressor.
 
-This is the torch path (any device). Requests that use no compressed prefix in such a batch
-get exact ordinary attention from the same code.
+The attention over compressed prefixes is `CompressedPrefixBatch`: on CUDA the Triton kernel
+of `lava_sglang.kernels.prefix_attention` (planned once per batch, one launch per layer),
+elsewhere torch. The attention over the requests' own tokens is torch. Requests that use no
+compressed prefix in such a batch get exact ordinary attention from the same code.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ import torch
 
 from lava_sglang.kernels.attention_states import attention_with_lse, merge_attention_states
 from lava_sglang.sglang_plugin.touchpoints import kv_write_loc
-from lava_sglang.store import read_layer
+from lava_sglang.store import StoreEntry, read_layer
 
 _cache = None  # the scheduler process's LavaRadixCache, bound by the radix cache factory
 
@@ -68,12 +70,17 @@ class CompressedPrefixPath:
                 layer, kv_write_loc(forward_batch.out_cache_loc, getattr(self.backend, "swa_out_cache_loc", None)), k, v)
         num_q_heads, num_kv_heads, head_dim = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
         queries = q.reshape(-1, num_q_heads, head_dim)
-        out = q.new_empty((queries.shape[0], num_q_heads, layer.v_head_dim))
+        prefixes = getattr(forward_batch, "_lava_prefixes", None)
+        if prefixes is None:
+            prefixes = CompressedPrefixBatch(entries, extend_lens, _cache.kv_pool, num_q_heads=num_q_heads,
+                                             num_kv_heads=num_kv_heads, scaling=layer.scaling,
+                                             use_kernel=queries.is_cuda)
+            forward_batch._lava_prefixes = prefixes
+        own_out = queries.new_empty((queries.shape[0], num_q_heads, layer.v_head_dim), dtype=torch.float32)
+        own_lse = queries.new_empty((queries.shape[0], num_q_heads), dtype=torch.float32)
         k_buffer = _cache.kv_pool.get_key_buffer(layer.layer_id)
         v_buffer = _cache.kv_pool.get_value_buffer(layer.layer_id)
         req_to_token = _cache.req_to_token_pool.req_to_token
-        kv_pool = _cache.kv_pool
-        compressed_rows = {}  # entry id -> this layer's kept rows, read once per batch
         start = 0
         for row, (entry, prefix_len, extend_len) in enumerate(zip(entries, prefix_lens, extend_lens)):
             query = queries[start:start + extend_len].view(extend_len, num_kv_heads, -1, head_dim)
@@ -86,17 +93,102 @@ class CompressedPrefixPath:
             query_pos = torch.arange(prefix_len, seq_len, device=q.device)
             key_pos = torch.arange(own_start, seq_len, device=q.device)
             visible = (key_pos[None, :] <= query_pos[:, None]).view(1, 1, 1, extend_len, -1)
-            state = attention_with_lse(query, own_keys, own_values, visible, layer.scaling)
-            if entry is not None:
-                if entry.entry_id not in compressed_rows:
-                    keys, values = read_layer(entry.layout, layer.layer_id, kv_pool.k_buffer, kv_pool.v_buffer)
-                    compressed_rows[entry.entry_id] = (keys, values, entry.layout.layer_head_indptr(layer.layer_id))
-                state = merge_attention_states(*state, *_attend_compressed(query, *compressed_rows[entry.entry_id],
-                                                                          layer.scaling))
-            head_out = state[0][0].permute(2, 0, 1, 3).reshape(extend_len, num_q_heads, -1)
-            out[start:start + extend_len] = head_out.to(out.dtype)
+            out, lse = attention_with_lse(query, own_keys, own_values, visible, layer.scaling)
+            own_out[start:start + extend_len] = out[0].permute(2, 0, 1, 3).reshape(extend_len, num_q_heads, -1)
+            own_lse[start:start + extend_len] = lse[0].permute(2, 0, 1).reshape(extend_len, num_q_heads)
             start += extend_len
-        return out.view(-1, num_q_heads * layer.v_head_dim)
+        prefix_out, prefix_lse = prefixes.states(layer.layer_id, queries)
+        out, _ = merge_attention_states(prefix_out, prefix_lse, own_out, own_lse)
+        return out.to(q.dtype).view(-1, num_q_heads * layer.v_head_dim)
+
+
+class CompressedPrefixBatch:
+    """The compressed prefixes of one forward batch, read once per layer.
+
+    `states(layer, queries)` is every query token's attention over its request's compressed
+    prefix: out [tokens, Hq, d] and lse [tokens, Hq], fp32; a request without one gets out 0
+    and lse -inf. With `use_kernel` the Triton kernel runs it, one launch per layer, its
+    metadata planned here once per batch (as FlashInfer's wrappers do); otherwise torch, one
+    KV head at a time.
+    """
+
+    def __init__(self, entries: list[StoreEntry | None], extend_lens: list[int], kv_pool, *, num_q_heads: int,
+                 num_kv_heads: int, scaling: float, use_kernel: bool):
+        self.entries = entries
+        self.extend_lens = extend_lens
+        self.kv_pool = kv_pool
+        self.num_kv_heads = num_kv_heads
+        self.scaling = scaling
+        self.distinct = list({entry.entry_id: entry for entry in entries if entry is not None}.values())
+        self.kernel = None
+        if use_kernel:
+            from lava_sglang.kernels.prefix_attention import CompressedPrefixAttention
+
+            head_dim = kv_pool.k_buffer[0].shape[-1]
+            self.kernel = CompressedPrefixAttention(num_q_heads, num_kv_heads, head_dim, sm_scale=scaling)
+            self.kernel.plan(*self._kernel_metadata())
+            # One store per batch, refilled per layer (launches on one stream run in order); sized
+            # for the layer that keeps the most rows, since the plan's indices cover every layer.
+            cells = max(sum(int(entry.layout.kept_lengths[layer].sum()) for entry in self.distinct)
+                        for layer in range(kv_pool.layer_num))
+            self.k_store = kv_pool.k_buffer[0].new_empty((cells, 1, head_dim))
+            self.v_store = kv_pool.v_buffer[0].new_empty((cells, 1, head_dim))
+
+    def _layer_rows(self, layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """This layer's kept keys and values [rows, d] (head-major) of each distinct entry."""
+        return [read_layer(entry.layout, layer, self.kv_pool.k_buffer, self.kv_pool.v_buffer)
+                for entry in self.distinct]
+
+    def _kernel_metadata(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """qo_indptr [B + 1], kv_indptr [L, B * Hkv + 1], kv_indices. A layer's store is the
+        distinct entries' rows of that layer concatenated in `self.distinct` order; sequence
+        b * Hkv + h reads its entry's head-h rows there."""
+        qo_indptr = torch.zeros(len(self.extend_lens) + 1, dtype=torch.int64)
+        qo_indptr[1:] = torch.cumsum(torch.tensor(self.extend_lens, dtype=torch.int64), 0)
+        kv_indptr, kv_indices = [], []
+        offset = 0  # the rows of kv_indptr are absolute offsets into one kv_indices
+        for layer in range(self.kv_pool.layer_num):
+            base, start = {}, 0
+            for entry in self.distinct:
+                base[entry.entry_id] = start
+                start += int(entry.layout.kept_lengths[layer].sum())
+            indptr = [offset]
+            for entry in self.entries:
+                head_indptr = entry.layout.layer_head_indptr(layer).tolist() if entry is not None else None
+                for head in range(self.num_kv_heads):
+                    if entry is not None:
+                        first = base[entry.entry_id]
+                        kv_indices.append(torch.arange(first + head_indptr[head], first + head_indptr[head + 1]))
+                        offset += head_indptr[head + 1] - head_indptr[head]
+                    indptr.append(offset)
+            kv_indptr.append(indptr)
+        indices = torch.cat(kv_indices) if kv_indices else torch.empty(0, dtype=torch.int64)
+        return qo_indptr, torch.tensor(kv_indptr, dtype=torch.int64), indices.to(self.kv_pool.k_buffer[0].device)
+
+    def states(self, layer: int, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        rows = self._layer_rows(layer)
+        if self.kernel is not None:
+            cells = sum(keys.shape[0] for keys, _ in rows)
+            torch.cat([keys for keys, _ in rows], out=self.k_store[:cells, 0])
+            torch.cat([values for _, values in rows], out=self.v_store[:cells, 0])
+            out, lse = self.kernel.run(queries.contiguous(), self.k_store, self.v_store, layer=layer)
+            return out.float(), lse
+        rows_of = {entry.entry_id: entry_rows for entry, entry_rows in zip(self.distinct, rows)}
+        num_tokens, num_q_heads, head_dim = queries.shape
+        out = queries.new_zeros((num_tokens, num_q_heads, head_dim), dtype=torch.float32)
+        lse = queries.new_full((num_tokens, num_q_heads), float("-inf"), dtype=torch.float32)
+        start = 0
+        for entry, extend_len in zip(self.entries, self.extend_lens):
+            tokens = slice(start, start + extend_len)
+            start += extend_len
+            if entry is None:
+                continue
+            query = queries[tokens].view(extend_len, self.num_kv_heads, -1, head_dim).permute(1, 2, 0, 3)[None]
+            head_out, head_lse = _attend_compressed(query, *rows_of[entry.entry_id],
+                                                    entry.layout.layer_head_indptr(layer), self.scaling)
+            out[tokens] = head_out[0].permute(2, 0, 1, 3).reshape(extend_len, num_q_heads, head_dim)
+            lse[tokens] = head_lse[0].permute(2, 0, 1).reshape(extend_len, num_q_heads)
+        return out, lse
 
 
 def _attend_compressed(query, keys, values, head_indptr, scaling):

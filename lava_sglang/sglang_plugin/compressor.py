@@ -18,13 +18,25 @@ from lava_sglang.store import CellLayout, write_layer
 
 
 @dataclass
-class _CapturedLayer:
+class _CapturedQueries:
     end: int  # sequence position after the last captured query
     queries: torch.Tensor  # [rows <= window, Hq, d]
 
 
+@dataclass
+class _CapturedLayer:
+    head: _CapturedQueries  # the first `window` queries of the request's first extend
+    tail: _CapturedQueries  # the last `window` queries seen so far
+
+
 class WindowCapture:
-    """Window queries of long prefills, per request slot (`req_pool_idx`) and layer."""
+    """Window queries of long prefills, per request slot (`req_pool_idx`) and layer.
+
+    Two windows per request: the tail (the last `window` queries, across chunked-prefill
+    chunks) observes a prefix that ends where the request's prompt ends; the head (the first
+    `window` queries the request computes) observes a shared prefix whose last `window`
+    tokens the request was made to recompute (`--kv-compress-on shared`).
+    """
 
     def __init__(self, window: int, min_prefix: int):
         self.window = window
@@ -37,21 +49,32 @@ class WindowCapture:
     def record(self, layer: int, req_pool_idx: int, start: int, queries: torch.Tensor) -> None:
         """Queries [tokens, Hq, d] of positions start .. start + tokens - 1."""
         layers = self._slots.setdefault(req_pool_idx, {})
-        previous = layers.get(layer)
+        end = start + queries.shape[0]
         tail = queries[-self.window:]
-        if previous is not None and previous.end == start and tail.shape[0] < self.window:
-            tail = torch.cat([previous.queries, tail])[-self.window:]  # a chunk shorter than the window
-        layers[layer] = _CapturedLayer(end=start + queries.shape[0], queries=tail.detach().clone())
+        previous = layers.get(layer)
+        if previous is None:
+            head = queries[:self.window]
+            layers[layer] = _CapturedLayer(head=_CapturedQueries(start + head.shape[0], head.detach().clone()),
+                                           tail=_CapturedQueries(end, tail.detach().clone()))
+            return
+        if previous.tail.end == start and tail.shape[0] < self.window:
+            tail = torch.cat([previous.tail.queries, tail])[-self.window:]  # a chunk shorter than the window
+        previous.tail = _CapturedQueries(end, tail.detach().clone())
 
     def window_queries(self, req_pool_idx: int, seq_len: int, num_layers: int) -> list[torch.Tensor] | None:
-        """Per layer [Hq, min(window, seq_len), d], or None when the capture does not cover the
-        last min(window, seq_len) queries of a `seq_len`-token prefill in every layer."""
+        """Per layer [Hq, min(window, seq_len), d]: the queries of the last min(window, seq_len)
+        positions before `seq_len`, or None when a layer's capture does not cover them."""
         layers = self._slots.get(req_pool_idx, {})
         rows = min(self.window, seq_len)
-        captured = [layers.get(layer) for layer in range(num_layers)]
-        if any(item is None or item.end != seq_len or item.queries.shape[0] < rows for item in captured):
-            return None
-        return [item.queries[-rows:].transpose(0, 1) for item in captured]
+        windows = []
+        for layer in range(num_layers):
+            captured = layers.get(layer)
+            covering = [window for window in (captured.tail, captured.head) if window.end == seq_len
+                        and window.queries.shape[0] >= rows] if captured is not None else []
+            if not covering:
+                return None
+            windows.append(covering[0].queries[-rows:].transpose(0, 1))
+        return windows
 
     def drop(self, req_pool_idx: int) -> None:
         self._slots.pop(req_pool_idx, None)
@@ -61,12 +84,12 @@ class WindowCapture:
 
 
 def plan_prefix(policy: Policy, budget: float | int, window_queries: list[torch.Tensor], k_buffers, v_buffers,
-                slots: torch.Tensor) -> list[list[torch.Tensor]]:
-    """Kept positions per (layer, KV head) for the first len(slots) - 1 tokens of a prefix.
+                slots: torch.Tensor, keep_len: int) -> list[list[torch.Tensor]]:
+    """Kept positions per (layer, KV head) among the first `keep_len` tokens of a prefix.
 
     The plan is made over all n = len(slots) tokens (the observation window ends at the last
-    one); the last token is then left out, because a request matching the prefix recomputes
-    its last token (SGLang matches at most n - 1 tokens of a prompt).
+    one). A fork prefix keeps n - 1 of them: a request matching the prefix recomputes its
+    last token (SGLang matches at most n - 1 tokens of a prompt).
     """
     seq_len = slots.numel()
     num_kv_heads = k_buffers[0].shape[1]
@@ -76,7 +99,7 @@ def plan_prefix(policy: Policy, budget: float | int, window_queries: list[torch.
         values = v_buffers[layer][slots].transpose(0, 1).float()
         builder.add_layer(queries.float(), keys, values)
     plan = builder.finish()
-    return [[positions[positions < seq_len - 1] for positions in heads] for heads in plan.kept]
+    return [[positions[positions < keep_len] for positions in heads] for heads in plan.kept]
 
 
 def store_prefix(layout: CellLayout, kept: list[list[torch.Tensor]], k_buffers, v_buffers, slots: torch.Tensor) -> None:

@@ -20,6 +20,8 @@ ENV_VAR = "LAVA_SGLANG_KV_POLICY"
 NONE = "none"
 KV_POLICIES = (NONE, *sorted(name for name in POLICIES if name != "full"))
 SUPPORTED_ATTENTION_BACKENDS = ("torch_native",)
+FORK, SHARED = "fork", "shared"
+COMPRESS_TRIGGERS = (FORK, SHARED)
 
 
 class ConfigError(ValueError):
@@ -37,6 +39,9 @@ class KvPolicyConfig:
     min_prefix: prefixes shorter than this many tokens are not compressed.
     alpha: LAVa's dynamic-layer-budget strength (lava.md); other policies ignore it.
     pool_kernel: width of the score pooling (lava.md).
+    compress_on: what gets compressed: `fork`, the prefix a frontend program commits before
+        fork(); `shared`, a prompt prefix of at least `min_prefix` tokens once a second
+        request shares it.
     """
 
     policy: str = NONE
@@ -45,6 +50,7 @@ class KvPolicyConfig:
     min_prefix: int = 256
     alpha: float = 0.2
     pool_kernel: int = 7
+    compress_on: tuple[str, ...] = (FORK,)
 
     @property
     def enabled(self) -> bool:
@@ -59,7 +65,10 @@ class KvPolicyConfig:
     @classmethod
     def from_env(cls, environ=os.environ) -> KvPolicyConfig:
         text = environ.get(ENV_VAR)
-        return cls(**json.loads(text)) if text else cls()
+        if not text:
+            return cls()
+        fields = json.loads(text)
+        return cls(**{**fields, "compress_on": tuple(fields["compress_on"])})
 
 
 FLAGS = {
@@ -77,6 +86,10 @@ FLAGS = {
                       "Default 256."),
     "kv_alpha": ("--kv-alpha", "0.2", "LAVa's layer-budget strength alpha in [0, 1]. Default 0.2."),
     "kv_pool_kernel": ("--kv-pool-kernel", "7", "Width of the score pooling (odd int >= 1). Default 7."),
+    "kv_compress_on": ("--kv-compress-on", FORK,
+                       "What gets compressed, comma-separated: fork (the prefix a frontend program commits "
+                       "before fork()), shared (a prompt prefix of >= --kv-min-prefix tokens, once a second "
+                       "request shares it). Default fork."),
 }
 
 
@@ -113,6 +126,15 @@ def parse_budget(text: str) -> float | int:
     return budget
 
 
+def parse_triggers(text: str) -> tuple[str, ...]:
+    """'fork,shared' -> ('fork', 'shared')."""
+    triggers = tuple(dict.fromkeys(part.strip() for part in str(text).split(",")))
+    if not triggers or any(trigger not in COMPRESS_TRIGGERS for trigger in triggers):
+        raise ConfigError(f"--kv-compress-on must be a comma-separated list of {', '.join(COMPRESS_TRIGGERS)}, "
+                          f"got {text!r}")
+    return triggers
+
+
 def from_namespace(args: argparse.Namespace) -> KvPolicyConfig:
     """The validated config from parsed flags; raises ConfigError naming the flag."""
     policy = str(args.kv_policy)
@@ -132,7 +154,8 @@ def from_namespace(args: argparse.Namespace) -> KvPolicyConfig:
     if min_prefix <= window:
         raise ConfigError(f"--kv-min-prefix must be greater than --kv-window ({window}), got {min_prefix}")
     config = KvPolicyConfig(policy=policy, budget=parse_budget(args.kv_budget), window=window,
-                            min_prefix=min_prefix, alpha=alpha, pool_kernel=pool_kernel)
+                            min_prefix=min_prefix, alpha=alpha, pool_kernel=pool_kernel,
+                            compress_on=parse_triggers(args.kv_compress_on))
     if config.enabled:
         config.make_policy()
     return config

@@ -83,6 +83,7 @@ def _after_internal_state(result, *args, **kwargs):
 
 def create_radix_cache(ctx):
     """`--radix-cache-backend lava`: SGLang calls this in the scheduler process."""
+    from lava_sglang.sglang_plugin.metrics import StoreMetrics
     from lava_sglang.sglang_plugin.radix_cache import LavaRadixCache
 
     config = KvPolicyConfig.from_env()
@@ -90,7 +91,9 @@ def create_radix_cache(ctx):
         raise ConfigError("--radix-cache-backend lava is chosen by --kv-policy; pass --kv-policy instead")
     _check_model(ctx, config)
     kv_pool = ctx.params.token_to_kv_pool_allocator.get_kvcache()
-    cache = LavaRadixCache(ctx.params, config=config, kv_pool=kv_pool)
+    metrics = StoreMetrics(enabled=bool(ctx.server_args.enable_metrics),
+                           labels={"model_name": ctx.server_args.served_model_name})
+    cache = LavaRadixCache(ctx.params, config=config, kv_pool=kv_pool, metrics=metrics)
     attention.bind(cache)
     logger.info("lava: KV policy %s, options %s", config.policy, config)
     return cache

@@ -15,6 +15,12 @@ SGLang's pure-Python `RadixCache` plus compressed nodes:
 - Its size for SGLang's pool accounting (evictable / protected) is its owned slots, so the
   invariant available + evictable + protected + uncached == pool size keeps holding.
 - Ordinary nodes can hang below it (the questions of forked branches and their answers).
+
+With `--kv-compress-on shared`, a prompt prefix of at least `min_prefix` tokens that a
+second request matches in the ordinary tree is compressed too: that request's match is cut
+`window` tokens short, so it recomputes the prefix's last `window` tokens (their queries are
+the observation window); when it finishes, the whole shared prefix becomes a compressed node,
+the ordinary nodes below it move under that node, and the full-length copy is freed.
 """
 
 from __future__ import annotations
@@ -26,15 +32,18 @@ import time
 import torch
 
 from lava_sglang.sglang_plugin.compressor import WindowCapture, plan_prefix, store_prefix
-from lava_sglang.sglang_plugin.config import KvPolicyConfig
+from lava_sglang.sglang_plugin.config import FORK, SHARED, KvPolicyConfig
+from lava_sglang.sglang_plugin.metrics import StoreMetrics
 from lava_sglang.sglang_plugin.touchpoints import radix_cache_api
 from lava_sglang.store import CellLayout, CompressedStore, StoreEntry, slots_needed
 
-RadixCache, RadixKey, TreeNode, EvictParams, EvictResult, IncLockRefResult, DecLockRefResult = radix_cache_api()
+(RadixCache, RadixKey, TreeNode, EvictParams, EvictResult, IncLockRefResult, DecLockRefResult,
+ MatchPrefixParams) = radix_cache_api()
 
 logger = logging.getLogger(__name__)
 
 PADDING_SLOT = 0  # SGLang's allocator never hands out slot 0 (it absorbs padded writes)
+SHARED_KEY_ATTR = "lava_shared_prefix_key"  # set on an SGLang Req whose match was cut to observe a shared prefix
 
 
 class CompressedNode(TreeNode):
@@ -49,8 +58,9 @@ def node_size(node) -> int:
 
 
 class LavaRadixCache(RadixCache):
-    def __init__(self, params, *, config: KvPolicyConfig, kv_pool):
+    def __init__(self, params, *, config: KvPolicyConfig, kv_pool, metrics: StoreMetrics | None = None):
         self.config = config
+        self.metrics = metrics or StoreMetrics(enabled=False, labels={})
         self.policy = config.make_policy()
         self.kv_pool = kv_pool
         self.store = CompressedStore(kv_pool.size + kv_pool.page_size, params.token_to_kv_pool_allocator.device)
@@ -65,6 +75,7 @@ class LavaRadixCache(RadixCache):
         self.store.clear()
         self.capture.clear()
         self.compressed = {}
+        self.metrics.store_changed(self.store.stats())
 
     def stats(self) -> dict:
         return {
@@ -86,6 +97,34 @@ class LavaRadixCache(RadixCache):
                 if best is None or len(node.key) > len(best.key):
                     best = node
         return best
+
+    def match_prefix(self, params):
+        result = super().match_prefix(params)
+        req = params.req
+        if req is None or SHARED not in self.config.compress_on:
+            return result
+        setattr(req, SHARED_KEY_ATTR, None)
+        shared_len = result.device_prefix_len
+        if (shared_len < self.config.min_prefix or self._is_fork_prefix(req)
+                or not self._exclusive_path(result.last_device_node, need_unlocked=False)):
+            return result
+        # Recompute the shared prefix's last `window` tokens: their queries observe it.
+        key = params.key.page_aligned(self.page_size)
+        setattr(req, SHARED_KEY_ATTR, key[:shared_len])
+        return super().match_prefix(MatchPrefixParams(key=key[:shared_len - self.config.window], req=req))
+
+    def _exclusive_path(self, node, *, need_unlocked: bool) -> bool:
+        """Whether the ordinary path root -> node could become one compressed node: no node
+        of it is compressed (or below one), none but `node` has a second child, and (when
+        asked) no running request holds it."""
+        child = None
+        while node is not self.root_node:
+            if isinstance(node, CompressedNode) or (child is not None and len(node.children) != 1):
+                return False
+            if need_unlocked and node.lock_ref > 0:
+                return False
+            child, node = node, node.parent
+        return child is not None
 
     def _match_prefix_helper(self, node, key):
         value, last_node = super()._match_prefix_helper(node, key)
@@ -187,14 +226,17 @@ class LavaRadixCache(RadixCache):
         self.token_to_kv_pool_allocator.free(entry.layout.slots)
         node.value = None
         logger.info("lava: evicted compressed prefix %d (%d tokens, %d slots)", entry.entry_id, entry.prefix_len, size)
+        self.metrics.evicted(self.store.stats())
         return size
 
     # ----------------------------------------------------------- compression
 
     def on_release(self, req, *, checkpointed: bool) -> None:
         try:
-            if checkpointed and self._is_fork_prefix(req):
-                self._compress_request_prefix(req)
+            if checkpointed and FORK in self.config.compress_on and self._is_fork_prefix(req):
+                self._compress_fork_prefix(req)
+            elif checkpointed and getattr(req, SHARED_KEY_ATTR, None) is not None:
+                self._compress_shared_prefix(req, getattr(req, SHARED_KEY_ATTR))
         finally:
             self.capture.drop(req.kv.req_pool_idx)
             super().on_release(req, checkpointed=checkpointed)
@@ -203,48 +245,85 @@ class LavaRadixCache(RadixCache):
         """A frontend program's `fork()` commits its prefix as a request with max_new_tokens=0."""
         return req.sampling_params.max_new_tokens == 0 and len(req.origin_input_ids) >= self.config.min_prefix
 
-    def _compress_request_prefix(self, req) -> None:
-        token_ids = req.origin_input_ids
-        seq_len = len(token_ids)
-        full_key = RadixKey(token_ids, req.extra_key, cache_salt=req.cache_salt)
-        prefix_key = full_key[:seq_len - 1]
-        existing = self._compressed_match(prefix_key)
-        if existing is not None:
-            if len(existing.key) == len(prefix_key):
-                logger.debug("lava: prefix of %d tokens already compressed (entry %d)", seq_len,
-                             existing.entry.entry_id)
-            else:
-                logger.info("lava: not compressing a %d-token prefix that extends a compressed one", seq_len)
+    def _compress_fork_prefix(self, req) -> None:
+        """Compress the first n - 1 tokens of the n-token prefix the request committed."""
+        full_key = RadixKey(req.origin_input_ids, req.extra_key, cache_salt=req.cache_salt)
+        if self._already_compressed(full_key[:len(full_key) - 1]):
             return
         value, last_node = RadixCache._match_prefix_helper(self, self.root_node, full_key)
         slots = torch.cat(value) if value else torch.empty(0, dtype=torch.int64)
-        if slots.numel() != seq_len:
+        if slots.numel() != len(full_key):
             logger.info("lava: prefix of %d tokens is not in the tree (%d cached); not compressed",
-                        seq_len, slots.numel())
+                        len(full_key), slots.numel())
             return
-        window_queries = self.capture.window_queries(req.kv.req_pool_idx, seq_len, self.kv_pool.layer_num)
-        if window_queries is None:
-            logger.info("lava: observation window of a %d-token prefix was not captured; not compressed", seq_len)
-            return
-        self.inc_lock_ref(last_node)  # keep the full prefix while it is read
-        try:
-            compressed = self._compress(prefix_key, slots, window_queries)
-        finally:
-            self.dec_lock_ref(last_node)
-        if compressed:
+        node = self._compress_path(req, full_key[:len(full_key) - 1], slots, last_node)
+        if node is not None:
             self._free_uncompressed_path(last_node)
 
-    def _compress(self, prefix_key, slots: torch.Tensor, window_queries) -> bool:
+    def _compress_shared_prefix(self, req, prefix_key) -> None:
+        """Compress a prompt prefix the request shared with an earlier one. When no request
+        runs on it, the ordinary nodes below it (the requests' own tokens) move under the
+        compressed node and the full-length copy is freed; otherwise the copy stays until LRU
+        eviction takes it (new requests already prefer the compressed node)."""
+        if self._already_compressed(prefix_key):
+            return
+        value, last_node = RadixCache._match_prefix_helper(self, self.root_node, prefix_key)
+        slots = torch.cat(value) if value else torch.empty(0, dtype=torch.int64)
+        if slots.numel() != len(prefix_key) or not self._exclusive_path(last_node, need_unlocked=False):
+            logger.info("lava: shared prefix of %d tokens is no longer one path of the tree; not compressed",
+                        len(prefix_key))
+            return
+        node = self._compress_path(req, prefix_key, slots, last_node)
+        if node is None:
+            return
+        if not self._exclusive_path(last_node, need_unlocked=True):
+            logger.info("lava: requests still run on the full copy of compressed prefix %d; it is left to eviction",
+                        node.entry.entry_id)
+            return
+        for child_key, child in last_node.children.items():
+            child.parent = node
+            node.children[child_key] = child
+        last_node.children = {}
+        self._update_leaf_status(node)
+        self._free_uncompressed_path(last_node)
+
+    def _already_compressed(self, prefix_key) -> bool:
+        existing = self._compressed_match(prefix_key)
+        if existing is None:
+            return False
+        if len(existing.key) == len(prefix_key):
+            logger.debug("lava: prefix of %d tokens already compressed (entry %d)", len(prefix_key),
+                         existing.entry.entry_id)
+        else:
+            logger.info("lava: not compressing a %d-token prefix that extends a compressed one", len(prefix_key))
+        return True
+
+    def _compress_path(self, req, prefix_key, slots: torch.Tensor, last_node) -> CompressedNode | None:
+        """Compress `prefix_key` (its KV in `slots`, the path ending at `last_node`) with the
+        window the request captured; None when it cannot be (no window, no room)."""
+        window_queries = self.capture.window_queries(req.kv.req_pool_idx, slots.numel(), self.kv_pool.layer_num)
+        if window_queries is None:
+            logger.info("lava: observation window of a %d-token prefix was not captured; not compressed",
+                        slots.numel())
+            return None
+        self.inc_lock_ref(last_node)  # keep the full prefix while it is read
+        try:
+            return self._compress(prefix_key, slots, window_queries)
+        finally:
+            self.dec_lock_ref(last_node)
+
+    def _compress(self, prefix_key, slots: torch.Tensor, window_queries) -> CompressedNode | None:
         started = time.perf_counter()
         k_buffers, v_buffers = self.kv_pool.k_buffer, self.kv_pool.v_buffer
-        kept = plan_prefix(self.policy, self.config.budget, window_queries, k_buffers, v_buffers, slots)
+        kept = plan_prefix(self.policy, self.config.budget, window_queries, k_buffers, v_buffers, slots,
+                           keep_len=len(prefix_key))
         kept_lengths = torch.tensor([[len(rows) for rows in heads] for heads in kept], dtype=torch.int64)
         num_slots = slots_needed(int(kept_lengths.sum()), *kept_lengths.shape)
         owned = self._alloc(num_slots)
         if owned is None:
             logger.warning("lava: no room for %d slots to compress a %d-token prefix; kept uncompressed",
                            num_slots, slots.numel())
-            return False
+            return None
         layout = CellLayout(owned.to(torch.int64), kept_lengths)
         store_prefix(layout, kept, k_buffers, v_buffers, slots)
         head_dim = k_buffers[0].shape[-1]
@@ -263,7 +342,8 @@ class LavaRadixCache(RadixCache):
             "lava: compressed prefix %d: %d tokens, policy %s, kept ratio %.3f (%d rows in %d slots), "
             "%.1f MiB saved, %.1f ms", entry.entry_id, entry.prefix_len, entry.policy, entry.kept_ratio,
             layout.kept_rows, num_slots, entry.bytes_saved / 2**20, entry.compress_seconds * 1e3)
-        return True
+        self.metrics.compressed(entry, self.store.stats())
+        return node
 
     def _alloc(self, num_slots: int):
         allocator = self.token_to_kv_pool_allocator

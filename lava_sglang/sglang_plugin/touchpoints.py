@@ -29,10 +29,12 @@ def radix_cache_api():
         EvictParams,
         EvictResult,
         IncLockRefResult,
+        MatchPrefixParams,
     )
     from sglang.srt.mem_cache.radix_cache import RadixCache, RadixKey, TreeNode
 
-    return RadixCache, RadixKey, TreeNode, EvictParams, EvictResult, IncLockRefResult, DecLockRefResult
+    return (RadixCache, RadixKey, TreeNode, EvictParams, EvictResult, IncLockRefResult, DecLockRefResult,
+            MatchPrefixParams)
 
 
 def register_radix_cache_backend(name, factory) -> None:

@@ -8,6 +8,7 @@ server's own view of its memory comes from /server_info (`internal_states[0]
 from __future__ import annotations
 
 import concurrent.futures
+import re
 
 import pytest
 import requests
@@ -22,6 +23,7 @@ pytestmark = pytest.mark.model
 MAX_TOTAL_TOKENS = 8192
 NUM_LAYERS, NUM_KV_HEADS = 30, 3  # SmolLM2-135M
 ANSWER_TOKENS = 16
+WINDOW = 32  # --kv-window's default
 BASE_ARGS = ["--dtype", "float32", "--max-total-tokens", str(MAX_TOTAL_TOKENS), "--enable-cache-report"]
 
 
@@ -92,8 +94,8 @@ def test_budget_covering_the_document_reproduces_stock_sglang(smollm2_path, tmp_
 @pytest.fixture(scope="module")
 def lava_server(smollm2_path, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("sglang") / "lava.log"
-    with ServerProcess(smollm2_path, BASE_ARGS + ["--kv-policy", "lava", "--kv-budget", "0.25"],
-                       log_path=log_path) as server:
+    args = ["--kv-policy", "lava", "--kv-budget", "0.25", "--kv-compress-on", "fork,shared", "--enable-metrics"]
+    with ServerProcess(smollm2_path, BASE_ARGS + args, log_path=log_path) as server:
         flush(server.url)
         server.initial_stats = store_stats(server.url)
         yield server
@@ -119,6 +121,62 @@ def test_document_is_compressed_once_and_reused_by_every_fork(lava_server, progr
     assert store_stats(lava_server.url)["compressions"] == 1  # reused, not compressed again
     assert again == answers
     assert all(meta["cached_tokens"] >= compressed_tokens for meta in meta_again)
+
+
+def generate(url: str, text: str) -> dict:
+    response = requests.post(url + "/generate", timeout=300, json={
+        "text": text, "sampling_params": {"max_new_tokens": ANSWER_TOKENS, "temperature": 0}})
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def test_a_prompt_prefix_is_compressed_once_a_second_request_shares_it(lava_server, program_inputs, tokenizer):
+    url = lava_server.url
+    prefix, suffixes = program_inputs
+    prompts = [prefix + suffix for suffix in suffixes[:3]]
+    first_ids, second_ids = (tokenizer(prompt).input_ids for prompt in prompts[:2])
+    shared_len = next(i for i, (a, b) in enumerate(zip(first_ids, second_ids)) if a != b)
+    flush(url)
+    second_alone = generate(url, prompts[1])["text"]  # the full-cache answer
+    flush(url)
+    compressions = store_stats(url)["compressions"]
+
+    first = generate(url, prompts[0])
+    assert store_stats(url)["compressions"] == compressions  # one user: nothing to share yet
+    second = generate(url, prompts[1])
+    stats = store_stats(url)
+    assert stats["compressions"] == compressions + 1 and stats["entries"] == 1
+    assert stats["prefix_tokens"] == shared_len
+    # The second request recomputed the shared prefix's last window (its observation) on the full cache.
+    assert second["meta_info"]["cached_tokens"] == shared_len - WINDOW
+    assert second["text"] == second_alone and first["text"].strip()
+    # The full-length copy went back to the allocator; the requests' own tokens hang below the compressed node.
+    assert stats["evictable"] + stats["protected"] - stats["borrowed_slots"] < shared_len // 4
+
+    third = generate(url, prompts[2])
+    again = generate(url, prompts[0])
+    assert third["meta_info"]["cached_tokens"] >= shared_len and third["text"].strip()
+    assert again["meta_info"]["cached_tokens"] >= len(first_ids) - 1  # the first request's tokens moved along
+    assert store_stats(url)["compressions"] == compressions + 1
+
+
+def metric(text: str, name: str) -> float:
+    values = [float(value) for value in re.findall(rf"^{re.escape(name)}{{[^}}]*}} (\S+)$", text, re.MULTILINE)]
+    assert len(values) == 1, f"{name} not exactly once in /metrics"
+    return values[0]
+
+
+def test_metrics_report_each_compressed_prefix(lava_server, program_inputs):
+    flush(lava_server.url)
+    run_program(lava_server.url, program_inputs)
+    stats = store_stats(lava_server.url)
+    text = requests.get(lava_server.url + "/metrics", timeout=60).text
+    assert metric(text, "lava:compress_seconds_count") == stats["compressions"] >= 1
+    assert metric(text, "lava:compressed_prefix_tokens_count") == stats["compressions"]
+    assert metric(text, "lava:store_entries") == stats["entries"] == 1
+    assert metric(text, "lava:store_bytes") == stats["bytes_stored"] > 0
+    assert metric(text, "lava:bytes_saved_total") >= stats["bytes_saved"] > 0
+    assert 0.2 <= metric(text, "lava:kept_ratio_sum") / metric(text, "lava:kept_ratio_count") <= 0.3
 
 
 def test_flush_gives_back_the_store_and_the_pool(lava_server, program_inputs):

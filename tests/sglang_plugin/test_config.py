@@ -36,7 +36,9 @@ def test_budget_is_a_ratio_or_tokens():
 
 
 def test_config_survives_the_trip_to_the_children():
-    config = from_namespace(parse("--kv-policy", "snapkv", "--kv-budget", "300", "--kv-window", "16"))
+    config = from_namespace(parse("--kv-policy", "snapkv", "--kv-budget", "300", "--kv-window", "16",
+                                  "--kv-compress-on", "shared,fork"))
+    assert config.compress_on == ("shared", "fork")
     assert KvPolicyConfig.from_env({"LAVA_SGLANG_KV_POLICY": config.to_env()}) == config
 
 
@@ -48,6 +50,7 @@ def test_config_survives_the_trip_to_the_children():
     ("--kv-min-prefix", "16"),  # not above the window (32)
     ("--kv-alpha", "1.5"), ("--kv-alpha", "nan"),
     ("--kv-pool-kernel", "4"),
+    ("--kv-compress-on", "forks"), ("--kv-compress-on", ""), ("--kv-compress-on", "fork,,shared"),
 ])
 def test_bad_values_name_the_flag(flag, value):
     with pytest.raises(ConfigError, match=flag):

@@ -14,12 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from lava_sglang.sglang_plugin.config import FLAGS, KV_POLICIES, KvPolicyConfig, parse_budget
+from lava_sglang.sglang_plugin.config import FLAGS, KV_POLICIES, KvPolicyConfig, parse_budget, parse_triggers
 
 PATCH = Path(__file__).resolve().parents[2] / "patches" / "sglang-0.5.23-kv-policy.patch"
 FIELDS_FILE = "sglang/srt/arg_groups/fields/memory.py"
 FIELD_ORDER_FILE = "sglang/srt/arg_groups/field_order.py"
-KV_FIELDS = tuple(FLAGS)  # kv_policy, kv_budget, kv_window, kv_min_prefix, kv_alpha, kv_pool_kernel
+KV_FIELDS = tuple(FLAGS)  # kv_policy, kv_budget, ..., kv_compress_on
 
 
 def site_packages() -> Path:
@@ -72,7 +72,7 @@ def test_patched_sources_compile(tmp_path):
         compile((tmp_path / path).read_text(), path, "exec")
 
 
-def test_patch_declares_the_six_fields_like_the_plugin():
+def test_patch_declares_the_fields_like_the_plugin():
     block = ast.parse(textwrap.dedent("\n".join(added_lines(FIELDS_FILE))))
     declared = {node.target.id: node for node in block.body if isinstance(node, ast.AnnAssign)}
     assert tuple(declared) == KV_FIELDS
@@ -82,6 +82,7 @@ def test_patch_declares_the_six_fields_like_the_plugin():
     assert parse_budget(defaults["kv_budget"]) == expected.budget
     assert (defaults["kv_window"], defaults["kv_min_prefix"]) == (expected.window, expected.min_prefix)
     assert (defaults["kv_alpha"], defaults["kv_pool_kernel"]) == (expected.alpha, expected.pool_kernel)
+    assert parse_triggers(defaults["kv_compress_on"]) == expected.compress_on
     for name, node in declared.items():  # A[T, "help"] or A[T, Arg(help=...)]: a CLI flag with help text
         metadata = node.annotation.slice.elts[1]
         assert isinstance(metadata, (ast.Constant, ast.Call)), name

@@ -1,0 +1,63 @@
+"""Prometheus metrics of the compressed store, on SGLang's `/metrics` (`--enable-metrics`).
+
+SGLang runs prometheus_client in multiprocess mode: the scheduler process writes its
+samples to PROMETHEUS_MULTIPROC_DIR and the HTTP server aggregates them, so metrics created
+here, in the scheduler, appear next to SGLang's own `sglang:*` ones.
+"""
+
+from __future__ import annotations
+
+from lava_sglang.store import StoreEntry
+
+# Buckets for a prefix's token count, its kept ratio and its compression time.
+TOKEN_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
+RATIO_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0)
+SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+class StoreMetrics:
+    """Per compressed prefix: tokens, kept ratio, bytes saved, compression time; and the
+    store's current size. Without --enable-metrics every method does nothing."""
+
+    def __init__(self, enabled: bool, labels: dict[str, str]):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from prometheus_client import Counter, Gauge, Histogram  # after SGLang set the multiproc dir
+
+        names = list(labels)
+        self.labels = labels
+        self.prefix_tokens = Histogram("lava:compressed_prefix_tokens", "Tokens of each compressed prefix.",
+                                       names, buckets=TOKEN_BUCKETS)
+        self.kept_ratio = Histogram("lava:kept_ratio", "Kept rows / (layers x KV heads x tokens) per prefix.",
+                                    names, buckets=RATIO_BUCKETS)
+        self.compress_seconds = Histogram("lava:compress_seconds", "Time to score, plan and store one prefix.",
+                                          names, buckets=SECONDS_BUCKETS)
+        self.bytes_saved = Counter("lava:bytes_saved", "KV bytes saved by compression, summed over prefixes.",
+                                   names)
+        self.evictions = Counter("lava:evicted_prefixes", "Compressed prefixes evicted.", names)
+        self.store_entries = Gauge("lava:store_entries", "Compressed prefixes held now.", names,
+                                   multiprocess_mode="mostrecent")
+        self.store_bytes = Gauge("lava:store_bytes", "KV bytes the compressed prefixes hold now.", names,
+                                 multiprocess_mode="mostrecent")
+
+    def compressed(self, entry: StoreEntry, store_stats: dict) -> None:
+        if not self.enabled:
+            return
+        self.prefix_tokens.labels(**self.labels).observe(entry.prefix_len)
+        self.kept_ratio.labels(**self.labels).observe(entry.kept_ratio)
+        self.compress_seconds.labels(**self.labels).observe(entry.compress_seconds)
+        self.bytes_saved.labels(**self.labels).inc(entry.bytes_saved)
+        self.store_changed(store_stats)
+
+    def evicted(self, store_stats: dict) -> None:
+        if not self.enabled:
+            return
+        self.evictions.labels(**self.labels).inc()
+        self.store_changed(store_stats)
+
+    def store_changed(self, store_stats: dict) -> None:
+        if not self.enabled:
+            return
+        self.store_entries.labels(**self.labels).set(store_stats["entries"])
+        self.store_bytes.labels(**self.labels).set(store_stats["bytes_stored"])

@@ -1,0 +1,55 @@
+"""WindowCapture: which queries observe a prefix, across chunked prefill and for shared prefixes."""
+
+from __future__ import annotations
+
+import torch
+
+from lava_sglang.sglang_plugin.compressor import WindowCapture
+
+WINDOW, HEADS, DIM, LAYERS = 4, 2, 3, 2
+
+
+def positions(start: int, stop: int) -> torch.Tensor:
+    """Queries [tokens, Hq, d] whose every value is the token's position, so a window says where it came from."""
+    return torch.arange(start, stop, dtype=torch.float32).view(-1, 1, 1).expand(-1, HEADS, DIM).clone()
+
+
+def captured_positions(windows) -> list[list[int]]:
+    return [window[0, :, 0].long().tolist() for window in windows]
+
+
+def record(capture: WindowCapture, req: int, start: int, stop: int) -> None:
+    for layer in range(LAYERS):
+        capture.record(layer, req, start, positions(start, stop))
+
+
+def test_tail_window_spans_chunks_shorter_than_the_window():
+    capture = WindowCapture(WINDOW, min_prefix=8)
+    record(capture, req=0, start=0, stop=10)
+    record(capture, req=0, start=10, stop=12)  # a 2-token last chunk
+    assert captured_positions(capture.window_queries(0, 12, LAYERS)) == [[8, 9, 10, 11]] * LAYERS
+    assert capture.window_queries(0, 11, LAYERS) is None  # no window ends there
+
+
+def test_head_window_observes_a_recomputed_shared_prefix():
+    capture = WindowCapture(WINDOW, min_prefix=8)
+    record(capture, req=3, start=20, stop=30)  # the match was cut at 20: positions 20..23 end the shared prefix
+    assert captured_positions(capture.window_queries(3, 24, LAYERS)) == [[20, 21, 22, 23]] * LAYERS
+    assert captured_positions(capture.window_queries(3, 30, LAYERS)) == [[26, 27, 28, 29]] * LAYERS
+    record(capture, req=3, start=30, stop=40)  # a later chunk does not replace the head
+    assert captured_positions(capture.window_queries(3, 24, LAYERS)) == [[20, 21, 22, 23]] * LAYERS
+
+
+def test_a_layer_without_capture_or_a_short_window_gives_none():
+    capture = WindowCapture(WINDOW, min_prefix=8)
+    capture.record(0, 1, 0, positions(0, 10))  # layer 1 never recorded
+    assert capture.window_queries(1, 10, LAYERS) is None
+    record(capture, req=2, start=20, stop=22)  # the request computed only 2 tokens
+    assert capture.window_queries(2, 22, LAYERS) is None
+
+
+def test_drop_forgets_a_request():
+    capture = WindowCapture(WINDOW, min_prefix=8)
+    record(capture, req=0, start=0, stop=10)
+    capture.drop(0)
+    assert capture.window_queries(0, 10, LAYERS) is None
