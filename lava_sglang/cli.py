@@ -13,6 +13,8 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "docs" / "results"
 # The policies that evict (the full cache is the reference every benchmark runs anyway).
 COMPRESSING_POLICIES = ["lava", "snapkv", "ada_snapkv", "pyramidkv", "streamingllm"]
+# What scores a document compressed once (lava_sglang.policy.observe; no torch import here).
+OBSERVE_SOURCES = ["tail", "branches", "reconstruct"]
 
 
 def _ratio(text: str) -> float:
@@ -123,9 +125,12 @@ def _quality_command(args: argparse.Namespace) -> int:
         from lava_sglang.bench.quality import QualityBenchmark, QualityConfig
 
         config = QualityConfig(contexts=args.contexts, questions=args.questions, policies=args.policies,
-                               keep_ratios=args.ratios, modes=args.modes, tasks=args.tasks, seed=args.seed)
+                               keep_ratios=args.ratios, modes=args.modes, tasks=args.tasks, observe=args.observe,
+                               branch_combine=args.branch_combine, query_aware_splits=args.query_aware_splits,
+                               facts_per_document=args.facts, seed=args.seed)
         config.validate()
-        result = QualityBenchmark(_load_runtime(), config).run(progress=not args.no_progress)
+        result = QualityBenchmark(_load_runtime(), config).run(
+            progress=not args.no_progress, partial=Path(args.partial) if args.partial else None)
         command = "lava-sglang " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         result["meta"]["command"] = command
         out_dir.mkdir(parents=True, exist_ok=True)
@@ -133,6 +138,12 @@ def _quality_command(args: argparse.Namespace) -> int:
     for path in write_quality_report(result, out_dir, command, notes):
         print(f"wrote {path}")
     return 0
+
+
+def _serve_command(args: argparse.Namespace) -> int:
+    from lava_sglang.bench.serve import run
+
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -167,6 +178,16 @@ def build_parser() -> argparse.ArgumentParser:
                          choices=["compress_once", "query_aware"], help="default: both")
     quality.add_argument("--tasks", nargs="+", default=["retrieval", "fidelity"], choices=["retrieval", "fidelity"],
                          help="default: both")
+    quality.add_argument("--observe", nargs="+", default=["tail"], choices=OBSERVE_SOURCES, metavar="SOURCE",
+                         help="what scores the document in compress_once, from "
+                         f"{', '.join(OBSERVE_SOURCES)} (docs/observe.md; default tail)")
+    quality.add_argument("--branch-combine", default="max", choices=["max", "mean"],
+                         help="how --observe branches combines its windows (default max)")
+    quality.add_argument("--query-aware-splits", nargs="+", default=["at_compression", "later"],
+                         choices=["at_compression", "later"], help="question splits query_aware runs on "
+                         "(default both)")
+    quality.add_argument("--facts", type=_positive_int, nargs="+", default=[1, 4, 8],
+                         help="planted facts per retrieval document, cycled (default 1 4 8)")
     quality.add_argument("--seed", type=int, default=0, help="seed of documents and questions (default 0)")
     quality.add_argument("--out", default=str(RESULTS_DIR), help="output folder (default docs/results)")
     quality.add_argument("--notes", default=str(RESULTS_DIR / "quality_notes.md"),
@@ -174,7 +195,15 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--report-only", action="store_true",
                          help="rebuild quality.md and quality.png from quality.json without running")
     quality.add_argument("--no-progress", action="store_true", help="no progress bar")
+    quality.add_argument("--partial", metavar="PATH", help="write the records and metadata so far to PATH (JSON) "
+                         "after every document, so a run cut short keeps what it measured")
     quality.set_defaults(run=_quality_command)
+
+    from lava_sglang.bench.serve import add_arguments as add_serve_arguments  # requests + stdlib: light
+
+    serve = bench.add_parser("serve", help="multi-question document QA through the real server, per policy")
+    add_serve_arguments(serve)
+    serve.set_defaults(run=_serve_command)
     return parser
 
 

@@ -6,17 +6,24 @@ Tasks
   fidelity   open questions; per answer token KL(full || compressed) and top-1 agreement
              with the full-cache answer, teacher-forced on that answer.
 Modes
-  compress_once  the document is compressed once (window = its last tokens), then every
-                 question is answered against that same compressed cache;
+  compress_once  the document is compressed once, then every question is answered against
+                 that same compressed cache; what scores the document is the observation
+                 source (docs/observe.md): `tail` (its last tokens), `branches` (the tail and
+                 the questions present at compression), `reconstruct` (a repetition of it);
   query_aware    the question is appended before scoring; one compression per question.
+Splits
+  A document's first half of questions (rounded up) are `at_compression`: their branches
+  exist when the document is compressed, so `branches` sees them; the rest are `later`,
+  asked of the compressed document afterwards. Records carry both splits and `all`.
 
-Every configuration (policy x keep ratio) of a question runs in one batch of the reference
-runtime, so all policies see exactly the same documents and questions.
+Every configuration (observe x policy x keep ratio) of a question runs in one batch of the
+reference runtime, so all of them see exactly the same documents and questions.
 """
 
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import platform
 import re
@@ -32,11 +39,12 @@ from tqdm import tqdm
 from lava_sglang.bench.documents import (CODE_DIGITS, Document, fidelity_documents, prompt_parts,
                                          retrieval_documents)
 from lava_sglang.bench.stats import mean_interval, wilson_interval
-from lava_sglang.policy import POLICIES
+from lava_sglang.policy import OBSERVE_SOURCES, POLICIES, WINDOW_COMBINES
 from lava_sglang.reference import CompressedPrefix, ReferenceRuntime
 
 TASKS = ("retrieval", "fidelity")
 MODES = ("compress_once", "query_aware")
+SPLITS = ("at_compression", "later")
 FIDELITY_QUESTIONS_PER_DOCUMENT = 4
 CODE_PATTERN = re.compile(rf"\d{{{CODE_DIGITS}}}")
 
@@ -49,6 +57,11 @@ class QualityConfig:
                                                          "streamingllm"])
     keep_ratios: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.4])
     modes: list[str] = field(default_factory=lambda: list(MODES))
+    #: Observation sources of compress_once (query_aware always scores with its own tail).
+    observe: list[str] = field(default_factory=lambda: ["tail"])
+    branch_combine: str = "max"
+    #: The splits query_aware runs on (a prefill per question: the costliest part of a run).
+    query_aware_splits: list[str] = field(default_factory=lambda: list(SPLITS))
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
     facts_per_document: list[int] = field(default_factory=lambda: [1, 4, 8])  # retrieval, cycled
     retrieval_answer_tokens: int = 24
@@ -63,10 +76,15 @@ class QualityConfig:
         if any(n < 1 for n in self.questions) or any(c < 2 * self.window for c in self.contexts):
             raise ValueError(f"question counts must be >= 1 and contexts >= {2 * self.window} tokens")
         for name, values, allowed in (("policies", self.policies, POLICIES), ("modes", self.modes, MODES),
-                                      ("tasks", self.tasks, TASKS)):
+                                      ("tasks", self.tasks, TASKS), ("observe", self.observe, OBSERVE_SOURCES),
+                                      ("query_aware_splits", self.query_aware_splits, SPLITS)):
             unknown = [v for v in values if v not in allowed]
             if unknown:
                 raise ValueError(f"{name}: unknown {unknown}; choose from {sorted(allowed)}")
+        if not self.observe or len(set(self.observe)) != len(self.observe):
+            raise ValueError(f"observe: give distinct sources, got {self.observe}")
+        if self.branch_combine not in WINDOW_COMBINES:
+            raise ValueError(f"branch_combine must be one of {list(WINDOW_COMBINES)}, got {self.branch_combine!r}")
         if "full" in self.policies:
             raise ValueError("policies: 'full' is always run as the reference; do not list it")
         bad = [r for r in self.keep_ratios if not 0 < r <= 1]
@@ -74,6 +92,11 @@ class QualityConfig:
             raise ValueError(f"keep_ratios must be in (0, 1], got {bad}")
         if not self.facts_per_document or min(self.facts_per_document) < 1:
             raise ValueError(f"facts_per_document must be counts >= 1, got {self.facts_per_document}")
+
+
+def split_of(index: int, num_questions: int) -> str:
+    """`at_compression` for the first half of a document's questions (rounded up), else `later`."""
+    return SPLITS[0] if index < math.ceil(num_questions / 2) else SPLITS[1]
 
 
 def retrieval_fact_counts(num_questions: int, pattern: Sequence[int]) -> list[int]:
@@ -87,7 +110,7 @@ def retrieval_fact_counts(num_questions: int, pattern: Sequence[int]) -> list[in
 
 
 class _Cells:
-    """Per-question results collected per (task, context, mode, policy, ratio)."""
+    """Per-question results collected per (task, context, mode, observe, split, policy, ratio)."""
 
     def __init__(self):
         self.values: dict[tuple, list] = defaultdict(list)
@@ -100,9 +123,9 @@ class _Cells:
     def records(self) -> list[dict]:
         records = []
         for key, values in self.values.items():
-            task, context, mode, policy, ratio = key
-            record = {"task": task, "context_tokens": context, "mode": mode, "policy": policy,
-                      "keep_ratio": ratio, "n_questions": len(values),
+            task, context, mode, observe, split, policy, ratio = key
+            record = {"task": task, "context_tokens": context, "mode": mode, "observe": observe, "split": split,
+                      "policy": policy, "keep_ratio": ratio, "n_questions": len(values),
                       "measured_keep_ratio": round(sum(self.kept[key]) / len(self.kept[key]), 4)}
             if task == "retrieval":
                 hits = sum(values)
@@ -119,6 +142,10 @@ class _Cells:
         return records
 
 
+# One compressed prefix of a question's batch: (mode, observe, policy, keep ratio).
+Config = tuple[str, str, str, float]
+
+
 class QualityBenchmark:
     def __init__(self, runtime: ReferenceRuntime, config: QualityConfig):
         config.validate()
@@ -126,7 +153,11 @@ class QualityBenchmark:
         self.config = config
         self.tokenizer = runtime.tokenizer
         self.cells = _Cells()
-        self.configs = [("full", 1.0)] + list(itertools.product(config.policies, config.keep_ratios))
+        scored = [p for p in config.policies if POLICIES[p].needs_scores]
+        positional = [("full", 1.0)] + [(p, r) for p in config.policies if p not in scored for r in config.keep_ratios]
+        self.positional = positional  # the same for every observation source: computed once
+        self.scored = list(itertools.product(scored, config.keep_ratios))
+        self.seconds: dict[str, float] = defaultdict(float)  # model time: prefill and each source
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -145,13 +176,41 @@ class QualityBenchmark:
         del documents[-1].questions[num_questions - (num_documents - 1) * FIDELITY_QUESTIONS_PER_DOCUMENT:]
         return documents
 
-    def _compress_all(self, token_ids: list[int]) -> list[CompressedPrefix]:
+    def _prefill(self, token_ids: list[int], name: str = "prefill"):
+        started = time.perf_counter()
         capture = self.runtime.prefill(token_ids)
-        return self.runtime.compress_many(capture, self.configs)
+        self.seconds[name] += time.perf_counter() - started
+        return capture
 
-    def _record(self, task: str, context: int, mode: str, prefixes: Sequence[CompressedPrefix], values) -> None:
-        for (policy, ratio), prefix, value in zip(self.configs, prefixes, values):
-            self.cells.add((task, context, mode, policy, ratio), value, prefix)
+    def _compress_once(self, prefix_ids: list[int], branches: list[list[int]]) -> tuple[list[Config], list]:
+        """Every compress-once prefix of a document: the positional ones, then each source's."""
+        capture = self._prefill(prefix_ids)
+        configs = [("compress_once", "tail", policy, ratio) for policy, ratio in self.positional]
+        prefixes = self.runtime.compress_many(capture, self.positional)
+        for source in self.config.observe:
+            # Without a branch at compression (a one-question document) branches is the tail.
+            if source == "branches" and not branches:
+                observation = None
+            else:
+                observation = self.runtime.observe(capture, source, branches=branches,
+                                                   combine=self.config.branch_combine)
+                self.seconds[source] += observation.seconds
+            configs += [("compress_once", source, policy, ratio) for policy, ratio in self.scored]
+            prefixes += self.runtime.compress_many(capture, self.scored, observation)
+        return configs, prefixes
+
+    def _query_aware(self, token_ids: list[int]) -> tuple[list[Config], list]:
+        pairs = self.positional + self.scored
+        prefixes = self.runtime.compress_many(self._prefill(token_ids, "query_aware_prefill"), pairs)
+        return [("query_aware", "tail", policy, ratio) for policy, ratio in pairs], prefixes
+
+    def _record(self, task: str, context: int, split: str, configs: Sequence[Config],
+                prefixes: Sequence[CompressedPrefix], values) -> None:
+        for (mode, source, policy, ratio), prefix, value in zip(configs, prefixes, values):
+            # Positional policies do not depend on the source: recorded under each one.
+            sources = [source] if (policy, ratio) in self.scored or mode == "query_aware" else self.config.observe
+            for source, split_name in itertools.product(sources, (split, "all")):
+                self.cells.add((task, context, mode, source, split_name, policy, ratio), value, prefix)
 
     def _has_code(self, tokens: list[int]) -> bool:
         return CODE_PATTERN.search(self.tokenizer.decode(tokens)) is not None
@@ -173,7 +232,7 @@ class QualityBenchmark:
     def _reference_answer(self, full_prefix: CompressedPrefix | None, prefix_ids, suffix_ids) -> list[int]:
         """The full-cache greedy answer, with its EOS when it ended before the cap."""
         if full_prefix is None:
-            full_prefix = self.runtime.compress(self.runtime.prefill(prefix_ids), "full", 1.0)
+            full_prefix = self.runtime.compress(self._prefill(prefix_ids, "reference_prefill"), "full", 1.0)
         cap = self.config.fidelity_answer_tokens
         answer = self.runtime.generate([full_prefix], suffix_ids, cap)[0]
         return answer + [self.tokenizer.eos_token_id] if len(answer) < cap else answer
@@ -181,22 +240,30 @@ class QualityBenchmark:
     def run_document(self, task: str, context: int, document: Document, progress: tqdm) -> None:
         prefix_text, _ = prompt_parts(document.text, "")
         prefix_ids = self._ids(prefix_text)
-        once = self._compress_all(prefix_ids) if "compress_once" in self.config.modes else None
-        for question in document.questions:
-            suffix_ids = self._ids(prompt_parts(document.text, question.text)[1])
+        suffixes = [self._ids(prompt_parts(document.text, question.text)[1]) for question in document.questions]
+        splits = [split_of(index, len(suffixes)) for index in range(len(suffixes))]
+        once = None
+        if "compress_once" in self.config.modes:
+            # The branches present at compression are the at_compression questions' prompts.
+            once = self._compress_once(prefix_ids, [s for s, split in zip(suffixes, splits) if split == SPLITS[0]])
+        for question, suffix_ids, split in zip(document.questions, suffixes, splits):
             if task == "fidelity":
-                reference = self._reference_answer(once[0] if once else None, prefix_ids, suffix_ids)
+                reference = self._reference_answer(once[1][0] if once else None, prefix_ids, suffix_ids)
             for mode in self.config.modes:
+                if mode == "query_aware" and split not in self.config.query_aware_splits:
+                    continue
                 if mode == "compress_once":
-                    prefixes, suffix = once, suffix_ids
+                    (configs, prefixes), suffix = once, suffix_ids
                 else:
-                    prefixes, suffix = self._compress_all(prefix_ids + suffix_ids), []
+                    (configs, prefixes), suffix = self._query_aware(prefix_ids + suffix_ids), []
                 values = (self._retrieval(prefixes, suffix, question.answer) if task == "retrieval"
                           else self._fidelity(prefixes, suffix, reference))
-                self._record(task, context, mode, prefixes, values)
+                self._record(task, context, split, configs, prefixes, values)
             progress.update(1)
 
-    def run(self, progress: bool = True) -> dict:
+    def run(self, progress: bool = True, partial: Path | None = None) -> dict:
+        """All documents; with `partial`, the result so far is written there (JSON) after every
+        document, so a run cut short keeps what it measured."""
         started = time.time()
         plan = [(task, context, self.documents(task, context, count))
                 for context, count in zip(self.config.contexts, self.config.questions) for task in self.config.tasks]
@@ -206,10 +273,19 @@ class QualityBenchmark:
                 bar.set_postfix_str(f"{task} {context} tokens")
                 for document in documents:
                     self.run_document(task, context, document, bar)
+                    if partial is not None:
+                        partial.write_text(json.dumps(self._result(started, bar.n), indent=1) + "\n")
+        return self._result(started, total)
+
+    def _result(self, started: float, questions_done: int) -> dict:
+        meta = run_metadata(self.runtime, self.config, time.time() - started)
+        meta["model_seconds"] = {name: round(value, 2) for name, value in self.seconds.items()}
+        meta["questions_done"] = questions_done
         return {
             "records": sorted(self.cells.records(), key=lambda r: (r["task"], r["context_tokens"], r["mode"],
-                                                                   r["policy"], r["keep_ratio"])),
-            "meta": run_metadata(self.runtime, self.config, time.time() - started),
+                                                                   r["observe"], r["split"], r["policy"],
+                                                                   r["keep_ratio"])),
+            "meta": meta,
         }
 
 

@@ -6,11 +6,16 @@ import json
 from pathlib import Path
 
 POLICY_ORDER = ["full", "lava", "ada_snapkv", "snapkv", "pyramidkv", "streamingllm"]
-POLICY_STYLE = {
-    "full": ("black", "--"), "lava": ("tab:red", "-"), "ada_snapkv": ("tab:blue", "-"),
-    "snapkv": ("tab:green", "-"), "pyramidkv": ("tab:purple", "-"), "streamingllm": ("tab:gray", ":"),
-}
+SCORED_ORDER = ["lava", "ada_snapkv", "snapkv", "pyramidkv"]
+POLICY_MARKER = {"lava": ("o", "-"), "ada_snapkv": ("s", "--"), "snapkv": ("^", ":"), "pyramidkv": ("v", "-.")}
+SOURCE_COLOR = {"tail": "tab:blue", "branches": "tab:red", "reconstruct": "tab:green", "per question": "tab:purple"}
 METRIC = {"retrieval": ("accuracy", "retrieval accuracy"), "fidelity": ("top1", "top-1 agreement with full")}
+SPLIT_LABEL = {"at_compression": "at compression", "later": "later", "all": "all"}
+
+
+def normalise(records: list[dict]) -> list[dict]:
+    """Records of runs before observation sources existed scored by the tail, over all questions."""
+    return [{"observe": "tail", "split": "all", **record} for record in records]
 
 
 def _select(records: list[dict], **where) -> list[dict]:
@@ -22,8 +27,105 @@ def _cell(record: dict, metric: str) -> str:
     return f"{record[metric]:.2f} [{low:.2f}, {high:.2f}]"
 
 
+def _hits(record: dict) -> int:
+    return round(record["accuracy"] * record["n_questions"])
+
+
+def _rows(records: list[dict], config: dict) -> list[tuple[str, dict]]:
+    """(label, selector) per table row: the references, each source x scored policy, per question."""
+    sources = config.get("observe", ["tail"])
+    rows = [("full", {"mode": "compress_once", "policy": "full"}),
+            ("streamingllm", {"mode": "compress_once", "observe": sources[0], "policy": "streamingllm"})]
+    rows += [(f"{source} · {policy}", {"mode": "compress_once", "observe": source, "policy": policy})
+             for source in sources for policy in SCORED_ORDER]
+    if "query_aware" in config["modes"]:
+        rows += [(f"per question · {policy}", {"mode": "query_aware", "policy": policy})
+                 for policy in SCORED_ORDER + ["streamingllm"]]
+    return [(label, where) for label, where in rows if _select(records, **where)]
+
+
+def _splits(records: list[dict]) -> list[str]:
+    present = {r["split"] for r in records}
+    return [split for split in ("at_compression", "later") if split in present] or ["all"]
+
+
+def _table(records, config, task, context, value) -> list[str]:
+    splits = _splits(records)
+    header = ["observe · policy"] + [f"{SPLIT_LABEL[split]} {ratio}" for split in splits
+                                     for ratio in config["keep_ratios"]]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for label, where in _rows(records, config):
+        row = [label]
+        for split in splits:
+            for ratio in config["keep_ratios"]:
+                found = _select(records, task=task, context_tokens=context, split=split,
+                                keep_ratio=1.0 if where["policy"] == "full" else ratio, **where)
+                row.append(value(found[0]) if found else "")
+        if any(row[1:]):
+            lines.append("| " + " | ".join(row) + " |")
+    return lines
+
+
+def _lava(records, context, split, ratio, **where) -> dict | None:
+    found = _select(records, task="retrieval", context_tokens=context, split=split, keep_ratio=ratio, **where)
+    return found[0] if found else None
+
+
+def targets(records: list[dict], config: dict) -> list[str]:
+    """Issue 7's targets on retrieval, each met or not, with the figures."""
+    sources = [s for s in config.get("observe", []) if s != "tail"]
+    if "tail" not in config.get("observe", []) or not sources or _splits(records) == ["all"]:
+        return []
+    lines = ["## Targets (issue 7), retrieval", ""]
+    verdict = {True: "**met**", False: "**not met**"}
+    for context in config["contexts"]:
+        for ratio in [r for r in (0.2, 0.4) if r in config["keep_ratios"]]:
+            def hits(split, **where):
+                record = _lava(records, context, split, ratio if where.get("policy") != "full" else 1.0, **where)
+                return (_hits(record), record["n_questions"]) if record else None
+
+            once = {"mode": "compress_once"}
+            present = hits("at_compression", policy="lava", observe="branches", **once)
+            per_question = hits("at_compression", policy="lava", mode="query_aware")
+            if present and per_question:
+                lines.append(f"- {context} tokens, keep {ratio}, questions present at compression: lava+branches "
+                             f"{present[0]}/{present[1]} vs lava per question {per_question[0]}/{per_question[1]}: "
+                             f"{verdict[present[0] >= per_question[0]]}")
+            later = {source: hits("later", policy="lava", observe=source, **once) for source in sources}
+            later = {source: value for source, value in later.items() if value}
+            tail = hits("later", policy="lava", observe="tail", **once)
+            streaming = hits("later", policy="streamingllm", observe=config["observe"][0], **once)
+            if later and tail and streaming:
+                best = max(later, key=lambda source: later[source][0])
+                met = later[best][0] >= 2 * tail[0] and later[best][0] > streaming[0]
+                lines.append(f"- {context} tokens, keep {ratio}, later questions: best source {best} "
+                             f"{later[best][0]}/{later[best][1]} vs tail {tail[0]}/{tail[1]} (x2 = {2 * tail[0]}) "
+                             f"and streamingllm {streaming[0]}/{streaming[1]}: {verdict[met]}")
+            if ratio != 0.4:
+                continue
+            for split in ("at_compression", "later"):
+                full = hits(split, policy="full", **once)
+                scored = {source: hits(split, policy="lava", observe=source, **once) for source in sources}
+                scored = {source: value for source, value in scored.items() if value}
+                if not full or not scored:
+                    continue
+                best = max(scored, key=lambda source: scored[source][0])
+                rivals = {policy: hits(split, policy=policy, observe=best, **once)
+                          for policy in ("snapkv", "ada_snapkv")}
+                beats = all(value and scored[best][0] > value[0] for value in rivals.values())
+                rival_hits = {policy: value[0] if value else "-" for policy, value in rivals.items()}
+                lines.append(f"- stretch, {context} tokens, keep 0.4, {SPLIT_LABEL[split]}: best source {best} "
+                             f"{scored[best][0]}/{scored[best][1]} vs 0.8 x full = {0.8 * full[0]:.1f} "
+                             f"(full {full[0]}/{full[1]}): {verdict[scored[best][0] >= 0.8 * full[0]]}; "
+                             f"lava beats snapkv {rival_hits['snapkv']} and ada_snapkv {rival_hits['ada_snapkv']} "
+                             f"with {best}: {verdict[beats]}")
+    return lines + [""]
+
+
 def markdown(records: list[dict], meta: dict, command: str, notes: str | None) -> str:
+    records = normalise(records)
     config = meta["config"]
+    sources = config.get("observe", ["tail"])
     lines = [
         "# Quality: compress once, answer many",
         "",
@@ -43,40 +145,34 @@ def markdown(records: list[dict], meta: dict, command: str, notes: str | None) -
         f"- Fidelity: open questions; the full-cache greedy answer ({config['fidelity_answer_tokens']} tokens at "
         "most) is teacher-forced; top-1 = share of its tokens the compressed cache also ranks first; "
         "KL(full || compressed) per token, averaged per question. 95% normal intervals over questions.",
-        "- Modes: `compress_once` compresses the document once (window = end of the document) and answers "
-        "every question from that cache; `query_aware` appends the question before scoring and compresses "
-        "per question.",
-        "",
+        "- Modes: `compress_once` compresses the document once and answers every question from that cache; "
+        "`query_aware` (rows `per question`) appends the question before scoring and compresses per question.",
+        f"- Observation sources of compress_once (docs/observe.md): {', '.join(sources)}"
+        + (f"; branches combine windows by `{config['branch_combine']}`" if "branches" in sources else "") + ".",
     ]
+    if _splits(records) != ["all"]:
+        lines.append("- Splits: a document's first half of questions (rounded up) are `at compression` (their "
+                     "branches exist when it is compressed; `branches` sees them), the rest `later`. "
+                     "`full` and `streamingllm` do not depend on the source.")
+    seconds = meta.get("model_seconds", {})
+    if seconds.get("prefill"):
+        costs = [f"{name} +{seconds[name] / seconds['prefill']:.2f}x ({seconds[name]:.0f} s)"
+                 for name in ("branches", "reconstruct") if name in seconds]
+        if costs:
+            lines.append(f"- Extra model time over the document prefills ({seconds['prefill']:.0f} s): "
+                         + "; ".join(costs) + ".")
+    lines.append("")
     if notes:
         lines += ["## Reading the results", "", notes.strip(), ""]
+    lines += targets(records, config)
     for task in config["tasks"]:
         metric, label = METRIC[task]
         for context in config["contexts"]:
             lines += [f"## {task}, {context}-token documents: {label}", ""]
-            header = ["policy"] + [f"{mode} {ratio}" for mode in config["modes"] for ratio in config["keep_ratios"]]
-            lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-            for policy in POLICY_ORDER:
-                row = [policy]
-                for mode in config["modes"]:
-                    for ratio in config["keep_ratios"]:
-                        found = _select(records, task=task, context_tokens=context, mode=mode, policy=policy,
-                                        keep_ratio=1.0 if policy == "full" else ratio)
-                        row.append(_cell(found[0], metric) if found else "")
-                if any(row[1:]):
-                    lines.append("| " + " | ".join(row) + " |")
+            lines += _table(records, config, task, context, lambda record: _cell(record, metric))
             if task == "fidelity":
                 lines += ["", "KL(full || compressed) per answer token (lower is better):", ""]
-                lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-                for policy in POLICY_ORDER[1:]:
-                    row = [policy]
-                    for mode in config["modes"]:
-                        for ratio in config["keep_ratios"]:
-                            found = _select(records, task=task, context_tokens=context, mode=mode, policy=policy,
-                                            keep_ratio=ratio)
-                            row.append(f"{found[0]['kl']:.3f}" if found else "")
-                    if any(row[1:]):
-                        lines.append("| " + " | ".join(row) + " |")
+                lines += _table(records, config, task, context, lambda record: f"{record['kl']:.3f}")
             lines.append("")
     lines += ["Records: `quality.json`; plot: `quality.png`.", ""]
     return "\n".join(lines)
@@ -88,39 +184,49 @@ def plot(records: list[dict], config: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    panels = [(task, mode) for task in config["tasks"] for mode in config["modes"]]
+    records = normalise(records)
+    panels = [(task, split) for task in config["tasks"] for split in _splits(records)]
     contexts = config["contexts"]
-    figure, axes = plt.subplots(len(contexts), len(panels), figsize=(4.2 * len(panels), 3.4 * len(contexts)),
+    figure, axes = plt.subplots(len(contexts), len(panels), figsize=(4.4 * len(panels), 3.6 * len(contexts)),
                                 squeeze=False, sharey=True)
     for row, context in enumerate(contexts):
-        for column, (task, mode) in enumerate(panels):
+        for column, (task, split) in enumerate(panels):
             axis = axes[row][column]
             metric, label = METRIC[task]
-            for policy in POLICY_ORDER:
-                found = sorted(_select(records, task=task, context_tokens=context, mode=mode, policy=policy),
+            for name, where in _rows(records, config):
+                found = sorted(_select(records, task=task, context_tokens=context, split=split, **where),
                                key=lambda r: r["keep_ratio"])
                 if not found:
                     continue
-                color, style = POLICY_STYLE[policy]
-                if policy == "full":
-                    axis.axhline(found[0][metric], color=color, linestyle=style, label="full cache")
+                if where["policy"] == "full":
+                    axis.axhline(found[0][metric], color="black", linestyle="--", label="full cache")
                     continue
+                if where["policy"] == "streamingllm":
+                    color, marker, style = "gray", "x", ":"
+                    if where["mode"] == "query_aware":
+                        continue  # the compress-once streamingllm line is the reference
+                else:
+                    source = "per question" if where["mode"] == "query_aware" else where["observe"]
+                    color = SOURCE_COLOR.get(source, "tab:orange")
+                    marker, style = POLICY_MARKER[where["policy"]]
                 ratios = [r["keep_ratio"] for r in found]
                 values = [r[metric] for r in found]
                 # max(0, ...): an interval of zero width can round to a hair inside its mean.
                 errors = [[max(0.0, v - r["ci95"][0]) for v, r in zip(values, found)],
                           [max(0.0, r["ci95"][1] - v) for v, r in zip(values, found)]]
-                axis.errorbar(ratios, values, yerr=errors, color=color, linestyle=style, marker="o",
-                              capsize=3, label=policy)
-            axis.set_title(f"{task}, {mode}, {context} tokens", fontsize=9)
+                axis.errorbar(ratios, values, yerr=errors if where["policy"] == "lava" else None, color=color,
+                              linestyle=style, marker=marker, capsize=3, label=name, alpha=0.9)
+            axis.set_title(f"{task}, {SPLIT_LABEL[split]}, {context} tokens", fontsize=9)
             axis.set_xlabel("keep ratio")
             axis.set_xticks(config["keep_ratios"])
             axis.set_ylim(-0.02, 1.02)
             if column == 0:
                 axis.set_ylabel(label if len(config["tasks"]) == 1 else "accuracy / top-1")
             axis.grid(alpha=0.3)
-    axes[0][0].legend(fontsize=7, loc="upper left")
-    figure.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    figure.legend(handles, labels, fontsize=7, loc="lower center", ncol=min(6, len(labels)),
+                  bbox_to_anchor=(0.5, 0.0))
+    figure.tight_layout(rect=(0, 0.05 + 0.02 * (len(labels) // 6), 1, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
 

@@ -18,9 +18,13 @@ def multi_question_qa(s, prefix: str, suffixes: list[str], max_tokens: int = 32)
     # SGLang 0.5.23's fork() looks at the text before it syncs the stream, so without this
     # sync the prefix may still be queued and fork() skips committing it.
     s.text()
-    branches = s.fork(len(suffixes))
-    for branch, suffix in zip(branches, suffixes):
+    # fork(1) commits nothing (SGLang commits the prefix only for two or more branches), so a
+    # lone question forks two branches and leaves the second idle: the document is still
+    # committed, compressed and reused by later programs.
+    branches = s.fork(max(len(suffixes), 2))
+    used = [branches[i] for i in range(len(suffixes))]
+    for branch, suffix in zip(used, suffixes):
         branch += suffix + sgl.gen("answer", max_tokens=max_tokens, temperature=0)
     branches.join()
-    s["answers"] = [branch["answer"] for branch in branches]
-    s["meta_info"] = [branch.get_meta_info("answer") for branch in branches]
+    s["answers"] = [branch["answer"] for branch in used]
+    s["meta_info"] = [branch.get_meta_info("answer") for branch in used]

@@ -81,11 +81,14 @@ class WindowPolicy(Policy):
         return (self.gqa_reduce, self.scale_by_value_norm, self.pool_kernel, self.window)
 
     def layer_scores(self, q_window: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> LayerScores:
-        prefix_len = keys.shape[1] - q_window.shape[1]
-        mass = score_ops.window_attention_mass(q_window, keys, self.gqa_reduce)
+        return self.scores_from_mass(score_ops.window_attention_mass(q_window, keys, self.gqa_reduce), values)
+
+    def scores_from_mass(self, mass: torch.Tensor, values: torch.Tensor) -> LayerScores:
+        """Steps 5-7 of lava.md and the entropy, from the attention mass [Hkv, m] of any
+        observation source (window, branches, reconstruction); values: [Hkv, n, d]."""
         scores = score_ops.pool_scores(mass, self.pool_kernel)
         if self.scale_by_value_norm:
-            scores = scores * score_ops.value_norm_scale(values, prefix_len)[:, None]
+            scores = scores * score_ops.value_norm_scale(values, mass.shape[1])[:, None]
         return LayerScores(scores=scores, entropy=score_ops.layer_entropy(scores))
 
 

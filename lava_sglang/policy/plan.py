@@ -16,7 +16,10 @@ from fractions import Fraction
 
 import torch
 
+from lava_sglang.policy import scores as score_ops
 from lava_sglang.policy.base import LayerScores, Policy
+from lava_sglang.policy.observe import (Branches, Observe, ObservationWindow, Reconstruct, Tail,
+                                        combine_window_masses, make_observe)
 from lava_sglang.policy.registry import make_policy
 
 
@@ -89,16 +92,43 @@ def _check_tensor(name: str, tensor: object, layer: int) -> torch.Tensor:
     return tensor
 
 
+def windows_scores(policy: Policy, observe: Observe, windows: Sequence[ObservationWindow], keys: torch.Tensor,
+                   values: torch.Tensor, prefix_len: int) -> LayerScores:
+    """A layer's scores from its observation windows, combined per `observe` (observe.md)."""
+    if isinstance(observe, Branches) and not observe.include_tail:
+        windows = [window for window in windows if not window.is_tail] or windows
+    masses = [window.mass(keys, prefix_len, policy.gqa_reduce) for window in windows]
+    combine = observe.combine if isinstance(observe, Branches) else "max"
+    return policy.scores_from_mass(combine_window_masses(masses, combine), values)
+
+
+def repeat_scores(policy: Policy, repeat_attention: torch.Tensor, values: torch.Tensor) -> LayerScores:
+    """A layer's scores from its repetition attention [Hq, m] (observe.md, "reconstruct")."""
+    num_kv_heads = values.shape[0]
+    grouped = repeat_attention.float().view(num_kv_heads, repeat_attention.shape[0] // num_kv_heads, -1)
+    return policy.scores_from_mass(score_ops.reduce_query_group(grouped, policy.gqa_reduce), values)
+
+
 class PlanBuilder:
     """Builds a `CompressionPlan` one layer at a time.
 
-    Layers arrive in order through `add_layer` (raw window queries, keys, values) or
-    `add_layer_scores` (statistics computed elsewhere, e.g. by the window-statistics kernel);
+    Layers arrive in order through one of (observe.md):
+      `add_layer`          the tail window's queries, keys, values (observe="tail");
+      `add_layer_windows`  several observation windows, combined per `observe`
+                           ("tail": the tail window alone; "branches": tail and branches);
+      `add_layer_repeat`   the prefix's attention from a repetition (observe="reconstruct");
+      `add_layer_scores`   statistics computed elsewhere (e.g. the window-statistics kernel).
     `finish` allocates the budgets once every layer is in.
     """
 
-    def __init__(self, policy: Policy, budget: float | int, *, seq_len: int, num_layers: int, num_kv_heads: int):
+    def __init__(self, policy: Policy, budget: float | int, *, seq_len: int, num_layers: int, num_kv_heads: int,
+                 observe: Observe | str = "tail"):
         policy.validate()
+        observe = make_observe(observe) if isinstance(observe, str) else observe
+        if not isinstance(observe, Observe):
+            raise ValueError(f"observe must be a source name or an Observe, got {observe!r}")
+        observe.validate()
+        self.observe = observe
         for name, value in (("seq_len", seq_len), ("num_layers", num_layers), ("num_kv_heads", num_kv_heads)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
@@ -125,9 +155,15 @@ class PlanBuilder:
     def add_layer(self, q_window: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> None:
         layer = len(self._layers)
         self._check_room(layer)
+        if isinstance(self.observe, Reconstruct):
+            raise ValueError("observe 'reconstruct' scores by a repetition: use add_layer_repeat")
+        keys, values = self._check_keys_values(layer, keys, values)
+        q_window = self._check_queries(layer, q_window, keys, tail=True)
+        self._layers.append(self.policy.layer_scores(q_window, keys, values) if self.needs_queries else None)
+
+    def _check_keys_values(self, layer: int, keys, values) -> tuple[torch.Tensor, torch.Tensor]:
         keys = _check_tensor("keys", keys, layer)
         values = _check_tensor("values", values, layer)
-        q_window = _check_tensor("q_window", q_window, layer)
         expected = (self.num_kv_heads, self.seq_len)
         if tuple(keys.shape[:2]) != expected:
             raise ValueError(f"keys[{layer}] must be [Hkv={expected[0]}, n={expected[1]}, d], got {tuple(keys.shape)}")
@@ -135,18 +171,77 @@ class PlanBuilder:
             raise ValueError(
                 f"values[{layer}] must be [Hkv={expected[0]}, n={expected[1]}, d], got {tuple(values.shape)}"
             )
-        num_q_heads, q_len, head_dim = q_window.shape
+        return keys, values
+
+    def _check_queries(self, layer: int, queries, keys: torch.Tensor, tail: bool) -> torch.Tensor:
+        """Window queries [Hq, r, d]: r = w = min(window, n) for the tail, any r >= 1 for a branch."""
+        queries = _check_tensor("q_window", queries, layer)
+        num_q_heads, q_len, head_dim = queries.shape
         if num_q_heads % self.num_kv_heads:
             raise ValueError(f"q_window[{layer}] has Hq={num_q_heads}, not a multiple of Hkv={self.num_kv_heads}")
         if self._num_q_heads not in (None, num_q_heads):
             raise ValueError(f"q_window[{layer}] has Hq={num_q_heads}, earlier layers had {self._num_q_heads}")
-        if q_len != self.window or head_dim != keys.shape[2]:
+        if (tail and q_len != self.window) or q_len < 1 or head_dim != keys.shape[2]:
+            expected = f"w={self.window}" if tail else "r >= 1"
             raise ValueError(
-                f"q_window[{layer}] must be [Hq, w={self.window}, d={keys.shape[2]}] "
-                f"(w = min(window, n)), got {tuple(q_window.shape)}"
+                f"q_window[{layer}] must be [Hq, {expected}, d={keys.shape[2]}] "
+                f"(w = min(window, n)), got {tuple(queries.shape)}"
             )
         self._num_q_heads = num_q_heads
-        self._layers.append(self.policy.layer_scores(q_window, keys, values) if self.needs_queries else None)
+        return queries
+
+    def add_layer_windows(self, windows: Sequence[ObservationWindow], keys: torch.Tensor,
+                          values: torch.Tensor) -> None:
+        """Score the layer's selectable prefix by several windows, combined (observe.md).
+
+        windows: the tail window (its queries [Hq, w, d], w = min(window, n)) and, with
+        observe="branches", branch windows; keys, values: [Hkv, n, d] of the prefix.
+        """
+        layer = len(self._layers)
+        self._check_room(layer)
+        if not isinstance(self.observe, (Tail, Branches)):
+            raise ValueError(f"add_layer_windows needs observe 'tail' or 'branches', not {self.observe.name!r}")
+        if isinstance(windows, ObservationWindow) or not isinstance(windows, Sequence) or not windows:
+            raise ValueError(f"windows[{layer}] must be a non-empty sequence of ObservationWindow")
+        tails = [window for window in windows if window.is_tail]
+        if isinstance(self.observe, Tail) and (len(windows) != 1 or not tails):
+            raise ValueError(f"observe 'tail' takes exactly the tail window, got {len(windows)} window(s) "
+                             f"with {len(tails)} tail window(s)")
+        if len(tails) > 1:
+            raise ValueError(f"windows[{layer}] has {len(tails)} tail windows; at most one")
+        keys, values = self._check_keys_values(layer, keys, values)
+        for window in windows:
+            self._check_queries(layer, window.queries, keys, tail=window.is_tail)
+            if not window.is_tail:
+                own = _check_tensor("own_keys", window.own_keys, layer)
+                if own.shape[0] != self.num_kv_heads or own.shape[2] != keys.shape[2] or \
+                        own.shape[1] < window.queries.shape[1]:
+                    raise ValueError(f"own_keys[{layer}] must be [Hkv={self.num_kv_heads}, s >= r="
+                                     f"{window.queries.shape[1]}, d={keys.shape[2]}], got {tuple(own.shape)}")
+        self._layers.append(windows_scores(self.policy, self.observe, windows, keys, values, self.prefix_len)
+                            if self.needs_queries else None)
+
+    def add_layer_repeat(self, repeat_attention: torch.Tensor, values: torch.Tensor) -> None:
+        """Score the layer by the attention a repetition of the prefix pays it (observe.md).
+
+        repeat_attention: [Hq, m] fp32, per query head the largest attention any repetition
+        query paid each selectable prefix token (`repeat_attention_max`, over all chunks);
+        values: [Hkv, n, d] of the prefix.
+        """
+        layer = len(self._layers)
+        self._check_room(layer)
+        if not isinstance(self.observe, Reconstruct):
+            raise ValueError(f"add_layer_repeat needs observe 'reconstruct', not {self.observe.name!r}")
+        values = _check_tensor("values", values, layer)
+        repeat_attention = _check_tensor("repeat_attention", repeat_attention[None], layer)[0]
+        num_q_heads = repeat_attention.shape[0]
+        if num_q_heads % self.num_kv_heads or repeat_attention.shape[1] != self.prefix_len:
+            raise ValueError(f"repeat_attention[{layer}] must be [Hq (a multiple of Hkv={self.num_kv_heads}), "
+                             f"m={self.prefix_len}], got {tuple(repeat_attention.shape)}")
+        if tuple(values.shape[:2]) != (self.num_kv_heads, self.seq_len):
+            raise ValueError(f"values[{layer}] must be [Hkv={self.num_kv_heads}, n={self.seq_len}, d], "
+                             f"got {tuple(values.shape)}")
+        self._layers.append(repeat_scores(self.policy, repeat_attention, values) if self.needs_queries else None)
 
     def add_layer_scores(self, layer_scores: LayerScores) -> None:
         layer = len(self._layers)

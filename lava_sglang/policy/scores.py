@@ -32,7 +32,36 @@ def window_attention_mass(q_window: torch.Tensor, keys: torch.Tensor, gqa_reduce
     future = torch.ones(window, window, dtype=torch.bool, device=keys.device).triu(diagonal=1)
     logits[..., prefix_len:].masked_fill_(future, float("-inf"))
     probs = torch.softmax(logits, dim=-1)
-    mass = probs[..., :prefix_len].mean(dim=2)  # [Hkv, G, m]
+    return reduce_query_group(probs[..., :prefix_len].mean(dim=2), gqa_reduce)
+
+
+def prefix_attention_mass(
+    queries: torch.Tensor, keys: torch.Tensor, own_keys: torch.Tensor, prefix_len: int, gqa_reduce: str
+) -> torch.Tensor:
+    """Mean attention each selectable prefix key receives from queries that follow the prefix.
+
+    A branch window (observe.md): the queries are the last r tokens of a branch's own s tokens,
+    which come after the whole n-token prefix; every query sees all n prefix keys and its own
+    tokens causally (query i sees own keys 0 .. s - r + i). The softmax runs over those keys,
+    as in the branch's real prefill.
+    queries: [Hq, r, d]; keys: [Hkv, n, d] prefix keys; own_keys: [Hkv, s, d] with s >= r.
+    Returns [Hkv, prefix_len] fp32 (the first prefix_len prefix keys).
+    """
+    num_q_heads, rows, head_dim = queries.shape
+    num_kv_heads, own_len, _ = own_keys.shape
+    group = num_q_heads // num_kv_heads
+    q = queries.float().view(num_kv_heads, group, rows, head_dim)
+    k = torch.cat([keys.float(), own_keys.float()], dim=1)
+    logits = torch.einsum("hgrd,hjd->hgrj", q, k) / math.sqrt(head_dim)
+    own_pos = torch.arange(own_len, device=keys.device)[None, :]
+    query_pos = torch.arange(own_len - rows, own_len, device=keys.device)[:, None]
+    logits[..., keys.shape[1]:].masked_fill_(own_pos > query_pos, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return reduce_query_group(probs[..., :prefix_len].mean(dim=2), gqa_reduce)
+
+
+def reduce_query_group(mass: torch.Tensor, gqa_reduce: str) -> torch.Tensor:
+    """[Hkv, G, m] -> [Hkv, m]: "max" (LAVa) or "mean" (the SnapKV family) over a KV group."""
     if gqa_reduce == "max":
         return mass.amax(dim=1)
     if gqa_reduce == "mean":

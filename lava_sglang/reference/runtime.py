@@ -5,6 +5,12 @@
     prefix = runtime.compress(capture, "lava", 0.2)      # per (layer, KV head) kept rows
     answers = runtime.generate([prefix], question_ids, max_new_tokens=32)
 
+Other observation sources (docs/observe.md) score the same capture differently:
+
+    seen = runtime.observe(capture, "branches", branches=[question_ids, ...])
+    seen = runtime.observe(capture, "reconstruct")       # the model repeats the prefix
+    prefix = runtime.compress(capture, "lava", 0.2, observation=seen)
+
 A `CompressedPrefix` is never modified by answering: each call starts its own cache for
 the request's tokens, which continue at position n (the original length), and attention
 is (compressed prefix) merged by LSE with (own tokens), as on the server. Several prefixes
@@ -18,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,7 +32,9 @@ from pathlib import Path
 import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
-from lava_sglang.policy import CompressionPlan, LayerScores, PlanBuilder, Policy, compress_plan, make_policy
+from lava_sglang.policy import (Branches, CompressionPlan, LayerScores, Observe, ObservationWindow, PlanBuilder, Policy,
+                                Reconstruct, Tail, compress_plan, make_observe, make_policy, repeat_attention_max)
+from lava_sglang.policy.plan import repeat_scores, windows_scores
 from lava_sglang.reference.attention import attention_with_lse, causal_visibility, merge_attention_states
 
 ATTENTION_NAME = "lava_reference"
@@ -45,6 +54,21 @@ class PrefixCapture:
     @property
     def seq_len(self) -> int:
         return len(self.token_ids)
+
+
+@dataclass
+class Observation:
+    """What an observation source saw of one capture, ready for `compress` (observe.md).
+
+    branch_windows[layer]: one window per branch (observe "branches"); the tail window comes
+    from the capture. repeat_attention[layer]: [Hq, m] (observe "reconstruct").
+    seconds: the model time the source added to the prefill (branch prefills, repetition).
+    """
+
+    source: Observe
+    branch_windows: list[list[ObservationWindow]] | None = None
+    repeat_attention: list[torch.Tensor] | None = None
+    seconds: float = 0.0
 
 
 @dataclass
@@ -208,35 +232,114 @@ class ReferenceRuntime:
         return PrefixCapture(token_ids=token_ids, q_window=q_window, keys=keys, values=values,
                              last_logits=logits[0, -1].float())
 
-    def compress(self, capture: PrefixCapture, policy: str | Policy, budget: float | int, **options) -> CompressedPrefix:
-        """Plan with `compress_plan` and keep only the planned rows."""
+    def compress(self, capture: PrefixCapture, policy: str | Policy, budget: float | int,
+                 observation: Observation | None = None, **options) -> CompressedPrefix:
+        """Plan with `compress_plan` (or, given an observation, its source) and keep only the
+        planned rows."""
+        if observation is not None:
+            return self.compress_many(capture, [(policy, budget)], observation, **options)[0]
         options.setdefault("window", self.window)
         plan = compress_plan(policy, capture.q_window, capture.keys, capture.values, budget, **options)
         return CompressedPrefix.from_plan(capture, plan)
 
     def compress_many(self, capture: PrefixCapture, configs: Sequence[tuple[str | Policy, float | int]],
-                      **options) -> list[CompressedPrefix]:
+                      observation: Observation | None = None, **options) -> list[CompressedPrefix]:
         """`compress` for several (policy, budget) pairs of one capture, scoring each layer
         once per distinct scoring instead of once per pair (same plans as `compress`)."""
         options.setdefault("window", self.window)
+        source = observation.source if observation is not None else Tail()
         shared_scores: dict[tuple, list[LayerScores]] = {}
         prefixes = []
         for policy, budget in configs:
             if not isinstance(policy, Policy):
                 policy = make_policy(policy, **options)
             builder = PlanBuilder(policy, budget, seq_len=capture.seq_len, num_layers=len(capture.keys),
-                                  num_kv_heads=capture.keys[0].shape[0])
+                                  num_kv_heads=capture.keys[0].shape[0], observe=source)
             if builder.needs_queries:
                 if policy.scoring not in shared_scores:
-                    shared_scores[policy.scoring] = [
-                        policy.layer_scores(q, k, v) for q, k, v in zip(capture.q_window, capture.keys, capture.values)]
+                    shared_scores[policy.scoring] = self._layer_scores(capture, policy, observation,
+                                                                       builder.prefix_len)
                 for layer_scores in shared_scores[policy.scoring]:
                     builder.add_layer_scores(layer_scores)
-            else:
-                for q, k, v in zip(capture.q_window, capture.keys, capture.values):
-                    builder.add_layer(q, k, v)
+            else:  # positional policies (streamingllm, full) ignore scores whatever the source
+                for keys in capture.keys:
+                    builder.add_layer_scores(LayerScores(scores=keys.new_zeros(keys.shape[0], builder.prefix_len),
+                                                         entropy=0.0))
             prefixes.append(CompressedPrefix.from_plan(capture, builder.finish()))
         return prefixes
+
+    def _layer_scores(self, capture: PrefixCapture, policy: Policy, observation: Observation | None,
+                      prefix_len: int) -> list[LayerScores]:
+        layers = range(len(capture.keys))
+        if observation is None or isinstance(observation.source, Tail):
+            return [policy.layer_scores(q, k, v) for q, k, v in zip(capture.q_window, capture.keys, capture.values)]
+        if isinstance(observation.source, Reconstruct):
+            return [repeat_scores(policy, observation.repeat_attention[layer], capture.values[layer])
+                    for layer in layers]
+        return [windows_scores(policy, observation.source,
+                               [ObservationWindow(capture.q_window[layer])] + observation.branch_windows[layer],
+                               capture.keys[layer], capture.values[layer], prefix_len) for layer in layers]
+
+    def full_prefix(self, capture: PrefixCapture) -> CompressedPrefix:
+        """The uncompressed prefix (what branches and the repetition are prefilled against)."""
+        return self.compress(capture, "full", 1.0)
+
+    @torch.inference_mode()
+    def observe(self, capture: PrefixCapture, source: str | Observe, branches: Sequence[Sequence[int]] = (),
+                **options) -> Observation:
+        """Run what observation source `source` needs beyond the prefill (observe.md).
+
+        branches: token ids of each branch present at compression (observe "branches"); each
+        is prefilled after the whole uncompressed prefix and contributes its last `window`
+        queries and all its keys.
+        """
+        source = make_observe(source, **options) if isinstance(source, str) else source
+        source.validate()
+        started = time.perf_counter()
+        if isinstance(source, Branches):
+            if not branches or any(len(branch) == 0 for branch in branches):
+                raise ValueError("observe 'branches' needs at least one non-empty branch")
+            windows = self._branch_windows(capture, branches)
+            return Observation(source, branch_windows=windows, seconds=time.perf_counter() - started)
+        if isinstance(source, Reconstruct):
+            repeat = self._repeat_attention(capture, source)
+            return Observation(source, repeat_attention=repeat, seconds=time.perf_counter() - started)
+        return Observation(source)
+
+    def _branch_windows(self, capture: PrefixCapture, branches) -> list[list[ObservationWindow]]:
+        batch = _Batch.stack([self.full_prefix(capture)])
+        windows: list[list[ObservationWindow]] = [[] for _ in capture.keys]
+        for branch in branches:
+            def record(layer, query, key, lse, scaling):
+                rows = min(self.window, query.shape[3])
+                queries = query[0, :, :, -rows:].flatten(0, 1)  # [Hq, r, d]
+                windows[layer].append(ObservationWindow(queries.clone(), own_keys=key[0].clone()))
+
+            self._forward(batch, torch.tensor([list(branch)]), record=record, logits_to_keep=1)
+        return windows
+
+    def _repeat_attention(self, capture: PrefixCapture, source: Reconstruct) -> list[torch.Tensor]:
+        """Per layer [Hq, m]: the largest attention a repeating query pays each selectable
+        prefix token, the repetition teacher-forced in chunks of `source.chunk_tokens`."""
+        prefix_len = capture.seq_len - min(self.window, capture.seq_len)
+        instruction = self.tokenizer(source.instruction, add_special_tokens=False)["input_ids"]
+        tokens = instruction + capture.token_ids
+        batch = _Batch.stack([self.full_prefix(capture)])
+        repeat: list[torch.Tensor | None] = [None] * len(capture.keys)
+
+        def record(layer, query, key, lse, scaling):
+            # Attention on the prefix = exp(logit - lse over prefix and repetition keys).
+            logits = torch.einsum("bhgtd,bhsd->bhgts", query.float(),
+                                  batch.keys[layer][:, :, :prefix_len].float()) * scaling
+            probs = torch.exp(logits - lse.unsqueeze(-1))[0].flatten(0, 1)  # [Hq, T, m]
+            chunk_max = repeat_attention_max(probs)
+            repeat[layer] = chunk_max if repeat[layer] is None else torch.maximum(repeat[layer], chunk_max)
+
+        cache = DynamicCache()
+        for start in range(0, len(tokens), source.chunk_tokens):
+            chunk = torch.tensor([tokens[start:start + source.chunk_tokens]])
+            _, cache = self._forward(batch, chunk, cache, record=record, logits_to_keep=1)
+        return repeat
 
     @torch.inference_mode()
     def forward(self, prefixes: Sequence[CompressedPrefix], token_ids: torch.Tensor,
@@ -244,8 +347,12 @@ class ReferenceRuntime:
         """Logits of `token_ids` [B, T] (row b after prefix b), continuing `cache` if given."""
         return self._forward(_Batch.stack(prefixes), token_ids, cache)
 
-    def _forward(self, batch: _Batch, token_ids: torch.Tensor,
-                 cache: DynamicCache | None = None) -> tuple[torch.Tensor, DynamicCache]:
+    def _forward(self, batch: _Batch, token_ids: torch.Tensor, cache: DynamicCache | None = None,
+                 record: Callable | None = None, logits_to_keep: int = 0) -> tuple[torch.Tensor, DynamicCache]:
+        """`record(layer, query [B, Hkv, G, T, d], own keys [B, Hkv, S, d], lse [B, Hkv, G, T],
+        scaling)`, if given, sees every layer's attention (lse over prefix and own keys).
+        logits_to_keep: the last so many positions' logits (0: all; the LM head is a fifth of
+        the model, so callers that read only the last logits save that much)."""
         if token_ids.shape[0] != batch.size:
             raise ValueError(f"token_ids has {token_ids.shape[0]} rows for {batch.size} prefixes")
         cache = cache if cache is not None else DynamicCache()
@@ -260,12 +367,14 @@ class ReferenceRuntime:
                 grouped, batch.keys[layer], batch.values[layer], prefix_visible, scaling)
             own_visible = causal_visibility(query.shape[2], key.shape[2], query.device)
             out_own, lse_own = attention_with_lse(grouped, key, value, own_visible, scaling)
-            out, _ = merge_attention_states(out_prefix, lse_prefix, out_own, lse_own)
+            out, lse = merge_attention_states(out_prefix, lse_prefix, out_own, lse_own)
+            if record is not None:
+                record(layer, grouped, key, lse, scaling)
             return _ungrouped(out, query.dtype)
 
         with self._attending(attend):
             logits = self.model(input_ids=token_ids.to(self.device), position_ids=positions,
-                                past_key_values=cache, use_cache=True).logits
+                                past_key_values=cache, use_cache=True, logits_to_keep=logits_to_keep).logits
         return logits.float(), cache
 
     @torch.inference_mode()
@@ -282,7 +391,7 @@ class ReferenceRuntime:
         stop = set(stop_ids if stop_ids is not None else [self.tokenizer.eos_token_id])
         batch = _Batch.stack(prefixes)
         if suffix_ids:
-            logits, cache = self._forward(batch, torch.tensor([list(suffix_ids)] * batch.size))
+            logits, cache = self._forward(batch, torch.tensor([list(suffix_ids)] * batch.size), logits_to_keep=1)
             next_logits = logits[:, -1]
         else:
             cache = DynamicCache()

@@ -22,17 +22,20 @@ def result(runtime):
 
 
 def record(records, task, mode, policy, ratio):
-    (found,) = [r for r in records if (r["task"], r["mode"], r["policy"], r["keep_ratio"]) == (task, mode, policy,
-                                                                                               ratio)]
+    (found,) = [r for r in records if (r["task"], r["mode"], r["policy"], r["keep_ratio"], r["split"]) == (
+        task, mode, policy, ratio, "all")]
     assert found["n_questions"] == 4
     return found
 
 
 def test_every_cell_is_reported_with_its_interval(result):
-    cells = {(r["task"], r["mode"], r["policy"], r["keep_ratio"]) for r in result["records"]}
+    cells = {(r["task"], r["mode"], r["observe"], r["split"], r["policy"], r["keep_ratio"]) for r in result["records"]}
     expected_configs = [("full", 1.0)] + [(p, r) for p in POLICIES for r in RATIOS]
-    assert cells == {(task, mode, policy, ratio) for task in ("retrieval", "fidelity")
-                     for mode in ("compress_once", "query_aware") for policy, ratio in expected_configs}
+    # One fact per retrieval document: its question is at compression; fidelity asks 4 (2 and 2).
+    splits = {"retrieval": ("at_compression", "all"), "fidelity": ("at_compression", "later", "all")}
+    assert cells == {(task, mode, "tail", split, policy, ratio) for task in ("retrieval", "fidelity")
+                     for mode in ("compress_once", "query_aware") for split in splits[task]
+                     for policy, ratio in expected_configs}
     for r in result["records"]:
         metric = r["accuracy"] if r["task"] == "retrieval" else r["top1"]
         assert r["ci95"][0] - 1e-9 <= metric <= r["ci95"][1] + 1e-9
@@ -62,7 +65,7 @@ def test_a_larger_budget_stays_closer_to_the_full_cache(result):
 def test_report_files(result, tmp_path):
     paths = write_quality_report(result, tmp_path, "pytest")
     records = json.loads(paths[0].read_text())
-    assert isinstance(records, list) and {"task", "context_tokens", "mode", "policy", "keep_ratio", "n_questions",
-                                          "ci95"} <= set(records[0])
-    assert "| lava |" in paths[1].read_text()
+    assert isinstance(records, list) and {"task", "context_tokens", "mode", "observe", "split", "policy",
+                                          "keep_ratio", "n_questions", "ci95"} <= set(records[0])
+    assert "| tail · lava |" in paths[1].read_text()
     assert paths[2].read_bytes().startswith(b"\x89PNG")

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Launch the SGLang server with LAVa KV-cache compression (--kv-policy lava).
+#
+#   examples/launch_server.sh                      # SmolLM2 on 127.0.0.1:30000
+#   MODEL=/path/to/model PORT=8000 examples/launch_server.sh --kv-budget 0.1
+#
+# Extra arguments go to `python -m sglang.launch_server` after the ones below (a flag given
+# twice: the last one wins). Needs the lava-sglang environment (`source scripts/env.sh`).
+set -euo pipefail
+
+MODEL=${MODEL:-$(lava-sglang model)}   # default: the SmolLM2-135M checkpoint the project ships
+PORT=${PORT:-30000}
+
+args=(
+    --model-path "$MODEL"
+    --host 127.0.0.1 --port "$PORT"
+
+    # The policy: lava (per-layer and per-KV-head budgets), or snapkv, ada_snapkv, pyramidkv,
+    # streamingllm; none is stock SGLang.
+    --kv-policy lava
+
+    # How much of a compressed document is kept: a keep ratio in (0, 1] (0.2 keeps 20% of its
+    # KV rows, so ~5x as many documents fit), or an int >= 1, tokens kept per layer and KV head.
+    # Lower saves more memory and costs more answer quality (docs/results/quality.md).
+    --kv-budget 0.2
+
+    # What gets compressed: `fork` (the document a frontend program adds before s.fork()),
+    # `shared` (a prompt prefix that a second plain /generate or OpenAI request shares).
+    # Use both when clients mix frontend programs and the OpenAI API.
+    --kv-compress-on fork,shared
+
+    # Prefixes shorter than this are kept whole (compressing a short prompt saves little).
+    --kv-min-prefix 256
+
+    # Observation window: the last N tokens of the document score the others and are always
+    # kept. Larger windows see more of how the document ends; it must be < --kv-min-prefix.
+    --kv-window 32
+
+    # LAVa's layer-budget strength in [0, 1]: 0 gives every layer the same budget.
+    --kv-alpha 0.2
+
+    # Report cached tokens in OpenAI responses (usage.prompt_tokens_details.cached_tokens),
+    # and export lava:* metrics (kept ratio, bytes saved, compression time) on /metrics.
+    --enable-cache-report
+    --enable-metrics
+)
+
+if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    # No GPU: SGLang's CPU engine, with the project's pure-PyTorch sgl_kernel stand-in where
+    # the real one does not load (development and CI plumbing, see the README).
+    eval "$(python - <<'PY'
+import os, shlex
+from lava_sglang.sglang_plugin.cpu_engine import cpu_engine_env
+env = cpu_engine_env({"PYTHONPATH": os.environ.get("PYTHONPATH", "")})
+print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items() if v))
+PY
+)"
+    # The KV pool must be capped on CPU (SGLang's default would reserve most of the RAM);
+    # fp32 makes the CPU engine's greedy answers match HF transformers token for token.
+    args+=(--device cpu --attention-backend torch_native --sleep-on-idle --max-total-tokens 16384
+           --dtype float32)
+fi
+
+exec python -m sglang.launch_server "${args[@]}" "$@"

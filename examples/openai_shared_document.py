@@ -1,0 +1,76 @@
+"""Several questions about one long document through SGLang's OpenAI-compatible API.
+
+    python examples/openai_shared_document.py --url http://127.0.0.1:30000 \
+        --document examples/data/document.txt --questions examples/data/questions.txt
+
+Every request is a chat completion whose messages start with the same system message and
+the same document, so they share one long prompt prefix. Start the server with
+`--kv-compress-on shared` (or `fork,shared`): the first request is served and cached as
+usual; when the second one shares at least `--kv-min-prefix` tokens of it, the shared prefix
+is compressed once and every later request decodes against the compressed copy. The
+OpenAI usage reports how many prompt tokens came from the cache (`--enable-cache-report`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import sys
+import time
+from pathlib import Path
+
+import openai
+import requests
+
+from lava_sglang.bench.documents import SYSTEM_PROMPT
+
+HERE = Path(__file__).resolve().parent
+
+
+def ask(client: openai.OpenAI, document: str, question: str, max_tokens: int):
+    return client.chat.completions.create(
+        model="default", temperature=0, max_tokens=max_tokens,
+        messages=[{"role": "system", "content": SYSTEM_PROMPT},
+                  {"role": "user", "content": f"Document:\n{document}\n\nQuestion: {question}"}],
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--url", default="http://127.0.0.1:30000", help="the SGLang server (default %(default)s)")
+    parser.add_argument("--document", type=Path, default=HERE / "data" / "document.txt",
+                        help="text file with the document (default: examples/data/document.txt)")
+    parser.add_argument("--questions", type=Path, default=HERE / "data" / "questions.txt",
+                        help="text file, one question per line (default: examples/data/questions.txt)")
+    parser.add_argument("--max-tokens", type=int, default=24, help="answer length cap (default 24)")
+    parser.add_argument("--concurrency", type=int, default=1,
+                        help="requests in flight after the first one (default 1)")
+    args = parser.parse_args(argv)
+
+    document = args.document.read_text().strip()
+    questions = [line.strip() for line in args.questions.read_text().splitlines() if line.strip()]
+    client = openai.OpenAI(base_url=args.url + "/v1", api_key="not-needed")
+
+    started = time.perf_counter()
+    # The first request puts the document in the cache; the rest share it, a few at a time.
+    responses = [ask(client, document, questions[0], args.max_tokens)]
+    with concurrent.futures.ThreadPoolExecutor(max(1, args.concurrency)) as pool:
+        responses += list(pool.map(lambda q: ask(client, document, q, args.max_tokens), questions[1:]))
+    print(f"{len(questions)} chat completions sharing one document in {time.perf_counter() - started:.1f} s\n")
+    for question, response in zip(questions, responses):
+        usage = response.usage
+        details = getattr(usage, "prompt_tokens_details", None)
+        cached = getattr(details, "cached_tokens", None) if details else None
+        print(f"Q: {question}\nA: {response.choices[0].message.content.strip()}")
+        print(f"   ({cached if cached is not None else '?'} of {usage.prompt_tokens} prompt tokens from the cache)\n")
+
+    state = requests.get(args.url + "/server_info", timeout=60).json()["internal_states"][0]
+    store = state.get("lava_kv_policy", {}).get("store")
+    if store:
+        print(f"Server: {store['entries']} compressed prefix(es) of {store['prefix_tokens']} tokens, "
+              f"{store['bytes_stored'] / 2**20:.1f} MiB stored, {store['bytes_saved'] / 2**20:.1f} MiB saved")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

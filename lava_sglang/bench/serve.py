@@ -1,0 +1,453 @@
+"""Serving benchmark: multi-question document QA through the real SGLang server.
+
+D documents x Q questions (the quality benchmark's retrieval documents: planted facts, so
+every answer is graded) are sent as frontend fork programs (`lava_sglang.frontend.
+multi_question_qa`: the document once, one branch per question) by several concurrent
+clients, against one server per policy that this module starts (`ServerProcess`: the CPU
+engine without a GPU, the GPU otherwise) or against one existing server (`--url`, loopback
+only). Per policy it reports accuracy, cached-token share, peak KV memory (main pool +
+compressed store, sampled from /server_info), compression time per document, throughput,
+TTFT / end-to-end latency percentiles (every generation is streamed to time its first
+token) and document recomputations (cache misses), into serving.{json,md,png}.
+
+`--memory-bound` caps the KV pool (`--max-total-tokens`) so stock SGLang keeps only
+`--resident-documents` documents, and asks more documents than that, a few questions per
+visit, in interleaved order (every document comes back after all the others), `none`
+against `lava` at 0.2 by default.
+
+    lava-sglang bench serve --documents 4 --questions 4
+    lava-sglang bench serve --memory-bound
+    python -m lava_sglang.bench.serve --url http://127.0.0.1:30000 --documents 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import ipaddress
+import math
+import platform
+import shlex
+import sys
+import tempfile
+import threading
+import time
+import urllib.parse
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import requests
+
+from lava_sglang.bench.serve_workload import (MISS_SLACK, ORDERS, build_workload, program_inputs, summarize,
+                                              timed_endpoint, visit_records)
+
+POLICIES = ["none", "lava", "snapkv", "ada_snapkv", "pyramidkv", "streamingllm"]
+RESULTS_DIR = Path(__file__).resolve().parents[2] / "docs" / "results"
+MAX_FACTS = 20  # retrieval_documents plants at most 20 distinct facts in a document
+# --memory-bound's defaults (each overridable by its flag).
+MEMORY_BOUND = {"policies": ["none", "lava"], "documents": 8, "questions": 6, "questions_per_visit": 2,
+                "order": "interleaved", "resident_documents": 3}
+STANDARD = {"policies": POLICIES, "documents": 4, "questions": 4, "questions_per_visit": 0, "order": "grouped",
+            "resident_documents": None}
+
+
+@dataclass
+class ServeConfig:
+    policies: list[str] = field(default_factory=lambda: list(POLICIES))
+    budget: float = 0.2
+    documents: int = 4
+    questions: int = 4  # per document
+    questions_per_visit: int = 0  # fork width; 0: all of a document's questions in one program
+    order: str = "grouped"
+    context: int = 1024  # document tokens
+    clients: int = 2
+    max_tokens: int = 16
+    max_total_tokens: int | None = None
+    resident_documents: int | None = None
+    memory_bound: bool = False
+    max_seconds: float = 900.0  # per policy, server start excluded
+    sample_interval: float = 2.0
+    server_args: list[str] = field(default_factory=list)
+    seed: int = 0
+    url: str | None = None
+    model: str | None = None
+
+    def validate(self) -> None:
+        unknown = [p for p in self.policies if p not in POLICIES]
+        if unknown or not self.policies:
+            raise ValueError(f"policies: unknown {unknown}; choose from {POLICIES}")
+        if not 0 < self.budget <= 1:
+            raise ValueError(f"budget must be a keep ratio in (0, 1], got {self.budget}")
+        if min(self.documents, self.questions, self.clients, self.max_tokens) < 1:
+            raise ValueError("documents, questions, clients and max_tokens must be >= 1")
+        if self.order not in ORDERS:
+            raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
+        if self.context < 128:
+            raise ValueError(f"context must be >= 128 tokens, got {self.context}")
+        if self.url:
+            check_loopback(self.url)
+
+
+def check_loopback(url: str) -> None:
+    host = urllib.parse.urlparse(url).hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if not loopback:
+        raise ValueError(f"--url must be a loopback address (127.0.0.1, localhost, ::1), got {url!r}")
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+def make_documents(tokenizer, config: ServeConfig):
+    """The retrieval documents, each with `config.questions` questions (its planted facts,
+    cycled when there are more questions than facts)."""
+    from lava_sglang.bench.documents import retrieval_documents
+
+    def count(text: str) -> int:
+        return len(tokenizer(text).input_ids)
+
+    # As many distinct facts as questions, up to what the document has paragraph breaks for.
+    for facts in range(min(config.questions, MAX_FACTS), 0, -1):
+        try:
+            documents = retrieval_documents(count, config.context, [facts] * config.documents, seed=config.seed)
+            break
+        except ValueError:  # fewer paragraph boundaries than facts
+            continue
+    else:
+        raise ValueError(f"cannot plant a fact in a {config.context}-token document; use a longer --context")
+    for document in documents:
+        document.questions = [document.questions[i % facts] for i in range(config.questions)]
+    return documents
+
+
+def memory_bound_capacity(prefix_tokens: list[int], resident_documents: int) -> int:
+    """A pool that holds `resident_documents` of the longest document, plus room for the
+    branches' own tokens, rounded up to 64."""
+    return int(math.ceil((resident_documents * max(prefix_tokens) + 256) / 64) * 64)
+
+
+class Sampler(threading.Thread):
+    """Polls /server_info (the compressed store and pool counters) and /v1/loads (tokens held
+    by running requests) every `interval` seconds until stopped."""
+
+    def __init__(self, url: str, interval: float):
+        super().__init__(daemon=True)
+        self.url, self.interval = url, interval
+        self.samples: list[dict] = []
+        self.halt = threading.Event()
+
+    def sample(self) -> dict:
+        sample = {"t": time.time()}
+        try:
+            state = requests.get(self.url + "/server_info", timeout=60).json()["internal_states"][0]
+            policy = state.get("lava_kv_policy", {})
+            # `pool`: the pool counters under --kv-policy none, where a plugin reports them.
+            sample["store"] = policy.get("store") or policy.get("pool")
+        except (requests.RequestException, ValueError, KeyError, IndexError):
+            pass
+        try:
+            loads = requests.get(self.url + "/v1/loads", timeout=60).json()
+            rows = loads.get("loads", [loads]) if isinstance(loads, dict) else loads
+            sample["running_tokens"] = sum(int(row.get("num_used_tokens", 0)) for row in rows)
+        except (requests.RequestException, ValueError, AttributeError, TypeError):
+            pass
+        return sample
+
+    def run(self) -> None:
+        while not self.halt.is_set():
+            self.samples.append(self.sample())
+            self.halt.wait(self.interval)
+
+    def stop(self) -> list[dict]:
+        self.halt.set()
+        self.join(timeout=120)
+        self.samples.append(self.sample())
+        return self.samples
+
+
+def server_facts(url: str) -> dict:
+    """What the server says about itself: capacity, KV bytes per token, its policy options."""
+    info = requests.get(url + "/server_info", timeout=60).json()
+    state = info["internal_states"][0]
+    memory = state.get("memory_usage", {})
+    capacity = memory.get("token_capacity") or state.get("max_total_num_tokens")
+    kv_gb = memory.get("kvcache")
+    return {
+        "capacity_tokens": capacity,
+        # build_memory_usage reports GiB (bytes / 2**30), rounded; the policy's own figure wins below.
+        "bytes_per_token": kv_gb * 2**30 / capacity if kv_gb and capacity else None,
+        "kv_policy": {k: v for k, v in state.get("lava_kv_policy", {}).items() if k != "store"},
+        "store": state.get("lava_kv_policy", {}).get("store"),
+        "model_path": info.get("model_path"),
+        "dtype": info.get("dtype"),
+        "version": info.get("version"),
+    }
+
+
+def run_workload(url: str, documents, prefix_tokens: list[int], visits, config: ServeConfig, label: str,
+                 progress: bool) -> dict:
+    """Every visit as a fork program, `config.clients` at a time, in order, until done or
+    `config.max_seconds` (visits already started finish). Returns the policy's record."""
+    from tqdm import tqdm
+
+    from lava_sglang.frontend import multi_question_qa
+
+    endpoint = timed_endpoint(url)
+    requests.post(url + "/flush_cache", timeout=120)
+    facts = server_facts(url)
+    sampler = Sampler(url, config.sample_interval)
+    pending = iter(visits)
+    lock = threading.Lock()
+    visit_rows, question_rows, errors = [], [], []
+    started = time.perf_counter()
+    deadline = started + config.max_seconds
+    bar = tqdm(total=sum(len(v.questions) for v in visits), desc=label, unit="question", disable=not progress)
+
+    def client() -> None:
+        while time.perf_counter() < deadline:
+            with lock:
+                visit = next(pending, None)
+            if visit is None:
+                return
+            document = documents[visit.document]
+            prefix, suffixes = program_inputs(document, visit)
+            visit_endpoint = endpoint.for_visit()
+            begin = time.perf_counter()
+            try:
+                state = multi_question_qa.run(prefix=prefix, suffixes=suffixes, max_tokens=config.max_tokens,
+                                              backend=visit_endpoint)
+                answers = state["answers"]
+            except Exception as error:  # a failed program is counted, the run goes on
+                with lock:
+                    errors.append(f"visit {visit.index}: {type(error).__name__}: {error}")
+                continue
+            record, questions = visit_records(visit, document, prefix_tokens[visit.document], visit_endpoint.calls,
+                                              answers, time.perf_counter() - begin)
+            with lock:
+                visit_rows.append(record)
+                question_rows.extend(questions)
+                bar.update(len(questions))
+
+    sampler.start()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(config.clients) as pool:
+            for future in [pool.submit(client) for _ in range(config.clients)]:
+                future.result()
+    finally:
+        wall = time.perf_counter() - started
+        samples = sampler.stop()
+        bar.close()
+    final = server_facts(url)
+    store = final["store"]
+    bytes_per_token = facts["bytes_per_token"]
+    if store and store.get("prefix_tokens"):  # the plugin's exact figure: full bytes / tokens
+        bytes_per_token = (store["bytes_stored"] + store["bytes_saved"]) / store["prefix_tokens"]
+    record = summarize(label, visit_rows, question_rows, samples, store, wall, facts["capacity_tokens"],
+                       bytes_per_token, len(documents), truncated=len(visit_rows) + len(errors) < len(visits))
+    record["errors"] = errors
+    record["kv_policy_options"] = facts["kv_policy"]
+    record["visit_records"] = sorted(visit_rows, key=lambda r: r["visit"])
+    record["question_records"] = sorted(question_rows, key=lambda r: (r["visit"], r["question"]))
+    return record
+
+
+def policy_server_args(policy: str, config: ServeConfig, capacity: int | None, cuda: bool) -> list[str]:
+    args = ["--kv-policy", policy, "--enable-cache-report"]
+    if policy != "none":
+        args += ["--kv-budget", str(config.budget)]
+    if not cuda:
+        args += ["--dtype", "float32"]  # the CPU engine's exact mode
+    if capacity:
+        args += ["--max-total-tokens", str(capacity)]
+    return args + list(config.server_args)
+
+
+def run_benchmark(config: ServeConfig, progress: bool = True, log_dir: Path | None = None) -> dict:
+    import torch
+    from transformers import AutoTokenizer
+
+    from lava_sglang.bench.documents import prompt_parts
+
+    config.validate()
+    started = time.time()
+    cuda = torch.cuda.is_available()
+    if config.url:
+        model_path = requests.get(config.url + "/get_model_info", timeout=60).json()["model_path"]
+    else:
+        from lava_sglang.model import smollm2_path
+
+        model_path = config.model or str(smollm2_path())
+    tokenizer = AutoTokenizer.from_pretrained(model_path)
+    documents = make_documents(tokenizer, config)
+    prefix_tokens = [len(tokenizer(prompt_parts(d.text, "")[0]).input_ids) for d in documents]
+    visits = build_workload([len(d.questions) for d in documents], config.questions_per_visit, config.order)
+    capacity = config.max_total_tokens
+    if capacity is None and config.memory_bound and not config.url:
+        capacity = memory_bound_capacity(prefix_tokens, config.resident_documents or 3)
+    records, servers = [], {}
+    if config.url:
+        facts = server_facts(config.url)
+        label = facts["kv_policy"].get("policy", "none") if facts["kv_policy"] else "none"
+        records.append(run_workload(config.url, documents, prefix_tokens, visits, config, label, progress))
+        servers[label] = {"url": config.url, "args": None}
+    else:
+        from lava_sglang.sglang_plugin.server_process import ServerProcess
+
+        log_dir = Path(log_dir or tempfile.mkdtemp(prefix="lava-bench-serve-"))
+        for policy in config.policies:
+            args = policy_server_args(policy, config, capacity, cuda)
+            log_path = log_dir / f"{policy}.log"
+            if progress:
+                print(f"[{policy}] starting the server: {' '.join(args)} (log: {log_path})", file=sys.stderr,
+                      flush=True)
+            with ServerProcess(model_path, args, log_path=log_path) as server:
+                servers[policy] = {"args": server.command[server.command.index("--port") + 2:],
+                                   "log": str(log_path)}
+                records.append(run_workload(server.url, documents, prefix_tokens, visits, config, policy,
+                                            progress))
+    return {"records": records, "meta": run_metadata(config, model_path, cuda, servers, prefix_tokens,
+                                                     capacity, len(visits), time.time() - started)}
+
+
+def run_metadata(config: ServeConfig, model_path: str, cuda: bool, servers: dict, prefix_tokens: list[int],
+                 capacity: int | None, num_visits: int, wall_seconds: float) -> dict:
+    import os
+
+    import sglang
+    import torch
+    import transformers
+
+    device = torch.cuda.get_device_name(0) if cuda else "CPU (SGLang CPU engine)"
+    return {
+        "model": Path(model_path).name,
+        "device": device,
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
+        "versions": {"sglang": sglang.__version__, "torch": torch.__version__,
+                     "transformers": transformers.__version__, "python": platform.python_version()},
+        "servers": servers,
+        "workload": {
+            "documents": config.documents, "questions_per_document": config.questions,
+            "questions_per_visit": config.questions_per_visit or config.questions, "visits": num_visits,
+            "order": config.order, "clients": config.clients, "max_tokens": config.max_tokens,
+            "context_tokens": config.context, "document_tokens": prefix_tokens, "seed": config.seed,
+            "budget": config.budget, "max_total_tokens": capacity, "memory_bound": config.memory_bound,
+            "resident_documents": config.resident_documents, "max_seconds": config.max_seconds,
+            "miss_slack_tokens": MISS_SLACK,
+        },
+        "config": asdict(config),
+        "wall_seconds": round(wall_seconds, 1),
+    }
+
+
+# ----------------------------------------------------------------------------- the CLI
+
+
+def _ratio(text: str) -> float:
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"keep ratio must be in (0, 1], got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text}")
+    return value
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    add = parser.add_argument
+    add("--url", help="benchmark this running server (loopback only) instead of starting one per policy")
+    add("--model", help="checkpoint for the servers it starts (default: SmolLM2, `lava-sglang model`)")
+    add("--policies", nargs="+", choices=POLICIES, metavar="POLICY",
+        help=f"from {', '.join(POLICIES)} (default: all; --memory-bound: none lava)")
+    add("--budget", type=_ratio, default=0.2, help="--kv-budget keep ratio of every policy (default 0.2)")
+    add("--documents", type=_positive_int, help="documents (default 4; --memory-bound: 8)")
+    add("--questions", type=_positive_int, help="questions per document (default 4; --memory-bound: 6)")
+    add("--questions-per-visit", type=int, help="questions per fork program; 0: all of a document's in one "
+        "(default 0; --memory-bound: 2)")
+    add("--order", choices=ORDERS, help="visit order (default grouped; --memory-bound: interleaved)")
+    add("--context", type=_positive_int, default=1024, help="document tokens (default 1024)")
+    add("--clients", type=_positive_int, default=2, help="concurrent clients (default 2)")
+    add("--max-tokens", type=_positive_int, default=16, help="answer length cap (default 16)")
+    add("--max-total-tokens", type=_positive_int,
+        help="KV pool cap passed to every server (default: ServerProcess's; --memory-bound: "
+             "resident-documents x document tokens + 256)")
+    add("--resident-documents", type=_positive_int, help="--memory-bound: documents stock SGLang's pool holds "
+        "(default 3)")
+    add("--memory-bound", action="store_true", help="the memory-bound comparison (see the module doc)")
+    add("--max-seconds", type=float, default=900.0, help="workload time per policy, server start excluded; "
+        "no visit starts after it (default 900)")
+    add("--sample-interval", type=float, default=2.0, help="seconds between /server_info samples (default 2)")
+    add("--server-args", default="",
+        help="extra server flags, one string, given with = (--server-args=\"--kv-window 64\")")
+    add("--seed", type=int, default=0, help="document seed (default 0)")
+    add("--out", default=str(RESULTS_DIR), help="output folder (default docs/results)")
+    add("--name", help="file stem (default serving; --memory-bound: serving_memory_bound)")
+    add("--notes", help="markdown file included as 'Reading the results' (default: <out>/<stem>_notes.md if it "
+        "exists)")
+    add("--log-dir", help="where the servers' logs go (default: a new temporary folder)")
+    add("--report-only", action="store_true", help="rebuild the .md and .png from the .json without running")
+    add("--no-progress", action="store_true", help="no progress bar")
+    return parser
+
+
+def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    defaults = MEMORY_BOUND if args.memory_bound else STANDARD
+
+    def pick(name):
+        value = getattr(args, name)
+        return defaults[name] if value is None else value
+
+    return ServeConfig(
+        policies=list(pick("policies")), budget=args.budget, documents=pick("documents"),
+        questions=pick("questions"), questions_per_visit=pick("questions_per_visit"), order=pick("order"),
+        context=args.context, clients=args.clients, max_tokens=args.max_tokens,
+        max_total_tokens=args.max_total_tokens, resident_documents=pick("resident_documents"),
+        memory_bound=args.memory_bound, max_seconds=args.max_seconds, sample_interval=args.sample_interval,
+        server_args=shlex.split(args.server_args), seed=args.seed, url=args.url, model=args.model,
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    import json
+
+    from lava_sglang.bench.serve_report import write_serving_report
+
+    stem = args.name or ("serving_memory_bound" if args.memory_bound else "serving")
+    out_dir = Path(args.out)
+    if args.report_only:
+        result = json.loads((out_dir / f"{stem}.json").read_text())
+    else:
+        config = config_from_args(args)
+        config.validate()
+        result = run_benchmark(config, progress=not args.no_progress, log_dir=args.log_dir)
+        result["meta"]["command"] = "lava-sglang bench serve " + " ".join(
+            shlex.quote(a) for a in getattr(args, "argv", None) or sys.argv[1:]
+            if a not in ("bench", "serve"))
+    notes = Path(args.notes) if args.notes else out_dir / f"{stem}_notes.md"
+    if notes.is_file():
+        result["notes"] = notes.read_text()
+    for path in write_serving_report(result, out_dir, stem):
+        print(f"wrote {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = add_arguments(argparse.ArgumentParser(prog="lava-sglang bench serve", description=__doc__,
+                                                   formatter_class=argparse.RawDescriptionHelpFormatter))
+    args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else sys.argv[1:]
+    try:
+        return run(args)
+    except ValueError as error:
+        print(f"lava-sglang bench serve: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,150 @@
+"""Observation sources: whose attention scores the prefix (observe.md).
+
+`tail` is lava.md's window (the prefix's own last w tokens). `branches` adds one window per
+forked branch (the branch's last tokens, prefilled after the whole prefix) and combines the
+windows into one attention mass per (layer, KV head, prefix token). `reconstruct` is
+query-agnostic: the attention prefix tokens receive while the model is teacher-forced to
+repeat the prefix (KVzip, arXiv 2505.23416). Every source yields an attention mass [Hkv, m];
+pooling, the value-norm scale and LAVa's head and layer allocation follow unchanged.
+
+Torch only: the model-side work (prefilling branches, running the repetition) is the
+caller's (the reference runtime, the server); this module says what to feed the plan.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from lava_sglang.policy import scores as score_ops
+
+WINDOW_COMBINES = ("max", "mean")
+
+
+@dataclass(frozen=True)
+class ObservationWindow:
+    """Queries whose attention scores the prefix, with what they see.
+
+    queries: [Hq, r, d] post-RoPE.
+    own_keys: None for the tail window (the queries are the prefix's own last r tokens, causal
+        among themselves). For a branch window, [Hkv, s, d] post-RoPE keys of the branch's own
+        s >= r tokens, of which the queries are the last r: they see the whole prefix and their
+        own tokens causally.
+    """
+
+    queries: torch.Tensor
+    own_keys: torch.Tensor | None = None
+
+    @property
+    def is_tail(self) -> bool:
+        return self.own_keys is None
+
+    def mass(self, keys: torch.Tensor, prefix_len: int, gqa_reduce: str) -> torch.Tensor:
+        """Mean attention the window pays each of the first `prefix_len` prefix keys: [Hkv, m]."""
+        if self.is_tail:
+            return score_ops.window_attention_mass(self.queries, keys, gqa_reduce)[:, :prefix_len]
+        return score_ops.prefix_attention_mass(self.queries, keys, self.own_keys, prefix_len, gqa_reduce)
+
+
+def combine_window_masses(masses: Sequence[torch.Tensor], combine: str) -> torch.Tensor:
+    """One mass [Hkv, m] from several windows' masses (observe.md, "Combining windows").
+
+    Each window's mass is first divided by its average per-head total over the prefix, so
+    every window casts an equal vote whatever share of its attention stays outside the
+    selectable prefix (a tail window spends most of it on itself, a branch on the prefix);
+    the ratio between the heads of one window is kept. Then "max" keeps, per (head, token),
+    the strongest vote (a fact one branch needs survives however many branches ignore it);
+    "mean" averages the votes.
+    """
+    if combine not in WINDOW_COMBINES:
+        raise ValueError(f"combine must be one of {list(WINDOW_COMBINES)}, got {combine!r}")
+    if not masses:
+        raise ValueError("masses must not be empty")
+    normalised = []
+    for mass in masses:
+        total = mass.sum(dim=-1).mean()
+        normalised.append(mass / total if total > 0 else mass)
+    stacked = torch.stack(normalised)
+    return stacked.amax(dim=0) if combine == "max" else stacked.mean(dim=0)
+
+
+def repeat_attention_max(probs: torch.Tensor) -> torch.Tensor:
+    """[Hq, T, m] attention of T repetition queries on the prefix -> [Hq, m], max over queries.
+
+    KVzip scores a context token by the largest attention any repeating query pays it: each
+    token is needed by (mostly) one query, the one that copies it, so a mean would dilute it
+    by the prefix length. Chunks of the repetition combine with `torch.maximum`.
+    """
+    return probs.float().amax(dim=1)
+
+
+@dataclass(frozen=True)
+class Observe:
+    """Base of the observation sources; hyper-parameters are dataclass fields."""
+
+    name: ClassVar[str]
+
+    def validate(self) -> None:
+        """Raise ValueError naming the hyper-parameter that is out of range."""
+
+
+@dataclass(frozen=True)
+class Tail(Observe):
+    """lava.md's window: the last w tokens of the prefix."""
+
+    name: ClassVar[str] = "tail"
+
+
+@dataclass(frozen=True)
+class Branches(Observe):
+    """The tail window plus one window per branch present at compression, combined."""
+
+    name: ClassVar[str] = "branches"
+
+    combine: str = "max"
+    #: The tail window votes too: it keeps what the prefix's own continuation needs, which a
+    #: later question may need and no present branch asked for.
+    include_tail: bool = True
+
+    def validate(self) -> None:
+        if self.combine not in WINDOW_COMBINES:
+            raise ValueError(f"combine must be one of {list(WINDOW_COMBINES)}, got {self.combine!r}")
+        if not isinstance(self.include_tail, bool):
+            raise ValueError(f"include_tail must be a bool, got {self.include_tail!r}")
+
+
+@dataclass(frozen=True)
+class Reconstruct(Observe):
+    """Attention received while the model repeats the prefix after an instruction to do so."""
+
+    name: ClassVar[str] = "reconstruct"
+
+    #: Said after the prefix, before the prefix's tokens are fed again (teacher-forced).
+    instruction: str = "\n\nRepeat the previous context exactly.\n"
+    #: Repetition tokens per forward: memory is O(chunk_tokens x (2n)) per layer.
+    chunk_tokens: int = 256
+
+    def validate(self) -> None:
+        if not isinstance(self.instruction, str):
+            raise ValueError(f"instruction must be a str, got {self.instruction!r}")
+        chunk = self.chunk_tokens
+        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
+            raise ValueError(f"chunk_tokens must be an int >= 1, got {chunk!r}")
+
+
+OBSERVE_SOURCES: dict[str, type[Observe]] = {cls.name: cls for cls in (Tail, Branches, Reconstruct)}
+
+
+def make_observe(name: str, **options) -> Observe:
+    """Build observation source `name` with the options it has as fields (others ignored)."""
+    if name not in OBSERVE_SOURCES:
+        raise ValueError(f"observe must be one of {sorted(OBSERVE_SOURCES)}, got {name!r}")
+    cls = OBSERVE_SOURCES[name]
+    fields = {field.name for field in dataclasses.fields(cls)}
+    source = cls(**{key: value for key, value in options.items() if key in fields})
+    source.validate()
+    return source

@@ -1,0 +1,114 @@
+"""Observation sources in the quality benchmark: records, splits, report, targets, CLI."""
+
+import json
+
+import pytest
+
+from lava_sglang.bench.quality import QualityBenchmark, QualityConfig, split_of
+from lava_sglang.bench.report import markdown, normalise, targets, write_quality_report
+from lava_sglang.cli import build_parser
+
+SOURCES = ["tail", "branches", "reconstruct"]
+
+
+@pytest.mark.parametrize("count, expected", [(1, ["at_compression"]), (2, ["at_compression", "later"]),
+                                             (5, ["at_compression"] * 3 + ["later"] * 2)])
+def test_first_half_of_the_questions_rounded_up_are_at_compression(count, expected):
+    assert [split_of(index, count) for index in range(count)] == expected
+
+
+def test_cli_rejects_unknown_observation_sources(capsys):
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["bench", "quality", "--observe", "tail", "question"])
+    assert "invalid choice: 'question'" in capsys.readouterr().err
+    args = build_parser().parse_args(["bench", "quality", "--observe", "branches", "reconstruct"])
+    assert args.observe == ["branches", "reconstruct"] and args.branch_combine == "max"
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"observe": ["tail", "bogus"]}, "observe: unknown"),
+    ({"observe": []}, "observe: give distinct sources"),
+    ({"observe": ["tail", "tail"]}, "observe: give distinct sources"),
+    ({"branch_combine": "sum"}, "branch_combine must be one of"),
+    ({"query_aware_splits": ["all"]}, "query_aware_splits: unknown"),
+])
+def test_config_rejects_bad_observation_options(changes, message):
+    with pytest.raises(ValueError, match=message):
+        QualityConfig(**changes).validate()
+
+
+def retrieval(mode, observe, split, policy, ratio, hits, n=10):
+    return {"task": "retrieval", "context_tokens": 1024, "mode": mode, "observe": observe, "split": split,
+            "policy": policy, "keep_ratio": ratio, "n_questions": n, "measured_keep_ratio": ratio,
+            "accuracy": hits / n, "ci95": [0.0, 1.0]}
+
+
+def synthetic_records():
+    records = []
+    for split in ("at_compression", "later"):
+        records.append(retrieval("compress_once", "tail", split, "full", 1.0, 9))
+        for ratio in (0.2, 0.4):
+            records.append(retrieval("compress_once", "tail", split, "streamingllm", ratio, 2))
+            for source, hits in (("tail", 1), ("branches", 6 if split == "at_compression" else 3), ("reconstruct", 8)):
+                for policy, bonus in (("lava", 0), ("snapkv", -1), ("ada_snapkv", 0)):
+                    records.append(retrieval("compress_once", source, split, policy, ratio, hits + bonus))
+        for ratio in (0.2, 0.4):
+            records.append(retrieval("query_aware", "tail", "at_compression", "lava", ratio, 5))
+    return records
+
+
+CONFIG = {"contexts": [1024], "questions": [20], "tasks": ["retrieval"], "modes": ["compress_once", "query_aware"],
+          "keep_ratios": [0.2, 0.4], "observe": SOURCES, "branch_combine": "max", "seed": 0, "window": 32,
+          "retrieval_answer_tokens": 24, "fidelity_answer_tokens": 32, "facts_per_document": [2]}
+
+
+def test_targets_state_met_or_not_with_the_figures():
+    lines = "\n".join(targets(synthetic_records(), CONFIG))
+    assert ("1024 tokens, keep 0.2, questions present at compression: lava+branches 6/10 vs lava per question "
+            "5/10: **met**") in lines
+    assert ("keep 0.4, later questions: best source reconstruct 8/10 vs tail 1/10 (x2 = 2) and streamingllm 2/10: "
+            "**met**") in lines
+    # 8 >= 0.8 x 9 = 7.2, but lava (8) only ties ada_snapkv (8): not beaten.
+    assert ("stretch, 1024 tokens, keep 0.4, later: best source reconstruct 8/10 vs 0.8 x full = 7.2 (full 9/10): "
+            "**met**; lava beats snapkv 7 and ada_snapkv 8 with reconstruct: **not met**") in lines
+
+
+def test_report_tables_have_a_row_per_source_and_policy(tmp_path):
+    meta = {"model": "m", "model_shape": {"layers": 1, "q_heads": 1, "kv_heads": 1, "head_dim": 1},
+            "dtype": "float32", "transformers": "t", "torch": "t", "machine": "m", "wall_seconds": 60,
+            "config": CONFIG, "model_seconds": {"prefill": 10.0, "reconstruct": 25.0, "branches": 1.0}}
+    text = markdown(synthetic_records(), meta, "cmd", "notes")
+    assert "| branches · lava | 0.60 [0.00, 1.00] | 0.60 [0.00, 1.00] | 0.30 [0.00, 1.00] |" in text
+    assert "| per question · lava | 0.50 [0.00, 1.00] | 0.50 [0.00, 1.00] |  |  |" in text
+    assert "reconstruct +2.50x (25 s)" in text
+    paths = write_quality_report({"records": synthetic_records(), "meta": meta}, tmp_path, "cmd")
+    assert paths[2].read_bytes().startswith(b"\x89PNG")
+
+
+def test_old_records_read_as_tail_over_all_questions():
+    old = {k: v for k, v in retrieval("compress_once", "tail", "all", "lava", 0.2, 3).items()
+           if k not in ("observe", "split")}
+    (record,) = normalise([old])
+    assert record["observe"] == "tail" and record["split"] == "all"
+    config = {**CONFIG, "modes": ["compress_once"]}
+    del config["observe"]
+    meta = {"model": "m", "model_shape": {"layers": 1, "q_heads": 1, "kv_heads": 1, "head_dim": 1},
+            "dtype": "float32", "transformers": "t", "torch": "t", "machine": "m", "wall_seconds": 60,
+            "config": config}
+    assert "| tail · lava | 0.30 [0.00, 1.00] |" in markdown([old], meta, "cmd", None)
+
+
+@pytest.mark.model
+def test_every_source_and_split_is_recorded(runtime, tmp_path):
+    # A 160-token document with two planted facts: one question at compression, one later.
+    config = QualityConfig(contexts=[160], questions=[2], policies=["lava", "streamingllm"], keep_ratios=[0.5],
+                           modes=["compress_once"], tasks=["retrieval"], observe=SOURCES, facts_per_document=[2],
+                           retrieval_answer_tokens=4)
+    result = QualityBenchmark(runtime, config).run(progress=False)
+    cells = {(r["observe"], r["split"], r["policy"]) for r in result["records"]}
+    assert cells == {(source, split, policy) for source in SOURCES for split in ("at_compression", "later", "all")
+                     for policy in ("full", "lava", "streamingllm")}
+    assert all(r["n_questions"] == (2 if r["split"] == "all" else 1) for r in result["records"])
+    assert {"prefill", "branches", "reconstruct"} <= set(result["meta"]["model_seconds"])
+    paths = write_quality_report(result, tmp_path, "pytest")
+    assert json.loads(paths[0].read_text())[0]["observe"] in SOURCES

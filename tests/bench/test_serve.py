@@ -1,0 +1,287 @@
+"""The serving benchmark's pure parts: workload, statistics, summary and report (no server)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lava_sglang.bench.documents import Document, Question, prompt_parts
+from lava_sglang.bench.serve import (MEMORY_BOUND, ServeConfig, add_arguments, check_loopback, config_from_args,
+                                     memory_bound_capacity, policy_server_args)
+from lava_sglang.bench.serve_report import comparison, markdown, write_serving_report
+from lava_sglang.bench.serve_workload import (MISS_SLACK, Visit, build_workload, is_correct, is_miss,
+                                              latency_summary, percentile, program_inputs, store_peaks, summarize,
+                                              visit_records)
+
+# --- workload -----------------------------------------------------------------------------------
+
+
+def test_grouped_workload_asks_each_document_in_one_program_by_default():
+    visits = build_workload([3, 2], questions_per_visit=0, order="grouped")
+    assert [(v.document, v.questions, v.round) for v in visits] == [(0, (0, 1, 2), 0), (1, (0, 1), 0)]
+    assert [v.index for v in visits] == [0, 1]
+
+
+def test_interleaved_workload_brings_every_document_back_after_all_the_others():
+    visits = build_workload([4, 4, 3], questions_per_visit=2, order="interleaved")
+    assert [(v.document, v.round) for v in visits] == [(0, 0), (1, 0), (2, 0), (0, 1), (1, 1), (2, 1)]
+    assert [v.questions for v in visits] == [(0, 1), (0, 1), (0, 1), (2, 3), (2, 3), (2,)]
+    # Every question asked exactly once.
+    asked = sorted((v.document, q) for v in visits for q in v.questions)
+    assert asked == [(d, q) for d, n in enumerate([4, 4, 3]) for q in range(n)]
+
+
+def test_documents_get_their_facts_cycled_to_the_question_count():
+    from lava_sglang.bench.serve import make_documents
+
+    class Tokenizer:  # a word is a token
+        def __call__(self, text):
+            return type("Encoding", (), {"input_ids": text.split()})()
+
+    documents = make_documents(Tokenizer(), ServeConfig(documents=2, questions=22, context=4000, seed=1))
+    assert len(documents) == 2 and all(len(d.questions) == 22 for d in documents)
+    for document in documents:
+        assert all(q.answer in document.text for q in document.questions)
+        assert len({q.text for q in document.questions}) == 20  # at most 20 facts, then cycled
+        assert document.questions[20] is document.questions[0]
+    assert documents[0].text != documents[1].text
+
+
+def test_workload_rejects_bad_input():
+    with pytest.raises(ValueError, match="order"):
+        build_workload([2], 1, "random")
+    with pytest.raises(ValueError, match="question"):
+        build_workload([2, 0], 1, "grouped")
+    with pytest.raises(ValueError, match="questions_per_visit"):
+        build_workload([2], -1, "grouped")
+
+
+def _document() -> Document:
+    return Document("Some text. The special code for amber falcon is 1234567.",
+                    [Question("What is the special code for amber falcon?", "1234567"),
+                     Question("What is the special code for jade otter?", "7654321")])
+
+
+def test_program_inputs_share_one_prefix():
+    document = _document()
+    prefix, suffixes = program_inputs(document, Visit(0, 0, (1, 0), 0))
+    assert prefix == prompt_parts(document.text, "")[0]
+    assert suffixes == [prompt_parts("", document.questions[q].text)[1] for q in (1, 0)]
+    assert all(prefix + s == "".join(prompt_parts(document.text, document.questions[q].text))
+               for s, q in zip(suffixes, (1, 0)))
+
+
+def test_grading_and_misses():
+    assert is_correct(" The code is 1234567.", "1234567") is True
+    assert is_correct("123456", "1234567") is False
+    assert is_correct("anything", None) is None
+    assert not is_miss(1000, 999, 1000)  # the last prompt token is always recomputed
+    assert not is_miss(1000, 1000 - MISS_SLACK, 1000)
+    assert is_miss(1000, 1000 - MISS_SLACK - 1, 1000)
+    assert is_miss(1030, 0, 1000)
+    assert not is_miss(None, 0, 1000)
+
+
+def test_memory_bound_defaults_and_capacity():
+    parser = add_arguments(__import__("argparse").ArgumentParser())
+    config = config_from_args(parser.parse_args(["--memory-bound"]))
+    assert config.policies == MEMORY_BOUND["policies"] and config.order == "interleaved"
+    assert (config.documents, config.questions, config.questions_per_visit) == (8, 6, 2)
+    config = config_from_args(parser.parse_args(["--memory-bound", "--documents", "5", "--order", "grouped"]))
+    assert (config.documents, config.order) == (5, "grouped")
+    plain = config_from_args(parser.parse_args([]))
+    assert len(plain.policies) == 6 and plain.order == "grouped" and plain.questions_per_visit == 0
+    assert memory_bound_capacity([1000, 1100], 3) == 3584  # 3 * 1100 + 256, rounded up to 64
+    assert memory_bound_capacity([1000, 1100], 3) % 64 == 0
+
+
+def test_server_args_and_validation():
+    config = ServeConfig(budget=0.2, server_args=["--kv-window", "64"])
+    args = policy_server_args("lava", config, 4096, cuda=False)
+    assert args[:2] == ["--kv-policy", "lava"] and "--kv-budget" in args and args[-2:] == ["--kv-window", "64"]
+    assert args[args.index("--max-total-tokens") + 1] == "4096" and "float32" in args
+    none = policy_server_args("none", config, None, cuda=True)
+    assert "--kv-budget" not in none and "--max-total-tokens" not in none and "--dtype" not in none
+    check_loopback("http://127.0.0.1:30000")
+    check_loopback("http://localhost:8000")
+    check_loopback("http://[::1]:8000")
+    with pytest.raises(ValueError, match="loopback"):
+        check_loopback("http://10.0.0.2:30000")
+    with pytest.raises(ValueError, match="policies"):
+        ServeConfig(policies=["full"]).validate()
+    with pytest.raises(ValueError, match="budget"):
+        ServeConfig(budget=1.5).validate()
+
+
+# --- statistics -----------------------------------------------------------------------------------
+
+
+def test_percentiles_match_numpy_linear():
+    numpy = pytest.importorskip("numpy")
+    values = [0.3, 1.2, 0.1, 5.0, 2.2, 0.9, 0.4]
+    for q in (0, 50, 90, 99, 100):
+        assert percentile(values, q) == pytest.approx(float(numpy.percentile(values, q)))
+    assert percentile([], 50) is None
+    assert percentile([2.0], 99) == 2.0
+    with pytest.raises(ValueError):
+        percentile([1.0], 101)
+
+
+def test_latency_summary_skips_missing_values():
+    summary = latency_summary([1.0, None, 3.0])
+    assert summary == {"p50": 2.0, "p90": pytest.approx(2.8), "p99": pytest.approx(2.98), "mean": 2.0, "n": 2}
+    assert latency_summary([])["p50"] is None
+
+
+def _store(entries, available, slots=0, stored=0):
+    return {"entries": entries, "pool_available": available, "borrowed_slots": slots, "bytes_stored": stored,
+            "prefix_tokens": 0, "compressions": 0, "compress_seconds": 0.0}
+
+
+def test_store_peaks():
+    samples = [{"store": _store(0, 4000)}, {"store": _store(2, 3000, 40, 800), "running_tokens": 500},
+               {"store": _store(1, 3500, 20, 400), "running_tokens": 200}]
+    peaks = store_peaks(samples, capacity=4096, bytes_per_token=10.0)
+    assert peaks["peak_pool_used_tokens"] == 1096 and peaks["peak_kv_bytes"] == 10960.0
+    assert (peaks["peak_store_entries"], peaks["peak_store_slots"], peaks["peak_store_bytes"]) == (2, 40, 800)
+    assert peaks["mean_store_entries"] == 1.0 and peaks["peak_running_tokens"] == 500
+    assert peaks["peak_tree_tokens"] == 0
+    stock = store_peaks([{"running_tokens": 7}, {}], capacity=4096, bytes_per_token=10.0)
+    assert stock["peak_pool_used_tokens"] is None and stock["peak_running_tokens"] == 7
+    assert stock["peak_store_entries"] is None and stock["peak_tree_tokens"] is None
+    # Pool counters without a store (stock SGLang, where the plugin reports them).
+    pool = store_peaks([{"store": {"pool_available": 1000, "evictable": 2500, "protected": 500}}], 4096, 10.0)
+    assert pool["peak_pool_used_tokens"] == 3096 and pool["peak_tree_tokens"] == 3000
+    assert pool["peak_store_entries"] is None
+
+
+def _calls(document: Document, visit: Visit, cached_commit: int, cached_question: int) -> list[dict]:
+    prefix, suffixes = program_inputs(document, visit)
+    calls = [{"kind": "commit", "seconds": 1.5, "meta_info": {"prompt_tokens": 1000, "cached_tokens": cached_commit}}]
+    for k, suffix in enumerate(reversed(suffixes)):  # branches finish in any order
+        calls.append({"kind": "gen", "text": prefix + suffix, "ttft": 0.1 * (k + 1), "e2e": 1.0 + k,
+                      "meta_info": {"prompt_tokens": 1020, "cached_tokens": cached_question,
+                                    "completion_tokens": 9, "e2e_latency": 0.9}})
+    return calls
+
+
+def synthetic_run(policy: str, hit_on_revisit: bool, correct: bool, wall: float, entries: int | None):
+    """Two documents visited twice each (interleaved), two questions per visit."""
+    documents = [_document(), _document()]
+    for doc in documents:
+        doc.questions = doc.questions * 2
+    visits = build_workload([4, 4], 2, "interleaved")
+    visit_rows, question_rows = [], []
+    for visit in visits:
+        cached = 999 if (visit.round > 0 and hit_on_revisit) else 0
+        document = documents[visit.document]
+        answers = [(" 1234567" if correct else " 42") if document.questions[q].answer == "1234567"
+                   else " 7654321" for q in visit.questions]
+        row, questions = visit_records(visit, documents[visit.document], 1000,
+                                       _calls(documents[visit.document], visit, cached, 999), answers, 2.0)
+        visit_rows.append(row)
+        question_rows.extend(questions)
+    samples = [] if entries is None else [{"store": _store(entries, 3000, 60, 6000)}]
+    final = None if entries is None else {**_store(entries, 3000, 60, 6000), "compressions": 2,
+                                          "compress_seconds": 0.5}
+    return summarize(policy, visit_rows, question_rows, samples, final, wall, 4096, 100.0, 2, truncated=False)
+
+
+def test_visit_records_match_branches_to_questions():
+    document = _document()
+    visit = Visit(3, 0, (0, 1), 1)
+    row, questions = visit_records(visit, document, 1000, _calls(document, visit, 0, 999), [" 1234567", " 1"], 2.5)
+    assert row == {"visit": 3, "document": 0, "round": 1, "questions": 2, "prefix_tokens": 1000, "seconds": 2.5,
+                   "commit_seconds": 1.5, "commit_prompt_tokens": 1000, "commit_cached_tokens": 0}
+    assert [q["correct"] for q in questions] == [True, False]
+    # Question 0's call is the last one recorded (reversed), with ttft 0.2.
+    assert [q["ttft"] for q in questions] == [0.2, 0.1]
+    assert all(q["cached_tokens"] == 999 and q["server_e2e"] == 0.9 for q in questions)
+    # The same question twice in one visit: each gets its own call.
+    document.questions = [document.questions[0]] * 2
+    _, twice = visit_records(visit, document, 1000, _calls(document, visit, 0, 999), ["a", "b"], 1.0)
+    assert sorted(q["ttft"] for q in twice) == [0.1, 0.2]
+
+
+def test_summary_counts_recomputations_hits_and_throughput():
+    stock = synthetic_run("none", hit_on_revisit=False, correct=True, wall=40.0, entries=None)
+    lava = synthetic_run("lava", hit_on_revisit=True, correct=False, wall=10.0, entries=2)
+    assert (stock["visits"], stock["questions"]) == (4, 8)
+    assert stock["document_prefills"] == 4 and stock["recomputations"] == 2 and stock["revisit_hit_rate"] == 0.0
+    assert lava["document_prefills"] == 2 and lava["recomputations"] == 0 and lava["revisit_hit_rate"] == 1.0
+    assert stock["accuracy"] == 1.0 and lava["accuracy"] == 0.5
+    assert stock["question_throughput"] == 8 / 40 and lava["question_throughput"] == 8 / 10
+    # cached share: 4 commits of 1000 tokens (2 hit 999) + 8 questions of 1020 (999 each)
+    assert lava["cached_token_share"] == pytest.approx((2 * 999 + 8 * 999) / (4 * 1000 + 8 * 1020))
+    assert lava["compress_seconds_per_document"] == 0.25 and stock["compress_seconds_per_document"] is None
+    assert lava["documents_resident"] == 2 and lava["documents_resident_source"].startswith("peak")
+    assert stock["documents_resident"] == 2 and stock["documents_resident_source"].startswith("upper")
+    assert lava["peak_kv_bytes"] == (4096 - 3000) * 100.0 and stock["peak_kv_bytes"] is None
+    assert lava["ttft"]["n"] == 8 and lava["e2e"]["p50"] is not None
+
+
+# --- report ---------------------------------------------------------------------------------------
+
+
+def synthetic_result() -> dict:
+    records = [synthetic_run("none", False, True, 40.0, None), synthetic_run("lava", True, True, 10.0, 2)]
+    meta = {
+        "model": "SmolLM2", "device": "CPU (SGLang CPU engine)", "machine": "x86_64, 2 CPUs",
+        "versions": {"sglang": "0.5.23", "torch": "2.x"}, "wall_seconds": 120.0, "command": "lava-sglang bench serve",
+        "servers": {"none": {"args": ["--kv-policy", "none"]}, "lava": {"args": ["--kv-policy", "lava"]}},
+        "workload": {"documents": 2, "questions_per_document": 4, "questions_per_visit": 2, "visits": 4,
+                     "order": "interleaved", "clients": 2, "max_tokens": 16, "context_tokens": 1024,
+                     "document_tokens": [1000, 1000], "seed": 0, "budget": 0.2, "max_total_tokens": 4096,
+                     "memory_bound": True, "resident_documents": 3, "max_seconds": 600, "miss_slack_tokens": 64},
+    }
+    return {"records": records, "meta": meta}
+
+
+def test_comparison_against_the_targets():
+    result = synthetic_result()
+    compared = comparison(result["records"])
+    assert compared["question_throughput_ratio"] == pytest.approx(4.0)
+    assert compared["documents_resident_ratio"] == 1.0 and compared["accuracy_points"] == 0.0
+    assert compared["met"] == {"documents_resident": False, "question_throughput": True, "accuracy": True}
+    assert comparison(result["records"][:1]) is None
+
+
+def test_report_writer(tmp_path):
+    result = synthetic_result()
+    paths = write_serving_report(result, tmp_path, "serving")
+    assert [p.name for p in paths] == ["serving.json", "serving.md", "serving.png"]
+    assert all(p.stat().st_size > 0 for p in paths)
+    saved = json.loads(paths[0].read_text())
+    assert [r["policy"] for r in saved["records"]] == ["none", "lava"]
+    assert saved["meta"]["workload"]["documents"] == 2 and "comparison" in saved
+    text = paths[1].read_text()
+    assert "| none |" in text and "| lava |" in text and "memory-bound" in text
+    assert "Question throughput: 4.00x" in text and "<= 2" in text
+    assert paths[2].read_bytes()[:4] == b"\x89PNG"
+    # --report-only rebuilds the same markdown from the JSON.
+    assert markdown(saved, "serving") == text
+
+
+def test_documents_resident_from_pool_counters_when_no_store():
+    record = synthetic_run("none", hit_on_revisit=False, correct=True, wall=40.0, entries=None)
+    assert record["documents_resident_source"].startswith("upper")
+    document = _document()
+    visit = Visit(0, 0, (0,), 0)
+    row, questions = visit_records(visit, document, 1000, _calls(document, visit, 0, 999), [" 1234567"], 1.0)
+    samples = [{"store": {"pool_available": 1000, "evictable": 2100, "protected": 900}}]
+    pooled = summarize("none", [row], questions, samples, None, 5.0, 4096, 10.0, 4, truncated=False)
+    assert pooled["documents_resident"] == 3 and pooled["documents_resident_source"].startswith("peak radix")
+    assert pooled["peak_pool_used_tokens"] == 3096 and pooled["compressions"] is None
+
+
+def test_report_only_rebuilds_from_the_json_with_notes(tmp_path):
+    from lava_sglang.bench.serve import main
+
+    write_serving_report(synthetic_result(), tmp_path, "serving_memory_bound")
+    (tmp_path / "serving_memory_bound.md").unlink()
+    (tmp_path / "serving_memory_bound_notes.md").write_text("Measured on a busy machine.\n")
+    assert main(["--memory-bound", "--report-only", "--out", str(tmp_path)]) == 0
+    text = (tmp_path / "serving_memory_bound.md").read_text()
+    assert "## Reading the results" in text and "Measured on a busy machine." in text
+    assert main(["--url", "http://10.1.2.3:30000", "--out", str(tmp_path)]) == 2  # loopback only

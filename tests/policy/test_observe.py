@@ -1,0 +1,168 @@
+"""Observation sources (docs/observe.md): window combination, branch windows, repetition scores."""
+
+import math
+
+import pytest
+import torch
+
+from lava_sglang.policy import (Branches, ObservationWindow, PlanBuilder, Reconstruct, combine_window_masses,
+                                compress_plan, make_observe, make_policy, repeat_attention_max)
+from lava_sglang.policy.scores import pool_scores, prefix_attention_mass, window_attention_mass
+
+
+def test_combination_normalises_each_window_then_takes_the_max_or_mean():
+    # Window a: heads total 4 and 4 (mean 4); window b: 2 and 2 (mean 2).
+    a = torch.tensor([[1.0, 3.0], [0.0, 4.0]])
+    b = torch.tensor([[2.0, 0.0], [2.0, 0.0]])
+    # a / 4 = [[.25, .75], [0, 1]]; b / 2 = [[1, 0], [1, 0]].
+    assert torch.allclose(combine_window_masses([a, b], "max"), torch.tensor([[1.0, 0.75], [1.0, 1.0]]))
+    assert torch.allclose(combine_window_masses([a, b], "mean"), torch.tensor([[0.625, 0.375], [0.5, 0.5]]))
+
+
+def test_normalisation_keeps_the_ratio_between_heads_of_one_window():
+    mass = torch.tensor([[1.0, 1.0], [3.0, 3.0]])  # head 1 pays three times head 0's attention
+    combined = combine_window_masses([mass], "max")
+    assert torch.allclose(combined, mass / 4.0)
+
+
+def test_branch_window_sees_the_whole_prefix_and_its_own_tokens_causally():
+    # Zero queries spread attention evenly over what they see: query 0 sees 4 prefix keys and
+    # 1 own key (1/5 each), query 1 sees 4 + 2 (1/6 each); the mean is (1/5 + 1/6) / 2 = 11/60.
+    queries = torch.zeros(2, 2, 4)  # Hq = 2, r = 2
+    prefix_keys = torch.randn(1, 4, 4)
+    own_keys = torch.randn(1, 2, 4)
+    mass = prefix_attention_mass(queries, prefix_keys, own_keys, 3, "max")
+    assert mass.shape == (1, 3)
+    assert torch.allclose(mass, torch.full((1, 3), 11 / 60))
+
+
+def test_a_branch_window_scores_the_prefix_as_query_aware_scoring_does():
+    # Query-aware: the question (s tokens, all of them the window) is appended to the document
+    # and scored as the tail of document + question. Its mass on the document's selectable
+    # tokens is the branch window's mass, exactly.
+    gen = torch.Generator().manual_seed(1)
+    doc_len, question_len, tail = 30, 6, 4
+    doc_keys = torch.randn(2, doc_len, 8, generator=gen)
+    question_keys = torch.randn(2, question_len, 8, generator=gen)
+    queries = torch.randn(6, question_len, 8, generator=gen)
+    query_aware = window_attention_mass(queries, torch.cat([doc_keys, question_keys], dim=1), "max")
+    branch = ObservationWindow(queries, own_keys=question_keys).mass(doc_keys, doc_len - tail, "max")
+    torch.testing.assert_close(branch, query_aware[:, : doc_len - tail])
+
+
+def random_prefix(num_layers=2, num_q_heads=4, num_kv_heads=2, seq_len=40, window=8, head_dim=8, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = [torch.randn(num_q_heads, window, head_dim, generator=gen) for _ in range(num_layers)]
+    k = [torch.randn(num_kv_heads, seq_len, head_dim, generator=gen) for _ in range(num_layers)]
+    v = [torch.randn(num_kv_heads, seq_len, head_dim, generator=gen) for _ in range(num_layers)]
+    branches = [[ObservationWindow(torch.randn(num_q_heads, 5, head_dim, generator=gen),
+                                   own_keys=torch.randn(num_kv_heads, 7, head_dim, generator=gen))
+                 for _ in range(2)] for _ in range(num_layers)]
+    return q, k, v, branches
+
+
+def build(policy, observe, layers, budget=16, window=8):
+    builder = PlanBuilder(make_policy(policy, window=window), budget, seq_len=layers[1][0].shape[1],
+                          num_layers=len(layers[0]), num_kv_heads=layers[1][0].shape[0], observe=observe)
+    for windows, keys, values in zip(*layers):
+        builder.add_layer_windows(windows, keys, values)
+    return builder.finish()
+
+
+def same_plan(a, b) -> bool:
+    return a.head_budgets == b.head_budgets and all(
+        torch.equal(x, y) for la, lb in zip(a.kept, b.kept) for x, y in zip(la, lb))
+
+
+@pytest.mark.parametrize("policy", ["lava", "snapkv", "ada_snapkv", "streamingllm"])
+def test_the_tail_window_alone_gives_the_tail_plan_under_either_source(policy):
+    q, k, v, _ = random_prefix()
+    tail_plan = compress_plan(policy, q, k, v, 16, window=8)
+    windows = [[ObservationWindow(layer_q)] for layer_q in q]
+    assert same_plan(build(policy, "tail", (windows, k, v)), tail_plan)
+    assert same_plan(build(policy, Branches(), (windows, k, v)), tail_plan)
+
+
+def test_branches_plan_is_lava_on_the_combined_mass():
+    q, k, v, branches = random_prefix()
+    windows = [[ObservationWindow(layer_q)] + layer_branches for layer_q, layer_branches in zip(q, branches)]
+    plan = build("lava", Branches(combine="max"), (windows, k, v))
+    policy = make_policy("lava", window=8)
+    expected = PlanBuilder(policy, 16, seq_len=40, num_layers=2, num_kv_heads=2)
+    for layer_windows, keys, values in zip(windows, k, v):
+        mass = combine_window_masses([w.mass(keys, 32, "max") for w in layer_windows], "max")
+        scores = pool_scores(mass, 7) * values[:, :32].abs().sum(-1).amax(-1)[:, None]
+        expected.add_layer_scores(policy.scores_from_mass(mass, values))
+        torch.testing.assert_close(policy.scores_from_mass(mass, values).scores, scores)
+    assert same_plan(plan, expected.finish())
+    assert not same_plan(plan, compress_plan("lava", q, k, v, 16, window=8))
+
+
+def test_branches_without_the_tail_scores_by_the_branches_alone():
+    q, k, v, branches = random_prefix()
+    with_tail = [[ObservationWindow(layer_q)] + layer_branches for layer_q, layer_branches in zip(q, branches)]
+    assert same_plan(build("snapkv", Branches(include_tail=False), (with_tail, k, v)),
+                     build("snapkv", Branches(), (branches, k, v)))
+
+
+def test_repeat_scores_reduce_the_group_and_scale_by_the_value_norm():
+    # One KV head, two query heads; the repetition's max attention per query head.
+    repeat = torch.tensor([[0.1, 0.5, 0.2, 0.0], [0.3, 0.1, 0.1, 0.0]])
+    values = torch.ones(1, 6, 2)
+    values[0, 0] = 3.0  # L1 norm 6 at token 0: vbar = 6
+    for policy, expected in (("lava", [[0.3, 0.5, 0.2, 0.0]]), ("snapkv", [[0.2, 0.3, 0.15, 0.0]])):
+        builder = PlanBuilder(make_policy(policy, window=2, pool_kernel=1), 3, seq_len=6, num_layers=1,
+                              num_kv_heads=1, observe="reconstruct")
+        builder.add_layer_repeat(repeat, values)
+        plan = builder.finish()
+        scale = 6.0 if policy == "lava" else 1.0
+        best = int(torch.tensor(expected).argmax())
+        assert plan.kept[0][0].tolist() == [best, 4, 5]
+        assert plan.layer_entropy[0] == pytest.approx(
+            float(-(p := torch.tensor(expected[0]) * scale / (torch.tensor(expected[0]) * scale).sum())[p > 0]
+                  .mul(p[p > 0].log()).sum() / math.log(4)), rel=1e-5)
+
+
+def test_repeat_attention_max_is_over_queries_and_chunks_combine_by_max():
+    probs = torch.tensor([[[0.1, 0.9], [0.7, 0.3]]])  # [Hq=1, T=2, m=2]
+    assert repeat_attention_max(probs).tolist() == [[pytest.approx(0.7), pytest.approx(0.9)]]
+
+
+class TestBadInput:
+    def test_unknown_source_and_bad_options(self):
+        with pytest.raises(ValueError, match=r"observe must be one of \['branches', 'reconstruct', 'tail'\]"):
+            make_observe("bogus")
+        with pytest.raises(ValueError, match="combine must be one of"):
+            make_observe("branches", combine="sum")
+        with pytest.raises(ValueError, match="chunk_tokens must be an int >= 1"):
+            make_observe("reconstruct", chunk_tokens=0)
+        with pytest.raises(ValueError, match="include_tail must be a bool"):
+            Branches(include_tail=1).validate()
+
+    def test_methods_must_match_the_source(self):
+        q, k, v, branches = random_prefix(num_layers=1)
+        tail = PlanBuilder(make_policy("lava", window=8), 16, seq_len=40, num_layers=1, num_kv_heads=2)
+        with pytest.raises(ValueError, match="observe 'tail' takes exactly the tail window"):
+            tail.add_layer_windows([ObservationWindow(q[0])] + branches[0], k[0], v[0])
+        with pytest.raises(ValueError, match="add_layer_repeat needs observe 'reconstruct'"):
+            tail.add_layer_repeat(torch.zeros(4, 32), v[0])
+        repeat = PlanBuilder(make_policy("lava", window=8), 16, seq_len=40, num_layers=1, num_kv_heads=2,
+                             observe=Reconstruct())
+        with pytest.raises(ValueError, match="use add_layer_repeat"):
+            repeat.add_layer(q[0], k[0], v[0])
+        with pytest.raises(ValueError, match=r"repeat_attention\[0\] must be \[Hq"):
+            repeat.add_layer_repeat(torch.zeros(4, 31), v[0])
+        with pytest.raises(ValueError, match="observe must be one of"):
+            PlanBuilder(make_policy("lava"), 16, seq_len=40, num_layers=1, num_kv_heads=2, observe="query")
+
+    def test_window_shapes(self):
+        q, k, v, branches = random_prefix(num_layers=1)
+        builder = PlanBuilder(make_policy("lava", window=8), 16, seq_len=40, num_layers=1, num_kv_heads=2,
+                              observe=Branches())
+        with pytest.raises(ValueError, match="at most one"):
+            builder.add_layer_windows([ObservationWindow(q[0]), ObservationWindow(q[0])], k[0], v[0])
+        short = ObservationWindow(branches[0][0].queries, own_keys=branches[0][0].own_keys[:, :3])
+        with pytest.raises(ValueError, match=r"own_keys\[0\] must be \[Hkv=2, s >= r=5"):
+            builder.add_layer_windows([ObservationWindow(q[0]), short], k[0], v[0])
+        with pytest.raises(ValueError, match="non-empty sequence of ObservationWindow"):
+            builder.add_layer_windows([], k[0], v[0])
