@@ -63,8 +63,10 @@ def _around_from_cli_args(original, cls, args):
 
 
 def _before_validate_request(tokenizer_manager, obj, input_ids, *args, **kwargs):
-    """Stock SGLang 0.5.23 lets a token id outside the vocabulary reach the embedding, where it
-    kills the scheduler and every request with it; reject it (HTTP 400) instead."""
+    """Stock SGLang 0.5.23 lets an empty prompt, or a token id outside the vocabulary, reach
+    the model, where it kills the scheduler and every request with it; reject them (HTTP 400)."""
+    if input_ids is not None and len(input_ids) == 0:
+        raise ValueError("the prompt is empty: a request needs at least one input token")
     vocab_size = tokenizer_manager.model_config.vocab_size
     bad = next((token for token in input_ids or () if not 0 <= token < vocab_size), None)
     if bad is not None:

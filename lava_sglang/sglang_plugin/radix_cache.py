@@ -21,6 +21,9 @@ second request matches in the ordinary tree is compressed too: that request's ma
 `window` tokens short, so it recomputes the prefix's last `window` tokens (their queries are
 the observation window); when it finishes, the whole shared prefix becomes a compressed node,
 the ordinary nodes below it move under that node, and the full-length copy is freed.
+
+A prefix is compressed only while no request runs on its full copy (otherwise a later
+request retries), so a compressed node never coexists with its own full-length copy.
 """
 
 from __future__ import annotations
@@ -34,7 +37,7 @@ import torch
 from lava_sglang.sglang_plugin.compressor import WindowCapture, plan_prefix, store_prefix
 from lava_sglang.sglang_plugin.config import FORK, SHARED, KvPolicyConfig
 from lava_sglang.sglang_plugin.metrics import StoreMetrics
-from lava_sglang.sglang_plugin.touchpoints import radix_cache_api
+from lava_sglang.sglang_plugin.touchpoints import commit_deferred_frees, radix_cache_api
 from lava_sglang.store import CellLayout, CompressedStore, StoreEntry, slots_needed
 
 (RadixCache, RadixKey, TreeNode, EvictParams, EvictResult, IncLockRefResult, DecLockRefResult,
@@ -256,29 +259,28 @@ class LavaRadixCache(RadixCache):
             logger.info("lava: prefix of %d tokens is not in the tree (%d cached); not compressed",
                         len(full_key), slots.numel())
             return
-        node = self._compress_path(req, full_key[:len(full_key) - 1], slots, last_node)
-        if node is not None:
+        if last_node.lock_ref > 0:
+            logger.info("lava: requests still run on the %d-token prefix; compressed when a later one commits it",
+                        len(full_key))
+            return
+        if self._compress_path(req, full_key[:len(full_key) - 1], slots, last_node) is not None:
             self._free_uncompressed_path(last_node)
 
     def _compress_shared_prefix(self, req, prefix_key) -> None:
-        """Compress a prompt prefix the request shared with an earlier one. When no request
-        runs on it, the ordinary nodes below it (the requests' own tokens) move under the
-        compressed node and the full-length copy is freed; otherwise the copy stays until LRU
-        eviction takes it (new requests already prefer the compressed node)."""
+        """Compress a prompt prefix the request shared with an earlier one; the ordinary nodes
+        below it (the requests' own tokens) move under the compressed node and the full copy
+        is freed. Skipped while other requests run on the prefix (a later sharer retries), so
+        a compressed prefix never coexists with its own full copy."""
         if self._already_compressed(prefix_key):
             return
         value, last_node = RadixCache._match_prefix_helper(self, self.root_node, prefix_key)
         slots = torch.cat(value) if value else torch.empty(0, dtype=torch.int64)
-        if slots.numel() != len(prefix_key) or not self._exclusive_path(last_node, need_unlocked=False):
-            logger.info("lava: shared prefix of %d tokens is no longer one path of the tree; not compressed",
-                        len(prefix_key))
+        if slots.numel() != len(prefix_key) or not self._exclusive_path(last_node, need_unlocked=True):
+            logger.info("lava: shared prefix of %d tokens is in use or no longer one path of the tree; "
+                        "not compressed now", len(prefix_key))
             return
         node = self._compress_path(req, prefix_key, slots, last_node)
         if node is None:
-            return
-        if not self._exclusive_path(last_node, need_unlocked=True):
-            logger.info("lava: requests still run on the full copy of compressed prefix %d; it is left to eviction",
-                        node.entry.entry_id)
             return
         for child_key, child in last_node.children.items():
             child.parent = node
@@ -350,6 +352,9 @@ class LavaRadixCache(RadixCache):
         shortfall = num_slots - allocator.available_size()
         if shortfall > 0:
             self.evict(EvictParams(num_tokens=shortfall))
+            # Compression runs in on_release, inside the free group SGLang opens while it
+            # processes a batch's results: the slots just evicted are only pending there.
+            commit_deferred_frees(allocator)
         return allocator.alloc(num_slots)
 
     def _free_uncompressed_path(self, node) -> None:

@@ -57,6 +57,14 @@ def kv_write_loc(out_cache_loc, swa_out_cache_loc):
     return KVWriteLoc(out_cache_loc, swa_out_cache_loc)
 
 
+def commit_deferred_frees(allocator) -> None:
+    """Make the frees pending in the allocator's open free group (`free_group_begin` ..
+    `free_group_end`, around a batch's result processing) available now."""
+    if getattr(allocator, "free_group", None) is not None:
+        allocator.free_group_end()
+        allocator.free_group_begin()
+
+
 def hook_registry():
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
