@@ -160,6 +160,40 @@ def test_a_prompt_prefix_is_compressed_once_a_second_request_shares_it(lava_serv
     assert store_stats(url)["compressions"] == compressions + 1
 
 
+def test_requests_racing_over_a_shared_prefix_compress_it_once(lava_server, program_inputs):
+    """Three requests arrive together on a prefix one earlier request left uncompressed: each
+    is cut to observe it; it is compressed once, by the last to finish (before that, the
+    others still run on the full copy)."""
+    url = lava_server.url
+    prefix, suffixes = program_inputs
+    flush(url)
+    compressions = store_stats(url)["compressions"]
+    generate(url, prefix + suffixes[0])
+    with concurrent.futures.ThreadPoolExecutor(3) as clients:
+        results = list(clients.map(lambda suffix: generate(url, prefix + suffix), suffixes[1:]))
+    assert all(result["text"].strip() for result in results)
+    stats = store_stats(url)
+    assert stats["compressions"] == compressions + 1 and stats["entries"] == 1
+    flush(url)
+    assert store_stats(url)["pool_available"] == MAX_TOTAL_TOKENS
+
+
+def test_a_request_diverging_inside_a_compressed_document_recomputes_it(lava_server, program_inputs):
+    """Only part of the compressed prefix matches: the request must not read the compressed
+    node; it recomputes the document and answers as on an empty cache."""
+    url = lava_server.url
+    prefix, suffixes = program_inputs
+    diverging = prefix[:len(prefix) // 2] + suffixes[0]
+    flush(url)
+    on_empty_cache = generate(url, diverging)
+    flush(url)
+    run_program(url, program_inputs)
+    assert store_stats(url)["entries"] == 1
+    after_compression = generate(url, diverging)
+    assert after_compression["meta_info"]["cached_tokens"] == 0
+    assert after_compression["text"] == on_empty_cache["text"]
+
+
 def metric(text: str, name: str) -> float:
     values = [float(value) for value in re.findall(rf"^{re.escape(name)}{{[^}}]*}} (\S+)$", text, re.MULTILINE)]
     assert len(values) == 1, f"{name} not exactly once in /metrics"
