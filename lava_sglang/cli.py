@@ -9,26 +9,14 @@ import sys
 import time
 from pathlib import Path
 
+from lava_sglang.argtypes import keep_ratio, positive_int
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "docs" / "results"
 # The policies that evict (the full cache is the reference every benchmark runs anyway).
 COMPRESSING_POLICIES = ["lava", "snapkv", "ada_snapkv", "pyramidkv", "streamingllm"]
 # What scores a document compressed once (lava_sglang.policy.observe; no torch import here).
 OBSERVE_SOURCES = ["tail", "branches", "reconstruct"]
-
-
-def _ratio(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"keep ratio must be in (0, 1], got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text}")
-    return value
 
 
 def _model_command(args: argparse.Namespace) -> int:
@@ -156,23 +144,23 @@ def build_parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="an SGLang server with --kv-policy: one document, several "
                                             "forked questions, answers next to the full cache's")
     demo.add_argument("--policy", default="lava", choices=COMPRESSING_POLICIES, help="compression policy (default lava)")
-    demo.add_argument("--ratio", type=_ratio, default=0.2, help="keep ratio in (0, 1] (default 0.2)")
-    demo.add_argument("--context", type=_positive_int, default=1024, help="document tokens (default 1024)")
-    demo.add_argument("--facts", type=_positive_int, default=4, help="planted facts to ask about (default 4)")
-    demo.add_argument("--max-new-tokens", type=_positive_int, default=24, help="answer length cap (default 24)")
+    demo.add_argument("--ratio", type=keep_ratio, default=0.2, help="keep ratio in (0, 1] (default 0.2)")
+    demo.add_argument("--context", type=positive_int, default=1024, help="document tokens (default 1024)")
+    demo.add_argument("--facts", type=positive_int, default=4, help="planted facts to ask about (default 4)")
+    demo.add_argument("--max-new-tokens", type=positive_int, default=24, help="answer length cap (default 24)")
     demo.add_argument("--seed", type=int, default=0, help="document seed (default 0)")
     demo.set_defaults(run=_demo_command)
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
     quality = bench.add_parser("quality", help="compress-once and query-aware quality on SmolLM2 (CPU)")
-    quality.add_argument("--contexts", type=_positive_int, nargs="+", default=[2048, 4096],
+    quality.add_argument("--contexts", type=positive_int, nargs="+", default=[2048, 4096],
                          help="document lengths in tokens (default 2048 4096)")
-    quality.add_argument("--questions", type=_positive_int, nargs="+", default=[40, 12],
+    quality.add_argument("--questions", type=positive_int, nargs="+", default=[40, 12],
                          help="questions per task, one count per context (default 40 12)")
     quality.add_argument("--policies", nargs="+", default=list(COMPRESSING_POLICIES), choices=COMPRESSING_POLICIES,
                          metavar="POLICY", help="policies besides the full cache, from "
                          f"{', '.join(COMPRESSING_POLICIES)} (default: all)")
-    quality.add_argument("--ratios", type=_ratio, nargs="+", default=[0.1, 0.2, 0.4],
+    quality.add_argument("--ratios", type=keep_ratio, nargs="+", default=[0.1, 0.2, 0.4],
                          help="keep ratios (default 0.1 0.2 0.4)")
     quality.add_argument("--modes", nargs="+", default=["compress_once", "query_aware"],
                          choices=["compress_once", "query_aware"], help="default: both")
@@ -186,7 +174,7 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--query-aware-splits", nargs="+", default=["at_compression", "later"],
                          choices=["at_compression", "later"], help="question splits query_aware runs on "
                          "(default both)")
-    quality.add_argument("--facts", type=_positive_int, nargs="+", default=[1, 4, 8],
+    quality.add_argument("--facts", type=positive_int, nargs="+", default=[1, 4, 8],
                          help="planted facts per retrieval document, cycled (default 1 4 8)")
     quality.add_argument("--seed", type=int, default=0, help="seed of documents and questions (default 0)")
     quality.add_argument("--out", default=str(RESULTS_DIR), help="output folder (default docs/results)")

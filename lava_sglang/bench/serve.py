@@ -38,6 +38,7 @@ from pathlib import Path
 
 import requests
 
+from lava_sglang.argtypes import keep_ratio, positive_int
 from lava_sglang.bench.serve_workload import (MISS_SLACK, ORDERS, build_workload, program_inputs, summarize,
                                               timed_endpoint, visit_records)
 
@@ -345,39 +346,25 @@ def run_metadata(config: ServeConfig, model_path: str, cuda: bool, servers: dict
 # ----------------------------------------------------------------------------- the CLI
 
 
-def _ratio(text: str) -> float:
-    value = float(text)
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"keep ratio must be in (0, 1], got {text}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text}")
-    return value
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--url", help="benchmark this running server (loopback only) instead of starting one per policy")
     add("--model", help="checkpoint for the servers it starts (default: SmolLM2, `lava-sglang model`)")
     add("--policies", nargs="+", choices=POLICIES, metavar="POLICY",
         help=f"from {', '.join(POLICIES)} (default: all; --memory-bound: none lava)")
-    add("--budget", type=_ratio, default=0.2, help="--kv-budget keep ratio of every policy (default 0.2)")
-    add("--documents", type=_positive_int, help="documents (default 4; --memory-bound: 8)")
-    add("--questions", type=_positive_int, help="questions per document (default 4; --memory-bound: 6)")
+    add("--budget", type=keep_ratio, default=0.2, help="--kv-budget keep ratio of every policy (default 0.2)")
+    add("--documents", type=positive_int, help="documents (default 4; --memory-bound: 8)")
+    add("--questions", type=positive_int, help="questions per document (default 4; --memory-bound: 6)")
     add("--questions-per-visit", type=int, help="questions per fork program; 0: all of a document's in one "
         "(default 0; --memory-bound: 2)")
     add("--order", choices=ORDERS, help="visit order (default grouped; --memory-bound: interleaved)")
-    add("--context", type=_positive_int, default=1024, help="document tokens (default 1024)")
-    add("--clients", type=_positive_int, default=2, help="concurrent clients (default 2)")
-    add("--max-tokens", type=_positive_int, default=16, help="answer length cap (default 16)")
-    add("--max-total-tokens", type=_positive_int,
+    add("--context", type=positive_int, default=1024, help="document tokens (default 1024)")
+    add("--clients", type=positive_int, default=2, help="concurrent clients (default 2)")
+    add("--max-tokens", type=positive_int, default=16, help="answer length cap (default 16)")
+    add("--max-total-tokens", type=positive_int,
         help="KV pool cap passed to every server (default: ServerProcess's; --memory-bound: "
              "resident-documents x document tokens + 256)")
-    add("--resident-documents", type=_positive_int, help="--memory-bound: documents stock SGLang's pool holds "
+    add("--resident-documents", type=positive_int, help="--memory-bound: documents stock SGLang's pool holds "
         "(default 3)")
     add("--memory-bound", action="store_true", help="the memory-bound comparison (see the module doc)")
     add("--max-seconds", type=float, default=900.0, help="workload time per policy, server start excluded; "
