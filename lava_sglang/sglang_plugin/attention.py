@@ -76,30 +76,58 @@ class CompressedPrefixPath:
                                              num_kv_heads=num_kv_heads, scaling=layer.scaling,
                                              use_kernel=queries.is_cuda)
             forward_batch._lava_prefixes = prefixes
-        own_out = queries.new_empty((queries.shape[0], num_q_heads, layer.v_head_dim), dtype=torch.float32)
-        own_lse = queries.new_empty((queries.shape[0], num_q_heads), dtype=torch.float32)
-        k_buffer = _cache.kv_pool.get_key_buffer(layer.layer_id)
-        v_buffer = _cache.kv_pool.get_value_buffer(layer.layer_id)
-        req_to_token = _cache.req_to_token_pool.req_to_token
-        start = 0
-        for row, (entry, prefix_len, extend_len) in enumerate(zip(entries, prefix_lens, extend_lens)):
-            query = queries[start:start + extend_len].view(extend_len, num_kv_heads, -1, head_dim)
-            query = query.permute(1, 2, 0, 3).unsqueeze(0)  # [1, Hkv, G, T, d]
-            own_start = entry.prefix_len if entry is not None else 0
-            seq_len = prefix_len + extend_len
-            slots = req_to_token[forward_batch.req_pool_indices[row], own_start:seq_len]
-            own_keys = k_buffer[slots].transpose(0, 1).unsqueeze(0)
-            own_values = v_buffer[slots].transpose(0, 1).unsqueeze(0)
-            query_pos = torch.arange(prefix_len, seq_len, device=q.device)
-            key_pos = torch.arange(own_start, seq_len, device=q.device)
-            visible = (key_pos[None, :] <= query_pos[:, None]).view(1, 1, 1, extend_len, -1)
-            out, lse = attention_with_lse(query, own_keys, own_values, visible, layer.scaling)
-            own_out[start:start + extend_len] = out[0].permute(2, 0, 1, 3).reshape(extend_len, num_q_heads, -1)
-            own_lse[start:start + extend_len] = lse[0].permute(2, 0, 1).reshape(extend_len, num_q_heads)
-            start += extend_len
+        own_states = _own_states_decode if max(extend_lens) == 1 else _own_states_extend
+        own_out, own_lse = own_states(queries, layer, forward_batch, entries, prefix_lens, extend_lens)
         prefix_out, prefix_lse = prefixes.states(layer.layer_id, queries)
         out, _ = merge_attention_states(prefix_out, prefix_lse, own_out, own_lse)
         return out.to(q.dtype).view(-1, num_q_heads * layer.v_head_dim)
+
+
+def _own_states_extend(queries, layer, forward_batch, entries, prefix_lens, extend_lens):
+    """Each request's attention over its own tokens (its KV row after its compressed prefix,
+    causal), one request at a time: out [tokens, Hq, d], lse [tokens, Hq], fp32."""
+    num_q_heads, num_kv_heads, head_dim = queries.shape[1], layer.tp_k_head_num, queries.shape[2]
+    own_out = queries.new_empty((queries.shape[0], num_q_heads, layer.v_head_dim), dtype=torch.float32)
+    own_lse = queries.new_empty((queries.shape[0], num_q_heads), dtype=torch.float32)
+    k_buffer = _cache.kv_pool.get_key_buffer(layer.layer_id)
+    v_buffer = _cache.kv_pool.get_value_buffer(layer.layer_id)
+    start = 0
+    for row, (entry, prefix_len, extend_len) in enumerate(zip(entries, prefix_lens, extend_lens)):
+        query = queries[start:start + extend_len].view(extend_len, num_kv_heads, -1, head_dim)
+        query = query.permute(1, 2, 0, 3).unsqueeze(0)  # [1, Hkv, G, T, d]
+        own_start = entry.prefix_len if entry is not None else 0
+        seq_len = prefix_len + extend_len
+        slots = _cache.req_to_token_pool.req_to_token[forward_batch.req_pool_indices[row], own_start:seq_len]
+        own_keys = k_buffer[slots].transpose(0, 1).unsqueeze(0)
+        own_values = v_buffer[slots].transpose(0, 1).unsqueeze(0)
+        query_pos = torch.arange(prefix_len, seq_len, device=queries.device)
+        key_pos = torch.arange(own_start, seq_len, device=queries.device)
+        visible = (key_pos[None, :] <= query_pos[:, None]).view(1, 1, 1, extend_len, -1)
+        out, lse = attention_with_lse(query, own_keys, own_values, visible, layer.scaling)
+        own_out[start:start + extend_len] = out[0].permute(2, 0, 1, 3).reshape(extend_len, num_q_heads, -1)
+        own_lse[start:start + extend_len] = lse[0].permute(2, 0, 1).reshape(extend_len, num_q_heads)
+        start += extend_len
+    return own_out, own_lse
+
+
+def _own_states_decode(queries, layer, forward_batch, entries, prefix_lens, extend_lens):
+    """`_own_states_extend` for a decode batch (one query per request, which sees all its
+    own tokens), as one padded batched attention: per-request loops cost more than the
+    attention itself at decode sizes."""
+    num_requests, num_q_heads, head_dim = queries.shape
+    device = queries.device
+    own_starts = torch.tensor([entry.prefix_len if entry is not None else 0 for entry in entries], device=device)
+    seq_lens = torch.tensor(prefix_lens, device=device) + 1
+    own_lens = seq_lens - own_starts
+    positions = torch.arange(int(own_lens.max()), device=device)
+    columns = torch.minimum(own_starts[:, None] + positions[None, :], seq_lens[:, None] - 1)
+    slots = _cache.req_to_token_pool.req_to_token[forward_batch.req_pool_indices[:, None], columns]
+    own_keys = _cache.kv_pool.get_key_buffer(layer.layer_id)[slots].transpose(1, 2)  # [B, Hkv, S, d]
+    own_values = _cache.kv_pool.get_value_buffer(layer.layer_id)[slots].transpose(1, 2)
+    visible = (positions[None, :] < own_lens[:, None]).view(num_requests, 1, 1, 1, -1)
+    query = queries.view(num_requests, layer.tp_k_head_num, -1, 1, head_dim)  # [B, Hkv, G, 1, d]
+    out, lse = attention_with_lse(query, own_keys, own_values, visible, layer.scaling)
+    return out.reshape(num_requests, num_q_heads, -1), lse.reshape(num_requests, num_q_heads)
 
 
 class CompressedPrefixBatch:
@@ -108,8 +136,8 @@ class CompressedPrefixBatch:
     `states(layer, queries)` is every query token's attention over its request's compressed
     prefix: out [tokens, Hq, d] and lse [tokens, Hq], fp32; a request without one gets out 0
     and lse -inf. With `use_kernel` the Triton kernel runs it, one launch per layer, its
-    metadata planned here once per batch (as FlashInfer's wrappers do); otherwise torch, one
-    KV head at a time.
+    metadata planned here once per batch (as FlashInfer's wrappers do); otherwise torch over
+    each entry's heads padded to one length (a decode batch in one call).
     """
 
     def __init__(self, entries: list[StoreEntry | None], extend_lens: list[int], kv_pool, *, num_q_heads: int,
@@ -120,6 +148,9 @@ class CompressedPrefixBatch:
         self.num_kv_heads = num_kv_heads
         self.scaling = scaling
         self.distinct = list({entry.entry_id: entry for entry in entries if entry is not None}.values())
+        position = {entry.entry_id: index for index, entry in enumerate(self.distinct)}
+        # Each request's entry as an index into `self.distinct`; -1: no compressed prefix.
+        self.entry_index = torch.tensor([position[entry.entry_id] if entry is not None else -1 for entry in entries])
         self.kernel = None
         if use_kernel:
             from lava_sglang.kernels.prefix_attention import CompressedPrefixAttention
@@ -173,36 +204,46 @@ class CompressedPrefixBatch:
             torch.cat([values for _, values in rows], out=self.v_store[:cells, 0])
             out, lse = self.kernel.run(queries.contiguous(), self.k_store, self.v_store, layer=layer)
             return out.float(), lse
-        rows_of = {entry.entry_id: entry_rows for entry, entry_rows in zip(self.distinct, rows)}
+        keys, values, visible = self._padded_rows(layer, rows)
         num_tokens, num_q_heads, head_dim = queries.shape
+        if max(self.extend_lens) == 1:  # decode: every request's one query in one call
+            query = queries.view(num_tokens, self.num_kv_heads, -1, 1, head_dim)
+            index = self.entry_index.clamp_min(0)
+            mask = visible[index] & (self.entry_index >= 0)[:, None, None]
+            out, lse = attention_with_lse(query, keys[index], values[index], mask[:, :, None, None], self.scaling)
+            return out.reshape(num_tokens, num_q_heads, head_dim), lse.reshape(num_tokens, num_q_heads)
         out = queries.new_zeros((num_tokens, num_q_heads, head_dim), dtype=torch.float32)
         lse = queries.new_full((num_tokens, num_q_heads), float("-inf"), dtype=torch.float32)
         start = 0
-        for entry, extend_len in zip(self.entries, self.extend_lens):
+        for index, extend_len in zip(self.entry_index.tolist(), self.extend_lens):
             tokens = slice(start, start + extend_len)
             start += extend_len
-            if entry is None:
+            if index < 0:
                 continue
             query = queries[tokens].view(extend_len, self.num_kv_heads, -1, head_dim).permute(1, 2, 0, 3)[None]
-            head_out, head_lse = _attend_compressed(query, *rows_of[entry.entry_id],
-                                                    entry.layout.layer_head_indptr(layer), self.scaling)
+            head_out, head_lse = attention_with_lse(query, keys[index:index + 1], values[index:index + 1],
+                                                    visible[index][None, :, None, None], self.scaling)
             out[tokens] = head_out[0].permute(2, 0, 1, 3).reshape(extend_len, num_q_heads, head_dim)
             lse[tokens] = head_lse[0].permute(2, 0, 1).reshape(extend_len, num_q_heads)
         return out, lse
 
-
-def _attend_compressed(query, keys, values, head_indptr, scaling):
-    """query [1, Hkv, G, T, d] over each KV head's kept rows -> (out, lse) like attention_with_lse."""
-    outs, lses = [], []
-    for head in range(query.shape[1]):
-        rows = slice(int(head_indptr[head]), int(head_indptr[head + 1]))
-        head_keys = keys[rows].view(1, 1, -1, keys.shape[-1])
-        head_values = values[rows].view(1, 1, -1, values.shape[-1])
-        visible = torch.ones((1, 1, 1, 1, head_keys.shape[2]), dtype=torch.bool, device=query.device)
-        out, lse = attention_with_lse(query[:, head:head + 1], head_keys, head_values, visible, scaling)
-        outs.append(out)
-        lses.append(lse)
-    return torch.cat(outs, dim=1), torch.cat(lses, dim=1)
+    def _padded_rows(self, layer: int, rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Each distinct entry's kept rows of `layer` per KV head, padded to one length:
+        keys, values [entries, Hkv, L, d] and visible [entries, Hkv, L] (False on padding)."""
+        lengths = torch.stack([entry.layout.kept_lengths[layer] for entry in self.distinct])  # [E, Hkv]
+        positions = torch.arange(max(int(lengths.max()), 1))
+        visible = positions < lengths[..., None]
+        padded_keys, padded_values = [], []
+        for entry, (entry_keys, entry_values) in zip(self.distinct, rows):
+            head_starts = entry.layout.layer_head_indptr(layer)[:-1]
+            index = (head_starts[:, None] + positions).clamp_max(max(entry_keys.shape[0] - 1, 0))
+            index = index.to(entry_keys.device)
+            if entry_keys.shape[0] == 0:  # a layer that keeps nothing: one masked zero row
+                entry_keys = entry_values = entry_keys.new_zeros((1, entry_keys.shape[-1]))
+            padded_keys.append(entry_keys[index])
+            padded_values.append(entry_values[index])
+        device = padded_keys[0].device
+        return torch.stack(padded_keys), torch.stack(padded_values), visible.to(device)
 
 
 def _batch_entries(forward_batch):

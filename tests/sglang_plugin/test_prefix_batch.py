@@ -62,7 +62,8 @@ def dense_states(queries, entries_rows, extend_lens, layer):
 
 
 @pytest.mark.parametrize("use_kernel", [False, True])
-def test_compressed_prefix_states_match_dense_attention(pool, use_kernel):
+@pytest.mark.parametrize("extend_lens", [[4, 3, 1, 2], [1, 1, 1, 1]], ids=["extend", "decode"])
+def test_compressed_prefix_states_match_dense_attention(pool, use_kernel, extend_lens):
     store = CompressedStore(POOL, "cpu")
     # Per-layer, per-head lengths differ (LAVa); one head keeps nothing in layer 1.
     first, first_rows = add_entry(store, pool, 1, [[5, 9], [0, 12], [7, 3]], seed=1)
@@ -71,7 +72,6 @@ def test_compressed_prefix_states_match_dense_attention(pool, use_kernel):
     # another on the first (an entry read once for two requests).
     entries = [first, None, second, first]
     rows = [first_rows, None, second_rows, first_rows]
-    extend_lens = [4, 3, 1, 2]
     batch = CompressedPrefixBatch(entries, extend_lens, pool, num_q_heads=KV_HEADS * GROUP, num_kv_heads=KV_HEADS,
                                   scaling=SCALING, use_kernel=use_kernel)
     generator = torch.Generator().manual_seed(3)
@@ -81,5 +81,6 @@ def test_compressed_prefix_states_match_dense_attention(pool, use_kernel):
         expected_out, expected_lse = dense_states(queries, rows, extend_lens, layer)
         torch.testing.assert_close(lse, expected_lse, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(out, expected_out, atol=1e-4, rtol=1e-4)
-        assert torch.isneginf(lse[4:7]).all() and (out[4:7] == 0).all()  # the ordinary request
-        assert torch.isneginf(lse[:4, :GROUP]).all() == (layer == 1)  # KV head 0 of layer 1 keeps nothing
+        ordinary = slice(extend_lens[0], sum(extend_lens[:2]))
+        assert torch.isneginf(lse[ordinary]).all() and (out[ordinary] == 0).all()
+        assert torch.isneginf(lse[:extend_lens[0], :GROUP]).all() == (layer == 1)  # head 0 of layer 1 keeps nothing
