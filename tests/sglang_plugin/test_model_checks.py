@@ -1,0 +1,64 @@
+"""The start-up refusals of models and engine states the plugin cannot serve (MLA, sliding
+window, hybrid layers, a window as long as the context, a quantized or unusual KV pool, an
+attention backend without the compressed-prefix path): each names its reason."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+
+from lava_sglang.sglang_plugin.config import ConfigError, KvPolicyConfig
+from lava_sglang.sglang_plugin.plugin import _check_model
+
+
+def server_context(**changes):
+    """A stand-in for SGLang's radix-cache factory context describing SmolLM2 on torch_native;
+    `changes` maps dotted attribute paths to other values."""
+    context = SimpleNamespace(
+        is_hybrid_swa=False, is_hybrid_ssm=False, is_dsa=False,
+        model_config=SimpleNamespace(attention_arch="AttentionArch.MHA", context_len=8192,
+                                     hf_config=SimpleNamespace(sliding_window=None)),
+        tp_worker=SimpleNamespace(model_runner=SimpleNamespace(
+            attn_backend=SimpleNamespace(compressed_prefix_path=object()))),
+    )
+    kv_pool = SimpleNamespace(k_buffer=[], is_quantized_kv_cache=False)
+    context.params = SimpleNamespace(token_to_kv_pool_allocator=SimpleNamespace(get_kvcache=lambda: kv_pool))
+    context.kv_pool = kv_pool
+    for path, value in changes.items():
+        *parents, name = path.split(".")
+        target = context
+        for parent in parents:
+            target = getattr(target, parent)
+        setattr(target, name, value)
+    return context
+
+
+LAVA = KvPolicyConfig(policy="lava")
+
+
+def test_a_supported_model_passes():
+    _check_model(server_context(), LAVA)
+
+
+@pytest.mark.parametrize("changes, reason", [
+    ({"is_hybrid_swa": True}, "hybrid models"),
+    ({"is_hybrid_ssm": True}, "hybrid models"),
+    ({"is_dsa": True}, "hybrid models"),
+    ({"model_config.attention_arch": "AttentionArch.MLA"}, "MLA attention"),
+    ({"model_config.hf_config.sliding_window": 4096}, "sliding-window attention"),
+    ({"model_config.context_len": 32}, "--kv-window 32 must be below the model's context length 32"),
+    ({"kv_pool.is_quantized_kv_cache": True}, "not a plain per-layer K/V pool"),
+    ({"kv_pool.k_buffer": None}, "not a plain per-layer K/V pool"),
+    ({"tp_worker.model_runner.attn_backend": SimpleNamespace()}, "attention backend SimpleNamespace"),
+])
+def test_unsupported_models_are_refused_with_the_reason(changes, reason):
+    with pytest.raises(ConfigError, match=reason) as error:
+        _check_model(server_context(**changes), LAVA)
+    assert str(error.value).startswith("--kv-policy lava: ")
+
+
+def test_a_declared_but_unused_sliding_window_is_accepted():
+    # Qwen2-style configs carry a sliding_window size with use_sliding_window = False.
+    _check_model(server_context(**{"model_config.hf_config": SimpleNamespace(sliding_window=4096,
+                                                                              use_sliding_window=False)}), LAVA)
