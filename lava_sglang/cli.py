@@ -134,6 +134,14 @@ def _serve_command(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def _serve_reference_command(args: argparse.Namespace) -> int:
+    from lava_sglang.bench.serve_reference import run
+
+    for path in run(args.results, model=args.model, progress=not args.no_progress):
+        print(f"wrote {path}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lava-sglang", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -192,6 +200,13 @@ def build_parser() -> argparse.ArgumentParser:
     serve = bench.add_parser("serve", help="multi-question document QA through the real server, per policy")
     add_serve_arguments(serve)
     serve.set_defaults(run=_serve_command)
+
+    from lava_sglang.bench.serve_reference import add_arguments as add_serve_reference_arguments
+
+    serve_reference = bench.add_parser("serve-reference", help="answer a serving run's questions again with the "
+                                       "reference runtime (same documents, policy, cached length) and compare")
+    add_serve_reference_arguments(serve_reference)
+    serve_reference.set_defaults(run=_serve_reference_command)
     return parser
 
 

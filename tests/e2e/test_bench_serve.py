@@ -43,3 +43,11 @@ def test_bench_serve_writes_a_complete_report(smollm2_path, tmp_path):
         assert record[latency]["n"] >= 1 and 0 < record[latency]["p50"] <= record[latency]["p99"]
     assert record["ttft"]["p50"] <= record["e2e"]["p50"]
     assert "| lava |" in (tmp_path / "serving.md").read_text()
+    # The same questions through the reference runtime (same document, plan options and
+    # cached length) give the server's answers: the server reads the plan the reference makes.
+    from lava_sglang.bench.serve_reference import run as run_reference
+
+    json_path, md_path = run_reference(tmp_path / "serving.json", model=str(smollm2_path), progress=False)
+    [summary] = json.loads(json_path.read_text())["summaries"]
+    assert summary["compressed"] == 2 and summary["prompt_tokens_mismatches"] == 0
+    assert summary["identical_answers"] == 2, md_path.read_text()

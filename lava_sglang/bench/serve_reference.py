@@ -1,0 +1,151 @@
+"""The server against the reference runtime: same documents, questions, policy and ratio.
+
+Every question a `bench serve` run answered is answered again by the reference runtime
+(`lava_sglang.reference`: transformers, fp32, no SGLang), reproducing what the server did:
+
+- the document's prefix (the fork program's commit) is prefilled and planned with the
+  server's policy options (budget, window, alpha, pool kernel) over all its n tokens;
+- a question that found m cached tokens on a compressing server read a compressed prefix
+  when m >= n - 1 (SGLang matches at most n - 1 tokens of a prompt, and the plugin stores
+  the plan's rows among those; a compressed node is matched whole or not at all): the
+  reference keeps the plan's rows among the first m tokens and decodes the rest of the
+  question's prompt after them; any other question (a miss, or `--kv-policy none`) saw the
+  full cache, and so does its reference;
+- answers are greedy, as long as the server's (`max_tokens`), stopped at EOS.
+
+Per policy it reports the server's and the reference's accuracy and how many answers are
+identical, into `<results stem>_reference.{json,md}` next to the results file.
+
+    lava-sglang bench serve-reference docs/results/serving.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+from pathlib import Path
+
+from lava_sglang.bench.serve_workload import Visit, is_correct, program_inputs
+from lava_sglang.bench.stats import wilson_interval
+
+NO_COMPRESSION = "none"
+
+
+def reference_answers(runtime, documents, record: dict, max_tokens: int, progress: bool = True) -> list[dict]:
+    """The reference's answer to each of `record`'s questions (one policy's run)."""
+    from tqdm import tqdm
+
+    from lava_sglang.reference import CompressedPrefix
+
+    options = record.get("kv_policy_options") or {}
+    policy = record["policy"] if record["policy"] != NO_COMPRESSION else None
+    captures, prefixes, rows = {}, {}, []
+    tokenizer = runtime.tokenizer
+    for question in tqdm(record["question_records"], desc=f"reference {record['policy']}", disable=not progress):
+        document = documents[question["document"]]
+        prefix_text, (suffix_text,) = program_inputs(document, Visit(0, question["document"], (question["question"],), 0))
+        if question["document"] not in captures:
+            captures[question["document"]] = runtime.prefill(tokenizer(prefix_text).input_ids)
+        capture = captures[question["document"]]
+        prompt_ids = tokenizer(prefix_text + suffix_text).input_ids
+        prefix_len = capture.seq_len
+        cached = question.get("cached_tokens") or 0
+        compressed = policy is not None and cached >= prefix_len - 1
+        keep_len = min(cached, prefix_len) if compressed else prefix_len
+        while keep_len and prompt_ids[:keep_len] != capture.token_ids[:keep_len]:
+            keep_len -= 1  # the question's tokenization differs inside the prefix (never seen so far)
+        key = (question["document"], keep_len, compressed)
+        if key not in prefixes:
+            if compressed:
+                plan = runtime.compress(capture, policy, options["budget"], window=options["window"],
+                                        pool_kernel=options["pool_kernel"], alpha=options["alpha"]).plan
+            else:
+                plan = runtime.full_prefix(capture).plan
+            cut = dataclasses.replace(plan, seq_len=keep_len,
+                                      kept=[[positions[positions < keep_len] for positions in heads]
+                                            for heads in plan.kept])
+            prefixes[key] = CompressedPrefix.from_plan(capture, cut)
+        answer_ids = runtime.generate([prefixes[key]], prompt_ids[keep_len:], max_tokens)[0]
+        answer = tokenizer.decode(answer_ids, skip_special_tokens=True)
+        rows.append({"document": question["document"], "question": question["question"],
+                     "compressed": compressed, "keep_len": keep_len,
+                     "prompt_tokens_match": len(prompt_ids) == question.get("prompt_tokens"),
+                     "server_answer": question["answer"], "reference_answer": answer,
+                     "expected": question["expected"], "server_correct": question["correct"],
+                     "reference_correct": is_correct(answer, question["expected"]),
+                     "identical": answer.strip() == (question["answer"] or "").strip()})
+    return rows
+
+
+def summary(policy: str, rows: list[dict]) -> dict:
+    graded = [row for row in rows if row["expected"] is not None]
+
+    def accuracy(key: str) -> tuple[float, list[float]]:
+        correct = sum(bool(row[key]) for row in graded)
+        return correct / len(graded) if graded else math.nan, list(wilson_interval(correct, len(graded)))
+
+    server, server_ci = accuracy("server_correct")
+    reference, reference_ci = accuracy("reference_correct")
+    return {"policy": policy, "questions": len(rows), "compressed": sum(row["compressed"] for row in rows),
+            "server_accuracy": server, "server_ci95": server_ci,
+            "reference_accuracy": reference, "reference_ci95": reference_ci,
+            "identical_answers": sum(row["identical"] for row in rows),
+            "same_correctness": sum(row["server_correct"] == row["reference_correct"] for row in graded),
+            "prompt_tokens_mismatches": sum(not row["prompt_tokens_match"] for row in rows)}
+
+
+def markdown(results_path: Path, summaries: list[dict], rows: dict[str, list[dict]]) -> str:
+    lines = [f"# Serving vs the reference runtime ({results_path.name})", "",
+             f"Generated by `lava-sglang bench serve-reference {results_path}`: every question of the "
+             "serving run answered again by the reference runtime (transformers, fp32) with the same "
+             "document, policy options and cached length (module docstring of "
+             "`lava_sglang.bench.serve_reference`). Accuracy with its 95% Wilson interval.", "",
+             "| policy | questions | read a compressed prefix | server accuracy | reference accuracy "
+             "| identical answers | same correctness |", "|---|---|---|---|---|---|---|"]
+    for item in summaries:
+        lines.append(
+            f"| {item['policy']} | {item['questions']} | {item['compressed']} "
+            f"| {item['server_accuracy']:.2f} [{item['server_ci95'][0]:.2f}, {item['server_ci95'][1]:.2f}] "
+            f"| {item['reference_accuracy']:.2f} [{item['reference_ci95'][0]:.2f}, {item['reference_ci95'][1]:.2f}] "
+            f"| {item['identical_answers']} / {item['questions']} | {item['same_correctness']} / {item['questions']} |")
+    lines += ["", "## Answers that differ", ""]
+    for policy, policy_rows in rows.items():
+        for row in policy_rows:
+            if not row["identical"]:
+                lines.append(f"- {policy}, document {row['document']}, question {row['question']} "
+                             f"(expected {row['expected']}): server {row['server_answer']!r}; "
+                             f"reference {row['reference_answer']!r}")
+    return "\n".join(lines) + "\n"
+
+
+def run(results_path: Path, model: str | None = None, progress: bool = True) -> list[Path]:
+    from lava_sglang.bench.serve import ServeConfig, make_documents
+    from lava_sglang.reference import ReferenceRuntime
+
+    result = json.loads(results_path.read_text())
+    config_fields = {f.name for f in dataclasses.fields(ServeConfig)}
+    config = ServeConfig(**{k: v for k, v in result["meta"]["config"].items() if k in config_fields})
+    windows = {(record.get("kv_policy_options") or {}).get("window") for record in result["records"]} - {None}
+    if len(windows) > 1:
+        raise ValueError(f"{results_path}: the servers used different windows {sorted(windows)}; check one at a time")
+    runtime = ReferenceRuntime.load(model, window=windows.pop() if windows else 32)
+    documents = make_documents(runtime.tokenizer, config)
+    rows, summaries = {}, []
+    for record in result["records"]:
+        rows[record["policy"]] = reference_answers(runtime, documents, record, config.max_tokens, progress)
+        summaries.append(summary(record["policy"], rows[record["policy"]]))
+        print(json.dumps(summaries[-1]))
+    stem = results_path.with_suffix("")
+    json_path, md_path = Path(f"{stem}_reference.json"), Path(f"{stem}_reference.md")
+    json_path.write_text(json.dumps({"results": str(results_path), "summaries": summaries, "answers": rows},
+                                    indent=1) + "\n")
+    md_path.write_text(markdown(results_path, summaries, rows))
+    return [json_path, md_path]
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("results", type=Path, help="a `lava-sglang bench serve` results file (serving.json)")
+    parser.add_argument("--model", help="checkpoint folder (default: the converted SmolLM2)")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
