@@ -87,11 +87,13 @@ def test_memory_bound_defaults_and_capacity():
     parser = add_arguments(__import__("argparse").ArgumentParser())
     config = config_from_args(parser.parse_args(["--memory-bound"]))
     assert config.policies == MEMORY_BOUND["policies"] and config.order == "interleaved"
-    assert (config.documents, config.questions, config.questions_per_visit) == (8, 6, 2)
-    config = config_from_args(parser.parse_args(["--memory-bound", "--documents", "5", "--order", "grouped"]))
-    assert (config.documents, config.order) == (5, "grouped")
+    assert (config.documents, config.questions, config.questions_per_visit, config.clients) == (10, 8, 2, 1)
+    config = config_from_args(parser.parse_args(["--memory-bound", "--documents", "5", "--order", "grouped",
+                                                 "--clients", "3"]))
+    assert (config.documents, config.order, config.clients) == (5, "grouped", 3)
     plain = config_from_args(parser.parse_args([]))
     assert len(plain.policies) == 6 and plain.order == "grouped" and plain.questions_per_visit == 0
+    assert plain.clients == 2
     assert memory_bound_capacity([1000, 1100], 3) == 3584  # 3 * 1100 + 256, rounded up to 64
     assert memory_bound_capacity([1000, 1100], 3) % 64 == 0
 
