@@ -76,10 +76,10 @@ def markdown(result: dict, stem: str) -> str:
         "/ prompt tokens over every request the programs sent (the prefix commit included). A document "
         f"prefill is a request that found fewer than (document tokens - {work['miss_slack_tokens']}) tokens in "
         "the cache; recomputations are those after the document's first. Documents resident: the compressed "
-        "store's peak entries where the server reports them, else (stock SGLang) pool capacity / document "
-        "tokens, an upper bound. Peak KV: the main pool's peak use (the store's borrowed slots included), "
-        "sampled from /server_info every few seconds (n/a where the server does not report its pool: "
-        "`--kv-policy none`). Latencies in seconds, p50 / p90 / p99, per question, measured by the client "
+        "store's peak entries with a compressing policy; under `--kv-policy none` the radix tree's peak "
+        "tokens / document tokens; for a server without the plugin, pool capacity / document tokens (an upper "
+        "bound). Peak KV: the main pool's peak use (the store's borrowed slots included), sampled from "
+        "/server_info every few seconds (n/a for a server without the plugin). Latencies in seconds, p50 / p90 / p99, per question, measured by the client "
         "(streamed: TTFT is the first chunk); a program's latency includes its prefix commit.",
         "",
         "| policy | accuracy | cached share | docs resident | revisit hit rate | document prefills "

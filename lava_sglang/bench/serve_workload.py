@@ -193,8 +193,9 @@ def is_miss(prompt_tokens: int | None, cached_tokens: int | None, document_token
 def store_peaks(samples: list[dict], capacity: int | None, bytes_per_token: float | None) -> dict:
     """Peaks over the /server_info samples. A sample's `store` holds the pool counters
     (`pool_available`, `evictable`, `protected`) and, with a compressing policy, the
-    compressed store's (`entries`, `borrowed_slots`, `bytes_stored`, ...). Stock SGLang
-    (`--kv-policy none`) reports neither today: those fields are then None."""
+    compressed store's (`entries`, `borrowed_slots`, `bytes_stored`, ...). `--kv-policy none`
+    reports the pool counters only; a server without the plugin reports neither: those
+    fields are then None."""
     pools = [s["store"] for s in samples if s.get("store") and "pool_available" in s["store"]]
     stores = [p for p in pools if "entries" in p]
     running = [s["running_tokens"] for s in samples if s.get("running_tokens") is not None]
@@ -272,8 +273,8 @@ def summarize(policy: str, visits: list[dict], questions: list[dict], samples: l
         record["compressions"] = None
         record["compress_seconds_per_document"] = None
     # Documents resident: the compressed store's entries where the server reports them; else
-    # the radix tree's tokens over the document length where it reports its pool; else (stock
-    # SGLang today) the most full-length copies its pool can hold at once, an upper bound.
+    # the radix tree's tokens over the document length where it reports its pool (--kv-policy
+    # none); else (no plugin) the most full-length copies its pool can hold at once, an upper bound.
     if record["peak_store_entries"] is not None:
         record["documents_resident"] = record["peak_store_entries"]
         record["documents_resident_source"] = "peak compressed store entries (/server_info)"

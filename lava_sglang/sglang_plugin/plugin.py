@@ -73,13 +73,13 @@ def _before_validate_request(tokenizer_manager, obj, input_ids, *args, **kwargs)
         raise ValueError(f"input_ids contains token id {bad} outside the vocabulary [0, {vocab_size})")
 
 
-def _after_internal_state(result, *args, **kwargs):
+def _after_internal_state(result, controller, *args, **kwargs):
     config = KvPolicyConfig.from_env()
     cache = attention.bound_cache()
-    result.internal_state["lava_kv_policy"] = {
-        **config.__dict__,
-        **({"store": cache.stats()} if cache is not None else {}),
-    }
+    # The compressed store and pool under a policy; the pool alone under --kv-policy none, so
+    # benchmarks measure stock SGLang's memory the same way.
+    counters = {"store": cache.stats()} if cache is not None else {"pool": touchpoints.pool_counters(controller)}
+    result.internal_state["lava_kv_policy"] = {**config.__dict__, **counters}
     return result
 
 

@@ -65,6 +65,17 @@ def commit_deferred_frees(allocator) -> None:
         allocator.free_group_begin()
 
 
+def pool_counters(internal_state_controller) -> dict:
+    """The KV pool of the scheduler whose /server_info is being built (the INTERNAL_STATE
+    hook's `self`): free tokens, and the radix tree's evictable and protected tokens."""
+    scheduler = internal_state_controller.scheduler
+    return {
+        "pool_available": scheduler.token_to_kv_pool_allocator.available_size(),
+        "evictable": scheduler.tree_cache.evictable_size(),
+        "protected": scheduler.tree_cache.protected_size(),
+    }
+
+
 def hook_registry():
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 

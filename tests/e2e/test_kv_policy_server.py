@@ -72,18 +72,24 @@ def serve(smollm2_path, tmp_path, name: str, args: list[str]) -> ServerProcess:
 
 
 def test_budget_covering_the_document_reproduces_stock_sglang(smollm2_path, tmp_path, program_inputs,
-                                                              monkeypatch):
+                                                              prefix_tokens, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setenv("SGLANG_PLUGINS", "stock-only")  # a whitelist naming no plugin: stock SGLang
         with serve(smollm2_path, tmp_path, "stock", []) as server:
             stock_answers, _ = run_program(server.url, program_inputs)
     with serve(smollm2_path, tmp_path, "none", ["--kv-policy", "none"]) as server:
         none_answers, _ = run_program(server.url, program_inputs)
+        none_state = requests.get(server.url + "/server_info", timeout=60).json()["internal_states"][0]
     with serve(smollm2_path, tmp_path, "lava-full", ["--kv-policy", "lava", "--kv-budget", "1.0"]) as server:
         lava_answers, meta_info = run_program(server.url, program_inputs)
         stats = store_stats(server.url)
     assert all(answer.strip() for answer in stock_answers)
     assert none_answers == stock_answers
+    # --kv-policy none reports SGLang's pool (no store): the document and answers are cached.
+    pool = none_state["lava_kv_policy"]["pool"]
+    assert "store" not in none_state["lava_kv_policy"]
+    assert pool["evictable"] >= prefix_tokens and pool["protected"] == 0
+    assert pool["pool_available"] + pool["evictable"] == none_state["memory_usage"]["token_capacity"]
     assert lava_answers == stock_answers
     # The answers came through the compressed store (every row kept), not the main pool.
     assert stats["compressions"] == 1 and stats["entries"] == 1
