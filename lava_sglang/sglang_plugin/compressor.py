@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lava_sglang.policy import PlanBuilder, Policy
+from lava_sglang.policy import Branches, ObservationWindow, PlanBuilder, Policy
 from lava_sglang.store import CellLayout, write_layer
 
 
@@ -61,11 +61,12 @@ class WindowCapture:
             tail = torch.cat([previous.tail.queries, tail])[-self.window:]  # a chunk shorter than the window
         previous.tail = _CapturedQueries(end, tail.detach().clone())
 
-    def window_queries(self, req_pool_idx: int, seq_len: int, num_layers: int) -> list[torch.Tensor] | None:
-        """Per layer [Hq, min(window, seq_len), d]: the queries of the last min(window, seq_len)
+    def window_queries(self, req_pool_idx: int, seq_len: int, num_layers: int,
+                       rows: int | None = None) -> list[torch.Tensor] | None:
+        """Per layer [Hq, rows, d]: the queries of the last `rows` (default min(window, seq_len))
         positions before `seq_len`, or None when a layer's capture does not cover them."""
         layers = self._slots.get(req_pool_idx, {})
-        rows = min(self.window, seq_len)
+        rows = min(self.window, seq_len) if rows is None else rows
         windows = []
         for layer in range(num_layers):
             captured = layers.get(layer)
@@ -84,20 +85,27 @@ class WindowCapture:
 
 
 def plan_prefix(policy: Policy, budget: float | int, window_queries: list[torch.Tensor], k_buffers, v_buffers,
-                slots: torch.Tensor, keep_len: int) -> list[list[torch.Tensor]]:
+                slots: torch.Tensor, keep_len: int,
+                branch_windows: list[list[ObservationWindow]] | None = None) -> list[list[torch.Tensor]]:
     """Kept positions per (layer, KV head) among the first `keep_len` tokens of a prefix.
 
     The plan is made over all n = len(slots) tokens (the observation window ends at the last
     one). A fork prefix keeps n - 1 of them: a request matching the prefix recomputes its
-    last token (SGLang matches at most n - 1 tokens of a prompt).
+    last token (SGLang matches at most n - 1 tokens of a prompt). `branch_windows` (per
+    layer, one window per branch that ran after the whole prefix) adds the branches' votes
+    to the tail's (observe "branches", docs/observe.md).
     """
     seq_len = slots.numel()
     num_kv_heads = k_buffers[0].shape[1]
-    builder = PlanBuilder(policy, budget, seq_len=seq_len, num_layers=len(k_buffers), num_kv_heads=num_kv_heads)
+    builder = PlanBuilder(policy, budget, seq_len=seq_len, num_layers=len(k_buffers), num_kv_heads=num_kv_heads,
+                          observe=Branches() if branch_windows else "tail")
     for layer, queries in enumerate(window_queries):
         keys = k_buffers[layer][slots].transpose(0, 1).float()
         values = v_buffers[layer][slots].transpose(0, 1).float()
-        builder.add_layer(queries.float(), keys, values)
+        if branch_windows:
+            builder.add_layer_windows([ObservationWindow(queries.float()), *branch_windows[layer]], keys, values)
+        else:
+            builder.add_layer(queries.float(), keys, values)
     plan = builder.finish()
     return [[positions[positions < keep_len] for positions in heads] for heads in plan.kept]
 

@@ -22,6 +22,8 @@ KV_POLICIES = (NONE, *sorted(name for name in POLICIES if name != "full"))
 SUPPORTED_ATTENTION_BACKENDS = ("torch_native",)
 FORK, SHARED = "fork", "shared"
 COMPRESS_TRIGGERS = (FORK, SHARED)
+TAIL, BRANCHES = "tail", "branches"
+SERVER_OBSERVE_SOURCES = (TAIL, BRANCHES)
 
 
 class ConfigError(ValueError):
@@ -42,6 +44,11 @@ class KvPolicyConfig:
     compress_on: what gets compressed: `fork`, the prefix a frontend program commits before
         fork(); `shared`, a prompt prefix of at least `min_prefix` tokens once a second
         request shares it.
+    observe: what scores a fork prefix (docs/observe.md): `tail`, its own last `window`
+        tokens, at once; `branches`, the tail and the forked branches' questions, once the
+        branches have run on the full prefix.
+    observe_wait: seconds a fork prefix waits for its branches under `branches`; after
+        that it is compressed with what arrived (the tail alone if nothing did).
     """
 
     policy: str = NONE
@@ -51,6 +58,8 @@ class KvPolicyConfig:
     alpha: float = 0.2
     pool_kernel: int = 7
     compress_on: tuple[str, ...] = (FORK,)
+    observe: str = TAIL
+    observe_wait: float = 30.0
 
     @property
     def enabled(self) -> bool:
@@ -90,6 +99,13 @@ FLAGS = {
                        "What gets compressed, comma-separated: fork (the prefix a frontend program commits "
                        "before fork()), shared (a prompt prefix of >= --kv-min-prefix tokens, once a second "
                        "request shares it). Default fork."),
+    "kv_observe": ("--kv-observe", TAIL,
+                   "What scores a fork prefix: tail (its own last --kv-window tokens, compressed at once) or "
+                   "branches (the tail and the questions of the forked branches, compressed once the branches "
+                   "have run on the full prefix; docs/observe.md). Default tail."),
+    "kv_observe_wait": ("--kv-observe-wait", "30",
+                        "With --kv-observe branches: seconds a fork prefix waits for its branches before it is "
+                        "compressed with what arrived. Default 30."),
 }
 
 
@@ -153,9 +169,23 @@ def from_namespace(args: argparse.Namespace) -> KvPolicyConfig:
     min_prefix = _int("--kv-min-prefix", args.kv_min_prefix, 2)
     if min_prefix <= window:
         raise ConfigError(f"--kv-min-prefix must be greater than --kv-window ({window}), got {min_prefix}")
+    observe = str(args.kv_observe)
+    if observe not in SERVER_OBSERVE_SOURCES:
+        hint = (" (reconstruct runs in the reference runtime and `bench quality`, not yet on the server)"
+                if observe == "reconstruct" else "")
+        raise ConfigError(f"--kv-observe must be one of {', '.join(SERVER_OBSERVE_SOURCES)}, got {observe!r}{hint}")
+    try:
+        observe_wait = float(args.kv_observe_wait)
+    except (TypeError, ValueError):
+        observe_wait = math.nan
+    if not 0 < observe_wait < math.inf:
+        raise ConfigError(f"--kv-observe-wait must be a number of seconds > 0, got {args.kv_observe_wait!r}")
+    triggers = parse_triggers(args.kv_compress_on)
+    if observe == BRANCHES and FORK not in triggers:
+        raise ConfigError("--kv-observe branches scores fork prefixes: --kv-compress-on must include fork")
     config = KvPolicyConfig(policy=policy, budget=parse_budget(args.kv_budget), window=window,
-                            min_prefix=min_prefix, alpha=alpha, pool_kernel=pool_kernel,
-                            compress_on=parse_triggers(args.kv_compress_on))
+                            min_prefix=min_prefix, alpha=alpha, pool_kernel=pool_kernel, compress_on=triggers,
+                            observe=observe, observe_wait=observe_wait)
     if config.enabled:
         config.make_policy()
     return config

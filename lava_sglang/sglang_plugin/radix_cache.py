@@ -22,6 +22,14 @@ second request matches in the ordinary tree is compressed too: that request's ma
 the observation window); when it finishes, the whole shared prefix becomes a compressed node,
 the ordinary nodes below it move under that node, and the full-length copy is freed.
 
+With `--kv-observe branches`, a fork prefix is not compressed when it is committed: it
+waits (`PendingPrefix`, at most `--kv-observe-wait` seconds) while the forked branches run
+on the full prefix; each branch leaves its observation window (its last tokens' queries and
+its own keys) when it is released, and once no request runs on the prefix any more it is
+compressed with the tail's and the branches' windows combined (docs/observe.md). Requests
+after that read the compressed copy. The wait pins nothing: the full prefix stays an
+ordinary evictable node, and a pending prefix that was evicted meanwhile is forgotten.
+
 A prefix is compressed only while no request runs on its full copy (otherwise a later
 request retries), so a compressed node never coexists with its own full-length copy.
 """
@@ -31,11 +39,13 @@ from __future__ import annotations
 import heapq
 import logging
 import time
+from dataclasses import dataclass, field
 
 import torch
 
+from lava_sglang.policy import ObservationWindow
 from lava_sglang.sglang_plugin.compressor import WindowCapture, plan_prefix, store_prefix
-from lava_sglang.sglang_plugin.config import FORK, SHARED, KvPolicyConfig
+from lava_sglang.sglang_plugin.config import BRANCHES, FORK, SHARED, KvPolicyConfig
 from lava_sglang.sglang_plugin.metrics import StoreMetrics
 from lava_sglang.sglang_plugin.touchpoints import commit_deferred_frees, radix_cache_api
 from lava_sglang.store import CellLayout, CompressedStore, StoreEntry, slots_needed
@@ -45,6 +55,10 @@ from lava_sglang.store import CellLayout, CompressedStore, StoreEntry, slots_nee
 
 logger = logging.getLogger(__name__)
 
+# Bounds on what --kv-observe branches holds while prefixes wait: a window is the queries of
+# w tokens at every layer (~2 MB for SmolLM2 in fp32, ~16 MB for an 8B model).
+MAX_PENDING_PREFIXES = 32  # beyond that, a committed prefix is compressed at once by its tail
+MAX_BRANCH_WINDOWS = 8  # branches past that many add no window
 PADDING_SLOT = 0  # SGLang's allocator never hands out slot 0 (it absorbs padded writes)
 SHARED_KEY_ATTR = "lava_shared_prefix_key"  # set on an SGLang Req whose match was cut to observe a shared prefix
 
@@ -53,6 +67,20 @@ class CompressedNode(TreeNode):
     def __init__(self, entry: StoreEntry):
         super().__init__()
         self.entry = entry
+
+
+@dataclass
+class PendingPrefix:
+    """A fork prefix waiting for its branches' observation windows (--kv-observe branches)."""
+
+    full_key: object  # RadixKey of the n committed tokens
+    tail_queries: list[torch.Tensor]  # per layer [Hq, w, d]: the prefix's own last tokens
+    deadline: float  # time.monotonic() after which it is compressed with what arrived
+    branches: list[list[ObservationWindow]] = field(default_factory=list)  # per branch, per layer
+
+    def covers(self, key) -> bool:
+        """Whether `key` starts with the whole committed prefix and goes beyond it."""
+        return len(key) > len(self.full_key) and self.full_key.match(key) == len(self.full_key)
 
 
 def node_size(node) -> int:
@@ -69,6 +97,7 @@ class LavaRadixCache(RadixCache):
         self.store = CompressedStore(kv_pool.size + kv_pool.page_size, params.token_to_kv_pool_allocator.device)
         self.capture = WindowCapture(config.window, config.min_prefix)
         self.compressed: dict = {}  # child key of the first token -> [CompressedNode]
+        self.pending: list[PendingPrefix] = []
         super().__init__(params)
 
     # ----------------------------------------------------------------- state
@@ -78,6 +107,7 @@ class LavaRadixCache(RadixCache):
         self.store.clear()
         self.capture.clear()
         self.compressed = {}
+        self.pending = []
         self.metrics.store_changed(self.store.stats())
 
     def stats(self) -> dict:
@@ -86,6 +116,7 @@ class LavaRadixCache(RadixCache):
             "pool_available": self.token_to_kv_pool_allocator.available_size(),
             "evictable": self.evictable_size_,
             "protected": self.protected_size_,
+            "pending": len(self.pending),
         }
 
     # -------------------------------------------------------------- matching
@@ -104,7 +135,7 @@ class LavaRadixCache(RadixCache):
     def match_prefix(self, params):
         result = super().match_prefix(params)
         req = params.req
-        if req is None or SHARED not in self.config.compress_on:
+        if req is None or SHARED not in self.config.compress_on or self._pending_of(params.key) is not None:
             return result
         setattr(req, SHARED_KEY_ATTR, None)
         shared_len = result.device_prefix_len
@@ -194,27 +225,35 @@ class LavaRadixCache(RadixCache):
     # -------------------------------------------------------------- eviction
 
     def evict(self, params) -> EvictResult:
-        """SGLang's LRU leaf eviction; a compressed leaf gives back its owned slots."""
+        """SGLang's leaf eviction (its strategy's order, LRU by default), ordinary leaves
+        before compressed prefixes; a compressed leaf gives back its owned slots.
+
+        A compressed prefix holds a whole document in about a fifth of the slots, so dropping
+        it costs the most recomputation per slot freed; the ordinary leaves (mostly the
+        branches' questions and answers) go first. Without that, a cyclic workload over a
+        few more documents than fit evicts each compressed document just before its revisit.
+        """
         if self.disable:
             return EvictResult()
         start_time = time.perf_counter()
-        heap = [(self.eviction_strategy.get_priority(node), node) for node in self.evictable_leaves]
+        heap = [self._eviction_key(node) for node in self.evictable_leaves]
         heapq.heapify(heap)
         num_evicted = 0
         while num_evicted < params.num_tokens and heap:
-            _, node = heapq.heappop(heap)
+            *_, node = heapq.heappop(heap)
             parent = node.parent
             if isinstance(node, CompressedNode):
                 num_evicted += self._drop_compressed(node)
             else:
-                self.token_to_kv_pool_allocator.free_segment(node.value, start_pos=0)
                 num_evicted += len(node.value)
-                self._delete_leaf(node)
-                self.kv_events.record_remove(node)
+                self._free_leaf(node)
             if parent is not self.root_node and not parent.children and parent.lock_ref == 0:
-                heapq.heappush(heap, (self.eviction_strategy.get_priority(parent), parent))
+                heapq.heappush(heap, self._eviction_key(parent))
         self.update_eviction_metrics(num_evicted, start_time)
         return EvictResult(num_tokens_evicted=num_evicted)
+
+    def _eviction_key(self, node) -> tuple:
+        return isinstance(node, CompressedNode), self.eviction_strategy.get_priority(node), node
 
     def _drop_compressed(self, node: CompressedNode) -> int:
         assert node.lock_ref == 0 and not node.children, "dropping a compressed prefix in use"
@@ -237,12 +276,19 @@ class LavaRadixCache(RadixCache):
     def on_release(self, req, *, checkpointed: bool) -> None:
         try:
             if checkpointed and FORK in self.config.compress_on and self._is_fork_prefix(req):
-                self._compress_fork_prefix(req)
+                if self.config.observe == BRANCHES and len(self.pending) < MAX_PENDING_PREFIXES:
+                    self._defer_fork_prefix(req)
+                else:
+                    self._compress_fork_prefix(req)
             elif checkpointed and getattr(req, SHARED_KEY_ATTR, None) is not None:
                 self._compress_shared_prefix(req, getattr(req, SHARED_KEY_ATTR))
+            elif checkpointed and self.pending:
+                self._observe_branch(req)
         finally:
             self.capture.drop(req.kv.req_pool_idx)
             super().on_release(req, checkpointed=checkpointed)
+        if self.pending:
+            self._compress_ready_pending()
 
     def _is_fork_prefix(self, req) -> bool:
         """A frontend program's `fork()` commits its prefix as a request with max_new_tokens=0."""
@@ -263,8 +309,81 @@ class LavaRadixCache(RadixCache):
             logger.info("lava: requests still run on the %d-token prefix; compressed when a later one commits it",
                         len(full_key))
             return
-        if self._compress_path(req, full_key[:len(full_key) - 1], slots, last_node) is not None:
+        window_queries = self._captured_window(req, len(full_key))
+        if window_queries is not None and self._compress_path(full_key[:len(full_key) - 1], slots, last_node,
+                                                              window_queries) is not None:
             self._free_uncompressed_path(last_node)
+
+    # ------------------------------------------------- observe "branches"
+
+    def _pending_of(self, key) -> PendingPrefix | None:
+        return next((pending for pending in self.pending if pending.covers(key)), None)
+
+    def _defer_fork_prefix(self, req) -> None:
+        """Keep a committed fork prefix's tail window until its branches have run."""
+        full_key = RadixKey(req.origin_input_ids, req.extra_key, cache_salt=req.cache_salt)
+        if self._already_compressed(full_key[:len(full_key) - 1]) or any(
+                len(pending.full_key) == len(full_key) and pending.full_key.match(full_key) == len(full_key)
+                for pending in self.pending):
+            return
+        tail_queries = self._captured_window(req, len(full_key))
+        if tail_queries is None:
+            return
+        self.pending.append(PendingPrefix(full_key, tail_queries, time.monotonic() + self.config.observe_wait))
+        logger.info("lava: prefix of %d tokens waits for its branches (at most %.0f s)", len(full_key),
+                    self.config.observe_wait)
+
+    def _observe_branch(self, req) -> None:
+        """Record the observation window of a released request that ran after a whole pending
+        prefix: its last min(window, own tokens) queries and its own tokens' keys."""
+        prompt_key = RadixKey(req.origin_input_ids, req.extra_key, cache_salt=req.cache_salt)
+        pending = self._pending_of(prompt_key)
+        if pending is None or len(pending.branches) >= MAX_BRANCH_WINDOWS:
+            return
+        prefix_len = len(pending.full_key)
+        value, _ = RadixCache._match_prefix_helper(self, self.root_node, prompt_key)
+        slots = torch.cat(value) if value else torch.empty(0, dtype=torch.int64)
+        if slots.numel() != len(prompt_key):
+            return  # the branch's own tokens are not all in the tree
+        own_len = len(prompt_key) - prefix_len
+        queries = self.capture.window_queries(req.kv.req_pool_idx, len(prompt_key), self.kv_pool.layer_num,
+                                              rows=min(self.config.window, own_len))
+        if queries is None:
+            return
+        own_slots = slots[prefix_len:]
+        pending.branches.append([
+            ObservationWindow(layer_queries.float(), self.kv_pool.k_buffer[layer][own_slots].transpose(0, 1).float())
+            for layer, layer_queries in enumerate(queries)])
+
+    def _compress_ready_pending(self) -> None:
+        """Compress each pending prefix no request runs on any more that has heard from a
+        branch or waited long enough; forget those that left the tree."""
+        now = time.monotonic()
+        for pending in list(self.pending):
+            full_key = pending.full_key
+            value, last_node = RadixCache._match_prefix_helper(self, self.root_node, full_key)
+            slots = torch.cat(value) if value else torch.empty(0, dtype=torch.int64)
+            if slots.numel() != len(full_key) or self._already_compressed(full_key[:len(full_key) - 1]):
+                self.pending.remove(pending)  # evicted while it waited, or compressed by another path
+                continue
+            if last_node.lock_ref > 0 or not (pending.branches or now >= pending.deadline):
+                continue
+            self.pending.remove(pending)
+            branch_windows = [[branch[layer] for branch in pending.branches] for layer in range(self.kv_pool.layer_num)]
+            node = self._compress_path(full_key[:len(full_key) - 1], slots, last_node, pending.tail_queries,
+                                       branch_windows if pending.branches else None)
+            if node is not None:
+                logger.info("lava: prefix %d observed by its tail and %d branch window(s)", node.entry.entry_id,
+                            len(pending.branches))
+                self._free_below(last_node)
+                self._free_uncompressed_path(last_node)
+
+    def _free_below(self, node) -> None:
+        """Give back the (unlocked) nodes under `node`: the branches' own tokens, which hang
+        under the full prefix that is being replaced by its compressed copy."""
+        for child in list(node.children.values()):
+            self._free_below(child)
+            self._free_leaf(child)
 
     def _compress_shared_prefix(self, req, prefix_key) -> None:
         """Compress a prompt prefix the request shared with an earlier one; the ordinary nodes
@@ -279,7 +398,8 @@ class LavaRadixCache(RadixCache):
             logger.info("lava: shared prefix of %d tokens is in use or no longer one path of the tree; "
                         "not compressed now", len(prefix_key))
             return
-        node = self._compress_path(req, prefix_key, slots, last_node)
+        window_queries = self._captured_window(req, len(prefix_key))
+        node = self._compress_path(prefix_key, slots, last_node, window_queries) if window_queries else None
         if node is None:
             return
         for child_key, child in last_node.children.items():
@@ -300,25 +420,27 @@ class LavaRadixCache(RadixCache):
             logger.info("lava: not compressing a %d-token prefix that extends a compressed one", len(prefix_key))
         return True
 
-    def _compress_path(self, req, prefix_key, slots: torch.Tensor, last_node) -> CompressedNode | None:
-        """Compress `prefix_key` (its KV in `slots`, the path ending at `last_node`) with the
-        window the request captured; None when it cannot be (no window, no room)."""
-        window_queries = self.capture.window_queries(req.kv.req_pool_idx, slots.numel(), self.kv_pool.layer_num)
+    def _captured_window(self, req, seq_len: int) -> list[torch.Tensor] | None:
+        window_queries = self.capture.window_queries(req.kv.req_pool_idx, seq_len, self.kv_pool.layer_num)
         if window_queries is None:
-            logger.info("lava: observation window of a %d-token prefix was not captured; not compressed",
-                        slots.numel())
-            return None
+            logger.info("lava: observation window of a %d-token prefix was not captured; not compressed", seq_len)
+        return window_queries
+
+    def _compress_path(self, prefix_key, slots: torch.Tensor, last_node, window_queries,
+                       branch_windows=None) -> CompressedNode | None:
+        """Compress `prefix_key` (its KV in `slots`, the path ending at `last_node`) with the
+        given windows; None when there is no room."""
         self.inc_lock_ref(last_node)  # keep the full prefix while it is read
         try:
-            return self._compress(prefix_key, slots, window_queries)
+            return self._compress(prefix_key, slots, window_queries, branch_windows)
         finally:
             self.dec_lock_ref(last_node)
 
-    def _compress(self, prefix_key, slots: torch.Tensor, window_queries) -> CompressedNode | None:
+    def _compress(self, prefix_key, slots: torch.Tensor, window_queries, branch_windows=None) -> CompressedNode | None:
         started = time.perf_counter()
         k_buffers, v_buffers = self.kv_pool.k_buffer, self.kv_pool.v_buffer
         kept = plan_prefix(self.policy, self.config.budget, window_queries, k_buffers, v_buffers, slots,
-                           keep_len=len(prefix_key))
+                           keep_len=len(prefix_key), branch_windows=branch_windows)
         kept_lengths = torch.tensor([[len(rows) for rows in heads] for heads in kept], dtype=torch.int64)
         num_slots = slots_needed(int(kept_lengths.sum()), *kept_lengths.shape)
         owned = self._alloc(num_slots)
@@ -361,7 +483,11 @@ class LavaRadixCache(RadixCache):
         """Give the full-length copy back to the allocator where no one else uses it."""
         while node is not self.root_node and not node.children and node.lock_ref == 0 and not node.evicted:
             parent = node.parent
-            self.token_to_kv_pool_allocator.free_segment(node.value, start_pos=0)
-            self._delete_leaf(node)
-            self.kv_events.record_remove(node)
+            self._free_leaf(node)
             node = parent
+
+    def _free_leaf(self, node) -> None:
+        """Give an ordinary leaf's slots back to the allocator and take it out of the tree."""
+        self.token_to_kv_pool_allocator.free_segment(node.value, start_pos=0)
+        self._delete_leaf(node)
+        self.kv_events.record_remove(node)

@@ -90,6 +90,28 @@ def test_an_evicted_document_is_recompressed_with_the_same_answers(server, docum
     assert_all_memory_free(server.url)
 
 
+def test_ordinary_leaves_are_evicted_before_a_compressed_document(server, documents):
+    """A compressed document older than a long plain prompt outlives it when memory runs
+    short: ordinary leaves go first (by LRU alone the document would go)."""
+    assert_all_memory_free(server.url)
+    answers = ask(server.url, documents[0], 3)
+    before = store_stats(server.url)
+    sampling = {"max_new_tokens": 4, "temperature": 0}
+    # Plain prompts of ~900 tokens, the first one twice: each needs the previous one's room.
+    cached = []
+    for first, second in ((1, 2), (3, 4), (1, 2)):
+        response = requests.post(server.url + "/generate", timeout=300, json={
+            "text": documents[first].text + documents[second].text, "sampling_params": sampling})
+        assert response.status_code == 200, response.text
+        cached.append(response.json()["meta_info"]["cached_tokens"])
+    assert cached[2] < 400, cached  # the first prompt (~900 tokens) was evicted to make room for the second
+    stats = store_stats(server.url)
+    assert stats["entries"] == 1 and stats["evictions"] == before["evictions"]
+    assert ask(server.url, documents[0], 3) == answers
+    assert store_stats(server.url)["compressions"] == before["compressions"]  # read from the cache
+    assert_all_memory_free(server.url)
+
+
 def test_soak_concurrent_programs_over_more_documents_than_fit(server, documents):
     """Programs with random numbers of forks over more documents than fit, from 3 clients:
     every one answers, the server logs no exception, and a flush frees everything."""

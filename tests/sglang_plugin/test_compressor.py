@@ -53,3 +53,34 @@ def test_drop_forgets_a_request():
     record(capture, req=0, start=0, stop=10)
     capture.drop(0)
     assert capture.window_queries(0, 10, LAYERS) is None
+
+
+def test_a_branch_window_can_be_shorter_than_the_window():
+    capture = WindowCapture(WINDOW, min_prefix=8)
+    record(capture, req=2, start=20, stop=22)  # a branch with 2 own tokens after a 20-token prefix
+    assert captured_positions(capture.window_queries(2, 22, LAYERS, rows=2)) == [[20, 21]] * LAYERS
+    assert capture.window_queries(2, 22, LAYERS, rows=3) is None
+
+
+def test_branch_windows_keep_what_the_branches_attend_to():
+    """plan_prefix with a branch window that looks at one token only: that token is kept in
+    every (layer, KV head), where the tail window alone keeps it nowhere."""
+    from lava_sglang.policy import ObservationWindow, make_policy
+    from lava_sglang.sglang_plugin.compressor import plan_prefix
+
+    generator = torch.Generator().manual_seed(0)
+    num_layers, num_kv_heads, group, dim, seq_len = 2, 2, 2, 8, 64
+    keys = [torch.randn(seq_len, num_kv_heads, dim, generator=generator) for _ in range(num_layers)]
+    values = [torch.randn(seq_len, num_kv_heads, dim, generator=generator) for _ in range(num_layers)]
+    tail = [torch.randn(num_kv_heads * group, 8, dim, generator=generator) for _ in range(num_layers)]
+    policy = make_policy("lava", window=8, pool_kernel=1)
+    slots = torch.arange(seq_len)
+    tail_only = plan_prefix(policy, 16, tail, keys, values, slots, keep_len=seq_len - 1)
+    kept_by_tail = {int(position) for heads in tail_only for positions in heads for position in positions}
+    target = next(j for j in range(seq_len - 8) if j not in kept_by_tail)
+    # The branch's queries are the target's key, scaled: nearly all its attention goes there.
+    branch = [[ObservationWindow(
+        (20 * keys[layer][target]).repeat_interleave(group, dim=0)[:, None, :],
+        own_keys=torch.randn(num_kv_heads, 3, dim, generator=generator))] for layer in range(num_layers)]
+    with_branch = plan_prefix(policy, 16, tail, keys, values, slots, keep_len=seq_len - 1, branch_windows=branch)
+    assert all(target in positions.tolist() for heads in with_branch for positions in heads)

@@ -1,5 +1,5 @@
 """patches/sglang-0.5.23-kv-policy.patch: it applies to the installed SGLang, and it declares the
-same six --kv-* options, with the same defaults and policies, as the plugin."""
+same --kv-* options, with the same defaults and policies, as the plugin."""
 
 from __future__ import annotations
 
@@ -14,7 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from lava_sglang.sglang_plugin.config import FLAGS, KV_POLICIES, KvPolicyConfig, parse_budget, parse_triggers
+from lava_sglang.sglang_plugin.config import (FLAGS, KV_POLICIES, SERVER_OBSERVE_SOURCES, KvPolicyConfig, parse_budget,
+                                              parse_triggers)
 
 PATCH = Path(__file__).resolve().parents[2] / "patches" / "sglang-0.5.23-kv-policy.patch"
 FIELDS_FILE = "sglang/srt/arg_groups/fields/memory.py"
@@ -83,12 +84,16 @@ def test_patch_declares_the_fields_like_the_plugin():
     assert (defaults["kv_window"], defaults["kv_min_prefix"]) == (expected.window, expected.min_prefix)
     assert (defaults["kv_alpha"], defaults["kv_pool_kernel"]) == (expected.alpha, expected.pool_kernel)
     assert parse_triggers(defaults["kv_compress_on"]) == expected.compress_on
+    assert (defaults["kv_observe"], defaults["kv_observe_wait"]) == (expected.observe, expected.observe_wait)
     for name, node in declared.items():  # A[T, "help"] or A[T, Arg(help=...)]: a CLI flag with help text
         metadata = node.annotation.slice.elts[1]
         assert isinstance(metadata, (ast.Constant, ast.Call)), name
     arg = declared["kv_policy"].annotation.slice.elts[1]
     choices = next(ast.literal_eval(kw.value) for kw in arg.keywords if kw.arg == "choices")
     assert sorted(choices) == sorted(KV_POLICIES)
+    arg = declared["kv_observe"].annotation.slice.elts[1]
+    choices = next(ast.literal_eval(kw.value) for kw in arg.keywords if kw.arg == "choices")
+    assert tuple(choices) == SERVER_OBSERVE_SOURCES
     # ServerArgs' positional order lists built-in fields explicitly, new ones appended.
     order = [line.strip() for line in added_lines(FIELD_ORDER_FILE)]
     assert order == [f'"{name}",' for name in KV_FIELDS]

@@ -1,0 +1,108 @@
+"""`--kv-observe branches` on the real server (CPU engine, SmolLM2, fp32).
+
+A fork program's document is not compressed when it is committed: it waits while the
+branches run on the full prefix, then is compressed once with the tail's and the branches'
+observation windows, and later programs read the compressed copy.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import requests
+import sglang as sgl
+
+from lava_sglang.bench.documents import prompt_parts, retrieval_documents
+from lava_sglang.frontend import multi_question_qa
+from lava_sglang.sglang_plugin.server_process import ServerProcess
+
+pytestmark = pytest.mark.model
+
+OBSERVE_WAIT = 5
+SERVER_ARGS = ["--dtype", "float32", "--enable-cache-report", "--kv-policy", "lava", "--kv-budget", "0.25",
+               "--kv-observe", "branches", "--kv-observe-wait", str(OBSERVE_WAIT)]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_path)
+
+
+@pytest.fixture(scope="module")
+def documents(tokenizer):
+    count = lambda text: len(tokenizer(text).input_ids)  # noqa: E731
+    return [retrieval_documents(count, 600, [4], seed=seed)[0] for seed in (0, 1)]
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_path, tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("sglang") / "branches.log"
+    with ServerProcess(smollm2_path, SERVER_ARGS, log_path=log_path) as process:
+        yield process
+
+
+def ask(url: str, document, questions: range):
+    prefix, _ = prompt_parts(document.text, "")
+    suffixes = [prompt_parts("", document.questions[q].text)[1] for q in questions]
+    state = multi_question_qa.run(prefix=prefix, suffixes=suffixes, max_tokens=12, backend=sgl.RuntimeEndpoint(url))
+    return state["answers"], state["meta_info"]
+
+
+def store_stats(url: str) -> dict:
+    return requests.get(url + "/server_info", timeout=60).json()["internal_states"][0]["lava_kv_policy"]["store"]
+
+
+def flush(url: str) -> dict:
+    assert requests.post(url + "/flush_cache", timeout=60).status_code == 200
+    stats = store_stats(url)
+    assert (stats["entries"], stats["evictable"], stats["protected"], stats["pending"]) == (0, 0, 0, 0)
+    return stats
+
+
+def test_a_document_is_compressed_once_after_its_branches_ran(server, documents, tokenizer):
+    capacity = flush(server.url)["pool_available"]
+    document = documents[0]
+    prefix_tokens = len(tokenizer(prompt_parts(document.text, "")[0]).input_ids)
+    answers, meta_info = ask(server.url, document, range(3))
+    assert len(answers) == 3 and all(answer.strip() for answer in answers)
+    stats = store_stats(server.url)
+    assert (stats["compressions"], stats["entries"], stats["pending"]) == (1, 1, 0)
+    log = server.log_path.read_text()
+    assert "waits for its branches" in log
+    assert "observed by its tail and 3 branch window(s)" in log
+    # The branches ran on the full prefix (all of it cached), which is then gone: the tree
+    # holds the compressed copy's slots (a quarter of the rows), not the document.
+    assert all(meta["cached_tokens"] >= prefix_tokens for meta in meta_info)
+    assert stats["protected"] == 0 and stats["evictable"] == stats["borrowed_slots"] < prefix_tokens / 2
+
+    # A later program reads the compressed copy and compresses nothing.
+    later, later_meta = ask(server.url, document, range(1, 4))
+    assert all(answer.strip() for answer in later)
+    assert all(meta["cached_tokens"] >= prefix_tokens - 1 for meta in later_meta)
+    assert store_stats(server.url)["compressions"] == 1
+    assert flush(server.url)["pool_available"] == capacity
+
+
+def test_a_prefix_whose_branches_never_come_is_compressed_after_the_wait(server, documents):
+    flush(server.url)
+    compressions = store_stats(server.url)["compressions"]
+    prefix, _ = prompt_parts(documents[1].text, "")
+    # What fork() sends to commit a prefix; then no branch comes.
+    commit = requests.post(server.url + "/generate", timeout=300,
+                           json={"text": prefix, "sampling_params": {"max_new_tokens": 0}})
+    assert commit.status_code == 200, commit.text
+    stats = store_stats(server.url)
+    assert (stats["pending"], stats["compressions"]) == (1, compressions)
+    assert stats["evictable"] >= commit.json()["meta_info"]["prompt_tokens"]  # cached, not pinned
+    assert stats["protected"] == 0
+    time.sleep(OBSERVE_WAIT + 1)
+    # The next request's release compresses the prefix with its tail window alone.
+    requests.post(server.url + "/generate", timeout=300,
+                  json={"text": "Hello", "sampling_params": {"max_new_tokens": 2}})
+    stats = store_stats(server.url)
+    assert (stats["pending"], stats["compressions"], stats["entries"]) == (0, compressions + 1, 1)
+    assert "observed by its tail and 0 branch window(s)" in server.log_path.read_text()
+    flush(server.url)
