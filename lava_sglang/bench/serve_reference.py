@@ -11,6 +11,10 @@ Every question a `bench serve` run answered is answered again by the reference r
   reference keeps the plan's rows among the first m tokens and decodes the rest of the
   question's prompt after them; any other question (a miss, or `--kv-policy none`) saw the
   full cache, and so does its reference;
+- under `--kv-observe branches` the questions of a visit whose commit prefilled the document
+  ran on the full prefix, and the plan later visits read is scored by the tail and by that
+  visit's questions as branches (the reference prefills them after the whole prefix, as the
+  server did);
 - answers are greedy, as long as the server's (`max_tokens`), stopped at EOS.
 
 Per policy it reports the server's and the reference's accuracy and how many answers are
@@ -29,8 +33,23 @@ from pathlib import Path
 
 from lava_sglang.bench.serve_workload import Visit, is_correct, program_inputs
 from lava_sglang.bench.stats import wilson_interval
+from lava_sglang.sglang_plugin.config import MAX_BRANCH_WINDOWS
 
 NO_COMPRESSION = "none"
+
+
+def compressing_visits(record: dict) -> dict[int, int | None]:
+    """Under `--kv-observe branches`: for each visit, the visit whose branches observed the
+    compressed copy it read (the document's latest visit, itself included, whose commit
+    found the document missing and so prefilled, deferred and compressed it); None when the
+    visit's own commit missed, i.e. its branches ran on the full prefix."""
+    last_miss, result = {}, {}
+    for visit in sorted(record.get("visit_records", []), key=lambda visit: visit["visit"]):
+        missed = (visit.get("commit_cached_tokens") or 0) < visit["prefix_tokens"] - 1
+        if missed:
+            last_miss[visit["document"]] = visit["visit"]
+        result[visit["visit"]] = None if missed else last_miss.get(visit["document"])
+    return result
 
 
 def reference_answers(runtime, documents, record: dict, max_tokens: int, progress: bool = True) -> list[dict]:
@@ -41,26 +60,42 @@ def reference_answers(runtime, documents, record: dict, max_tokens: int, progres
 
     options = record.get("kv_policy_options") or {}
     policy = record["policy"] if record["policy"] != NO_COMPRESSION else None
+    branches_mode = options.get("observe") == "branches"
+    observed_by = compressing_visits(record) if branches_mode else {}
     captures, prefixes, rows = {}, {}, []
     tokenizer = runtime.tokenizer
-    for question in tqdm(record["question_records"], desc=f"reference {record['policy']}", disable=not progress):
+
+    def prompt_of(question: dict) -> tuple[list[int], str]:
         document = documents[question["document"]]
         prefix_text, (suffix_text,) = program_inputs(document, Visit(0, question["document"], (question["question"],), 0))
         if question["document"] not in captures:
             captures[question["document"]] = runtime.prefill(tokenizer(prefix_text).input_ids)
+        return tokenizer(prefix_text + suffix_text).input_ids, prefix_text
+
+    for question in tqdm(record["question_records"], desc=f"reference {record['policy']}", disable=not progress):
+        prompt_ids, _ = prompt_of(question)
         capture = captures[question["document"]]
-        prompt_ids = tokenizer(prefix_text + suffix_text).input_ids
         prefix_len = capture.seq_len
         cached = question.get("cached_tokens") or 0
         compressed = policy is not None and cached >= prefix_len - 1
+        observer = None
+        if compressed and branches_mode:
+            observer = observed_by.get(question["visit"])
+            compressed = observer is not None
         keep_len = min(cached, prefix_len) if compressed else prefix_len
         while keep_len and prompt_ids[:keep_len] != capture.token_ids[:keep_len]:
             keep_len -= 1  # the question's tokenization differs inside the prefix (never seen so far)
-        key = (question["document"], keep_len, compressed)
+        key = (question["document"], keep_len, compressed, observer)
         if key not in prefixes:
             if compressed:
-                plan = runtime.compress(capture, policy, options["budget"], window=options["window"],
-                                        pool_kernel=options["pool_kernel"], alpha=options["alpha"]).plan
+                observation = None
+                if observer is not None:  # the branches of the visit that compressed it, as the server saw them
+                    branches = [prompt_of(other)[0][prefix_len:] for other in record["question_records"]
+                                if other["visit"] == observer][:MAX_BRANCH_WINDOWS]
+                    observation = runtime.observe(capture, "branches", branches=branches)
+                plan = runtime.compress(capture, policy, options["budget"], observation=observation,
+                                        window=options["window"], pool_kernel=options["pool_kernel"],
+                                        alpha=options["alpha"]).plan
             else:
                 plan = runtime.full_prefix(capture).plan
             cut = dataclasses.replace(plan, seq_len=keep_len,
@@ -70,7 +105,7 @@ def reference_answers(runtime, documents, record: dict, max_tokens: int, progres
         answer_ids = runtime.generate([prefixes[key]], prompt_ids[keep_len:], max_tokens)[0]
         answer = tokenizer.decode(answer_ids, skip_special_tokens=True)
         rows.append({"document": question["document"], "question": question["question"],
-                     "compressed": compressed, "keep_len": keep_len,
+                     "compressed": compressed, "keep_len": keep_len, "observed_by_visit": observer,
                      "prompt_tokens_match": len(prompt_ids) == question.get("prompt_tokens"),
                      "server_answer": question["answer"], "reference_answer": answer,
                      "expected": question["expected"], "server_correct": question["correct"],

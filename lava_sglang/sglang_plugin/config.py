@@ -24,6 +24,10 @@ FORK, SHARED = "fork", "shared"
 COMPRESS_TRIGGERS = (FORK, SHARED)
 TAIL, BRANCHES = "tail", "branches"
 SERVER_OBSERVE_SOURCES = (TAIL, BRANCHES)
+# Bounds on what --kv-observe branches holds while prefixes wait: a window is the queries of
+# w tokens at every layer (~2 MB for SmolLM2 in fp32, ~16 MB for an 8B model).
+MAX_PENDING_PREFIXES = 32  # beyond that, a committed prefix is compressed at once by its tail
+MAX_BRANCH_WINDOWS = 8  # branches past that many add no window
 
 
 class ConfigError(ValueError):

@@ -45,7 +45,8 @@ import torch
 
 from lava_sglang.policy import ObservationWindow
 from lava_sglang.sglang_plugin.compressor import WindowCapture, plan_prefix, store_prefix
-from lava_sglang.sglang_plugin.config import BRANCHES, FORK, SHARED, KvPolicyConfig
+from lava_sglang.sglang_plugin.config import (BRANCHES, FORK, MAX_BRANCH_WINDOWS, MAX_PENDING_PREFIXES, SHARED,
+                                              KvPolicyConfig)
 from lava_sglang.sglang_plugin.metrics import StoreMetrics
 from lava_sglang.sglang_plugin.touchpoints import commit_deferred_frees, radix_cache_api
 from lava_sglang.store import CellLayout, CompressedStore, StoreEntry, slots_needed
@@ -55,10 +56,6 @@ from lava_sglang.store import CellLayout, CompressedStore, StoreEntry, slots_nee
 
 logger = logging.getLogger(__name__)
 
-# Bounds on what --kv-observe branches holds while prefixes wait: a window is the queries of
-# w tokens at every layer (~2 MB for SmolLM2 in fp32, ~16 MB for an 8B model).
-MAX_PENDING_PREFIXES = 32  # beyond that, a committed prefix is compressed at once by its tail
-MAX_BRANCH_WINDOWS = 8  # branches past that many add no window
 PADDING_SLOT = 0  # SGLang's allocator never hands out slot 0 (it absorbs padded writes)
 SHARED_KEY_ATTR = "lava_shared_prefix_key"  # set on an SGLang Req whose match was cut to observe a shared prefix
 
