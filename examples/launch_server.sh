@@ -29,6 +29,13 @@ args=(
     # Use both when clients mix frontend programs and the OpenAI API.
     --kv-compress-on fork,shared
 
+    # What scores a forked document: `tail` (its own last --kv-window tokens, compressed as
+    # soon as it is committed) or `branches` (also the forked questions: the document is
+    # compressed once its branches have run on it in full, and later questions read the
+    # compressed copy; docs/observe.md). `branches` keeps what the questions asked about.
+    --kv-observe branches
+    --kv-observe-wait 30
+
     # Prefixes shorter than this are kept whole (compressing a short prompt saves little).
     --kv-min-prefix 256
 

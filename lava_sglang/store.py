@@ -83,6 +83,22 @@ class CellLayout:
             cached = self._layer_cells[layer] = self.cells(*self.layer_rows(layer))
         return cached
 
+    def padded_layer_cells(self, layer: int) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """`layer_cells` with each row's (KV head, position among the head's rows), for reads
+        into a per-head padded grid: (buffer, cells, heads, positions) pieces, computed once."""
+        cached = self._layer_cells.get(("padded", layer))
+        if cached is None:
+            lengths = self.kept_lengths[layer]
+            heads = torch.repeat_interleave(torch.arange(self.num_kv_heads), lengths)
+            positions = torch.arange(heads.numel()) - self.layer_head_indptr(layer)[heads]
+            cached, done = [], 0
+            for buffer, cells in self.layer_cells(layer):
+                count = cells.numel()
+                cached.append((buffer, cells, heads[done:done + count], positions[done:done + count]))
+                done += count
+            self._layer_cells[("padded", layer)] = cached
+        return cached
+
     def cells(self, start: int, stop: int) -> list[tuple[int, torch.Tensor]]:
         """Where rows [start, stop) live: (layer buffer, cell indices into the buffer viewed
         as [pool_slots * Hkv, head_dim]) pieces, in row order."""
@@ -128,6 +144,29 @@ def read_layer(layout: CellLayout, layer: int, k_buffers, v_buffers) -> tuple[to
         empty = k_buffers[0].new_empty((0, k_buffers[0].shape[-1]))
         return empty, empty
     return torch.cat(keys), torch.cat(values)
+
+
+def read_layer_padded(layouts: list[CellLayout], layer: int, k_buffers,
+                      v_buffers) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`layer`'s kept rows of several prefixes, each KV head's rows padded to the longest:
+    keys, values [prefixes, Hkv, longest, head_dim] (zeros on padding) and visible
+    [prefixes, Hkv, longest] (False on padding). One gather per buffer piece, no per-step
+    index building: the attention reads this every decode step."""
+    lengths = torch.stack([layout.kept_lengths[layer] for layout in layouts])  # [P, Hkv]
+    num_prefixes, num_kv_heads = lengths.shape
+    longest = max(int(lengths.max()), 1)
+    head_dim = k_buffers[0].shape[-1]
+    keys = k_buffers[0].new_zeros((num_prefixes * num_kv_heads * longest, head_dim))
+    values = v_buffers[0].new_zeros((num_prefixes * num_kv_heads * longest, head_dim))
+    for index, layout in enumerate(layouts):
+        for buffer, cells, heads, positions in layout.padded_layer_cells(layer):
+            device = k_buffers[buffer].device
+            destination = ((index * num_kv_heads + heads) * longest + positions).to(device)
+            keys[destination] = _flat(k_buffers[buffer])[cells.to(device)]
+            values[destination] = _flat(v_buffers[buffer])[cells.to(device)]
+    visible = torch.arange(longest) < lengths[..., None]
+    shape = (num_prefixes, num_kv_heads, longest, head_dim)
+    return keys.view(shape), values.view(shape), visible.to(keys.device)
 
 
 @dataclass

@@ -21,7 +21,7 @@ import torch
 
 from lava_sglang.kernels.attention_states import attention_with_lse, merge_attention_states
 from lava_sglang.sglang_plugin.touchpoints import kv_write_loc
-from lava_sglang.store import StoreEntry, read_layer
+from lava_sglang.store import StoreEntry, read_layer, read_layer_padded
 
 _cache = None  # the scheduler process's LavaRadixCache, bound by the radix cache factory
 
@@ -197,14 +197,15 @@ class CompressedPrefixBatch:
         return qo_indptr, torch.tensor(kv_indptr, dtype=torch.int64), indices.to(self.kv_pool.k_buffer[0].device)
 
     def states(self, layer: int, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = self._layer_rows(layer)
         if self.kernel is not None:
+            rows = self._layer_rows(layer)
             cells = sum(keys.shape[0] for keys, _ in rows)
             torch.cat([keys for keys, _ in rows], out=self.k_store[:cells, 0])
             torch.cat([values for _, values in rows], out=self.v_store[:cells, 0])
             out, lse = self.kernel.run(queries.contiguous(), self.k_store, self.v_store, layer=layer)
             return out.float(), lse
-        keys, values, visible = self._padded_rows(layer, rows)
+        keys, values, visible = read_layer_padded([entry.layout for entry in self.distinct], layer,
+                                                  self.kv_pool.k_buffer, self.kv_pool.v_buffer)
         num_tokens, num_q_heads, head_dim = queries.shape
         if max(self.extend_lens) == 1:  # decode: every request's one query in one call
             query = queries.view(num_tokens, self.num_kv_heads, -1, 1, head_dim)
@@ -226,24 +227,6 @@ class CompressedPrefixBatch:
             out[tokens] = head_out[0].permute(2, 0, 1, 3).reshape(extend_len, num_q_heads, head_dim)
             lse[tokens] = head_lse[0].permute(2, 0, 1).reshape(extend_len, num_q_heads)
         return out, lse
-
-    def _padded_rows(self, layer: int, rows) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Each distinct entry's kept rows of `layer` per KV head, padded to one length:
-        keys, values [entries, Hkv, L, d] and visible [entries, Hkv, L] (False on padding)."""
-        lengths = torch.stack([entry.layout.kept_lengths[layer] for entry in self.distinct])  # [E, Hkv]
-        positions = torch.arange(max(int(lengths.max()), 1))
-        visible = positions < lengths[..., None]
-        padded_keys, padded_values = [], []
-        for entry, (entry_keys, entry_values) in zip(self.distinct, rows):
-            head_starts = entry.layout.layer_head_indptr(layer)[:-1]
-            index = (head_starts[:, None] + positions).clamp_max(max(entry_keys.shape[0] - 1, 0))
-            index = index.to(entry_keys.device)
-            if entry_keys.shape[0] == 0:  # a layer that keeps nothing: one masked zero row
-                entry_keys = entry_values = entry_keys.new_zeros((1, entry_keys.shape[-1]))
-            padded_keys.append(entry_keys[index])
-            padded_values.append(entry_values[index])
-        device = padded_keys[0].device
-        return torch.stack(padded_keys), torch.stack(padded_values), visible.to(device)
 
 
 def _batch_entries(forward_batch):

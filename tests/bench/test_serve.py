@@ -260,6 +260,9 @@ def test_report_writer(tmp_path):
     text = paths[1].read_text()
     assert "| none |" in text and "| lava |" in text and "memory-bound" in text
     assert "Question throughput: 4.00x" in text and "<= 2" in text
+    result["meta"]["workload"]["memory_bound"] = False  # a standard run: no targets to compare against
+    paths = write_serving_report(result, tmp_path, "serving")
+    assert "comparison" not in json.loads(paths[0].read_text()) and "targets" not in paths[1].read_text()
     assert paths[2].read_bytes()[:4] == b"\x89PNG"
     # --report-only rebuilds the same markdown from the JSON.
     assert markdown(saved, "serving") == text
