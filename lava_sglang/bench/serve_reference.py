@@ -65,15 +65,16 @@ def reference_answers(runtime, documents, record: dict, max_tokens: int, progres
     captures, prefixes, rows = {}, {}, []
     tokenizer = runtime.tokenizer
 
-    def prompt_of(question: dict) -> tuple[list[int], str]:
+    def prompt_of(question: dict) -> list[int]:
+        """The question's prompt tokens (its document prefilled once, on first use)."""
         document = documents[question["document"]]
         prefix_text, (suffix_text,) = program_inputs(document, Visit(0, question["document"], (question["question"],), 0))
         if question["document"] not in captures:
             captures[question["document"]] = runtime.prefill(tokenizer(prefix_text).input_ids)
-        return tokenizer(prefix_text + suffix_text).input_ids, prefix_text
+        return tokenizer(prefix_text + suffix_text).input_ids
 
     for question in tqdm(record["question_records"], desc=f"reference {record['policy']}", disable=not progress):
-        prompt_ids, _ = prompt_of(question)
+        prompt_ids = prompt_of(question)
         capture = captures[question["document"]]
         prefix_len = capture.seq_len
         cached = question.get("cached_tokens") or 0
@@ -90,7 +91,7 @@ def reference_answers(runtime, documents, record: dict, max_tokens: int, progres
             if compressed:
                 observation = None
                 if observer is not None:  # the branches of the visit that compressed it, as the server saw them
-                    branches = [prompt_of(other)[0][prefix_len:] for other in record["question_records"]
+                    branches = [prompt_of(other)[prefix_len:] for other in record["question_records"]
                                 if other["visit"] == observer][:MAX_BRANCH_WINDOWS]
                     observation = runtime.observe(capture, "branches", branches=branches)
                 plan = runtime.compress(capture, policy, options["budget"], observation=observation,

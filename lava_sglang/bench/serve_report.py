@@ -49,6 +49,18 @@ def comparison(records: list[dict], baseline: str = "none", policy: str = "lava"
     return result
 
 
+def by_visit(record: dict) -> dict[str, dict]:
+    """Correct answers and mean program seconds of first visits (round 0: the document's
+    first program) and of revisits, from the record's question and visit records."""
+    split = {}
+    for name, first in (("first", True), ("revisit", False)):
+        graded = [q for q in record.get("question_records", []) if (q["round"] == 0) == first and q["correct"] is not None]
+        seconds = [v["seconds"] for v in record.get("visit_records", []) if (v["round"] == 0) == first]
+        split[name] = {"correct": sum(q["correct"] for q in graded), "questions": len(graded),
+                       "mean_seconds": sum(seconds) / len(seconds) if seconds else None}
+    return split
+
+
 def markdown(result: dict, stem: str) -> str:
     records, meta = result["records"], result["meta"]
     work = meta["workload"]
@@ -102,6 +114,17 @@ def markdown(result: dict, stem: str) -> str:
             _latency(r["ttft"]), _latency(r["e2e"]), _latency(r["program_latency"]),
         ]) + " |")
     lines.append("")
+    splits = {r["policy"]: by_visit(r) for r in records}
+    if any(split["revisit"]["questions"] for split in splits.values()):
+        lines += ["By visit (a document's first program, which prefills it, against its later ones): correct "
+                  "answers and mean program seconds.", "",
+                  "| policy | first visits: correct | first visits: s | revisits: correct | revisits: s |",
+                  "|---|---|---|---|---|"]
+        for policy, split in splits.items():
+            first, revisit = split["first"], split["revisit"]
+            lines.append(f"| {policy} | {first['correct']} / {first['questions']} | {_num(first['mean_seconds'])} "
+                         f"| {revisit['correct']} / {revisit['questions']} | {_num(revisit['mean_seconds'])} |")
+        lines.append("")
     errors = [(r["policy"], e) for r in records for e in r.get("errors", [])]
     if errors:
         lines += ["Failed programs: " + "; ".join(f"{p}: {e}" for p, e in errors[:10]), ""]

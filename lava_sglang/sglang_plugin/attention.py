@@ -76,7 +76,7 @@ class CompressedPrefixPath:
                                              num_kv_heads=num_kv_heads, scaling=layer.scaling,
                                              use_kernel=queries.is_cuda)
             forward_batch._lava_prefixes = prefixes
-        own_states = _own_states_decode if max(extend_lens) == 1 else _own_states_extend
+        own_states = _own_states_decode if prefixes.decode else _own_states_extend
         own_out, own_lse = own_states(queries, layer, forward_batch, entries, prefix_lens, extend_lens)
         prefix_out, prefix_lse = prefixes.states(layer.layer_id, queries)
         out, _ = merge_attention_states(prefix_out, prefix_lse, own_out, own_lse)
@@ -147,6 +147,7 @@ class CompressedPrefixBatch:
         self.kv_pool = kv_pool
         self.num_kv_heads = num_kv_heads
         self.scaling = scaling
+        self.decode = max(extend_lens) == 1  # one query per request: batched calls instead of a loop
         self.distinct = list({entry.entry_id: entry for entry in entries if entry is not None}.values())
         position = {entry.entry_id: index for index, entry in enumerate(self.distinct)}
         # Each request's entry as an index into `self.distinct`; -1: no compressed prefix.
@@ -207,7 +208,7 @@ class CompressedPrefixBatch:
         keys, values, visible = read_layer_padded([entry.layout for entry in self.distinct], layer,
                                                   self.kv_pool.k_buffer, self.kv_pool.v_buffer)
         num_tokens, num_q_heads, head_dim = queries.shape
-        if max(self.extend_lens) == 1:  # decode: every request's one query in one call
+        if self.decode:  # every request's one query in one call
             query = queries.view(num_tokens, self.num_kv_heads, -1, 1, head_dim)
             index = self.entry_index.clamp_min(0)
             mask = visible[index] & (self.entry_index >= 0)[:, None, None]

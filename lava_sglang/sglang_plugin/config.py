@@ -134,6 +134,14 @@ def _int(flag: str, text: str, minimum: int) -> int:
     return value
 
 
+def _float(text: str) -> float:
+    """`text` as a float; nan (which every range check refuses) when it is not one."""
+    try:
+        return float(text)
+    except (TypeError, ValueError):
+        return math.nan
+
+
 def parse_budget(text: str) -> float | int:
     """'0.2' -> keep ratio 0.2; '512' -> 512 tokens."""
     allowed = "a keep ratio in (0, 1] (e.g. 0.2) or an int >= 1 in tokens (e.g. 512)"
@@ -160,10 +168,7 @@ def from_namespace(args: argparse.Namespace) -> KvPolicyConfig:
     policy = str(args.kv_policy)
     if policy not in KV_POLICIES:
         raise ConfigError(f"--kv-policy must be one of {', '.join(KV_POLICIES)}, got {policy!r}")
-    try:
-        alpha = float(args.kv_alpha)
-    except (TypeError, ValueError):
-        alpha = math.nan
+    alpha = _float(args.kv_alpha)
     if not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"--kv-alpha must be a float in [0, 1], got {args.kv_alpha!r}")
     pool_kernel = _int("--kv-pool-kernel", args.kv_pool_kernel, 1)
@@ -178,10 +183,7 @@ def from_namespace(args: argparse.Namespace) -> KvPolicyConfig:
         hint = (" (reconstruct runs in the reference runtime and `bench quality`, not yet on the server)"
                 if observe == "reconstruct" else "")
         raise ConfigError(f"--kv-observe must be one of {', '.join(SERVER_OBSERVE_SOURCES)}, got {observe!r}{hint}")
-    try:
-        observe_wait = float(args.kv_observe_wait)
-    except (TypeError, ValueError):
-        observe_wait = math.nan
+    observe_wait = _float(args.kv_observe_wait)
     if not 0 < observe_wait < math.inf:
         raise ConfigError(f"--kv-observe-wait must be a number of seconds > 0, got {args.kv_observe_wait!r}")
     triggers = parse_triggers(args.kv_compress_on)

@@ -75,9 +75,18 @@ class PendingPrefix:
     deadline: float  # time.monotonic() after which it is compressed with what arrived
     branches: list[list[ObservationWindow]] = field(default_factory=list)  # per branch, per layer
 
+    def is_for(self, key) -> bool:
+        """Whether `key` is this committed prefix itself (a second commit of it)."""
+        return len(key) == len(self.full_key) and self.full_key.match(key) == len(key)
+
     def covers(self, key) -> bool:
         """Whether `key` starts with the whole committed prefix and goes beyond it."""
         return len(key) > len(self.full_key) and self.full_key.match(key) == len(self.full_key)
+
+
+def _prompt_key(req):
+    """The radix key of an SGLang request's prompt."""
+    return RadixKey(req.origin_input_ids, req.extra_key, cache_salt=req.cache_salt)
 
 
 def node_size(node) -> int:
@@ -143,6 +152,12 @@ class LavaRadixCache(RadixCache):
         key = params.key.page_aligned(self.page_size)
         setattr(req, SHARED_KEY_ATTR, key[:shared_len])
         return super().match_prefix(MatchPrefixParams(key=key[:shared_len - self.config.window], req=req))
+
+    def _ordinary_slots(self, key) -> tuple[torch.Tensor, object]:
+        """The pool slots of `key`'s longest match in the ordinary tree (compressed nodes
+        ignored) and the node where it ends."""
+        value, last_node = RadixCache._match_prefix_helper(self, self.root_node, key)
+        return (torch.cat(value) if value else torch.empty(0, dtype=torch.int64)), last_node
 
     def _exclusive_path(self, node, *, need_unlocked: bool) -> bool:
         """Whether the ordinary path root -> node could become one compressed node: no node
@@ -293,11 +308,10 @@ class LavaRadixCache(RadixCache):
 
     def _compress_fork_prefix(self, req) -> None:
         """Compress the first n - 1 tokens of the n-token prefix the request committed."""
-        full_key = RadixKey(req.origin_input_ids, req.extra_key, cache_salt=req.cache_salt)
+        full_key = _prompt_key(req)
         if self._already_compressed(full_key[:len(full_key) - 1]):
             return
-        value, last_node = RadixCache._match_prefix_helper(self, self.root_node, full_key)
-        slots = torch.cat(value) if value else torch.empty(0, dtype=torch.int64)
+        slots, last_node = self._ordinary_slots(full_key)
         if slots.numel() != len(full_key):
             logger.info("lava: prefix of %d tokens is not in the tree (%d cached); not compressed",
                         len(full_key), slots.numel())
@@ -318,10 +332,9 @@ class LavaRadixCache(RadixCache):
 
     def _defer_fork_prefix(self, req) -> None:
         """Keep a committed fork prefix's tail window until its branches have run."""
-        full_key = RadixKey(req.origin_input_ids, req.extra_key, cache_salt=req.cache_salt)
+        full_key = _prompt_key(req)
         if self._already_compressed(full_key[:len(full_key) - 1]) or any(
-                len(pending.full_key) == len(full_key) and pending.full_key.match(full_key) == len(full_key)
-                for pending in self.pending):
+                pending.is_for(full_key) for pending in self.pending):
             return
         tail_queries = self._captured_window(req, len(full_key))
         if tail_queries is None:
@@ -333,13 +346,12 @@ class LavaRadixCache(RadixCache):
     def _observe_branch(self, req) -> None:
         """Record the observation window of a released request that ran after a whole pending
         prefix: its last min(window, own tokens) queries and its own tokens' keys."""
-        prompt_key = RadixKey(req.origin_input_ids, req.extra_key, cache_salt=req.cache_salt)
+        prompt_key = _prompt_key(req)
         pending = self._pending_of(prompt_key)
         if pending is None or len(pending.branches) >= MAX_BRANCH_WINDOWS:
             return
         prefix_len = len(pending.full_key)
-        value, _ = RadixCache._match_prefix_helper(self, self.root_node, prompt_key)
-        slots = torch.cat(value) if value else torch.empty(0, dtype=torch.int64)
+        slots, _ = self._ordinary_slots(prompt_key)
         if slots.numel() != len(prompt_key):
             return  # the branch's own tokens are not all in the tree
         own_len = len(prompt_key) - prefix_len
@@ -358,8 +370,7 @@ class LavaRadixCache(RadixCache):
         now = time.monotonic()
         for pending in list(self.pending):
             full_key = pending.full_key
-            value, last_node = RadixCache._match_prefix_helper(self, self.root_node, full_key)
-            slots = torch.cat(value) if value else torch.empty(0, dtype=torch.int64)
+            slots, last_node = self._ordinary_slots(full_key)
             if slots.numel() != len(full_key) or self._already_compressed(full_key[:len(full_key) - 1]):
                 self.pending.remove(pending)  # evicted while it waited, or compressed by another path
                 continue
@@ -389,8 +400,7 @@ class LavaRadixCache(RadixCache):
         a compressed prefix never coexists with its own full copy."""
         if self._already_compressed(prefix_key):
             return
-        value, last_node = RadixCache._match_prefix_helper(self, self.root_node, prefix_key)
-        slots = torch.cat(value) if value else torch.empty(0, dtype=torch.int64)
+        slots, last_node = self._ordinary_slots(prefix_key)
         if slots.numel() != len(prefix_key) or not self._exclusive_path(last_node, need_unlocked=True):
             logger.info("lava: shared prefix of %d tokens is in use or no longer one path of the tree; "
                         "not compressed now", len(prefix_key))

@@ -9,7 +9,7 @@ import pytest
 from lava_sglang.bench.documents import Document, Question, prompt_parts
 from lava_sglang.bench.serve import (MEMORY_BOUND, ServeConfig, add_arguments, check_loopback, config_from_args,
                                      memory_bound_capacity, policy_server_args)
-from lava_sglang.bench.serve_report import comparison, markdown, write_serving_report
+from lava_sglang.bench.serve_report import by_visit, comparison, markdown, write_serving_report
 from lava_sglang.bench.serve_workload import (MISS_SLACK, Visit, build_workload, is_correct, is_miss,
                                               latency_summary, percentile, program_inputs, store_peaks, summarize,
                                               visit_records)
@@ -247,6 +247,17 @@ def test_comparison_against_the_targets():
     assert compared["documents_resident_ratio"] == 1.0 and compared["accuracy_points"] == 0.0
     assert compared["met"] == {"documents_resident": False, "question_throughput": True, "accuracy": True}
     assert comparison(result["records"][:1]) is None
+
+
+def test_by_visit_splits_first_visits_from_revisits():
+    record = {
+        "question_records": [{"round": 0, "correct": True}, {"round": 0, "correct": False},
+                             {"round": 1, "correct": False}, {"round": 2, "correct": True},
+                             {"round": 1, "correct": None}],  # a question without a planted code
+        "visit_records": [{"round": 0, "seconds": 6.0}, {"round": 1, "seconds": 2.0}, {"round": 2, "seconds": 3.0}],
+    }
+    assert by_visit(record) == {"first": {"correct": 1, "questions": 2, "mean_seconds": 6.0},
+                                "revisit": {"correct": 1, "questions": 2, "mean_seconds": 2.5}}
 
 
 def test_report_writer(tmp_path):
