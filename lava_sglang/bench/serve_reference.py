@@ -14,7 +14,8 @@ Every question a `bench serve` run answered is answered again by the reference r
 - under `--kv-observe branches` the questions of a visit whose commit prefilled the document
   ran on the full prefix, and the plan later visits read is scored by the tail and by that
   visit's questions as branches (the reference prefills them after the whole prefix, as the
-  server did);
+  server did); under `--kv-observe reconstruct` likewise, the plan scored by the
+  document's repetition (`ReferenceRuntime.observe(..., "reconstruct")`);
 - answers are greedy, as long as the server's (`max_tokens`), stopped at EOS.
 
 Per policy it reports the server's and the reference's accuracy and how many answers are
@@ -33,16 +34,17 @@ from pathlib import Path
 
 from lava_sglang.bench.serve_workload import Visit, is_correct, program_inputs
 from lava_sglang.bench.stats import wilson_interval
-from lava_sglang.sglang_plugin.config import MAX_BRANCH_WINDOWS
+from lava_sglang.sglang_plugin.config import BRANCHES, DEFERRED_OBSERVE_SOURCES, MAX_BRANCH_WINDOWS
 
 NO_COMPRESSION = "none"
 
 
 def compressing_visits(record: dict) -> dict[int, int | None]:
-    """Under `--kv-observe branches`: for each visit, the visit whose branches observed the
-    compressed copy it read (the document's latest visit, itself included, whose commit
-    found the document missing and so prefilled, deferred and compressed it); None when the
-    visit's own commit missed, i.e. its branches ran on the full prefix."""
+    """Under a deferred `--kv-observe` (branches, reconstruct): for each visit, the visit
+    whose commit made the compressed copy it read (the document's latest visit, itself
+    included, whose commit found the document missing and so prefilled, deferred and
+    compressed it; under branches, its questions observed it); None when the visit's own
+    commit missed, i.e. its branches ran on the full prefix."""
     last_miss, result = {}, {}
     for visit in sorted(record.get("visit_records", []), key=lambda visit: visit["visit"]):
         missed = (visit.get("commit_cached_tokens") or 0) < visit["prefix_tokens"] - 1
@@ -60,8 +62,9 @@ def reference_answers(runtime, documents, record: dict, max_tokens: int, progres
 
     options = record.get("kv_policy_options") or {}
     policy = record["policy"] if record["policy"] != NO_COMPRESSION else None
-    branches_mode = options.get("observe") == "branches"
-    observed_by = compressing_visits(record) if branches_mode else {}
+    observe = options.get("observe")
+    deferred = observe in DEFERRED_OBSERVE_SOURCES
+    observed_by = compressing_visits(record) if deferred else {}
     captures, prefixes, rows = {}, {}, []
     tokenizer = runtime.tokenizer
 
@@ -80,7 +83,7 @@ def reference_answers(runtime, documents, record: dict, max_tokens: int, progres
         cached = question.get("cached_tokens") or 0
         compressed = policy is not None and cached >= prefix_len - 1
         observer = None
-        if compressed and branches_mode:
+        if compressed and deferred:
             observer = observed_by.get(question["visit"])
             compressed = observer is not None
         keep_len = min(cached, prefix_len) if compressed else prefix_len
@@ -90,10 +93,12 @@ def reference_answers(runtime, documents, record: dict, max_tokens: int, progres
         if key not in prefixes:
             if compressed:
                 observation = None
-                if observer is not None:  # the branches of the visit that compressed it, as the server saw them
+                if observer is not None and observe == BRANCHES:  # the branches of the visit that compressed it
                     branches = [prompt_of(other)[prefix_len:] for other in record["question_records"]
                                 if other["visit"] == observer][:MAX_BRANCH_WINDOWS]
-                    observation = runtime.observe(capture, "branches", branches=branches)
+                    observation = runtime.observe(capture, observe, branches=branches)
+                elif observer is not None:
+                    observation = runtime.observe(capture, observe)
                 plan = runtime.compress(capture, policy, options["budget"], observation=observation,
                                         window=options["window"], pool_kernel=options["pool_kernel"],
                                         alpha=options["alpha"]).plan

@@ -5,7 +5,8 @@
 
 from lava_sglang.policy.base import LayerScores, Policy, WindowPolicy
 from lava_sglang.policy.observe import (OBSERVE_SOURCES, WINDOW_COMBINES, Branches, Observe, ObservationWindow,
-                                        Reconstruct, Tail, combine_window_masses, make_observe, repeat_attention_max)
+                                        Reconstruct, Tail, combine_window_masses, make_observe, repeat_attention_chunk,
+                                        repeat_attention_max)
 from lava_sglang.policy.plan import CompressionPlan, PlanBuilder, compress_plan, resolve_budget
 from lava_sglang.policy.registry import POLICIES, make_policy
 
@@ -20,6 +21,7 @@ __all__ = [
     "Tail",
     "combine_window_masses",
     "make_observe",
+    "repeat_attention_chunk",
     "repeat_attention_max",
     "CompressionPlan",
     "LayerScores",

@@ -82,6 +82,39 @@ def repeat_attention_max(probs: torch.Tensor) -> torch.Tensor:
     return probs.float().amax(dim=1)
 
 
+def repeat_attention_chunk(queries: torch.Tensor, keys: torch.Tensor, first_position: int, selectable: int,
+                           scaling: float, max_logits: int = 1 << 24) -> torch.Tensor:
+    """[Hq, m]: per query head, the largest attention any of a chunk of repetition queries
+    pays each of the first m = `selectable` keys (`repeat_attention_max` of their softmax).
+
+    queries: [Hq, T, d] post-RoPE, at positions first_position .. first_position + T - 1;
+    keys: [Hkv, S, d] post-RoPE, at positions 0 .. S - 1 (the prefix, then the repetition up
+    to the chunk's end), S >= first_position + T. Query t sees the keys up to its own position.
+    fp32, in blocks of query rows so that at most `max_logits` logits exist at once.
+    """
+    num_q_heads, num_rows, head_dim = queries.shape
+    num_kv_heads, num_keys, _ = keys.shape
+    if num_q_heads % num_kv_heads or keys.shape[2] != head_dim:
+        raise ValueError(f"queries {tuple(queries.shape)} and keys {tuple(keys.shape)} do not match (GQA)")
+    if not 0 < selectable <= first_position or first_position + num_rows > num_keys:
+        raise ValueError(f"need 0 < selectable ({selectable}) <= first_position ({first_position}) and "
+                         f"first_position + T ({first_position + num_rows}) <= S ({num_keys})")
+    grouped = queries.float().view(num_kv_heads, num_q_heads // num_kv_heads, num_rows, head_dim)
+    keys = keys.float()
+    key_positions = torch.arange(num_keys, device=keys.device)
+    rows_per_block = max(1, max_logits // (num_q_heads * num_keys))
+    result = None
+    for start in range(0, num_rows, rows_per_block):
+        block = grouped[:, :, start:start + rows_per_block]
+        logits = torch.einsum("hgtd,hsd->hgts", block, keys) * scaling
+        query_positions = first_position + start + torch.arange(block.shape[2], device=keys.device)
+        logits.masked_fill_(key_positions[None, :] > query_positions[:, None], float("-inf"))
+        probs = torch.softmax(logits, dim=-1)[..., :selectable].flatten(0, 1)  # [Hq, rows, m]
+        block_max = repeat_attention_max(probs)
+        result = block_max if result is None else torch.maximum(result, block_max)
+    return result
+
+
 @dataclass(frozen=True)
 class Observe:
     """Base of the observation sources; hyper-parameters are dataclass fields."""

@@ -33,7 +33,8 @@ import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from lava_sglang.policy import (Branches, CompressionPlan, LayerScores, Observe, ObservationWindow, PlanBuilder, Policy,
-                                Reconstruct, Tail, compress_plan, make_observe, make_policy, repeat_attention_max)
+                                Reconstruct, Tail, compress_plan, make_observe, make_policy,
+                                repeat_attention_chunk)
 from lava_sglang.policy.plan import repeat_scores, windows_scores
 from lava_sglang.reference.attention import attention_with_lse, causal_visibility, merge_attention_states
 
@@ -328,11 +329,11 @@ class ReferenceRuntime:
         repeat: list[torch.Tensor | None] = [None] * len(capture.keys)
 
         def record(layer, query, key, lse, scaling):
-            # Attention on the prefix = exp(logit - lse over prefix and repetition keys).
-            logits = torch.einsum("bhgtd,bhsd->bhgts", query.float(),
-                                  batch.keys[layer][:, :, :prefix_len].float()) * scaling
-            probs = torch.exp(logits - lse.unsqueeze(-1))[0].flatten(0, 1)  # [Hq, T, m]
-            chunk_max = repeat_attention_max(probs)
+            # The same scoring as the server's (repeat_attention_chunk): the chunk's queries
+            # over the prefix and the repetition so far.
+            keys = torch.cat([batch.keys[layer][0], key[0]], dim=1)  # [Hkv, n + own, d]
+            first_position = keys.shape[1] - query.shape[3]
+            chunk_max = repeat_attention_chunk(query[0].flatten(0, 1), keys, first_position, prefix_len, scaling)
             repeat[layer] = chunk_max if repeat[layer] is None else torch.maximum(repeat[layer], chunk_max)
 
         cache = DynamicCache()

@@ -53,8 +53,12 @@ class CompressedPrefixPath:
         _record_window(layer, forward_batch, q, prefix_lens, extend_lens)
         entries = _batch_entries(forward_batch)
         if not any(entries):
-            return self.inner_extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
-        return self._attend(q, k, v, layer, forward_batch, save_kv_cache, entries, prefix_lens, extend_lens)
+            out = self.inner_extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
+        else:
+            out = self._attend(q, k, v, layer, forward_batch, save_kv_cache, entries, prefix_lens, extend_lens)
+        if _cache.repetitions:
+            _score_repetitions(layer, forward_batch, q, entries, prefix_lens, extend_lens)
+        return out
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         entries = _batch_entries(forward_batch) if _cache is not None else []
@@ -250,6 +254,21 @@ def _record_window(layer, forward_batch, q, prefix_lens, extend_lens) -> None:
         if capture.wants(prefix_len + extend_len):
             req_pool_idx = int(forward_batch.req_pool_indices[row])
             capture.record(layer.layer_id, req_pool_idx, prefix_len, queries[start:start + extend_len])
+        start += extend_len
+
+
+def _score_repetitions(layer, forward_batch, q, entries, prefix_lens, extend_lens) -> None:
+    """Feed each repetition request's chunk in the batch (observe "reconstruct",
+    `repetition.py`) to its scores; the chunk's own keys are in the pool by now."""
+    queries = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
+    k_buffer = _cache.kv_pool.get_key_buffer(layer.layer_id)
+    start = 0
+    for row, (rid, prefix_len, extend_len) in enumerate(zip(forward_batch.rids or (), prefix_lens, extend_lens)):
+        scores = _cache.repetitions.get(rid)
+        if scores is not None and entries[row] is None:  # a repetition reads the full prefix
+            slots = _cache.req_to_token_pool.req_to_token[forward_batch.req_pool_indices[row], :prefix_len + extend_len]
+            scores.add_chunk(layer.layer_id, queries[start:start + extend_len], k_buffer[slots], prefix_len,
+                             layer.scaling)
         start += extend_len
 
 

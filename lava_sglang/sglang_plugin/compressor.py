@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lava_sglang.policy import Branches, ObservationWindow, PlanBuilder, Policy
+from lava_sglang.policy import Branches, ObservationWindow, PlanBuilder, Policy, Reconstruct
 from lava_sglang.store import CellLayout, write_layer
 
 
@@ -85,24 +85,29 @@ class WindowCapture:
 
 
 def plan_prefix(policy: Policy, budget: float | int, window_queries: list[torch.Tensor], k_buffers, v_buffers,
-                slots: torch.Tensor, keep_len: int,
-                branch_windows: list[list[ObservationWindow]] | None = None) -> list[list[torch.Tensor]]:
+                slots: torch.Tensor, keep_len: int, branch_windows: list[list[ObservationWindow]] | None = None,
+                repeat_attention: list[torch.Tensor] | None = None) -> list[list[torch.Tensor]]:
     """Kept positions per (layer, KV head) among the first `keep_len` tokens of a prefix.
 
     The plan is made over all n = len(slots) tokens (the observation window ends at the last
     one). A fork prefix keeps n - 1 of them: a request matching the prefix recomputes its
     last token (SGLang matches at most n - 1 tokens of a prompt). `branch_windows` (per
     layer, one window per branch that ran after the whole prefix) adds the branches' votes
-    to the tail's (observe "branches", docs/observe.md).
+    to the tail's (observe "branches", docs/observe.md); `repeat_attention` (per layer
+    [Hq, m], a repetition's attention on the prefix) replaces the windows (observe
+    "reconstruct").
     """
     seq_len = slots.numel()
     num_kv_heads = k_buffers[0].shape[1]
+    observe = Reconstruct() if repeat_attention else Branches() if branch_windows else "tail"
     builder = PlanBuilder(policy, budget, seq_len=seq_len, num_layers=len(k_buffers), num_kv_heads=num_kv_heads,
-                          observe=Branches() if branch_windows else "tail")
+                          observe=observe)
     for layer, queries in enumerate(window_queries):
         keys = k_buffers[layer][slots].transpose(0, 1).float()
         values = v_buffers[layer][slots].transpose(0, 1).float()
-        if branch_windows:
+        if repeat_attention:
+            builder.add_layer_repeat(repeat_attention[layer], values)
+        elif branch_windows:
             builder.add_layer_windows([ObservationWindow(queries.float()), *branch_windows[layer]], keys, values)
         else:
             builder.add_layer(queries.float(), keys, values)

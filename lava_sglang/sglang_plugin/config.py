@@ -22,10 +22,12 @@ KV_POLICIES = (NONE, *sorted(name for name in POLICIES if name != "full"))
 SUPPORTED_ATTENTION_BACKENDS = ("torch_native",)
 FORK, SHARED = "fork", "shared"
 COMPRESS_TRIGGERS = (FORK, SHARED)
-TAIL, BRANCHES = "tail", "branches"
-SERVER_OBSERVE_SOURCES = (TAIL, BRANCHES)
-# Bounds on what --kv-observe branches holds while prefixes wait: a window is the queries of
-# w tokens at every layer (~2 MB for SmolLM2 in fp32, ~16 MB for an 8B model).
+TAIL, BRANCHES, RECONSTRUCT = "tail", "branches", "reconstruct"
+SERVER_OBSERVE_SOURCES = (TAIL, BRANCHES, RECONSTRUCT)
+DEFERRED_OBSERVE_SOURCES = (BRANCHES, RECONSTRUCT)  # a fork prefix waits for what observes it
+# Bounds on what a deferred --kv-observe holds while prefixes wait: a window is the queries of
+# w tokens at every layer (~2 MB for SmolLM2 in fp32, ~16 MB for an 8B model); a repetition's
+# scores are Hq x n fp32 per layer (~1 MB per 1K tokens for SmolLM2).
 MAX_PENDING_PREFIXES = 32  # beyond that, a committed prefix is compressed at once by its tail
 MAX_BRANCH_WINDOWS = 8  # branches past that many add no window
 
@@ -50,8 +52,10 @@ class KvPolicyConfig:
         request shares it.
     observe: what scores a fork prefix (docs/observe.md): `tail`, its own last `window`
         tokens, at once; `branches`, the tail and the forked branches' questions, once the
-        branches have run on the full prefix.
-    observe_wait: seconds a fork prefix waits for its branches under `branches`; after
+        branches have run on the full prefix; `reconstruct`, the attention of a
+        teacher-forced repetition of the prefix, which the server runs as one internal
+        request after the commit.
+    observe_wait: seconds a fork prefix waits under `branches` or `reconstruct`; after
         that it is compressed with what arrived (the tail alone if nothing did).
     """
 
@@ -104,12 +108,13 @@ FLAGS = {
                        "before fork()), shared (a prompt prefix of >= --kv-min-prefix tokens, once a second "
                        "request shares it). Default fork."),
     "kv_observe": ("--kv-observe", TAIL,
-                   "What scores a fork prefix: tail (its own last --kv-window tokens, compressed at once) or "
+                   "What scores a fork prefix: tail (its own last --kv-window tokens, compressed at once), "
                    "branches (the tail and the questions of the forked branches, compressed once the branches "
-                   "have run on the full prefix; docs/observe.md). Default tail."),
+                   "have run on the full prefix) or reconstruct (the attention of a teacher-forced repetition "
+                   "of the prefix, run as one internal request; docs/observe.md). Default tail."),
     "kv_observe_wait": ("--kv-observe-wait", "30",
-                        "With --kv-observe branches: seconds a fork prefix waits for its branches before it is "
-                        "compressed with what arrived. Default 30."),
+                        "With --kv-observe branches or reconstruct: seconds a fork prefix waits for its branches "
+                        "or its repetition before it is compressed with what arrived. Default 30."),
 }
 
 
@@ -180,15 +185,13 @@ def from_namespace(args: argparse.Namespace) -> KvPolicyConfig:
         raise ConfigError(f"--kv-min-prefix must be greater than --kv-window ({window}), got {min_prefix}")
     observe = str(args.kv_observe)
     if observe not in SERVER_OBSERVE_SOURCES:
-        hint = (" (reconstruct runs in the reference runtime and `bench quality`, not yet on the server)"
-                if observe == "reconstruct" else "")
-        raise ConfigError(f"--kv-observe must be one of {', '.join(SERVER_OBSERVE_SOURCES)}, got {observe!r}{hint}")
+        raise ConfigError(f"--kv-observe must be one of {', '.join(SERVER_OBSERVE_SOURCES)}, got {observe!r}")
     observe_wait = _float(args.kv_observe_wait)
     if not 0 < observe_wait < math.inf:
         raise ConfigError(f"--kv-observe-wait must be a number of seconds > 0, got {args.kv_observe_wait!r}")
     triggers = parse_triggers(args.kv_compress_on)
-    if observe == BRANCHES and FORK not in triggers:
-        raise ConfigError("--kv-observe branches scores fork prefixes: --kv-compress-on must include fork")
+    if observe in DEFERRED_OBSERVE_SOURCES and FORK not in triggers:
+        raise ConfigError(f"--kv-observe {observe} scores fork prefixes: --kv-compress-on must include fork")
     config = KvPolicyConfig(policy=policy, budget=parse_budget(args.kv_budget), window=window,
                             min_prefix=min_prefix, alpha=alpha, pool_kernel=pool_kernel, compress_on=triggers,
                             observe=observe, observe_wait=observe_wait)

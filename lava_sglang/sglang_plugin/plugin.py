@@ -8,6 +8,7 @@ import os
 from lava_sglang.sglang_plugin import attention, touchpoints
 from lava_sglang.sglang_plugin.config import (
     ENV_VAR,
+    RECONSTRUCT,
     SUPPORTED_ATTENTION_BACKENDS,
     ConfigError,
     KvPolicyConfig,
@@ -87,6 +88,7 @@ def create_radix_cache(ctx):
     """`--radix-cache-backend lava`: SGLang calls this in the scheduler process."""
     from lava_sglang.sglang_plugin.metrics import StoreMetrics
     from lava_sglang.sglang_plugin.radix_cache import LavaRadixCache
+    from lava_sglang.sglang_plugin.repetition import RepetitionClient
 
     config = KvPolicyConfig.from_env()
     if not config.enabled:
@@ -95,7 +97,10 @@ def create_radix_cache(ctx):
     kv_pool = ctx.params.token_to_kv_pool_allocator.get_kvcache()
     metrics = StoreMetrics(enabled=bool(ctx.server_args.enable_metrics),
                            labels={"model_name": ctx.server_args.served_model_name})
-    cache = LavaRadixCache(ctx.params, config=config, kv_pool=kv_pool, metrics=metrics)
+    server_args = ctx.server_args
+    repetitions = (RepetitionClient(server_args.url(), getattr(server_args, "api_key", None))
+                   if config.observe == RECONSTRUCT else None)
+    cache = LavaRadixCache(ctx.params, config=config, kv_pool=kv_pool, metrics=metrics, repetition_client=repetitions)
     attention.bind(cache)
     logger.info("lava: KV policy %s, options %s", config.policy, config)
     return cache

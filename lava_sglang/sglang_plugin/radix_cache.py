@@ -29,6 +29,8 @@ its own keys) when it is released, and once no request runs on the prefix any mo
 compressed with the tail's and the branches' windows combined (docs/observe.md). Requests
 after that read the compressed copy. The wait pins nothing: the full prefix stays an
 ordinary evictable node, and a pending prefix that was evicted meanwhile is forgotten.
+With `--kv-observe reconstruct` a committed fork prefix waits the same way for its
+repetition, one internal request (`repetition.py`) whose attention scores it.
 
 A prefix is compressed only while no request runs on its full copy (otherwise a later
 request retries), so a compressed node never coexists with its own full-length copy.
@@ -43,11 +45,12 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lava_sglang.policy import ObservationWindow
+from lava_sglang.policy import ObservationWindow, Reconstruct
 from lava_sglang.sglang_plugin.compressor import WindowCapture, plan_prefix, store_prefix
-from lava_sglang.sglang_plugin.config import (BRANCHES, FORK, MAX_BRANCH_WINDOWS, MAX_PENDING_PREFIXES, SHARED,
-                                              KvPolicyConfig)
+from lava_sglang.sglang_plugin.config import (BRANCHES, DEFERRED_OBSERVE_SOURCES, FORK, MAX_BRANCH_WINDOWS,
+                                              MAX_PENDING_PREFIXES, RECONSTRUCT, SHARED, KvPolicyConfig)
 from lava_sglang.sglang_plugin.metrics import StoreMetrics
+from lava_sglang.sglang_plugin.repetition import REPETITION_RID_PREFIX, RepetitionClient, RepetitionScores
 from lava_sglang.sglang_plugin.touchpoints import commit_deferred_frees, radix_cache_api
 from lava_sglang.store import CellLayout, CompressedStore, StoreEntry, slots_needed
 
@@ -68,12 +71,21 @@ class CompressedNode(TreeNode):
 
 @dataclass
 class PendingPrefix:
-    """A fork prefix waiting for its branches' observation windows (--kv-observe branches)."""
+    """A fork prefix waiting for its branches' observation windows (--kv-observe branches)
+    or for its repetition's scores (--kv-observe reconstruct)."""
 
     full_key: object  # RadixKey of the n committed tokens
     tail_queries: list[torch.Tensor]  # per layer [Hq, w, d]: the prefix's own last tokens
     deadline: float  # time.monotonic() after which it is compressed with what arrived
     branches: list[list[ObservationWindow]] = field(default_factory=list)  # per branch, per layer
+    repetition: RepetitionScores | None = None
+
+    def ready(self, now: float) -> bool:
+        """Whether what observes it has arrived (a branch window; the repetition, run or
+        failed), or it has waited long enough."""
+        repetition = self.repetition
+        repetition_over = repetition is not None and (repetition.done or repetition.failed is not None)
+        return bool(self.branches) or repetition_over or now >= self.deadline
 
     def is_for(self, key) -> bool:
         """Whether `key` is this committed prefix itself (a second commit of it)."""
@@ -95,8 +107,10 @@ def node_size(node) -> int:
 
 
 class LavaRadixCache(RadixCache):
-    def __init__(self, params, *, config: KvPolicyConfig, kv_pool, metrics: StoreMetrics | None = None):
+    def __init__(self, params, *, config: KvPolicyConfig, kv_pool, metrics: StoreMetrics | None = None,
+                 repetition_client: RepetitionClient | None = None):
         self.config = config
+        self.repetition_client = repetition_client  # sends the repetitions of --kv-observe reconstruct
         self.metrics = metrics or StoreMetrics(enabled=False, labels={})
         self.policy = config.make_policy()
         self.kv_pool = kv_pool
@@ -104,6 +118,7 @@ class LavaRadixCache(RadixCache):
         self.capture = WindowCapture(config.window, config.min_prefix)
         self.compressed: dict = {}  # child key of the first token -> [CompressedNode]
         self.pending: list[PendingPrefix] = []
+        self.repetitions: dict[str, RepetitionScores] = {}  # by request id, while the request may run
         super().__init__(params)
 
     # ----------------------------------------------------------------- state
@@ -114,6 +129,7 @@ class LavaRadixCache(RadixCache):
         self.capture.clear()
         self.compressed = {}
         self.pending = []
+        self.repetitions = {}
         self.metrics.store_changed(self.store.stats())
 
     def stats(self) -> dict:
@@ -123,6 +139,7 @@ class LavaRadixCache(RadixCache):
             "evictable": self.evictable_size_,
             "protected": self.protected_size_,
             "pending": len(self.pending),
+            "repetitions": len(self.repetitions),
         }
 
     # -------------------------------------------------------------- matching
@@ -287,14 +304,16 @@ class LavaRadixCache(RadixCache):
 
     def on_release(self, req, *, checkpointed: bool) -> None:
         try:
-            if checkpointed and FORK in self.config.compress_on and self._is_fork_prefix(req):
-                if self.config.observe == BRANCHES and len(self.pending) < MAX_PENDING_PREFIXES:
+            if isinstance(req.rid, str) and req.rid.startswith(REPETITION_RID_PREFIX):
+                self._end_repetition(req, checkpointed)  # never a commit, though it has max_new_tokens 0
+            elif checkpointed and FORK in self.config.compress_on and self._is_fork_prefix(req):
+                if self.config.observe in DEFERRED_OBSERVE_SOURCES and len(self.pending) < MAX_PENDING_PREFIXES:
                     self._defer_fork_prefix(req)
                 else:
                     self._compress_fork_prefix(req)
             elif checkpointed and getattr(req, SHARED_KEY_ATTR, None) is not None:
                 self._compress_shared_prefix(req, getattr(req, SHARED_KEY_ATTR))
-            elif checkpointed and self.pending:
+            elif checkpointed and self.pending and self.config.observe == BRANCHES:
                 self._observe_branch(req)
         finally:
             self.capture.drop(req.kv.req_pool_idx)
@@ -325,13 +344,14 @@ class LavaRadixCache(RadixCache):
                                                               window_queries) is not None:
             self._free_uncompressed_path(last_node)
 
-    # ------------------------------------------------- observe "branches"
+    # ------------------------------------- observe "branches" and "reconstruct"
 
     def _pending_of(self, key) -> PendingPrefix | None:
         return next((pending for pending in self.pending if pending.covers(key)), None)
 
     def _defer_fork_prefix(self, req) -> None:
-        """Keep a committed fork prefix's tail window until its branches have run."""
+        """Keep a committed fork prefix's tail window until its branches have run, or (under
+        reconstruct) until its repetition has."""
         full_key = _prompt_key(req)
         if self._already_compressed(full_key[:len(full_key) - 1]) or any(
                 pending.is_for(full_key) for pending in self.pending):
@@ -339,9 +359,39 @@ class LavaRadixCache(RadixCache):
         tail_queries = self._captured_window(req, len(full_key))
         if tail_queries is None:
             return
-        self.pending.append(PendingPrefix(full_key, tail_queries, time.monotonic() + self.config.observe_wait))
-        logger.info("lava: prefix of %d tokens waits for its branches (at most %.0f s)", len(full_key),
-                    self.config.observe_wait)
+        pending = PendingPrefix(full_key, tail_queries, time.monotonic() + self.config.observe_wait)
+        self.pending.append(pending)
+        if self.config.observe == RECONSTRUCT:
+            pending.repetition = self._start_repetition(req)
+        logger.info("lava: prefix of %d tokens waits for its %s (at most %.0f s)", len(full_key),
+                    "repetition" if pending.repetition is not None else "branches", self.config.observe_wait)
+
+    def _start_repetition(self, req) -> RepetitionScores | None:
+        """Ask the server to prefill the prefix, the repeat instruction and the prefix again."""
+        if self.repetition_client is None or getattr(req, "tokenizer", None) is None:
+            logger.warning("lava: no repetition without the server's address and tokenizer; the prefix waits "
+                           "and is compressed by its tail")
+            return None
+        prefix_ids = list(req.origin_input_ids)
+        instruction = req.tokenizer.encode(Reconstruct().instruction, add_special_tokens=False)
+        prefix_len = len(prefix_ids)
+        scores = RepetitionScores(rid=RepetitionClient.new_rid(), prefix_len=prefix_len,
+                                  selectable=prefix_len - min(self.config.window, prefix_len),
+                                  num_queries=len(instruction) + prefix_len, num_layers=self.kv_pool.layer_num)
+        self.repetitions[scores.rid] = scores
+        self.repetition_client.submit(scores, prefix_ids + instruction + prefix_ids)
+        return scores
+
+    def _end_repetition(self, req, checkpointed: bool) -> None:
+        scores = self.repetitions.pop(req.rid, None)
+        if scores is None:
+            return  # its prefix was compressed (or forgotten) meanwhile
+        scores.done = checkpointed and scores.complete
+        scores.ended_at = time.monotonic()
+        if not scores.done:
+            scores.failed = (f"released with {min(scores.scored)} of {scores.num_queries} repetition tokens scored"
+                             if scores.failed is None else scores.failed)
+            logger.warning("lava: repetition %s %s; the prefix is compressed by its tail", scores.rid, scores.failed)
 
     def _observe_branch(self, req) -> None:
         """Record the observation window of a released request that ran after a whole pending
@@ -372,19 +422,34 @@ class LavaRadixCache(RadixCache):
             full_key = pending.full_key
             slots, last_node = self._ordinary_slots(full_key)
             if slots.numel() != len(full_key) or self._already_compressed(full_key[:len(full_key) - 1]):
-                self.pending.remove(pending)  # evicted while it waited, or compressed by another path
+                self._forget(pending)  # evicted while it waited, or compressed by another path
                 continue
-            if last_node.lock_ref > 0 or not (pending.branches or now >= pending.deadline):
+            if last_node.lock_ref > 0 or not pending.ready(now):
                 continue
-            self.pending.remove(pending)
+            self._forget(pending)
+            repetition = pending.repetition if pending.repetition is not None and pending.repetition.done else None
             branch_windows = [[branch[layer] for branch in pending.branches] for layer in range(self.kv_pool.layer_num)]
             node = self._compress_path(full_key[:len(full_key) - 1], slots, last_node, pending.tail_queries,
-                                       branch_windows if pending.branches else None)
-            if node is not None:
+                                       branch_windows if pending.branches else None,
+                                       repetition.repeat if repetition is not None else None)
+            if node is None:
+                continue
+            if repetition is not None:
+                logger.info("lava: prefix %d observed by its repetition: %d tokens prefilled, %.2f s from its first "
+                            "chunk to its release, %.0f ms of it scoring", node.entry.entry_id,
+                            repetition.num_queries, repetition.ended_at - repetition.first_chunk_at,
+                            repetition.scoring_seconds * 1e3)
+            else:
                 logger.info("lava: prefix %d observed by its tail and %d branch window(s)", node.entry.entry_id,
                             len(pending.branches))
-                self._free_below(last_node)
-                self._free_uncompressed_path(last_node)
+            self._free_below(last_node)
+            self._free_uncompressed_path(last_node)
+
+    def _forget(self, pending: PendingPrefix) -> None:
+        """Stop waiting for `pending`; a repetition of it still queued or running scores nothing more."""
+        self.pending.remove(pending)
+        if pending.repetition is not None:
+            self.repetitions.pop(pending.repetition.rid, None)
 
     def _free_below(self, node) -> None:
         """Give back the (unlocked) nodes under `node`: the branches' own tokens, which hang
@@ -433,21 +498,22 @@ class LavaRadixCache(RadixCache):
             logger.info("lava: observation window of a %d-token prefix was not captured; not compressed", seq_len)
         return window_queries
 
-    def _compress_path(self, prefix_key, slots: torch.Tensor, last_node, window_queries,
-                       branch_windows=None) -> CompressedNode | None:
+    def _compress_path(self, prefix_key, slots: torch.Tensor, last_node, window_queries, branch_windows=None,
+                       repeat_attention=None) -> CompressedNode | None:
         """Compress `prefix_key` (its KV in `slots`, the path ending at `last_node`) with the
-        given windows; None when there is no room."""
+        given windows or repetition scores (`plan_prefix`); None when there is no room."""
         self.inc_lock_ref(last_node)  # keep the full prefix while it is read
         try:
-            return self._compress(prefix_key, slots, window_queries, branch_windows)
+            return self._compress(prefix_key, slots, window_queries, branch_windows, repeat_attention)
         finally:
             self.dec_lock_ref(last_node)
 
-    def _compress(self, prefix_key, slots: torch.Tensor, window_queries, branch_windows=None) -> CompressedNode | None:
+    def _compress(self, prefix_key, slots: torch.Tensor, window_queries, branch_windows=None,
+                  repeat_attention=None) -> CompressedNode | None:
         started = time.perf_counter()
         k_buffers, v_buffers = self.kv_pool.k_buffer, self.kv_pool.v_buffer
         kept = plan_prefix(self.policy, self.config.budget, window_queries, k_buffers, v_buffers, slots,
-                           keep_len=len(prefix_key), branch_windows=branch_windows)
+                           keep_len=len(prefix_key), branch_windows=branch_windows, repeat_attention=repeat_attention)
         kept_lengths = torch.tensor([[len(rows) for rows in heads] for heads in kept], dtype=torch.int64)
         num_slots = slots_needed(int(kept_lengths.sum()), *kept_lengths.shape)
         owned = self._alloc(num_slots)

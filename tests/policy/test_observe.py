@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lava_sglang.policy import (Branches, ObservationWindow, PlanBuilder, Reconstruct, combine_window_masses,
-                                compress_plan, make_observe, make_policy, repeat_attention_max)
+                                compress_plan, make_observe, make_policy, repeat_attention_chunk,
+                                repeat_attention_max)
 from lava_sglang.policy.scores import pool_scores, prefix_attention_mass, window_attention_mass
 
 
@@ -126,6 +127,26 @@ def test_repeat_scores_reduce_the_group_and_scale_by_the_value_norm():
 def test_repeat_attention_max_is_over_queries_and_chunks_combine_by_max():
     probs = torch.tensor([[[0.1, 0.9], [0.7, 0.3]]])  # [Hq=1, T=2, m=2]
     assert repeat_attention_max(probs).tolist() == [[pytest.approx(0.7), pytest.approx(0.9)]]
+
+
+def test_repeat_attention_chunk_is_the_causal_softmax_over_all_keys_in_any_block_size():
+    # Oracle: the full causal attention of n + T tokens (GQA, Hq = 4 over Hkv = 2), the last T
+    # rows being the chunk; per query head the max over those rows on the first m keys.
+    torch.manual_seed(0)
+    num_q_heads, num_kv_heads, n, rows, m, d = 4, 2, 12, 5, 9, 8
+    keys = torch.randn(num_kv_heads, n + rows, d)
+    queries = torch.randn(num_q_heads, rows, d)
+    scaling = d ** -0.5
+    logits = torch.einsum("gtd,gsd->gts", queries, keys.repeat_interleave(2, dim=0)) * scaling
+    causal = torch.arange(n + rows)[None, :] > (n + torch.arange(rows))[:, None]
+    expected = torch.softmax(logits.masked_fill(causal, float("-inf")), dim=-1)[:, :, :m].amax(dim=1)
+    for max_logits in (1 << 24, num_q_heads * (n + rows)):  # one block; one query row per block
+        result = repeat_attention_chunk(queries, keys, n, m, scaling, max_logits=max_logits)
+        torch.testing.assert_close(result, expected)
+    with pytest.raises(ValueError, match="selectable"):
+        repeat_attention_chunk(queries, keys, n, n + 1, scaling)
+    with pytest.raises(ValueError, match="do not match"):
+        repeat_attention_chunk(queries[:3], keys, n, m, scaling)
 
 
 class TestBadInput:

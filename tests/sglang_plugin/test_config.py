@@ -51,7 +51,7 @@ def test_config_survives_the_trip_to_the_children():
     ("--kv-alpha", "1.5"), ("--kv-alpha", "nan"),
     ("--kv-pool-kernel", "4"),
     ("--kv-compress-on", "forks"), ("--kv-compress-on", ""), ("--kv-compress-on", "fork,,shared"),
-    ("--kv-observe", "branch"), ("--kv-observe", "reconstruct"),
+    ("--kv-observe", "branch"), ("--kv-observe", "repeat"),
     ("--kv-observe-wait", "0"), ("--kv-observe-wait", "-1"), ("--kv-observe-wait", "nan"),
     ("--kv-observe-wait", "inf"), ("--kv-observe-wait", "soon"),
 ])
@@ -60,13 +60,12 @@ def test_bad_values_name_the_flag(flag, value):
         from_namespace(parse("--kv-policy", "lava", flag, value))
 
 
-def test_branches_observe_fork_prefixes():
-    config = from_namespace(parse("--kv-policy", "lava", "--kv-observe", "branches", "--kv-observe-wait", "2.5"))
-    assert (config.observe, config.observe_wait) == ("branches", 2.5)
+@pytest.mark.parametrize("source", ["branches", "reconstruct"])
+def test_deferred_sources_observe_fork_prefixes(source):
+    config = from_namespace(parse("--kv-policy", "lava", "--kv-observe", source, "--kv-observe-wait", "2.5"))
+    assert (config.observe, config.observe_wait) == (source, 2.5)
     with pytest.raises(ConfigError, match="--kv-compress-on must include fork"):
-        from_namespace(parse("--kv-policy", "lava", "--kv-observe", "branches", "--kv-compress-on", "shared"))
-    with pytest.raises(ConfigError, match="not yet on the server"):
-        from_namespace(parse("--kv-policy", "lava", "--kv-observe", "reconstruct"))
+        from_namespace(parse("--kv-policy", "lava", "--kv-observe", source, "--kv-compress-on", "shared"))
 
 
 def test_unknown_policy_lists_the_allowed_ones():

@@ -1,0 +1,114 @@
+"""`--kv-observe reconstruct` on the real server (CPU engine, SmolLM2, fp32).
+
+A fork program's document waits after its commit while the server runs its repetition (the
+document, the repeat instruction and the document again) as one internal request; the
+repetition's attention scores the document, which is then compressed once, and later
+programs read the compressed copy, answering as the reference runtime does with the same
+scores.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import requests
+import sglang as sgl
+
+from lava_sglang.bench.documents import prompt_parts, retrieval_documents
+from lava_sglang.frontend import multi_question_qa
+from lava_sglang.policy import Reconstruct
+from lava_sglang.sglang_plugin.server_process import ServerProcess
+
+pytestmark = pytest.mark.model
+
+ANSWER_TOKENS = 12
+SERVER_ARGS = ["--dtype", "float32", "--enable-cache-report", "--kv-policy", "lava", "--kv-budget", "0.25",
+               "--kv-observe", "reconstruct", "--kv-observe-wait", "120"]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(smollm2_path):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(smollm2_path)
+
+
+@pytest.fixture(scope="module")
+def document(tokenizer):
+    count = lambda text: len(tokenizer(text).input_ids)  # noqa: E731
+    return retrieval_documents(count, 600, [4], seed=2)[0]
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_path, tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("sglang") / "reconstruct.log"
+    with ServerProcess(smollm2_path, SERVER_ARGS, log_path=log_path) as process:
+        yield process
+
+
+def ask(url: str, document, questions: range):
+    prefix, _ = prompt_parts(document.text, "")
+    suffixes = [prompt_parts("", document.questions[q].text)[1] for q in questions]
+    state = multi_question_qa.run(prefix=prefix, suffixes=suffixes, max_tokens=ANSWER_TOKENS,
+                                  backend=sgl.RuntimeEndpoint(url))
+    return state["answers"], state["meta_info"]
+
+
+def kv_state(url: str) -> dict:
+    return requests.get(url + "/server_info", timeout=60).json()["internal_states"][0]["lava_kv_policy"]
+
+
+def wait_for_compressions(url: str, count: int, timeout: float = 300) -> dict:
+    """The repetition may outlive the program's branches: the compression follows its release."""
+    deadline = time.monotonic() + timeout
+    while (stats := kv_state(url)["store"])["compressions"] < count and time.monotonic() < deadline:
+        time.sleep(1)
+    return stats
+
+
+def test_a_document_is_compressed_once_by_its_repetition(server, document, tokenizer, smollm2_path):
+    assert requests.post(server.url + "/flush_cache", timeout=60).status_code == 200
+    capacity = kv_state(server.url)["store"]["pool_available"]
+    prefix_text = prompt_parts(document.text, "")[0]
+    prefix_tokens = len(tokenizer(prefix_text).input_ids)
+    answers, meta_info = ask(server.url, document, range(2))
+    assert len(answers) == 2 and all(answer.strip() for answer in answers)
+    assert all(meta["cached_tokens"] >= prefix_tokens for meta in meta_info)  # the branches read the full prefix
+
+    stats = wait_for_compressions(server.url, 1)
+    assert (stats["compressions"], stats["entries"], stats["pending"], stats["repetitions"]) == (1, 1, 0, 0)
+    log = server.log_path.read_text()
+    assert "waits for its repetition" in log
+    instruction_tokens = len(tokenizer(Reconstruct().instruction, add_special_tokens=False).input_ids)
+    assert f"observed by its repetition: {prefix_tokens + instruction_tokens} tokens prefilled" in log
+    # The full prefix, the branches' tokens and the repetition's own tokens are all given
+    # back: the tree holds only the compressed copy's slots (a quarter of the rows).
+    assert stats["protected"] == 0 and stats["evictable"] == stats["borrowed_slots"] < prefix_tokens / 2
+
+    # A later program reads the compressed copy, compresses nothing, and answers as the
+    # reference runtime does with the repetition's scores (the same plan within the numerics).
+    later, later_meta = ask(server.url, document, range(1, 4))
+    assert all(meta["cached_tokens"] >= prefix_tokens - 1 for meta in later_meta)
+    assert kv_state(server.url)["store"]["compressions"] == 1
+    assert "Traceback" not in server.log_path.read_text()
+
+    from lava_sglang.bench.serve_reference import reference_answers
+    from lava_sglang.reference import ReferenceRuntime
+
+    options = kv_state(server.url)
+    record = {"policy": "lava",
+              "kv_policy_options": {key: options[key] for key in ("budget", "window", "pool_kernel", "alpha", "observe")},
+              "visit_records": [{"visit": visit, "document": 0, "prefix_tokens": prefix_tokens,
+                                 "commit_cached_tokens": cached} for visit, cached in ((0, 0), (1, prefix_tokens - 1))],
+              "question_records": [{"visit": 1, "document": 0, "question": q, "answer": answer, "expected": None,
+                                    "correct": None, "cached_tokens": meta["cached_tokens"],
+                                    "prompt_tokens": meta["prompt_tokens"]}
+                                   for q, answer, meta in zip(range(1, 4), later, later_meta)]}
+    rows = reference_answers(ReferenceRuntime.load(smollm2_path, window=options["window"]), [document], record,
+                             ANSWER_TOKENS, progress=False)
+    assert all(row["compressed"] and row["prompt_tokens_match"] for row in rows)
+    assert all(row["identical"] for row in rows), [(row["server_answer"], row["reference_answer"]) for row in rows]
+
+    assert requests.post(server.url + "/flush_cache", timeout=60).status_code == 200
+    assert kv_state(server.url)["store"]["pool_available"] == capacity
