@@ -389,7 +389,7 @@ class LavaRadixCache(RadixCache):
         scores.done = checkpointed and scores.complete
         scores.ended_at = time.monotonic()
         if not scores.done:
-            scores.failed = (f"released with {min(scores.scored)} of {scores.num_queries} repetition tokens scored"
+            scores.failed = (f"released with {scores.num_scored} of {scores.num_queries} repetition tokens scored"
                              if scores.failed is None else scores.failed)
             logger.warning("lava: repetition %s %s; the prefix is compressed by its tail", scores.rid, scores.failed)
 

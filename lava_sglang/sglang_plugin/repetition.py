@@ -44,7 +44,9 @@ class RepetitionScores:
     num_queries: int  # u + n: the instruction and the prefix again
     num_layers: int
     repeat: list[torch.Tensor | None] = field(init=False)  # per layer [Hq, m] fp32
-    scored: list[int] = field(init=False)  # repetition queries scored so far, per layer
+    # Per layer, the position up to which the repetition's queries are scored: a chunk
+    # prefilled again (the request retracted and resumed) scores the same max again.
+    scored_until: list[int] = field(init=False)
     scoring_seconds: float = 0.0
     first_chunk_at: float | None = None  # time.monotonic() of the first scored chunk
     ended_at: float | None = None  # time.monotonic() of the request's release
@@ -53,11 +55,16 @@ class RepetitionScores:
 
     def __post_init__(self):
         self.repeat = [None] * self.num_layers
-        self.scored = [0] * self.num_layers
+        self.scored_until = [self.prefix_len] * self.num_layers
+
+    @property
+    def num_scored(self) -> int:
+        """Repetition queries scored at every layer."""
+        return min(self.scored_until) - self.prefix_len
 
     @property
     def complete(self) -> bool:
-        return all(count == self.num_queries for count in self.scored)
+        return self.num_scored == self.num_queries
 
     def add_chunk(self, layer: int, queries: torch.Tensor, keys: torch.Tensor, first_position: int,
                   scaling: float) -> None:
@@ -68,12 +75,13 @@ class RepetitionScores:
             self.first_chunk_at = time.monotonic()
         skip = max(0, self.prefix_len - first_position)  # recomputed prefix tokens are not the repetition
         queries = queries[skip:]
-        if queries.shape[0] > 0:
-            chunk_max = repeat_attention_chunk(queries.transpose(0, 1), keys.transpose(0, 1), first_position + skip,
-                                               self.selectable, scaling)
+        start, end = first_position + skip, first_position + skip + queries.shape[0]
+        if queries.shape[0] > 0 and start <= self.scored_until[layer]:
+            chunk_max = repeat_attention_chunk(queries.transpose(0, 1), keys.transpose(0, 1), start, self.selectable,
+                                               scaling)
             previous = self.repeat[layer]
             self.repeat[layer] = chunk_max if previous is None else torch.maximum(previous, chunk_max)
-            self.scored[layer] += queries.shape[0]
+            self.scored_until[layer] = max(self.scored_until[layer], end)
         self.scoring_seconds += time.perf_counter() - started
 
 
