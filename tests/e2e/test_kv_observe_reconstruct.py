@@ -4,7 +4,8 @@ A fork program's document waits after its commit while the server runs its repet
 document, the repeat instruction and the document again) as one internal request; the
 repetition's attention scores the document, which is then compressed once, and later
 programs read the compressed copy, answering as the reference runtime does with the same
-scores.
+scores. Prefill runs in 256-token chunks, so the document and its repetition (~700 tokens
+each) are scored across three chunks while the reference scores them unchunked.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ pytestmark = pytest.mark.model
 
 ANSWER_TOKENS = 12
 SERVER_ARGS = ["--dtype", "float32", "--enable-cache-report", "--kv-policy", "lava", "--kv-budget", "0.25",
-               "--kv-observe", "reconstruct", "--kv-observe-wait", "120"]
+               "--kv-observe", "reconstruct", "--kv-observe-wait", "120", "--chunked-prefill-size", "256"]
 
 
 @pytest.fixture(scope="module")
