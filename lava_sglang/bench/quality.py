@@ -15,6 +15,8 @@ Splits
   A document's first half of questions (rounded up) are `at_compression`: their branches
   exist when the document is compressed, so `branches` sees them; the rest are `later`,
   asked of the compressed document afterwards. Records carry both splits and `all`.
+  Retrieval questions are shuffled per document (seeded) first, so neither split is tied to
+  where its facts sit in the document.
 
 Every configuration (observe x policy x keep ratio) of a question runs in one batch of the
 reference runtime, so all of them see exactly the same documents and questions.
@@ -26,6 +28,7 @@ import itertools
 import json
 import math
 import platform
+import random
 import re
 import time
 from collections import defaultdict
@@ -169,7 +172,13 @@ class QualityBenchmark:
         seed = self.config.seed * 1_000_003 + context + (0 if task == "retrieval" else 7)
         if task == "retrieval":
             counts = retrieval_fact_counts(num_questions, self.config.facts_per_document)
-            return retrieval_documents(self._count_tokens, context, counts, seed)
+            documents = retrieval_documents(self._count_tokens, context, counts, seed)
+            # Facts are planted latest-first, so question order follows position in the document;
+            # shuffled, the split (first half at compression) does not pick the facts near the end.
+            order = random.Random(seed)
+            for document in documents:
+                order.shuffle(document.questions)
+            return documents
         num_documents = math.ceil(num_questions / FIDELITY_QUESTIONS_PER_DOCUMENT)
         documents = fidelity_documents(self._count_tokens, context, num_documents, FIDELITY_QUESTIONS_PER_DOCUMENT,
                                        seed)

@@ -17,6 +17,22 @@ def test_first_half_of_the_questions_rounded_up_are_at_compression(count, expect
     assert [split_of(index, count) for index in range(count)] == expected
 
 
+def test_the_split_is_not_tied_to_where_the_facts_sit():
+    # Facts are planted latest-first; without the shuffle, the question asked at compression
+    # would always be about the fact nearest the document's end.
+    def words(text, add_special_tokens=False):
+        return {"input_ids": text.split()}
+
+    runtime = type("Runtime", (), {"tokenizer": staticmethod(words)})()
+    bench = QualityBenchmark(runtime, QualityConfig(contexts=[300], questions=[40], facts_per_document=[2]))
+    at_compression_is_nearer_the_end = []
+    for document in bench.documents("retrieval", 300, 40):
+        first, second = (document.text.index(question.answer) for question in document.questions)
+        at_compression_is_nearer_the_end.append(first > second)
+    assert len(at_compression_is_nearer_the_end) == 20
+    assert 5 <= sum(at_compression_is_nearer_the_end) <= 15
+
+
 def test_cli_rejects_unknown_observation_sources(capsys):
     with pytest.raises(SystemExit):
         build_parser().parse_args(["bench", "quality", "--observe", "tail", "question"])
