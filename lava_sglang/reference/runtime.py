@@ -322,7 +322,7 @@ class ReferenceRuntime:
     def _repeat_attention(self, capture: PrefixCapture, source: Reconstruct) -> list[torch.Tensor]:
         """Per layer [Hq, m]: the largest attention a repeating query pays each selectable
         prefix token, the repetition teacher-forced in chunks of `source.chunk_tokens`."""
-        prefix_len = capture.seq_len - min(self.window, capture.seq_len)
+        selectable = capture.seq_len - min(self.window, capture.seq_len)
         instruction = self.tokenizer(source.instruction, add_special_tokens=False)["input_ids"]
         tokens = instruction + capture.token_ids
         batch = _Batch.stack([self.full_prefix(capture)])
@@ -333,7 +333,7 @@ class ReferenceRuntime:
             # over the prefix and the repetition so far.
             keys = torch.cat([batch.keys[layer][0], key[0]], dim=1)  # [Hkv, n + own, d]
             first_position = keys.shape[1] - query.shape[3]
-            chunk_max = repeat_attention_chunk(query[0].flatten(0, 1), keys, first_position, prefix_len, scaling)
+            chunk_max = repeat_attention_chunk(query[0].flatten(0, 1), keys, first_position, selectable, scaling)
             repeat[layer] = chunk_max if repeat[layer] is None else torch.maximum(repeat[layer], chunk_max)
 
         cache = DynamicCache()

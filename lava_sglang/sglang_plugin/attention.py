@@ -267,8 +267,12 @@ def _score_repetitions(layer, forward_batch, q, entries, prefix_lens, extend_len
         scores = _cache.repetitions.get(rid)
         if scores is not None and entries[row] is None:  # a repetition reads the full prefix
             slots = _cache.req_to_token_pool.req_to_token[forward_batch.req_pool_indices[row], :prefix_len + extend_len]
-            scores.add_chunk(layer.layer_id, queries[start:start + extend_len], k_buffer[slots], prefix_len,
-                             layer.scaling)
+            try:
+                scores.add_chunk(layer.layer_id, queries[start:start + extend_len], k_buffer[slots], prefix_len,
+                                 layer.scaling)
+            except Exception as error:  # e.g. out of memory: the prefix falls back to its tail, the server serves on
+                scores.failed = f"scoring failed: {error}"
+                del _cache.repetitions[rid]
         start += extend_len
 
 

@@ -103,11 +103,12 @@ def plan_prefix(policy: Policy, budget: float | int, window_queries: list[torch.
     builder = PlanBuilder(policy, budget, seq_len=seq_len, num_layers=len(k_buffers), num_kv_heads=num_kv_heads,
                           observe=observe)
     for layer, queries in enumerate(window_queries):
-        keys = k_buffers[layer][slots].transpose(0, 1).float()
         values = v_buffers[layer][slots].transpose(0, 1).float()
         if repeat_attention:
             builder.add_layer_repeat(repeat_attention[layer], values)
-        elif branch_windows:
+            continue
+        keys = k_buffers[layer][slots].transpose(0, 1).float()
+        if branch_windows:
             builder.add_layer_windows([ObservationWindow(queries.float()), *branch_windows[layer]], keys, values)
         else:
             builder.add_layer(queries.float(), keys, values)

@@ -307,7 +307,9 @@ class LavaRadixCache(RadixCache):
             if isinstance(req.rid, str) and req.rid.startswith(REPETITION_RID_PREFIX):
                 self._end_repetition(req, checkpointed)  # never a commit, though it has max_new_tokens 0
             elif checkpointed and FORK in self.config.compress_on and self._is_fork_prefix(req):
-                if self.config.observe in DEFERRED_OBSERVE_SOURCES and len(self.pending) < MAX_PENDING_PREFIXES:
+                # A policy that reads no attention (streamingllm) has nothing to wait for.
+                if (self.config.observe in DEFERRED_OBSERVE_SOURCES and self.policy.needs_scores
+                        and len(self.pending) < MAX_PENDING_PREFIXES):
                     self._defer_fork_prefix(req)
                 else:
                     self._compress_fork_prefix(req)
@@ -359,27 +361,46 @@ class LavaRadixCache(RadixCache):
         tail_queries = self._captured_window(req, len(full_key))
         if tail_queries is None:
             return
-        pending = PendingPrefix(full_key, tail_queries, time.monotonic() + self.config.observe_wait)
-        self.pending.append(pending)
+        repetition = None
         if self.config.observe == RECONSTRUCT:
-            pending.repetition = self._start_repetition(req)
+            repetition = self._start_repetition(req)
+            if repetition is None:
+                self._compress_fork_prefix(req)  # nothing to wait for: the tail window, now
+                return
+        pending = PendingPrefix(full_key, tail_queries, time.monotonic() + self.config.observe_wait,
+                                repetition=repetition)
+        self.pending.append(pending)
         logger.info("lava: prefix of %d tokens waits for its %s (at most %.0f s)", len(full_key),
-                    "repetition" if pending.repetition is not None else "branches", self.config.observe_wait)
+                    "repetition" if repetition is not None else "branches", self.config.observe_wait)
 
     def _start_repetition(self, req) -> RepetitionScores | None:
-        """Ask the server to prefill the prefix, the repeat instruction and the prefix again."""
-        if self.repetition_client is None or getattr(req, "tokenizer", None) is None:
-            logger.warning("lava: no repetition without the server's address and tokenizer; the prefix waits "
-                           "and is compressed by its tail")
-            return None
+        """Ask the server to prefill the prefix, the repeat instruction and the prefix again;
+        None (the caller compresses by the tail) where that cannot be done faithfully."""
+        client = self.repetition_client
+        reason = None
+        if client is None or getattr(req, "tokenizer", None) is None:
+            reason = "no server address or tokenizer (--skip-tokenizer-init)"
+        elif req.extra_key is not None or req.cache_salt is not None:
+            # The repetition is a plain request: it would miss a salted or LoRA prefix.
+            reason = "the prefix has a cache salt, extra key or LoRA adapter"
+        if reason is None:
+            try:
+                instruction = req.tokenizer.encode(Reconstruct().instruction, add_special_tokens=False)
+            except Exception as error:  # a tokenizer failure must not stop the scheduler
+                instruction, reason = None, f"the instruction could not be tokenized ({error})"
         prefix_ids = list(req.origin_input_ids)
-        instruction = req.tokenizer.encode(Reconstruct().instruction, add_special_tokens=False)
+        if reason is None and 2 * len(prefix_ids) + len(instruction) > client.max_tokens:
+            reason = f"twice the prefix exceeds the context length {client.max_tokens}"
+        if reason is not None:
+            logger.warning("lava: no repetition of a %d-token prefix: %s; compressed by its tail", len(prefix_ids),
+                           reason)
+            return None
         prefix_len = len(prefix_ids)
         scores = RepetitionScores(rid=RepetitionClient.new_rid(), prefix_len=prefix_len,
                                   selectable=prefix_len - min(self.config.window, prefix_len),
                                   num_queries=len(instruction) + prefix_len, num_layers=self.kv_pool.layer_num)
         self.repetitions[scores.rid] = scores
-        self.repetition_client.submit(scores, prefix_ids + instruction + prefix_ids)
+        client.submit(scores, prefix_ids + instruction + prefix_ids)
         return scores
 
     def _end_repetition(self, req, checkpointed: bool) -> None:
@@ -432,7 +453,8 @@ class LavaRadixCache(RadixCache):
             node = self._compress_path(full_key[:len(full_key) - 1], slots, last_node, pending.tail_queries,
                                        branch_windows if pending.branches else None,
                                        repetition.repeat if repetition is not None else None)
-            if node is None:
+            if node is None:  # no room: it stays uncompressed; the branches' and repetition's tokens go
+                self._free_below(last_node)
                 continue
             if repetition is not None:
                 logger.info("lava: prefix %d observed by its repetition: %d tokens prefilled, %.2f s from its first "
@@ -446,10 +468,10 @@ class LavaRadixCache(RadixCache):
             self._free_uncompressed_path(last_node)
 
     def _forget(self, pending: PendingPrefix) -> None:
-        """Stop waiting for `pending`; a repetition of it still queued or running scores nothing more."""
+        """Stop waiting for `pending`; a repetition of it still queued or running is aborted."""
         self.pending.remove(pending)
-        if pending.repetition is not None:
-            self.repetitions.pop(pending.repetition.rid, None)
+        if pending.repetition is not None and self.repetitions.pop(pending.repetition.rid, None) is not None:
+            self.repetition_client.abort(pending.repetition.rid)
 
     def _free_below(self, node) -> None:
         """Give back the (unlocked) nodes under `node`: the branches' own tokens, which hang

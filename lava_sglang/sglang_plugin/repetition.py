@@ -44,10 +44,10 @@ class RepetitionScores:
     num_queries: int  # u + n: the instruction and the prefix again
     num_layers: int
     repeat: list[torch.Tensor | None] = field(init=False)  # per layer [Hq, m] fp32
-    # Per layer, the position up to which the repetition's queries are scored: a chunk
-    # prefilled again (the request retracted and resumed) scores the same max again.
+    # Per layer, the position up to which the repetition's queries are scored without a gap
+    # (tokens of the prefix the request recomputes are not repetition queries).
     scored_until: list[int] = field(init=False)
-    scoring_seconds: float = 0.0
+    scoring_seconds: float = 0.0  # wall time of the scoring calls (on CUDA, unsynchronised: mostly launches)
     first_chunk_at: float | None = None  # time.monotonic() of the first scored chunk
     ended_at: float | None = None  # time.monotonic() of the request's release
     done: bool = False  # the request was released with every query scored
@@ -71,12 +71,12 @@ class RepetitionScores:
         """One extend chunk of the repetition at one layer: queries [T, Hq, d] at positions
         first_position .. first_position + T - 1, keys [S, Hkv, d] of positions 0 .. S - 1."""
         started = time.perf_counter()
-        if self.first_chunk_at is None:
-            self.first_chunk_at = time.monotonic()
         skip = max(0, self.prefix_len - first_position)  # recomputed prefix tokens are not the repetition
         queries = queries[skip:]
         start, end = first_position + skip, first_position + skip + queries.shape[0]
         if queries.shape[0] > 0 and start <= self.scored_until[layer]:
+            if self.first_chunk_at is None:
+                self.first_chunk_at = time.monotonic()
             chunk_max = repeat_attention_chunk(queries.transpose(0, 1), keys.transpose(0, 1), start, self.selectable,
                                                scaling)
             previous = self.repeat[layer]
@@ -86,11 +86,15 @@ class RepetitionScores:
 
 
 class RepetitionClient:
-    """Sends repetition requests to this server's /generate, each from a daemon thread (the
-    scheduler loop must not wait on its own HTTP server)."""
+    """Sends repetition requests to this server's /generate (and aborts them), each from a
+    daemon thread: the scheduler loop must not wait on its own HTTP server.
 
-    def __init__(self, url: str, api_key: str | None = None, timeout: float = 600.0):
+    max_tokens: the model's context length; a repetition (2n + u tokens) must fit in it.
+    """
+
+    def __init__(self, url: str, max_tokens: int, api_key: str | None = None, timeout: float = 600.0):
         self.url = url.rstrip("/")
+        self.max_tokens = max_tokens
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout = timeout
 
@@ -102,6 +106,16 @@ class RepetitionClient:
         thread = threading.Thread(target=self._post, args=(scores, input_ids), name=f"lava-{scores.rid}",
                                   daemon=True)
         thread.start()
+
+    def abort(self, rid: str) -> None:
+        """Abort a repetition whose prefix no longer waits for it (its tokens would be wasted)."""
+        threading.Thread(target=self._abort, args=(rid,), name=f"lava-abort-{rid}", daemon=True).start()
+
+    def _abort(self, rid: str) -> None:
+        try:
+            requests.post(self.url + "/abort_request", json={"rid": rid}, headers=self.headers, timeout=self.timeout)
+        except requests.RequestException as error:
+            logger.warning("lava: could not abort repetition %s (%s)", rid, error)
 
     def _post(self, scores: RepetitionScores, input_ids: list[int]) -> None:
         payload = {"rid": scores.rid, "input_ids": input_ids, "sampling_params": {"max_new_tokens": 0}}

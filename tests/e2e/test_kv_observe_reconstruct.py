@@ -24,8 +24,10 @@ from lava_sglang.sglang_plugin.server_process import ServerProcess
 pytestmark = pytest.mark.model
 
 ANSWER_TOKENS = 12
+CONTEXT_LENGTH = 2048  # a ~700-token document's repetition fits (2n + u tokens); a ~1,100-token one's does not
 SERVER_ARGS = ["--dtype", "float32", "--enable-cache-report", "--kv-policy", "lava", "--kv-budget", "0.25",
-               "--kv-observe", "reconstruct", "--kv-observe-wait", "120", "--chunked-prefill-size", "256"]
+               "--kv-observe", "reconstruct", "--kv-observe-wait", "120", "--chunked-prefill-size", "256",
+               "--context-length", str(CONTEXT_LENGTH)]
 
 
 @pytest.fixture(scope="module")
@@ -113,3 +115,20 @@ def test_a_document_is_compressed_once_by_its_repetition(server, document, token
 
     assert requests.post(server.url + "/flush_cache", timeout=60).status_code == 200
     assert kv_state(server.url)["store"]["pool_available"] == capacity
+
+
+def test_a_prefix_whose_repetition_exceeds_the_context_is_compressed_by_its_tail_at_once(server, tokenizer):
+    assert requests.post(server.url + "/flush_cache", timeout=60).status_code == 200
+    count = lambda text: len(tokenizer(text).input_ids)  # noqa: E731
+    prefix = prompt_parts(retrieval_documents(count, 1100, [1], seed=3)[0].text, "")[0]
+    prefix_tokens = count(prefix)
+    assert CONTEXT_LENGTH / 2 < prefix_tokens < CONTEXT_LENGTH
+    # What fork() sends to commit a prefix.
+    commit = requests.post(server.url + "/generate", timeout=300,
+                           json={"text": prefix, "sampling_params": {"max_new_tokens": 0}})
+    assert commit.status_code == 200, commit.text
+    stats = kv_state(server.url)["store"]
+    assert (stats["entries"], stats["pending"], stats["repetitions"]) == (1, 0, 0)  # no wait
+    assert (f"no repetition of a {prefix_tokens}-token prefix: twice the prefix exceeds the context length "
+            f"{CONTEXT_LENGTH}; compressed by its tail") in server.log_path.read_text()
+    assert requests.post(server.url + "/flush_cache", timeout=60).status_code == 200

@@ -40,12 +40,12 @@ def test_chunks_of_any_split_score_like_the_whole_repetition():
         torch.testing.assert_close(scores.repeat[0], expected)
 
 
-def test_recomputed_prefix_tokens_and_a_chunk_prefilled_again_do_not_count_twice():
+def test_recomputed_prefix_tokens_are_not_repetition_queries_and_a_chunk_seen_twice_changes_nothing():
     queries, keys = sequence(1)
     whole = new_scores()
     feed(whole, queries, keys, [(10, 17)])
-    # The match fell 3 tokens short (they are recomputed, not repetition queries), and the
-    # request was retracted after its first chunk and prefilled again.
+    # The match fell 3 tokens short (they are recomputed, not repetition queries), and a
+    # chunk is fed twice (scores are a max over positions, not a count).
     scores = new_scores()
     feed(scores, queries, keys, [(7, 13), (7, 13), (13, 17)])
     assert scores.complete
