@@ -34,6 +34,7 @@ from pathlib import Path
 
 from lava_sglang.bench.serve_workload import Visit, is_correct, program_inputs
 from lava_sglang.bench.stats import wilson_interval
+from lava_sglang.policy import POLICIES
 from lava_sglang.sglang_plugin.config import BRANCHES, DEFERRED_OBSERVE_SOURCES, MAX_BRANCH_WINDOWS
 
 NO_COMPRESSION = "none"
@@ -63,7 +64,8 @@ def reference_answers(runtime, documents, record: dict, max_tokens: int, progres
     options = record.get("kv_policy_options") or {}
     policy = record["policy"] if record["policy"] != NO_COMPRESSION else None
     observe = options.get("observe")
-    deferred = observe in DEFERRED_OBSERVE_SOURCES
+    # The server defers only for policies that read attention (streamingllm compresses at commit).
+    deferred = observe in DEFERRED_OBSERVE_SOURCES and policy is not None and POLICIES[policy].needs_scores
     observed_by = compressing_visits(record) if deferred else {}
     captures, prefixes, rows = {}, {}, []
     tokenizer = runtime.tokenizer
