@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 POLICY_ORDER = ["full", "lava", "ada_snapkv", "snapkv", "pyramidkv", "streamingllm"]
@@ -224,9 +225,11 @@ def plot(records: list[dict], config: dict, path: Path) -> None:
                 axis.set_ylabel(label if len(config["tasks"]) == 1 else "accuracy / top-1")
             axis.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    figure.legend(handles, labels, fontsize=7, loc="lower center", ncol=min(6, len(labels)),
-                  bbox_to_anchor=(0.5, 0.0))
-    figure.tight_layout(rect=(0, 0.05 + 0.02 * (len(labels) // 6), 1, 1))
+    columns = min(6, len(labels))
+    figure.legend(handles, labels, fontsize=7, loc="lower center", ncol=columns, bbox_to_anchor=(0.5, 0.0))
+    # Room below the axes for the legend: about 0.17 inch per legend row, plus a margin.
+    legend_inches = 0.2 + 0.17 * math.ceil(len(labels) / columns)
+    figure.tight_layout(rect=(0, legend_inches / figure.get_figheight(), 1, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
 
