@@ -11,24 +11,17 @@ import time
 
 import pytest
 import requests
-import sglang as sgl
+from e2e_support import ask, store_stats
 
 from lava_sglang.bench.documents import prompt_parts, retrieval_documents
-from lava_sglang.frontend import multi_question_qa
 from lava_sglang.sglang_plugin.server_process import ServerProcess
 
 pytestmark = pytest.mark.model
 
 OBSERVE_WAIT = 5
+ANSWER_TOKENS = 12
 SERVER_ARGS = ["--dtype", "float32", "--enable-cache-report", "--kv-policy", "lava", "--kv-budget", "0.25",
                "--kv-observe", "branches", "--kv-observe-wait", str(OBSERVE_WAIT)]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(smollm2_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm2_path)
 
 
 @pytest.fixture(scope="module")
@@ -44,17 +37,6 @@ def server(smollm2_path, tmp_path_factory):
         yield process
 
 
-def ask(url: str, document, questions: range):
-    prefix, _ = prompt_parts(document.text, "")
-    suffixes = [prompt_parts("", document.questions[q].text)[1] for q in questions]
-    state = multi_question_qa.run(prefix=prefix, suffixes=suffixes, max_tokens=12, backend=sgl.RuntimeEndpoint(url))
-    return state["answers"], state["meta_info"]
-
-
-def store_stats(url: str) -> dict:
-    return requests.get(url + "/server_info", timeout=60).json()["internal_states"][0]["lava_kv_policy"]["store"]
-
-
 def flush(url: str) -> dict:
     assert requests.post(url + "/flush_cache", timeout=60).status_code == 200
     stats = store_stats(url)
@@ -66,7 +48,7 @@ def test_a_document_is_compressed_once_after_its_branches_ran(server, documents,
     capacity = flush(server.url)["pool_available"]
     document = documents[0]
     prefix_tokens = len(tokenizer(prompt_parts(document.text, "")[0]).input_ids)
-    answers, meta_info = ask(server.url, document, range(3))
+    answers, meta_info = ask(server.url, document, range(3), ANSWER_TOKENS)
     assert len(answers) == 3 and all(answer.strip() for answer in answers)
     stats = store_stats(server.url)
     assert (stats["compressions"], stats["entries"], stats["pending"]) == (1, 1, 0)
@@ -79,7 +61,7 @@ def test_a_document_is_compressed_once_after_its_branches_ran(server, documents,
     assert stats["protected"] == 0 and stats["evictable"] == stats["borrowed_slots"] < prefix_tokens / 2
 
     # A later program reads the compressed copy and compresses nothing.
-    later, later_meta = ask(server.url, document, range(1, 4))
+    later, later_meta = ask(server.url, document, range(1, 4), ANSWER_TOKENS)
     assert all(answer.strip() for answer in later)
     assert all(meta["cached_tokens"] >= prefix_tokens - 1 for meta in later_meta)
     assert store_stats(server.url)["compressions"] == 1

@@ -14,10 +14,9 @@ import time
 
 import pytest
 import requests
-import sglang as sgl
+from e2e_support import ask, kv_state
 
 from lava_sglang.bench.documents import prompt_parts, retrieval_documents
-from lava_sglang.frontend import multi_question_qa
 from lava_sglang.policy import Reconstruct
 from lava_sglang.sglang_plugin.server_process import ServerProcess
 
@@ -28,13 +27,6 @@ CONTEXT_LENGTH = 2048  # a ~700-token document's repetition fits (2n + u tokens)
 SERVER_ARGS = ["--dtype", "float32", "--enable-cache-report", "--kv-policy", "lava", "--kv-budget", "0.25",
                "--kv-observe", "reconstruct", "--kv-observe-wait", "120", "--chunked-prefill-size", "256",
                "--context-length", str(CONTEXT_LENGTH)]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(smollm2_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm2_path)
 
 
 @pytest.fixture(scope="module")
@@ -50,18 +42,6 @@ def server(smollm2_path, tmp_path_factory):
         yield process
 
 
-def ask(url: str, document, questions: range):
-    prefix, _ = prompt_parts(document.text, "")
-    suffixes = [prompt_parts("", document.questions[q].text)[1] for q in questions]
-    state = multi_question_qa.run(prefix=prefix, suffixes=suffixes, max_tokens=ANSWER_TOKENS,
-                                  backend=sgl.RuntimeEndpoint(url))
-    return state["answers"], state["meta_info"]
-
-
-def kv_state(url: str) -> dict:
-    return requests.get(url + "/server_info", timeout=60).json()["internal_states"][0]["lava_kv_policy"]
-
-
 def wait_for_compressions(url: str, count: int, timeout: float = 300) -> dict:
     """The repetition may outlive the program's branches: the compression follows its release."""
     deadline = time.monotonic() + timeout
@@ -75,7 +55,7 @@ def test_a_document_is_compressed_once_by_its_repetition(server, document, token
     capacity = kv_state(server.url)["store"]["pool_available"]
     prefix_text = prompt_parts(document.text, "")[0]
     prefix_tokens = len(tokenizer(prefix_text).input_ids)
-    answers, meta_info = ask(server.url, document, range(2))
+    answers, meta_info = ask(server.url, document, range(2), ANSWER_TOKENS)
     assert len(answers) == 2 and all(answer.strip() for answer in answers)
     assert all(meta["cached_tokens"] >= prefix_tokens for meta in meta_info)  # the branches read the full prefix
 
@@ -91,7 +71,7 @@ def test_a_document_is_compressed_once_by_its_repetition(server, document, token
 
     # A later program reads the compressed copy, compresses nothing, and answers as the
     # reference runtime does with the repetition's scores (the same plan within the numerics).
-    later, later_meta = ask(server.url, document, range(1, 4))
+    later, later_meta = ask(server.url, document, range(1, 4), ANSWER_TOKENS)
     assert all(meta["cached_tokens"] >= prefix_tokens - 1 for meta in later_meta)
     assert kv_state(server.url)["store"]["compressions"] == 1
     assert "Traceback" not in server.log_path.read_text()

@@ -14,10 +14,10 @@ import time
 
 import pytest
 import requests
-import sglang as sgl
+import e2e_support
+from e2e_support import store_stats
 
 from lava_sglang.bench.documents import Document, prompt_parts, retrieval_documents
-from lava_sglang.frontend import multi_question_qa
 from lava_sglang.sglang_plugin.server_process import ServerProcess
 
 pytestmark = pytest.mark.model
@@ -37,10 +37,7 @@ SERVER_ARGS = ["--dtype", "float32", "--max-total-tokens", str(MAX_TOTAL_TOKENS)
 
 
 @pytest.fixture(scope="module")
-def documents(smollm2_path):
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(smollm2_path)
+def documents(tokenizer):
     count = lambda text: len(tokenizer(text).input_ids)  # noqa: E731
     return [retrieval_documents(count, DOCUMENT_TOKENS, [3], seed=seed)[0]
             for seed in range(max(NUM_DOCUMENTS, SOAK_DOCUMENTS))]
@@ -54,15 +51,8 @@ def server(smollm2_path, tmp_path_factory):
 
 
 def ask(url: str, document, num_questions: int, with_meta: bool = False):
-    prefix, _ = prompt_parts(document.text, "")
-    suffixes = [prompt_parts("", question.text)[1] for question in document.questions[:num_questions]]
-    state = multi_question_qa.run(prefix=prefix, suffixes=suffixes, max_tokens=ANSWER_TOKENS,
-                                  backend=sgl.RuntimeEndpoint(url))
-    return (state["answers"], state["meta_info"]) if with_meta else state["answers"]
-
-
-def store_stats(url: str) -> dict:
-    return requests.get(url + "/server_info", timeout=60).json()["internal_states"][0]["lava_kv_policy"]["store"]
+    answers, meta_info = e2e_support.ask(url, document, range(num_questions), ANSWER_TOKENS)
+    return (answers, meta_info) if with_meta else answers
 
 
 def assert_all_memory_free(url: str) -> None:

@@ -13,6 +13,7 @@ import re
 import pytest
 import requests
 import sglang as sgl
+from e2e_support import store_stats
 
 from lava_sglang.bench.documents import prompt_parts, retrieval_documents
 from lava_sglang.frontend import multi_question_qa
@@ -25,13 +26,6 @@ NUM_LAYERS, NUM_KV_HEADS = 30, 3  # SmolLM2-135M
 ANSWER_TOKENS = 16
 WINDOW = 32  # --kv-window's default
 BASE_ARGS = ["--dtype", "float32", "--max-total-tokens", str(MAX_TOTAL_TOKENS), "--enable-cache-report"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(smollm2_path):
-    from transformers import AutoTokenizer
-
-    return AutoTokenizer.from_pretrained(smollm2_path)
 
 
 @pytest.fixture(scope="module")
@@ -56,11 +50,6 @@ def run_program(url: str, program_inputs) -> tuple[list[str], list[dict]]:
     state = multi_question_qa.run(prefix=prefix, suffixes=suffixes, max_tokens=ANSWER_TOKENS,
                                   backend=sgl.RuntimeEndpoint(url))
     return state["answers"], state["meta_info"]
-
-
-def store_stats(url: str) -> dict:
-    info = requests.get(url + "/server_info", timeout=60).json()
-    return info["internal_states"][0]["lava_kv_policy"]["store"]
 
 
 def flush(url: str) -> None:

@@ -1,0 +1,30 @@
+"""Helpers shared by the end-to-end server tests: fork programs and the plugin's server info."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+
+import requests
+import sglang as sgl
+
+from lava_sglang.bench.documents import Document, prompt_parts
+from lava_sglang.frontend import multi_question_qa
+
+
+def ask(url: str, document: Document, questions: Iterable[int], max_tokens: int) -> tuple[list[str], list[dict]]:
+    """Run the multi-question fork program on `document` with the given questions (indices):
+    the answers and each branch's meta info."""
+    prefix, _ = prompt_parts(document.text, "")
+    suffixes = [prompt_parts("", document.questions[q].text)[1] for q in questions]
+    state = multi_question_qa.run(prefix=prefix, suffixes=suffixes, max_tokens=max_tokens,
+                                  backend=sgl.RuntimeEndpoint(url))
+    return state["answers"], state["meta_info"]
+
+
+def kv_state(url: str) -> dict:
+    """/server_info's `lava_kv_policy`: the plugin's options and its store and pool counters."""
+    return requests.get(url + "/server_info", timeout=60).json()["internal_states"][0]["lava_kv_policy"]
+
+
+def store_stats(url: str) -> dict:
+    return kv_state(url)["store"]
