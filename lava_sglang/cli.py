@@ -14,7 +14,7 @@ from lava_sglang.argtypes import keep_ratio, positive_int
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "docs" / "results"
 # The policies that evict (the full cache is the reference every benchmark runs anyway).
-COMPRESSING_POLICIES = ["lava", "snapkv", "ada_snapkv", "pyramidkv", "streamingllm"]
+COMPRESSING_POLICIES = ["lava", "kvzip", "snapkv", "ada_snapkv", "pyramidkv", "streamingllm"]
 # What scores a document compressed once (lava_sglang.policy.observe; no torch import here).
 OBSERVE_SOURCES = ["tail", "branches", "reconstruct"]
 
@@ -165,18 +165,21 @@ def build_parser() -> argparse.ArgumentParser:
                          help="document lengths in tokens (default 2048 4096)")
     quality.add_argument("--questions", type=positive_int, nargs="+", default=[40, 12],
                          help="questions per task, one count per context (default 40 12)")
-    quality.add_argument("--policies", nargs="+", default=list(COMPRESSING_POLICIES), choices=COMPRESSING_POLICIES,
-                         metavar="POLICY", help="policies besides the full cache, from "
-                         f"{', '.join(COMPRESSING_POLICIES)} (default: all)")
+    quality.add_argument("--policies", nargs="+", default=list(COMPRESSING_POLICIES), metavar="POLICY",
+                         help="policies besides the full cache, from "
+                         f"{', '.join(COMPRESSING_POLICIES)}, each optionally with options of its own, "
+                         "e.g. lava:layer_budget=global,value_norm=false (docs/allocation.md; default: all; "
+                         "kvzip runs with reconstruct sources only)")
     quality.add_argument("--ratios", type=keep_ratio, nargs="+", default=[0.1, 0.2, 0.4],
                          help="keep ratios (default 0.1 0.2 0.4)")
     quality.add_argument("--modes", nargs="+", default=["compress_once", "query_aware"],
                          choices=["compress_once", "query_aware"], help="default: both")
     quality.add_argument("--tasks", nargs="+", default=["retrieval", "fidelity"], choices=["retrieval", "fidelity"],
                          help="default: both")
-    quality.add_argument("--observe", nargs="+", default=["tail"], choices=OBSERVE_SOURCES, metavar="SOURCE",
+    quality.add_argument("--observe", nargs="+", default=["tail"], metavar="SOURCE",
                          help="what scores the document in compress_once, from "
-                         f"{', '.join(OBSERVE_SOURCES)} (docs/observe.md; default tail)")
+                         f"{', '.join(OBSERVE_SOURCES)}, each optionally with options of its own, e.g. "
+                         "reconstruct:normalize=local,chunk_tokens=512 (docs/observe.md; default tail)")
     quality.add_argument("--branch-combine", default="max", choices=["max", "mean"],
                          help="how --observe branches combines its windows (default max)")
     quality.add_argument("--query-aware-splits", nargs="+", default=["at_compression", "later"],

@@ -42,7 +42,7 @@ from tqdm import tqdm
 from lava_sglang.bench.documents import (CODE_DIGITS, Document, fidelity_documents, prompt_parts,
                                          retrieval_documents)
 from lava_sglang.bench.stats import mean_interval, wilson_interval
-from lava_sglang.policy import OBSERVE_SOURCES, POLICIES, WINDOW_COMBINES
+from lava_sglang.policy import POLICIES, WINDOW_COMBINES, make_observe, make_policy, policy_name
 from lava_sglang.reference import CompressedPrefix, ReferenceRuntime
 
 TASKS = ("retrieval", "fidelity")
@@ -78,8 +78,11 @@ class QualityConfig:
                              f"questions={self.questions}")
         if any(n < 1 for n in self.questions) or any(c < 2 * self.window for c in self.contexts):
             raise ValueError(f"question counts must be >= 1 and contexts >= {2 * self.window} tokens")
-        for name, values, allowed in (("policies", self.policies, POLICIES), ("modes", self.modes, MODES),
-                                      ("tasks", self.tasks, TASKS), ("observe", self.observe, OBSERVE_SOURCES),
+        for spec in self.policies:
+            make_policy(spec, window=self.window)
+        for spec in self.observe:
+            make_observe(spec)
+        for name, values, allowed in (("modes", self.modes, MODES), ("tasks", self.tasks, TASKS),
                                       ("query_aware_splits", self.query_aware_splits, SPLITS)):
             unknown = [v for v in values if v not in allowed]
             if unknown:
@@ -88,7 +91,7 @@ class QualityConfig:
             raise ValueError(f"observe: give distinct sources, got {self.observe}")
         if self.branch_combine not in WINDOW_COMBINES:
             raise ValueError(f"branch_combine must be one of {list(WINDOW_COMBINES)}, got {self.branch_combine!r}")
-        if "full" in self.policies:
+        if "full" in map(policy_name, self.policies):
             raise ValueError("policies: 'full' is always run as the reference; do not list it")
         bad = [r for r in self.keep_ratios if not 0 < r <= 1]
         if bad:
@@ -156,7 +159,7 @@ class QualityBenchmark:
         self.config = config
         self.tokenizer = runtime.tokenizer
         self.cells = _Cells()
-        scored = [p for p in config.policies if POLICIES[p].needs_scores]
+        scored = [p for p in config.policies if POLICIES[policy_name(p)].needs_scores]
         positional = [("full", 1.0)] + [(p, r) for p in config.policies if p not in scored for r in config.keep_ratios]
         self.positional = positional  # the same for every observation source: computed once
         self.scored = list(itertools.product(scored, config.keep_ratios))
@@ -204,12 +207,24 @@ class QualityBenchmark:
                 observation = self.runtime.observe(capture, source, branches=branches,
                                                    combine=self.config.branch_combine)
                 self.seconds[source] += observation.seconds
-            configs += [("compress_once", source, policy, ratio) for policy, ratio in self.scored]
-            prefixes += self.runtime.compress_many(capture, self.scored, observation)
+            scored = self.scored_by(source)
+            configs += [("compress_once", source, policy, ratio) for policy, ratio in scored]
+            prefixes += self.runtime.compress_many(capture, scored, observation)
         return configs, prefixes
 
+    def scored_by(self, source: str) -> list[tuple[str, float]]:
+        """The scored (policy, ratio) pairs defined with observation source `source` (kvzip
+        scores by a repetition only)."""
+        name = make_observe(source).name
+        pairs = []
+        for policy, ratio in self.scored:
+            sources = POLICIES[policy_name(policy)].scored_by
+            if sources is None or name in sources:
+                pairs.append((policy, ratio))
+        return pairs
+
     def _query_aware(self, token_ids: list[int]) -> tuple[list[Config], list]:
-        pairs = self.positional + self.scored
+        pairs = self.positional + self.scored_by("tail")
         prefixes = self.runtime.compress_many(self._prefill(token_ids, "query_aware_prefill"), pairs)
         return [("query_aware", "tail", policy, ratio) for policy, ratio in pairs], prefixes
 

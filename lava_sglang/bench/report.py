@@ -6,9 +6,9 @@ import json
 import math
 from pathlib import Path
 
-POLICY_ORDER = ["full", "lava", "ada_snapkv", "snapkv", "pyramidkv", "streamingllm"]
-SCORED_ORDER = ["lava", "ada_snapkv", "snapkv", "pyramidkv"]
-POLICY_MARKER = {"lava": ("o", "-"), "ada_snapkv": ("s", "--"), "snapkv": ("^", ":"), "pyramidkv": ("v", "-.")}
+SCORED_ORDER = ["lava", "kvzip", "ada_snapkv", "snapkv", "pyramidkv"]
+POLICY_MARKER = {"lava": ("o", "-"), "kvzip": ("D", "-"), "ada_snapkv": ("s", "--"), "snapkv": ("^", ":"),
+                 "pyramidkv": ("v", "-.")}
 SOURCE_COLOR = {"tail": "tab:blue", "branches": "tab:red", "reconstruct": "tab:green", "per question": "tab:purple"}
 METRIC = {"retrieval": ("accuracy", "retrieval accuracy"), "fidelity": ("top1", "top-1 agreement with full")}
 SPLIT_LABEL = {"at_compression": "at compression", "later": "later", "all": "all"}
@@ -28,6 +28,12 @@ def _cell(record: dict, metric: str) -> str:
     return f"{record[metric]:.2f} [{low:.2f}, {high:.2f}]"
 
 
+def _share_of_full(records: list[dict], record: dict) -> str:
+    full = _select(records, task=record["task"], context_tokens=record["context_tokens"], split=record["split"],
+                   mode="compress_once", policy="full")
+    return f"{record['accuracy'] / full[0]['accuracy']:.2f}" if full and full[0]["accuracy"] else ""
+
+
 def _hits(record: dict) -> int:
     return round(record["accuracy"] * record["n_questions"])
 
@@ -35,14 +41,23 @@ def _hits(record: dict) -> int:
 def _rows(records: list[dict], config: dict) -> list[tuple[str, dict]]:
     """(label, selector) per table row: the references, each source x scored policy, per question."""
     sources = config.get("observe", ["tail"])
+    scored = _scored_policies(records)
     rows = [("full", {"mode": "compress_once", "policy": "full"}),
             ("streamingllm", {"mode": "compress_once", "observe": sources[0], "policy": "streamingllm"})]
     rows += [(f"{source} · {policy}", {"mode": "compress_once", "observe": source, "policy": policy})
-             for source in sources for policy in SCORED_ORDER]
+             for source in sources for policy in scored]
     if "query_aware" in config["modes"]:
         rows += [(f"per question · {policy}", {"mode": "query_aware", "policy": policy})
-                 for policy in SCORED_ORDER + ["streamingllm"]]
+                 for policy in scored + ["streamingllm"]]
     return [(label, where) for label, where in rows if _select(records, **where)]
+
+
+def _scored_policies(records: list[dict]) -> list[str]:
+    """The scored policies (specs included) of the records: the usual order, then the rest in
+    order of appearance."""
+    scored = list(dict.fromkeys(r["policy"] for r in records if r["policy"] not in ("full", "streamingllm")))
+    return sorted(scored, key=lambda policy: (SCORED_ORDER.index(policy) if policy in SCORED_ORDER
+                                              else len(SCORED_ORDER)))
 
 
 def _splits(records: list[dict]) -> list[str]:
@@ -157,8 +172,8 @@ def markdown(records: list[dict], meta: dict, command: str, notes: str | None) -
                      "`full` and `streamingllm` do not depend on the source.")
     seconds = meta.get("model_seconds", {})
     if seconds.get("prefill"):
-        costs = [f"{name} +{seconds[name] / seconds['prefill']:.2f}x ({seconds[name]:.0f} s)"
-                 for name in ("branches", "reconstruct") if name in seconds]
+        costs = [f"{name} +{value / seconds['prefill']:.2f}x ({value:.0f} s)" for name, value in seconds.items()
+                 if name.split(":")[0] in ("branches", "reconstruct")]
         if costs:
             lines.append(f"- Extra model time over the document prefills ({seconds['prefill']:.0f} s): "
                          + "; ".join(costs) + ".")
@@ -171,6 +186,9 @@ def markdown(records: list[dict], meta: dict, command: str, notes: str | None) -
         for context in config["contexts"]:
             lines += [f"## {task}, {context}-token documents: {label}", ""]
             lines += _table(records, config, task, context, lambda record: _cell(record, metric))
+            if task == "retrieval":
+                lines += ["", "Accuracy as a share of the full cache's on the same questions:", ""]
+                lines += _table(records, config, task, context, lambda record: _share_of_full(records, record))
             if task == "fidelity":
                 lines += ["", "KL(full || compressed) per answer token (lower is better):", ""]
                 lines += _table(records, config, task, context, lambda record: f"{record['kl']:.3f}")
@@ -209,7 +227,7 @@ def plot(records: list[dict], config: dict, path: Path) -> None:
                 else:
                     source = "per question" if where["mode"] == "query_aware" else where["observe"]
                     color = SOURCE_COLOR.get(source, "tab:orange")
-                    marker, style = POLICY_MARKER[where["policy"]]
+                    marker, style = POLICY_MARKER.get(where["policy"], ("P", "-."))
                 ratios = [r["keep_ratio"] for r in found]
                 values = [r[metric] for r in found]
                 # max(0, ...): an interval of zero width can round to a hair inside its mean.

@@ -4,14 +4,15 @@
 """
 
 from lava_sglang.policy.base import LayerScores, Policy, WindowPolicy
-from lava_sglang.policy.observe import (OBSERVE_SOURCES, WINDOW_COMBINES, Branches, Observe, ObservationWindow,
-                                        Reconstruct, Tail, combine_window_masses, make_observe, repeat_attention_chunk,
-                                        repeat_attention_max)
+from lava_sglang.policy.observe import (OBSERVE_SOURCES, REPEAT_NORMALIZATIONS, WINDOW_COMBINES, Branches, Observe,
+                                        ObservationWindow, Reconstruct, Tail, combine_window_masses, make_observe,
+                                        repeat_attention_chunk, repeat_attention_max, repeat_chunks)
 from lava_sglang.policy.plan import CompressionPlan, PlanBuilder, compress_plan, resolve_budget
-from lava_sglang.policy.registry import POLICIES, make_policy
+from lava_sglang.policy.registry import POLICIES, make_policy, policy_name
 
 __all__ = [
     "OBSERVE_SOURCES",
+    "REPEAT_NORMALIZATIONS",
     "POLICIES",
     "WINDOW_COMBINES",
     "Branches",
@@ -23,6 +24,7 @@ __all__ = [
     "make_observe",
     "repeat_attention_chunk",
     "repeat_attention_max",
+    "repeat_chunks",
     "CompressionPlan",
     "LayerScores",
     "PlanBuilder",
@@ -30,5 +32,6 @@ __all__ = [
     "WindowPolicy",
     "compress_plan",
     "make_policy",
+    "policy_name",
     "resolve_budget",
 ]

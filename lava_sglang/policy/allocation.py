@@ -69,3 +69,17 @@ def flat_topk_head_budgets(scores: torch.Tensor, layer_budget: int, alpha: float
     counts = torch.bincount(top // prefix_len, minlength=num_kv_heads).tolist()
     floor_share = math.floor(alpha * layer_budget)
     return [min(round((1 - alpha) * count + floor_share), prefix_len) for count in counts]
+
+
+def global_topk_head_budgets(layer_scores: Sequence[torch.Tensor], total: int) -> list[list[int]]:
+    """Head budgets from ONE threshold over every layer and KV head (KVzip's allocation).
+
+    layer_scores: per layer [Hkv, m]; the top `total` of all L * Hkv * m entries are kept and
+    each (layer, head) keeps as many as fall in it (ties go to the earlier layer, head, token).
+    Returns per layer the selectable tokens each KV head keeps; they sum to min(total, L*Hkv*m).
+    """
+    stacked = torch.stack([scores.float() for scores in layer_scores])  # [L, Hkv, m]
+    num_layers, num_kv_heads, prefix_len = stacked.shape
+    top = descending_order(stacked.flatten())[:total]
+    counts = torch.bincount(top // prefix_len, minlength=num_layers * num_kv_heads)
+    return counts.view(num_layers, num_kv_heads).tolist()

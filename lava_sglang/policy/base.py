@@ -7,13 +7,15 @@ itself (which positions each head keeps) is assembled the same way for every pol
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from lava_sglang.policy import scores as score_ops
-from lava_sglang.policy.allocation import descending_order, distribute
+from lava_sglang.policy.allocation import descending_order, distribute, global_topk_head_budgets
 
 
 @dataclass(frozen=True)
@@ -35,6 +37,9 @@ class Policy:
     needs_scores: ClassVar[bool] = True
     #: True for the full cache: the budget is ignored and nothing is evicted.
     keeps_everything: ClassVar[bool] = False
+    #: The observation sources the policy is defined with (docs/observe.md); None: any.
+    #: The plan works with any source; the server and the benchmarks pair it with these only.
+    scored_by: ClassVar[tuple[str, ...] | None] = None
 
     def validate(self) -> None:
         """Raise ValueError naming the hyper-parameter that is out of range."""
@@ -43,6 +48,20 @@ class Policy:
 
     def layer_scores(self, q_window: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> LayerScores:
         raise NotImplementedError(f"{self.name} keeps tokens by position and computes no scores")
+
+    def allocate(self, layers: Sequence[LayerScores | None], total: int, prefix_len: int,
+                 num_kv_heads: int) -> tuple[list[int], list[list[int]]]:
+        """Selectable tokens per KV head: each layer's budget, and each of its heads'.
+
+        total: selectable tokens per KV head summed over layers. By default the layers get
+        `layer_budgets` and each layer splits its budget with `head_budgets`; a layer
+        without scores (positional policies) splits it evenly.
+        """
+        entropies = [layer.entropy if layer is not None else math.nan for layer in layers]
+        layer_budgets = self.layer_budgets(entropies, total, prefix_len)
+        head_budgets = [self.head_budgets(layer.scores, budget) if layer is not None else [budget] * num_kv_heads
+                        for layer, budget in zip(layers, layer_budgets)]
+        return layer_budgets, head_budgets
 
     def layer_budgets(self, entropies: list[float], total: int, prefix_len: int) -> list[int]:
         """Selectable tokens per KV head for each layer; uniform unless a policy says otherwise."""
@@ -62,6 +81,9 @@ class WindowPolicy(Policy):
     """Policies that score prefix tokens by the attention the observation window pays them."""
 
     pool_kernel: int = 7
+    #: The first tokens (attention sinks) kept in every layer and head whatever their scores,
+    #: counted in the budget.
+    sink_tokens: int = 0
 
     #: How the G query heads of a KV group are reduced: "max" (LAVa) or "mean" (SnapKV).
     gqa_reduce: ClassVar[str] = "mean"
@@ -73,12 +95,15 @@ class WindowPolicy(Policy):
         kernel = self.pool_kernel
         if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
             raise ValueError(f"pool_kernel must be an odd int >= 1, got {kernel!r}")
+        sinks = self.sink_tokens
+        if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
+            raise ValueError(f"sink_tokens must be an int >= 0, got {sinks!r}")
 
     @property
     def scoring(self) -> tuple:
         """Everything `layer_scores` depends on: policies with equal `scoring` (SnapKV,
         Ada-SnapKV and PyramidKV by default) can share one layer's scores."""
-        return (self.gqa_reduce, self.scale_by_value_norm, self.pool_kernel, self.window)
+        return (self.gqa_reduce, self.scale_by_value_norm, self.pool_kernel, self.sink_tokens, self.window)
 
     def layer_scores(self, q_window: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> LayerScores:
         return self.scores_from_mass(score_ops.window_attention_mass(q_window, keys, self.gqa_reduce), values)
@@ -89,7 +114,20 @@ class WindowPolicy(Policy):
         scores = score_ops.pool_scores(mass, self.pool_kernel)
         if self.scale_by_value_norm:
             scores = scores * score_ops.value_norm_scale(values, mass.shape[1])[:, None]
-        return LayerScores(scores=scores, entropy=score_ops.layer_entropy(scores))
+        entropy = score_ops.layer_entropy(scores)  # of the scores, not of the forced sinks
+        if self.sink_tokens:
+            scores = scores.clone()
+            scores[:, :self.sink_tokens] = torch.inf
+        return LayerScores(scores=scores, entropy=entropy)
+
+
+def global_allocation(layers: Sequence[LayerScores], total: int,
+                      num_kv_heads: int) -> tuple[list[int], list[list[int]]]:
+    """`Policy.allocate` by one threshold over all layers and KV heads (KVzip): `total` is per
+    KV head summed over layers, so the best `total * num_kv_heads` scores of the whole prefix
+    are kept wherever they are; a layer's budget is its heads' mean (floored)."""
+    head_budgets = global_topk_head_budgets([layer.scores for layer in layers], total * num_kv_heads)
+    return [sum(heads) // num_kv_heads for heads in head_budgets], head_budgets
 
 
 def validate_alpha(alpha: float) -> None:

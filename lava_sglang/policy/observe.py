@@ -13,7 +13,6 @@ caller's (the reference runtime, the server); this module says what to feed the 
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -21,8 +20,10 @@ from typing import ClassVar
 import torch
 
 from lava_sglang.policy import scores as score_ops
+from lava_sglang.policy.specs import build
 
 WINDOW_COMBINES = ("max", "mean")
+REPEAT_NORMALIZATIONS = ("global", "local")
 
 
 @dataclass(frozen=True)
@@ -82,37 +83,57 @@ def repeat_attention_max(probs: torch.Tensor) -> torch.Tensor:
     return probs.float().amax(dim=1)
 
 
-def repeat_attention_chunk(queries: torch.Tensor, keys: torch.Tensor, first_position: int, selectable: int,
-                           scaling: float, max_logits: int = 1 << 24) -> torch.Tensor:
-    """[Hq, m]: per query head, the largest attention any of a chunk of repetition queries
-    pays each of the first m = `selectable` keys (`repeat_attention_max` of their softmax).
+def repeat_attention_chunk(queries: torch.Tensor, keys: torch.Tensor, first_position: int, prefix_len: int,
+                           copied: tuple[int, int], scaling: float, normalize: str = "global", sink_tokens: int = 0,
+                           max_logits: int = 1 << 24) -> torch.Tensor:
+    """[Hq, end - start]: per query head, the largest attention any query of a repetition
+    chunk pays each prefix token the chunk copies (`copied` = (start, end), prefix positions).
 
-    queries: [Hq, T, d] post-RoPE, at positions first_position .. first_position + T - 1;
-    keys: [Hkv, S, d] post-RoPE, at positions 0 .. S - 1 (the prefix, then the repetition up
-    to the chunk's end), S >= first_position + T. Query t sees the keys up to its own position.
+    queries: [Hq, T, d] post-RoPE, at positions first_position .. first_position + T - 1
+    (first_position >= prefix_len: the repetition follows the whole prefix);
+    keys: [Hkv, S, d] post-RoPE at positions 0 .. S - 1: the prefix (0 .. prefix_len - 1),
+    then the repetition's own tokens up to the chunk's end. Query t sees the keys up to its
+    own position. `normalize` says over which keys each query's softmax runs:
+      "global"  every key it sees (the attention the model computes);
+      "local"   KVzip's: the first `sink_tokens` prefix tokens, the copied tokens and the
+                repetition's own tokens up to itself.
     fp32, in blocks of query rows so that at most `max_logits` logits exist at once.
     """
     num_q_heads, num_rows, head_dim = queries.shape
     num_kv_heads, num_keys, _ = keys.shape
+    start, end = copied
     if num_q_heads % num_kv_heads or keys.shape[2] != head_dim:
         raise ValueError(f"queries {tuple(queries.shape)} and keys {tuple(keys.shape)} do not match (GQA)")
-    if not 0 < selectable <= first_position or first_position + num_rows > num_keys:
-        raise ValueError(f"need 0 < selectable ({selectable}) <= first_position ({first_position}) and "
-                         f"first_position + T ({first_position + num_rows}) <= S ({num_keys})")
+    if not 0 <= start < end <= prefix_len <= first_position or first_position + num_rows > num_keys:
+        raise ValueError(f"need 0 <= start ({start}) < end ({end}) <= prefix_len ({prefix_len}) <= first_position "
+                         f"({first_position}) and first_position + T ({first_position + num_rows}) <= S ({num_keys})")
+    if normalize not in REPEAT_NORMALIZATIONS:
+        raise ValueError(f"normalize must be one of {list(REPEAT_NORMALIZATIONS)}, got {normalize!r}")
     grouped = queries.float().view(num_kv_heads, num_q_heads // num_kv_heads, num_rows, head_dim)
-    keys = keys.float()
     key_positions = torch.arange(num_keys, device=keys.device)
-    rows_per_block = max(1, max_logits // (num_q_heads * num_keys))
+    if normalize == "local":  # only the sinks, the copied tokens and the repetition take part
+        local = (key_positions < sink_tokens) | ((key_positions >= start) & (key_positions < end)) | (
+            key_positions >= prefix_len)
+        local_positions = key_positions[local]
+        keys, key_positions = keys[:, local], local_positions
+        start, end = int((local_positions < start).sum()), int((local_positions < end).sum())
+    keys = keys.float()
+    rows_per_block = max(1, max_logits // (num_q_heads * keys.shape[1]))
     result = None
-    for start in range(0, num_rows, rows_per_block):
-        block = grouped[:, :, start:start + rows_per_block]
+    for block_start in range(0, num_rows, rows_per_block):
+        block = grouped[:, :, block_start:block_start + rows_per_block]
         logits = torch.einsum("hgtd,hsd->hgts", block, keys) * scaling
-        query_positions = first_position + start + torch.arange(block.shape[2], device=keys.device)
+        query_positions = first_position + block_start + torch.arange(block.shape[2], device=keys.device)
         logits.masked_fill_(key_positions[None, :] > query_positions[:, None], float("-inf"))
-        probs = torch.softmax(logits, dim=-1)[..., :selectable].flatten(0, 1)  # [Hq, rows, m]
+        probs = torch.softmax(logits, dim=-1)[..., start:end].flatten(0, 1)  # [Hq, rows, end - start]
         block_max = repeat_attention_max(probs)
         result = block_max if result is None else torch.maximum(result, block_max)
     return result
+
+
+def repeat_chunks(prefix_len: int, chunk_tokens: int) -> list[tuple[int, int]]:
+    """The (start, end) prefix positions each repetition chunk copies, in order."""
+    return [(start, min(start + chunk_tokens, prefix_len)) for start in range(0, prefix_len, chunk_tokens)]
 
 
 @dataclass(frozen=True)
@@ -152,32 +173,48 @@ class Branches(Observe):
 
 @dataclass(frozen=True)
 class Reconstruct(Observe):
-    """Attention received while the model repeats the prefix after an instruction to do so."""
+    """Attention received while the model repeats the prefix after an instruction to do so,
+    chunk by chunk as KVzip does (docs/observe.md, "reconstruct")."""
 
     name: ClassVar[str] = "reconstruct"
 
-    #: Said after the prefix, before the prefix's tokens are fed again (teacher-forced).
+    #: Said after the prefix, before its first chunk is fed again (teacher-forced).
     instruction: str = "\n\nRepeat the previous context exactly.\n"
-    #: Repetition tokens per forward: memory is O(chunk_tokens x (2n)) per layer.
-    chunk_tokens: int = 256
+    #: Said before every later chunk, followed by the previous chunk's last `overlap_tokens`.
+    continue_instruction: str = "\n\nRepeat the part of the previous context exactly, starting with "
+    overlap_tokens: int = 8
+    #: Prefix tokens per repetition chunk: the extra KV while scoring is one chunk and its
+    #: instruction, never the prefix twice.
+    chunk_tokens: int = 2048
+    #: Over which keys a repetition query's softmax is taken (`repeat_attention_chunk`).
+    normalize: str = "global"
+    #: Prefix tokens every chunk's local softmax includes (normalize "local").
+    sink_tokens: int = 4
 
     def validate(self) -> None:
-        if not isinstance(self.instruction, str):
-            raise ValueError(f"instruction must be a str, got {self.instruction!r}")
-        chunk = self.chunk_tokens
-        if isinstance(chunk, bool) or not isinstance(chunk, int) or chunk < 1:
-            raise ValueError(f"chunk_tokens must be an int >= 1, got {chunk!r}")
+        for name in ("instruction", "continue_instruction"):
+            if not isinstance(getattr(self, name), str):
+                raise ValueError(f"{name} must be a str, got {getattr(self, name)!r}")
+        for name, minimum in (("chunk_tokens", 1), ("overlap_tokens", 0), ("sink_tokens", 0)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+                raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
+        if self.normalize not in REPEAT_NORMALIZATIONS:
+            raise ValueError(f"normalize must be one of {list(REPEAT_NORMALIZATIONS)}, got {self.normalize!r}")
+
+    def chunk_prompt(self, tokens: Sequence[int], start: int, encode) -> list[int]:
+        """What precedes the repetition of the chunk starting at prefix position `start`:
+        the instruction, or for a later chunk the continue instruction and the previous
+        chunk's last tokens. encode: text -> token ids (no special tokens)."""
+        if start == 0:
+            return list(encode(self.instruction))
+        return list(encode(self.continue_instruction)) + list(tokens[max(0, start - self.overlap_tokens):start])
 
 
 OBSERVE_SOURCES: dict[str, type[Observe]] = {cls.name: cls for cls in (Tail, Branches, Reconstruct)}
 
 
 def make_observe(name: str, **options) -> Observe:
-    """Build observation source `name` with the options it has as fields (others ignored)."""
-    if name not in OBSERVE_SOURCES:
-        raise ValueError(f"observe must be one of {sorted(OBSERVE_SOURCES)}, got {name!r}")
-    cls = OBSERVE_SOURCES[name]
-    fields = {field.name for field in dataclasses.fields(cls)}
-    source = cls(**{key: value for key, value in options.items() if key in fields})
-    source.validate()
-    return source
+    """Build observation source `name` (or a spec, `reconstruct:normalize=local`) with the
+    options it has as fields (others ignored; the spec's own win)."""
+    return build(name, OBSERVE_SOURCES, "observe", options)

@@ -269,14 +269,12 @@ class PlanBuilder:
                 entropies=entropies,
             )
         selectable = max(self.budget_tokens - self.window, 0)
-        layer_budgets = self.policy.layer_budgets(entropies, selectable * self.num_layers, self.prefix_len)
+        layer_budgets, head_budgets = self.policy.allocate(self._layers, selectable * self.num_layers,
+                                                           self.prefix_len, self.num_kv_heads)
         window_positions = torch.arange(self.prefix_len, self.seq_len)
-        kept, head_budgets = [], []
-        for layer_budget, layer in zip(layer_budgets, self._layers):
+        kept = []
+        for heads, layer in zip(head_budgets, self._layers):
             scores = layer.scores if layer is not None else None
-            heads = self.policy.head_budgets(scores, layer_budget) if scores is not None else (
-                [layer_budget] * self.num_kv_heads)
-            head_budgets.append(heads)
             kept.append([
                 torch.sort(torch.cat([
                     self.policy.select(scores[head] if scores is not None else None, budget, self.prefix_len).cpu(),
@@ -301,13 +299,15 @@ def compress_plan(
     budget: float | int,
     *,
     window: int = 32,
-    pool_kernel: int = 7,
-    alpha: float = 0.2,
+    pool_kernel: int | None = None,
+    alpha: float | None = None,
 ) -> CompressionPlan:
     """Plan which tokens each layer and KV head keeps (lava.md).
 
-    policy: a registered name ("lava", "snapkv", "ada_snapkv", "pyramidkv", "streamingllm",
-        "full") or a `Policy` instance (then `window`, `pool_kernel`, `alpha` are its own).
+    policy: a registered name ("lava", "kvzip", "snapkv", "ada_snapkv", "pyramidkv",
+        "streamingllm", "full"), a spec with options ("lava:layer_budget=global"), or a `Policy`
+        instance (then `window`, `pool_kernel`, `alpha` are its own); `pool_kernel` and `alpha`
+        default to the policy's own (7 and 0.2; kvzip does not pool).
     q_window: per layer, [Hq, w, d] post-RoPE queries of the last w = min(window, n) tokens.
     keys, values: per layer, [Hkv, n, d] post-RoPE keys and the values.
     budget: keep ratio in (0, 1] (float) or average tokens per layer and KV head (int),
@@ -315,7 +315,8 @@ def compress_plan(
     Raises ValueError naming the offending argument.
     """
     if not isinstance(policy, Policy):
-        policy = make_policy(policy, window=window, pool_kernel=pool_kernel, alpha=alpha)
+        options = {"pool_kernel": pool_kernel, "alpha": alpha}
+        policy = make_policy(policy, window=window, **{key: value for key, value in options.items() if value is not None})
     lists = {"q_window": q_window, "keys": keys, "values": values}
     for name, value in lists.items():
         if isinstance(value, torch.Tensor) or not isinstance(value, Sequence) or len(value) == 0:

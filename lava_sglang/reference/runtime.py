@@ -34,7 +34,7 @@ from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 
 from lava_sglang.policy import (Branches, CompressionPlan, LayerScores, Observe, ObservationWindow, PlanBuilder, Policy,
                                 Reconstruct, Tail, compress_plan, make_observe, make_policy,
-                                repeat_attention_chunk)
+                                repeat_attention_chunk, repeat_chunks)
 from lava_sglang.policy.plan import repeat_scores, windows_scores
 from lava_sglang.reference.attention import attention_with_lse, causal_visibility, merge_attention_states
 
@@ -62,7 +62,8 @@ class Observation:
     """What an observation source saw of one capture, ready for `compress` (observe.md).
 
     branch_windows[layer]: one window per branch (observe "branches"); the tail window comes
-    from the capture. repeat_attention[layer]: [Hq, m] (observe "reconstruct").
+    from the capture. repeat_attention[layer]: [Hq, n] over every prefix token (observe
+    "reconstruct"); a policy with window w reads its first n - w.
     seconds: the model time the source added to the prefill (branch prefills, repetition).
     """
 
@@ -275,7 +276,7 @@ class ReferenceRuntime:
         if observation is None or isinstance(observation.source, Tail):
             return [policy.layer_scores(q, k, v) for q, k, v in zip(capture.q_window, capture.keys, capture.values)]
         if isinstance(observation.source, Reconstruct):
-            return [repeat_scores(policy, observation.repeat_attention[layer], capture.values[layer])
+            return [repeat_scores(policy, observation.repeat_attention[layer][:, :prefix_len], capture.values[layer])
                     for layer in layers]
         return [windows_scores(policy, observation.source,
                                [ObservationWindow(capture.q_window[layer])] + observation.branch_windows[layer],
@@ -320,26 +321,28 @@ class ReferenceRuntime:
         return windows
 
     def _repeat_attention(self, capture: PrefixCapture, source: Reconstruct) -> list[torch.Tensor]:
-        """Per layer [Hq, m]: the largest attention a repeating query pays each selectable
-        prefix token, the repetition teacher-forced in chunks of `source.chunk_tokens`."""
-        selectable = capture.seq_len - min(self.window, capture.seq_len)
-        instruction = self.tokenizer(source.instruction, add_special_tokens=False)["input_ids"]
-        tokens = instruction + capture.token_ids
+        """Per layer [Hq, n]: the largest attention a repeating query pays each prefix token,
+        the prefix repeated chunk by chunk (`Reconstruct.chunk_prompt`). Each chunk's
+        repetition follows the whole prefix, scores only the tokens it copies, and is dropped
+        before the next one, as on the server. (A plan reads its first m = n - window.)"""
+        seq_len = capture.seq_len
         batch = _Batch.stack([self.full_prefix(capture)])
         repeat: list[torch.Tensor | None] = [None] * len(capture.keys)
 
-        def record(layer, query, key, lse, scaling):
-            # The same scoring as the server's (repeat_attention_chunk): the chunk's queries
-            # over the prefix and the repetition so far.
-            keys = torch.cat([batch.keys[layer][0], key[0]], dim=1)  # [Hkv, n + own, d]
-            first_position = keys.shape[1] - query.shape[3]
-            chunk_max = repeat_attention_chunk(query[0].flatten(0, 1), keys, first_position, selectable, scaling)
-            repeat[layer] = chunk_max if repeat[layer] is None else torch.maximum(repeat[layer], chunk_max)
+        def encode(text: str) -> list[int]:
+            return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
-        cache = DynamicCache()
-        for start in range(0, len(tokens), source.chunk_tokens):
-            chunk = torch.tensor([tokens[start:start + source.chunk_tokens]])
-            _, cache = self._forward(batch, chunk, cache, record=record, logits_to_keep=1)
+        for start, end in repeat_chunks(seq_len, source.chunk_tokens):
+            def record(layer, query, key, lse, scaling, start=start, end=end):
+                keys = torch.cat([batch.keys[layer][0], key[0]], dim=1)  # [Hkv, n + own, d]
+                scores = repeat_attention_chunk(query[0].flatten(0, 1), keys, seq_len, seq_len, (start, end), scaling,
+                                                source.normalize, source.sink_tokens)
+                if repeat[layer] is None:
+                    repeat[layer] = scores.new_zeros(scores.shape[0], seq_len)
+                repeat[layer][:, start:end] = scores
+
+            tokens = source.chunk_prompt(capture.token_ids, start, encode) + capture.token_ids[start:end]
+            self._forward(batch, torch.tensor([tokens]), record=record, logits_to_keep=1)
         return repeat
 
     @torch.inference_mode()

@@ -77,8 +77,8 @@ class RepetitionScores:
         if queries.shape[0] > 0 and start <= self.scored_until[layer]:
             if self.first_chunk_at is None:
                 self.first_chunk_at = time.monotonic()
-            chunk_max = repeat_attention_chunk(queries.transpose(0, 1), keys.transpose(0, 1), start, self.selectable,
-                                               scaling)
+            chunk_max = repeat_attention_chunk(queries.transpose(0, 1), keys.transpose(0, 1), start, self.prefix_len,
+                                               (0, self.prefix_len), scaling)[:, :self.selectable]
             previous = self.repeat[layer]
             self.repeat[layer] = chunk_max if previous is None else torch.maximum(previous, chunk_max)
             self.scored_until[layer] = max(self.scored_until[layer], end)

@@ -1,12 +1,13 @@
 """Observation sources in the quality benchmark: records, splits, report, targets, CLI."""
 
 import json
+from types import SimpleNamespace
 
 import pytest
 
 from lava_sglang.bench.quality import QualityBenchmark, QualityConfig, split_of
 from lava_sglang.bench.report import markdown, normalise, targets, write_quality_report
-from lava_sglang.cli import build_parser
+from lava_sglang.cli import build_parser, main
 
 SOURCES = ["tail", "branches", "reconstruct"]
 
@@ -33,16 +34,28 @@ def test_the_split_is_not_tied_to_where_the_facts_sit():
     assert 5 <= sum(at_compression_is_nearer_the_end) <= 15
 
 
-def test_cli_rejects_unknown_observation_sources(capsys):
-    with pytest.raises(SystemExit):
-        build_parser().parse_args(["bench", "quality", "--observe", "tail", "question"])
-    assert "invalid choice: 'question'" in capsys.readouterr().err
-    args = build_parser().parse_args(["bench", "quality", "--observe", "branches", "reconstruct"])
-    assert args.observe == ["branches", "reconstruct"] and args.branch_combine == "max"
+def test_cli_rejects_unknown_observation_sources_and_policy_options(capsys):
+    assert main(["bench", "quality", "--observe", "tail", "question"]) == 2
+    assert "observe must be one of ['branches', 'reconstruct', 'tail'], got 'question'" in capsys.readouterr().err
+    assert main(["bench", "quality", "--policies", "lava:budget=3"]) == 2
+    assert "options must be field=value with a field of lava" in capsys.readouterr().err
+    args = build_parser().parse_args(["bench", "quality", "--observe", "branches", "reconstruct:normalize=local"])
+    assert args.observe == ["branches", "reconstruct:normalize=local"] and args.branch_combine == "max"
+
+
+def test_kvzip_is_paired_with_repetition_sources_only():
+    config = QualityConfig(policies=["lava", "kvzip", "streamingllm"], keep_ratios=[0.2],
+                           observe=["tail", "reconstruct", "reconstruct:normalize=local"])
+    bench = QualityBenchmark(SimpleNamespace(tokenizer=None), config)
+    assert bench.scored_by("tail") == [("lava", 0.2)]
+    assert bench.scored_by("reconstruct:normalize=local") == [("lava", 0.2), ("kvzip", 0.2)]
 
 
 @pytest.mark.parametrize("changes, message", [
-    ({"observe": ["tail", "bogus"]}, "observe: unknown"),
+    ({"observe": ["tail", "bogus"]}, "observe must be one of"),
+    ({"observe": ["reconstruct:chunk_tokens=0"]}, "chunk_tokens must be an int >= 1"),
+    ({"policies": ["lava:layer_budget=none"]}, "layer_budget must be one of"),
+    ({"policies": ["lava", "full"]}, "do not list it"),
     ({"observe": []}, "observe: give distinct sources"),
     ({"observe": ["tail", "tail"]}, "observe: give distinct sources"),
     ({"branch_combine": "sum"}, "branch_combine must be one of"),

@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from lava_sglang.policy.allocation import descending_order, distribute, flat_topk_head_budgets, pyramid_weights
+from lava_sglang.policy.allocation import (descending_order, distribute, flat_topk_head_budgets,
+                                          global_topk_head_budgets, pyramid_weights)
 
 
 def test_distribute_floors_proportional_shares():
@@ -49,3 +50,12 @@ def test_flat_topk_zero_budget_keeps_nothing():
 
 def test_ties_go_to_the_earlier_index():
     assert descending_order(torch.tensor([1.0, 2.0, 2.0, 1.0, 2.0])).tolist() == [1, 2, 4, 0, 3]
+
+
+def test_global_topk_counts_the_best_entries_wherever_they_are():
+    layer0 = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.7, 0.6]])
+    layer1 = torch.tensor([[0.05, 0.02, 0.01], [0.5, 0.95, 0.03]])
+    # The best 5 of 12: 0.95 (l1 h1), 0.9 (l0 h0), 0.8, 0.7, 0.6 (l0 h1).
+    assert global_topk_head_budgets([layer0, layer1], 5) == [[1, 3], [0, 1]]
+    # More than there are: every entry.
+    assert global_topk_head_budgets([layer0, layer1], 50) == [[3, 3], [3, 3]]

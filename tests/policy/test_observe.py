@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lava_sglang.policy import (Branches, ObservationWindow, PlanBuilder, Reconstruct, combine_window_masses,
-                                compress_plan, make_observe, make_policy, repeat_attention_chunk,
+                                compress_plan, make_observe, make_policy, repeat_attention_chunk, repeat_chunks,
                                 repeat_attention_max)
 from lava_sglang.policy.scores import pool_scores, prefix_attention_mass, window_attention_mass
 
@@ -131,22 +131,58 @@ def test_repeat_attention_max_is_over_queries_and_chunks_combine_by_max():
 
 def test_repeat_attention_chunk_is_the_causal_softmax_over_all_keys_in_any_block_size():
     # Oracle: the full causal attention of n + T tokens (GQA, Hq = 4 over Hkv = 2), the last T
-    # rows being the chunk; per query head the max over those rows on the first m keys.
+    # rows being the chunk; per query head the max over those rows on the copied keys.
     torch.manual_seed(0)
-    num_q_heads, num_kv_heads, n, rows, m, d = 4, 2, 12, 5, 9, 8
+    num_q_heads, num_kv_heads, n, rows, d = 4, 2, 12, 5, 8
     keys = torch.randn(num_kv_heads, n + rows, d)
     queries = torch.randn(num_q_heads, rows, d)
     scaling = d ** -0.5
     logits = torch.einsum("gtd,gsd->gts", queries, keys.repeat_interleave(2, dim=0)) * scaling
     causal = torch.arange(n + rows)[None, :] > (n + torch.arange(rows))[:, None]
-    expected = torch.softmax(logits.masked_fill(causal, float("-inf")), dim=-1)[:, :, :m].amax(dim=1)
-    for max_logits in (1 << 24, num_q_heads * (n + rows)):  # one block; one query row per block
-        result = repeat_attention_chunk(queries, keys, n, m, scaling, max_logits=max_logits)
-        torch.testing.assert_close(result, expected)
-    with pytest.raises(ValueError, match="selectable"):
-        repeat_attention_chunk(queries, keys, n, n + 1, scaling)
+    probs = torch.softmax(logits.masked_fill(causal, float("-inf")), dim=-1)
+    for copied in ((0, 9), (3, 7)):
+        expected = probs[:, :, copied[0]:copied[1]].amax(dim=1)
+        for max_logits in (1 << 24, num_q_heads * (n + rows)):  # one block; one query row per block
+            result = repeat_attention_chunk(queries, keys, n, n, copied, scaling, max_logits=max_logits)
+            torch.testing.assert_close(result, expected)
+    with pytest.raises(ValueError, match="prefix_len"):
+        repeat_attention_chunk(queries, keys, n, n, (0, n + 1), scaling)
     with pytest.raises(ValueError, match="do not match"):
-        repeat_attention_chunk(queries[:3], keys, n, m, scaling)
+        repeat_attention_chunk(queries[:3], keys, n, n, (0, 9), scaling)
+    with pytest.raises(ValueError, match="normalize must be one of"):
+        repeat_attention_chunk(queries, keys, n, n, (0, 9), scaling, normalize="none")
+
+
+def test_local_normalisation_is_the_softmax_over_sinks_copied_tokens_and_the_repetition():
+    # KVzip's local score: the softmax runs over the sink tokens, the tokens the chunk copies
+    # and the repetition's own tokens only; the rest of the prefix takes no part.
+    torch.manual_seed(1)
+    num_q_heads, num_kv_heads, n, rows, d, sinks = 4, 2, 12, 5, 8, 2
+    keys = torch.randn(num_kv_heads, n + rows, d)
+    queries = torch.randn(num_q_heads, rows, d)
+    scaling = d ** -0.5
+    copied = (6, 10)
+    local = [0, 1, 6, 7, 8, 9] + list(range(n, n + rows))
+    logits = torch.einsum("gtd,gsd->gts", queries, keys[:, local].repeat_interleave(2, dim=0)) * scaling
+    causal = torch.tensor(local)[None, :] > (n + torch.arange(rows))[:, None]
+    expected = torch.softmax(logits.masked_fill(causal, float("-inf")), dim=-1)[:, :, 2:6].amax(dim=1)
+    result = repeat_attention_chunk(queries, keys, n, n, copied, scaling, normalize="local", sink_tokens=sinks)
+    torch.testing.assert_close(result, expected)
+    everything = repeat_attention_chunk(queries, keys, n, n, copied, scaling)
+    assert (result >= everything - 1e-6).all() and (result > everything + 1e-3).any()
+
+
+def test_repeat_chunks_cover_the_prefix_in_order():
+    assert repeat_chunks(10, 4) == [(0, 4), (4, 8), (8, 10)]
+    assert repeat_chunks(10, 2048) == [(0, 10)]
+
+
+def test_later_chunks_are_introduced_by_the_previous_chunks_last_tokens():
+    source = Reconstruct(instruction="I", continue_instruction="C", overlap_tokens=2)
+    encode = {"I": [100], "C": [200]}.__getitem__
+    tokens = list(range(10))
+    assert source.chunk_prompt(tokens, 0, encode) == [100]
+    assert source.chunk_prompt(tokens, 4, encode) == [200, 2, 3]
 
 
 class TestBadInput:
@@ -157,6 +193,10 @@ class TestBadInput:
             make_observe("branches", combine="sum")
         with pytest.raises(ValueError, match="chunk_tokens must be an int >= 1"):
             make_observe("reconstruct", chunk_tokens=0)
+        with pytest.raises(ValueError, match="normalize must be one of"):
+            make_observe("reconstruct", normalize="softmax")
+        with pytest.raises(ValueError, match="overlap_tokens must be an int >= 0"):
+            make_observe("reconstruct", overlap_tokens=-1)
         with pytest.raises(ValueError, match="include_tail must be a bool"):
             Branches(include_tail=1).validate()
 

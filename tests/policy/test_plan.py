@@ -8,7 +8,7 @@ import torch
 from lava_sglang.policy import POLICIES, PlanBuilder, compress_plan, make_policy, resolve_budget
 from lava_sglang.policy.scores import layer_entropy, pool_scores, window_attention_mass
 
-SCORED = ["lava", "snapkv", "ada_snapkv", "pyramidkv"]
+SCORED = ["lava", "kvzip", "snapkv", "ada_snapkv", "pyramidkv"]
 
 
 def random_layers(num_layers=3, num_q_heads=6, num_kv_heads=2, seq_len=40, window=8, head_dim=16, seed=0):
@@ -211,10 +211,71 @@ def test_low_precision_inputs_are_scored_in_fp32():
     assert half.layer_entropy[0] == pytest.approx(expected, rel=1e-6)
 
 
+def test_kvzip_keeps_the_best_scores_of_all_layers_and_heads_and_the_sinks():
+    # One global threshold: a layer whose window attention is peaked on a few tokens keeps
+    # those, the flat layer keeps only what beats them; the first 4 tokens are always kept.
+    q, k, v = random_layers(num_layers=3, num_q_heads=4, num_kv_heads=2, seq_len=40, window=8)
+    q[1] = q[1] * 8.0  # layer 1's attention is peaked: its best tokens beat everything else
+    policy = make_policy("kvzip", window=8)
+    plan = compress_plan(policy, q, k, v, 16, window=8)
+    scores = [policy.layer_scores(*layer).scores for layer in zip(q, k, v)]
+    flat = torch.stack(scores).flatten()
+    threshold = torch.sort(flat, descending=True).values[3 * 2 * 8 - 1]
+    for layer, heads in enumerate(plan.kept):
+        for head, positions in enumerate(heads):
+            selected = set(positions.tolist()) - set(range(32, 40))
+            expected = set(torch.nonzero(scores[layer][head] >= threshold).flatten().tolist())
+            assert selected == expected
+            assert {0, 1, 2, 3} <= selected
+    assert sum(map(sum, plan.head_budgets)) == 3 * 2 * 8
+    assert plan.head_budgets[1] != plan.head_budgets[0]
+
+
+def test_kvzip_scores_are_the_raw_group_max_with_sinks_forced():
+    q, k, v = random_layers(num_layers=1, num_q_heads=4, num_kv_heads=2, seq_len=30, window=6)
+    scores = make_policy("kvzip", window=6).layer_scores(q[0], k[0], v[0]).scores
+    mass = window_attention_mass(q[0], k[0], "max")
+    assert torch.isinf(scores[:, :4]).all()
+    torch.testing.assert_close(scores[:, 4:], mass[:, 4:])
+
+
+def test_lava_global_budget_is_one_threshold_over_lava_scores():
+    q, k, v = random_layers(num_layers=3, num_q_heads=4, num_kv_heads=2, seq_len=40, window=8)
+    paper = make_policy("lava", window=8, pool_kernel=1)  # unpooled: no ties at the threshold
+    plan = compress_plan(make_policy("lava:layer_budget=global", window=8, pool_kernel=1), q, k, v, 16)
+    scores = torch.stack([paper.layer_scores(*layer).scores for layer in zip(q, k, v)])
+    counts = (scores >= torch.sort(scores.flatten(), descending=True).values[47]).sum(-1)
+    assert plan.head_budgets == counts.tolist()
+
+
+def test_lava_ablation_switches():
+    q, k, v = two_head_layer(value_scale_head0=0.01, value_scale_head1=1.0)
+    no_norm = compress_plan(make_policy("lava:value_norm=false,alpha=0", window=2, pool_kernel=1), q, k, v, 6)
+    assert no_norm.head_budgets == [[8, 0]]  # as Ada-SnapKV: attention alone decides
+    even = compress_plan(make_policy("lava:head_budget=uniform", window=2, pool_kernel=1), q, k, v, 6)
+    assert even.head_budgets == [[4, 4]]
+    q, k, v = random_layers(num_layers=3)
+    uniform = compress_plan(make_policy("lava:layer_budget=uniform", window=8), q, k, v, 16)
+    assert uniform.layer_budgets == [8, 8, 8]
+
+
+def test_policy_specs_set_fields_and_name_what_is_wrong():
+    policy = make_policy("lava:layer_budget=global,value_norm=false,alpha=0", window=8, alpha=0.5)
+    assert (policy.layer_budget, policy.value_norm, policy.alpha, policy.window) == ("global", False, 0, 8)
+    with pytest.raises(ValueError, match="options must be field=value with a field of lava"):
+        make_policy("lava:budget=2")
+    with pytest.raises(ValueError, match="layer_budget must be one of"):
+        make_policy("lava:layer_budget=entropic")
+    with pytest.raises(ValueError, match="value_norm must be a bool"):
+        make_policy("lava:value_norm=1")
+    with pytest.raises(ValueError, match="sink_tokens must be an int >= 0"):
+        make_policy("kvzip:sink_tokens=-1")
+
+
 class TestBadInput:
     def test_unknown_policy_lists_the_valid_ones(self):
         q, k, v = random_layers()
-        with pytest.raises(ValueError, match=r"policy must be one of \['ada_snapkv', 'full', 'lava'"):
+        with pytest.raises(ValueError, match=r"policy must be one of \['ada_snapkv', 'full', 'kvzip', 'lava'"):
             compress_plan("h2o", q, k, v, 0.5)
 
     def test_layer_counts_must_match(self):

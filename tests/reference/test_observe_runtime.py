@@ -36,24 +36,57 @@ def test_branch_windows_are_the_question_prefilled_after_the_whole_document(runt
         torch.testing.assert_close(window.own_keys, joint.keys[layer][:, len(document):], atol=1e-4, rtol=1e-4)
 
 
-def test_repetition_attention_matches_eager_attention_over_the_whole_sequence(runtime, smollm2_path, document,
+def eager_attentions(smollm2_path, token_ids):
+    from transformers import AutoModelForCausalLM
+
+    eager = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32, attn_implementation="eager")
+    with torch.inference_mode():
+        return eager(torch.tensor([token_ids]), output_attentions=True).attentions
+
+
+def test_one_chunk_repetition_matches_eager_attention_over_the_whole_sequence(runtime, smollm2_path, document,
                                                                               capture):
     # Oracle: one eager forward of document + instruction + document with output_attentions;
     # per query head, the max over repetition queries of the attention on each selectable
-    # document token. The runtime gets it in chunks of 16 against the uncompressed prefix.
-    from transformers import AutoModelForCausalLM
-
-    source = Reconstruct(chunk_tokens=16)
+    # document token.
+    source = Reconstruct()
     observation = runtime.observe(capture, source)
     instruction = runtime.tokenizer(source.instruction, add_special_tokens=False)["input_ids"]
-    eager = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32, attn_implementation="eager")
-    with torch.inference_mode():
-        attentions = eager(torch.tensor([document + instruction + document]), output_attentions=True).attentions
-    selectable = len(document) - runtime.window
+    attentions = eager_attentions(smollm2_path, document + instruction + document)
     for layer, repeat in enumerate(observation.repeat_attention):
-        expected = attentions[layer][0, :, len(document):, :selectable].amax(dim=1)
+        expected = attentions[layer][0, :, len(document):, :len(document)].amax(dim=1)
         torch.testing.assert_close(repeat, expected, atol=1e-5, rtol=1e-4)
     assert observation.seconds > 0
+
+
+@pytest.mark.parametrize("normalize", ["global", "local"])
+def test_each_chunk_repeats_after_the_document_alone_and_scores_only_what_it_copies(runtime, smollm2_path, document,
+                                                                                    capture, normalize):
+    # Oracle per chunk: an eager forward of document + the chunk's prompt + the chunk, with no
+    # earlier repeated chunk in between (KVzip drops each chunk's KV); the chunk's queries
+    # score the tokens it copies. "local" renormalises the same logits over the sinks, the
+    # copied tokens and the repetition (softmax restricted = probabilities divided by their sum).
+    source = Reconstruct(chunk_tokens=24, overlap_tokens=4, normalize=normalize, sink_tokens=2)
+    observation = runtime.observe(capture, source)
+    n = len(document)
+
+    def encode(text):
+        return runtime.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    for start in range(0, n, 24):
+        end = min(start + 24, n)
+        tokens = document + source.chunk_prompt(document, start, encode) + document[start:end]
+        attentions = eager_attentions(smollm2_path, tokens)
+        positions = torch.arange(len(tokens))
+        keep = (positions < 2) | ((positions >= start) & (positions < end)) | (positions >= n)
+        for layer in (0, 11, 29):
+            probs = attentions[layer][0, :, n:]
+            if normalize == "local":
+                probs = probs * keep
+                probs = probs / probs.sum(-1, keepdim=True)
+            expected = probs[:, :, start:end].amax(dim=1)
+            torch.testing.assert_close(observation.repeat_attention[layer][:, start:end], expected,
+                                       atol=1e-5, rtol=1e-4)
 
 
 def test_each_source_compresses_to_the_budget_and_answers(runtime, document, capture):

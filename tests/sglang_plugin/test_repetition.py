@@ -32,7 +32,7 @@ def feed(scores: RepetitionScores, queries, keys, chunks, layer: int = 0) -> Non
 def test_chunks_of_any_split_score_like_the_whole_repetition():
     queries, keys = sequence()
     expected = repeat_attention_chunk(queries[PREFIX_LEN:].transpose(0, 1), keys.transpose(0, 1), PREFIX_LEN,
-                                      SELECTABLE, SCALING)
+                                      PREFIX_LEN, (0, PREFIX_LEN), SCALING)[:, :SELECTABLE]
     for chunks in ([(10, 17)], [(10, 13), (13, 14), (14, 17)]):
         scores = new_scores()
         feed(scores, queries, keys, chunks)

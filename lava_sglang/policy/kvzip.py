@@ -1,0 +1,30 @@
+"""KVzip (arXiv 2505.23416): scores from a repetition of the context, one global threshold.
+
+The scores come from the observation source (`reconstruct` for KVzip proper,
+docs/observe.md): per KV head the max over its query group, no pooling, no value norm. The
+budget is one threshold over every layer and KV head, so layers and heads keep as many tokens
+as their scores win; the first tokens (attention sinks) are always kept. Where this differs
+from the authors' code is listed in docs/kvzip.md.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import ClassVar
+
+from lava_sglang.policy.base import LayerScores, WindowPolicy, global_allocation
+
+
+@dataclass(frozen=True)
+class KVzip(WindowPolicy):
+    name: ClassVar[str] = "kvzip"
+    gqa_reduce: ClassVar[str] = "max"
+    scored_by: ClassVar[tuple[str, ...]] = ("reconstruct",)
+
+    pool_kernel: int = 1
+    sink_tokens: int = 4
+
+    def allocate(self, layers: Sequence[LayerScores | None], total: int, prefix_len: int,
+                 num_kv_heads: int) -> tuple[list[int], list[list[int]]]:
+        return global_allocation(layers, total, num_kv_heads)

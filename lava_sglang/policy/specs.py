@@ -1,0 +1,52 @@
+"""Specs: a registered name with field values of its own, as one string for flags and reports.
+
+    'lava:layer_budget=global,value_norm=false'  ->  ('lava', {'layer_budget': 'global', 'value_norm': False})
+
+Values are ints, floats, `true`/`false`, or else strings. Used for policies and observation
+sources, so a benchmark can compare variants of one policy side by side under readable names.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+
+def _value(text: str) -> bool | int | float | str:
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    for parse in (int, float):
+        try:
+            return parse(text)
+        except ValueError:
+            pass
+    return text
+
+
+def parse_spec(spec: object, registry: dict[str, type], what: str) -> tuple[str, dict]:
+    """(name, options) of `spec` against `registry` (name -> dataclass); raises ValueError
+    naming an unknown `what` or field."""
+    if not isinstance(spec, str):
+        raise ValueError(f"{what} must be one of {sorted(registry)}, got {spec!r}")
+    name, _, option_text = spec.partition(":")
+    if name not in registry:
+        raise ValueError(f"{what} must be one of {sorted(registry)}, got {name!r}")
+    fields = {field.name for field in dataclasses.fields(registry[name])}
+    options = {}
+    for item in filter(None, option_text.split(",")):
+        key, equals, value = item.partition("=")
+        if not equals or key not in fields:
+            raise ValueError(f"{what} {spec!r}: options must be field=value with a field of {name} "
+                             f"({', '.join(sorted(fields))}), got {item!r}")
+        options[key] = _value(value)
+    return name, options
+
+
+def build(spec: str, registry: dict[str, type], what: str, shared: dict):
+    """The instance `spec` names, with the `shared` options its class has as fields (others
+    ignored) overridden by the spec's own; validated."""
+    name, own = parse_spec(spec, registry, what)
+    cls = registry[name]
+    fields = {field.name for field in dataclasses.fields(cls)}
+    instance = cls(**{key: value for key, value in {**shared, **own}.items() if key in fields})
+    instance.validate()
+    return instance
