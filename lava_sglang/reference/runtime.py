@@ -123,6 +123,12 @@ class _Batch:
     def size(self) -> int:
         return self.last_logits.shape[0]
 
+    @property
+    def dense(self) -> bool:
+        """Every row keeps every prefix position (the uncompressed prefix)."""
+        return all(layer_keys.shape[2] == self.seq_len and bool(layer_visible.all())
+                   for layer_keys, layer_visible in zip(self.keys, self.visible))
+
     def select(self, rows: torch.Tensor) -> "_Batch":
         """The given rows only, each layer's padding cut to their longest head."""
         keys, values, visible = [], [], []
@@ -312,7 +318,7 @@ class ReferenceRuntime:
         batch = _Batch.stack([self.full_prefix(capture)])
         windows: list[list[ObservationWindow]] = [[] for _ in capture.keys]
         for branch in branches:
-            def record(layer, query, key, lse, scaling):
+            def record(layer, query, key, scaling):
                 rows = min(self.window, query.shape[3])
                 queries = query[0, :, :, -rows:].flatten(0, 1)  # [Hq, r, d]
                 windows[layer].append(ObservationWindow(queries.clone(), own_keys=key[0].clone()))
@@ -333,7 +339,7 @@ class ReferenceRuntime:
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
         for start, end in repeat_chunks(seq_len, source.chunk_tokens):
-            def record(layer, query, key, lse, scaling, start=start, end=end):
+            def record(layer, query, key, scaling, start=start, end=end):
                 keys = torch.cat([batch.keys[layer][0], key[0]], dim=1)  # [Hkv, n + own, d]
                 scores = repeat_attention_chunk(query[0].flatten(0, 1), keys, seq_len, seq_len, (start, end), scaling,
                                                 source.normalize, source.sink_tokens)
@@ -353,8 +359,8 @@ class ReferenceRuntime:
 
     def _forward(self, batch: _Batch, token_ids: torch.Tensor, cache: DynamicCache | None = None,
                  record: Callable | None = None, logits_to_keep: int = 0) -> tuple[torch.Tensor, DynamicCache]:
-        """`record(layer, query [B, Hkv, G, T, d], own keys [B, Hkv, S, d], lse [B, Hkv, G, T],
-        scaling)`, if given, sees every layer's attention (lse over prefix and own keys).
+        """`record(layer, query [B, Hkv, G, T, d], own keys [B, Hkv, S, d], scaling)`, if given,
+        sees every layer's attention inputs.
         logits_to_keep: the last so many positions' logits (0: all; the LM head is a fifth of
         the model, so callers that read only the last logits save that much)."""
         if token_ids.shape[0] != batch.size:
@@ -362,18 +368,25 @@ class ReferenceRuntime:
         cache = cache if cache is not None else DynamicCache()
         start = batch.seq_len + cache.get_seq_length()
         positions = torch.arange(start, start + token_ids.shape[1], device=self.device).expand(token_ids.shape[0], -1)
+        dense = batch.dense
 
         def attend(module, query, key, value, scaling):
             layer = module.layer_idx
             grouped = _grouped(query, key.shape[1])
+            if record is not None:
+                record(layer, grouped, key, scaling)
+            own_visible = causal_visibility(query.shape[2], key.shape[2], query.device)
+            if dense:  # an uncompressed prefix: one attention over prefix and own keys
+                keys, values = torch.cat([batch.keys[layer], key], dim=2), torch.cat([batch.values[layer], value], dim=2)
+                visible = torch.cat([own_visible.new_ones(query.shape[2], batch.seq_len), own_visible], dim=1)
+                out = torch.nn.functional.scaled_dot_product_attention(
+                    query.float(), keys.float(), values.float(), attn_mask=visible, scale=scaling, enable_gqa=True)
+                return out.transpose(1, 2).to(query.dtype)
             prefix_visible = batch.visible[layer][:, :, None, None, :]
             out_prefix, lse_prefix = attention_with_lse(
                 grouped, batch.keys[layer], batch.values[layer], prefix_visible, scaling)
-            own_visible = causal_visibility(query.shape[2], key.shape[2], query.device)
             out_own, lse_own = attention_with_lse(grouped, key, value, own_visible, scaling)
-            out, lse = merge_attention_states(out_prefix, lse_prefix, out_own, lse_own)
-            if record is not None:
-                record(layer, grouped, key, lse, scaling)
+            out, _ = merge_attention_states(out_prefix, lse_prefix, out_own, lse_own)
             return _ungrouped(out, query.dtype)
 
         with self._attending(attend):
