@@ -34,7 +34,7 @@ from pathlib import Path
 
 from lava_sglang.bench.serve_workload import Visit, is_correct, program_inputs
 from lava_sglang.bench.stats import wilson_interval
-from lava_sglang.policy import POLICIES
+from lava_sglang.policy import POLICIES, policy_name
 from lava_sglang.sglang_plugin.config import BRANCHES, DEFERRED_OBSERVE_SOURCES, MAX_BRANCH_WINDOWS
 
 NO_COMPRESSION = "none"
@@ -65,7 +65,8 @@ def reference_answers(runtime, documents, record: dict, max_tokens: int, progres
     policy = record["policy"] if record["policy"] != NO_COMPRESSION else None
     observe = options.get("observe")
     # The server defers only for policies that read attention (streamingllm compresses at commit).
-    deferred = observe in DEFERRED_OBSERVE_SOURCES and policy is not None and POLICIES[policy].needs_scores
+    deferred = (observe in DEFERRED_OBSERVE_SOURCES and policy is not None
+                and POLICIES[policy_name(policy)].needs_scores)
     observed_by = compressing_visits(record) if deferred else {}
     captures, prefixes, rows = {}, {}, []
     tokenizer = runtime.tokenizer
@@ -99,8 +100,9 @@ def reference_answers(runtime, documents, record: dict, max_tokens: int, progres
                     branches = [prompt_of(other)[prefix_len:] for other in record["question_records"]
                                 if other["visit"] == observer][:MAX_BRANCH_WINDOWS]
                     observation = runtime.observe(capture, observe, branches=branches)
-                elif observer is not None:
-                    observation = runtime.observe(capture, observe)
+                elif observer is not None:  # the repetition, chunked and normalised as the server's
+                    observation = runtime.observe(capture, observe, chunk_tokens=options.get("observe_chunk"),
+                                                  normalize=options.get("observe_normalize"))
                 plan = runtime.compress(capture, policy, options["budget"], observation=observation,
                                         window=options["window"], pool_kernel=options["pool_kernel"],
                                         alpha=options["alpha"]).plan

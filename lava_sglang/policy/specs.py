@@ -42,11 +42,13 @@ def parse_spec(spec: object, registry: dict[str, type], what: str) -> tuple[str,
 
 
 def build(spec: str, registry: dict[str, type], what: str, shared: dict):
-    """The instance `spec` names, with the `shared` options its class has as fields (others
-    ignored) overridden by the spec's own; validated."""
+    """The instance `spec` names, with the `shared` options its class has as fields (others,
+    and None values, ignored: the class's default holds) overridden by the spec's own;
+    validated."""
     name, own = parse_spec(spec, registry, what)
     cls = registry[name]
     fields = {field.name for field in dataclasses.fields(cls)}
+    shared = {key: value for key, value in shared.items() if value is not None}
     instance = cls(**{key: value for key, value in {**shared, **own}.items() if key in fields})
     instance.validate()
     return instance

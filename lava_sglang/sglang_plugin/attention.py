@@ -262,17 +262,19 @@ def _score_repetitions(layer, forward_batch, q, entries, prefix_lens, extend_len
     `repetition.py`) to its scores; the chunk's own keys are in the pool by now."""
     queries = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
     k_buffer = _cache.kv_pool.get_key_buffer(layer.layer_id)
+    pool_used = _cache.pool_used()
     start = 0
     for row, (rid, prefix_len, extend_len) in enumerate(zip(forward_batch.rids or (), prefix_lens, extend_lens)):
         scores = _cache.repetitions.get(rid)
         if scores is not None and entries[row] is None:  # a repetition reads the full prefix
             slots = _cache.req_to_token_pool.req_to_token[forward_batch.req_pool_indices[row], :prefix_len + extend_len]
             try:
-                scores.add_chunk(layer.layer_id, queries[start:start + extend_len], k_buffer[slots], prefix_len,
-                                 layer.scaling)
+                scores.add_chunk(rid, layer.layer_id, queries[start:start + extend_len], k_buffer[slots], prefix_len,
+                                 layer.scaling, pool_used)
             except Exception as error:  # e.g. out of memory: the prefix falls back to its tail, the server serves on
                 scores.failed = f"scoring failed: {error}"
-                del _cache.repetitions[rid]
+                for chunk_rid in scores.rids:
+                    _cache.repetitions.pop(chunk_rid, None)
         start += extend_len
 
 

@@ -14,7 +14,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from lava_sglang.policy import POLICIES, make_policy, resolve_budget
+from lava_sglang.policy import POLICIES, REPEAT_NORMALIZATIONS, Reconstruct, make_policy, resolve_budget
 
 ENV_VAR = "LAVA_SGLANG_KV_POLICY"
 NONE = "none"
@@ -57,6 +57,10 @@ class KvPolicyConfig:
         request after the commit.
     observe_wait: seconds a fork prefix waits under `branches` or `reconstruct`; after
         that it is compressed with what arrived (the tail alone if nothing did).
+    observe_chunk: under `reconstruct`, prefix tokens each repetition chunk repeats (one
+        internal request per chunk; the extra KV while scoring is one chunk and its prompt).
+    observe_normalize: under `reconstruct`, over which keys a repetition query's softmax is
+        taken: `global` (all it sees) or `local` (KVzip's: sinks, copied chunk, repetition).
     """
 
     policy: str = NONE
@@ -64,10 +68,12 @@ class KvPolicyConfig:
     window: int = 32
     min_prefix: int = 256
     alpha: float = 0.2
-    pool_kernel: int = 7
+    pool_kernel: int | None = None  # None: the policy's own (7; kvzip does not pool)
     compress_on: tuple[str, ...] = (FORK,)
     observe: str = TAIL
     observe_wait: float = 30.0
+    observe_chunk: int = Reconstruct.chunk_tokens
+    observe_normalize: str = Reconstruct.normalize
 
     @property
     def enabled(self) -> bool:
@@ -75,6 +81,10 @@ class KvPolicyConfig:
 
     def make_policy(self):
         return make_policy(self.policy, window=self.window, pool_kernel=self.pool_kernel, alpha=self.alpha)
+
+    def repetition(self) -> Reconstruct:
+        """The repetition `--kv-observe reconstruct` runs (docs/observe.md)."""
+        return Reconstruct(chunk_tokens=self.observe_chunk, normalize=self.observe_normalize)
 
     def to_env(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -91,7 +101,8 @@ class KvPolicyConfig:
 FLAGS = {
     "kv_policy": ("--kv-policy", NONE,
                   f"KV-cache policy for shared prefixes: one of {', '.join(KV_POLICIES)} (default: none, "
-                  "stock SGLang). lava-sglang plugin."),
+                  "stock SGLang), optionally with options of its own, e.g. lava:layer_budget=entropy "
+                  "(docs/allocation.md). kvzip needs --kv-observe reconstruct. lava-sglang plugin."),
     "kv_budget": ("--kv-budget", "0.2",
                   "Budget per compressed prefix: a keep ratio in (0, 1] (e.g. 0.2) or an int >= 1, the "
                   "average tokens kept per layer and KV head (e.g. 512). Default 0.2."),
@@ -102,7 +113,8 @@ FLAGS = {
                       "Do not compress prefixes shorter than this many tokens (must exceed --kv-window). "
                       "Default 256."),
     "kv_alpha": ("--kv-alpha", "0.2", "LAVa's layer-budget strength alpha in [0, 1]. Default 0.2."),
-    "kv_pool_kernel": ("--kv-pool-kernel", "7", "Width of the score pooling (odd int >= 1). Default 7."),
+    "kv_pool_kernel": ("--kv-pool-kernel", None, "Width of the score pooling (odd int >= 1). Default: the "
+                       "policy's own (7; kvzip 1, no pooling)."),
     "kv_compress_on": ("--kv-compress-on", FORK,
                        "What gets compressed, comma-separated: fork (the prefix a frontend program commits "
                        "before fork()), shared (a prompt prefix of >= --kv-min-prefix tokens, once a second "
@@ -115,6 +127,15 @@ FLAGS = {
     "kv_observe_wait": ("--kv-observe-wait", "30",
                         "With --kv-observe branches or reconstruct: seconds a fork prefix waits for its branches "
                         "or its repetition before it is compressed with what arrived. Default 30."),
+    "kv_observe_chunk": ("--kv-observe-chunk", str(Reconstruct.chunk_tokens),
+                         "With --kv-observe reconstruct: prefix tokens per repetition chunk; each chunk is one "
+                         "internal request (the prefix, a repeat instruction, the chunk) whose tokens are freed "
+                         f"before the next, so scoring holds one chunk more than the prefix. Default "
+                         f"{Reconstruct.chunk_tokens}."),
+    "kv_observe_normalize": ("--kv-observe-normalize", Reconstruct.normalize,
+                             "With --kv-observe reconstruct: the softmax a repetition query's score is read from: "
+                             "global (over every key it sees) or local (KVzip's: the first tokens, the chunk it "
+                             f"copies and the repetition). Default {Reconstruct.normalize}."),
 }
 
 
@@ -171,13 +192,13 @@ def parse_triggers(text: str) -> tuple[str, ...]:
 def from_namespace(args: argparse.Namespace) -> KvPolicyConfig:
     """The validated config from parsed flags; raises ConfigError naming the flag."""
     policy = str(args.kv_policy)
-    if policy not in KV_POLICIES:
+    if policy.partition(":")[0] not in KV_POLICIES or policy.startswith(f"{NONE}:"):
         raise ConfigError(f"--kv-policy must be one of {', '.join(KV_POLICIES)}, got {policy!r}")
     alpha = _float(args.kv_alpha)
     if not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"--kv-alpha must be a float in [0, 1], got {args.kv_alpha!r}")
-    pool_kernel = _int("--kv-pool-kernel", args.kv_pool_kernel, 1)
-    if pool_kernel % 2 == 0:
+    pool_kernel = None if args.kv_pool_kernel is None else _int("--kv-pool-kernel", args.kv_pool_kernel, 1)
+    if pool_kernel is not None and pool_kernel % 2 == 0:
         raise ConfigError(f"--kv-pool-kernel must be an odd int >= 1, got {args.kv_pool_kernel!r}")
     window = _int("--kv-window", args.kv_window, 1)
     min_prefix = _int("--kv-min-prefix", args.kv_min_prefix, 2)
@@ -189,14 +210,26 @@ def from_namespace(args: argparse.Namespace) -> KvPolicyConfig:
     observe_wait = _float(args.kv_observe_wait)
     if not 0 < observe_wait < math.inf:
         raise ConfigError(f"--kv-observe-wait must be a number of seconds > 0, got {args.kv_observe_wait!r}")
+    observe_chunk = _int("--kv-observe-chunk", args.kv_observe_chunk, 1)
+    observe_normalize = str(args.kv_observe_normalize)
+    if observe_normalize not in REPEAT_NORMALIZATIONS:
+        raise ConfigError(f"--kv-observe-normalize must be one of {', '.join(REPEAT_NORMALIZATIONS)}, "
+                          f"got {observe_normalize!r}")
     triggers = parse_triggers(args.kv_compress_on)
     if observe in DEFERRED_OBSERVE_SOURCES and FORK not in triggers:
         raise ConfigError(f"--kv-observe {observe} scores fork prefixes: --kv-compress-on must include fork")
     config = KvPolicyConfig(policy=policy, budget=parse_budget(args.kv_budget), window=window,
                             min_prefix=min_prefix, alpha=alpha, pool_kernel=pool_kernel, compress_on=triggers,
-                            observe=observe, observe_wait=observe_wait)
+                            observe=observe, observe_wait=observe_wait, observe_chunk=observe_chunk,
+                            observe_normalize=observe_normalize)
     if config.enabled:
-        config.make_policy()
+        try:
+            policy_object = config.make_policy()
+        except ValueError as error:
+            raise ConfigError(f"--kv-policy {policy}: {error}") from None
+        if policy_object.scored_by is not None and observe not in policy_object.scored_by:
+            raise ConfigError(f"--kv-policy {policy} scores by {' or '.join(policy_object.scored_by)}: "
+                              f"use --kv-observe {policy_object.scored_by[0]}, got --kv-observe {observe}")
     return config
 
 

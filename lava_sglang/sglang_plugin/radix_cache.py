@@ -30,7 +30,8 @@ compressed with the tail's and the branches' windows combined (docs/observe.md).
 after that read the compressed copy. The wait pins nothing: the full prefix stays an
 ordinary evictable node, and a pending prefix that was evicted meanwhile is forgotten.
 With `--kv-observe reconstruct` a committed fork prefix waits the same way for its
-repetition, one internal request (`repetition.py`) whose attention scores it.
+repetition, one internal request per chunk of the prefix (`repetition.py`), whose attention
+scores it; each chunk's own tokens are freed as soon as its request is released.
 
 A prefix is compressed only while no request runs on its full copy (otherwise a later
 request retries), so a compressed node never coexists with its own full-length copy.
@@ -45,7 +46,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from lava_sglang.policy import ObservationWindow, Reconstruct
+from lava_sglang.policy import ObservationWindow
 from lava_sglang.sglang_plugin.compressor import WindowCapture, plan_prefix, store_prefix
 from lava_sglang.sglang_plugin.config import (BRANCHES, DEFERRED_OBSERVE_SOURCES, FORK, MAX_BRANCH_WINDOWS,
                                               MAX_PENDING_PREFIXES, RECONSTRUCT, SHARED, KvPolicyConfig)
@@ -81,11 +82,16 @@ class PendingPrefix:
     repetition: RepetitionScores | None = None
 
     def ready(self, now: float) -> bool:
-        """Whether what observes it has arrived (a branch window; the repetition, run or
-        failed), or it has waited long enough."""
+        """Whether what observes it has arrived (a branch window; the repetition, run whole or
+        failed), or it has waited long enough. A repetition that has begun scoring is waited
+        for past the deadline: compressing with part of its scores would keep the unscored
+        chunks' tokens by accident (the prefix stays an ordinary, evictable node meanwhile)."""
         repetition = self.repetition
-        repetition_over = repetition is not None and (repetition.done or repetition.failed is not None)
-        return bool(self.branches) or repetition_over or now >= self.deadline
+        if repetition is not None:
+            if repetition.done or repetition.failed is not None:
+                return True
+            return now >= self.deadline and repetition.first_chunk_at is None
+        return bool(self.branches) or now >= self.deadline
 
     def is_for(self, key) -> bool:
         """Whether `key` is this committed prefix itself (a second commit of it)."""
@@ -118,7 +124,9 @@ class LavaRadixCache(RadixCache):
         self.capture = WindowCapture(config.window, config.min_prefix)
         self.compressed: dict = {}  # child key of the first token -> [CompressedNode]
         self.pending: list[PendingPrefix] = []
-        self.repetitions: dict[str, RepetitionScores] = {}  # by request id, while the request may run
+        self.repetitions: dict[str, RepetitionScores] = {}  # by chunk request id, while the request may run
+        self.repetitions_cut_short = 0  # prefixes compressed by their tail because the repetition did not finish
+        self.last_repetition: dict | None = None  # the cost of the last repetition that compressed a prefix
         super().__init__(params)
 
     # ----------------------------------------------------------------- state
@@ -130,6 +138,7 @@ class LavaRadixCache(RadixCache):
         self.compressed = {}
         self.pending = []
         self.repetitions = {}
+        self.last_repetition = None
         self.metrics.store_changed(self.store.stats())
 
     def stats(self) -> dict:
@@ -139,7 +148,11 @@ class LavaRadixCache(RadixCache):
             "evictable": self.evictable_size_,
             "protected": self.protected_size_,
             "pending": len(self.pending),
-            "repetitions": len(self.repetitions),
+            "repetitions": len({id(scores) for scores in self.repetitions.values()}),
+            "repetition_scored": [[scores.num_scored, scores.num_queries]
+                                  for scores in {id(s): s for s in self.repetitions.values()}.values()],
+            "repetitions_cut_short": self.repetitions_cut_short,
+            "last_repetition": self.last_repetition,
         }
 
     # -------------------------------------------------------------- matching
@@ -156,8 +169,13 @@ class LavaRadixCache(RadixCache):
         return best
 
     def match_prefix(self, params):
-        result = super().match_prefix(params)
         req = params.req
+        repetition = self.repetitions.get(req.rid) if req is not None and isinstance(req.rid, str) else None
+        if repetition is not None and len(params.key) > repetition.prefix_len:
+            # A repetition chunk reuses the prefix only: a longer match (a branch's first token
+            # can equal the instruction's) would leave repetition queries uncomputed, unscored.
+            return super().match_prefix(MatchPrefixParams(key=params.key[:repetition.prefix_len], req=req))
+        result = super().match_prefix(params)
         if req is None or SHARED not in self.config.compress_on or self._pending_of(params.key) is not None:
             return result
         setattr(req, SHARED_KEY_ATTR, None)
@@ -303,9 +321,10 @@ class LavaRadixCache(RadixCache):
     # ----------------------------------------------------------- compression
 
     def on_release(self, req, *, checkpointed: bool) -> None:
+        repetition = None
         try:
             if isinstance(req.rid, str) and req.rid.startswith(REPETITION_RID_PREFIX):
-                self._end_repetition(req, checkpointed)  # never a commit, though it has max_new_tokens 0
+                repetition = self._end_repetition(req, checkpointed)  # never a commit, though max_new_tokens is 0
             elif checkpointed and FORK in self.config.compress_on and self._is_fork_prefix(req):
                 # A policy that reads no attention (streamingllm) has nothing to wait for.
                 if (self.config.observe in DEFERRED_OBSERVE_SOURCES and self.policy.needs_scores
@@ -320,6 +339,8 @@ class LavaRadixCache(RadixCache):
         finally:
             self.capture.drop(req.kv.req_pool_idx)
             super().on_release(req, checkpointed=checkpointed)
+        if repetition is not None:  # its chunk's tokens go now, before the next chunk is sent
+            self._free_beyond(_prompt_key(req), repetition.prefix_len)
         if self.pending:
             self._compress_ready_pending()
 
@@ -374,8 +395,8 @@ class LavaRadixCache(RadixCache):
                     "repetition" if repetition is not None else "branches", self.config.observe_wait)
 
     def _start_repetition(self, req) -> RepetitionScores | None:
-        """Ask the server to prefill the prefix, the repeat instruction and the prefix again;
-        None (the caller compresses by the tail) where that cannot be done faithfully."""
+        """Ask the server to prefill, chunk after chunk, the prefix, a repeat instruction and
+        the chunk; None (the caller compresses by the tail) where that cannot be done faithfully."""
         client = self.repetition_client
         reason = None
         if client is None or getattr(req, "tokenizer", None) is None:
@@ -383,36 +404,44 @@ class LavaRadixCache(RadixCache):
         elif req.extra_key is not None or req.cache_salt is not None:
             # The repetition is a plain request: it would miss a salted or LoRA prefix.
             reason = "the prefix has a cache salt, extra key or LoRA adapter"
+        scores = None
         if reason is None:
             try:
-                instruction = req.tokenizer.encode(Reconstruct().instruction, add_special_tokens=False)
+                scores = RepetitionScores.plan(
+                    req.origin_input_ids, self.config.repetition(),
+                    lambda text: req.tokenizer.encode(text, add_special_tokens=False), self.config.window,
+                    self.kv_pool.layer_num)
             except Exception as error:  # a tokenizer failure must not stop the scheduler
-                instruction, reason = None, f"the instruction could not be tokenized ({error})"
-        prefix_ids = list(req.origin_input_ids)
-        if reason is None and 2 * len(prefix_ids) + len(instruction) > client.max_tokens:
-            reason = f"twice the prefix exceeds the context length {client.max_tokens}"
+                reason = f"the repeat instruction could not be tokenized ({error})"
+        if scores is not None and max(map(len, scores.input_ids)) > client.max_tokens:
+            reason = (f"the prefix and its repetition chunk (--kv-observe-chunk {self.config.observe_chunk}) exceed "
+                      f"the context length {client.max_tokens}")
         if reason is not None:
-            logger.warning("lava: no repetition of a %d-token prefix: %s; compressed by its tail", len(prefix_ids),
-                           reason)
+            logger.warning("lava: no repetition of a %d-token prefix: %s; compressed by its tail",
+                           len(req.origin_input_ids), reason)
             return None
-        prefix_len = len(prefix_ids)
-        scores = RepetitionScores(rid=RepetitionClient.new_rid(), prefix_len=prefix_len,
-                                  selectable=prefix_len - min(self.config.window, prefix_len),
-                                  num_queries=len(instruction) + prefix_len, num_layers=self.kv_pool.layer_num)
-        self.repetitions[scores.rid] = scores
-        client.submit(scores, prefix_ids + instruction + prefix_ids)
+        scores.pool_used_at_start = self.pool_used()
+        for rid in scores.rids:
+            self.repetitions[rid] = scores
+        client.submit(scores)
         return scores
 
-    def _end_repetition(self, req, checkpointed: bool) -> None:
+    def pool_used(self) -> int:
+        return self.kv_pool.size - self.token_to_kv_pool_allocator.available_size()
+
+    def _end_repetition(self, req, checkpointed: bool) -> RepetitionScores | None:
+        """A repetition chunk's request was released; its scores, or None if its prefix was
+        compressed (or forgotten) meanwhile."""
         scores = self.repetitions.pop(req.rid, None)
         if scores is None:
-            return  # its prefix was compressed (or forgotten) meanwhile
-        scores.done = checkpointed and scores.complete
-        scores.ended_at = time.monotonic()
-        if not scores.done:
-            scores.failed = (f"released with {scores.num_scored} of {scores.num_queries} repetition tokens scored"
-                             if scores.failed is None else scores.failed)
-            logger.warning("lava: repetition %s %s; the prefix is compressed by its tail", scores.rid, scores.failed)
+            return None
+        scores.end_chunk(req.rid, checkpointed)
+        if scores.failed is not None:
+            for rid in scores.rids:
+                self.repetitions.pop(rid, None)
+            logger.warning("lava: repetition of a %d-token prefix stopped (%s); the prefix is compressed by its "
+                           "tail", scores.prefix_len, scores.failed)
+        return scores
 
     def _observe_branch(self, req) -> None:
         """Record the observation window of a released request that ran after a whole pending
@@ -449,6 +478,12 @@ class LavaRadixCache(RadixCache):
                 continue
             self._forget(pending)
             repetition = pending.repetition if pending.repetition is not None and pending.repetition.done else None
+            if pending.repetition is not None and repetition is None:
+                self.repetitions_cut_short += 1
+                logger.warning("lava: the repetition of a %d-token prefix scored %d of its %d tokens (%s); the prefix "
+                               "is compressed by its tail window instead", len(full_key), pending.repetition.num_scored,
+                               pending.repetition.num_queries, pending.repetition.failed or "it never started within "
+                               f"--kv-observe-wait {self.config.observe_wait:g} s")
             branch_windows = [[branch[layer] for branch in pending.branches] for layer in range(self.kv_pool.layer_num)]
             node = self._compress_path(full_key[:len(full_key) - 1], slots, last_node, pending.tail_queries,
                                        branch_windows if pending.branches else None,
@@ -457,10 +492,16 @@ class LavaRadixCache(RadixCache):
                 self._free_below(last_node)
                 continue
             if repetition is not None:
-                logger.info("lava: prefix %d observed by its repetition: %d tokens prefilled, %.2f s from its first "
-                            "chunk to its release, %.0f ms of it scoring", node.entry.entry_id,
-                            repetition.num_queries, repetition.ended_at - repetition.first_chunk_at,
-                            repetition.scoring_seconds * 1e3)
+                self.last_repetition = {"prefix_tokens": repetition.prefix_len, "chunks": len(repetition.chunks),
+                                        "tokens_prefilled": repetition.num_queries,
+                                        "seconds": round(repetition.ended_at - repetition.first_chunk_at, 3),
+                                        "scoring_seconds": round(repetition.scoring_seconds, 3),
+                                        "extra_slots_peak": repetition.extra_slots_peak}
+                logger.info("lava: prefix %d observed by its repetition: %d tokens prefilled in %d chunk(s), %.2f s "
+                            "from its first chunk to its release, %.0f ms of it scoring, at most %d pool slots beyond "
+                            "what was in use when it began", node.entry.entry_id, repetition.num_queries,
+                            len(repetition.chunks), repetition.ended_at - repetition.first_chunk_at,
+                            repetition.scoring_seconds * 1e3, repetition.extra_slots_peak)
             else:
                 logger.info("lava: prefix %d observed by its tail and %d branch window(s)", node.entry.entry_id,
                             len(pending.branches))
@@ -470,8 +511,20 @@ class LavaRadixCache(RadixCache):
     def _forget(self, pending: PendingPrefix) -> None:
         """Stop waiting for `pending`; a repetition of it still queued or running is aborted."""
         self.pending.remove(pending)
-        if pending.repetition is not None and self.repetitions.pop(pending.repetition.rid, None) is not None:
-            self.repetition_client.abort(pending.repetition.rid)
+        repetition = pending.repetition
+        if repetition is not None and any([self.repetitions.pop(rid, None) for rid in repetition.rids]):
+            self.repetition_client.abort(repetition)
+
+    def _free_beyond(self, key, keep_len: int) -> None:
+        """Give back the unlocked leaves of `key`'s path that lie wholly beyond its first
+        `keep_len` tokens (a repetition chunk's own tokens, below the prefix it repeats)."""
+        slots, node = self._ordinary_slots(key)
+        end = slots.numel()
+        while (node is not self.root_node and end - len(node.key) >= keep_len and not node.children
+               and node.lock_ref == 0 and not node.evicted):
+            parent, end = node.parent, end - len(node.key)
+            self._free_leaf(node)
+            node = parent
 
     def _free_below(self, node) -> None:
         """Give back the (unlocked) nodes under `node`: the branches' own tokens, which hang

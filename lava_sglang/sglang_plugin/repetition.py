@@ -1,15 +1,17 @@
-"""`--kv-observe reconstruct` on the server: the prefix's repetition is one internal request.
+"""`--kv-observe reconstruct` on the server: the prefix's repetition, one internal request per chunk.
 
-When a fork prefix P (n tokens) is committed, the plugin asks its own server (HTTP on
-loopback, as SGLang's start-up warm-up request does) to prefill R = P + I + P, I being
-`Reconstruct.instruction`, with `max_new_tokens` 0 and a rid starting with
-`REPETITION_RID_PREFIX`. The scheduler runs it like any request: it matches the cached P,
-prefills I + P in as many chunks as chunked prefill makes (so memory stays bounded), and
-holds P while it runs. For each of its extend chunks the attention path calls
-`RepetitionScores.add_chunk`, which folds the chunk's attention on P's selectable tokens
-into a running max per layer (docs/observe.md, "reconstruct"). When the request is released,
-the prefix is compressed by those scores, and the repetition's own tokens are freed with the
-full copy.
+When a fork prefix P (n tokens) is committed, the plugin splits it into chunks of
+`--kv-observe-chunk` tokens (`Reconstruct`, docs/observe.md) and asks its own server (HTTP
+on loopback, as SGLang's start-up warm-up request does) to prefill, one chunk after the
+other, P + I_t + P[start:end], I_t being the chunk's repeat instruction, with
+`max_new_tokens` 0 and a rid starting with `REPETITION_RID_PREFIX`. The scheduler runs each
+like any request: it matches the cached P and prefills I_t and the chunk (in as many pieces
+as chunked prefill makes). For each piece the attention path calls
+`RepetitionScores.add_chunk`, which folds the piece's attention on the tokens the chunk
+copies into a running max per layer. When a chunk's request is released its own tokens are
+freed at once, before the next chunk is sent, so scoring holds at most one chunk and its
+instruction beyond the prefix (KVzip's bound; the reference runtime does the same). Once
+every chunk has run, the prefix is compressed by those scores.
 
 Going through the server rather than a side forward keeps the scheduler in charge: the
 repetition is batched, chunked, counted in the pool and preempted like any request, and the
@@ -22,12 +24,13 @@ import logging
 import threading
 import time
 import uuid
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import requests
 import torch
 
-from lava_sglang.policy import repeat_attention_chunk
+from lava_sglang.policy import Reconstruct, repeat_attention_chunk, repeat_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -35,61 +38,140 @@ REPETITION_RID_PREFIX = "lava-repeat-"
 
 
 @dataclass
-class RepetitionScores:
-    """The attention a repetition of an n-token prefix pays its first m tokens, per layer."""
+class RepetitionChunk:
+    """One chunk's request: it repeats prefix positions `copied` after `prompt_len` tokens of
+    instruction, so its queries sit at positions n .. n + num_queries - 1."""
 
     rid: str
-    prefix_len: int  # n: the repetition's queries are at positions n .. n + num_queries - 1
-    selectable: int  # m = n - min(window, n)
-    num_queries: int  # u + n: the instruction and the prefix again
+    copied: tuple[int, int]
+    prompt_len: int
     num_layers: int
-    repeat: list[torch.Tensor | None] = field(init=False)  # per layer [Hq, m] fp32
-    # Per layer, the position up to which the repetition's queries are scored without a gap
+    # Per layer, the position up to which the chunk's queries are scored without a gap
     # (tokens of the prefix the request recomputes are not repetition queries).
-    scored_until: list[int] = field(init=False)
+    scored_until: list[int] = field(default_factory=list)
+    done: bool = False  # released with every query scored
+
+    @property
+    def num_queries(self) -> int:
+        return self.prompt_len + self.copied[1] - self.copied[0]
+
+
+@dataclass
+class RepetitionScores:
+    """The attention a chunked repetition of an n-token prefix pays its first m tokens, per layer."""
+
+    prefix_len: int  # n: every chunk's queries are at positions n .. n + num_queries - 1
+    selectable: int  # m = n - min(window, n)
+    num_layers: int
+    source: Reconstruct
+    chunks: list[RepetitionChunk]
+    input_ids: list[list[int]]  # per chunk: the prefix, the chunk's instruction, the chunk
+    repeat: list[torch.Tensor | None] = field(init=False)  # per layer [Hq, m] fp32
     scoring_seconds: float = 0.0  # wall time of the scoring calls (on CUDA, unsynchronised: mostly launches)
-    first_chunk_at: float | None = None  # time.monotonic() of the first scored chunk
-    ended_at: float | None = None  # time.monotonic() of the request's release
-    done: bool = False  # the request was released with every query scored
-    failed: str | None = None  # why the request did not run (set by the submitting thread)
+    first_chunk_at: float | None = None  # time.monotonic() of the first scored piece
+    ended_at: float | None = None  # time.monotonic() of the last chunk's release
+    failed: str | None = None  # why the repetition did not run whole (set by either thread)
+    pool_used_at_start: int = 0  # pool slots in use when the repetition was asked for
+    pool_used_peak: int = 0  # the most pool slots in use while a chunk was scored
 
     def __post_init__(self):
         self.repeat = [None] * self.num_layers
-        self.scored_until = [self.prefix_len] * self.num_layers
+        for chunk in self.chunks:
+            chunk.scored_until = [self.prefix_len] * self.num_layers
+
+    @classmethod
+    def plan(cls, prefix_ids: Sequence[int], source: Reconstruct, encode: Callable[[str], list[int]], window: int,
+             num_layers: int) -> "RepetitionScores":
+        """The chunks of a prefix's repetition: those that copy selectable tokens (a chunk of
+        the window alone would score nothing the plan reads)."""
+        prefix_ids = list(prefix_ids)
+        prefix_len = len(prefix_ids)
+        selectable = prefix_len - min(window, prefix_len)
+        base = REPETITION_RID_PREFIX + uuid.uuid4().hex
+        chunks, input_ids = [], []
+        for index, (start, end) in enumerate(repeat_chunks(prefix_len, source.chunk_tokens)):
+            if start >= selectable:
+                break
+            prompt = source.chunk_prompt(prefix_ids, start, encode)
+            chunks.append(RepetitionChunk(f"{base}-{index}", (start, end), len(prompt), num_layers))
+            input_ids.append(prefix_ids + prompt + prefix_ids[start:end])
+        return cls(prefix_len=prefix_len, selectable=selectable, num_layers=num_layers, source=source, chunks=chunks,
+                   input_ids=input_ids)
+
+    @property
+    def rids(self) -> list[str]:
+        return [chunk.rid for chunk in self.chunks]
+
+    def chunk(self, rid: str) -> RepetitionChunk | None:
+        return next((chunk for chunk in self.chunks if chunk.rid == rid), None)
+
+    @property
+    def num_queries(self) -> int:
+        """Tokens the repetition prefills: every chunk's instruction and copy."""
+        return sum(chunk.num_queries for chunk in self.chunks)
 
     @property
     def num_scored(self) -> int:
         """Repetition queries scored at every layer."""
-        return min(self.scored_until) - self.prefix_len
+        return sum(min(chunk.scored_until) - self.prefix_len for chunk in self.chunks)
 
     @property
-    def complete(self) -> bool:
-        return self.num_scored == self.num_queries
+    def done(self) -> bool:
+        """Every chunk was released with all its queries scored."""
+        return all(chunk.done for chunk in self.chunks)
 
-    def add_chunk(self, layer: int, queries: torch.Tensor, keys: torch.Tensor, first_position: int,
-                  scaling: float) -> None:
-        """One extend chunk of the repetition at one layer: queries [T, Hq, d] at positions
-        first_position .. first_position + T - 1, keys [S, Hkv, d] of positions 0 .. S - 1."""
+    @property
+    def extra_slots_peak(self) -> int:
+        """The most pool slots in use beyond those at the start, while a chunk was scored."""
+        return max(0, self.pool_used_peak - self.pool_used_at_start)
+
+    def add_chunk(self, rid: str, layer: int, queries: torch.Tensor, keys: torch.Tensor, first_position: int,
+                  scaling: float, pool_used: int = 0) -> None:
+        """One extend piece of chunk `rid` at one layer: queries [T, Hq, d] at positions
+        first_position .. first_position + T - 1, keys [S, Hkv, d] of positions 0 .. S - 1;
+        pool_used: pool slots in use now."""
         started = time.perf_counter()
+        chunk = self.chunk(rid)
         skip = max(0, self.prefix_len - first_position)  # recomputed prefix tokens are not the repetition
         queries = queries[skip:]
         start, end = first_position + skip, first_position + skip + queries.shape[0]
-        if queries.shape[0] > 0 and start <= self.scored_until[layer]:
+        if chunk is not None and queries.shape[0] > 0 and start <= chunk.scored_until[layer]:
             if self.first_chunk_at is None:
                 self.first_chunk_at = time.monotonic()
-            chunk_max = repeat_attention_chunk(queries.transpose(0, 1), keys.transpose(0, 1), start, self.prefix_len,
-                                               (0, self.prefix_len), scaling)[:, :self.selectable]
-            previous = self.repeat[layer]
-            self.repeat[layer] = chunk_max if previous is None else torch.maximum(previous, chunk_max)
-            self.scored_until[layer] = max(self.scored_until[layer], end)
+            self.pool_used_peak = max(self.pool_used_peak, pool_used)
+            copy_start, copy_end = chunk.copied
+            scored_end = min(copy_end, self.selectable)
+            scores = repeat_attention_chunk(queries.transpose(0, 1), keys.transpose(0, 1), start, self.prefix_len,
+                                            chunk.copied, scaling, self.source.normalize,
+                                            self.source.sink_tokens)[:, :scored_end - copy_start]
+            if self.repeat[layer] is None:
+                self.repeat[layer] = scores.new_zeros(scores.shape[0], self.selectable)
+            seen = self.repeat[layer][:, copy_start:scored_end]
+            torch.maximum(seen, scores, out=seen)
+            chunk.scored_until[layer] = max(chunk.scored_until[layer], end)
         self.scoring_seconds += time.perf_counter() - started
+
+    def end_chunk(self, rid: str, checkpointed: bool) -> RepetitionChunk | None:
+        """Chunk `rid`'s request was released: done if it was scored whole."""
+        chunk = self.chunk(rid)
+        if chunk is None:
+            return None
+        chunk.done = checkpointed and min(chunk.scored_until) - self.prefix_len == chunk.num_queries
+        if not chunk.done and self.failed is None:
+            self.failed = (f"chunk {rid} released with {min(chunk.scored_until) - self.prefix_len} of "
+                           f"{chunk.num_queries} repetition tokens scored")
+        if self.done or self.failed is not None:
+            self.ended_at = time.monotonic()
+        return chunk
 
 
 class RepetitionClient:
-    """Sends repetition requests to this server's /generate (and aborts them), each from a
-    daemon thread: the scheduler loop must not wait on its own HTTP server.
+    """Sends a repetition's chunk requests to this server's /generate, one after the other
+    from a daemon thread (the scheduler loop must not wait on its own HTTP server), and aborts
+    them.
 
-    max_tokens: the model's context length; a repetition (2n + u tokens) must fit in it.
+    max_tokens: the model's context length; every chunk request (prefix, instruction, chunk)
+    must fit in it.
     """
 
     def __init__(self, url: str, max_tokens: int, api_key: str | None = None, timeout: float = 600.0):
@@ -98,33 +180,44 @@ class RepetitionClient:
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout = timeout
 
-    @staticmethod
-    def new_rid() -> str:
-        return REPETITION_RID_PREFIX + uuid.uuid4().hex
-
-    def submit(self, scores: RepetitionScores, input_ids: list[int]) -> None:
-        thread = threading.Thread(target=self._post, args=(scores, input_ids), name=f"lava-{scores.rid}",
+    def submit(self, scores: RepetitionScores) -> None:
+        thread = threading.Thread(target=self._post_chunks, args=(scores,), name=f"lava-{scores.chunks[0].rid}",
                                   daemon=True)
         thread.start()
 
-    def abort(self, rid: str) -> None:
-        """Abort a repetition whose prefix no longer waits for it (its tokens would be wasted)."""
-        threading.Thread(target=self._abort, args=(rid,), name=f"lava-abort-{rid}", daemon=True).start()
+    def abort(self, scores: RepetitionScores) -> None:
+        """Abort a repetition whose prefix no longer waits for it (its tokens would be wasted):
+        no further chunk is sent, and the one queued or running is aborted."""
+        if scores.failed is None:
+            scores.failed = "aborted"
+        pending = [chunk.rid for chunk in scores.chunks if not chunk.done]
+        if pending:
+            threading.Thread(target=self._abort, args=(pending,), name=f"lava-abort-{pending[0]}", daemon=True).start()
 
-    def _abort(self, rid: str) -> None:
-        try:
-            requests.post(self.url + "/abort_request", json={"rid": rid}, headers=self.headers, timeout=self.timeout)
-        except requests.RequestException as error:
-            logger.warning("lava: could not abort repetition %s (%s)", rid, error)
+    def _abort(self, rids: list[str]) -> None:
+        for rid in rids:
+            try:
+                requests.post(self.url + "/abort_request", json={"rid": rid}, headers=self.headers,
+                              timeout=self.timeout)
+            except requests.RequestException as error:
+                logger.warning("lava: could not abort repetition %s (%s)", rid, error)
 
-    def _post(self, scores: RepetitionScores, input_ids: list[int]) -> None:
-        payload = {"rid": scores.rid, "input_ids": input_ids, "sampling_params": {"max_new_tokens": 0}}
-        try:
-            response = requests.post(self.url + "/generate", json=payload, headers=self.headers, timeout=self.timeout)
-            if response.status_code != 200:
-                scores.failed = f"HTTP {response.status_code}: {response.text[:200]}"
-        except requests.RequestException as error:
-            scores.failed = str(error)
-        if scores.failed is not None:
-            logger.warning("lava: repetition %s of a %d-token prefix did not run (%s); the prefix is compressed "
-                           "by its tail", scores.rid, scores.prefix_len, scores.failed)
+    def _post_chunks(self, scores: RepetitionScores) -> None:
+        for chunk, input_ids in zip(scores.chunks, scores.input_ids):
+            if scores.failed is not None:
+                return
+            payload = {"rid": chunk.rid, "input_ids": input_ids, "sampling_params": {"max_new_tokens": 0}}
+            failure = None
+            try:
+                response = requests.post(self.url + "/generate", json=payload, headers=self.headers,
+                                         timeout=self.timeout)
+                if response.status_code != 200:
+                    failure = f"HTTP {response.status_code}: {response.text[:200]}"
+            except requests.RequestException as error:
+                failure = str(error)
+            if failure is not None:
+                if scores.failed is None:
+                    scores.failed = failure
+                logger.warning("lava: repetition chunk %s of a %d-token prefix did not run (%s); the prefix is "
+                               "compressed by its tail", chunk.rid, scores.prefix_len, failure)
+                return

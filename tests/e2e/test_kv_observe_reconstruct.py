@@ -1,11 +1,11 @@
 """`--kv-observe reconstruct` on the real server (CPU engine, SmolLM2, fp32).
 
-A fork program's document waits after its commit while the server runs its repetition (the
-document, the repeat instruction and the document again) as one internal request; the
-repetition's attention scores the document, which is then compressed once, and later
-programs read the compressed copy, answering as the reference runtime does with the same
-scores. Prefill runs in 256-token chunks, so the document and its repetition (~700 tokens
-each) are scored across three chunks while the reference scores them unchunked.
+A fork program's document waits after its commit while the server runs its repetition, one
+internal request per 256-token chunk of the document (the document, a repeat instruction and
+the chunk), each chunk's tokens freed before the next; the repetition's attention scores the
+document, which is then compressed once, and later programs read the compressed copy,
+answering as the reference runtime does with the same chunked scores. Prefill runs in
+200-token pieces, so each chunk request is itself scored in pieces.
 """
 
 from __future__ import annotations
@@ -23,10 +23,11 @@ from lava_sglang.sglang_plugin.server_process import ServerProcess
 pytestmark = pytest.mark.model
 
 ANSWER_TOKENS = 12
-CONTEXT_LENGTH = 2048  # a ~700-token document's repetition fits (2n + u tokens); a ~1,100-token one's does not
+REPEAT_CHUNK = 256
+CONTEXT_LENGTH = 1024  # a ~700-token document and a repetition chunk fit; a ~1,100-token document does not
 SERVER_ARGS = ["--dtype", "float32", "--enable-cache-report", "--kv-policy", "lava", "--kv-budget", "0.25",
-               "--kv-observe", "reconstruct", "--kv-observe-wait", "120", "--chunked-prefill-size", "256",
-               "--context-length", str(CONTEXT_LENGTH)]
+               "--kv-observe", "reconstruct", "--kv-observe-wait", "120", "--kv-observe-chunk", str(REPEAT_CHUNK),
+               "--chunked-prefill-size", "200", "--context-length", str(CONTEXT_LENGTH)]
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +64,20 @@ def test_a_document_is_compressed_once_by_its_repetition(server, document, token
     assert (stats["compressions"], stats["entries"], stats["pending"], stats["repetitions"]) == (1, 1, 0, 0)
     log = server.log_path.read_text()
     assert "waits for its repetition" in log
-    instruction_tokens = len(tokenizer(Reconstruct().instruction, add_special_tokens=False).input_ids)
-    assert f"observed by its repetition: {prefix_tokens + instruction_tokens} tokens prefilled" in log
+    # Three chunks (the fourth would copy window tokens only), each its instruction and its copy.
+    source = Reconstruct(chunk_tokens=REPEAT_CHUNK)
+    prefix_ids = tokenizer(prefix_text).input_ids
+    chunk_requests = [len(source.chunk_prompt(prefix_ids, start, lambda text: tokenizer(
+        text, add_special_tokens=False).input_ids)) + min(REPEAT_CHUNK, prefix_tokens - start)
+        for start in range(0, prefix_tokens - 32, REPEAT_CHUNK)]
+    assert len(chunk_requests) == 3
+    assert f"observed by its repetition: {sum(chunk_requests)} tokens prefilled in 3 chunk(s)" in log
+    # Memory while scoring: the prefix, one chunk request at a time, and the branches' own
+    # tokens (their questions and answers), never the document twice.
+    branch_tokens = sum(meta["prompt_tokens"] - prefix_tokens + meta["completion_tokens"] for meta in meta_info)
+    last = stats["last_repetition"]
+    assert (last["chunks"], last["tokens_prefilled"]) == (3, sum(chunk_requests))
+    assert 0 < last["extra_slots_peak"] <= max(chunk_requests) + branch_tokens < prefix_tokens
     # The full prefix, the branches' tokens and the repetition's own tokens are all given
     # back: the tree holds only the compressed copy's slots (a quarter of the rows).
     assert stats["protected"] == 0 and stats["evictable"] == stats["borrowed_slots"] < prefix_tokens / 2
@@ -81,7 +94,8 @@ def test_a_document_is_compressed_once_by_its_repetition(server, document, token
 
     options = kv_state(server.url)
     record = {"policy": "lava",
-              "kv_policy_options": {key: options[key] for key in ("budget", "window", "pool_kernel", "alpha", "observe")},
+              "kv_policy_options": {key: options[key] for key in ("budget", "window", "pool_kernel", "alpha", "observe",
+                                                                  "observe_chunk", "observe_normalize")},
               "visit_records": [{"visit": visit, "document": 0, "prefix_tokens": prefix_tokens,
                                  "commit_cached_tokens": cached} for visit, cached in ((0, 0), (1, prefix_tokens - 1))],
               "question_records": [{"visit": 1, "document": 0, "question": q, "answer": answer, "expected": None,
@@ -100,15 +114,16 @@ def test_a_document_is_compressed_once_by_its_repetition(server, document, token
 def test_a_prefix_whose_repetition_exceeds_the_context_is_compressed_by_its_tail_at_once(server, tokenizer):
     assert requests.post(server.url + "/flush_cache", timeout=60).status_code == 200
     count = lambda text: len(tokenizer(text).input_ids)  # noqa: E731
-    prefix = prompt_parts(retrieval_documents(count, 1100, [1], seed=3)[0].text, "")[0]
+    prefix = prompt_parts(retrieval_documents(count, 900, [1], seed=3)[0].text, "")[0]
     prefix_tokens = count(prefix)
-    assert CONTEXT_LENGTH / 2 < prefix_tokens < CONTEXT_LENGTH
+    assert CONTEXT_LENGTH - REPEAT_CHUNK < prefix_tokens < CONTEXT_LENGTH
     # What fork() sends to commit a prefix.
     commit = requests.post(server.url + "/generate", timeout=300,
                            json={"text": prefix, "sampling_params": {"max_new_tokens": 0}})
     assert commit.status_code == 200, commit.text
     stats = kv_state(server.url)["store"]
     assert (stats["entries"], stats["pending"], stats["repetitions"]) == (1, 0, 0)  # no wait
-    assert (f"no repetition of a {prefix_tokens}-token prefix: twice the prefix exceeds the context length "
-            f"{CONTEXT_LENGTH}; compressed by its tail") in server.log_path.read_text()
+    assert (f"no repetition of a {prefix_tokens}-token prefix: the prefix and its repetition chunk "
+            f"(--kv-observe-chunk {REPEAT_CHUNK}) exceed the context length {CONTEXT_LENGTH}; compressed by its "
+            "tail") in server.log_path.read_text()
     assert requests.post(server.url + "/flush_cache", timeout=60).status_code == 200

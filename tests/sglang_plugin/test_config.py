@@ -54,6 +54,8 @@ def test_config_survives_the_trip_to_the_children():
     ("--kv-observe", "branch"), ("--kv-observe", "repeat"),
     ("--kv-observe-wait", "0"), ("--kv-observe-wait", "-1"), ("--kv-observe-wait", "nan"),
     ("--kv-observe-wait", "inf"), ("--kv-observe-wait", "soon"),
+    ("--kv-observe-chunk", "0"), ("--kv-observe-chunk", "1.5"),
+    ("--kv-observe-normalize", "softmax"),
 ])
 def test_bad_values_name_the_flag(flag, value):
     with pytest.raises(ConfigError, match=flag):
@@ -66,6 +68,22 @@ def test_deferred_sources_observe_fork_prefixes(source):
     assert (config.observe, config.observe_wait) == (source, 2.5)
     with pytest.raises(ConfigError, match="--kv-compress-on must include fork"):
         from_namespace(parse("--kv-policy", "lava", "--kv-observe", source, "--kv-compress-on", "shared"))
+
+
+def test_policy_options_and_repetition_flags():
+    config = from_namespace(parse("--kv-policy", "lava:layer_budget=entropy,value_norm=false", "--kv-observe",
+                                  "reconstruct", "--kv-observe-chunk", "512", "--kv-observe-normalize", "local"))
+    policy = config.make_policy()
+    assert (policy.layer_budget, policy.value_norm, policy.pool_kernel) == ("entropy", False, 7)
+    assert (config.repetition().chunk_tokens, config.repetition().normalize) == (512, "local")
+    assert from_namespace(parse("--kv-policy", "kvzip", "--kv-observe", "reconstruct")).make_policy().pool_kernel == 1
+    with pytest.raises(ConfigError, match="--kv-policy lava:budget=3: policy 'lava:budget=3': options must be"):
+        from_namespace(parse("--kv-policy", "lava:budget=3"))
+
+
+def test_kvzip_scores_by_a_repetition_only():
+    with pytest.raises(ConfigError, match="--kv-policy kvzip scores by reconstruct: use --kv-observe reconstruct"):
+        from_namespace(parse("--kv-policy", "kvzip", "--kv-observe", "tail"))
 
 
 def test_unknown_policy_lists_the_allowed_ones():

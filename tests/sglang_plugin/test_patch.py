@@ -85,12 +85,15 @@ def test_patch_declares_the_fields_like_the_plugin():
     assert (defaults["kv_alpha"], defaults["kv_pool_kernel"]) == (expected.alpha, expected.pool_kernel)
     assert parse_triggers(defaults["kv_compress_on"]) == expected.compress_on
     assert (defaults["kv_observe"], defaults["kv_observe_wait"]) == (expected.observe, expected.observe_wait)
+    assert (defaults["kv_observe_chunk"], defaults["kv_observe_normalize"]) == (expected.observe_chunk,
+                                                                              expected.observe_normalize)
     for name, node in declared.items():  # A[T, "help"] or A[T, Arg(help=...)]: a CLI flag with help text
         metadata = node.annotation.slice.elts[1]
         assert isinstance(metadata, (ast.Constant, ast.Call)), name
-    arg = declared["kv_policy"].annotation.slice.elts[1]
-    choices = next(ast.literal_eval(kw.value) for kw in arg.keywords if kw.arg == "choices")
-    assert sorted(choices) == sorted(KV_POLICIES)
+    # --kv-policy takes specs (lava:layer_budget=entropy): the hook checks the name, listing them all.
+    hook = "\n".join(added_lines("sglang/srt/arg_groups/kv_cache_hook.py"))
+    listed = ast.literal_eval(re.search(r"policies = (\(.*?\))", hook).group(1))
+    assert sorted(listed) == sorted(KV_POLICIES)
     arg = declared["kv_observe"].annotation.slice.elts[1]
     choices = next(ast.literal_eval(kw.value) for kw in arg.keywords if kw.arg == "choices")
     assert tuple(choices) == SERVER_OBSERVE_SOURCES

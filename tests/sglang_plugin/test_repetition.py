@@ -1,74 +1,84 @@
-"""`RepetitionScores`: the server's per-chunk scoring of a prefix's repetition (observe "reconstruct")."""
+"""`RepetitionScores`: the server's chunked repetition of a prefix and its scoring (observe "reconstruct")."""
 
+import pytest
 import torch
 
-from lava_sglang.policy import repeat_attention_chunk
-from lava_sglang.sglang_plugin.repetition import REPETITION_RID_PREFIX, RepetitionClient, RepetitionScores
+from lava_sglang.policy import Reconstruct, repeat_attention_chunk
+from lava_sglang.sglang_plugin.repetition import REPETITION_RID_PREFIX, RepetitionScores
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 2, 8
-PREFIX_LEN, NUM_QUERIES, SELECTABLE = 10, 7, 6  # n, u + n (a short stand-in), m
+PREFIX_LEN, WINDOW = 10, 3  # n, w: m = 7 selectable tokens
 SCALING = HEAD_DIM ** -0.5
+PROMPTS = {"I": [100, 101], "C": [200]}  # a stand-in tokenizer: instruction, continue instruction
+PREFIX_IDS = list(range(1, PREFIX_LEN + 1))
 
 
-def sequence(seed: int = 0):
-    """Queries [n + u + n, Hq, d] and keys [n + u + n, Hkv, d] of prefix + repetition, as the pool holds them."""
+def new_scores(chunk_tokens=PREFIX_LEN, num_layers=1, normalize="global") -> RepetitionScores:
+    source = Reconstruct(instruction="I", continue_instruction="C", overlap_tokens=2, chunk_tokens=chunk_tokens,
+                         normalize=normalize, sink_tokens=1)
+    return RepetitionScores.plan(PREFIX_IDS, source, PROMPTS.__getitem__, WINDOW, num_layers)
+
+
+def sequence(chunk, seed=0):
+    """Queries [n + q, Hq, d] and keys [n + q, Hkv, d] of the prefix and one chunk's request, as the pool holds them."""
     generator = torch.Generator().manual_seed(seed)
-    total = PREFIX_LEN + NUM_QUERIES
+    total = PREFIX_LEN + chunk.num_queries
     return (torch.randn(total, NUM_Q_HEADS, HEAD_DIM, generator=generator),
             torch.randn(total, NUM_KV_HEADS, HEAD_DIM, generator=generator))
 
 
-def new_scores(num_layers: int = 1) -> RepetitionScores:
-    return RepetitionScores(rid=RepetitionClient.new_rid(), prefix_len=PREFIX_LEN, selectable=SELECTABLE,
-                            num_queries=NUM_QUERIES, num_layers=num_layers)
+def feed(scores, chunk, queries, keys, pieces, layer=0):
+    """Extend pieces given as (first position, end): the request's queries and its keys up to `end`."""
+    for first, end in pieces:
+        scores.add_chunk(chunk.rid, layer, queries[first:end], keys[:end], first, SCALING)
 
 
-def feed(scores: RepetitionScores, queries, keys, chunks, layer: int = 0) -> None:
-    """Extend chunks given as (first position, end): the row's queries and its keys up to `end`."""
-    for first, end in chunks:
-        scores.add_chunk(layer, queries[first:end], keys[:end], first, SCALING)
+def expected_scores(chunk, queries, keys, normalize="global"):
+    start, end = chunk.copied
+    return repeat_attention_chunk(queries[PREFIX_LEN:].transpose(0, 1), keys.transpose(0, 1), PREFIX_LEN, PREFIX_LEN,
+                                  chunk.copied, SCALING, normalize, 1)[:, :min(end, PREFIX_LEN - WINDOW) - start]
 
 
-def test_chunks_of_any_split_score_like_the_whole_repetition():
-    queries, keys = sequence()
-    expected = repeat_attention_chunk(queries[PREFIX_LEN:].transpose(0, 1), keys.transpose(0, 1), PREFIX_LEN,
-                                      PREFIX_LEN, (0, PREFIX_LEN), SCALING)[:, :SELECTABLE]
-    for chunks in ([(10, 17)], [(10, 13), (13, 14), (14, 17)]):
-        scores = new_scores()
-        feed(scores, queries, keys, chunks)
-        assert scores.complete and scores.num_scored == NUM_QUERIES
-        torch.testing.assert_close(scores.repeat[0], expected)
+def test_chunks_skip_the_window_and_each_request_is_prefix_prompt_and_chunk():
+    scores = new_scores(chunk_tokens=4)  # chunks 0-4, 4-8, 8-10; the last copies window tokens only
+    assert [chunk.copied for chunk in scores.chunks] == [(0, 4), (4, 8)]
+    assert scores.input_ids == [PREFIX_IDS + [100, 101] + PREFIX_IDS[0:4], PREFIX_IDS + [200, 3, 4] + PREFIX_IDS[4:8]]
+    assert scores.num_queries == (2 + 4) + (3 + 4)
+    assert len(set(scores.rids)) == 2 and all(rid.startswith(REPETITION_RID_PREFIX) for rid in scores.rids)
+    assert new_scores().rids[0] != scores.rids[0]
 
 
-def test_recomputed_prefix_tokens_are_not_repetition_queries_and_a_chunk_seen_twice_changes_nothing():
-    queries, keys = sequence(1)
-    whole = new_scores()
-    feed(whole, queries, keys, [(10, 17)])
+@pytest.mark.parametrize("normalize", ["global", "local"])
+def test_pieces_of_any_split_score_like_the_whole_chunk_and_fill_only_what_it_copies(normalize):
+    scores = new_scores(chunk_tokens=4, normalize=normalize)
+    expected = torch.zeros(NUM_Q_HEADS, PREFIX_LEN - WINDOW)
+    for index, (chunk, pieces) in enumerate(zip(scores.chunks, ([(10, 16)], [(10, 13), (13, 14), (14, 17)]))):
+        queries, keys = sequence(chunk, seed=index)
+        feed(scores, chunk, queries, keys, pieces)
+        start, end = chunk.copied
+        expected[:, start:min(end, PREFIX_LEN - WINDOW)] = expected_scores(chunk, queries, keys, normalize)
+        assert scores.end_chunk(chunk.rid, checkpointed=True).done
+    assert scores.done and scores.failed is None and scores.num_scored == scores.num_queries
+    torch.testing.assert_close(scores.repeat[0], expected)
+
+
+def test_recomputed_prefix_tokens_are_not_repetition_queries_and_a_piece_seen_twice_changes_nothing():
+    whole, scores = new_scores(), new_scores()
+    queries, keys = sequence(whole.chunks[0], seed=1)
+    feed(whole, whole.chunks[0], queries, keys, [(10, 22)])
     # The match fell 3 tokens short (they are recomputed, not repetition queries), and a
-    # chunk is fed twice (scores are a max over positions, not a count).
-    scores = new_scores()
-    feed(scores, queries, keys, [(7, 13), (7, 13), (13, 17)])
-    assert scores.complete
+    # piece is fed twice (scores are a max over positions, not a count).
+    feed(scores, scores.chunks[0], queries, keys, [(7, 13), (7, 13), (13, 22)])
+    assert scores.end_chunk(scores.chunks[0].rid, checkpointed=True).done
     torch.testing.assert_close(scores.repeat[0], whole.repeat[0])
 
 
-def test_incomplete_until_every_layer_has_every_query():
-    queries, keys = sequence(2)
-    scores = new_scores(num_layers=2)
-    feed(scores, queries, keys, [(10, 17)], layer=0)
-    feed(scores, queries, keys, [(10, 15)], layer=1)
-    assert not scores.complete and scores.num_scored == 5
-    feed(scores, queries, keys, [(15, 17)], layer=1)
-    assert scores.complete
-
-
-def test_a_gap_is_not_bridged():
-    queries, keys = sequence(3)
-    scores = new_scores()
-    feed(scores, queries, keys, [(10, 12), (14, 17)])  # positions 12 and 13 never scored
-    assert not scores.complete and scores.num_scored == 2
-
-
-def test_rids_are_unique_and_marked():
-    rids = {RepetitionClient.new_rid() for _ in range(100)}
-    assert len(rids) == 100 and all(rid.startswith(REPETITION_RID_PREFIX) for rid in rids)
+def test_a_chunk_released_before_every_layer_scored_every_query_fails_the_repetition():
+    scores = new_scores(chunk_tokens=4, num_layers=2)
+    chunk = scores.chunks[0]
+    queries, keys = sequence(chunk, seed=2)
+    feed(scores, chunk, queries, keys, [(10, 16)], layer=0)
+    feed(scores, chunk, queries, keys, [(10, 12), (14, 16)], layer=1)  # a gap is not bridged
+    assert scores.num_scored == 2
+    assert not scores.end_chunk(chunk.rid, checkpointed=True).done
+    assert not scores.done and "released with 2 of 6 repetition tokens scored" in scores.failed
