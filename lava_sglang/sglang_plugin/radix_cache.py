@@ -60,6 +60,7 @@ from lava_sglang.store import CellLayout, CompressedStore, StoreEntry, slots_nee
 
 logger = logging.getLogger(__name__)
 
+MAX_RETIRED_REPETITION_RIDS = 1024  # stopped repetitions' chunk rids remembered, to free a straggler's tokens
 PADDING_SLOT = 0  # SGLang's allocator never hands out slot 0 (it absorbs padded writes)
 SHARED_KEY_ATTR = "lava_shared_prefix_key"  # set on an SGLang Req whose match was cut to observe a shared prefix
 
@@ -77,20 +78,23 @@ class PendingPrefix:
 
     full_key: object  # RadixKey of the n committed tokens
     tail_queries: list[torch.Tensor]  # per layer [Hq, w, d]: the prefix's own last tokens
+    wait: float  # --kv-observe-wait, seconds
     deadline: float  # time.monotonic() after which it is compressed with what arrived
     branches: list[list[ObservationWindow]] = field(default_factory=list)  # per branch, per layer
     repetition: RepetitionScores | None = None
 
     def ready(self, now: float) -> bool:
         """Whether what observes it has arrived (a branch window; the repetition, run whole or
-        failed), or it has waited long enough. A repetition that has begun scoring is waited
+        failed), or it has waited long enough. A repetition that is making progress is waited
         for past the deadline: compressing with part of its scores would keep the unscored
-        chunks' tokens by accident (the prefix stays an ordinary, evictable node meanwhile)."""
+        chunks' tokens by accident (the prefix stays an ordinary, evictable node meanwhile);
+        one that has not begun, or made no progress for `wait` seconds, is not."""
         repetition = self.repetition
         if repetition is not None:
             if repetition.done or repetition.failed is not None:
                 return True
-            return now >= self.deadline and repetition.first_chunk_at is None
+            return now >= self.deadline and (repetition.last_progress_at is None
+                                             or now - repetition.last_progress_at >= self.wait)
         return bool(self.branches) or now >= self.deadline
 
     def is_for(self, key) -> bool:
@@ -125,6 +129,7 @@ class LavaRadixCache(RadixCache):
         self.compressed: dict = {}  # child key of the first token -> [CompressedNode]
         self.pending: list[PendingPrefix] = []
         self.repetitions: dict[str, RepetitionScores] = {}  # by chunk request id, while the request may run
+        self.retired_repetitions: dict[str, int] = {}  # chunk rid -> prefix length, for stopped repetitions
         self.repetitions_cut_short = 0  # prefixes compressed by their tail because the repetition did not finish
         self.last_repetition: dict | None = None  # the cost of the last repetition that compressed a prefix
         super().__init__(params)
@@ -132,6 +137,9 @@ class LavaRadixCache(RadixCache):
     # ----------------------------------------------------------------- state
 
     def reset(self):
+        for repetition in {id(scores): scores for scores in self.repetitions.values()}.values():
+            repetition.failed = "the cache was flushed"
+            self._retire(repetition)
         super().reset()
         self.store.clear()
         self.capture.clear()
@@ -321,10 +329,10 @@ class LavaRadixCache(RadixCache):
     # ----------------------------------------------------------- compression
 
     def on_release(self, req, *, checkpointed: bool) -> None:
-        repetition = None
+        repeated_len = None
         try:
             if isinstance(req.rid, str) and req.rid.startswith(REPETITION_RID_PREFIX):
-                repetition = self._end_repetition(req, checkpointed)  # never a commit, though max_new_tokens is 0
+                repeated_len = self._end_repetition(req, checkpointed)  # never a commit, though max_new_tokens is 0
             elif checkpointed and FORK in self.config.compress_on and self._is_fork_prefix(req):
                 # A policy that reads no attention (streamingllm) has nothing to wait for.
                 if (self.config.observe in DEFERRED_OBSERVE_SOURCES and self.policy.needs_scores
@@ -339,8 +347,8 @@ class LavaRadixCache(RadixCache):
         finally:
             self.capture.drop(req.kv.req_pool_idx)
             super().on_release(req, checkpointed=checkpointed)
-        if repetition is not None:  # its chunk's tokens go now, before the next chunk is sent
-            self._free_beyond(_prompt_key(req), repetition.prefix_len)
+        if repeated_len is not None:  # a repetition chunk's tokens go now, before the next chunk is sent
+            self._free_beyond(_prompt_key(req), repeated_len)
         if self.pending:
             self._compress_ready_pending()
 
@@ -388,8 +396,8 @@ class LavaRadixCache(RadixCache):
             if repetition is None:
                 self._compress_fork_prefix(req)  # nothing to wait for: the tail window, now
                 return
-        pending = PendingPrefix(full_key, tail_queries, time.monotonic() + self.config.observe_wait,
-                                repetition=repetition)
+        pending = PendingPrefix(full_key, tail_queries, self.config.observe_wait,
+                                time.monotonic() + self.config.observe_wait, repetition=repetition)
         self.pending.append(pending)
         logger.info("lava: prefix of %d tokens waits for its %s (at most %.0f s)", len(full_key),
                     "repetition" if repetition is not None else "branches", self.config.observe_wait)
@@ -413,7 +421,7 @@ class LavaRadixCache(RadixCache):
                     self.kv_pool.layer_num)
             except Exception as error:  # a tokenizer failure must not stop the scheduler
                 reason = f"the repeat instruction could not be tokenized ({error})"
-        if scores is not None and max(map(len, scores.input_ids)) > client.max_tokens:
+        if scores is not None and max(map(len, scores.input_ids)) >= client.max_tokens:  # SGLang refuses >=
             reason = (f"the prefix and its repetition chunk (--kv-observe-chunk {self.config.observe_chunk}) exceed "
                       f"the context length {client.max_tokens}")
         if reason is not None:
@@ -429,19 +437,18 @@ class LavaRadixCache(RadixCache):
     def pool_used(self) -> int:
         return self.kv_pool.size - self.token_to_kv_pool_allocator.available_size()
 
-    def _end_repetition(self, req, checkpointed: bool) -> RepetitionScores | None:
-        """A repetition chunk's request was released; its scores, or None if its prefix was
-        compressed (or forgotten) meanwhile."""
+    def _end_repetition(self, req, checkpointed: bool) -> int | None:
+        """A repetition chunk's request was released: the length of the prefix it repeated
+        (its own tokens beyond it are to be freed), or None if it is not known any more."""
         scores = self.repetitions.pop(req.rid, None)
         if scores is None:
-            return None
+            return self.retired_repetitions.pop(req.rid, None)  # its repetition was stopped meanwhile
         scores.end_chunk(req.rid, checkpointed)
         if scores.failed is not None:
-            for rid in scores.rids:
-                self.repetitions.pop(rid, None)
+            self._retire(scores)
             logger.warning("lava: repetition of a %d-token prefix stopped (%s); the prefix is compressed by its "
                            "tail", scores.prefix_len, scores.failed)
-        return scores
+        return scores.prefix_len
 
     def _observe_branch(self, req) -> None:
         """Record the observation window of a released request that ran after a whole pending
@@ -476,14 +483,14 @@ class LavaRadixCache(RadixCache):
                 continue
             if last_node.lock_ref > 0 or not pending.ready(now):
                 continue
-            self._forget(pending)
             repetition = pending.repetition if pending.repetition is not None and pending.repetition.done else None
             if pending.repetition is not None and repetition is None:
                 self.repetitions_cut_short += 1
                 logger.warning("lava: the repetition of a %d-token prefix scored %d of its %d tokens (%s); the prefix "
                                "is compressed by its tail window instead", len(full_key), pending.repetition.num_scored,
-                               pending.repetition.num_queries, pending.repetition.failed or "it never started within "
+                               pending.repetition.num_queries, pending.repetition.failed or "no progress within "
                                f"--kv-observe-wait {self.config.observe_wait:g} s")
+            self._forget(pending)
             branch_windows = [[branch[layer] for branch in pending.branches] for layer in range(self.kv_pool.layer_num)]
             node = self._compress_path(full_key[:len(full_key) - 1], slots, last_node, pending.tail_queries,
                                        branch_windows if pending.branches else None,
@@ -511,8 +518,19 @@ class LavaRadixCache(RadixCache):
     def _forget(self, pending: PendingPrefix) -> None:
         """Stop waiting for `pending`; a repetition of it still queued or running is aborted."""
         self.pending.remove(pending)
-        repetition = pending.repetition
-        if repetition is not None and any([self.repetitions.pop(rid, None) for rid in repetition.rids]):
+        if pending.repetition is not None:
+            self._retire(pending.repetition)
+
+    def _retire(self, repetition: RepetitionScores) -> None:
+        """Stop a repetition: no further chunk is sent, a queued or running one is aborted, and
+        a chunk that still runs (an abort can miss a request not yet registered) has its
+        tokens freed when it is released."""
+        running = [self.repetitions.pop(rid, None) for rid in repetition.rids]
+        for rid in repetition.rids:
+            self.retired_repetitions[rid] = repetition.prefix_len
+        while len(self.retired_repetitions) > MAX_RETIRED_REPETITION_RIDS:
+            del self.retired_repetitions[next(iter(self.retired_repetitions))]
+        if any(running) and self.repetition_client is not None:
             self.repetition_client.abort(repetition)
 
     def _free_beyond(self, key, keep_len: int) -> None:

@@ -69,6 +69,7 @@ class RepetitionScores:
     repeat: list[torch.Tensor | None] = field(init=False)  # per layer [Hq, m] fp32
     scoring_seconds: float = 0.0  # wall time of the scoring calls (on CUDA, unsynchronised: mostly launches)
     first_chunk_at: float | None = None  # time.monotonic() of the first scored piece
+    last_progress_at: float | None = None  # time.monotonic() of the last scored piece or chunk release
     ended_at: float | None = None  # time.monotonic() of the last chunk's release
     failed: str | None = None  # why the repetition did not run whole (set by either thread)
     pool_used_at_start: int = 0  # pool slots in use when the repetition was asked for
@@ -136,8 +137,9 @@ class RepetitionScores:
         queries = queries[skip:]
         start, end = first_position + skip, first_position + skip + queries.shape[0]
         if chunk is not None and queries.shape[0] > 0 and start <= chunk.scored_until[layer]:
+            self.last_progress_at = time.monotonic()
             if self.first_chunk_at is None:
-                self.first_chunk_at = time.monotonic()
+                self.first_chunk_at = self.last_progress_at
             self.pool_used_peak = max(self.pool_used_peak, pool_used)
             copy_start, copy_end = chunk.copied
             scored_end = min(copy_end, self.selectable)
@@ -157,6 +159,7 @@ class RepetitionScores:
         if chunk is None:
             return None
         chunk.done = checkpointed and min(chunk.scored_until) - self.prefix_len == chunk.num_queries
+        self.last_progress_at = time.monotonic()
         if not chunk.done and self.failed is None:
             self.failed = (f"chunk {rid} released with {min(chunk.scored_until) - self.prefix_len} of "
                            f"{chunk.num_queries} repetition tokens scored")
@@ -213,6 +216,8 @@ class RepetitionClient:
                                          timeout=self.timeout)
                 if response.status_code != 200:
                     failure = f"HTTP {response.status_code}: {response.text[:200]}"
+                elif _finish_type(response) == "abort":  # aborted while queued: released without a release hook
+                    failure = f"chunk {chunk.rid} was aborted"
             except requests.RequestException as error:
                 failure = str(error)
             if failure is not None:
@@ -221,3 +226,12 @@ class RepetitionClient:
                 logger.warning("lava: repetition chunk %s of a %d-token prefix did not run (%s); the prefix is "
                                "compressed by its tail", chunk.rid, scores.prefix_len, failure)
                 return
+
+
+def _finish_type(response) -> str | None:
+    """The finish reason type of a /generate response ('abort' for an aborted request)."""
+    try:
+        reason = response.json()["meta_info"]["finish_reason"]
+    except (ValueError, KeyError, TypeError):
+        return None
+    return reason.get("type") if isinstance(reason, dict) else None

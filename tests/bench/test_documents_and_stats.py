@@ -77,7 +77,7 @@ def test_mean_interval():
 
 @pytest.mark.parametrize("changes, message", [
     ({"questions": [40]}, "one question count per context"),
-    ({"policies": ["lava", "h2o"]}, "policies: unknown"),
+    ({"policies": ["lava", "h2o"]}, "policy must be one of"),
     ({"policies": ["full"]}, "always run as the reference"),
     ({"modes": ["sometimes"]}, "modes: unknown"),
     ({"keep_ratios": [0.0]}, "keep_ratios must be in"),

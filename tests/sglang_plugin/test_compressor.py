@@ -84,3 +84,28 @@ def test_branch_windows_keep_what_the_branches_attend_to():
         own_keys=torch.randn(num_kv_heads, 3, dim, generator=generator))] for layer in range(num_layers)]
     with_branch = plan_prefix(policy, 16, tail, keys, values, slots, keep_len=seq_len - 1, branch_windows=branch)
     assert all(target in positions.tolist() for heads in with_branch for positions in heads)
+
+
+def test_kvzip_plan_from_repetition_scores_is_one_global_threshold():
+    """plan_prefix with repetition scores and kvzip: the kept selectable tokens are the best
+    scores of all layers and KV heads together (plus the 4 sinks), the rest is the window."""
+    from lava_sglang.policy import make_policy
+    from lava_sglang.sglang_plugin.compressor import plan_prefix
+
+    generator = torch.Generator().manual_seed(1)
+    num_layers, num_kv_heads, group, dim, seq_len, window = 2, 2, 2, 8, 40, 8
+    keys = [torch.randn(seq_len, num_kv_heads, dim, generator=generator) for _ in range(num_layers)]
+    values = [torch.randn(seq_len, num_kv_heads, dim, generator=generator) for _ in range(num_layers)]
+    repeat = [torch.rand(num_kv_heads * group, seq_len - window, generator=generator) for _ in range(num_layers)]
+    repeat[1] = repeat[1] * 0.1  # layer 1's repetition attention is weak: layer 0 wins the budget
+    tail = [torch.randn(num_kv_heads * group, window, dim, generator=generator) for _ in range(num_layers)]
+    kept = plan_prefix(make_policy("kvzip", window=window), 16, tail, keys, values, torch.arange(seq_len),
+                       keep_len=seq_len, repeat_attention=repeat)
+    scores = torch.stack([layer.view(num_kv_heads, group, -1).amax(1) for layer in repeat])  # [L, Hkv, m]
+    scores[:, :, :4] = torch.inf
+    threshold = torch.sort(scores.flatten(), descending=True).values[(16 - window) * num_layers * num_kv_heads - 1]
+    for layer in range(num_layers):
+        for head in range(num_kv_heads):
+            expected = torch.nonzero(scores[layer, head] >= threshold).flatten().tolist()
+            assert kept[layer][head].tolist() == expected + list(range(seq_len - window, seq_len))
+    assert sum(len(rows) for rows in kept[0]) > sum(len(rows) for rows in kept[1])

@@ -82,3 +82,18 @@ def test_a_chunk_released_before_every_layer_scored_every_query_fails_the_repeti
     assert scores.num_scored == 2
     assert not scores.end_chunk(chunk.rid, checkpointed=True).done
     assert not scores.done and "released with 2 of 6 repetition tokens scored" in scores.failed
+
+
+def test_a_pending_prefix_waits_for_a_repetition_that_progresses_but_not_for_a_stalled_one():
+    from lava_sglang.sglang_plugin.radix_cache import PendingPrefix
+
+    scores = new_scores(chunk_tokens=4)
+    pending = PendingPrefix(full_key=None, tail_queries=[], wait=10.0, deadline=100.0, repetition=scores)
+    assert not pending.ready(now=50.0)  # before the deadline
+    assert pending.ready(now=100.0)  # never began: the deadline holds
+    scores.last_progress_at = 95.0
+    assert not pending.ready(now=100.0) and not pending.ready(now=104.0)  # scoring: waited for past the deadline
+    assert pending.ready(now=105.0)  # no progress for `wait` seconds
+    scores.last_progress_at = 104.0
+    scores.failed = "chunk released unscored"
+    assert pending.ready(now=104.5)  # failed: compressed by its tail at once
