@@ -42,7 +42,7 @@ from lava_sglang.argtypes import keep_ratio, positive_int
 from lava_sglang.bench.serve_workload import (MISS_SLACK, ORDERS, build_workload, program_inputs, summarize,
                                               timed_endpoint, visit_records)
 
-POLICIES = ["none", "lava", "snapkv", "ada_snapkv", "pyramidkv", "streamingllm"]
+POLICIES = ["none", "lava", "kvzip", "snapkv", "ada_snapkv", "pyramidkv", "streamingllm"]
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "docs" / "results"
 MAX_FACTS = 20  # retrieval_documents plants at most 20 distinct facts in a document
 # --memory-bound's defaults (each overridable by its flag).

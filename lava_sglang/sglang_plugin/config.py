@@ -50,11 +50,12 @@ class KvPolicyConfig:
     compress_on: what gets compressed: `fork`, the prefix a frontend program commits before
         fork(); `shared`, a prompt prefix of at least `min_prefix` tokens once a second
         request shares it.
-    observe: what scores a fork prefix (docs/observe.md): `tail`, its own last `window`
+    observe: what scores a fork prefix (docs/observe.md): `reconstruct` (the default), the
+        attention of a teacher-forced repetition of the prefix, which the server runs chunk
+        by chunk as internal requests after the commit; `tail`, its own last `window`
         tokens, at once; `branches`, the tail and the forked branches' questions, once the
-        branches have run on the full prefix; `reconstruct`, the attention of a
-        teacher-forced repetition of the prefix, which the server runs as one internal
-        request after the commit.
+        branches have run on the full prefix. Shared prefixes (`compress_on` shared) are
+        always scored by the window their second request recomputes.
     observe_wait: seconds a fork prefix waits under `branches` or `reconstruct`; after
         that it is compressed with what arrived (the tail alone if nothing did).
     observe_chunk: under `reconstruct`, prefix tokens each repetition chunk repeats (one
@@ -70,7 +71,7 @@ class KvPolicyConfig:
     alpha: float = 0.2
     pool_kernel: int | None = None  # None: the policy's own (7; kvzip does not pool)
     compress_on: tuple[str, ...] = (FORK,)
-    observe: str = TAIL
+    observe: str = RECONSTRUCT
     observe_wait: float = 30.0
     observe_chunk: int = Reconstruct.chunk_tokens
     observe_normalize: str = Reconstruct.normalize
@@ -119,11 +120,12 @@ FLAGS = {
                        "What gets compressed, comma-separated: fork (the prefix a frontend program commits "
                        "before fork()), shared (a prompt prefix of >= --kv-min-prefix tokens, once a second "
                        "request shares it). Default fork."),
-    "kv_observe": ("--kv-observe", TAIL,
-                   "What scores a fork prefix: tail (its own last --kv-window tokens, compressed at once), "
-                   "branches (the tail and the questions of the forked branches, compressed once the branches "
-                   "have run on the full prefix) or reconstruct (the attention of a teacher-forced repetition "
-                   "of the prefix, run as one internal request; docs/observe.md). Default tail."),
+    "kv_observe": ("--kv-observe", RECONSTRUCT,
+                   "What scores a fork prefix: reconstruct (the attention of a teacher-forced repetition of the "
+                   "prefix, run chunk by chunk as internal requests; query-agnostic, what later questions need), "
+                   "tail (its own last --kv-window tokens, compressed at once) or branches (the tail and the "
+                   "questions of the forked branches, compressed once the branches have run on the full prefix); "
+                   "docs/observe.md. Default reconstruct."),
     "kv_observe_wait": ("--kv-observe-wait", "30",
                         "With --kv-observe branches or reconstruct: seconds a fork prefix waits for its branches "
                         "or its repetition before it is compressed with what arrived. Default 30."),
@@ -216,8 +218,6 @@ def from_namespace(args: argparse.Namespace) -> KvPolicyConfig:
         raise ConfigError(f"--kv-observe-normalize must be one of {', '.join(REPEAT_NORMALIZATIONS)}, "
                           f"got {observe_normalize!r}")
     triggers = parse_triggers(args.kv_compress_on)
-    if observe in DEFERRED_OBSERVE_SOURCES and FORK not in triggers:
-        raise ConfigError(f"--kv-observe {observe} scores fork prefixes: --kv-compress-on must include fork")
     config = KvPolicyConfig(policy=policy, budget=parse_budget(args.kv_budget), window=window,
                             min_prefix=min_prefix, alpha=alpha, pool_kernel=pool_kernel, compress_on=triggers,
                             observe=observe, observe_wait=observe_wait, observe_chunk=observe_chunk,

@@ -15,7 +15,7 @@ def test_bench_serve_writes_a_complete_report(smollm2_path, tmp_path):
     code = main(["--policies", "lava", "--documents", "1", "--questions", "2", "--context", "512",
                  "--max-tokens", "12", "--clients", "2", "--max-total-tokens", "4096", "--max-seconds", "240",
                  "--sample-interval", "1", "--out", str(tmp_path), "--log-dir", str(tmp_path / "logs"),
-                 "--no-progress"])
+                 "--server-args=--kv-observe tail", "--no-progress"])  # one visit: compressed at its commit
     assert code == 0, (tmp_path / "logs" / "lava.log").read_text()[-3000:]
     assert {p.name for p in tmp_path.iterdir()} >= {"serving.json", "serving.md", "serving.png"}
     result = json.loads((tmp_path / "serving.json").read_text())

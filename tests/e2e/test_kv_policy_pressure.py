@@ -33,7 +33,8 @@ SOAK_DOCUMENTS = int(os.environ.get("LAVA_SOAK_DOCUMENTS", str(NUM_DOCUMENTS)))
 BUDGET = 0.25
 SERVER_ARGS = ["--dtype", "float32", "--max-total-tokens", str(MAX_TOTAL_TOKENS), "--enable-cache-report",
                "--chunked-prefill-size", str(CHUNKED_PREFILL),
-               "--kv-policy", "lava", "--kv-budget", str(BUDGET), "--kv-compress-on", "fork,shared"]
+               "--kv-policy", "lava", "--kv-budget", str(BUDGET), "--kv-compress-on", "fork,shared",
+               "--kv-observe", "tail"]  # compressed at commit: this module tests the cache under pressure
 
 
 @pytest.fixture(scope="module")

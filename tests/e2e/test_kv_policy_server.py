@@ -69,7 +69,7 @@ def test_budget_covering_the_document_reproduces_stock_sglang(smollm2_path, tmp_
     with serve(smollm2_path, tmp_path, "none", ["--kv-policy", "none"]) as server:
         none_answers, _ = run_program(server.url, program_inputs)
         none_state = requests.get(server.url + "/server_info", timeout=60).json()["internal_states"][0]
-    with serve(smollm2_path, tmp_path, "lava-full", ["--kv-policy", "lava", "--kv-budget", "1.0"]) as server:
+    with serve(smollm2_path, tmp_path, "lava-full", ["--kv-policy", "lava", "--kv-budget", "1.0", "--kv-observe", "tail"]) as server:
         lava_answers, meta_info = run_program(server.url, program_inputs)
         stats = store_stats(server.url)
     assert all(answer.strip() for answer in stock_answers)
@@ -89,7 +89,9 @@ def test_budget_covering_the_document_reproduces_stock_sglang(smollm2_path, tmp_
 @pytest.fixture(scope="module")
 def lava_server(smollm2_path, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("sglang") / "lava.log"
-    args = ["--kv-policy", "lava", "--kv-budget", "0.25", "--kv-compress-on", "fork,shared", "--enable-metrics"]
+    # Compressed at commit (the tail window): this module tests the radix cache and the attention.
+    args = ["--kv-policy", "lava", "--kv-budget", "0.25", "--kv-compress-on", "fork,shared", "--kv-observe", "tail",
+            "--enable-metrics"]
     with ServerProcess(smollm2_path, BASE_ARGS + args, log_path=log_path) as server:
         flush(server.url)
         server.initial_stats = store_stats(server.url)

@@ -62,12 +62,16 @@ def test_bad_values_name_the_flag(flag, value):
         from_namespace(parse("--kv-policy", "lava", flag, value))
 
 
-@pytest.mark.parametrize("source", ["branches", "reconstruct"])
-def test_deferred_sources_observe_fork_prefixes(source):
+@pytest.mark.parametrize("source", ["branches", "reconstruct", "tail"])
+def test_observation_sources(source):
     config = from_namespace(parse("--kv-policy", "lava", "--kv-observe", source, "--kv-observe-wait", "2.5"))
     assert (config.observe, config.observe_wait) == (source, 2.5)
-    with pytest.raises(ConfigError, match="--kv-compress-on must include fork"):
-        from_namespace(parse("--kv-policy", "lava", "--kv-observe", source, "--kv-compress-on", "shared"))
+
+
+def test_the_default_source_is_the_repetition_and_shared_prefixes_need_no_fork():
+    assert from_namespace(parse("--kv-policy", "lava")).observe == "reconstruct"
+    # Shared prefixes are scored by their recomputed window whatever --kv-observe says.
+    assert from_namespace(parse("--kv-policy", "lava", "--kv-compress-on", "shared")).compress_on == ("shared",)
 
 
 def test_policy_options_and_repetition_flags():
