@@ -15,25 +15,35 @@ LAYER_BUDGETS = ("entropy", "uniform", "global")
 HEAD_BUDGETS = ("topk", "uniform")
 
 
+#: The paper's LAVa (lava.md): value-norm-scaled, max-pooled scores, entropy layer budgets,
+#: one top-k per layer for the head budgets.
+PAPER_SPEC = "lava:layer_budget=entropy,value_norm=true,pool_kernel=7"
+
+
 @dataclass(frozen=True)
 class Lava(WindowPolicy):
-    """Scores are comparable across heads (value-norm scale), so one top-k per layer sets the
-    head budgets; layers get budgets in proportion to the entropy of their scores.
+    """LAVa's scores (GQA max, optionally max-pooled and scaled by the head's largest value
+    norm) and its allocation options.
 
-    The defaults are the paper's. The other values exist for the ablations of
-    docs/allocation.md: `layer_budget` "uniform" gives every layer the same budget, "global"
-    replaces both the layer and the head budgets by one threshold over all layers and heads
-    (KVzip's allocation of LAVa's scores); `head_budget` "uniform" splits a layer's budget
-    evenly over its heads; `value_norm` False drops the value-norm scale.
+    `layer_budget`: "entropy" (the paper: layers get budgets in proportion to the entropy of
+    their scores, and one top-k per layer sets the head budgets, with the safeguard
+    `alpha`), "uniform" (every layer the same budget, heads by that top-k) or "global" (one
+    threshold over all layers and heads, KVzip's allocation; `alpha` and `head_budget` do
+    not apply). `head_budget` "uniform" splits a layer's budget evenly over its heads.
+
+    The defaults are what measured best on prefixes scored by a repetition (the server's
+    default source; docs/allocation.md): global budgets over the unpooled, unscaled scores.
+    The paper's configuration is `PAPER_SPEC`.
     """
 
     name: ClassVar[str] = "lava"
     gqa_reduce: ClassVar[str] = "max"
 
+    pool_kernel: int = 1
     alpha: float = 0.2
-    layer_budget: str = "entropy"
+    layer_budget: str = "global"
     head_budget: str = "topk"
-    value_norm: bool = True
+    value_norm: bool = False
 
     @property
     def scale_by_value_norm(self) -> bool:

@@ -8,6 +8,7 @@ import torch
 from lava_sglang.policy import (Branches, ObservationWindow, PlanBuilder, Reconstruct, combine_window_masses,
                                 compress_plan, make_observe, make_policy, repeat_attention_chunk, repeat_chunks,
                                 repeat_attention_max)
+from lava_sglang.policy.lava import PAPER_SPEC
 from lava_sglang.policy.scores import pool_scores, prefix_attention_mass, window_attention_mass
 
 
@@ -75,7 +76,9 @@ def same_plan(a, b) -> bool:
         torch.equal(x, y) for la, lb in zip(a.kept, b.kept) for x, y in zip(la, lb))
 
 
-@pytest.mark.parametrize("policy", ["lava", "snapkv", "ada_snapkv", "streamingllm"])
+# The normalisation of a window is one scalar per layer: invisible to per-layer allocations
+# (not to a global threshold across layers, as kvzip's and lava's default).
+@pytest.mark.parametrize("policy", [PAPER_SPEC, "snapkv", "ada_snapkv", "streamingllm"])
 def test_the_tail_window_alone_gives_the_tail_plan_under_either_source(policy):
     q, k, v, _ = random_prefix()
     tail_plan = compress_plan(policy, q, k, v, 16, window=8)
@@ -87,8 +90,8 @@ def test_the_tail_window_alone_gives_the_tail_plan_under_either_source(policy):
 def test_branches_plan_is_lava_on_the_combined_mass():
     q, k, v, branches = random_prefix()
     windows = [[ObservationWindow(layer_q)] + layer_branches for layer_q, layer_branches in zip(q, branches)]
-    plan = build("lava", Branches(combine="max"), (windows, k, v))
-    policy = make_policy("lava", window=8)
+    plan = build(PAPER_SPEC, Branches(combine="max"), (windows, k, v))
+    policy = make_policy(PAPER_SPEC, window=8)
     expected = PlanBuilder(policy, 16, seq_len=40, num_layers=2, num_kv_heads=2)
     for layer_windows, keys, values in zip(windows, k, v):
         mass = combine_window_masses([w.mass(keys, 32, "max") for w in layer_windows], "max")
@@ -96,7 +99,7 @@ def test_branches_plan_is_lava_on_the_combined_mass():
         expected.add_layer_scores(policy.scores_from_mass(mass, values))
         torch.testing.assert_close(policy.scores_from_mass(mass, values).scores, scores)
     assert same_plan(plan, expected.finish())
-    assert not same_plan(plan, compress_plan("lava", q, k, v, 16, window=8))
+    assert not same_plan(plan, compress_plan(PAPER_SPEC, q, k, v, 16, window=8))
 
 
 def test_branches_without_the_tail_scores_by_the_branches_alone():
@@ -111,12 +114,13 @@ def test_repeat_scores_reduce_the_group_and_scale_by_the_value_norm():
     repeat = torch.tensor([[0.1, 0.5, 0.2, 0.0], [0.3, 0.1, 0.1, 0.0]])
     values = torch.ones(1, 6, 2)
     values[0, 0] = 3.0  # L1 norm 6 at token 0: vbar = 6
-    for policy, expected in (("lava", [[0.3, 0.5, 0.2, 0.0]]), ("snapkv", [[0.2, 0.3, 0.15, 0.0]])):
+    paper = PAPER_SPEC + ",pool_kernel=1"
+    for policy, expected in ((paper, [[0.3, 0.5, 0.2, 0.0]]), ("snapkv", [[0.2, 0.3, 0.15, 0.0]])):
         builder = PlanBuilder(make_policy(policy, window=2, pool_kernel=1), 3, seq_len=6, num_layers=1,
                               num_kv_heads=1, observe="reconstruct")
         builder.add_layer_repeat(repeat, values)
         plan = builder.finish()
-        scale = 6.0 if policy == "lava" else 1.0
+        scale = 6.0 if policy == paper else 1.0
         best = int(torch.tensor(expected).argmax())
         assert plan.kept[0][0].tolist() == [best, 4, 5]
         assert plan.layer_entropy[0] == pytest.approx(

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lava_sglang.policy import POLICIES, PlanBuilder, compress_plan, make_policy, resolve_budget
+from lava_sglang.policy.lava import PAPER_SPEC
 from lava_sglang.policy.scores import layer_entropy, pool_scores, window_attention_mass
 
 SCORED = ["lava", "kvzip", "snapkv", "ada_snapkv", "pyramidkv"]
@@ -107,7 +108,7 @@ def test_lava_value_norm_moves_budget_to_the_head_with_large_values():
     # its 100x larger value norm, and head 1 takes the whole budget instead.
     q, k, v = two_head_layer(value_scale_head0=0.01, value_scale_head1=1.0)
     ada = compress_plan("ada_snapkv", q, k, v, 6, window=2, pool_kernel=1, alpha=0.0)
-    lava = compress_plan("lava", q, k, v, 6, window=2, pool_kernel=1, alpha=0.0)
+    lava = compress_plan(PAPER_SPEC + ",pool_kernel=1,alpha=0", q, k, v, 6, window=2)
     assert ada.head_budgets == [[8, 0]]
     assert lava.head_budgets == [[0, 8]]
     assert ada.kept[0][0].tolist() == list(range(8)) + [18, 19]
@@ -121,7 +122,7 @@ def test_lava_uses_max_over_the_query_group():
     k = torch.zeros(1, seq_len, head_dim)
     k[0, 5, 0] = 1.0
     v = torch.ones(1, seq_len, head_dim)
-    plan = make_policy("lava", window=window, pool_kernel=1)
+    plan = make_policy(PAPER_SPEC + ",pool_kernel=1", window=window)
     scores = plan.layer_scores(q, k, v).scores
     expected = window_attention_mass(q, k, "max") * v[:, :-window].abs().sum(-1).amax(-1, keepdim=True)
     assert torch.allclose(scores, expected)
@@ -136,7 +137,7 @@ def test_lava_gives_more_budget_to_the_layer_with_higher_entropy():
     k = torch.zeros(1, seq_len, head_dim)
     k[0, 7, 0] = 1.0
     v = torch.ones(1, seq_len, head_dim)
-    plan = compress_plan("lava", [flat_q, peaked_q], [k, k], [v, v], 12, window=window, pool_kernel=1)
+    plan = compress_plan(PAPER_SPEC + ",pool_kernel=1", [flat_q, peaked_q], [k, k], [v, v], 12, window=window)
     assert plan.layer_entropy[0] == pytest.approx(1.0, abs=1e-5)
     assert plan.layer_entropy[1] < 0.1
     assert plan.layer_budgets[0] > plan.layer_budgets[1]
@@ -148,7 +149,7 @@ def test_lava_gives_more_budget_to_the_layer_with_higher_entropy():
 def test_lava_layer_budgets_clamp_at_the_prefix_and_hand_the_rest_on():
     q, k, v = random_layers(num_layers=3, num_q_heads=2, num_kv_heads=1, seq_len=20, window=4)
     q[0] = torch.zeros_like(q[0])  # the highest-entropy layer would exceed m = 16
-    plan = compress_plan("lava", q, k, v, 15, window=4, pool_kernel=1)
+    plan = compress_plan(PAPER_SPEC + ",pool_kernel=1", q, k, v, 15, window=4)
     assert max(plan.layer_budgets) <= 16
     assert sum(plan.layer_budgets) >= 3 * 11 - 3
 
@@ -241,8 +242,8 @@ def test_kvzip_scores_are_the_raw_group_max_with_sinks_forced():
 
 def test_lava_global_budget_is_one_threshold_over_lava_scores():
     q, k, v = random_layers(num_layers=3, num_q_heads=4, num_kv_heads=2, seq_len=40, window=8)
-    paper = make_policy("lava", window=8, pool_kernel=1)  # unpooled: no ties at the threshold
-    plan = compress_plan(make_policy("lava:layer_budget=global", window=8, pool_kernel=1), q, k, v, 16)
+    paper = make_policy(PAPER_SPEC + ",pool_kernel=1", window=8)  # unpooled: no ties at the threshold
+    plan = compress_plan(make_policy(PAPER_SPEC + ",layer_budget=global,pool_kernel=1", window=8), q, k, v, 16)
     scores = torch.stack([paper.layer_scores(*layer).scores for layer in zip(q, k, v)])
     counts = (scores >= torch.sort(scores.flatten(), descending=True).values[47]).sum(-1)
     assert plan.head_budgets == counts.tolist()
@@ -250,13 +251,24 @@ def test_lava_global_budget_is_one_threshold_over_lava_scores():
 
 def test_lava_ablation_switches():
     q, k, v = two_head_layer(value_scale_head0=0.01, value_scale_head1=1.0)
-    no_norm = compress_plan(make_policy("lava:value_norm=false,alpha=0", window=2, pool_kernel=1), q, k, v, 6)
+    no_norm = compress_plan(make_policy(PAPER_SPEC + ",value_norm=false,alpha=0,pool_kernel=1", window=2),
+                            q, k, v, 6)
     assert no_norm.head_budgets == [[8, 0]]  # as Ada-SnapKV: attention alone decides
-    even = compress_plan(make_policy("lava:head_budget=uniform", window=2, pool_kernel=1), q, k, v, 6)
+    even = compress_plan(make_policy(PAPER_SPEC + ",head_budget=uniform,pool_kernel=1", window=2), q, k, v, 6)
     assert even.head_budgets == [[4, 4]]
     q, k, v = random_layers(num_layers=3)
     uniform = compress_plan(make_policy("lava:layer_budget=uniform", window=8), q, k, v, 16)
     assert uniform.layer_budgets == [8, 8, 8]
+
+
+def test_lava_defaults_are_the_measured_best_and_the_paper_is_a_spec():
+    # docs/allocation.md: on repetition scores, one global threshold over the raw scores.
+    default, paper = make_policy("lava"), make_policy(PAPER_SPEC)
+    assert (default.layer_budget, default.value_norm, default.pool_kernel) == ("global", False, 1)
+    assert (paper.layer_budget, paper.value_norm, paper.pool_kernel, paper.alpha) == ("entropy", True, 7, 0.2)
+    q, k, v = random_layers(num_layers=3)
+    kvzip = compress_plan(make_policy("kvzip:sink_tokens=0", window=8), q, k, v, 16)
+    assert compress_plan("lava", q, k, v, 16, window=8).head_budgets == kvzip.head_budgets
 
 
 def test_policy_specs_set_fields_and_name_what_is_wrong():

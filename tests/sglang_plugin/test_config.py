@@ -78,7 +78,7 @@ def test_policy_options_and_repetition_flags():
     config = from_namespace(parse("--kv-policy", "lava:layer_budget=entropy,value_norm=false", "--kv-observe",
                                   "reconstruct", "--kv-observe-chunk", "512", "--kv-observe-normalize", "local"))
     policy = config.make_policy()
-    assert (policy.layer_budget, policy.value_norm, policy.pool_kernel) == ("entropy", False, 7)
+    assert (policy.layer_budget, policy.value_norm, policy.pool_kernel) == ("entropy", False, 1)
     assert (config.repetition().chunk_tokens, config.repetition().normalize) == (512, "local")
     assert from_namespace(parse("--kv-policy", "kvzip", "--kv-observe", "reconstruct")).make_policy().pool_kernel == 1
     with pytest.raises(ConfigError, match="--kv-policy lava:budget=3: policy 'lava:budget=3': options must be"):
