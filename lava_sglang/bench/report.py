@@ -204,6 +204,9 @@ def plot(records: list[dict], config: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     records = normalise(records)
+    single_source = len(config.get("observe", ["tail"])) == 1 and "query_aware" not in config["modes"]
+    palette = plt.get_cmap("tab20").colors
+    policy_colors = {policy: palette[index % len(palette)] for index, policy in enumerate(_scored_policies(records))}
     panels = [(task, split) for task in config["tasks"] for split in _splits(records)]
     contexts = config["contexts"]
     figure, axes = plt.subplots(len(contexts), len(panels), figsize=(4.4 * len(panels), 3.6 * len(contexts)),
@@ -224,6 +227,8 @@ def plot(records: list[dict], config: dict, path: Path) -> None:
                     color, marker, style = "gray", "x", ":"
                     if where["mode"] == "query_aware":
                         continue  # the compress-once streamingllm line is the reference
+                elif single_source:  # one source: a colour per policy, so variants can be told apart
+                    color, marker, style = policy_colors[where["policy"]], *POLICY_MARKER.get(where["policy"], ("o", "-"))
                 else:
                     source = "per question" if where["mode"] == "query_aware" else where["observe"]
                     color = SOURCE_COLOR.get(source, "tab:orange")
@@ -243,10 +248,13 @@ def plot(records: list[dict], config: dict, path: Path) -> None:
                 axis.set_ylabel(label if len(config["tasks"]) == 1 else "accuracy / top-1")
             axis.grid(alpha=0.3)
     handles, labels = axes[0][0].get_legend_handles_labels()
-    columns = min(6, len(labels))
+    # As many columns as the longest label lets fit across the figure (7-point text).
+    label_inches = 0.06 * max(map(len, labels), default=1) + 0.5
+    columns = max(1, min(6, len(labels), int(figure.get_figwidth() // label_inches)))
     figure.legend(handles, labels, fontsize=7, loc="lower center", ncol=columns, bbox_to_anchor=(0.5, 0.0))
     # Room below the axes for the legend: about 0.17 inch per legend row, plus a margin.
     legend_inches = 0.2 + 0.17 * math.ceil(len(labels) / columns)
+    figure.set_figheight(figure.get_figheight() + legend_inches)  # the panels keep their height
     figure.tight_layout(rect=(0, legend_inches / figure.get_figheight(), 1, 1))
     figure.savefig(path, dpi=110)
     plt.close(figure)
