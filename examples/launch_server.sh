@@ -15,8 +15,10 @@ args=(
     --model-path "$MODEL"
     --host 127.0.0.1 --port "$PORT"
 
-    # The policy: lava (per-layer and per-KV-head budgets), or snapkv, ada_snapkv, pyramidkv,
-    # streamingllm; none is stock SGLang.
+    # The policy: lava (its default allocation, one budget threshold over all layers and KV
+    # heads, measured best on documents scored by their repetition; docs/allocation.md), or
+    # kvzip, snapkv, ada_snapkv, pyramidkv, streamingllm; none is stock SGLang. The paper's
+    # LAVa: lava:layer_budget=entropy,value_norm=true,pool_kernel=7.
     --kv-policy lava
 
     # How much of a compressed document is kept: a keep ratio in (0, 1] (0.2 keeps 20% of its
@@ -29,12 +31,16 @@ args=(
     # Use both when clients mix frontend programs and the OpenAI API.
     --kv-compress-on fork,shared
 
-    # What scores a forked document: `tail` (its own last --kv-window tokens, compressed as
-    # soon as it is committed) or `branches` (also the forked questions: the document is
-    # compressed once its branches have run on it in full, and later questions read the
-    # compressed copy; docs/observe.md). `branches` keeps what the questions asked about.
-    --kv-observe branches
+    # What scores a forked document: `reconstruct` (the default: the server repeats the
+    # document, chunk by chunk, and keeps what the repetition attends to; query-agnostic, so
+    # questions asked later find their facts), `tail` (its own last --kv-window tokens,
+    # compressed as soon as it is committed) or `branches` (also the forked questions).
+    # The forked questions of the first visit are answered on the full document meanwhile;
+    # later ones read the compressed copy (docs/observe.md, docs/kvzip.md).
+    --kv-observe reconstruct
     --kv-observe-wait 30
+    # Repetition chunk: the extra KV while a document is scored is one chunk and its prompt.
+    --kv-observe-chunk 256
 
     # Prefixes shorter than this are kept whole (compressing a short prompt saves little).
     --kv-min-prefix 256

@@ -207,6 +207,11 @@ def plot(records: list[dict], config: dict, path: Path) -> None:
     single_source = len(config.get("observe", ["tail"])) == 1 and "query_aware" not in config["modes"]
     palette = plt.get_cmap("tab20").colors
     policy_colors = {policy: palette[index % len(palette)] for index, policy in enumerate(_scored_policies(records))}
+    # Named sources keep their colours; variants (reconstruct:chunk_tokens=256) get their own.
+    spare = iter(["tab:orange", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"])
+    source_colors = {source: SOURCE_COLOR.get(source) or next(spare, "tab:gray")
+                     for source in config.get("observe", ["tail"])}
+    source_colors["per question"] = SOURCE_COLOR["per question"]
     panels = [(task, split) for task in config["tasks"] for split in _splits(records)]
     contexts = config["contexts"]
     figure, axes = plt.subplots(len(contexts), len(panels), figsize=(4.4 * len(panels), 3.6 * len(contexts)),
@@ -231,7 +236,7 @@ def plot(records: list[dict], config: dict, path: Path) -> None:
                     color, marker, style = policy_colors[where["policy"]], *POLICY_MARKER.get(where["policy"], ("o", "-"))
                 else:
                     source = "per question" if where["mode"] == "query_aware" else where["observe"]
-                    color = SOURCE_COLOR.get(source, "tab:orange")
+                    color = source_colors.get(source, "tab:purple")
                     marker, style = POLICY_MARKER.get(where["policy"], ("P", "-."))
                 ratios = [r["keep_ratio"] for r in found]
                 values = [r[metric] for r in found]

@@ -92,7 +92,7 @@ def test_memory_bound_defaults_and_capacity():
                                                  "--clients", "3"]))
     assert (config.documents, config.order, config.clients) == (5, "grouped", 3)
     plain = config_from_args(parser.parse_args([]))
-    assert len(plain.policies) == 6 and plain.order == "grouped" and plain.questions_per_visit == 0
+    assert len(plain.policies) == 7 and plain.order == "grouped" and plain.questions_per_visit == 0
     assert plain.clients == 2
     assert memory_bound_capacity([1000, 1100], 3) == 3584  # 3 * 1100 + 256, rounded up to 64
     assert memory_bound_capacity([1000, 1100], 3) % 64 == 0
