@@ -18,8 +18,10 @@ them), flash-style in two passes:
    over the group; and the block's largest value L1 norm.
 
 Memory is O(splits * Hq * w + Hkv * m). Pooling (on [Hkv, m]), the vbar scale and the
-entropy are the policy's own functions, so the statistics equal `Lava().layer_scores` /
-`SnapKV().layer_scores` on the gathered rows up to fp32 summation order.
+entropy are the policy's own functions, so the statistics equal a window policy's
+`layer_scores` with the same `gqa_reduce`, `pool_kernel` and value-norm choice (by default
+the paper's LAVa, `make_policy(lava.PAPER_SPEC)`; SnapKV with mean, no scale) on the
+gathered rows up to fp32 summation order.
 """
 
 from __future__ import annotations

@@ -5,8 +5,8 @@ import torch
 
 from lava_sglang.kernels.compaction import CompactionRows, copy_rows, copy_rows_reference
 from lava_sglang.kernels.window_stats import window_statistics
-from lava_sglang.policy import PlanBuilder, compress_plan
-from lava_sglang.policy.lava import Lava
+from lava_sglang.policy import PlanBuilder, compress_plan, make_policy
+from lava_sglang.policy.lava import PAPER_SPEC
 
 SENTINEL = -7.0
 
@@ -83,7 +83,7 @@ def test_kernel_statistics_plan_and_compaction_end_to_end(device):
                  for _ in range(num_layers)]
     v_buffers = [torch.randn(pool_size, num_kv_heads, head_dim, generator=generator).to(device)
                  for _ in range(num_layers)]
-    policy = Lava(window=window)
+    policy = make_policy(PAPER_SPEC, window=window)  # window_statistics' defaults are the paper's
     builder = PlanBuilder(policy, 0.3, seq_len=seq_len, num_layers=num_layers, num_kv_heads=num_kv_heads)
     for layer in range(num_layers):
         stats = window_statistics(q[layer], k_buffers[layer], v_buffers[layer], slots)

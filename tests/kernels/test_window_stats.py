@@ -4,9 +4,15 @@ import pytest
 import torch
 
 from lava_sglang.kernels.window_stats import window_statistics, window_statistics_reference
-from lava_sglang.policy.lava import Lava
+from lava_sglang.policy import make_policy
+from lava_sglang.policy.lava import PAPER_SPEC, Lava
 from lava_sglang.policy.scores import pool_scores, value_norm_scale, window_attention_mass
 from lava_sglang.policy.snapkv import SnapKV
+
+
+def paper_lava(window: int) -> Lava:
+    """The paper's LAVa (GQA max, pooling 7, value norm): what `window_statistics` computes by default."""
+    return make_policy(PAPER_SPEC, window=window)
 
 # The policy upcasts its inputs to fp32 and computes there; the kernel multiplies the same
 # values in an fp32 accumulator. For bf16 inputs the products of two bf16 numbers are exact
@@ -80,7 +86,7 @@ def test_edge_lengths(device, window, seq_len):
     # Prefix of 1 token, window of 1 query, and lengths across the 64-key blocks.
     q, k_buffer, v_buffer, slots = _pool_inputs(4, 2, window, seq_len, 64, torch.float32, device)
     keys, values = _gathered(k_buffer, v_buffer, slots)
-    expected = Lava(window=window).layer_scores(q, keys, values)
+    expected = paper_lava(window).layer_scores(q, keys, values)  # the kernel's defaults are the paper's
     for keys_per_split in (None, 7):
         stats = window_statistics(q, k_buffer, v_buffer, slots, keys_per_split=keys_per_split)
         _assert_scores_close(stats.scores, expected.scores)
@@ -90,7 +96,7 @@ def test_edge_lengths(device, window, seq_len):
 def test_reference_is_the_policy(device):
     q, k_buffer, v_buffer, slots = _pool_inputs(8, 2, 7, 40, 64, torch.float32, device)
     reference = window_statistics_reference(q, k_buffer, v_buffer, slots)
-    expected = Lava(window=7).layer_scores(q, *_gathered(k_buffer, v_buffer, slots))
+    expected = paper_lava(7).layer_scores(q, *_gathered(k_buffer, v_buffer, slots))
     assert torch.equal(reference.scores, expected.scores) and reference.entropy == expected.entropy
 
 
@@ -121,7 +127,7 @@ def test_long_document_reads_the_pool_in_place(cuda_only):
     # memory, far less than one gathered copy of the document's keys.
     num_kv_heads, head_dim, window, seq_len = 8, 128, 32, 32768
     q, k_buffer, v_buffer, slots = _pool_inputs(32, num_kv_heads, window, seq_len, head_dim, torch.bfloat16, cuda_only)
-    expected = Lava(window=window).layer_scores(q, *_gathered(k_buffer, v_buffer, slots))
+    expected = paper_lava(window).layer_scores(q, *_gathered(k_buffer, v_buffer, slots))
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
