@@ -315,8 +315,7 @@ def compress_plan(
     Raises ValueError naming the offending argument.
     """
     if not isinstance(policy, Policy):
-        options = {"pool_kernel": pool_kernel, "alpha": alpha}
-        policy = make_policy(policy, window=window, **{key: value for key, value in options.items() if value is not None})
+        policy = make_policy(policy, window=window, pool_kernel=pool_kernel, alpha=alpha)  # None: the policy's own
     lists = {"q_window": q_window, "keys": keys, "values": values}
     for name, value in lists.items():
         if isinstance(value, torch.Tensor) or not isinstance(value, Sequence) or len(value) == 0:

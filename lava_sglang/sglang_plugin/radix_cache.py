@@ -137,7 +137,7 @@ class LavaRadixCache(RadixCache):
     # ----------------------------------------------------------------- state
 
     def reset(self):
-        for repetition in {id(scores): scores for scores in self.repetitions.values()}.values():
+        for repetition in self._live_repetitions():
             repetition.failed = "the cache was flushed"
             self._retire(repetition)
         super().reset()
@@ -156,12 +156,15 @@ class LavaRadixCache(RadixCache):
             "evictable": self.evictable_size_,
             "protected": self.protected_size_,
             "pending": len(self.pending),
-            "repetitions": len({id(scores) for scores in self.repetitions.values()}),
-            "repetition_scored": [[scores.num_scored, scores.num_queries]
-                                  for scores in {id(s): s for s in self.repetitions.values()}.values()],
+            "repetitions": len(self._live_repetitions()),
+            "repetition_scored": [[scores.num_scored, scores.num_queries] for scores in self._live_repetitions()],
             "repetitions_cut_short": self.repetitions_cut_short,
             "last_repetition": self.last_repetition,
         }
+
+    def _live_repetitions(self) -> list[RepetitionScores]:
+        """The repetitions under way, each once (`repetitions` is keyed by chunk request id)."""
+        return list({id(scores): scores for scores in self.repetitions.values()}.values())
 
     # -------------------------------------------------------------- matching
 

@@ -45,7 +45,6 @@ class RepetitionChunk:
     rid: str
     copied: tuple[int, int]
     prompt_len: int
-    num_layers: int
     # Per layer, the position up to which the chunk's queries are scored without a gap
     # (tokens of the prefix the request recomputes are not repetition queries).
     scored_until: list[int] = field(default_factory=list)
@@ -94,7 +93,7 @@ class RepetitionScores:
             if start >= selectable:
                 break
             prompt = source.chunk_prompt(prefix_ids, start, encode)
-            chunks.append(RepetitionChunk(f"{base}-{index}", (start, end), len(prompt), num_layers))
+            chunks.append(RepetitionChunk(f"{base}-{index}", (start, end), len(prompt)))
             input_ids.append(prefix_ids + prompt + prefix_ids[start:end])
         return cls(prefix_len=prefix_len, selectable=selectable, num_layers=num_layers, source=source, chunks=chunks,
                    input_ids=input_ids)

@@ -98,13 +98,17 @@ def test_a_document_is_compressed_once_by_its_repetition(server, document, token
                                                                   "observe_chunk", "observe_normalize")},
               "visit_records": [{"visit": visit, "document": 0, "prefix_tokens": prefix_tokens,
                                  "commit_cached_tokens": cached} for visit, cached in ((0, 0), (1, prefix_tokens - 1))],
-              "question_records": [{"visit": 1, "document": 0, "question": q, "answer": answer, "expected": None,
+              # The first visit's branches ran on the full prefix, the second visit's on the copy.
+              "question_records": [{"visit": visit, "document": 0, "question": q, "answer": answer, "expected": None,
                                     "correct": None, "cached_tokens": meta["cached_tokens"],
                                     "prompt_tokens": meta["prompt_tokens"]}
-                                   for q, answer, meta in zip(range(1, 4), later, later_meta)]}
+                                   for visit, questions, visit_answers, visit_meta in
+                                   ((0, range(2), answers, meta_info), (1, range(1, 4), later, later_meta))
+                                   for q, answer, meta in zip(questions, visit_answers, visit_meta)]}
     rows = reference_answers(ReferenceRuntime.load(smollm2_path, window=options["window"]), [document], record,
                              ANSWER_TOKENS, progress=False)
-    assert all(row["compressed"] and row["prompt_tokens_match"] for row in rows)
+    assert [row["compressed"] for row in rows] == [False] * 2 + [True] * 3
+    assert all(row["prompt_tokens_match"] for row in rows)
     assert all(row["identical"] for row in rows), [(row["server_answer"], row["reference_answer"]) for row in rows]
 
     assert requests.post(server.url + "/flush_cache", timeout=60).status_code == 200
