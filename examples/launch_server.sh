@@ -40,7 +40,7 @@ args=(
     --kv-observe reconstruct
     --kv-observe-wait 30
     # Repetition chunk: the extra KV while a document is scored is one chunk and its prompt.
-    --kv-observe-chunk 256
+    --kv-observe-chunk 512
 
     # Prefixes shorter than this are kept whole (compressing a short prompt saves little).
     --kv-min-prefix 256

@@ -115,6 +115,26 @@ def retrieval_fact_counts(num_questions: int, pattern: Sequence[int]) -> list[in
         counts.append(min(facts, left))
 
 
+def benchmark_documents(task: str, context: int, num_questions: int, count_tokens, seed: int = 0,
+                        facts_per_document: Sequence[int] = (1, 4, 8)) -> list[Document]:
+    """The documents and questions of one (task, context) cell of the benchmark, as a run with
+    `seed` asks them (count_tokens: text -> token count of the model's tokenizer)."""
+    seed = seed * 1_000_003 + context + (0 if task == "retrieval" else 7)
+    if task == "retrieval":
+        counts = retrieval_fact_counts(num_questions, facts_per_document)
+        documents = retrieval_documents(count_tokens, context, counts, seed)
+        # Facts are planted latest-first, so question order follows position in the document;
+        # shuffled, the split (first half at compression) does not pick the facts near the end.
+        order = random.Random(seed)
+        for document in documents:
+            order.shuffle(document.questions)
+        return documents
+    num_documents = math.ceil(num_questions / FIDELITY_QUESTIONS_PER_DOCUMENT)
+    documents = fidelity_documents(count_tokens, context, num_documents, FIDELITY_QUESTIONS_PER_DOCUMENT, seed)
+    del documents[-1].questions[num_questions - (num_documents - 1) * FIDELITY_QUESTIONS_PER_DOCUMENT:]
+    return documents
+
+
 class _Cells:
     """Per-question results collected per (task, context, mode, observe, split, policy, ratio)."""
 
@@ -172,21 +192,8 @@ class QualityBenchmark:
         return len(self._ids(text))
 
     def documents(self, task: str, context: int, num_questions: int) -> list[Document]:
-        seed = self.config.seed * 1_000_003 + context + (0 if task == "retrieval" else 7)
-        if task == "retrieval":
-            counts = retrieval_fact_counts(num_questions, self.config.facts_per_document)
-            documents = retrieval_documents(self._count_tokens, context, counts, seed)
-            # Facts are planted latest-first, so question order follows position in the document;
-            # shuffled, the split (first half at compression) does not pick the facts near the end.
-            order = random.Random(seed)
-            for document in documents:
-                order.shuffle(document.questions)
-            return documents
-        num_documents = math.ceil(num_questions / FIDELITY_QUESTIONS_PER_DOCUMENT)
-        documents = fidelity_documents(self._count_tokens, context, num_documents, FIDELITY_QUESTIONS_PER_DOCUMENT,
-                                       seed)
-        del documents[-1].questions[num_questions - (num_documents - 1) * FIDELITY_QUESTIONS_PER_DOCUMENT:]
-        return documents
+        return benchmark_documents(task, context, num_questions, self._count_tokens, self.config.seed,
+                                   self.config.facts_per_document)
 
     def _prefill(self, token_ids: list[int], name: str = "prefill"):
         started = time.perf_counter()

@@ -35,7 +35,7 @@ from pathlib import Path
 from lava_sglang.bench.serve_workload import Visit, is_correct, program_inputs
 from lava_sglang.bench.stats import wilson_interval
 from lava_sglang.policy import POLICIES, policy_name
-from lava_sglang.sglang_plugin.config import BRANCHES, DEFERRED_OBSERVE_SOURCES, MAX_BRANCH_WINDOWS
+from lava_sglang.sglang_plugin.config import BRANCHES, CHAT, DEFERRED_OBSERVE_SOURCES, MAX_BRANCH_WINDOWS
 
 NO_COMPRESSION = "none"
 
@@ -101,8 +101,10 @@ def reference_answers(runtime, documents, record: dict, max_tokens: int, progres
                                 if other["visit"] == observer][:MAX_BRANCH_WINDOWS]
                     observation = runtime.observe(capture, observe, branches=branches)
                 elif observer is not None:  # the repetition, chunked and normalised as the server's
+                    prompt = options.get("observe_prompt")
                     observation = runtime.observe(capture, observe, chunk_tokens=options.get("observe_chunk"),
-                                                  normalize=options.get("observe_normalize"))
+                                                  normalize=options.get("observe_normalize"),
+                                                  chat_turn=None if prompt is None else prompt == CHAT)
                 plan = runtime.compress(capture, policy, options["budget"], observation=observation,
                                         window=options["window"], pool_kernel=options["pool_kernel"],
                                         alpha=options["alpha"]).plan

@@ -272,6 +272,12 @@ def summarize(policy: str, visits: list[dict], questions: list[dict], samples: l
     else:
         record["compressions"] = None
         record["compress_seconds_per_document"] = None
+    # --kv-observe reconstruct: the repetitions' wall time against their documents' prefills.
+    cost = (final_store or {}).get("repetition_cost") or {}
+    record["repetition_documents"] = cost.get("documents")
+    record["repetition_seconds_per_document"] = (cost["repetition_seconds"] / cost["documents"]
+                                                 if cost.get("documents") else None)
+    record["repetition_cost_ratio"] = cost.get("ratio")
     # Documents resident: the compressed store's entries where the server reports them; else
     # the radix tree's tokens over the document length where it reports its pool (--kv-policy
     # none); else (no plugin) the most full-length copies its pool can hold at once, an upper bound.

@@ -5,8 +5,8 @@
 
 from lava_sglang.policy.base import LayerScores, Policy, WindowPolicy
 from lava_sglang.policy.observe import (OBSERVE_SOURCES, REPEAT_NORMALIZATIONS, WINDOW_COMBINES, Branches, Observe,
-                                        ObservationWindow, Reconstruct, Tail, combine_window_masses, make_observe,
-                                        repeat_attention_chunk, repeat_attention_max, repeat_chunks)
+                                        ObservationWindow, Reconstruct, Tail, assistant_turn_text, combine_window_masses,
+                                        make_observe, repeat_attention_chunk, repeat_attention_max, repeat_chunks)
 from lava_sglang.policy.plan import CompressionPlan, PlanBuilder, compress_plan, resolve_budget
 from lava_sglang.policy.registry import POLICIES, make_policy, policy_name
 
@@ -20,6 +20,7 @@ __all__ = [
     "ObservationWindow",
     "Reconstruct",
     "Tail",
+    "assistant_turn_text",
     "combine_window_masses",
     "make_observe",
     "repeat_attention_chunk",

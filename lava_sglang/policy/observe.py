@@ -13,7 +13,7 @@ caller's (the reference runtime, the server); this module says what to feed the 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -184,13 +184,19 @@ class Reconstruct(Observe):
     continue_instruction: str = "\n\nRepeat the part of the previous context exactly, starting with "
     overlap_tokens: int = 8
     #: Prefix tokens per repetition chunk: the extra KV while scoring is one chunk and its
-    #: instruction, never the prefix twice. 256 answered as well as KVzip's 2048 and cost less
-    #: (docs/results/reuse/chunks).
-    chunk_tokens: int = 256
+    #: instruction, never the prefix twice. 512 kept as much as 256 or more on 1K and 2K-token
+    #: documents (80 questions each, docs/results/reuse/chunk512); one chunk for the whole
+    #: document keeps more still, at the cost of holding it twice.
+    chunk_tokens: int = 512
     #: Over which keys a repetition query's softmax is taken (`repeat_attention_chunk`).
     normalize: str = "global"
     #: Prefix tokens every chunk's local softmax includes (normalize "local").
     sink_tokens: int = 4
+    #: Repeat each chunk as the assistant's reply: the chat template's end of the user turn and
+    #: start of the assistant's follow the instruction (KVzip's prompt; `assistant_turn_text`).
+    #: It kept more of what later questions need than the instruction alone
+    #: (docs/results/reuse/prompt).
+    chat_turn: bool = True
 
     def validate(self) -> None:
         for name in ("instruction", "continue_instruction"):
@@ -202,14 +208,40 @@ class Reconstruct(Observe):
                 raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
         if self.normalize not in REPEAT_NORMALIZATIONS:
             raise ValueError(f"normalize must be one of {list(REPEAT_NORMALIZATIONS)}, got {self.normalize!r}")
+        if not isinstance(self.chat_turn, bool):
+            raise ValueError(f"chat_turn must be a bool, got {self.chat_turn!r}")
 
-    def chunk_prompt(self, tokens: Sequence[int], start: int, encode) -> list[int]:
+    def chunk_prompt(self, tokens: Sequence[int], start: int, encode, assistant_turn: str = "") -> list[int]:
         """What precedes the repetition of the chunk starting at prefix position `start`:
         the instruction, or for a later chunk the continue instruction and the previous
-        chunk's last tokens. encode: text -> token ids (no special tokens)."""
+        chunk's last tokens; with `chat_turn`, then `assistant_turn` (the chat template's
+        text between a user message and the reply, `assistant_turn_text`).
+        encode: text -> token ids (no special tokens added; a special token's text maps to it)."""
         if start == 0:
-            return list(encode(self.instruction))
-        return list(encode(self.continue_instruction)) + list(tokens[max(0, start - self.overlap_tokens):start])
+            prompt = list(encode(self.instruction))
+        else:
+            prompt = list(encode(self.continue_instruction)) + list(tokens[max(0, start - self.overlap_tokens):start])
+        if self.chat_turn:
+            if not assistant_turn:
+                raise ValueError("reconstruct:chat_turn=true needs the tokenizer's chat template (assistant_turn_text)")
+            prompt += list(encode(assistant_turn))
+        return prompt
+
+
+def assistant_turn_text(apply_chat_template: Callable) -> str:
+    """The text a chat template puts between a user message and the assistant's reply
+    (e.g. "<|im_end|>\n<|im_start|>assistant\n"), found as kvpress does: render a user
+    message ending in a marker with the generation prompt, and take what follows the marker.
+    apply_chat_template: an HF tokenizer's. Raises ValueError without a chat template."""
+    marker = "\n" + "#" * 16
+    try:
+        text = apply_chat_template([{"role": "user", "content": "context" + marker}], add_generation_prompt=True,
+                                   tokenize=False)
+    except (ValueError, TypeError) as error:  # HF raises ValueError when the tokenizer has no template
+        raise ValueError(f"the tokenizer has no usable chat template: {error}") from error
+    if not isinstance(text, str) or marker not in text:
+        raise ValueError("the chat template does not render the user message as given")
+    return text.split(marker, 1)[1]
 
 
 OBSERVE_SOURCES: dict[str, type[Observe]] = {cls.name: cls for cls in (Tail, Branches, Reconstruct)}

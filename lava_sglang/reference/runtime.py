@@ -33,7 +33,7 @@ import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from lava_sglang.policy import (Branches, CompressionPlan, LayerScores, Observe, ObservationWindow, PlanBuilder, Policy,
-                                Reconstruct, Tail, compress_plan, make_observe, make_policy,
+                                Reconstruct, Tail, assistant_turn_text, compress_plan, make_observe, make_policy,
                                 repeat_attention_chunk, repeat_chunks)
 from lava_sglang.policy.plan import repeat_scores, windows_scores
 from lava_sglang.reference.attention import attention_with_lse, causal_visibility, merge_attention_states
@@ -338,6 +338,8 @@ class ReferenceRuntime:
         def encode(text: str) -> list[int]:
             return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+        assistant_turn = assistant_turn_text(self.tokenizer.apply_chat_template) if source.chat_turn else ""
+
         for start, end in repeat_chunks(seq_len, source.chunk_tokens):
             def record(layer, query, key, scaling, start=start, end=end):
                 keys = torch.cat([batch.keys[layer][0], key[0]], dim=1)  # [Hkv, n + own, d]
@@ -347,7 +349,7 @@ class ReferenceRuntime:
                     repeat[layer] = scores.new_zeros(scores.shape[0], seq_len)
                 repeat[layer][:, start:end] = scores
 
-            tokens = source.chunk_prompt(capture.token_ids, start, encode) + capture.token_ids[start:end]
+            tokens = source.chunk_prompt(capture.token_ids, start, encode, assistant_turn) + capture.token_ids[start:end]
             self._forward(batch, torch.tensor([tokens]), record=record, logits_to_keep=1)
         return repeat
 

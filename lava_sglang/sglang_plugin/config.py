@@ -25,6 +25,8 @@ COMPRESS_TRIGGERS = (FORK, SHARED)
 TAIL, BRANCHES, RECONSTRUCT = "tail", "branches", "reconstruct"
 SERVER_OBSERVE_SOURCES = (TAIL, BRANCHES, RECONSTRUCT)
 DEFERRED_OBSERVE_SOURCES = (BRANCHES, RECONSTRUCT)  # a fork prefix waits for what observes it
+CHAT, PLAIN = "chat", "plain"
+OBSERVE_PROMPTS = (CHAT, PLAIN)  # --kv-observe-prompt: Reconstruct.chat_turn true / false
 # Bounds on what a deferred --kv-observe holds while prefixes wait: a window is the queries of
 # w tokens at every layer (~2 MB for SmolLM2 in fp32, ~16 MB for an 8B model); a repetition's
 # scores are Hq x n fp32 per layer (~1 MB per 1K tokens for SmolLM2).
@@ -62,6 +64,9 @@ class KvPolicyConfig:
         internal request per chunk; the extra KV while scoring is one chunk and its prompt).
     observe_normalize: under `reconstruct`, over which keys a repetition query's softmax is
         taken: `global` (all it sees) or `local` (KVzip's: sinks, copied chunk, repetition).
+    observe_prompt: under `reconstruct`, how each chunk is introduced: `chat` (the
+        instruction, then the chat template's opening of the assistant's reply, KVzip's
+        prompt) or `plain` (the instruction alone).
     """
 
     policy: str = NONE
@@ -69,12 +74,13 @@ class KvPolicyConfig:
     window: int = 32
     min_prefix: int = 256
     alpha: float = 0.2
-    pool_kernel: int | None = None  # None: the policy's own (7; kvzip does not pool)
+    pool_kernel: int | None = None  # None: the policy's own (lava and kvzip 1, the others 7)
     compress_on: tuple[str, ...] = (FORK,)
     observe: str = RECONSTRUCT
     observe_wait: float = 30.0
     observe_chunk: int = Reconstruct.chunk_tokens
     observe_normalize: str = Reconstruct.normalize
+    observe_prompt: str = CHAT if Reconstruct.chat_turn else PLAIN
 
     @property
     def enabled(self) -> bool:
@@ -85,7 +91,8 @@ class KvPolicyConfig:
 
     def repetition(self) -> Reconstruct:
         """The repetition `--kv-observe reconstruct` runs (docs/observe.md)."""
-        return Reconstruct(chunk_tokens=self.observe_chunk, normalize=self.observe_normalize)
+        return Reconstruct(chunk_tokens=self.observe_chunk, normalize=self.observe_normalize,
+                           chat_turn=self.observe_prompt == CHAT)
 
     def to_env(self) -> str:
         return json.dumps(dataclasses.asdict(self))
@@ -115,7 +122,7 @@ FLAGS = {
                       "Default 256."),
     "kv_alpha": ("--kv-alpha", "0.2", "LAVa's layer-budget strength alpha in [0, 1]. Default 0.2."),
     "kv_pool_kernel": ("--kv-pool-kernel", None, "Width of the score pooling (odd int >= 1). Default: the "
-                       "policy's own (7; kvzip 1, no pooling)."),
+                       "policy's own (lava and kvzip 1, no pooling; snapkv, ada_snapkv, pyramidkv 7)."),
     "kv_compress_on": ("--kv-compress-on", FORK,
                        "What gets compressed, comma-separated: fork (the prefix a frontend program commits "
                        "before fork()), shared (a prompt prefix of >= --kv-min-prefix tokens, once a second "
@@ -138,6 +145,11 @@ FLAGS = {
                              "With --kv-observe reconstruct: the softmax a repetition query's score is read from: "
                              "global (over every key it sees) or local (KVzip's: the first tokens, the chunk it "
                              f"copies and the repetition). Default {Reconstruct.normalize}."),
+    "kv_observe_prompt": ("--kv-observe-prompt", KvPolicyConfig.observe_prompt,
+                          "With --kv-observe reconstruct: how each repetition chunk is introduced: chat (the "
+                          "instruction, then the chat template's opening of the assistant's reply, as KVzip does; "
+                          "a model without a chat template falls back to plain) or plain (the instruction alone). "
+                          f"Default {KvPolicyConfig.observe_prompt}."),
 }
 
 
@@ -217,11 +229,14 @@ def from_namespace(args: argparse.Namespace) -> KvPolicyConfig:
     if observe_normalize not in REPEAT_NORMALIZATIONS:
         raise ConfigError(f"--kv-observe-normalize must be one of {', '.join(REPEAT_NORMALIZATIONS)}, "
                           f"got {observe_normalize!r}")
+    observe_prompt = str(args.kv_observe_prompt)
+    if observe_prompt not in OBSERVE_PROMPTS:
+        raise ConfigError(f"--kv-observe-prompt must be one of {', '.join(OBSERVE_PROMPTS)}, got {observe_prompt!r}")
     triggers = parse_triggers(args.kv_compress_on)
     config = KvPolicyConfig(policy=policy, budget=parse_budget(args.kv_budget), window=window,
                             min_prefix=min_prefix, alpha=alpha, pool_kernel=pool_kernel, compress_on=triggers,
                             observe=observe, observe_wait=observe_wait, observe_chunk=observe_chunk,
-                            observe_normalize=observe_normalize)
+                            observe_normalize=observe_normalize, observe_prompt=observe_prompt)
     if config.enabled:
         try:
             policy_object = config.make_policy()

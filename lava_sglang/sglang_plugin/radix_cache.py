@@ -52,7 +52,8 @@ from lava_sglang.sglang_plugin.config import (BRANCHES, DEFERRED_OBSERVE_SOURCES
                                               MAX_PENDING_PREFIXES, RECONSTRUCT, SHARED, KvPolicyConfig)
 from lava_sglang.sglang_plugin.metrics import StoreMetrics
 from lava_sglang.sglang_plugin.repetition import REPETITION_RID_PREFIX, RepetitionClient, RepetitionScores
-from lava_sglang.sglang_plugin.touchpoints import commit_deferred_frees, radix_cache_api
+from lava_sglang.sglang_plugin.touchpoints import (commit_deferred_frees, radix_cache_api,
+                                                   seconds_since_first_forward)
 from lava_sglang.store import CellLayout, CompressedStore, StoreEntry, slots_needed
 
 (RadixCache, RadixKey, TreeNode, EvictParams, EvictResult, IncLockRefResult, DecLockRefResult,
@@ -82,6 +83,7 @@ class PendingPrefix:
     deadline: float  # time.monotonic() after which it is compressed with what arrived
     branches: list[list[ObservationWindow]] = field(default_factory=list)  # per branch, per layer
     repetition: RepetitionScores | None = None
+    prefill_seconds: float | None = None  # the commit's prefill, to which the repetition's cost is compared
 
     def ready(self, now: float) -> bool:
         """Whether what observes it has arrived (a branch window; the repetition, run whole or
@@ -104,6 +106,31 @@ class PendingPrefix:
     def covers(self, key) -> bool:
         """Whether `key` starts with the whole committed prefix and goes beyond it."""
         return len(key) > len(self.full_key) and self.full_key.match(key) == len(self.full_key)
+
+
+@dataclass
+class RepetitionCost:
+    """What the repetitions that compressed prefixes cost against those prefixes' prefills
+    (wall seconds in the scheduler, shared with whatever else ran meanwhile)."""
+
+    documents: int = 0
+    repetition_seconds: float = 0.0
+    prefill_seconds: float = 0.0
+
+    def add(self, repetition_seconds: float, prefill_seconds: float | None) -> None:
+        if prefill_seconds:  # a commit without a forward stamp is left out of both sums
+            self.documents += 1
+            self.repetition_seconds += repetition_seconds
+            self.prefill_seconds += prefill_seconds
+
+    def stats(self) -> dict:
+        return {"documents": self.documents, "repetition_seconds": round(self.repetition_seconds, 3),
+                "prefill_seconds": round(self.prefill_seconds, 3),
+                "ratio": round(self.repetition_seconds / self.prefill_seconds, 3) if self.prefill_seconds else None}
+
+
+def _rounded(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds, 3)
 
 
 def _prompt_key(req):
@@ -132,6 +159,7 @@ class LavaRadixCache(RadixCache):
         self.retired_repetitions: dict[str, int] = {}  # chunk rid -> prefix length, for stopped repetitions
         self.repetitions_cut_short = 0  # prefixes compressed by their tail because the repetition did not finish
         self.last_repetition: dict | None = None  # the cost of the last repetition that compressed a prefix
+        self.repetition_cost = RepetitionCost()
         super().__init__(params)
 
     # ----------------------------------------------------------------- state
@@ -147,6 +175,7 @@ class LavaRadixCache(RadixCache):
         self.pending = []
         self.repetitions = {}
         self.last_repetition = None
+        self.repetition_cost = RepetitionCost()
         self.metrics.store_changed(self.store.stats())
 
     def stats(self) -> dict:
@@ -160,6 +189,7 @@ class LavaRadixCache(RadixCache):
             "repetition_scored": [[scores.num_scored, scores.num_queries] for scores in self._live_repetitions()],
             "repetitions_cut_short": self.repetitions_cut_short,
             "last_repetition": self.last_repetition,
+            "repetition_cost": self.repetition_cost.stats(),
         }
 
     def _live_repetitions(self) -> list[RepetitionScores]:
@@ -400,7 +430,8 @@ class LavaRadixCache(RadixCache):
                 self._compress_fork_prefix(req)  # nothing to wait for: the tail window, now
                 return
         pending = PendingPrefix(full_key, tail_queries, self.config.observe_wait,
-                                time.monotonic() + self.config.observe_wait, repetition=repetition)
+                                time.monotonic() + self.config.observe_wait, repetition=repetition,
+                                prefill_seconds=seconds_since_first_forward(req))
         self.pending.append(pending)
         logger.info("lava: prefix of %d tokens waits for its %s (at most %.0f s)", len(full_key),
                     "repetition" if repetition is not None else "branches", self.config.observe_wait)
@@ -421,7 +452,7 @@ class LavaRadixCache(RadixCache):
                 scores = RepetitionScores.plan(
                     req.origin_input_ids, self.config.repetition(),
                     lambda text: req.tokenizer.encode(text, add_special_tokens=False), self.config.window,
-                    self.kv_pool.layer_num)
+                    self.kv_pool.layer_num, getattr(req.tokenizer, "apply_chat_template", None))
             except Exception as error:  # a tokenizer failure must not stop the scheduler
                 reason = f"the repeat instruction could not be tokenized ({error})"
         if scores is not None and max(map(len, scores.input_ids)) >= client.max_tokens:  # SGLang refuses >=
@@ -502,15 +533,18 @@ class LavaRadixCache(RadixCache):
                 self._free_below(last_node)
                 continue
             if repetition is not None:
+                seconds = repetition.ended_at - repetition.first_chunk_at
+                self.repetition_cost.add(seconds, pending.prefill_seconds)
                 self.last_repetition = {"prefix_tokens": repetition.prefix_len, "chunks": len(repetition.chunks),
-                                        "tokens_prefilled": repetition.num_queries,
-                                        "seconds": round(repetition.ended_at - repetition.first_chunk_at, 3),
+                                        "tokens_prefilled": repetition.num_queries, "seconds": round(seconds, 3),
                                         "scoring_seconds": round(repetition.scoring_seconds, 3),
+                                        "prefill_seconds": _rounded(pending.prefill_seconds),
                                         "extra_slots_peak": repetition.extra_slots_peak}
                 logger.info("lava: prefix %d observed by its repetition: %d tokens prefilled in %d chunk(s), %.2f s "
-                            "from its first chunk to its release, %.0f ms of it scoring, at most %d pool slots beyond "
-                            "what was in use when it began", node.entry.entry_id, repetition.num_queries,
-                            len(repetition.chunks), repetition.ended_at - repetition.first_chunk_at,
+                            "from its first chunk to its release (%s the prefix's prefill), %.0f ms of it scoring, at "
+                            "most %d pool slots beyond what was in use when it began", node.entry.entry_id,
+                            repetition.num_queries, len(repetition.chunks), seconds,
+                            f"{seconds / pending.prefill_seconds:.2f}x" if pending.prefill_seconds else "n/a x",
                             repetition.scoring_seconds * 1e3, repetition.extra_slots_peak)
             else:
                 logger.info("lava: prefix %d observed by its tail and %d branch window(s)", node.entry.entry_id,

@@ -20,6 +20,7 @@ plugin touches no more of SGLang than the HTTP API.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field
 import requests
 import torch
 
-from lava_sglang.policy import Reconstruct, repeat_attention_chunk, repeat_chunks
+from lava_sglang.policy import Reconstruct, assistant_turn_text, repeat_attention_chunk, repeat_chunks
 
 logger = logging.getLogger(__name__)
 
@@ -81,9 +82,20 @@ class RepetitionScores:
 
     @classmethod
     def plan(cls, prefix_ids: Sequence[int], source: Reconstruct, encode: Callable[[str], list[int]], window: int,
-             num_layers: int) -> "RepetitionScores":
+             num_layers: int, apply_chat_template: Callable | None = None) -> "RepetitionScores":
         """The chunks of a prefix's repetition: those that copy selectable tokens (a chunk of
-        the window alone would score nothing the plan reads)."""
+        the window alone would score nothing the plan reads). apply_chat_template: the
+        tokenizer's, for `Reconstruct.chat_turn`; without a usable template the chunks are
+        introduced by the instruction alone (logged)."""
+        assistant_turn = ""
+        if source.chat_turn:
+            try:
+                if apply_chat_template is None:
+                    raise ValueError("no tokenizer chat template was given")
+                assistant_turn = assistant_turn_text(apply_chat_template)
+            except ValueError as error:  # a base model: the plain prompt
+                logger.warning("lava: %s; the repetition runs with --kv-observe-prompt plain", error)
+                source = dataclasses.replace(source, chat_turn=False)
         prefix_ids = list(prefix_ids)
         prefix_len = len(prefix_ids)
         selectable = prefix_len - min(window, prefix_len)
@@ -92,7 +104,7 @@ class RepetitionScores:
         for index, (start, end) in enumerate(repeat_chunks(prefix_len, source.chunk_tokens)):
             if start >= selectable:
                 break
-            prompt = source.chunk_prompt(prefix_ids, start, encode)
+            prompt = source.chunk_prompt(prefix_ids, start, encode, assistant_turn)
             chunks.append(RepetitionChunk(f"{base}-{index}", (start, end), len(prompt)))
             input_ids.append(prefix_ids + prompt + prefix_ids[start:end])
         return cls(prefix_len=prefix_len, selectable=selectable, num_layers=num_layers, source=source, chunks=chunks,

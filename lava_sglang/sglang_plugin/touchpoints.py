@@ -76,6 +76,16 @@ def pool_counters(internal_state_controller) -> dict:
     }
 
 
+def seconds_since_first_forward(req) -> float | None:
+    """Seconds since the request's first forward pass began (SchedulerReqTimeStats's
+    `forward_entry_time`, a perf_counter stamp set for every request); None if not stamped.
+    For a released commit (no new tokens) it is the request's prefill time."""
+    import time
+
+    stamp = getattr(getattr(req, "time_stats", None), "forward_entry_time", 0.0)
+    return time.perf_counter() - stamp if stamp else None
+
+
 def hook_registry():
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 

@@ -186,7 +186,9 @@ def synthetic_run(policy: str, hit_on_revisit: bool, correct: bool, wall: float,
         question_rows.extend(questions)
     samples = [] if entries is None else [{"store": _store(entries, 3000, 60, 6000)}]
     final = None if entries is None else {**_store(entries, 3000, 60, 6000), "compressions": 2,
-                                          "compress_seconds": 0.5}
+                                          "compress_seconds": 0.5,
+                                          "repetition_cost": {"documents": 2, "repetition_seconds": 6.0,
+                                                              "prefill_seconds": 4.0, "ratio": 1.5}}
     return summarize(policy, visit_rows, question_rows, samples, final, wall, 4096, 100.0, 2, truncated=False)
 
 
@@ -217,6 +219,8 @@ def test_summary_counts_recomputations_hits_and_throughput():
     # cached share: 4 commits of 1000 tokens (2 hit 999) + 8 questions of 1020 (999 each)
     assert lava["cached_token_share"] == pytest.approx((2 * 999 + 8 * 999) / (4 * 1000 + 8 * 1020))
     assert lava["compress_seconds_per_document"] == 0.25 and stock["compress_seconds_per_document"] is None
+    assert lava["repetition_seconds_per_document"] == 3.0 and lava["repetition_cost_ratio"] == 1.5
+    assert stock["repetition_seconds_per_document"] is None and stock["repetition_cost_ratio"] is None
     assert lava["documents_resident"] == 2 and lava["documents_resident_source"].startswith("peak")
     assert stock["documents_resident"] == 2 and stock["documents_resident_source"].startswith("upper")
     assert lava["peak_kv_bytes"] == (4096 - 3000) * 100.0 and stock["peak_kv_bytes"] is None
@@ -245,7 +249,9 @@ def test_comparison_against_the_targets():
     compared = comparison(result["records"])
     assert compared["question_throughput_ratio"] == pytest.approx(4.0)
     assert compared["documents_resident_ratio"] == 1.0 and compared["accuracy_points"] == 0.0
-    assert compared["met"] == {"documents_resident": False, "question_throughput": True, "accuracy": True}
+    assert compared["revisit_hit_rate"] == 1.0
+    assert compared["met"] == {"documents_resident": False, "revisit_hit_rate": True, "question_throughput": True,
+                               "accuracy": True}
     assert comparison(result["records"][:1]) is None
 
 
@@ -270,7 +276,9 @@ def test_report_writer(tmp_path):
     assert saved["meta"]["workload"]["documents"] == 2 and "comparison" in saved
     text = paths[1].read_text()
     assert "| none |" in text and "| lava |" in text and "memory-bound" in text
-    assert "Question throughput: 4.00x" in text and "<= 2" in text
+    assert "Question throughput: 4.00x (target >= 1.5x: met)" in text and "<= 2" in text
+    assert "Revisit hit rate: 1.00 (target >= 0.9: met)" in text
+    assert "| 3.00 (1.50x) |" in text  # lava's repetition per document and its ratio to the prefill
     result["meta"]["workload"]["memory_bound"] = False  # a standard run: no targets to compare against
     paths = write_serving_report(result, tmp_path, "serving")
     assert "comparison" not in json.loads(paths[0].read_text()) and "targets" not in paths[1].read_text()

@@ -5,7 +5,8 @@ internal request per 256-token chunk of the document (the document, a repeat ins
 the chunk), each chunk's tokens freed before the next; the repetition's attention scores the
 document, which is then compressed once, and later programs read the compressed copy,
 answering as the reference runtime does with the same chunked scores. Prefill runs in
-200-token pieces, so each chunk request is itself scored in pieces.
+200-token pieces, so each chunk request is itself scored in pieces. Both policies that plan
+from the repetition run it: the default `lava` and the `kvzip` baseline.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ import requests
 from e2e_support import ask, kv_state
 
 from lava_sglang.bench.documents import prompt_parts, retrieval_documents
-from lava_sglang.policy import Reconstruct
+from lava_sglang.policy import Reconstruct, assistant_turn_text
 from lava_sglang.sglang_plugin.server_process import ServerProcess
 
 pytestmark = pytest.mark.model
@@ -25,8 +26,7 @@ pytestmark = pytest.mark.model
 ANSWER_TOKENS = 12
 REPEAT_CHUNK = 256
 CONTEXT_LENGTH = 1024  # a ~700-token document and a repetition chunk fit; a ~1,100-token document does not
-SERVER_ARGS = ["--dtype", "float32", "--enable-cache-report", "--kv-policy", "lava", "--kv-budget", "0.25",
-               "--kv-observe", "reconstruct", "--kv-observe-wait", "120", "--kv-observe-chunk", str(REPEAT_CHUNK),
+SERVER_ARGS = ["--dtype", "float32", "--enable-cache-report", "--kv-budget", "0.25", "--kv-observe", "reconstruct", "--kv-observe-wait", "120", "--kv-observe-chunk", str(REPEAT_CHUNK),
                "--chunked-prefill-size", "200", "--context-length", str(CONTEXT_LENGTH)]
 
 
@@ -36,10 +36,15 @@ def document(tokenizer):
     return retrieval_documents(count, 600, [4], seed=2)[0]
 
 
+@pytest.fixture(scope="module", params=["lava", "kvzip"])
+def policy(request) -> str:
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def server(smollm2_path, tmp_path_factory):
-    log_path = tmp_path_factory.mktemp("sglang") / "reconstruct.log"
-    with ServerProcess(smollm2_path, SERVER_ARGS, log_path=log_path) as process:
+def server(policy, smollm2_path, tmp_path_factory):
+    log_path = tmp_path_factory.mktemp("sglang") / f"reconstruct-{policy}.log"
+    with ServerProcess(smollm2_path, ["--kv-policy", policy, *SERVER_ARGS], log_path=log_path) as process:
         yield process
 
 
@@ -51,7 +56,7 @@ def wait_for_compressions(url: str, count: int, timeout: float = 300) -> dict:
     return stats
 
 
-def test_a_document_is_compressed_once_by_its_repetition(server, document, tokenizer, smollm2_path):
+def test_a_document_is_compressed_once_by_its_repetition(server, policy, document, tokenizer, smollm2_path):
     assert requests.post(server.url + "/flush_cache", timeout=60).status_code == 200
     capacity = kv_state(server.url)["store"]["pool_available"]
     prefix_text = prompt_parts(document.text, "")[0]
@@ -65,10 +70,12 @@ def test_a_document_is_compressed_once_by_its_repetition(server, document, token
     log = server.log_path.read_text()
     assert "waits for its repetition" in log
     # Three chunks (the fourth would copy window tokens only), each its instruction and its copy.
+    # The default prompt: each chunk is the assistant's reply (the chat template's opening).
     source = Reconstruct(chunk_tokens=REPEAT_CHUNK)
     prefix_ids = tokenizer(prefix_text).input_ids
+    turn = assistant_turn_text(tokenizer.apply_chat_template)
     chunk_requests = [len(source.chunk_prompt(prefix_ids, start, lambda text: tokenizer(
-        text, add_special_tokens=False).input_ids)) + min(REPEAT_CHUNK, prefix_tokens - start)
+        text, add_special_tokens=False).input_ids, turn)) + min(REPEAT_CHUNK, prefix_tokens - start)
         for start in range(0, prefix_tokens - 32, REPEAT_CHUNK)]
     assert len(chunk_requests) == 3
     assert f"observed by its repetition: {sum(chunk_requests)} tokens prefilled in 3 chunk(s)" in log
@@ -78,6 +85,10 @@ def test_a_document_is_compressed_once_by_its_repetition(server, document, token
     last = stats["last_repetition"]
     assert (last["chunks"], last["tokens_prefilled"]) == (3, sum(chunk_requests))
     assert 0 < last["extra_slots_peak"] <= max(chunk_requests) + branch_tokens < prefix_tokens
+    # Its cost against the document's prefill (the commit's first forward to its release).
+    assert last["prefill_seconds"] > 0 and last["seconds"] > 0
+    assert stats["repetition_cost"]["documents"] == 1
+    assert stats["repetition_cost"]["ratio"] == pytest.approx(last["seconds"] / last["prefill_seconds"], rel=1e-2)
     # The full prefix, the branches' tokens and the repetition's own tokens are all given
     # back: the tree holds only the compressed copy's slots (a quarter of the rows).
     assert stats["protected"] == 0 and stats["evictable"] == stats["borrowed_slots"] < prefix_tokens / 2
@@ -93,9 +104,9 @@ def test_a_document_is_compressed_once_by_its_repetition(server, document, token
     from lava_sglang.reference import ReferenceRuntime
 
     options = kv_state(server.url)
-    record = {"policy": "lava",
+    record = {"policy": policy,
               "kv_policy_options": {key: options[key] for key in ("budget", "window", "pool_kernel", "alpha", "observe",
-                                                                  "observe_chunk", "observe_normalize")},
+                                                                  "observe_chunk", "observe_normalize", "observe_prompt")},
               "visit_records": [{"visit": visit, "document": 0, "prefix_tokens": prefix_tokens,
                                  "commit_cached_tokens": cached} for visit, cached in ((0, 0), (1, prefix_tokens - 1))],
               # The first visit's branches ran on the full prefix, the second visit's on the copy.

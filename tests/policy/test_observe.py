@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from lava_sglang.policy import (Branches, ObservationWindow, PlanBuilder, Reconstruct, combine_window_masses,
-                                compress_plan, make_observe, make_policy, repeat_attention_chunk, repeat_chunks,
-                                repeat_attention_max)
+from lava_sglang.policy import (Branches, ObservationWindow, PlanBuilder, Reconstruct, assistant_turn_text,
+                                combine_window_masses, compress_plan, make_observe, make_policy, repeat_attention_chunk,
+                                repeat_attention_max, repeat_chunks)
 from lava_sglang.policy.lava import PAPER_SPEC
 from lava_sglang.policy.scores import pool_scores, prefix_attention_mass, window_attention_mass
 
@@ -182,11 +182,38 @@ def test_repeat_chunks_cover_the_prefix_in_order():
 
 
 def test_later_chunks_are_introduced_by_the_previous_chunks_last_tokens():
-    source = Reconstruct(instruction="I", continue_instruction="C", overlap_tokens=2)
+    source = Reconstruct(instruction="I", continue_instruction="C", overlap_tokens=2, chat_turn=False)
     encode = {"I": [100], "C": [200]}.__getitem__
     tokens = list(range(10))
     assert source.chunk_prompt(tokens, 0, encode) == [100]
     assert source.chunk_prompt(tokens, 4, encode) == [200, 2, 3]
+
+
+def test_a_chat_turn_puts_the_assistant_opening_after_each_chunks_instruction():
+    source = Reconstruct(instruction="I", continue_instruction="C", overlap_tokens=2, chat_turn=True)
+    encode = {"I": [100], "C": [200], "<end><assistant>": [7, 8]}.__getitem__
+    tokens = list(range(10))
+    assert source.chunk_prompt(tokens, 0, encode, "<end><assistant>") == [100, 7, 8]
+    assert source.chunk_prompt(tokens, 4, encode, "<end><assistant>") == [200, 2, 3, 7, 8]
+    with pytest.raises(ValueError, match="chat_turn=true needs the tokenizer's chat template"):
+        source.chunk_prompt(tokens, 0, encode)
+
+
+def test_assistant_turn_text_is_what_the_template_puts_between_a_user_message_and_the_reply():
+    def chatml(messages, add_generation_prompt, tokenize):
+        assert add_generation_prompt and not tokenize
+        text = "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
+        return "<|im_start|>system\nbe brief<|im_end|>\n" + text + "<|im_start|>assistant\n"
+
+    assert assistant_turn_text(chatml) == "<|im_end|>\n<|im_start|>assistant\n"
+
+    def no_template(*args, **kwargs):
+        raise ValueError("Cannot use chat template functions because tokenizer.chat_template is not set")
+
+    with pytest.raises(ValueError, match="no usable chat template"):
+        assistant_turn_text(no_template)
+    with pytest.raises(ValueError, match="does not render the user message"):
+        assistant_turn_text(lambda *args, **kwargs: "the message dropped")
 
 
 class TestBadInput:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from lava_sglang.policy import Reconstruct
+from lava_sglang.policy import Reconstruct, assistant_turn_text
 
 pytestmark = pytest.mark.model
 
@@ -46,12 +46,14 @@ def eager_attentions(smollm2_path, token_ids):
 
 def test_one_chunk_repetition_matches_eager_attention_over_the_whole_sequence(runtime, smollm2_path, document,
                                                                               capture):
-    # Oracle: one eager forward of document + instruction + document with output_attentions;
-    # per query head, the max over repetition queries of the attention on each selectable
-    # document token.
+    # Oracle: one eager forward of document + instruction (and the chat template's opening of
+    # the assistant's reply) + document with output_attentions; per query head, the max over
+    # repetition queries of the attention on each selectable document token.
     source = Reconstruct()
     observation = runtime.observe(capture, source)
-    instruction = runtime.tokenizer(source.instruction, add_special_tokens=False)["input_ids"]
+    instruction = source.chunk_prompt(document, 0, lambda text: runtime.tokenizer(
+        text, add_special_tokens=False)["input_ids"], assistant_turn_text(runtime.tokenizer.apply_chat_template))
+    assert runtime.tokenizer.decode(instruction).endswith("exactly.\n<|im_end|>\n<|im_start|>assistant\n")
     attentions = eager_attentions(smollm2_path, document + instruction + document)
     for layer, repeat in enumerate(observation.repeat_attention):
         expected = attentions[layer][0, :, len(document):, :len(document)].amax(dim=1)
@@ -73,9 +75,10 @@ def test_each_chunk_repeats_after_the_document_alone_and_scores_only_what_it_cop
     def encode(text):
         return runtime.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    turn = assistant_turn_text(runtime.tokenizer.apply_chat_template)
     for start in range(0, n, 24):
         end = min(start + 24, n)
-        tokens = document + source.chunk_prompt(document, start, encode) + document[start:end]
+        tokens = document + source.chunk_prompt(document, start, encode, turn) + document[start:end]
         attentions = eager_attentions(smollm2_path, tokens)
         positions = torch.arange(len(tokens))
         keep = (positions < 2) | ((positions >= start) & (positions < end)) | (positions >= n)

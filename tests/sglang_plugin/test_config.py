@@ -55,7 +55,7 @@ def test_config_survives_the_trip_to_the_children():
     ("--kv-observe-wait", "0"), ("--kv-observe-wait", "-1"), ("--kv-observe-wait", "nan"),
     ("--kv-observe-wait", "inf"), ("--kv-observe-wait", "soon"),
     ("--kv-observe-chunk", "0"), ("--kv-observe-chunk", "1.5"),
-    ("--kv-observe-normalize", "softmax"),
+    ("--kv-observe-normalize", "softmax"), ("--kv-observe-prompt", "chatml"),
 ])
 def test_bad_values_name_the_flag(flag, value):
     with pytest.raises(ConfigError, match=flag):
@@ -80,6 +80,9 @@ def test_policy_options_and_repetition_flags():
     policy = config.make_policy()
     assert (policy.layer_budget, policy.value_norm, policy.pool_kernel) == ("entropy", False, 1)
     assert (config.repetition().chunk_tokens, config.repetition().normalize) == (512, "local")
+    assert config.repetition().chat_turn  # the default prompt: the chunk is the assistant's reply
+    plain = from_namespace(parse("--kv-policy", "lava", "--kv-observe-prompt", "plain"))
+    assert (plain.observe_prompt, plain.repetition().chat_turn) == ("plain", False)
     assert from_namespace(parse("--kv-policy", "kvzip", "--kv-observe", "reconstruct")).make_policy().pool_kernel == 1
     with pytest.raises(ConfigError, match="--kv-policy lava:budget=3: policy 'lava:budget=3': options must be"):
         from_namespace(parse("--kv-policy", "lava:budget=3"))

@@ -9,14 +9,20 @@ from lava_sglang.sglang_plugin.repetition import REPETITION_RID_PREFIX, Repetiti
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 2, 8
 PREFIX_LEN, WINDOW = 10, 3  # n, w: m = 7 selectable tokens
 SCALING = HEAD_DIM ** -0.5
-PROMPTS = {"I": [100, 101], "C": [200]}  # a stand-in tokenizer: instruction, continue instruction
+# A stand-in tokenizer: instruction, continue instruction, the chat template's assistant opening.
+PROMPTS = {"I": [100, 101], "C": [200], "<turn>": [300]}
+
+
+def chat_template(messages, add_generation_prompt, tokenize):
+    """A stand-in template: the user's message, then "<turn>" opens the reply."""
+    return "".join(message["content"] for message in messages) + "<turn>"
 PREFIX_IDS = list(range(1, PREFIX_LEN + 1))
 
 
 def new_scores(chunk_tokens=PREFIX_LEN, num_layers=1, normalize="global") -> RepetitionScores:
     source = Reconstruct(instruction="I", continue_instruction="C", overlap_tokens=2, chunk_tokens=chunk_tokens,
                          normalize=normalize, sink_tokens=1)
-    return RepetitionScores.plan(PREFIX_IDS, source, PROMPTS.__getitem__, WINDOW, num_layers)
+    return RepetitionScores.plan(PREFIX_IDS, source, PROMPTS.__getitem__, WINDOW, num_layers, chat_template)
 
 
 def sequence(chunk, seed=0):
@@ -42,17 +48,30 @@ def expected_scores(chunk, queries, keys, normalize="global"):
 def test_chunks_skip_the_window_and_each_request_is_prefix_prompt_and_chunk():
     scores = new_scores(chunk_tokens=4)  # chunks 0-4, 4-8, 8-10; the last copies window tokens only
     assert [chunk.copied for chunk in scores.chunks] == [(0, 4), (4, 8)]
-    assert scores.input_ids == [PREFIX_IDS + [100, 101] + PREFIX_IDS[0:4], PREFIX_IDS + [200, 3, 4] + PREFIX_IDS[4:8]]
-    assert scores.num_queries == (2 + 4) + (3 + 4)
+    assert scores.input_ids == [PREFIX_IDS + [100, 101, 300] + PREFIX_IDS[0:4],
+                                PREFIX_IDS + [200, 3, 4, 300] + PREFIX_IDS[4:8]]
+    assert scores.num_queries == (3 + 4) + (4 + 4)
     assert len(set(scores.rids)) == 2 and all(rid.startswith(REPETITION_RID_PREFIX) for rid in scores.rids)
     assert new_scores().rids[0] != scores.rids[0]
+
+
+def test_a_tokenizer_without_a_chat_template_gets_the_plain_prompt(caplog):
+    def no_template(*args, **kwargs):
+        raise ValueError("tokenizer.chat_template is not set")
+
+    source = Reconstruct(instruction="I", continue_instruction="C", overlap_tokens=2, chunk_tokens=4)
+    for template in (no_template, None):
+        scores = RepetitionScores.plan(PREFIX_IDS, source, PROMPTS.__getitem__, WINDOW, 1, template)
+        assert not scores.source.chat_turn
+        assert scores.input_ids[0] == PREFIX_IDS + [100, 101] + PREFIX_IDS[0:4]
+    assert "the repetition runs with --kv-observe-prompt plain" in caplog.text
 
 
 @pytest.mark.parametrize("normalize", ["global", "local"])
 def test_pieces_of_any_split_score_like_the_whole_chunk_and_fill_only_what_it_copies(normalize):
     scores = new_scores(chunk_tokens=4, normalize=normalize)
     expected = torch.zeros(NUM_Q_HEADS, PREFIX_LEN - WINDOW)
-    for index, (chunk, pieces) in enumerate(zip(scores.chunks, ([(10, 16)], [(10, 13), (13, 14), (14, 17)]))):
+    for index, (chunk, pieces) in enumerate(zip(scores.chunks, ([(10, 17)], [(10, 13), (13, 14), (14, 18)]))):
         queries, keys = sequence(chunk, seed=index)
         feed(scores, chunk, queries, keys, pieces)
         start, end = chunk.copied
@@ -65,10 +84,10 @@ def test_pieces_of_any_split_score_like_the_whole_chunk_and_fill_only_what_it_co
 def test_recomputed_prefix_tokens_are_not_repetition_queries_and_a_piece_seen_twice_changes_nothing():
     whole, scores = new_scores(), new_scores()
     queries, keys = sequence(whole.chunks[0], seed=1)
-    feed(whole, whole.chunks[0], queries, keys, [(10, 22)])
+    feed(whole, whole.chunks[0], queries, keys, [(10, 23)])
     # The match fell 3 tokens short (they are recomputed, not repetition queries), and a
     # piece is fed twice (scores are a max over positions, not a count).
-    feed(scores, scores.chunks[0], queries, keys, [(7, 13), (7, 13), (13, 22)])
+    feed(scores, scores.chunks[0], queries, keys, [(7, 13), (7, 13), (13, 23)])
     assert scores.end_chunk(scores.chunks[0].rid, checkpointed=True).done
     torch.testing.assert_close(scores.repeat[0], whole.repeat[0])
 
@@ -77,11 +96,11 @@ def test_a_chunk_released_before_every_layer_scored_every_query_fails_the_repeti
     scores = new_scores(chunk_tokens=4, num_layers=2)
     chunk = scores.chunks[0]
     queries, keys = sequence(chunk, seed=2)
-    feed(scores, chunk, queries, keys, [(10, 16)], layer=0)
-    feed(scores, chunk, queries, keys, [(10, 12), (14, 16)], layer=1)  # a gap is not bridged
+    feed(scores, chunk, queries, keys, [(10, 17)], layer=0)
+    feed(scores, chunk, queries, keys, [(10, 12), (14, 17)], layer=1)  # a gap is not bridged
     assert scores.num_scored == 2
     assert not scores.end_chunk(chunk.rid, checkpointed=True).done
-    assert not scores.done and "released with 2 of 6 repetition tokens scored" in scores.failed
+    assert not scores.done and "released with 2 of 7 repetition tokens scored" in scores.failed
 
 
 def test_a_pending_prefix_waits_for_a_repetition_that_progresses_but_not_for_a_stalled_one():
@@ -97,3 +116,26 @@ def test_a_pending_prefix_waits_for_a_repetition_that_progresses_but_not_for_a_s
     scores.last_progress_at = 104.0
     scores.failed = "chunk released unscored"
     assert pending.ready(now=104.5)  # failed: compressed by its tail at once
+
+
+def test_repetition_cost_sums_only_documents_whose_prefill_was_timed():
+    from lava_sglang.sglang_plugin.radix_cache import RepetitionCost
+
+    cost = RepetitionCost()
+    assert cost.stats() == {"documents": 0, "repetition_seconds": 0.0, "prefill_seconds": 0.0, "ratio": None}
+    cost.add(6.0, 4.0)
+    cost.add(3.0, None)  # a commit SGLang did not stamp: neither side counted
+    cost.add(3.0, 2.0)
+    assert cost.stats() == {"documents": 2, "repetition_seconds": 9.0, "prefill_seconds": 6.0, "ratio": 1.5}
+
+
+def test_seconds_since_first_forward_reads_the_scheduler_stamp():
+    import time
+    from types import SimpleNamespace
+
+    from lava_sglang.sglang_plugin.touchpoints import seconds_since_first_forward
+
+    stamped = SimpleNamespace(time_stats=SimpleNamespace(forward_entry_time=time.perf_counter() - 2.0))
+    assert 2.0 <= seconds_since_first_forward(stamped) < 3.0
+    assert seconds_since_first_forward(SimpleNamespace(time_stats=SimpleNamespace(forward_entry_time=0.0))) is None
+    assert seconds_since_first_forward(SimpleNamespace()) is None
