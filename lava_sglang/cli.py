@@ -202,10 +202,11 @@ def build_parser() -> argparse.ArgumentParser:
                          choices=["compress_once", "query_aware"], help="default: both")
     quality.add_argument("--tasks", nargs="+", default=["retrieval", "fidelity"], choices=["retrieval", "fidelity"],
                          help="default: both")
-    quality.add_argument("--observe", nargs="+", default=["tail"], metavar="SOURCE",
+    quality.add_argument("--observe", nargs="+", default=["reconstruct"], metavar="SOURCE",
                          help="what scores the document in compress_once, from "
                          f"{', '.join(OBSERVE_SOURCES)}, each optionally with options of its own, e.g. "
-                         "reconstruct:normalize=local,chunk_tokens=512 (docs/observe.md; default tail)")
+                         "reconstruct:normalize=local,chunk_tokens=512 (docs/observe.md; default reconstruct, the "
+                         "server's default)")
     quality.add_argument("--branch-combine", default="max", choices=["max", "mean"],
                          help="how --observe branches combines its windows (default max)")
     quality.add_argument("--query-aware-splits", nargs="+", default=["at_compression", "later"],

@@ -61,7 +61,7 @@ class QualityConfig:
     keep_ratios: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.4])
     modes: list[str] = field(default_factory=lambda: list(MODES))
     #: Observation sources of compress_once (query_aware always scores with its own tail).
-    observe: list[str] = field(default_factory=lambda: ["tail"])
+    observe: list[str] = field(default_factory=lambda: ["reconstruct"])  # the server's default source
     branch_combine: str = "max"
     #: The splits query_aware runs on (a prefill per question: the costliest part of a run).
     query_aware_splits: list[str] = field(default_factory=lambda: list(SPLITS))

@@ -46,7 +46,7 @@ def comparison(records: list[dict], baseline: str = "none", policy: str = "lava"
 
     accuracy_gap = None
     if base.get("accuracy") is not None and other.get("accuracy") is not None:
-        accuracy_gap = 100 * (other["accuracy"] - base["accuracy"])
+        accuracy_gap = round(100 * (other["accuracy"] - base["accuracy"]), 9)  # -5.000000000000004 is -5
     result = {"policy": policy, "baseline": baseline, "documents_resident_ratio": ratio("documents_resident"),
               "revisit_hit_rate": other.get("revisit_hit_rate"),
               "question_throughput_ratio": ratio("question_throughput"), "accuracy_points": accuracy_gap}

@@ -17,7 +17,7 @@ RATIOS = [0.2, 0.5]
 def result(runtime):
     # About 1K-token documents: 4 with one planted fact each, and 4 open questions.
     config = QualityConfig(contexts=[1024], questions=[4], policies=POLICIES, keep_ratios=RATIOS,
-                           facts_per_document=[1], seed=0)
+                           facts_per_document=[1], seed=0, observe=["tail"])
     return QualityBenchmark(runtime, config).run(progress=False)
 
 

@@ -253,6 +253,9 @@ def test_comparison_against_the_targets():
     assert compared["met"] == {"documents_resident": False, "revisit_hit_rate": True, "question_throughput": True,
                                "accuracy": True}
     assert comparison(result["records"][:1]) is None
+    # 12/80 against 16/80 is 5 points down, on the target's edge (float noise must not fail it).
+    edge = comparison([{"policy": "none", "accuracy": 16 / 80}, {"policy": "lava", "accuracy": 12 / 80}])
+    assert edge["accuracy_points"] == -5.0 and edge["met"]["accuracy"]
 
 
 def test_by_visit_splits_first_visits_from_revisits():
