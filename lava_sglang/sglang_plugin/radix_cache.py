@@ -34,7 +34,11 @@ repetition, one internal request per chunk of the prefix (`repetition.py`), whos
 scores it; each chunk's own tokens are freed as soon as its request is released.
 
 A prefix is compressed only while no request runs on its full copy (otherwise a later
-request retries), so a compressed node never coexists with its own full-length copy.
+request retries), so a compressed node never coexists with its own full-length copy: after
+a compression, an ordinary match of the prefix is shorter than the compressed one, and
+match and insert take the same path. A request that held only an ancestor of the prefix (a
+chunked prefill's first chunk, a shared chat header) and computed the rest itself moves to
+the compressed copy at its next checkpoint (`checkpoint`).
 """
 
 from __future__ import annotations
@@ -216,13 +220,18 @@ class LavaRadixCache(RadixCache):
             # A repetition chunk reuses the prefix only: a longer match (a branch's first token
             # can equal the instruction's) would leave repetition queries uncomputed, unscored.
             return super().match_prefix(MatchPrefixParams(key=params.key[:repetition.prefix_len], req=req))
+        if req is not None and self._needs_commit_window(req):
+            # A fork commit of a prefix already in the tree (cached by plain requests) would
+            # recompute only its last token: it recomputes its last `window`, whose queries observe it.
+            cut = max(0, len(req.origin_input_ids) - self.config.window)
+            return super().match_prefix(MatchPrefixParams(key=params.key[:cut], req=req))
         result = super().match_prefix(params)
         if req is None or SHARED not in self.config.compress_on or self._pending_of(params.key) is not None:
             return result
         setattr(req, SHARED_KEY_ATTR, None)
         shared_len = result.device_prefix_len
         if (shared_len < self.config.min_prefix or self._is_fork_prefix(req)
-                or not self._exclusive_path(result.last_device_node, need_unlocked=False)):
+                or not self._on_ordinary_path(result.last_device_node)):
             return result
         # Recompute the shared prefix's last `window` tokens: their queries observe it.
         key = params.key.page_aligned(self.page_size)
@@ -235,18 +244,26 @@ class LavaRadixCache(RadixCache):
         value, last_node = RadixCache._match_prefix_helper(self, self.root_node, key)
         return (torch.cat(value) if value else torch.empty(0, dtype=torch.int64)), last_node
 
-    def _exclusive_path(self, node, *, need_unlocked: bool) -> bool:
-        """Whether the ordinary path root -> node could become one compressed node: no node
-        of it is compressed (or below one), none but `node` has a second child, and (when
-        asked) no running request holds it."""
-        child = None
+    def _on_ordinary_path(self, node) -> bool:
+        """Whether root -> node (not the root itself) could become one compressed node: no
+        node of it is compressed or below one. Nodes of it may have other children (other
+        documents behind a shared header): they stay, and only what no one else uses is freed."""
+        if node is self.root_node:
+            return False
         while node is not self.root_node:
-            if isinstance(node, CompressedNode) or (child is not None and len(node.children) != 1):
+            if isinstance(node, CompressedNode):
                 return False
-            if need_unlocked and node.lock_ref > 0:
-                return False
-            child, node = node, node.parent
-        return child is not None
+            node = node.parent
+        return True
+
+    def _needs_commit_window(self, req) -> bool:
+        """Whether a fork commit must recompute its tail window to be compressed: it is one,
+        its policy reads attention, and its prefix is neither compressed nor waiting."""
+        if FORK not in self.config.compress_on or not self.policy.needs_scores or not self._is_fork_prefix(req):
+            return False
+        full_key = _prompt_key(req)
+        return (self._compressed_match(full_key[:len(full_key) - 1]) is None
+                and not any(pending.is_for(full_key) for pending in self.pending))
 
     def _match_prefix_helper(self, node, key):
         value, last_node = super()._match_prefix_helper(node, key)
@@ -270,6 +287,30 @@ class LavaRadixCache(RadixCache):
         below_len, last_node = super()._insert_helper(
             compressed, key[covered:], value[covered:], priority, max(inserted_len - covered, 0))
         return covered + below_len, last_node
+
+    def checkpoint(self, req, *, up_to: int):
+        super().checkpoint(req, up_to=up_to)
+        self._repoint_row_to_compressed_prefix(req)
+
+    def _repoint_row_to_compressed_prefix(self, req) -> None:
+        """A request that held only an ancestor of a prefix when it was compressed (a chunked
+        prefill of the document while its fork commit finished) inserts through the compressed
+        node at its next checkpoint, and SGLang rewrites its row only past what it had
+        checkpointed: the start would still read the old ordinary slots, which it no longer
+        locks, and the rest the compressed node's store and padding slots. The whole prefix of
+        the row moves to the compressed copy, as if the request had matched it."""
+        node = req.last_node
+        while node is not self.root_node and not isinstance(node, CompressedNode):
+            node = node.parent
+        if node is self.root_node:
+            return
+        row = req.kv.req_pool_idx
+        prefix_slots = node.value
+        written = self.req_to_token_pool.req_to_token[row, :len(prefix_slots)]
+        if not torch.equal(written.to(prefix_slots.dtype), prefix_slots):
+            self.req_to_token_pool.write((row, slice(0, len(prefix_slots))), prefix_slots)
+            logger.info("lava: request %s now reads compressed prefix %d, compressed while it ran on the full copy",
+                        req.rid, node.entry.entry_id)
 
     # ------------------------------------------------------------ accounting
 
@@ -386,8 +427,12 @@ class LavaRadixCache(RadixCache):
             self._compress_ready_pending()
 
     def _is_fork_prefix(self, req) -> bool:
-        """A frontend program's `fork()` commits its prefix as a request with max_new_tokens=0."""
-        return req.sampling_params.max_new_tokens == 0 and len(req.origin_input_ids) >= self.config.min_prefix
+        """A fork commit: what a frontend program sends before `fork()` (and `select()` before
+        scoring its choices), a prompt of at least `min_prefix` tokens with max_new_tokens=0
+        that asks for no logprobs. A scoring request (`select()`'s, return_logprob) is not one:
+        its prompt is a choice appended to the prefix, not the prefix."""
+        return (req.sampling_params.max_new_tokens == 0 and not req.return_logprob
+                and len(req.origin_input_ids) >= self.config.min_prefix)
 
     def _compress_fork_prefix(self, req) -> None:
         """Compress the first n - 1 tokens of the n-token prefix the request committed."""
@@ -406,6 +451,7 @@ class LavaRadixCache(RadixCache):
         window_queries = self._captured_window(req, len(full_key))
         if window_queries is not None and self._compress_path(full_key[:len(full_key) - 1], slots, last_node,
                                                               window_queries) is not None:
+            self._free_below(last_node)  # plain requests' tokens after the document, if it was cached by them
             self._free_uncompressed_path(last_node)
 
     # ------------------------------------- observe "branches" and "reconstruct"
@@ -596,9 +642,11 @@ class LavaRadixCache(RadixCache):
         if self._already_compressed(prefix_key):
             return
         slots, last_node = self._ordinary_slots(prefix_key)
-        if slots.numel() != len(prefix_key) or not self._exclusive_path(last_node, need_unlocked=True):
-            logger.info("lava: shared prefix of %d tokens is in use or no longer one path of the tree; "
-                        "not compressed now", len(prefix_key))
+        # Its subtree must be free: the nodes below move under the compressed node, and a lock
+        # taken below the full copy would be given back through the compressed one.
+        if slots.numel() != len(prefix_key) or last_node.lock_ref > 0:
+            logger.info("lava: shared prefix of %d tokens is in use or no longer in the tree; not compressed now",
+                        len(prefix_key))
             return
         window_queries = self._captured_window(req, len(prefix_key))
         node = self._compress_path(prefix_key, slots, last_node, window_queries) if window_queries else None

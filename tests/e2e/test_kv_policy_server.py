@@ -163,16 +163,41 @@ def test_requests_racing_over_a_shared_prefix_compress_it_once(lava_server, prog
     others still run on the full copy)."""
     url = lava_server.url
     prefix, suffixes = program_inputs
+    alone = []  # each racer's answer on the full cache
+    for suffix in suffixes[1:]:
+        flush(url)
+        alone.append(generate(url, prefix + suffix)["text"])
     flush(url)
     compressions = store_stats(url)["compressions"]
     generate(url, prefix + suffixes[0])
     with concurrent.futures.ThreadPoolExecutor(3) as clients:
         results = list(clients.map(lambda suffix: generate(url, prefix + suffix), suffixes[1:]))
-    assert all(result["text"].strip() for result in results)
+    assert [result["text"] for result in results] == alone
     stats = store_stats(url)
     assert stats["compressions"] == compressions + 1 and stats["entries"] == 1
     flush(url)
     assert store_stats(url)["pool_available"] == MAX_TOTAL_TOKENS
+
+
+def test_a_document_asked_once_then_committed_is_compressed_for_the_later_questions(lava_server, program_inputs,
+                                                                                    prefix_tokens):
+    """A document plain requests cached, then committed by a program: the commit recomputes the
+    document's last window (its observation), the document is compressed, and the full copy
+    and the earlier request's tokens are given back."""
+    url = lava_server.url
+    prefix, suffixes = program_inputs
+    flush(url)
+    compressions = store_stats(url)["compressions"]
+    generate(url, prefix + suffixes[0])
+    commit = requests.post(url + "/generate", timeout=300,
+                           json={"text": prefix, "sampling_params": {"max_new_tokens": 0}})
+    assert commit.status_code == 200, commit.text
+    assert commit.json()["meta_info"]["cached_tokens"] == prefix_tokens - WINDOW
+    stats = store_stats(url)
+    assert stats["compressions"] == compressions + 1 and stats["entries"] == 1
+    assert stats["evictable"] + stats["protected"] == stats["borrowed_slots"]
+    later = generate(url, prefix + suffixes[1])
+    assert later["meta_info"]["cached_tokens"] >= prefix_tokens - 1  # the compressed copy
 
 
 def test_a_request_diverging_inside_a_compressed_document_recomputes_it(lava_server, program_inputs):

@@ -1,0 +1,276 @@
+"""LavaRadixCache without a server: SGLang's pools, requests and cache calls (`scheduler_stub`),
+hand-made documents. Every step checks SGLang's accounting invariant (with the store's slots
+counted as the tree's) and that each running request's KV row reads its own sequence."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+from sglang.srt.mem_cache.base_prefix_cache import EvictParams
+from sglang.test.test_utils import published_topology
+
+from lava_sglang.sglang_plugin.config import FORK, SHARED, KvPolicyConfig
+from lava_sglang.sglang_plugin.radix_cache import CompressedNode
+
+from scheduler_stub import SchedulerStub
+
+WINDOW, MIN_PREFIX = 8, 64
+
+
+def document(index: int, length: int = 200) -> list[int]:
+    return list(range(1000 * (index + 1), 1000 * (index + 1) + length))
+
+
+def question(index: int) -> list[int]:
+    return [10 + index, 11, 12]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def sglang_context():
+    """SGLang's requests read the process's published server config (as in SGLang's own tests)."""
+    with published_topology(device="cpu"):
+        yield
+
+
+def make_stub(compress_on=(FORK,), policy="lava", observe="tail") -> SchedulerStub:
+    return SchedulerStub(KvPolicyConfig(policy=policy, window=WINDOW, min_prefix=MIN_PREFIX, compress_on=compress_on,
+                                        observe=observe))
+
+
+def check(stub: SchedulerStub) -> None:
+    assert stub.accounting_problem() is None, stub.accounting_problem()
+    for req in stub.running:
+        assert stub.row_problems(req) == [], (req.rid, stub.row_problems(req)[:3])
+
+
+def run(stub: SchedulerStub, token_ids, max_new_tokens: int = 2, **kwargs):
+    """A request from admission to release, checked after each step."""
+    req = stub.prefill(stub.request(token_ids, max_new_tokens=max_new_tokens, **kwargs))
+    check(stub)
+    for token in range(max_new_tokens):
+        stub.decode(req, 7 + token)
+        check(stub)
+    stub.finish(req)
+    check(stub)
+    return req
+
+
+def commit(stub: SchedulerStub, token_ids):
+    """What `fork()` sends: the prefix with max_new_tokens=0."""
+    return run(stub, token_ids, max_new_tokens=0)
+
+
+def uses_compressed_prefix(stub: SchedulerStub, req) -> bool:
+    first_slot = stub.req_to_token_pool.req_to_token[req.kv.req_pool_idx, :1]
+    return stub.cache.store.entries_for_slots(first_slot)[0] is not None
+
+
+def assert_all_released(stub: SchedulerStub) -> None:
+    """Nothing running: every slot is free or the tree's, and nothing is locked."""
+    assert not stub.running
+    assert stub.cache.protected_size() == 0
+    assert stub.allocator.available_size() + stub.cache.evictable_size() == stub.pool_size
+
+
+# ----------------------------------------------------------------- the tree
+
+
+def test_match_insert_and_locks_along_the_path():
+    stub = make_stub()
+    run(stub, document(0) + question(0))
+    assert stub.cache.evictable_size() == 200 + 3 + 2
+    req = stub.prefill(stub.request(document(0) + question(1)))
+    assert req.prefix_len == 200  # the document, not the other question
+    # The matched path is locked while the request runs, and its own tokens are its own.
+    assert stub.cache.protected_size() == 200
+    check(stub)
+    stub.finish(req)
+    check(stub)
+    assert_all_released(stub)
+
+
+def test_a_fork_commit_is_compressed_and_its_branches_read_the_compressed_copy():
+    stub = make_stub()
+    commit(stub, document(0))
+    (node,) = stub.compressed_nodes()
+    assert len(node.key) == 199 and node.entry.layout.slots.numel() < 199 * 0.3
+    # The full copy was given back: the tree holds only the compressed node's slots.
+    assert stub.cache.evictable_size() == node.entry.layout.slots.numel()
+    branch = stub.prefill(stub.request(document(0) + question(0)))
+    assert branch.prefix_len == 199 and uses_compressed_prefix(stub, branch)
+    check(stub)
+    stub.decode(branch, 9, checkpoint=True)
+    check(stub)
+    stub.finish(branch)
+    assert isinstance(branch.last_node.parent, CompressedNode) or branch.last_node.parent.parent is node
+    assert_all_released(stub)
+
+
+def test_a_request_that_diverges_inside_a_compressed_prefix_does_not_use_it():
+    stub = make_stub()
+    commit(stub, document(0))
+    diverging = document(0)[:150] + question(0)
+    req = stub.prefill(stub.request(diverging))
+    assert req.prefix_len == 0 and not uses_compressed_prefix(stub, req)
+    check(stub)
+    stub.finish(req)
+    # Both live side by side; the next request with the whole prefix still reads the compressed copy.
+    branch = run(stub, document(0) + question(1))
+    assert branch.prefix_len == 199
+    assert_all_released(stub)
+
+
+def test_eviction_takes_ordinary_leaves_before_compressed_prefixes():
+    stub = make_stub()
+    for index in range(2):
+        commit(stub, document(index))
+        run(stub, document(index) + question(index), max_new_tokens=4)
+    ordinary = stub.cache.evictable_size() - sum(node_slots(node) for node in stub.compressed_nodes())
+    assert ordinary > 0
+    evicted = stub.cache.evict(EvictParams(num_tokens=ordinary)).num_tokens_evicted
+    assert evicted == ordinary and len(stub.compressed_nodes()) == 2
+    check(stub)
+    stub.cache.evict(EvictParams(num_tokens=1))
+    assert len(stub.compressed_nodes()) == 1
+    check(stub)
+    assert_all_released(stub)
+
+
+def node_slots(node: CompressedNode) -> int:
+    return node.entry.layout.slots.numel()
+
+
+# ---------------------------------------------- what triggers a compression
+
+
+def test_a_prefix_in_use_is_not_compressed_until_a_later_commit_finds_it_free(caplog):
+    stub = make_stub()
+    run(stub, document(0) + question(0))
+    branch = stub.prefill(stub.request(document(0) + question(1)))  # runs on the full document
+    with caplog.at_level(logging.INFO, logger="lava_sglang"):
+        commit(stub, document(0))
+    assert not stub.compressed_nodes() and "still run on the 200-token prefix" in caplog.text
+    stub.finish(branch)
+    commit(stub, document(0))
+    assert len(stub.compressed_nodes()) == 1
+    assert_all_released(stub)
+
+
+def test_a_fork_commit_of_a_document_plain_requests_cached_is_compressed():
+    """The commit matches all but its last token; without its window recomputed, it would
+    have no observation window and never be compressed."""
+    stub = make_stub()
+    run(stub, document(0) + question(0))
+    committed = commit(stub, document(0))
+    assert committed.prefix_len == 200 - WINDOW
+    (node,) = stub.compressed_nodes()
+    assert len(node.key) == 199
+    # The full copy and the plain request's own tokens below it are given back.
+    assert stub.cache.evictable_size() == node_slots(node)
+    for index in range(2):  # the second also reuses the document's last token, cached by the first
+        branch = stub.prefill(stub.request(document(0) + question(index)))
+        assert branch.prefix_len == 199 + index and uses_compressed_prefix(stub, branch)
+        check(stub)
+        stub.finish(branch)
+    assert_all_released(stub)
+
+
+def test_a_logprob_scoring_request_is_not_a_fork_commit():
+    """`select()` scores each choice with max_new_tokens=0 and return_logprob: not a commit."""
+    stub = make_stub()
+    scoring = stub.request(document(0) + question(0), max_new_tokens=0, return_logprob=True)
+    scoring.logprob_start_len = 200
+    stub.prefill(scoring)
+    check(stub)
+    stub.finish(scoring)
+    assert not stub.compressed_nodes()
+    commit(stub, document(0))
+    assert len(stub.compressed_nodes()) == 1
+    assert_all_released(stub)
+
+
+def test_a_request_holding_only_an_ancestor_of_a_prefix_compressed_meanwhile_moves_to_the_compressed_copy():
+    """A chunked prefill on the document holds its first chunk's node when the document's
+    commit (which matched that chunk) is compressed; at its next checkpoint its insert goes
+    through the compressed node, and its whole row must follow, not only the part past what
+    it had checkpointed."""
+    stub = make_stub()
+    reader = stub.prefill(stub.request(document(0) + question(0), max_new_tokens=3), chunk=100)
+    committed = commit(stub, document(0))
+    assert committed.prefix_len == 100 and len(stub.compressed_nodes()) == 1
+    stub.prefill(reader)  # the rest of its prompt, on its own copy of the document
+    check(stub)
+    stub.decode(reader, 9, checkpoint=True)
+    check(stub)
+    assert uses_compressed_prefix(stub, reader)
+    stub.decode(reader, 10)
+    check(stub)
+    stub.finish(reader)
+    check(stub)
+    assert_all_released(stub)
+
+
+def test_shared_prefixes_of_documents_behind_one_header_are_each_compressed_once():
+    """OpenAI traffic: one system prompt and chat header before every document."""
+    stub = make_stub(compress_on=(SHARED,))
+    header = list(range(1, 17))
+    for index in range(3):
+        run(stub, header + document(index) + question(0))
+    for index in range(3):
+        run(stub, header + document(index) + question(1))  # the second sharer: its window observes
+    assert sorted(len(node.key) for node in stub.compressed_nodes()) == [216, 216, 216]
+    for index in range(3):
+        later = stub.prefill(stub.request(header + document(index) + question(2)))
+        assert uses_compressed_prefix(stub, later) and later.prefix_len >= 216
+        check(stub)
+        stub.finish(later)
+    assert len(stub.compressed_nodes()) == 3 and stub.cache.store.stats()["compressions"] == 3
+    assert_all_released(stub)
+
+
+# ------------------------------------------------- retraction and aborts
+
+
+def test_retracting_a_request_on_a_compressed_prefix_leaks_nothing_and_it_resumes_on_the_prefix():
+    stub = make_stub()
+    commit(stub, document(0))
+    branch = stub.prefill(stub.request(document(0) + question(0), max_new_tokens=4))
+    stub.decode(branch, 9)
+    stub.retract(branch)
+    check(stub)
+    assert stub.cache.protected_size() == 0
+    stub.prefill(branch)  # re-admitted with its output so far as prompt
+    assert branch.prefix_len == 199 and uses_compressed_prefix(stub, branch)
+    check(stub)
+    stub.decode(branch, 10)
+    stub.finish(branch)
+    check(stub)
+    assert_all_released(stub)
+
+
+def test_an_aborted_commit_is_not_compressed_and_leaks_nothing():
+    stub = make_stub()
+    aborted = stub.prefill(stub.request(document(0), max_new_tokens=0))
+    stub.abort(aborted)
+    check(stub)
+    assert not stub.compressed_nodes() and not stub.cache.capture._slots
+    assert_all_released(stub)
+    commit(stub, document(0))
+    assert len(stub.compressed_nodes()) == 1
+
+
+def test_a_retracted_second_sharer_compresses_the_shared_prefix_when_it_finishes_after_all():
+    stub = make_stub(compress_on=(SHARED,))
+    run(stub, document(0) + question(0))
+    sharer = stub.prefill(stub.request(document(0) + question(1), max_new_tokens=3))
+    stub.decode(sharer, 9)
+    stub.retract(sharer)
+    check(stub)
+    assert not stub.compressed_nodes()
+    stub.prefill(sharer)
+    check(stub)
+    stub.finish(sharer)
+    check(stub)
+    assert len(stub.compressed_nodes()) == 1
+    assert_all_released(stub)
