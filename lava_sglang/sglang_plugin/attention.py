@@ -44,6 +44,21 @@ class CompressedPrefixPath:
         self.backend = backend
         self.inner_extend = backend.forward_extend
         self.inner_decode = backend.forward_decode
+        # What every layer of one forward batch shares, found at its first layer: the batch
+        # it is for (held, so that a new batch is never taken for it), each request's entry,
+        # and the compressed prefixes' metadata.
+        self._batch = None
+        self._entries: list[StoreEntry | None] = []
+        self._prefixes: CompressedPrefixBatch | None = None
+
+    def _batch_entries(self, forward_batch) -> list[StoreEntry | None]:
+        """The compressed prefix each request of the batch uses (None for none), from the
+        first slot of each request's KV row (the row layout of `compressed_tree.py`)."""
+        if forward_batch is not self._batch:
+            first_slots = _cache.req_to_token_pool.req_to_token[forward_batch.req_pool_indices, 0]
+            self._batch, self._entries = forward_batch, _cache.store.entries_for_slots(first_slots)
+            self._prefixes = None
+        return self._entries
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         if _cache is None:
@@ -51,7 +66,7 @@ class CompressedPrefixPath:
         prefix_lens = forward_batch.extend_prefix_lens_cpu
         extend_lens = forward_batch.extend_seq_lens_cpu
         _record_window(layer, forward_batch, q, prefix_lens, extend_lens)
-        entries = _batch_entries(forward_batch)
+        entries = self._batch_entries(forward_batch)
         if not any(entries):
             out = self.inner_extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
         else:
@@ -61,7 +76,7 @@ class CompressedPrefixPath:
         return out
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
-        entries = _batch_entries(forward_batch) if _cache is not None else []
+        entries = self._batch_entries(forward_batch) if _cache is not None else []
         if not any(entries):
             return self.inner_decode(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
         seq_lens = forward_batch.seq_lens_cpu.tolist()
@@ -74,12 +89,11 @@ class CompressedPrefixPath:
                 layer, kv_write_loc(forward_batch.out_cache_loc, getattr(self.backend, "swa_out_cache_loc", None)), k, v)
         num_q_heads, num_kv_heads, head_dim = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
         queries = q.reshape(-1, num_q_heads, head_dim)
-        prefixes = getattr(forward_batch, "_lava_prefixes", None)
-        if prefixes is None:
-            prefixes = CompressedPrefixBatch(entries, extend_lens, _cache.kv_pool, num_q_heads=num_q_heads,
-                                             num_kv_heads=num_kv_heads, scaling=layer.scaling,
-                                             use_kernel=queries.is_cuda)
-            forward_batch._lava_prefixes = prefixes
+        if self._prefixes is None:
+            self._prefixes = CompressedPrefixBatch(entries, extend_lens, _cache.kv_pool, num_q_heads=num_q_heads,
+                                                   num_kv_heads=num_kv_heads, scaling=layer.scaling,
+                                                   use_kernel=queries.is_cuda)
+        prefixes = self._prefixes
         own_states = _own_states_decode if prefixes.decode else _own_states_extend
         own_out, own_lse = own_states(queries, layer, forward_batch, entries, prefix_lens, extend_lens)
         prefix_out, prefix_lse = prefixes.states(layer.layer_id, queries)
@@ -232,18 +246,6 @@ class CompressedPrefixBatch:
             out[tokens] = head_out[0].permute(2, 0, 1, 3).reshape(extend_len, num_q_heads, head_dim)
             lse[tokens] = head_lse[0].permute(2, 0, 1).reshape(extend_len, num_q_heads)
         return out, lse
-
-
-def _batch_entries(forward_batch):
-    """The compressed prefix each request of the batch uses (None for none), found once per
-    batch from the first slot of each request's KV row."""
-    entries = getattr(forward_batch, "_lava_entries", None)
-    if entries is None:
-        req_to_token = _cache.req_to_token_pool.req_to_token
-        first_slots = req_to_token[forward_batch.req_pool_indices, 0]
-        entries = _cache.store.entries_for_slots(first_slots)
-        forward_batch._lava_entries = entries
-    return entries
 
 
 def _record_window(layer, forward_batch, q, prefix_lens, extend_lens) -> None:

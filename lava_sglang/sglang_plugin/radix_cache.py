@@ -1,20 +1,12 @@
-"""The radix cache with compressed prefixes (`--radix-cache-backend lava`).
+"""The radix cache SGLang runs with a policy on (`--radix-cache-backend lava`): what gets
+compressed, and when.
 
-SGLang's pure-Python `RadixCache` plus compressed nodes:
-
-- A compressed node covers the first n - 1 tokens of a prefix that a frontend program
-  committed before `fork()` (the `max_new_tokens=0` request). It keeps the full token key,
-  so matching is unchanged, and is a child of the root kept apart from the ordinary
-  children (`self.compressed`), so an ordinary insert never splits it and a request that
-  matches only part of it simply does not use it.
-- Its value, as SGLang's bookkeeping sees it, is n - 1 slot indices: first the pool slots
-  whose memory holds its kept rows (see `lava_sglang.store`), then SGLang's padding slot 0.
-  So positions of later tokens start at n - 1, the request's KV row starts with the entry's
-  first slot (which is how the attention path finds the entry), and nothing but the owned
-  slots is ever freed.
-- Its size for SGLang's pool accounting (evictable / protected) is its owned slots, so the
-  invariant available + evictable + protected + uncached == pool size keeps holding.
-- Ordinary nodes can hang below it (the questions of forked branches and their answers).
+The tree with compressed nodes, its accounting and eviction are `compressed_tree.py`; this
+class adds the triggers and the observation. A fork commit (`_is_fork_prefix`: a prompt of at
+least `min_prefix` tokens with max_new_tokens=0 and no logprobs, what a frontend program
+sends before `fork()`) is compressed when it is released, by its tail window, or after it has
+waited (`pending.py`) for what observes it. A commit of a prefix already in the tree
+recomputes its last `window` tokens, so that it has a tail window.
 
 With `--kv-compress-on shared`, a prompt prefix of at least `min_prefix` tokens that a
 second request matches in the ordinary tree is compressed too: that request's match is cut
@@ -43,128 +35,51 @@ the compressed copy at its next checkpoint (`checkpoint`).
 
 from __future__ import annotations
 
-import heapq
 import logging
 import time
-from dataclasses import dataclass, field
+import weakref
 
 import torch
 
 from lava_sglang.policy import ObservationWindow
+from lava_sglang.sglang_plugin.compressed_tree import CompressedNode, CompressedRadixCache, prompt_key
 from lava_sglang.sglang_plugin.compressor import WindowCapture, plan_prefix, store_prefix
 from lava_sglang.sglang_plugin.config import (BRANCHES, DEFERRED_OBSERVE_SOURCES, FORK, MAX_BRANCH_WINDOWS,
                                               MAX_PENDING_PREFIXES, RECONSTRUCT, SHARED, KvPolicyConfig)
 from lava_sglang.sglang_plugin.metrics import StoreMetrics
+from lava_sglang.sglang_plugin.pending import PendingPrefix, RepetitionCost
 from lava_sglang.sglang_plugin.repetition import REPETITION_RID_PREFIX, RepetitionClient, RepetitionScores
-from lava_sglang.sglang_plugin.touchpoints import (commit_deferred_frees, radix_cache_api,
-                                                   seconds_since_first_forward)
-from lava_sglang.store import CellLayout, CompressedStore, StoreEntry, slots_needed
+from lava_sglang.sglang_plugin.touchpoints import radix_cache_api, seconds_since_first_forward
+from lava_sglang.store import CellLayout, slots_needed
 
-(RadixCache, RadixKey, TreeNode, EvictParams, EvictResult, IncLockRefResult, DecLockRefResult,
- MatchPrefixParams) = radix_cache_api()
+*_, MatchPrefixParams = radix_cache_api()
 
 logger = logging.getLogger(__name__)
 
 MAX_RETIRED_REPETITION_RIDS = 1024  # stopped repetitions' chunk rids remembered, to free a straggler's tokens
-PADDING_SLOT = 0  # SGLang's allocator never hands out slot 0 (it absorbs padded writes)
-SHARED_KEY_ATTR = "lava_shared_prefix_key"  # set on an SGLang Req whose match was cut to observe a shared prefix
-
-
-class CompressedNode(TreeNode):
-    def __init__(self, entry: StoreEntry):
-        super().__init__()
-        self.entry = entry
-
-
-@dataclass
-class PendingPrefix:
-    """A fork prefix waiting for its branches' observation windows (--kv-observe branches)
-    or for its repetition's scores (--kv-observe reconstruct)."""
-
-    full_key: object  # RadixKey of the n committed tokens
-    tail_queries: list[torch.Tensor]  # per layer [Hq, w, d]: the prefix's own last tokens
-    wait: float  # --kv-observe-wait, seconds
-    deadline: float  # time.monotonic() after which it is compressed with what arrived
-    branches: list[list[ObservationWindow]] = field(default_factory=list)  # per branch, per layer
-    repetition: RepetitionScores | None = None
-    prefill_seconds: float | None = None  # the commit's prefill, to which the repetition's cost is compared
-
-    def ready(self, now: float) -> bool:
-        """Whether what observes it has arrived (a branch window; the repetition, run whole or
-        failed), or it has waited long enough. A repetition that is making progress is waited
-        for past the deadline: compressing with part of its scores would keep the unscored
-        chunks' tokens by accident (the prefix stays an ordinary, evictable node meanwhile);
-        one that has not begun, or made no progress for `wait` seconds, is not."""
-        repetition = self.repetition
-        if repetition is not None:
-            if repetition.done or repetition.failed is not None:
-                return True
-            return now >= self.deadline and (repetition.last_progress_at is None
-                                             or now - repetition.last_progress_at >= self.wait)
-        return bool(self.branches) or now >= self.deadline
-
-    def is_for(self, key) -> bool:
-        """Whether `key` is this committed prefix itself (a second commit of it)."""
-        return len(key) == len(self.full_key) and self.full_key.match(key) == len(key)
-
-    def covers(self, key) -> bool:
-        """Whether `key` starts with the whole committed prefix and goes beyond it."""
-        return len(key) > len(self.full_key) and self.full_key.match(key) == len(self.full_key)
-
-
-@dataclass
-class RepetitionCost:
-    """What the repetitions that compressed prefixes cost against those prefixes' prefills
-    (wall seconds in the scheduler, shared with whatever else ran meanwhile)."""
-
-    documents: int = 0
-    repetition_seconds: float = 0.0
-    prefill_seconds: float = 0.0
-
-    def add(self, repetition_seconds: float, prefill_seconds: float | None) -> None:
-        if prefill_seconds:  # a commit without a forward stamp is left out of both sums
-            self.documents += 1
-            self.repetition_seconds += repetition_seconds
-            self.prefill_seconds += prefill_seconds
-
-    def stats(self) -> dict:
-        return {"documents": self.documents, "repetition_seconds": round(self.repetition_seconds, 3),
-                "prefill_seconds": round(self.prefill_seconds, 3),
-                "ratio": round(self.repetition_seconds / self.prefill_seconds, 3) if self.prefill_seconds else None}
 
 
 def _rounded(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds, 3)
 
 
-def _prompt_key(req):
-    """The radix key of an SGLang request's prompt."""
-    return RadixKey(req.origin_input_ids, req.extra_key, cache_salt=req.cache_salt)
-
-
-def node_size(node) -> int:
-    """Pool slots a node holds: its token count, or the owned slots of a compressed node."""
-    return node.entry.layout.slots.numel() if isinstance(node, CompressedNode) else len(node.key)
-
-
-class LavaRadixCache(RadixCache):
+class LavaRadixCache(CompressedRadixCache):
     def __init__(self, params, *, config: KvPolicyConfig, kv_pool, metrics: StoreMetrics | None = None,
                  repetition_client: RepetitionClient | None = None):
         self.config = config
         self.repetition_client = repetition_client  # sends the repetitions of --kv-observe reconstruct
-        self.metrics = metrics or StoreMetrics(enabled=False, labels={})
         self.policy = config.make_policy()
-        self.kv_pool = kv_pool
-        self.store = CompressedStore(kv_pool.size + kv_pool.page_size, params.token_to_kv_pool_allocator.device)
         self.capture = WindowCapture(config.window, config.min_prefix)
-        self.compressed: dict = {}  # child key of the first token -> [CompressedNode]
+        # A request whose match was cut to observe a shared prefix -> that prefix's key; weak, so
+        # a request dropped before it is released (aborted while waiting) leaves nothing behind.
+        self.shared_prefix_keys: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.pending: list[PendingPrefix] = []
         self.repetitions: dict[str, RepetitionScores] = {}  # by chunk request id, while the request may run
         self.retired_repetitions: dict[str, int] = {}  # chunk rid -> prefix length, for stopped repetitions
         self.repetitions_cut_short = 0  # prefixes compressed by their tail because the repetition did not finish
         self.last_repetition: dict | None = None  # the cost of the last repetition that compressed a prefix
         self.repetition_cost = RepetitionCost()
-        super().__init__(params)
+        super().__init__(params, kv_pool=kv_pool, metrics=metrics)
 
     # ----------------------------------------------------------------- state
 
@@ -172,15 +87,13 @@ class LavaRadixCache(RadixCache):
         for repetition in self._live_repetitions():
             repetition.failed = "the cache was flushed"
             self._retire(repetition)
-        super().reset()
-        self.store.clear()
         self.capture.clear()
-        self.compressed = {}
+        self.shared_prefix_keys.clear()
         self.pending = []
         self.repetitions = {}
         self.last_repetition = None
         self.repetition_cost = RepetitionCost()
-        self.metrics.store_changed(self.store.stats())
+        super().reset()
 
     def stats(self) -> dict:
         return {
@@ -202,17 +115,6 @@ class LavaRadixCache(RadixCache):
 
     # -------------------------------------------------------------- matching
 
-    def _compressed_match(self, key) -> CompressedNode | None:
-        """The longest compressed node whose whole key is a prefix of `key`."""
-        if len(key) == 0:
-            return None
-        best = None
-        for node in self.compressed.get(key.child_key(self.page_size), ()):
-            if len(node.key) <= len(key) and node.key.match(key) == len(node.key):
-                if best is None or len(node.key) > len(best.key):
-                    best = node
-        return best
-
     def match_prefix(self, params):
         req = params.req
         repetition = self.repetitions.get(req.rid) if req is not None and isinstance(req.rid, str) else None
@@ -228,177 +130,24 @@ class LavaRadixCache(RadixCache):
         result = super().match_prefix(params)
         if req is None or SHARED not in self.config.compress_on or self._pending_of(params.key) is not None:
             return result
-        setattr(req, SHARED_KEY_ATTR, None)
+        self.shared_prefix_keys.pop(req, None)
         shared_len = result.device_prefix_len
         if (shared_len < self.config.min_prefix or self._is_fork_prefix(req)
-                or not self._on_ordinary_path(result.last_device_node)):
+                or not self.on_ordinary_path(result.last_device_node)):
             return result
         # Recompute the shared prefix's last `window` tokens: their queries observe it.
         key = params.key.page_aligned(self.page_size)
-        setattr(req, SHARED_KEY_ATTR, key[:shared_len])
+        self.shared_prefix_keys[req] = key[:shared_len]
         return super().match_prefix(MatchPrefixParams(key=key[:shared_len - self.config.window], req=req))
-
-    def _ordinary_slots(self, key) -> tuple[torch.Tensor, object]:
-        """The pool slots of `key`'s longest match in the ordinary tree (compressed nodes
-        ignored) and the node where it ends."""
-        value, last_node = RadixCache._match_prefix_helper(self, self.root_node, key)
-        return (torch.cat(value) if value else torch.empty(0, dtype=torch.int64)), last_node
-
-    def _on_ordinary_path(self, node) -> bool:
-        """Whether root -> node (not the root itself) could become one compressed node: no
-        node of it is compressed or below one. Nodes of it may have other children (other
-        documents behind a shared header): they stay, and only what no one else uses is freed."""
-        if node is self.root_node:
-            return False
-        while node is not self.root_node:
-            if isinstance(node, CompressedNode):
-                return False
-            node = node.parent
-        return True
 
     def _needs_commit_window(self, req) -> bool:
         """Whether a fork commit must recompute its tail window to be compressed: it is one,
         its policy reads attention, and its prefix is neither compressed nor waiting."""
         if FORK not in self.config.compress_on or not self.policy.needs_scores or not self._is_fork_prefix(req):
             return False
-        full_key = _prompt_key(req)
-        return (self._compressed_match(full_key[:len(full_key) - 1]) is None
+        full_key = prompt_key(req)
+        return (self.compressed_match(full_key[:len(full_key) - 1]) is None
                 and not any(pending.is_for(full_key) for pending in self.pending))
-
-    def _match_prefix_helper(self, node, key):
-        value, last_node = super()._match_prefix_helper(node, key)
-        compressed = self._compressed_match(key) if node is self.root_node else None
-        if compressed is None:
-            return value, last_node
-        compressed.last_access_time = time.monotonic()
-        rest = key[len(compressed.key):]
-        below_value, below_last = super()._match_prefix_helper(compressed, rest) if len(rest) else ([], compressed)
-        if len(compressed.key) + sum(len(v) for v in below_value) < sum(len(v) for v in value):
-            return value, last_node
-        return [compressed.value, *below_value], below_last
-
-    def _insert_helper(self, node, key, value, priority=0, inserted_len=0):
-        compressed = self._compressed_match(key) if node is self.root_node else None
-        if compressed is None:
-            return super()._insert_helper(node, key, value, priority, inserted_len)
-        # The compressed prefix already holds these tokens: the caller frees its copies.
-        compressed.last_access_time = time.monotonic()
-        covered = len(compressed.key)
-        below_len, last_node = super()._insert_helper(
-            compressed, key[covered:], value[covered:], priority, max(inserted_len - covered, 0))
-        return covered + below_len, last_node
-
-    def checkpoint(self, req, *, up_to: int):
-        super().checkpoint(req, up_to=up_to)
-        self._repoint_row_to_compressed_prefix(req)
-
-    def _repoint_row_to_compressed_prefix(self, req) -> None:
-        """A request that held only an ancestor of a prefix when it was compressed (a chunked
-        prefill of the document while its fork commit finished) inserts through the compressed
-        node at its next checkpoint, and SGLang rewrites its row only past what it had
-        checkpointed: the start would still read the old ordinary slots, which it no longer
-        locks, and the rest the compressed node's store and padding slots. The whole prefix of
-        the row moves to the compressed copy, as if the request had matched it."""
-        node = req.last_node
-        while node is not self.root_node and not isinstance(node, CompressedNode):
-            node = node.parent
-        if node is self.root_node:
-            return
-        row = req.kv.req_pool_idx
-        prefix_slots = node.value
-        written = self.req_to_token_pool.req_to_token[row, :len(prefix_slots)]
-        if not torch.equal(written.to(prefix_slots.dtype), prefix_slots):
-            self.req_to_token_pool.write((row, slice(0, len(prefix_slots))), prefix_slots)
-            logger.info("lava: request %s now reads compressed prefix %d, compressed while it ran on the full copy",
-                        req.rid, node.entry.entry_id)
-
-    # ------------------------------------------------------------ accounting
-
-    def inc_lock_ref(self, node) -> IncLockRefResult:
-        if self.disable:
-            return IncLockRefResult(delta=0)
-        delta = 0
-        while node != self.root_node:
-            if node.lock_ref == 0:
-                self.evictable_size_ -= node_size(node)
-                self.protected_size_ += node_size(node)
-                delta -= node_size(node)
-            node.lock_ref += 1
-            self._update_leaf_status(node)
-            node = node.parent
-        return IncLockRefResult(delta=delta)
-
-    def dec_lock_ref(self, node, params=None) -> DecLockRefResult:
-        if self.disable:
-            return DecLockRefResult(delta=0)
-        delta = 0
-        while node != self.root_node:
-            if node.lock_ref == 1:
-                self.evictable_size_ += node_size(node)
-                self.protected_size_ -= node_size(node)
-                delta += node_size(node)
-            node.lock_ref -= 1
-            self._update_leaf_status(node)
-            node = node.parent
-        return DecLockRefResult(delta=delta)
-
-    def total_size(self):
-        total = super().total_size()
-        stack = [node for nodes in self.compressed.values() for node in nodes]
-        while stack:
-            node = stack.pop()
-            total += node_size(node)
-            stack.extend(child for child in node.children.values() if not child.evicted)
-        return total
-
-    # -------------------------------------------------------------- eviction
-
-    def evict(self, params) -> EvictResult:
-        """SGLang's leaf eviction (its strategy's order, LRU by default), ordinary leaves
-        before compressed prefixes; a compressed leaf gives back its owned slots.
-
-        A compressed prefix holds a whole document in about a fifth of the slots, so dropping
-        it costs the most recomputation per slot freed; the ordinary leaves (mostly the
-        branches' questions and answers) go first. Without that, a cyclic workload over a
-        few more documents than fit evicts each compressed document just before its revisit.
-        """
-        if self.disable:
-            return EvictResult()
-        start_time = time.perf_counter()
-        heap = [self._eviction_key(node) for node in self.evictable_leaves]
-        heapq.heapify(heap)
-        num_evicted = 0
-        while num_evicted < params.num_tokens and heap:
-            *_, node = heapq.heappop(heap)
-            parent = node.parent
-            if isinstance(node, CompressedNode):
-                num_evicted += self._drop_compressed(node)
-            else:
-                num_evicted += len(node.value)
-                self._free_leaf(node)
-            if parent is not self.root_node and not parent.children and parent.lock_ref == 0:
-                heapq.heappush(heap, self._eviction_key(parent))
-        self.update_eviction_metrics(num_evicted, start_time)
-        return EvictResult(num_tokens_evicted=num_evicted)
-
-    def _eviction_key(self, node) -> tuple:
-        return isinstance(node, CompressedNode), self.eviction_strategy.get_priority(node), node
-
-    def _drop_compressed(self, node: CompressedNode) -> int:
-        assert node.lock_ref == 0 and not node.children, "dropping a compressed prefix in use"
-        siblings = self.compressed[node.key.child_key(self.page_size)]
-        siblings.remove(node)
-        if not siblings:
-            del self.compressed[node.key.child_key(self.page_size)]
-        self.evictable_leaves.discard(node)
-        size = node_size(node)
-        self.evictable_size_ -= size
-        entry = self.store.remove(node.entry.entry_id)
-        self.token_to_kv_pool_allocator.free(entry.layout.slots)
-        node.value = None
-        logger.info("lava: evicted compressed prefix %d (%d tokens, %d slots)", entry.entry_id, entry.prefix_len, size)
-        self.metrics.evicted(self.store.stats())
-        return size
 
     # ----------------------------------------------------------- compression
 
@@ -414,15 +163,16 @@ class LavaRadixCache(RadixCache):
                     self._defer_fork_prefix(req)
                 else:
                     self._compress_fork_prefix(req)
-            elif checkpointed and getattr(req, SHARED_KEY_ATTR, None) is not None:
-                self._compress_shared_prefix(req, getattr(req, SHARED_KEY_ATTR))
+            elif checkpointed and req in self.shared_prefix_keys:
+                self._compress_shared_prefix(req, self.shared_prefix_keys[req])
             elif checkpointed and self.pending and self.config.observe == BRANCHES:
                 self._observe_branch(req)
         finally:
             self.capture.drop(req.kv.req_pool_idx)
+            self.shared_prefix_keys.pop(req, None)
             super().on_release(req, checkpointed=checkpointed)
         if repeated_len is not None:  # a repetition chunk's tokens go now, before the next chunk is sent
-            self._free_beyond(_prompt_key(req), repeated_len)
+            self.free_beyond(prompt_key(req), repeated_len)
         if self.pending:
             self._compress_ready_pending()
 
@@ -436,10 +186,10 @@ class LavaRadixCache(RadixCache):
 
     def _compress_fork_prefix(self, req) -> None:
         """Compress the first n - 1 tokens of the n-token prefix the request committed."""
-        full_key = _prompt_key(req)
-        if self._already_compressed(full_key[:len(full_key) - 1]):
+        full_key = prompt_key(req)
+        if self.already_compressed(full_key[:len(full_key) - 1]):
             return
-        slots, last_node = self._ordinary_slots(full_key)
+        slots, last_node = self.ordinary_slots(full_key)
         if slots.numel() != len(full_key):
             logger.info("lava: prefix of %d tokens is not in the tree (%d cached); not compressed",
                         len(full_key), slots.numel())
@@ -451,8 +201,8 @@ class LavaRadixCache(RadixCache):
         window_queries = self._captured_window(req, len(full_key))
         if window_queries is not None and self._compress_path(full_key[:len(full_key) - 1], slots, last_node,
                                                               window_queries) is not None:
-            self._free_below(last_node)  # plain requests' tokens after the document, if it was cached by them
-            self._free_uncompressed_path(last_node)
+            self.free_below(last_node)  # plain requests' tokens after the document, if it was cached by them
+            self.free_uncompressed_path(last_node)
 
     # ------------------------------------- observe "branches" and "reconstruct"
 
@@ -462,8 +212,8 @@ class LavaRadixCache(RadixCache):
     def _defer_fork_prefix(self, req) -> None:
         """Keep a committed fork prefix's tail window until its branches have run, or (under
         reconstruct) until its repetition has."""
-        full_key = _prompt_key(req)
-        if self._already_compressed(full_key[:len(full_key) - 1]) or any(
+        full_key = prompt_key(req)
+        if self.already_compressed(full_key[:len(full_key) - 1]) or any(
                 pending.is_for(full_key) for pending in self.pending):
             return
         tail_queries = self._captured_window(req, len(full_key))
@@ -514,9 +264,6 @@ class LavaRadixCache(RadixCache):
         client.submit(scores)
         return scores
 
-    def pool_used(self) -> int:
-        return self.kv_pool.size - self.token_to_kv_pool_allocator.available_size()
-
     def _end_repetition(self, req, checkpointed: bool) -> int | None:
         """A repetition chunk's request was released: the length of the prefix it repeated
         (its own tokens beyond it are to be freed), or None if it is not known any more."""
@@ -533,16 +280,16 @@ class LavaRadixCache(RadixCache):
     def _observe_branch(self, req) -> None:
         """Record the observation window of a released request that ran after a whole pending
         prefix: its last min(window, own tokens) queries and its own tokens' keys."""
-        prompt_key = _prompt_key(req)
-        pending = self._pending_of(prompt_key)
+        branch_key = prompt_key(req)
+        pending = self._pending_of(branch_key)
         if pending is None or len(pending.branches) >= MAX_BRANCH_WINDOWS:
             return
         prefix_len = len(pending.full_key)
-        slots, _ = self._ordinary_slots(prompt_key)
-        if slots.numel() != len(prompt_key):
+        slots, _ = self.ordinary_slots(branch_key)
+        if slots.numel() != len(branch_key):
             return  # the branch's own tokens are not all in the tree
-        own_len = len(prompt_key) - prefix_len
-        queries = self.capture.window_queries(req.kv.req_pool_idx, len(prompt_key), self.kv_pool.layer_num,
+        own_len = len(branch_key) - prefix_len
+        queries = self.capture.window_queries(req.kv.req_pool_idx, len(branch_key), self.kv_pool.layer_num,
                                               rows=min(self.config.window, own_len))
         if queries is None:
             return
@@ -557,8 +304,8 @@ class LavaRadixCache(RadixCache):
         now = time.monotonic()
         for pending in list(self.pending):
             full_key = pending.full_key
-            slots, last_node = self._ordinary_slots(full_key)
-            if slots.numel() != len(full_key) or self._already_compressed(full_key[:len(full_key) - 1]):
+            slots, last_node = self.ordinary_slots(full_key)
+            if slots.numel() != len(full_key) or self.already_compressed(full_key[:len(full_key) - 1]):
                 self._forget(pending)  # evicted while it waited, or compressed by another path
                 continue
             if last_node.lock_ref > 0 or not pending.ready(now):
@@ -576,7 +323,7 @@ class LavaRadixCache(RadixCache):
                                        branch_windows if pending.branches else None,
                                        repetition.repeat if repetition is not None else None)
             if node is None:  # no room: it stays uncompressed; the branches' and repetition's tokens go
-                self._free_below(last_node)
+                self.free_below(last_node)
                 continue
             if repetition is not None:
                 seconds = repetition.ended_at - repetition.first_chunk_at
@@ -595,8 +342,8 @@ class LavaRadixCache(RadixCache):
             else:
                 logger.info("lava: prefix %d observed by its tail and %d branch window(s)", node.entry.entry_id,
                             len(pending.branches))
-            self._free_below(last_node)
-            self._free_uncompressed_path(last_node)
+            self.free_below(last_node)
+            self.free_uncompressed_path(last_node)
 
     def _forget(self, pending: PendingPrefix) -> None:
         """Stop waiting for `pending`; a repetition of it still queued or running is aborted."""
@@ -616,32 +363,14 @@ class LavaRadixCache(RadixCache):
         if any(running) and self.repetition_client is not None:
             self.repetition_client.abort(repetition)
 
-    def _free_beyond(self, key, keep_len: int) -> None:
-        """Give back the unlocked leaves of `key`'s path that lie wholly beyond its first
-        `keep_len` tokens (a repetition chunk's own tokens, below the prefix it repeats)."""
-        slots, node = self._ordinary_slots(key)
-        end = slots.numel()
-        while (node is not self.root_node and end - len(node.key) >= keep_len and not node.children
-               and node.lock_ref == 0 and not node.evicted):
-            parent, end = node.parent, end - len(node.key)
-            self._free_leaf(node)
-            node = parent
-
-    def _free_below(self, node) -> None:
-        """Give back the (unlocked) nodes under `node`: the branches' own tokens, which hang
-        under the full prefix that is being replaced by its compressed copy."""
-        for child in list(node.children.values()):
-            self._free_below(child)
-            self._free_leaf(child)
-
     def _compress_shared_prefix(self, req, prefix_key) -> None:
         """Compress a prompt prefix the request shared with an earlier one; the ordinary nodes
         below it (the requests' own tokens) move under the compressed node and the full copy
         is freed. Skipped while other requests run on the prefix (a later sharer retries), so
         a compressed prefix never coexists with its own full copy."""
-        if self._already_compressed(prefix_key):
+        if self.already_compressed(prefix_key):
             return
-        slots, last_node = self._ordinary_slots(prefix_key)
+        slots, last_node = self.ordinary_slots(prefix_key)
         # Its subtree must be free: the nodes below move under the compressed node, and a lock
         # taken below the full copy would be given back through the compressed one.
         if slots.numel() != len(prefix_key) or last_node.lock_ref > 0:
@@ -657,18 +386,7 @@ class LavaRadixCache(RadixCache):
             node.children[child_key] = child
         last_node.children = {}
         self._update_leaf_status(node)
-        self._free_uncompressed_path(last_node)
-
-    def _already_compressed(self, prefix_key) -> bool:
-        existing = self._compressed_match(prefix_key)
-        if existing is None:
-            return False
-        if len(existing.key) == len(prefix_key):
-            logger.debug("lava: prefix of %d tokens already compressed (entry %d)", len(prefix_key),
-                         existing.entry.entry_id)
-        else:
-            logger.info("lava: not compressing a %d-token prefix that extends a compressed one", len(prefix_key))
-        return True
+        self.free_uncompressed_path(last_node)
 
     def _captured_window(self, req, seq_len: int) -> list[torch.Tensor] | None:
         window_queries = self.capture.window_queries(req.kv.req_pool_idx, seq_len, self.kv_pool.layer_num)
@@ -694,7 +412,7 @@ class LavaRadixCache(RadixCache):
                            keep_len=len(prefix_key), branch_windows=branch_windows, repeat_attention=repeat_attention)
         kept_lengths = torch.tensor([[len(rows) for rows in heads] for heads in kept], dtype=torch.int64)
         num_slots = slots_needed(int(kept_lengths.sum()), *kept_lengths.shape)
-        owned = self._alloc(num_slots)
+        owned = self.alloc_slots(num_slots)
         if owned is None:
             logger.warning("lava: no room for %d slots to compress a %d-token prefix; kept uncompressed",
                            num_slots, slots.numel())
@@ -705,40 +423,10 @@ class LavaRadixCache(RadixCache):
         bytes_per_row = 2 * head_dim * k_buffers[0].element_size()
         entry = self.store.add(len(prefix_key), layout, policy=self.policy.name,
                                compress_seconds=time.perf_counter() - started, bytes_per_row=bytes_per_row)
-        node = CompressedNode(entry)
-        node.parent = self.root_node
-        node.key = prefix_key
-        padding = torch.full((len(prefix_key) - num_slots,), PADDING_SLOT, dtype=torch.int64, device=owned.device)
-        node.value = torch.cat([layout.slots.to(owned.device), padding])
-        self.compressed.setdefault(prefix_key.child_key(self.page_size), []).append(node)
-        self.evictable_size_ += num_slots
-        self._update_leaf_status(node)
+        node = self.add_compressed(prefix_key, entry)
         logger.info(
             "lava: compressed prefix %d: %d tokens, policy %s, kept ratio %.3f (%d rows in %d slots), "
             "%.1f MiB saved, %.1f ms", entry.entry_id, entry.prefix_len, entry.policy, entry.kept_ratio,
             layout.kept_rows, num_slots, entry.bytes_saved / 2**20, entry.compress_seconds * 1e3)
         self.metrics.compressed(entry, self.store.stats())
         return node
-
-    def _alloc(self, num_slots: int):
-        allocator = self.token_to_kv_pool_allocator
-        shortfall = num_slots - allocator.available_size()
-        if shortfall > 0:
-            self.evict(EvictParams(num_tokens=shortfall))
-            # Compression runs in on_release, inside the free group SGLang opens while it
-            # processes a batch's results: the slots just evicted are only pending there.
-            commit_deferred_frees(allocator)
-        return allocator.alloc(num_slots)
-
-    def _free_uncompressed_path(self, node) -> None:
-        """Give the full-length copy back to the allocator where no one else uses it."""
-        while node is not self.root_node and not node.children and node.lock_ref == 0 and not node.evicted:
-            parent = node.parent
-            self._free_leaf(node)
-            node = parent
-
-    def _free_leaf(self, node) -> None:
-        """Give an ordinary leaf's slots back to the allocator and take it out of the tree."""
-        self.token_to_kv_pool_allocator.free_segment(node.value, start_pos=0)
-        self._delete_leaf(node)
-        self.kv_events.record_remove(node)

@@ -103,15 +103,43 @@ def test_ordinary_leaves_are_evicted_before_a_compressed_document(server, docume
     assert_all_memory_free(server.url)
 
 
-def test_soak_concurrent_programs_over_more_documents_than_fit(server, documents):
-    """Programs with random numbers of forks over more documents than fit, from 3 clients:
-    every one answers, the server logs no exception, and a flush frees everything."""
+def reference_rows(smollm2_path, server_url: str, documents, questions: list[dict]) -> list[dict]:
+    """Each question's server answer beside the reference runtime's (fp32, token for token,
+    `identical`) with the server's policy options: a question read through a compressed copy
+    against the reference's compressed prefix, one that recomputed its document against the
+    full cache (`bench serve-reference`'s comparison)."""
+    from lava_sglang.bench.serve_reference import reference_answers
+    from lava_sglang.reference import ReferenceRuntime
+
+    policy = requests.get(server_url + "/server_info", timeout=60).json()["internal_states"][0]["lava_kv_policy"]
+    record = {"policy": "lava", "question_records": questions,
+              "kv_policy_options": {key: policy[key] for key in ("budget", "window", "pool_kernel", "alpha")}}
+    return reference_answers(ReferenceRuntime.load(smollm2_path, window=policy["window"]), documents, record,
+                             ANSWER_TOKENS, progress=False)
+
+
+def mismatches(rows: list[dict]) -> list[tuple[str, str]]:
+    return [(row["server_answer"], row["reference_answer"]) for row in rows if not row["identical"]]
+
+
+def question_records(document_index: int, answers: list[str], meta_info: list[dict]) -> list[dict]:
+    return [{"document": document_index, "question": q, "answer": answer, "expected": None, "correct": None,
+             "cached_tokens": meta["cached_tokens"], "prompt_tokens": meta["prompt_tokens"]}
+            for q, (answer, meta) in enumerate(zip(answers, meta_info))]
+
+
+def test_soak_concurrent_programs_over_more_documents_than_fit(server, documents, smollm2_path):
+    """Programs with random numbers of forks over more documents than fit, from 3 clients (so
+    requests are retracted and documents evicted and recompressed): every answer is the
+    reference runtime's, the server logs no exception, and a flush frees everything."""
     assert_all_memory_free(server.url)
     before = store_stats(server.url)
     rng = random.Random(0)
     workload = [(rng.randrange(SOAK_DOCUMENTS), rng.randint(1, 3)) for _ in range(SOAK_PROGRAMS)]
     with concurrent.futures.ThreadPoolExecutor(3) as clients:
-        answers = list(clients.map(lambda item: ask(server.url, documents[item[0]], item[1]), workload))
+        results = list(clients.map(lambda item: ask(server.url, documents[item[0]], item[1], with_meta=True),
+                                   workload))
+    answers = [program_answers for program_answers, _ in results]
     stats = store_stats(server.url)
     compressions = stats["compressions"] - before["compressions"]
     documents_used = len({document for document, _ in workload})
@@ -120,11 +148,43 @@ def test_soak_concurrent_programs_over_more_documents_than_fit(server, documents
           f"({compressions - documents_used} recompressions), {stats['evictions'] - before['evictions']} "
           f"evictions, errors 0")
     assert [len(program) for program in answers] == [forks for _, forks in workload]
-    assert all(answer.strip() for program in answers for answer in program)
+    questions = [record for (document, _), (program_answers, meta_info) in zip(workload, results)
+                 for record in question_records(document, program_answers, meta_info)]
+    assert mismatches(reference_rows(smollm2_path, server.url, documents, questions)) == []
     assert stats["evictions"] > before["evictions"]
     assert "Traceback" not in server.log_path.read_text()  # SGLang logs every exception with its traceback
     assert requests.get(server.url + "/health_generate", timeout=120).status_code == 200
     assert_all_memory_free(server.url)
+
+
+def test_a_long_ordinary_request_decodes_beside_requests_on_a_compressed_document(server, documents, smollm2_path):
+    """Mixed batches: a long plain generation (no compressed prefix) decodes while a program's
+    branches read a compressed document in the same batches. The plain answer is its answer
+    alone; the branches' answers are the reference runtime's."""
+    url = server.url
+    plain = {"text": documents[7].text, "sampling_params": {"max_new_tokens": 160, "temperature": 0,
+                                                           "ignore_eos": True}}
+
+    def generate_plain() -> tuple[str, float]:
+        response = requests.post(url + "/generate", json=plain, timeout=600)
+        assert response.status_code == 200, response.text
+        return response.json()["text"], time.monotonic()
+
+    assert_all_memory_free(url)
+    alone, _ = generate_plain()
+    assert_all_memory_free(url)
+    ask(url, documents[0], 1)  # the document is committed and compressed
+    with concurrent.futures.ThreadPoolExecutor(1) as client:
+        plain_run = client.submit(generate_plain)
+        time.sleep(1.0)  # the plain request is decoding
+        answers, meta_info = ask(url, documents[0], 3, with_meta=True)
+        program_ended = time.monotonic()
+        beside, plain_ended = plain_run.result()
+    assert plain_ended > program_ended, "the plain request ended before the branches: no mixed batch"
+    assert all(meta["cached_tokens"] > 0 for meta in meta_info)
+    assert beside == alone
+    assert mismatches(reference_rows(smollm2_path, url, documents, question_records(0, answers, meta_info))) == []
+    assert_all_memory_free(url)
 
 
 def test_bad_and_abandoned_requests_leave_nothing_behind(server, documents):
@@ -195,21 +255,12 @@ def test_chunked_prefill_compresses_to_the_reference_plan(server, documents, smo
     """Documents prefilled in 128-token chunks (three or four chunks each) are compressed to
     the plan the reference runtime makes from one unchunked prefill: every answer read
     through the compressed copy is the reference's answer."""
-    from lava_sglang.bench.serve_reference import reference_answers
-    from lava_sglang.reference import ReferenceRuntime
-
     assert_all_memory_free(server.url)
     questions = []
     for index in (5, 6):
         answers, meta_info = ask(server.url, documents[index], 3, with_meta=True)
         assert meta_info[0]["prompt_tokens"] > 3 * CHUNKED_PREFILL
-        questions += [{"document": index, "question": q, "answer": answer, "expected": None, "correct": None,
-                       "cached_tokens": meta["cached_tokens"], "prompt_tokens": meta["prompt_tokens"]}
-                      for q, (answer, meta) in enumerate(zip(answers, meta_info))]
-    policy = requests.get(server.url + "/server_info", timeout=60).json()["internal_states"][0]["lava_kv_policy"]
-    record = {"policy": "lava", "question_records": questions,
-              "kv_policy_options": {key: policy[key] for key in ("budget", "window", "pool_kernel", "alpha")}}
-    rows = reference_answers(ReferenceRuntime.load(smollm2_path, window=policy["window"]), documents, record,
-                             ANSWER_TOKENS, progress=False)
+        questions += question_records(index, answers, meta_info)
+    rows = reference_rows(smollm2_path, server.url, documents, questions)
     assert all(row["compressed"] and row["prompt_tokens_match"] for row in rows)
-    assert all(row["identical"] for row in rows), [(row["server_answer"], row["reference_answer"]) for row in rows]
+    assert mismatches(rows) == []

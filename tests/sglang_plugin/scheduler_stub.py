@@ -25,7 +25,8 @@ from sglang.srt.mem_cache.memory_pool import MHATokenToKVPool, ReqToTokenPool
 from sglang.srt.sampling.sampling_params import SamplingParams
 
 from lava_sglang.sglang_plugin.config import KvPolicyConfig
-from lava_sglang.sglang_plugin.radix_cache import CompressedNode, LavaRadixCache
+from lava_sglang.sglang_plugin.compressed_tree import CompressedNode
+from lava_sglang.sglang_plugin.radix_cache import LavaRadixCache
 
 LAYERS, KV_HEADS, Q_HEADS, HEAD_DIM = 2, 2, 4, 8
 POSITION, TOKEN = 0, 1  # the K channels a forward writes each token's position and id into

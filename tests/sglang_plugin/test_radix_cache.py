@@ -11,7 +11,7 @@ from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 from sglang.test.test_utils import published_topology
 
 from lava_sglang.sglang_plugin.config import FORK, SHARED, KvPolicyConfig
-from lava_sglang.sglang_plugin.radix_cache import CompressedNode
+from lava_sglang.sglang_plugin.compressed_tree import CompressedNode
 
 from scheduler_stub import SchedulerStub
 
@@ -103,8 +103,16 @@ def test_a_fork_commit_is_compressed_and_its_branches_read_the_compressed_copy()
     stub.decode(branch, 9, checkpoint=True)
     check(stub)
     stub.finish(branch)
-    assert isinstance(branch.last_node.parent, CompressedNode) or branch.last_node.parent.parent is node
+    assert path_to_root(branch.last_node)[-1] is node  # its own tokens hang below the compressed node
     assert_all_released(stub)
+
+
+def path_to_root(node) -> list:
+    path = []
+    while node.parent is not None:
+        path.append(node)
+        node = node.parent
+    return path
 
 
 def test_a_request_that_diverges_inside_a_compressed_prefix_does_not_use_it():
@@ -216,7 +224,8 @@ def test_shared_prefixes_of_documents_behind_one_header_are_each_compressed_once
     stub = make_stub(compress_on=(SHARED,))
     header = list(range(1, 17))
     for index in range(3):
-        run(stub, header + document(index) + question(0))
+        first = run(stub, header + document(index) + question(0))
+        assert first.prefix_len == (len(header) if index else 0)  # a new document reuses the header
     for index in range(3):
         run(stub, header + document(index) + question(1))  # the second sharer: its window observes
     assert sorted(len(node.key) for node in stub.compressed_nodes()) == [216, 216, 216]
@@ -226,6 +235,24 @@ def test_shared_prefixes_of_documents_behind_one_header_are_each_compressed_once
         check(stub)
         stub.finish(later)
     assert len(stub.compressed_nodes()) == 3 and stub.cache.store.stats()["compressions"] == 3
+    assert_all_released(stub)
+
+
+def test_under_observe_branches_a_commit_waits_for_its_branches_then_is_compressed_and_they_are_freed():
+    stub = make_stub(observe="branches")
+    commit(stub, document(0))
+    assert not stub.compressed_nodes() and len(stub.cache.pending) == 1
+    branches = [stub.prefill(stub.request(document(0) + question(index))) for index in range(2)]
+    assert all(branch.prefix_len == 200 and not uses_compressed_prefix(stub, branch) for branch in branches)
+    check(stub)
+    stub.finish(branches[0])  # the other still runs on the full copy: not yet
+    assert not stub.compressed_nodes() and len(stub.cache.pending[0].branches) == 1
+    check(stub)
+    stub.finish(branches[1])
+    (node,) = stub.compressed_nodes()
+    assert not stub.cache.pending and stub.cache.evictable_size() == node_slots(node)
+    later = run(stub, document(0) + question(2))
+    assert later.prefix_len == 199
     assert_all_released(stub)
 
 

@@ -104,7 +104,7 @@ def test_a_chunk_released_before_every_layer_scored_every_query_fails_the_repeti
 
 
 def test_a_pending_prefix_waits_for_a_repetition_that_progresses_but_not_for_a_stalled_one():
-    from lava_sglang.sglang_plugin.radix_cache import PendingPrefix
+    from lava_sglang.sglang_plugin.pending import PendingPrefix
 
     scores = new_scores(chunk_tokens=4)
     pending = PendingPrefix(full_key=None, tail_queries=[], wait=10.0, deadline=100.0, repetition=scores)
@@ -119,7 +119,7 @@ def test_a_pending_prefix_waits_for_a_repetition_that_progresses_but_not_for_a_s
 
 
 def test_repetition_cost_sums_only_documents_whose_prefill_was_timed():
-    from lava_sglang.sglang_plugin.radix_cache import RepetitionCost
+    from lava_sglang.sglang_plugin.pending import RepetitionCost
 
     cost = RepetitionCost()
     assert cost.stats() == {"documents": 0, "repetition_seconds": 0.0, "prefill_seconds": 0.0, "ratio": None}

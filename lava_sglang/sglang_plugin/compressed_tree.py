@@ -1,0 +1,326 @@
+"""SGLang's radix tree with compressed prefixes: the tree and its accounting.
+
+SGLang's pure-Python `RadixCache` plus compressed nodes. This module knows how a compressed
+prefix lives in the tree; what gets compressed, and when, is `radix_cache.py`'s business.
+
+The compressed node. A compressed node covers the first n - 1 tokens of a prefix (a request
+always recomputes its last prompt token, so that is all a later request can match). It keeps
+the full token key, so matching is unchanged, and is a child of the root kept apart from the
+ordinary children (`compressed`), so an ordinary insert never splits it and a request that
+matches only part of it does not use it. Ordinary nodes hang below it (the requests' own
+tokens).
+
+The row layout, the contract between this tree, SGLang and the attention path
+(`compressed_row`): the node's value, and so the first n - 1 entries of the KV row of every
+request that matched it, is the pool slots that hold the entry's kept rows (`lava_sglang.store`),
+then SGLang's padding slot 0 up to n - 1 entries. So
+- positions of the request's own tokens start at n - 1, as if the whole prefix were there;
+- the attention path finds a request's compressed prefix from the first slot of its row
+  (`CompressedStore.entries_for_slots`) and reads its own tokens from `entry.prefix_len` on;
+- nothing but the owned slots is ever freed (the padding slot belongs to no one).
+
+Accounting. A compressed node's size for SGLang's evictable / protected counters is its
+owned slots (`node_size`), so available + evictable + protected + the running requests' own
+slots == pool size keeps holding. Eviction takes ordinary leaves before compressed prefixes.
+
+One path per key. After a prefix is compressed its full-length copy is freed (the caller
+compresses only a prefix no request runs on), so the ordinary tree never matches more of a
+key than the compressed node does, and match and insert go the same way. A request that held
+only an ancestor of the prefix and computed the rest itself inserts through the compressed
+node at its next checkpoint; its whole row is then repointed (`checkpoint`).
+"""
+
+from __future__ import annotations
+
+import heapq
+import logging
+import time
+
+import torch
+
+from lava_sglang.sglang_plugin.metrics import StoreMetrics
+from lava_sglang.sglang_plugin.touchpoints import commit_deferred_frees, radix_cache_api
+from lava_sglang.store import CellLayout, CompressedStore, StoreEntry
+
+(RadixCache, RadixKey, TreeNode, EvictParams, EvictResult, IncLockRefResult, DecLockRefResult,
+ _) = radix_cache_api()
+
+logger = logging.getLogger(__name__)
+
+PADDING_SLOT = 0  # SGLang's allocator never hands out slot 0 (it absorbs padded writes)
+
+
+class CompressedNode(TreeNode):
+    def __init__(self, entry: StoreEntry):
+        super().__init__()
+        self.entry = entry
+
+
+def compressed_row(layout: CellLayout, prefix_len: int, device) -> torch.Tensor:
+    """A compressed prefix's row: its owned slots, then the padding slot, `prefix_len` in all."""
+    padding = torch.full((prefix_len - layout.slots.numel(),), PADDING_SLOT, dtype=torch.int64, device=device)
+    return torch.cat([layout.slots.to(device=device, dtype=torch.int64), padding])
+
+
+def node_size(node) -> int:
+    """Pool slots a node holds: its token count, or the owned slots of a compressed node."""
+    return node.entry.layout.slots.numel() if isinstance(node, CompressedNode) else len(node.key)
+
+
+def prompt_key(req):
+    """The radix key of an SGLang request's prompt."""
+    return RadixKey(req.origin_input_ids, req.extra_key, cache_salt=req.cache_salt)
+
+
+class CompressedRadixCache(RadixCache):
+    def __init__(self, params, *, kv_pool, metrics: StoreMetrics | None = None):
+        self.kv_pool = kv_pool
+        self.metrics = metrics or StoreMetrics(enabled=False, labels={})
+        self.store = CompressedStore(kv_pool.size + kv_pool.page_size, params.token_to_kv_pool_allocator.device)
+        self.compressed: dict = {}  # child key of the first token -> [CompressedNode]
+        super().__init__(params)
+
+    def reset(self):
+        super().reset()
+        self.store.clear()
+        self.compressed = {}
+        self.metrics.store_changed(self.store.stats())
+
+    def pool_used(self) -> int:
+        return self.kv_pool.size - self.token_to_kv_pool_allocator.available_size()
+
+    # -------------------------------------------------------------- matching
+
+    def compressed_match(self, key) -> CompressedNode | None:
+        """The longest compressed node whose whole key is a prefix of `key`."""
+        if len(key) == 0:
+            return None
+        best = None
+        for node in self.compressed.get(key.child_key(self.page_size), ()):
+            if len(node.key) <= len(key) and node.key.match(key) == len(node.key):
+                if best is None or len(node.key) > len(best.key):
+                    best = node
+        return best
+
+    def ordinary_slots(self, key) -> tuple[torch.Tensor, object]:
+        """The pool slots of `key`'s longest match in the ordinary tree (compressed nodes
+        ignored) and the node where it ends."""
+        value, last_node = RadixCache._match_prefix_helper(self, self.root_node, key)
+        return (torch.cat(value) if value else torch.empty(0, dtype=torch.int64)), last_node
+
+    def on_ordinary_path(self, node) -> bool:
+        """Whether root -> node (not the root itself) could become one compressed node: no
+        node of it is compressed or below one. Nodes of it may have other children (other
+        documents behind a shared header): they stay, and only what no one else uses is freed."""
+        if node is self.root_node:
+            return False
+        while node is not self.root_node:
+            if isinstance(node, CompressedNode):
+                return False
+            node = node.parent
+        return True
+
+    def _match_prefix_helper(self, node, key):
+        value, last_node = super()._match_prefix_helper(node, key)
+        compressed = self.compressed_match(key) if node is self.root_node else None
+        if compressed is None:
+            return value, last_node
+        compressed.last_access_time = time.monotonic()
+        rest = key[len(compressed.key):]
+        below_value, below_last = super()._match_prefix_helper(compressed, rest) if len(rest) else ([], compressed)
+        if len(compressed.key) + sum(len(v) for v in below_value) < sum(len(v) for v in value):
+            return value, last_node
+        return [compressed.value, *below_value], below_last
+
+    def _insert_helper(self, node, key, value, priority=0, inserted_len=0):
+        compressed = self.compressed_match(key) if node is self.root_node else None
+        if compressed is None:
+            return super()._insert_helper(node, key, value, priority, inserted_len)
+        # The compressed prefix already holds these tokens: the caller frees its copies.
+        compressed.last_access_time = time.monotonic()
+        covered = len(compressed.key)
+        below_len, last_node = super()._insert_helper(
+            compressed, key[covered:], value[covered:], priority, max(inserted_len - covered, 0))
+        return covered + below_len, last_node
+
+    def checkpoint(self, req, *, up_to: int):
+        super().checkpoint(req, up_to=up_to)
+        self._repoint_row_to_compressed_prefix(req)
+
+    def _repoint_row_to_compressed_prefix(self, req) -> None:
+        """A request that held only an ancestor of a prefix when it was compressed (a chunked
+        prefill of the document while its fork commit finished) inserts through the compressed
+        node at its next checkpoint, and SGLang rewrites its row only past what it had
+        checkpointed: the start would still read the old ordinary slots, which it no longer
+        locks, and the rest the compressed node's store and padding slots. The whole prefix of
+        the row moves to the compressed copy, as if the request had matched it."""
+        node = req.last_node
+        while node is not self.root_node and not isinstance(node, CompressedNode):
+            node = node.parent
+        if node is self.root_node:
+            return
+        row = req.kv.req_pool_idx
+        prefix_slots = node.value
+        written = self.req_to_token_pool.req_to_token[row, :len(prefix_slots)]
+        if not torch.equal(written.to(prefix_slots.dtype), prefix_slots):
+            self.req_to_token_pool.write((row, slice(0, len(prefix_slots))), prefix_slots)
+            logger.info("lava: request %s now reads compressed prefix %d, compressed while it ran on the full copy",
+                        req.rid, node.entry.entry_id)
+
+    # ------------------------------------------------------------ accounting
+
+    def inc_lock_ref(self, node) -> IncLockRefResult:
+        if self.disable:
+            return IncLockRefResult(delta=0)
+        delta = 0
+        while node != self.root_node:
+            if node.lock_ref == 0:
+                self.evictable_size_ -= node_size(node)
+                self.protected_size_ += node_size(node)
+                delta -= node_size(node)
+            node.lock_ref += 1
+            self._update_leaf_status(node)
+            node = node.parent
+        return IncLockRefResult(delta=delta)
+
+    def dec_lock_ref(self, node, params=None) -> DecLockRefResult:
+        if self.disable:
+            return DecLockRefResult(delta=0)
+        delta = 0
+        while node != self.root_node:
+            if node.lock_ref == 1:
+                self.evictable_size_ += node_size(node)
+                self.protected_size_ -= node_size(node)
+                delta += node_size(node)
+            node.lock_ref -= 1
+            self._update_leaf_status(node)
+            node = node.parent
+        return DecLockRefResult(delta=delta)
+
+    def total_size(self):
+        total = super().total_size()
+        stack = [node for nodes in self.compressed.values() for node in nodes]
+        while stack:
+            node = stack.pop()
+            total += node_size(node)
+            stack.extend(child for child in node.children.values() if not child.evicted)
+        return total
+
+    # ---------------------------------------------------- compressed nodes
+
+    def add_compressed(self, prefix_key, entry: StoreEntry) -> CompressedNode:
+        """Put a stored entry in the tree as the compressed node of `prefix_key`; its owned
+        slots count as evictable from now on."""
+        node = CompressedNode(entry)
+        node.parent = self.root_node
+        node.key = prefix_key
+        node.value = compressed_row(entry.layout, len(prefix_key), self.device)
+        self.compressed.setdefault(prefix_key.child_key(self.page_size), []).append(node)
+        self.evictable_size_ += node_size(node)
+        self._update_leaf_status(node)
+        return node
+
+    def already_compressed(self, prefix_key) -> bool:
+        """Whether `prefix_key`, or a prefix of it, is compressed (logged: it is not compressed again)."""
+        existing = self.compressed_match(prefix_key)
+        if existing is None:
+            return False
+        if len(existing.key) == len(prefix_key):
+            logger.debug("lava: prefix of %d tokens already compressed (entry %d)", len(prefix_key),
+                         existing.entry.entry_id)
+        else:
+            logger.info("lava: not compressing a %d-token prefix that extends a compressed one", len(prefix_key))
+        return True
+
+    # -------------------------------------------------------------- eviction
+
+    def evict(self, params) -> EvictResult:
+        """SGLang's leaf eviction (its strategy's order, LRU by default), ordinary leaves
+        before compressed prefixes; a compressed leaf gives back its owned slots.
+
+        A compressed prefix holds a whole document in about a fifth of the slots, so dropping
+        it costs the most recomputation per slot freed; the ordinary leaves (mostly the
+        branches' questions and answers) go first. Without that, a cyclic workload over a
+        few more documents than fit evicts each compressed document just before its revisit.
+        """
+        if self.disable:
+            return EvictResult()
+        start_time = time.perf_counter()
+        heap = [self._eviction_key(node) for node in self.evictable_leaves]
+        heapq.heapify(heap)
+        num_evicted = 0
+        while num_evicted < params.num_tokens and heap:
+            *_, node = heapq.heappop(heap)
+            parent = node.parent
+            if isinstance(node, CompressedNode):
+                num_evicted += self._drop_compressed(node)
+            else:
+                num_evicted += len(node.value)
+                self.free_leaf(node)
+            if parent is not self.root_node and not parent.children and parent.lock_ref == 0:
+                heapq.heappush(heap, self._eviction_key(parent))
+        self.update_eviction_metrics(num_evicted, start_time)
+        return EvictResult(num_tokens_evicted=num_evicted)
+
+    def _eviction_key(self, node) -> tuple:
+        return isinstance(node, CompressedNode), self.eviction_strategy.get_priority(node), node
+
+    def _drop_compressed(self, node: CompressedNode) -> int:
+        assert node.lock_ref == 0 and not node.children, "dropping a compressed prefix in use"
+        siblings = self.compressed[node.key.child_key(self.page_size)]
+        siblings.remove(node)
+        if not siblings:
+            del self.compressed[node.key.child_key(self.page_size)]
+        self.evictable_leaves.discard(node)
+        size = node_size(node)
+        self.evictable_size_ -= size
+        entry = self.store.remove(node.entry.entry_id)
+        self.token_to_kv_pool_allocator.free(entry.layout.slots)
+        node.value = None
+        logger.info("lava: evicted compressed prefix %d (%d tokens, %d slots)", entry.entry_id, entry.prefix_len, size)
+        self.metrics.evicted(self.store.stats())
+        return size
+
+    # ------------------------------------------------ allocating and freeing
+
+    def alloc_slots(self, num_slots: int):
+        """`num_slots` pool slots, evicting for them; None when there is no room."""
+        allocator = self.token_to_kv_pool_allocator
+        shortfall = num_slots - allocator.available_size()
+        if shortfall > 0:
+            self.evict(EvictParams(num_tokens=shortfall))
+            # Compression runs in on_release, inside the free group SGLang opens while it
+            # processes a batch's results: the slots just evicted are only pending there.
+            commit_deferred_frees(allocator)
+        return allocator.alloc(num_slots)
+
+    def free_uncompressed_path(self, node) -> None:
+        """Give the full-length copy back to the allocator where no one else uses it."""
+        while node is not self.root_node and not node.children and node.lock_ref == 0 and not node.evicted:
+            parent = node.parent
+            self.free_leaf(node)
+            node = parent
+
+    def free_below(self, node) -> None:
+        """Give back the (unlocked) nodes under `node`: the requests' own tokens below a full
+        prefix that is being replaced by its compressed copy."""
+        for child in list(node.children.values()):
+            self.free_below(child)
+            self.free_leaf(child)
+
+    def free_beyond(self, key, keep_len: int) -> None:
+        """Give back the unlocked leaves of `key`'s path that lie wholly beyond its first
+        `keep_len` tokens (a repetition chunk's own tokens, below the prefix it repeats)."""
+        slots, node = self.ordinary_slots(key)
+        end = slots.numel()
+        while (node is not self.root_node and end - len(node.key) >= keep_len and not node.children
+               and node.lock_ref == 0 and not node.evicted):
+            parent, end = node.parent, end - len(node.key)
+            self.free_leaf(node)
+            node = parent
+
+    def free_leaf(self, node) -> None:
+        """Give an ordinary leaf's slots back to the allocator and take it out of the tree."""
+        self.token_to_kv_pool_allocator.free_segment(node.value, start_pos=0)
+        self._delete_leaf(node)
+        self.kv_events.record_remove(node)

@@ -1,0 +1,72 @@
+"""What a committed fork prefix waits for before it is compressed, and what the wait cost.
+
+Under `--kv-observe branches` a prefix waits for its forked branches' observation windows;
+under `--kv-observe reconstruct` for its repetition's scores (`repetition.py`). The radix
+cache keeps one `PendingPrefix` per waiting prefix and compresses it once it is `ready`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from lava_sglang.policy import ObservationWindow
+from lava_sglang.sglang_plugin.repetition import RepetitionScores
+
+
+@dataclass
+class PendingPrefix:
+    """A fork prefix waiting for its branches' observation windows (--kv-observe branches)
+    or for its repetition's scores (--kv-observe reconstruct)."""
+
+    full_key: object  # RadixKey of the n committed tokens
+    tail_queries: list[torch.Tensor]  # per layer [Hq, w, d]: the prefix's own last tokens
+    wait: float  # --kv-observe-wait, seconds
+    deadline: float  # time.monotonic() after which it is compressed with what arrived
+    branches: list[list[ObservationWindow]] = field(default_factory=list)  # per branch, per layer
+    repetition: RepetitionScores | None = None
+    prefill_seconds: float | None = None  # the commit's prefill, to which the repetition's cost is compared
+
+    def ready(self, now: float) -> bool:
+        """Whether what observes it has arrived (a branch window; the repetition, run whole or
+        failed), or it has waited long enough. A repetition that is making progress is waited
+        for past the deadline: compressing with part of its scores would keep the unscored
+        chunks' tokens by accident (the prefix stays an ordinary, evictable node meanwhile);
+        one that has not begun, or made no progress for `wait` seconds, is not."""
+        repetition = self.repetition
+        if repetition is not None:
+            if repetition.done or repetition.failed is not None:
+                return True
+            return now >= self.deadline and (repetition.last_progress_at is None
+                                             or now - repetition.last_progress_at >= self.wait)
+        return bool(self.branches) or now >= self.deadline
+
+    def is_for(self, key) -> bool:
+        """Whether `key` is this committed prefix itself (a second commit of it)."""
+        return len(key) == len(self.full_key) and self.full_key.match(key) == len(key)
+
+    def covers(self, key) -> bool:
+        """Whether `key` starts with the whole committed prefix and goes beyond it."""
+        return len(key) > len(self.full_key) and self.full_key.match(key) == len(self.full_key)
+
+
+@dataclass
+class RepetitionCost:
+    """What the repetitions that compressed prefixes cost against those prefixes' prefills
+    (wall seconds in the scheduler, shared with whatever else ran meanwhile)."""
+
+    documents: int = 0
+    repetition_seconds: float = 0.0
+    prefill_seconds: float = 0.0
+
+    def add(self, repetition_seconds: float, prefill_seconds: float | None) -> None:
+        if prefill_seconds:  # a commit without a forward stamp is left out of both sums
+            self.documents += 1
+            self.repetition_seconds += repetition_seconds
+            self.prefill_seconds += prefill_seconds
+
+    def stats(self) -> dict:
+        return {"documents": self.documents, "repetition_seconds": round(self.repetition_seconds, 3),
+                "prefill_seconds": round(self.prefill_seconds, 3),
+                "ratio": round(self.repetition_seconds / self.prefill_seconds, 3) if self.prefill_seconds else None}
