@@ -30,6 +30,29 @@ def attention_with_lse(
     return out, lse
 
 
+def flash_attention_with_lse(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """`attention_with_lse` of one sequence by PyTorch's CPU flash-attention kernel, which
+    returns the LSE that the public SDPA API does not, at a fraction of the cost of forming
+    the logits; None where that kernel does not apply (not fp32 on the CPU, or the private op
+    missing from this PyTorch), for the caller to fall back on `attention_with_lse`.
+
+    query [Hkv, G, T, d]; keys, values [Hkv, S, d]; visible [T, S], every row seeing a key.
+    Returns out [Hkv, G, T, d] and lse [Hkv, G, T].
+    """
+    flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    tensors = (query, keys, values)
+    if flash is None or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return None
+    num_kv_heads, group, num_rows, head_dim = query.shape
+    bias = torch.zeros(visible.shape, dtype=torch.float32).masked_fill_(~visible, float("-inf"))
+    out, lse = flash(query.reshape(1, num_kv_heads * group, num_rows, head_dim),
+                     keys.repeat_interleave(group, dim=0)[None], values.repeat_interleave(group, dim=0)[None],
+                     0.0, False, attn_mask=bias[None, None], scale=scaling)
+    return out.view(num_kv_heads, group, num_rows, -1), lse.view(num_kv_heads, group, num_rows)
+
+
 def merge_attention_states(
     out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,7 +6,8 @@
 from lava_sglang.policy.base import LayerScores, Policy, WindowPolicy
 from lava_sglang.policy.observe import (OBSERVE_SOURCES, REPEAT_NORMALIZATIONS, WINDOW_COMBINES, Branches, Observe,
                                         ObservationWindow, Reconstruct, Tail, assistant_turn_text, combine_window_masses,
-                                        make_observe, repeat_attention_chunk, repeat_attention_max, repeat_chunks)
+                                        make_observe, repeat_attention_chunk, repeat_attention_max, repeat_chunks,
+                                        repeat_log_sum_exp)
 from lava_sglang.policy.plan import CompressionPlan, PlanBuilder, compress_plan, resolve_budget
 from lava_sglang.policy.registry import POLICIES, make_policy, policy_name
 
@@ -25,6 +26,7 @@ __all__ = [
     "make_observe",
     "repeat_attention_chunk",
     "repeat_attention_max",
+    "repeat_log_sum_exp",
     "repeat_chunks",
     "CompressionPlan",
     "LayerScores",

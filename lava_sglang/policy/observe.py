@@ -19,6 +19,8 @@ from typing import ClassVar
 
 import torch
 
+from lava_sglang.kernels.attention_states import flash_attention_with_lse
+
 from lava_sglang.policy import scores as score_ops
 from lava_sglang.policy.specs import build
 
@@ -85,7 +87,7 @@ def repeat_attention_max(probs: torch.Tensor) -> torch.Tensor:
 
 def repeat_attention_chunk(queries: torch.Tensor, keys: torch.Tensor, first_position: int, prefix_len: int,
                            copied: tuple[int, int], scaling: float, normalize: str = "global", sink_tokens: int = 0,
-                           max_logits: int = 1 << 24) -> torch.Tensor:
+                           max_logits: int = 1 << 24, lse: torch.Tensor | None = None) -> torch.Tensor:
     """[Hq, end - start]: per query head, the largest attention any query of a repetition
     chunk pays each prefix token the chunk copies (`copied` = (start, end), prefix positions).
 
@@ -97,7 +99,11 @@ def repeat_attention_chunk(queries: torch.Tensor, keys: torch.Tensor, first_posi
       "global"  every key it sees (the attention the model computes);
       "local"   KVzip's: the first `sink_tokens` prefix tokens, the copied tokens and the
                 repetition's own tokens up to itself.
-    fp32, in blocks of query rows so that at most `max_logits` logits exist at once.
+    The softmax's normaliser (the log-sum-exp over those keys, `repeat_log_sum_exp`) is
+    taken once, or given: `lse` [Hq, T], under "global" the LSE of the model's own attention
+    for these queries; then only the copied keys' logits are formed,
+    exp(q.k * scaling - lse), fp32, in blocks of query rows so that at most `max_logits`
+    logits exist at once.
     """
     num_q_heads, num_rows, head_dim = queries.shape
     num_kv_heads, num_keys, _ = keys.shape
@@ -109,26 +115,52 @@ def repeat_attention_chunk(queries: torch.Tensor, keys: torch.Tensor, first_posi
                          f"({first_position}) and first_position + T ({first_position + num_rows}) <= S ({num_keys})")
     if normalize not in REPEAT_NORMALIZATIONS:
         raise ValueError(f"normalize must be one of {list(REPEAT_NORMALIZATIONS)}, got {normalize!r}")
-    grouped = queries.float().view(num_kv_heads, num_q_heads // num_kv_heads, num_rows, head_dim)
-    key_positions = torch.arange(num_keys, device=keys.device)
-    if normalize == "local":  # only the sinks, the copied tokens and the repetition take part
-        local = (key_positions < sink_tokens) | ((key_positions >= start) & (key_positions < end)) | (
-            key_positions >= prefix_len)
-        local_positions = key_positions[local]
-        keys, key_positions = keys[:, local], local_positions
-        start, end = int((local_positions < start).sum()), int((local_positions < end).sum())
-    keys = keys.float()
-    rows_per_block = max(1, max_logits // (num_q_heads * keys.shape[1]))
+    if lse is not None and (normalize != "global" or lse.shape != (num_q_heads, num_rows)):
+        raise ValueError(f"a given lse is the global normaliser [Hq, T] = {[num_q_heads, num_rows]}, got "
+                         f"{list(lse.shape)} under normalize={normalize!r}")
+    group = num_q_heads // num_kv_heads
+    grouped = queries.float().view(num_kv_heads, group, num_rows, head_dim)
+    if lse is None:
+        key_positions = torch.arange(num_keys, device=keys.device)
+        normalizing = torch.ones(num_keys, dtype=torch.bool, device=keys.device)
+        if normalize == "local":  # only the sinks, the copied tokens and the repetition take part
+            normalizing = (key_positions < sink_tokens) | ((key_positions >= start) & (key_positions < end)) | (
+                key_positions >= prefix_len)
+        query_positions = first_position + torch.arange(num_rows, device=keys.device)
+        visible = key_positions[normalizing][None, :] <= query_positions[:, None]  # [T, keys normalising]
+        lse = repeat_log_sum_exp(grouped, keys[:, normalizing].float(), visible, scaling, max_logits)
+    lse = lse.float().view(num_kv_heads, group, num_rows)
+    copied_keys = keys[:, start:end].float()  # before every repetition query: all visible
+    rows_per_block = max(1, max_logits // (num_q_heads * (end - start)))
     result = None
     for block_start in range(0, num_rows, rows_per_block):
-        block = grouped[:, :, block_start:block_start + rows_per_block]
-        logits = torch.einsum("hgtd,hsd->hgts", block, keys) * scaling
-        query_positions = first_position + block_start + torch.arange(block.shape[2], device=keys.device)
-        logits.masked_fill_(key_positions[None, :] > query_positions[:, None], float("-inf"))
-        probs = torch.softmax(logits, dim=-1)[..., start:end].flatten(0, 1)  # [Hq, rows, end - start]
+        rows = slice(block_start, block_start + rows_per_block)
+        logits = torch.einsum("hgtd,hsd->hgts", grouped[:, :, rows], copied_keys) * scaling
+        probs = torch.exp(logits - lse[:, :, rows, None]).flatten(0, 1)  # [Hq, rows, end - start]
         block_max = repeat_attention_max(probs)
         result = block_max if result is None else torch.maximum(result, block_max)
     return result
+
+
+def repeat_log_sum_exp(grouped_queries: torch.Tensor, keys: torch.Tensor, visible: torch.Tensor, scaling: float,
+                       max_logits: int = 1 << 24) -> torch.Tensor:
+    """[Hkv, G, T]: log-sum-exp over the visible keys of each query's scaled logits, fp32.
+
+    grouped_queries [Hkv, G, T, d], keys [Hkv, S, d], visible [T, S] (every row sees a key).
+    On the CPU in fp32, PyTorch's flash-attention kernel gives it (`flash_attention_with_lse`);
+    elsewhere the logits are formed in row blocks.
+    """
+    num_kv_heads, group, num_rows, head_dim = grouped_queries.shape
+    flash = flash_attention_with_lse(grouped_queries, keys, keys, visible, scaling)
+    if flash is not None:
+        return flash[1]
+    rows_per_block = max(1, max_logits // (num_kv_heads * group * keys.shape[1]))
+    blocks = []
+    for block_start in range(0, num_rows, rows_per_block):
+        rows = slice(block_start, block_start + rows_per_block)
+        logits = torch.einsum("hgtd,hsd->hgts", grouped_queries[:, :, rows], keys) * scaling
+        blocks.append(torch.logsumexp(logits.masked_fill(~visible[rows], float("-inf")), dim=-1))
+    return torch.cat(blocks, dim=2)
 
 
 def repeat_chunks(prefix_len: int, chunk_tokens: int) -> list[tuple[int, int]]:

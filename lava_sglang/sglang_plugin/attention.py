@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import torch
 
-from lava_sglang.kernels.attention_states import attention_with_lse, merge_attention_states
+from lava_sglang.kernels.attention_states import attention_with_lse, flash_attention_with_lse, merge_attention_states
 from lava_sglang.sglang_plugin.touchpoints import kv_write_loc
 from lava_sglang.store import StoreEntry, read_layer, read_layer_padded
 
@@ -67,12 +67,15 @@ class CompressedPrefixPath:
         extend_lens = forward_batch.extend_seq_lens_cpu
         _record_window(layer, forward_batch, q, prefix_lens, extend_lens)
         entries = self._batch_entries(forward_batch)
-        if not any(entries):
-            out = self.inner_extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
-        else:
-            out = self._attend(q, k, v, layer, forward_batch, save_kv_cache, entries, prefix_lens, extend_lens)
-        if _cache.repetitions:
-            _score_repetitions(layer, forward_batch, q, entries, prefix_lens, extend_lens)
+        repeating = bool(_cache.repetitions) and any(rid in _cache.repetitions for rid in forward_batch.rids or ())
+        if not any(entries) and not repeating:
+            return self.inner_extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
+        # A repetition chunk is attention over the whole prefix: computed here, its queries' LSE
+        # is the normaliser its scores need, and only its own queries are computed (SGLang's
+        # torch_native backend also recomputes attention for every cached prefix position).
+        out, lse = self._attend(q, k, v, layer, forward_batch, save_kv_cache, entries, prefix_lens, extend_lens)
+        if repeating:
+            _score_repetitions(layer, forward_batch, q, lse, entries, prefix_lens, extend_lens)
         return out
 
     def forward_decode(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
@@ -81,24 +84,27 @@ class CompressedPrefixPath:
             return self.inner_decode(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
         seq_lens = forward_batch.seq_lens_cpu.tolist()
         prefix_lens = [seq_len - 1 for seq_len in seq_lens]
-        return self._attend(q, k, v, layer, forward_batch, save_kv_cache, entries, prefix_lens, [1] * len(seq_lens))
+        return self._attend(q, k, v, layer, forward_batch, save_kv_cache, entries, prefix_lens,
+                            [1] * len(seq_lens))[0]
 
     def _attend(self, q, k, v, layer, forward_batch, save_kv_cache, entries, prefix_lens, extend_lens):
+        """The batch's attention, computed here: out [tokens, Hq * d] in q's dtype and each
+        query's natural-log LSE over everything it attends to, [tokens, Hq] fp32."""
         if save_kv_cache and k is not None and v is not None:
             _cache.kv_pool.set_kv_buffer(
                 layer, kv_write_loc(forward_batch.out_cache_loc, getattr(self.backend, "swa_out_cache_loc", None)), k, v)
         num_q_heads, num_kv_heads, head_dim = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
         queries = q.reshape(-1, num_q_heads, head_dim)
-        if self._prefixes is None:
-            self._prefixes = CompressedPrefixBatch(entries, extend_lens, _cache.kv_pool, num_q_heads=num_q_heads,
-                                                   num_kv_heads=num_kv_heads, scaling=layer.scaling,
-                                                   use_kernel=queries.is_cuda)
-        prefixes = self._prefixes
-        own_states = _own_states_decode if prefixes.decode else _own_states_extend
-        own_out, own_lse = own_states(queries, layer, forward_batch, entries, prefix_lens, extend_lens)
-        prefix_out, prefix_lse = prefixes.states(layer.layer_id, queries)
-        out, _ = merge_attention_states(prefix_out, prefix_lse, own_out, own_lse)
-        return out.to(q.dtype).view(-1, num_q_heads * layer.v_head_dim)
+        own_states = _own_states_decode if max(extend_lens) == 1 else _own_states_extend
+        out, lse = own_states(queries, layer, forward_batch, entries, prefix_lens, extend_lens)
+        if any(entries):
+            if self._prefixes is None:
+                self._prefixes = CompressedPrefixBatch(entries, extend_lens, _cache.kv_pool, num_q_heads=num_q_heads,
+                                                       num_kv_heads=num_kv_heads, scaling=layer.scaling,
+                                                       use_kernel=queries.is_cuda)
+            prefix_out, prefix_lse = self._prefixes.states(layer.layer_id, queries)
+            out, lse = merge_attention_states(prefix_out, prefix_lse, out, lse)
+        return out.to(q.dtype).view(-1, num_q_heads * layer.v_head_dim), lse
 
 
 def _own_states_extend(queries, layer, forward_batch, entries, prefix_lens, extend_lens):
@@ -120,8 +126,13 @@ def _own_states_extend(queries, layer, forward_batch, entries, prefix_lens, exte
         own_values = v_buffer[slots].transpose(0, 1).unsqueeze(0)
         query_pos = torch.arange(prefix_len, seq_len, device=queries.device)
         key_pos = torch.arange(own_start, seq_len, device=queries.device)
-        visible = (key_pos[None, :] <= query_pos[:, None]).view(1, 1, 1, extend_len, -1)
-        out, lse = attention_with_lse(query, own_keys, own_values, visible, layer.scaling)
+        visible = key_pos[None, :] <= query_pos[:, None]
+        flash = flash_attention_with_lse(query[0], own_keys[0], own_values[0], visible, layer.scaling)
+        if flash is not None:
+            out, lse = flash[0][None], flash[1][None]
+        else:
+            out, lse = attention_with_lse(query, own_keys, own_values, visible.view(1, 1, 1, extend_len, -1),
+                                          layer.scaling)
         own_out[start:start + extend_len] = out[0].permute(2, 0, 1, 3).reshape(extend_len, num_q_heads, -1)
         own_lse[start:start + extend_len] = lse[0].permute(2, 0, 1).reshape(extend_len, num_q_heads)
         start += extend_len
@@ -259,9 +270,10 @@ def _record_window(layer, forward_batch, q, prefix_lens, extend_lens) -> None:
         start += extend_len
 
 
-def _score_repetitions(layer, forward_batch, q, entries, prefix_lens, extend_lens) -> None:
+def _score_repetitions(layer, forward_batch, q, lse, entries, prefix_lens, extend_lens) -> None:
     """Feed each repetition request's chunk in the batch (observe "reconstruct",
-    `repetition.py`) to its scores; the chunk's own keys are in the pool by now."""
+    `repetition.py`) to its scores, with its queries' LSE [tokens, Hq] from the attention just
+    computed; the chunk's own keys are in the pool by now."""
     queries = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
     k_buffer = _cache.kv_pool.get_key_buffer(layer.layer_id)
     pool_used = _cache.pool_used()
@@ -271,8 +283,9 @@ def _score_repetitions(layer, forward_batch, q, entries, prefix_lens, extend_len
         if scores is not None and entries[row] is None:  # a repetition reads the full prefix
             slots = _cache.req_to_token_pool.req_to_token[forward_batch.req_pool_indices[row], :prefix_len + extend_len]
             try:
-                scores.add_chunk(rid, layer.layer_id, queries[start:start + extend_len], k_buffer[slots], prefix_len,
-                                 layer.scaling, pool_used)
+                rows = slice(start, start + extend_len)
+                scores.add_chunk(rid, layer.layer_id, queries[rows], k_buffer[slots], prefix_len, layer.scaling,
+                                 pool_used, lse=lse[rows])
             except Exception as error:  # e.g. out of memory: the prefix falls back to its tail, the server serves on
                 scores.failed = f"scoring failed: {error}"
                 for chunk_rid in scores.rids:

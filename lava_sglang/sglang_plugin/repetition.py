@@ -138,14 +138,20 @@ class RepetitionScores:
         return max(0, self.pool_used_peak - self.pool_used_at_start)
 
     def add_chunk(self, rid: str, layer: int, queries: torch.Tensor, keys: torch.Tensor, first_position: int,
-                  scaling: float, pool_used: int = 0) -> None:
+                  scaling: float, pool_used: int = 0, lse: torch.Tensor | None = None) -> None:
         """One extend piece of chunk `rid` at one layer: queries [T, Hq, d] at positions
         first_position .. first_position + T - 1, keys [S, Hkv, d] of positions 0 .. S - 1;
-        pool_used: pool slots in use now."""
+        pool_used: pool slots in use now; lse [T, Hq]: the queries' log-sum-exp over every key
+        they see, from the attention that computed them (the global normaliser, used when
+        the scores are normalised globally)."""
         started = time.perf_counter()
         chunk = self.chunk(rid)
         skip = max(0, self.prefix_len - first_position)  # recomputed prefix tokens are not the repetition
         queries = queries[skip:]
+        if lse is not None and self.source.normalize == "global":
+            lse = lse[skip:].transpose(0, 1)
+        else:
+            lse = None
         start, end = first_position + skip, first_position + skip + queries.shape[0]
         if chunk is not None and queries.shape[0] > 0 and start <= chunk.scored_until[layer]:
             self.last_progress_at = time.monotonic()
@@ -156,7 +162,7 @@ class RepetitionScores:
             scored_end = min(copy_end, self.selectable)
             scores = repeat_attention_chunk(queries.transpose(0, 1), keys.transpose(0, 1), start, self.prefix_len,
                                             chunk.copied, scaling, self.source.normalize,
-                                            self.source.sink_tokens)[:, :scored_end - copy_start]
+                                            self.source.sink_tokens, lse=lse)[:, :scored_end - copy_start]
             if self.repeat[layer] is None:
                 self.repeat[layer] = scores.new_zeros(scores.shape[0], self.selectable)
             seen = self.repeat[layer][:, copy_start:scored_end]

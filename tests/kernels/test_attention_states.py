@@ -6,7 +6,8 @@ import math
 import pytest
 import torch
 
-from lava_sglang.kernels.attention_states import attention_with_lse, merge_attention_states, merge_states
+from lava_sglang.kernels.attention_states import (attention_with_lse, flash_attention_with_lse, merge_attention_states,
+                                                  merge_states)
 
 
 def _states(num_tokens, num_heads, head_dim, dtype, device, seed=0):
@@ -89,3 +90,18 @@ def test_bad_inputs_raise():
         merge_states(out, lse, other_out, other_lse.double())
     with pytest.raises(ValueError, match="prefix_lse must be float32"):
         merge_states(out, lse[:1], other_out, other_lse)
+
+
+def test_the_cpu_flash_kernel_gives_attention_with_lse_or_declines():
+    # One sequence, GQA (2 KV heads, 3 queries each), the last 5 of 12 positions attending
+    # causally: the server's own-token attention and the repetition's normaliser.
+    generator = torch.Generator().manual_seed(3)
+    query = torch.randn(2, 3, 5, 16, generator=generator)
+    keys, values = torch.randn(2, 12, 16, generator=generator), torch.randn(2, 12, 16, generator=generator)
+    visible = torch.arange(12)[None, :] <= (7 + torch.arange(5))[:, None]
+    out, lse = flash_attention_with_lse(query, keys, values, visible, 0.25)
+    expected_out, expected_lse = attention_with_lse(query[None], keys[None], values[None], visible, 0.25)
+    torch.testing.assert_close(out, expected_out[0])
+    torch.testing.assert_close(lse, expected_lse[0])
+    assert flash_attention_with_lse(query.double(), keys.double(), values.double(), visible, 0.25) is None
+

@@ -7,7 +7,7 @@ import torch
 
 from lava_sglang.policy import (Branches, ObservationWindow, PlanBuilder, Reconstruct, assistant_turn_text,
                                 combine_window_masses, compress_plan, make_observe, make_policy, repeat_attention_chunk,
-                                repeat_attention_max, repeat_chunks)
+                                repeat_attention_max, repeat_chunks, repeat_log_sum_exp)
 from lava_sglang.policy.lava import PAPER_SPEC
 from lava_sglang.policy.scores import pool_scores, prefix_attention_mass, window_attention_mass
 
@@ -149,12 +149,32 @@ def test_repeat_attention_chunk_is_the_causal_softmax_over_all_keys_in_any_block
         for max_logits in (1 << 24, num_q_heads * (n + rows)):  # one block; one query row per block
             result = repeat_attention_chunk(queries, keys, n, n, copied, scaling, max_logits=max_logits)
             torch.testing.assert_close(result, expected)
+    # The normaliser may come from the model's own attention (its LSE over every key it saw).
+    lse = torch.logsumexp(logits.masked_fill(causal, float("-inf")), dim=-1)
+    torch.testing.assert_close(repeat_attention_chunk(queries, keys, n, n, (3, 7), scaling, lse=lse),
+                               probs[:, :, 3:7].amax(dim=1))
+    with pytest.raises(ValueError, match="global normaliser"):
+        repeat_attention_chunk(queries, keys, n, n, (3, 7), scaling, normalize="local", lse=lse)
     with pytest.raises(ValueError, match="prefix_len"):
         repeat_attention_chunk(queries, keys, n, n, (0, n + 1), scaling)
     with pytest.raises(ValueError, match="do not match"):
         repeat_attention_chunk(queries[:3], keys, n, n, (0, 9), scaling)
     with pytest.raises(ValueError, match="normalize must be one of"):
         repeat_attention_chunk(queries, keys, n, n, (0, 9), scaling, normalize="none")
+
+
+def test_repeat_log_sum_exp_is_the_same_from_the_cpu_flash_kernel_and_from_the_logits():
+    torch.manual_seed(2)
+    num_kv_heads, group, rows, num_keys, d = 2, 3, 7, 20, 8
+    queries = torch.randn(num_kv_heads, group, rows, d)
+    keys = torch.randn(num_kv_heads, num_keys, d)
+    visible = torch.arange(num_keys)[None, :] <= (10 + torch.arange(rows))[:, None]
+    logits = torch.einsum("hgtd,hsd->hgts", queries, keys) * 0.3
+    expected = torch.logsumexp(logits.masked_fill(~visible, float("-inf")), dim=-1)
+    flash = repeat_log_sum_exp(queries, keys, visible, 0.3)  # fp32 on the CPU: PyTorch's flash kernel
+    blocked = repeat_log_sum_exp(queries.double(), keys.double(), visible, 0.3, max_logits=num_kv_heads * group * 20)
+    torch.testing.assert_close(flash, expected)
+    torch.testing.assert_close(blocked.float(), expected)
 
 
 def test_local_normalisation_is_the_softmax_over_sinks_copied_tokens_and_the_repetition():

@@ -1,5 +1,7 @@
 """`RepetitionScores`: the server's chunked repetition of a prefix and its scoring (observe "reconstruct")."""
 
+import math
+
 import pytest
 import torch
 
@@ -79,6 +81,27 @@ def test_pieces_of_any_split_score_like_the_whole_chunk_and_fill_only_what_it_co
         assert scores.end_chunk(chunk.rid, checkpointed=True).done
     assert scores.done and scores.failed is None and scores.num_scored == scores.num_queries
     torch.testing.assert_close(scores.repeat[0], expected)
+
+
+def test_the_attentions_own_lse_gives_the_global_scores_and_is_ignored_under_local():
+    for normalize in ("global", "local"):
+        with_lse, without = new_scores(normalize=normalize), new_scores(normalize=normalize)
+        chunk = with_lse.chunks[0]
+        queries, keys = sequence(chunk, seed=4)
+        end = PREFIX_LEN + chunk.num_queries
+        # The server hands each query's LSE over every key it sees (the global normaliser); the
+        # match fell 3 tokens short, so the piece starts inside the prefix.
+        grouped = queries[7:end].view(-1, NUM_KV_HEADS, NUM_Q_HEADS // NUM_KV_HEADS, HEAD_DIM)
+        logits = torch.einsum("thgd,shd->thgs", grouped, keys[:end]) * SCALING
+        causal = torch.arange(end)[None, :] > torch.arange(7, end)[:, None]
+        lse = torch.logsumexp(logits.masked_fill(causal[:, None, None], float("-inf")), dim=-1).flatten(1)
+        with_lse.add_chunk(chunk.rid, 0, queries[7:end], keys[:end], 7, SCALING, lse=lse)
+        feed(without, without.chunks[0], queries, keys, [(7, end)])
+        torch.testing.assert_close(with_lse.repeat[0], without.repeat[0])
+        # It is what normalises the global scores (a doubled partition function halves them).
+        doubled = new_scores(normalize=normalize)
+        doubled.add_chunk(doubled.chunks[0].rid, 0, queries[7:end], keys[:end], 7, SCALING, lse=lse + math.log(2))
+        torch.testing.assert_close(doubled.repeat[0], without.repeat[0] / (2 if normalize == "global" else 1))
 
 
 def test_recomputed_prefix_tokens_are_not_repetition_queries_and_a_piece_seen_twice_changes_nothing():
