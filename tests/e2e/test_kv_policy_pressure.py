@@ -66,9 +66,9 @@ def assert_all_memory_free(url: str) -> None:
     assert (stats["entries"], stats["borrowed_slots"], stats["evictable"], stats["protected"]) == (0, 0, 0, 0)
 
 
-def test_an_evicted_document_is_recompressed_with_the_same_answers(server, documents):
+def test_an_evicted_document_is_recompressed_with_the_same_answers(server, documents, smollm2_path):
     assert_all_memory_free(server.url)
-    first_answers = ask(server.url, documents[0], 3)
+    first_answers, first_meta = ask(server.url, documents[0], 3, with_meta=True)
     for document in documents[1:]:
         ask(server.url, document, 3)
     stats = store_stats(server.url)
@@ -78,6 +78,8 @@ def test_an_evicted_document_is_recompressed_with_the_same_answers(server, docum
     # Document 0 was the least recently used: it was evicted, is recomputed and recompressed.
     assert ask(server.url, documents[0], 3) == first_answers
     assert store_stats(server.url)["compressions"] == compressions + 1
+    assert mismatches(reference_rows(smollm2_path, server.url, documents,
+                                     question_records(0, first_answers, first_meta))) == []
     assert_all_memory_free(server.url)
 
 
