@@ -334,10 +334,11 @@ class LavaRadixCache(CompressedRadixCache):
                                         "prefill_seconds": _rounded(pending.prefill_seconds),
                                         "extra_slots_peak": repetition.extra_slots_peak}
                 logger.info("lava: prefix %d observed by its repetition: %d tokens prefilled in %d chunk(s), %.2f s "
-                            "from its first chunk to its release (%s the prefix's prefill), %.0f ms of it scoring, at "
+                            "from its first chunk to its release (%s), %.0f ms of it scoring, at "
                             "most %d pool slots beyond what was in use when it began", node.entry.entry_id,
                             repetition.num_queries, len(repetition.chunks), seconds,
-                            f"{seconds / pending.prefill_seconds:.2f}x" if pending.prefill_seconds else "n/a x",
+                            f"{seconds / pending.prefill_seconds:.2f}x the prefix's prefill" if pending.prefill_seconds
+                            else "the prefix's prefill was not timed",
                             repetition.scoring_seconds * 1e3, repetition.extra_slots_peak)
             else:
                 logger.info("lava: prefix %d observed by its tail and %d branch window(s)", node.entry.entry_id,

@@ -249,19 +249,50 @@ def test_flush_gives_back_the_store_and_the_pool(lava_server, program_inputs):
 def test_chat_completions_share_the_compressed_prefix(lava_server, program_inputs, document, prefix_tokens):
     flush(lava_server.url)
     run_program(lava_server.url, program_inputs)
+    reply = chat(lava_server.url, document, document.questions[0].text)
+    assert reply["answer"].strip()
+    assert reply["cached_tokens"] >= prefix_tokens - 2
+    assert store_stats(lava_server.url)["compressions"] >= 1
+
+
+def chat(url: str, document, question: str) -> dict:
     from lava_sglang.bench.documents import SYSTEM_PROMPT
 
-    question = document.questions[0].text
-    response = requests.post(lava_server.url + "/v1/chat/completions", timeout=300, json={
+    response = requests.post(url + "/v1/chat/completions", timeout=300, json={
         "model": "default", "temperature": 0, "max_tokens": ANSWER_TOKENS,
         "messages": [{"role": "system", "content": SYSTEM_PROMPT},
                      {"role": "user", "content": f"Document:\n{document.text}\n\nQuestion: {question}"}],
     })
     assert response.status_code == 200, response.text
     body = response.json()
-    assert body["choices"][0]["message"]["content"].strip()
-    assert body["usage"]["prompt_tokens_details"]["cached_tokens"] >= prefix_tokens - 2
-    assert store_stats(lava_server.url)["compressions"] >= 1
+    return {"answer": body["choices"][0]["message"]["content"],
+            "cached_tokens": body["usage"]["prompt_tokens_details"]["cached_tokens"]}
+
+
+def test_documents_behind_one_chat_header_are_each_compressed_once(lava_server, tokenizer):
+    """OpenAI traffic over three documents behind one system prompt and chat header
+    (`--kv-compress-on shared`): each document is compressed once, by its second question,
+    which is itself answered on the full cache; a later question reads the compressed copy."""
+    url = lava_server.url
+    count = lambda text: len(tokenizer(text).input_ids)  # noqa: E731
+    documents = [retrieval_documents(count, 400, [2], seed=seed)[0] for seed in (3, 4, 5)]
+    alone = []  # each second question's answer on the full cache
+    for document in documents:
+        flush(url)
+        alone.append(chat(url, document, document.questions[1].text)["answer"])
+    flush(url)
+    compressions = store_stats(url)["compressions"]
+    firsts = [chat(url, document, document.questions[0].text) for document in documents]
+    assert firsts[0]["cached_tokens"] == 0 and all(first["cached_tokens"] > 0 for first in firsts[1:])  # the header
+    assert store_stats(url)["compressions"] == compressions
+    seconds = [chat(url, document, document.questions[1].text) for document in documents]
+    stats = store_stats(url)
+    assert stats["compressions"] == compressions + 3 and stats["entries"] == 3
+    assert [second["answer"] for second in seconds] == alone
+    for document in documents:
+        later = chat(url, document, document.questions[0].text)
+        assert later["cached_tokens"] >= 300  # the compressed header and document
+    assert store_stats(url)["compressions"] == compressions + 3
 
 
 def test_a_malformed_request_fails_alone(lava_server, program_inputs):
