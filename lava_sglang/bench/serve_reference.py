@@ -84,7 +84,8 @@ def reference_answers(runtime, documents, record: dict, max_tokens: int, progres
         capture = captures[question["document"]]
         prefix_len = capture.seq_len
         cached = question.get("cached_tokens") or 0
-        compressed = policy is not None and cached >= prefix_len - 1
+        # A prefix below --kv-min-prefix is never compressed: a full hit on it is the ordinary copy.
+        compressed = policy is not None and cached >= prefix_len - 1 and prefix_len >= options.get("min_prefix", 0)
         observer = None
         if compressed and deferred:
             observer = observed_by.get(question["visit"])

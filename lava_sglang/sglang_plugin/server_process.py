@@ -54,6 +54,7 @@ class ServerProcess:
         server_args: list[str] | None = None,
         port: int | None = None,
         log_path: str | os.PathLike | None = None,
+        env: dict[str, str] | None = None,
     ):
         import torch
 
@@ -69,7 +70,7 @@ class ServerProcess:
             sys.executable, "-m", "sglang.launch_server",
             "--model-path", str(model_path), "--host", HOST, "--port", str(self.port), *args,
         ]  # fmt: skip
-        self.env = cpu_engine_env(dict(os.environ))
+        self.env = cpu_engine_env({**os.environ, **(env or {})})  # env: variables for the server only
         self.process: subprocess.Popen | None = None
 
     @property

@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import os
 import random
+import re
 import time
 
 import pytest
@@ -115,7 +116,7 @@ def reference_rows(smollm2_path, server_url: str, documents, questions: list[dic
 
     policy = requests.get(server_url + "/server_info", timeout=60).json()["internal_states"][0]["lava_kv_policy"]
     record = {"policy": "lava", "question_records": questions,
-              "kv_policy_options": {key: policy[key] for key in ("budget", "window", "pool_kernel", "alpha")}}
+              "kv_policy_options": {key: policy[key] for key in ("budget", "window", "pool_kernel", "alpha", "min_prefix")}}
     return reference_answers(ReferenceRuntime.load(smollm2_path, window=policy["window"]), documents, record,
                              ANSWER_TOKENS, progress=False)
 
@@ -189,7 +190,24 @@ def test_a_long_ordinary_request_decodes_beside_requests_on_a_compressed_documen
     assert_all_memory_free(url)
 
 
-def test_bad_and_abandoned_requests_leave_nothing_behind(server, documents):
+def test_requests_retracted_on_a_compressed_document_resume_and_answer_as_the_reference(smollm2_path, documents,
+                                                                                        tmp_path):
+    """SGLang's own test switch (SGLANG_TEST_RETRACT) retracts a decoding request every third
+    decode step: a program's branches on a compressed document are retracted, their rows
+    released uncached, and resumed (re-prefilled after the compressed prefix). Every answer
+    is the reference runtime's, and nothing leaks."""
+    log_path = tmp_path / "retract.log"
+    with ServerProcess(smollm2_path, SERVER_ARGS, log_path=log_path, env={"SGLANG_TEST_RETRACT": "1"}) as server:
+        ask(server.url, documents[0], 1)  # the document is committed and compressed
+        answers, meta_info = ask(server.url, documents[0], 3, with_meta=True)
+        assert re.search(r"Testing retraction\. #retracted_reqs: [1-9]", log_path.read_text()), "nothing retracted"
+        assert all(meta["cached_tokens"] > 0 for meta in meta_info)
+        rows = reference_rows(smollm2_path, server.url, documents, question_records(0, answers, meta_info))
+        assert all(row["compressed"] for row in rows) and mismatches(rows) == []
+        assert_all_memory_free(server.url)
+
+
+def test_bad_and_abandoned_requests_leave_nothing_behind(server, documents, smollm2_path):
     """An empty prompt, a prompt longer than the pool, a prefix too short to compress and a
     client that disconnects mid-stream: each is served or refused alone, nothing leaks."""
     assert_all_memory_free(server.url)
@@ -202,9 +220,11 @@ def test_bad_and_abandoned_requests_leave_nothing_behind(server, documents):
     assert "longer than" in too_long.text or "exceed" in too_long.text, too_long.text
 
     compressions = store_stats(url)["compressions"]
-    short = ask(url, Document(text="A short note.", questions=documents[0].questions), 2)
-    assert all(answer.strip() for answer in short)
+    short_document = Document(text="A short note.", questions=documents[0].questions)
+    short, short_meta = ask(url, short_document, 2, with_meta=True)
     assert store_stats(url)["compressions"] == compressions  # below --kv-min-prefix: served uncompressed
+    rows = reference_rows(smollm2_path, url, [short_document], question_records(0, short, short_meta))
+    assert not any(row["compressed"] for row in rows) and mismatches(rows) == []
 
     long_answer = {"max_new_tokens": 200, "temperature": 0, "ignore_eos": True}
     with requests.post(url + "/generate", stream=True, timeout=120, json={
