@@ -150,7 +150,7 @@ def repeat_log_sum_exp(grouped_queries: torch.Tensor, keys: torch.Tensor, visibl
     On the CPU in fp32, PyTorch's flash-attention kernel gives it (`flash_attention_with_lse`);
     elsewhere the logits are formed in row blocks.
     """
-    num_kv_heads, group, num_rows, head_dim = grouped_queries.shape
+    num_kv_heads, group, num_rows, _ = grouped_queries.shape
     flash = flash_attention_with_lse(grouped_queries, keys, keys, visible, scaling)
     if flash is not None:
         return flash[1]

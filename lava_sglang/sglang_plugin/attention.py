@@ -46,9 +46,10 @@ class CompressedPrefixPath:
         self.inner_decode = backend.forward_decode
         # What every layer of one forward batch shares, found at its first layer: the batch
         # it is for (held, so that a new batch is never taken for it), each request's entry,
-        # and the compressed prefixes' metadata.
+        # whether it holds a repetition chunk, and the compressed prefixes' metadata.
         self._batch = None
         self._entries: list[StoreEntry | None] = []
+        self._repeating = False
         self._prefixes: CompressedPrefixBatch | None = None
 
     def _batch_entries(self, forward_batch) -> list[StoreEntry | None]:
@@ -57,6 +58,7 @@ class CompressedPrefixPath:
         if forward_batch is not self._batch:
             first_slots = _cache.req_to_token_pool.req_to_token[forward_batch.req_pool_indices, 0]
             self._batch, self._entries = forward_batch, _cache.store.entries_for_slots(first_slots)
+            self._repeating = any(rid in _cache.repetitions for rid in forward_batch.rids or ())
             self._prefixes = None
         return self._entries
 
@@ -67,14 +69,13 @@ class CompressedPrefixPath:
         extend_lens = forward_batch.extend_seq_lens_cpu
         _record_window(layer, forward_batch, q, prefix_lens, extend_lens)
         entries = self._batch_entries(forward_batch)
-        repeating = bool(_cache.repetitions) and any(rid in _cache.repetitions for rid in forward_batch.rids or ())
-        if not any(entries) and not repeating:
+        if not any(entries) and not self._repeating:
             return self.inner_extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
         # A repetition chunk is attention over the whole prefix: computed here, its queries' LSE
         # is the normaliser its scores need, and only its own queries are computed (SGLang's
         # torch_native backend also recomputes attention for every cached prefix position).
         out, lse = self._attend(q, k, v, layer, forward_batch, save_kv_cache, entries, prefix_lens, extend_lens)
-        if repeating:
+        if self._repeating:
             _score_repetitions(layer, forward_batch, q, lse, entries, prefix_lens, extend_lens)
         return out
 
