@@ -15,11 +15,15 @@ import os
 from dataclasses import dataclass
 
 from lava_sglang.policy import POLICIES, REPEAT_NORMALIZATIONS, Reconstruct, make_policy, resolve_budget
+from lava_sglang.sglang_plugin.touchpoints import RADIX_CACHE_BACKEND
 
 ENV_VAR = "LAVA_SGLANG_KV_POLICY"
 NONE = "none"
 KV_POLICIES = (NONE, *sorted(name for name in POLICIES if name != "full"))
 SUPPORTED_ATTENTION_BACKENDS = ("torch_native",)
+# --kv-cache-dtype values whose pool holds K and V as plain numbers: the compressor scores and
+# copies them as such, so a quantized pool (fp8, fp4: bytes plus scales) is refused.
+PLAIN_KV_CACHE_DTYPES = ("auto", "bf16", "bfloat16")
 FORK, SHARED = "fork", "shared"
 COMPRESS_TRIGGERS = (FORK, SHARED)
 TAIL, BRANCHES, RECONSTRUCT = "tail", "branches", "reconstruct"
@@ -255,7 +259,7 @@ def check_server_args(config: KvPolicyConfig, args: argparse.Namespace) -> None:
     refusals = [
         (getattr(args, "disable_radix_cache", False),
          "--disable-radix-cache: compressed prefixes live in the radix cache"),
-        (getattr(args, "radix_cache_backend", None) not in (None, "lava"),
+        (getattr(args, "radix_cache_backend", None) not in (None, RADIX_CACHE_BACKEND),
          f"--radix-cache-backend {getattr(args, 'radix_cache_backend', None)}: the plugin is the radix cache"),
         ((getattr(args, "page_size", None) or 1) != 1, "--page-size > 1: the plugin supports page size 1"),
         (getattr(args, "attention_backend", None) not in (None, *SUPPORTED_ATTENTION_BACKENDS),
@@ -265,7 +269,33 @@ def check_server_args(config: KvPolicyConfig, args: argparse.Namespace) -> None:
         (getattr(args, "enable_hierarchical_cache", False), "--enable-hierarchical-cache: not supported"),
         ((getattr(args, "tp_size", 1) or 1) > 1, "--tp-size > 1: not supported"),
         ((getattr(args, "dp_size", 1) or 1) > 1, "--dp-size > 1: not supported"),
+        ((getattr(args, "kv_cache_dtype", None) or "auto") not in PLAIN_KV_CACHE_DTYPES,
+         f"--kv-cache-dtype {getattr(args, 'kv_cache_dtype', None)}: the compressed store reads and copies K "
+         f"and V as numbers; supported: {', '.join(PLAIN_KV_CACHE_DTYPES)}"),
     ]
     for refused, reason in refusals:
         if refused:
             raise ConfigError(f"--kv-policy {config.policy} cannot run with {reason}")
+
+
+def server_arg_overrides(args: argparse.Namespace, device: str) -> dict[str, object]:
+    """The SGLang options a policy sets for the user (`device`: the one SGLang runs on):
+
+    - the plugin's radix cache backend;
+    - the supported attention backend, when none is given;
+    - overlap scheduling off on an accelerator. SGLang's overlap loop processes batch N's
+      results (where a released request's prefix is compressed: its KV copied to the store,
+      the full copy freed, store slots taken, rows repointed) while batch N+1 runs on the
+      forward stream, and fences only its own writes behind that batch's metadata reads
+      (`Scheduler._apply_war_barrier`): nothing orders the compression's frees and writes
+      after the kernels of N+1 that read those slots. On the CPU engine the device's streams
+      are no-ops and `run_batch` returns once the forward is done, so no batch is in flight
+      while results are processed; the overlap loop there only reorders the scheduling
+      (N+1 is formed before N's results are processed), which every server test runs.
+    """
+    overrides: dict[str, object] = {"radix_cache_backend": RADIX_CACHE_BACKEND}
+    if getattr(args, "attention_backend", None) is None:
+        overrides["attention_backend"] = SUPPORTED_ATTENTION_BACKENDS[0]
+    if device.partition(":")[0] != "cpu" and not getattr(args, "disable_overlap_schedule", False):
+        overrides["disable_overlap_schedule"] = True
+    return overrides

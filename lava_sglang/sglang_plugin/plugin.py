@@ -15,6 +15,7 @@ from lava_sglang.sglang_plugin.config import (
     add_arguments,
     check_server_args,
     from_namespace,
+    server_arg_overrides,
 )
 
 logger = logging.getLogger(__name__)
@@ -53,10 +54,9 @@ def _around_from_cli_args(original, cls, args):
         except ConfigError as error:
             raise SystemExit(f"error: {error}") from None
         if config.enabled:
-            args.radix_cache_backend = touchpoints.RADIX_CACHE_BACKEND
-            if args.attention_backend is None:
-                args.attention_backend = SUPPORTED_ATTENTION_BACKENDS[0]
-                logger.info("lava: --kv-policy %s uses --attention-backend %s", config.policy, args.attention_backend)
+            for name, value in server_arg_overrides(args, args.device or touchpoints.default_device()).items():
+                setattr(args, name, value)
+                logger.info("lava: --kv-policy %s sets %s=%s", config.policy, name, value)
             os.environ[ENV_VAR] = config.to_env()
         else:
             os.environ.pop(ENV_VAR, None)

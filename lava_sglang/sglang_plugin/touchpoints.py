@@ -43,6 +43,13 @@ def register_radix_cache_backend(name, factory) -> None:
     register(name, factory)
 
 
+def default_device() -> str:
+    """The device SGLang picks when --device is not given (`ServerArgs`' own resolution)."""
+    from sglang.srt.utils.common import get_device
+
+    return get_device()
+
+
 def attention_backends() -> dict:
     """The name -> factory dict the model runner builds its attention backend from."""
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS

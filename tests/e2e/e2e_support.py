@@ -28,3 +28,20 @@ def kv_state(url: str) -> dict:
 
 def store_stats(url: str) -> dict:
     return kv_state(url)["store"]
+
+
+def reference_answer_on_a_compressed_prefix(model_path, server_url: str, prompt_ids: list[int], compressed_len: int,
+                                            max_tokens: int) -> str:
+    """The reference runtime's answer (fp32, greedy) to `prompt_ids` read through the server's
+    compression of its first `compressed_len` tokens: the server's policy options, the prefix
+    scored by its own last window (how `--kv-compress-on shared` and `--kv-observe tail` score
+    one), the rest of the prompt recomputed after the kept rows."""
+    from lava_sglang.reference import ReferenceRuntime
+
+    policy = kv_state(server_url)
+    runtime = ReferenceRuntime.load(model_path, window=policy["window"])
+    capture = runtime.prefill(prompt_ids[:compressed_len])
+    compressed = runtime.compress(capture, policy["policy"], policy["budget"], window=policy["window"],
+                                  pool_kernel=policy["pool_kernel"], alpha=policy["alpha"])
+    answer_ids = runtime.generate([compressed], prompt_ids[compressed_len:], max_tokens)[0]
+    return runtime.tokenizer.decode(answer_ids, skip_special_tokens=True)

@@ -243,12 +243,13 @@ def stream_then_disconnect(url: str, text: str) -> None:
         next(stream.iter_lines())
 
 
-def test_aborts_around_compression_leave_nothing_behind(server, documents):
+def test_aborts_around_compression_leave_nothing_behind(server, documents, smollm2_path, tokenizer):
     """A forked branch abandoned mid-decode over a compressed document, and an abandoned
     request whose release is the one that compresses a shared prefix (compression runs in
     the scheduler loop when a request is released, so an abort is handled before or after
-    it, never inside): the document's answers do not change, the server goes on serving,
-    and a flush frees everything."""
+    it, never inside): the document's answers do not change, the next request on the
+    shared prefix answers as the reference runtime does on the same compression, the server
+    goes on serving, and a flush frees everything."""
     assert_all_memory_free(server.url)
     url = server.url
     document = documents[3]
@@ -262,12 +263,22 @@ def test_aborts_around_compression_leave_nothing_behind(server, documents):
     # --kv-compress-on shared: the second request over a plain prompt prefix recomputes its
     # last window and compresses the prefix when it is released, here by the abort.
     shared = documents[4].text
+    prompts = [shared + f"\nQuestion {number}?" for number in ("one", "two", "three")]
+    first_ids, second_ids, third_ids = (tokenizer(prompt).input_ids for prompt in prompts)
+    shared_len = next(i for i, (a, b) in enumerate(zip(first_ids, second_ids)) if a != b)
     requests.post(url + "/generate", timeout=300, json={
-        "text": shared + "\nQuestion one?", "sampling_params": {"max_new_tokens": 4, "temperature": 0}})
-    stream_then_disconnect(url, shared + "\nQuestion two?")
+        "text": prompts[0], "sampling_params": {"max_new_tokens": 4, "temperature": 0}})
+    stream_then_disconnect(url, prompts[1])
+    deadline = time.monotonic() + 60  # the abort reaches the scheduler after the client leaves
+    while store_stats(url)["compressions"] == compressions and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert store_stats(url)["compressions"] == compressions + 1  # compressed by the abandoned request's release
     third = requests.post(url + "/generate", timeout=300, json={
-        "text": shared + "\nQuestion three?", "sampling_params": {"max_new_tokens": 4, "temperature": 0}})
-    assert third.status_code == 200 and third.json()["text"].strip()
+        "text": prompts[2], "sampling_params": {"max_new_tokens": ANSWER_TOKENS, "temperature": 0}})
+    assert third.status_code == 200, third.text
+    assert third.json()["meta_info"]["cached_tokens"] == shared_len  # the compressed prefix, nothing below it
+    assert third.json()["text"].strip() == e2e_support.reference_answer_on_a_compressed_prefix(
+        smollm2_path, url, third_ids, shared_len, ANSWER_TOKENS).strip()
     assert requests.get(url + "/health_generate", timeout=120).status_code == 200
     assert "Traceback" not in server.log_path.read_text()
     assert_all_memory_free(url)

@@ -13,7 +13,7 @@ import re
 import pytest
 import requests
 import sglang as sgl
-from e2e_support import store_stats
+from e2e_support import reference_answer_on_a_compressed_prefix, store_stats
 
 from lava_sglang.bench.documents import prompt_parts, retrieval_documents
 from lava_sglang.frontend import multi_question_qa
@@ -127,7 +127,8 @@ def generate(url: str, text: str) -> dict:
     return response.json()
 
 
-def test_a_prompt_prefix_is_compressed_once_a_second_request_shares_it(lava_server, program_inputs, tokenizer):
+def test_a_prompt_prefix_is_compressed_once_a_second_request_shares_it(lava_server, program_inputs, tokenizer,
+                                                                        smollm2_path):
     url = lava_server.url
     prefix, suffixes = program_inputs
     prompts = [prefix + suffix for suffix in suffixes[:3]]
@@ -152,7 +153,9 @@ def test_a_prompt_prefix_is_compressed_once_a_second_request_shares_it(lava_serv
 
     third = generate(url, prompts[2])
     again = generate(url, prompts[0])
-    assert third["meta_info"]["cached_tokens"] >= shared_len and third["text"].strip()
+    assert third["meta_info"]["cached_tokens"] == shared_len  # the three questions part at the same token
+    assert third["text"].strip() == reference_answer_on_a_compressed_prefix(
+        smollm2_path, url, tokenizer(prompts[2]).input_ids, shared_len, ANSWER_TOKENS).strip()
     assert again["meta_info"]["cached_tokens"] >= len(first_ids) - 1  # the first request's tokens moved along
     assert store_stats(url)["compressions"] == compressions + 1
 

@@ -15,6 +15,7 @@ from lava_sglang.sglang_plugin.config import (
     add_arguments,
     check_server_args,
     from_namespace,
+    server_arg_overrides,
 )
 
 
@@ -104,6 +105,8 @@ def test_unknown_policy_lists_the_allowed_ones():
     ("attention_backend", "triton", "--attention-backend triton"),
     ("page_size", 16, "--page-size"),
     ("radix_cache_backend", "flexkv", "--radix-cache-backend"),
+    ("kv_cache_dtype", "fp8_e5m2", "--kv-cache-dtype fp8_e5m2"),
+    ("kv_cache_dtype", "nvfp4", "--kv-cache-dtype nvfp4"),
 ])
 def test_combinations_that_cannot_work_are_refused(option, value, reason):
     config = from_namespace(parse("--kv-policy", "lava"))
@@ -112,9 +115,26 @@ def test_combinations_that_cannot_work_are_refused(option, value, reason):
     check_server_args(KvPolicyConfig(), argparse.Namespace(**{option: value}))  # policy none: stock
 
 
+def test_a_plain_kv_cache_dtype_is_served():
+    config = from_namespace(parse("--kv-policy", "lava"))
+    for dtype in ("auto", "bf16", None):
+        check_server_args(config, argparse.Namespace(kv_cache_dtype=dtype))
+
+
+def test_overlap_scheduling_is_turned_off_on_an_accelerator_only():
+    stock = argparse.Namespace(attention_backend=None, disable_overlap_schedule=False)
+    assert server_arg_overrides(stock, "cuda") == {"radix_cache_backend": "lava", "attention_backend": "torch_native",
+                                                   "disable_overlap_schedule": True}
+    assert server_arg_overrides(stock, "cuda:1")["disable_overlap_schedule"] is True
+    assert "disable_overlap_schedule" not in server_arg_overrides(stock, "cpu")
+    chosen = argparse.Namespace(attention_backend="torch_native", disable_overlap_schedule=True)
+    assert server_arg_overrides(chosen, "cuda") == {"radix_cache_backend": "lava"}
+
+
 @pytest.mark.parametrize("argv, flag", [
     (["--kv-policy", "lava", "--kv-budget", "0"], "--kv-budget"),
     (["--kv-policy", "lava", "--disable-radix-cache"], "--disable-radix-cache"),
+    (["--kv-policy", "lava", "--kv-cache-dtype", "fp8_e4m3"], "--kv-cache-dtype"),
 ])
 def test_the_launcher_stops_with_one_line_before_loading_the_model(argv, flag, tmp_path):
     result = subprocess.run(
