@@ -269,6 +269,13 @@ def check_server_args(config: KvPolicyConfig, args: argparse.Namespace) -> None:
         (getattr(args, "enable_hierarchical_cache", False), "--enable-hierarchical-cache: not supported"),
         ((getattr(args, "tp_size", 1) or 1) > 1, "--tp-size > 1: not supported"),
         ((getattr(args, "dp_size", 1) or 1) > 1, "--dp-size > 1: not supported"),
+        ((getattr(args, "pp_size", 1) or 1) > 1, "--pp-size > 1: pipeline parallel is not supported"),
+        ((getattr(args, "ep_size", 1) or 1) > 1, "--ep-size > 1: expert parallel is not supported"),
+        ((getattr(args, "nnodes", 1) or 1) > 1, "--nnodes > 1: a server on several nodes is not supported"),
+        ((getattr(args, "disaggregation_mode", None) or "null") != "null",
+         f"--disaggregation-mode {getattr(args, 'disaggregation_mode', None)}: prefill-decode disaggregation "
+         "moves a request's KV between servers; compressed prefixes are not transferred"),
+        (getattr(args, "enable_pdmux", False), "--enable-pdmux: not supported"),
         ((getattr(args, "kv_cache_dtype", None) or "auto") not in PLAIN_KV_CACHE_DTYPES,
          f"--kv-cache-dtype {getattr(args, 'kv_cache_dtype', None)}: the compressed store reads and copies K "
          f"and V as numbers; supported: {', '.join(PLAIN_KV_CACHE_DTYPES)}"),

@@ -1,4 +1,5 @@
-"""Launch an SGLang server subprocess on 127.0.0.1 (tests, demo, benchmarks).
+"""Launch an SGLang server, or SGLang's router, as a subprocess on 127.0.0.1 (tests, demo,
+benchmarks).
 
     with ServerProcess(model_path, ["--dtype", "float32"], log_path="server.log") as server:
         requests.post(server.url + "/generate", json=...)
@@ -6,10 +7,12 @@
 Without a CUDA device the server runs on SGLang's CPU engine (`--device cpu --attention-backend
 torch_native --sleep-on-idle`, environment from `cpu_engine_env`), with `--max-total-tokens
 16384` unless the caller gives its own: SGLang's default would reserve most of the RAM.
+`RouterProcess` starts `sglang-router` (cache-aware routing by default) in front of servers.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -45,68 +48,57 @@ def _cpu_engine_args(args: list[str]) -> list[str]:
     return [token for flag, value in defaults.items() if flag not in given for token in (flag, *value)]
 
 
-class ServerProcess:
-    """`python -m sglang.launch_server` in its own process group, logging to `log_path`."""
+class _LoggedProcess:
+    """A command in its own process group, logging to `log_path`, ready once `health_path`
+    answers 200; a context manager that stops the whole group on exit."""
 
-    def __init__(
-        self,
-        model_path: str | os.PathLike,
-        server_args: list[str] | None = None,
-        port: int | None = None,
-        log_path: str | os.PathLike | None = None,
-        env: dict[str, str] | None = None,
-    ):
-        import torch
+    name = "process"
+    health_path = "/health"
 
-        self.port = port or free_port()
+    def __init__(self, command: list[str], port: int, log_path: str | os.PathLike | None, env: dict[str, str]):
+        self.port = port
         if log_path is None:
-            fd, log_path = tempfile.mkstemp(prefix="sglang-server-", suffix=".log")
+            fd, log_path = tempfile.mkstemp(prefix=f"{self.name.replace(' ', '-')}-", suffix=".log")
             os.close(fd)
         self.log_path = Path(log_path)
-        args = list(server_args or [])
-        if not torch.cuda.is_available():
-            args += _cpu_engine_args(args)
-        self.command = [
-            sys.executable, "-m", "sglang.launch_server",
-            "--model-path", str(model_path), "--host", HOST, "--port", str(self.port), *args,
-        ]  # fmt: skip
-        self.env = cpu_engine_env({**os.environ, **(env or {})})  # env: variables for the server only
+        self.command = command
+        self.env = env
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
         return f"http://{HOST}:{self.port}"
 
-    def start(self) -> ServerProcess:
+    def start(self):
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
                 self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                start_new_session=True,  # its own process group, so stop() reaches the scheduler too
+                start_new_session=True,  # its own process group, so stop() reaches its children too
             )  # fmt: skip
         return self
 
-    def wait_ready(self, timeout: float = 300.0) -> ServerProcess:
-        """Block until the server generates (`/health_generate` answers 200)."""
+    def wait_ready(self, timeout: float = 300.0):
+        """Block until `health_path` answers 200."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"SGLang server exited with code {self.process.returncode}\n{self.log_tail()}")
+                raise RuntimeError(f"{self.name} exited with code {self.process.returncode}\n{self.log_tail()}")
             try:
-                with urllib.request.urlopen(self.url + "/health_generate", timeout=30) as response:
+                with urllib.request.urlopen(self.url + self.health_path, timeout=30) as response:
                     if response.status == 200:
                         return self
             except OSError:  # not listening yet, or 503 while it warms up (HTTPError)
                 pass
             time.sleep(1.0)
-        raise TimeoutError(f"SGLang server not ready after {timeout:.0f} s\n{self.log_tail()}")
+        raise TimeoutError(f"{self.name} not ready after {timeout:.0f} s\n{self.log_tail()}")
 
     def stop(self, grace: float = 20.0) -> None:
-        """SIGTERM the launcher (it shuts its scheduler and detokenizer down), then SIGKILL
-        whatever is left of the process group after `grace` seconds."""
+        """SIGTERM the leader (an SGLang launcher shuts its scheduler and detokenizer down),
+        then SIGKILL whatever is left of the process group after `grace` seconds."""
         if self.process is None:
             return
-        pgid = self.process.pid  # start_new_session: the group id is the launcher's pid
+        pgid = self.process.pid  # start_new_session: the group id is the leader's pid
         self.process.terminate()
         deadline = time.monotonic() + grace
         while time.monotonic() < deadline and _group_alive(pgid, self.process):
@@ -119,7 +111,7 @@ class ServerProcess:
         with open(self.log_path, errors="replace") as log:
             return "".join(deque(log, maxlen=lines))
 
-    def __enter__(self) -> ServerProcess:
+    def __enter__(self):
         self.start()
         try:
             return self.wait_ready()
@@ -129,6 +121,66 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+class ServerProcess(_LoggedProcess):
+    """`python -m sglang.launch_server` in its own process group, logging to `log_path`."""
+
+    name = "SGLang server"
+    health_path = "/health_generate"  # the server generates, not just listens
+
+    def __init__(
+        self,
+        model_path: str | os.PathLike,
+        server_args: list[str] | None = None,
+        port: int | None = None,
+        log_path: str | os.PathLike | None = None,
+        env: dict[str, str] | None = None,
+    ):
+        import torch
+
+        args = list(server_args or [])
+        if not torch.cuda.is_available():
+            args += _cpu_engine_args(args)
+        port = port or free_port()
+        command = [
+            sys.executable, "-m", "sglang.launch_server",
+            "--model-path", str(model_path), "--host", HOST, "--port", str(port), *args,
+        ]  # fmt: skip
+        # env: variables for the server only
+        super().__init__(command, port, log_path, cpu_engine_env({**os.environ, **(env or {})}))
+
+
+class RouterProcess(_LoggedProcess):
+    """SGLang's router (`python -m sglang_router.launch_router`, the Rust load balancer of
+    the `sglang-router` package) in front of running servers, with `policy` (cache-aware:
+    a request goes to the server whose routed text it shares most of, a new prefix to the
+    least loaded tree)."""
+
+    name = "SGLang router"
+
+    def __init__(self, worker_urls: list[str], policy: str = "cache_aware", port: int | None = None,
+                 log_path: str | os.PathLike | None = None, router_args: list[str] | None = None):
+        port = port or free_port()
+        self.worker_urls = list(worker_urls)
+        command = [
+            sys.executable, "-m", "sglang_router.launch_router", "--host", HOST, "--port", str(port),
+            "--worker-urls", *self.worker_urls, "--policy", policy, *(router_args or []),
+        ]  # fmt: skip
+        super().__init__(command, port, log_path, dict(os.environ))
+
+    def wait_ready(self, timeout: float = 300.0) -> RouterProcess:
+        """Block until every worker is registered and healthy: the router answers /health
+        before it has registered any, and routes everything to the first one it has."""
+        deadline = time.monotonic() + timeout
+        super().wait_ready(timeout)
+        while time.monotonic() < deadline:
+            with urllib.request.urlopen(self.url + "/workers", timeout=30) as response:
+                workers = json.load(response)["workers"]
+            if sum(worker["is_healthy"] for worker in workers) == len(self.worker_urls):
+                return self
+            time.sleep(0.5)
+        raise TimeoutError(f"{self.name}: not every worker healthy after {timeout:.0f} s\n{self.log_tail()}")
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

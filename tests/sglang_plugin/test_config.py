@@ -105,6 +105,11 @@ def test_unknown_policy_lists_the_allowed_ones():
     ("attention_backend", "triton", "--attention-backend triton"),
     ("page_size", 16, "--page-size"),
     ("radix_cache_backend", "flexkv", "--radix-cache-backend"),
+    ("pp_size", 2, "--pp-size"),
+    ("ep_size", 2, "--ep-size"),
+    ("nnodes", 2, "--nnodes"),
+    ("disaggregation_mode", "prefill", "--disaggregation-mode prefill"),
+    ("enable_pdmux", True, "--enable-pdmux"),
     ("kv_cache_dtype", "fp8_e5m2", "--kv-cache-dtype fp8_e5m2"),
     ("kv_cache_dtype", "nvfp4", "--kv-cache-dtype nvfp4"),
 ])
@@ -135,6 +140,7 @@ def test_overlap_scheduling_is_turned_off_on_an_accelerator_only():
     (["--kv-policy", "lava", "--kv-budget", "0"], "--kv-budget"),
     (["--kv-policy", "lava", "--disable-radix-cache"], "--disable-radix-cache"),
     (["--kv-policy", "lava", "--kv-cache-dtype", "fp8_e4m3"], "--kv-cache-dtype"),
+    (["--kv-policy", "lava", "--pp-size", "2"], "--pp-size"),
 ])
 def test_the_launcher_stops_with_one_line_before_loading_the_model(argv, flag, tmp_path):
     result = subprocess.run(
