@@ -4,8 +4,9 @@ D documents x Q questions (the quality benchmark's retrieval documents: planted 
 every answer is graded) are sent as frontend fork programs (`lava_sglang.frontend.
 multi_question_qa`: the document once, one branch per question) by several concurrent
 clients, against one server per policy that this module starts (`ServerProcess`: the CPU
-engine without a GPU, the GPU otherwise) or against one existing server (`--url`, loopback
-only). Per policy it reports accuracy, cached-token share, peak KV memory (main pool +
+engine without a GPU, the GPU otherwise) or against one existing server or SGLang's router in
+front of several (`--url`, loopback only; documents resident are then reported per server).
+Per policy it reports accuracy, cached-token share, peak KV memory (main pool +
 compressed store, sampled from /server_info), compression time per document, throughput,
 TTFT / end-to-end latency percentiles (every generation is streamed to time its first
 token) and document recomputations (cache misses), into serving.{json,md,png}.
@@ -133,31 +134,65 @@ def memory_bound_capacity(prefix_tokens: list[int], resident_documents: int) -> 
     return int(math.ceil((resident_documents * max(prefix_tokens) + 256) / 64) * 64)
 
 
-class Sampler(threading.Thread):
-    """Polls /server_info (the compressed store and pool counters) and /v1/loads (tokens held
-    by running requests) every `interval` seconds until stopped."""
+def server_urls(url: str) -> list[str]:
+    """The SGLang servers behind `url`: the workers of SGLang's router (its /workers), or
+    `url` itself when it is a server."""
+    try:
+        response = requests.get(url + "/workers", timeout=60)
+        workers = response.json().get("workers") if response.status_code == 200 else None
+    except (requests.RequestException, ValueError, AttributeError):
+        workers = None
+    return [worker["url"] for worker in workers] if workers else [url]
 
-    def __init__(self, url: str, interval: float):
+
+def combined_store(stores: list[dict | None]) -> dict | None:
+    """The plugin's counters of several servers as one: the numbers summed, the repetition
+    cost's ratio taken over the summed seconds; None when no server reports any."""
+    present = [store for store in stores if store]
+    if len(present) <= 1:
+        return present[0] if present else None
+    total = {key: sum(store.get(key, 0) for store in present) for key, value in present[0].items()
+             if isinstance(value, (int, float)) and not isinstance(value, bool)}
+    costs = [store["repetition_cost"] for store in present if store.get("repetition_cost")]
+    if costs:
+        cost = {key: sum(c[key] for c in costs) for key in ("documents", "repetition_seconds", "prefill_seconds")}
+        cost["ratio"] = cost["repetition_seconds"] / cost["prefill_seconds"] if cost["prefill_seconds"] else None
+        total["repetition_cost"] = cost
+    return total
+
+
+class Sampler(threading.Thread):
+    """Polls every server's /server_info (the compressed store and pool counters) and
+    /v1/loads (tokens held by running requests) every `interval` seconds until stopped."""
+
+    def __init__(self, urls: list[str], interval: float):
         super().__init__(daemon=True)
-        self.url, self.interval = url, interval
+        self.urls, self.interval = urls, interval
         self.samples: list[dict] = []
         self.halt = threading.Event()
 
     def sample(self) -> dict:
         sample = {"t": time.time()}
-        try:
-            state = requests.get(self.url + "/server_info", timeout=60).json()["internal_states"][0]
-            policy = state.get("lava_kv_policy", {})
-            # `pool`: the pool counters under --kv-policy none, where a plugin reports them.
-            sample["store"] = policy.get("store") or policy.get("pool")
-        except (requests.RequestException, ValueError, KeyError, IndexError):
-            pass
-        try:
-            loads = requests.get(self.url + "/v1/loads", timeout=60).json()
-            rows = loads.get("loads", [loads]) if isinstance(loads, dict) else loads
-            sample["running_tokens"] = sum(int(row.get("num_used_tokens", 0)) for row in rows)
-        except (requests.RequestException, ValueError, AttributeError, TypeError):
-            pass
+        stores, running = [], []
+        for url in self.urls:
+            try:
+                state = requests.get(url + "/server_info", timeout=60).json()["internal_states"][0]
+                policy = state.get("lava_kv_policy", {})
+                # `pool`: the pool counters under --kv-policy none, where a plugin reports them.
+                stores.append(policy.get("store") or policy.get("pool"))
+            except (requests.RequestException, ValueError, KeyError, IndexError):
+                stores.append(None)
+            try:
+                loads = requests.get(url + "/v1/loads", timeout=60).json()
+                rows = loads.get("loads", [loads]) if isinstance(loads, dict) else loads
+                running.append(sum(int(row.get("num_used_tokens", 0)) for row in rows))
+            except (requests.RequestException, ValueError, AttributeError, TypeError):
+                pass
+        if any(stores):
+            sample["store"] = combined_store(stores)
+            sample["server_entries"] = [(store or {}).get("entries") for store in stores]
+        if running:
+            sample["running_tokens"] = sum(running)
         return sample
 
     def run(self) -> None:
@@ -201,8 +236,11 @@ def run_workload(url: str, documents, prefix_tokens: list[int], visits, config: 
 
     endpoint = timed_endpoint(url)
     requests.post(url + "/flush_cache", timeout=120)
-    facts = server_facts(url)
-    sampler = Sampler(url, config.sample_interval)
+    urls = server_urls(url)  # several behind SGLang's router
+    facts = server_facts(urls[0])
+    capacities = [server_facts(server)["capacity_tokens"] for server in urls[1:]]
+    capacity = facts["capacity_tokens"] + sum(capacities) if None not in capacities else None
+    sampler = Sampler(urls, config.sample_interval)
     pending = iter(visits)
     lock = threading.Lock()
     visit_rows, question_rows, errors = [], [], []
@@ -244,13 +282,19 @@ def run_workload(url: str, documents, prefix_tokens: list[int], visits, config: 
         wall = time.perf_counter() - started
         samples = sampler.stop()
         bar.close()
-    final = server_facts(url)
-    store = final["store"]
+    finals = [server_facts(server)["store"] for server in urls]
+    store = combined_store(finals)
     bytes_per_token = facts["bytes_per_token"]
     if store and store.get("prefix_tokens"):  # the plugin's exact figure: full bytes / tokens
         bytes_per_token = (store["bytes_stored"] + store["bytes_saved"]) / store["prefix_tokens"]
-    record = summarize(label, visit_rows, question_rows, samples, store, wall, facts["capacity_tokens"],
+    record = summarize(label, visit_rows, question_rows, samples, store, wall, capacity,
                        bytes_per_token, len(documents), truncated=len(visit_rows) + len(errors) < len(visits))
+    if len(urls) > 1:
+        record["servers"] = [
+            {"url": server, "peak_store_entries": max((s["server_entries"][i] or 0 for s in samples
+                                                       if s.get("server_entries")), default=None),
+             "compressions": (final or {}).get("compressions")}
+            for i, (server, final) in enumerate(zip(urls, finals))]
     record["errors"] = errors
     record["kv_policy_options"] = facts["kv_policy"]
     record["visit_records"] = sorted(visit_rows, key=lambda r: r["visit"])
@@ -293,7 +337,7 @@ def run_benchmark(config: ServeConfig, progress: bool = True, log_dir: Path | No
         capacity = memory_bound_capacity(prefix_tokens, config.resident_documents or 3)
     records, servers = [], {}
     if config.url:
-        facts = server_facts(config.url)
+        facts = server_facts(server_urls(config.url)[0])
         label = facts["kv_policy"].get("policy", "none") if facts["kv_policy"] else "none"
         records.append(run_workload(config.url, documents, prefix_tokens, visits, config, label, progress))
         servers[label] = {"url": config.url, "args": None}
@@ -351,7 +395,8 @@ def run_metadata(config: ServeConfig, model_path: str, cuda: bool, servers: dict
 
 def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add = parser.add_argument
-    add("--url", help="benchmark this running server (loopback only) instead of starting one per policy")
+    add("--url", help="benchmark this running server, or SGLang's router in front of servers (loopback only), "
+        "instead of starting one server per policy")
     add("--model", help="checkpoint for the servers it starts (default: SmolLM2, `lava-sglang model`)")
     add("--policies", nargs="+", choices=POLICIES, metavar="POLICY",
         help=f"from {', '.join(POLICIES)} (default: all; --memory-bound: none lava)")

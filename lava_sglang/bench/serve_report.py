@@ -102,7 +102,8 @@ def markdown(result: dict, stem: str) -> str:
         "ratio to the document's prefill (its commit's first forward to its release), both in the scheduler. Documents resident: the compressed "
         "store's peak entries with a compressing policy; under `--kv-policy none` the radix tree's peak "
         "tokens / document tokens; for a server without the plugin, pool capacity / document tokens (an upper "
-        "bound). Peak KV: the main pool's peak use (the store's borrowed slots included), sampled from "
+        "bound); behind SGLang's router, summed over the servers per sample, each server's own peak in "
+        "parentheses. Peak KV: the main pool's peak use (the store's borrowed slots included), sampled from "
         "/server_info every few seconds (n/a for a server without the plugin). Latencies in seconds, p50 / p90 / p99, per question, measured by the client "
         "(streamed: TTFT is the first chunk); a program's latency includes its prefix commit.",
         "",
@@ -117,6 +118,8 @@ def markdown(result: dict, stem: str) -> str:
         resident = _num(r.get("documents_resident"), "{:g}")
         if r.get("documents_resident_source", "") and r["documents_resident_source"].startswith("upper"):
             resident = f"<= {resident}"
+        if r.get("servers"):  # behind a router: the peak per server
+            resident += " (" + " + ".join(_num(server["peak_store_entries"], "{:g}") for server in r["servers"]) + ")"
         truncated = " (truncated)" if r.get("truncated") else ""
         lines.append(" | ".join([
             f"| {r['policy']}{truncated}", accuracy, _num(r["cached_token_share"]), resident,

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from lava_sglang.bench.documents import Document, Question, prompt_parts
-from lava_sglang.bench.serve import (MEMORY_BOUND, ServeConfig, add_arguments, check_loopback, config_from_args,
-                                     memory_bound_capacity, policy_server_args)
+from lava_sglang.bench.serve import (MEMORY_BOUND, ServeConfig, add_arguments, check_loopback, combined_store,
+                                     config_from_args, memory_bound_capacity, policy_server_args)
 from lava_sglang.bench.serve_report import by_visit, comparison, markdown, write_serving_report
 from lava_sglang.bench.serve_workload import (MISS_SLACK, Visit, build_workload, is_correct, is_miss,
                                               latency_summary, percentile, program_inputs, store_peaks, summarize,
@@ -156,6 +156,20 @@ def test_store_peaks():
     pool = store_peaks([{"store": {"pool_available": 1000, "evictable": 2500, "protected": 500}}], 4096, 10.0)
     assert pool["peak_pool_used_tokens"] == 3096 and pool["peak_tree_tokens"] == 3000
     assert pool["peak_store_entries"] is None
+
+
+def test_stores_of_servers_behind_a_router_are_summed():
+    first = {**_store(2, 1000, 40, 800), "compressions": 2, "compress_seconds": 0.5, "last_repetition": {"seconds": 1},
+             "repetition_cost": {"documents": 2, "repetition_seconds": 6.0, "prefill_seconds": 4.0, "ratio": 1.5}}
+    second = {**_store(1, 3000, 20, 400), "compressions": 1, "compress_seconds": 0.25,
+              "repetition_cost": {"documents": 1, "repetition_seconds": 4.0, "prefill_seconds": 1.0, "ratio": 4.0}}
+    total = combined_store([first, None, second])
+    assert (total["entries"], total["pool_available"], total["borrowed_slots"], total["bytes_stored"]) == (3, 4000, 60,
+                                                                                                          1200)
+    assert total["compressions"] == 3 and total["compress_seconds"] == 0.75 and "last_repetition" not in total
+    assert total["repetition_cost"] == {"documents": 3, "repetition_seconds": 10.0, "prefill_seconds": 5.0,
+                                        "ratio": 2.0}
+    assert combined_store([None, first]) is first and combined_store([None]) is None
 
 
 def _calls(document: Document, visit: Visit, cached_commit: int, cached_question: int) -> list[dict]:

@@ -11,12 +11,14 @@ read its compressed copy there.
 from __future__ import annotations
 
 import concurrent.futures
+import json
 import time
 
 import pytest
 from e2e_support import ask, store_stats
 
 from lava_sglang.bench.documents import prompt_parts, retrieval_documents
+from lava_sglang.bench.serve import main
 from lava_sglang.sglang_plugin.server_process import RouterProcess, ServerProcess
 
 pytestmark = pytest.mark.model
@@ -65,3 +67,18 @@ def test_each_document_is_compressed_once_over_two_servers(servers, documents, t
         # The compressed copy holds the commit's first n - 1 tokens (SGLang recomputes a prompt's last).
         assert all(meta["cached_tokens"] >= prefix_tokens - 1 for meta in meta_info), meta_info
     assert compressions(workers) == before + NUM_DOCUMENTS  # none compressed again on the other server
+
+
+def test_bench_serve_through_the_router_reports_documents_per_server(servers, tmp_path):
+    router, workers = servers
+    code = main(["--url", router.url, "--documents", "2", "--questions", "2", "--questions-per-visit", "1",
+                 "--order", "interleaved", "--clients", "2", "--context", "350", "--max-tokens", "4",
+                 "--sample-interval", "0.5", "--out", str(tmp_path), "--no-progress"])
+    assert code == 0
+    [record] = json.loads((tmp_path / "serving.json").read_text())["records"]
+    assert record["policy"] == "lava" and not record["errors"] and record["visits"] == 4
+    assert [server["url"] for server in record["servers"]] == [server.url for server in workers]
+    assert record["compressions"] == sum(server["compressions"] for server in record["servers"])
+    assert record["capacity_tokens"] == 2 * 8192
+    assert record["revisit_hit_rate"] == 1.0  # each document's second visit reached the server that holds it
+    assert "| lava |" in (tmp_path / "serving.md").read_text()
