@@ -135,14 +135,14 @@ def memory_bound_capacity(prefix_tokens: list[int], resident_documents: int) -> 
 
 
 def server_urls(url: str) -> list[str]:
-    """The SGLang servers behind `url`: the workers of SGLang's router (its /workers), or
-    `url` itself when it is a server."""
+    """The SGLang servers behind `url`: the workers of SGLang's router (its /workers), sorted
+    because the router lists them in no fixed order, or `url` itself when it is a server."""
     try:
         response = requests.get(url + "/workers", timeout=60)
         workers = response.json().get("workers") if response.status_code == 200 else None
     except (requests.RequestException, ValueError, AttributeError):
         workers = None
-    return [worker["url"] for worker in workers] if workers else [url]
+    return sorted(worker["url"] for worker in workers) if workers else [url]
 
 
 def combined_store(stores: list[dict | None]) -> dict | None:
