@@ -42,6 +42,7 @@ import requests
 from lava_sglang.argtypes import keep_ratio, positive_int
 from lava_sglang.bench.serve_workload import (MISS_SLACK, ORDERS, build_workload, program_inputs, summarize,
                                               timed_endpoint, visit_records)
+from lava_sglang.sglang_plugin.server_process import router_worker_server
 
 POLICIES = ["none", "lava", "kvzip", "snapkv", "ada_snapkv", "pyramidkv", "streamingllm"]
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "docs" / "results"
@@ -136,13 +137,14 @@ def memory_bound_capacity(prefix_tokens: list[int], resident_documents: int) -> 
 
 def server_urls(url: str) -> list[str]:
     """The SGLang servers behind `url`: the workers of SGLang's router (its /workers), sorted
-    because the router lists them in no fixed order, or `url` itself when it is a server."""
+    because the router lists them in no fixed order, or `url` itself when it is a server.
+    A server's data-parallel ranks are one server here: its /server_info reports them all."""
     try:
         response = requests.get(url + "/workers", timeout=60)
         workers = response.json().get("workers") if response.status_code == 200 else None
     except (requests.RequestException, ValueError, AttributeError):
         workers = None
-    return sorted(worker["url"] for worker in workers) if workers else [url]
+    return sorted({router_worker_server(worker["url"]) for worker in workers}) if workers else [url]
 
 
 def combined_store(stores: list[dict | None]) -> dict | None:
@@ -176,11 +178,11 @@ class Sampler(threading.Thread):
         stores, running = [], []
         for url in self.urls:
             try:
-                state = requests.get(url + "/server_info", timeout=60).json()["internal_states"][0]
-                policy = state.get("lava_kv_policy", {})
+                states = requests.get(url + "/server_info", timeout=60).json()["internal_states"]
+                policies = [state.get("lava_kv_policy", {}) for state in states]  # one per --dp-size rank
                 # `pool`: the pool counters under --kv-policy none, where a plugin reports them.
-                stores.append(policy.get("store") or policy.get("pool"))
-            except (requests.RequestException, ValueError, KeyError, IndexError):
+                stores.append(combined_store([policy.get("store") or policy.get("pool") for policy in policies]))
+            except (requests.RequestException, ValueError, KeyError, AttributeError):
                 stores.append(None)
             try:
                 loads = requests.get(url + "/v1/loads", timeout=60).json()
@@ -212,12 +214,14 @@ def server_facts(url: str) -> dict:
     info = requests.get(url + "/server_info", timeout=60).json()
     state = info["internal_states"][0]
     memory = state.get("memory_usage", {})
-    capacity = memory.get("token_capacity") or state.get("max_total_num_tokens")
+    rank_capacities = [rank.get("memory_usage", {}).get("token_capacity") or rank.get("max_total_num_tokens")
+                       for rank in info["internal_states"]]  # one per --dp-size rank
+    capacity = sum(rank_capacities) if None not in rank_capacities else None
     kv_gb = memory.get("kvcache")
     return {
         "capacity_tokens": capacity,
         # build_memory_usage reports GiB (bytes / 2**30), rounded; the policy's own figure wins below.
-        "bytes_per_token": kv_gb * 2**30 / capacity if kv_gb and capacity else None,
+        "bytes_per_token": kv_gb * 2**30 / rank_capacities[0] if kv_gb and rank_capacities[0] else None,
         "kv_policy": {k: v for k, v in state.get("lava_kv_policy", {}).items() if k != "store"},
         "store": state.get("lava_kv_policy", {}).get("store"),
         "model_path": info.get("model_path"),

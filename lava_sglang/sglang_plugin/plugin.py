@@ -98,7 +98,8 @@ def create_radix_cache(ctx):
     metrics = StoreMetrics(enabled=bool(ctx.server_args.enable_metrics),
                            labels={"model_name": ctx.server_args.served_model_name})
     server_args = ctx.server_args
-    repetitions = (RepetitionClient(server_args.url(), ctx.model_config.context_len, server_args.api_key)
+    repetitions = (RepetitionClient(server_args.url(), ctx.model_config.context_len, server_args.api_key,
+                                    dp_rank=touchpoints.dp_rank())
                    if config.observe == RECONSTRUCT else None)
     cache = LavaRadixCache(ctx.params, config=config, kv_pool=kv_pool, metrics=metrics, repetition_client=repetitions)
     attention.bind(cache)

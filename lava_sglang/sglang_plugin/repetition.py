@@ -192,13 +192,18 @@ class RepetitionClient:
 
     max_tokens: the model's context length; every chunk request (prefix, instruction, chunk)
     must fit in it.
+    dp_rank: with `--dp-size` > 1, the data-parallel rank of the scheduler sending them: the
+    chunks must reach the rank whose cache holds the prefix, not whichever rank SGLang's
+    controller picks.
     """
 
-    def __init__(self, url: str, max_tokens: int, api_key: str | None = None, timeout: float = 600.0):
+    def __init__(self, url: str, max_tokens: int, api_key: str | None = None, timeout: float = 600.0,
+                 dp_rank: int | None = None):
         self.url = url.rstrip("/")
         self.max_tokens = max_tokens
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout = timeout
+        self.routing = {} if dp_rank is None else {"routed_dp_rank": dp_rank}
 
     def submit(self, scores: RepetitionScores) -> None:
         thread = threading.Thread(target=self._post_chunks, args=(scores,), name=f"lava-{scores.chunks[0].rid}",
@@ -226,7 +231,8 @@ class RepetitionClient:
         for chunk, input_ids in zip(scores.chunks, scores.input_ids):
             if scores.failed is not None:
                 return
-            payload = {"rid": chunk.rid, "input_ids": input_ids, "sampling_params": {"max_new_tokens": 0}}
+            payload = {"rid": chunk.rid, "input_ids": input_ids, "sampling_params": {"max_new_tokens": 0},
+                       **self.routing}
             failure = None
             try:
                 response = requests.post(self.url + "/generate", json=payload, headers=self.headers,

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -24,7 +25,7 @@ import urllib.request
 from collections import deque
 from pathlib import Path
 
-from lava_sglang.sglang_plugin.cpu_engine import cpu_engine_env
+from lava_sglang.sglang_plugin.cpu_engine import cpu_engine_env, cpu_thread_binding
 
 HOST = "127.0.0.1"
 CPU_DEFAULT_MAX_TOTAL_TOKENS = 16384
@@ -34,6 +35,21 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind((HOST, 0))
         return sock.getsockname()[1]
+
+
+def _flag_value(args: list[str], *names: str, default: str) -> str:
+    """The value of the first of `names` in `args` (`--flag value` or `--flag=value`)."""
+    for index, arg in enumerate(args):
+        flag, equals, value = arg.partition("=")
+        if flag in names:
+            return value if equals else args[index + 1]
+    return default
+
+
+def _scheduler_ranks(args: list[str]) -> int:
+    """How many scheduler processes the server runs (data parallel x tensor parallel)."""
+    return int(_flag_value(args, "--dp-size", "--dp", default="1")) * int(_flag_value(args, "--tp-size", "--tp",
+                                                                                         default="1"))
 
 
 def _cpu_engine_args(args: list[str]) -> list[str]:
@@ -147,8 +163,11 @@ class ServerProcess(_LoggedProcess):
             sys.executable, "-m", "sglang.launch_server",
             "--model-path", str(model_path), "--host", HOST, "--port", str(port), *args,
         ]  # fmt: skip
-        # env: variables for the server only
-        super().__init__(command, port, log_path, cpu_engine_env({**os.environ, **(env or {})}))
+        env = cpu_engine_env({**os.environ, **(env or {})})  # env: variables for the server only
+        ranks = _scheduler_ranks(args)
+        if not torch.cuda.is_available() and ranks > 1:
+            env.setdefault("SGLANG_CPU_OMP_THREADS_BIND", cpu_thread_binding(ranks, os.cpu_count() or 1))
+        super().__init__(command, port, log_path, env)
 
 
 class RouterProcess(_LoggedProcess):
@@ -177,10 +196,17 @@ class RouterProcess(_LoggedProcess):
         while time.monotonic() < deadline:
             with urllib.request.urlopen(self.url + "/workers", timeout=30) as response:
                 workers = json.load(response)["workers"]
-            if sum(worker["is_healthy"] for worker in workers) == len(self.worker_urls):
+            registered = {router_worker_server(worker["url"]) for worker in workers}
+            if registered == set(self.worker_urls) and all(worker["is_healthy"] for worker in workers):
                 return self
             time.sleep(0.5)
         raise TimeoutError(f"{self.name}: not every worker healthy after {timeout:.0f} s\n{self.log_tail()}")
+
+
+def router_worker_server(worker_url: str) -> str:
+    """The server of a worker the router lists: with --dp-aware it registers each
+    data-parallel rank of a server as `server@rank`."""
+    return re.sub(r"@\d+$", "", worker_url)
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

@@ -50,6 +50,14 @@ def default_device() -> str:
     return get_device()
 
 
+def dp_rank() -> int | None:
+    """This scheduler's data-parallel rank under `--dp-size` > 1, else None (`routed_dp_rank`
+    of a /generate request sends it to that rank)."""
+    from sglang.srt.runtime_context import get_parallel
+
+    return get_parallel().dp_rank
+
+
 def attention_backends() -> dict:
     """The name -> factory dict the model runner builds its attention backend from."""
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS

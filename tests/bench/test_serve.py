@@ -6,6 +6,7 @@ import json
 
 import pytest
 
+from lava_sglang.bench import serve
 from lava_sglang.bench.documents import Document, Question, prompt_parts
 from lava_sglang.bench.serve import (MEMORY_BOUND, ServeConfig, add_arguments, check_loopback, combined_store,
                                      config_from_args, memory_bound_capacity, policy_server_args)
@@ -170,6 +171,26 @@ def test_stores_of_servers_behind_a_router_are_summed():
     assert total["repetition_cost"] == {"documents": 3, "repetition_seconds": 10.0, "prefill_seconds": 5.0,
                                         "ratio": 2.0}
     assert combined_store([None, first]) is first and combined_store([None]) is None
+
+
+class _Response:
+    def __init__(self, status_code: int, body: dict):
+        self.status_code, self.body = status_code, body
+
+    def json(self) -> dict:
+        return self.body
+
+
+@pytest.mark.parametrize("workers, expected", [
+    # the router lists its workers in no fixed order; --dp-aware lists each rank as server@rank
+    (["http://b:2", "http://a:1"], ["http://a:1", "http://b:2"]),
+    (["http://a:1@1", "http://a:1@0", "http://b:2@0"], ["http://a:1", "http://b:2"]),
+    (None, ["http://router:0"]),  # a server, not a router: no /workers
+])
+def test_servers_behind_a_router(monkeypatch, workers, expected):
+    response = _Response(200, {"workers": [{"url": url} for url in workers]}) if workers else _Response(404, {})
+    monkeypatch.setattr(serve.requests, "get", lambda url, timeout: response)
+    assert serve.server_urls("http://router:0") == expected
 
 
 def _calls(document: Document, visit: Visit, cached_commit: int, cached_question: int) -> list[dict]:

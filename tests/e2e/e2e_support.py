@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import concurrent.futures
 from collections.abc import Iterable
 
 import requests
@@ -19,6 +20,27 @@ def ask(url: str, document: Document, questions: Iterable[int], max_tokens: int)
     state = multi_question_qa.run(prefix=prefix, suffixes=suffixes, max_tokens=max_tokens,
                                   backend=sgl.RuntimeEndpoint(url))
     return state["answers"], state["meta_info"]
+
+
+def ask_over_http(url: str, document: Document, questions: Iterable[int], max_tokens: int) -> list[dict]:
+    """What the multi-question fork program sends, as plain /generate requests: the shared
+    prefix alone (no new tokens), then one request per question, all at once; each branch's
+    meta info. For SGLang's router with --dp-aware, which cannot answer /get_model_info (it
+    asks `server@rank`), so `sgl.RuntimeEndpoint` cannot connect through it."""
+    prefix, _ = prompt_parts(document.text, "")
+    commit = requests.post(url + "/generate", json={"text": prefix, "sampling_params": {"max_new_tokens": 0}},
+                           timeout=600)
+    commit.raise_for_status()
+
+    def branch(question: int) -> dict:
+        text = prefix + prompt_parts("", document.questions[question].text)[1]
+        response = requests.post(url + "/generate", timeout=600, json={
+            "text": text, "sampling_params": {"max_new_tokens": max_tokens, "temperature": 0}})
+        response.raise_for_status()
+        return response.json()["meta_info"]
+
+    with concurrent.futures.ThreadPoolExecutor(len(list(questions))) as branches:
+        return list(branches.map(branch, questions))
 
 
 def kv_state(url: str) -> dict:

@@ -14,7 +14,12 @@ import pytest
 import requests
 import torch
 
-from lava_sglang.sglang_plugin.cpu_engine import STAND_IN_PARENT, cpu_engine_env, real_sgl_kernel_loads
+from lava_sglang.sglang_plugin.cpu_engine import (
+    STAND_IN_PARENT,
+    cpu_engine_env,
+    cpu_thread_binding,
+    real_sgl_kernel_loads,
+)
 from lava_sglang.sglang_plugin.server_process import ServerProcess
 
 NEW_TOKENS = 24
@@ -124,6 +129,30 @@ def test_cpu_engine_env_for_a_server_subprocess():
         assert env["PYTHONPATH"] == os.pathsep.join(["/a", str(STAND_IN_PARENT), "/b"])
     else:
         assert env["PYTHONPATH"] == os.pathsep.join([str(STAND_IN_PARENT), "/a", "/b"])
+
+
+@pytest.mark.parametrize("ranks, cores, binding", [
+    (2, 2, "0|1"),
+    (2, 8, "0-3|4-7"),
+    (3, 8, "0-1|2-3|4-5"),
+    (3, 2, "0|1|0"),  # more ranks than cores: they share
+])
+def test_cpu_thread_binding_gives_each_rank_its_own_cores(ranks, cores, binding):
+    assert cpu_thread_binding(ranks, cores) == binding
+
+
+@needs_cpu_only
+@pytest.mark.parametrize("flags, binding", [
+    (["--dp-size", "2"], "0|1"),
+    (["--dp=2"], "0|1"),
+    (["--tp-size", "3"], "0|1|0"),
+    ([], None),  # one scheduler: SGLang's own binding (one NUMA node) serves
+])
+def test_server_process_binds_one_core_list_per_scheduler_rank(monkeypatch, tmp_path, flags, binding):
+    monkeypatch.delenv("SGLANG_CPU_OMP_THREADS_BIND", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    server = ServerProcess("/models/unused", flags, log_path=tmp_path / "never-started.log")
+    assert server.env.get("SGLANG_CPU_OMP_THREADS_BIND") == binding
 
 
 # --- the stand-in ops ------------------------------------------------------------------------

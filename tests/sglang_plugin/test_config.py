@@ -126,6 +126,10 @@ def test_a_plain_kv_cache_dtype_is_served():
         check_server_args(config, argparse.Namespace(kv_cache_dtype=dtype))
 
 
+def test_data_parallel_is_served():
+    check_server_args(from_namespace(parse("--kv-policy", "lava")), argparse.Namespace(dp_size=2))
+
+
 def test_overlap_scheduling_is_turned_off_on_an_accelerator_only():
     stock = argparse.Namespace(attention_backend=None, disable_overlap_schedule=False)
     assert server_arg_overrides(stock, "cuda") == {"radix_cache_backend": "lava", "attention_backend": "torch_native",

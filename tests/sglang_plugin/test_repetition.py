@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from lava_sglang.policy import Reconstruct, repeat_attention_chunk
-from lava_sglang.sglang_plugin.repetition import REPETITION_RID_PREFIX, RepetitionScores
+from lava_sglang.sglang_plugin import repetition
+from lava_sglang.sglang_plugin.repetition import REPETITION_RID_PREFIX, RepetitionClient, RepetitionScores
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 2, 8
 PREFIX_LEN, WINDOW = 10, 3  # n, w: m = 7 selectable tokens
@@ -162,3 +163,20 @@ def test_seconds_since_first_forward_reads_the_scheduler_stamp():
     assert 2.0 <= seconds_since_first_forward(stamped) < 3.0
     assert seconds_since_first_forward(SimpleNamespace(time_stats=SimpleNamespace(forward_entry_time=0.0))) is None
     assert seconds_since_first_forward(SimpleNamespace()) is None
+
+
+class _Finished:
+    status_code = 200
+
+    def json(self):
+        return {"meta_info": {"finish_reason": {"type": "length"}}}
+
+
+@pytest.mark.parametrize("dp_rank", [None, 1])
+def test_chunks_are_sent_to_the_data_parallel_rank_holding_the_prefix(monkeypatch, dp_rank):
+    sent = []
+    monkeypatch.setattr(repetition.requests, "post", lambda url, json, headers, timeout: sent.append(json) or _Finished())
+    scores = new_scores(chunk_tokens=4)
+    RepetitionClient("http://server:1/", 2048, dp_rank=dp_rank)._post_chunks(scores)
+    assert [payload["rid"] for payload in sent] == scores.rids and scores.failed is None
+    assert [payload.get("routed_dp_rank") for payload in sent] == [dp_rank] * len(sent)
