@@ -63,7 +63,8 @@ def read_bytes(kv_rows: int, batch: int, num_q_heads: int, head_dim: int) -> int
 def full_prefix_baseline(document: int, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
                          device: torch.device):
     """A callable running decode over the full prefixes, and its name: FlashInfer on the GPU,
-    the torch dense reference on the CPU (FlashInfer needs CUDA)."""
+    torch's SDPA there when FlashInfer is not installed, the torch dense reference on the CPU
+    (FlashInfer needs CUDA)."""
     if device.type != "cuda":
         from lava_sglang.kernels import prefix_attention_reference
 
@@ -72,7 +73,14 @@ def full_prefix_baseline(document: int, batch: int, num_q_heads: int, num_kv_hea
             lengths, batch, num_q_heads, head_dim, device)
         return (lambda: prefix_attention_reference(q, k_store, v_store, qo_indptr, kv_indptr, kv_indices,
                                                    num_kv_heads=num_kv_heads)), "torch dense reference"
-    import flashinfer
+    try:
+        import flashinfer
+    except ImportError:
+        q = torch.randn(batch, num_q_heads, 1, head_dim, device=device, dtype=torch.bfloat16)
+        keys = torch.randn(batch, num_kv_heads, document, head_dim, device=device, dtype=torch.bfloat16)
+        values = torch.randn_like(keys)
+        return (lambda: torch.nn.functional.scaled_dot_product_attention(q, keys, values, enable_gqa=True)), \
+            "torch SDPA, full prefix (FlashInfer not installed)"
 
     pool = batch * document
     k_buffer = torch.randn(pool, 1, num_kv_heads, head_dim, device=device, dtype=torch.bfloat16)

@@ -5,10 +5,12 @@ compressed prefix, the request's own tokens) and merged by log-sum-exp. This mod
 the dense torch attention that makes such a state (the reference the attention kernel is
 tested against, and the reference runtime's attention), the torch merge (the single merge
 implementation of the project for non-CUDA tensors) and `merge_states`, which uses SGLang's
-`merge_state` on CUDA. Torch only: importing it compiles no Triton kernel.
+`merge_state` on CUDA where SGLang is installed. Torch only: importing it compiles no Triton kernel.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 
@@ -75,8 +77,8 @@ def merge_states(
 
     prefix_out, suffix_out: [tokens, Hq, d] (same dtype); prefix_lse, suffix_lse: [tokens, Hq]
     fp32, natural log. Returns (out [tokens, Hq, d] in the outputs' dtype, lse fp32).
-    CUDA tensors go to SGLang's `merge_state` (sgl_kernel, or its Triton kernel); other
-    devices to `merge_attention_states`. SGLang's kernels return nan where both sides are
+    CUDA tensors go to SGLang's `merge_state` (sgl_kernel, or its Triton kernel) where SGLang
+    is installed; other devices, and CUDA without SGLang, to `merge_attention_states`. SGLang's kernels return nan where both sides are
     empty; on the server the suffix never is (a token always sees itself).
     """
     if prefix_out.dim() != 3 or prefix_out.shape != suffix_out.shape:
@@ -88,10 +90,20 @@ def merge_states(
         if lse.shape != prefix_out.shape[:2] or lse.dtype != torch.float32:
             raise ValueError(f"{name} must be float32 [tokens, Hq] = {list(prefix_out.shape[:2])}, "
                              f"got {lse.dtype} {list(lse.shape)}")
-    if prefix_out.is_cuda:
-        from sglang.srt.layers.attention.merge_state import merge_state
-
+    merge_state = _sglang_merge_state() if prefix_out.is_cuda else None
+    if merge_state is not None:
         return merge_state(prefix_out.contiguous(), prefix_lse.contiguous(),
                            suffix_out.contiguous(), suffix_lse.contiguous())
     out, lse = merge_attention_states(prefix_out, prefix_lse, suffix_out, suffix_lse)
     return out.to(prefix_out.dtype), lse
+
+
+@functools.cache
+def _sglang_merge_state():
+    """SGLang's `merge_state`, or None where SGLang is not installed (the kernels' GPU check
+    runs on a machine with torch and Triton only)."""
+    try:
+        from sglang.srt.layers.attention.merge_state import merge_state
+    except ImportError:
+        return None
+    return merge_state

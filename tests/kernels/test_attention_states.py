@@ -2,10 +2,12 @@
 merging equals attention over the concatenated keys."""
 
 import math
+import sys
 
 import pytest
 import torch
 
+from lava_sglang.kernels import attention_states
 from lava_sglang.kernels.attention_states import (attention_with_lse, flash_attention_with_lse, merge_attention_states,
                                                   merge_states)
 
@@ -31,8 +33,8 @@ def test_sglang_merge_state_agrees_with_the_torch_merge(device, dtype):
     # On CUDA SGLang's merge_state runs sgl_kernel; on the CPU its Triton fallback
     # (merge_state_triton) runs under the interpreter. merge_states dispatches to the former
     # on CUDA and to the torch merge elsewhere.
-    from sglang.srt.layers.attention.merge_state import merge_state
-
+    merge_state = pytest.importorskip("sglang.srt.layers.attention.merge_state",
+                                      reason="SGLang is not installed: merge_states uses the torch merge").merge_state
     states = _states(5, 6, 64, dtype, device)
     sglang_out, sglang_lse = merge_state(*states)
     out, lse = merge_states(*states)
@@ -45,6 +47,16 @@ def test_sglang_merge_state_agrees_with_the_torch_merge(device, dtype):
         torch.testing.assert_close(candidate_lse, torch_lse, rtol=1e-6, atol=1e-6)
     # One side empty: the merge is the other side.
     assert torch.equal(out[0, 0], states[2][0, 0]) and lse[0, 0] == states[3][0, 0]
+
+
+def test_without_sglang_cuda_states_take_the_torch_merge(monkeypatch):
+    # The kernels' GPU check runs where SGLang is not installed: merge_states must not need it.
+    monkeypatch.setitem(sys.modules, "sglang.srt.layers.attention.merge_state", None)  # import fails
+    attention_states._sglang_merge_state.cache_clear()
+    try:
+        assert attention_states._sglang_merge_state() is None
+    finally:
+        attention_states._sglang_merge_state.cache_clear()
 
 
 @pytest.mark.parametrize(("num_q_heads", "num_kv_heads"), [(4, 4), (6, 2), (8, 2), (8, 1)])
@@ -80,8 +92,8 @@ def test_torch_merge_of_two_empty_states_is_empty():
     assert bool((out == 0).all()) and bool(torch.isneginf(lse).all())
 
 
-def test_bad_inputs_raise():
-    out, lse, other_out, other_lse = _states(2, 3, 8, torch.float32, "cpu")
+def test_bad_inputs_raise(device):  # on the GPU too: inputs on the device the kernels run on
+    out, lse, other_out, other_lse = _states(2, 3, 8, torch.float32, device)
     with pytest.raises(ValueError, match=r"\[tokens, Hq, d\]"):
         merge_states(out[0], lse, other_out, other_lse)
     with pytest.raises(ValueError, match="one dtype"):

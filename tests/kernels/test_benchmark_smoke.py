@@ -6,6 +6,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 SCRIPTS = Path(__file__).resolve().parents[2] / "kernels"
 
@@ -28,3 +29,12 @@ def test_smoke_mode_prints_machine_inputs_and_a_table(script):
 def test_no_package_in_the_scripts_folder():
     # A top-level package named `kernels` would shadow the `kernels` distribution SGLang uses.
     assert not (SCRIPTS / "__init__.py").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present: the script would run the whole check")
+def test_gpu_check_stops_with_the_reason_without_a_gpu():
+    result = subprocess.run(["bash", str(SCRIPTS / "gpu_check.sh")], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "PYTHON": sys.executable})
+    assert result.returncode == 2
+    assert result.stdout.startswith("# kernels/gpu_check.sh, ") and "commit " in result.stdout
+    assert "no CUDA device here" in result.stderr

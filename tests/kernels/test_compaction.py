@@ -105,11 +105,11 @@ def test_kernel_statistics_plan_and_compaction_end_to_end(device):
     assert torch.equal(k_store[:, 0], expected_k)
 
 
-def test_bad_inputs_raise():
-    k_buffers, v_buffers, slots, kept = _document(2, 30, 64, torch.float32, "cpu", num_layers=1)
+def test_bad_inputs_raise(device):  # on the GPU too: inputs on the device the kernels run on
+    k_buffers, v_buffers, slots, kept = _document(2, 30, 64, torch.float32, device, num_layers=1)
     num_rows = sum(len(p) for p in kept[0])
     pool_size = k_buffers[0].shape[0]
-    cells = torch.arange(num_rows)
+    cells = torch.arange(num_rows, device=device)
     with pytest.raises(ValueError, match="cells for"):
         CompactionRows.from_kept(slots, kept, cells[:-1], pool_size=pool_size, num_cells=num_rows)
     with pytest.raises(ValueError, match="dst_cells must lie in"):
@@ -121,7 +121,7 @@ def test_bad_inputs_raise():
     with pytest.raises(ValueError, match="one position tensor per KV head"):
         CompactionRows.from_kept(slots, [kept[0], kept[0][:1]], cells, pool_size=pool_size, num_cells=num_rows)
     rows = CompactionRows.from_kept(slots, kept, cells, pool_size=pool_size, num_cells=num_rows)
-    k_store, v_store = _stores(num_rows, 64, torch.float32, "cpu")
+    k_store, v_store = _stores(num_rows, 64, torch.float32, device)
     with pytest.raises(ValueError, match="match the rows' bounds"):
         rows.copy_layer(0, k_buffers[0][:-1], v_buffers[0][:-1], k_store, v_store)
     with pytest.raises(ValueError, match=r"\[cells, 1, d=64\]"):

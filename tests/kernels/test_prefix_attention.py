@@ -187,9 +187,9 @@ def test_matches_flashinfer_batch_decode(cuda_only):
     torch.testing.assert_close(lse, fi_lse.view_as(lse) * math.log(2.0), rtol=0, atol=1e-4)
 
 
-def test_bad_inputs_raise():
+def test_bad_inputs_raise(device):  # on the GPU too: inputs on the device the kernels run on
     q, k_store, v_store, qo_indptr, kv_indptr, kv_indices = _batch([1, 1], [[3, 4, 5, 6]], 4, 2, 64,
-                                                                   torch.float32, "cpu")
+                                                                   torch.float32, device)
     attention = CompressedPrefixAttention(4, 2, 64)
     with pytest.raises(ValueError, match="call plan"):
         attention.run(q, k_store, v_store)

@@ -100,8 +100,8 @@ def test_reference_is_the_policy(device):
     assert torch.equal(reference.scores, expected.scores) and reference.entropy == expected.entropy
 
 
-def test_bad_inputs_raise():
-    q, k_buffer, v_buffer, slots = _pool_inputs(4, 2, 8, 30, 64, torch.float32, "cpu")
+def test_bad_inputs_raise(device):  # on the GPU too: inputs on the device the kernels run on
+    q, k_buffer, v_buffer, slots = _pool_inputs(4, 2, 8, 30, 64, torch.float32, device)
     cases = {
         "need 1 <= w < n": (q, k_buffer, v_buffer, slots[:8]),  # no prefix: nothing to score
         "not a multiple": (q[:3], k_buffer, v_buffer, slots),
