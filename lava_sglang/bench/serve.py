@@ -42,7 +42,6 @@ import requests
 from lava_sglang.argtypes import keep_ratio, positive_int
 from lava_sglang.bench.serve_workload import (MISS_SLACK, ORDERS, build_workload, program_inputs, summarize,
                                               timed_endpoint, visit_records)
-from lava_sglang.sglang_plugin.server_process import router_worker_server
 
 POLICIES = ["none", "lava", "kvzip", "snapkv", "ada_snapkv", "pyramidkv", "streamingllm"]
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "docs" / "results"
@@ -137,14 +136,29 @@ def memory_bound_capacity(prefix_tokens: list[int], resident_documents: int) -> 
 
 def server_urls(url: str) -> list[str]:
     """The SGLang servers behind `url`: the workers of SGLang's router (its /workers), sorted
-    because the router lists them in no fixed order, or `url` itself when it is a server.
-    A server's data-parallel ranks are one server here: its /server_info reports them all."""
+    because the router lists them in no fixed order, or `url` itself when it is a server."""
     try:
         response = requests.get(url + "/workers", timeout=60)
         workers = response.json().get("workers") if response.status_code == 200 else None
-    except (requests.RequestException, ValueError, AttributeError):
-        workers = None
-    return sorted({router_worker_server(worker["url"]) for worker in workers}) if workers else [url]
+        return sorted(worker["url"] for worker in workers) if workers else [url]
+    except (requests.RequestException, ValueError, AttributeError, KeyError, TypeError):
+        return [url]
+
+
+def total(values) -> int | float | None:
+    """The sum of `values`, or None when any of them is unknown."""
+    values = list(values)
+    return sum(values) if None not in values else None
+
+
+def server_counters(states: list[dict], keys: tuple[str, ...] = ("store",)) -> dict | None:
+    """A server's plugin counters, summed over its /server_info `internal_states` (one per
+    --dp-size rank): the first of `keys` each rank's `lava_kv_policy` reports."""
+    per_rank = []
+    for state in states:
+        policy = state.get("lava_kv_policy") or {}
+        per_rank.append(next((policy[key] for key in keys if policy.get(key)), None))
+    return combined_store(per_rank)
 
 
 def combined_store(stores: list[dict | None]) -> dict | None:
@@ -179,10 +193,9 @@ class Sampler(threading.Thread):
         for url in self.urls:
             try:
                 states = requests.get(url + "/server_info", timeout=60).json()["internal_states"]
-                policies = [state.get("lava_kv_policy", {}) for state in states]  # one per --dp-size rank
                 # `pool`: the pool counters under --kv-policy none, where a plugin reports them.
-                stores.append(combined_store([policy.get("store") or policy.get("pool") for policy in policies]))
-            except (requests.RequestException, ValueError, KeyError, AttributeError):
+                stores.append(server_counters(states, ("store", "pool")))
+            except (requests.RequestException, ValueError, KeyError, AttributeError, TypeError):
                 stores.append(None)
             try:
                 loads = requests.get(url + "/v1/loads", timeout=60).json()
@@ -190,7 +203,7 @@ class Sampler(threading.Thread):
                 running.append(sum(int(row.get("num_used_tokens", 0)) for row in rows))
             except (requests.RequestException, ValueError, AttributeError, TypeError):
                 pass
-        if any(stores):
+        if any(stores) and None not in stores:  # a server missing would read as free memory
             sample["store"] = combined_store(stores)
             sample["server_entries"] = [(store or {}).get("entries") for store in stores]
         if running:
@@ -216,14 +229,13 @@ def server_facts(url: str) -> dict:
     memory = state.get("memory_usage", {})
     rank_capacities = [rank.get("memory_usage", {}).get("token_capacity") or rank.get("max_total_num_tokens")
                        for rank in info["internal_states"]]  # one per --dp-size rank
-    capacity = sum(rank_capacities) if None not in rank_capacities else None
     kv_gb = memory.get("kvcache")
     return {
-        "capacity_tokens": capacity,
+        "capacity_tokens": total(rank_capacities),
         # build_memory_usage reports GiB (bytes / 2**30), rounded; the policy's own figure wins below.
         "bytes_per_token": kv_gb * 2**30 / rank_capacities[0] if kv_gb and rank_capacities[0] else None,
         "kv_policy": {k: v for k, v in state.get("lava_kv_policy", {}).items() if k != "store"},
-        "store": state.get("lava_kv_policy", {}).get("store"),
+        "store": server_counters(info["internal_states"]),
         "model_path": info.get("model_path"),
         "dtype": info.get("dtype"),
         "version": info.get("version"),
@@ -242,8 +254,7 @@ def run_workload(url: str, documents, prefix_tokens: list[int], visits, config: 
     requests.post(url + "/flush_cache", timeout=120)
     urls = server_urls(url)  # several behind SGLang's router
     facts = server_facts(urls[0])
-    capacities = [server_facts(server)["capacity_tokens"] for server in urls[1:]]
-    capacity = facts["capacity_tokens"] + sum(capacities) if None not in capacities else None
+    capacity = total([facts["capacity_tokens"], *(server_facts(server)["capacity_tokens"] for server in urls[1:])])
     sampler = Sampler(urls, config.sample_interval)
     pending = iter(visits)
     lock = threading.Lock()

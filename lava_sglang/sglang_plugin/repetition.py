@@ -203,7 +203,7 @@ class RepetitionClient:
         self.max_tokens = max_tokens
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout = timeout
-        self.routing = {}
+        self.routing = {} if dp_rank is None else {"routed_dp_rank": dp_rank}
 
     def submit(self, scores: RepetitionScores) -> None:
         thread = threading.Thread(target=self._post_chunks, args=(scores,), name=f"lava-{scores.chunks[0].rid}",

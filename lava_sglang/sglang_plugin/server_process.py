@@ -41,15 +41,19 @@ def _flag_value(args: list[str], *names: str, default: str) -> str:
     """The value of the first of `names` in `args` (`--flag value` or `--flag=value`)."""
     for index, arg in enumerate(args):
         flag, equals, value = arg.partition("=")
-        if flag in names:
+        if flag in names and (equals or index + 1 < len(args)):
             return value if equals else args[index + 1]
     return default
 
 
 def _scheduler_ranks(args: list[str]) -> int:
     """How many scheduler processes the server runs (data parallel x tensor parallel)."""
-    return int(_flag_value(args, "--dp-size", "--dp", default="1")) * int(_flag_value(args, "--tp-size", "--tp",
-                                                                                         default="1"))
+    data_parallel = _flag_value(args, "--dp-size", "--dp", "--data-parallel-size", default="1")
+    tensor_parallel = _flag_value(args, "--tp-size", "--tp", "--tensor-parallel-size", default="1")
+    try:
+        return int(data_parallel) * int(tensor_parallel)
+    except ValueError:  # a missing or bad value: SGLang's own parser refuses it with the reason
+        return 1
 
 
 def _cpu_engine_args(args: list[str]) -> list[str]:
@@ -174,7 +178,7 @@ class RouterProcess(_LoggedProcess):
     """SGLang's router (`python -m sglang_router.launch_router`, the Rust load balancer of
     the `sglang-router` package) in front of running servers, with `policy` (cache-aware:
     a request goes to the server whose routed text it shares most of, a new prefix to the
-    least loaded tree)."""
+    least loaded server)."""
 
     name = "SGLang router"
 
@@ -194,16 +198,19 @@ class RouterProcess(_LoggedProcess):
         deadline = time.monotonic() + timeout
         super().wait_ready(timeout)
         while time.monotonic() < deadline:
-            with urllib.request.urlopen(self.url + "/workers", timeout=30) as response:
-                workers = json.load(response)["workers"]
-            registered = {router_worker_server(worker["url"]) for worker in workers}
+            try:
+                with urllib.request.urlopen(self.url + "/workers", timeout=30) as response:
+                    workers = json.load(response)["workers"]
+            except OSError:  # a transient refusal or error answer: ask again
+                workers = []
+            registered = {_router_worker_server(worker["url"]) for worker in workers}
             if registered == set(self.worker_urls) and all(worker["is_healthy"] for worker in workers):
                 return self
             time.sleep(0.5)
         raise TimeoutError(f"{self.name}: not every worker healthy after {timeout:.0f} s\n{self.log_tail()}")
 
 
-def router_worker_server(worker_url: str) -> str:
+def _router_worker_server(worker_url: str) -> str:
     """The server of a worker the router lists: with --dp-aware it registers each
     data-parallel rank of a server as `server@rank`."""
     return re.sub(r"@\d+$", "", worker_url)

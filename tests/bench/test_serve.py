@@ -173,6 +173,18 @@ def test_stores_of_servers_behind_a_router_are_summed():
     assert combined_store([None, first]) is first and combined_store([None]) is None
 
 
+def test_a_data_parallel_servers_ranks_are_summed():
+    first, second = {**_store(2, 1000, 40, 800), "compressions": 2}, {**_store(1, 3000, 20, 400), "compressions": 1}
+    states = [{"lava_kv_policy": {"store": first}}, {"lava_kv_policy": {"store": second}}]
+    assert serve.server_counters(states) == combined_store([first, second])
+    assert serve.server_counters(states)["entries"] == 3
+    pools = [{"lava_kv_policy": {"pool": {"pool_available": 5}}}, {"lava_kv_policy": {"pool": {"pool_available": 7}}}]
+    assert serve.server_counters(pools) is None  # a store was asked for
+    assert serve.server_counters(pools, ("store", "pool")) == {"pool_available": 12}
+    assert serve.server_counters([{}]) is None  # no plugin
+    assert serve.total([8192, 8192]) == 16384 and serve.total([8192, None]) is None
+
+
 class _Response:
     def __init__(self, status_code: int, body: dict):
         self.status_code, self.body = status_code, body
@@ -182,9 +194,7 @@ class _Response:
 
 
 @pytest.mark.parametrize("workers, expected", [
-    # the router lists its workers in no fixed order; --dp-aware lists each rank as server@rank
-    (["http://b:2", "http://a:1"], ["http://a:1", "http://b:2"]),
-    (["http://a:1@1", "http://a:1@0", "http://b:2@0"], ["http://a:1", "http://b:2"]),
+    (["http://b:2", "http://a:1"], ["http://a:1", "http://b:2"]),  # the router lists them in no fixed order
     (None, ["http://router:0"]),  # a server, not a router: no /workers
 ])
 def test_servers_behind_a_router(monkeypatch, workers, expected):

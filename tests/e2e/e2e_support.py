@@ -27,6 +27,7 @@ def ask_over_http(url: str, document: Document, questions: Iterable[int], max_to
     prefix alone (no new tokens), then one request per question, all at once; each branch's
     meta info. For SGLang's router with --dp-aware, which cannot answer /get_model_info (it
     asks `server@rank`), so `sgl.RuntimeEndpoint` cannot connect through it."""
+    questions = list(questions)
     prefix, _ = prompt_parts(document.text, "")
     commit = requests.post(url + "/generate", json={"text": prefix, "sampling_params": {"max_new_tokens": 0}},
                            timeout=600)
@@ -39,7 +40,7 @@ def ask_over_http(url: str, document: Document, questions: Iterable[int], max_to
         response.raise_for_status()
         return response.json()["meta_info"]
 
-    with concurrent.futures.ThreadPoolExecutor(len(list(questions))) as branches:
+    with concurrent.futures.ThreadPoolExecutor(len(questions)) as branches:
         return list(branches.map(branch, questions))
 
 

@@ -146,6 +146,8 @@ def test_cpu_thread_binding_gives_each_rank_its_own_cores(ranks, cores, binding)
     (["--dp-size", "2"], "0|1"),
     (["--dp=2"], "0|1"),
     (["--tp-size", "3"], "0|1|0"),
+    (["--data-parallel-size", "2"], "0|1"),
+    (["--model-path", "m", "--dp-size"], None),  # a flag without its value: SGLang's parser says so
     ([], None),  # one scheduler: SGLang's own binding (one NUMA node) serves
 ])
 def test_server_process_binds_one_core_list_per_scheduler_rank(monkeypatch, tmp_path, flags, binding):

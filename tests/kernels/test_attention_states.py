@@ -49,7 +49,7 @@ def test_sglang_merge_state_agrees_with_the_torch_merge(device, dtype):
     assert torch.equal(out[0, 0], states[2][0, 0]) and lse[0, 0] == states[3][0, 0]
 
 
-def test_without_sglang_cuda_states_take_the_torch_merge(monkeypatch):
+def test_merge_states_looks_for_no_sglang_merge_where_sglang_is_missing(monkeypatch):
     # The kernels' GPU check runs where SGLang is not installed: merge_states must not need it.
     monkeypatch.setitem(sys.modules, "sglang.srt.layers.attention.merge_state", None)  # import fails
     attention_states._sglang_merge_state.cache_clear()

@@ -36,7 +36,8 @@ def real_sgl_kernel_loads() -> bool:
 def cpu_thread_binding(ranks: int, cores: int) -> str:
     """SGLANG_CPU_OMP_THREADS_BIND for `ranks` scheduler processes on `cores` cores: SGLang's
     CPU engine binds each rank's OpenMP threads to a core list and, unset, allows one rank per
-    NUMA node. Each rank gets its own contiguous cores; with more ranks than cores, ranks share."""
+    NUMA node. Each rank gets its own contiguous cores (the cores // ranks remainder stays free,
+    so that ranks are alike); with more ranks than cores, ranks share."""
     if ranks <= cores:
         size = cores // ranks
         return "|".join(f"{rank * size}-{rank * size + size - 1}" if size > 1 else str(rank * size)
