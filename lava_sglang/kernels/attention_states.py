@@ -5,7 +5,8 @@ compressed prefix, the request's own tokens) and merged by log-sum-exp. This mod
 the dense torch attention that makes such a state (the reference the attention kernel is
 tested against, and the reference runtime's attention), the torch merge (the single merge
 implementation of the project for non-CUDA tensors) and `merge_states`, which uses SGLang's
-`merge_state` on CUDA where SGLang is installed. Torch only: importing it compiles no Triton kernel.
+`merge_state` on CUDA where SGLang is installed. Torch only: importing it compiles no Triton
+kernel.
 """
 
 from __future__ import annotations
@@ -78,8 +79,9 @@ def merge_states(
     prefix_out, suffix_out: [tokens, Hq, d] (same dtype); prefix_lse, suffix_lse: [tokens, Hq]
     fp32, natural log. Returns (out [tokens, Hq, d] in the outputs' dtype, lse fp32).
     CUDA tensors go to SGLang's `merge_state` (sgl_kernel, or its Triton kernel) where SGLang
-    is installed; other devices, and CUDA without SGLang, to `merge_attention_states`. SGLang's kernels return nan where both sides are
-    empty; on the server the suffix never is (a token always sees itself).
+    is installed; other devices, and CUDA without SGLang, to `merge_attention_states`.
+    SGLang's kernels return nan where both sides are empty; on the server the suffix never is
+    (a token always sees itself).
     """
     if prefix_out.dim() != 3 or prefix_out.shape != suffix_out.shape:
         raise ValueError(f"outputs must both be [tokens, Hq, d], got {tuple(prefix_out.shape)} "

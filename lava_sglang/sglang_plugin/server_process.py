@@ -160,7 +160,8 @@ class ServerProcess(_LoggedProcess):
         import torch
 
         args = list(server_args or [])
-        if not torch.cuda.is_available():
+        cpu_engine = not torch.cuda.is_available()
+        if cpu_engine:
             args += _cpu_engine_args(args)
         port = port or free_port()
         command = [
@@ -169,7 +170,7 @@ class ServerProcess(_LoggedProcess):
         ]  # fmt: skip
         env = cpu_engine_env({**os.environ, **(env or {})})  # env: variables for the server only
         ranks = _scheduler_ranks(args)
-        if not torch.cuda.is_available() and ranks > 1:
+        if cpu_engine and ranks > 1:
             env.setdefault("SGLANG_CPU_OMP_THREADS_BIND", cpu_thread_binding(ranks, os.cpu_count() or 1))
         super().__init__(command, port, log_path, env)
 

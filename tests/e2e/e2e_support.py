@@ -8,15 +8,31 @@ from collections.abc import Iterable
 import requests
 import sglang as sgl
 
-from lava_sglang.bench.documents import Document, prompt_parts
+from lava_sglang.bench.documents import Document, prompt_parts, retrieval_documents
 from lava_sglang.frontend import multi_question_qa
+
+
+def planted_documents(tokenizer, tokens: int, seeds: Iterable[int]) -> list[Document]:
+    """One retrieval document of about `tokens` tokens with 4 planted facts per seed."""
+    count = lambda text: len(tokenizer(text).input_ids)  # noqa: E731
+    return [retrieval_documents(count, tokens, [4], seed=seed)[0] for seed in seeds]
+
+
+def prefix_tokens(tokenizer, document: Document) -> int:
+    """Tokens in the fork program's shared prefix on `document`."""
+    return len(tokenizer(prompt_parts(document.text, "")[0]).input_ids)
+
+
+def program_texts(document: Document, questions: Iterable[int]) -> tuple[str, list[str]]:
+    """The multi-question program's shared prefix on `document` and each question's suffix."""
+    prefix, _ = prompt_parts(document.text, "")
+    return prefix, [prompt_parts("", document.questions[q].text)[1] for q in questions]
 
 
 def ask(url: str, document: Document, questions: Iterable[int], max_tokens: int) -> tuple[list[str], list[dict]]:
     """Run the multi-question fork program on `document` with the given questions (indices):
     the answers and each branch's meta info."""
-    prefix, _ = prompt_parts(document.text, "")
-    suffixes = [prompt_parts("", document.questions[q].text)[1] for q in questions]
+    prefix, suffixes = program_texts(document, questions)
     state = multi_question_qa.run(prefix=prefix, suffixes=suffixes, max_tokens=max_tokens,
                                   backend=sgl.RuntimeEndpoint(url))
     return state["answers"], state["meta_info"]
@@ -27,21 +43,19 @@ def ask_over_http(url: str, document: Document, questions: Iterable[int], max_to
     prefix alone (no new tokens), then one request per question, all at once; each branch's
     meta info. For SGLang's router with --dp-aware, which cannot answer /get_model_info (it
     asks `server@rank`), so `sgl.RuntimeEndpoint` cannot connect through it."""
-    questions = list(questions)
-    prefix, _ = prompt_parts(document.text, "")
+    prefix, suffixes = program_texts(document, questions)
     commit = requests.post(url + "/generate", json={"text": prefix, "sampling_params": {"max_new_tokens": 0}},
                            timeout=600)
     commit.raise_for_status()
 
-    def branch(question: int) -> dict:
-        text = prefix + prompt_parts("", document.questions[question].text)[1]
+    def branch(suffix: str) -> dict:
         response = requests.post(url + "/generate", timeout=600, json={
-            "text": text, "sampling_params": {"max_new_tokens": max_tokens, "temperature": 0}})
+            "text": prefix + suffix, "sampling_params": {"max_new_tokens": max_tokens, "temperature": 0}})
         response.raise_for_status()
         return response.json()["meta_info"]
 
-    with concurrent.futures.ThreadPoolExecutor(len(questions)) as branches:
-        return list(branches.map(branch, questions))
+    with concurrent.futures.ThreadPoolExecutor(len(suffixes)) as branches:
+        return list(branches.map(branch, suffixes))
 
 
 def kv_state(url: str) -> dict:

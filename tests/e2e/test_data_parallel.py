@@ -15,14 +15,14 @@ import time
 
 import pytest
 import requests
-from e2e_support import ask_over_http
+from e2e_support import ask_over_http, planted_documents, prefix_tokens
 
-from lava_sglang.bench.documents import prompt_parts, retrieval_documents
 from lava_sglang.sglang_plugin.server_process import RouterProcess, ServerProcess
 
 pytestmark = pytest.mark.model
 
 ANSWER_TOKENS = 4
+DOCUMENT_TOKENS = 350
 DP_SIZE = 2
 SERVER_ARGS = ["--dtype", "float32", "--enable-cache-report", "--kv-policy", "lava", "--max-total-tokens", "8192",
                "--dp-size", str(DP_SIZE)]
@@ -57,17 +57,8 @@ def assert_observed_by_their_repetitions(stores: list[dict]) -> None:
         assert store["repetition_cost"]["documents"] == store["compressions"], store
 
 
-def documents(tokenizer, seeds):
-    count = lambda text: len(tokenizer(text).input_ids)  # noqa: E731
-    return [retrieval_documents(count, 350, [4], seed=seed)[0] for seed in seeds]
-
-
-def prefix_tokens(tokenizer, document) -> int:
-    return len(tokenizer(prompt_parts(document.text, "")[0]).input_ids)
-
-
 def test_sglang_dp_controller_splits_a_program_over_the_ranks(server, tokenizer):
-    [document] = documents(tokenizer, [10])
+    [document] = planted_documents(tokenizer, DOCUMENT_TOKENS, [10])
     prefix_len = prefix_tokens(tokenizer, document)
     before = [store["compressions"] for store in rank_stores(server.url)]
     # Round robin: the commit and one branch on one rank, the other branch on the other rank,
@@ -89,7 +80,7 @@ def test_sglang_dp_controller_splits_a_program_over_the_ranks(server, tokenizer)
 
 
 def test_router_with_dp_aware_compresses_each_document_once_over_the_ranks(server, tokenizer, tmp_path):
-    docs = documents(tokenizer, range(20, 24))
+    docs = planted_documents(tokenizer, DOCUMENT_TOKENS, range(20, 24))
     before = sum(store["compressions"] for store in rank_stores(server.url))
     with RouterProcess([server.url], log_path=tmp_path / "router.log", router_args=["--dp-aware"]) as router:
         # First visits arrive together: the router spreads new documents over the ranks.

@@ -15,9 +15,8 @@ import json
 import time
 
 import pytest
-from e2e_support import ask, store_stats
+from e2e_support import ask, planted_documents, prefix_tokens, store_stats
 
-from lava_sglang.bench.documents import prompt_parts, retrieval_documents
 from lava_sglang.bench.serve import main
 from lava_sglang.sglang_plugin.server_process import RouterProcess, ServerProcess
 
@@ -30,8 +29,7 @@ SERVER_ARGS = ["--dtype", "float32", "--enable-cache-report", "--kv-policy", "la
 
 @pytest.fixture(scope="module")
 def documents(tokenizer):
-    count = lambda text: len(tokenizer(text).input_ids)  # noqa: E731
-    return [retrieval_documents(count, 350, [4], seed=seed)[0] for seed in range(NUM_DOCUMENTS)]
+    return planted_documents(tokenizer, 350, range(NUM_DOCUMENTS))
 
 
 @pytest.fixture(scope="module")
@@ -63,9 +61,8 @@ def test_each_document_is_compressed_once_over_two_servers(servers, documents, t
 
     for document in documents:
         _, meta_info = ask(router.url, document, [2, 3], ANSWER_TOKENS)
-        prefix_tokens = len(tokenizer(prompt_parts(document.text, "")[0]).input_ids)
         # The compressed copy holds the commit's first n - 1 tokens (SGLang recomputes a prompt's last).
-        assert all(meta["cached_tokens"] >= prefix_tokens - 1 for meta in meta_info), meta_info
+        assert all(meta["cached_tokens"] >= prefix_tokens(tokenizer, document) - 1 for meta in meta_info), meta_info
     assert compressions(workers) == before + NUM_DOCUMENTS  # none compressed again on the other server
 
 
