@@ -21,5 +21,5 @@ class AdaSnapKV(WindowPolicy):
         super().validate()
         validate_alpha(self.alpha)
 
-    def head_budgets(self, scores: torch.Tensor, layer_budget: int) -> list[int]:
-        return flat_topk_head_budgets(scores, layer_budget, self.alpha)
+    def head_budgets(self, scores: torch.Tensor, layer_budgets: list[int]) -> list[list[int]]:
+        return flat_topk_head_budgets(scores, layer_budgets, self.alpha)

@@ -57,29 +57,32 @@ def descending_order(scores: torch.Tensor) -> torch.Tensor:
     return torch.sort(scores, dim=-1, descending=True, stable=True).indices
 
 
-def flat_topk_head_budgets(scores: torch.Tensor, layer_budget: int, alpha: float) -> list[int]:
-    """Head budgets from one top-k over the whole layer, with the safeguard floor.
+def flat_topk_head_budgets(scores: torch.Tensor, layer_budgets: Sequence[int], alpha: float) -> list[list[int]]:
+    """Head budgets from one top-k over each whole layer, with the safeguard floor.
 
-    scores: [Hkv, m]; the top `Hkv * layer_budget` entries decide `c_h`, then
-    `cap_h = min(round((1 - alpha) * c_h + floor(alpha * layer_budget)), m)`
-    (round half to even, as Python and torch round).
+    scores: [L, Hkv, m]; in layer l the top `Hkv * layer_budgets[l]` entries decide `c_h`, then
+    `cap_h = min(round((1 - alpha) * c_h + floor(alpha * layer_budget)), m)` (round half to
+    even, as Python and torch round). One sort for all layers.
     """
-    num_kv_heads, prefix_len = scores.shape
-    top = descending_order(scores.flatten())[: num_kv_heads * layer_budget]
-    counts = torch.bincount(top // prefix_len, minlength=num_kv_heads).tolist()
-    floor_share = math.floor(alpha * layer_budget)
-    return [min(round((1 - alpha) * count + floor_share), prefix_len) for count in counts]
+    num_layers, num_kv_heads, prefix_len = scores.shape
+    order = descending_order(scores.flatten(1))
+    budgets = torch.tensor(layer_budgets, dtype=torch.int64, device=scores.device)
+    in_top = torch.arange(num_kv_heads * prefix_len, device=scores.device) < num_kv_heads * budgets[:, None]
+    counts = torch.zeros(num_layers, num_kv_heads, dtype=torch.float64, device=scores.device)
+    counts.scatter_add_(1, order // prefix_len, in_top.double())
+    floor_shares = torch.tensor([math.floor(alpha * budget) for budget in layer_budgets], dtype=torch.float64,
+                                device=scores.device)
+    return torch.round((1 - alpha) * counts + floor_shares[:, None]).clamp(max=prefix_len).long().tolist()
 
 
-def global_topk_head_budgets(layer_scores: Sequence[torch.Tensor], total: int) -> list[list[int]]:
+def global_topk_head_budgets(scores: torch.Tensor, total: int) -> list[list[int]]:
     """Head budgets from ONE threshold over every layer and KV head (KVzip's allocation).
 
-    layer_scores: per layer [Hkv, m]; the top `total` of all L * Hkv * m entries are kept and
-    each (layer, head) keeps as many as fall in it (ties go to the earlier layer, head, token).
+    scores: [L, Hkv, m]; the top `total` of all L * Hkv * m entries are kept and each
+    (layer, head) keeps as many as fall in it (ties go to the earlier layer, head, token).
     Returns per layer the selectable tokens each KV head keeps; they sum to min(total, L*Hkv*m).
     """
-    stacked = torch.stack([scores.float() for scores in layer_scores])  # [L, Hkv, m]
-    num_layers, num_kv_heads, prefix_len = stacked.shape
-    top = descending_order(stacked.flatten())[:total]
+    num_layers, num_kv_heads, prefix_len = scores.shape
+    top = descending_order(scores.float().flatten())[:total]
     counts = torch.bincount(top // prefix_len, minlength=num_layers * num_kv_heads)
     return counts.view(num_layers, num_kv_heads).tolist()

@@ -7,8 +7,6 @@ itself (which positions each head keeps) is assembled the same way for every pol
 
 from __future__ import annotations
 
-import math
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -49,31 +47,37 @@ class Policy:
     def layer_scores(self, q_window: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> LayerScores:
         raise NotImplementedError(f"{self.name} keeps tokens by position and computes no scores")
 
-    def allocate(self, layers: Sequence[LayerScores | None], total: int, prefix_len: int,
+    def allocate(self, scores: torch.Tensor | None, entropies: list[float], total: int, prefix_len: int,
                  num_kv_heads: int) -> tuple[list[int], list[list[int]]]:
         """Selectable tokens per KV head: each layer's budget, and each of its heads'.
 
-        total: selectable tokens per KV head summed over layers. By default the layers get
-        `layer_budgets` and each layer splits its budget with `head_budgets`; a layer
-        without scores (positional policies) splits it evenly.
+        scores: [L, Hkv, m] every layer's scores (None for positional policies); entropies:
+        per layer; total: selectable tokens per KV head summed over layers. By default the
+        layers get `layer_budgets` and each layer splits its budget with `head_budgets`;
+        without scores a layer splits it evenly.
         """
-        entropies = [layer.entropy if layer is not None else math.nan for layer in layers]
         layer_budgets = self.layer_budgets(entropies, total, prefix_len)
-        head_budgets = [self.head_budgets(layer.scores, budget) if layer is not None else [budget] * num_kv_heads
-                        for layer, budget in zip(layers, layer_budgets)]
-        return layer_budgets, head_budgets
+        if scores is None:
+            return layer_budgets, [[budget] * num_kv_heads for budget in layer_budgets]
+        return layer_budgets, self.head_budgets(scores, layer_budgets)
 
     def layer_budgets(self, entropies: list[float], total: int, prefix_len: int) -> list[int]:
         """Selectable tokens per KV head for each layer; uniform unless a policy says otherwise."""
         return distribute(total, [1.0] * len(entropies), prefix_len)
 
-    def head_budgets(self, scores: torch.Tensor, layer_budget: int) -> list[int]:
-        """Selectable tokens for each KV head of one layer; uniform unless a policy says otherwise."""
-        return [layer_budget] * scores.shape[0]
+    def head_budgets(self, scores: torch.Tensor, layer_budgets: list[int]) -> list[list[int]]:
+        """Selectable tokens for each KV head of each layer (scores [L, Hkv, m]); uniform
+        unless a policy says otherwise."""
+        return [[budget] * scores.shape[1] for budget in layer_budgets]
 
-    def select(self, scores: torch.Tensor | None, head_budget: int, prefix_len: int) -> torch.Tensor:
-        """Prefix positions one KV head keeps: its `head_budget` best-scored tokens."""
-        return descending_order(scores)[:head_budget]
+    def keep_mask(self, scores: torch.Tensor | None, head_budgets: torch.Tensor, prefix_len: int) -> torch.Tensor:
+        """Which prefix positions every (layer, KV head) keeps: its `head_budgets` best-scored
+        tokens, ties to the earlier position. scores [L, Hkv, m]; head_budgets [L, Hkv] int64
+        on the scores' device; returns [L, Hkv, m] bool. One sort for every layer and head:
+        no loop and no host synchronisation per head."""
+        order = descending_order(scores)
+        ranks_kept = torch.arange(prefix_len, device=scores.device) < head_budgets[..., None]
+        return torch.zeros_like(ranks_kept).scatter_(-1, order, ranks_kept)
 
 
 @dataclass(frozen=True)
@@ -121,12 +125,13 @@ class WindowPolicy(Policy):
         return LayerScores(scores=scores, entropy=entropy)
 
 
-def global_allocation(layers: Sequence[LayerScores], total: int,
-                      num_kv_heads: int) -> tuple[list[int], list[list[int]]]:
-    """`Policy.allocate` by one threshold over all layers and KV heads (KVzip): `total` is per
-    KV head summed over layers, so the best `total * num_kv_heads` scores of the whole prefix
-    are kept wherever they are; a layer's budget is its heads' mean (floored)."""
-    head_budgets = global_topk_head_budgets([layer.scores for layer in layers], total * num_kv_heads)
+def global_allocation(scores: torch.Tensor, total: int) -> tuple[list[int], list[list[int]]]:
+    """`Policy.allocate` by one threshold over all layers and KV heads (KVzip): scores
+    [L, Hkv, m]; `total` is per KV head summed over layers, so the best `total * Hkv` scores
+    of the whole prefix are kept wherever they are; a layer's budget is its heads' mean
+    (floored)."""
+    num_kv_heads = scores.shape[1]
+    head_budgets = global_topk_head_budgets(scores, total * num_kv_heads)
     return [sum(heads) // num_kv_heads for heads in head_budgets], head_budgets
 
 

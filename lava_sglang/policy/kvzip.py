@@ -9,11 +9,11 @@ from the authors' code is listed in docs/kvzip.md.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import torch
 from dataclasses import dataclass
 from typing import ClassVar
 
-from lava_sglang.policy.base import LayerScores, WindowPolicy, global_allocation
+from lava_sglang.policy.base import WindowPolicy, global_allocation
 
 
 @dataclass(frozen=True)
@@ -25,6 +25,6 @@ class KVzip(WindowPolicy):
     pool_kernel: int = 1
     sink_tokens: int = 4
 
-    def allocate(self, layers: Sequence[LayerScores | None], total: int, prefix_len: int,
+    def allocate(self, scores: torch.Tensor | None, entropies: list[float], total: int, prefix_len: int,
                  num_kv_heads: int) -> tuple[list[int], list[list[int]]]:
-        return global_allocation(layers, total, num_kv_heads)
+        return global_allocation(scores, total)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 
 from lava_sglang.policy.allocation import distribute, flat_topk_head_budgets
-from lava_sglang.policy.base import LayerScores, WindowPolicy, global_allocation, validate_alpha
+from lava_sglang.policy.base import WindowPolicy, global_allocation, validate_alpha
 
 LAYER_BUDGETS = ("entropy", "uniform", "global")
 HEAD_BUDGETS = ("topk", "uniform")
@@ -59,17 +58,17 @@ class Lava(WindowPolicy):
         if not isinstance(self.value_norm, bool):
             raise ValueError(f"value_norm must be a bool, got {self.value_norm!r}")
 
-    def allocate(self, layers: Sequence[LayerScores | None], total: int, prefix_len: int,
+    def allocate(self, scores: torch.Tensor | None, entropies: list[float], total: int, prefix_len: int,
                  num_kv_heads: int) -> tuple[list[int], list[list[int]]]:
         if self.layer_budget == "global":
-            return global_allocation(layers, total, num_kv_heads)
-        return super().allocate(layers, total, prefix_len, num_kv_heads)
+            return global_allocation(scores, total)
+        return super().allocate(scores, entropies, total, prefix_len, num_kv_heads)
 
     def layer_budgets(self, entropies: list[float], total: int, prefix_len: int) -> list[int]:
         weights = entropies if self.layer_budget == "entropy" else [1.0] * len(entropies)
         return distribute(total, weights, prefix_len)
 
-    def head_budgets(self, scores: torch.Tensor, layer_budget: int) -> list[int]:
+    def head_budgets(self, scores: torch.Tensor, layer_budgets: list[int]) -> list[list[int]]:
         if self.head_budget == "uniform":
-            return [layer_budget] * scores.shape[0]
-        return flat_topk_head_budgets(scores, layer_budget, self.alpha)
+            return super().head_budgets(scores, layer_budgets)
+        return flat_topk_head_budgets(scores, layer_budgets, self.alpha)

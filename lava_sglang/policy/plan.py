@@ -269,20 +269,24 @@ class PlanBuilder:
                 entropies=entropies,
             )
         selectable = max(self.budget_tokens - self.window, 0)
-        layer_budgets, head_budgets = self.policy.allocate(self._layers, selectable * self.num_layers,
+        scores = torch.stack([layer.scores for layer in self._layers]) if self.needs_queries else None
+        layer_budgets, head_budgets = self.policy.allocate(scores, entropies, selectable * self.num_layers,
                                                            self.prefix_len, self.num_kv_heads)
-        window_positions = torch.arange(self.prefix_len, self.seq_len)
-        kept = []
-        for heads, layer in zip(head_budgets, self._layers):
-            scores = layer.scores if layer is not None else None
-            kept.append([
-                torch.sort(torch.cat([
-                    self.policy.select(scores[head] if scores is not None else None, budget, self.prefix_len).cpu(),
-                    window_positions,
-                ])).values
-                for head, budget in enumerate(heads)
-            ])
+        kept = self._kept_positions(scores, head_budgets)
         return self._plan(kept=kept, layer_budgets=layer_budgets, head_budgets=head_budgets, entropies=entropies)
+
+    def _kept_positions(self, scores: torch.Tensor | None, head_budgets: list[list[int]]) -> list[list[torch.Tensor]]:
+        """Per (layer, KV head) the kept positions, ascending, the window included: one
+        selection for all layers and heads on the scores' device, one copy to the host."""
+        device = scores.device if scores is not None else torch.device("cpu")
+        budgets = torch.tensor(head_budgets, dtype=torch.int64, device=device)
+        prefix_kept = self.policy.keep_mask(scores, budgets, self.prefix_len)
+        window_kept = prefix_kept.new_ones((self.num_layers, self.num_kv_heads, self.window))
+        kept_mask = torch.cat([prefix_kept, window_kept], dim=-1).cpu()
+        positions = kept_mask.nonzero()[:, 2]  # row-major: grouped by (layer, head), ascending
+        per_head = positions.split(kept_mask.sum(dim=-1).flatten().tolist())
+        return [list(per_head[layer * self.num_kv_heads:(layer + 1) * self.num_kv_heads])
+                for layer in range(self.num_layers)]
 
     def _plan(self, *, kept, layer_budgets, head_budgets, entropies) -> CompressionPlan:
         return CompressionPlan(

@@ -23,8 +23,8 @@ class StreamingLLM(Policy):
         if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
             raise ValueError(f"sink_tokens must be an int >= 0, got {sinks!r}")
 
-    def select(self, scores: torch.Tensor | None, head_budget: int, prefix_len: int) -> torch.Tensor:
+    def keep_mask(self, scores: torch.Tensor | None, head_budgets: torch.Tensor, prefix_len: int) -> torch.Tensor:
         # The window is the most recent part; the recent prefix tokens continue it.
-        sinks = min(self.sink_tokens, head_budget)
-        recent = torch.arange(prefix_len - (head_budget - sinks), prefix_len)
-        return torch.cat([torch.arange(sinks), recent])
+        sinks = head_budgets.clamp(max=self.sink_tokens)[..., None]
+        positions = torch.arange(prefix_len, device=head_budgets.device)
+        return (positions < sinks) | (positions >= prefix_len - (head_budgets[..., None] - sinks))

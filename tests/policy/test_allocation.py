@@ -35,17 +35,33 @@ def test_pyramid_weights_decrease_linearly_and_keep_the_total():
 
 
 def test_flat_topk_counts_then_safeguard():
-    scores = torch.tensor([[9.0, 8.0, 1.0, 0.0], [7.0, 0.5, 0.4, 0.3]])
+    scores = torch.tensor([[9.0, 8.0, 1.0, 0.0], [7.0, 0.5, 0.4, 0.3]])[None]
     # Top 4 of the layer: 9, 8, 7, 1 -> counts [3, 1]; floor(0.2 * 2) = 0.
-    assert flat_topk_head_budgets(scores, layer_budget=2, alpha=0.2) == [2, 1]  # round(2.4), round(0.8)
+    assert flat_topk_head_budgets(scores, [2], alpha=0.2) == [[2, 1]]  # round(2.4), round(0.8)
     # alpha = 0.5: floor(0.5 * 2) = 1; round(2.5) = 2 and round(1.5) = 2 (half to even).
-    assert flat_topk_head_budgets(scores, layer_budget=2, alpha=0.5) == [2, 2]
+    assert flat_topk_head_budgets(scores, [2], alpha=0.5) == [[2, 2]]
     # alpha = 1 ignores the scores: every head gets the layer budget.
-    assert flat_topk_head_budgets(scores, layer_budget=3, alpha=1.0) == [3, 3]
+    assert flat_topk_head_budgets(scores, [3], alpha=1.0) == [[3, 3]]
+
+
+def test_flat_topk_takes_each_layer_top_k_in_one_call():
+    layer0 = torch.tensor([[9.0, 8.0, 1.0, 0.0], [7.0, 0.5, 0.4, 0.3]])
+    layer1 = torch.tensor([[0.1, 0.2, 0.3, 0.4], [5.0, 6.0, 7.0, 8.0]])
+    # Layer 0 as above; layer 1 with budget 1: its top 2 (8, 7) are both head 1, and the
+    # floor of 0.5 * 1 is 0, so round(0.5 * 0) = 0 and round(0.5 * 2) = 1; layer 2's budget 0
+    # keeps nothing.
+    scores = torch.stack([layer0, layer1, layer1])
+    assert flat_topk_head_budgets(scores, [2, 1, 0], alpha=0.5) == [[2, 2], [0, 1], [0, 0]]
+
+
+def test_flat_topk_caps_at_the_prefix():
+    scores = torch.tensor([[[9.0, 8.0], [0.0, 0.1]]])
+    # Top 4 of 4 entries: counts [2, 2]; floor(0.5 * 2) = 1 -> round(1 + 1) = 2, capped at m = 2.
+    assert flat_topk_head_budgets(scores, [2], alpha=0.5) == [[2, 2]]
 
 
 def test_flat_topk_zero_budget_keeps_nothing():
-    assert flat_topk_head_budgets(torch.rand(3, 5), layer_budget=0, alpha=0.2) == [0, 0, 0]
+    assert flat_topk_head_budgets(torch.rand(1, 3, 5), [0], alpha=0.2) == [[0, 0, 0]]
 
 
 def test_ties_go_to_the_earlier_index():
@@ -56,6 +72,6 @@ def test_global_topk_counts_the_best_entries_wherever_they_are():
     layer0 = torch.tensor([[0.9, 0.1, 0.0], [0.8, 0.7, 0.6]])
     layer1 = torch.tensor([[0.05, 0.02, 0.01], [0.5, 0.95, 0.03]])
     # The best 5 of 12: 0.95 (l1 h1), 0.9 (l0 h0), 0.8, 0.7, 0.6 (l0 h1).
-    assert global_topk_head_budgets([layer0, layer1], 5) == [[1, 3], [0, 1]]
+    assert global_topk_head_budgets(torch.stack([layer0, layer1]), 5) == [[1, 3], [0, 1]]
     # More than there are: every entry.
-    assert global_topk_head_budgets([layer0, layer1], 50) == [[3, 3], [3, 3]]
+    assert global_topk_head_budgets(torch.stack([layer0, layer1]), 50) == [[3, 3], [3, 3]]
