@@ -1,9 +1,11 @@
 """What compressing a document costs next to prefilling it.
 
-Per document length and keep ratio, for all layers of a Llama-3-8B-shaped model:
-window statistics (`window_statistics`, one launch pair per layer, read in place from a pool
-buffer), budget allocation and the plan (`PlanBuilder.add_layer_scores` + `finish`), and
-compaction (`CompactionRows.from_kept` + one `copy_layer` per layer). The prefill it is
+Per document length and keep ratio, for all layers of a Llama-3-8B-shaped model, the calls
+the server makes when it compresses a prefix observed by its tail window: the plan
+(`compressor.plan_prefix`: `window_statistics` per layer, read in place from a pool buffer,
+the policy's scores, then the allocation), of which the allocation alone (`PlanBuilder`
+from the same scores), and compaction (`store.write_kept`: one `copy_rows` launch per layer
+and buffer piece into cells of slots the document does not use). The prefill it is
 compared with is one transformers LlamaDecoderLayer (random weights, bf16, SDPA causal
 attention) over the document, times the number of layers: a lower bound on a real prefill
 (no embedding, no LM head, no KV-cache writes).
@@ -25,7 +27,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--documents", type=int, nargs="+", default=[8192, 32768], help="document lengths in tokens")
     parser.add_argument("--keep", type=float, nargs="+", default=[0.1, 0.2, 0.5], help="keep ratios")
-    parser.add_argument("--policy", default="lava", help="a window-scoring policy: lava, snapkv, ada_snapkv, pyramidkv")
+    parser.add_argument("--policy", default="lava", help="a window-scoring policy or spec: lava, lava:layer_budget=entropy, "
+                        "snapkv, ada_snapkv, pyramidkv")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--heads", type=int, nargs=2, default=[32, 8], metavar=("HQ", "HKV"))
     parser.add_argument("--head-dim", type=int, default=128)
@@ -65,70 +68,70 @@ def prefill_layer_ms(args, seq_len: int, device: torch.device) -> float:
 def main() -> None:
     args = parse_args()
     device = benchmarking.choose_device(args.smoke)
-    from lava_sglang.kernels import CompactionRows, window_statistics
+    from lava_sglang.kernels import window_statistics
     from lava_sglang.policy import PlanBuilder, make_policy
+    from lava_sglang.sglang_plugin.compressor import plan_prefix
+    from lava_sglang.store import CellLayout, slots_needed, write_kept
 
     num_q_heads, num_kv_heads = args.heads
     policy = make_policy(args.policy, window=args.window)
     print("# Compression cost vs prefill")
     for line in benchmarking.describe_machine(device):
         print(f"machine: {line}")
-    print(f"inputs: policy {policy.name}, window {args.window}; {args.layers} layers, Hq={num_q_heads} "
+    print(f"inputs: policy {args.policy}, window {args.window}; {args.layers} layers, Hq={num_q_heads} "
           f"Hkv={num_kv_heads} d={args.head_dim} bf16, MLP {args.intermediate}; documents {args.documents}; "
           f"keep {args.keep}; random queries per layer, one random pool buffer pair read by every layer, "
           f"document slots a random permutation{'; SMOKE shapes' if args.smoke else ''}")
     print()
-    print("| document | keep | prefill ms | statistics ms | allocation ms | compaction ms | compression ms "
+    print("| document | keep | prefill ms | plan ms | of which allocation ms | compaction ms | compression ms "
           "| % of prefill |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for seq_len in args.documents:
         prefill_ms = args.layers * prefill_layer_ms(args, seq_len, device)
-        pool_size = seq_len + 64
+        store_slots = slots_needed(args.layers * num_kv_heads * seq_len, args.layers, num_kv_heads)
+        pool_size = seq_len + store_slots
         k_buffer = torch.randn(pool_size, num_kv_heads, args.head_dim, device=device, dtype=torch.bfloat16)
         v_buffer = torch.randn_like(k_buffer)
-        slots = torch.randperm(pool_size, device=device)[:seq_len]
+        k_buffers, v_buffers = [k_buffer] * args.layers, [v_buffer] * args.layers
+        permutation = torch.randperm(pool_size, device=device)
+        slots, free_slots = permutation[:seq_len], permutation[seq_len:].cpu()
         q_windows = [torch.randn(num_q_heads, args.window, args.head_dim, device=device, dtype=torch.bfloat16)
                      for _ in range(args.layers)]
-        statistics = []
-
-        def score_layers():
-            statistics[:] = [
-                window_statistics(q, k_buffer, v_buffer, slots, gqa_reduce=policy.gqa_reduce,
-                                  pool_kernel=policy.pool_kernel, scale_by_value_norm=policy.scale_by_value_norm)
-                for q in q_windows
-            ]
-
-        statistics_ms = benchmarking.time_ms(score_layers, device)
+        values = v_buffer[slots].transpose(0, 1).float()
+        layer_scores = [
+            policy.scores_from_mass(window_statistics(q, k_buffer, v_buffer, slots, gqa_reduce=policy.gqa_reduce,
+                                                      pool_kernel=1, scale_by_value_norm=False).pooled, values)
+            for q in q_windows
+        ]
         for keep in args.keep:
-            plans = []
+            kept = []
+
+            def plan():
+                kept[:] = plan_prefix(policy, keep, q_windows, k_buffers, v_buffers, slots, keep_len=seq_len,
+                                      use_kernel=True)
 
             def allocate():
                 builder = PlanBuilder(policy, keep, seq_len=seq_len, num_layers=args.layers,
                                       num_kv_heads=num_kv_heads)
-                for layer_statistics in statistics:
-                    builder.add_layer_scores(layer_statistics.layer_scores())
-                plans[:] = [builder.finish()]
+                for scores in layer_scores:
+                    builder.add_layer_scores(scores)
+                builder.finish()
 
+            plan_ms = benchmarking.time_ms(plan, device)
             allocation_ms = benchmarking.time_ms(allocate, device)
-            plan = plans[0]
-            k_store = torch.empty(plan.kept_rows, 1, args.head_dim, device=device, dtype=torch.bfloat16)
-            v_store = torch.empty_like(k_store)
-            cells = torch.arange(plan.kept_rows, device=device)
-
-            def compact():
-                rows = CompactionRows.from_kept(slots, plan.kept, cells, pool_size=pool_size,
-                                                num_cells=plan.kept_rows)
-                for layer in range(args.layers):
-                    rows.copy_layer(layer, k_buffer, v_buffer, k_store, v_store)
-
-            compaction_ms = benchmarking.time_ms(compact, device)
-            total_ms = statistics_ms + allocation_ms + compaction_ms
-            print(f"| {seq_len} | {keep:g} | {prefill_ms:.4g} | {statistics_ms:.4g} | {allocation_ms:.4g} | "
+            kept_lengths = torch.tensor([[len(positions) for positions in heads] for heads in kept])
+            layout = CellLayout(free_slots[:slots_needed(int(kept_lengths.sum()), *kept_lengths.shape)],
+                                kept_lengths)
+            compaction_ms = benchmarking.time_ms(
+                lambda: write_kept(layout, kept, k_buffers, v_buffers, slots, use_kernel=True), device)
+            total_ms = plan_ms + compaction_ms
+            print(f"| {seq_len} | {keep:g} | {prefill_ms:.4g} | {plan_ms:.4g} | {allocation_ms:.4g} | "
                   f"{compaction_ms:.4g} | {total_ms:.4g} | {100 * total_ms / prefill_ms:.1f} |")
     print()
-    print("prefill ms: one decoder layer's forward times the number of layers. statistics ms: every layer's "
-          "window statistics (the same for every keep ratio). allocation ms: layer and head budgets and the kept "
-          "lists from the statistics. compaction ms: index building plus one copy launch per layer.")
+    print("prefill ms: one decoder layer's forward times the number of layers. plan ms: every layer's window "
+          "statistics and scores, the layer and head budgets and the kept lists (plan_prefix). allocation ms: the "
+          "budgets and kept lists alone, from the same scores. compaction ms: the kept rows copied into the store's "
+          "cells (write_kept).")
     if device.type != "cuda":
         print("CPU smoke run: the numbers only show the script works; they are not GPU measurements.")
 

@@ -133,6 +133,37 @@ def write_layer(layout: CellLayout, layer: int, k_buffers, v_buffers, keys: torc
         done += count
 
 
+def write_kept(layout: CellLayout, kept: list[list[torch.Tensor]], k_buffers, v_buffers, source_slots: torch.Tensor,
+               *, use_kernel: bool | None = None) -> None:
+    """Copy a prefix's kept rows from the pool into the layout's cells (compaction).
+
+    kept[layer][kv_head]: positions into `source_slots`, the prefix's pool slots in token
+    order (a plan's kept lists). A layer's rows of every head are copied together: with
+    `use_kernel` (default: on CUDA) one Triton `copy_rows` launch per buffer piece, K and V
+    in the same launch; otherwise one torch gather and scatter. The prefix's slots and the
+    layout's are distinct allocations, so reads and writes never overlap.
+    """
+    from lava_sglang.kernels.compaction import copy_rows, copy_rows_reference
+
+    device = source_slots.device
+    use_kernel = source_slots.is_cuda if use_kernel is None else use_kernel
+    copy = copy_rows if use_kernel else copy_rows_reference
+    for layer, heads in enumerate(kept):
+        lengths = torch.tensor([len(positions) for positions in heads])
+        if len(heads) != layout.num_kv_heads or not torch.equal(lengths, layout.kept_lengths[layer]):
+            raise ValueError(f"layer {layer} keeps {layout.kept_lengths[layer].tolist()} rows per head, got kept "
+                             f"lists of {lengths.tolist()}")
+        src_slots = source_slots[torch.cat(list(heads)).to(device)]
+        src_heads = torch.repeat_interleave(torch.arange(len(heads)), lengths).to(device)
+        done = 0
+        for buffer, cells in layout.layer_cells(layer):
+            rows = slice(done, done + cells.numel())
+            done += cells.numel()
+            head_dim = k_buffers[buffer].shape[-1]
+            copy(k_buffers[layer], v_buffers[layer], k_buffers[buffer].view(-1, 1, head_dim),
+                 v_buffers[buffer].view(-1, 1, head_dim), src_slots[rows], src_heads[rows], cells.to(device))
+
+
 def read_layer(layout: CellLayout, layer: int, k_buffers, v_buffers) -> tuple[torch.Tensor, torch.Tensor]:
     """`layer`'s kept keys and values, [rows of the layer, head_dim] each, in (head, position)
     order; split by `layout.layer_head_indptr(layer)`."""

@@ -1,7 +1,7 @@
 """Triton kernels for the server, each with the torch reference it is tested against.
 
 - `window_stats`: one layer's LAVa/SnapKV window statistics read in place from the KV pool.
-- `compaction`: copy the kept K/V rows from the pool into the compressed store.
+- `compaction`: copy the kept K/V rows from the pool into the compressed store's cells.
 - `prefix_attention`: batched attention over compressed prefixes (paged, page size 1), with LSE.
 - `attention_states`: dense attention with LSE and the LSE merge (torch; SGLang's merge on CUDA).
 
@@ -17,7 +17,6 @@ _EXPORTS = {
     "attention_with_lse": "attention_states",
     "merge_attention_states": "attention_states",
     "merge_states": "attention_states",
-    "CompactionRows": "compaction",
     "copy_rows": "compaction",
     "copy_rows_reference": "compaction",
     "CompressedPrefixAttention": "prefix_attention",

@@ -1,17 +1,13 @@
 """Compaction: copy the kept K/V rows of a document from SGLang's pool into the compressed store.
 
 The plan keeps, per (layer, KV head), a list of token positions. The pool holds one layer's
-keys as [pool_size, Hkv, d] and finds token t at slot `slots[t]`; the store is a flat
-[cells, 1, d] buffer (one for K, one for V) shared by all layers and heads, and the
-allocator hands out one destination cell per kept row. `CompactionRows.from_kept` turns
-those lists into three flat index tensors once per document (and checks their ranges once);
-`copy_layer` then launches one kernel per layer that copies that layer's K and V rows.
+keys as [pool_size, Hkv, d] and finds token t at slot `slots[t]`; the destination is a flat
+[cells, 1, d] view (one for K, one for V), one cell per kept row. `copy_rows` copies a batch
+of rows, K and V in one launch; `lava_sglang.store.write_kept` calls it once per layer and
+buffer piece when the server compresses a prefix.
 """
 
 from __future__ import annotations
-
-from collections.abc import Sequence
-from dataclasses import dataclass
 
 import torch
 import triton
@@ -70,7 +66,8 @@ def copy_rows(
 
     k_buffer, v_buffer: [pool_size, Hkv, d] one layer's pool buffers; k_store, v_store:
     [cells, 1, d]; src_slots, src_heads, dst_cells: int [R] on the same device. Index ranges
-    are not checked here (that would synchronise): `CompactionRows` checks them once.
+    are not checked here (that would synchronise): the caller's layout bounds them
+    (`store.write_kept`).
     """
     _check_buffers(k_buffer, v_buffer, k_store, v_store)
     for name, tensor in (("src_slots", src_slots), ("src_heads", src_heads), ("dst_cells", dst_cells)):
@@ -98,86 +95,3 @@ def copy_rows_reference(k_buffer, v_buffer, k_store, v_store, src_slots, src_hea
     _check_buffers(k_buffer, v_buffer, k_store, v_store)
     k_store[dst_cells.long(), 0] = k_buffer[src_slots.long(), src_heads.long()]
     v_store[dst_cells.long(), 0] = v_buffer[src_slots.long(), src_heads.long()]
-
-
-@dataclass(frozen=True)
-class CompactionRows:
-    """Every kept row of one document, all layers; layer l's rows are
-    [layer_indptr[l], layer_indptr[l + 1]), KV head major, positions ascending.
-
-    src_slots: int64 pool slot of each row; src_heads: int32 its KV head; dst_cells: int64
-    its store cell. pool_size, num_kv_heads, num_cells: the bounds the indices were checked
-    against, so `copy_layer` can check the buffers without synchronising.
-    """
-
-    src_slots: torch.Tensor
-    src_heads: torch.Tensor
-    dst_cells: torch.Tensor
-    layer_indptr: list[int]
-    pool_size: int
-    num_kv_heads: int
-    num_cells: int
-
-    @classmethod
-    def from_kept(
-        cls,
-        slots: torch.Tensor,
-        kept: Sequence[Sequence[torch.Tensor]],
-        dst_cells: torch.Tensor,
-        *,
-        pool_size: int,
-        num_cells: int,
-    ) -> CompactionRows:
-        """slots: int [n] the document's pool slots; kept[layer][kv_head]: int positions in
-        [0, n) (a `CompressionPlan.kept`); dst_cells: int [total kept rows] the store cells,
-        in (layer, KV head, position) order; pool_size, num_cells: rows of the pool buffers
-        and of the store. Synchronises once to check the ranges."""
-        launch.check_tensor("slots", slots, 1, launch.INDEX_DTYPES)
-        launch.check_tensor("dst_cells", dst_cells, 1, launch.INDEX_DTYPES)
-        if not kept or not kept[0] or any(len(layer) != len(kept[0]) for layer in kept):
-            raise ValueError("kept must list, for every layer, one position tensor per KV head "
-                             "(the same number of KV heads in every layer)")
-        num_kv_heads = len(kept[0])
-        positions = torch.cat([torch.as_tensor(p, dtype=torch.int64).flatten() for layer in kept for p in layer])
-        if positions.numel() != dst_cells.numel():
-            raise ValueError(f"dst_cells has {dst_cells.numel()} cells for {positions.numel()} kept rows")
-        launch.check_index_range("kept positions", positions, slots.numel())
-        launch.check_index_range("slots", slots, pool_size)
-        launch.check_index_range("dst_cells", dst_cells, num_cells)
-        heads = torch.cat([torch.full((len(p),), head, dtype=torch.int32)
-                           for layer in kept for head, p in enumerate(layer)])
-        layer_rows = [sum(len(p) for p in layer) for layer in kept]
-        layer_indptr = [0]
-        for rows in layer_rows:
-            layer_indptr.append(layer_indptr[-1] + rows)
-        device = slots.device
-        return cls(
-            src_slots=slots.long()[positions.to(device)],
-            src_heads=heads.to(device),
-            dst_cells=dst_cells.long().to(device),
-            layer_indptr=layer_indptr,
-            pool_size=pool_size,
-            num_kv_heads=num_kv_heads,
-            num_cells=num_cells,
-        )
-
-    @property
-    def num_layers(self) -> int:
-        return len(self.layer_indptr) - 1
-
-    def layer_rows(self, layer: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(src_slots, src_heads, dst_cells) of one layer."""
-        if not 0 <= layer < self.num_layers:
-            raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer}")
-        rows = slice(self.layer_indptr[layer], self.layer_indptr[layer + 1])
-        return self.src_slots[rows], self.src_heads[rows], self.dst_cells[rows]
-
-    def copy_layer(self, layer: int, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
-                   k_store: torch.Tensor, v_store: torch.Tensor) -> None:
-        """Copy one layer's kept rows from its pool buffers into the store (one launch)."""
-        _check_buffers(k_buffer, v_buffer, k_store, v_store)
-        if tuple(k_buffer.shape[:2]) != (self.pool_size, self.num_kv_heads) or k_store.shape[0] != self.num_cells:
-            raise ValueError(f"buffers must match the rows' bounds: pool [{self.pool_size}, {self.num_kv_heads}, d] "
-                             f"and store [{self.num_cells}, 1, d], got {list(k_buffer.shape)} and "
-                             f"{list(k_store.shape)}")
-        copy_rows(k_buffer, v_buffer, k_store, v_store, *self.layer_rows(layer))

@@ -3,7 +3,7 @@
 `WindowCapture` keeps, for each request slot whose prefill is long enough to be worth
 compressing, the post-RoPE queries of its last `window` tokens at every layer (across
 chunked-prefill chunks). `plan_prefix` turns those queries and the prefix's K/V, read in
-place from the KV pool, into the rows each (layer, KV head) keeps; `store_prefix` copies
+place from the KV pool, into the rows each (layer, KV head) keeps; `store.write_kept` copies
 them into the store's cells.
 """
 
@@ -13,8 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lava_sglang.policy import Branches, ObservationWindow, PlanBuilder, Policy, Reconstruct
-from lava_sglang.store import CellLayout, write_layer
+from lava_sglang.policy import Branches, ObservationWindow, PlanBuilder, Policy, Reconstruct, WindowPolicy
 
 
 @dataclass
@@ -86,7 +85,8 @@ class WindowCapture:
 
 def plan_prefix(policy: Policy, budget: float | int, window_queries: list[torch.Tensor], k_buffers, v_buffers,
                 slots: torch.Tensor, keep_len: int, branch_windows: list[list[ObservationWindow]] | None = None,
-                repeat_attention: list[torch.Tensor] | None = None) -> list[list[torch.Tensor]]:
+                repeat_attention: list[torch.Tensor] | None = None,
+                use_kernel: bool | None = None) -> list[list[torch.Tensor]]:
     """Kept positions per (layer, KV head) among the first `keep_len` tokens of a prefix.
 
     The plan is made over all n = len(slots) tokens (the observation window ends at the last
@@ -95,10 +95,13 @@ def plan_prefix(policy: Policy, budget: float | int, window_queries: list[torch.
     layer, one window per branch that ran after the whole prefix) adds the branches' votes
     to the tail's (observe "branches", docs/observe.md); `repeat_attention` (per layer
     [Hq, m], a repetition's attention on the prefix) replaces the windows (observe
-    "reconstruct").
+    "reconstruct"). With `use_kernel` (default: on CUDA) the tail window's attention mass is
+    the Triton `window_statistics` kernel's, read in place from the pool; the policy then
+    turns it into scores as it does the torch mass.
     """
     seq_len = slots.numel()
     num_kv_heads = k_buffers[0].shape[1]
+    use_kernel = slots.is_cuda if use_kernel is None else use_kernel
     observe = Reconstruct() if repeat_attention else Branches() if branch_windows else "tail"
     builder = PlanBuilder(policy, budget, seq_len=seq_len, num_layers=len(k_buffers), num_kv_heads=num_kv_heads,
                           observe=observe)
@@ -107,19 +110,16 @@ def plan_prefix(policy: Policy, budget: float | int, window_queries: list[torch.
         if repeat_attention:
             builder.add_layer_repeat(repeat_attention[layer], values)
             continue
-        keys = k_buffers[layer][slots].transpose(0, 1).float()
         if branch_windows:
+            keys = k_buffers[layer][slots].transpose(0, 1).float()
             builder.add_layer_windows([ObservationWindow(queries.float()), *branch_windows[layer]], keys, values)
+        elif use_kernel and builder.needs_queries and isinstance(policy, WindowPolicy):
+            from lava_sglang.kernels.window_stats import window_statistics
+
+            mass = window_statistics(queries, k_buffers[layer], v_buffers[layer], slots, gqa_reduce=policy.gqa_reduce,
+                                     pool_kernel=1, scale_by_value_norm=False).pooled
+            builder.add_layer_scores(policy.scores_from_mass(mass, values))
         else:
-            builder.add_layer(queries.float(), keys, values)
+            builder.add_layer(queries.float(), k_buffers[layer][slots].transpose(0, 1).float(), values)
     plan = builder.finish()
     return [[positions[positions < keep_len] for positions in heads] for heads in plan.kept]
-
-
-def store_prefix(layout: CellLayout, kept: list[list[torch.Tensor]], k_buffers, v_buffers, slots: torch.Tensor) -> None:
-    """Copy the kept rows of the prefix held in pool `slots` into the layout's cells."""
-    for layer, heads in enumerate(kept):
-        source_slots = [slots[positions.to(slots.device)] for positions in heads]
-        keys = torch.cat([k_buffers[layer][rows, head] for head, rows in enumerate(source_slots)])
-        values = torch.cat([v_buffers[layer][rows, head] for head, rows in enumerate(source_slots)])
-        write_layer(layout, layer, k_buffers, v_buffers, keys, values)

@@ -43,14 +43,14 @@ import torch
 
 from lava_sglang.policy import ObservationWindow
 from lava_sglang.sglang_plugin.compressed_tree import CompressedNode, CompressedRadixCache, prompt_key
-from lava_sglang.sglang_plugin.compressor import WindowCapture, plan_prefix, store_prefix
+from lava_sglang.sglang_plugin.compressor import WindowCapture, plan_prefix
 from lava_sglang.sglang_plugin.config import (BRANCHES, DEFERRED_OBSERVE_SOURCES, FORK, MAX_BRANCH_WINDOWS,
                                               MAX_PENDING_PREFIXES, RECONSTRUCT, SHARED, KvPolicyConfig)
 from lava_sglang.sglang_plugin.metrics import StoreMetrics
 from lava_sglang.sglang_plugin.pending import PendingPrefix, RepetitionCost
 from lava_sglang.sglang_plugin.repetition import REPETITION_RID_PREFIX, RepetitionClient, RepetitionScores
 from lava_sglang.sglang_plugin.touchpoints import radix_cache_api, seconds_since_first_forward
-from lava_sglang.store import CellLayout, slots_needed
+from lava_sglang.store import CellLayout, slots_needed, write_kept
 
 *_, MatchPrefixParams = radix_cache_api()
 
@@ -419,7 +419,7 @@ class LavaRadixCache(CompressedRadixCache):
                            num_slots, slots.numel())
             return None
         layout = CellLayout(owned.to(torch.int64), kept_lengths)
-        store_prefix(layout, kept, k_buffers, v_buffers, slots)
+        write_kept(layout, kept, k_buffers, v_buffers, slots)
         head_dim = k_buffers[0].shape[-1]
         bytes_per_row = 2 * head_dim * k_buffers[0].element_size()
         entry = self.store.add(len(prefix_key), layout, policy=self.policy.name,
