@@ -11,8 +11,10 @@ queries of long prefills for the compressor.
 
 The attention over compressed prefixes is `CompressedPrefixBatch`: on CUDA the Triton kernel
 of `lava_sglang.kernels.prefix_attention` (planned once per batch, one launch per layer),
-elsewhere torch. The attention over the requests' own tokens is torch. Requests that use no
-compressed prefix in such a batch get exact ordinary attention from the same code.
+elsewhere torch. The attention over the requests' own tokens is, on CUDA, SGLang's own Triton
+decode and extend kernels (`own_attention.py`, planned once per batch), elsewhere torch.
+Requests that use no compressed prefix in such a batch get exact ordinary attention from the
+same code.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import torch
 
 from lava_sglang.kernels.attention_states import attention_with_lse, flash_attention_with_lse, merge_attention_states
+from lava_sglang.sglang_plugin.own_attention import OwnTokenAttention
 from lava_sglang.sglang_plugin.touchpoints import kv_write_loc
 from lava_sglang.store import StoreEntry, read_layer, read_layer_padded
 
@@ -38,10 +41,15 @@ def bound_cache():
 
 class CompressedPrefixPath:
     """forward_extend / forward_decode for an SGLang attention backend, installed on the
-    instance; the backend's own methods serve batches without compressed prefixes."""
+    instance; the backend's own methods serve batches without compressed prefixes.
 
-    def __init__(self, backend):
+    use_kernels: run the Triton kernels (the prefix kernel and SGLang's own-token kernels);
+    None: on CUDA tensors. Tests set it to run them under TRITON_INTERPRET=1.
+    """
+
+    def __init__(self, backend, use_kernels: bool | None = None):
         self.backend = backend
+        self.use_kernels = use_kernels
         self.inner_extend = backend.forward_extend
         self.inner_decode = backend.forward_decode
         # What every layer of one forward batch shares, found at its first layer: the batch
@@ -51,6 +59,7 @@ class CompressedPrefixPath:
         self._entries: list[StoreEntry | None] = []
         self._repeating = False
         self._prefixes: CompressedPrefixBatch | None = None
+        self._own: OwnTokenAttention | None = None
 
     def _batch_entries(self, forward_batch) -> list[StoreEntry | None]:
         """The compressed prefix each request of the batch uses (None for none), from the
@@ -59,7 +68,7 @@ class CompressedPrefixPath:
             first_slots = _cache.req_to_token_pool.req_to_token[forward_batch.req_pool_indices, 0]
             self._batch, self._entries = forward_batch, _cache.store.entries_for_slots(first_slots)
             self._repeating = any(rid in _cache.repetitions for rid in forward_batch.rids or ())
-            self._prefixes = None
+            self._prefixes = self._own = None
         return self._entries
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
@@ -96,16 +105,42 @@ class CompressedPrefixPath:
                 layer, kv_write_loc(forward_batch.out_cache_loc, getattr(self.backend, "swa_out_cache_loc", None)), k, v)
         num_q_heads, num_kv_heads, head_dim = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
         queries = q.reshape(-1, num_q_heads, head_dim)
-        own_states = _own_states_decode if max(extend_lens) == 1 else _own_states_extend
-        out, lse = own_states(queries, layer, forward_batch, entries, prefix_lens, extend_lens)
+        use_kernels = queries.is_cuda if self.use_kernels is None else self.use_kernels
+        decode = max(extend_lens) == 1  # one new token per request, already in the pool
+        if use_kernels:
+            out, lse = self._own_kernel_states(queries, k, v, layer, forward_batch, entries, prefix_lens, extend_lens,
+                                               decode)
+        else:
+            own_states = _own_states_decode if decode else _own_states_extend
+            out, lse = own_states(queries, layer, forward_batch, entries, prefix_lens, extend_lens)
         if any(entries):
             if self._prefixes is None:
                 self._prefixes = CompressedPrefixBatch(entries, extend_lens, _cache.kv_pool, num_q_heads=num_q_heads,
                                                        num_kv_heads=num_kv_heads, scaling=layer.scaling,
-                                                       use_kernel=queries.is_cuda)
+                                                       use_kernel=use_kernels)
             prefix_out, prefix_lse = self._prefixes.states(layer.layer_id, queries)
             out, lse = merge_attention_states(prefix_out, prefix_lse, out, lse)
         return out.to(q.dtype).view(-1, num_q_heads * layer.v_head_dim), lse
+
+    def _own_kernel_states(self, queries, k, v, layer, forward_batch, entries, prefix_lens, extend_lens, decode):
+        """`_own_states_*` by SGLang's Triton kernels, planned at the batch's first layer."""
+        if self._own is None:
+            device = queries.device
+            self._own = OwnTokenAttention(layer.tp_q_head_num, layer.scaling)
+            own_starts = torch.tensor([entry.prefix_len if entry is not None else 0 for entry in entries], device=device)
+            seq_lens = torch.tensor([prefix + extend for prefix, extend in zip(prefix_lens, extend_lens)],
+                                    device=device)
+            self._own.plan(_cache.req_to_token_pool.req_to_token, forward_batch.req_pool_indices, own_starts, seq_lens,
+                           extend_lens, decode=decode)
+        k_buffer = _cache.kv_pool.get_key_buffer(layer.layer_id)
+        v_buffer = _cache.kv_pool.get_value_buffer(layer.layer_id)
+        if decode:
+            return self._own.run(queries, None, None, k_buffer, v_buffer)
+        if k is None or v is None:  # the layer's keys were written by another (KV sharing): read them back
+            k, v = k_buffer[forward_batch.out_cache_loc], v_buffer[forward_batch.out_cache_loc]
+        shape = (queries.shape[0], layer.tp_k_head_num, -1)
+        return self._own.run(queries, k.reshape(shape).to(k_buffer.dtype), v.reshape(shape).to(v_buffer.dtype),
+                             k_buffer, v_buffer)
 
 
 def _own_states_extend(queries, layer, forward_batch, entries, prefix_lens, extend_lens):

@@ -105,3 +105,14 @@ def hook_registry():
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 
     return HookRegistry, HookType
+
+
+def triton_attention_ops():
+    """The Triton kernels of SGLang's `triton` attention backend the GPU path calls for each
+    request's own tokens (`own_attention.py`): the KV index builder with a start offset, the
+    split-K decode kernel (per-split LSE) and the extend kernel (`lse_extend`)."""
+    from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
+    from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
+    from sglang.kernels.ops.attention.kv_indices import create_flashinfer_kv_indices_triton
+
+    return create_flashinfer_kv_indices_triton, decode_attention_fwd, extend_attention_fwd

@@ -84,3 +84,105 @@ def test_compressed_prefix_states_match_dense_attention(pool, use_kernel, extend
         ordinary = slice(extend_lens[0], sum(extend_lens[:2]))
         assert torch.isneginf(lse[ordinary]).all() and (out[ordinary] == 0).all()
         assert torch.isneginf(lse[:extend_lens[0], :GROUP]).all() == (layer == 1)  # head 0 of layer 1 keeps nothing
+
+
+OWN_POOL = 700  # own tokens live in slots 100.. of it, the entries' cells below
+
+
+def dense_own_states(queries, keys, values, visible):
+    """Plain attention of queries [T, Hq, d] over keys, values [S, Hkv, d] where visible [T, S]."""
+    keys, values = keys.repeat_interleave(GROUP, 1), values.repeat_interleave(GROUP, 1)
+    logits = torch.einsum("thd,shd->ths", queries, keys) * SCALING
+    logits = logits.masked_fill(~visible[:, None, :], float("-inf"))
+    return torch.einsum("ths,shd->thd", logits.softmax(-1), values), logits.logsumexp(-1)
+
+
+@pytest.mark.parametrize("decode", [False, True], ids=["extend", "decode"])
+def test_sglang_own_token_kernels_match_dense_attention(decode, monkeypatch):
+    # SGLang's own Triton kernels (index builder with a start offset, extend with lse_extend,
+    # split-K decode with per-split LSE), under the interpreter here: each request attends to
+    # its row from own_start on, causally, and the LSE is the natural-log one.
+    from lava_sglang.sglang_plugin import own_attention
+    from lava_sglang.sglang_plugin.own_attention import OwnTokenAttention
+
+    monkeypatch.setattr(own_attention, "KEYS_PER_DECODE_SPLIT", 16)  # several splits per request to merge
+    generator = torch.Generator().manual_seed(4)
+    k_buffer = torch.randn(OWN_POOL, KV_HEADS, DIM, generator=generator)
+    v_buffer = torch.randn(OWN_POOL, KV_HEADS, DIM, generator=generator)
+    req_to_token = (100 + torch.randperm(600, generator=generator)).to(torch.int32).view(5, 120)
+    req_pool_indices = torch.tensor([3, 0, 4, 1])
+    own_starts = torch.tensor([100, 0, 37, 6])
+    # Request 3 has no cached own token before its extend; in decode every request reads one
+    # at least (its new token), request 2 reads 74 keys in 5 splits.
+    extend_lens = [1, 1, 1, 1] if decode else [4, 3, 1, 2]
+    seq_lens = torch.tensor([103, 7, 110, 8]) + torch.tensor(extend_lens)
+    own = OwnTokenAttention(KV_HEADS * GROUP, SCALING)
+    own.plan(req_to_token, req_pool_indices, own_starts, seq_lens, extend_lens, decode=decode)
+    queries = torch.randn(sum(extend_lens), KV_HEADS * GROUP, DIM, generator=generator)
+    new_slots = torch.cat([req_to_token[row, int(end) - extend:int(end)].long()
+                           for row, end, extend in zip(req_pool_indices, seq_lens, extend_lens)])
+    if decode:
+        out, lse = own.run(queries, None, None, k_buffer, v_buffer)
+    else:
+        out, lse = own.run(queries, k_buffer[new_slots], v_buffer[new_slots], k_buffer, v_buffer)
+    start = 0
+    for row, own_start, seq_len, extend in zip(req_pool_indices, own_starts, seq_lens, extend_lens):
+        slots = req_to_token[row, int(own_start):int(seq_len)].long()
+        query_pos = torch.arange(int(seq_len) - extend, int(seq_len))
+        visible = torch.arange(int(own_start), int(seq_len))[None, :] <= query_pos[:, None]
+        expected_out, expected_lse = dense_own_states(queries[start:start + extend], k_buffer[slots],
+                                                      v_buffer[slots], visible)
+        torch.testing.assert_close(out[start:start + extend], expected_out, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(lse[start:start + extend], expected_lse, atol=1e-4, rtol=1e-4)
+        start += extend
+
+
+@pytest.fixture
+def bound_cache():
+    from lava_sglang.sglang_plugin import attention
+
+    def bind(cache):
+        attention.bind(cache)
+        return cache
+
+    yield bind
+    attention.bind(None)
+
+
+@pytest.mark.parametrize("extend_lens", [[4, 3, 1, 2], [1, 1, 1, 1]], ids=["extend", "decode"])
+def test_compressed_prefix_path_with_kernels_equals_torch(bound_cache, extend_lens):
+    # The whole GPU path of a batch (SGLang's own-token kernels + the prefix kernel, merged by
+    # LSE) against the torch path, on a batch that mixes requests with and without entries.
+    from lava_sglang.sglang_plugin.attention import CompressedPrefixPath
+
+    generator = torch.Generator().manual_seed(5)
+    buffers = [torch.randn(OWN_POOL, KV_HEADS, DIM, generator=generator) for _ in range(2 * LAYERS)]
+    kv_pool = SimpleNamespace(k_buffer=buffers[:LAYERS], v_buffer=buffers[LAYERS:], layer_num=LAYERS,
+                              get_key_buffer=lambda layer: buffers[layer],
+                              get_value_buffer=lambda layer: buffers[LAYERS + layer])
+    store = CompressedStore(OWN_POOL, "cpu")
+    first, _ = add_entry(store, kv_pool, 1, [[5, 9], [0, 12], [7, 3]], seed=1)
+    second, _ = add_entry(store, kv_pool, 20, [[2, 2], [4, 1], [1, 6]], seed=2)
+    entries = [first, None, second, first]  # prefix_len 100 each
+    req_to_token = (100 + torch.randperm(600, generator=generator)).to(torch.int32).view(5, 120)
+    bound_cache(SimpleNamespace(kv_pool=kv_pool, req_to_token_pool=SimpleNamespace(req_to_token=req_to_token)))
+    prefix_lens = [103, 7, 110, 100]
+    forward_batch = SimpleNamespace(req_pool_indices=torch.tensor([3, 0, 4, 1]))
+    backend = SimpleNamespace(forward_extend=None, forward_decode=None)
+    paths = {use_kernels: CompressedPrefixPath(backend, use_kernels=use_kernels) for use_kernels in (True, False)}
+    num_tokens = sum(extend_lens)
+    for layer_id in range(LAYERS):
+        layer = SimpleNamespace(layer_id=layer_id, tp_q_head_num=KV_HEADS * GROUP, tp_k_head_num=KV_HEADS,
+                                qk_head_dim=DIM, v_head_dim=DIM, scaling=SCALING)
+        q = torch.randn(num_tokens, KV_HEADS * GROUP * DIM, generator=generator)
+        # The extend's keys are in the pool already (the path writes them before attending).
+        new_slots = torch.cat([req_to_token[row, prefix:prefix + extend].long() for row, prefix, extend
+                               in zip(forward_batch.req_pool_indices, prefix_lens, extend_lens)])
+        k = kv_pool.get_key_buffer(layer_id)[new_slots]
+        v = kv_pool.get_value_buffer(layer_id)[new_slots]
+        kernel_out, kernel_lse = paths[True]._attend(q, k, v, layer, forward_batch, False, entries, prefix_lens,
+                                                     extend_lens)
+        torch_out, torch_lse = paths[False]._attend(q, k, v, layer, forward_batch, False, entries, prefix_lens,
+                                                    extend_lens)
+        torch.testing.assert_close(kernel_lse, torch_lse, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(kernel_out, torch_out, atol=1e-4, rtol=1e-4)

@@ -1,0 +1,93 @@
+"""Each request's attention over its own tokens, with the LSE, by SGLang's own Triton kernels.
+
+A request that reads a compressed prefix attends to two things: the prefix's kept rows
+(`CompressedPrefixBatch`) and its own tokens, the part of its KV row after the prefix. This
+module computes the second on CUDA with the kernels of SGLang's `triton` attention backend,
+so that the GPU path does no per-request loop and no padding:
+
+- `plan` (once per forward batch, as FlashInfer's wrappers plan): SGLang's
+  `create_flashinfer_kv_indices_triton` gathers each request's row from `own_start` (the end
+  of its compressed prefix; 0 without one) through `kv_start_idx`, into `kv_indptr` /
+  `kv_indices`. A decode batch reads its whole own row, the new token included (it is in the
+  pool by then); an extend batch reads the own tokens cached before the extend, and the
+  extend's own keys come with the call.
+- `run` (per layer): decode with SGLang's split-K `decode_attention_fwd`, whose per-split LSE
+  merged by logsumexp is the query's LSE (as SGLang's decode-context-parallel path merges
+  it); extend with `extend_attention_fwd(..., lse_extend=...)`, causal over the extend.
+
+The result is merged with the compressed prefix's attention by LSE, as the torch path's is.
+Without CUDA the tests run the same kernels under TRITON_INTERPRET=1 on fp32 tensors.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from lava_sglang.sglang_plugin.touchpoints import triton_attention_ops
+
+#: Keys per split of the decode kernel's first stage, and the most splits a request gets.
+KEYS_PER_DECODE_SPLIT = 256
+MAX_DECODE_SPLITS = 8
+
+
+class OwnTokenAttention:
+    """Attention over own tokens for one forward batch: `plan` once, `run` per layer."""
+
+    def __init__(self, num_q_heads: int, scaling: float):
+        self.num_q_heads = num_q_heads
+        self.scaling = scaling
+        self.decode = False
+        self.kv_indptr = self.kv_indices = self.qo_indptr = None
+        self.num_kv_splits = None
+        self.max_extend_len = 0
+
+    def plan(self, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, own_starts: torch.Tensor,
+             seq_lens: torch.Tensor, extend_lens: list[int], *, decode: bool) -> None:
+        """req_to_token: SGLang's [slots, context] token table; req_pool_indices, own_starts,
+        seq_lens: [B] on its device (seq_lens counting the extend); extend_lens: [B] on the host."""
+        create_kv_indices, _, _ = triton_attention_ops()
+        device = req_to_token.device
+        batch = len(extend_lens)
+        extend = torch.tensor(extend_lens, dtype=torch.int64, device=device)
+        own_starts, seq_lens = own_starts.to(device, torch.int64), seq_lens.to(device, torch.int64)
+        if batch != own_starts.numel() or batch != seq_lens.numel() or batch != req_pool_indices.numel():
+            raise ValueError(f"one entry per request: {req_pool_indices.numel()} requests, {own_starts.numel()} "
+                             f"own starts, {seq_lens.numel()} sequence lengths, {batch} extend lengths")
+        own_lens = seq_lens - own_starts if decode else seq_lens - extend - own_starts
+        self.decode = decode
+        self.kv_indptr = torch.zeros(batch + 1, dtype=torch.int32, device=device)
+        self.kv_indptr[1:] = torch.cumsum(own_lens, 0)
+        self.kv_indices = torch.empty(int(own_lens.sum()), dtype=torch.int64, device=device)
+        create_kv_indices[(batch,)](req_to_token, req_pool_indices, own_lens.to(torch.int32), self.kv_indptr,
+                                    own_starts.to(torch.int32), self.kv_indices, req_to_token.stride(0))
+        if decode:
+            splits = torch.div(own_lens + KEYS_PER_DECODE_SPLIT - 1, KEYS_PER_DECODE_SPLIT, rounding_mode="floor")
+            self.num_kv_splits = splits.clamp(1, MAX_DECODE_SPLITS).to(torch.int32)
+        else:
+            self.qo_indptr = torch.zeros(batch + 1, dtype=torch.int32, device=device)
+            self.qo_indptr[1:] = torch.cumsum(extend, 0)
+            self.max_extend_len = max(extend_lens)
+
+    def run(self, queries: torch.Tensor, k_extend: torch.Tensor | None, v_extend: torch.Tensor | None,
+            k_buffer: torch.Tensor, v_buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries [tokens, Hq, d]; k_extend, v_extend [tokens, Hkv, d] the extend's own keys and
+        values (None for decode); k_buffer, v_buffer: the layer's pool buffers. Returns out
+        [tokens, Hq, dv] and the natural-log LSE [tokens, Hq], fp32."""
+        _, decode_attention_fwd, extend_attention_fwd = triton_attention_ops()
+        num_tokens = queries.shape[0]
+        value_dim = v_buffer.shape[-1]
+        out = queries.new_empty((num_tokens, self.num_q_heads, value_dim), dtype=torch.float32)
+        queries = queries.contiguous()
+        if self.decode:
+            split_out = queries.new_empty((num_tokens, self.num_q_heads, MAX_DECODE_SPLITS, value_dim),
+                                          dtype=torch.float32)
+            split_lse = queries.new_full((num_tokens, self.num_q_heads, MAX_DECODE_SPLITS), float("-inf"),
+                                         dtype=torch.float32)
+            decode_attention_fwd(queries, k_buffer, v_buffer, out, self.kv_indptr, self.kv_indices, split_out,
+                                 split_lse, self.num_kv_splits, MAX_DECODE_SPLITS, self.scaling, 1.0, 1.0)
+            return out, torch.logsumexp(split_lse, dim=-1)
+        lse = queries.new_empty((num_tokens, self.num_q_heads), dtype=torch.float32)
+        extend_attention_fwd(queries, k_extend.contiguous(), v_extend.contiguous(), out, k_buffer, v_buffer,
+                             self.qo_indptr, self.kv_indptr, self.kv_indices, None, True, None, self.max_extend_len,
+                             1.0, 1.0, sm_scale=self.scaling, lse_extend=lse)
+        return out, lse
