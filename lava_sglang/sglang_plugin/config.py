@@ -20,7 +20,17 @@ from lava_sglang.sglang_plugin.touchpoints import RADIX_CACHE_BACKEND
 ENV_VAR = "LAVA_SGLANG_KV_POLICY"
 NONE = "none"
 KV_POLICIES = (NONE, *sorted(name for name in POLICIES if name != "full"))
-SUPPORTED_ATTENTION_BACKENDS = ("torch_native",)
+# The attention backends the plugin wraps (`attention.with_compressed_prefixes`: its own path
+# serves the batches that read a compressed prefix, the backend every other batch), per
+# device; the first is chosen when none is given. On CUDA that is SGLang's Triton backend,
+# whose kernels the path also runs for each request's own tokens (`own_attention.py`).
+CPU_ATTENTION_BACKENDS = ("torch_native",)
+CUDA_ATTENTION_BACKENDS = ("triton", "torch_native")
+SUPPORTED_ATTENTION_BACKENDS = ("triton", "torch_native")  # every device's, wrapped at registration
+# --cuda-graph-backend-{decode,prefill} value that turns a phase's CUDA graphs off: the
+# compressed-prefix path builds its metadata on the host per batch, which a graph replay skips.
+CUDA_GRAPHS_OFF = "disabled"
+CUDA_GRAPH_PHASES = ("cuda_graph_backend_decode", "cuda_graph_backend_prefill")
 # --kv-cache-dtype values whose pool holds K and V as plain numbers: the compressor scores and
 # copies them as such, so a quantized pool (fp8, fp4: bytes plus scales) is refused.
 PLAIN_KV_CACHE_DTYPES = ("auto", "bf16", "bfloat16")
@@ -252,19 +262,38 @@ def from_namespace(args: argparse.Namespace) -> KvPolicyConfig:
     return config
 
 
-def check_server_args(config: KvPolicyConfig, args: argparse.Namespace) -> None:
-    """Refuse SGLang options the plugin cannot serve with a policy on; raises ConfigError."""
+def attention_backends_for(device: str) -> tuple[str, ...]:
+    """The attention backends the plugin serves with on `device` ("cpu", "cuda", "cuda:1", ...)."""
+    return CPU_ATTENTION_BACKENDS if device.partition(":")[0] == "cpu" else CUDA_ATTENTION_BACKENDS
+
+
+def check_server_args(config: KvPolicyConfig, args: argparse.Namespace, device: str | None) -> None:
+    """Refuse SGLang options the plugin cannot serve with a policy on `device` (the one SGLang
+    runs on; None where SGLang finds none, and then stops with its own error); raises
+    ConfigError."""
     if not config.enabled:
         return
+    backends = attention_backends_for(device) if device is not None else SUPPORTED_ATTENTION_BACKENDS
+    on_accelerator = device is not None and backends != CPU_ATTENTION_BACKENDS
+    graph_phases = [f"--{phase.replace('_', '-')} {getattr(args, phase)}" for phase in CUDA_GRAPH_PHASES
+                    if on_accelerator and getattr(args, phase, None) not in (None, CUDA_GRAPHS_OFF)]
     refusals = [
         (getattr(args, "disable_radix_cache", False),
          "--disable-radix-cache: compressed prefixes live in the radix cache"),
         (getattr(args, "radix_cache_backend", None) not in (None, RADIX_CACHE_BACKEND),
          f"--radix-cache-backend {getattr(args, 'radix_cache_backend', None)}: the plugin is the radix cache"),
         ((getattr(args, "page_size", None) or 1) != 1, "--page-size > 1: the plugin supports page size 1"),
-        (getattr(args, "attention_backend", None) not in (None, *SUPPORTED_ATTENTION_BACKENDS),
-         f"--attention-backend {getattr(args, 'attention_backend', None)}: supported with a policy: "
-         f"{', '.join(SUPPORTED_ATTENTION_BACKENDS)}"),
+        (getattr(args, "attention_backend", None) not in (None, *backends),
+         f"--attention-backend {getattr(args, 'attention_backend', None)}: supported with a policy on {device or 'any device'}: "
+         f"{', '.join(backends)}"),
+        (bool(graph_phases), f"{', '.join(graph_phases)}: CUDA graphs replay a batch without the host work that "
+         "builds the compressed prefixes' metadata; with a policy they are off"),
+        (getattr(args, "enable_torch_compile", False),
+         "--enable-torch-compile: the compressed-prefix path builds its metadata on the host per batch, which "
+         "torch.compile cannot trace"),
+        (getattr(args, "enable_deterministic_inference", False),
+         "--enable-deterministic-inference: the compressed-prefix path's split-K and merges are not SGLang's "
+         "batch-invariant kernels"),
         (getattr(args, "speculative_algorithm", None) is not None, "--speculative-algorithm: not supported"),
         (getattr(args, "enable_hierarchical_cache", False), "--enable-hierarchical-cache: not supported"),
         ((getattr(args, "tp_size", 1) or 1) > 1, "--tp-size > 1: not supported"),
@@ -288,7 +317,8 @@ def server_arg_overrides(args: argparse.Namespace, device: str) -> dict[str, obj
     """The SGLang options a policy sets for the user (`device`: the one SGLang runs on):
 
     - the plugin's radix cache backend;
-    - the supported attention backend, when none is given;
+    - the device's first supported attention backend, when none is given;
+    - CUDA graphs off on an accelerator (see CUDA_GRAPHS_OFF);
     - overlap scheduling off on an accelerator. SGLang's overlap loop processes batch N's
       results (where a released request's prefix is compressed: its KV copied to the store,
       the full copy freed, store slots taken, rows repointed) while batch N+1 runs on the
@@ -301,7 +331,12 @@ def server_arg_overrides(args: argparse.Namespace, device: str) -> dict[str, obj
     """
     overrides: dict[str, object] = {"radix_cache_backend": RADIX_CACHE_BACKEND}
     if getattr(args, "attention_backend", None) is None:
-        overrides["attention_backend"] = SUPPORTED_ATTENTION_BACKENDS[0]
-    if device.partition(":")[0] != "cpu" and not getattr(args, "disable_overlap_schedule", False):
+        overrides["attention_backend"] = attention_backends_for(device)[0]
+    if device.partition(":")[0] == "cpu":
+        return overrides
+    if not getattr(args, "disable_overlap_schedule", False):
         overrides["disable_overlap_schedule"] = True
+    for phase in CUDA_GRAPH_PHASES:
+        if getattr(args, phase, None) != CUDA_GRAPHS_OFF:
+            overrides[phase] = CUDA_GRAPHS_OFF
     return overrides

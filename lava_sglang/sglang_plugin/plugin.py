@@ -50,17 +50,29 @@ def _around_from_cli_args(original, cls, args):
     if hasattr(args, "kv_policy"):
         try:
             config = from_namespace(args)
-            check_server_args(config, args)
+            device = _device(args)
+            check_server_args(config, args, device)
         except ConfigError as error:
             raise SystemExit(f"error: {error}") from None
         if config.enabled:
-            for name, value in server_arg_overrides(args, args.device or touchpoints.default_device()).items():
+            overrides = server_arg_overrides(args, device) if device is not None else {}
+            for name, value in overrides.items():
                 setattr(args, name, value)
                 logger.info("lava: --kv-policy %s sets %s=%s", config.policy, name, value)
             os.environ[ENV_VAR] = config.to_env()
         else:
             os.environ.pop(ENV_VAR, None)
     return original(cls, args)
+
+
+def _device(args) -> str | None:
+    """The device SGLang will run on; None where it finds none (it then stops with its own error)."""
+    if args.device:
+        return args.device
+    try:
+        return touchpoints.default_device()
+    except RuntimeError:
+        return None
 
 
 def _before_validate_request(tokenizer_manager, obj, input_ids, *args, **kwargs):

@@ -102,7 +102,7 @@ def test_unknown_policy_lists_the_allowed_ones():
 
 @pytest.mark.parametrize("option, value, reason", [
     ("disable_radix_cache", True, "--disable-radix-cache"),
-    ("attention_backend", "triton", "--attention-backend triton"),
+    ("attention_backend", "triton", "--attention-backend triton: supported with a policy on cpu: torch_native"),
     ("page_size", 16, "--page-size"),
     ("radix_cache_backend", "flexkv", "--radix-cache-backend"),
     ("pp_size", 2, "--pp-size"),
@@ -116,27 +116,54 @@ def test_unknown_policy_lists_the_allowed_ones():
 def test_combinations_that_cannot_work_are_refused(option, value, reason):
     config = from_namespace(parse("--kv-policy", "lava"))
     with pytest.raises(ConfigError, match=reason):
-        check_server_args(config, argparse.Namespace(**{option: value}))
-    check_server_args(KvPolicyConfig(), argparse.Namespace(**{option: value}))  # policy none: stock
+        check_server_args(config, argparse.Namespace(**{option: value}), "cpu")
+    check_server_args(KvPolicyConfig(), argparse.Namespace(**{option: value}), "cpu")  # policy none: stock
+
+
+@pytest.mark.parametrize("option, value, reason", [
+    ("attention_backend", "flashinfer", "--attention-backend flashinfer: supported with a policy on cuda: "
+                                        "triton, torch_native"),
+    ("cuda_graph_backend_decode", "full", "--cuda-graph-backend-decode full: CUDA graphs replay"),
+    ("cuda_graph_backend_prefill", "breakable", "--cuda-graph-backend-prefill breakable"),
+    ("enable_torch_compile", True, "--enable-torch-compile"),
+    ("enable_deterministic_inference", True, "--enable-deterministic-inference"),
+])
+def test_gpu_combinations_that_cannot_work_are_refused(option, value, reason):
+    config = from_namespace(parse("--kv-policy", "lava"))
+    with pytest.raises(ConfigError, match=reason):
+        check_server_args(config, argparse.Namespace(**{option: value}), "cuda")
+    check_server_args(KvPolicyConfig(), argparse.Namespace(**{option: value}), "cuda")  # policy none: stock
+
+
+def test_each_device_serves_its_own_backends_and_graphs_off():
+    config = from_namespace(parse("--kv-policy", "lava"))
+    for backend in ("triton", "torch_native", None):
+        check_server_args(config, argparse.Namespace(attention_backend=backend, cuda_graph_backend_decode="disabled",
+                                                     cuda_graph_backend_prefill=None), "cuda:0")
+    check_server_args(config, argparse.Namespace(attention_backend="torch_native"), "cpu")
+    # Graph flags mean nothing on the CPU engine: not refused there.
+    check_server_args(config, argparse.Namespace(cuda_graph_backend_decode="full"), "cpu")
 
 
 def test_a_plain_kv_cache_dtype_is_served():
     config = from_namespace(parse("--kv-policy", "lava"))
     for dtype in ("auto", "bf16", None):
-        check_server_args(config, argparse.Namespace(kv_cache_dtype=dtype))
+        check_server_args(config, argparse.Namespace(kv_cache_dtype=dtype), "cpu")
 
 
 def test_data_parallel_is_served():
-    check_server_args(from_namespace(parse("--kv-policy", "lava")), argparse.Namespace(dp_size=2))
+    check_server_args(from_namespace(parse("--kv-policy", "lava")), argparse.Namespace(dp_size=2), "cpu")
 
 
-def test_overlap_scheduling_is_turned_off_on_an_accelerator_only():
+def test_overlap_scheduling_and_cuda_graphs_are_turned_off_on_an_accelerator_only():
     stock = argparse.Namespace(attention_backend=None, disable_overlap_schedule=False)
-    assert server_arg_overrides(stock, "cuda") == {"radix_cache_backend": "lava", "attention_backend": "torch_native",
-                                                   "disable_overlap_schedule": True}
+    assert server_arg_overrides(stock, "cuda") == {
+        "radix_cache_backend": "lava", "attention_backend": "triton", "disable_overlap_schedule": True,
+        "cuda_graph_backend_decode": "disabled", "cuda_graph_backend_prefill": "disabled"}
     assert server_arg_overrides(stock, "cuda:1")["disable_overlap_schedule"] is True
-    assert "disable_overlap_schedule" not in server_arg_overrides(stock, "cpu")
-    chosen = argparse.Namespace(attention_backend="torch_native", disable_overlap_schedule=True)
+    assert server_arg_overrides(stock, "cpu") == {"radix_cache_backend": "lava", "attention_backend": "torch_native"}
+    chosen = argparse.Namespace(attention_backend="torch_native", disable_overlap_schedule=True,
+                                cuda_graph_backend_decode="disabled", cuda_graph_backend_prefill="disabled")
     assert server_arg_overrides(chosen, "cuda") == {"radix_cache_backend": "lava"}
 
 
