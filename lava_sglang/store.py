@@ -200,6 +200,86 @@ def read_layer_padded(layouts: list[CellLayout], layer: int, k_buffers,
     return keys.view(shape), values.view(shape), visible.to(keys.device)
 
 
+class LayoutTables:
+    """Every stored entry's `CellLayout` in fixed-size device tables, the form
+    `kernels.pool_prefix_attention` reads (see it for the format): allocated once, updated in
+    place when an entry is added or removed, never reallocated, so a captured CUDA graph
+    stays valid while entries come and go.
+
+    max_entries: table rows (entries stored at once); the slot list holds up to twice the
+    pool's slots (an entry's slots are pool slots, so the live ones never exceed the pool)
+    and is compacted when the free space is too fragmented for a new entry.
+    """
+
+    def __init__(self, *, max_entries: int, pool_slots: int, num_layers: int, num_kv_heads: int,
+                 device: torch.device | str):
+        self.head_offsets = torch.zeros(max_entries, num_layers * num_kv_heads + 1, dtype=torch.int32, device=device)
+        self.slot_list = torch.zeros(2 * pool_slots, dtype=torch.int32, device=device)
+        self.slot_base = torch.zeros(max_entries, dtype=torch.int32, device=device)
+        self.num_slots = torch.ones(max_entries, dtype=torch.int32, device=device)
+        self.slot_to_row = torch.full((pool_slots,), -1, dtype=torch.int32, device=device)
+        self._free_rows = list(range(max_entries - 1, -1, -1))
+        self._regions: dict[int, tuple[int, int, torch.Tensor]] = {}  # row -> (base, count, slots)
+        self.max_rows_per_head = 0  # the most rows one (layer, KV head) of an entry holds
+
+    @property
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.head_offsets, self.slot_list, self.slot_base, self.num_slots
+
+    @property
+    def has_free_row(self) -> bool:
+        return bool(self._free_rows)
+
+    def add(self, layout: CellLayout) -> int | None:
+        """Write `layout` into a free row; its row, or None when every row is taken."""
+        if not self._free_rows:
+            return None
+        count = layout.slots.numel()
+        base = self._find_space(count)
+        if base is None:
+            self._compact()
+            base = self._find_space(count)
+        row = self._free_rows.pop()
+        device = self.slot_list.device
+        slots = layout.slots.to(device, torch.int32)
+        self.slot_list[base:base + count] = slots
+        self.head_offsets[row] = layout.head_offsets.to(device, torch.int32)
+        self.slot_base[row] = base
+        self.num_slots[row] = max(count, 1)
+        self.slot_to_row[slots.long()] = row
+        self._regions[row] = (base, count, slots)
+        self.max_rows_per_head = max(self.max_rows_per_head, int(layout.kept_lengths.max()))
+        return row
+
+    def remove(self, row: int) -> None:
+        _, _, slots = self._regions.pop(row)
+        self.slot_to_row[slots.long()] = -1
+        self._free_rows.append(row)
+
+    def rows_for_slots(self, first_slots: torch.Tensor) -> torch.Tensor:
+        """The table row of the entry each request uses (-1: none), from the first slot of its
+        KV row, on the device: no host read."""
+        return self.slot_to_row[first_slots.long()]
+
+    def _find_space(self, count: int) -> int | None:
+        """The first gap of `count` free places in the slot list (first fit)."""
+        end = 0
+        for base, used, _ in sorted(self._regions.values(), key=lambda region: region[0]):
+            if base - end >= count:
+                return end
+            end = base + used
+        return end if self.slot_list.numel() - end >= count else None
+
+    def _compact(self) -> None:
+        """Move every live region to the front of the slot list, in place."""
+        end = 0
+        for row, (base, count, slots) in sorted(self._regions.items(), key=lambda item: item[1][0]):
+            self.slot_list[end:end + count] = slots
+            self.slot_base[row] = end
+            self._regions[row] = (end, count, slots)
+            end += count
+
+
 @dataclass
 class StoreEntry:
     """One compressed prefix in the store."""
@@ -210,6 +290,7 @@ class StoreEntry:
     policy: str
     compress_seconds: float
     bytes_per_row: int
+    table_row: int | None = None  # its row in the store's LayoutTables, if it keeps them
 
     @property
     def kept_ratio(self) -> float:
@@ -232,9 +313,10 @@ class CompressedStore:
     compressed prefix (the radix cache writes an entry's slots first in its node value).
     """
 
-    def __init__(self, pool_slots: int, device: torch.device | str):
+    def __init__(self, pool_slots: int, device: torch.device | str, tables: LayoutTables | None = None):
         self.entries: dict[int, StoreEntry] = {}
         self.slot_to_entry = torch.full((pool_slots,), -1, dtype=torch.int64, device=device)
+        self.tables = tables
         self._next_id = 0
         self.compressions = 0
         self.compress_seconds = 0.0
@@ -242,7 +324,10 @@ class CompressedStore:
 
     def add(self, prefix_len: int, layout: CellLayout, *, policy: str, compress_seconds: float,
             bytes_per_row: int) -> StoreEntry:
-        entry = StoreEntry(self._next_id, prefix_len, layout, policy, compress_seconds, bytes_per_row)
+        if not self.has_room:
+            raise ValueError(f"the store's layout tables are full ({len(self.entries)} entries)")
+        table_row = self.tables.add(layout) if self.tables is not None else None
+        entry = StoreEntry(self._next_id, prefix_len, layout, policy, compress_seconds, bytes_per_row, table_row)
         self._next_id += 1
         self.entries[entry.entry_id] = entry
         self.slot_to_entry[layout.slots.to(self.slot_to_entry.device)] = entry.entry_id
@@ -254,10 +339,20 @@ class CompressedStore:
         """Forget an evicted entry (its slots are the caller's to free)."""
         entry = self.entries.pop(entry_id)
         self.slot_to_entry[entry.layout.slots.to(self.slot_to_entry.device)] = -1
+        if self.tables is not None:
+            self.tables.remove(entry.table_row)
         self.evictions += 1
         return entry
 
+    @property
+    def has_room(self) -> bool:
+        """Whether one more entry fits the layout tables (always without tables)."""
+        return self.tables is None or self.tables.has_free_row
+
     def clear(self) -> None:
+        if self.tables is not None:
+            for entry in self.entries.values():
+                self.tables.remove(entry.table_row)
         self.entries.clear()
         self.slot_to_entry.fill_(-1)
 

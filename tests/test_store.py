@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lava_sglang.store import CellLayout, CompressedStore, read_layer, slots_needed, write_layer
+from lava_sglang.store import CellLayout, CompressedStore, LayoutTables, read_layer, slots_needed, write_layer
 
 POOL_SLOTS, NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM = 40, 3, 2, 4
 
@@ -67,3 +67,69 @@ def test_store_maps_first_slots_to_entries_until_removed():
     store.remove(entry.entry_id)
     assert store.entries_for_slots(torch.tensor([5, 9])) == [None, None]
     assert store.stats()["entries"] == 0 and store.stats()["compressions"] == store.stats()["evictions"] == 1
+
+
+def _tables(max_entries=3, pool_slots=POOL_SLOTS):
+    return LayoutTables(max_entries=max_entries, pool_slots=pool_slots, num_layers=NUM_LAYERS,
+                        num_kv_heads=NUM_KV_HEADS, device="cpu")
+
+
+def _layout(slots):
+    kept = torch.zeros(NUM_LAYERS, NUM_KV_HEADS, dtype=torch.int64)
+    kept[0, 0] = len(slots) * NUM_LAYERS * NUM_KV_HEADS
+    return CellLayout(torch.tensor(slots, dtype=torch.int64), kept)
+
+
+def _check_rows(tables, live):
+    """Each live row's tables describe its layout: offsets, its slots, the slot -> row map."""
+    for row, layout in live.items():
+        base, count = int(tables.slot_base[row]), layout.slots.numel()
+        assert tables.slot_list[base:base + count].tolist() == layout.slots.tolist()
+        assert int(tables.num_slots[row]) == count
+        assert tables.head_offsets[row].tolist() == layout.head_offsets.tolist()
+        assert tables.rows_for_slots(layout.slots).tolist() == [row] * count
+
+
+def test_layout_tables_reuse_rows_and_compact_the_slot_list_in_place():
+    # The tables keep their storage through adds, removes and compaction (a captured graph
+    # reads the same tensors), and describe every live entry throughout.
+    tables = _tables(max_entries=4, pool_slots=8)
+    storage = [tensor.data_ptr() for tensor in tables.tables]
+    live = {}
+    for slots in ([0], [1, 2], [3], [4, 5]):
+        layout = _layout(slots)
+        live[tables.add(layout)] = layout
+    _check_rows(tables, live)
+    assert not tables.has_free_row and tables.add(_layout([6])) is None
+    rows = list(live)
+    for row in (rows[0], rows[2]):
+        tables.remove(row)
+        assert tables.rows_for_slots(live.pop(row).slots).tolist() == [-1]
+    # The freed rows are reused; the first fit is the gap the first entry left.
+    row = tables.add(_layout([6]))
+    assert row in (rows[0], rows[2]) and int(tables.slot_base[row]) == 0
+    live[row] = _layout([6])
+    # Compaction (what add does when no gap fits) packs the live regions from place 0.
+    tables._compact()
+    _check_rows(tables, live)
+    bases = sorted(int(tables.slot_base[row]) for row in live)
+    assert bases == [0, 1, 3]
+    assert [tensor.data_ptr() for tensor in tables.tables] == storage
+
+
+def test_store_with_tables_keeps_rows_in_step_with_entries():
+    store = CompressedStore(POOL_SLOTS, "cpu", _tables(max_entries=2))
+    first = store.add(10, _layout([5, 6]), policy="lava", compress_seconds=0.0, bytes_per_row=8)
+    second = store.add(10, _layout([9]), policy="lava", compress_seconds=0.0, bytes_per_row=8)
+    assert not store.has_room
+    with pytest.raises(ValueError, match="layout tables are full"):
+        store.add(10, _layout([11]), policy="lava", compress_seconds=0.0, bytes_per_row=8)
+    _check_rows(store.tables, {first.table_row: first.layout, second.table_row: second.layout})
+    store.remove(first.entry_id)
+    assert store.has_room
+    assert store.tables.rows_for_slots(torch.tensor([5, 6])).tolist() == [-1, -1]
+    third = store.add(10, _layout([5, 7, 8]), policy="lava", compress_seconds=0.0, bytes_per_row=8)
+    assert third.table_row == first.table_row
+    _check_rows(store.tables, {second.table_row: second.layout, third.table_row: third.layout})
+    store.clear()
+    assert store.has_room and store.tables.rows_for_slots(torch.tensor([5, 7, 8, 9])).tolist() == [-1] * 4

@@ -10,8 +10,8 @@ after the prefix, causal), merged by LSE. Extend (prefill) batches also record t
 queries of long prefills for the compressor.
 
 The attention over compressed prefixes is `CompressedPrefixBatch`: on CUDA the Triton kernel
-of `lava_sglang.kernels.prefix_attention` (planned once per batch, one launch per layer),
-elsewhere torch. The attention over the requests' own tokens is, on CUDA, SGLang's own Triton
+of `lava_sglang.kernels.pool_prefix_attention` (the kept rows read in place from the pool
+through the store's layout tables, one launch per layer), elsewhere torch. The attention over the requests' own tokens is, on CUDA, SGLang's own Triton
 decode and extend kernels (`own_attention.py`, planned once per batch), elsewhere torch.
 Requests that use no compressed prefix in such a batch get exact ordinary attention from the
 same code.
@@ -24,7 +24,7 @@ import torch
 from lava_sglang.kernels.attention_states import attention_with_lse, flash_attention_with_lse, merge_attention_states
 from lava_sglang.sglang_plugin.own_attention import OwnTokenAttention
 from lava_sglang.sglang_plugin.touchpoints import kv_write_loc
-from lava_sglang.store import StoreEntry, read_layer, read_layer_padded
+from lava_sglang.store import LayoutTables, StoreEntry, read_layer_padded
 
 _cache = None  # the scheduler process's LavaRadixCache, bound by the radix cache factory
 
@@ -117,7 +117,7 @@ class CompressedPrefixPath:
             if self._prefixes is None:
                 self._prefixes = CompressedPrefixBatch(entries, extend_lens, _cache.kv_pool, num_q_heads=num_q_heads,
                                                        num_kv_heads=num_kv_heads, scaling=layer.scaling,
-                                                       use_kernel=use_kernels)
+                                                       tables=_cache.store.tables if use_kernels else None)
             prefix_out, prefix_lse = self._prefixes.states(layer.layer_id, queries)
             out, lse = merge_attention_states(prefix_out, prefix_lse, out, lse)
         return out.to(q.dtype).view(-1, num_q_heads * layer.v_head_dim), lse
@@ -200,13 +200,15 @@ class CompressedPrefixBatch:
 
     `states(layer, queries)` is every query token's attention over its request's compressed
     prefix: out [tokens, Hq, d] and lse [tokens, Hq], fp32; a request without one gets out 0
-    and lse -inf. With `use_kernel` the Triton kernel runs it, one launch per layer, its
-    metadata planned here once per batch (as FlashInfer's wrappers do); otherwise torch over
-    each entry's heads padded to one length (a decode batch in one call).
+    and lse -inf. With the store's layout `tables` the Triton kernel of
+    `lava_sglang.kernels.pool_prefix_attention` runs it, one launch per layer, reading the
+    kept rows in place from the pool (its inputs built here once per batch: the queries'
+    offsets and each request's table row); otherwise torch over each entry's heads padded to
+    one length (a decode batch in one call).
     """
 
     def __init__(self, entries: list[StoreEntry | None], extend_lens: list[int], kv_pool, *, num_q_heads: int,
-                 num_kv_heads: int, scaling: float, use_kernel: bool):
+                 num_kv_heads: int, scaling: float, tables: LayoutTables | None = None):
         self.entries = entries
         self.extend_lens = extend_lens
         self.kv_pool = kv_pool
@@ -218,57 +220,23 @@ class CompressedPrefixBatch:
         # Each request's entry as an index into `self.distinct`; -1: no compressed prefix.
         self.entry_index = torch.tensor([position[entry.entry_id] if entry is not None else -1 for entry in entries])
         self.kernel = None
-        if use_kernel:
-            from lava_sglang.kernels.prefix_attention import CompressedPrefixAttention
+        if tables is not None:
+            from lava_sglang.kernels.pool_prefix_attention import PoolPrefixAttention
 
-            head_dim = kv_pool.k_buffer[0].shape[-1]
-            self.kernel = CompressedPrefixAttention(num_q_heads, num_kv_heads, head_dim, sm_scale=scaling)
-            self.kernel.plan(*self._kernel_metadata())
-            # One store per batch, refilled per layer (launches on one stream run in order); sized
-            # for the layer that keeps the most rows, since the plan's indices cover every layer.
-            cells = max(sum(int(entry.layout.kept_lengths[layer].sum()) for entry in self.distinct)
-                        for layer in range(kv_pool.layer_num))
-            self.k_store = kv_pool.k_buffer[0].new_empty((cells, 1, head_dim))
-            self.v_store = kv_pool.v_buffer[0].new_empty((cells, 1, head_dim))
-
-    def _layer_rows(self, layer: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """This layer's kept keys and values [rows, d] (head-major) of each distinct entry."""
-        return [read_layer(entry.layout, layer, self.kv_pool.k_buffer, self.kv_pool.v_buffer)
-                for entry in self.distinct]
-
-    def _kernel_metadata(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """qo_indptr [B + 1], kv_indptr [L, B * Hkv + 1], kv_indices. A layer's store is the
-        distinct entries' rows of that layer concatenated in `self.distinct` order; sequence
-        b * Hkv + h reads its entry's head-h rows there."""
-        qo_indptr = torch.zeros(len(self.extend_lens) + 1, dtype=torch.int64)
-        qo_indptr[1:] = torch.cumsum(torch.tensor(self.extend_lens, dtype=torch.int64), 0)
-        kv_indptr, kv_indices = [], []
-        offset = 0  # the rows of kv_indptr are absolute offsets into one kv_indices
-        for layer in range(self.kv_pool.layer_num):
-            base, start = {}, 0
-            for entry in self.distinct:
-                base[entry.entry_id] = start
-                start += int(entry.layout.kept_lengths[layer].sum())
-            indptr = [offset]
-            for entry in self.entries:
-                head_indptr = entry.layout.layer_head_indptr(layer).tolist() if entry is not None else None
-                for head in range(self.num_kv_heads):
-                    if entry is not None:
-                        first = base[entry.entry_id]
-                        kv_indices.append(torch.arange(first + head_indptr[head], first + head_indptr[head + 1]))
-                        offset += head_indptr[head + 1] - head_indptr[head]
-                    indptr.append(offset)
-            kv_indptr.append(indptr)
-        indices = torch.cat(kv_indices) if kv_indices else torch.empty(0, dtype=torch.int64)
-        return qo_indptr, torch.tensor(kv_indptr, dtype=torch.int64), indices.to(self.kv_pool.k_buffer[0].device)
+            device = kv_pool.k_buffer[0].device
+            self.kernel = PoolPrefixAttention(kv_pool.k_buffer, kv_pool.v_buffer, num_q_heads=num_q_heads,
+                                              max_rows=max(tables.max_rows_per_head, 1), sm_scale=scaling)
+            qo_indptr = torch.zeros(len(extend_lens) + 1, dtype=torch.int32)
+            qo_indptr[1:] = torch.cumsum(torch.tensor(extend_lens), 0)
+            self.qo_indptr = qo_indptr.to(device)
+            self.table_rows = torch.tensor([entry.table_row if entry is not None else -1 for entry in entries],
+                                           dtype=torch.int32, device=device)
+            self.tables = tables.tables
 
     def states(self, layer: int, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.kernel is not None:
-            rows = self._layer_rows(layer)
-            cells = sum(keys.shape[0] for keys, _ in rows)
-            torch.cat([keys for keys, _ in rows], out=self.k_store[:cells, 0])
-            torch.cat([values for _, values in rows], out=self.v_store[:cells, 0])
-            out, lse = self.kernel.run(queries.contiguous(), self.k_store, self.v_store, layer=layer)
+            out, lse = self.kernel.run(queries.contiguous(), self.qo_indptr, self.table_rows, self.tables, layer=layer,
+                                       max_q_len=max(self.extend_lens))
             return out.float(), lse
         keys, values, visible = read_layer_padded([entry.layout for entry in self.distinct], layer,
                                                   self.kv_pool.k_buffer, self.kv_pool.v_buffer)

@@ -40,7 +40,7 @@ import torch
 
 from lava_sglang.sglang_plugin.metrics import StoreMetrics
 from lava_sglang.sglang_plugin.touchpoints import commit_deferred_frees, radix_cache_api
-from lava_sglang.store import CellLayout, CompressedStore, StoreEntry
+from lava_sglang.store import CellLayout, CompressedStore, LayoutTables, StoreEntry
 
 (RadixCache, RadixKey, TreeNode, EvictParams, EvictResult, IncLockRefResult, DecLockRefResult,
  _) = radix_cache_api()
@@ -48,6 +48,9 @@ from lava_sglang.store import CellLayout, CompressedStore, StoreEntry
 logger = logging.getLogger(__name__)
 
 PADDING_SLOT = 0  # SGLang's allocator never hands out slot 0 (it absorbs padded writes)
+# Compressed prefixes stored at once (rows of the store's layout tables, ~4 MB for a Llama-3-8B
+# shape); past that a prefix is kept uncompressed until an entry is evicted.
+MAX_STORE_ENTRIES = 4096
 
 
 class CompressedNode(TreeNode):
@@ -76,7 +79,12 @@ class CompressedRadixCache(RadixCache):
     def __init__(self, params, *, kv_pool, metrics: StoreMetrics | None = None):
         self.kv_pool = kv_pool
         self.metrics = metrics or StoreMetrics(enabled=False, labels={})
-        self.store = CompressedStore(kv_pool.size + kv_pool.page_size, params.token_to_kv_pool_allocator.device)
+        pool_slots = kv_pool.size + kv_pool.page_size
+        device = params.token_to_kv_pool_allocator.device
+        tables = LayoutTables(max_entries=min(MAX_STORE_ENTRIES, pool_slots), pool_slots=pool_slots,
+                              num_layers=len(kv_pool.k_buffer), num_kv_heads=kv_pool.k_buffer[0].shape[1],
+                              device=device)
+        self.store = CompressedStore(pool_slots, device, tables)
         self.compressed: dict = {}  # child key of the first token -> [CompressedNode]
         super().__init__(params)
 

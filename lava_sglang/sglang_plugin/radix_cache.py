@@ -408,6 +408,10 @@ class LavaRadixCache(CompressedRadixCache):
     def _compress(self, prefix_key, slots: torch.Tensor, window_queries, branch_windows=None,
                   repeat_attention=None) -> CompressedNode | None:
         started = time.perf_counter()
+        if not self.store.has_room:
+            logger.warning("lava: the store holds %d compressed prefixes, its most; a %d-token prefix is kept "
+                           "uncompressed", len(self.store.entries), slots.numel())
+            return None
         k_buffers, v_buffers = self.kv_pool.k_buffer, self.kv_pool.v_buffer
         kept = plan_prefix(self.policy, self.config.budget, window_queries, k_buffers, v_buffers, slots,
                            keep_len=len(prefix_key), branch_windows=branch_windows, repeat_attention=repeat_attention)

@@ -1,5 +1,7 @@
-"""CompressedPrefixBatch: the server's attention over compressed prefixes, Triton kernel (the
-CUDA path; here under TRITON_INTERPRET) against the torch path and against dense attention."""
+"""The server's attention path: CompressedPrefixBatch (compressed prefixes; the Triton kernel
+reading the pool through the store's layout tables is the CUDA path, here under
+TRITON_INTERPRET) and each request's own tokens by SGLang's Triton kernels, against the
+torch path and against dense attention."""
 
 from __future__ import annotations
 
@@ -11,7 +13,7 @@ import torch
 
 from lava_sglang.kernels.attention_states import attention_with_lse
 from lava_sglang.sglang_plugin.attention import CompressedPrefixBatch
-from lava_sglang.store import CellLayout, CompressedStore, slots_needed, write_layer
+from lava_sglang.store import CellLayout, CompressedStore, LayoutTables, slots_needed, write_layer
 
 LAYERS, KV_HEADS, GROUP, DIM, POOL = 3, 2, 3, 16, 64
 SCALING = 1.0 / math.sqrt(DIM)
@@ -61,10 +63,15 @@ def dense_states(queries, entries_rows, extend_lens, layer):
     return out, lse
 
 
+def new_store(pool_slots):
+    tables = LayoutTables(max_entries=4, pool_slots=pool_slots, num_layers=LAYERS, num_kv_heads=KV_HEADS, device="cpu")
+    return CompressedStore(pool_slots, "cpu", tables)
+
+
 @pytest.mark.parametrize("use_kernel", [False, True])
 @pytest.mark.parametrize("extend_lens", [[4, 3, 1, 2], [1, 1, 1, 1]], ids=["extend", "decode"])
 def test_compressed_prefix_states_match_dense_attention(pool, use_kernel, extend_lens):
-    store = CompressedStore(POOL, "cpu")
+    store = new_store(POOL)
     # Per-layer, per-head lengths differ (LAVa); one head keeps nothing in layer 1.
     first, first_rows = add_entry(store, pool, 1, [[5, 9], [0, 12], [7, 3]], seed=1)
     second, second_rows = add_entry(store, pool, 20, [[2, 2], [4, 1], [1, 6]], seed=2)
@@ -73,7 +80,7 @@ def test_compressed_prefix_states_match_dense_attention(pool, use_kernel, extend
     entries = [first, None, second, first]
     rows = [first_rows, None, second_rows, first_rows]
     batch = CompressedPrefixBatch(entries, extend_lens, pool, num_q_heads=KV_HEADS * GROUP, num_kv_heads=KV_HEADS,
-                                  scaling=SCALING, use_kernel=use_kernel)
+                                  scaling=SCALING, tables=store.tables if use_kernel else None)
     generator = torch.Generator().manual_seed(3)
     for layer in range(LAYERS):
         queries = torch.randn(sum(extend_lens), KV_HEADS * GROUP, DIM, generator=generator)
@@ -160,12 +167,13 @@ def test_compressed_prefix_path_with_kernels_equals_torch(bound_cache, extend_le
     kv_pool = SimpleNamespace(k_buffer=buffers[:LAYERS], v_buffer=buffers[LAYERS:], layer_num=LAYERS,
                               get_key_buffer=lambda layer: buffers[layer],
                               get_value_buffer=lambda layer: buffers[LAYERS + layer])
-    store = CompressedStore(OWN_POOL, "cpu")
+    store = new_store(OWN_POOL)
     first, _ = add_entry(store, kv_pool, 1, [[5, 9], [0, 12], [7, 3]], seed=1)
     second, _ = add_entry(store, kv_pool, 20, [[2, 2], [4, 1], [1, 6]], seed=2)
     entries = [first, None, second, first]  # prefix_len 100 each
     req_to_token = (100 + torch.randperm(600, generator=generator)).to(torch.int32).view(5, 120)
-    bound_cache(SimpleNamespace(kv_pool=kv_pool, req_to_token_pool=SimpleNamespace(req_to_token=req_to_token)))
+    bound_cache(SimpleNamespace(kv_pool=kv_pool, req_to_token_pool=SimpleNamespace(req_to_token=req_to_token),
+                                store=store))
     prefix_lens = [103, 7, 110, 100]
     forward_batch = SimpleNamespace(req_pool_indices=torch.tensor([3, 0, 4, 1]))
     backend = SimpleNamespace(forward_extend=None, forward_decode=None)

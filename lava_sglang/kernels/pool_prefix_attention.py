@@ -1,0 +1,266 @@
+"""Attention over compressed prefixes read in place from the KV pool, on a fixed grid.
+
+`prefix_attention.CompressedPrefixAttention` reads a flat store through per-batch metadata
+built on the host. This kernel reads the kept rows where the compressed store keeps them,
+in the pool's own layer buffers, through fixed-size tables that change only when a prefix
+is compressed or evicted, so one decode step needs no host work, no gather of kept rows and
+no synchronisation: its launch can be captured in a CUDA graph and replayed with other
+requests and other entries.
+
+The tables describe each entry's cell layout (`lava_sglang.store.CellLayout`), row `e` of
+each for table row `e`:
+- `head_offsets` [E, L * Hkv + 1] int32: the entry's kept rows of (layer, KV head) are rows
+  head_offsets[e, l * Hkv + h] .. head_offsets[e, l * Hkv + h + 1] of its flat row order;
+- `slot_base` [E], `num_slots` [E] int32: the pool slots the entry owns are
+  slot_list[slot_base[e]:slot_base[e] + num_slots[e]] of one flat int32 `slot_list`;
+- row r of the flat order lives in layer buffer r // (num_slots * Hkv), at cell
+  slot * Hkv + j % Hkv of that buffer's [pool_slots * Hkv, d] view, where
+  j = r % (num_slots * Hkv) and slot = slot_list[slot_base[e] + j // Hkv].
+The layer buffers are separate tensors: the kernel takes their addresses (`buffer_pointers`).
+
+Request b reads entry `entry_of_request[b]` (-1: none: out 0, lse -inf). Each (request, KV
+head) is cut into `max_splits` chunks of `keys_per_split` rows, both fixed at construction
+from the longest prefix served, so the grid never depends on the batch; chunks past a
+sequence's end write an empty state, and the chunks are merged by their LSE
+(`prefix_attention._merge_splits_kernel`).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from lava_sglang.kernels import launch
+from lava_sglang.kernels.attention_states import attention_with_lse
+from lava_sglang.kernels.prefix_attention import BLOCK_KEYS, MAX_BLOCK_ROWS, _merge_splits_kernel
+
+
+@triton.jit
+def _pool_prefix_attention_kernel(
+    q_ptr, k_pointers_ptr, v_pointers_ptr, qo_indptr_ptr, entry_of_request_ptr,
+    head_offsets_ptr, slot_list_ptr, slot_base_ptr, num_slots_ptr, out_ptr, lse_ptr,
+    stride_qt, stride_qh, stride_offsets,
+    stride_os, stride_ot, stride_oh, stride_ls, stride_lt,
+    layer, num_kv_heads, group, keys_per_split, max_splits, sm_scale,
+    HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+):
+    work = tl.program_id(0)
+    row_tile = tl.program_id(1)
+    seq = work // max_splits
+    split = work % max_splits
+    request = seq // num_kv_heads
+    kv_head = seq % num_kv_heads
+    q_start = tl.load(qo_indptr_ptr + request)
+    num_rows = (tl.load(qo_indptr_ptr + request + 1) - q_start) * group
+    if row_tile * BLOCK_M >= num_rows:
+        return
+    rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < num_rows
+    tokens = (q_start + rows // group).to(tl.int64)
+    heads = kv_head * group + rows % group
+    dims = tl.arange(0, BLOCK_D)
+    dim_valid = dims < HEAD_DIM
+    q = tl.load(q_ptr + tokens[:, None] * stride_qt + heads[:, None] * stride_qh + dims[None, :],
+                mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
+
+    entry = tl.load(entry_of_request_ptr + request).to(tl.int64)
+    has_entry = entry >= 0
+    offsets = head_offsets_ptr + entry * stride_offsets + layer * num_kv_heads + kv_head
+    first_row = tl.load(offsets, mask=has_entry, other=0)
+    end_row = tl.load(offsets + 1, mask=has_entry, other=0)
+    cells_per_buffer = tl.load(num_slots_ptr + entry, mask=has_entry, other=1) * num_kv_heads
+    entry_slots = slot_list_ptr + tl.load(slot_base_ptr + entry, mask=has_entry, other=0)
+    start = first_row + split * keys_per_split
+    end = tl.minimum(start + keys_per_split, end_row)
+
+    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    element = q_ptr.dtype.element_ty
+    for key_start in range(start, end, BLOCK_N):
+        flat_rows = key_start + tl.arange(0, BLOCK_N)
+        key_valid = flat_rows < end
+        buffers = flat_rows // cells_per_buffer
+        local = flat_rows % cells_per_buffer
+        slots = tl.load(entry_slots + local // num_kv_heads, mask=key_valid, other=0)
+        cells = (slots.to(tl.int64) * num_kv_heads + local % num_kv_heads) * HEAD_DIM
+        k_base = tl.load(k_pointers_ptr + buffers, mask=key_valid, other=0).to(tl.pointer_type(element))
+        v_base = tl.load(v_pointers_ptr + buffers, mask=key_valid, other=0).to(tl.pointer_type(element))
+        kv_mask = key_valid[:, None] & dim_valid[None, :]
+        k = tl.load(k_base[:, None] + cells[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        logits = launch.dot(q, tl.trans(k)) * sm_scale
+        logits = tl.where(key_valid[None, :], logits, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(logits, axis=1))
+        rescale = tl.exp(row_max - new_max)
+        probs = tl.exp(logits - new_max[:, None])
+        row_sum = row_sum * rescale + tl.sum(probs, axis=1)
+        v = tl.load(v_base[:, None] + cells[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        acc = acc * rescale[:, None] + launch.dot(probs.to(v.dtype), v)
+        row_max = new_max
+    # A chunk past the sequence's end (or no entry) keeps row_sum = 0: out 0, lse -inf.
+    nonzero_sum = tl.where(row_sum > 0, row_sum, 1.0)
+    out = acc / nonzero_sum[:, None]
+    lse = row_max + tl.log(nonzero_sum)
+    tl.store(out_ptr + split * stride_os + tokens[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :],
+             out, mask=row_valid[:, None] & dim_valid[None, :])
+    tl.store(lse_ptr + split * stride_ls + tokens * stride_lt + heads, lse, mask=row_valid)
+
+
+def _buffer_pointers(name: str, buffers: list[torch.Tensor], first: torch.Tensor) -> torch.Tensor:
+    """[L] int64 addresses of the layer buffers, on their device: what the kernel reads a
+    row's buffer through."""
+    for index, buffer in enumerate(buffers):
+        launch.check_tensor(f"{name}[{index}]", buffer, 3, launch.FLOAT_DTYPES)
+        if buffer.shape != first.shape or buffer.dtype != first.dtype or buffer.device != first.device:
+            raise ValueError(f"{name}[{index}] is {buffer.dtype} {list(buffer.shape)} on {buffer.device}; "
+                             f"k_buffers[0] is {first.dtype} {list(first.shape)} on {first.device}")
+        if not buffer.is_contiguous():
+            raise ValueError(f"{name}[{index}] must be contiguous")
+    return torch.tensor([buffer.data_ptr() for buffer in buffers], dtype=torch.int64, device=first.device)
+
+
+class PoolPrefixAttention:
+    """Attention over compressed prefixes in the pool, on a fixed grid (graph-safe `run`).
+
+    >>> attention = PoolPrefixAttention(k_buffers, v_buffers, num_q_heads=32, max_rows=8192)
+    >>> out, lse = attention.run(q, qo_indptr, entry_of_request, tables, layer=layer, max_q_len=1)
+
+    k_buffers, v_buffers: the pool's layer buffers [pool_slots, Hkv, d] (one shape and dtype,
+    contiguous; their addresses are read once, as a server's pool never moves).
+    max_rows: the most kept rows one (layer, KV head) of an entry can have (the longest
+    prefix compressed); with `max_splits` it fixes the keys each chunk covers.
+    """
+
+    def __init__(self, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], *, num_q_heads: int,
+                 max_rows: int, max_splits: int = 16, sm_scale: float | None = None):
+        if not k_buffers or len(k_buffers) != len(v_buffers):
+            raise ValueError(f"k_buffers and v_buffers must list the same layers, got {len(k_buffers)} and "
+                             f"{len(v_buffers)}")
+        self.k_pointers = _buffer_pointers("k_buffers", k_buffers, k_buffers[0])
+        self.v_pointers = _buffer_pointers("v_buffers", v_buffers, k_buffers[0])
+        self.dtype = k_buffers[0].dtype
+        self.num_layers = len(k_buffers)
+        _, num_kv_heads, head_dim = k_buffers[0].shape
+        for name, value in (("num_q_heads", num_q_heads), ("max_rows", max_rows), ("max_splits", max_splits)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+        if num_q_heads % num_kv_heads:
+            raise ValueError(f"num_q_heads={num_q_heads} must be a multiple of num_kv_heads={num_kv_heads}")
+        self.num_q_heads = num_q_heads
+        self.num_kv_heads = num_kv_heads
+        self.group = num_q_heads // num_kv_heads
+        self.head_dim = head_dim
+        self.sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+        self.keys_per_split = -(-max(-(-max_rows // max_splits), BLOCK_KEYS) // BLOCK_KEYS) * BLOCK_KEYS
+        self.max_splits = -(-max_rows // self.keys_per_split)
+
+    def run(self, q: torch.Tensor, qo_indptr: torch.Tensor, entry_of_request: torch.Tensor,
+            tables: tuple[torch.Tensor, ...], *, layer: int, max_q_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [tokens, Hq, d] in the pool's dtype; qo_indptr [B + 1] int32 (decode: arange);
+        entry_of_request [B] int32 (table rows); tables = (head_offsets, slot_list, slot_base,
+        num_slots); max_q_len: the
+        most query tokens of a request (1 for decode). Returns out [tokens, Hq, d] and lse
+        [tokens, Hq] fp32 (natural log). Checks shapes only: nothing here reads a device value."""
+        head_offsets, slot_list, slot_base, num_slots = tables
+        launch.check_tensor("q", q, 3, launch.FLOAT_DTYPES)
+        launch.check_rows_contiguous("q", q)
+        if q.shape[1:] != (self.num_q_heads, self.head_dim) or q.dtype != self.dtype:
+            raise ValueError(f"q must be [tokens, Hq={self.num_q_heads}, d={self.head_dim}] in the pool's dtype "
+                             f"{self.dtype}, got {q.dtype} {list(q.shape)}")
+        for name, tensor, dims in (("qo_indptr", qo_indptr, 1), ("entry_of_request", entry_of_request, 1),
+                                   ("head_offsets", head_offsets, 2), ("slot_list", slot_list, 1),
+                                   ("slot_base", slot_base, 1), ("num_slots", num_slots, 1)):
+            launch.check_tensor(name, tensor, dims, launch.INDEX_DTYPES)
+        num_requests = entry_of_request.numel()
+        if qo_indptr.numel() != num_requests + 1:
+            raise ValueError(f"qo_indptr must have B + 1 = {num_requests + 1} entries, got {qo_indptr.numel()}")
+        if head_offsets.shape[1] != self.num_layers * self.num_kv_heads + 1:
+            raise ValueError(f"head_offsets must be [entries, L * Hkv + 1 = {self.num_layers * self.num_kv_heads + 1}]"
+                             f", got {list(head_offsets.shape)}")
+        if not head_offsets.shape[0] == slot_base.numel() == num_slots.numel():
+            raise ValueError(f"head_offsets, slot_base and num_slots must have one row per entry, got "
+                             f"{head_offsets.shape[0]}, {slot_base.numel()}, {num_slots.numel()}")
+        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
+        launch.check_same_device(q=q, qo_indptr=qo_indptr, entry_of_request=entry_of_request,
+                                 head_offsets=head_offsets, slot_list=slot_list, slot_base=slot_base,
+                                 num_slots=num_slots, k_pointers=self.k_pointers)
+        launch.check_triton_device(q.device)
+        num_tokens = q.shape[0]
+        out = torch.empty(num_tokens, self.num_q_heads, self.head_dim, dtype=q.dtype, device=q.device)
+        lse = torch.empty(num_tokens, self.num_q_heads, dtype=torch.float32, device=q.device)
+        if num_tokens == 0 or num_requests == 0:
+            return out, lse
+        partial_out = torch.empty(self.max_splits, num_tokens, self.num_q_heads, self.head_dim, dtype=torch.float32,
+                                  device=q.device)
+        partial_lse = torch.empty(self.max_splits, num_tokens, self.num_q_heads, dtype=torch.float32,
+                                  device=q.device)
+        block_m = min(MAX_BLOCK_ROWS, launch.block_size(max_q_len * self.group))
+        row_tiles = -(-max_q_len * self.group // block_m)
+        block_d = launch.block_size(self.head_dim)
+        _pool_prefix_attention_kernel[(num_requests * self.num_kv_heads * self.max_splits, row_tiles)](
+            q, self.k_pointers, self.v_pointers, qo_indptr, entry_of_request, head_offsets, slot_list, slot_base,
+            num_slots, partial_out, partial_lse,
+            q.stride(0), q.stride(1), head_offsets.stride(0),
+            partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
+            partial_lse.stride(0), partial_lse.stride(1),
+            layer, self.num_kv_heads, self.group, self.keys_per_split, self.max_splits, self.sm_scale,
+            HEAD_DIM=self.head_dim, BLOCK_M=block_m, BLOCK_N=BLOCK_KEYS, BLOCK_D=block_d,
+            num_warps=launch.TILE_NUM_WARPS,
+        )
+        token_request = _token_request(qo_indptr, num_tokens)
+        splits = torch.full((num_requests * self.num_kv_heads,), self.max_splits, dtype=torch.int32, device=q.device)
+        _merge_splits_kernel[(num_tokens, self.num_q_heads)](
+            partial_out, partial_lse, out, lse, token_request, splits,
+            partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
+            partial_lse.stride(0), partial_lse.stride(1), out.stride(0), out.stride(1), lse.stride(0),
+            self.num_kv_heads, self.group,
+            HEAD_DIM=self.head_dim, BLOCK_S=launch.block_size(self.max_splits, minimum=1), BLOCK_D=block_d,
+        )
+        return out, lse
+
+
+def _token_request(qo_indptr: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """The request of each query token, on the device: no host read of qo_indptr."""
+    tokens = torch.arange(num_tokens, device=qo_indptr.device)
+    return (torch.searchsorted(qo_indptr[1:].long(), tokens, right=True)).to(torch.int32)
+
+
+def pool_prefix_attention_reference(q: torch.Tensor, qo_indptr: torch.Tensor, entry_of_request: torch.Tensor,
+                                    tables: tuple[torch.Tensor, ...],
+                                    k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], *, layer: int,
+                                    num_kv_heads: int, sm_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """`PoolPrefixAttention.run` in torch: each (request, KV head)'s rows found through the
+    tables on the host, dense attention over them; out in fp32."""
+    head_offsets, slot_list, slot_base, num_slots = (table.cpu().long() for table in tables)
+    num_tokens, num_q_heads, head_dim = q.shape
+    group = num_q_heads // num_kv_heads
+    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
+    qo = qo_indptr.tolist()
+    out = torch.zeros(num_tokens, num_q_heads, head_dim, dtype=torch.float32, device=q.device)
+    lse = torch.full((num_tokens, num_q_heads), float("-inf"), dtype=torch.float32, device=q.device)
+    for request, entry in enumerate(entry_of_request.tolist()):
+        if entry < 0:
+            continue
+        tokens = slice(qo[request], qo[request + 1])
+        cells_per_buffer = int(num_slots[entry]) * num_kv_heads
+        for kv_head in range(num_kv_heads):
+            first, end = head_offsets[entry, layer * num_kv_heads + kv_head:layer * num_kv_heads + kv_head + 2].tolist()
+            if end == first:
+                continue
+            flat_rows = torch.arange(first, end)
+            local = flat_rows % cells_per_buffer
+            cells = slot_list[slot_base[entry] + local // num_kv_heads] * num_kv_heads + local % num_kv_heads
+            buffers = (flat_rows // cells_per_buffer).tolist()
+            keys = torch.stack([k_buffers[b].view(-1, head_dim)[c] for b, c in zip(buffers, cells.tolist())])
+            values = torch.stack([v_buffers[b].view(-1, head_dim)[c] for b, c in zip(buffers, cells.tolist())])
+            heads = slice(kv_head * group, (kv_head + 1) * group)
+            query = q[tokens, heads].transpose(0, 1)[None, None]
+            visible = torch.ones(1, dtype=torch.bool, device=q.device)
+            seq_out, seq_lse = attention_with_lse(query, keys[None, None], values[None, None], visible, scale)
+            out[tokens, heads] = seq_out[0, 0].transpose(0, 1)
+            lse[tokens, heads] = seq_lse[0, 0].transpose(0, 1)
+    return out, lse

@@ -1,0 +1,165 @@
+"""PoolPrefixAttention: compressed prefixes read in place from the pool through the store's
+fixed-size layout tables, against the torch reference and dense attention over each
+(layer, KV head)'s kept rows; entries added and removed between calls."""
+
+import math
+
+import pytest
+import torch
+
+from lava_sglang.kernels.attention_states import attention_with_lse
+from lava_sglang.kernels.pool_prefix_attention import PoolPrefixAttention, pool_prefix_attention_reference
+from lava_sglang.store import CellLayout, LayoutTables, read_layer, slots_needed, write_layer
+
+LAYERS, KV_HEADS, GROUP, DIM, POOL = 3, 2, 3, 32, 96
+SCALING = 1.0 / math.sqrt(DIM)
+
+
+class Pool:
+    """Layer buffers, a slot allocator and the layout tables, as the server holds them."""
+
+    def __init__(self, device, dtype=torch.float32, seed=0):
+        generator = torch.Generator().manual_seed(seed)
+        self.k_buffers = [torch.randn(POOL, KV_HEADS, DIM, generator=generator).to(device, dtype)
+                          for _ in range(LAYERS)]
+        self.v_buffers = [torch.randn(POOL, KV_HEADS, DIM, generator=generator).to(device, dtype)
+                          for _ in range(LAYERS)]
+        self.free = list(torch.randperm(POOL, generator=generator).tolist())
+        self.tables = LayoutTables(max_entries=4, pool_slots=POOL, num_layers=LAYERS, num_kv_heads=KV_HEADS,
+                                   device=device)
+        self.generator = generator
+
+    def add(self, kept_lengths):
+        kept = torch.tensor(kept_lengths, dtype=torch.int64)
+        count = slots_needed(int(kept.sum()), LAYERS, KV_HEADS)
+        slots, self.free = torch.tensor(self.free[:count], dtype=torch.int64), self.free[count:]
+        layout = CellLayout(slots, kept)
+        for layer in range(LAYERS):
+            rows = int(kept[layer].sum())
+            keys = torch.randn(rows, DIM, generator=self.generator)
+            write_layer(layout, layer, self.k_buffers, self.v_buffers, keys, -0.5 * keys + 0.1)
+        return self.tables.add(layout), layout
+
+    def remove(self, row, layout):
+        self.tables.remove(row)
+        self.free.extend(layout.slots.tolist())
+
+
+def dense(q, qo, layouts, pool, layer):
+    """Per request and KV head, plain attention over the kept rows read back by `read_layer`."""
+    out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
+    lse = torch.full(q.shape[:2], float("-inf"), device=q.device)
+    for request, layout in enumerate(layouts):
+        if layout is None:
+            continue
+        keys, values = read_layer(layout, layer, pool.k_buffers, pool.v_buffers)
+        indptr = layout.layer_head_indptr(layer).tolist()
+        tokens = slice(qo[request], qo[request + 1])
+        for head in range(KV_HEADS):
+            if indptr[head + 1] == indptr[head]:
+                continue
+            rows = slice(indptr[head], indptr[head + 1])
+            heads = slice(head * GROUP, (head + 1) * GROUP)
+            state = attention_with_lse(q[tokens, heads].transpose(0, 1)[None, None].float(),
+                                       keys[rows][None, None].float(), values[rows][None, None].float(),
+                                       torch.ones(1, dtype=torch.bool, device=q.device), SCALING)
+            out[tokens, heads] = state[0][0, 0].transpose(0, 1)
+            lse[tokens, heads] = state[1][0, 0].transpose(0, 1)
+    return out, lse
+
+
+@pytest.mark.parametrize("extend_lens", [[1, 1, 1, 1, 1], [3, 1, 4, 2, 1]], ids=["decode", "extend"])
+def test_pool_prefix_attention_matches_dense_and_reference(device, extend_lens):
+    pool = Pool(device)
+    # One head keeps nothing in layer 1; lengths past one 64-key block and over several splits.
+    first_row, first = pool.add([[5, 70], [0, 12], [7, 3]])
+    second_row, second = pool.add([[2, 2], [40, 1], [1, 66]])
+    rows = [first_row, -1, second_row, first_row, second_row]
+    layouts = [first, None, second, first, second]
+    qo = [0]
+    for extend in extend_lens:
+        qo.append(qo[-1] + extend)
+    qo_indptr = torch.tensor(qo, dtype=torch.int32, device=device)
+    entry_of_request = torch.tensor(rows, dtype=torch.int32, device=device)
+    # max_splits 4 over 70 rows: 64-key chunks, two of them for the longest head.
+    attention = PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=KV_HEADS * GROUP,
+                                    max_rows=pool.tables.max_rows_per_head, max_splits=4, sm_scale=SCALING)
+    assert attention.max_splits == 2
+    generator = torch.Generator().manual_seed(3)
+    for layer in range(LAYERS):
+        q = torch.randn(qo[-1], KV_HEADS * GROUP, DIM, generator=generator).to(device)
+        out, lse = attention.run(q, qo_indptr, entry_of_request, pool.tables.tables, layer=layer,
+                                 max_q_len=max(extend_lens))
+        expected_out, expected_lse = dense(q, qo, layouts, pool, layer)
+        torch.testing.assert_close(lse, expected_lse, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out.float(), expected_out, atol=1e-4, rtol=1e-4)
+        reference_out, reference_lse = pool_prefix_attention_reference(
+            q, qo_indptr, entry_of_request, pool.tables.tables, pool.k_buffers, pool.v_buffers, layer=layer,
+            num_kv_heads=KV_HEADS, sm_scale=SCALING)
+        torch.testing.assert_close(lse, reference_lse, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out.float(), reference_out, atol=1e-4, rtol=1e-4)
+        no_entry = slice(qo[1], qo[2])
+        assert torch.isneginf(lse[no_entry]).all() and (out[no_entry] == 0).all()
+
+
+def test_entries_come_and_go_without_touching_the_kernel_or_its_grid(device):
+    # The same attention object (as a captured graph holds it) serves after entries are removed
+    # and others take their table rows and slots.
+    pool = Pool(device, seed=1)
+    pool.tables = LayoutTables(max_entries=3, pool_slots=POOL, num_layers=LAYERS, num_kv_heads=KV_HEADS,
+                               device=device)
+    attention = PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=KV_HEADS * GROUP, max_rows=128,
+                                    max_splits=2, sm_scale=SCALING)
+    live = [pool.add([[4, 9], [3, 3], [8, 1]]), pool.add([[20, 2], [5, 6], [1, 1]]),
+            pool.add([[1, 1], [2, 2], [3, 3]])]
+    assert pool.tables.add(CellLayout(torch.tensor([0]), torch.ones(LAYERS, KV_HEADS, dtype=torch.int64))) is None
+    generator = torch.Generator().manual_seed(4)
+    for step in range(4):
+        removed_row, removed_layout = live.pop(step % len(live))
+        pool.remove(removed_row, removed_layout)
+        live.append(pool.add([[6 + step, 30 - step], [2, 9], [step + 1, 4]]))
+        entry_of_request = torch.tensor([row for row, _ in live] + [-1], dtype=torch.int32, device=device)
+        qo_indptr = torch.arange(len(live) + 2, dtype=torch.int32, device=device)
+        q = torch.randn(len(live) + 1, KV_HEADS * GROUP, DIM, generator=generator).to(device)
+        out, lse = attention.run(q, qo_indptr, entry_of_request, pool.tables.tables, layer=2, max_q_len=1)
+        expected_out, expected_lse = dense(q, qo_indptr.tolist(), [layout for _, layout in live] + [None], pool, 2)
+        torch.testing.assert_close(lse, expected_lse, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out.float(), expected_out, atol=1e-4, rtol=1e-4)
+    first_slots = torch.stack([layout.slots[0] for _, layout in live]).to(device)
+    assert pool.tables.rows_for_slots(first_slots).tolist() == [row for row, _ in live]
+
+
+def test_bf16_pool(device):
+    pool = Pool(device, dtype=torch.bfloat16, seed=2)
+    row, layout = pool.add([[9, 3], [4, 4], [2, 7]])
+    attention = PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=KV_HEADS * GROUP, max_rows=16,
+                                    sm_scale=SCALING)
+    q = torch.randn(2, KV_HEADS * GROUP, DIM, generator=torch.Generator().manual_seed(5)).to(device, torch.bfloat16)
+    qo_indptr = torch.tensor([0, 2], dtype=torch.int32, device=device)
+    out, lse = attention.run(q, qo_indptr, torch.tensor([row], dtype=torch.int32, device=device), pool.tables.tables,
+                             layer=0, max_q_len=2)
+    expected_out, expected_lse = dense(q, [0, 2], [layout], pool, 0)
+    torch.testing.assert_close(lse, expected_lse, atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(out.float(), expected_out, atol=2e-2, rtol=2e-2)
+
+
+def test_bad_inputs_raise(device):
+    pool = Pool(device)
+    row, _ = pool.add([[2, 2], [2, 2], [2, 2]])
+    attention = PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=KV_HEADS * GROUP, max_rows=8)
+    q = torch.randn(1, KV_HEADS * GROUP, DIM, device=device)
+    qo_indptr = torch.tensor([0, 1], dtype=torch.int32, device=device)
+    rows = torch.tensor([row], dtype=torch.int32, device=device)
+    tables = pool.tables.tables
+    with pytest.raises(ValueError, match="pool's dtype"):
+        attention.run(q.bfloat16(), qo_indptr, rows, tables, layer=0, max_q_len=1)
+    with pytest.raises(ValueError, match="B \\+ 1 = 2"):
+        attention.run(q, qo_indptr[:1], rows, tables, layer=0, max_q_len=1)
+    with pytest.raises(ValueError, match="layer must be"):
+        attention.run(q, qo_indptr, rows, tables, layer=LAYERS, max_q_len=1)
+    with pytest.raises(ValueError, match="L \\* Hkv \\+ 1"):
+        attention.run(q, qo_indptr, rows, (tables[0][:, :-1], *tables[1:]), layer=0, max_q_len=1)
+    with pytest.raises(ValueError, match="one shape and dtype|k_buffers\\[0\\] is"):
+        PoolPrefixAttention(pool.k_buffers, [buffer[:-1] for buffer in pool.v_buffers], num_q_heads=6, max_rows=8)
+    with pytest.raises(ValueError, match="max_rows"):
+        PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=6, max_rows=0)
