@@ -1,8 +1,11 @@
 """Decode over compressed prefixes vs FlashInfer decode over the full prefixes.
 
 For every document length, batch size and keep ratio: one decode step of one layer. Ours:
-`CompressedPrefixAttention` over each (request, KV head)'s kept rows (per-head lengths spread
-from 0.5x to 1.5x the kept mean, as LAVa's head budgets differ). Baseline: FlashInfer's
+`CompressedPrefixAttention` over each (request, KV head)'s kept rows in a flat store (per-head
+lengths spread from 0.5x to 1.5x the kept mean, as LAVa's head budgets differ), and
+`PoolPrefixAttention` (what the server runs on CUDA) over the same rows read in place from
+pool slots through the store's layout tables, eagerly and replayed from a CUDA graph (where
+its host overhead is gone: the decode step a graph-captured server would run). Baseline: FlashInfer's
 BatchDecodeWithPagedKVCacheWrapper over the whole document, page size 1, in SGLang's layout
 (tensor cores when the GQA group is >= 4, as SGLang's FlashInfer backend chooses). Printed:
 time, ratio to the full-prefix time, bytes read and the achieved HBM bandwidth.
@@ -60,6 +63,36 @@ def read_bytes(kv_rows: int, batch: int, num_q_heads: int, head_dim: int) -> int
     return kv_rows * (2 * head_dim * 2 + 4) + batch * num_q_heads * (2 * head_dim * 2 + 4)
 
 
+def pool_inputs(lengths: torch.Tensor, batch: int, num_kv_heads: int, head_dim: int, device: torch.device):
+    """One compressed entry per request in a one-layer pool (rows in scattered slots), the
+    store's layout tables over them, and each request's table row."""
+    from lava_sglang.store import CellLayout, LayoutTables, slots_needed
+
+    per_request = lengths.view(batch, num_kv_heads)
+    counts = [slots_needed(int(kept.sum()), 1, num_kv_heads) for kept in per_request]
+    pool_slots = sum(counts) + 1
+    k_buffer = torch.randn(pool_slots, num_kv_heads, head_dim, device=device, dtype=torch.bfloat16)
+    v_buffer = torch.randn_like(k_buffer)
+    tables = LayoutTables(max_entries=batch, pool_slots=pool_slots, num_layers=1, num_kv_heads=num_kv_heads,
+                          device=device)
+    slots = torch.randperm(pool_slots - 1) + 1
+    rows, start = [], 0
+    for kept, count in zip(per_request, counts):
+        rows.append(tables.add(CellLayout(slots[start:start + count].clone(), kept[None])))
+        start += count
+    return k_buffer, v_buffer, tables, torch.tensor(rows, dtype=torch.int32, device=device)
+
+
+def replayed_ms(fn, device: torch.device) -> float | None:
+    """fn's time replayed from a CUDA graph; None off the GPU or where fn cannot be captured."""
+    try:
+        replay = benchmarking.graph_replay(fn, device)
+    except RuntimeError as error:
+        print(f"note: not captured in a CUDA graph: {error}")
+        return None
+    return benchmarking.time_ms(replay, device) if replay is not None else None
+
+
 def full_prefix_baseline(document: int, batch: int, num_q_heads: int, num_kv_heads: int, head_dim: int,
                          device: torch.device):
     """A callable running decode over the full prefixes, and its name: FlashInfer on the GPU,
@@ -100,6 +133,7 @@ def main() -> None:
     args = parse_args()
     device = benchmarking.choose_device(args.smoke)
     from lava_sglang.kernels import CompressedPrefixAttention
+    from lava_sglang.kernels.pool_prefix_attention import PoolPrefixAttention
 
     num_q_heads, num_kv_heads = args.heads
     peak, peak_source = benchmarking.peak_gbps(device, args.peak_gbps)
@@ -112,32 +146,55 @@ def main() -> None:
           f"{'; SMOKE shapes' if args.smoke else ''}")
     print(f"peak HBM: {f'{peak:.0f} GB/s' if peak else 'n/a'} ({peak_source})")
     print()
-    print("| document | batch | keep | kept rows/head | ms | x full | MB read | GB/s | % peak | splits |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    print("| document | batch | keep | kept rows/head | ms | x full | MB read | GB/s | % peak | splits | pool ms "
+          "| graph ms | graph x full |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for document in args.documents:
         for batch in args.batch:
             baseline, baseline_name = full_prefix_baseline(document, batch, num_q_heads, num_kv_heads,
                                                            args.head_dim, device)
             full_ms = benchmarking.time_ms(baseline, device)
+            full_graph_ms = replayed_ms(baseline, device)
             full_bytes = read_bytes(batch * num_kv_heads * document, batch, num_q_heads, args.head_dim)
-            rows = [("full", document, full_ms, full_bytes, "")]
+            rows = [("full", document, full_ms, full_bytes, "", None, None)]
             for keep in args.keep:
                 lengths = head_lengths(document, keep, batch, num_kv_heads)
                 q, k_store, v_store, *metadata = decode_inputs(lengths, batch, num_q_heads, args.head_dim, device)
                 attention = CompressedPrefixAttention(num_q_heads, num_kv_heads, args.head_dim)
                 attention.plan(*metadata)
                 ms = benchmarking.time_ms(lambda: attention.run(q, k_store, v_store), device)
+                k_buffer, v_buffer, tables, table_rows = pool_inputs(lengths, batch, num_kv_heads, args.head_dim,
+                                                                     device)
+                pool = PoolPrefixAttention([k_buffer], [v_buffer], num_q_heads=num_q_heads,
+                                           max_rows=tables.max_rows_per_head)
+                qo_indptr = metadata[0]
+
+                def pool_step():
+                    pool.run(q, qo_indptr, table_rows, tables.tables, layer=0, max_q_len=1)
+
+                pool_ms = benchmarking.time_ms(pool_step, device)
+                graph_ms = replayed_ms(pool_step, device)
                 kv_rows = int(lengths.sum())
                 rows.append((f"{keep:g}", kv_rows / (batch * num_kv_heads), ms,
-                             read_bytes(kv_rows, batch, num_q_heads, args.head_dim), str(attention.max_splits)))
-            for keep, rows_per_head, ms, nbytes, splits in rows:
+                             read_bytes(kv_rows, batch, num_q_heads, args.head_dim), str(attention.max_splits),
+                             pool_ms, graph_ms))
+            for keep, rows_per_head, ms, nbytes, splits, pool_ms, graph_ms in rows:
                 gbps = nbytes / ms / 1e6
                 share = f"{100 * gbps / peak:.0f}" if peak else "n/a"
+                pool = f"{pool_ms:.4g}" if pool_ms is not None else ""
+                if pool_ms is None:
+                    graph = f"{full_graph_ms:.4g} | 1.00" if full_graph_ms is not None else "n/a | "
+                else:
+                    graph = f"{graph_ms:.4g}" if graph_ms is not None else "n/a"
+                    graph += f" | {graph_ms / full_graph_ms:.2f}" if graph_ms and full_graph_ms else " | n/a"
                 print(f"| {document} | {batch} | {keep} | {rows_per_head:.0f} | {ms:.4g} | {ms / full_ms:.2f} | "
-                      f"{nbytes / 1e6:.3g} | {gbps:.3g} | {share} | {splits} |")
+                      f"{nbytes / 1e6:.3g} | {gbps:.3g} | {share} | {splits} | {pool} | {graph} |")
     print()
-    print(f"keep = full: the baseline ({baseline_name}); other rows: CompressedPrefixAttention.run. x full: time "
-          "over the baseline's time for the same document and batch. splits: most chunks per sequence (split-K).")
+    print(f"keep = full: the baseline ({baseline_name}), timed eagerly; other rows: CompressedPrefixAttention.run "
+          "(ms, x full, GB/s: its flat store). x full: time over the baseline's time for the same document and batch. "
+          "splits: most chunks per sequence (split-K). pool ms: PoolPrefixAttention.run, the server's CUDA path, "
+          "eager; graph ms: replayed from a CUDA graph, the baseline's too (its row), and graph x full compares the two "
+          "replays (n/a off the GPU).")
     if device.type != "cuda":
         print("CPU smoke run: the numbers only show the script works; they are not GPU measurements.")
 

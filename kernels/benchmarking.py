@@ -85,3 +85,21 @@ def time_ms(fn, device: torch.device) -> float:
         fn()
         runs.append((time.perf_counter() - start) * 1e3)
     return statistics.median(runs)
+
+
+def graph_replay(fn, device: torch.device):
+    """fn captured in a CUDA graph (after a warm-up that compiles its kernels), as a callable
+    that replays it; None off the GPU. Both sides of a comparison are timed this way when
+    host overhead is not what is measured."""
+    if device.type != "cuda":
+        return None
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay

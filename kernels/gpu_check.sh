@@ -32,7 +32,7 @@ step() {  # step SECONDS COMMAND...: run it, report a failure or a timeout, go o
         status=1
     fi
 }
-step 240 "$python" -m pytest -q -rs -p no:cacheprovider tests/kernels
-step 120 "$python" kernels/bench_prefix_attention.py
+step 220 "$python" -m pytest -q -rs -p no:cacheprovider tests/kernels
+step 150 "$python" kernels/bench_prefix_attention.py
 step 100 "$python" kernels/bench_compression.py
 exit $status

@@ -163,3 +163,58 @@ def test_bad_inputs_raise(device):
         PoolPrefixAttention(pool.k_buffers, [buffer[:-1] for buffer in pool.v_buffers], num_q_heads=6, max_rows=8)
     with pytest.raises(ValueError, match="max_rows"):
         PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=6, max_rows=0)
+
+
+def test_cuda_graph_replay_follows_batches_and_entries(cuda_only):
+    # The decode step's prefix part as a graph-captured server would run it: each request's
+    # table row looked up on the device from the first slot of its KV row, then a layer loop.
+    # Captured once; replayed after the batch's queries and requests change and after entries
+    # are evicted and others compressed (tables updated in place); every replay equals eager.
+    device = cuda_only
+    pool = Pool(device, dtype=torch.bfloat16, seed=6)
+    live = [pool.add([[12, 3], [5, 40], [7, 7]]), pool.add([[2, 9], [1, 1], [30, 4]])]
+    attention = PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=KV_HEADS * GROUP, max_rows=64,
+                                    max_splits=2, sm_scale=SCALING)
+    batch = 4
+    first_slots = torch.zeros(batch, dtype=torch.int64, device=device)  # static inputs of the graph
+    queries = torch.zeros(batch, KV_HEADS * GROUP, DIM, dtype=torch.bfloat16, device=device)
+    qo_indptr = torch.arange(batch + 1, dtype=torch.int32, device=device)
+    no_entry_slot = POOL - 1  # never handed to an entry by Pool.add below (it takes from the front)
+    pool.free.remove(no_entry_slot)
+
+    def step():
+        rows = pool.tables.rows_for_slots(first_slots)
+        return [attention.run(queries, qo_indptr, rows, pool.tables.tables, layer=layer, max_q_len=1)
+                for layer in range(LAYERS)]
+
+    def load_batch(layouts, seed):
+        slots = [layout.slots[0] if layout is not None else no_entry_slot for layout in layouts]
+        first_slots.copy_(torch.tensor(slots, device=device))
+        queries.copy_(torch.randn(queries.shape, generator=torch.Generator().manual_seed(seed)).to(queries))
+
+    load_batch([live[0][1], None, live[1][1], live[0][1]], seed=0)
+    step()  # compile the kernels before capture
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+
+    def check(layouts):
+        graph.replay()
+        eager = step()
+        for layer, ((graph_out, graph_lse), (eager_out, eager_lse)) in enumerate(zip(captured, eager)):
+            torch.testing.assert_close(graph_lse, eager_lse, atol=0, rtol=0)
+            torch.testing.assert_close(graph_out, eager_out, atol=0, rtol=0)
+            expected_out, expected_lse = dense(queries, list(range(batch + 1)), layouts, pool, layer)
+            torch.testing.assert_close(graph_lse, expected_lse, atol=2e-2, rtol=2e-2)
+
+    layouts = [live[0][1], None, live[1][1], live[0][1]]
+    check(layouts)
+    layouts = [live[1][1], live[1][1], None, live[0][1]]
+    load_batch(layouts, seed=1)
+    check(layouts)
+    pool.remove(*live.pop(0))  # evicted ...
+    live.append(pool.add([[20, 20], [3, 64], [1, 2]]))  # ... and another compressed, in place
+    layouts = [live[1][1], live[0][1], live[1][1], None]
+    load_batch(layouts, seed=2)
+    check(layouts)
