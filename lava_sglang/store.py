@@ -267,7 +267,7 @@ class LayoutTables:
         for base, used, _ in sorted(self._regions.values(), key=lambda region: region[0]):
             if base - end >= count:
                 return end
-            end = base + used
+            end = max(end, base + used)  # an empty region may sit inside the span of another
         return end if self.slot_list.numel() - end >= count else None
 
     def _compact(self) -> None:

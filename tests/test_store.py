@@ -133,3 +133,39 @@ def test_store_with_tables_keeps_rows_in_step_with_entries():
     _check_rows(store.tables, {second.table_row: second.layout, third.table_row: third.layout})
     store.clear()
     assert store.has_room and store.tables.rows_for_slots(torch.tensor([5, 7, 8, 9])).tolist() == [-1] * 4
+
+
+def test_an_entry_without_slots_never_hides_a_live_region():
+    # A 0-slot region (a prefix that keeps no row) gets the base of the region before it;
+    # first fit must still skip that live region (it used to hand out a base inside it).
+    tables = _tables(max_entries=4, pool_slots=8)
+    two = _layout([1, 2])
+    live = {tables.add(two): two}
+    empty = CellLayout(torch.empty(0, dtype=torch.int64), torch.zeros(NUM_LAYERS, NUM_KV_HEADS, dtype=torch.int64))
+    live[tables.add(empty)] = empty
+    four = _layout([3, 4, 5, 6])
+    live[tables.add(four)] = four
+    _check_rows(tables, {row: layout for row, layout in live.items() if layout.slots.numel()})
+    spans = sorted((int(tables.slot_base[row]), layout.slots.numel()) for row, layout in live.items()
+                   if layout.slots.numel())
+    assert all(base + count <= next_base for (base, count), (next_base, _) in zip(spans, spans[1:]))
+
+
+def test_add_compacts_when_no_gap_fits(monkeypatch):
+    tables = _tables(max_entries=4, pool_slots=8)
+    live = {}
+    for slots in ([0], [1, 2], [3]):
+        layout = _layout(slots)
+        live[tables.add(layout)] = layout
+    first = next(iter(live))
+    tables.remove(first)
+    live.pop(first)
+    compactions = []
+    real_find, real_compact = tables._find_space, tables._compact
+    monkeypatch.setattr(tables, "_find_space", lambda count: None if not compactions else real_find(count))
+    monkeypatch.setattr(tables, "_compact", lambda: (compactions.append(1), real_compact()))
+    layout = _layout([4, 5])
+    live[tables.add(layout)] = layout
+    assert compactions == [1]
+    _check_rows(tables, live)
+    assert sorted(int(tables.slot_base[row]) for row in live) == [0, 2, 3]

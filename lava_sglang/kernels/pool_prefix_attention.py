@@ -50,7 +50,7 @@ def _pool_prefix_attention_kernel(
     work = tl.program_id(0)
     row_tile = tl.program_id(1)
     seq = work // max_splits
-    split = work % max_splits
+    split = (work % max_splits).to(tl.int64)  # its offset into the partial buffers can pass 2**31
     request = seq // num_kv_heads
     kv_head = seq % num_kv_heads
     q_start = tl.load(qo_indptr_ptr + request)
@@ -131,7 +131,9 @@ class PoolPrefixAttention:
     k_buffers, v_buffers: the pool's layer buffers [pool_slots, Hkv, d] (one shape and dtype,
     contiguous; their addresses are read once, as a server's pool never moves).
     max_rows: the most kept rows one (layer, KV head) of an entry can have (the longest
-    prefix compressed); with `max_splits` it fixes the keys each chunk covers.
+    prefix compressed); with `max_splits` it fixes the keys each chunk covers, and rows past
+    max_splits * keys_per_split are not read. The partial states take max_splits x the
+    output in fp32: extend batches (many query tokens) want max_splits = 1.
     """
 
     def __init__(self, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], *, num_q_heads: int,
@@ -190,9 +192,11 @@ class PoolPrefixAttention:
                                  num_slots=num_slots, k_pointers=self.k_pointers)
         launch.check_triton_device(q.device)
         num_tokens = q.shape[0]
+        if num_requests == 0 and num_tokens:
+            raise ValueError(f"q has {num_tokens} tokens for no request")
         out = torch.empty(num_tokens, self.num_q_heads, self.head_dim, dtype=q.dtype, device=q.device)
         lse = torch.empty(num_tokens, self.num_q_heads, dtype=torch.float32, device=q.device)
-        if num_tokens == 0 or num_requests == 0:
+        if num_tokens == 0:
             return out, lse
         partial_out = torch.empty(self.max_splits, num_tokens, self.num_q_heads, self.head_dim, dtype=torch.float32,
                                   device=q.device)

@@ -46,7 +46,7 @@ def _prefix_attention_kernel(
     work = tl.program_id(0)
     row_tile = tl.program_id(1)
     seq = tl.load(work_seq_ptr + work)
-    split = tl.load(work_split_ptr + work)
+    split = tl.load(work_split_ptr + work).to(tl.int64)  # offsets into the partial buffers can pass 2**31
     request = seq // num_kv_heads
     kv_head = seq % num_kv_heads
     q_start = tl.load(qo_indptr_ptr + request)
@@ -106,7 +106,7 @@ def _merge_splits_kernel(
     head = tl.program_id(1)
     request = tl.load(token_request_ptr + token)
     num_splits = tl.load(num_splits_ptr + request * num_kv_heads + head // group)
-    splits = tl.arange(0, BLOCK_S)
+    splits = tl.arange(0, BLOCK_S).to(tl.int64)  # offsets into the partial buffers can pass 2**31
     split_valid = splits < num_splits
     dims = tl.arange(0, BLOCK_D)
     dim_valid = dims < HEAD_DIM

@@ -126,7 +126,7 @@ class CompressedPrefixPath:
         """`_own_states_*` by SGLang's Triton kernels, planned at the batch's first layer."""
         if self._own is None:
             device = queries.device
-            self._own = OwnTokenAttention(layer.tp_q_head_num, layer.scaling)
+            self._own = OwnTokenAttention(layer.tp_q_head_num)
             own_starts = torch.tensor([entry.prefix_len if entry is not None else 0 for entry in entries], device=device)
             seq_lens = torch.tensor([prefix + extend for prefix, extend in zip(prefix_lens, extend_lens)],
                                     device=device)
@@ -135,12 +135,12 @@ class CompressedPrefixPath:
         k_buffer = _cache.kv_pool.get_key_buffer(layer.layer_id)
         v_buffer = _cache.kv_pool.get_value_buffer(layer.layer_id)
         if decode:
-            return self._own.run(queries, None, None, k_buffer, v_buffer)
+            return self._own.run(queries, None, None, k_buffer, v_buffer, layer.scaling)
         if k is None or v is None:  # the layer's keys were written by another (KV sharing): read them back
             k, v = k_buffer[forward_batch.out_cache_loc], v_buffer[forward_batch.out_cache_loc]
         shape = (queries.shape[0], layer.tp_k_head_num, -1)
         return self._own.run(queries, k.reshape(shape).to(k_buffer.dtype), v.reshape(shape).to(v_buffer.dtype),
-                             k_buffer, v_buffer)
+                             k_buffer, v_buffer, layer.scaling)
 
 
 def _own_states_extend(queries, layer, forward_batch, entries, prefix_lens, extend_lens):
@@ -195,6 +195,10 @@ def _own_states_decode(queries, layer, forward_batch, entries, prefix_lens, exte
     return out.reshape(num_requests, num_q_heads, -1), lse.reshape(num_requests, num_q_heads)
 
 
+#: Chunks per (request, KV head) of a decode batch's prefix attention on CUDA (split-K).
+POOL_DECODE_SPLITS = 16
+
+
 class CompressedPrefixBatch:
     """The compressed prefixes of one forward batch, read once per layer.
 
@@ -224,8 +228,10 @@ class CompressedPrefixBatch:
             from lava_sglang.kernels.pool_prefix_attention import PoolPrefixAttention
 
             device = kv_pool.k_buffer[0].device
+            # Split-K for decode only: an extend's partial states would be max_splits x its output.
             self.kernel = PoolPrefixAttention(kv_pool.k_buffer, kv_pool.v_buffer, num_q_heads=num_q_heads,
-                                              max_rows=max(tables.max_rows_per_head, 1), sm_scale=scaling)
+                                              max_rows=max(tables.max_rows_per_head, 1),
+                                              max_splits=POOL_DECODE_SPLITS if self.decode else 1, sm_scale=scaling)
             qo_indptr = torch.zeros(len(extend_lens) + 1, dtype=torch.int32)
             qo_indptr[1:] = torch.cumsum(torch.tensor(extend_lens), 0)
             self.qo_indptr = qo_indptr.to(device)
@@ -235,8 +241,8 @@ class CompressedPrefixBatch:
 
     def states(self, layer: int, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.kernel is not None:
-            out, lse = self.kernel.run(queries.contiguous(), self.qo_indptr, self.table_rows, self.tables, layer=layer,
-                                       max_q_len=max(self.extend_lens))
+            out, lse = self.kernel.run(queries.to(self.kernel.dtype).contiguous(), self.qo_indptr, self.table_rows,
+                                       self.tables, layer=layer, max_q_len=max(self.extend_lens))
             return out.float(), lse
         keys, values, visible = read_layer_padded([entry.layout for entry in self.distinct], layer,
                                                   self.kv_pool.k_buffer, self.kv_pool.v_buffer)

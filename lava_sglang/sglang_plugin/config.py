@@ -288,6 +288,9 @@ def check_server_args(config: KvPolicyConfig, args: argparse.Namespace, device: 
          f"{', '.join(backends)}"),
         (bool(graph_phases), f"{', '.join(graph_phases)}: CUDA graphs replay a batch without the host work that "
          "builds the compressed prefixes' metadata; with a policy they are off"),
+        (on_accelerator and getattr(args, "cuda_graph_config", None) is not None,
+         "--cuda-graph-config: its phase backends override the ones the policy turns off (CUDA graphs replay a "
+         "batch without the host work that builds the compressed prefixes' metadata)"),
         (getattr(args, "enable_torch_compile", False),
          "--enable-torch-compile: the compressed-prefix path builds its metadata on the host per batch, which "
          "torch.compile cannot trace"),

@@ -33,9 +33,8 @@ MAX_DECODE_SPLITS = 8
 class OwnTokenAttention:
     """Attention over own tokens for one forward batch: `plan` once, `run` per layer."""
 
-    def __init__(self, num_q_heads: int, scaling: float):
+    def __init__(self, num_q_heads: int):
         self.num_q_heads = num_q_heads
-        self.scaling = scaling
         self.decode = False
         self.kv_indptr = self.kv_indices = self.qo_indptr = None
         self.num_kv_splits = None
@@ -69,10 +68,10 @@ class OwnTokenAttention:
             self.max_extend_len = max(extend_lens)
 
     def run(self, queries: torch.Tensor, k_extend: torch.Tensor | None, v_extend: torch.Tensor | None,
-            k_buffer: torch.Tensor, v_buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            k_buffer: torch.Tensor, v_buffer: torch.Tensor, scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
         """queries [tokens, Hq, d]; k_extend, v_extend [tokens, Hkv, d] the extend's own keys and
-        values (None for decode); k_buffer, v_buffer: the layer's pool buffers. Returns out
-        [tokens, Hq, dv] and the natural-log LSE [tokens, Hq], fp32."""
+        values (None for decode); k_buffer, v_buffer: the layer's pool buffers; scaling: the
+        layer's softmax scale. Returns out [tokens, Hq, dv] and the natural-log LSE [tokens, Hq], fp32."""
         _, decode_attention_fwd, extend_attention_fwd = triton_attention_ops()
         num_tokens = queries.shape[0]
         value_dim = v_buffer.shape[-1]
@@ -84,10 +83,10 @@ class OwnTokenAttention:
             split_lse = queries.new_full((num_tokens, self.num_q_heads, MAX_DECODE_SPLITS), float("-inf"),
                                          dtype=torch.float32)
             decode_attention_fwd(queries, k_buffer, v_buffer, out, self.kv_indptr, self.kv_indices, split_out,
-                                 split_lse, self.num_kv_splits, MAX_DECODE_SPLITS, self.scaling, 1.0, 1.0)
+                                 split_lse, self.num_kv_splits, MAX_DECODE_SPLITS, scaling, 1.0, 1.0)
             return out, torch.logsumexp(split_lse, dim=-1)
         lse = queries.new_empty((num_tokens, self.num_q_heads), dtype=torch.float32)
         extend_attention_fwd(queries, k_extend.contiguous(), v_extend.contiguous(), out, k_buffer, v_buffer,
                              self.qo_indptr, self.kv_indptr, self.kv_indices, None, True, None, self.max_extend_len,
-                             1.0, 1.0, sm_scale=self.scaling, lse_extend=lse)
+                             1.0, 1.0, sm_scale=scaling, lse_extend=lse)
         return out, lse

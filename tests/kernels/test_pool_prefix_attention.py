@@ -155,6 +155,8 @@ def test_bad_inputs_raise(device):
         attention.run(q.bfloat16(), qo_indptr, rows, tables, layer=0, max_q_len=1)
     with pytest.raises(ValueError, match="B \\+ 1 = 2"):
         attention.run(q, qo_indptr[:1], rows, tables, layer=0, max_q_len=1)
+    with pytest.raises(ValueError, match="for no request"):
+        attention.run(q, qo_indptr[:1], rows[:0], tables, layer=0, max_q_len=1)
     with pytest.raises(ValueError, match="layer must be"):
         attention.run(q, qo_indptr, rows, tables, layer=LAYERS, max_q_len=1)
     with pytest.raises(ValueError, match="L \\* Hkv \\+ 1"):
@@ -207,6 +209,7 @@ def test_cuda_graph_replay_follows_batches_and_entries(cuda_only):
             torch.testing.assert_close(graph_out, eager_out, atol=0, rtol=0)
             expected_out, expected_lse = dense(queries, list(range(batch + 1)), layouts, pool, layer)
             torch.testing.assert_close(graph_lse, expected_lse, atol=2e-2, rtol=2e-2)
+            torch.testing.assert_close(graph_out.float(), expected_out, atol=2e-2, rtol=2e-2)
 
     layouts = [live[0][1], None, live[1][1], live[0][1]]
     check(layouts)

@@ -125,6 +125,7 @@ def test_combinations_that_cannot_work_are_refused(option, value, reason):
                                         "triton, torch_native"),
     ("cuda_graph_backend_decode", "full", "--cuda-graph-backend-decode full: CUDA graphs replay"),
     ("cuda_graph_backend_prefill", "breakable", "--cuda-graph-backend-prefill breakable"),
+    ("cuda_graph_config", '{"decode": {"backend": "full"}}', "--cuda-graph-config: its phase backends override"),
     ("enable_torch_compile", True, "--enable-torch-compile"),
     ("enable_deterministic_inference", True, "--enable-deterministic-inference"),
 ])

@@ -123,15 +123,15 @@ def test_sglang_own_token_kernels_match_dense_attention(decode, monkeypatch):
     # at least (its new token), request 2 reads 74 keys in 5 splits.
     extend_lens = [1, 1, 1, 1] if decode else [4, 3, 1, 2]
     seq_lens = torch.tensor([103, 7, 110, 8]) + torch.tensor(extend_lens)
-    own = OwnTokenAttention(KV_HEADS * GROUP, SCALING)
+    own = OwnTokenAttention(KV_HEADS * GROUP)
     own.plan(req_to_token, req_pool_indices, own_starts, seq_lens, extend_lens, decode=decode)
     queries = torch.randn(sum(extend_lens), KV_HEADS * GROUP, DIM, generator=generator)
     new_slots = torch.cat([req_to_token[row, int(end) - extend:int(end)].long()
                            for row, end, extend in zip(req_pool_indices, seq_lens, extend_lens)])
     if decode:
-        out, lse = own.run(queries, None, None, k_buffer, v_buffer)
+        out, lse = own.run(queries, None, None, k_buffer, v_buffer, SCALING)
     else:
-        out, lse = own.run(queries, k_buffer[new_slots], v_buffer[new_slots], k_buffer, v_buffer)
+        out, lse = own.run(queries, k_buffer[new_slots], v_buffer[new_slots], k_buffer, v_buffer, SCALING)
     start = 0
     for row, own_start, seq_len, extend in zip(req_pool_indices, own_starts, seq_lens, extend_lens):
         slots = req_to_token[row, int(own_start):int(seq_len)].long()
