@@ -8,7 +8,7 @@ from lava_sglang.policy.observe import (OBSERVE_SOURCES, REPEAT_NORMALIZATIONS, 
                                         ObservationWindow, Reconstruct, Tail, assistant_turn_text, combine_window_masses,
                                         make_observe, repeat_attention_chunk, repeat_attention_max, repeat_chunks,
                                         repeat_log_sum_exp)
-from lava_sglang.policy.plan import CompressionPlan, PlanBuilder, compress_plan, resolve_budget
+from lava_sglang.policy.plan import CompressionPlan, HeadShard, PlanBuilder, compress_plan, resolve_budget
 from lava_sglang.policy.registry import POLICIES, make_policy, policy_name
 
 __all__ = [
@@ -29,6 +29,7 @@ __all__ = [
     "repeat_log_sum_exp",
     "repeat_chunks",
     "CompressionPlan",
+    "HeadShard",
     "LayerScores",
     "PlanBuilder",
     "Policy",

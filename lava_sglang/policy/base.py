@@ -35,6 +35,8 @@ class Policy:
     needs_scores: ClassVar[bool] = True
     #: True for the full cache: the budget is ignored and nothing is evicted.
     keeps_everything: ClassVar[bool] = False
+    #: Whether `allocate` reads the layers' entropies (LAVa's entropy layer budgets).
+    uses_layer_entropy: ClassVar[bool] = False
     #: The observation sources the policy is defined with (docs/observe.md); None: any.
     #: The plan works with any source; the server and the benchmarks pair it with these only.
     scored_by: ClassVar[tuple[str, ...] | None] = None

@@ -48,6 +48,10 @@ class Lava(WindowPolicy):
     def scale_by_value_norm(self) -> bool:
         return self.value_norm
 
+    @property
+    def uses_layer_entropy(self) -> bool:
+        return self.layer_budget == "entropy"
+
     def validate(self) -> None:
         super().validate()
         validate_alpha(self.alpha)

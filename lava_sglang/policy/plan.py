@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
@@ -109,6 +109,30 @@ def repeat_scores(policy: Policy, repeat_attention: torch.Tensor, values: torch.
     return policy.scores_from_mass(score_ops.reduce_query_group(grouped, policy.gqa_reduce), values)
 
 
+@dataclass(frozen=True)
+class HeadShard:
+    """This process's share of the KV heads when they are split over ranks (tensor parallel):
+    KV heads [rank * Hkv_local, (rank + 1) * Hkv_local) of the model's Hkv = world_size *
+    Hkv_local, as SGLang splits them.
+
+    all_gather: every rank's [L, Hkv_local, m] scores concatenated along dim 1 in rank order
+    (SGLang's TP group all-gather); every rank calls it once per plan, with L * Hkv_local * m
+    fp32 scores, so a document's plan exchanges L * Hkv * m * 4 bytes in all. The plan's
+    `layer_entropy` is the gathered layers' where the policy reads it, the rank's own otherwise.
+    """
+
+    rank: int
+    world_size: int
+    all_gather: Callable[[torch.Tensor], torch.Tensor]
+
+    def validate(self) -> None:
+        for name, value in (("rank", self.rank), ("world_size", self.world_size)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"head_shard.{name} must be an int, got {value!r}")
+        if not 0 <= self.rank < self.world_size:
+            raise ValueError(f"head_shard.rank must be in [0, {self.world_size}), got {self.rank}")
+
+
 class PlanBuilder:
     """Builds a `CompressionPlan` one layer at a time.
 
@@ -119,10 +143,16 @@ class PlanBuilder:
       `add_layer_repeat`   the prefix's attention from a repetition (observe="reconstruct");
       `add_layer_scores`   statistics computed elsewhere (e.g. the window-statistics kernel).
     `finish` allocates the budgets once every layer is in.
+
+    With `head_shard` (tensor parallel), `num_kv_heads` is this rank's share and the layers
+    carry only its heads' scores: `finish` gathers every rank's scores, allocates over all
+    heads as one process would (the layer entropies recomputed from the gathered scores) and
+    returns this rank's heads' rows, so every rank keeps exactly what the single-process plan
+    keeps for its heads.
     """
 
     def __init__(self, policy: Policy, budget: float | int, *, seq_len: int, num_layers: int, num_kv_heads: int,
-                 observe: Observe | str = "tail"):
+                 observe: Observe | str = "tail", head_shard: HeadShard | None = None):
         policy.validate()
         observe = make_observe(observe) if isinstance(observe, str) else observe
         if not isinstance(observe, Observe):
@@ -141,6 +171,14 @@ class PlanBuilder:
         self.budget_tokens = seq_len if policy.keeps_everything else resolve_budget(budget, seq_len)
         self._layers: list[LayerScores | None] = []
         self._num_q_heads: int | None = None
+        if head_shard is not None:
+            head_shard.validate()
+            if policy.uses_layer_entropy and getattr(policy, "sink_tokens", 0):
+                # The sinks' scores are forced to inf after the entropy is taken: gathered, they
+                # no longer give the entropy one process computes.
+                raise ValueError(f"{policy.name}: entropy layer budgets with sink_tokens > 0 cannot be planned over "
+                                 f"sharded heads")
+        self.head_shard = head_shard
 
     @property
     def evicts(self) -> bool:
@@ -270,10 +308,28 @@ class PlanBuilder:
             )
         selectable = max(self.budget_tokens - self.window, 0)
         scores = torch.stack([layer.scores for layer in self._layers]) if self.needs_queries else None
+        num_kv_heads, own_heads = self.num_kv_heads, slice(None)
+        if self.head_shard is not None:
+            num_kv_heads = self.num_kv_heads * self.head_shard.world_size
+            own_heads = slice(self.head_shard.rank * self.num_kv_heads, (self.head_shard.rank + 1) * self.num_kv_heads)
+            if scores is not None:
+                scores = self._gathered(scores)
+                if self.policy.uses_layer_entropy:
+                    entropies = [score_ops.layer_entropy(layer) for layer in scores]
         layer_budgets, head_budgets = self.policy.allocate(scores, entropies, selectable * self.num_layers,
-                                                           self.prefix_len, self.num_kv_heads)
-        kept = self._kept_positions(scores, head_budgets)
+                                                           self.prefix_len, num_kv_heads)
+        head_budgets = [heads[own_heads] for heads in head_budgets]
+        kept = self._kept_positions(scores[:, own_heads] if scores is not None else None, head_budgets)
         return self._plan(kept=kept, layer_budgets=layer_budgets, head_budgets=head_budgets, entropies=entropies)
+
+    def _gathered(self, scores: torch.Tensor) -> torch.Tensor:
+        """Every rank's scores [L, Hkv, m], from this rank's [L, Hkv_local, m]."""
+        gathered = self.head_shard.all_gather(scores.contiguous())
+        expected = (self.num_layers, self.num_kv_heads * self.head_shard.world_size, self.prefix_len)
+        if not isinstance(gathered, torch.Tensor) or tuple(gathered.shape) != expected:
+            shape = tuple(gathered.shape) if isinstance(gathered, torch.Tensor) else type(gathered).__name__
+            raise ValueError(f"head_shard.all_gather must return every rank's scores {list(expected)}, got {shape}")
+        return gathered
 
     def _kept_positions(self, scores: torch.Tensor | None, head_budgets: list[list[int]]) -> list[list[torch.Tensor]]:
         """Per (layer, KV head) the kept positions, ascending, the window included: one

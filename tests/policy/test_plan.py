@@ -354,3 +354,72 @@ class TestBadInput:
         short.add_layer(q[0], k[0], v[0])
         with pytest.raises(ValueError, match="got 1 layers, expected num_layers=2"):
             short.finish()
+
+
+SHARDED = ["lava", PAPER_SPEC, "lava:layer_budget=uniform", "kvzip", "snapkv", "ada_snapkv", "pyramidkv",
+           "streamingllm"]
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("policy_spec", SHARDED)
+def test_sharded_heads_keep_exactly_the_single_process_rows(policy_spec, world_size):
+    # Tensor parallel: each rank scores only its KV heads; with the scores gathered, every
+    # rank's plan is the single-process plan's rows for its heads (entropy layer budgets and
+    # global thresholds span heads, so planning a rank's heads alone would differ).
+    from lava_sglang.policy import HeadShard
+
+    num_layers, num_kv_heads, group, seq_len, window, dim = 4, 6, 2, 60, 8, 16
+    q, k, v = random_layers(num_layers=num_layers, num_q_heads=num_kv_heads * group, num_kv_heads=num_kv_heads,
+                            seq_len=seq_len, window=window, head_dim=dim, seed=7)
+    policy = make_policy(policy_spec, window=window)
+    single = compress_plan(policy, q, k, v, 0.25)
+    local = num_kv_heads // world_size
+    ranks = [(slice(rank * local, (rank + 1) * local), slice(rank * local * group, (rank + 1) * local * group))
+             for rank in range(world_size)]
+    all_scores = None
+    if policy.needs_scores:  # what the all-gather returns: every rank's own scores, in rank order
+        all_scores = torch.stack([torch.cat([policy.layer_scores(q[layer][q_heads], k[layer][kv_heads],
+                                                                  v[layer][kv_heads]).scores
+                                             for kv_heads, q_heads in ranks], dim=0)
+                                  for layer in range(num_layers)])
+    exchanged = []
+
+    def all_gather(scores):
+        exchanged.append(scores.numel() * scores.element_size())
+        return all_scores
+
+    kept = []
+    for rank, (kv_heads, q_heads) in enumerate(ranks):
+        builder = PlanBuilder(policy, 0.25, seq_len=seq_len, num_layers=num_layers, num_kv_heads=local,
+                              head_shard=HeadShard(rank, world_size, all_gather))
+        for layer in range(num_layers):
+            builder.add_layer(q[layer][q_heads], k[layer][kv_heads], v[layer][kv_heads])
+        plan = builder.finish()
+        assert plan.layer_budgets == single.layer_budgets
+        assert plan.head_budgets == [heads[kv_heads] for heads in single.head_budgets]
+        kept.append(plan.kept)
+    for layer in range(num_layers):
+        merged = [positions for rank_kept in kept for positions in rank_kept[layer]]
+        assert all(torch.equal(ours, theirs) for ours, theirs in zip(merged, single.kept[layer], strict=True))
+    # Scores are exchanged only where the allocation spans heads: L x Hkv x m x 4 bytes per plan.
+    if policy.needs_scores:
+        assert sum(exchanged) == world_size * num_layers * local * (seq_len - window) * 4
+    else:
+        assert exchanged == []
+
+
+def test_a_sharded_plan_refuses_what_it_cannot_reproduce():
+    from lava_sglang.policy import HeadShard
+
+    with pytest.raises(ValueError, match="sink_tokens > 0 cannot be planned over sharded heads"):
+        PlanBuilder(make_policy("lava:layer_budget=entropy,sink_tokens=4"), 0.2, seq_len=40, num_layers=2,
+                    num_kv_heads=1, head_shard=HeadShard(0, 2, lambda scores: scores))
+    with pytest.raises(ValueError, match="head_shard.rank must be in"):
+        PlanBuilder(make_policy("lava"), 0.2, seq_len=40, num_layers=2, num_kv_heads=1,
+                    head_shard=HeadShard(2, 2, lambda scores: scores))
+    builder = PlanBuilder(make_policy("lava", window=8), 0.2, seq_len=40, num_layers=1, num_kv_heads=1,
+                          head_shard=HeadShard(0, 2, lambda scores: scores))  # a gather that forgets the others
+    q, k, v = random_layers(num_layers=1, num_q_heads=2, num_kv_heads=1, seq_len=40, window=8)
+    builder.add_layer(q[0], k[0], v[0])
+    with pytest.raises(ValueError, match="must return every rank's scores \\[1, 2, 32\\]"):
+        builder.finish()
