@@ -125,11 +125,9 @@ class CompressedPrefixPath:
     def _own_kernel_states(self, queries, k, v, layer, forward_batch, entries, prefix_lens, extend_lens, decode):
         """`_own_states_*` by SGLang's Triton kernels, planned at the batch's first layer."""
         if self._own is None:
-            device = queries.device
             self._own = OwnTokenAttention(layer.tp_q_head_num)
-            own_starts = torch.tensor([entry.prefix_len if entry is not None else 0 for entry in entries], device=device)
-            seq_lens = torch.tensor([prefix + extend for prefix, extend in zip(prefix_lens, extend_lens)],
-                                    device=device)
+            own_starts = [entry.prefix_len if entry is not None else 0 for entry in entries]
+            seq_lens = [prefix + extend for prefix, extend in zip(prefix_lens, extend_lens)]
             self._own.plan(_cache.req_to_token_pool.req_to_token, forward_batch.req_pool_indices, own_starts, seq_lens,
                            extend_lens, decode=decode)
         k_buffer = _cache.kv_pool.get_key_buffer(layer.layer_id)

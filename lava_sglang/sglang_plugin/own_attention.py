@@ -40,31 +40,36 @@ class OwnTokenAttention:
         self.num_kv_splits = None
         self.max_extend_len = 0
 
-    def plan(self, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, own_starts: torch.Tensor,
-             seq_lens: torch.Tensor, extend_lens: list[int], *, decode: bool) -> None:
-        """req_to_token: SGLang's [slots, context] token table; req_pool_indices, own_starts,
-        seq_lens: [B] on its device (seq_lens counting the extend); extend_lens: [B] on the host."""
+    def plan(self, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, own_starts: list[int],
+             seq_lens: list[int], extend_lens: list[int], *, decode: bool) -> None:
+        """req_to_token: SGLang's [slots, context] token table; req_pool_indices: [B] on its
+        device; own_starts, seq_lens (counting the extend), extend_lens: [B] on the host, as
+        the scheduler knows them, so the plan reads nothing back from the device."""
         create_kv_indices, _, _ = triton_attention_ops()
-        device = req_to_token.device
         batch = len(extend_lens)
-        extend = torch.tensor(extend_lens, dtype=torch.int64, device=device)
-        own_starts, seq_lens = own_starts.to(device, torch.int64), seq_lens.to(device, torch.int64)
-        if batch != own_starts.numel() or batch != seq_lens.numel() or batch != req_pool_indices.numel():
-            raise ValueError(f"one entry per request: {req_pool_indices.numel()} requests, {own_starts.numel()} "
-                             f"own starts, {seq_lens.numel()} sequence lengths, {batch} extend lengths")
-        own_lens = seq_lens - own_starts if decode else seq_lens - extend - own_starts
+        if not batch == len(own_starts) == len(seq_lens) == req_pool_indices.numel():
+            raise ValueError(f"one entry per request: {req_pool_indices.numel()} requests, {len(own_starts)} own "
+                             f"starts, {len(seq_lens)} sequence lengths, {batch} extend lengths")
+        own_lens = torch.tensor(seq_lens) - torch.tensor(own_starts) - (0 if decode else torch.tensor(extend_lens))
+        if bool((own_lens < (1 if decode else 0)).any()):
+            raise ValueError(f"own tokens must start within the sequence: own starts {own_starts}, sequence "
+                             f"lengths {seq_lens}, extend lengths {extend_lens}")
+        indptr = torch.zeros(batch + 1, dtype=torch.int32)
+        indptr[1:] = torch.cumsum(own_lens, 0)
+        device = req_to_token.device
         self.decode = decode
-        self.kv_indptr = torch.zeros(batch + 1, dtype=torch.int32, device=device)
-        self.kv_indptr[1:] = torch.cumsum(own_lens, 0)
-        self.kv_indices = torch.empty(int(own_lens.sum()), dtype=torch.int64, device=device)
-        create_kv_indices[(batch,)](req_to_token, req_pool_indices, own_lens.to(torch.int32), self.kv_indptr,
-                                    own_starts.to(torch.int32), self.kv_indices, req_to_token.stride(0))
+        self.kv_indptr = indptr.to(device)
+        self.kv_indices = torch.empty(int(indptr[-1]), dtype=torch.int64, device=device)
+        create_kv_indices[(batch,)](req_to_token, req_pool_indices, own_lens.to(device, torch.int32), self.kv_indptr,
+                                    torch.tensor(own_starts, dtype=torch.int32, device=device), self.kv_indices,
+                                    req_to_token.stride(0))
         if decode:
-            splits = torch.div(own_lens + KEYS_PER_DECODE_SPLIT - 1, KEYS_PER_DECODE_SPLIT, rounding_mode="floor")
-            self.num_kv_splits = splits.clamp(1, MAX_DECODE_SPLITS).to(torch.int32)
+            splits = (own_lens + KEYS_PER_DECODE_SPLIT - 1) // KEYS_PER_DECODE_SPLIT
+            self.num_kv_splits = splits.clamp(1, MAX_DECODE_SPLITS).to(device, torch.int32)
         else:
-            self.qo_indptr = torch.zeros(batch + 1, dtype=torch.int32, device=device)
-            self.qo_indptr[1:] = torch.cumsum(extend, 0)
+            qo_indptr = torch.zeros(batch + 1, dtype=torch.int32)
+            qo_indptr[1:] = torch.cumsum(torch.tensor(extend_lens), 0)
+            self.qo_indptr = qo_indptr.to(device)
             self.max_extend_len = max(extend_lens)
 
     def run(self, queries: torch.Tensor, k_extend: torch.Tensor | None, v_extend: torch.Tensor | None,

@@ -118,15 +118,17 @@ def test_sglang_own_token_kernels_match_dense_attention(decode, monkeypatch):
     v_buffer = torch.randn(OWN_POOL, KV_HEADS, DIM, generator=generator)
     req_to_token = (100 + torch.randperm(600, generator=generator)).to(torch.int32).view(5, 120)
     req_pool_indices = torch.tensor([3, 0, 4, 1])
-    own_starts = torch.tensor([100, 0, 37, 6])
+    own_starts = [100, 0, 37, 8]
     # Request 3 has no cached own token before its extend; in decode every request reads one
     # at least (its new token), request 2 reads 74 keys in 5 splits.
     extend_lens = [1, 1, 1, 1] if decode else [4, 3, 1, 2]
-    seq_lens = torch.tensor([103, 7, 110, 8]) + torch.tensor(extend_lens)
+    seq_lens = [prefix + extend for prefix, extend in zip([103, 7, 110, 8], extend_lens)]
     own = OwnTokenAttention(KV_HEADS * GROUP)
     own.plan(req_to_token, req_pool_indices, own_starts, seq_lens, extend_lens, decode=decode)
+    with pytest.raises(ValueError, match="own tokens must start within the sequence"):
+        own.plan(req_to_token, req_pool_indices, [200, 0, 37, 8], seq_lens, extend_lens, decode=decode)
     queries = torch.randn(sum(extend_lens), KV_HEADS * GROUP, DIM, generator=generator)
-    new_slots = torch.cat([req_to_token[row, int(end) - extend:int(end)].long()
+    new_slots = torch.cat([req_to_token[row, end - extend:end].long()
                            for row, end, extend in zip(req_pool_indices, seq_lens, extend_lens)])
     if decode:
         out, lse = own.run(queries, None, None, k_buffer, v_buffer, SCALING)
@@ -134,9 +136,9 @@ def test_sglang_own_token_kernels_match_dense_attention(decode, monkeypatch):
         out, lse = own.run(queries, k_buffer[new_slots], v_buffer[new_slots], k_buffer, v_buffer, SCALING)
     start = 0
     for row, own_start, seq_len, extend in zip(req_pool_indices, own_starts, seq_lens, extend_lens):
-        slots = req_to_token[row, int(own_start):int(seq_len)].long()
-        query_pos = torch.arange(int(seq_len) - extend, int(seq_len))
-        visible = torch.arange(int(own_start), int(seq_len))[None, :] <= query_pos[:, None]
+        slots = req_to_token[row, own_start:seq_len].long()
+        query_pos = torch.arange(seq_len - extend, seq_len)
+        visible = torch.arange(own_start, seq_len)[None, :] <= query_pos[:, None]
         expected_out, expected_lse = dense_own_states(queries[start:start + extend], k_buffer[slots],
                                                       v_buffer[slots], visible)
         torch.testing.assert_close(out[start:start + extend], expected_out, atol=1e-4, rtol=1e-4)
