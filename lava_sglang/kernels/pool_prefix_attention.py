@@ -35,7 +35,9 @@ import triton.language as tl
 
 from lava_sglang.kernels import launch
 from lava_sglang.kernels.attention_states import attention_with_lse
-from lava_sglang.kernels.prefix_attention import BLOCK_KEYS, MAX_BLOCK_ROWS, _merge_splits_kernel
+from lava_sglang.kernels.prefix_attention import (BLOCK_KEYS, MAX_BLOCK_ROWS, _merge_splits_kernel,
+                                                  check_positive_ints, empty_state, online_softmax_step, query_rows,
+                                                  request_rows, set_heads, store_state)
 
 
 @triton.jit
@@ -51,20 +53,13 @@ def _pool_prefix_attention_kernel(
     row_tile = tl.program_id(1)
     seq = work // max_splits
     split = (work % max_splits).to(tl.int64)  # its offset into the partial buffers can pass 2**31
-    request = seq // num_kv_heads
-    kv_head = seq % num_kv_heads
-    q_start = tl.load(qo_indptr_ptr + request)
-    num_rows = (tl.load(qo_indptr_ptr + request + 1) - q_start) * group
+    request, kv_head, q_start, num_rows = request_rows(qo_indptr_ptr, seq, num_kv_heads, group)
     if row_tile * BLOCK_M >= num_rows:
         return
-    rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_valid = rows < num_rows
-    tokens = (q_start + rows // group).to(tl.int64)
-    heads = kv_head * group + rows % group
+    q, tokens, heads, row_valid = query_rows(q_ptr, q_start, num_rows, row_tile, kv_head, group, stride_qt,
+                                             stride_qh, HEAD_DIM, BLOCK_M, BLOCK_D)
     dims = tl.arange(0, BLOCK_D)
     dim_valid = dims < HEAD_DIM
-    q = tl.load(q_ptr + tokens[:, None] * stride_qt + heads[:, None] * stride_qh + dims[None, :],
-                mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
 
     entry = tl.load(entry_of_request_ptr + request).to(tl.int64)
     has_entry = entry >= 0
@@ -76,9 +71,7 @@ def _pool_prefix_attention_kernel(
     start = first_row + split * keys_per_split
     end = tl.minimum(start + keys_per_split, end_row)
 
-    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    row_sum = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    row_max, row_sum, acc = empty_state(BLOCK_M, BLOCK_D)
     element = q_ptr.dtype.element_ty
     for key_start in range(start, end, BLOCK_N):
         flat_rows = key_start + tl.arange(0, BLOCK_N)
@@ -91,22 +84,11 @@ def _pool_prefix_attention_kernel(
         v_base = tl.load(v_pointers_ptr + buffers, mask=key_valid, other=0).to(tl.pointer_type(element))
         kv_mask = key_valid[:, None] & dim_valid[None, :]
         k = tl.load(k_base[:, None] + cells[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        logits = launch.dot(q, tl.trans(k)) * sm_scale
-        logits = tl.where(key_valid[None, :], logits, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(logits, axis=1))
-        rescale = tl.exp(row_max - new_max)
-        probs = tl.exp(logits - new_max[:, None])
-        row_sum = row_sum * rescale + tl.sum(probs, axis=1)
         v = tl.load(v_base[:, None] + cells[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        acc = acc * rescale[:, None] + launch.dot(probs.to(v.dtype), v)
-        row_max = new_max
-    # A chunk past the sequence's end (or no entry) keeps row_sum = 0: out 0, lse -inf.
-    nonzero_sum = tl.where(row_sum > 0, row_sum, 1.0)
-    out = acc / nonzero_sum[:, None]
-    lse = row_max + tl.log(nonzero_sum)
-    tl.store(out_ptr + split * stride_os + tokens[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :],
-             out, mask=row_valid[:, None] & dim_valid[None, :])
-    tl.store(lse_ptr + split * stride_ls + tokens * stride_lt + heads, lse, mask=row_valid)
+        row_max, row_sum, acc = online_softmax_step(q, k, v, key_valid, row_max, row_sum, acc, sm_scale)
+    # A chunk past the sequence's end (or no entry) stores an empty state: out 0, lse -inf.
+    store_state(out_ptr, lse_ptr, split, tokens, heads, row_valid, row_max, row_sum, acc,
+                stride_os, stride_ot, stride_oh, stride_ls, stride_lt, HEAD_DIM, BLOCK_D)
 
 
 def _buffer_pointers(name: str, buffers: list[torch.Tensor], first: torch.Tensor) -> torch.Tensor:
@@ -146,16 +128,8 @@ class PoolPrefixAttention:
         self.dtype = k_buffers[0].dtype
         self.num_layers = len(k_buffers)
         _, num_kv_heads, head_dim = k_buffers[0].shape
-        for name, value in (("num_q_heads", num_q_heads), ("max_rows", max_rows), ("max_splits", max_splits)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if num_q_heads % num_kv_heads:
-            raise ValueError(f"num_q_heads={num_q_heads} must be a multiple of num_kv_heads={num_kv_heads}")
-        self.num_q_heads = num_q_heads
-        self.num_kv_heads = num_kv_heads
-        self.group = num_q_heads // num_kv_heads
-        self.head_dim = head_dim
-        self.sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+        check_positive_ints(max_rows=max_rows, max_splits=max_splits)
+        set_heads(self, num_q_heads, num_kv_heads, head_dim, sm_scale)
         self.keys_per_split = -(-max(-(-max_rows // max_splits), BLOCK_KEYS) // BLOCK_KEYS) * BLOCK_KEYS
         self.max_splits = -(-max_rows // self.keys_per_split)
 

@@ -35,6 +35,67 @@ MAX_BLOCK_ROWS = 64
 
 
 @triton.jit
+def request_rows(qo_indptr_ptr, seq, num_kv_heads, group):
+    """Sequence `seq` = request * Hkv + KV head: its request, KV head, first query token and
+    query rows (tokens x the group's query heads)."""
+    request = seq // num_kv_heads
+    q_start = tl.load(qo_indptr_ptr + request)
+    return request, seq % num_kv_heads, q_start, (tl.load(qo_indptr_ptr + request + 1) - q_start) * group
+
+
+@triton.jit
+def empty_state(BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """The running max, sum and output before any key."""
+    return (tl.full([BLOCK_M], float("-inf"), tl.float32), tl.zeros([BLOCK_M], tl.float32),
+            tl.zeros([BLOCK_M, BLOCK_D], tl.float32))
+
+
+@triton.jit
+def query_rows(q_ptr, q_start, num_rows, row_tile, kv_head, group, stride_qt, stride_qh,
+               HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
+    """A program's query rows, (token, member of the KV head's group) token major: their q
+    [BLOCK_M, BLOCK_D], tokens, query heads and validity."""
+    rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < num_rows
+    tokens = (q_start + rows // group).to(tl.int64)
+    heads = kv_head * group + rows % group
+    dims = tl.arange(0, BLOCK_D)
+    q = tl.load(q_ptr + tokens[:, None] * stride_qt + heads[:, None] * stride_qh + dims[None, :],
+                mask=row_valid[:, None] & (dims < HEAD_DIM)[None, :], other=0.0)
+    return q, tokens, heads, row_valid
+
+
+@triton.jit
+def online_softmax_step(q, k, v, key_valid, row_max, row_sum, acc, sm_scale):
+    """Fold one block of keys and values into the running max, sum and output (flash
+    attention). A block has at least one valid key, so row_max is finite after the first and
+    the rescaling never sees -inf - -inf."""
+    logits = launch.dot(q, tl.trans(k)) * sm_scale
+    logits = tl.where(key_valid[None, :], logits, float("-inf"))
+    new_max = tl.maximum(row_max, tl.max(logits, axis=1))
+    rescale = tl.exp(row_max - new_max)
+    probs = tl.exp(logits - new_max[:, None])
+    row_sum = row_sum * rescale + tl.sum(probs, axis=1)
+    # As in FlashAttention: probabilities in the value dtype, products accumulated in fp32.
+    acc = acc * rescale[:, None] + launch.dot(probs.to(v.dtype), v)
+    return new_max, row_sum, acc
+
+
+@triton.jit
+def store_state(out_ptr, lse_ptr, split, tokens, heads, row_valid, row_max, row_sum, acc,
+                stride_os, stride_ot, stride_oh, stride_ls, stride_lt, HEAD_DIM: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Write a chunk's normalised output and LSE; an empty chunk (row_max = -inf, row_sum = 0)
+    gives out 0 and lse -inf."""
+    dims = tl.arange(0, BLOCK_D)
+    nonzero_sum = tl.where(row_sum > 0, row_sum, 1.0)
+    out = acc / nonzero_sum[:, None]
+    lse = row_max + tl.log(nonzero_sum)
+    tl.store(out_ptr + split * stride_os + tokens[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & (dims < HEAD_DIM)[None, :])
+    tl.store(lse_ptr + split * stride_ls + tokens * stride_lt + heads, lse, mask=row_valid)
+
+
+@triton.jit
 def _prefix_attention_kernel(
     q_ptr, k_ptr, v_ptr, qo_indptr_ptr, kv_indptr_ptr, kv_indices_ptr, work_seq_ptr, work_split_ptr,
     out_ptr, lse_ptr,
@@ -47,52 +108,26 @@ def _prefix_attention_kernel(
     row_tile = tl.program_id(1)
     seq = tl.load(work_seq_ptr + work)
     split = tl.load(work_split_ptr + work).to(tl.int64)  # offsets into the partial buffers can pass 2**31
-    request = seq // num_kv_heads
-    kv_head = seq % num_kv_heads
-    q_start = tl.load(qo_indptr_ptr + request)
-    num_rows = (tl.load(qo_indptr_ptr + request + 1) - q_start) * group
+    _, kv_head, q_start, num_rows = request_rows(qo_indptr_ptr, seq, num_kv_heads, group)
     if row_tile * BLOCK_M >= num_rows:
         return
-    # Rows of the program: (token, member of the group), token major.
-    rows = row_tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_valid = rows < num_rows
-    tokens = (q_start + rows // group).to(tl.int64)
-    heads = kv_head * group + rows % group
+    q, tokens, heads, row_valid = query_rows(q_ptr, q_start, num_rows, row_tile, kv_head, group, stride_qt,
+                                             stride_qh, HEAD_DIM, BLOCK_M, BLOCK_D)
     dims = tl.arange(0, BLOCK_D)
     dim_valid = dims < HEAD_DIM
-    q = tl.load(q_ptr + tokens[:, None] * stride_qt + heads[:, None] * stride_qh + dims[None, :],
-                mask=row_valid[:, None] & dim_valid[None, :], other=0.0)
-
-    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    row_sum = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    row_max, row_sum, acc = empty_state(BLOCK_M, BLOCK_D)
     start = tl.load(kv_indptr_ptr + seq) + split * keys_per_split
     end = tl.minimum(start + keys_per_split, tl.load(kv_indptr_ptr + seq + 1))
-    # Every block has at least one valid key (they start at `start`), so row_max is finite
-    # after the first block and the rescaling below never sees -inf - -inf.
     for key_start in range(start, end, BLOCK_N):
         positions = key_start + tl.arange(0, BLOCK_N)
         key_valid = positions < end
         cells = tl.load(kv_indices_ptr + positions, mask=key_valid, other=0).to(tl.int64)
         kv_mask = key_valid[:, None] & dim_valid[None, :]
         k = tl.load(k_ptr + cells[:, None] * stride_kcell + dims[None, :], mask=kv_mask, other=0.0)
-        logits = launch.dot(q, tl.trans(k)) * sm_scale
-        logits = tl.where(key_valid[None, :], logits, float("-inf"))
-        new_max = tl.maximum(row_max, tl.max(logits, axis=1))
-        rescale = tl.exp(row_max - new_max)
-        probs = tl.exp(logits - new_max[:, None])
-        row_sum = row_sum * rescale + tl.sum(probs, axis=1)
         v = tl.load(v_ptr + cells[:, None] * stride_vcell + dims[None, :], mask=kv_mask, other=0.0)
-        # As in FlashAttention: probabilities in the value dtype, products accumulated in fp32.
-        acc = acc * rescale[:, None] + launch.dot(probs.to(v.dtype), v)
-        row_max = new_max
-    # An empty chunk (or sequence) keeps row_max = -inf and row_sum = 0: out 0, lse -inf.
-    nonzero_sum = tl.where(row_sum > 0, row_sum, 1.0)
-    out = acc / nonzero_sum[:, None]
-    lse = row_max + tl.log(nonzero_sum)
-    tl.store(out_ptr + split * stride_os + tokens[:, None] * stride_ot + heads[:, None] * stride_oh + dims[None, :],
-             out.to(out_ptr.dtype.element_ty), mask=row_valid[:, None] & dim_valid[None, :])
-    tl.store(lse_ptr + split * stride_ls + tokens * stride_lt + heads, lse, mask=row_valid)
+        row_max, row_sum, acc = online_softmax_step(q, k, v, key_valid, row_max, row_sum, acc, sm_scale)
+    store_state(out_ptr, lse_ptr, split, tokens, heads, row_valid, row_max, row_sum, acc,
+                stride_os, stride_ot, stride_oh, stride_ls, stride_lt, HEAD_DIM, BLOCK_D)
 
 
 @triton.jit
@@ -137,6 +172,25 @@ def _device_int32(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device=device, dtype=torch.int32).contiguous()
 
 
+def check_positive_ints(**values) -> None:
+    for name, value in values.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+
+
+def set_heads(attention, num_q_heads: int, num_kv_heads: int, head_dim: int, sm_scale: float | None) -> None:
+    """Check and set what both prefix attentions share: head counts, the GQA group, head dim
+    and softmax scale (1/sqrt(d) by default)."""
+    check_positive_ints(num_q_heads=num_q_heads, num_kv_heads=num_kv_heads, head_dim=head_dim)
+    if num_q_heads % num_kv_heads:
+        raise ValueError(f"num_q_heads={num_q_heads} must be a multiple of num_kv_heads={num_kv_heads}")
+    attention.num_q_heads = num_q_heads
+    attention.num_kv_heads = num_kv_heads
+    attention.group = num_q_heads // num_kv_heads
+    attention.head_dim = head_dim
+    attention.sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+
+
 class CompressedPrefixAttention:
     """Batched attention over compressed prefixes: `plan` once per batch, `run` per layer.
 
@@ -146,16 +200,7 @@ class CompressedPrefixAttention:
     """
 
     def __init__(self, num_q_heads: int, num_kv_heads: int, head_dim: int, *, sm_scale: float | None = None):
-        for name, value in (("num_q_heads", num_q_heads), ("num_kv_heads", num_kv_heads), ("head_dim", head_dim)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-        if num_q_heads % num_kv_heads:
-            raise ValueError(f"num_q_heads={num_q_heads} must be a multiple of num_kv_heads={num_kv_heads}")
-        self.num_q_heads = num_q_heads
-        self.num_kv_heads = num_kv_heads
-        self.group = num_q_heads // num_kv_heads
-        self.head_dim = head_dim
-        self.sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
+        set_heads(self, num_q_heads, num_kv_heads, head_dim, sm_scale)
         self._planned = False
 
     def plan(self, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, *,
