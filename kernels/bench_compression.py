@@ -27,8 +27,8 @@ def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--documents", type=int, nargs="+", default=[8192, 32768], help="document lengths in tokens")
     parser.add_argument("--keep", type=float, nargs="+", default=[0.1, 0.2, 0.5], help="keep ratios")
-    parser.add_argument("--policy", default="lava", help="a window-scoring policy or spec: lava, lava:layer_budget=entropy, "
-                        "snapkv, ada_snapkv, pyramidkv")
+    parser.add_argument("--policy", default="lava", help="a window-scoring policy or spec: lava, "
+                        "lava:layer_budget=entropy, snapkv, ada_snapkv, pyramidkv")
     parser.add_argument("--layers", type=int, default=32)
     parser.add_argument("--heads", type=int, nargs=2, default=[32, 8], metavar=("HQ", "HKV"))
     parser.add_argument("--head-dim", type=int, default=128)

@@ -193,8 +193,8 @@ def main() -> None:
     print(f"keep = full: the baseline ({baseline_name}), timed eagerly; other rows: CompressedPrefixAttention.run "
           "(ms, x full, GB/s: its flat store). x full: time over the baseline's time for the same document and batch. "
           "splits: most chunks per sequence (split-K). pool ms: PoolPrefixAttention.run, the server's CUDA path, "
-          "eager; graph ms: replayed from a CUDA graph, the baseline's too (its row), and graph x full compares the two "
-          "replays (n/a off the GPU).")
+          "eager; graph ms: replayed from a CUDA graph, the baseline's too (its row), and graph x full compares "
+          "the two replays (n/a off the GPU).")
     if device.type != "cuda":
         print("CPU smoke run: the numbers only show the script works; they are not GPU measurements.")
 

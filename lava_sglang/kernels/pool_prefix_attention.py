@@ -210,7 +210,8 @@ def _token_request(qo_indptr: torch.Tensor, num_tokens: int) -> torch.Tensor:
 def pool_prefix_attention_reference(q: torch.Tensor, qo_indptr: torch.Tensor, entry_of_request: torch.Tensor,
                                     tables: tuple[torch.Tensor, ...],
                                     k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], *, layer: int,
-                                    num_kv_heads: int, sm_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                                    num_kv_heads: int,
+                                    sm_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """`PoolPrefixAttention.run` in torch: each (request, KV head)'s rows found through the
     tables on the host, dense attention over them; out in fp32."""
     head_offsets, slot_list, slot_base, num_slots = (table.cpu().long() for table in tables)

@@ -11,8 +11,9 @@ queries of long prefills for the compressor.
 
 The attention over compressed prefixes is `CompressedPrefixBatch`: on CUDA the Triton kernel
 of `lava_sglang.kernels.pool_prefix_attention` (the kept rows read in place from the pool
-through the store's layout tables, one launch per layer), elsewhere torch. The attention over the requests' own tokens is, on CUDA, SGLang's own Triton
-decode and extend kernels (`own_attention.py`, planned once per batch), elsewhere torch.
+through the store's layout tables, one launch per layer), elsewhere torch. The attention
+over the requests' own tokens is, on CUDA, SGLang's own Triton decode and extend kernels
+(`own_attention.py`, planned once per batch), elsewhere torch.
 Requests that use no compressed prefix in such a batch get exact ordinary attention from the
 same code.
 """
@@ -236,11 +237,12 @@ class CompressedPrefixBatch:
             self.table_rows = torch.tensor([entry.table_row if entry is not None else -1 for entry in entries],
                                            dtype=torch.int32, device=device)
             self.tables = tables.tables
+            self.max_q_len = max(extend_lens)
 
     def states(self, layer: int, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.kernel is not None:
             out, lse = self.kernel.run(queries.to(self.kernel.dtype).contiguous(), self.qo_indptr, self.table_rows,
-                                       self.tables, layer=layer, max_q_len=max(self.extend_lens))
+                                       self.tables, layer=layer, max_q_len=self.max_q_len)
             return out.float(), lse
         keys, values, visible = read_layer_padded([entry.layout for entry in self.distinct], layer,
                                                   self.kv_pool.k_buffer, self.kv_pool.v_buffer)

@@ -26,7 +26,7 @@ KV_POLICIES = (NONE, *sorted(name for name in POLICIES if name != "full"))
 # whose kernels the path also runs for each request's own tokens (`own_attention.py`).
 CPU_ATTENTION_BACKENDS = ("torch_native",)
 CUDA_ATTENTION_BACKENDS = ("triton", "torch_native")
-SUPPORTED_ATTENTION_BACKENDS = ("triton", "torch_native")  # every device's, wrapped at registration
+SUPPORTED_ATTENTION_BACKENDS = tuple(dict.fromkeys(CPU_ATTENTION_BACKENDS + CUDA_ATTENTION_BACKENDS))  # all wrapped
 # --cuda-graph-backend-{decode,prefill} value that turns a phase's CUDA graphs off: the
 # compressed-prefix path builds its metadata on the host per batch, which a graph replay skips.
 CUDA_GRAPHS_OFF = "disabled"
@@ -262,9 +262,14 @@ def from_namespace(args: argparse.Namespace) -> KvPolicyConfig:
     return config
 
 
+def is_cpu(device: str) -> bool:
+    """Whether `device` ("cpu", "cuda", "cuda:1", ...) is the CPU engine's."""
+    return device.partition(":")[0] == "cpu"
+
+
 def attention_backends_for(device: str) -> tuple[str, ...]:
-    """The attention backends the plugin serves with on `device` ("cpu", "cuda", "cuda:1", ...)."""
-    return CPU_ATTENTION_BACKENDS if device.partition(":")[0] == "cpu" else CUDA_ATTENTION_BACKENDS
+    """The attention backends the plugin serves with on `device`."""
+    return CPU_ATTENTION_BACKENDS if is_cpu(device) else CUDA_ATTENTION_BACKENDS
 
 
 def check_server_args(config: KvPolicyConfig, args: argparse.Namespace, device: str | None) -> None:
@@ -274,7 +279,7 @@ def check_server_args(config: KvPolicyConfig, args: argparse.Namespace, device: 
     if not config.enabled:
         return
     backends = attention_backends_for(device) if device is not None else SUPPORTED_ATTENTION_BACKENDS
-    on_accelerator = device is not None and backends != CPU_ATTENTION_BACKENDS
+    on_accelerator = device is not None and not is_cpu(device)
     graph_phases = [f"--{phase.replace('_', '-')} {getattr(args, phase)}" for phase in CUDA_GRAPH_PHASES
                     if on_accelerator and getattr(args, phase, None) not in (None, CUDA_GRAPHS_OFF)]
     refusals = [
@@ -284,8 +289,8 @@ def check_server_args(config: KvPolicyConfig, args: argparse.Namespace, device: 
          f"--radix-cache-backend {getattr(args, 'radix_cache_backend', None)}: the plugin is the radix cache"),
         ((getattr(args, "page_size", None) or 1) != 1, "--page-size > 1: the plugin supports page size 1"),
         (getattr(args, "attention_backend", None) not in (None, *backends),
-         f"--attention-backend {getattr(args, 'attention_backend', None)}: supported with a policy on {device or 'any device'}: "
-         f"{', '.join(backends)}"),
+         f"--attention-backend {getattr(args, 'attention_backend', None)}: supported with a policy on "
+         f"{device or 'any device'}: {', '.join(backends)}"),
         (bool(graph_phases), f"{', '.join(graph_phases)}: CUDA graphs replay a batch without the host work that "
          "builds the compressed prefixes' metadata; with a policy they are off"),
         (on_accelerator and getattr(args, "cuda_graph_config", None) is not None,
@@ -335,7 +340,7 @@ def server_arg_overrides(args: argparse.Namespace, device: str) -> dict[str, obj
     overrides: dict[str, object] = {"radix_cache_backend": RADIX_CACHE_BACKEND}
     if getattr(args, "attention_backend", None) is None:
         overrides["attention_backend"] = attention_backends_for(device)[0]
-    if device.partition(":")[0] == "cpu":
+    if is_cpu(device):
         return overrides
     if not getattr(args, "disable_overlap_schedule", False):
         overrides["disable_overlap_schedule"] = True

@@ -70,7 +70,8 @@ def test_kept_rows_land_in_their_cells(device, num_kv_heads, head_dim, dtype, us
     for layer, heads in enumerate(kept):
         keys, values = read_layer(layout, layer, k_buffers, v_buffers)
         # A copy: bit-exact in every dtype, in (head, position) order.
-        assert torch.equal(keys, torch.cat([k_buffers[layer][slots[p.to(device)], head] for head, p in enumerate(heads)]))
+        assert torch.equal(keys, torch.cat([k_buffers[layer][slots[p.to(device)], head]
+                                            for head, p in enumerate(heads)]))
         assert torch.equal(values, torch.cat([v_buffers[layer][slots[p.to(device)], head]
                                               for head, p in enumerate(heads)]))
         for buffer, cells in layout.layer_cells(layer):
@@ -96,7 +97,8 @@ def test_kernel_matches_torch_reference(device):
     src_heads = torch.repeat_interleave(torch.arange(3), torch.tensor([len(p) for p in kept[0]])).to(device)
     num_rows = positions.numel()
     dst_cells = torch.randperm(num_rows + 9, generator=torch.Generator().manual_seed(2))[:num_rows].to(device)
-    expected, actual = _stores(num_rows + 9, 64, torch.float32, device), _stores(num_rows + 9, 64, torch.float32, device)
+    expected = _stores(num_rows + 9, 64, torch.float32, device)
+    actual = _stores(num_rows + 9, 64, torch.float32, device)
     copy_rows_reference(k_buffers[0], v_buffers[0], *expected, slots[positions], src_heads, dst_cells)
     copy_rows(k_buffers[0], v_buffers[0], *actual, slots[positions], src_heads, dst_cells)
     assert torch.equal(actual[0], expected[0]) and torch.equal(actual[1], expected[1])
