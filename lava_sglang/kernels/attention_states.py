@@ -56,6 +56,40 @@ def flash_attention_with_lse(
     return out.view(num_kv_heads, group, num_rows, -1), lse.view(num_kv_heads, group, num_rows)
 
 
+def flash_extend_attention_with_lse(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Attention of the last T of S positions of one sequence over the S keys, causally
+    (query t sees keys 0 .. S - T + t): a request's extend over its cached and new tokens.
+    By PyTorch's CPU flash-attention kernel with no mask, in two calls merged by LSE: the
+    S - T cached keys, which every query sees (the group's G query heads folded into the
+    rows of their KV head, so keys are not repeated per query head), and the T new keys,
+    causal and square. None where the kernel does not apply (as `flash_attention_with_lse`).
+
+    query [Hkv, G, T, d]; keys, values [Hkv, S, d], S >= T. Returns out [Hkv, G, T, d] and
+    lse [Hkv, G, T].
+    """
+    flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    tensors = (query, keys, values)
+    if flash is None or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return None
+    num_kv_heads, group, num_rows, head_dim = query.shape
+    num_cached = keys.shape[1] - num_rows
+    if num_cached < 0:
+        raise ValueError(f"{num_rows} queries are the last of {keys.shape[1]} keys: need S >= T")
+    new_out, new_lse = flash(query.reshape(1, num_kv_heads * group, num_rows, head_dim),
+                             keys[None, :, num_cached:].repeat_interleave(group, dim=1),
+                             values[None, :, num_cached:].repeat_interleave(group, dim=1), 0.0, True, scale=scaling)
+    new_out = new_out.view(num_kv_heads, group, num_rows, -1)
+    new_lse = new_lse.view(num_kv_heads, group, num_rows)
+    if num_cached == 0:
+        return new_out, new_lse
+    cached_out, cached_lse = flash(query.reshape(1, num_kv_heads, group * num_rows, head_dim),
+                                   keys[None, :, :num_cached], values[None, :, :num_cached], 0.0, False, scale=scaling)
+    return merge_attention_states(cached_out.view(num_kv_heads, group, num_rows, -1),
+                                  cached_lse.view(num_kv_heads, group, num_rows), new_out, new_lse)
+
+
 def merge_attention_states(
     out_a: torch.Tensor, lse_a: torch.Tensor, out_b: torch.Tensor, lse_b: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -75,14 +75,16 @@ def combine_window_masses(masses: Sequence[torch.Tensor], combine: str) -> torch
     return stacked.amax(dim=0) if combine == "max" else stacked.mean(dim=0)
 
 
-def repeat_attention_max(probs: torch.Tensor) -> torch.Tensor:
-    """[Hq, T, m] attention of T repetition queries on the prefix -> [Hq, m], max over queries.
+def repeat_attention_max(log_probs: torch.Tensor) -> torch.Tensor:
+    """[Hq, T, m] log-attention of T repetition queries on the prefix -> [Hq, m] attention,
+    max over queries.
 
     KVzip scores a context token by the largest attention any repeating query pays it: each
     token is needed by (mostly) one query, the one that copies it, so a mean would dilute it
-    by the prefix length. Chunks of the repetition combine with `torch.maximum`.
+    by the prefix length. Chunks of the repetition combine with `torch.maximum`. exp is
+    monotone, so it is taken after the max, on m values per head instead of T x m.
     """
-    return probs.float().amax(dim=1)
+    return log_probs.float().amax(dim=1).exp_()
 
 
 def repeat_attention_chunk(queries: torch.Tensor, keys: torch.Tensor, first_position: int, prefix_len: int,
@@ -101,9 +103,9 @@ def repeat_attention_chunk(queries: torch.Tensor, keys: torch.Tensor, first_posi
                 repetition's own tokens up to itself.
     The softmax's normaliser (the log-sum-exp over those keys, `repeat_log_sum_exp`) is
     taken once, or given: `lse` [Hq, T], under "global" the LSE of the model's own attention
-    for these queries; then only the copied keys' logits are formed,
-    exp(q.k * scaling - lse), fp32, in blocks of query rows so that at most `max_logits`
-    logits exist at once.
+    for these queries; then only the copied keys' logits are formed, q.k * scaling - lse,
+    fp32 (exp taken after the max over queries), in blocks of query rows so that at most
+    `max_logits` logits exist at once.
     """
     num_q_heads, num_rows, head_dim = queries.shape
     num_kv_heads, num_keys, _ = keys.shape
@@ -135,9 +137,9 @@ def repeat_attention_chunk(queries: torch.Tensor, keys: torch.Tensor, first_posi
     result = None
     for block_start in range(0, num_rows, rows_per_block):
         rows = slice(block_start, block_start + rows_per_block)
-        logits = torch.einsum("hgtd,hsd->hgts", grouped[:, :, rows], copied_keys) * scaling
-        probs = torch.exp(logits - lse[:, :, rows, None]).flatten(0, 1)  # [Hq, rows, end - start]
-        block_max = repeat_attention_max(probs)
+        log_probs = torch.einsum("hgtd,hsd->hgts", grouped[:, :, rows], copied_keys)
+        log_probs.mul_(scaling).sub_(lse[:, :, rows, None])
+        block_max = repeat_attention_max(log_probs.flatten(0, 1))  # [Hq, rows, end - start] -> [Hq, end - start]
         result = block_max if result is None else torch.maximum(result, block_max)
     return result
 

@@ -22,7 +22,8 @@ from __future__ import annotations
 
 import torch
 
-from lava_sglang.kernels.attention_states import attention_with_lse, flash_attention_with_lse, merge_attention_states
+from lava_sglang.kernels.attention_states import (attention_with_lse, flash_extend_attention_with_lse,
+                                                  merge_attention_states)
 from lava_sglang.sglang_plugin.own_attention import OwnTokenAttention
 from lava_sglang.sglang_plugin.touchpoints import kv_write_loc
 from lava_sglang.store import LayoutTables, StoreEntry, read_layer_padded
@@ -159,13 +160,13 @@ def _own_states_extend(queries, layer, forward_batch, entries, prefix_lens, exte
         slots = _cache.req_to_token_pool.req_to_token[forward_batch.req_pool_indices[row], own_start:seq_len]
         own_keys = k_buffer[slots].transpose(0, 1).unsqueeze(0)
         own_values = v_buffer[slots].transpose(0, 1).unsqueeze(0)
-        query_pos = torch.arange(prefix_len, seq_len, device=queries.device)
-        key_pos = torch.arange(own_start, seq_len, device=queries.device)
-        visible = key_pos[None, :] <= query_pos[:, None]
-        flash = flash_attention_with_lse(query[0], own_keys[0], own_values[0], visible, layer.scaling)
+        flash = flash_extend_attention_with_lse(query[0], own_keys[0], own_values[0], layer.scaling)
         if flash is not None:
             out, lse = flash[0][None], flash[1][None]
         else:
+            query_pos = torch.arange(prefix_len, seq_len, device=queries.device)
+            key_pos = torch.arange(own_start, seq_len, device=queries.device)
+            visible = key_pos[None, :] <= query_pos[:, None]
             out, lse = attention_with_lse(query, own_keys, own_values, visible.view(1, 1, 1, extend_len, -1),
                                           layer.scaling)
         own_out[start:start + extend_len] = out[0].permute(2, 0, 1, 3).reshape(extend_len, num_q_heads, -1)

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from lava_sglang.kernels import attention_states
-from lava_sglang.kernels.attention_states import (attention_with_lse, flash_attention_with_lse, merge_attention_states,
-                                                  merge_states)
+from lava_sglang.kernels.attention_states import (attention_with_lse, flash_attention_with_lse,
+                                                  flash_extend_attention_with_lse, merge_attention_states, merge_states)
 
 
 def _states(num_tokens, num_heads, head_dim, dtype, device, seed=0):
@@ -117,3 +117,20 @@ def test_the_cpu_flash_kernel_gives_attention_with_lse_or_declines():
     torch.testing.assert_close(lse, expected_lse[0])
     assert flash_attention_with_lse(query.double(), keys.double(), values.double(), visible, 0.25) is None
 
+
+
+@pytest.mark.parametrize(("num_rows", "num_keys"), [(5, 12), (5, 5), (1, 9), (7, 8)])
+def test_the_flash_extend_attends_causally_after_the_cached_keys(num_rows, num_keys):
+    # The last num_rows positions of a sequence over all its keys: every cached key seen by
+    # every query, the new keys causally (num_keys == num_rows: nothing cached).
+    generator = torch.Generator().manual_seed(4)
+    query = torch.randn(2, 3, num_rows, 16, generator=generator)
+    keys, values = (torch.randn(2, num_keys, 16, generator=generator) for _ in range(2))
+    visible = torch.arange(num_keys)[None, :] <= (num_keys - num_rows + torch.arange(num_rows))[:, None]
+    out, lse = flash_extend_attention_with_lse(query, keys, values, 0.25)
+    expected_out, expected_lse = attention_with_lse(query[None], keys[None], values[None], visible, 0.25)
+    torch.testing.assert_close(out, expected_out[0])
+    torch.testing.assert_close(lse, expected_lse[0])
+    assert flash_extend_attention_with_lse(query.double(), keys.double(), values.double(), 0.25) is None
+    with pytest.raises(ValueError, match="S >= T"):
+        flash_extend_attention_with_lse(query, keys[:, :num_rows - 1], values[:, :num_rows - 1], 0.25)

@@ -130,7 +130,7 @@ def test_repeat_scores_reduce_the_group_and_scale_by_the_value_norm():
 
 def test_repeat_attention_max_is_over_queries_and_chunks_combine_by_max():
     probs = torch.tensor([[[0.1, 0.9], [0.7, 0.3]]])  # [Hq=1, T=2, m=2]
-    assert repeat_attention_max(probs).tolist() == [[pytest.approx(0.7), pytest.approx(0.9)]]
+    assert repeat_attention_max(probs.log()).tolist() == [[pytest.approx(0.7), pytest.approx(0.9)]]
 
 
 def test_repeat_attention_chunk_is_the_causal_softmax_over_all_keys_in_any_block_size():
