@@ -132,6 +132,16 @@ class HeadShard:
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"head_shard.rank must be in [0, {self.world_size}), got {self.rank}")
 
+    @staticmethod
+    def check_policy(policy: Policy) -> None:
+        """Raise ValueError for a policy whose plan gathered scores cannot reproduce: LAVa's
+        entropy layer budgets with sinks (the sinks' scores are forced to inf after the
+        entropy is taken, so the gathered scores no longer give the entropy one process
+        computes)."""
+        if policy.uses_layer_entropy and getattr(policy, "sink_tokens", 0):
+            raise ValueError(f"{policy.name}: entropy layer budgets with sink_tokens > 0 cannot be planned over "
+                             f"sharded heads")
+
 
 class PlanBuilder:
     """Builds a `CompressionPlan` one layer at a time.
@@ -173,11 +183,7 @@ class PlanBuilder:
         self._num_q_heads: int | None = None
         if head_shard is not None:
             head_shard.validate()
-            if policy.uses_layer_entropy and getattr(policy, "sink_tokens", 0):
-                # The sinks' scores are forced to inf after the entropy is taken: gathered, they
-                # no longer give the entropy one process computes.
-                raise ValueError(f"{policy.name}: entropy layer budgets with sink_tokens > 0 cannot be planned over "
-                                 f"sharded heads")
+            head_shard.check_policy(policy)
         self.head_shard = head_shard
 
     @property

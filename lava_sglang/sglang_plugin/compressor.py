@@ -13,7 +13,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lava_sglang.policy import Branches, ObservationWindow, PlanBuilder, Policy, Reconstruct, WindowPolicy
+from lava_sglang.policy import Branches, HeadShard, ObservationWindow, PlanBuilder, Policy, Reconstruct, WindowPolicy
 
 
 @dataclass
@@ -85,8 +85,8 @@ class WindowCapture:
 
 def plan_prefix(policy: Policy, budget: float | int, window_queries: list[torch.Tensor], k_buffers, v_buffers,
                 slots: torch.Tensor, keep_len: int, branch_windows: list[list[ObservationWindow]] | None = None,
-                repeat_attention: list[torch.Tensor] | None = None,
-                use_kernel: bool | None = None) -> list[list[torch.Tensor]]:
+                repeat_attention: list[torch.Tensor] | None = None, use_kernel: bool | None = None,
+                head_shard: HeadShard | None = None) -> list[list[torch.Tensor]]:
     """Kept positions per (layer, KV head) among the first `keep_len` tokens of a prefix.
 
     The plan is made over all n = len(slots) tokens (the observation window ends at the last
@@ -97,14 +97,15 @@ def plan_prefix(policy: Policy, budget: float | int, window_queries: list[torch.
     [Hq, m], a repetition's attention on the prefix) replaces the windows (observe
     "reconstruct"). With `use_kernel` (default: on CUDA) the tail window's attention mass is
     the Triton `window_statistics` kernel's, read in place from the pool; the policy then
-    turns it into scores as it does the torch mass.
+    turns it into scores as it does the torch mass. With `head_shard` (tensor parallel) the
+    pool holds this rank's KV heads, and the plan is the single-process plan's rows for them.
     """
     seq_len = slots.numel()
     num_kv_heads = k_buffers[0].shape[1]
     use_kernel = slots.is_cuda if use_kernel is None else use_kernel
     observe = Reconstruct() if repeat_attention else Branches() if branch_windows else "tail"
     builder = PlanBuilder(policy, budget, seq_len=seq_len, num_layers=len(k_buffers), num_kv_heads=num_kv_heads,
-                          observe=observe)
+                          observe=observe, head_shard=head_shard)
     for layer, queries in enumerate(window_queries):
         values = v_buffers[layer][slots].transpose(0, 1).float()
         if repeat_attention:

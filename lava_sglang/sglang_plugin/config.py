@@ -304,7 +304,6 @@ def check_server_args(config: KvPolicyConfig, args: argparse.Namespace, device: 
          "batch-invariant kernels"),
         (getattr(args, "speculative_algorithm", None) is not None, "--speculative-algorithm: not supported"),
         (getattr(args, "enable_hierarchical_cache", False), "--enable-hierarchical-cache: not supported"),
-        ((getattr(args, "tp_size", 1) or 1) > 1, "--tp-size > 1: not supported"),
         ((getattr(args, "pp_size", 1) or 1) > 1, "--pp-size > 1: pipeline parallel is not supported"),
         ((getattr(args, "ep_size", 1) or 1) > 1, "--ep-size > 1: expert parallel is not supported"),
         ((getattr(args, "nnodes", 1) or 1) > 1, "--nnodes > 1: a server on several nodes is not supported"),

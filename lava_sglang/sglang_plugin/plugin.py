@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
+from lava_sglang.policy import HeadShard
 from lava_sglang.sglang_plugin import attention, touchpoints
 from lava_sglang.sglang_plugin.config import (
     ENV_VAR,
@@ -34,6 +35,7 @@ def register() -> None:
     hooks.register(touchpoints.FROM_CLI_ARGS, _around_from_cli_args, hook_type.AROUND)
     hooks.register(touchpoints.INTERNAL_STATE, _after_internal_state, hook_type.AFTER)
     hooks.register(touchpoints.VALIDATE_REQUEST, _before_validate_request, hook_type.BEFORE)
+    hooks.register(touchpoints.PARALLEL_GROUP, _around_init_model_parallel_group, hook_type.AROUND)
     if KvPolicyConfig.from_env().enabled:  # in the processes the launcher spawns
         backends = touchpoints.attention_backends()
         for name in SUPPORTED_ATTENTION_BACKENDS:
@@ -86,6 +88,17 @@ def _before_validate_request(tokenizer_manager, obj, input_ids, *args, **kwargs)
         raise ValueError(f"input_ids contains token id {bad} outside the vocabulary [0, {vocab_size})")
 
 
+def _around_init_model_parallel_group(original, group_ranks, local_rank, backend, *args, **kwargs):
+    """Stock SGLang 0.5.23 asks for a PyNccl communicator on every platform but NPU and XPU,
+    and PyNccl fails on a CPU device (`Expected a cuda device, but got: cpu`), so a
+    `--tp-size` > 1 server does not start on the CPU engine. A gloo group is a CPU group:
+    unless the caller chose, it gets none, and its collectives fall back to
+    torch.distributed (`GroupCoordinator.all_reduce`'s CPU branch)."""
+    if backend == "gloo" and not args and kwargs.get("use_pynccl") is None:
+        kwargs["use_pynccl"] = False
+    return original(group_ranks, local_rank, backend, *args, **kwargs)
+
+
 def _after_internal_state(result, controller, *args, **kwargs):
     config = KvPolicyConfig.from_env()
     cache = attention.bound_cache()
@@ -101,11 +114,13 @@ def create_radix_cache(ctx):
     from lava_sglang.sglang_plugin.metrics import StoreMetrics
     from lava_sglang.sglang_plugin.radix_cache import LavaRadixCache
     from lava_sglang.sglang_plugin.repetition import RepetitionClient
+    from lava_sglang.sglang_plugin.tensor_parallel import TensorParallel
 
     config = KvPolicyConfig.from_env()
     if not config.enabled:
         raise ConfigError("--radix-cache-backend lava is chosen by --kv-policy; pass --kv-policy instead")
-    _check_model(ctx, config)
+    tensor_parallel = TensorParallel.of_this_scheduler()
+    _check_model(ctx, config, tensor_parallel)
     kv_pool = ctx.params.token_to_kv_pool_allocator.get_kvcache()
     metrics = StoreMetrics(enabled=bool(ctx.server_args.enable_metrics),
                            labels={"model_name": ctx.server_args.served_model_name})
@@ -113,14 +128,22 @@ def create_radix_cache(ctx):
     repetitions = (RepetitionClient(server_args.url(), ctx.model_config.context_len, server_args.api_key,
                                     dp_rank=touchpoints.dp_rank())
                    if config.observe == RECONSTRUCT else None)
-    cache = LavaRadixCache(ctx.params, config=config, kv_pool=kv_pool, metrics=metrics, repetition_client=repetitions)
+    cache = LavaRadixCache(ctx.params, config=config, kv_pool=kv_pool, metrics=metrics, repetition_client=repetitions,
+                           tensor_parallel=tensor_parallel)
     attention.bind(cache)
     logger.info("lava: KV policy %s, options %s", config.policy, config)
     return cache
 
 
-def _check_model(ctx, config: KvPolicyConfig) -> None:
-    """Refuse models and engine states the plugin cannot serve, at start-up, with the reason."""
+def _check_model(ctx, config: KvPolicyConfig, tensor_parallel=None) -> None:
+    """Refuse models and engine states the plugin cannot serve, at start-up, with the reason.
+    tensor_parallel: this scheduler's `TensorParallel`, None without."""
+    sharding_refusal = None
+    if tensor_parallel is not None:
+        try:
+            HeadShard.check_policy(config.make_policy())
+        except ValueError as error:
+            sharding_refusal = f"--tp-size {tensor_parallel.world_size}: {error}"
     model_config = ctx.model_config
     hf_config = model_config.hf_config
     backend = ctx.tp_worker.model_runner.attn_backend
@@ -137,6 +160,7 @@ def _check_model(ctx, config: KvPolicyConfig) -> None:
          f"KV pool {type(kv_pool).__name__} is not a plain per-layer K/V pool"),
         (not hasattr(backend, "compressed_prefix_path"),
          f"attention backend {type(backend).__name__}: supported: {', '.join(SUPPORTED_ATTENTION_BACKENDS)}"),
+        (sharding_refusal is not None, sharding_refusal),
     ]
     for refused, reason in refusals:
         if refused:

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import logging
 import time
+import uuid
 import weakref
 
 import torch
@@ -49,6 +50,7 @@ from lava_sglang.sglang_plugin.config import (BRANCHES, DEFERRED_OBSERVE_SOURCES
 from lava_sglang.sglang_plugin.metrics import StoreMetrics
 from lava_sglang.sglang_plugin.pending import PendingPrefix, RepetitionCost
 from lava_sglang.sglang_plugin.repetition import REPETITION_RID_PREFIX, RepetitionClient, RepetitionScores
+from lava_sglang.sglang_plugin.tensor_parallel import TensorParallel
 from lava_sglang.sglang_plugin.touchpoints import radix_cache_api, seconds_since_first_forward
 from lava_sglang.store import CellLayout, slots_needed, write_kept
 
@@ -65,9 +67,15 @@ def _rounded(seconds: float | None) -> float | None:
 
 class LavaRadixCache(CompressedRadixCache):
     def __init__(self, params, *, config: KvPolicyConfig, kv_pool, metrics: StoreMetrics | None = None,
-                 repetition_client: RepetitionClient | None = None):
+                 repetition_client: RepetitionClient | None = None, tensor_parallel: TensorParallel | None = None):
         self.config = config
         self.repetition_client = repetition_client  # sends the repetitions of --kv-observe reconstruct
+        self.tensor_parallel = tensor_parallel  # None, or what the TP ranks exchange to keep the same prefixes
+        # The repetitions' request ids: one random base per server (every TP rank must know
+        # them, and a client must not guess them), then a count.
+        self.repetition_rid_base = uuid.uuid4().hex if tensor_parallel is None else tensor_parallel.from_first_rank(
+            uuid.uuid4().hex)
+        self.repetitions_started = 0
         self.policy = config.make_policy()
         self.capture = WindowCapture(config.window, config.min_prefix)
         # A request whose match was cut to observe a shared prefix -> that prefix's key; weak, so
@@ -248,7 +256,9 @@ class LavaRadixCache(CompressedRadixCache):
                 scores = RepetitionScores.plan(
                     req.origin_input_ids, self.config.repetition(),
                     lambda text: req.tokenizer.encode(text, add_special_tokens=False), self.config.window,
-                    self.kv_pool.layer_num, getattr(req.tokenizer, "apply_chat_template", None))
+                    self.kv_pool.layer_num, getattr(req.tokenizer, "apply_chat_template", None),
+                    rid_base=f"{self.repetition_rid_base}-{self.repetitions_started}")
+                self.repetitions_started += 1
             except Exception as error:  # a tokenizer failure must not stop the scheduler
                 reason = f"the repeat instruction could not be tokenized ({error})"
         if scores is not None and max(map(len, scores.input_ids)) >= client.max_tokens:  # SGLang refuses >=
@@ -261,8 +271,14 @@ class LavaRadixCache(CompressedRadixCache):
         scores.pool_used_at_start = self.pool_used()
         for rid in scores.rids:
             self.repetitions[rid] = scores
-        client.submit(scores)
+        if self._sends_requests:
+            client.submit(scores)
         return scores
+
+    @property
+    def _sends_requests(self) -> bool:
+        """Whether this scheduler sends the repetition's requests (under tensor parallel, one rank does)."""
+        return self.tensor_parallel is None or self.tensor_parallel.sends_requests
 
     def _end_repetition(self, req, checkpointed: bool) -> int | None:
         """A repetition chunk's request was released: the length of the prefix it repeated
@@ -302,15 +318,21 @@ class LavaRadixCache(CompressedRadixCache):
         """Compress each pending prefix no request runs on any more that has heard from a
         branch or waited long enough; forget those that left the tree."""
         now = time.monotonic()
-        for pending in list(self.pending):
+        waiting = list(self.pending)
+        ready = [pending.ready(now) for pending in waiting]
+        scored = [pending.repetition is not None and pending.repetition.done for pending in waiting]
+        if self.tensor_parallel is not None:  # a rank's clock and its repetition's state: all ranks must agree
+            agreed = self.tensor_parallel.all_agree(ready + scored)
+            ready, scored = agreed[:len(waiting)], agreed[len(waiting):]
+        for pending, is_ready, is_scored in zip(waiting, ready, scored):
             full_key = pending.full_key
             slots, last_node = self.ordinary_slots(full_key)
             if slots.numel() != len(full_key) or self.already_compressed(full_key[:len(full_key) - 1]):
                 self._forget(pending)  # evicted while it waited, or compressed by another path
                 continue
-            if last_node.lock_ref > 0 or not pending.ready(now):
+            if last_node.lock_ref > 0 or not is_ready:
                 continue
-            repetition = pending.repetition if pending.repetition is not None and pending.repetition.done else None
+            repetition = pending.repetition if is_scored else None
             if pending.repetition is not None and repetition is None:
                 self.repetitions_cut_short += 1
                 logger.warning("lava: the repetition of a %d-token prefix scored %d of its %d tokens (%s); the prefix "
@@ -361,7 +383,7 @@ class LavaRadixCache(CompressedRadixCache):
             self.retired_repetitions[rid] = repetition.prefix_len
         while len(self.retired_repetitions) > MAX_RETIRED_REPETITION_RIDS:
             del self.retired_repetitions[next(iter(self.retired_repetitions))]
-        if any(running) and self.repetition_client is not None:
+        if any(running) and self.repetition_client is not None and self._sends_requests:
             self.repetition_client.abort(repetition)
 
     def _compress_shared_prefix(self, req, prefix_key) -> None:
@@ -413,10 +435,15 @@ class LavaRadixCache(CompressedRadixCache):
                            "uncompressed", len(self.store.entries), slots.numel())
             return None
         k_buffers, v_buffers = self.kv_pool.k_buffer, self.kv_pool.v_buffer
+        tensor_parallel = self.tensor_parallel
         kept = plan_prefix(self.policy, self.config.budget, window_queries, k_buffers, v_buffers, slots,
-                           keep_len=len(prefix_key), branch_windows=branch_windows, repeat_attention=repeat_attention)
+                           keep_len=len(prefix_key), branch_windows=branch_windows, repeat_attention=repeat_attention,
+                           head_shard=tensor_parallel.head_shard() if tensor_parallel is not None else None)
         kept_lengths = torch.tensor([[len(rows) for rows in heads] for heads in kept], dtype=torch.int64)
-        num_slots = slots_needed(int(kept_lengths.sum()), *kept_lengths.shape)
+        kept_rows = int(kept_lengths.sum())
+        # Every TP rank takes the slots the rank with the most rows needs: pools stay alike.
+        num_slots = slots_needed(kept_rows if tensor_parallel is None else tensor_parallel.largest(kept_rows),
+                                 *kept_lengths.shape)
         owned = self.alloc_slots(num_slots)
         if owned is None:
             logger.warning("lava: no room for %d slots to compress a %d-token prefix; kept uncompressed",

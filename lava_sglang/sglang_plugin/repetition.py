@@ -82,11 +82,14 @@ class RepetitionScores:
 
     @classmethod
     def plan(cls, prefix_ids: Sequence[int], source: Reconstruct, encode: Callable[[str], list[int]], window: int,
-             num_layers: int, apply_chat_template: Callable | None = None) -> "RepetitionScores":
+             num_layers: int, apply_chat_template: Callable | None = None,
+             rid_base: str | None = None) -> "RepetitionScores":
         """The chunks of a prefix's repetition: those that copy selectable tokens (a chunk of
         the window alone would score nothing the plan reads). apply_chat_template: the
         tokenizer's, for `Reconstruct.chat_turn`; without a usable template the chunks are
-        introduced by the instruction alone (logged)."""
+        introduced by the instruction alone (logged). rid_base: what the chunks' request ids
+        start with, after REPETITION_RID_PREFIX (default: a random one); the ranks of one
+        tensor-parallel group plan the same repetition with the same one."""
         assistant_turn = ""
         if source.chat_turn:
             try:
@@ -99,7 +102,7 @@ class RepetitionScores:
         prefix_ids = list(prefix_ids)
         prefix_len = len(prefix_ids)
         selectable = prefix_len - min(window, prefix_len)
-        base = REPETITION_RID_PREFIX + uuid.uuid4().hex
+        base = REPETITION_RID_PREFIX + (rid_base or uuid.uuid4().hex)
         chunks, input_ids = [], []
         for index, (start, end) in enumerate(repeat_chunks(prefix_len, source.chunk_tokens)):
             if start >= selectable:

@@ -14,6 +14,9 @@ FROM_CLI_ARGS = "sglang.srt.server_args.ServerArgs.from_cli_args"  # validate th
 VALIDATE_REQUEST = (  # reject token ids outside the vocabulary (they crash the scheduler)
     "sglang.srt.managers.tokenizer_manager.TokenizerManager._validate_one_request"
 )
+PARALLEL_GROUP = (  # a gloo (CPU) group gets no PyNccl communicator: the CPU engine's tensor parallel
+    "sglang.srt.distributed.parallel_state.init_model_parallel_group"
+)
 INTERNAL_STATE = (  # /server_info -> internal_states[i]["lava_kv_policy"]
     "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController.get_internal_state"
 )
@@ -56,6 +59,13 @@ def dp_rank() -> int | None:
     from sglang.srt.runtime_context import get_parallel
 
     return get_parallel().dp_rank
+
+
+def tp_group():
+    """This scheduler's tensor-parallel group (SGLang's `GroupCoordinator`)."""
+    from sglang.srt.distributed.parallel_state import get_tp_group
+
+    return get_tp_group()
 
 
 def attention_backends() -> dict:

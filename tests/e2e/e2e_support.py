@@ -58,6 +58,23 @@ def ask_over_http(url: str, document: Document, questions: Iterable[int], max_to
         return list(branches.map(branch, suffixes))
 
 
+def run_record(policy: str, options: dict, prefix_len: int, visits) -> dict:
+    """A server run on one document as `reference_answers` reads it: `options` the server's
+    /server_info policy options; `visits` per visit (questions, answers, meta infos), the
+    first visit committing the document, the later ones finding it cached."""
+    keys = ("budget", "window", "pool_kernel", "alpha", "observe", "observe_chunk", "observe_normalize",
+            "observe_prompt")
+    return {"policy": policy, "kv_policy_options": {key: options[key] for key in keys},
+            "visit_records": [{"visit": visit, "document": 0, "prefix_tokens": prefix_len,
+                               "commit_cached_tokens": 0 if visit == 0 else prefix_len - 1}
+                              for visit in range(len(visits))],
+            "question_records": [{"visit": visit, "document": 0, "question": question, "answer": answer,
+                                  "expected": None, "correct": None, "cached_tokens": meta["cached_tokens"],
+                                  "prompt_tokens": meta["prompt_tokens"]}
+                                 for visit, (questions, answers, metas) in enumerate(visits)
+                                 for question, answer, meta in zip(questions, answers, metas)]}
+
+
 def kv_state(url: str) -> dict:
     """/server_info's `lava_kv_policy`: the plugin's options and its store and pool counters."""
     return requests.get(url + "/server_info", timeout=60).json()["internal_states"][0]["lava_kv_policy"]

@@ -15,7 +15,7 @@ import time
 
 import pytest
 import requests
-from e2e_support import ask, kv_state
+from e2e_support import ask, kv_state, run_record
 
 from lava_sglang.bench.documents import prompt_parts, retrieval_documents
 from lava_sglang.policy import Reconstruct, assistant_turn_text
@@ -104,18 +104,9 @@ def test_a_document_is_compressed_once_by_its_repetition(server, policy, documen
     from lava_sglang.reference import ReferenceRuntime
 
     options = kv_state(server.url)
-    record = {"policy": policy,
-              "kv_policy_options": {key: options[key] for key in ("budget", "window", "pool_kernel", "alpha", "observe",
-                                                                  "observe_chunk", "observe_normalize", "observe_prompt")},
-              "visit_records": [{"visit": visit, "document": 0, "prefix_tokens": prefix_tokens,
-                                 "commit_cached_tokens": cached} for visit, cached in ((0, 0), (1, prefix_tokens - 1))],
-              # The first visit's branches ran on the full prefix, the second visit's on the copy.
-              "question_records": [{"visit": visit, "document": 0, "question": q, "answer": answer, "expected": None,
-                                    "correct": None, "cached_tokens": meta["cached_tokens"],
-                                    "prompt_tokens": meta["prompt_tokens"]}
-                                   for visit, questions, visit_answers, visit_meta in
-                                   ((0, range(2), answers, meta_info), (1, range(1, 4), later, later_meta))
-                                   for q, answer, meta in zip(questions, visit_answers, visit_meta)]}
+    # The first visit's branches ran on the full prefix, the second visit's on the copy.
+    record = run_record(policy, options, prefix_tokens, [(range(2), answers, meta_info),
+                                                         (range(1, 4), later, later_meta)])
     rows = reference_answers(ReferenceRuntime.load(smollm2_path, window=options["window"]), [document], record,
                              ANSWER_TOKENS, progress=False)
     assert [row["compressed"] for row in rows] == [False] * 2 + [True] * 3

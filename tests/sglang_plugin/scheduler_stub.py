@@ -36,14 +36,14 @@ class SchedulerStub:
     """One LavaRadixCache, its pools and the requests that hold KV rows."""
 
     def __init__(self, config: KvPolicyConfig, pool_size: int = 4096, max_requests: int = 16,
-                 context_len: int = 2048):
+                 context_len: int = 2048, tensor_parallel=None):
         self.pool_size = pool_size
         self.kv_pool = MHATokenToKVPool(pool_size, 1, torch.float32, KV_HEADS, HEAD_DIM, LAYERS, "cpu", False)
         self.allocator = TokenToKVPoolAllocator(pool_size, torch.float32, "cpu", self.kv_pool, False)
         self.req_to_token_pool = ReqToTokenPool(max_requests, context_len, "cpu", False)
         params = CacheInitParams(disable=False, req_to_token_pool=self.req_to_token_pool,
                                  token_to_kv_pool_allocator=self.allocator, page_size=1)
-        self.cache = LavaRadixCache(params, config=config, kv_pool=self.kv_pool)
+        self.cache = LavaRadixCache(params, config=config, kv_pool=self.kv_pool, tensor_parallel=tensor_parallel)
         self.running: list[Req] = []
         self.generator = torch.Generator().manual_seed(0)
         self._next_rid = 0

@@ -62,3 +62,27 @@ def test_a_declared_but_unused_sliding_window_is_accepted():
     # Qwen2-style configs carry a sliding_window size with use_sliding_window = False.
     _check_model(server_context(**{"model_config.hf_config": SimpleNamespace(sliding_window=4096,
                                                                               use_sliding_window=False)}), LAVA)
+
+
+def test_under_tensor_parallel_a_policy_gathered_scores_cannot_plan_is_refused():
+    # LAVa's entropy layer budgets with sinks: the sinks' scores are forced after the entropy is taken.
+    tensor_parallel = SimpleNamespace(world_size=3)
+    _check_model(server_context(), KvPolicyConfig(policy="lava:layer_budget=entropy"), tensor_parallel)
+    with pytest.raises(ConfigError, match=r"--tp-size 3: lava: entropy layer budgets with sink_tokens > 0 cannot"):
+        _check_model(server_context(), KvPolicyConfig(policy="lava:layer_budget=entropy,sink_tokens=4"),
+                     tensor_parallel)
+    _check_model(server_context(), KvPolicyConfig(policy="lava:layer_budget=entropy,sink_tokens=4"))
+
+
+@pytest.mark.parametrize("backend, given, expected", [
+    ("gloo", {}, False),  # the CPU engine's groups: no PyNccl
+    ("gloo", {"use_pynccl": True}, True),  # the caller's choice stands
+    ("nccl", {}, None),  # a GPU group: SGLang decides
+])
+def test_a_cpu_parallel_group_gets_no_pynccl_communicator(backend, given, expected):
+    from lava_sglang.sglang_plugin.plugin import _around_init_model_parallel_group
+
+    def original(group_ranks, local_rank, backend, use_pynccl=None, **kwargs):
+        return use_pynccl
+
+    assert _around_init_model_parallel_group(original, [[0, 1, 2]], 0, backend, **given) is expected

@@ -7,13 +7,16 @@ from __future__ import annotations
 import logging
 
 import pytest
+import torch
 from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 from sglang.test.test_utils import published_topology
 
 from lava_sglang.sglang_plugin.config import FORK, SHARED, KvPolicyConfig
 from lava_sglang.sglang_plugin.compressed_tree import CompressedNode
+from lava_sglang.sglang_plugin.tensor_parallel import TensorParallel
+from lava_sglang.store import slots_needed
 
-from scheduler_stub import SchedulerStub
+from scheduler_stub import KV_HEADS, LAYERS, SchedulerStub
 
 WINDOW, MIN_PREFIX = 8, 64
 
@@ -253,6 +256,42 @@ def test_under_observe_branches_a_commit_waits_for_its_branches_then_is_compress
     assert not stub.cache.pending and stub.cache.evictable_size() == node_slots(node)
     later = run(stub, document(0) + question(2))
     assert later.prefix_len == 199
+    assert_all_released(stub)
+
+
+class OtherRank:
+    """The TP group of rank 0 of 2 (SGLang's GroupCoordinator's calls), the other rank played
+    by hand: its scores are rank 0's, and it says what `ready` and `rows` say."""
+
+    def __init__(self):
+        self.ready = False  # what it says about each waiting prefix
+        self.rows = 0  # the rows its share of a plan keeps
+
+    def all_gather(self, scores, dim):
+        return torch.cat([scores, scores], dim=dim)
+
+    def all_gather_object(self, value):
+        if isinstance(value, list):  # TensorParallel.all_agree's flags
+            return [value, [self.ready] * len(value)]
+        return [value, self.rows]  # TensorParallel.largest
+
+    def broadcast_object(self, value, src):
+        return value
+
+
+def test_under_tensor_parallel_a_prefix_waits_for_every_rank_and_takes_the_largest_ranks_slots():
+    group = OtherRank()
+    tensor_parallel = TensorParallel(rank=0, world_size=2, group=group)
+    stub = SchedulerStub(KvPolicyConfig(policy="lava", window=WINDOW, min_prefix=MIN_PREFIX, observe="branches"),
+                         tensor_parallel=tensor_parallel)
+    commit(stub, document(0))
+    run(stub, document(0) + question(0))  # its branch: ready here, not on the other rank
+    assert not stub.compressed_nodes() and len(stub.cache.pending) == 1
+    group.ready, group.rows = True, 600  # the other rank's heads keep many more rows than this rank's
+    run(stub, document(1, length=20))  # any release looks at the waiting prefixes again
+    (node,) = stub.compressed_nodes()
+    assert node.entry.layout.kept_rows < 300
+    assert node_slots(node) == slots_needed(600, LAYERS, KV_HEADS)
     assert_all_released(stub)
 
 
