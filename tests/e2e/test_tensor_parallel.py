@@ -2,7 +2,8 @@
 one per rank. Each rank scores only its head; the plan is made from every rank's gathered
 scores, so each rank keeps exactly the rows the single-process plan keeps for its head, all
 ranks take the same number of slots, and the document is compressed on every rank in the
-same scheduler step. Three ranks on two cores are slow; one document and two programs do.
+same scheduler step; a second document that does not fit beside the first evicts it on
+every rank. Three ranks on two cores are slow; two documents and three programs do.
 """
 
 from __future__ import annotations
@@ -21,10 +22,20 @@ pytestmark = pytest.mark.model
 TP_SIZE = 3
 ANSWER_TOKENS = 12
 REPEAT_CHUNK = 256
+# One ~700-token document's first visit (its prefix, branches and a repetition chunk, ~1,060
+# slots) fits; a second one's does not beside the first's compressed copy (~190 slots).
+POOL_TOKENS = 1100
 SERVER_ARGS = ["--kv-policy", "lava", "--dtype", "float32", "--enable-cache-report", "--kv-budget", "0.25",
                "--kv-observe-wait", "300", "--kv-observe-chunk", str(REPEAT_CHUNK), "--context-length", "1024",
-               "--tp-size", str(TP_SIZE)]
+               "--tp-size", str(TP_SIZE), "--max-total-tokens", str(POOL_TOKENS)]
 COMPRESSED = re.compile(r"TP(\d)\] lava: compressed prefix (\d+): (\d+) tokens, .* \((\d+) rows in (\d+) slots\)")
+EVICTED = re.compile(r"TP(\d)\] lava: evicted compressed prefix (\d+) ")
+
+
+def wait_for_compressions(url: str, count: int, timeout: float = 600) -> None:
+    deadline = time.monotonic() + timeout
+    while kv_state(url)["store"]["compressions"] < count and time.monotonic() < deadline:
+        time.sleep(1)
 
 
 @pytest.fixture(scope="module")
@@ -33,13 +44,12 @@ def server(smollm2_path, tmp_path_factory):
         yield server
 
 
-def test_every_rank_keeps_its_heads_rows_of_the_single_process_plan(server, tokenizer, smollm2_path):
+def test_every_rank_keeps_its_heads_rows_of_the_single_process_plan_and_evicts_it_with_the_others(
+        server, tokenizer, smollm2_path):
     document = planted_documents(tokenizer, 600, [2])[0]
     prefix_len = prefix_tokens(tokenizer, document)
     first, first_meta = ask(server.url, document, range(2), ANSWER_TOKENS)
-    deadline = time.monotonic() + 600
-    while kv_state(server.url)["store"]["compressions"] < 1 and time.monotonic() < deadline:
-        time.sleep(1)
+    wait_for_compressions(server.url, 1)
     later, later_meta = ask(server.url, document, range(1, 3), ANSWER_TOKENS)
     assert all(meta["cached_tokens"] >= prefix_len - 1 for meta in later_meta)  # the compressed copy
     stats = kv_state(server.url)["store"]
@@ -81,3 +91,15 @@ def test_every_rank_keeps_its_heads_rows_of_the_single_process_plan(server, toke
     rows = reference_answers(runtime, [document], record, ANSWER_TOKENS, progress=False)
     assert [row["compressed"] for row in rows] == [False, False, True, True]
     assert all(row["identical"] for row in rows), [(row["server_answer"], row["reference_answer"]) for row in rows]
+
+    # A second document does not fit beside the first's copy: the first is evicted on every
+    # rank, and the second compressed on every rank, in the same slots.
+    other = planted_documents(tokenizer, 600, [3])[0]
+    ask(server.url, other, range(2), ANSWER_TOKENS)
+    wait_for_compressions(server.url, 2)
+    stats = kv_state(server.url)["store"]
+    assert (stats["compressions"], stats["evictions"], stats["entries"]) == (2, 1, 1)
+    log = server.log_path.read_text()
+    assert sorted(EVICTED.findall(log)) == [(str(rank), "0") for rank in range(TP_SIZE)]
+    second = {rank: slots for rank, entry, _, _, slots in COMPRESSED.findall(log) if entry == "1"}
+    assert sorted(second) == [str(rank) for rank in range(TP_SIZE)] and len(set(second.values())) == 1
