@@ -299,8 +299,7 @@ def _score_repetitions(layer, forward_batch, q, lse, entries, prefix_lens, exten
                                  pool_used, lse=lse[rows])
             except Exception as error:  # e.g. out of memory: the prefix falls back to its tail, the server serves on
                 scores.failed = f"scoring failed: {error}"
-                for chunk_rid in scores.rids:
-                    _cache.repetitions.pop(chunk_rid, None)
+                _cache.retire_repetition(scores)  # its chunks' tokens are still freed, its rids still matched
         start += extend_len
 
 

@@ -305,9 +305,10 @@ def check_server_args(config: KvPolicyConfig, args: argparse.Namespace, device: 
         (getattr(args, "speculative_algorithm", None) is not None, "--speculative-algorithm: not supported"),
         (getattr(args, "enable_hierarchical_cache", False), "--enable-hierarchical-cache: not supported"),
         ((getattr(args, "pp_size", 1) or 1) > 1, "--pp-size > 1: pipeline parallel is not supported"),
-        ((getattr(args, "attn_dp_size", 1) or 1) > 1 or getattr(args, "enable_dp_attention", False),
-         "--attn-dp-size > 1 (--enable-dp-attention): attention data parallel schedules different requests on the "
-         "ranks of one tensor-parallel group, whose caches must take the same decisions"),
+        (any((getattr(args, name, 1) or 1) > 1 for name in ("attn_dp_size", "dwdp_size"))
+         or getattr(args, "enable_dp_attention", False),
+         "--attn-dp-size/--dwdp-size > 1 (--enable-dp-attention): attention data parallel schedules different "
+         "requests on the ranks of one tensor-parallel group, whose caches must take the same decisions"),
         ((getattr(args, "attn_cp_size", 1) or 1) > 1 or (getattr(args, "dcp_size", 1) or 1) > 1,
          "--attn-cp-size/--dcp-size > 1: context parallel splits a prefix's tokens over ranks; a compressed "
          "prefix's rows are not split"),

@@ -138,13 +138,19 @@ def create_radix_cache(ctx):
 def _check_model(ctx, config: KvPolicyConfig, tensor_parallel=None) -> None:
     """Refuse models and engine states the plugin cannot serve, at start-up, with the reason.
     tensor_parallel: this scheduler's `TensorParallel`, None without."""
+    model_config = ctx.model_config
     sharding_refusal = None
     if tensor_parallel is not None:
+        num_kv_heads = model_config.get_total_num_kv_heads()
+        if num_kv_heads % tensor_parallel.world_size:
+            # SGLang then gives ranks copies of shared KV heads, which a plan over all heads
+            # would count as distinct heads.
+            sharding_refusal = (f"--tp-size {tensor_parallel.world_size} must divide the model's {num_kv_heads} KV "
+                                "heads")
         try:
             HeadShard.check_policy(config.make_policy())
         except ValueError as error:
             sharding_refusal = f"--tp-size {tensor_parallel.world_size}: {error}"
-    model_config = ctx.model_config
     hf_config = model_config.hf_config
     backend = ctx.tp_worker.model_runner.attn_backend
     kv_pool = ctx.params.token_to_kv_pool_allocator.get_kvcache()

@@ -94,7 +94,7 @@ class LavaRadixCache(CompressedRadixCache):
     def reset(self):
         for repetition in self._live_repetitions():
             repetition.failed = "the cache was flushed"
-            self._retire(repetition)
+            self.retire_repetition(repetition)
         self.capture.clear()
         self.shared_prefix_keys.clear()
         self.pending = []
@@ -117,6 +117,11 @@ class LavaRadixCache(CompressedRadixCache):
             "repetition_cost": self.repetition_cost.stats(),
         }
 
+    def _repeated_len(self, rid: str) -> int | None:
+        """The prefix length a repetition chunk's request repeats, live or stopped; None for others."""
+        scores = self.repetitions.get(rid)
+        return scores.prefix_len if scores is not None else self.retired_repetitions.get(rid)
+
     def _live_repetitions(self) -> list[RepetitionScores]:
         """The repetitions under way, each once (`repetitions` is keyed by chunk request id)."""
         return list({id(scores): scores for scores in self.repetitions.values()}.values())
@@ -125,11 +130,12 @@ class LavaRadixCache(CompressedRadixCache):
 
     def match_prefix(self, params):
         req = params.req
-        repetition = self.repetitions.get(req.rid) if req is not None and isinstance(req.rid, str) else None
-        if repetition is not None and len(params.key) > repetition.prefix_len:
+        repeated_len = self._repeated_len(req.rid) if req is not None and isinstance(req.rid, str) else None
+        if repeated_len is not None and len(params.key) > repeated_len:
             # A repetition chunk reuses the prefix only: a longer match (a branch's first token
             # can equal the instruction's) would leave repetition queries uncomputed, unscored.
-            return super().match_prefix(MatchPrefixParams(key=params.key[:repetition.prefix_len], req=req))
+            # A stopped repetition's chunk that still runs is matched alike, as on every TP rank.
+            return super().match_prefix(MatchPrefixParams(key=params.key[:repeated_len], req=req))
         if req is not None and self._needs_commit_window(req):
             # A fork commit of a prefix already in the tree (cached by plain requests) would
             # recompute only its last token: it recomputes its last `window`, whose queries observe it.
@@ -288,7 +294,7 @@ class LavaRadixCache(CompressedRadixCache):
             return self.retired_repetitions.pop(req.rid, None)  # its repetition was stopped meanwhile
         scores.end_chunk(req.rid, checkpointed)
         if scores.failed is not None:
-            self._retire(scores)
+            self.retire_repetition(scores)
             logger.warning("lava: repetition of a %d-token prefix stopped (%s); the prefix is compressed by its "
                            "tail", scores.prefix_len, scores.failed)
         return scores.prefix_len
@@ -372,9 +378,9 @@ class LavaRadixCache(CompressedRadixCache):
         """Stop waiting for `pending`; a repetition of it still queued or running is aborted."""
         self.pending.remove(pending)
         if pending.repetition is not None:
-            self._retire(pending.repetition)
+            self.retire_repetition(pending.repetition)
 
-    def _retire(self, repetition: RepetitionScores) -> None:
+    def retire_repetition(self, repetition: RepetitionScores) -> None:
         """Stop a repetition: no further chunk is sent, a queued or running one is aborted, and
         a chunk that still runs (an abort can miss a request not yet registered) has its
         tokens freed when it is released."""

@@ -18,7 +18,8 @@ def server_context(**changes):
     context = SimpleNamespace(
         is_hybrid_swa=False, is_hybrid_ssm=False, is_dsa=False,
         model_config=SimpleNamespace(attention_arch="AttentionArch.MHA", context_len=8192,
-                                     hf_config=SimpleNamespace(sliding_window=None)),
+                                     hf_config=SimpleNamespace(sliding_window=None),
+                                     get_total_num_kv_heads=lambda: 3),
         tp_worker=SimpleNamespace(model_runner=SimpleNamespace(
             attn_backend=SimpleNamespace(compressed_prefix_path=object()))),
     )
@@ -62,6 +63,13 @@ def test_a_declared_but_unused_sliding_window_is_accepted():
     # Qwen2-style configs carry a sliding_window size with use_sliding_window = False.
     _check_model(server_context(**{"model_config.hf_config": SimpleNamespace(sliding_window=4096,
                                                                               use_sliding_window=False)}), LAVA)
+
+
+def test_under_tensor_parallel_the_ranks_must_split_the_kv_heads():
+    # Fewer KV heads than ranks: SGLang gives ranks copies of shared heads, not a share.
+    _check_model(server_context(), LAVA, SimpleNamespace(world_size=3))
+    with pytest.raises(ConfigError, match="--tp-size 2 must divide the model's 3 KV heads"):
+        _check_model(server_context(), LAVA, SimpleNamespace(world_size=2))
 
 
 def test_under_tensor_parallel_a_policy_gathered_scores_cannot_plan_is_refused():

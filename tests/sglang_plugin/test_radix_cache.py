@@ -12,7 +12,9 @@ from sglang.srt.mem_cache.base_prefix_cache import EvictParams
 from sglang.test.test_utils import published_topology
 
 from lava_sglang.sglang_plugin.config import FORK, SHARED, KvPolicyConfig
+from lava_sglang.policy import Reconstruct
 from lava_sglang.sglang_plugin.compressed_tree import CompressedNode
+from lava_sglang.sglang_plugin.repetition import RepetitionScores
 from lava_sglang.sglang_plugin.tensor_parallel import TensorParallel
 from lava_sglang.store import slots_needed
 
@@ -292,6 +294,24 @@ def test_under_tensor_parallel_a_prefix_waits_for_every_rank_and_takes_the_large
     (node,) = stub.compressed_nodes()
     assert node.entry.layout.kept_rows < 300
     assert node_slots(node) == slots_needed(600, LAYERS, KV_HEADS)
+    assert_all_released(stub)
+
+
+def test_a_stopped_repetitions_chunk_that_still_runs_reuses_the_prefix_only_and_leaves_nothing():
+    # A repetition stopped while a chunk was queued (a scoring failure on one TP rank, an abort
+    # that missed): the chunk is matched and freed as a live one is, on every rank alike.
+    stub = make_stub(observe="reconstruct")
+    plain = run(stub, document(0))  # the document and two answer tokens (7, 8) in the tree
+    scores = RepetitionScores.plan(document(0), Reconstruct(chunk_tokens=64, chat_turn=False),
+                                   lambda text: [7, 9, 9], WINDOW, LAYERS, rid_base="stopped")
+    assert scores.input_ids[0][200:201] == [7] == list(plain.output_ids[:1])  # a longer match is there to take
+    stub.cache.retire_repetition(scores)
+    chunk = stub.prefill(stub.request(scores.input_ids[0], max_new_tokens=0, rid=scores.rids[0]))
+    assert chunk.prefix_len == 200
+    check(stub)
+    stub.finish(chunk)
+    check(stub)
+    assert stub.cache.evictable_size() == 202  # the chunk's own tokens are freed
     assert_all_released(stub)
 
 
