@@ -33,6 +33,15 @@ def attention_with_lse(
     return out, lse
 
 
+def _cpu_flash_attention(*tensors: torch.Tensor):
+    """PyTorch's CPU flash-attention op (it returns the LSE), or None where it does not apply:
+    a tensor not fp32 on the CPU, or the private op missing from this PyTorch."""
+    flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if flash is None or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+        return None
+    return flash
+
+
 def flash_attention_with_lse(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor] | None:
@@ -44,9 +53,8 @@ def flash_attention_with_lse(
     query [Hkv, G, T, d]; keys, values [Hkv, S, d]; visible [T, S], every row seeing a key.
     Returns out [Hkv, G, T, d] and lse [Hkv, G, T].
     """
-    flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    tensors = (query, keys, values)
-    if flash is None or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+    flash = _cpu_flash_attention(query, keys, values)
+    if flash is None:
         return None
     num_kv_heads, group, num_rows, head_dim = query.shape
     bias = torch.zeros(visible.shape, dtype=torch.float32).masked_fill_(~visible, float("-inf"))
@@ -69,9 +77,8 @@ def flash_extend_attention_with_lse(
     query [Hkv, G, T, d]; keys, values [Hkv, S, d], S >= T. Returns out [Hkv, G, T, d] and
     lse [Hkv, G, T].
     """
-    flash = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    tensors = (query, keys, values)
-    if flash is None or any(t.device.type != "cpu" or t.dtype != torch.float32 for t in tensors):
+    flash = _cpu_flash_attention(query, keys, values)
+    if flash is None:
         return None
     num_kv_heads, group, num_rows, head_dim = query.shape
     num_cached = keys.shape[1] - num_rows
