@@ -39,7 +39,7 @@ class CellLayout:
     slots: torch.Tensor
     kept_lengths: torch.Tensor
     head_offsets: torch.Tensor = field(init=False)
-    _layer_cells: dict = field(init=False, default_factory=dict, repr=False, compare=False)
+    _per_layer: dict = field(init=False, default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
         num_layers, num_kv_heads = self.kept_lengths.shape
@@ -78,25 +78,16 @@ class CellLayout:
 
     def layer_cells(self, layer: int) -> list[tuple[int, torch.Tensor]]:
         """`cells` of `layer`'s rows, computed once per layer (the attention reads them every step)."""
-        cached = self._layer_cells.get(layer)
+        cached = self._per_layer.get(layer)
         if cached is None:
-            cached = self._layer_cells[layer] = self.cells(*self.layer_rows(layer))
+            cached = self._per_layer[layer] = self.cells(*self.layer_rows(layer))
         return cached
 
-    def padded_layer_cells(self, layer: int) -> list[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """`layer_cells` with each row's (KV head, position among the head's rows), for reads
-        into a per-head padded grid: (buffer, cells, heads, positions) pieces, computed once."""
-        cached = self._layer_cells.get(("padded", layer))
+    def layer_head_bounds(self, layer: int) -> list[int]:
+        """`layer_head_indptr` as a list, computed once per layer (the attention reads it every step)."""
+        cached = self._per_layer.get(("heads", layer))
         if cached is None:
-            lengths = self.kept_lengths[layer]
-            heads = torch.repeat_interleave(torch.arange(self.num_kv_heads), lengths)
-            positions = torch.arange(heads.numel()) - self.layer_head_indptr(layer)[heads]
-            cached, done = [], 0
-            for buffer, cells in self.layer_cells(layer):
-                count = cells.numel()
-                cached.append((buffer, cells, heads[done:done + count], positions[done:done + count]))
-                done += count
-            self._layer_cells[("padded", layer)] = cached
+            cached = self._per_layer[("heads", layer)] = self.layer_head_indptr(layer).tolist()
         return cached
 
     def cells(self, start: int, stop: int) -> list[tuple[int, torch.Tensor]]:
@@ -166,38 +157,18 @@ def write_kept(layout: CellLayout, kept: list[list[torch.Tensor]], k_buffers, v_
 
 def read_layer(layout: CellLayout, layer: int, k_buffers, v_buffers) -> tuple[torch.Tensor, torch.Tensor]:
     """`layer`'s kept keys and values, [rows of the layer, head_dim] each, in (head, position)
-    order; split by `layout.layer_head_indptr(layer)`."""
+    order; split by `layout.layer_head_bounds(layer)`."""
     keys, values = [], []
     for buffer, cells in layout.layer_cells(layer):
-        keys.append(_flat(k_buffers[buffer])[cells.to(k_buffers[buffer].device)])
-        values.append(_flat(v_buffers[buffer])[cells.to(v_buffers[buffer].device)])
+        cells = cells.to(k_buffers[buffer].device)
+        keys.append(_flat(k_buffers[buffer]).index_select(0, cells))
+        values.append(_flat(v_buffers[buffer]).index_select(0, cells))
     if not keys:
         empty = k_buffers[0].new_empty((0, k_buffers[0].shape[-1]))
         return empty, empty
+    if len(keys) == 1:
+        return keys[0], values[0]
     return torch.cat(keys), torch.cat(values)
-
-
-def read_layer_padded(layouts: list[CellLayout], layer: int, k_buffers,
-                      v_buffers) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """`layer`'s kept rows of several prefixes, each KV head's rows padded to the longest:
-    keys, values [prefixes, Hkv, longest, head_dim] (zeros on padding) and visible
-    [prefixes, Hkv, longest] (False on padding). One gather per buffer piece, no per-step
-    index building: the attention reads this every decode step."""
-    lengths = torch.stack([layout.kept_lengths[layer] for layout in layouts])  # [P, Hkv]
-    num_prefixes, num_kv_heads = lengths.shape
-    longest = max(int(lengths.max()), 1)
-    head_dim = k_buffers[0].shape[-1]
-    keys = k_buffers[0].new_zeros((num_prefixes * num_kv_heads * longest, head_dim))
-    values = v_buffers[0].new_zeros((num_prefixes * num_kv_heads * longest, head_dim))
-    for index, layout in enumerate(layouts):
-        for buffer, cells, heads, positions in layout.padded_layer_cells(layer):
-            device = k_buffers[buffer].device
-            destination = ((index * num_kv_heads + heads) * longest + positions).to(device)
-            keys[destination] = _flat(k_buffers[buffer])[cells.to(device)]
-            values[destination] = _flat(v_buffers[buffer])[cells.to(device)]
-    visible = torch.arange(longest) < lengths[..., None]
-    shape = (num_prefixes, num_kv_heads, longest, head_dim)
-    return keys.view(shape), values.view(shape), visible.to(keys.device)
 
 
 class LayoutTables:

@@ -64,6 +64,22 @@ def flash_attention_with_lse(
     return out.view(num_kv_heads, group, num_rows, -1), lse.view(num_kv_heads, group, num_rows)
 
 
+def rows_attention_with_lse(
+    query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every query row attending to every key, no mask: query [R, d], keys and values [S, d]
+    (S >= 1). Returns out [R, d] and lse [R], fp32. PyTorch's CPU flash-attention kernel where
+    it applies (`flash_attention_with_lse`), else `attention_with_lse`."""
+    query, keys, values = query.float(), keys.float(), values.float()
+    flash = _cpu_flash_attention(query, keys, values)
+    if flash is not None:
+        out, lse = flash(query[None, None], keys[None, None], values[None, None], 0.0, False, scale=scaling)
+        return out[0, 0], lse[0, 0]
+    everything = torch.ones((), dtype=torch.bool, device=query.device)
+    out, lse = attention_with_lse(query[None, None, None], keys[None, None], values[None, None], everything, scaling)
+    return out[0, 0, 0], lse[0, 0, 0]
+
+
 def flash_extend_attention_with_lse(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor] | None:

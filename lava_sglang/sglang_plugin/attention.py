@@ -23,10 +23,10 @@ from __future__ import annotations
 import torch
 
 from lava_sglang.kernels.attention_states import (attention_with_lse, flash_extend_attention_with_lse,
-                                                  merge_attention_states)
+                                                  merge_attention_states, rows_attention_with_lse)
 from lava_sglang.sglang_plugin.own_attention import OwnTokenAttention
 from lava_sglang.sglang_plugin.touchpoints import kv_write_loc
-from lava_sglang.store import LayoutTables, StoreEntry, read_layer_padded
+from lava_sglang.store import LayoutTables, StoreEntry, read_layer
 
 _cache = None  # the scheduler process's LavaRadixCache, bound by the radix cache factory
 
@@ -61,7 +61,7 @@ class CompressedPrefixPath:
         self._entries: list[StoreEntry | None] = []
         self._repeating = False
         self._prefixes: CompressedPrefixBatch | None = None
-        self._own: OwnTokenAttention | None = None
+        self._own: OwnTokenAttention | OwnDecodeRows | None = None  # the own-token part's plan
 
     def _batch_entries(self, forward_batch) -> list[StoreEntry | None]:
         """The compressed prefix each request of the batch uses (None for none), from the
@@ -112,9 +112,15 @@ class CompressedPrefixPath:
         if use_kernels:
             out, lse = self._own_kernel_states(queries, k, v, layer, forward_batch, entries, prefix_lens, extend_lens,
                                                decode)
+        elif decode:
+            if self._own is None:
+                self._own = OwnDecodeRows(_cache.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
+                                          [entry.prefix_len if entry is not None else 0 for entry in entries],
+                                          [prefix_len + 1 for prefix_len in prefix_lens])
+            out, lse = self._own.states(queries, num_kv_heads, _cache.kv_pool.get_key_buffer(layer.layer_id),
+                                        _cache.kv_pool.get_value_buffer(layer.layer_id), layer.scaling)
         else:
-            own_states = _own_states_decode if decode else _own_states_extend
-            out, lse = own_states(queries, layer, forward_batch, entries, prefix_lens, extend_lens)
+            out, lse = _own_states_extend(queries, layer, forward_batch, entries, prefix_lens, extend_lens)
         if any(entries):
             if self._prefixes is None:
                 self._prefixes = CompressedPrefixBatch(entries, extend_lens, _cache.kv_pool, num_q_heads=num_q_heads,
@@ -175,24 +181,38 @@ def _own_states_extend(queries, layer, forward_batch, entries, prefix_lens, exte
     return own_out, own_lse
 
 
-def _own_states_decode(queries, layer, forward_batch, entries, prefix_lens, extend_lens):
-    """`_own_states_extend` for a decode batch (one query per request, which sees all its
-    own tokens), as one padded batched attention: per-request loops cost more than the
-    attention itself at decode sizes."""
-    num_requests, num_q_heads, head_dim = queries.shape
-    device = queries.device
-    own_starts = torch.tensor([entry.prefix_len if entry is not None else 0 for entry in entries], device=device)
-    seq_lens = torch.tensor(prefix_lens, device=device) + 1
-    own_lens = seq_lens - own_starts
-    positions = torch.arange(int(own_lens.max()), device=device)
-    columns = torch.minimum(own_starts[:, None] + positions[None, :], seq_lens[:, None] - 1)
-    slots = _cache.req_to_token_pool.req_to_token[forward_batch.req_pool_indices[:, None], columns]
-    own_keys = _cache.kv_pool.get_key_buffer(layer.layer_id)[slots].transpose(1, 2)  # [B, Hkv, S, d]
-    own_values = _cache.kv_pool.get_value_buffer(layer.layer_id)[slots].transpose(1, 2)
-    visible = (positions[None, :] < own_lens[:, None]).view(num_requests, 1, 1, 1, -1)
-    query = queries.view(num_requests, layer.tp_k_head_num, -1, 1, head_dim)  # [B, Hkv, G, 1, d]
-    out, lse = attention_with_lse(query, own_keys, own_values, visible, layer.scaling)
-    return out.reshape(num_requests, num_q_heads, -1), lse.reshape(num_requests, num_q_heads)
+class OwnDecodeRows:
+    """The torch path's own-token attention for a decode batch (one query per request, which
+    sees all its own tokens): the pool slots each request reads, padded to the longest, found
+    once per batch; per layer one gather per buffer and one padded batched attention
+    (per-request loops cost more than the attention itself at decode sizes).
+
+    own_starts[i], seq_lens[i]: request i reads positions own_starts[i] .. seq_lens[i] - 1 of
+    its row of req_to_token (row req_pool_indices[i])."""
+
+    def __init__(self, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, own_starts: list[int],
+                 seq_lens: list[int]):
+        device = req_to_token.device
+        own_starts = torch.tensor(own_starts, device=device)
+        seq_lens = torch.tensor(seq_lens, device=device)
+        own_lens = seq_lens - own_starts
+        positions = torch.arange(int(own_lens.max()), device=device)
+        columns = torch.minimum(own_starts[:, None] + positions[None, :], seq_lens[:, None] - 1)
+        slots = req_to_token[req_pool_indices.to(device)[:, None], columns].long()
+        self.num_requests, self.longest = slots.shape
+        self.slots = slots.flatten()
+        self.visible = (positions[None, :] < own_lens[:, None]).view(self.num_requests, 1, 1, 1, -1)
+
+    def states(self, queries: torch.Tensor, num_kv_heads: int, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
+               scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries [requests, Hq, d] -> out [requests, Hq, d], lse [requests, Hq], fp32."""
+        num_q_heads, head_dim = queries.shape[1:]
+        shape = (self.num_requests, self.longest, num_kv_heads, -1)
+        own_keys = k_buffer.index_select(0, self.slots).view(shape).transpose(1, 2)  # [B, Hkv, S, d]
+        own_values = v_buffer.index_select(0, self.slots).view(shape).transpose(1, 2)
+        query = queries.view(self.num_requests, num_kv_heads, -1, 1, head_dim)  # [B, Hkv, G, 1, d]
+        out, lse = attention_with_lse(query, own_keys, own_values, self.visible, scaling)
+        return out.reshape(self.num_requests, num_q_heads, -1), lse.reshape(self.num_requests, num_q_heads)
 
 
 #: Chunks per (request, KV head) of a decode batch's prefix attention on CUDA (split-K).
@@ -207,31 +227,26 @@ class CompressedPrefixBatch:
     and lse -inf. With the store's layout `tables` the Triton kernel of
     `lava_sglang.kernels.pool_prefix_attention` runs it, one launch per layer, reading the
     kept rows in place from the pool (its inputs built here once per batch: the queries'
-    offsets and each request's table row); otherwise torch over each entry's heads padded to
-    one length (a decode batch in one call).
+    offsets and each request's table row); otherwise torch: each distinct entry's rows of the
+    layer read once and attended by the queries of every request that uses it, one KV head at
+    a time (the rows are in head order, so there is no padding and no mask).
     """
 
     def __init__(self, entries: list[StoreEntry | None], extend_lens: list[int], kv_pool, *, num_q_heads: int,
                  num_kv_heads: int, scaling: float, tables: LayoutTables | None = None):
-        self.entries = entries
-        self.extend_lens = extend_lens
         self.kv_pool = kv_pool
         self.num_kv_heads = num_kv_heads
         self.scaling = scaling
-        self.decode = max(extend_lens) == 1  # one query per request: batched calls instead of a loop
-        self.distinct = list({entry.entry_id: entry for entry in entries if entry is not None}.values())
-        position = {entry.entry_id: index for index, entry in enumerate(self.distinct)}
-        # Each request's entry as an index into `self.distinct`; -1: no compressed prefix.
-        self.entry_index = torch.tensor([position[entry.entry_id] if entry is not None else -1 for entry in entries])
         self.kernel = None
         if tables is not None:
             from lava_sglang.kernels.pool_prefix_attention import PoolPrefixAttention
 
             device = kv_pool.k_buffer[0].device
+            decode = max(extend_lens) == 1
             # Split-K for decode only: an extend's partial states would be max_splits x its output.
             self.kernel = PoolPrefixAttention(kv_pool.k_buffer, kv_pool.v_buffer, num_q_heads=num_q_heads,
                                               max_rows=max(tables.max_rows_per_head, 1),
-                                              max_splits=POOL_DECODE_SPLITS if self.decode else 1, sm_scale=scaling)
+                                              max_splits=POOL_DECODE_SPLITS if decode else 1, sm_scale=scaling)
             qo_indptr = torch.zeros(len(extend_lens) + 1, dtype=torch.int32)
             qo_indptr[1:] = torch.cumsum(torch.tensor(extend_lens), 0)
             self.qo_indptr = qo_indptr.to(device)
@@ -239,34 +254,44 @@ class CompressedPrefixBatch:
                                            dtype=torch.int32, device=device)
             self.tables = tables.tables
             self.max_q_len = max(extend_lens)
+            return
+        # Each distinct entry with the query tokens (batch positions) of the requests that use it.
+        tokens_of: dict[int, list[int]] = {}
+        self.distinct: dict[int, StoreEntry] = {}
+        start = 0
+        for entry, extend_len in zip(entries, extend_lens):
+            if entry is not None:
+                self.distinct[entry.entry_id] = entry
+                tokens_of.setdefault(entry.entry_id, []).extend(range(start, start + extend_len))
+            start += extend_len
+        self.tokens_of = {entry_id: torch.tensor(tokens) for entry_id, tokens in tokens_of.items()}
 
     def states(self, layer: int, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.kernel is not None:
             out, lse = self.kernel.run(queries.to(self.kernel.dtype).contiguous(), self.qo_indptr, self.table_rows,
                                        self.tables, layer=layer, max_q_len=self.max_q_len)
             return out.float(), lse
-        keys, values, visible = read_layer_padded([entry.layout for entry in self.distinct], layer,
-                                                  self.kv_pool.k_buffer, self.kv_pool.v_buffer)
         num_tokens, num_q_heads, head_dim = queries.shape
-        if self.decode:  # every request's one query in one call
-            query = queries.view(num_tokens, self.num_kv_heads, -1, 1, head_dim)
-            index = self.entry_index.clamp_min(0)
-            mask = visible[index] & (self.entry_index >= 0)[:, None, None]
-            out, lse = attention_with_lse(query, keys[index], values[index], mask[:, :, None, None], self.scaling)
-            return out.reshape(num_tokens, num_q_heads, head_dim), lse.reshape(num_tokens, num_q_heads)
+        group = num_q_heads // self.num_kv_heads
         out = queries.new_zeros((num_tokens, num_q_heads, head_dim), dtype=torch.float32)
         lse = queries.new_full((num_tokens, num_q_heads), float("-inf"), dtype=torch.float32)
-        start = 0
-        for index, extend_len in zip(self.entry_index.tolist(), self.extend_lens):
-            tokens = slice(start, start + extend_len)
-            start += extend_len
-            if index < 0:
-                continue
-            query = queries[tokens].view(extend_len, self.num_kv_heads, -1, head_dim).permute(1, 2, 0, 3)[None]
-            head_out, head_lse = attention_with_lse(query, keys[index:index + 1], values[index:index + 1],
-                                                    visible[index][None, :, None, None], self.scaling)
-            out[tokens] = head_out[0].permute(2, 0, 1, 3).reshape(extend_len, num_q_heads, head_dim)
-            lse[tokens] = head_lse[0].permute(2, 0, 1).reshape(extend_len, num_q_heads)
+        for entry_id, entry in self.distinct.items():
+            keys, values = read_layer(entry.layout, layer, self.kv_pool.k_buffer, self.kv_pool.v_buffer)
+            bounds = entry.layout.layer_head_bounds(layer)
+            tokens = self.tokens_of[entry_id].to(queries.device)
+            grouped = queries.index_select(0, tokens).view(len(tokens), self.num_kv_heads, group, head_dim)
+            entry_out = out.new_zeros((len(tokens), self.num_kv_heads, group, head_dim))
+            entry_lse = lse.new_full((len(tokens), self.num_kv_heads, group), float("-inf"))
+            for head in range(self.num_kv_heads):
+                rows = slice(bounds[head], bounds[head + 1])
+                if rows.start == rows.stop:  # LAVa may keep nothing of a head: it adds nothing
+                    continue
+                head_out, head_lse = rows_attention_with_lse(grouped[:, head].reshape(-1, head_dim), keys[rows],
+                                                             values[rows], self.scaling)
+                entry_out[:, head] = head_out.view(len(tokens), group, head_dim)
+                entry_lse[:, head] = head_lse.view(len(tokens), group)
+            out.index_copy_(0, tokens, entry_out.view(len(tokens), num_q_heads, head_dim))
+            lse.index_copy_(0, tokens, entry_lse.view(len(tokens), num_q_heads))
         return out, lse
 
 

@@ -9,7 +9,8 @@ import torch
 
 from lava_sglang.kernels import attention_states
 from lava_sglang.kernels.attention_states import (attention_with_lse, flash_attention_with_lse,
-                                                  flash_extend_attention_with_lse, merge_attention_states, merge_states)
+                                                  flash_extend_attention_with_lse, merge_attention_states, merge_states,
+                                                  rows_attention_with_lse)
 
 
 def _states(num_tokens, num_heads, head_dim, dtype, device, seed=0):
@@ -117,6 +118,19 @@ def test_the_cpu_flash_kernel_gives_attention_with_lse_or_declines():
     torch.testing.assert_close(lse, expected_lse[0])
     assert flash_attention_with_lse(query.double(), keys.double(), values.double(), visible, 0.25) is None
 
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["flash", "dense"])
+def test_rows_attention_is_every_row_over_every_key(dtype):
+    # A KV head's kept rows read by its group's queries (the torch prefix path): fp32 takes
+    # the CPU flash kernel, other dtypes the dense fallback; both give fp32 out and LSE.
+    generator = torch.Generator().manual_seed(5)
+    query = torch.randn(6, 16, generator=generator, dtype=dtype)
+    keys, values = (torch.randn(9, 16, generator=generator, dtype=dtype) for _ in range(2))
+    out, lse = rows_attention_with_lse(query, keys, values, 0.25)
+    logits = query.double() @ keys.double().T * 0.25
+    assert out.dtype == lse.dtype == torch.float32
+    torch.testing.assert_close(lse, logits.logsumexp(-1).float())
+    torch.testing.assert_close(out, (logits.softmax(-1) @ values.double()).float())
 
 
 @pytest.mark.parametrize(("num_rows", "num_keys"), [(5, 12), (5, 5), (1, 9), (7, 8)])

@@ -196,3 +196,7 @@ def test_compressed_prefix_path_with_kernels_equals_torch(bound_cache, extend_le
                                                     extend_lens)
         torch.testing.assert_close(kernel_lse, torch_lse, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(kernel_out, torch_out, atol=1e-4, rtol=1e-4)
+        if layer_id == 0:
+            plans = {use_kernels: (path._own, path._prefixes) for use_kernels, path in paths.items()}
+        # Metadata built once per batch at its first layer and reused (FlashInfer's plan/run).
+        assert all(plans[use_kernels] == (path._own, path._prefixes) for use_kernels, path in paths.items())
