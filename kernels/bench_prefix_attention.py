@@ -78,7 +78,7 @@ def pool_inputs(lengths: torch.Tensor, batch: int, num_kv_heads: int, head_dim: 
     slots = torch.randperm(pool_slots - 1) + 1
     rows, start = [], 0
     for kept, count in zip(per_request, counts):
-        rows.append(tables.add(CellLayout(slots[start:start + count].clone(), kept[None])))
+        rows.append(tables.add(CellLayout(slots[start:start + count].clone(), kept[None]), prefix_len=int(kept.max())))
         start += count
     return k_buffer, v_buffer, tables, torch.tensor(rows, dtype=torch.int32, device=device)
 

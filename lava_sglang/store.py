@@ -189,6 +189,7 @@ class LayoutTables:
         self.slot_base = torch.zeros(max_entries, dtype=torch.int32, device=device)
         self.num_slots = torch.ones(max_entries, dtype=torch.int32, device=device)
         self.slot_to_row = torch.full((pool_slots,), -1, dtype=torch.int32, device=device)
+        self.prefix_lens = torch.zeros(max_entries, dtype=torch.int32, device=device)  # where own tokens start
         self._free_rows = list(range(max_entries - 1, -1, -1))
         self._regions: dict[int, tuple[int, int, torch.Tensor]] = {}  # row -> (base, count, slots)
         self.max_rows_per_head = 0  # the most rows one (layer, KV head) of an entry holds
@@ -201,8 +202,9 @@ class LayoutTables:
     def has_free_row(self) -> bool:
         return bool(self._free_rows)
 
-    def add(self, layout: CellLayout) -> int | None:
-        """Write `layout` into a free row; its row, or None when every row is taken."""
+    def add(self, layout: CellLayout, prefix_len: int) -> int | None:
+        """Write `layout`, a compressed prefix of `prefix_len` tokens, into a free row; its row,
+        or None when every row is taken."""
         if not self._free_rows:
             return None
         count = layout.slots.numel()
@@ -217,6 +219,7 @@ class LayoutTables:
         self.head_offsets[row] = layout.head_offsets.to(device, torch.int32)
         self.slot_base[row] = base
         self.num_slots[row] = max(count, 1)
+        self.prefix_lens[row] = prefix_len
         self.slot_to_row[slots.long()] = row
         self._regions[row] = (base, count, slots)
         self.max_rows_per_head = max(self.max_rows_per_head, int(layout.kept_lengths.max()))
@@ -297,7 +300,7 @@ class CompressedStore:
             bytes_per_row: int) -> StoreEntry:
         if not self.has_room:
             raise ValueError(f"the store's layout tables are full ({len(self.entries)} entries)")
-        table_row = self.tables.add(layout) if self.tables is not None else None
+        table_row = self.tables.add(layout, prefix_len) if self.tables is not None else None
         entry = StoreEntry(self._next_id, prefix_len, layout, policy, compress_seconds, bytes_per_row, table_row)
         self._next_id += 1
         self.entries[entry.entry_id] = entry

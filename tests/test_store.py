@@ -98,15 +98,17 @@ def test_layout_tables_reuse_rows_and_compact_the_slot_list_in_place():
     live = {}
     for slots in ([0], [1, 2], [3], [4, 5]):
         layout = _layout(slots)
-        live[tables.add(layout)] = layout
+        row = tables.add(layout, prefix_len=100 + slots[0])
+        assert int(tables.prefix_lens[row]) == 100 + slots[0]  # a request's own tokens start there
+        live[row] = layout
     _check_rows(tables, live)
-    assert not tables.has_free_row and tables.add(_layout([6])) is None
+    assert not tables.has_free_row and tables.add(_layout([6]), prefix_len=100) is None
     rows = list(live)
     for row in (rows[0], rows[2]):
         tables.remove(row)
         assert tables.rows_for_slots(live.pop(row).slots).tolist() == [-1]
     # The freed rows are reused; the first fit is the gap the first entry left.
-    row = tables.add(_layout([6]))
+    row = tables.add(_layout([6]), prefix_len=100)
     assert row in (rows[0], rows[2]) and int(tables.slot_base[row]) == 0
     live[row] = _layout([6])
     # Compaction (what add does when no gap fits) packs the live regions from place 0.
@@ -140,11 +142,11 @@ def test_an_entry_without_slots_never_hides_a_live_region():
     # first fit must still skip that live region (it used to hand out a base inside it).
     tables = _tables(max_entries=4, pool_slots=8)
     two = _layout([1, 2])
-    live = {tables.add(two): two}
+    live = {tables.add(two, prefix_len=100): two}
     empty = CellLayout(torch.empty(0, dtype=torch.int64), torch.zeros(NUM_LAYERS, NUM_KV_HEADS, dtype=torch.int64))
-    live[tables.add(empty)] = empty
+    live[tables.add(empty, prefix_len=100)] = empty
     four = _layout([3, 4, 5, 6])
-    live[tables.add(four)] = four
+    live[tables.add(four, prefix_len=100)] = four
     _check_rows(tables, {row: layout for row, layout in live.items() if layout.slots.numel()})
     spans = sorted((int(tables.slot_base[row]), layout.slots.numel()) for row, layout in live.items()
                    if layout.slots.numel())
@@ -156,7 +158,7 @@ def test_add_compacts_when_no_gap_fits(monkeypatch):
     live = {}
     for slots in ([0], [1, 2], [3]):
         layout = _layout(slots)
-        live[tables.add(layout)] = layout
+        live[tables.add(layout, prefix_len=100)] = layout
     first = next(iter(live))
     tables.remove(first)
     live.pop(first)
@@ -165,7 +167,7 @@ def test_add_compacts_when_no_gap_fits(monkeypatch):
     monkeypatch.setattr(tables, "_find_space", lambda count: None if not compactions else real_find(count))
     monkeypatch.setattr(tables, "_compact", lambda: (compactions.append(1), real_compact()))
     layout = _layout([4, 5])
-    live[tables.add(layout)] = layout
+    live[tables.add(layout, prefix_len=100)] = layout
     assert compactions == [1]
     _check_rows(tables, live)
     assert sorted(int(tables.slot_base[row]) for row in live) == [0, 2, 3]

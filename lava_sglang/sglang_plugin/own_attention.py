@@ -30,6 +30,13 @@ KEYS_PER_DECODE_SPLIT = 256
 MAX_DECODE_SPLITS = 8
 
 
+def decode_splits(own_lens: torch.Tensor) -> torch.Tensor:
+    """Splits of the decode kernel per request: one per KEYS_PER_DECODE_SPLIT own keys, 1 to
+    MAX_DECODE_SPLITS; int32, on own_lens' device."""
+    return ((own_lens + KEYS_PER_DECODE_SPLIT - 1) // KEYS_PER_DECODE_SPLIT).clamp(1, MAX_DECODE_SPLITS).to(
+        torch.int32)
+
+
 class OwnTokenAttention:
     """Attention over own tokens for one forward batch: `plan` once, `run` per layer."""
 
@@ -64,8 +71,7 @@ class OwnTokenAttention:
                                     torch.tensor(own_starts, dtype=torch.int32, device=device), self.kv_indices,
                                     req_to_token.stride(0))
         if decode:
-            splits = (own_lens + KEYS_PER_DECODE_SPLIT - 1) // KEYS_PER_DECODE_SPLIT
-            self.num_kv_splits = splits.clamp(1, MAX_DECODE_SPLITS).to(device, torch.int32)
+            self.num_kv_splits = decode_splits(own_lens).to(device)
         else:
             qo_indptr = torch.zeros(batch + 1, dtype=torch.int32)
             qo_indptr[1:] = torch.cumsum(torch.tensor(extend_lens), 0)

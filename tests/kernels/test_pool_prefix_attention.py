@@ -38,7 +38,7 @@ class Pool:
             rows = int(kept[layer].sum())
             keys = torch.randn(rows, DIM, generator=self.generator)
             write_layer(layout, layer, self.k_buffers, self.v_buffers, keys, -0.5 * keys + 0.1)
-        return self.tables.add(layout), layout
+        return self.tables.add(layout, prefix_len=100), layout
 
     def remove(self, row, layout):
         self.tables.remove(row)
@@ -112,7 +112,7 @@ def test_entries_come_and_go_without_touching_the_kernel_or_its_grid(device):
                                     max_splits=2, sm_scale=SCALING)
     live = [pool.add([[4, 9], [3, 3], [8, 1]]), pool.add([[20, 2], [5, 6], [1, 1]]),
             pool.add([[1, 1], [2, 2], [3, 3]])]
-    assert pool.tables.add(CellLayout(torch.tensor([0]), torch.ones(LAYERS, KV_HEADS, dtype=torch.int64))) is None
+    assert pool.tables.add(CellLayout(torch.tensor([0]), torch.ones(LAYERS, KV_HEADS, dtype=torch.int64)), prefix_len=1) is None
     generator = torch.Generator().manual_seed(4)
     for step in range(4):
         removed_row, removed_layout = live.pop(step % len(live))

@@ -26,7 +26,7 @@ def pool():
     return SimpleNamespace(k_buffer=buffers[:LAYERS], v_buffer=buffers[LAYERS:], layer_num=LAYERS)
 
 
-def add_entry(store, pool, first_slot: int, kept_lengths: list[list[int]], seed: int):
+def add_entry(store, pool, first_slot: int, kept_lengths: list[list[int]], seed: int, prefix_len: int = 100):
     """An entry with random rows; returns it and its rows per (layer, head) for the dense check."""
     generator = torch.Generator().manual_seed(seed)
     kept = torch.tensor(kept_lengths, dtype=torch.int64)
@@ -38,7 +38,7 @@ def add_entry(store, pool, first_slot: int, kept_lengths: list[list[int]], seed:
         values = torch.randn(int(kept[layer].sum()), DIM, generator=generator)
         write_layer(layout, layer, pool.k_buffer, pool.v_buffer, keys, values)
         rows.append((keys.split(kept[layer].tolist()), values.split(kept[layer].tolist())))
-    entry = store.add(100, layout, policy="lava", compress_seconds=0.0, bytes_per_row=8 * DIM)
+    entry = store.add(prefix_len, layout, policy="lava", compress_seconds=0.0, bytes_per_row=8 * DIM)
     return entry, rows
 
 
@@ -200,3 +200,60 @@ def test_compressed_prefix_path_with_kernels_equals_torch(bound_cache, extend_le
             plans = {use_kernels: (path._own, path._prefixes) for use_kernels, path in paths.items()}
         # Metadata built once per batch at its first layer and reused (FlashInfer's plan/run).
         assert all(plans[use_kernels] == (path._own, path._prefixes) for use_kernels, path in paths.items())
+
+
+def test_decode_graph_step_plans_on_the_device_and_equals_the_host_planned_path(bound_cache):
+    # The graph-ready decode step (SGLang's index builder and split-K decode kernel, the prefix
+    # kernel, all under the interpreter here) against the torch path planned on the host, on
+    # one set of buffers reused across steps: a batch changes size and mix, and between steps
+    # an entry is evicted and another with a shorter prefix is compressed.
+    from lava_sglang.sglang_plugin.attention import CompressedPrefixPath
+    from lava_sglang.sglang_plugin.graph_decode import DecodeGraphStep
+
+    generator = torch.Generator().manual_seed(6)
+    buffers = [torch.randn(OWN_POOL, KV_HEADS, DIM, generator=generator) for _ in range(2 * LAYERS)]
+    kv_pool = SimpleNamespace(k_buffer=buffers[:LAYERS], v_buffer=buffers[LAYERS:], layer_num=LAYERS,
+                              get_key_buffer=lambda layer: buffers[layer],
+                              get_value_buffer=lambda layer: buffers[LAYERS + layer])
+    store = new_store(OWN_POOL)
+    first, _ = add_entry(store, kv_pool, 1, [[5, 9], [0, 12], [7, 3]], seed=1)
+    second, _ = add_entry(store, kv_pool, 20, [[2, 2], [4, 1], [1, 6]], seed=2)
+    req_to_token = torch.zeros(6, 160, dtype=torch.int32)
+    own_slots = iter((100 + torch.randperm(600, generator=generator)).tolist())
+    bound_cache(SimpleNamespace(kv_pool=kv_pool, req_to_token_pool=SimpleNamespace(req_to_token=req_to_token),
+                                store=store))
+    step = DecodeGraphStep(kv_pool.k_buffer, kv_pool.v_buffer, store.tables, max_batch=6, max_context=160,
+                           num_q_heads=KV_HEADS * GROUP, scaling=SCALING)
+
+    def check(entries, seq_lens):
+        # Each request's row: its entry's first slot (the compressed row's layout), then its own
+        # tokens from the entry's prefix_len on; without an entry, own tokens from position 0.
+        rows = torch.arange(len(entries))
+        for row, entry, seq_len in zip(rows.tolist(), entries, seq_lens):
+            own_start = entry.prefix_len if entry is not None else 0
+            req_to_token[row, own_start:seq_len] = torch.tensor([next(own_slots) for _ in range(seq_len - own_start)])
+            if entry is not None:
+                req_to_token[row, 0] = entry.layout.slots[0]
+        step.plan(req_to_token, rows, torch.tensor(seq_lens))
+        host_path = CompressedPrefixPath(SimpleNamespace(forward_extend=None, forward_decode=None), use_kernels=False)
+        for layer_id in range(LAYERS):
+            layer = SimpleNamespace(layer_id=layer_id, tp_q_head_num=KV_HEADS * GROUP, tp_k_head_num=KV_HEADS,
+                                    qk_head_dim=DIM, v_head_dim=DIM, scaling=SCALING)
+            q = torch.randn(len(entries), KV_HEADS * GROUP * DIM, generator=generator)
+            out, lse = step.run(layer_id, q.view(len(entries), KV_HEADS * GROUP, DIM), buffers[layer_id],
+                                buffers[LAYERS + layer_id])
+            expected_out, expected_lse = host_path._attend(q, None, None, layer, SimpleNamespace(req_pool_indices=rows),
+                                                           False, entries, [seq_len - 1 for seq_len in seq_lens],
+                                                           [1] * len(entries))
+            torch.testing.assert_close(lse, expected_lse, atol=1e-4, rtol=1e-4)
+            torch.testing.assert_close(out.view(len(entries), -1), expected_out, atol=1e-4, rtol=1e-4)
+
+    check([first, None, second, first], [104, 8, 111, 101])
+    check([second, second, None], [130, 101, 300 - 250])
+    store.remove(first.entry_id)
+    third, _ = add_entry(store, kv_pool, 40, [[3, 1], [6, 6], [2, 9]], seed=3, prefix_len=60)
+    check([third, None, second, third, None, second], [61, 3, 102, 95, 1, 140])
+    with pytest.raises(ValueError, match="1 to 6 requests"):
+        step.plan(req_to_token, torch.arange(6).repeat(2), torch.ones(12, dtype=torch.int64))
+    with pytest.raises(ValueError, match="planned for 6 requests"):
+        step.run(0, torch.zeros(2, KV_HEADS * GROUP, DIM), buffers[0], buffers[LAYERS])
