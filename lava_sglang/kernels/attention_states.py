@@ -68,8 +68,9 @@ def rows_attention_with_lse(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Every query row attending to every key, no mask: query [R, d], keys and values [S, d]
-    (S >= 1). Returns out [R, d] and lse [R], fp32. PyTorch's CPU flash-attention kernel where
-    it applies (`flash_attention_with_lse`), else `attention_with_lse`."""
+    (S >= 1). Returns out [R, d] and lse [R], fp32. PyTorch's CPU flash-attention kernel on
+    the CPU (`flash_attention_with_lse`), else `attention_with_lse` (another device, or a
+    PyTorch without that op)."""
     query, keys, values = query.float(), keys.float(), values.float()
     flash = _cpu_flash_attention(query, keys, values)
     if flash is not None:

@@ -6,7 +6,9 @@ row's length), which is why SGLang's CUDA graphs stay off with a policy on (docs
 `DecodeGraphStep` computes the same attention for a decode batch and reads nothing back from
 the device:
 
-- its buffers are allocated once, for the largest batch and the longest context;
+- its metadata buffers are allocated once, for the largest batch and the longest context
+  (the kernels' intermediates are allocated per call, which a capture serves from the
+  graph's private memory pool);
 - `plan` fills them from the batch's device tensors (`req_pool_indices`, `seq_lens`) with
   device ops only: each request's table row from the first slot of its KV row
   (`LayoutTables.rows_for_slots`), its own row from the end of that entry's prefix
@@ -53,6 +55,7 @@ class DecodeGraphStep:
         device = k_buffers[0].device
         self.tables = tables
         self.max_batch = max_batch
+        self.max_context = max_context
         self.scaling = scaling
         self.prefix = PoolPrefixAttention(k_buffers, v_buffers, num_q_heads=num_q_heads, max_rows=max_context,
                                           max_splits=POOL_DECODE_SPLITS, sm_scale=scaling)
@@ -67,14 +70,21 @@ class DecodeGraphStep:
 
     def plan(self, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, seq_lens: torch.Tensor) -> None:
         """req_to_token: SGLang's [rows, context] token table; req_pool_indices, seq_lens: [B] on
-        its device (seq_lens counting the new token, which is in the pool by then)."""
+        its device (seq_lens counting the new token, whose slot is in req_to_token)."""
         batch = req_pool_indices.numel()
         if not 1 <= batch <= self.max_batch or seq_lens.numel() != batch:
             raise ValueError(f"a step of 1 to {self.max_batch} requests with one sequence length each, got "
                              f"{batch} requests and {seq_lens.numel()} lengths")
+        if req_to_token.shape[1] > self.max_context:  # a row longer than the buffers were sized for
+            raise ValueError(f"req_to_token rows hold {req_to_token.shape[1]} tokens, more than max_context "
+                             f"{self.max_context}")
         create_kv_indices, _, _ = triton_attention_ops()
         rows = self.tables.rows_for_slots(req_to_token[req_pool_indices, 0])
-        own_starts = torch.where(rows >= 0, self.tables.prefix_lens[rows.clamp_min(0).long()], 0).to(torch.int32)
+        own_starts = torch.where(rows >= 0, self.tables.prefix_lens[rows.clamp_min(0).long()], 0)
+        # A real request's own row holds its new token at least; SGLang pads a graph's batch with
+        # rows of length 1 (row 0), which may start with an entry: they read one key, not none
+        # (an empty row would make the decode kernel divide 0 by 0).
+        own_starts = torch.minimum(own_starts, seq_lens - 1).to(torch.int32)
         own_lens = (seq_lens - own_starts).to(torch.int32)
         self.table_rows[:batch] = rows
         self.kv_indptr[1:batch + 1] = torch.cumsum(own_lens, 0)
@@ -88,7 +98,9 @@ class DecodeGraphStep:
     def run(self, layer: int, queries: torch.Tensor, k_buffer: torch.Tensor,
             v_buffer: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """queries [B, Hq, d] of the planned step; k_buffer, v_buffer: the layer's pool
-        buffers. Returns out [B, Hq, dv] and the natural-log LSE [B, Hq], fp32."""
+        buffers, the step's new keys and values already written (`set_kv_buffer`, as
+        `CompressedPrefixPath._attend` does). Returns out [B, Hq, dv] and the natural-log LSE
+        [B, Hq], fp32."""
         if queries.shape[0] != self.batch:
             raise ValueError(f"the step was planned for {self.batch} requests, got {queries.shape[0]} queries")
         own_out, own_lse = self.own.run(queries, None, None, k_buffer, v_buffer, self.scaling)

@@ -119,10 +119,13 @@ def test_the_cpu_flash_kernel_gives_attention_with_lse_or_declines():
     assert flash_attention_with_lse(query.double(), keys.double(), values.double(), visible, 0.25) is None
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["flash", "dense"])
-def test_rows_attention_is_every_row_over_every_key(dtype):
-    # A KV head's kept rows read by its group's queries (the torch prefix path): fp32 takes
-    # the CPU flash kernel, other dtypes the dense fallback; both give fp32 out and LSE.
+@pytest.mark.parametrize("flash", [True, False], ids=["flash", "dense"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rows_attention_is_every_row_over_every_key(flash, dtype, monkeypatch):
+    # A KV head's kept rows read by its group's queries (the torch prefix path): the CPU flash
+    # kernel, or the dense fallback where that op is missing; fp32 out and LSE either way.
+    if not flash:
+        monkeypatch.setattr(attention_states, "_cpu_flash_attention", lambda *tensors: None)
     generator = torch.Generator().manual_seed(5)
     query = torch.randn(6, 16, generator=generator, dtype=dtype)
     keys, values = (torch.randn(9, 16, generator=generator, dtype=dtype) for _ in range(2))

@@ -202,13 +202,16 @@ def test_compressed_prefix_path_with_kernels_equals_torch(bound_cache, extend_le
         assert all(plans[use_kernels] == (path._own, path._prefixes) for use_kernels, path in paths.items())
 
 
-def test_decode_graph_step_plans_on_the_device_and_equals_the_host_planned_path(bound_cache):
-    # The graph-ready decode step (SGLang's index builder and split-K decode kernel, the prefix
-    # kernel, all under the interpreter here) against the torch path planned on the host, on
-    # one set of buffers reused across steps: a batch changes size and mix, and between steps
-    # an entry is evicted and another with a shorter prefix is compressed.
+def test_decode_graph_step_equals_the_host_planned_path(bound_cache, monkeypatch):
+    # The decode step planned on the device (SGLang's index builder and split-K decode kernel,
+    # the prefix kernel, all under the interpreter here) against the torch path planned on the
+    # host, on one set of buffers reused across steps: a batch changes size and mix, and
+    # between steps an entry is evicted and another with a shorter prefix is compressed.
+    from lava_sglang.sglang_plugin import own_attention
     from lava_sglang.sglang_plugin.attention import CompressedPrefixPath
     from lava_sglang.sglang_plugin.graph_decode import DecodeGraphStep
+
+    monkeypatch.setattr(own_attention, "KEYS_PER_DECODE_SPLIT", 16)  # several splits per own row to merge
 
     generator = torch.Generator().manual_seed(6)
     buffers = [torch.randn(OWN_POOL, KV_HEADS, DIM, generator=generator) for _ in range(2 * LAYERS)]
@@ -249,11 +252,17 @@ def test_decode_graph_step_plans_on_the_device_and_equals_the_host_planned_path(
             torch.testing.assert_close(out.view(len(entries), -1), expected_out, atol=1e-4, rtol=1e-4)
 
     check([first, None, second, first], [104, 8, 111, 101])
-    check([second, second, None], [130, 101, 300 - 250])
+    check([second, second, None], [130, 101, 50])
     store.remove(first.entry_id)
     third, _ = add_entry(store, kv_pool, 40, [[3, 1], [6, 6], [2, 9]], seed=3, prefix_len=60)
     check([third, None, second, third, None, second], [61, 3, 102, 95, 1, 140])
+    # SGLang pads a captured batch with row 0 and length 1; row 0 starts with an entry here.
+    step.plan(req_to_token, torch.tensor([0, 0]), torch.tensor([61, 1]))
+    out, lse = step.run(0, torch.randn(2, KV_HEADS * GROUP, DIM, generator=generator), buffers[0], buffers[LAYERS])
+    assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    with pytest.raises(ValueError, match="more than max_context"):
+        step.plan(torch.zeros(6, 161, dtype=torch.int32), torch.arange(2), torch.ones(2, dtype=torch.int64))
     with pytest.raises(ValueError, match="1 to 6 requests"):
         step.plan(req_to_token, torch.arange(6).repeat(2), torch.ones(12, dtype=torch.int64))
-    with pytest.raises(ValueError, match="planned for 6 requests"):
-        step.run(0, torch.zeros(2, KV_HEADS * GROUP, DIM), buffers[0], buffers[LAYERS])
+    with pytest.raises(ValueError, match="planned for 2 requests"):
+        step.run(0, torch.zeros(3, KV_HEADS * GROUP, DIM), buffers[0], buffers[LAYERS])
