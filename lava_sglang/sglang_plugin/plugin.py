@@ -153,6 +153,8 @@ def _check_model(ctx, config: KvPolicyConfig, tensor_parallel=None) -> None:
             sharding_refusal = f"--tp-size {tensor_parallel.world_size}: {error}"
     hf_config = model_config.hf_config
     backend = ctx.tp_worker.model_runner.attn_backend
+    model = ctx.tp_worker.model_runner.model
+    layers = touchpoints.attention_layers(model)
     kv_pool = ctx.params.token_to_kv_pool_allocator.get_kvcache()
     refusals = [
         (ctx.is_hybrid_swa or ctx.is_hybrid_ssm or ctx.is_dsa,
@@ -160,6 +162,10 @@ def _check_model(ctx, config: KvPolicyConfig, tensor_parallel=None) -> None:
         ("MLA" in str(getattr(model_config, "attention_arch", "")), "MLA attention is not supported"),
         (getattr(hf_config, "sliding_window", None) not in (None, 0)
          and getattr(hf_config, "use_sliding_window", True), "sliding-window attention is not supported"),
+        # The compressed-prefix path computes plain softmax attention; these change it.
+        (any(layer.logit_cap for layer in layers), "attention logit soft-capping is not supported"),
+        (touchpoints.has_attention_sinks(model), "learned attention sinks are not supported"),
+        (any(layer.is_cross_attention for layer in layers), "cross-attention is not supported"),
         (config.window >= model_config.context_len,
          f"--kv-window {config.window} must be below the model's context length {model_config.context_len}"),
         (not isinstance(getattr(kv_pool, "k_buffer", None), list) or getattr(kv_pool, "is_quantized_kv_cache", False),

@@ -68,6 +68,19 @@ def tp_group():
     return get_tp_group()
 
 
+def attention_layers(model) -> list:
+    """The model's attention layers (SGLang's `RadixAttention` modules)."""
+    from sglang.srt.layers.radix_attention import RadixAttention
+
+    return [module for module in model.modules() if isinstance(module, RadixAttention)]
+
+
+def has_attention_sinks(model) -> bool:
+    """Whether the model learns attention sinks, which its attention modules hold as `sinks`
+    and pass to the backend per call (gpt-oss, Granite)."""
+    return any(getattr(module, "sinks", None) is not None for module in model.modules())
+
+
 def attention_backends() -> dict:
     """The name -> factory dict the model runner builds its attention backend from."""
     from sglang.srt.layers.attention.attention_registry import ATTENTION_BACKENDS

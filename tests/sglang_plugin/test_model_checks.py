@@ -1,15 +1,29 @@
 """The start-up refusals of models and engine states the plugin cannot serve (MLA, sliding
-window, hybrid layers, a window as long as the context, a quantized or unusual KV pool, an
-attention backend without the compressed-prefix path): each names its reason."""
+window, hybrid layers, logit soft-capping, learned sinks, cross-attention, a window as long
+as the context, a quantized or unusual KV pool, an attention backend without the
+compressed-prefix path): each names its reason."""
 
 from __future__ import annotations
 
 from types import SimpleNamespace
 
 import pytest
+import torch
 
 from lava_sglang.sglang_plugin.config import ConfigError, KvPolicyConfig
 from lava_sglang.sglang_plugin.plugin import _check_model
+
+
+def model_with_attention(sinks=None, **layer_options):
+    """A model of one SGLang attention layer (SmolLM2's shape): `layer_options` for its
+    `RadixAttention`, `sinks` held by the attention module as gpt-oss holds them."""
+    from sglang.srt.layers.radix_attention import RadixAttention
+
+    model = torch.nn.Module()
+    model.self_attn = torch.nn.Module()
+    model.self_attn.attn = RadixAttention(9, 64, 0.125, 3, layer_id=0, **layer_options)
+    model.self_attn.sinks = sinks
+    return model
 
 
 def server_context(**changes):
@@ -21,7 +35,7 @@ def server_context(**changes):
                                      hf_config=SimpleNamespace(sliding_window=None),
                                      get_total_num_kv_heads=lambda: 3),
         tp_worker=SimpleNamespace(model_runner=SimpleNamespace(
-            attn_backend=SimpleNamespace(compressed_prefix_path=object()))),
+            attn_backend=SimpleNamespace(compressed_prefix_path=object()), model=model_with_attention())),
     )
     kv_pool = SimpleNamespace(k_buffer=[], is_quantized_kv_cache=False)
     context.params = SimpleNamespace(token_to_kv_pool_allocator=SimpleNamespace(get_kvcache=lambda: kv_pool))
@@ -52,6 +66,10 @@ def test_a_supported_model_passes():
     ({"kv_pool.is_quantized_kv_cache": True}, "not a plain per-layer K/V pool"),
     ({"kv_pool.k_buffer": None}, "not a plain per-layer K/V pool"),
     ({"tp_worker.model_runner.attn_backend": SimpleNamespace()}, "attention backend SimpleNamespace"),
+    ({"tp_worker.model_runner.model": model_with_attention(logit_cap=30.0)}, "logit soft-capping"),
+    ({"tp_worker.model_runner.model": model_with_attention(sinks=torch.nn.Parameter(torch.zeros(9)))},
+     "learned attention sinks"),
+    ({"tp_worker.model_runner.model": model_with_attention(is_cross_attention=True)}, "cross-attention"),
 ])
 def test_unsupported_models_are_refused_with_the_reason(changes, reason):
     with pytest.raises(ConfigError, match=reason) as error:
