@@ -158,13 +158,10 @@ def bound_cache():
     attention.bind(None)
 
 
-@pytest.mark.parametrize("extend_lens", [[4, 3, 1, 2], [1, 1, 1, 1]], ids=["extend", "decode"])
-def test_compressed_prefix_path_with_kernels_equals_torch(bound_cache, extend_lens):
-    # The whole GPU path of a batch (SGLang's own-token kernels + the prefix kernel, merged by
-    # LSE) against the torch path, on a batch that mixes requests with and without entries.
-    from lava_sglang.sglang_plugin.attention import CompressedPrefixPath
-
-    generator = torch.Generator().manual_seed(5)
+def pool_with_two_entries(generator):
+    """A pool of OWN_POOL slots (random K and V), its store, and two entries of different
+    per-(layer, head) lengths (one head keeps nothing in layer 1), prefix_len 100 each:
+    (per-layer buffers, K then V; the pool; the store; the entries)."""
     buffers = [torch.randn(OWN_POOL, KV_HEADS, DIM, generator=generator) for _ in range(2 * LAYERS)]
     kv_pool = SimpleNamespace(k_buffer=buffers[:LAYERS], v_buffer=buffers[LAYERS:], layer_num=LAYERS,
                               get_key_buffer=lambda layer: buffers[layer],
@@ -172,6 +169,23 @@ def test_compressed_prefix_path_with_kernels_equals_torch(bound_cache, extend_le
     store = new_store(OWN_POOL)
     first, _ = add_entry(store, kv_pool, 1, [[5, 9], [0, 12], [7, 3]], seed=1)
     second, _ = add_entry(store, kv_pool, 20, [[2, 2], [4, 1], [1, 6]], seed=2)
+    return buffers, kv_pool, store, first, second
+
+
+def attention_layer(layer_id: int) -> SimpleNamespace:
+    """The attributes of SGLang's RadixAttention the path reads."""
+    return SimpleNamespace(layer_id=layer_id, tp_q_head_num=KV_HEADS * GROUP, tp_k_head_num=KV_HEADS,
+                           qk_head_dim=DIM, v_head_dim=DIM, scaling=SCALING)
+
+
+@pytest.mark.parametrize("extend_lens", [[4, 3, 1, 2], [1, 1, 1, 1]], ids=["extend", "decode"])
+def test_compressed_prefix_path_with_kernels_equals_torch(bound_cache, extend_lens):
+    # The whole GPU path of a batch (SGLang's own-token kernels + the prefix kernel, merged by
+    # LSE) against the torch path, on a batch that mixes requests with and without entries.
+    from lava_sglang.sglang_plugin.attention import CompressedPrefixPath
+
+    generator = torch.Generator().manual_seed(5)
+    _, kv_pool, store, first, second = pool_with_two_entries(generator)
     entries = [first, None, second, first]  # prefix_len 100 each
     req_to_token = (100 + torch.randperm(600, generator=generator)).to(torch.int32).view(5, 120)
     bound_cache(SimpleNamespace(kv_pool=kv_pool, req_to_token_pool=SimpleNamespace(req_to_token=req_to_token),
@@ -182,8 +196,7 @@ def test_compressed_prefix_path_with_kernels_equals_torch(bound_cache, extend_le
     paths = {use_kernels: CompressedPrefixPath(backend, use_kernels=use_kernels) for use_kernels in (True, False)}
     num_tokens = sum(extend_lens)
     for layer_id in range(LAYERS):
-        layer = SimpleNamespace(layer_id=layer_id, tp_q_head_num=KV_HEADS * GROUP, tp_k_head_num=KV_HEADS,
-                                qk_head_dim=DIM, v_head_dim=DIM, scaling=SCALING)
+        layer = attention_layer(layer_id)
         q = torch.randn(num_tokens, KV_HEADS * GROUP * DIM, generator=generator)
         # The extend's keys are in the pool already (the path writes them before attending).
         new_slots = torch.cat([req_to_token[row, prefix:prefix + extend].long() for row, prefix, extend
@@ -214,13 +227,7 @@ def test_decode_graph_step_equals_the_host_planned_path(bound_cache, monkeypatch
     monkeypatch.setattr(own_attention, "KEYS_PER_DECODE_SPLIT", 16)  # several splits per own row to merge
 
     generator = torch.Generator().manual_seed(6)
-    buffers = [torch.randn(OWN_POOL, KV_HEADS, DIM, generator=generator) for _ in range(2 * LAYERS)]
-    kv_pool = SimpleNamespace(k_buffer=buffers[:LAYERS], v_buffer=buffers[LAYERS:], layer_num=LAYERS,
-                              get_key_buffer=lambda layer: buffers[layer],
-                              get_value_buffer=lambda layer: buffers[LAYERS + layer])
-    store = new_store(OWN_POOL)
-    first, _ = add_entry(store, kv_pool, 1, [[5, 9], [0, 12], [7, 3]], seed=1)
-    second, _ = add_entry(store, kv_pool, 20, [[2, 2], [4, 1], [1, 6]], seed=2)
+    buffers, kv_pool, store, first, second = pool_with_two_entries(generator)
     req_to_token = torch.zeros(6, 160, dtype=torch.int32)
     own_slots = iter((100 + torch.randperm(600, generator=generator)).tolist())
     bound_cache(SimpleNamespace(kv_pool=kv_pool, req_to_token_pool=SimpleNamespace(req_to_token=req_to_token),
@@ -240,8 +247,7 @@ def test_decode_graph_step_equals_the_host_planned_path(bound_cache, monkeypatch
         step.plan(req_to_token, rows, torch.tensor(seq_lens))
         host_path = CompressedPrefixPath(SimpleNamespace(forward_extend=None, forward_decode=None), use_kernels=False)
         for layer_id in range(LAYERS):
-            layer = SimpleNamespace(layer_id=layer_id, tp_q_head_num=KV_HEADS * GROUP, tp_k_head_num=KV_HEADS,
-                                    qk_head_dim=DIM, v_head_dim=DIM, scaling=SCALING)
+            layer = attention_layer(layer_id)
             q = torch.randn(len(entries), KV_HEADS * GROUP * DIM, generator=generator)
             out, lse = step.run(layer_id, q.view(len(entries), KV_HEADS * GROUP, DIM), buffers[layer_id],
                                 buffers[LAYERS + layer_id])
