@@ -219,8 +219,8 @@ class Reconstruct(Observe):
     overlap_tokens: int = 8
     #: Prefix tokens per repetition chunk: the extra KV while scoring is one chunk and its
     #: instruction, never the prefix twice. 512 kept as much as 256 or more on 1K and 2K-token
-    #: documents (80 questions each, docs/results/reuse/chunk512); one chunk for the whole
-    #: document keeps more still, at the cost of holding it twice.
+    #: documents (80 questions each, docs/results/reuse/chunk512), and as much as 1,024
+    #: (docs/results/reuse/chunk1024) with half the extra KV.
     chunk_tokens: int = 512
     #: Over which keys a repetition query's softmax is taken (`repeat_attention_chunk`).
     normalize: str = "global"
