@@ -12,8 +12,9 @@ queries of long prefills for the compressor.
 The attention over compressed prefixes is `CompressedPrefixBatch`: on CUDA the Triton kernel
 of `lava_sglang.kernels.pool_prefix_attention` (the kept rows read in place from the pool
 through the store's layout tables, one launch per layer), elsewhere torch. The attention
-over the requests' own tokens is, on CUDA, SGLang's own Triton decode and extend kernels
-(`own_attention.py`, planned once per batch), elsewhere torch.
+over the requests' own tokens is, on CUDA, the wrapped backend's: SGLang's own Triton decode
+and extend kernels, or FlashInfer's paged wrappers under SGLang's `flashinfer` backend
+(`own_attention.py`, planned once per batch); elsewhere torch.
 Requests that use no compressed prefix in such a batch get exact ordinary attention from the
 same code.
 """
@@ -24,8 +25,8 @@ import torch
 
 from lava_sglang.kernels.attention_states import (attention_with_lse, flash_extend_attention_with_lse,
                                                   merge_attention_states, rows_attention_with_lse)
-from lava_sglang.sglang_plugin.own_attention import OwnTokenAttention
-from lava_sglang.sglang_plugin.touchpoints import kv_write_loc
+from lava_sglang.sglang_plugin.own_attention import FlashInferOwnAttention, OwnTokenAttention, extend_qo_indptr
+from lava_sglang.sglang_plugin.touchpoints import flashinfer_own_wrappers, kv_write_loc
 from lava_sglang.store import LayoutTables, StoreEntry, read_layer
 
 _cache = None  # the scheduler process's LavaRadixCache, bound by the radix cache factory
@@ -45,13 +46,16 @@ class CompressedPrefixPath:
     """forward_extend / forward_decode for an SGLang attention backend, installed on the
     instance; the backend's own methods serve batches without compressed prefixes.
 
-    use_kernels: run the Triton kernels (the prefix kernel and SGLang's own-token kernels);
-    None: on CUDA tensors. Tests set it to run them under TRITON_INTERPRET=1.
+    use_kernels: run the kernels (the prefix kernel and the own-token kernels); None: on CUDA
+    tensors. Tests set it to run them under TRITON_INTERPRET=1.
+    flashinfer_wrappers: FlashInfer's (decode, paged prefill) wrappers for the own tokens, when
+    the backend is SGLang's `flashinfer` one; None: SGLang's Triton kernels.
     """
 
-    def __init__(self, backend, use_kernels: bool | None = None):
+    def __init__(self, backend, use_kernels: bool | None = None, flashinfer_wrappers: tuple | None = None):
         self.backend = backend
         self.use_kernels = use_kernels
+        self.flashinfer_wrappers = flashinfer_wrappers
         self.inner_extend = backend.forward_extend
         self.inner_decode = backend.forward_decode
         # What every layer of one forward batch shares, found at its first layer: the batch
@@ -61,7 +65,7 @@ class CompressedPrefixPath:
         self._entries: list[StoreEntry | None] = []
         self._repeating = False
         self._prefixes: CompressedPrefixBatch | None = None
-        self._own: OwnTokenAttention | OwnDecodeRows | None = None  # the own-token part's plan
+        self._own: OwnTokenAttention | FlashInferOwnAttention | OwnDecodeRows | None = None  # the own-token plan
 
     def _batch_entries(self, forward_batch) -> list[StoreEntry | None]:
         """The compressed prefix each request of the batch uses (None for none), from the
@@ -131,15 +135,23 @@ class CompressedPrefixPath:
         return out.to(q.dtype).view(-1, num_q_heads * layer.v_head_dim), lse
 
     def _own_kernel_states(self, queries, k, v, layer, forward_batch, entries, prefix_lens, extend_lens, decode):
-        """`_own_states_*` by SGLang's Triton kernels, planned at the batch's first layer."""
-        if self._own is None:
-            self._own = OwnTokenAttention(layer.tp_q_head_num)
-            own_starts = [entry.prefix_len if entry is not None else 0 for entry in entries]
-            seq_lens = [prefix + extend for prefix, extend in zip(prefix_lens, extend_lens)]
-            self._own.plan(_cache.req_to_token_pool.req_to_token, forward_batch.req_pool_indices, own_starts, seq_lens,
-                           extend_lens, decode=decode)
+        """`_own_states_*` by the wrapped backend's kernels, planned at the batch's first layer."""
         k_buffer = _cache.kv_pool.get_key_buffer(layer.layer_id)
         v_buffer = _cache.kv_pool.get_value_buffer(layer.layer_id)
+        if self._own is None:
+            own_starts = [entry.prefix_len if entry is not None else 0 for entry in entries]
+            seq_lens = [prefix + extend for prefix, extend in zip(prefix_lens, extend_lens)]
+            plan_args = (_cache.req_to_token_pool.req_to_token, forward_batch.req_pool_indices, own_starts, seq_lens,
+                         extend_lens)
+            if self.flashinfer_wrappers is not None:
+                self._own = FlashInferOwnAttention(*self.flashinfer_wrappers, num_q_heads=layer.tp_q_head_num,
+                                                   num_kv_heads=layer.tp_k_head_num, head_dim=layer.qk_head_dim)
+                self._own.plan(*plan_args, decode=decode, q_dtype=queries.dtype, kv_dtype=k_buffer.dtype)
+            else:
+                self._own = OwnTokenAttention(layer.tp_q_head_num)
+                self._own.plan(*plan_args, decode=decode)
+        if isinstance(self._own, FlashInferOwnAttention):  # the batch's new keys are in the pool already
+            return self._own.run(queries, k_buffer, v_buffer, layer.scaling)
         if decode:
             return self._own.run(queries, None, None, k_buffer, v_buffer, layer.scaling)
         if k is None or v is None:  # the layer's keys were written by another (KV sharing): read them back
@@ -247,9 +259,7 @@ class CompressedPrefixBatch:
             self.kernel = PoolPrefixAttention(kv_pool.k_buffer, kv_pool.v_buffer, num_q_heads=num_q_heads,
                                               max_rows=max(tables.max_rows_per_head, 1),
                                               max_splits=POOL_DECODE_SPLITS if decode else 1, sm_scale=scaling)
-            qo_indptr = torch.zeros(len(extend_lens) + 1, dtype=torch.int32)
-            qo_indptr[1:] = torch.cumsum(torch.tensor(extend_lens), 0)
-            self.qo_indptr = qo_indptr.to(device)
+            self.qo_indptr = extend_qo_indptr(extend_lens, device)
             self.table_rows = torch.tensor([entry.table_row if entry is not None else -1 for entry in entries],
                                            dtype=torch.int32, device=device)
             self.tables = tables.tables
@@ -331,7 +341,7 @@ def _score_repetitions(layer, forward_batch, q, lse, entries, prefix_lens, exten
 def with_compressed_prefixes(backend):
     """Give `backend` (an SGLang attention backend instance) the compressed-prefix path. Its
     class stays, so SGLang's isinstance checks and backend-name tests are unaffected."""
-    path = CompressedPrefixPath(backend)
+    path = CompressedPrefixPath(backend, flashinfer_wrappers=flashinfer_own_wrappers(backend))
     backend.forward_extend = path.forward_extend
     backend.forward_decode = path.forward_decode
     backend.compressed_prefix_path = path

@@ -22,10 +22,12 @@ NONE = "none"
 KV_POLICIES = (NONE, *sorted(name for name in POLICIES if name != "full"))
 # The attention backends the plugin wraps (`attention.with_compressed_prefixes`: its own path
 # serves the batches that read a compressed prefix, the backend every other batch), per
-# device; the first is chosen when none is given. On CUDA that is SGLang's Triton backend,
-# whose kernels the path also runs for each request's own tokens (`own_attention.py`).
+# device; the first is chosen when none is given. On CUDA the path computes each request's
+# own tokens with the wrapped backend's kernels (`own_attention.py`): SGLang's Triton kernels,
+# or FlashInfer's wrappers under `flashinfer`. Triton is the default because its kernels are
+# tested as they are (under the interpreter); FlashInfer's only through a stand-in wrapper.
 CPU_ATTENTION_BACKENDS = ("torch_native",)
-CUDA_ATTENTION_BACKENDS = ("triton", "torch_native")
+CUDA_ATTENTION_BACKENDS = ("triton", "flashinfer", "torch_native")
 SUPPORTED_ATTENTION_BACKENDS = tuple(dict.fromkeys(CPU_ATTENTION_BACKENDS + CUDA_ATTENTION_BACKENDS))  # all wrapped
 # --cuda-graph-backend-{decode,prefill} value that turns a phase's CUDA graphs off: the
 # compressed-prefix path builds its metadata on the host per batch, which a graph replay skips.

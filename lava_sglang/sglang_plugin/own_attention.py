@@ -1,4 +1,5 @@
-"""Each request's attention over its own tokens, with the LSE, by SGLang's own Triton kernels.
+"""Each request's attention over its own tokens, with the LSE, by the kernels of the SGLang
+attention backend the plugin wraps: SGLang's own Triton kernels, or FlashInfer's wrappers.
 
 A request that reads a compressed prefix attends to two things: the prefix's kept rows
 (`CompressedPrefixBatch`) and its own tokens, the part of its KV row after the prefix. This
@@ -15,11 +16,18 @@ so that the GPU path does no per-request loop and no padding:
   merged by logsumexp is the query's LSE (as SGLang's decode-context-parallel path merges
   it); extend with `extend_attention_fwd(..., lse_extend=...)`, causal over the extend.
 
+Under SGLang's `flashinfer` backend, `FlashInferOwnAttention` plans FlashInfer's paged
+decode and prefill wrappers on the same own rows (page size 1, int32 indices, as SGLang plans
+them) and returns their base-2 LSE in natural log.
+
 The result is merged with the compressed prefix's attention by LSE, as the torch path's is.
-Without CUDA the tests run the same kernels under TRITON_INTERPRET=1 on fp32 tensors.
+Without CUDA the tests run the Triton kernels under TRITON_INTERPRET=1 on fp32 tensors, and
+the FlashInfer wrapping against a stand-in wrapper that records its plan.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 
@@ -37,6 +45,47 @@ def decode_splits(own_lens: torch.Tensor) -> torch.Tensor:
         torch.int32)
 
 
+def cached_own_lens(own_starts: list[int], seq_lens: list[int], extend_lens: list[int], *,
+                    decode: bool) -> torch.Tensor:
+    """Own keys of each request in the pool before the batch's extend keys (a decode's new
+    token counts: it is in the pool by then), [B] int64; raises if an own start lies past them."""
+    if not len(own_starts) == len(seq_lens) == len(extend_lens):
+        raise ValueError(f"one entry per request: {len(own_starts)} own starts, {len(seq_lens)} sequence lengths, "
+                         f"{len(extend_lens)} extend lengths")
+    own_lens = torch.tensor(seq_lens) - torch.tensor(own_starts) - (0 if decode else torch.tensor(extend_lens))
+    if bool((own_lens < (1 if decode else 0)).any()):
+        raise ValueError(f"own tokens must start within the sequence: own starts {own_starts}, sequence "
+                         f"lengths {seq_lens}, extend lengths {extend_lens}")
+    return own_lens
+
+
+def own_kv_indices(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, own_starts: list[int],
+                   own_lens: torch.Tensor, index_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlashInfer's page-size-1 metadata of each request's own keys: kv_indptr [B + 1] int32 and
+    kv_indices (index_dtype), own_lens[i] slots of row req_pool_indices[i] of req_to_token from
+    own_starts[i] on, gathered by SGLang's index builder (`kv_start_idx`), on req_to_token's device."""
+    create_kv_indices, _, _ = triton_attention_ops()
+    batch = len(own_starts)
+    if req_pool_indices.numel() != batch:
+        raise ValueError(f"one entry per request: {req_pool_indices.numel()} requests, {batch} own starts")
+    indptr = torch.zeros(batch + 1, dtype=torch.int32)
+    indptr[1:] = torch.cumsum(own_lens, 0)
+    device = req_to_token.device
+    kv_indptr = indptr.to(device)
+    kv_indices = torch.empty(int(indptr[-1]), dtype=index_dtype, device=device)
+    create_kv_indices[(batch,)](req_to_token, req_pool_indices, own_lens.to(device, torch.int32), kv_indptr,
+                                torch.tensor(own_starts, dtype=torch.int32, device=device), kv_indices,
+                                req_to_token.stride(0))
+    return kv_indptr, kv_indices
+
+
+def extend_qo_indptr(extend_lens: list[int], device) -> torch.Tensor:
+    """Each request's first query token in the batch, and the total: [B + 1] int32."""
+    qo_indptr = torch.zeros(len(extend_lens) + 1, dtype=torch.int32)
+    qo_indptr[1:] = torch.cumsum(torch.tensor(extend_lens), 0)
+    return qo_indptr.to(device)
+
+
 class OwnTokenAttention:
     """Attention over own tokens for one forward batch: `plan` once, `run` per layer."""
 
@@ -52,30 +101,14 @@ class OwnTokenAttention:
         """req_to_token: SGLang's [slots, context] token table; req_pool_indices: [B] on its
         device; own_starts, seq_lens (counting the extend), extend_lens: [B] on the host, as
         the scheduler knows them, so the plan reads nothing back from the device."""
-        create_kv_indices, _, _ = triton_attention_ops()
-        batch = len(extend_lens)
-        if not batch == len(own_starts) == len(seq_lens) == req_pool_indices.numel():
-            raise ValueError(f"one entry per request: {req_pool_indices.numel()} requests, {len(own_starts)} own "
-                             f"starts, {len(seq_lens)} sequence lengths, {batch} extend lengths")
-        own_lens = torch.tensor(seq_lens) - torch.tensor(own_starts) - (0 if decode else torch.tensor(extend_lens))
-        if bool((own_lens < (1 if decode else 0)).any()):
-            raise ValueError(f"own tokens must start within the sequence: own starts {own_starts}, sequence "
-                             f"lengths {seq_lens}, extend lengths {extend_lens}")
-        indptr = torch.zeros(batch + 1, dtype=torch.int32)
-        indptr[1:] = torch.cumsum(own_lens, 0)
-        device = req_to_token.device
+        own_lens = cached_own_lens(own_starts, seq_lens, extend_lens, decode=decode)
         self.decode = decode
-        self.kv_indptr = indptr.to(device)
-        self.kv_indices = torch.empty(int(indptr[-1]), dtype=torch.int64, device=device)
-        create_kv_indices[(batch,)](req_to_token, req_pool_indices, own_lens.to(device, torch.int32), self.kv_indptr,
-                                    torch.tensor(own_starts, dtype=torch.int32, device=device), self.kv_indices,
-                                    req_to_token.stride(0))
+        self.kv_indptr, self.kv_indices = own_kv_indices(req_to_token, req_pool_indices, own_starts, own_lens,
+                                                         torch.int64)
         if decode:
-            self.num_kv_splits = decode_splits(own_lens).to(device)
+            self.num_kv_splits = decode_splits(own_lens).to(req_to_token.device)
         else:
-            qo_indptr = torch.zeros(batch + 1, dtype=torch.int32)
-            qo_indptr[1:] = torch.cumsum(torch.tensor(extend_lens), 0)
-            self.qo_indptr = qo_indptr.to(device)
+            self.qo_indptr = extend_qo_indptr(extend_lens, req_to_token.device)
             self.max_extend_len = max(extend_lens)
 
     def run(self, queries: torch.Tensor, k_extend: torch.Tensor | None, v_extend: torch.Tensor | None,
@@ -101,3 +134,51 @@ class OwnTokenAttention:
                              self.qo_indptr, self.kv_indptr, self.kv_indices, None, True, None, self.max_extend_len,
                              1.0, 1.0, sm_scale=scaling, lse_extend=lse)
         return out, lse
+
+
+class FlashInferOwnAttention:
+    """Attention over own tokens for one forward batch by FlashInfer's paged wrappers, called
+    as SGLang's `flashinfer` backend calls them: `plan` once, `run` per layer.
+
+    Each request's paged sequence (page size 1) is its KV row from its own start to its end,
+    the batch's new keys included (the path writes them to the pool before attending): a
+    decode batch runs the decode wrapper, an extend batch the paged prefill wrapper, causal
+    (FlashInfer aligns a request's queries with the end of its keys)."""
+
+    def __init__(self, decode_wrapper, prefill_wrapper, *, num_q_heads: int, num_kv_heads: int, head_dim: int):
+        self.decode_wrapper, self.prefill_wrapper = decode_wrapper, prefill_wrapper
+        self.num_q_heads, self.num_kv_heads, self.head_dim = num_q_heads, num_kv_heads, head_dim
+        self.decode = False
+
+    def plan(self, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, own_starts: list[int],
+             seq_lens: list[int], extend_lens: list[int], *, decode: bool, q_dtype: torch.dtype,
+             kv_dtype: torch.dtype) -> None:
+        """Arguments as OwnTokenAttention.plan's; q_dtype, kv_dtype: the queries' and the pool's."""
+        own_lens = cached_own_lens(own_starts, seq_lens, extend_lens, decode=decode)
+        if not decode:
+            own_lens = own_lens + torch.tensor(extend_lens)
+        device = req_to_token.device
+        kv_indptr, kv_indices = own_kv_indices(req_to_token, req_pool_indices, own_starts, own_lens, torch.int32)
+        last_page_len = torch.ones(len(own_starts), dtype=torch.int32, device=device)
+        heads = (self.num_q_heads, self.num_kv_heads, self.head_dim, 1)  # page size 1
+        self.decode = decode
+        if decode:
+            self.decode_wrapper.begin_forward(kv_indptr, kv_indices, last_page_len, *heads, q_data_type=q_dtype,
+                                              kv_data_type=kv_dtype)
+        else:
+            self.prefill_wrapper.begin_forward(extend_qo_indptr(extend_lens, device), kv_indptr, kv_indices,
+                                               last_page_len, *heads, q_data_type=q_dtype, kv_data_type=kv_dtype,
+                                               causal=True)
+
+    def run(self, queries: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
+            scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """queries [tokens, Hq, d]; k_buffer, v_buffer: the layer's pool buffers; scaling: the
+        layer's softmax scale (passed per call, as SGLang passes it). Returns out [tokens, Hq, dv]
+        and the natural-log LSE [tokens, Hq], fp32 (FlashInfer's LSE is base 2)."""
+        queries = queries.contiguous()
+        if self.decode:
+            out, lse = self.decode_wrapper.forward_return_lse(queries, (k_buffer, v_buffer), sm_scale=scaling)
+        else:
+            out, lse = self.prefill_wrapper.forward_return_lse(queries, (k_buffer, v_buffer), causal=True,
+                                                               sm_scale=scaling)
+        return out.float(), lse.float() * math.log(2)

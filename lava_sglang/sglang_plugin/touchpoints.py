@@ -139,3 +139,20 @@ def triton_attention_ops():
     from sglang.kernels.ops.attention.kv_indices import create_flashinfer_kv_indices_triton
 
     return create_flashinfer_kv_indices_triton, decode_attention_fwd, extend_attention_fwd
+
+
+def flashinfer_own_wrappers(backend) -> tuple | None:
+    """For SGLang's `flashinfer` attention backend (`FlashInferAttnBackend`): a FlashInfer paged
+    decode wrapper and a paged prefill wrapper of the plugin's own (`FlashInferOwnAttention`
+    plans them per batch), built as the backend builds its own, on its workspace buffer, which
+    its wrappers share too. None for any other backend, or where FlashInfer does not import."""
+    try:
+        from flashinfer import BatchDecodeWithPagedKVCacheWrapper, BatchPrefillWithPagedKVCacheWrapper
+        from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
+    except ImportError:
+        return None
+    if not isinstance(backend, FlashInferAttnBackend):
+        return None
+    return (BatchDecodeWithPagedKVCacheWrapper(backend.workspace_buffer, "NHD", backend=backend.decode_backend,
+                                               use_tensor_cores=backend.decode_use_tensor_cores),
+            BatchPrefillWithPagedKVCacheWrapper(backend.workspace_buffer, "NHD", backend=backend.prefill_backend))

@@ -126,8 +126,8 @@ def test_combinations_that_cannot_work_are_refused(option, value, reason):
 
 
 @pytest.mark.parametrize("option, value, reason", [
-    ("attention_backend", "flashinfer", "--attention-backend flashinfer: supported with a policy on cuda: "
-                                        "triton, torch_native"),
+    ("attention_backend", "fa3", "--attention-backend fa3: supported with a policy on cuda: "
+                                 "triton, flashinfer, torch_native"),
     ("cuda_graph_backend_decode", "full", "--cuda-graph-backend-decode full: CUDA graphs replay"),
     ("cuda_graph_backend_prefill", "breakable", "--cuda-graph-backend-prefill breakable"),
     ("cuda_graph_config", '{"decode": {"backend": "full"}}', "--cuda-graph-config: its phase backends override"),
@@ -143,7 +143,7 @@ def test_gpu_combinations_that_cannot_work_are_refused(option, value, reason):
 
 def test_each_device_serves_its_own_backends_and_graphs_off():
     config = from_namespace(parse("--kv-policy", "lava"))
-    for backend in ("triton", "torch_native", None):
+    for backend in ("triton", "flashinfer", "torch_native", None):
         check_server_args(config, argparse.Namespace(attention_backend=backend, cuda_graph_backend_decode="disabled",
                                                      cuda_graph_backend_prefill=None), "cuda:0")
     check_server_args(config, argparse.Namespace(attention_backend="torch_native"), "cpu")

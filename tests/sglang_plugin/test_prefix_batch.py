@@ -272,3 +272,131 @@ def test_decode_graph_step_equals_the_host_planned_path(bound_cache, monkeypatch
         step.plan(req_to_token, torch.arange(6).repeat(2), torch.ones(12, dtype=torch.int64))
     with pytest.raises(ValueError, match="planned for 2 requests"):
         step.run(0, torch.zeros(3, KV_HEADS * GROUP, DIM), buffers[0], buffers[LAYERS])
+
+
+class StandInFlashInferWrapper:
+    """A stand-in for FlashInfer's paged wrappers (FlashInfer's kernels need CUDA): records the
+    arguments of `begin_forward`, checked against the real wrapper's plan signature, and
+    computes from that plan what FlashInfer computes: per request, attention over its paged
+    keys (page size 1), causal with the queries aligned to the end of its keys, and the LSE in
+    base 2."""
+
+    def __init__(self, plan_signature, prefill: bool):
+        self.plan_signature, self.prefill = plan_signature, prefill
+        self.plans = []
+
+    def begin_forward(self, *args, **kwargs):
+        self.plans.append(self.plan_signature.bind(self, *args, **kwargs).arguments)
+
+    def run_plan(self, q, paged_kv_cache, causal, sm_scale):
+        plan = self.plans[-1]
+        kv_indptr, kv_indices = plan["paged_kv_indptr" if self.prefill else "indptr"], plan[
+            "paged_kv_indices" if self.prefill else "indices"]
+        qo_indptr = plan["qo_indptr"] if self.prefill else torch.arange(len(kv_indptr), dtype=torch.int32)
+        k_cache, v_cache = paged_kv_cache
+        out, lse = torch.empty_like(q), torch.empty(q.shape[:2])
+        for request in range(len(kv_indptr) - 1):
+            queries = slice(qo_indptr[request], qo_indptr[request + 1])
+            slots = kv_indices[kv_indptr[request]:kv_indptr[request + 1]].long()
+            num_queries, num_keys = queries.stop - queries.start, len(slots)
+            visible = torch.ones(num_queries, num_keys, dtype=torch.bool)
+            if causal:
+                visible = torch.arange(num_keys)[None, :] <= (num_keys - num_queries + torch.arange(num_queries))[:, None]
+            keys, values = k_cache[slots].repeat_interleave(GROUP, 1), v_cache[slots].repeat_interleave(GROUP, 1)
+            logits = torch.einsum("thd,shd->ths", q[queries], keys) * sm_scale
+            logits = logits.masked_fill(~visible[:, None, :], float("-inf"))
+            out[queries] = torch.einsum("ths,shd->thd", logits.softmax(-1), values)
+            lse[queries] = logits.logsumexp(-1) / math.log(2)
+        return out, lse
+
+
+class StandInDecodeWrapper(StandInFlashInferWrapper):
+    def forward_return_lse(self, q, paged_kv_cache, sm_scale=None):
+        return self.run_plan(q, paged_kv_cache, False, sm_scale)
+
+
+class StandInPrefillWrapper(StandInFlashInferWrapper):
+    def forward_return_lse(self, q, paged_kv_cache, causal=False, sm_scale=None):
+        return self.run_plan(q, paged_kv_cache, causal, sm_scale)
+
+
+@pytest.mark.parametrize("extend_lens", [[4, 3, 1, 2], [1, 1, 1, 1]], ids=["extend", "decode"])
+def test_flashinfer_wrapping_plans_own_rows_and_equals_torch(bound_cache, extend_lens):
+    # Under SGLang's flashinfer backend the own tokens go to FlashInfer's paged wrappers,
+    # planned once per batch on each request's row after its compressed prefix; their base-2
+    # LSE merged with the prefix kernel's gives the torch path's attention.
+    import inspect
+
+    import flashinfer
+
+    from lava_sglang.sglang_plugin.attention import CompressedPrefixPath
+
+    decode = max(extend_lens) == 1
+    # The decode wrapper's `plan` forwards **kwargs to `_plan_impl`, whose signature names them.
+    decode_wrapper = StandInDecodeWrapper(
+        inspect.signature(flashinfer.BatchDecodeWithPagedKVCacheWrapper._plan_impl), prefill=False)
+    prefill_wrapper = StandInPrefillWrapper(inspect.signature(flashinfer.BatchPrefillWithPagedKVCacheWrapper.plan),
+                                            prefill=True)
+    generator = torch.Generator().manual_seed(7)
+    _, kv_pool, store, first, second = pool_with_two_entries(generator)
+    entries = [first, None, second, first]  # prefix_len 100 each
+    req_to_token = (100 + torch.randperm(600, generator=generator)).to(torch.int32).view(5, 120)
+    bound_cache(SimpleNamespace(kv_pool=kv_pool, req_to_token_pool=SimpleNamespace(req_to_token=req_to_token),
+                                store=store))
+    prefix_lens = [103, 7, 110, 100]
+    forward_batch = SimpleNamespace(req_pool_indices=torch.tensor([3, 0, 4, 1]))
+    backend = SimpleNamespace(forward_extend=None, forward_decode=None)
+    wrapped = CompressedPrefixPath(backend, use_kernels=True, flashinfer_wrappers=(decode_wrapper, prefill_wrapper))
+    torch_path = CompressedPrefixPath(backend, use_kernels=False)
+    for layer_id in range(LAYERS):
+        layer = attention_layer(layer_id)
+        q = torch.randn(sum(extend_lens), KV_HEADS * GROUP * DIM, generator=generator)
+        new_slots = torch.cat([req_to_token[row, prefix:prefix + extend].long() for row, prefix, extend
+                               in zip(forward_batch.req_pool_indices, prefix_lens, extend_lens)])
+        k, v = kv_pool.get_key_buffer(layer_id)[new_slots], kv_pool.get_value_buffer(layer_id)[new_slots]
+        out, lse = wrapped._attend(q, k, v, layer, forward_batch, False, entries, prefix_lens, extend_lens)
+        expected_out, expected_lse = torch_path._attend(q, k, v, layer, forward_batch, False, entries, prefix_lens,
+                                                        extend_lens)
+        torch.testing.assert_close(lse, expected_lse, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out, expected_out, atol=1e-4, rtol=1e-4)
+    used, unused = (decode_wrapper, prefill_wrapper) if decode else (prefill_wrapper, decode_wrapper)
+    assert len(used.plans) == 1 and not unused.plans  # planned once for the batch's layers
+    plan = used.plans[0]
+    own_starts = [100, 0, 100, 100]
+    seq_lens = [prefix + extend for prefix, extend in zip(prefix_lens, extend_lens)]
+    kv_indptr, kv_indices = (plan["paged_kv_indptr"], plan["paged_kv_indices"]) if not decode else (
+        plan["indptr"], plan["indices"])
+    expected_indices = torch.cat([req_to_token[row, start:end] for row, start, end
+                                  in zip(forward_batch.req_pool_indices, own_starts, seq_lens)])
+    assert kv_indptr.dtype == kv_indices.dtype == torch.int32  # as SGLang plans them
+    assert kv_indptr.tolist() == [0, *torch.cumsum(torch.tensor(seq_lens) - torch.tensor(own_starts), 0).tolist()]
+    assert torch.equal(kv_indices, expected_indices)
+    last_page_len = plan["paged_kv_last_page_len" if not decode else "last_page_len"]
+    assert last_page_len.tolist() == [1] * 4 and plan["page_size"] == 1
+    assert (plan["num_qo_heads"], plan["num_kv_heads"]) == (KV_HEADS * GROUP, KV_HEADS)
+    if not decode:
+        assert plan["qo_indptr"].tolist() == [0, 4, 7, 8, 10] and plan["causal"] is True
+
+
+def test_only_sglangs_flashinfer_backend_gets_flashinfer_wrappers(monkeypatch):
+    # FlashInfer's wrappers need CUDA to be built: recorded here, with the arguments the
+    # backend builds its own with (its workspace buffer, kernel choice, tensor cores).
+    import flashinfer
+    from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
+
+    from lava_sglang.sglang_plugin.attention import with_compressed_prefixes
+
+    def recorded(kind):
+        return lambda *args, **kwargs: (kind, args, kwargs)
+
+    monkeypatch.setattr(flashinfer, "BatchDecodeWithPagedKVCacheWrapper", recorded("decode"))
+    monkeypatch.setattr(flashinfer, "BatchPrefillWithPagedKVCacheWrapper", recorded("prefill"))
+    backend = FlashInferAttnBackend.__new__(FlashInferAttnBackend)
+    workspace = torch.empty(8, dtype=torch.uint8)
+    backend.workspace_buffer, backend.decode_backend, backend.prefill_backend = workspace, "fa2", "fa3"
+    backend.decode_use_tensor_cores, backend.forward_extend, backend.forward_decode = True, None, None
+    decode_wrapper, prefill_wrapper = with_compressed_prefixes(backend).compressed_prefix_path.flashinfer_wrappers
+    assert decode_wrapper == ("decode", (workspace, "NHD"), {"backend": "fa2", "use_tensor_cores": True})
+    assert prefill_wrapper == ("prefill", (workspace, "NHD"), {"backend": "fa3"})
+    other = with_compressed_prefixes(SimpleNamespace(forward_extend=None, forward_decode=None))
+    assert other.compressed_prefix_path.flashinfer_wrappers is None
