@@ -274,7 +274,8 @@ class CompressedPrefixBatch:
                 self.distinct[entry.entry_id] = entry
                 tokens_of.setdefault(entry.entry_id, []).extend(range(start, start + extend_len))
             start += extend_len
-        self.tokens_of = {entry_id: torch.tensor(tokens) for entry_id, tokens in tokens_of.items()}
+        device = kv_pool.k_buffer[0].device
+        self.tokens_of = {entry_id: torch.tensor(tokens, device=device) for entry_id, tokens in tokens_of.items()}
 
     def states(self, layer: int, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.kernel is not None:
@@ -288,7 +289,7 @@ class CompressedPrefixBatch:
         for entry_id, entry in self.distinct.items():
             keys, values = read_layer(entry.layout, layer, self.kv_pool.k_buffer, self.kv_pool.v_buffer)
             bounds = entry.layout.layer_head_bounds(layer)
-            tokens = self.tokens_of[entry_id].to(queries.device)
+            tokens = self.tokens_of[entry_id]
             grouped = queries.index_select(0, tokens).view(len(tokens), self.num_kv_heads, group, head_dim)
             entry_out = out.new_zeros((len(tokens), self.num_kv_heads, group, head_dim))
             entry_lse = lse.new_full((len(tokens), self.num_kv_heads, group), float("-inf"))
