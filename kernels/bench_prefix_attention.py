@@ -165,8 +165,7 @@ def main() -> None:
                 ms = benchmarking.time_ms(lambda: attention.run(q, k_store, v_store), device)
                 k_buffer, v_buffer, tables, table_rows = pool_inputs(lengths, batch, num_kv_heads, args.head_dim,
                                                                      device)
-                pool = PoolPrefixAttention([k_buffer], [v_buffer], num_q_heads=num_q_heads,
-                                           max_rows=tables.max_rows_per_head)
+                pool = PoolPrefixAttention([k_buffer], [v_buffer], num_q_heads=num_q_heads)
                 qo_indptr = metadata[0]
 
                 def pool_step():

@@ -192,7 +192,6 @@ class LayoutTables:
         self.prefix_lens = torch.zeros(max_entries, dtype=torch.int32, device=device)  # where own tokens start
         self._free_rows = list(range(max_entries - 1, -1, -1))
         self._regions: dict[int, tuple[int, int, torch.Tensor]] = {}  # row -> (base, count, slots)
-        self.max_rows_per_head = 0  # the most rows one (layer, KV head) of an entry holds
 
     @property
     def tables(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -222,7 +221,6 @@ class LayoutTables:
         self.prefix_lens[row] = prefix_len
         self.slot_to_row[slots.long()] = row
         self._regions[row] = (base, count, slots)
-        self.max_rows_per_head = max(self.max_rows_per_head, int(layout.kept_lengths.max()))
         return row
 
     def remove(self, row: int) -> None:

@@ -19,10 +19,12 @@ each for table row `e`:
 The layer buffers are separate tensors: the kernel takes their addresses (`buffer_pointers`).
 
 Request b reads entry `entry_of_request[b]` (-1: none: out 0, lse -inf). Each (request, KV
-head) is cut into `max_splits` chunks of `keys_per_split` rows, both fixed at construction
-from the longest prefix served, so the grid never depends on the batch; chunks past a
-sequence's end write an empty state, and the chunks are merged by their LSE
-(`prefix_attention._merge_splits_kernel`).
+head) is cut into at most `max_splits` chunks, the grid's fixed third factor, so the grid
+never depends on the batch or on the entries. Each program sizes its chunk on the device
+from its sequence's row count (a whole number of key blocks, at least one), so a short
+sequence uses few chunks, a long one all of them, and every row is read however long the
+context. Chunks past a sequence's end write an empty state, and the chunks are merged by
+their LSE (`prefix_attention._merge_splits_kernel`).
 """
 
 from __future__ import annotations
@@ -46,7 +48,7 @@ def _pool_prefix_attention_kernel(
     head_offsets_ptr, slot_list_ptr, slot_base_ptr, num_slots_ptr, out_ptr, lse_ptr,
     stride_qt, stride_qh, stride_offsets,
     stride_os, stride_ot, stride_oh, stride_ls, stride_lt,
-    layer, num_kv_heads, group, keys_per_split, max_splits, sm_scale,
+    layer, num_kv_heads, group, max_splits, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
 ):
     work = tl.program_id(0)
@@ -68,6 +70,8 @@ def _pool_prefix_attention_kernel(
     end_row = tl.load(offsets + 1, mask=has_entry, other=0)
     cells_per_buffer = tl.load(num_slots_ptr + entry, mask=has_entry, other=1) * num_kv_heads
     entry_slots = slot_list_ptr + tl.load(slot_base_ptr + entry, mask=has_entry, other=0)
+    # The sequence's rows in max_splits chunks of whole key blocks: few chunks for a short one.
+    keys_per_split = tl.cdiv(tl.cdiv(end_row - first_row, max_splits), BLOCK_N) * BLOCK_N
     start = first_row + split * keys_per_split
     end = tl.minimum(start + keys_per_split, end_row)
 
@@ -107,19 +111,18 @@ def _buffer_pointers(name: str, buffers: list[torch.Tensor], first: torch.Tensor
 class PoolPrefixAttention:
     """Attention over compressed prefixes in the pool, on a fixed grid (graph-safe `run`).
 
-    >>> attention = PoolPrefixAttention(k_buffers, v_buffers, num_q_heads=32, max_rows=8192)
+    >>> attention = PoolPrefixAttention(k_buffers, v_buffers, num_q_heads=32)
     >>> out, lse = attention.run(q, qo_indptr, entry_of_request, tables, layer=layer, max_q_len=1)
 
     k_buffers, v_buffers: the pool's layer buffers [pool_slots, Hkv, d] (one shape and dtype,
     contiguous; their addresses are read once, as a server's pool never moves).
-    max_rows: the most kept rows one (layer, KV head) of an entry can have (the longest
-    prefix compressed); with `max_splits` it fixes the keys each chunk covers, and rows past
-    max_splits * keys_per_split are not read. The partial states take max_splits x the
-    output in fp32: extend batches (many query tokens) want max_splits = 1.
+    max_splits: the most chunks one (request, KV head) is cut into (split-K). The partial
+    states take max_splits x the output in fp32: extend batches (many query tokens) want
+    max_splits = 1.
     """
 
     def __init__(self, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], *, num_q_heads: int,
-                 max_rows: int, max_splits: int = 16, sm_scale: float | None = None):
+                 max_splits: int = 16, sm_scale: float | None = None):
         if not k_buffers or len(k_buffers) != len(v_buffers):
             raise ValueError(f"k_buffers and v_buffers must list the same layers, got {len(k_buffers)} and "
                              f"{len(v_buffers)}")
@@ -128,10 +131,9 @@ class PoolPrefixAttention:
         self.dtype = k_buffers[0].dtype
         self.num_layers = len(k_buffers)
         _, num_kv_heads, head_dim = k_buffers[0].shape
-        check_positive_ints(max_rows=max_rows, max_splits=max_splits)
+        check_positive_ints(max_splits=max_splits)
         set_heads(self, num_q_heads, num_kv_heads, head_dim, sm_scale)
-        self.keys_per_split = -(-max(-(-max_rows // max_splits), BLOCK_KEYS) // BLOCK_KEYS) * BLOCK_KEYS
-        self.max_splits = -(-max_rows // self.keys_per_split)
+        self.max_splits = max_splits
 
     def run(self, q: torch.Tensor, qo_indptr: torch.Tensor, entry_of_request: torch.Tensor,
             tables: tuple[torch.Tensor, ...], *, layer: int, max_q_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -185,7 +187,7 @@ class PoolPrefixAttention:
             q.stride(0), q.stride(1), head_offsets.stride(0),
             partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
             partial_lse.stride(0), partial_lse.stride(1),
-            layer, self.num_kv_heads, self.group, self.keys_per_split, self.max_splits, self.sm_scale,
+            layer, self.num_kv_heads, self.group, self.max_splits, self.sm_scale,
             HEAD_DIM=self.head_dim, BLOCK_M=block_m, BLOCK_N=BLOCK_KEYS, BLOCK_D=block_d,
             num_warps=launch.TILE_NUM_WARPS,
         )

@@ -257,7 +257,6 @@ class CompressedPrefixBatch:
             decode = max(extend_lens) == 1
             # Split-K for decode only: an extend's partial states would be max_splits x its output.
             self.kernel = PoolPrefixAttention(kv_pool.k_buffer, kv_pool.v_buffer, num_q_heads=num_q_heads,
-                                              max_rows=max(tables.max_rows_per_head, 1),
                                               max_splits=POOL_DECODE_SPLITS if decode else 1, sm_scale=scaling)
             self.qo_indptr = extend_qo_indptr(extend_lens, device)
             self.table_rows = torch.tensor([entry.table_row if entry is not None else -1 for entry in entries],

@@ -57,7 +57,7 @@ class DecodeGraphStep:
         self.max_batch = max_batch
         self.max_context = max_context
         self.scaling = scaling
-        self.prefix = PoolPrefixAttention(k_buffers, v_buffers, num_q_heads=num_q_heads, max_rows=max_context,
+        self.prefix = PoolPrefixAttention(k_buffers, v_buffers, num_q_heads=num_q_heads,
                                           max_splits=POOL_DECODE_SPLITS, sm_scale=scaling)
         self.own = OwnTokenAttention(num_q_heads)
         self.own.decode = True

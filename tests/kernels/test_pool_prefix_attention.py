@@ -68,8 +68,9 @@ def dense(q, qo, layouts, pool, layer):
     return out, lse
 
 
+@pytest.mark.parametrize("max_splits", [1, 4])
 @pytest.mark.parametrize("extend_lens", [[1, 1, 1, 1, 1], [3, 1, 4, 2, 1]], ids=["decode", "extend"])
-def test_pool_prefix_attention_matches_dense_and_reference(device, extend_lens):
+def test_pool_prefix_attention_matches_dense_and_reference(device, extend_lens, max_splits):
     pool = Pool(device)
     # One head keeps nothing in layer 1; lengths past one 64-key block and over several splits.
     first_row, first = pool.add([[5, 70], [0, 12], [7, 3]])
@@ -81,10 +82,10 @@ def test_pool_prefix_attention_matches_dense_and_reference(device, extend_lens):
         qo.append(qo[-1] + extend)
     qo_indptr = torch.tensor(qo, dtype=torch.int32, device=device)
     entry_of_request = torch.tensor(rows, dtype=torch.int32, device=device)
-    # max_splits 4 over 70 rows: 64-key chunks, two of them for the longest head.
+    # Every row is read whatever the split count: max_splits 1 reads the 70-row heads in one
+    # chunk; 4 cuts them in two 64-key chunks, the others in one, and leaves chunks empty.
     attention = PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=KV_HEADS * GROUP,
-                                    max_rows=pool.tables.max_rows_per_head, max_splits=4, sm_scale=SCALING)
-    assert attention.max_splits == 2
+                                    max_splits=max_splits, sm_scale=SCALING)
     generator = torch.Generator().manual_seed(3)
     for layer in range(LAYERS):
         q = torch.randn(qo[-1], KV_HEADS * GROUP, DIM, generator=generator).to(device)
@@ -108,8 +109,8 @@ def test_entries_come_and_go_without_touching_the_kernel_or_its_grid(device):
     pool = Pool(device, seed=1)
     pool.tables = LayoutTables(max_entries=3, pool_slots=POOL, num_layers=LAYERS, num_kv_heads=KV_HEADS,
                                device=device)
-    attention = PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=KV_HEADS * GROUP, max_rows=128,
-                                    max_splits=2, sm_scale=SCALING)
+    attention = PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=KV_HEADS * GROUP, max_splits=2,
+                                    sm_scale=SCALING)
     live = [pool.add([[4, 9], [3, 3], [8, 1]]), pool.add([[20, 2], [5, 6], [1, 1]]),
             pool.add([[1, 1], [2, 2], [3, 3]])]
     assert pool.tables.add(CellLayout(torch.tensor([0]), torch.ones(LAYERS, KV_HEADS, dtype=torch.int64)), prefix_len=1) is None
@@ -132,7 +133,7 @@ def test_entries_come_and_go_without_touching_the_kernel_or_its_grid(device):
 def test_bf16_pool(device):
     pool = Pool(device, dtype=torch.bfloat16, seed=2)
     row, layout = pool.add([[9, 3], [4, 4], [2, 7]])
-    attention = PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=KV_HEADS * GROUP, max_rows=16,
+    attention = PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=KV_HEADS * GROUP,
                                     sm_scale=SCALING)
     q = torch.randn(2, KV_HEADS * GROUP, DIM, generator=torch.Generator().manual_seed(5)).to(device, torch.bfloat16)
     qo_indptr = torch.tensor([0, 2], dtype=torch.int32, device=device)
@@ -146,7 +147,7 @@ def test_bf16_pool(device):
 def test_bad_inputs_raise(device):
     pool = Pool(device)
     row, _ = pool.add([[2, 2], [2, 2], [2, 2]])
-    attention = PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=KV_HEADS * GROUP, max_rows=8)
+    attention = PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=KV_HEADS * GROUP)
     q = torch.randn(1, KV_HEADS * GROUP, DIM, device=device)
     qo_indptr = torch.tensor([0, 1], dtype=torch.int32, device=device)
     rows = torch.tensor([row], dtype=torch.int32, device=device)
@@ -162,9 +163,9 @@ def test_bad_inputs_raise(device):
     with pytest.raises(ValueError, match="L \\* Hkv \\+ 1"):
         attention.run(q, qo_indptr, rows, (tables[0][:, :-1], *tables[1:]), layer=0, max_q_len=1)
     with pytest.raises(ValueError, match="one shape and dtype|k_buffers\\[0\\] is"):
-        PoolPrefixAttention(pool.k_buffers, [buffer[:-1] for buffer in pool.v_buffers], num_q_heads=6, max_rows=8)
-    with pytest.raises(ValueError, match="max_rows"):
-        PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=6, max_rows=0)
+        PoolPrefixAttention(pool.k_buffers, [buffer[:-1] for buffer in pool.v_buffers], num_q_heads=6)
+    with pytest.raises(ValueError, match="max_splits"):
+        PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=6, max_splits=0)
 
 
 def test_cuda_graph_replay_follows_batches_and_entries(cuda_only):
@@ -175,8 +176,8 @@ def test_cuda_graph_replay_follows_batches_and_entries(cuda_only):
     device = cuda_only
     pool = Pool(device, dtype=torch.bfloat16, seed=6)
     live = [pool.add([[12, 3], [5, 40], [7, 7]]), pool.add([[2, 9], [1, 1], [30, 4]])]
-    attention = PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=KV_HEADS * GROUP, max_rows=64,
-                                    max_splits=2, sm_scale=SCALING)
+    attention = PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=KV_HEADS * GROUP, max_splits=2,
+                                    sm_scale=SCALING)
     batch = 4
     first_slots = torch.zeros(batch, dtype=torch.int64, device=device)  # static inputs of the graph
     queries = torch.zeros(batch, KV_HEADS * GROUP, DIM, dtype=torch.bfloat16, device=device)
