@@ -25,7 +25,7 @@ import torch
 
 from lava_sglang.kernels.attention_states import (attention_with_lse, flash_extend_attention_with_lse,
                                                   merge_attention_states, rows_attention_with_lse)
-from lava_sglang.sglang_plugin.own_attention import FlashInferOwnAttention, OwnTokenAttention, extend_qo_indptr
+from lava_sglang.sglang_plugin.own_attention import FlashInferOwnAttention, OwnTokenAttention, lengths_indptr
 from lava_sglang.sglang_plugin.touchpoints import flashinfer_own_wrappers, kv_write_loc
 from lava_sglang.store import LayoutTables, StoreEntry, read_layer
 
@@ -258,7 +258,7 @@ class CompressedPrefixBatch:
             # Split-K for decode only: an extend's partial states would be max_splits x its output.
             self.kernel = PoolPrefixAttention(kv_pool.k_buffer, kv_pool.v_buffer, num_q_heads=num_q_heads,
                                               max_splits=POOL_DECODE_SPLITS if decode else 1, sm_scale=scaling)
-            self.qo_indptr = extend_qo_indptr(extend_lens, device)
+            self.qo_indptr = lengths_indptr(extend_lens).to(device)
             self.table_rows = torch.tensor([entry.table_row if entry is not None else -1 for entry in entries],
                                            dtype=torch.int32, device=device)
             self.tables = tables.tables

@@ -59,31 +59,31 @@ def cached_own_lens(own_starts: list[int], seq_lens: list[int], extend_lens: lis
     return own_lens
 
 
+def lengths_indptr(lengths) -> torch.Tensor:
+    """Where each of B consecutive runs of these lengths starts, and the total: [B + 1] int32, on
+    the host (FlashInfer's plans take their indptrs there: no read back from the device)."""
+    indptr = torch.zeros(len(lengths) + 1, dtype=torch.int32)
+    indptr[1:] = torch.cumsum(torch.as_tensor(lengths), 0)
+    return indptr
+
+
 def own_kv_indices(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, own_starts: list[int],
-                   own_lens: torch.Tensor, index_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """FlashInfer's page-size-1 metadata of each request's own keys: kv_indptr [B + 1] int32 and
-    kv_indices (index_dtype), own_lens[i] slots of row req_pool_indices[i] of req_to_token from
-    own_starts[i] on, gathered by SGLang's index builder (`kv_start_idx`), on req_to_token's device."""
+                   kv_indptr: torch.Tensor, index_dtype: torch.dtype) -> torch.Tensor:
+    """FlashInfer's page-size-1 kv_indices (index_dtype) of each request's own keys: the slots of
+    row req_pool_indices[i] of req_to_token from own_starts[i] on, as many as kv_indptr (on the
+    host, `lengths_indptr`) gives it, gathered by SGLang's index builder (`kv_start_idx`) onto
+    req_to_token's device."""
     create_kv_indices, _, _ = triton_attention_ops()
     batch = len(own_starts)
-    if req_pool_indices.numel() != batch:
-        raise ValueError(f"one entry per request: {req_pool_indices.numel()} requests, {batch} own starts")
-    indptr = torch.zeros(batch + 1, dtype=torch.int32)
-    indptr[1:] = torch.cumsum(own_lens, 0)
+    if not req_pool_indices.numel() == batch == kv_indptr.numel() - 1:
+        raise ValueError(f"one entry per request: {req_pool_indices.numel()} requests, {batch} own starts, "
+                         f"{kv_indptr.numel() - 1} own lengths")
     device = req_to_token.device
-    kv_indptr = indptr.to(device)
-    kv_indices = torch.empty(int(indptr[-1]), dtype=index_dtype, device=device)
-    create_kv_indices[(batch,)](req_to_token, req_pool_indices, own_lens.to(device, torch.int32), kv_indptr,
+    kv_indices = torch.empty(int(kv_indptr[-1]), dtype=index_dtype, device=device)
+    create_kv_indices[(batch,)](req_to_token, req_pool_indices, kv_indptr.diff().to(device), kv_indptr.to(device),
                                 torch.tensor(own_starts, dtype=torch.int32, device=device), kv_indices,
                                 req_to_token.stride(0))
-    return kv_indptr, kv_indices
-
-
-def extend_qo_indptr(extend_lens: list[int], device) -> torch.Tensor:
-    """Each request's first query token in the batch, and the total: [B + 1] int32."""
-    qo_indptr = torch.zeros(len(extend_lens) + 1, dtype=torch.int32)
-    qo_indptr[1:] = torch.cumsum(torch.tensor(extend_lens), 0)
-    return qo_indptr.to(device)
+    return kv_indices
 
 
 class OwnTokenAttention:
@@ -102,13 +102,15 @@ class OwnTokenAttention:
         device; own_starts, seq_lens (counting the extend), extend_lens: [B] on the host, as
         the scheduler knows them, so the plan reads nothing back from the device."""
         own_lens = cached_own_lens(own_starts, seq_lens, extend_lens, decode=decode)
+        device = req_to_token.device
+        kv_indptr = lengths_indptr(own_lens)
         self.decode = decode
-        self.kv_indptr, self.kv_indices = own_kv_indices(req_to_token, req_pool_indices, own_starts, own_lens,
-                                                         torch.int64)
+        self.kv_indices = own_kv_indices(req_to_token, req_pool_indices, own_starts, kv_indptr, torch.int64)
+        self.kv_indptr = kv_indptr.to(device)
         if decode:
-            self.num_kv_splits = decode_splits(own_lens).to(req_to_token.device)
+            self.num_kv_splits = decode_splits(own_lens).to(device)
         else:
-            self.qo_indptr = extend_qo_indptr(extend_lens, req_to_token.device)
+            self.qo_indptr = lengths_indptr(extend_lens).to(device)
             self.max_extend_len = max(extend_lens)
 
     def run(self, queries: torch.Tensor, k_extend: torch.Tensor | None, v_extend: torch.Tensor | None,
@@ -157,18 +159,19 @@ class FlashInferOwnAttention:
         own_lens = cached_own_lens(own_starts, seq_lens, extend_lens, decode=decode)
         if not decode:
             own_lens = own_lens + torch.tensor(extend_lens)
-        device = req_to_token.device
-        kv_indptr, kv_indices = own_kv_indices(req_to_token, req_pool_indices, own_starts, own_lens, torch.int32)
-        last_page_len = torch.ones(len(own_starts), dtype=torch.int32, device=device)
+        # The indptrs and page lengths go to the plan on the host, which it reads there (given
+        # device tensors, FlashInfer's plan copies them back, a synchronisation mid-forward).
+        kv_indptr = lengths_indptr(own_lens)
+        kv_indices = own_kv_indices(req_to_token, req_pool_indices, own_starts, kv_indptr, torch.int32)
+        last_page_len = torch.ones(len(own_starts), dtype=torch.int32)
         heads = (self.num_q_heads, self.num_kv_heads, self.head_dim, 1)  # page size 1
         self.decode = decode
         if decode:
             self.decode_wrapper.begin_forward(kv_indptr, kv_indices, last_page_len, *heads, q_data_type=q_dtype,
                                               kv_data_type=kv_dtype)
         else:
-            self.prefill_wrapper.begin_forward(extend_qo_indptr(extend_lens, device), kv_indptr, kv_indices,
-                                               last_page_len, *heads, q_data_type=q_dtype, kv_data_type=kv_dtype,
-                                               causal=True)
+            self.prefill_wrapper.begin_forward(lengths_indptr(extend_lens), kv_indptr, kv_indices, last_page_len,
+                                               *heads, q_data_type=q_dtype, kv_data_type=kv_dtype, causal=True)
 
     def run(self, queries: torch.Tensor, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
             scaling: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -145,14 +145,16 @@ def flashinfer_own_wrappers(backend) -> tuple | None:
     """For SGLang's `flashinfer` attention backend (`FlashInferAttnBackend`): a FlashInfer paged
     decode wrapper and a paged prefill wrapper of the plugin's own (`FlashInferOwnAttention`
     plans them per batch), built as the backend builds its own, on its workspace buffer, which
-    its wrappers share too. None for any other backend, or where FlashInfer does not import."""
+    its wrappers share too. None for any other backend, or where SGLang's does not import."""
     try:
-        from flashinfer import BatchDecodeWithPagedKVCacheWrapper, BatchPrefillWithPagedKVCacheWrapper
         from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
     except ImportError:
         return None
-    if not isinstance(backend, FlashInferAttnBackend):
+    # Exactly that class: its subclasses (trtllm_mha, ...) run other kernels.
+    if type(backend) is not FlashInferAttnBackend:
         return None
+    from flashinfer import BatchDecodeWithPagedKVCacheWrapper, BatchPrefillWithPagedKVCacheWrapper
+
     return (BatchDecodeWithPagedKVCacheWrapper(backend.workspace_buffer, "NHD", backend=backend.decode_backend,
                                                use_tensor_cores=backend.decode_use_tensor_cores),
             BatchPrefillWithPagedKVCacheWrapper(backend.workspace_buffer, "NHD", backend=backend.prefill_backend))

@@ -293,6 +293,8 @@ class StandInFlashInferWrapper:
         kv_indptr, kv_indices = plan["paged_kv_indptr" if self.prefill else "indptr"], plan[
             "paged_kv_indices" if self.prefill else "indices"]
         qo_indptr = plan["qo_indptr"] if self.prefill else torch.arange(len(kv_indptr), dtype=torch.int32)
+        assert q.shape == (qo_indptr[-1], plan["num_qo_heads"], DIM)  # FlashInfer's own check
+        group = plan["num_qo_heads"] // plan["num_kv_heads"]
         k_cache, v_cache = paged_kv_cache
         out, lse = torch.empty_like(q), torch.empty(q.shape[:2])
         for request in range(len(kv_indptr) - 1):
@@ -302,7 +304,7 @@ class StandInFlashInferWrapper:
             visible = torch.ones(num_queries, num_keys, dtype=torch.bool)
             if causal:
                 visible = torch.arange(num_keys)[None, :] <= (num_keys - num_queries + torch.arange(num_queries))[:, None]
-            keys, values = k_cache[slots].repeat_interleave(GROUP, 1), v_cache[slots].repeat_interleave(GROUP, 1)
+            keys, values = k_cache[slots].repeat_interleave(group, 1), v_cache[slots].repeat_interleave(group, 1)
             logits = torch.einsum("thd,shd->ths", q[queries], keys) * sm_scale
             logits = logits.masked_fill(~visible[:, None, :], float("-inf"))
             out[queries] = torch.einsum("ths,shd->thd", logits.softmax(-1), values)
@@ -327,9 +329,9 @@ def test_flashinfer_wrapping_plans_own_rows_and_equals_torch(bound_cache, extend
     # LSE merged with the prefix kernel's gives the torch path's attention.
     import inspect
 
-    import flashinfer
-
     from lava_sglang.sglang_plugin.attention import CompressedPrefixPath
+
+    flashinfer = pytest.importorskip("flashinfer", reason="FlashInfer is not installed")
 
     decode = max(extend_lens) == 1
     # The decode wrapper's `plan` forwards **kwargs to `_plan_impl`, whose signature names them.
@@ -338,23 +340,31 @@ def test_flashinfer_wrapping_plans_own_rows_and_equals_torch(bound_cache, extend
     prefill_wrapper = StandInPrefillWrapper(inspect.signature(flashinfer.BatchPrefillWithPagedKVCacheWrapper.plan),
                                             prefill=True)
     generator = torch.Generator().manual_seed(7)
-    _, kv_pool, store, first, second = pool_with_two_entries(generator)
+    buffers, kv_pool, store, first, second = pool_with_two_entries(generator)
+
+    def set_kv_buffer(layer, loc, k, v):
+        buffers[layer.layer_id][loc.loc], buffers[LAYERS + layer.layer_id][loc.loc] = k, v
+
+    kv_pool.set_kv_buffer = set_kv_buffer
     entries = [first, None, second, first]  # prefix_len 100 each
     req_to_token = (100 + torch.randperm(600, generator=generator)).to(torch.int32).view(5, 120)
     bound_cache(SimpleNamespace(kv_pool=kv_pool, req_to_token_pool=SimpleNamespace(req_to_token=req_to_token),
                                 store=store))
     prefix_lens = [103, 7, 110, 100]
-    forward_batch = SimpleNamespace(req_pool_indices=torch.tensor([3, 0, 4, 1]))
+    new_slots = torch.cat([req_to_token[row, prefix:prefix + extend].long() for row, prefix, extend
+                           in zip([3, 0, 4, 1], prefix_lens, extend_lens)])
+    forward_batch = SimpleNamespace(req_pool_indices=torch.tensor([3, 0, 4, 1]), out_cache_loc=new_slots)
     backend = SimpleNamespace(forward_extend=None, forward_decode=None)
     wrapped = CompressedPrefixPath(backend, use_kernels=True, flashinfer_wrappers=(decode_wrapper, prefill_wrapper))
     torch_path = CompressedPrefixPath(backend, use_kernels=False)
     for layer_id in range(LAYERS):
         layer = attention_layer(layer_id)
         q = torch.randn(sum(extend_lens), KV_HEADS * GROUP * DIM, generator=generator)
-        new_slots = torch.cat([req_to_token[row, prefix:prefix + extend].long() for row, prefix, extend
-                               in zip(forward_batch.req_pool_indices, prefix_lens, extend_lens)])
         k, v = kv_pool.get_key_buffer(layer_id)[new_slots], kv_pool.get_value_buffer(layer_id)[new_slots]
-        out, lse = wrapped._attend(q, k, v, layer, forward_batch, False, entries, prefix_lens, extend_lens)
+        # The batch's new keys are not in the pool before the path writes them (FlashInfer reads
+        # them from there).
+        buffers[layer_id][new_slots], buffers[LAYERS + layer_id][new_slots] = float("nan"), float("nan")
+        out, lse = wrapped._attend(q, k, v, layer, forward_batch, True, entries, prefix_lens, extend_lens)
         expected_out, expected_lse = torch_path._attend(q, k, v, layer, forward_batch, False, entries, prefix_lens,
                                                         extend_lens)
         torch.testing.assert_close(lse, expected_lse, atol=1e-4, rtol=1e-4)
@@ -368,10 +378,14 @@ def test_flashinfer_wrapping_plans_own_rows_and_equals_torch(bound_cache, extend
         plan["indptr"], plan["indices"])
     expected_indices = torch.cat([req_to_token[row, start:end] for row, start, end
                                   in zip(forward_batch.req_pool_indices, own_starts, seq_lens)])
-    assert kv_indptr.dtype == kv_indices.dtype == torch.int32  # as SGLang plans them
+    last_page_len = plan["paged_kv_last_page_len" if not decode else "last_page_len"]
+    planned_indptrs = [kv_indptr, last_page_len] + ([] if decode else [plan["qo_indptr"]])
+    # int32, as SGLang plans them, and the indptrs on the host, where the plan reads them.
+    assert all(tensor.dtype == torch.int32 and tensor.device.type == "cpu" for tensor in planned_indptrs)
+    assert kv_indices.dtype == torch.int32
+    assert plan["head_dim_qk" if not decode else "head_dim"] == DIM
     assert kv_indptr.tolist() == [0, *torch.cumsum(torch.tensor(seq_lens) - torch.tensor(own_starts), 0).tolist()]
     assert torch.equal(kv_indices, expected_indices)
-    last_page_len = plan["paged_kv_last_page_len" if not decode else "last_page_len"]
     assert last_page_len.tolist() == [1] * 4 and plan["page_size"] == 1
     assert (plan["num_qo_heads"], plan["num_kv_heads"]) == (KV_HEADS * GROUP, KV_HEADS)
     if not decode:
@@ -379,18 +393,30 @@ def test_flashinfer_wrapping_plans_own_rows_and_equals_torch(bound_cache, extend
 
 
 def test_only_sglangs_flashinfer_backend_gets_flashinfer_wrappers(monkeypatch):
-    # FlashInfer's wrappers need CUDA to be built: recorded here, with the arguments the
-    # backend builds its own with (its workspace buffer, kernel choice, tensor cores).
-    import flashinfer
-    from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
+    # FlashInfer's wrappers need CUDA to be built: recorded here, bound to the real
+    # constructors' signatures, with the attributes the backend builds its own from (its
+    # workspace buffer, kernel choice, tensor cores), which SGLang's __init__ must still set.
+    import inspect
 
     from lava_sglang.sglang_plugin.attention import with_compressed_prefixes
 
-    def recorded(kind):
-        return lambda *args, **kwargs: (kind, args, kwargs)
+    flashinfer = pytest.importorskip("flashinfer", reason="FlashInfer is not installed")
+    flashinfer_backend = pytest.importorskip("sglang.srt.layers.attention.flashinfer_backend",
+                                             reason="SGLang's flashinfer backend does not import")
+    FlashInferAttnBackend = flashinfer_backend.FlashInferAttnBackend
+    backend_init = inspect.getsource(FlashInferAttnBackend.__init__)
+    for attribute in ("workspace_buffer", "decode_backend", "prefill_backend", "decode_use_tensor_cores"):
+        assert f"self.{attribute} =" in backend_init
 
-    monkeypatch.setattr(flashinfer, "BatchDecodeWithPagedKVCacheWrapper", recorded("decode"))
-    monkeypatch.setattr(flashinfer, "BatchPrefillWithPagedKVCacheWrapper", recorded("prefill"))
+    def recorded(kind, real_class):
+        def build(*args, **kwargs):
+            inspect.signature(real_class.__init__).bind(None, *args, **kwargs)
+            return kind, args, kwargs
+        return build
+
+    for kind, name in (("decode", "BatchDecodeWithPagedKVCacheWrapper"),
+                       ("prefill", "BatchPrefillWithPagedKVCacheWrapper")):
+        monkeypatch.setattr(flashinfer, name, recorded(kind, getattr(flashinfer, name)))
     backend = FlashInferAttnBackend.__new__(FlashInferAttnBackend)
     workspace = torch.empty(8, dtype=torch.uint8)
     backend.workspace_buffer, backend.decode_backend, backend.prefill_backend = workspace, "fa2", "fa3"
@@ -400,3 +426,10 @@ def test_only_sglangs_flashinfer_backend_gets_flashinfer_wrappers(monkeypatch):
     assert prefill_wrapper == ("prefill", (workspace, "NHD"), {"backend": "fa3"})
     other = with_compressed_prefixes(SimpleNamespace(forward_extend=None, forward_decode=None))
     assert other.compressed_prefix_path.flashinfer_wrappers is None
+
+    class SubclassBackend(FlashInferAttnBackend):  # as trtllm_mha's: other kernels
+        pass
+
+    subclass_backend = SubclassBackend.__new__(SubclassBackend)
+    subclass_backend.forward_extend = subclass_backend.forward_decode = None
+    assert with_compressed_prefixes(subclass_backend).compressed_prefix_path.flashinfer_wrappers is None
