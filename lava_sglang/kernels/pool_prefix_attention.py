@@ -21,10 +21,10 @@ The layer buffers are separate tensors: the kernel takes their addresses (`buffe
 Request b reads entry `entry_of_request[b]` (-1: none: out 0, lse -inf). Each (request, KV
 head) is cut into at most `max_splits` chunks, the grid's fixed third factor, so the grid
 never depends on the batch or on the entries. Each program sizes its chunk on the device
-from its sequence's row count (a whole number of key blocks, at least one), so a short
-sequence uses few chunks, a long one all of them, and every row is read however long the
-context. Chunks past a sequence's end write an empty state, and the chunks are merged by
-their LSE (`prefix_attention._merge_splits_kernel`).
+from its sequence's row count (a whole number of key blocks, one at least where there are
+rows), so a short sequence uses few chunks, a long one all of them, and every row is read
+however long the context. Chunks past a sequence's end write an empty state, and the chunks
+are merged by their LSE (`prefix_attention._merge_splits_kernel`).
 """
 
 from __future__ import annotations

@@ -42,7 +42,7 @@ class DecodeGraphStep:
 
     k_buffers, v_buffers: the pool's per-layer buffers [slots, Hkv, d]; tables: the store's
     `LayoutTables`; max_batch: the most requests of a step; max_context: the longest sequence
-    (a request's own row and an entry's rows per KV head are at most that long).
+    (a request's own row is at most that long: it sizes the own rows' index buffer).
     """
 
     def __init__(self, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], tables: LayoutTables, *,

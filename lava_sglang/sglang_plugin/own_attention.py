@@ -3,8 +3,8 @@ attention backend the plugin wraps: SGLang's own Triton kernels, or FlashInfer's
 
 A request that reads a compressed prefix attends to two things: the prefix's kept rows
 (`CompressedPrefixBatch`) and its own tokens, the part of its KV row after the prefix. This
-module computes the second on CUDA with the kernels of SGLang's `triton` attention backend,
-so that the GPU path does no per-request loop and no padding:
+module computes the second on CUDA, with no per-request loop and no padding; by default
+(`OwnTokenAttention`) with the kernels of SGLang's `triton` attention backend:
 
 - `plan` (once per forward batch, as FlashInfer's wrappers plan): SGLang's
   `create_flashinfer_kv_indices_triton` gathers each request's row from `own_start` (the end
@@ -68,22 +68,23 @@ def lengths_indptr(lengths) -> torch.Tensor:
 
 
 def own_kv_indices(req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, own_starts: list[int],
-                   kv_indptr: torch.Tensor, index_dtype: torch.dtype) -> torch.Tensor:
-    """FlashInfer's page-size-1 kv_indices (index_dtype) of each request's own keys: the slots of
-    row req_pool_indices[i] of req_to_token from own_starts[i] on, as many as kv_indptr (on the
-    host, `lengths_indptr`) gives it, gathered by SGLang's index builder (`kv_start_idx`) onto
-    req_to_token's device."""
+                   kv_indptr: torch.Tensor, index_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlashInfer's page-size-1 metadata of each request's own keys on req_to_token's device:
+    kv_indptr (a copy of the host one given, `lengths_indptr`) and kv_indices (index_dtype),
+    the slots of row req_pool_indices[i] of req_to_token from own_starts[i] on, gathered by
+    SGLang's index builder (`kv_start_idx`)."""
     create_kv_indices, _, _ = triton_attention_ops()
     batch = len(own_starts)
     if not req_pool_indices.numel() == batch == kv_indptr.numel() - 1:
         raise ValueError(f"one entry per request: {req_pool_indices.numel()} requests, {batch} own starts, "
                          f"{kv_indptr.numel() - 1} own lengths")
     device = req_to_token.device
+    device_indptr = kv_indptr.to(device)
     kv_indices = torch.empty(int(kv_indptr[-1]), dtype=index_dtype, device=device)
-    create_kv_indices[(batch,)](req_to_token, req_pool_indices, kv_indptr.diff().to(device), kv_indptr.to(device),
+    create_kv_indices[(batch,)](req_to_token, req_pool_indices, kv_indptr.diff().to(device), device_indptr,
                                 torch.tensor(own_starts, dtype=torch.int32, device=device), kv_indices,
                                 req_to_token.stride(0))
-    return kv_indices
+    return device_indptr, kv_indices
 
 
 class OwnTokenAttention:
@@ -103,10 +104,9 @@ class OwnTokenAttention:
         the scheduler knows them, so the plan reads nothing back from the device."""
         own_lens = cached_own_lens(own_starts, seq_lens, extend_lens, decode=decode)
         device = req_to_token.device
-        kv_indptr = lengths_indptr(own_lens)
         self.decode = decode
-        self.kv_indices = own_kv_indices(req_to_token, req_pool_indices, own_starts, kv_indptr, torch.int64)
-        self.kv_indptr = kv_indptr.to(device)
+        self.kv_indptr, self.kv_indices = own_kv_indices(req_to_token, req_pool_indices, own_starts,
+                                                         lengths_indptr(own_lens), torch.int64)
         if decode:
             self.num_kv_splits = decode_splits(own_lens).to(device)
         else:
@@ -162,7 +162,7 @@ class FlashInferOwnAttention:
         # The indptrs and page lengths go to the plan on the host, which it reads there (given
         # device tensors, FlashInfer's plan copies them back, a synchronisation mid-forward).
         kv_indptr = lengths_indptr(own_lens)
-        kv_indices = own_kv_indices(req_to_token, req_pool_indices, own_starts, kv_indptr, torch.int32)
+        _, kv_indices = own_kv_indices(req_to_token, req_pool_indices, own_starts, kv_indptr, torch.int32)
         last_page_len = torch.ones(len(own_starts), dtype=torch.int32)
         heads = (self.num_q_heads, self.num_kv_heads, self.head_dim, 1)  # page size 1
         self.decode = decode

@@ -6,6 +6,8 @@ SGLang's HookRegistry) and the SGLang objects the plugin subclasses or calls.
 
 from __future__ import annotations
 
+import sys
+
 SGLANG_VERSION = "0.5.23"
 
 # Hook targets (sglang.srt.plugins.hook_registry).
@@ -132,8 +134,9 @@ def hook_registry():
 
 def triton_attention_ops():
     """The Triton kernels of SGLang's `triton` attention backend the GPU path calls for each
-    request's own tokens (`own_attention.py`): the KV index builder with a start offset, the
-    split-K decode kernel (per-split LSE) and the extend kernel (`lse_extend`)."""
+    request's own tokens (`own_attention.py`): the KV index builder with a start offset (for the
+    FlashInfer wrapping too), the split-K decode kernel (per-split LSE) and the extend kernel
+    (`lse_extend`)."""
     from sglang.kernels.ops.attention.decode_attention import decode_attention_fwd
     from sglang.kernels.ops.attention.extend_attention import extend_attention_fwd
     from sglang.kernels.ops.attention.kv_indices import create_flashinfer_kv_indices_triton
@@ -145,13 +148,13 @@ def flashinfer_own_wrappers(backend) -> tuple | None:
     """For SGLang's `flashinfer` attention backend (`FlashInferAttnBackend`): a FlashInfer paged
     decode wrapper and a paged prefill wrapper of the plugin's own (`FlashInferOwnAttention`
     plans them per batch), built as the backend builds its own, on its workspace buffer, which
-    its wrappers share too. None for any other backend, or where SGLang's does not import."""
-    try:
-        from sglang.srt.layers.attention.flashinfer_backend import FlashInferAttnBackend
-    except ImportError:
-        return None
-    # Exactly that class: its subclasses (trtllm_mha, ...) run other kernels.
-    if type(backend) is not FlashInferAttnBackend:
+    its wrappers share too. None for any other backend.
+
+    SGLang's backend module, which imports FlashInfer, is looked up, not imported: a backend of
+    its class means it is loaded. Exactly that class: subclasses (trtllm_mha, ...) run other
+    kernels. SGLang's backend assumes one head dim for K and V, and so do these wrappers."""
+    module = sys.modules.get("sglang.srt.layers.attention.flashinfer_backend")
+    if module is None or type(backend) is not module.FlashInferAttnBackend:
         return None
     from flashinfer import BatchDecodeWithPagedKVCacheWrapper, BatchPrefillWithPagedKVCacheWrapper
 
