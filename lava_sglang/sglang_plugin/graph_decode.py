@@ -20,9 +20,9 @@ the device:
 
 Every request takes the same path: one without a compressed prefix reads its whole row as
 its own and gets nothing (LSE -inf) from the prefix part, so a graph captured for a batch
-size serves any mix. Not yet installed in SGLang's graph hooks
-(`init_forward_metadata_capture_cuda_graph` / `..._replay_cuda_graph`): that needs a GPU
-session with SGLang, which the lent machine lacks.
+size serves any mix. Not yet installed in SGLang's graph hooks (`plan` would go in the
+backend's `init_forward_metadata_in_graph`, which a capture records and every replay re-runs;
+docs/gpu_path.md): that needs a GPU session with SGLang, which the lent machine lacks.
 """
 
 from __future__ import annotations
