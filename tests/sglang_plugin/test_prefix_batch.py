@@ -96,10 +96,10 @@ def test_compressed_prefix_states_match_dense_attention(pool, use_kernel, extend
 OWN_POOL = 700  # own tokens live in slots 100.. of it, the entries' cells below
 
 
-def dense_own_states(queries, keys, values, visible):
+def dense_own_states(queries, keys, values, visible, group=GROUP, scaling=SCALING):
     """Plain attention of queries [T, Hq, d] over keys, values [S, Hkv, d] where visible [T, S]."""
-    keys, values = keys.repeat_interleave(GROUP, 1), values.repeat_interleave(GROUP, 1)
-    logits = torch.einsum("thd,shd->ths", queries, keys) * SCALING
+    keys, values = keys.repeat_interleave(group, 1), values.repeat_interleave(group, 1)
+    logits = torch.einsum("thd,shd->ths", queries, keys) * scaling
     logits = logits.masked_fill(~visible[:, None, :], float("-inf"))
     return torch.einsum("ths,shd->thd", logits.softmax(-1), values), logits.logsumexp(-1)
 
@@ -304,11 +304,9 @@ class StandInFlashInferWrapper:
             visible = torch.ones(num_queries, num_keys, dtype=torch.bool)
             if causal:
                 visible = torch.arange(num_keys)[None, :] <= (num_keys - num_queries + torch.arange(num_queries))[:, None]
-            keys, values = k_cache[slots].repeat_interleave(group, 1), v_cache[slots].repeat_interleave(group, 1)
-            logits = torch.einsum("thd,shd->ths", q[queries], keys) * sm_scale
-            logits = logits.masked_fill(~visible[:, None, :], float("-inf"))
-            out[queries] = torch.einsum("ths,shd->thd", logits.softmax(-1), values)
-            lse[queries] = logits.logsumexp(-1) / math.log(2)
+            out[queries], natural_lse = dense_own_states(q[queries], k_cache[slots], v_cache[slots], visible, group,
+                                                         sm_scale)
+            lse[queries] = natural_lse / math.log(2)
         return out, lse
 
 
