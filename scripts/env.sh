@@ -4,7 +4,8 @@
 # The environment lives outside the repository, keyed by the hash of requirements.lock and
 # requirements-nodeps.txt, so every clone (CI included) with the same lock shares one.
 #   LAVA_SGLANG_CACHE  root of the caches (default ~/.cache/lava-sglang)
-#   LAVA_SGLANG_VENV   use this environment instead of the keyed one
+#   LAVA_SGLANG_VENV   use this existing environment instead of the keyed one: it is never
+#                      created or removed here, only given this clone's editable install
 set -euo pipefail
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
@@ -13,11 +14,15 @@ LOCK_KEY=$(cat "$REPO_ROOT/requirements.lock" "$REPO_ROOT/requirements-nodeps.tx
 VENV=${LAVA_SGLANG_VENV:-$CACHE_ROOT/venv-py311-$LOCK_KEY}
 PYTHON_FOR_VENV=${PYTHON:-python3.11}
 
+if [ -n "${LAVA_SGLANG_VENV:-}" ] && [ ! -x "$VENV/bin/python" ]; then
+    echo "lava-sglang: LAVA_SGLANG_VENV=$VENV has no bin/python; unset it to use the keyed environment" >&2
+    return 2 2>/dev/null || exit 2
+fi
 mkdir -p "$CACHE_ROOT"
 (
-    # One creator at a time; a half-made environment (no .complete) is made again.
+    # One creator at a time; a half-made keyed environment (no .complete) is made again.
     flock 9
-    if [ ! -f "$VENV/.complete" ]; then
+    if [ -z "${LAVA_SGLANG_VENV:-}" ] && [ ! -f "$VENV/.complete" ]; then
         echo "lava-sglang: creating the environment in $VENV (first run only, about 4 minutes)" >&2
         rm -rf "$VENV"
         "$PYTHON_FOR_VENV" -m venv "$VENV"
@@ -37,4 +42,7 @@ mkdir -p "$CACHE_ROOT"
 ) 9>"$CACHE_ROOT/.venv.lock"
 
 export PATH="$VENV/bin:$PATH"
+# Clones share the environment, whose editable install points at the last clone set up:
+# this clone's code comes first for this shell and every process it starts.
+export PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 export LAVA_SGLANG_CACHE="$CACHE_ROOT"
