@@ -6,6 +6,7 @@ Budgets here count selectable (prefix) tokens per KV head; the window comes on t
 from __future__ import annotations
 
 import math
+from fractions import Fraction
 from collections.abc import Sequence
 
 import torch
@@ -70,8 +71,9 @@ def flat_topk_head_budgets(scores: torch.Tensor, layer_budgets: Sequence[int], a
     in_top = torch.arange(num_kv_heads * prefix_len, device=scores.device) < num_kv_heads * budgets[:, None]
     counts = torch.zeros(num_layers, num_kv_heads, dtype=torch.float64, device=scores.device)
     counts.scatter_add_(1, order // prefix_len, in_top.double())
-    floor_shares = torch.tensor([math.floor(alpha * budget) for budget in layer_budgets], dtype=torch.float64,
-                                device=scores.device)
+    # floor of the decimal alpha times the budget (0.29 * 100 is 28.999... in binary)
+    floor_shares = torch.tensor([math.floor(Fraction(repr(alpha)) * budget) for budget in layer_budgets],
+                                dtype=torch.float64, device=scores.device)
     return torch.round((1 - alpha) * counts + floor_shares[:, None]).clamp(max=prefix_len).long().tolist()
 
 

@@ -1,4 +1,6 @@
-"""LAVa (arXiv 2509.09754): value-norm-scaled window scores, dynamic head and layer budgets."""
+"""LAVa (arXiv 2509.09754): its scores and budget allocations. The default is one threshold
+over every layer and head on unscaled, unpooled scores (docs/allocation.md); the paper's
+value-norm-scaled, pooled scores with dynamic layer and head budgets are `PAPER_SPEC`."""
 
 from __future__ import annotations
 
@@ -59,6 +61,9 @@ class Lava(WindowPolicy):
             raise ValueError(f"layer_budget must be one of {list(LAYER_BUDGETS)}, got {self.layer_budget!r}")
         if self.head_budget not in HEAD_BUDGETS:
             raise ValueError(f"head_budget must be one of {list(HEAD_BUDGETS)}, got {self.head_budget!r}")
+        if self.layer_budget == "global" and self.head_budget != "topk":
+            raise ValueError(f"head_budget={self.head_budget} needs per-layer budgets (layer_budget=entropy or "
+                             "uniform): layer_budget=global sets every head's budget by one threshold")
         if not isinstance(self.value_norm, bool):
             raise ValueError(f"value_norm must be a bool, got {self.value_norm!r}")
 

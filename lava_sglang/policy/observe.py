@@ -61,12 +61,16 @@ def combine_window_masses(masses: Sequence[torch.Tensor], combine: str) -> torch
     selectable prefix (a tail window spends most of it on itself, a branch on the prefix);
     the ratio between the heads of one window is kept. Then "max" keeps, per (head, token),
     the strongest vote (a fact one branch needs survives however many branches ignore it);
-    "mean" averages the votes.
+    "mean" averages the votes. A single window's mass is returned as it is: there is no
+    vote to balance, and a per-layer scalar would change a plan whose budget is one
+    threshold over every layer.
     """
     if combine not in WINDOW_COMBINES:
         raise ValueError(f"combine must be one of {list(WINDOW_COMBINES)}, got {combine!r}")
     if not masses:
         raise ValueError("masses must not be empty")
+    if len(masses) == 1:
+        return masses[0]
     normalised = []
     for mass in masses:
         total = mass.sum(dim=-1).mean()

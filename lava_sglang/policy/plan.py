@@ -163,6 +163,9 @@ class PlanBuilder:
 
     def __init__(self, policy: Policy, budget: float | int, *, seq_len: int, num_layers: int, num_kv_heads: int,
                  observe: Observe | str = "tail", head_shard: HeadShard | None = None):
+        policy = make_policy(policy) if isinstance(policy, str) else policy
+        if not isinstance(policy, Policy):
+            raise ValueError(f"policy must be a policy name, a spec or a Policy, got {policy!r}")
         policy.validate()
         observe = make_observe(observe) if isinstance(observe, str) else observe
         if not isinstance(observe, Observe):
@@ -277,6 +280,10 @@ class PlanBuilder:
         if not isinstance(self.observe, Reconstruct):
             raise ValueError(f"add_layer_repeat needs observe 'reconstruct', not {self.observe.name!r}")
         values = _check_tensor("values", values, layer)
+        if not isinstance(repeat_attention, torch.Tensor) or repeat_attention.dim() != 2:
+            shape = tuple(repeat_attention.shape) if isinstance(repeat_attention, torch.Tensor) else \
+                type(repeat_attention).__name__
+            raise ValueError(f"repeat_attention[{layer}] must be a 2-D tensor [Hq, m], got {shape}")
         repeat_attention = _check_tensor("repeat_attention", repeat_attention[None], layer)[0]
         num_q_heads = repeat_attention.shape[0]
         if num_q_heads % self.num_kv_heads or repeat_attention.shape[1] != self.prefix_len:
@@ -373,7 +380,8 @@ def compress_plan(
     policy: a registered name ("lava", "kvzip", "snapkv", "ada_snapkv", "pyramidkv",
         "streamingllm", "full"), a spec with options ("lava:layer_budget=global"), or a `Policy`
         instance (then `window`, `pool_kernel`, `alpha` are its own); `pool_kernel` and `alpha`
-        default to the policy's own (7 and 0.2; kvzip does not pool).
+        default to the policy's own (lava: 1 and 0.2, `PAPER_SPEC` 7; the SnapKV family pools
+        with 7; kvzip does not pool).
     q_window: per layer, [Hq, w, d] post-RoPE queries of the last w = min(window, n) tokens.
     keys, values: per layer, [Hkv, n, d] post-RoPE keys and the values.
     budget: keep ratio in (0, 1] (float) or average tokens per layer and KV head (int),

@@ -33,7 +33,7 @@ import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
 from lava_sglang.policy import (Branches, CompressionPlan, LayerScores, Observe, ObservationWindow, PlanBuilder, Policy,
-                                Reconstruct, Tail, assistant_turn_text, compress_plan, make_observe, make_policy,
+                                Reconstruct, Tail, assistant_turn_text, make_observe, make_policy,
                                 repeat_attention_chunk, repeat_chunks)
 from lava_sglang.policy.plan import repeat_scores, windows_scores
 from lava_sglang.reference.attention import attention_with_lse, causal_visibility, merge_attention_states
@@ -65,12 +65,14 @@ class Observation:
     from the capture. repeat_attention[layer]: [Hq, n] over every prefix token (observe
     "reconstruct"); a policy with window w reads its first n - w.
     seconds: the model time the source added to the prefill (branch prefills, repetition).
+    token_ids: the prefix it observed (`compress` refuses it for another one); None: any.
     """
 
     source: Observe
     branch_windows: list[list[ObservationWindow]] | None = None
     repeat_attention: list[torch.Tensor] | None = None
     seconds: float = 0.0
+    token_ids: list[int] | None = None
 
 
 @dataclass
@@ -156,7 +158,8 @@ class _Batch:
             values.append(torch.stack([
                 torch.nn.functional.pad(p.values[layer], (0, 0, 0, n)) for p, n in zip(prefixes, pad)]))
             lengths = torch.stack([prefix.lengths[layer] for prefix in prefixes])  # [B, Hkv]
-            visible.append(torch.arange(longest)[None, None, :] < lengths[:, :, None])
+            device = keys[-1].device  # the lengths may be on the host; the mask goes with the keys
+            visible.append(torch.arange(longest, device=device)[None, None, :] < lengths.to(device)[:, :, None])
         return cls(seq_len=prefixes[0].seq_len, keys=keys, values=values, visible=visible,
                    last_logits=torch.stack([prefix.last_logits for prefix in prefixes]))
 
@@ -242,19 +245,17 @@ class ReferenceRuntime:
 
     def compress(self, capture: PrefixCapture, policy: str | Policy, budget: float | int,
                  observation: Observation | None = None, **options) -> CompressedPrefix:
-        """Plan with `compress_plan` (or, given an observation, its source) and keep only the
-        planned rows."""
-        if observation is not None:
-            return self.compress_many(capture, [(policy, budget)], observation, **options)[0]
-        options.setdefault("window", self.window)
-        plan = compress_plan(policy, capture.q_window, capture.keys, capture.values, budget, **options)
-        return CompressedPrefix.from_plan(capture, plan)
+        """Plan by the capture's window (or, given an observation, its source) and keep only the
+        planned rows; the same plan as `compress_plan`. options: the policy's fields."""
+        return self.compress_many(capture, [(policy, budget)], observation, **options)[0]
 
     def compress_many(self, capture: PrefixCapture, configs: Sequence[tuple[str | Policy, float | int]],
                       observation: Observation | None = None, **options) -> list[CompressedPrefix]:
         """`compress` for several (policy, budget) pairs of one capture, scoring each layer
         once per distinct scoring instead of once per pair (same plans as `compress`)."""
         options.setdefault("window", self.window)
+        if observation is not None and observation.token_ids not in (None, list(capture.token_ids)):
+            raise ValueError("the observation was made of another prefix than this capture's")
         source = observation.source if observation is not None else Tail()
         shared_scores: dict[tuple, list[LayerScores]] = {}
         prefixes = []
@@ -269,7 +270,7 @@ class ReferenceRuntime:
                                                                        builder.prefix_len)
                 for layer_scores in shared_scores[policy.scoring]:
                     builder.add_layer_scores(layer_scores)
-            else:  # positional policies (streamingllm, full) ignore scores whatever the source
+            else:  # a plan that reads no scores (streamingllm, full, a budget that keeps all)
                 for keys in capture.keys:
                     builder.add_layer_scores(LayerScores(scores=keys.new_zeros(keys.shape[0], builder.prefix_len),
                                                          entropy=0.0))
@@ -279,14 +280,26 @@ class ReferenceRuntime:
     def _layer_scores(self, capture: PrefixCapture, policy: Policy, observation: Observation | None,
                       prefix_len: int) -> list[LayerScores]:
         layers = range(len(capture.keys))
-        if observation is None or isinstance(observation.source, Tail):
-            return [policy.layer_scores(q, k, v) for q, k, v in zip(capture.q_window, capture.keys, capture.values)]
-        if isinstance(observation.source, Reconstruct):
+        if observation is not None and isinstance(observation.source, Reconstruct):
             return [repeat_scores(policy, observation.repeat_attention[layer][:, :prefix_len], capture.values[layer])
                     for layer in layers]
+        tail_queries = self._tail_queries(capture, policy)
+        if observation is None or isinstance(observation.source, Tail):
+            return [policy.layer_scores(q, k, v) for q, k, v in zip(tail_queries, capture.keys, capture.values)]
         return [windows_scores(policy, observation.source,
-                               [ObservationWindow(capture.q_window[layer])] + observation.branch_windows[layer],
+                               [ObservationWindow(tail_queries[layer])] + observation.branch_windows[layer],
                                capture.keys[layer], capture.values[layer], prefix_len) for layer in layers]
+
+    @staticmethod
+    def _tail_queries(capture: PrefixCapture, policy: Policy) -> list[torch.Tensor]:
+        """Per layer the captured window queries a policy's window reads: the last
+        min(policy.window, n) of those the runtime captured."""
+        rows = min(policy.window, capture.seq_len)
+        captured = capture.q_window[0].shape[1]
+        if rows > captured:
+            raise ValueError(f"{policy.name}'s window is {policy.window} tokens, but the capture holds {captured} "
+                             f"window queries: make the runtime with window >= {policy.window}")
+        return [queries[:, captured - rows:] for queries in capture.q_window]
 
     def full_prefix(self, capture: PrefixCapture) -> CompressedPrefix:
         """The uncompressed prefix (what branches and the repetition are prefilled against)."""
@@ -308,11 +321,13 @@ class ReferenceRuntime:
             if not branches or any(len(branch) == 0 for branch in branches):
                 raise ValueError("observe 'branches' needs at least one non-empty branch")
             windows = self._branch_windows(capture, branches)
-            return Observation(source, branch_windows=windows, seconds=time.perf_counter() - started)
+            return Observation(source, branch_windows=windows, seconds=time.perf_counter() - started,
+                               token_ids=list(capture.token_ids))
         if isinstance(source, Reconstruct):
             repeat = self._repeat_attention(capture, source)
-            return Observation(source, repeat_attention=repeat, seconds=time.perf_counter() - started)
-        return Observation(source)
+            return Observation(source, repeat_attention=repeat, seconds=time.perf_counter() - started,
+                               token_ids=list(capture.token_ids))
+        return Observation(source, token_ids=list(capture.token_ids))
 
     def _branch_windows(self, capture: PrefixCapture, branches) -> list[list[ObservationWindow]]:
         batch = _Batch.stack([self.full_prefix(capture)])
@@ -330,7 +345,10 @@ class ReferenceRuntime:
         """Per layer [Hq, n]: the largest attention a repeating query pays each prefix token,
         the prefix repeated chunk by chunk (`Reconstruct.chunk_prompt`). Each chunk's
         repetition follows the whole prefix, scores only the tokens it copies, and is dropped
-        before the next one, as on the server. (A plan reads its first m = n - window.)"""
+        before the next one, as on the server. (A plan reads its first m = n - window.) Unlike
+        the server, which skips a chunk that copies only its window's tokens, every chunk is
+        repeated, so that a policy with a smaller window can read the scores: the runtime's
+        repetition cost can count one chunk more than the server's."""
         seq_len = capture.seq_len
         batch = _Batch.stack([self.full_prefix(capture)])
         repeat: list[torch.Tensor | None] = [None] * len(capture.keys)

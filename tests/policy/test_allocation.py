@@ -44,6 +44,12 @@ def test_flat_topk_counts_then_safeguard():
     assert flat_topk_head_budgets(scores, [3], alpha=1.0) == [[3, 3]]
 
 
+def test_the_safeguard_floor_is_taken_of_the_decimal_alpha():
+    # 0.29 * 100 is 28.999999999999996 in binary floating point; lava.md's floor(alpha * b) is 29.
+    scores = torch.stack([torch.full((200,), 2.0), torch.ones(200)])[None]  # head 0 wins all 200 picks
+    assert flat_topk_head_budgets(scores, [100], alpha=0.29) == [[171, 29]]  # round(0.71 * 200 + 29), 29
+
+
 def test_flat_topk_takes_each_layer_top_k_in_one_call():
     layer0 = torch.tensor([[9.0, 8.0, 1.0, 0.0], [7.0, 0.5, 0.4, 0.3]])
     layer1 = torch.tensor([[0.1, 0.2, 0.3, 0.4], [5.0, 6.0, 7.0, 8.0]])

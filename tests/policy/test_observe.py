@@ -23,8 +23,11 @@ def test_combination_normalises_each_window_then_takes_the_max_or_mean():
 
 def test_normalisation_keeps_the_ratio_between_heads_of_one_window():
     mass = torch.tensor([[1.0, 1.0], [3.0, 3.0]])  # head 1 pays three times head 0's attention
-    combined = combine_window_masses([mass], "max")
-    assert torch.allclose(combined, mass / 4.0)
+    weaker = torch.tensor([[0.5, 0.0], [0.5, 0.0]])  # another window, on the first token only
+    combined = combine_window_masses([mass, weaker], "max")
+    # mass / 4 (its mean per-head total) against weaker / 0.5: [[.25, .25], [.75, .75]] and [[1, 0], [1, 0]]
+    assert torch.allclose(combined, torch.tensor([[1.0, 0.25], [1.0, 0.75]]))
+    assert torch.equal(combine_window_masses([mass], "max"), mass)  # one window: nothing to balance
 
 
 def test_branch_window_sees_the_whole_prefix_and_its_own_tokens_causally():
@@ -76,9 +79,9 @@ def same_plan(a, b) -> bool:
         torch.equal(x, y) for la, lb in zip(a.kept, b.kept) for x, y in zip(la, lb))
 
 
-# The normalisation of a window is one scalar per layer: invisible to per-layer allocations
-# (not to a global threshold across layers, as kvzip's and lava's default).
-@pytest.mark.parametrize("policy", [PAPER_SPEC, "snapkv", "ada_snapkv", "streamingllm"])
+# A single window is not normalised: a per-layer scalar would move a global threshold across
+# layers (kvzip's and lava's default allocation).
+@pytest.mark.parametrize("policy", ["lava", "kvzip", PAPER_SPEC, "snapkv", "ada_snapkv", "streamingllm"])
 def test_the_tail_window_alone_gives_the_tail_plan_under_either_source(policy):
     q, k, v, _ = random_prefix()
     tail_plan = compress_plan(policy, q, k, v, 16, window=8)

@@ -423,3 +423,21 @@ def test_a_sharded_plan_refuses_what_it_cannot_reproduce():
     builder.add_layer(q[0], k[0], v[0])
     with pytest.raises(ValueError, match="must return every rank's scores \\[1, 2, 32\\]"):
         builder.finish()
+
+
+def test_plan_builder_takes_a_policy_name_and_refuses_anything_else():
+    assert PlanBuilder("lava:window=4", 0.5, seq_len=10, num_layers=1, num_kv_heads=1).policy.window == 4
+    with pytest.raises(ValueError, match="policy must be a policy name, a spec or a Policy, got 3"):
+        PlanBuilder(3, 0.5, seq_len=10, num_layers=1, num_kv_heads=1)
+
+
+def test_add_layer_repeat_names_the_shape_it_needs():
+    builder = PlanBuilder("lava", 0.5, seq_len=10, num_layers=1, num_kv_heads=1, observe="reconstruct")
+    with pytest.raises(ValueError, match=r"must be a 2-D tensor \[Hq, m\], got \(2\,\)"):
+        builder.add_layer_repeat(torch.ones(2), torch.ones(1, 10, 4))
+
+
+def test_a_global_threshold_refuses_head_budgets_it_would_ignore():
+    with pytest.raises(ValueError, match="head_budget=uniform needs per-layer budgets"):
+        make_policy("lava:head_budget=uniform")
+    assert make_policy("lava:layer_budget=uniform,head_budget=uniform").head_budget == "uniform"

@@ -104,12 +104,36 @@ def test_kv_bytes_counts_kept_rows(runtime, capture):
     assert prefix.kv_bytes(bytes_per_element=2) == rows * 2 * config.head_dim * 2
 
 
-def test_compress_many_gives_the_plans_of_compress(runtime, capture):
-    configs = [("full", 1.0), ("lava", 0.2), ("snapkv", 0.2), ("ada_snapkv", 0.4), ("pyramidkv", 0.2),
-               ("streamingllm", 0.2), ("snapkv", 0.4)]
+def same_plan(a, b) -> bool:
+    return a.head_budgets == b.head_budgets and all(
+        torch.equal(x, y) for la, lb in zip(a.kept, b.kept) for x, y in zip(la, lb))
+
+
+def test_compress_many_gives_the_plans_of_compress_plan(runtime, capture):
+    from lava_sglang.policy import compress_plan
+    from lava_sglang.policy.lava import PAPER_SPEC
+
+    configs = [("full", 1.0), ("lava", 0.2), (PAPER_SPEC, 0.2), ("snapkv", 0.2), ("ada_snapkv", 0.4),
+               ("pyramidkv", 0.2), ("streamingllm", 0.2), ("snapkv", 0.4)]
     many = runtime.compress_many(capture, configs)
     for (policy, ratio), prefix in zip(configs, many):
-        alone = runtime.compress(capture, policy, ratio)
-        assert prefix.plan.head_budgets == alone.plan.head_budgets
-        assert all(torch.equal(a, b) for la, lb in zip(prefix.plan.kept, alone.plan.kept) for a, b in zip(la, lb))
-        assert all(torch.equal(a, b) for a, b in zip(prefix.keys, alone.keys))
+        plan = compress_plan(policy, capture.q_window, capture.keys, capture.values, ratio, window=runtime.window)
+        assert same_plan(prefix.plan, plan), policy
+
+
+def test_a_policy_window_reads_the_last_of_the_captured_window_queries(runtime, capture):
+    from lava_sglang.policy import compress_plan
+
+    narrow = runtime.compress(capture, "lava:window=8", 0.2)
+    last_eight = [queries[:, -8:] for queries in capture.q_window]
+    assert same_plan(narrow.plan, compress_plan("lava:window=8", last_eight, capture.keys, capture.values, 0.2))
+    with pytest.raises(ValueError, match="window is 64 tokens, but the capture holds 32 window queries"):
+        runtime.compress(capture, "lava:window=64", 0.2)
+
+
+def test_an_observation_compresses_only_the_prefix_it_observed(runtime, document, capture):
+    other = runtime.prefill(document[:300])
+    observation = runtime.observe(other, "tail")
+    with pytest.raises(ValueError, match="another prefix"):
+        runtime.compress(capture, "lava", 0.2, observation=observation)
+    assert runtime.compress(other, "lava", 0.2, observation=observation).plan.keep_ratio > 0
