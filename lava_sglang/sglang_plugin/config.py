@@ -44,10 +44,13 @@ DEFERRED_OBSERVE_SOURCES = (BRANCHES, RECONSTRUCT)  # a fork prefix waits for wh
 CHAT, PLAIN = "chat", "plain"
 OBSERVE_PROMPTS = (CHAT, PLAIN)  # --kv-observe-prompt: Reconstruct.chat_turn true / false
 # Bounds on what a deferred --kv-observe holds while prefixes wait: a window is the queries of
-# w tokens at every layer (~2 MB for SmolLM2 in fp32, ~16 MB for an 8B model); a repetition's
-# scores are Hq x n fp32 per layer (~1 MB per 1K tokens for SmolLM2).
+# w tokens at every layer (~2 MB for SmolLM2 in fp32, ~16 MB for an 8B model), and a branch's
+# window also the keys of its own tokens at every layer (fp32: ~23 KB per token for SmolLM2,
+# ~131 KB for an 8B model, so at most ~12 MB and ~67 MB per branch); a repetition's scores are
+# Hq x n fp32 per layer (~1 MB per 1K tokens for SmolLM2).
 MAX_PENDING_PREFIXES = 32  # beyond that, a committed prefix is compressed at once by its tail
 MAX_BRANCH_WINDOWS = 8  # branches past that many add no window
+MAX_BRANCH_OWN_TOKENS = 512  # a longer branch (a continuation, not a question) adds no window
 
 
 class ConfigError(ValueError):

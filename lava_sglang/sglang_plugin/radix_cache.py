@@ -45,8 +45,9 @@ import torch
 from lava_sglang.policy import ObservationWindow
 from lava_sglang.sglang_plugin.compressed_tree import CompressedNode, CompressedRadixCache, prompt_key
 from lava_sglang.sglang_plugin.compressor import WindowCapture, plan_prefix
-from lava_sglang.sglang_plugin.config import (BRANCHES, DEFERRED_OBSERVE_SOURCES, FORK, MAX_BRANCH_WINDOWS,
-                                              MAX_PENDING_PREFIXES, RECONSTRUCT, SHARED, KvPolicyConfig)
+from lava_sglang.sglang_plugin.config import (BRANCHES, DEFERRED_OBSERVE_SOURCES, FORK, MAX_BRANCH_OWN_TOKENS,
+                                              MAX_BRANCH_WINDOWS, MAX_PENDING_PREFIXES, RECONSTRUCT, SHARED,
+                                              KvPolicyConfig)
 from lava_sglang.sglang_plugin.metrics import StoreMetrics
 from lava_sglang.sglang_plugin.pending import PendingPrefix, RepetitionCost
 from lava_sglang.sglang_plugin.repetition import REPETITION_RID_PREFIX, RepetitionClient, RepetitionScores
@@ -311,6 +312,10 @@ class LavaRadixCache(CompressedRadixCache):
         if slots.numel() != len(branch_key):
             return  # the branch's own tokens are not all in the tree
         own_len = len(branch_key) - prefix_len
+        if own_len > MAX_BRANCH_OWN_TOKENS:  # its keys would be held at every layer until the compression
+            logger.debug("lava: a branch of %d own tokens adds no window (at most %d)", own_len,
+                         MAX_BRANCH_OWN_TOKENS)
+            return
         queries = self.capture.window_queries(req.kv.req_pool_idx, len(branch_key), self.kv_pool.layer_num,
                                               rows=min(self.config.window, own_len))
         if queries is None:
@@ -426,10 +431,18 @@ class LavaRadixCache(CompressedRadixCache):
     def _compress_path(self, prefix_key, slots: torch.Tensor, last_node, window_queries, branch_windows=None,
                        repeat_attention=None) -> CompressedNode | None:
         """Compress `prefix_key` (its KV in `slots`, the path ending at `last_node`) with the
-        given windows or repetition scores (`plan_prefix`); None when there is no room."""
+        given windows or repetition scores (`plan_prefix`); None when there is no room, or when
+        compressing failed (logged): the prefix stays uncompressed and the scheduler, which
+        calls this from a request's release, keeps serving. With tensor parallel a failure is
+        raised: the ranks' pools must stay alike."""
         self.inc_lock_ref(last_node)  # keep the full prefix while it is read
         try:
             return self._compress(prefix_key, slots, window_queries, branch_windows, repeat_attention)
+        except Exception:
+            if self.tensor_parallel is not None:
+                raise
+            logger.exception("lava: compressing a %d-token prefix failed; it is kept uncompressed", len(prefix_key))
+            return None
         finally:
             self.dec_lock_ref(last_node)
 
@@ -455,13 +468,20 @@ class LavaRadixCache(CompressedRadixCache):
             logger.warning("lava: no room for %d slots to compress a %d-token prefix; kept uncompressed",
                            num_slots, slots.numel())
             return None
-        layout = CellLayout(owned.to(torch.int64), kept_lengths)
-        write_kept(layout, kept, k_buffers, v_buffers, slots)
-        head_dim = k_buffers[0].shape[-1]
-        bytes_per_row = 2 * head_dim * k_buffers[0].element_size()
-        entry = self.store.add(len(prefix_key), layout, policy=self.policy.name,
-                               compress_seconds=time.perf_counter() - started, bytes_per_row=bytes_per_row)
-        node = self.add_compressed(prefix_key, entry)
+        entry = None
+        try:
+            layout = CellLayout(owned.to(torch.int64), kept_lengths)
+            write_kept(layout, kept, k_buffers, v_buffers, slots)
+            head_dim = k_buffers[0].shape[-1]
+            bytes_per_row = 2 * head_dim * k_buffers[0].element_size()
+            entry = self.store.add(len(prefix_key), layout, policy=self.policy.name,
+                                   compress_seconds=time.perf_counter() - started, bytes_per_row=bytes_per_row)
+            node = self.add_compressed(prefix_key, entry)
+        except BaseException:  # nothing half-made stays: the slots and the entry go back
+            if entry is not None:
+                self.store.remove(entry.entry_id)
+            self.token_to_kv_pool_allocator.free(owned)
+            raise
         logger.info(
             "lava: compressed prefix %d: %d tokens, policy %s, kept ratio %.3f (%d rows in %d slots), "
             "%.1f MiB saved, %.1f ms", entry.entry_id, entry.prefix_len, entry.policy, entry.kept_ratio,

@@ -69,7 +69,7 @@ class SchedulerStub:
             self.running.append(req)
         fill_len = len(req.full_untruncated_fill_ids)
         req.extend_end = fill_len if chunk is None else min(fill_len, req.prefix_len + chunk)
-        self._forward(req, req.prefix_len, req.extend_end)
+        self._forward(req, req.prefix_len, req.extend_end, extend=True)
         if req.extend_end < fill_len:
             checkpoint_kv_cache(req, self.cache)
         return req
@@ -79,7 +79,7 @@ class SchedulerStub:
         req.output_ids.append(token_id)
         req.refresh_fill_ids()
         seq_len = len(req.full_untruncated_fill_ids)
-        self._forward(req, seq_len - 1, seq_len)
+        self._forward(req, seq_len - 1, seq_len, extend=False)
         if checkpoint:
             req.extend_end = seq_len
             checkpoint_kv_cache(req, self.cache)
@@ -103,8 +103,9 @@ class SchedulerStub:
         release_kv_cache(req, self.cache, checkpoint=checkpoint)
         self.running.remove(req)
 
-    def _forward(self, req: Req, start: int, end: int) -> None:
-        """Positions start .. end - 1 of the request: slots, K/V rows, window queries."""
+    def _forward(self, req: Req, start: int, end: int, extend: bool) -> None:
+        """Positions start .. end - 1 of the request: slots, K/V rows, and for an extend its
+        window queries (the attention path records them in `forward_extend` only)."""
         slots = alloc_token_slots(self.cache, end - start)
         row = req.kv.req_pool_idx
         self.req_to_token_pool.write((row, slice(start, end)), slots.to(torch.int32))
@@ -117,7 +118,7 @@ class SchedulerStub:
                 rows[:, :, POSITION] = positions[:, None]
                 rows[:, :, TOKEN] = token_ids[:, None]
                 buffer[slots] = rows
-            if self.cache.capture.wants(end):
+            if extend and self.cache.capture.wants(end):
                 queries = torch.randn(end - start, Q_HEADS, HEAD_DIM, generator=self.generator)
                 self.cache.capture.record(layer, row, start, queries)
 

@@ -261,6 +261,18 @@ def test_under_observe_branches_a_commit_waits_for_its_branches_then_is_compress
     assert_all_released(stub)
 
 
+def test_under_observe_branches_a_branch_longer_than_a_question_adds_no_window():
+    from lava_sglang.sglang_plugin.config import MAX_BRANCH_OWN_TOKENS
+
+    stub = make_stub(observe="branches")
+    commit(stub, document(0))
+    run(stub, document(0) + list(range(1, MAX_BRANCH_OWN_TOKENS + 2)), max_new_tokens=1)  # one own token too many
+    assert not stub.compressed_nodes() and stub.cache.pending[0].branches == []
+    run(stub, document(0) + list(range(5000, 5000 + MAX_BRANCH_OWN_TOKENS)), max_new_tokens=1)
+    assert len(stub.compressed_nodes()) == 1  # a branch at the bound (tokens not cached yet) observed it
+    assert_all_released(stub)
+
+
 class OtherRank:
     """The TP group of rank 0 of 2 (SGLang's GroupCoordinator's calls), the other rank played
     by hand: its scores are rank 0's, and it says what `ready` and `rows` say."""
@@ -344,6 +356,31 @@ def test_an_aborted_commit_is_not_compressed_and_leaks_nothing():
     assert_all_released(stub)
     commit(stub, document(0))
     assert len(stub.compressed_nodes()) == 1
+
+
+@pytest.mark.parametrize("failing_step", ["plan_prefix", "write_kept"])
+def test_a_compression_that_fails_leaves_the_prefix_uncompressed_and_leaks_nothing(monkeypatch, caplog,
+                                                                                   failing_step):
+    """plan_prefix fails before any slot is taken, write_kept after the compressed copy's slots
+    were allocated: either way the scheduler keeps serving and every slot goes back."""
+    from lava_sglang.sglang_plugin import radix_cache
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    stub = make_stub()
+    monkeypatch.setattr(radix_cache, failing_step, fail)
+    with caplog.at_level(logging.ERROR, logger="lava_sglang.sglang_plugin.radix_cache"):
+        commit(stub, document(0))
+    assert "compressing a 199-token prefix failed; it is kept uncompressed" in caplog.text
+    assert not stub.compressed_nodes() and not stub.cache.store.entries
+    assert stub.cache.evictable_size() == 200  # the full copy stays cached
+    run(stub, document(0) + question(0))  # and serves the next request
+    assert_all_released(stub)
+    monkeypatch.undo()
+    commit(stub, document(0))  # a later commit compresses it
+    assert len(stub.compressed_nodes()) == 1
+    assert_all_released(stub)
 
 
 def test_a_retracted_second_sharer_compresses_the_shared_prefix_when_it_finishes_after_all():
