@@ -131,6 +131,8 @@ class LavaRadixCache(CompressedRadixCache):
 
     def match_prefix(self, params):
         req = params.req
+        if req is not None:  # a shared prefix is recorded afresh at every match (a queued request is matched again)
+            self.shared_prefix_keys.pop(req, None)
         repeated_len = self._repeated_len(req.rid) if req is not None and isinstance(req.rid, str) else None
         if repeated_len is not None and len(params.key) > repeated_len:
             # A repetition chunk reuses the prefix only: a longer match (a branch's first token
@@ -145,7 +147,6 @@ class LavaRadixCache(CompressedRadixCache):
         result = super().match_prefix(params)
         if req is None or SHARED not in self.config.compress_on or self._pending_of(params.key) is not None:
             return result
-        self.shared_prefix_keys.pop(req, None)
         shared_len = result.device_prefix_len
         if (shared_len < self.config.min_prefix or self._is_fork_prefix(req)
                 or not self.on_ordinary_path(result.last_device_node)):
@@ -157,8 +158,10 @@ class LavaRadixCache(CompressedRadixCache):
 
     def _needs_commit_window(self, req) -> bool:
         """Whether a fork commit must recompute its tail window to be compressed: it is one,
-        its policy reads attention, and its prefix is neither compressed nor waiting."""
-        if FORK not in self.config.compress_on or not self.policy.needs_scores or not self._is_fork_prefix(req):
+        and its prefix is neither compressed nor waiting. (A policy that reads no attention
+        plans from the window's layers too; recomputing `window` tokens is cheaper than a
+        second path.)"""
+        if FORK not in self.config.compress_on or not self._is_fork_prefix(req):
             return False
         full_key = prompt_key(req)
         return (self.compressed_match(full_key[:len(full_key) - 1]) is None
@@ -403,6 +406,11 @@ class LavaRadixCache(CompressedRadixCache):
         is freed. Skipped while other requests run on the prefix (a later sharer retries), so
         a compressed prefix never coexists with its own full copy."""
         if self.already_compressed(prefix_key):
+            return
+        if any(prefix_key.match(pending.full_key) == len(prefix_key) for pending in self.pending):
+            # it would move the waiting prefix under a compressed node, where it is not compressed
+            logger.info("lava: shared prefix of %d tokens not compressed: a fork prefix below it waits to be "
+                        "observed", len(prefix_key))
             return
         slots, last_node = self.ordinary_slots(prefix_key)
         # Its subtree must be free: the nodes below move under the compressed node, and a lock

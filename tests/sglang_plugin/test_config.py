@@ -188,3 +188,18 @@ def test_the_launcher_stops_with_one_line_before_loading_the_model(argv, flag, t
     last_line = result.stderr.strip().splitlines()[-1]
     assert last_line.startswith("error: ") and flag in last_line
     assert "Traceback" not in result.stderr  # stopped by validation, not by the missing model
+
+
+def test_requests_reaching_the_model_are_validated_and_a_session_may_send_no_new_tokens():
+    from types import SimpleNamespace
+
+    from lava_sglang.sglang_plugin.plugin import _before_validate_request
+
+    tokenizer_manager = SimpleNamespace(model_config=SimpleNamespace(vocab_size=10))
+    plain, in_session = SimpleNamespace(session_params=None), SimpleNamespace(session_params={"id": "s1"})
+    with pytest.raises(ValueError, match="the prompt is empty"):
+        _before_validate_request(tokenizer_manager, plain, [])
+    with pytest.raises(ValueError, match="token id 10 outside the vocabulary"):
+        _before_validate_request(tokenizer_manager, in_session, [3, 10])
+    _before_validate_request(tokenizer_manager, in_session, [])  # the session's history is the prompt
+    _before_validate_request(tokenizer_manager, plain, [0, 9])

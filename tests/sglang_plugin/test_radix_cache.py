@@ -170,10 +170,12 @@ def test_a_prefix_in_use_is_not_compressed_until_a_later_commit_finds_it_free(ca
     assert_all_released(stub)
 
 
-def test_a_fork_commit_of_a_document_plain_requests_cached_is_compressed():
+@pytest.mark.parametrize("policy", ["lava", "streamingllm"])
+def test_a_fork_commit_of_a_document_plain_requests_cached_is_compressed(policy):
     """The commit matches all but its last token; without its window recomputed, it would
-    have no observation window and never be compressed."""
-    stub = make_stub()
+    have no observation window and never be compressed (a policy that reads no attention
+    still plans from the captured window's layers)."""
+    stub = make_stub(policy=policy)
     run(stub, document(0) + question(0))
     committed = commit(stub, document(0))
     assert committed.prefix_len == 200 - WINDOW
@@ -270,6 +272,35 @@ def test_under_observe_branches_a_branch_longer_than_a_question_adds_no_window()
     assert not stub.compressed_nodes() and stub.cache.pending[0].branches == []
     run(stub, document(0) + list(range(5000, 5000 + MAX_BRANCH_OWN_TOKENS)), max_new_tokens=1)
     assert len(stub.compressed_nodes()) == 1  # a branch at the bound (tokens not cached yet) observed it
+    assert_all_released(stub)
+
+
+def test_a_shared_header_is_not_compressed_under_a_fork_prefix_that_waits_to_be_observed(caplog):
+    stub = make_stub(compress_on=(FORK, SHARED), observe="branches")
+    header = document(9, 100)
+    commit(stub, header + document(0))
+    assert len(stub.cache.pending) == 1
+    with caplog.at_level(logging.INFO, logger="lava_sglang.sglang_plugin.radix_cache"):
+        run(stub, header + question(0))  # a plain request sharing only the header
+    assert "a fork prefix below it waits to be observed" in caplog.text
+    assert not stub.compressed_nodes() and len(stub.cache.pending) == 1
+    run(stub, header + document(0) + question(1))  # a branch: the waiting prefix is compressed
+    assert [len(node.key) for node in stub.compressed_nodes()] == [299]
+    assert_all_released(stub)
+
+
+def test_a_request_matched_again_after_its_prefix_began_to_wait_leaves_its_branch_window():
+    """A queued request is matched at every scheduling round: what its first match recorded
+    (a shared prefix to compress) must not outlive a later match that found a waiting fork
+    prefix, or its release takes it for a sharer and its branch window is lost."""
+    stub = make_stub(compress_on=(FORK, SHARED), observe="branches")
+    run(stub, document(0) + question(0))  # a plain request caches the document
+    queued = stub.request(document(0) + question(1))
+    queued.init_next_round_input(stub.cache)  # first match: the document is a shared prefix
+    commit(stub, document(0))  # then the document's fork prefix waits for its branches
+    assert len(stub.cache.pending) == 1
+    stub.finish(stub.prefill(queued))  # matched again, run, released: a branch
+    assert [len(node.key) for node in stub.compressed_nodes()] == [199]
     assert_all_released(stub)
 
 
