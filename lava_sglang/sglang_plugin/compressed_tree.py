@@ -92,7 +92,7 @@ class CompressedRadixCache(RadixCache):
         super().reset()
         self.store.clear()
         self.compressed = {}
-        self.metrics.store_changed(self.store.stats())
+        self.metrics.store_changed(self.store)
 
     def pool_used(self) -> int:
         return self.kv_pool.size - self.token_to_kv_pool_allocator.available_size()
@@ -110,11 +110,31 @@ class CompressedRadixCache(RadixCache):
                     best = node
         return best
 
-    def ordinary_slots(self, key) -> tuple[torch.Tensor, object]:
+    def ordinary_slots(self, key, *, touch: bool = True) -> tuple[torch.Tensor, object]:
         """The pool slots of `key`'s longest match in the ordinary tree (compressed nodes
-        ignored) and the node where it ends."""
+        ignored) and the node where it ends. touch=False: a look that is not a use leaves the
+        nodes' access times (the eviction order) alone, unless the match ends inside a node,
+        which SGLang's match splits."""
+        if not touch:
+            found = self._walk_ordinary(key)
+            if found is not None:
+                return found
         value, last_node = RadixCache._match_prefix_helper(self, self.root_node, key)
         return (torch.cat(value) if value else torch.empty(0, dtype=torch.int64)), last_node
+
+    def _walk_ordinary(self, key) -> tuple[torch.Tensor, object] | None:
+        """`ordinary_slots` read-only, where the match ends at a node's end; None elsewhere."""
+        node, value = self.root_node, []
+        while len(key) > 0:
+            child = node.children.get(key.child_key(self.page_size))
+            if child is None:
+                break
+            matched = child.key.match(key, page_size=self.page_size)
+            if matched < len(child.key):
+                return None
+            value.append(child.value)
+            node, key = child, key[matched:]
+        return (torch.cat(value) if value else torch.empty(0, dtype=torch.int64)), node
 
     def on_ordinary_path(self, node) -> bool:
         """Whether root -> node (not the root itself) could become one compressed node: no
@@ -286,7 +306,7 @@ class CompressedRadixCache(RadixCache):
         self.token_to_kv_pool_allocator.free(entry.layout.slots)
         node.value = None
         logger.info("lava: evicted compressed prefix %d (%d tokens, %d slots)", entry.entry_id, entry.prefix_len, size)
-        self.metrics.evicted(self.store.stats())
+        self.metrics.evicted(self.store)
         return size
 
     # ------------------------------------------------ allocating and freeing

@@ -7,7 +7,7 @@ here, in the scheduler, appear next to SGLang's own `sglang:*` ones.
 
 from __future__ import annotations
 
-from lava_sglang.store import StoreEntry
+from lava_sglang.store import CompressedStore, StoreEntry
 
 # Buckets for a prefix's token count, its kept ratio and its compression time.
 TOKEN_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
@@ -17,7 +17,8 @@ SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 
 class StoreMetrics:
     """Per compressed prefix: tokens, kept ratio, bytes saved, compression time; and the
-    store's current size. Without --enable-metrics every method does nothing."""
+    store's current size. Without --enable-metrics every method does nothing (the store's
+    statistics are not even read: that walks every entry)."""
 
     def __init__(self, enabled: bool, labels: dict[str, str]):
         self.enabled = enabled
@@ -41,23 +42,24 @@ class StoreMetrics:
         self.store_bytes = Gauge("lava:store_bytes", "KV bytes the compressed prefixes hold now.", names,
                                  multiprocess_mode="mostrecent")
 
-    def compressed(self, entry: StoreEntry, store_stats: dict) -> None:
+    def compressed(self, entry: StoreEntry, store: CompressedStore) -> None:
         if not self.enabled:
             return
         self.prefix_tokens.labels(**self.labels).observe(entry.prefix_len)
         self.kept_ratio.labels(**self.labels).observe(entry.kept_ratio)
         self.compress_seconds.labels(**self.labels).observe(entry.compress_seconds)
         self.bytes_saved.labels(**self.labels).inc(entry.bytes_saved)
-        self.store_changed(store_stats)
+        self.store_changed(store)
 
-    def evicted(self, store_stats: dict) -> None:
+    def evicted(self, store: CompressedStore) -> None:
         if not self.enabled:
             return
         self.evictions.labels(**self.labels).inc()
-        self.store_changed(store_stats)
+        self.store_changed(store)
 
-    def store_changed(self, store_stats: dict) -> None:
+    def store_changed(self, store: CompressedStore) -> None:
         if not self.enabled:
             return
+        store_stats = store.stats()
         self.store_entries.labels(**self.labels).set(store_stats["entries"])
         self.store_bytes.labels(**self.labels).set(store_stats["bytes_stored"])

@@ -340,7 +340,7 @@ class LavaRadixCache(CompressedRadixCache):
             ready, scored = agreed[:len(waiting)], agreed[len(waiting):]
         for pending, is_ready, is_scored in zip(waiting, ready, scored):
             full_key = pending.full_key
-            slots, last_node = self.ordinary_slots(full_key)
+            slots, last_node = self.ordinary_slots(full_key, touch=False)  # waiting is not a use
             if slots.numel() != len(full_key) or self.already_compressed(full_key[:len(full_key) - 1]):
                 self._forget(pending)  # evicted while it waited, or compressed by another path
                 continue
@@ -494,5 +494,5 @@ class LavaRadixCache(CompressedRadixCache):
             "lava: compressed prefix %d: %d tokens, policy %s, kept ratio %.3f (%d rows in %d slots), "
             "%.1f MiB saved, %.1f ms", entry.entry_id, entry.prefix_len, entry.policy, entry.kept_ratio,
             layout.kept_rows, num_slots, entry.bytes_saved / 2**20, entry.compress_seconds * 1e3)
-        self.metrics.compressed(entry, self.store.stats())
+        self.metrics.compressed(entry, self.store)
         return node

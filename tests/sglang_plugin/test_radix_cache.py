@@ -304,6 +304,19 @@ def test_a_request_matched_again_after_its_prefix_began_to_wait_leaves_its_branc
     assert_all_released(stub)
 
 
+def test_a_prefix_waiting_to_be_observed_keeps_its_place_in_the_eviction_order():
+    """Every release looks the waiting prefixes up: a look that is not a use must not make
+    them the most recently used, or the hot prefixes would be evicted first."""
+    stub = make_stub(observe="branches")
+    commit(stub, document(0))
+    _, node = stub.cache.ordinary_slots(stub.cache.pending[0].full_key, touch=False)
+    path = path_to_root(node)
+    before = [path_node.last_access_time for path_node in path]
+    run(stub, document(1) + question(0))  # other traffic, released
+    assert len(stub.cache.pending) == 1
+    assert [path_node.last_access_time for path_node in path] == before
+
+
 class OtherRank:
     """The TP group of rank 0 of 2 (SGLang's GroupCoordinator's calls), the other rank played
     by hand: its scores are rank 0's, and it says what `ready` and `rows` say."""
