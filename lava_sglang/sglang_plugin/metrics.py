@@ -3,6 +3,13 @@
 SGLang runs prometheus_client in multiprocess mode: the scheduler process writes its
 samples to PROMETHEUS_MULTIPROC_DIR and the HTTP server aggregates them, so metrics created
 here, in the scheduler, appear next to SGLang's own `sglang:*` ones.
+
+With several scheduler processes the HTTP server sums them. Under tensor parallel every
+rank compresses the same prefix, holding its share of the KV heads: the per-prefix events
+(tokens, compression time, evictions) and the entry count are recorded by TP rank 0
+alone, as SGLang records its own, and the bytes by every rank (`lava:store_bytes` and
+`lava:bytes_saved` are the server's totals); `lava:kept_ratio` is then rank 0's heads'.
+Data-parallel ranks hold different prefixes: everything sums over them.
 """
 
 from __future__ import annotations
@@ -18,10 +25,12 @@ SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0
 class StoreMetrics:
     """Per compressed prefix: tokens, kept ratio, bytes saved, compression time; and the
     store's current size. Without --enable-metrics every method does nothing (the store's
-    statistics are not even read: that walks every entry)."""
+    statistics are not even read: that walks every entry). records_events: False on TP
+    ranks other than 0, which then report only the bytes they hold."""
 
-    def __init__(self, enabled: bool, labels: dict[str, str]):
+    def __init__(self, enabled: bool, labels: dict[str, str], records_events: bool = True):
         self.enabled = enabled
+        self.records_events = records_events
         if not enabled:
             return
         from prometheus_client import Counter, Gauge, Histogram  # after SGLang set the multiproc dir
@@ -38,28 +47,31 @@ class StoreMetrics:
                                    names)
         self.evictions = Counter("lava:evicted_prefixes", "Compressed prefixes evicted.", names)
         self.store_entries = Gauge("lava:store_entries", "Compressed prefixes held now.", names,
-                                   multiprocess_mode="mostrecent")
+                                   multiprocess_mode="livesum")
         self.store_bytes = Gauge("lava:store_bytes", "KV bytes the compressed prefixes hold now.", names,
-                                 multiprocess_mode="mostrecent")
+                                 multiprocess_mode="livesum")
 
     def compressed(self, entry: StoreEntry, store: CompressedStore) -> None:
         if not self.enabled:
             return
-        self.prefix_tokens.labels(**self.labels).observe(entry.prefix_len)
-        self.kept_ratio.labels(**self.labels).observe(entry.kept_ratio)
-        self.compress_seconds.labels(**self.labels).observe(entry.compress_seconds)
-        self.bytes_saved.labels(**self.labels).inc(entry.bytes_saved)
+        if self.records_events:
+            self.prefix_tokens.labels(**self.labels).observe(entry.prefix_len)
+            self.kept_ratio.labels(**self.labels).observe(entry.kept_ratio)
+            self.compress_seconds.labels(**self.labels).observe(entry.compress_seconds)
+        self.bytes_saved.labels(**self.labels).inc(entry.bytes_saved)  # this rank's heads: summed over ranks
         self.store_changed(store)
 
     def evicted(self, store: CompressedStore) -> None:
         if not self.enabled:
             return
-        self.evictions.labels(**self.labels).inc()
+        if self.records_events:
+            self.evictions.labels(**self.labels).inc()
         self.store_changed(store)
 
     def store_changed(self, store: CompressedStore) -> None:
         if not self.enabled:
             return
         store_stats = store.stats()
-        self.store_entries.labels(**self.labels).set(store_stats["entries"])
+        if self.records_events:
+            self.store_entries.labels(**self.labels).set(store_stats["entries"])
         self.store_bytes.labels(**self.labels).set(store_stats["bytes_stored"])

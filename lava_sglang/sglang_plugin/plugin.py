@@ -126,7 +126,8 @@ def create_radix_cache(ctx):
     _check_model(ctx, config, tensor_parallel)
     kv_pool = ctx.params.token_to_kv_pool_allocator.get_kvcache()
     metrics = StoreMetrics(enabled=bool(ctx.server_args.enable_metrics),
-                           labels={"model_name": ctx.server_args.served_model_name})
+                           labels={"model_name": ctx.server_args.served_model_name},
+                           records_events=tensor_parallel is None or tensor_parallel.rank == 0)
     server_args = ctx.server_args
     repetitions = (RepetitionClient(server_args.url(), ctx.model_config.context_len, server_args.api_key,
                                     dp_rank=touchpoints.dp_rank())

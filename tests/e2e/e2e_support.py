@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import concurrent.futures
+import re
 from collections.abc import Iterable
 
 import requests
@@ -73,6 +74,18 @@ def run_record(policy: str, options: dict, prefix_len: int, visits) -> dict:
                                   "prompt_tokens": meta["prompt_tokens"]}
                                  for visit, (questions, answers, metas) in enumerate(visits)
                                  for question, answer, meta in zip(questions, answers, metas)]}
+
+
+def metrics_text(url: str) -> str:
+    """The server's Prometheus page (`--enable-metrics`)."""
+    return requests.get(url + "/metrics", timeout=60).text
+
+
+def metric(text: str, name: str) -> float:
+    """The one sample of `name` on a Prometheus page."""
+    values = [float(value) for value in re.findall(rf"^{re.escape(name)}{{[^}}]*}} (\S+)$", text, re.MULTILINE)]
+    assert len(values) == 1, f"{name} not exactly once in /metrics"
+    return values[0]
 
 
 def kv_state(url: str) -> dict:

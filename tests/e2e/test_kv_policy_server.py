@@ -8,12 +8,11 @@ server's own view of its memory comes from /server_info (`internal_states[0]
 from __future__ import annotations
 
 import concurrent.futures
-import re
 
 import pytest
 import requests
 import sglang as sgl
-from e2e_support import reference_answer_on_a_compressed_prefix, store_stats
+from e2e_support import metric, metrics_text, reference_answer_on_a_compressed_prefix, store_stats
 
 from lava_sglang.bench.documents import prompt_parts, retrieval_documents
 from lava_sglang.frontend import multi_question_qa
@@ -219,17 +218,11 @@ def test_a_request_diverging_inside_a_compressed_document_recomputes_it(lava_ser
     assert after_compression["text"] == on_empty_cache["text"]
 
 
-def metric(text: str, name: str) -> float:
-    values = [float(value) for value in re.findall(rf"^{re.escape(name)}{{[^}}]*}} (\S+)$", text, re.MULTILINE)]
-    assert len(values) == 1, f"{name} not exactly once in /metrics"
-    return values[0]
-
-
 def test_metrics_report_each_compressed_prefix(lava_server, program_inputs):
     flush(lava_server.url)
     run_program(lava_server.url, program_inputs)
     stats = store_stats(lava_server.url)
-    text = requests.get(lava_server.url + "/metrics", timeout=60).text
+    text = metrics_text(lava_server.url)
     assert metric(text, "lava:compress_seconds_count") == stats["compressions"] >= 1
     assert metric(text, "lava:compressed_prefix_tokens_count") == stats["compressions"]
     assert metric(text, "lava:store_entries") == stats["entries"] == 1

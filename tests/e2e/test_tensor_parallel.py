@@ -12,7 +12,7 @@ import re
 import time
 
 import pytest
-from e2e_support import ask, kv_state, planted_documents, prefix_tokens, run_record
+from e2e_support import ask, kv_state, metric, metrics_text, planted_documents, prefix_tokens, run_record
 
 from lava_sglang.bench.documents import prompt_parts
 from lava_sglang.sglang_plugin.server_process import ServerProcess
@@ -27,7 +27,7 @@ REPEAT_CHUNK = 256
 POOL_TOKENS = 1100
 SERVER_ARGS = ["--kv-policy", "lava", "--dtype", "float32", "--enable-cache-report", "--kv-budget", "0.25",
                "--kv-observe-wait", "300", "--kv-observe-chunk", str(REPEAT_CHUNK), "--context-length", "1024",
-               "--tp-size", str(TP_SIZE), "--max-total-tokens", str(POOL_TOKENS)]
+               "--tp-size", str(TP_SIZE), "--max-total-tokens", str(POOL_TOKENS), "--enable-metrics"]
 COMPRESSED = re.compile(r"TP(\d)\] lava: compressed prefix (\d+): (\d+) tokens, .* \((\d+) rows in (\d+) slots\)")
 EVICTED = re.compile(r"TP(\d)\] lava: evicted compressed prefix (\d+) ")
 
@@ -103,3 +103,11 @@ def test_every_rank_keeps_its_heads_rows_of_the_single_process_plan_and_evicts_i
     assert sorted(EVICTED.findall(log)) == [(str(rank), "0") for rank in range(TP_SIZE)]
     second = {rank: slots for rank, entry, _, _, slots in COMPRESSED.findall(log) if entry == "1"}
     assert sorted(second) == [str(rank) for rank in range(TP_SIZE)] and len(set(second.values())) == 1
+
+    # /metrics counts each prefix once (TP rank 0 records the events) and the bytes of every rank.
+    text = metrics_text(server.url)
+    assert metric(text, "lava:compress_seconds_count") == 2 and metric(text, "lava:evicted_prefixes_total") == 1
+    assert metric(text, "lava:store_entries") == 1
+    second_rows = sum(int(rows) for _, entry, _, rows, _ in COMPRESSED.findall(log) if entry == "1")
+    bytes_per_row = 2 * runtime.model.config.head_dim * 4  # K and V, fp32
+    assert metric(text, "lava:store_bytes") == second_rows * bytes_per_row
