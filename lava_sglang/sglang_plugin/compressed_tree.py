@@ -122,9 +122,10 @@ class CompressedRadixCache(RadixCache):
         value, last_node = RadixCache._match_prefix_helper(self, self.root_node, key)
         return (torch.cat(value) if value else torch.empty(0, dtype=torch.int64)), last_node
 
-    def _walk_ordinary(self, key) -> tuple[torch.Tensor, object] | None:
-        """`ordinary_slots` read-only, where the match ends at a node's end; None elsewhere."""
-        node, value = self.root_node, []
+    def _walk_ordinary(self, key, start=None) -> tuple[torch.Tensor, object] | None:
+        """`ordinary_slots` read-only, where the match ends at a node's end; None elsewhere.
+        start: the node `key` continues from (default the root)."""
+        node, value = start or self.root_node, []
         while len(key) > 0:
             child = node.children.get(key.child_key(self.page_size))
             if child is None:
@@ -338,10 +339,24 @@ class CompressedRadixCache(RadixCache):
 
     def free_beyond(self, key, keep_len: int) -> None:
         """Give back the unlocked leaves of `key`'s path that lie wholly beyond its first
-        `keep_len` tokens (a repetition chunk's own tokens, below the prefix it repeats)."""
-        slots, node = self.ordinary_slots(key)
-        end = slots.numel()
-        while (node is not self.root_node and end - len(node.key) >= keep_len and not node.children
+        `keep_len` tokens (a repetition chunk's own tokens, below the prefix it repeats, or
+        below its compressed copy when a stopped chunk ran after the prefix was compressed)."""
+        top = self.compressed_match(key)
+        if top is None:
+            top, (slots, node) = self.root_node, self.ordinary_slots(key)
+            end = slots.numel()
+        else:
+            found = self._walk_ordinary(key[len(top.key):], start=top)
+            if found is None:
+                return
+            slots, node = found
+            end = len(top.key) + slots.numel()
+        if (node is not top and end - len(node.key) < keep_len < end and not node.children
+                and node.lock_ref == 0):
+            # a leaf that holds the prefix's last tokens and the chunk's (inserted together below
+            # a compressed copy): split it there; `node` keeps the part beyond keep_len
+            self._split_node(node.key, node, keep_len - (end - len(node.key)))
+        while (node is not top and end - len(node.key) >= keep_len and not node.children
                and node.lock_ref == 0 and not node.evicted):
             parent, end = node.parent, end - len(node.key)
             self.free_leaf(node)

@@ -371,6 +371,23 @@ def test_a_stopped_repetitions_chunk_that_still_runs_reuses_the_prefix_only_and_
     assert_all_released(stub)
 
 
+def test_a_stopped_repetitions_chunk_that_runs_after_its_prefix_was_compressed_leaves_nothing():
+    # The prefix was compressed by its tail (its repetition cut short) before the chunk ran:
+    # the chunk matches the compressed copy, and its own tokens, below it, are freed as well.
+    stub = make_stub()
+    commit(stub, document(0))
+    (node,) = stub.compressed_nodes()
+    scores = RepetitionScores.plan(document(0), Reconstruct(chunk_tokens=64, chat_turn=False),
+                                   lambda text: [7, 9, 9], WINDOW, LAYERS, rid_base="late")
+    stub.cache.retire_repetition(scores)
+    chunk = stub.prefill(stub.request(scores.input_ids[0], max_new_tokens=0, rid=scores.rids[0]))
+    assert uses_compressed_prefix(stub, chunk)
+    stub.finish(chunk)
+    check(stub)
+    assert stub.cache.evictable_size() == node_slots(node) + 1  # the prefix's last token stays, cached
+    assert_all_released(stub)
+
+
 # ------------------------------------------------- retraction and aborts
 
 
