@@ -6,8 +6,8 @@ Budgets here count selectable (prefix) tokens per KV head; the window comes on t
 from __future__ import annotations
 
 import math
-from fractions import Fraction
 from collections.abc import Sequence
+from fractions import Fraction
 
 import torch
 

@@ -341,16 +341,12 @@ class CompressedRadixCache(RadixCache):
         """Give back the unlocked leaves of `key`'s path that lie wholly beyond its first
         `keep_len` tokens (a repetition chunk's own tokens, below the prefix it repeats, or
         below its compressed copy when a stopped chunk ran after the prefix was compressed)."""
-        top = self.compressed_match(key)
-        if top is None:
-            top, (slots, node) = self.root_node, self.ordinary_slots(key)
-            end = slots.numel()
-        else:
-            found = self._walk_ordinary(key[len(top.key):], start=top)
-            if found is None:
-                return
-            slots, node = found
-            end = len(top.key) + slots.numel()
+        top = self.compressed_match(key) or self.root_node
+        found = self._walk_ordinary(key[len(top.key):], start=top)
+        if found is None:  # the key ends inside a node: nothing of it lies wholly beyond keep_len
+            return
+        slots, node = found
+        end = len(top.key) + slots.numel()
         if (node is not top and end - len(node.key) < keep_len < end and not node.children
                 and node.lock_ref == 0):
             # a leaf that holds the prefix's last tokens and the chunk's (inserted together below
