@@ -10,6 +10,7 @@ from lava_sglang.policy import (Branches, ObservationWindow, PlanBuilder, Recons
                                 repeat_attention_max, repeat_chunks, repeat_log_sum_exp)
 from lava_sglang.policy.lava import PAPER_SPEC
 from lava_sglang.policy.scores import pool_scores, prefix_attention_mass, window_attention_mass
+from plan_support import same_plan
 
 
 def test_combination_normalises_each_window_then_takes_the_max_or_mean():
@@ -72,11 +73,6 @@ def build(policy, observe, layers, budget=16, window=8):
     for windows, keys, values in zip(*layers):
         builder.add_layer_windows(windows, keys, values)
     return builder.finish()
-
-
-def same_plan(a, b) -> bool:
-    return a.head_budgets == b.head_budgets and all(
-        torch.equal(x, y) for la, lb in zip(a.kept, b.kept) for x, y in zip(la, lb))
 
 
 # A single window is not normalised: a per-layer scalar would move a global threshold across

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from plan_support import same_plan
 
 pytestmark = pytest.mark.model
 
@@ -102,11 +103,6 @@ def test_kv_bytes_counts_kept_rows(runtime, capture):
     config = runtime.model.config
     rows = config.num_hidden_layers * config.num_key_value_heads * 100
     assert prefix.kv_bytes(bytes_per_element=2) == rows * 2 * config.head_dim * 2
-
-
-def same_plan(a, b) -> bool:
-    return a.head_budgets == b.head_budgets and all(
-        torch.equal(x, y) for la, lb in zip(a.kept, b.kept) for x, y in zip(la, lb))
 
 
 def test_compress_many_gives_the_plans_of_compress_plan(runtime, capture):
