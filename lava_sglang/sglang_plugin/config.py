@@ -261,6 +261,8 @@ def from_namespace(args: argparse.Namespace) -> KvPolicyConfig:
             policy_object = config.make_policy()
         except ValueError as error:
             raise ConfigError(f"--kv-policy {policy}: {error}") from None
+        if policy_object.window != window:  # the radix cache and the repetition read --kv-window too
+            raise ConfigError(f"--kv-policy {policy}: set the window with --kv-window, not in the policy's options")
         if policy_object.scored_by is not None and observe not in policy_object.scored_by:
             raise ConfigError(f"--kv-policy {policy} scores by {' or '.join(policy_object.scored_by)}: "
                               f"use --kv-observe {policy_object.scored_by[0]}, got --kv-observe {observe}")

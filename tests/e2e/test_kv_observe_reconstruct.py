@@ -69,14 +69,15 @@ def test_a_document_is_compressed_once_by_its_repetition(server, policy, documen
     assert (stats["compressions"], stats["entries"], stats["pending"], stats["repetitions"]) == (1, 1, 0, 0)
     log = server.log_path.read_text()
     assert "waits for its repetition" in log
-    # Three chunks (the fourth would copy window tokens only), each its instruction and its copy.
+    # Three chunks (a fourth would copy window tokens only), each its instruction and its copy.
     # The default prompt: each chunk is the assistant's reply (the chat template's opening).
     source = Reconstruct(chunk_tokens=REPEAT_CHUNK)
+    window = kv_state(server.url)["window"]
     prefix_ids = tokenizer(prefix_text).input_ids
     turn = assistant_turn_text(tokenizer.apply_chat_template)
     chunk_requests = [len(source.chunk_prompt(prefix_ids, start, lambda text: tokenizer(
         text, add_special_tokens=False).input_ids, turn)) + min(REPEAT_CHUNK, prefix_tokens - start)
-        for start in range(0, prefix_tokens - 32, REPEAT_CHUNK)]
+        for start in range(0, prefix_tokens - window, REPEAT_CHUNK)]
     assert len(chunk_requests) == 3
     assert f"observed by its repetition: {sum(chunk_requests)} tokens prefilled in 3 chunk(s)" in log
     # Memory while scoring: the prefix, one chunk request at a time, and the branches' own

@@ -63,6 +63,14 @@ def test_bad_values_name_the_flag(flag, value):
         from_namespace(parse("--kv-policy", "lava", flag, value))
 
 
+def test_a_window_in_the_policy_spec_must_be_the_flags():
+    # The window capture, the radix cache and the repetition read --kv-window: a policy with
+    # another window would plan from a window of another size.
+    with pytest.raises(ConfigError, match="--kv-window"):
+        from_namespace(parse("--kv-policy", "lava:window=16"))
+    assert from_namespace(parse("--kv-policy", "lava:window=16", "--kv-window", "16")).window == 16
+
+
 @pytest.mark.parametrize("source", ["branches", "reconstruct", "tail"])
 def test_observation_sources(source):
     config = from_namespace(parse("--kv-policy", "lava", "--kv-observe", source, "--kv-observe-wait", "2.5"))
