@@ -134,8 +134,8 @@ FLAGS = {
                   "Budget per compressed prefix: a keep ratio in (0, 1] (e.g. 0.2) or an int >= 1, the "
                   "average tokens kept per layer and KV head (e.g. 512). Default 0.2."),
     "kv_window": ("--kv-window", "32",
-                  "Observation window: the last N prefix tokens score the others and are always kept. "
-                  "Default 32."),
+                  "Observation window: the last N prefix tokens score the others and are always kept; a "
+                  "window= in the --kv-policy spec must equal it. Default 32."),
     "kv_min_prefix": ("--kv-min-prefix", "256",
                       "Do not compress prefixes shorter than this many tokens (must exceed --kv-window). "
                       "Default 256."),
