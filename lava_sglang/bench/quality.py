@@ -69,6 +69,8 @@ class QualityConfig:
     facts_per_document: list[int] = field(default_factory=lambda: [1, 4, 8])  # retrieval, cycled
     retrieval_answer_tokens: int = 24
     fidelity_answer_tokens: int = 32
+    #: The observation window (tail, branches, query_aware); a repetition keeps its own
+    #: (`Observe.kept_window`) unless a policy spec sets one.
     window: int = 32
     seed: int = 0
 
@@ -334,4 +336,6 @@ def run_metadata(runtime: ReferenceRuntime, config: QualityConfig, wall_seconds:
         "transformers": transformers.__version__,
         "wall_seconds": round(wall_seconds, 1),
         "config": asdict(config),
+        # The window each compress_once source keeps unless a policy spec sets one.
+        "kept_window": {spec: make_observe(spec).kept_window or config.window for spec in config.observe},
     }

@@ -151,7 +151,9 @@ def markdown(records: list[dict], meta: dict, command: str, notes: str | None) -
         f"heads, {meta['model_shape']['kv_heads']} KV heads, head dim {meta['model_shape']['head_dim']}), "
         f"{meta['dtype']}, reference runtime (HF transformers {meta['transformers']}, torch {meta['torch']})",
         f"- Machine: {meta['machine']}",
-        f"- Wall time: {meta['wall_seconds'] / 60:.1f} min; seed {config['seed']}; window {config['window']}",
+        f"- Wall time: {meta['wall_seconds'] / 60:.1f} min; seed {config['seed']}; window {config['window']}"
+        + "".join(f", {window} under {source}" for source, window in meta.get("kept_window", {}).items()
+                  if window != config["window"]),
         f"- Questions per cell: " + ", ".join(f"{q} at {c} tokens" for c, q in zip(config["contexts"],
                                                                                    config["questions"])),
         f"- Retrieval: K in {{{', '.join(map(str, config.get('facts_per_document', [1, 4, 8])))}}} planted facts "

@@ -179,6 +179,9 @@ class Observe:
     """Base of the observation sources; hyper-parameters are dataclass fields."""
 
     name: ClassVar[str]
+    #: The recent window a policy keeps by default when this source scores the prefix; None:
+    #: the observation window (the runtime's), whose queries are the scores.
+    kept_window: ClassVar[int | None] = None
 
     def validate(self) -> None:
         """Raise ValueError naming the hyper-parameter that is out of range."""
@@ -215,6 +218,10 @@ class Reconstruct(Observe):
     chunk by chunk as KVzip does (docs/observe.md, "reconstruct")."""
 
     name: ClassVar[str] = "reconstruct"
+    #: The repetition scores every token, so the window is only kept, out of the budget: 8
+    #: answered more than 32 over three sets of 1K and 2K-token documents (docs/allocation.md,
+    #: "The window").
+    kept_window: ClassVar[int | None] = 8
 
     #: Said after the prefix, before its first chunk is fed again (teacher-forced).
     instruction: str = "\n\nRepeat the previous context exactly.\n"

@@ -246,17 +246,18 @@ class ReferenceRuntime:
     def compress(self, capture: PrefixCapture, policy: str | Policy, budget: float | int,
                  observation: Observation | None = None, **options) -> CompressedPrefix:
         """Plan by the capture's window (or, given an observation, its source) and keep only the
-        planned rows; the same plan as `compress_plan`. options: the policy's fields."""
+        planned rows; the same plan as `compress_plan`. options: the policy's fields; the
+        window defaults to the source's kept window, else the runtime's (`Observe.kept_window`)."""
         return self.compress_many(capture, [(policy, budget)], observation, **options)[0]
 
     def compress_many(self, capture: PrefixCapture, configs: Sequence[tuple[str | Policy, float | int]],
                       observation: Observation | None = None, **options) -> list[CompressedPrefix]:
         """`compress` for several (policy, budget) pairs of one capture, scoring each layer
         once per distinct scoring instead of once per pair (same plans as `compress`)."""
-        options.setdefault("window", self.window)
         if observation is not None and observation.token_ids not in (None, list(capture.token_ids)):
             raise ValueError("the observation was made of another prefix than this capture's")
         source = observation.source if observation is not None else Tail()
+        options.setdefault("window", source.kept_window or self.window)
         shared_scores: dict[tuple, list[LayerScores]] = {}
         prefixes = []
         for policy, budget in configs:

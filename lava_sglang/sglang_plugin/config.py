@@ -51,6 +51,16 @@ OBSERVE_PROMPTS = (CHAT, PLAIN)  # --kv-observe-prompt: Reconstruct.chat_turn tr
 MAX_PENDING_PREFIXES = 32  # beyond that, a committed prefix is compressed at once by its tail
 MAX_BRANCH_WINDOWS = 8  # branches past that many add no window
 MAX_BRANCH_OWN_TOKENS = 512  # a longer branch (a continuation, not a question) adds no window
+OBSERVATION_WINDOW = 32  # --kv-window's default where the window's queries score the prefix
+
+
+def default_window(observe: str, compress_on: tuple[str, ...]) -> int:
+    """--kv-window's default: where a repetition scores every compressed prefix the window is
+    only kept (`Reconstruct.kept_window`); where its queries score one (tail, branches, or a
+    prefix compressed as shared, which its tail scores), the observation window."""
+    if observe == RECONSTRUCT and SHARED not in compress_on:
+        return Reconstruct.kept_window
+    return OBSERVATION_WINDOW
 
 
 class ConfigError(ValueError):
@@ -64,7 +74,8 @@ class KvPolicyConfig:
     policy: `none` leaves SGLang untouched; otherwise the policy compressing shared prefixes.
     budget: keep ratio in (0, 1] (float) or average tokens kept per layer and KV head (int),
         the observation window included.
-    window: observation window w (the last w prefix tokens score the rest, and are kept).
+    window: recent window w: the last w prefix tokens are kept; under `tail` and `branches`
+        (and for a prefix compressed as shared) they score the rest (`default_window`).
     min_prefix: prefixes shorter than this many tokens are not compressed.
     alpha: LAVa's dynamic-layer-budget strength (lava.md); other policies ignore it.
     pool_kernel: width of the score pooling (lava.md).
@@ -90,7 +101,7 @@ class KvPolicyConfig:
 
     policy: str = NONE
     budget: float | int = 0.2
-    window: int = 32
+    window: int = Reconstruct.kept_window  # default_window(observe, compress_on)
     min_prefix: int = 256
     alpha: float = 0.2
     pool_kernel: int | None = None  # None: the policy's own (lava and kvzip 1, the others 7)
@@ -133,9 +144,12 @@ FLAGS = {
     "kv_budget": ("--kv-budget", "0.2",
                   "Budget per compressed prefix: a keep ratio in (0, 1] (e.g. 0.2) or an int >= 1, the "
                   "average tokens kept per layer and KV head (e.g. 512). Default 0.2."),
-    "kv_window": ("--kv-window", "32",
-                  "Observation window: the last N prefix tokens score the others and are always kept; a "
-                  "window= in the --kv-policy spec must equal it. Default 32."),
+    "kv_window": ("--kv-window", None,
+                  "Recent window: the last N prefix tokens are always kept, and under --kv-observe tail or "
+                  "branches (and for prefixes compressed as shared) their queries score the others; a window= "
+                  f"in the --kv-policy spec must equal it. Default: {Reconstruct.kept_window} with --kv-observe "
+                  f"reconstruct (the repetition scores every token; {Reconstruct.kept_window} answered more than "
+                  f"{OBSERVATION_WINDOW}, docs/allocation.md), {OBSERVATION_WINDOW} otherwise."),
     "kv_min_prefix": ("--kv-min-prefix", "256",
                       "Do not compress prefixes shorter than this many tokens (must exceed --kv-window). "
                       "Default 256."),
@@ -233,13 +247,15 @@ def from_namespace(args: argparse.Namespace) -> KvPolicyConfig:
     pool_kernel = None if args.kv_pool_kernel is None else _int("--kv-pool-kernel", args.kv_pool_kernel, 1)
     if pool_kernel is not None and pool_kernel % 2 == 0:
         raise ConfigError(f"--kv-pool-kernel must be an odd int >= 1, got {args.kv_pool_kernel!r}")
-    window = _int("--kv-window", args.kv_window, 1)
-    min_prefix = _int("--kv-min-prefix", args.kv_min_prefix, 2)
-    if min_prefix <= window:
-        raise ConfigError(f"--kv-min-prefix must be greater than --kv-window ({window}), got {min_prefix}")
     observe = str(args.kv_observe)
     if observe not in SERVER_OBSERVE_SOURCES:
         raise ConfigError(f"--kv-observe must be one of {', '.join(SERVER_OBSERVE_SOURCES)}, got {observe!r}")
+    triggers = parse_triggers(args.kv_compress_on)
+    window = (default_window(observe, triggers) if args.kv_window is None
+              else _int("--kv-window", args.kv_window, 1))
+    min_prefix = _int("--kv-min-prefix", args.kv_min_prefix, 2)
+    if min_prefix <= window:
+        raise ConfigError(f"--kv-min-prefix must be greater than --kv-window ({window}), got {min_prefix}")
     observe_wait = _float(args.kv_observe_wait)
     if not 0 < observe_wait < math.inf:
         raise ConfigError(f"--kv-observe-wait must be a number of seconds > 0, got {args.kv_observe_wait!r}")
@@ -251,7 +267,6 @@ def from_namespace(args: argparse.Namespace) -> KvPolicyConfig:
     observe_prompt = str(args.kv_observe_prompt)
     if observe_prompt not in OBSERVE_PROMPTS:
         raise ConfigError(f"--kv-observe-prompt must be one of {', '.join(OBSERVE_PROMPTS)}, got {observe_prompt!r}")
-    triggers = parse_triggers(args.kv_compress_on)
     config = KvPolicyConfig(policy=policy, budget=parse_budget(args.kv_budget), window=window,
                             min_prefix=min_prefix, alpha=alpha, pool_kernel=pool_kernel, compress_on=triggers,
                             observe=observe, observe_wait=observe_wait, observe_chunk=observe_chunk,

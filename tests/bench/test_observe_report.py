@@ -105,8 +105,10 @@ def test_targets_state_met_or_not_with_the_figures():
 def test_report_tables_have_a_row_per_source_and_policy(tmp_path):
     meta = {"model": "m", "model_shape": {"layers": 1, "q_heads": 1, "kv_heads": 1, "head_dim": 1},
             "dtype": "float32", "transformers": "t", "torch": "t", "machine": "m", "wall_seconds": 60,
-            "config": CONFIG, "model_seconds": {"prefill": 10.0, "reconstruct": 25.0, "branches": 1.0}}
+            "config": CONFIG, "model_seconds": {"prefill": 10.0, "reconstruct": 25.0, "branches": 1.0},
+            "kept_window": {"tail": 32, "branches": 32, "reconstruct": 8}}
     text = markdown(synthetic_records(), meta, "cmd", "notes")
+    assert "; window 32, 8 under reconstruct\n" in text
     assert "| branches · lava | 0.60 [0.00, 1.00] | 0.60 [0.00, 1.00] | 0.30 [0.00, 1.00] |" in text
     assert "| per question · lava | 0.50 [0.00, 1.00] | 0.50 [0.00, 1.00] |  |  |" in text
     assert "reconstruct +2.50x (25 s)" in text
@@ -139,5 +141,6 @@ def test_every_source_and_split_is_recorded(runtime, tmp_path):
                      for policy in ("full", "lava", "streamingllm")}
     assert all(r["n_questions"] == (2 if r["split"] == "all" else 1) for r in result["records"])
     assert {"prefill", "branches", "reconstruct"} <= set(result["meta"]["model_seconds"])
+    assert result["meta"]["kept_window"] == {source: 8 if source == "reconstruct" else 32 for source in SOURCES}
     paths = write_quality_report(result, tmp_path, "pytest")
     assert json.loads(paths[0].read_text())[0]["observe"] in SOURCES

@@ -101,4 +101,9 @@ def test_each_source_compresses_to_the_budget_and_answers(runtime, document, cap
         assert prefix.plan.keep_ratio == pytest.approx(0.5, abs=0.02)
         assert runtime.generate([prefix], question, max_new_tokens=3)[0]
         plans[source] = [[positions.tolist() for positions in layer] for layer in prefix.plan.kept]
+        # The window kept: the runtime's observation window, or under a repetition its own (8).
+        window = Reconstruct.kept_window if source == "reconstruct" else runtime.window
+        tail = list(range(capture.seq_len - window, capture.seq_len))
+        assert all(positions[-window:] == tail for layer in plans[source] for positions in layer)
+        assert any(positions[-window - 1] != tail[0] - 1 for layer in plans[source] for positions in layer)
     assert plans["branches"] != plans["tail"] and plans["reconstruct"] != plans["tail"]

@@ -48,7 +48,7 @@ def test_config_survives_the_trip_to_the_children():
     ("--kv-budget", "0"), ("--kv-budget", "-0.5"), ("--kv-budget", "nan"), ("--kv-budget", "1.5"),
     ("--kv-budget", "-3"), ("--kv-budget", "inf"), ("--kv-budget", "a lot"),
     ("--kv-window", "0"), ("--kv-window", "2.5"),
-    ("--kv-min-prefix", "16"),  # not above the window (32)
+    ("--kv-min-prefix", "8"),  # not above the window (8 under --kv-observe reconstruct)
     ("--kv-alpha", "1.5"), ("--kv-alpha", "nan"),
     ("--kv-pool-kernel", "4"),
     ("--kv-compress-on", "forks"), ("--kv-compress-on", ""), ("--kv-compress-on", "fork,,shared"),
@@ -69,6 +69,17 @@ def test_a_window_in_the_policy_spec_must_be_the_flags():
     with pytest.raises(ConfigError, match="--kv-window"):
         from_namespace(parse("--kv-policy", "lava:window=16"))
     assert from_namespace(parse("--kv-policy", "lava:window=16", "--kv-window", "16")).window == 16
+
+
+@pytest.mark.parametrize("args, window", [
+    ((), 8),  # the repetition scores every token: the window is only kept
+    (("--kv-observe", "tail"), 32), (("--kv-observe", "branches"), 32),  # its queries score the prefix
+    (("--kv-compress-on", "fork,shared"), 32),  # a shared prefix is scored by its tail
+    (("--kv-observe", "tail", "--kv-window", "8"), 8), (("--kv-window", "32"), 32),
+])
+def test_the_window_defaults_to_what_the_source_needs(args, window):
+    config = from_namespace(parse("--kv-policy", "lava", *args))
+    assert config.window == window == config.make_policy().window
 
 
 @pytest.mark.parametrize("source", ["branches", "reconstruct", "tail"])

@@ -62,7 +62,7 @@ def test_a_supported_model_passes():
     ({"is_dsa": True}, "hybrid models"),
     ({"model_config.attention_arch": "AttentionArch.MLA"}, "MLA attention"),
     ({"model_config.hf_config.sliding_window": 4096}, "sliding-window attention"),
-    ({"model_config.context_len": 32}, "--kv-window 32 must be below the model's context length 32"),
+    ({"model_config.context_len": 8}, "--kv-window 8 must be below the model's context length 8"),
     ({"kv_pool.is_quantized_kv_cache": True}, "not a plain per-layer K/V pool"),
     ({"kv_pool.k_buffer": None}, "not a plain per-layer K/V pool"),
     ({"tp_worker.model_runner.attn_backend": SimpleNamespace()}, "attention backend SimpleNamespace"),

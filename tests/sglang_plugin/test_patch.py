@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from lava_sglang.sglang_plugin.config import (FLAGS, KV_POLICIES, SERVER_OBSERVE_SOURCES, KvPolicyConfig, parse_budget,
-                                              parse_triggers)
+from lava_sglang.sglang_plugin.config import (FLAGS, FORK, KV_POLICIES, RECONSTRUCT, SERVER_OBSERVE_SOURCES, SHARED,
+                                              TAIL, KvPolicyConfig, default_window, parse_budget, parse_triggers)
 
 PATCH = Path(__file__).resolve().parents[2] / "patches" / "sglang-0.5.23-kv-policy.patch"
 FIELDS_FILE = "sglang/srt/arg_groups/fields/memory.py"
@@ -81,7 +81,13 @@ def test_patch_declares_the_fields_like_the_plugin():
     expected = KvPolicyConfig()
     assert defaults["kv_policy"] == expected.policy
     assert parse_budget(defaults["kv_budget"]) == expected.budget
-    assert (defaults["kv_window"], defaults["kv_min_prefix"]) == (expected.window, expected.min_prefix)
+    assert defaults["kv_min_prefix"] == expected.min_prefix
+    # --kv-window: None, resolved by the hook as the plugin's default_window does.
+    hook = "\n".join(added_lines("sglang/srt/arg_groups/kv_cache_hook.py"))
+    assert defaults["kv_window"] is None
+    assert (f'window = {default_window(RECONSTRUCT, (FORK,))} if cfg.kv_observe == "{RECONSTRUCT}" and '
+            f'"{SHARED}" not in triggers else {default_window(TAIL, (FORK,))}') in hook
+    assert 'declare_resolution(server_args, "handle_kv_policy", kv_window=window)' in hook
     assert (defaults["kv_alpha"], defaults["kv_pool_kernel"]) == (expected.alpha, expected.pool_kernel)
     assert parse_triggers(defaults["kv_compress_on"]) == expected.compress_on
     assert (defaults["kv_observe"], defaults["kv_observe_wait"]) == (expected.observe, expected.observe_wait)
@@ -92,7 +98,6 @@ def test_patch_declares_the_fields_like_the_plugin():
         metadata = node.annotation.slice.elts[1]
         assert isinstance(metadata, (ast.Constant, ast.Call)), name
     # --kv-policy takes specs (lava:layer_budget=entropy): the hook checks the name, listing them all.
-    hook = "\n".join(added_lines("sglang/srt/arg_groups/kv_cache_hook.py"))
     listed = ast.literal_eval(re.search(r"policies = (\(.*?\))", hook).group(1))
     assert sorted(listed) == sorted(KV_POLICIES)
     arg = declared["kv_observe"].annotation.slice.elts[1]
