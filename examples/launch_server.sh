@@ -45,8 +45,9 @@ args=(
     # Prefixes shorter than this are kept whole (compressing a short prompt saves little).
     --kv-min-prefix 256
 
-    # Observation window: the last N tokens of the document score the others and are always
-    # kept. Larger windows see more of how the document ends; it must be < --kv-min-prefix.
+    # Recent window: the last N tokens of the document are always kept, and with a shared
+    # prefix (scored by its own tail, as here) they score the others; it must be <
+    # --kv-min-prefix. 32 is the default here; under --kv-observe reconstruct alone it is 8.
     --kv-window 32
 
     # LAVa's layer-budget strength in [0, 1]: 0 gives every layer the same budget.

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lava_sglang.cli import build_parser
-from lava_sglang.sglang_plugin.config import FLAGS, FORK, RECONSTRUCT, TAIL, default_window
+from lava_sglang.sglang_plugin.config import FLAGS, FORK, RECONSTRUCT, SHARED, TAIL, default_window
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
@@ -44,7 +44,7 @@ def test_every_server_flag_is_in_the_readme_table_with_its_default(dest):
     documented_default = rows[0].split("|")[2].strip().strip("`")
     # None: each policy's own value, or for the window the source's
     unset = {"kv_pool_kernel": "the policy's",
-             "kv_window": f"{default_window(RECONSTRUCT, (FORK,))}` under `{RECONSTRUCT}`, else "
+             "kv_window": f"{default_window(RECONSTRUCT, (FORK,))}` under `{RECONSTRUCT}` without `{SHARED}`, else "
                           f"`{default_window(TAIL, (FORK,))}"}
     expected = unset[dest] if default is None else default
     assert documented_default == expected, f"{flag}: README says {documented_default!r}, code {default!r}"

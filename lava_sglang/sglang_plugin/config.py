@@ -55,9 +55,11 @@ OBSERVATION_WINDOW = 32  # --kv-window's default where the window's queries scor
 
 
 def default_window(observe: str, compress_on: tuple[str, ...]) -> int:
-    """--kv-window's default: where a repetition scores every compressed prefix the window is
-    only kept (`Reconstruct.kept_window`); where its queries score one (tail, branches, or a
-    prefix compressed as shared, which its tail scores), the observation window."""
+    """--kv-window's default: where a repetition scores the compressed prefixes the window is
+    only kept (`Reconstruct.kept_window`); where its queries score them (tail, branches, or a
+    prefix compressed as shared, which its tail scores), the observation window. A fork prefix
+    the repetition cannot score faithfully falls back to its tail (docs/observe.md), then
+    with the smaller window's queries."""
     if observe == RECONSTRUCT and SHARED not in compress_on:
         return Reconstruct.kept_window
     return OBSERVATION_WINDOW
@@ -148,8 +150,9 @@ FLAGS = {
                   "Recent window: the last N prefix tokens are always kept, and under --kv-observe tail or "
                   "branches (and for prefixes compressed as shared) their queries score the others; a window= "
                   f"in the --kv-policy spec must equal it. Default: {Reconstruct.kept_window} with --kv-observe "
-                  f"reconstruct (the repetition scores every token; {Reconstruct.kept_window} answered more than "
-                  f"{OBSERVATION_WINDOW}, docs/allocation.md), {OBSERVATION_WINDOW} otherwise."),
+                  f"reconstruct unless --kv-compress-on has shared (the repetition scores every token; "
+                  f"{Reconstruct.kept_window} answered more than {OBSERVATION_WINDOW}, docs/allocation.md), "
+                  f"{OBSERVATION_WINDOW} otherwise."),
     "kv_min_prefix": ("--kv-min-prefix", "256",
                       "Do not compress prefixes shorter than this many tokens (must exceed --kv-window). "
                       "Default 256."),

@@ -23,7 +23,7 @@ pytestmark = pytest.mark.model
 MAX_TOTAL_TOKENS = 8192
 NUM_LAYERS, NUM_KV_HEADS = 30, 3  # SmolLM2-135M
 ANSWER_TOKENS = 16
-WINDOW = 32  # --kv-window's default
+WINDOW = 32  # --kv-window's default under --kv-observe tail
 BASE_ARGS = ["--dtype", "float32", "--max-total-tokens", str(MAX_TOTAL_TOKENS), "--enable-cache-report"]
 
 
