@@ -147,8 +147,8 @@ def main() -> None:
     print(f"peak HBM: {f'{peak:.0f} GB/s' if peak else 'n/a'} ({peak_source})")
     print()
     print("| document | batch | keep | kept rows/head | ms | x full | MB read | GB/s | % peak | splits | pool ms "
-          "| graph ms | graph x full |")
-    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+          "| pool splits | graph ms | graph x full |")
+    print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for document in args.documents:
         for batch in args.batch:
             baseline, baseline_name = full_prefix_baseline(document, batch, num_q_heads, num_kv_heads,
@@ -156,7 +156,7 @@ def main() -> None:
             full_ms = benchmarking.time_ms(baseline, device)
             full_graph_ms = replayed_ms(baseline, device)
             full_bytes = read_bytes(batch * num_kv_heads * document, batch, num_q_heads, args.head_dim)
-            rows = [("full", document, full_ms, full_bytes, "", None, None)]
+            rows = [("full", document, full_ms, full_bytes, "", None, "", None)]
             for keep in args.keep:
                 lengths = head_lengths(document, keep, batch, num_kv_heads)
                 q, k_store, v_store, *metadata = decode_inputs(lengths, batch, num_q_heads, args.head_dim, device)
@@ -176,8 +176,8 @@ def main() -> None:
                 kv_rows = int(lengths.sum())
                 rows.append((f"{keep:g}", kv_rows / (batch * num_kv_heads), ms,
                              read_bytes(kv_rows, batch, num_q_heads, args.head_dim), str(attention.max_splits),
-                             pool_ms, graph_ms))
-            for keep, rows_per_head, ms, nbytes, splits, pool_ms, graph_ms in rows:
+                             pool_ms, str(pool.splits(batch)), graph_ms))
+            for keep, rows_per_head, ms, nbytes, splits, pool_ms, pool_splits, graph_ms in rows:
                 gbps = nbytes / ms / 1e6
                 share = f"{100 * gbps / peak:.0f}" if peak else "n/a"
                 pool = f"{pool_ms:.4g}" if pool_ms is not None else ""
@@ -187,12 +187,13 @@ def main() -> None:
                     graph = f"{graph_ms:.4g}" if graph_ms is not None else "n/a"
                     graph += f" | {graph_ms / full_graph_ms:.2f}" if graph_ms and full_graph_ms else " | n/a"
                 print(f"| {document} | {batch} | {keep} | {rows_per_head:.0f} | {ms:.4g} | {ms / full_ms:.2f} | "
-                      f"{nbytes / 1e6:.3g} | {gbps:.3g} | {share} | {splits} | {pool} | {graph} |")
+                      f"{nbytes / 1e6:.3g} | {gbps:.3g} | {share} | {splits} | {pool} | {pool_splits} | {graph} |")
     print()
     print(f"keep = full: the baseline ({baseline_name}), timed eagerly; other rows: CompressedPrefixAttention.run "
           "(ms, x full, GB/s: its flat store). x full: time over the baseline's time for the same document and batch. "
           "splits: most chunks per sequence (split-K). pool ms: PoolPrefixAttention.run, the server's CUDA path, "
-          "eager; graph ms: replayed from a CUDA graph, the baseline's too (its row), and graph x full compares "
+          "eager; pool splits: its chunks per sequence (from the batch size); graph ms: replayed from a CUDA graph, "
+          "the baseline's too (its row), and graph x full compares "
           "the two replays (n/a off the GPU).")
     if device.type != "cuda":
         print("CPU smoke run: the numbers only show the script works; they are not GPU measurements.")

@@ -112,15 +112,16 @@ def _flat(buffer: torch.Tensor) -> torch.Tensor:
 
 def write_layer(layout: CellLayout, layer: int, k_buffers, v_buffers, keys: torch.Tensor, values: torch.Tensor) -> None:
     """Store `layer`'s kept rows: keys, values [rows of the layer, head_dim] in (head, position)
-    order."""
+    order, from any device (copied to the buffers')."""
     start, stop = layout.layer_rows(layer)
     if keys.shape[0] != stop - start or values.shape[0] != stop - start:
         raise ValueError(f"layer {layer} keeps {stop - start} rows, got {keys.shape[0]} keys, {values.shape[0]} values")
     done = 0
     for buffer, cells in layout.layer_cells(layer):
         count = cells.numel()
-        _flat(k_buffers[buffer])[cells.to(k_buffers[buffer].device)] = keys[done:done + count].to(k_buffers[buffer].dtype)
-        _flat(v_buffers[buffer])[cells.to(v_buffers[buffer].device)] = values[done:done + count].to(v_buffers[buffer].dtype)
+        for buffers, rows in ((k_buffers, keys), (v_buffers, values)):
+            target = _flat(buffers[buffer])
+            target[cells.to(target.device)] = rows[done:done + count].to(target.device, target.dtype)
         done += count
 
 

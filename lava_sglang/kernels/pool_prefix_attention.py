@@ -1,4 +1,4 @@
-"""Attention over compressed prefixes read in place from the KV pool, on a fixed grid.
+"""Attention over compressed prefixes read in place from the KV pool, on a grid fixed by the batch size.
 
 `prefix_attention.CompressedPrefixAttention` reads a flat store through per-batch metadata
 built on the host. This kernel reads the kept rows where the compressed store keeps them,
@@ -16,14 +16,19 @@ each for table row `e`:
 - row r of the flat order lives in layer buffer r // (num_slots * Hkv), at cell
   slot * Hkv + j % Hkv of that buffer's [pool_slots * Hkv, d] view, where
   j = r % (num_slots * Hkv) and slot = slot_list[slot_base[e] + j // Hkv].
-The layer buffers are separate tensors: the kernel takes their addresses (`buffer_pointers`).
+The layer buffers are separate tensors: the kernel takes the first and each buffer's offset
+from it in elements (`_buffer_offsets`), not loaded addresses, so that it can promise the
+compiler aligned rows (`ROW_ALIGN`) and read each row in 16-byte vectors: through pointers
+loaded from memory it cannot prove alignment and reads element by element, which measured
+about 8x slower on an H200 (kernels/RESULTS.md).
 
 Request b reads entry `entry_of_request[b]` (-1: none: out 0, lse -inf). Each (request, KV
-head) is cut into at most `max_splits` chunks, the grid's fixed third factor, so the grid
-never depends on the batch or on the entries. Each program sizes its chunk on the device
-from its sequence's row count (a whole number of key blocks, one at least where there are
-rows), so a short sequence uses few chunks, a long one all of them, and every row is read
-however long the context. Chunks past a sequence's end write an empty state, and the chunks
+head) is cut into `num_splits` chunks, the grid's third factor, chosen on the host from the
+batch size alone (`PoolPrefixAttention.splits`: enough programs to fill the device, at most
+`max_splits`), so the grid depends on the batch size, which a captured graph fixes, and
+never on the entries. Each program sizes its chunk on the device from its sequence's row
+count (a whole number of key blocks, one at least where there are rows), so a short sequence
+uses few chunks, a long one all of them, and every row is read however long the context. Chunks past a sequence's end write an empty state, and the chunks
 are merged by their LSE (`prefix_attention._merge_splits_kernel`).
 """
 
@@ -44,17 +49,18 @@ from lava_sglang.kernels.prefix_attention import (BLOCK_KEYS, MAX_BLOCK_ROWS, _m
 
 @triton.jit
 def _pool_prefix_attention_kernel(
-    q_ptr, k_pointers_ptr, v_pointers_ptr, qo_indptr_ptr, entry_of_request_ptr,
+    q_ptr, k_first_ptr, v_first_ptr, k_offsets_ptr, v_offsets_ptr, qo_indptr_ptr, entry_of_request_ptr,
     head_offsets_ptr, slot_list_ptr, slot_base_ptr, num_slots_ptr, out_ptr, lse_ptr,
     stride_qt, stride_qh, stride_offsets,
     stride_os, stride_ot, stride_oh, stride_ls, stride_lt,
-    layer, num_kv_heads, group, max_splits, sm_scale,
+    layer, num_kv_heads, group, num_splits, sm_scale,
     HEAD_DIM: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+    ROW_ALIGN: tl.constexpr,
 ):
     work = tl.program_id(0)
     row_tile = tl.program_id(1)
-    seq = work // max_splits
-    split = (work % max_splits).to(tl.int64)  # its offset into the partial buffers can pass 2**31
+    seq = work // num_splits
+    split = work % num_splits
     request, kv_head, q_start, num_rows = request_rows(qo_indptr_ptr, seq, num_kv_heads, group)
     if row_tile * BLOCK_M >= num_rows:
         return
@@ -66,17 +72,17 @@ def _pool_prefix_attention_kernel(
     entry = tl.load(entry_of_request_ptr + request).to(tl.int64)
     has_entry = entry >= 0
     offsets = head_offsets_ptr + entry * stride_offsets + layer * num_kv_heads + kv_head
-    first_row = tl.load(offsets, mask=has_entry, other=0)
-    end_row = tl.load(offsets + 1, mask=has_entry, other=0)
-    cells_per_buffer = tl.load(num_slots_ptr + entry, mask=has_entry, other=1) * num_kv_heads
+    # Row arithmetic in int32 (an entry's rows and cells fit): int64 division is emulated.
+    first_row = tl.load(offsets, mask=has_entry, other=0).to(tl.int32)
+    end_row = tl.load(offsets + 1, mask=has_entry, other=0).to(tl.int32)
+    cells_per_buffer = tl.load(num_slots_ptr + entry, mask=has_entry, other=1).to(tl.int32) * num_kv_heads
     entry_slots = slot_list_ptr + tl.load(slot_base_ptr + entry, mask=has_entry, other=0)
-    # The sequence's rows in max_splits chunks of whole key blocks: few chunks for a short one.
-    keys_per_split = tl.cdiv(tl.cdiv(end_row - first_row, max_splits), BLOCK_N) * BLOCK_N
+    # The sequence's rows in num_splits chunks of whole key blocks: few chunks for a short one.
+    keys_per_split = tl.cdiv(tl.cdiv(end_row - first_row, num_splits), BLOCK_N) * BLOCK_N
     start = first_row + split * keys_per_split
     end = tl.minimum(start + keys_per_split, end_row)
 
     row_max, row_sum, acc = empty_state(BLOCK_M, BLOCK_D)
-    element = q_ptr.dtype.element_ty
     for key_start in range(start, end, BLOCK_N):
         flat_rows = key_start + tl.arange(0, BLOCK_N)
         key_valid = flat_rows < end
@@ -84,20 +90,22 @@ def _pool_prefix_attention_kernel(
         local = flat_rows % cells_per_buffer
         slots = tl.load(entry_slots + local // num_kv_heads, mask=key_valid, other=0)
         cells = (slots.to(tl.int64) * num_kv_heads + local % num_kv_heads) * HEAD_DIM
-        k_base = tl.load(k_pointers_ptr + buffers, mask=key_valid, other=0).to(tl.pointer_type(element))
-        v_base = tl.load(v_pointers_ptr + buffers, mask=key_valid, other=0).to(tl.pointer_type(element))
+        # Row starts in elements from the first buffer; ROW_ALIGN divides each (checked on the host).
+        k_rows = tl.multiple_of(tl.load(k_offsets_ptr + buffers, mask=key_valid, other=0) + cells, ROW_ALIGN)
+        v_rows = tl.multiple_of(tl.load(v_offsets_ptr + buffers, mask=key_valid, other=0) + cells, ROW_ALIGN)
         kv_mask = key_valid[:, None] & dim_valid[None, :]
-        k = tl.load(k_base[:, None] + cells[:, None] + dims[None, :], mask=kv_mask, other=0.0)
-        v = tl.load(v_base[:, None] + cells[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        k = tl.load(k_first_ptr + k_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
+        v = tl.load(v_first_ptr + v_rows[:, None] + dims[None, :], mask=kv_mask, other=0.0)
         row_max, row_sum, acc = online_softmax_step(q, k, v, key_valid, row_max, row_sum, acc, sm_scale)
     # A chunk past the sequence's end (or no entry) stores an empty state: out 0, lse -inf.
-    store_state(out_ptr, lse_ptr, split, tokens, heads, row_valid, row_max, row_sum, acc,
+    # The split's offset into the partial buffers can pass 2**31.
+    store_state(out_ptr, lse_ptr, split.to(tl.int64), tokens, heads, row_valid, row_max, row_sum, acc,
                 stride_os, stride_ot, stride_oh, stride_ls, stride_lt, HEAD_DIM, BLOCK_D)
 
 
-def _buffer_pointers(name: str, buffers: list[torch.Tensor], first: torch.Tensor) -> torch.Tensor:
-    """[L] int64 addresses of the layer buffers, on their device: what the kernel reads a
-    row's buffer through."""
+def _buffer_offsets(name: str, buffers: list[torch.Tensor], first: torch.Tensor) -> list[int]:
+    """The layer buffers' offsets in elements from `buffers[0]`: what the kernel finds a row's
+    buffer through."""
     for index, buffer in enumerate(buffers):
         launch.check_tensor(f"{name}[{index}]", buffer, 3, launch.FLOAT_DTYPES)
         if buffer.shape != first.shape or buffer.dtype != first.dtype or buffer.device != first.device:
@@ -105,11 +113,23 @@ def _buffer_pointers(name: str, buffers: list[torch.Tensor], first: torch.Tensor
                              f"k_buffers[0] is {first.dtype} {list(first.shape)} on {first.device}")
         if not buffer.is_contiguous():
             raise ValueError(f"{name}[{index}] must be contiguous")
-    return torch.tensor([buffer.data_ptr() for buffer in buffers], dtype=torch.int64, device=first.device)
+    # Tensors of one dtype start a whole number of elements apart (allocations are aligned).
+    return [(buffer.data_ptr() - buffers[0].data_ptr()) // first.element_size() for buffer in buffers]
+
+
+def _row_alignment(offsets: list[int], head_dim: int, element_size: int) -> int:
+    """The largest power of two, up to one 16-byte vector, dividing every row's start in
+    elements from the first buffer's start (the buffers' offsets and the row length): the
+    kernel's ROW_ALIGN. Whether the first buffer itself is aligned, Triton checks at launch."""
+    starts = offsets + [head_dim]
+    align = 16 // element_size
+    while align > 1 and any(start % align for start in starts):
+        align //= 2
+    return align
 
 
 class PoolPrefixAttention:
-    """Attention over compressed prefixes in the pool, on a fixed grid (graph-safe `run`).
+    """Attention over compressed prefixes in the pool, on a grid fixed by the batch size (graph-safe `run`).
 
     >>> attention = PoolPrefixAttention(k_buffers, v_buffers, num_q_heads=32)
     >>> out, lse = attention.run(q, qo_indptr, entry_of_request, tables, layer=layer, max_q_len=1)
@@ -119,21 +139,38 @@ class PoolPrefixAttention:
     max_splits: the most chunks one (request, KV head) is cut into (split-K). The partial
     states take max_splits x the output in fp32: extend batches (many query tokens) want
     max_splits = 1.
+    target_programs: the programs a launch aims at, which `splits` sizes the chunk count for
+    (default: a few waves of the device's SMs, `launch.programs_to_fill`).
     """
 
     def __init__(self, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], *, num_q_heads: int,
-                 max_splits: int = 16, sm_scale: float | None = None):
+                 max_splits: int = 16, target_programs: int | None = None, sm_scale: float | None = None):
         if not k_buffers or len(k_buffers) != len(v_buffers):
             raise ValueError(f"k_buffers and v_buffers must list the same layers, got {len(k_buffers)} and "
                              f"{len(v_buffers)}")
-        self.k_pointers = _buffer_pointers("k_buffers", k_buffers, k_buffers[0])
-        self.v_pointers = _buffer_pointers("v_buffers", v_buffers, k_buffers[0])
+        self.k_first, self.v_first = k_buffers[0], v_buffers[0]
+        k_offsets = _buffer_offsets("k_buffers", k_buffers, k_buffers[0])
+        v_offsets = _buffer_offsets("v_buffers", v_buffers, k_buffers[0])
+        device = k_buffers[0].device
+        self.k_offsets = torch.tensor(k_offsets, dtype=torch.int64, device=device)
+        self.v_offsets = torch.tensor(v_offsets, dtype=torch.int64, device=device)
         self.dtype = k_buffers[0].dtype
         self.num_layers = len(k_buffers)
         _, num_kv_heads, head_dim = k_buffers[0].shape
-        check_positive_ints(max_splits=max_splits)
+        self.row_align = _row_alignment(k_offsets + v_offsets, head_dim, k_buffers[0].element_size())
+        if target_programs is None:
+            target_programs = launch.programs_to_fill(device)
+        check_positive_ints(max_splits=max_splits, target_programs=target_programs)
         set_heads(self, num_q_heads, num_kv_heads, head_dim, sm_scale)
         self.max_splits = max_splits
+        self.target_programs = target_programs
+
+    def splits(self, num_requests: int, row_tiles: int = 1) -> int:
+        """Chunks per (request, KV head) for a batch of `num_requests`: enough for the grid to
+        reach `target_programs`, at most `max_splits`. A large batch fills the device with few
+        long chunks, which read faster than many short ones and leave less to merge."""
+        programs = max(num_requests * self.num_kv_heads * row_tiles, 1)
+        return max(1, min(self.max_splits, -(-self.target_programs // programs)))
 
     def run(self, q: torch.Tensor, qo_indptr: torch.Tensor, entry_of_request: torch.Tensor,
             tables: tuple[torch.Tensor, ...], *, layer: int, max_q_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -165,7 +202,7 @@ class PoolPrefixAttention:
             raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
         launch.check_same_device(q=q, qo_indptr=qo_indptr, entry_of_request=entry_of_request,
                                  head_offsets=head_offsets, slot_list=slot_list, slot_base=slot_base,
-                                 num_slots=num_slots, k_pointers=self.k_pointers)
+                                 num_slots=num_slots, k_buffers=self.k_first)
         launch.check_triton_device(q.device)
         num_tokens = q.shape[0]
         if num_requests == 0 and num_tokens:
@@ -174,25 +211,26 @@ class PoolPrefixAttention:
         lse = torch.empty(num_tokens, self.num_q_heads, dtype=torch.float32, device=q.device)
         if num_tokens == 0:
             return out, lse
-        partial_out = torch.empty(self.max_splits, num_tokens, self.num_q_heads, self.head_dim, dtype=torch.float32,
-                                  device=q.device)
-        partial_lse = torch.empty(self.max_splits, num_tokens, self.num_q_heads, dtype=torch.float32,
-                                  device=q.device)
         block_m = min(MAX_BLOCK_ROWS, launch.block_size(max_q_len * self.group))
         row_tiles = -(-max_q_len * self.group // block_m)
+        num_splits = self.splits(num_requests, row_tiles)
+        partial_out = torch.empty(num_splits, num_tokens, self.num_q_heads, self.head_dim, dtype=torch.float32,
+                                  device=q.device)
+        partial_lse = torch.empty(num_splits, num_tokens, self.num_q_heads, dtype=torch.float32,
+                                  device=q.device)
         block_d = launch.block_size(self.head_dim)
-        _pool_prefix_attention_kernel[(num_requests * self.num_kv_heads * self.max_splits, row_tiles)](
-            q, self.k_pointers, self.v_pointers, qo_indptr, entry_of_request, head_offsets, slot_list, slot_base,
-            num_slots, partial_out, partial_lse,
+        _pool_prefix_attention_kernel[(num_requests * self.num_kv_heads * num_splits, row_tiles)](
+            q, self.k_first, self.v_first, self.k_offsets, self.v_offsets, qo_indptr, entry_of_request, head_offsets,
+            slot_list, slot_base, num_slots, partial_out, partial_lse,
             q.stride(0), q.stride(1), head_offsets.stride(0),
             partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
             partial_lse.stride(0), partial_lse.stride(1),
-            layer, self.num_kv_heads, self.group, self.max_splits, self.sm_scale,
-            HEAD_DIM=self.head_dim, BLOCK_M=block_m, BLOCK_N=BLOCK_KEYS, BLOCK_D=block_d,
+            layer, self.num_kv_heads, self.group, num_splits, self.sm_scale,
+            HEAD_DIM=self.head_dim, BLOCK_M=block_m, BLOCK_N=BLOCK_KEYS, BLOCK_D=block_d, ROW_ALIGN=self.row_align,
             num_warps=launch.TILE_NUM_WARPS,
         )
         token_request = _token_request(qo_indptr, num_tokens)
-        splits = torch.full((num_requests * self.num_kv_heads,), self.max_splits, dtype=torch.int32, device=q.device)
+        splits = torch.full((num_requests * self.num_kv_heads,), num_splits, dtype=torch.int32, device=q.device)
         _merge_splits_kernel[(num_tokens, self.num_q_heads)](
             partial_out, partial_lse, out, lse, token_request, splits,
             partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),

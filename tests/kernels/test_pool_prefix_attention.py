@@ -13,6 +13,9 @@ from lava_sglang.store import CellLayout, LayoutTables, read_layer, slots_needed
 
 LAYERS, KV_HEADS, GROUP, DIM, POOL = 3, 2, 3, 32, 96
 SCALING = 1.0 / math.sqrt(DIM)
+# Programs to aim at, high enough that these small batches always take max_splits chunks
+# (the default fills a GPU's SMs, and is 1 under the CPU interpreter).
+MANY_PROGRAMS = 1 << 16
 
 
 class Pool:
@@ -85,7 +88,7 @@ def test_pool_prefix_attention_matches_dense_and_reference(device, extend_lens, 
     # Every row is read whatever the split count: max_splits 1 reads the 70-row heads in one
     # chunk; 4 cuts them in two 64-key chunks, the others in one, and leaves chunks empty.
     attention = PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=KV_HEADS * GROUP,
-                                    max_splits=max_splits, sm_scale=SCALING)
+                                    max_splits=max_splits, target_programs=MANY_PROGRAMS, sm_scale=SCALING)
     generator = torch.Generator().manual_seed(3)
     for layer in range(LAYERS):
         q = torch.randn(qo[-1], KV_HEADS * GROUP, DIM, generator=generator).to(device)
@@ -110,7 +113,7 @@ def test_entries_come_and_go_without_touching_the_kernel_or_its_grid(device):
     pool.tables = LayoutTables(max_entries=3, pool_slots=POOL, num_layers=LAYERS, num_kv_heads=KV_HEADS,
                                device=device)
     attention = PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=KV_HEADS * GROUP, max_splits=2,
-                                    sm_scale=SCALING)
+                                    target_programs=MANY_PROGRAMS, sm_scale=SCALING)
     live = [pool.add([[4, 9], [3, 3], [8, 1]]), pool.add([[20, 2], [5, 6], [1, 1]]),
             pool.add([[1, 1], [2, 2], [3, 3]])]
     assert pool.tables.add(CellLayout(torch.tensor([0]), torch.ones(LAYERS, KV_HEADS, dtype=torch.int64)), prefix_len=1) is None
@@ -144,6 +147,36 @@ def test_bf16_pool(device):
     torch.testing.assert_close(out.float(), expected_out, atol=2e-2, rtol=2e-2)
 
 
+@pytest.mark.parametrize("dtype, start, row_align", [(torch.bfloat16, 0, 8), (torch.bfloat16, 1, 1),
+                                                      (torch.bfloat16, 2, 2), (torch.float32, 0, 4)])
+def test_rows_are_read_in_vectors_only_where_aligned(device, dtype, start, row_align):
+    # The kernel promises the compiler rows aligned to ROW_ALIGN elements from the first
+    # buffer: 16-byte vectors for buffers of their own, less for layer buffers carved from
+    # one storage at an odd offset; a wrong promise reads wrong rows (or faults) on the GPU.
+    pool = Pool(device, dtype=dtype, seed=7)
+    layer_size = POOL * KV_HEADS * DIM
+    for buffers in (pool.k_buffers, pool.v_buffers):
+        storage = torch.empty(start + LAYERS * (layer_size + start), dtype=dtype, device=device)
+        for layer, buffer in enumerate(buffers):
+            offset = start + layer * (layer_size + start)
+            carved = storage[offset:offset + layer_size].view(POOL, KV_HEADS, DIM)
+            carved.copy_(buffer)
+            buffers[layer] = carved
+    row, layout = pool.add([[9, 70], [4, 4], [66, 7]])
+    attention = PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=KV_HEADS * GROUP, max_splits=2,
+                                    target_programs=MANY_PROGRAMS, sm_scale=SCALING)
+    assert attention.row_align == row_align
+    q = torch.randn(1, KV_HEADS * GROUP, DIM, generator=torch.Generator().manual_seed(8)).to(device, dtype)
+    qo_indptr = torch.tensor([0, 1], dtype=torch.int32, device=device)
+    tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    for layer in range(LAYERS):
+        out, lse = attention.run(q, qo_indptr, torch.tensor([row], dtype=torch.int32, device=device),
+                                 pool.tables.tables, layer=layer, max_q_len=1)
+        expected_out, expected_lse = dense(q, [0, 1], [layout], pool, layer)
+        torch.testing.assert_close(lse, expected_lse, atol=tolerance, rtol=tolerance)
+        torch.testing.assert_close(out.float(), expected_out, atol=tolerance, rtol=tolerance)
+
+
 def test_bad_inputs_raise(device):
     pool = Pool(device)
     row, _ = pool.add([[2, 2], [2, 2], [2, 2]])
@@ -166,6 +199,18 @@ def test_bad_inputs_raise(device):
         PoolPrefixAttention(pool.k_buffers, [buffer[:-1] for buffer in pool.v_buffers], num_q_heads=6)
     with pytest.raises(ValueError, match="max_splits"):
         PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=6, max_splits=0)
+    with pytest.raises(ValueError, match="target_programs"):
+        PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=6, target_programs=0)
+
+
+def test_split_count_fills_the_target_from_the_batch_size():
+    # Few requests: many chunks each, up to max_splits; many requests: the batch alone fills
+    # the device, one long chunk each.
+    pool = Pool("cpu")
+    attention = PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=KV_HEADS * GROUP, max_splits=4,
+                                    target_programs=16)
+    assert [attention.splits(requests) for requests in (1, 2, 3, 4, 8, 100)] == [4, 4, 3, 2, 1, 1]
+    assert attention.splits(2, row_tiles=4) == 1
 
 
 def test_cuda_graph_replay_follows_batches_and_entries(cuda_only):
@@ -177,7 +222,7 @@ def test_cuda_graph_replay_follows_batches_and_entries(cuda_only):
     pool = Pool(device, dtype=torch.bfloat16, seed=6)
     live = [pool.add([[12, 3], [5, 40], [7, 7]]), pool.add([[2, 9], [1, 1], [30, 4]])]
     attention = PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=KV_HEADS * GROUP, max_splits=2,
-                                    sm_scale=SCALING)
+                                    target_programs=MANY_PROGRAMS, sm_scale=SCALING)
     batch = 4
     first_slots = torch.zeros(batch, dtype=torch.int64, device=device)  # static inputs of the graph
     queries = torch.zeros(batch, KV_HEADS * GROUP, DIM, dtype=torch.bfloat16, device=device)
