@@ -1,4 +1,4 @@
-"""Attention over compressed prefixes read in place from the KV pool, on a grid fixed by the batch size.
+"""Attention over compressed prefixes read in place from the KV pool, on a grid fixed by the batch's shape.
 
 `prefix_attention.CompressedPrefixAttention` reads a flat store through per-batch metadata
 built on the host. This kernel reads the kept rows where the compressed store keeps them,
@@ -24,9 +24,10 @@ about 8x slower on an H200 (kernels/RESULTS.md).
 
 Request b reads entry `entry_of_request[b]` (-1: none: out 0, lse -inf). Each (request, KV
 head) is cut into `num_splits` chunks, the grid's third factor, chosen on the host from the
-batch size alone (`PoolPrefixAttention.splits`: enough programs to fill the device, at most
-`max_splits`), so the grid depends on the batch size, which a captured graph fixes, and
-never on the entries. Each program sizes its chunk on the device from its sequence's row
+batch's shape alone (its request count and the query tiles of its longest request,
+`PoolPrefixAttention.splits`: enough programs to fill the device, at most `max_splits`), so
+the grid depends on the batch's shape, which a captured graph fixes, and never on the
+entries. Each program sizes its chunk on the device from its sequence's row
 count (a whole number of key blocks, one at least where there are rows), so a short sequence
 uses few chunks, a long one all of them, and every row is read however long the context. Chunks past a sequence's end write an empty state, and the chunks
 are merged by their LSE (`prefix_attention._merge_splits_kernel`).
@@ -113,8 +114,13 @@ def _buffer_offsets(name: str, buffers: list[torch.Tensor], first: torch.Tensor)
                              f"k_buffers[0] is {first.dtype} {list(first.shape)} on {first.device}")
         if not buffer.is_contiguous():
             raise ValueError(f"{name}[{index}] must be contiguous")
-    # Tensors of one dtype start a whole number of elements apart (allocations are aligned).
-    return [(buffer.data_ptr() - buffers[0].data_ptr()) // first.element_size() for buffer in buffers]
+    distances = [buffer.data_ptr() - buffers[0].data_ptr() for buffer in buffers]
+    # Torch's tensors of one dtype start a whole number of elements apart; memory from
+    # elsewhere (DLPack) might not, and a rounded offset would read the wrong rows.
+    if any(distance % first.element_size() for distance in distances):
+        raise ValueError(f"{name} must start a whole number of {first.dtype} elements apart, got byte distances "
+                         f"{distances} from {name}[0]")
+    return [distance // first.element_size() for distance in distances]
 
 
 def _row_alignment(offsets: list[int], head_dim: int, element_size: int) -> int:
@@ -129,7 +135,7 @@ def _row_alignment(offsets: list[int], head_dim: int, element_size: int) -> int:
 
 
 class PoolPrefixAttention:
-    """Attention over compressed prefixes in the pool, on a grid fixed by the batch size (graph-safe `run`).
+    """Attention over compressed prefixes in the pool, on a grid fixed by the batch's shape (graph-safe `run`).
 
     >>> attention = PoolPrefixAttention(k_buffers, v_buffers, num_q_heads=32)
     >>> out, lse = attention.run(q, qo_indptr, entry_of_request, tables, layer=layer, max_q_len=1)

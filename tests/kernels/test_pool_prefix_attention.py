@@ -8,7 +8,8 @@ import pytest
 import torch
 
 from lava_sglang.kernels.attention_states import attention_with_lse
-from lava_sglang.kernels.pool_prefix_attention import PoolPrefixAttention, pool_prefix_attention_reference
+from lava_sglang.kernels.pool_prefix_attention import (PoolPrefixAttention, _row_alignment,
+                                                       pool_prefix_attention_reference)
 from lava_sglang.store import CellLayout, LayoutTables, read_layer, slots_needed, write_layer
 
 LAYERS, KV_HEADS, GROUP, DIM, POOL = 3, 2, 3, 32, 96
@@ -152,13 +153,14 @@ def test_bf16_pool(device):
 def test_rows_are_read_in_vectors_only_where_aligned(device, dtype, start, row_align):
     # The kernel promises the compiler rows aligned to ROW_ALIGN elements from the first
     # buffer: 16-byte vectors for buffers of their own, less for layer buffers carved from
-    # one storage at an odd offset; a wrong promise reads wrong rows (or faults) on the GPU.
+    # one storage `start` elements apart. The first buffer stays aligned, so on the GPU a
+    # promise too large vectorises misaligned rows of the later layers: wrong rows or a fault.
     pool = Pool(device, dtype=dtype, seed=7)
     layer_size = POOL * KV_HEADS * DIM
     for buffers in (pool.k_buffers, pool.v_buffers):
-        storage = torch.empty(start + LAYERS * (layer_size + start), dtype=dtype, device=device)
+        storage = torch.empty(LAYERS * (layer_size + start), dtype=dtype, device=device)
         for layer, buffer in enumerate(buffers):
-            offset = start + layer * (layer_size + start)
+            offset = layer * (layer_size + start)
             carved = storage[offset:offset + layer_size].view(POOL, KV_HEADS, DIM)
             carved.copy_(buffer)
             buffers[layer] = carved
@@ -175,6 +177,18 @@ def test_rows_are_read_in_vectors_only_where_aligned(device, dtype, start, row_a
         expected_out, expected_lse = dense(q, [0, 1], [layout], pool, layer)
         torch.testing.assert_close(lse, expected_lse, atol=tolerance, rtol=tolerance)
         torch.testing.assert_close(out.float(), expected_out, atol=tolerance, rtol=tolerance)
+
+
+def test_row_alignment_counts_the_row_length_and_every_offset():
+    # In elements: up to 8 for 2-byte types (16 bytes), 4 for fp32; a row length or a
+    # buffer offset that is not a multiple lowers it.
+    assert _row_alignment([0, 6144, -4096], head_dim=128, element_size=2) == 8
+    assert _row_alignment([0, 6144], head_dim=40, element_size=2) == 8
+    assert _row_alignment([0, 6144], head_dim=36, element_size=2) == 4
+    assert _row_alignment([0, 6144], head_dim=128, element_size=4) == 4
+    assert _row_alignment([0, 6146], head_dim=128, element_size=2) == 2
+    assert _row_alignment([0, 6147], head_dim=128, element_size=2) == 1
+    assert _row_alignment([0], head_dim=33, element_size=2) == 1
 
 
 def test_bad_inputs_raise(device):
