@@ -20,17 +20,18 @@ The layer buffers are separate tensors: the kernel takes the first and each buff
 from it in elements (`_buffer_offsets`), not loaded addresses, so that it can promise the
 compiler aligned rows (`ROW_ALIGN`) and read each row in 16-byte vectors: through pointers
 loaded from memory it cannot prove alignment and reads element by element, which measured
-about 8x slower on an H200 (kernels/RESULTS.md).
+up to 4.5x slower on an H200 (CUDA-graph replays, kernels/RESULTS.md, calls 1 and 2).
 
 Request b reads entry `entry_of_request[b]` (-1: none: out 0, lse -inf). Each (request, KV
 head) is cut into `num_splits` chunks, the grid's third factor, chosen on the host from the
 batch's shape alone (its request count and the query tiles of its longest request,
 `PoolPrefixAttention.splits`: enough programs to fill the device, at most `max_splits`), so
 the grid depends on the batch's shape, which a captured graph fixes, and never on the
-entries. Each program sizes its chunk on the device from its sequence's row
-count (a whole number of key blocks, one at least where there are rows), so a short sequence
-uses few chunks, a long one all of them, and every row is read however long the context. Chunks past a sequence's end write an empty state, and the chunks
-are merged by their LSE (`prefix_attention._merge_splits_kernel`).
+entries. Each program sizes its chunk on the device from its sequence's row count (a whole
+number of key blocks, one at least where there are rows), so a short sequence uses few
+chunks, a long one all of them, and every row is read however long the context. Chunks past
+a sequence's end write an empty state, and the chunks are merged by their LSE
+(`prefix_attention._merge_splits_kernel`).
 """
 
 from __future__ import annotations
