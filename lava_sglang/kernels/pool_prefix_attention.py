@@ -148,10 +148,13 @@ class PoolPrefixAttention:
     max_splits = 1.
     target_programs: the programs a launch aims at, which `splits` sizes the chunk count for
     (default: a few waves of the device's SMs, `launch.programs_to_fill`).
+    block_keys, num_warps, num_stages: the kernel's key-block size (a power of two, at least
+    16) and its launch options; `kernels/tune_pool_attention.py` times the alternatives.
     """
 
     def __init__(self, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], *, num_q_heads: int,
-                 max_splits: int = 16, target_programs: int | None = None, sm_scale: float | None = None):
+                 max_splits: int = 16, target_programs: int | None = None, sm_scale: float | None = None,
+                 block_keys: int = BLOCK_KEYS, num_warps: int = launch.TILE_NUM_WARPS, num_stages: int = 3):
         if not k_buffers or len(k_buffers) != len(v_buffers):
             raise ValueError(f"k_buffers and v_buffers must list the same layers, got {len(k_buffers)} and "
                              f"{len(v_buffers)}")
@@ -167,10 +170,15 @@ class PoolPrefixAttention:
         self.row_align = _row_alignment(k_offsets + v_offsets, head_dim, k_buffers[0].element_size())
         if target_programs is None:
             target_programs = launch.programs_to_fill(device)
-        check_positive_ints(max_splits=max_splits, target_programs=target_programs)
+        check_positive_ints(max_splits=max_splits, target_programs=target_programs, block_keys=block_keys,
+                            num_warps=num_warps, num_stages=num_stages)
+        # tl.dot needs at least 16 keys; tl.arange a power of two.
+        if block_keys < 16 or block_keys & (block_keys - 1):
+            raise ValueError(f"block_keys must be a power of two >= 16, got {block_keys}")
         set_heads(self, num_q_heads, num_kv_heads, head_dim, sm_scale)
         self.max_splits = max_splits
         self.target_programs = target_programs
+        self.block_keys, self.num_warps, self.num_stages = block_keys, num_warps, num_stages
 
     def splits(self, num_requests: int, row_tiles: int = 1) -> int:
         """Chunks per (request, KV head) for a batch of `num_requests`: enough for the grid to
@@ -233,8 +241,8 @@ class PoolPrefixAttention:
             partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
             partial_lse.stride(0), partial_lse.stride(1),
             layer, self.num_kv_heads, self.group, num_splits, self.sm_scale,
-            HEAD_DIM=self.head_dim, BLOCK_M=block_m, BLOCK_N=BLOCK_KEYS, BLOCK_D=block_d, ROW_ALIGN=self.row_align,
-            num_warps=launch.TILE_NUM_WARPS,
+            HEAD_DIM=self.head_dim, BLOCK_M=block_m, BLOCK_N=self.block_keys, BLOCK_D=block_d,
+            ROW_ALIGN=self.row_align, num_warps=self.num_warps, num_stages=self.num_stages,
         )
         token_request = _token_request(qo_indptr, num_tokens)
         splits = torch.full((num_requests * self.num_kv_heads,), num_splits, dtype=torch.int32, device=q.device)

@@ -11,7 +11,7 @@ import torch
 SCRIPTS = Path(__file__).resolve().parents[2] / "kernels"
 
 
-@pytest.mark.parametrize("script", ["bench_prefix_attention.py", "bench_compression.py"])
+@pytest.mark.parametrize("script", ["bench_prefix_attention.py", "bench_compression.py", "tune_pool_attention.py"])
 def test_smoke_mode_prints_machine_inputs_and_a_table(script):
     # The script sets TRITON_INTERPRET=1 itself when there is no GPU (its own process).
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}

@@ -72,9 +72,15 @@ def dense(q, qo, layouts, pool, layer):
     return out, lse
 
 
+# The defaults, and 16-key blocks in fewer warps without pipelining (a 70-row head is then
+# five blocks, cut over the splits at block boundaries).
+LAUNCH_OPTIONS = [{}, dict(block_keys=16, num_warps=4, num_stages=1)]
+
+
+@pytest.mark.parametrize("options", LAUNCH_OPTIONS, ids=["defaults", "keys16"])
 @pytest.mark.parametrize("max_splits", [1, 4])
 @pytest.mark.parametrize("extend_lens", [[1, 1, 1, 1, 1], [3, 1, 4, 2, 1]], ids=["decode", "extend"])
-def test_pool_prefix_attention_matches_dense_and_reference(device, extend_lens, max_splits):
+def test_pool_prefix_attention_matches_dense_and_reference(device, extend_lens, max_splits, options):
     pool = Pool(device)
     # One head keeps nothing in layer 1; lengths past one 64-key block and over several splits.
     first_row, first = pool.add([[5, 70], [0, 12], [7, 3]])
@@ -89,7 +95,8 @@ def test_pool_prefix_attention_matches_dense_and_reference(device, extend_lens, 
     # Every row is read whatever the split count: max_splits 1 reads the 70-row heads in one
     # chunk; 4 cuts them in two 64-key chunks, the others in one, and leaves chunks empty.
     attention = PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=KV_HEADS * GROUP,
-                                    max_splits=max_splits, target_programs=MANY_PROGRAMS, sm_scale=SCALING)
+                                    max_splits=max_splits, target_programs=MANY_PROGRAMS, sm_scale=SCALING,
+                                    **options)
     generator = torch.Generator().manual_seed(3)
     for layer in range(LAYERS):
         q = torch.randn(qo[-1], KV_HEADS * GROUP, DIM, generator=generator).to(device)
@@ -215,6 +222,11 @@ def test_bad_inputs_raise(device):
         PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=6, max_splits=0)
     with pytest.raises(ValueError, match="target_programs"):
         PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=6, target_programs=0)
+    for block_keys in (8, 48):
+        with pytest.raises(ValueError, match="power of two >= 16"):
+            PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=6, block_keys=block_keys)
+    with pytest.raises(ValueError, match="num_stages"):
+        PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=6, num_stages=0)
 
 
 def test_split_count_fills_the_target_from_the_batch_size():
