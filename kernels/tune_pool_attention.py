@@ -33,9 +33,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 64], help="batch sizes")
     parser.add_argument("--heads", type=int, nargs=2, default=[32, 8], metavar=("HQ", "HKV"))
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--block-keys", type=int, nargs="+", default=[32, 64, 128])
+    parser.add_argument("--block-keys", type=int, nargs="+", default=[64, 128, 256])
     parser.add_argument("--num-warps", type=int, nargs="+", default=[4, 8])
-    parser.add_argument("--num-stages", type=int, nargs="+", default=[1, 2, 3])
+    parser.add_argument("--num-stages", type=int, nargs="+", default=[1, 2, 3, 4])
     parser.add_argument("--waves", type=int, nargs="+", default=[1, 2, 4, 8, 16],
                         help="split targets to try, in waves of the device's SMs")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes; runs on the CPU under TRITON_INTERPRET=1")

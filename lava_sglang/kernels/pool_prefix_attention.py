@@ -44,7 +44,7 @@ import triton.language as tl
 
 from lava_sglang.kernels import launch
 from lava_sglang.kernels.attention_states import attention_with_lse
-from lava_sglang.kernels.prefix_attention import (BLOCK_KEYS, MAX_BLOCK_ROWS, _merge_splits_kernel,
+from lava_sglang.kernels.prefix_attention import (MAX_BLOCK_ROWS, _merge_splits_kernel,
                                                   check_positive_ints, empty_state, online_softmax_step, query_rows,
                                                   request_rows, set_heads, store_state)
 
@@ -149,12 +149,14 @@ class PoolPrefixAttention:
     target_programs: the programs a launch aims at, which `splits` sizes the chunk count for
     (default: a few waves of the device's SMs, `launch.programs_to_fill`).
     block_keys, num_warps, num_stages: the kernel's key-block size (a power of two, at least
-    16) and its launch options; `kernels/tune_pool_attention.py` times the alternatives.
+    16) and its launch options. The defaults timed fastest of 18 combinations on an H200
+    (`kernels/tune_pool_attention.py`, kernels/RESULTS.md): 0.72x the time of 64 keys, 8 warps
+    and 3 stages (geometric mean over 8K and 32K tokens, batches 1 and 64, keep 0.2 and 1).
     """
 
     def __init__(self, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], *, num_q_heads: int,
                  max_splits: int = 16, target_programs: int | None = None, sm_scale: float | None = None,
-                 block_keys: int = BLOCK_KEYS, num_warps: int = launch.TILE_NUM_WARPS, num_stages: int = 3):
+                 block_keys: int = 128, num_warps: int = 4, num_stages: int = 2):
         if not k_buffers or len(k_buffers) != len(v_buffers):
             raise ValueError(f"k_buffers and v_buffers must list the same layers, got {len(k_buffers)} and "
                              f"{len(v_buffers)}")

@@ -82,7 +82,7 @@ LAUNCH_OPTIONS = [{}, dict(block_keys=16, num_warps=4, num_stages=1)]
 @pytest.mark.parametrize("extend_lens", [[1, 1, 1, 1, 1], [3, 1, 4, 2, 1]], ids=["decode", "extend"])
 def test_pool_prefix_attention_matches_dense_and_reference(device, extend_lens, max_splits, options):
     pool = Pool(device)
-    # One head keeps nothing in layer 1; lengths past one 64-key block and over several splits.
+    # One head keeps nothing in layer 1; lengths past one 16-key block and over several splits.
     first_row, first = pool.add([[5, 70], [0, 12], [7, 3]])
     second_row, second = pool.add([[2, 2], [40, 1], [1, 66]])
     rows = [first_row, -1, second_row, first_row, second_row]
@@ -93,7 +93,8 @@ def test_pool_prefix_attention_matches_dense_and_reference(device, extend_lens, 
     qo_indptr = torch.tensor(qo, dtype=torch.int32, device=device)
     entry_of_request = torch.tensor(rows, dtype=torch.int32, device=device)
     # Every row is read whatever the split count: max_splits 1 reads the 70-row heads in one
-    # chunk; 4 cuts them in two 64-key chunks, the others in one, and leaves chunks empty.
+    # chunk; 4 cuts them in chunks of whole key blocks (with 16-key blocks, 32 keys each), and
+    # leaves chunks empty.
     attention = PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=KV_HEADS * GROUP,
                                     max_splits=max_splits, target_programs=MANY_PROGRAMS, sm_scale=SCALING,
                                     **options)
