@@ -149,9 +149,10 @@ class PoolPrefixAttention:
     target_programs: the programs a launch aims at, which `splits` sizes the chunk count for
     (default: a few waves of the device's SMs, `launch.programs_to_fill`).
     block_keys, num_warps, num_stages: the kernel's key-block size (a power of two, at least
-    16) and its launch options. The defaults timed fastest of 18 combinations on an H200
-    (`kernels/tune_pool_attention.py`, kernels/RESULTS.md): 0.72x the time of 64 keys, 8 warps
-    and 3 stages (geometric mean over 8K and 32K tokens, batches 1 and 64, keep 0.2 and 1).
+    16) and its launch options. The defaults timed fastest of 24 combinations (64-256 keys, 4
+    or 8 warps, 1-4 stages) on an H200 (`kernels/tune_pool_attention.py`, kernels/RESULTS.md):
+    0.72x the time of the former 64 keys, 8 warps and 3 stages (geometric mean over 8K and
+    32K tokens, batches 1 and 64, keep 0.2 and 1).
     """
 
     def __init__(self, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], *, num_q_heads: int,
