@@ -1,10 +1,12 @@
 """Time `PoolPrefixAttention`'s launch options on this GPU: which to make the default.
 
-Two sweeps, each over the same decode shapes (documents x batches x keep ratios, prepared
+Three sweeps, each over the same decode shapes (documents x batches x keep ratios, prepared
 as in `bench_prefix_attention.py`, replayed from CUDA graphs):
 1. the kernel's key-block size, warps and pipeline stages, at the default split target;
 2. the split target (waves of the device's SMs, which sets the chunks per (request, KV
-   head) through `PoolPrefixAttention.splits`), with the first sweep's best options.
+   head) through `PoolPrefixAttention.splits`), with the first sweep's best options;
+3. the most chunks per (request, KV head), `max_splits` (what bounds the split count of a
+   small batch), with the first sweep's best options and the default target.
 Printed: each configuration's replay time per shape, its geometric mean over the shapes
 relative to the current defaults' (lower is faster), and the full-prefix baseline's
 replay (torch's SDPA or FlashInfer, as in the benchmark) for scale.
@@ -38,12 +40,15 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--num-stages", type=int, nargs="+", default=[1, 2, 3, 4])
     parser.add_argument("--waves", type=int, nargs="+", default=[1, 2, 4, 8, 16],
                         help="split targets to try, in waves of the device's SMs")
+    parser.add_argument("--max-splits", type=int, nargs="+", default=[8, 16, 32, 64],
+                        help="most chunks per (request, KV head) to try")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes; runs on the CPU under TRITON_INTERPRET=1")
     args = parser.parse_args()
     if args.smoke:
         args.documents, args.keep, args.batch, args.heads, args.head_dim = [80], [0.5], [2], [4, 2], 64
         args.block_keys, args.num_warps, args.num_stages, args.waves = [16, 32], [4], [1], [1, 2]
-    for name in ("documents", "batch", "block_keys", "num_warps", "num_stages", "waves"):
+        args.max_splits = [1, 2]
+    for name in ("documents", "batch", "block_keys", "num_warps", "num_stages", "waves", "max_splits"):
         if any(value < 1 for value in getattr(args, name)):
             parser.error(f"--{name.replace('_', '-')} takes positive ints")
     if any(not 0 < keep <= 1 for keep in args.keep):
@@ -68,7 +73,8 @@ def main() -> None:
         print(f"machine: {line}")
     print(f"inputs: Hq={num_q_heads} Hkv={num_kv_heads} d={args.head_dim} bf16, one layer, one decode token per "
           f"request; documents {args.documents}; batch {args.batch}; keep {args.keep}; block keys "
-          f"{args.block_keys}; warps {args.num_warps}; stages {args.num_stages}; waves {args.waves} of {sms} SMs"
+          f"{args.block_keys}; warps {args.num_warps}; stages {args.num_stages}; waves {args.waves} of {sms} SMs; "
+          f"max splits {args.max_splits}"
           f"{'; SMOKE shapes' if args.smoke else ''}")
 
     shapes = list(itertools.product(args.documents, args.batch, args.keep))
@@ -128,6 +134,15 @@ def main() -> None:
         times = time_config({**best, "target_programs": waves * sms})
         relative = geometric_mean([time / base for time, base in zip(times, default_times)])
         print(f"| {waves} | {waves * sms} | " + " | ".join(f"{t:.4g}" for t in times) + f" | {relative:.3f} |")
+    print()
+    print(f"## 3. Most chunks per (request, KV head), with {best} and the default split target")
+    print()
+    print(f"| max splits | {header} | x defaults |")
+    print("|---:|" + "---:|" * len(shapes) + "---:|")
+    for max_splits in args.max_splits:
+        times = time_config({**best, "target_programs": default_target, "max_splits": max_splits})
+        relative = geometric_mean([time / base for time, base in zip(times, default_times)])
+        print(f"| {max_splits} | " + " | ".join(f"{t:.4g}" for t in times) + f" | {relative:.3f} |")
     print()
     print("Times: CUDA-graph replays of one decode step's prefix attention (kernel and split merge), in ms. "
           "x defaults: geometric mean over the shapes of the time over the current defaults' time.")
