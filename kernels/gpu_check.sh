@@ -11,7 +11,7 @@ export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
 python=${PYTHON:-python3}  # PYTHON: another interpreter
 commit=$(git rev-parse --short HEAD 2>/dev/null || echo "unknown (no git here)")
 # A copied working tree can differ from its HEAD (the lent machine's copy did): say so.
-if [ -n "$(git status --porcelain --untracked-files=no 2>/dev/null)" ]; then
+if [ -n "$(git status --porcelain 2>/dev/null)" ]; then
     commit="$commit + uncommitted changes"
 fi
 echo "# kernels/gpu_check.sh, $(date -u '+%Y-%m-%d %H:%M UTC'), commit $commit"

@@ -9,7 +9,9 @@ as in `bench_prefix_attention.py`, replayed from CUDA graphs):
    small batch), with the first sweep's best options and the default target.
 Printed: each configuration's replay time per shape, its geometric mean over the shapes
 relative to the current defaults' (lower is faster), and the full-prefix baseline's
-replay (torch's SDPA or FlashInfer, as in the benchmark) for scale.
+replay (torch's SDPA or FlashInfer, as in the benchmark) for scale. A configuration that
+fails to compile or launch here (too much shared memory, say) is reported in its row and
+skipped.
 
     python kernels/tune_pool_attention.py             # GPU
     python kernels/tune_pool_attention.py --smoke     # tiny shapes, CPU interpreter: the script runs
@@ -18,7 +20,6 @@ replay (torch's SDPA or FlashInfer, as in the benchmark) for scale.
 from __future__ import annotations
 
 import argparse
-import inspect
 import itertools
 import math
 
@@ -51,6 +52,13 @@ def parse_args() -> argparse.Namespace:
     for name in ("documents", "batch", "block_keys", "num_warps", "num_stages", "waves", "max_splits"):
         if any(value < 1 for value in getattr(args, name)):
             parser.error(f"--{name.replace('_', '-')} takes positive ints")
+    if any(keys < 16 or keys & (keys - 1) for keys in args.block_keys):
+        parser.error("--block-keys takes powers of two >= 16")
+    if any(warps & (warps - 1) for warps in args.num_warps):
+        parser.error("--num-warps takes powers of two")
+    num_q_heads, num_kv_heads = args.heads
+    if args.head_dim < 1 or num_kv_heads < 1 or num_q_heads < 1 or num_q_heads % num_kv_heads:
+        parser.error("--heads takes HQ a multiple of HKV, both positive, and --head-dim a positive int")
     if any(not 0 < keep <= 1 for keep in args.keep):
         parser.error("--keep takes ratios in (0, 1]")
     return args
@@ -63,7 +71,6 @@ def geometric_mean(values: list[float]) -> float:
 def main() -> None:
     args = parse_args()
     device = benchmarking.choose_device(args.smoke)
-    from lava_sglang.kernels import launch
     from lava_sglang.kernels.pool_prefix_attention import PoolPrefixAttention
 
     num_q_heads, num_kv_heads = args.heads
@@ -99,31 +106,44 @@ def main() -> None:
             times.append(replayed_ms(step, device) or benchmarking.time_ms(step, device))
         return times
 
+    def sweep_row(cells: list, options: dict) -> float | None:
+        """Time one configuration over every shape and print its row: its time per shape and
+        the geometric mean relative to the defaults' (returned; None where it fails to run)."""
+        try:
+            times = time_config(options)
+        except Exception as error:  # e.g. Triton's OutOfResources: report it and go on with the sweep
+            print("| " + " | ".join(map(str, cells)) + f" | failed: {type(error).__name__}: {error} |")
+            return None
+        relative = geometric_mean([time / base for time, base in zip(times, default_times)])
+        print("| " + " | ".join(map(str, cells)) + " | " + " | ".join(f"{t:.4g}" for t in times)
+              + f" | {relative:.3f} |")
+        return relative
+
     header = " | ".join(f"{document}/{batch}/{keep:g}" for document, batch, keep in shapes)
+    defaults = PoolPrefixAttention([prepared[0][2]], [prepared[0][3]], num_q_heads=num_q_heads)
+    default_options = dict(block_keys=defaults.block_keys, num_warps=defaults.num_warps,
+                           num_stages=defaults.num_stages)
+    default_times = time_config({})
     print()
     print(f"full-prefix baseline ({baseline_name}), ms per shape (document/batch/keep): "
           + ", ".join(f"{full_ms:.4g}" for *_, full_ms in prepared))
-    signature = inspect.signature(PoolPrefixAttention.__init__).parameters
-    default = {name: signature[name].default for name in ("block_keys", "num_warps", "num_stages")}
-    default_target = launch.programs_to_fill(device)
-    default_times = time_config({**default, "target_programs": default_target})
-
+    print(f"defaults {default_options}, split target {defaults.target_programs} programs, max splits "
+          f"{defaults.max_splits}, ms per shape: " + ", ".join(f"{time:.4g}" for time in default_times))
     print()
-    print(f"## 1. Key block, warps, stages (split target {default_target} programs, the default)")
+    print(f"## 1. Key block, warps, stages (split target {defaults.target_programs} programs, the default)")
     print()
     print(f"| block keys | warps | stages | {header} | x defaults |")
     print("|---:|---:|---:|" + "---:|" * len(shapes) + "---:|")
     results = []
     for block_keys, num_warps, num_stages in itertools.product(args.block_keys, args.num_warps, args.num_stages):
         options = dict(block_keys=block_keys, num_warps=num_warps, num_stages=num_stages)
-        times = time_config({**options, "target_programs": default_target})
-        relative = geometric_mean([time / base for time, base in zip(times, default_times)])
-        results.append((relative, options))
-        print(f"| {block_keys} | {num_warps} | {num_stages} | " + " | ".join(f"{t:.4g}" for t in times)
-              + f" | {relative:.3f} |")
-    best_relative, best = min(results, key=lambda result: result[0])
+        relative = sweep_row([block_keys, num_warps, num_stages], options)
+        if relative is not None:
+            results.append((relative, options))
+    best_relative, best = min(results, key=lambda result: result[0], default=(1.0, default_options))
     print()
-    print(f"best: {best} at {best_relative:.3f}x the defaults' time {default} (geometric mean over the shapes)")
+    print(f"best: {best} at {best_relative:.3f}x the defaults' time {default_options} (geometric mean over the "
+          "shapes)")
 
     print()
     print(f"## 2. Split target, with {best}")
@@ -131,18 +151,14 @@ def main() -> None:
     print(f"| waves | programs | {header} | x defaults |")
     print("|---:|---:|" + "---:|" * len(shapes) + "---:|")
     for waves in args.waves:
-        times = time_config({**best, "target_programs": waves * sms})
-        relative = geometric_mean([time / base for time, base in zip(times, default_times)])
-        print(f"| {waves} | {waves * sms} | " + " | ".join(f"{t:.4g}" for t in times) + f" | {relative:.3f} |")
+        sweep_row([waves, waves * sms], {**best, "target_programs": waves * sms})
     print()
     print(f"## 3. Most chunks per (request, KV head), with {best} and the default split target")
     print()
     print(f"| max splits | {header} | x defaults |")
     print("|---:|" + "---:|" * len(shapes) + "---:|")
     for max_splits in args.max_splits:
-        times = time_config({**best, "target_programs": default_target, "max_splits": max_splits})
-        relative = geometric_mean([time / base for time, base in zip(times, default_times)])
-        print(f"| {max_splits} | " + " | ".join(f"{t:.4g}" for t in times) + f" | {relative:.3f} |")
+        sweep_row([max_splits], {**best, "max_splits": max_splits})
     print()
     print("Times: CUDA-graph replays of one decode step's prefix attention (kernel and split merge), in ms. "
           "x defaults: geometric mean over the shapes of the time over the current defaults' time.")

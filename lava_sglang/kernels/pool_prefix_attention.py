@@ -20,7 +20,8 @@ The layer buffers are separate tensors: the kernel takes the first and each buff
 from it in elements (`_buffer_offsets`), not loaded addresses, so that it can promise the
 compiler aligned rows (`ROW_ALIGN`) and read each row in 16-byte vectors: through pointers
 loaded from memory it cannot prove alignment and reads element by element, which measured
-up to 4.5x slower on an H200 (CUDA-graph replays, kernels/RESULTS.md, calls 1 and 2).
+up to 4.5x slower on an H200 (CUDA-graph replays, kernels/RESULTS.md, the first H200 run's
+calls 1 and 2).
 
 Request b reads entry `entry_of_request[b]` (-1: none: out 0, lse -inf). Each (request, KV
 head) is cut into `num_splits` chunks, the grid's third factor, chosen on the host from the
@@ -105,6 +106,15 @@ def _pool_prefix_attention_kernel(
                 stride_os, stride_ot, stride_oh, stride_ls, stride_lt, HEAD_DIM, BLOCK_D)
 
 
+def default_block_keys(head_dim: int) -> int:
+    """128 keys (the fastest on an H200 at head dim 128), halved for each doubling of the head
+    dim past 128, so that one K or V tile stays within 128 x 128 elements: by our count two
+    pipeline stages of 128-key K and V tiles at head dim 256 need 256 KB of shared memory, more
+    than an H100 or H200 SM has (228 KB)."""
+    fitting = max(128 * 128 // head_dim, 1)
+    return max(16, min(128, 1 << (fitting.bit_length() - 1)))
+
+
 def _buffer_offsets(name: str, buffers: list[torch.Tensor], first: torch.Tensor) -> list[int]:
     """The layer buffers' offsets in elements from `buffers[0]`: what the kernel finds a row's
     buffer through."""
@@ -149,15 +159,17 @@ class PoolPrefixAttention:
     target_programs: the programs a launch aims at, which `splits` sizes the chunk count for
     (default: a few waves of the device's SMs, `launch.programs_to_fill`).
     block_keys, num_warps, num_stages: the kernel's key-block size (a power of two, at least
-    16) and its launch options. The defaults timed fastest of 24 combinations (64-256 keys, 4
-    or 8 warps, 1-4 stages) on an H200 (`kernels/tune_pool_attention.py`, kernels/RESULTS.md):
-    0.72x the time of the former 64 keys, 8 warps and 3 stages (geometric mean over 8K and
-    32K tokens, batches 1 and 64, keep 0.2 and 1).
+    16; default `default_block_keys(head_dim)`: 128 up to head dim 128) and its launch
+    options (num_warps a power of two). The defaults ran fastest on an H200 in two sweeps of 18 and 24 combinations
+    (32-256 keys, 4 or 8 warps, 1-4 stages; `kernels/tune_pool_attention.py`,
+    kernels/RESULTS.md): 0.72x the time of the former 64 keys, 8 warps and 3 stages
+    (geometric mean over 8K and 32K tokens, batches 1 and 64, keep 0.2 and 1). They were timed
+    on decode at head dim 128; extend batches (up to 64 query rows a program) run them untimed.
     """
 
     def __init__(self, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], *, num_q_heads: int,
                  max_splits: int = 16, target_programs: int | None = None, sm_scale: float | None = None,
-                 block_keys: int = 128, num_warps: int = 4, num_stages: int = 2):
+                 block_keys: int | None = None, num_warps: int = 4, num_stages: int = 2):
         if not k_buffers or len(k_buffers) != len(v_buffers):
             raise ValueError(f"k_buffers and v_buffers must list the same layers, got {len(k_buffers)} and "
                              f"{len(v_buffers)}")
@@ -173,11 +185,15 @@ class PoolPrefixAttention:
         self.row_align = _row_alignment(k_offsets + v_offsets, head_dim, k_buffers[0].element_size())
         if target_programs is None:
             target_programs = launch.programs_to_fill(device)
+        if block_keys is None:
+            block_keys = default_block_keys(head_dim)
         check_positive_ints(max_splits=max_splits, target_programs=target_programs, block_keys=block_keys,
                             num_warps=num_warps, num_stages=num_stages)
-        # tl.dot needs at least 16 keys; tl.arange a power of two.
+        # tl.dot needs at least 16 keys; tl.arange and the launch a power of two.
         if block_keys < 16 or block_keys & (block_keys - 1):
             raise ValueError(f"block_keys must be a power of two >= 16, got {block_keys}")
+        if num_warps & (num_warps - 1):
+            raise ValueError(f"num_warps must be a power of two, got {num_warps}")
         set_heads(self, num_q_heads, num_kv_heads, head_dim, sm_scale)
         self.max_splits = max_splits
         self.target_programs = target_programs

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lava_sglang.kernels.attention_states import attention_with_lse
-from lava_sglang.kernels.pool_prefix_attention import (PoolPrefixAttention, _row_alignment,
+from lava_sglang.kernels.pool_prefix_attention import (PoolPrefixAttention, _row_alignment, default_block_keys,
                                                        pool_prefix_attention_reference)
 from lava_sglang.store import CellLayout, LayoutTables, read_layer, slots_needed, write_layer
 
@@ -22,14 +22,14 @@ MANY_PROGRAMS = 1 << 16
 class Pool:
     """Layer buffers, a slot allocator and the layout tables, as the server holds them."""
 
-    def __init__(self, device, dtype=torch.float32, seed=0):
+    def __init__(self, device, dtype=torch.float32, seed=0, slots=POOL):
         generator = torch.Generator().manual_seed(seed)
-        self.k_buffers = [torch.randn(POOL, KV_HEADS, DIM, generator=generator).to(device, dtype)
+        self.k_buffers = [torch.randn(slots, KV_HEADS, DIM, generator=generator).to(device, dtype)
                           for _ in range(LAYERS)]
-        self.v_buffers = [torch.randn(POOL, KV_HEADS, DIM, generator=generator).to(device, dtype)
+        self.v_buffers = [torch.randn(slots, KV_HEADS, DIM, generator=generator).to(device, dtype)
                           for _ in range(LAYERS)]
-        self.free = list(torch.randperm(POOL, generator=generator).tolist())
-        self.tables = LayoutTables(max_entries=4, pool_slots=POOL, num_layers=LAYERS, num_kv_heads=KV_HEADS,
+        self.free = list(torch.randperm(slots, generator=generator).tolist())
+        self.tables = LayoutTables(max_entries=4, pool_slots=slots, num_layers=LAYERS, num_kv_heads=KV_HEADS,
                                    device=device)
         self.generator = generator
 
@@ -72,8 +72,8 @@ def dense(q, qo, layouts, pool, layer):
     return out, lse
 
 
-# The defaults, and 16-key blocks in fewer warps without pipelining (a 70-row head is then
-# five blocks, cut over the splits at block boundaries).
+# The defaults, and 16-key blocks without pipelining (a 70-row head is then five blocks, cut
+# over the splits at block boundaries).
 LAUNCH_OPTIONS = [{}, dict(block_keys=16, num_warps=4, num_stages=1)]
 
 
@@ -82,7 +82,8 @@ LAUNCH_OPTIONS = [{}, dict(block_keys=16, num_warps=4, num_stages=1)]
 @pytest.mark.parametrize("extend_lens", [[1, 1, 1, 1, 1], [3, 1, 4, 2, 1]], ids=["decode", "extend"])
 def test_pool_prefix_attention_matches_dense_and_reference(device, extend_lens, max_splits, options):
     pool = Pool(device)
-    # One head keeps nothing in layer 1; lengths past one 16-key block and over several splits.
+    # One head keeps nothing in layer 1; with 16-key blocks, lengths past one block and over
+    # several splits.
     first_row, first = pool.add([[5, 70], [0, 12], [7, 3]])
     second_row, second = pool.add([[2, 2], [40, 1], [1, 66]])
     rows = [first_row, -1, second_row, first_row, second_row]
@@ -93,7 +94,7 @@ def test_pool_prefix_attention_matches_dense_and_reference(device, extend_lens, 
     qo_indptr = torch.tensor(qo, dtype=torch.int32, device=device)
     entry_of_request = torch.tensor(rows, dtype=torch.int32, device=device)
     # Every row is read whatever the split count: max_splits 1 reads the 70-row heads in one
-    # chunk; 4 cuts them in chunks of whole key blocks (with 16-key blocks, 32 keys each), and
+    # chunk; 4 cuts them in chunks of whole key blocks (with 16-key blocks, 32 keys each) and
     # leaves chunks empty.
     attention = PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=KV_HEADS * GROUP,
                                     max_splits=max_splits, target_programs=MANY_PROGRAMS, sm_scale=SCALING,
@@ -113,6 +114,30 @@ def test_pool_prefix_attention_matches_dense_and_reference(device, extend_lens, 
         torch.testing.assert_close(out.float(), reference_out, atol=1e-4, rtol=1e-4)
         no_entry = slice(qo[1], qo[2])
         assert torch.isneginf(lse[no_entry]).all() and (out[no_entry] == 0).all()
+
+
+def test_default_launch_reads_long_heads_over_several_blocks_and_chunks(device):
+    # With the default 128-key blocks: a 300-row head is three blocks, cut by 4 splits into
+    # chunks of one block (the third partial, the fourth empty); 260 rows end four past two.
+    pool = Pool(device, slots=160)
+    row, layout = pool.add([[300, 5], [140, 260], [1, 129]])
+    attention = PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=KV_HEADS * GROUP, max_splits=4,
+                                    target_programs=MANY_PROGRAMS, sm_scale=SCALING)
+    assert attention.block_keys == 128
+    qo = [0, 1, 2]
+    qo_indptr = torch.tensor(qo, dtype=torch.int32, device=device)
+    entry_of_request = torch.tensor([row, row], dtype=torch.int32, device=device)
+    generator = torch.Generator().manual_seed(5)
+    for layer in range(LAYERS):
+        q = torch.randn(2, KV_HEADS * GROUP, DIM, generator=generator).to(device)
+        out, lse = attention.run(q, qo_indptr, entry_of_request, pool.tables.tables, layer=layer, max_q_len=1)
+        expected_out, expected_lse = dense(q, qo, [layout, layout], pool, layer)
+        torch.testing.assert_close(lse, expected_lse, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out.float(), expected_out, atol=1e-4, rtol=1e-4)
+
+
+def test_default_key_block_keeps_a_tile_within_128_by_128_elements():
+    assert [default_block_keys(dim) for dim in (64, 128, 192, 256, 512)] == [128, 128, 64, 64, 32]
 
 
 def test_entries_come_and_go_without_touching_the_kernel_or_its_grid(device):
@@ -228,6 +253,8 @@ def test_bad_inputs_raise(device):
             PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=6, block_keys=block_keys)
     with pytest.raises(ValueError, match="num_stages"):
         PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=6, num_stages=0)
+    with pytest.raises(ValueError, match="num_warps must be a power of two"):
+        PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=6, num_warps=6)
 
 
 def test_split_count_fills_the_target_from_the_batch_size():
