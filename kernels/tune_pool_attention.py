@@ -129,11 +129,15 @@ def main() -> None:
           + ", ".join(f"{full_ms:.4g}" for *_, full_ms in prepared))
     print(f"defaults {default_options}, split target {defaults.target_programs} programs, max splits "
           f"{defaults.max_splits}, ms per shape: " + ", ".join(f"{time:.4g}" for time in default_times))
-    print()
-    print(f"## 1. Key block, warps, stages (split target {defaults.target_programs} programs, the default)")
-    print()
-    print(f"| block keys | warps | stages | {header} | x defaults |")
-    print("|---:|---:|---:|" + "---:|" * len(shapes) + "---:|")
+    def section(title: str, columns: list[str]) -> None:
+        print()
+        print(f"## {title}")
+        print()
+        print("| " + " | ".join(columns) + f" | {header} | x defaults |")
+        print("|" + "---:|" * (len(columns) + len(shapes) + 1))
+
+    section(f"1. Key block, warps, stages (split target {defaults.target_programs} programs, the default)",
+            ["block keys", "warps", "stages"])
     results = []
     for block_keys, num_warps, num_stages in itertools.product(args.block_keys, args.num_warps, args.num_stages):
         options = dict(block_keys=block_keys, num_warps=num_warps, num_stages=num_stages)
@@ -145,18 +149,10 @@ def main() -> None:
     print(f"best: {best} at {best_relative:.3f}x the defaults' time {default_options} (geometric mean over the "
           "shapes)")
 
-    print()
-    print(f"## 2. Split target, with {best}")
-    print()
-    print(f"| waves | programs | {header} | x defaults |")
-    print("|---:|---:|" + "---:|" * len(shapes) + "---:|")
+    section(f"2. Split target, with {best}", ["waves", "programs"])
     for waves in args.waves:
         sweep_row([waves, waves * sms], {**best, "target_programs": waves * sms})
-    print()
-    print(f"## 3. Most chunks per (request, KV head), with {best} and the default split target")
-    print()
-    print(f"| max splits | {header} | x defaults |")
-    print("|---:|" + "---:|" * len(shapes) + "---:|")
+    section(f"3. Most chunks per (request, KV head), with {best} and the default split target", ["max splits"])
     for max_splits in args.max_splits:
         sweep_row([max_splits], {**best, "max_splits": max_splits})
     print()
