@@ -17,8 +17,8 @@ import statistics
 
 from tqdm import tqdm
 
-from lava_sglang.bench.documents import CODE_DIGITS, prompt_parts
-from lava_sglang.bench.quality import CODE_PATTERN, benchmark_documents
+from lava_sglang.bench.documents import FACT_TEMPLATE, prompt_parts
+from lava_sglang.bench.quality import CODE_PATTERN, QualityConfig, benchmark_documents
 from lava_sglang.reference.runtime import ReferenceRuntime
 
 
@@ -72,13 +72,14 @@ def main() -> None:
         full = runtime.compress(capture, "full", 1.0)
         for question in document.questions:
             key = re.search(r"special code for (.+)\?", question.text).group(1)
-            fact = re.search(rf"The special code for {re.escape(key)} is (\d{{{CODE_DIGITS}}})", prefix_text)
-            code_tokens = token_span(encoded["offset_mapping"], fact.start(1), fact.end(1))
-            key_tokens = token_span(encoded["offset_mapping"], fact.start(0) + len("The special code for "),
-                                    fact.start(0) + len("The special code for ") + len(key))
+            fact = FACT_TEMPLATE.format(key=key, code=question.answer)
+            fact_start = prefix_text.index(fact)
+            code_start, key_start = fact_start + fact.index(question.answer), fact_start + fact.index(key)
+            code_tokens = token_span(encoded["offset_mapping"], code_start, code_start + len(question.answer))
+            key_tokens = token_span(encoded["offset_mapping"], key_start, key_start + len(key))
             suffix = tokenizer(prompt_parts(document.text, question.text)[1], add_special_tokens=False)["input_ids"]
-            # As the benchmark answers: at most 24 tokens, stopped at the first 7-digit number.
-            answers = runtime.generate([full, *prefixes], suffix, 24,
+            # As the benchmark answers: its token cap, stopped at the first 7-digit number.
+            answers = runtime.generate([full, *prefixes], suffix, QualityConfig.retrieval_answer_tokens,
                                        stop_when=lambda tokens: CODE_PATTERN.search(tokenizer.decode(tokens)) is not None)
             right = [question.answer in tokenizer.decode(answer) for answer in answers]
             rows.append((right[0], [(right[1 + index], *kept_shares(prefix.plan, code_tokens),
