@@ -129,6 +129,7 @@ def main() -> None:
           + ", ".join(f"{full_ms:.4g}" for *_, full_ms in prepared))
     print(f"defaults {default_options}, split target {defaults.target_programs} programs, max splits "
           f"{defaults.max_splits}, ms per shape: " + ", ".join(f"{time:.4g}" for time in default_times))
+
     def section(title: str, columns: list[str]) -> None:
         print()
         print(f"## {title}")

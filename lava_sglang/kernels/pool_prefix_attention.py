@@ -160,11 +160,12 @@ class PoolPrefixAttention:
     (default: a few waves of the device's SMs, `launch.programs_to_fill`).
     block_keys, num_warps, num_stages: the kernel's key-block size (a power of two, at least
     16; default `default_block_keys(head_dim)`: 128 up to head dim 128) and its launch
-    options (num_warps a power of two). The defaults ran fastest on an H200 in two sweeps of 18 and 24 combinations
-    (32-256 keys, 4 or 8 warps, 1-4 stages; `kernels/tune_pool_attention.py`,
-    kernels/RESULTS.md): 0.72x the time of the former 64 keys, 8 warps and 3 stages
-    (geometric mean over 8K and 32K tokens, batches 1 and 64, keep 0.2 and 1). They were timed
-    on decode at head dim 128; extend batches (up to 64 query rows a program) run them untimed.
+    options (num_warps a power of two). The defaults ran fastest on an H200 in two sweeps of
+    18 and 24 combinations (32-256 keys, 4 or 8 warps, 1-4 stages;
+    `kernels/tune_pool_attention.py`, kernels/RESULTS.md): 0.72x the time of the former 64
+    keys, 8 warps and 3 stages (geometric mean over 8K and 32K tokens, batches 1 and 64, keep
+    0.2 and 1). They were timed on decode at head dim 128; extend batches (up to 64 query rows
+    a program) run them untimed.
     """
 
     def __init__(self, k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], *, num_q_heads: int,
