@@ -99,9 +99,10 @@ def main() -> None:
         times = []
         for q, qo_indptr, k_buffer, v_buffer, tables, table_rows, _ in prepared:
             pool = PoolPrefixAttention([k_buffer], [v_buffer], num_q_heads=num_q_heads, **options)
+            pool.plan(qo_indptr, table_rows, tables.tables, num_tokens=q.shape[0], max_q_len=1)
 
             def step():
-                pool.run(q, qo_indptr, table_rows, tables.tables, layer=0, max_q_len=1)
+                pool.run(q, layer=0)
 
             times.append(replayed_ms(step, device) or benchmarking.time_ms(step, device))
         return times

@@ -148,8 +148,11 @@ def _row_alignment(offsets: list[int], head_dim: int, element_size: int) -> int:
 class PoolPrefixAttention:
     """Attention over compressed prefixes in the pool, on a grid fixed by the batch's shape (graph-safe `run`).
 
+    `plan` once per batch, `run` per layer:
+
     >>> attention = PoolPrefixAttention(k_buffers, v_buffers, num_q_heads=32)
-    >>> out, lse = attention.run(q, qo_indptr, entry_of_request, tables, layer=layer, max_q_len=1)
+    >>> attention.plan(qo_indptr, entry_of_request, tables, num_tokens=batch, max_q_len=1)
+    >>> out, lse = attention.run(q, layer=layer)
 
     k_buffers, v_buffers: the pool's layer buffers [pool_slots, Hkv, d] (one shape and dtype,
     contiguous; their addresses are read once, as a server's pool never moves).
@@ -199,6 +202,7 @@ class PoolPrefixAttention:
         self.max_splits = max_splits
         self.target_programs = target_programs
         self.block_keys, self.num_warps, self.num_stages = block_keys, num_warps, num_stages
+        self._planned = False
 
     def splits(self, num_requests: int, row_tiles: int = 1) -> int:
         """Chunks per (request, KV head) for a batch of `num_requests`: enough for the grid to
@@ -207,67 +211,89 @@ class PoolPrefixAttention:
         programs = max(num_requests * self.num_kv_heads * row_tiles, 1)
         return max(1, min(self.max_splits, -(-self.target_programs // programs)))
 
-    def run(self, q: torch.Tensor, qo_indptr: torch.Tensor, entry_of_request: torch.Tensor,
-            tables: tuple[torch.Tensor, ...], *, layer: int, max_q_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [tokens, Hq, d] in the pool's dtype; qo_indptr [B + 1] int32 (decode: arange);
-        entry_of_request [B] int32 (table rows); tables = (head_offsets, slot_list, slot_base,
-        num_slots); max_q_len: the
-        most query tokens of a request (1 for decode). Returns out [tokens, Hq, d] and lse
-        [tokens, Hq] fp32 (natural log). Checks shapes only: nothing here reads a device value."""
+    def plan(self, qo_indptr: torch.Tensor, entry_of_request: torch.Tensor, tables: tuple[torch.Tensor, ...], *,
+             num_tokens: int, max_q_len: int) -> None:
+        """Build one batch's launch metadata, which every layer's `run` reuses: the request of
+        each query token and the split count, from the batch's shape only.
+
+        qo_indptr [B + 1] int32 (decode: arange); entry_of_request [B] int32 (table rows, -1:
+        none); tables = (head_offsets, slot_list, slot_base, num_slots); num_tokens: the batch's
+        query tokens (qo_indptr[B]); max_q_len: the most query tokens of a request (1 for
+        decode). Checks shapes only: nothing here reads a device value, so a CUDA graph can
+        record it.
+        """
         head_offsets, slot_list, slot_base, num_slots = tables
-        launch.check_tensor("q", q, 3, launch.FLOAT_DTYPES)
-        launch.check_rows_contiguous("q", q)
-        if q.shape[1:] != (self.num_q_heads, self.head_dim) or q.dtype != self.dtype:
-            raise ValueError(f"q must be [tokens, Hq={self.num_q_heads}, d={self.head_dim}] in the pool's dtype "
-                             f"{self.dtype}, got {q.dtype} {list(q.shape)}")
         for name, tensor, dims in (("qo_indptr", qo_indptr, 1), ("entry_of_request", entry_of_request, 1),
                                    ("head_offsets", head_offsets, 2), ("slot_list", slot_list, 1),
                                    ("slot_base", slot_base, 1), ("num_slots", num_slots, 1)):
             launch.check_tensor(name, tensor, dims, launch.INDEX_DTYPES)
+        check_positive_ints(max_q_len=max_q_len)
+        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
+            raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
         num_requests = entry_of_request.numel()
         if qo_indptr.numel() != num_requests + 1:
             raise ValueError(f"qo_indptr must have B + 1 = {num_requests + 1} entries, got {qo_indptr.numel()}")
+        if num_requests == 0 and num_tokens:
+            raise ValueError(f"{num_tokens} query tokens for no request")
         if head_offsets.shape[1] != self.num_layers * self.num_kv_heads + 1:
             raise ValueError(f"head_offsets must be [entries, L * Hkv + 1 = {self.num_layers * self.num_kv_heads + 1}]"
                              f", got {list(head_offsets.shape)}")
         if not head_offsets.shape[0] == slot_base.numel() == num_slots.numel():
             raise ValueError(f"head_offsets, slot_base and num_slots must have one row per entry, got "
                              f"{head_offsets.shape[0]}, {slot_base.numel()}, {num_slots.numel()}")
+        launch.check_same_device(qo_indptr=qo_indptr, entry_of_request=entry_of_request, head_offsets=head_offsets,
+                                 slot_list=slot_list, slot_base=slot_base, num_slots=num_slots,
+                                 k_buffers=self.k_first)
+        self._qo_indptr, self._entry_of_request, self._tables = qo_indptr, entry_of_request, tables
+        self._num_tokens = num_tokens
+        self._block_m = min(MAX_BLOCK_ROWS, launch.block_size(max_q_len * self.group))
+        self._row_tiles = -(-max_q_len * self.group // self._block_m)
+        self._num_splits = self.splits(num_requests, self._row_tiles)
+        self._token_request = _token_request(qo_indptr, num_tokens)
+        self._splits = torch.full((num_requests * self.num_kv_heads,), self._num_splits, dtype=torch.int32,
+                                  device=qo_indptr.device)
+        self._planned = True
+
+    def run(self, q: torch.Tensor, *, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The planned batch's attention over its compressed prefixes at `layer`: q [tokens, Hq,
+        d] in the pool's dtype. Returns out [tokens, Hq, d] and lse [tokens, Hq] fp32 (natural
+        log). Checks shapes only: nothing here reads a device value."""
+        if not self._planned:
+            raise ValueError("call plan() before run()")
+        launch.check_tensor("q", q, 3, launch.FLOAT_DTYPES)
+        launch.check_rows_contiguous("q", q)
+        expected = (self._num_tokens, self.num_q_heads, self.head_dim)
+        if tuple(q.shape) != expected or q.dtype != self.dtype:
+            raise ValueError(f"q must be [tokens, Hq, d] = {list(expected)} (tokens from the plan) in the pool's "
+                             f"dtype {self.dtype}, got {q.dtype} {list(q.shape)}")
         if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
             raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
-        launch.check_same_device(q=q, qo_indptr=qo_indptr, entry_of_request=entry_of_request,
-                                 head_offsets=head_offsets, slot_list=slot_list, slot_base=slot_base,
-                                 num_slots=num_slots, k_buffers=self.k_first)
+        launch.check_same_device(q=q, k_buffers=self.k_first)
         launch.check_triton_device(q.device)
-        num_tokens = q.shape[0]
-        if num_requests == 0 and num_tokens:
-            raise ValueError(f"q has {num_tokens} tokens for no request")
-        out = torch.empty(num_tokens, self.num_q_heads, self.head_dim, dtype=q.dtype, device=q.device)
-        lse = torch.empty(num_tokens, self.num_q_heads, dtype=torch.float32, device=q.device)
-        if num_tokens == 0:
+        out = torch.empty(self._num_tokens, self.num_q_heads, self.head_dim, dtype=q.dtype, device=q.device)
+        lse = torch.empty(self._num_tokens, self.num_q_heads, dtype=torch.float32, device=q.device)
+        if self._num_tokens == 0:
             return out, lse
-        block_m = min(MAX_BLOCK_ROWS, launch.block_size(max_q_len * self.group))
-        row_tiles = -(-max_q_len * self.group // block_m)
-        num_splits = self.splits(num_requests, row_tiles)
-        partial_out = torch.empty(num_splits, num_tokens, self.num_q_heads, self.head_dim, dtype=torch.float32,
-                                  device=q.device)
-        partial_lse = torch.empty(num_splits, num_tokens, self.num_q_heads, dtype=torch.float32,
+        head_offsets, slot_list, slot_base, num_slots = self._tables
+        num_splits = self._num_splits
+        partial_out = torch.empty(num_splits, self._num_tokens, self.num_q_heads, self.head_dim,
+                                  dtype=torch.float32, device=q.device)
+        partial_lse = torch.empty(num_splits, self._num_tokens, self.num_q_heads, dtype=torch.float32,
                                   device=q.device)
         block_d = launch.block_size(self.head_dim)
-        _pool_prefix_attention_kernel[(num_requests * self.num_kv_heads * num_splits, row_tiles)](
-            q, self.k_first, self.v_first, self.k_offsets, self.v_offsets, qo_indptr, entry_of_request, head_offsets,
-            slot_list, slot_base, num_slots, partial_out, partial_lse,
+        num_requests = self._entry_of_request.numel()
+        _pool_prefix_attention_kernel[(num_requests * self.num_kv_heads * num_splits, self._row_tiles)](
+            q, self.k_first, self.v_first, self.k_offsets, self.v_offsets, self._qo_indptr, self._entry_of_request,
+            head_offsets, slot_list, slot_base, num_slots, partial_out, partial_lse,
             q.stride(0), q.stride(1), head_offsets.stride(0),
             partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
             partial_lse.stride(0), partial_lse.stride(1),
             layer, self.num_kv_heads, self.group, num_splits, self.sm_scale,
-            HEAD_DIM=self.head_dim, BLOCK_M=block_m, BLOCK_N=self.block_keys, BLOCK_D=block_d,
+            HEAD_DIM=self.head_dim, BLOCK_M=self._block_m, BLOCK_N=self.block_keys, BLOCK_D=block_d,
             ROW_ALIGN=self.row_align, num_warps=self.num_warps, num_stages=self.num_stages,
         )
-        token_request = _token_request(qo_indptr, num_tokens)
-        splits = torch.full((num_requests * self.num_kv_heads,), num_splits, dtype=torch.int32, device=q.device)
-        _merge_splits_kernel[(num_tokens, self.num_q_heads)](
-            partial_out, partial_lse, out, lse, token_request, splits,
+        _merge_splits_kernel[(self._num_tokens, self.num_q_heads)](
+            partial_out, partial_lse, out, lse, self._token_request, self._splits,
             partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
             partial_lse.stride(0), partial_lse.stride(1), out.stride(0), out.stride(1), lse.stride(0),
             self.num_kv_heads, self.group,
@@ -287,7 +313,7 @@ def pool_prefix_attention_reference(q: torch.Tensor, qo_indptr: torch.Tensor, en
                                     k_buffers: list[torch.Tensor], v_buffers: list[torch.Tensor], *, layer: int,
                                     num_kv_heads: int,
                                     sm_scale: float | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """`PoolPrefixAttention.run` in torch: each (request, KV head)'s rows found through the
+    """`PoolPrefixAttention.plan` and `run` in torch: each (request, KV head)'s rows found through the
     tables on the host, dense attention over them; out in fp32."""
     head_offsets, slot_list, slot_base, num_slots = (table.cpu().long() for table in tables)
     num_tokens, num_q_heads, head_dim = q.shape

@@ -238,8 +238,8 @@ class CompressedPrefixBatch:
     prefix: out [tokens, Hq, d] and lse [tokens, Hq], fp32; a request without one gets out 0
     and lse -inf. With the store's layout `tables` the Triton kernel of
     `lava_sglang.kernels.pool_prefix_attention` runs it, one launch per layer, reading the
-    kept rows in place from the pool (its inputs built here once per batch: the queries'
-    offsets and each request's table row); otherwise torch: each distinct entry's rows of the
+    kept rows in place from the pool (planned here once per batch: the queries' offsets and
+    each request's table row); otherwise torch: each distinct entry's rows of the
     layer read once and attended by the queries of every request that uses it, one KV head at
     a time (the rows are in head order, so there is no padding and no mask).
     """
@@ -258,11 +258,10 @@ class CompressedPrefixBatch:
             # Split-K for decode only: an extend's partial states would be max_splits x its output.
             self.kernel = PoolPrefixAttention(kv_pool.k_buffer, kv_pool.v_buffer, num_q_heads=num_q_heads,
                                               max_splits=POOL_DECODE_SPLITS if decode else 1, sm_scale=scaling)
-            self.qo_indptr = lengths_indptr(extend_lens).to(device)
-            self.table_rows = torch.tensor([entry.table_row if entry is not None else -1 for entry in entries],
-                                           dtype=torch.int32, device=device)
-            self.tables = tables.tables
-            self.max_q_len = max(extend_lens)
+            table_rows = torch.tensor([entry.table_row if entry is not None else -1 for entry in entries],
+                                      dtype=torch.int32, device=device)
+            self.kernel.plan(lengths_indptr(extend_lens).to(device), table_rows, tables.tables,
+                             num_tokens=sum(extend_lens), max_q_len=max(extend_lens))
             return
         # Each distinct entry with the query tokens (batch positions) of the requests that use it.
         tokens_of: dict[int, list[int]] = {}
@@ -278,8 +277,7 @@ class CompressedPrefixBatch:
 
     def states(self, layer: int, queries: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         if self.kernel is not None:
-            out, lse = self.kernel.run(queries.to(self.kernel.dtype).contiguous(), self.qo_indptr, self.table_rows,
-                                       self.tables, layer=layer, max_q_len=self.max_q_len)
+            out, lse = self.kernel.run(queries.to(self.kernel.dtype).contiguous(), layer=layer)
             return out.float(), lse
         num_tokens, num_q_heads, head_dim = queries.shape
         group = num_q_heads // self.num_kv_heads

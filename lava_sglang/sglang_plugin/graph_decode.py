@@ -93,6 +93,8 @@ class DecodeGraphStep:
         self.num_kv_splits[:batch] = decode_splits(own_lens)
         self.own.kv_indptr, self.own.kv_indices = self.kv_indptr[:batch + 1], self.kv_indices
         self.own.num_kv_splits = self.num_kv_splits[:batch]
+        self.prefix.plan(self.qo_indptr[:batch + 1], self.table_rows[:batch], self.tables.tables, num_tokens=batch,
+                         max_q_len=1)
         self.batch = batch
 
     def run(self, layer: int, queries: torch.Tensor, k_buffer: torch.Tensor,
@@ -104,7 +106,5 @@ class DecodeGraphStep:
         if queries.shape[0] != self.batch:
             raise ValueError(f"the step was planned for {self.batch} requests, got {queries.shape[0]} queries")
         own_out, own_lse = self.own.run(queries, None, None, k_buffer, v_buffer, self.scaling)
-        prefix_out, prefix_lse = self.prefix.run(queries.to(self.prefix.dtype).contiguous(),
-                                                 self.qo_indptr[:self.batch + 1], self.table_rows[:self.batch],
-                                                 self.tables.tables, layer=layer, max_q_len=1)
+        prefix_out, prefix_lse = self.prefix.run(queries.to(self.prefix.dtype).contiguous(), layer=layer)
         return merge_attention_states(prefix_out.float(), prefix_lse, own_out, own_lse)

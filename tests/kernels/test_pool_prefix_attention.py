@@ -99,11 +99,11 @@ def test_pool_prefix_attention_matches_dense_and_reference(device, extend_lens, 
     attention = PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=KV_HEADS * GROUP,
                                     max_splits=max_splits, target_programs=MANY_PROGRAMS, sm_scale=SCALING,
                                     **options)
+    attention.plan(qo_indptr, entry_of_request, pool.tables.tables, num_tokens=qo[-1], max_q_len=max(extend_lens))
     generator = torch.Generator().manual_seed(3)
-    for layer in range(LAYERS):
+    for layer in range(LAYERS):  # one plan, every layer
         q = torch.randn(qo[-1], KV_HEADS * GROUP, DIM, generator=generator).to(device)
-        out, lse = attention.run(q, qo_indptr, entry_of_request, pool.tables.tables, layer=layer,
-                                 max_q_len=max(extend_lens))
+        out, lse = attention.run(q, layer=layer)
         expected_out, expected_lse = dense(q, qo, layouts, pool, layer)
         torch.testing.assert_close(lse, expected_lse, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(out.float(), expected_out, atol=1e-4, rtol=1e-4)
@@ -127,10 +127,11 @@ def test_default_launch_reads_long_heads_over_several_blocks_and_chunks(device):
     qo = [0, 1, 2]
     qo_indptr = torch.tensor(qo, dtype=torch.int32, device=device)
     entry_of_request = torch.tensor([row, row], dtype=torch.int32, device=device)
+    attention.plan(qo_indptr, entry_of_request, pool.tables.tables, num_tokens=2, max_q_len=1)
     generator = torch.Generator().manual_seed(5)
     for layer in range(LAYERS):
         q = torch.randn(2, KV_HEADS * GROUP, DIM, generator=generator).to(device)
-        out, lse = attention.run(q, qo_indptr, entry_of_request, pool.tables.tables, layer=layer, max_q_len=1)
+        out, lse = attention.run(q, layer=layer)
         expected_out, expected_lse = dense(q, qo, [layout, layout], pool, layer)
         torch.testing.assert_close(lse, expected_lse, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(out.float(), expected_out, atol=1e-4, rtol=1e-4)
@@ -159,7 +160,8 @@ def test_entries_come_and_go_without_touching_the_kernel_or_its_grid(device):
         entry_of_request = torch.tensor([row for row, _ in live] + [-1], dtype=torch.int32, device=device)
         qo_indptr = torch.arange(len(live) + 2, dtype=torch.int32, device=device)
         q = torch.randn(len(live) + 1, KV_HEADS * GROUP, DIM, generator=generator).to(device)
-        out, lse = attention.run(q, qo_indptr, entry_of_request, pool.tables.tables, layer=2, max_q_len=1)
+        attention.plan(qo_indptr, entry_of_request, pool.tables.tables, num_tokens=len(live) + 1, max_q_len=1)
+        out, lse = attention.run(q, layer=2)
         expected_out, expected_lse = dense(q, qo_indptr.tolist(), [layout for _, layout in live] + [None], pool, 2)
         torch.testing.assert_close(lse, expected_lse, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(out.float(), expected_out, atol=1e-4, rtol=1e-4)
@@ -174,8 +176,9 @@ def test_bf16_pool(device):
                                     sm_scale=SCALING)
     q = torch.randn(2, KV_HEADS * GROUP, DIM, generator=torch.Generator().manual_seed(5)).to(device, torch.bfloat16)
     qo_indptr = torch.tensor([0, 2], dtype=torch.int32, device=device)
-    out, lse = attention.run(q, qo_indptr, torch.tensor([row], dtype=torch.int32, device=device), pool.tables.tables,
-                             layer=0, max_q_len=2)
+    attention.plan(qo_indptr, torch.tensor([row], dtype=torch.int32, device=device), pool.tables.tables,
+                   num_tokens=2, max_q_len=2)
+    out, lse = attention.run(q, layer=0)
     expected_out, expected_lse = dense(q, [0, 2], [layout], pool, 0)
     torch.testing.assert_close(lse, expected_lse, atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(out.float(), expected_out, atol=2e-2, rtol=2e-2)
@@ -204,9 +207,10 @@ def test_rows_are_read_in_vectors_only_where_aligned(device, dtype, start, row_a
     q = torch.randn(1, KV_HEADS * GROUP, DIM, generator=torch.Generator().manual_seed(8)).to(device, dtype)
     qo_indptr = torch.tensor([0, 1], dtype=torch.int32, device=device)
     tolerance = 2e-2 if dtype == torch.bfloat16 else 1e-4
+    attention.plan(qo_indptr, torch.tensor([row], dtype=torch.int32, device=device), pool.tables.tables,
+                   num_tokens=1, max_q_len=1)
     for layer in range(LAYERS):
-        out, lse = attention.run(q, qo_indptr, torch.tensor([row], dtype=torch.int32, device=device),
-                                 pool.tables.tables, layer=layer, max_q_len=1)
+        out, lse = attention.run(q, layer=layer)
         expected_out, expected_lse = dense(q, [0, 1], [layout], pool, layer)
         torch.testing.assert_close(lse, expected_lse, atol=tolerance, rtol=tolerance)
         torch.testing.assert_close(out.float(), expected_out, atol=tolerance, rtol=tolerance)
@@ -232,16 +236,24 @@ def test_bad_inputs_raise(device):
     qo_indptr = torch.tensor([0, 1], dtype=torch.int32, device=device)
     rows = torch.tensor([row], dtype=torch.int32, device=device)
     tables = pool.tables.tables
-    with pytest.raises(ValueError, match="pool's dtype"):
-        attention.run(q.bfloat16(), qo_indptr, rows, tables, layer=0, max_q_len=1)
+    with pytest.raises(ValueError, match="call plan"):
+        attention.run(q, layer=0)
     with pytest.raises(ValueError, match="B \\+ 1 = 2"):
-        attention.run(q, qo_indptr[:1], rows, tables, layer=0, max_q_len=1)
+        attention.plan(qo_indptr[:1], rows, tables, num_tokens=1, max_q_len=1)
     with pytest.raises(ValueError, match="for no request"):
-        attention.run(q, qo_indptr[:1], rows[:0], tables, layer=0, max_q_len=1)
-    with pytest.raises(ValueError, match="layer must be"):
-        attention.run(q, qo_indptr, rows, tables, layer=LAYERS, max_q_len=1)
+        attention.plan(qo_indptr[:1], rows[:0], tables, num_tokens=1, max_q_len=1)
     with pytest.raises(ValueError, match="L \\* Hkv \\+ 1"):
-        attention.run(q, qo_indptr, rows, (tables[0][:, :-1], *tables[1:]), layer=0, max_q_len=1)
+        attention.plan(qo_indptr, rows, (tables[0][:, :-1], *tables[1:]), num_tokens=1, max_q_len=1)
+    for bad in (dict(num_tokens=-1, max_q_len=1), dict(num_tokens=1, max_q_len=0)):
+        with pytest.raises(ValueError, match="num_tokens|max_q_len"):
+            attention.plan(qo_indptr, rows, tables, **bad)
+    attention.plan(qo_indptr, rows, tables, num_tokens=1, max_q_len=1)
+    with pytest.raises(ValueError, match="pool's dtype"):
+        attention.run(q.bfloat16(), layer=0)
+    with pytest.raises(ValueError, match="tokens from the plan"):
+        attention.run(torch.cat([q, q]), layer=0)
+    with pytest.raises(ValueError, match="layer must be"):
+        attention.run(q, layer=LAYERS)
     with pytest.raises(ValueError, match="one shape and dtype|k_buffers\\[0\\] is"):
         PoolPrefixAttention(pool.k_buffers, [buffer[:-1] for buffer in pool.v_buffers], num_q_heads=6)
     with pytest.raises(ValueError, match="max_splits"):
@@ -286,8 +298,8 @@ def test_cuda_graph_replay_follows_batches_and_entries(cuda_only):
 
     def step():
         rows = pool.tables.rows_for_slots(first_slots)
-        return [attention.run(queries, qo_indptr, rows, pool.tables.tables, layer=layer, max_q_len=1)
-                for layer in range(LAYERS)]
+        attention.plan(qo_indptr, rows, pool.tables.tables, num_tokens=batch, max_q_len=1)
+        return [attention.run(queries, layer=layer) for layer in range(LAYERS)]
 
     def load_batch(layouts, seed):
         slots = [layout.slots[0] if layout is not None else no_entry_slot for layout in layouts]
