@@ -23,8 +23,6 @@ import argparse
 import itertools
 import math
 
-import torch
-
 import benchmarking
 from bench_prefix_attention import decode_inputs, full_prefix_baseline, head_lengths, pool_inputs, replayed_ms
 
@@ -49,13 +47,9 @@ def parse_args() -> argparse.Namespace:
         args.documents, args.keep, args.batch, args.heads, args.head_dim = [80], [0.5], [2], [4, 2], 64
         args.block_keys, args.num_warps, args.num_stages, args.waves = [16, 32], [4], [1], [1, 2]
         args.max_splits = [1, 2]
-    for name in ("documents", "batch", "block_keys", "num_warps", "num_stages", "waves", "max_splits"):
+    for name in ("documents", "batch", "waves", "max_splits"):
         if any(value < 1 for value in getattr(args, name)):
             parser.error(f"--{name.replace('_', '-')} takes positive ints")
-    if any(keys < 16 or keys & (keys - 1) for keys in args.block_keys):
-        parser.error("--block-keys takes powers of two >= 16")
-    if any(warps & (warps - 1) for warps in args.num_warps):
-        parser.error("--num-warps takes powers of two")
     num_q_heads, num_kv_heads = args.heads
     if args.head_dim < 1 or num_kv_heads < 1 or num_q_heads < 1 or num_q_heads % num_kv_heads:
         parser.error("--heads takes HQ a multiple of HKV, both positive, and --head-dim a positive int")
@@ -71,10 +65,16 @@ def geometric_mean(values: list[float]) -> float:
 def main() -> None:
     args = parse_args()
     device = benchmarking.choose_device(args.smoke)
-    from lava_sglang.kernels.pool_prefix_attention import PoolPrefixAttention
+    from lava_sglang.kernels import launch  # after choose_device: importing triton reads its interpreter flag
+    from lava_sglang.kernels.pool_prefix_attention import PoolPrefixAttention, check_launch_options
 
+    try:
+        for block_keys, num_warps, num_stages in itertools.product(args.block_keys, args.num_warps, args.num_stages):
+            check_launch_options(block_keys=block_keys, num_warps=num_warps, num_stages=num_stages)
+    except ValueError as error:
+        raise SystemExit(f"--block-keys, --num-warps, --num-stages: {error}") from None
     num_q_heads, num_kv_heads = args.heads
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+    sms = launch.multiprocessors(device)
     print("# PoolPrefixAttention launch options")
     for line in benchmarking.describe_machine(device):
         print(f"machine: {line}")

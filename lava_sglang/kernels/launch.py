@@ -64,14 +64,17 @@ def _multiprocessors(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def programs_to_fill(device: torch.device) -> int:
-    """Programs a launch should have for the device to be busy (a few waves of SMs).
-
-    Under the CPU interpreter programs run one after another, so one is enough there.
-    """
+def multiprocessors(device: torch.device) -> int:
+    """The device's SMs; 1 off CUDA, where the interpreter runs programs one after another."""
     if device.type != "cuda":
         return 1
-    return 4 * _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+    return _multiprocessors(device.index if device.index is not None else torch.cuda.current_device())
+
+
+def programs_to_fill(device: torch.device) -> int:
+    """Programs a launch should have for the device to be busy (a few waves of SMs; one
+    program under the CPU interpreter)."""
+    return 4 * multiprocessors(device) if device.type == "cuda" else 1
 
 
 def split_size(lengths_sum: int, longest: int, programs: int, block: int, max_splits: int = 64) -> int:

@@ -115,6 +115,16 @@ def default_block_keys(head_dim: int) -> int:
     return max(16, min(128, 1 << (fitting.bit_length() - 1)))
 
 
+def check_launch_options(*, block_keys: int, num_warps: int, num_stages: int) -> None:
+    """Raise ValueError unless the kernel can launch with these options: tl.dot needs at least
+    16 keys, tl.arange and the launch powers of two."""
+    check_positive_ints(block_keys=block_keys, num_warps=num_warps, num_stages=num_stages)
+    if block_keys < 16 or block_keys & (block_keys - 1):
+        raise ValueError(f"block_keys must be a power of two >= 16, got {block_keys}")
+    if num_warps & (num_warps - 1):
+        raise ValueError(f"num_warps must be a power of two, got {num_warps}")
+
+
 def _buffer_offsets(name: str, buffers: list[torch.Tensor], first: torch.Tensor) -> list[int]:
     """The layer buffers' offsets in elements from `buffers[0]`: what the kernel finds a row's
     buffer through."""
@@ -191,13 +201,8 @@ class PoolPrefixAttention:
             target_programs = launch.programs_to_fill(device)
         if block_keys is None:
             block_keys = default_block_keys(head_dim)
-        check_positive_ints(max_splits=max_splits, target_programs=target_programs, block_keys=block_keys,
-                            num_warps=num_warps, num_stages=num_stages)
-        # tl.dot needs at least 16 keys; tl.arange and the launch a power of two.
-        if block_keys < 16 or block_keys & (block_keys - 1):
-            raise ValueError(f"block_keys must be a power of two >= 16, got {block_keys}")
-        if num_warps & (num_warps - 1):
-            raise ValueError(f"num_warps must be a power of two, got {num_warps}")
+        check_positive_ints(max_splits=max_splits, target_programs=target_programs)
+        check_launch_options(block_keys=block_keys, num_warps=num_warps, num_stages=num_stages)
         set_heads(self, num_q_heads, num_kv_heads, head_dim, sm_scale)
         self.max_splits = max_splits
         self.target_programs = target_programs
