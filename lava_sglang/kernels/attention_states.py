@@ -16,6 +16,12 @@ import functools
 import torch
 
 
+def causal_visibility(query_len: int, key_len: int, device: torch.device) -> torch.Tensor:
+    """[T, S] bool: the T queries are the last T of the S keys, each sees itself and earlier."""
+    query_pos = torch.arange(key_len - query_len, key_len, device=device)[:, None]
+    return torch.arange(key_len, device=device)[None, :] <= query_pos
+
+
 def attention_with_lse(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:

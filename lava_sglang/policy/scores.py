@@ -12,6 +12,8 @@ import math
 import torch
 import torch.nn.functional as F
 
+from lava_sglang.kernels.attention_states import causal_visibility
+
 
 def window_attention_mass(q_window: torch.Tensor, keys: torch.Tensor, gqa_reduce: str) -> torch.Tensor:
     """Mean attention each prefix key receives from the window queries, reduced per KV head.
@@ -29,8 +31,7 @@ def window_attention_mass(q_window: torch.Tensor, keys: torch.Tensor, gqa_reduce
     k = keys.float()
     logits = torch.einsum("hgrd,hjd->hgrj", q, k) / math.sqrt(head_dim)
     # Window query r sits at position prefix_len + r and must not see later window keys.
-    future = torch.ones(window, window, dtype=torch.bool, device=keys.device).triu(diagonal=1)
-    logits[..., prefix_len:].masked_fill_(future, float("-inf"))
+    logits[..., prefix_len:].masked_fill_(~causal_visibility(window, window, keys.device), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return reduce_query_group(probs[..., :prefix_len].mean(dim=2), gqa_reduce)
 
@@ -53,9 +54,7 @@ def prefix_attention_mass(
     q = queries.float().view(num_kv_heads, group, rows, head_dim)
     k = torch.cat([keys.float(), own_keys.float()], dim=1)
     logits = torch.einsum("hgrd,hjd->hgrj", q, k) / math.sqrt(head_dim)
-    own_pos = torch.arange(own_len, device=keys.device)[None, :]
-    query_pos = torch.arange(own_len - rows, own_len, device=keys.device)[:, None]
-    logits[..., keys.shape[1]:].masked_fill_(own_pos > query_pos, float("-inf"))
+    logits[..., keys.shape[1]:].masked_fill_(~causal_visibility(rows, own_len, keys.device), float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return reduce_query_group(probs[..., :prefix_len].mean(dim=2), gqa_reduce)
 

@@ -23,8 +23,9 @@ from __future__ import annotations
 
 import torch
 
-from lava_sglang.kernels.attention_states import (attention_with_lse, flash_extend_attention_with_lse,
-                                                  merge_attention_states, rows_attention_with_lse)
+from lava_sglang.kernels.attention_states import (attention_with_lse, causal_visibility,
+                                                  flash_extend_attention_with_lse, merge_attention_states,
+                                                  rows_attention_with_lse)
 from lava_sglang.sglang_plugin.own_attention import FlashInferOwnAttention, OwnTokenAttention, lengths_indptr
 from lava_sglang.sglang_plugin.touchpoints import flashinfer_own_wrappers, kv_write_loc
 from lava_sglang.store import LayoutTables, StoreEntry, read_layer
@@ -182,9 +183,7 @@ def _own_states_extend(queries, layer, forward_batch, entries, prefix_lens, exte
         if flash is not None:
             out, lse = flash[0][None], flash[1][None]
         else:
-            query_pos = torch.arange(prefix_len, seq_len, device=queries.device)
-            key_pos = torch.arange(own_start, seq_len, device=queries.device)
-            visible = key_pos[None, :] <= query_pos[:, None]
+            visible = causal_visibility(extend_len, seq_len - own_start, queries.device)
             out, lse = attention_with_lse(query, own_keys, own_values, visible.view(1, 1, 1, extend_len, -1),
                                           layer.scaling)
         own_out[start:start + extend_len] = out[0].permute(2, 0, 1, 3).reshape(extend_len, num_q_heads, -1)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lava_sglang.kernels import attention_states
-from lava_sglang.kernels.attention_states import (attention_with_lse, flash_attention_with_lse,
+from lava_sglang.kernels.attention_states import (attention_with_lse, causal_visibility, flash_attention_with_lse,
                                                   flash_extend_attention_with_lse, merge_attention_states, merge_states,
                                                   rows_attention_with_lse)
 
@@ -134,6 +134,12 @@ def test_rows_attention_is_every_row_over_every_key(flash, dtype, monkeypatch):
     assert out.dtype == lse.dtype == torch.float32
     torch.testing.assert_close(lse, logits.logsumexp(-1).float())
     torch.testing.assert_close(out, (logits.softmax(-1) @ values.double()).float())
+
+
+def test_causal_visibility_places_the_queries_at_the_end_of_the_keys():
+    assert causal_visibility(2, 4, torch.device("cpu")).tolist() == [[True, True, True, False], [True] * 4]
+    assert causal_visibility(3, 3, torch.device("cpu")).tolist() == [[True, False, False], [True, True, False],
+                                                                     [True, True, True]]
 
 
 @pytest.mark.parametrize(("num_rows", "num_keys"), [(5, 12), (5, 5), (1, 9), (7, 8)])
