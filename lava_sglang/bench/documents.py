@@ -7,6 +7,7 @@ Everything is derived from a seed, so a run is reproducible. No dataset hub is n
 from __future__ import annotations
 
 import random
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -15,6 +16,8 @@ SYSTEM_PROMPT = "You are a helpful assistant. Answer questions about the documen
 FACT_TEMPLATE = "The special code for {key} is {code}."
 RETRIEVAL_QUESTION = "What is the special code for {key}? Answer with the number only."
 CODE_DIGITS = 7
+#: An answer names a code when it holds CODE_DIGITS digits in a row.
+CODE_PATTERN = re.compile(rf"\d{{{CODE_DIGITS}}}")
 
 # Keys are "<adjective> <noun>" pairs: distinct, easy to ask about, absent from the topics.
 _ADJECTIVES = [
@@ -96,6 +99,9 @@ def retrieval_documents(
             raise ValueError(f"at most {min(len(_ADJECTIVES), len(_NOUNS))} facts per document, got {num_facts}")
         fact_tokens = count_tokens(FACT_TEMPLATE.format(key="amber falcon", code="1234567")) + 1
         paragraphs = _filler(rng, count_tokens, target_tokens - num_facts * fact_tokens)
+        if len(paragraphs) - 1 < num_facts:
+            raise ValueError(f"a {target_tokens}-token document has room for {max(len(paragraphs) - 1, 0)} planted "
+                             f"facts, not {num_facts}: give more tokens or fewer facts")
         # No word is shared by two keys of one document, so a key is never half right.
         keys = [f"{adjective} {noun}" for adjective, noun in
                 zip(rng.sample(_ADJECTIVES, num_facts), rng.sample(_NOUNS, num_facts))]

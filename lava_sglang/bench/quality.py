@@ -29,7 +29,6 @@ import json
 import math
 import platform
 import random
-import re
 import time
 from collections import defaultdict
 from collections.abc import Sequence
@@ -39,7 +38,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lava_sglang.bench.documents import (CODE_DIGITS, Document, fidelity_documents, prompt_parts,
+from lava_sglang.argtypes import COMPRESSING_POLICIES
+from lava_sglang.bench.documents import (CODE_PATTERN, Document, fidelity_documents, prompt_parts,
                                          retrieval_documents)
 from lava_sglang.bench.stats import mean_interval, wilson_interval
 from lava_sglang.policy import POLICIES, WINDOW_COMBINES, make_observe, make_policy, policy_name
@@ -49,15 +49,13 @@ TASKS = ("retrieval", "fidelity")
 MODES = ("compress_once", "query_aware")
 SPLITS = ("at_compression", "later")
 FIDELITY_QUESTIONS_PER_DOCUMENT = 4
-CODE_PATTERN = re.compile(rf"\d{{{CODE_DIGITS}}}")
 
 
 @dataclass
 class QualityConfig:
     contexts: list[int] = field(default_factory=lambda: [2048, 4096])
     questions: list[int] = field(default_factory=lambda: [40, 12])  # per task, one per context
-    policies: list[str] = field(default_factory=lambda: ["lava", "snapkv", "ada_snapkv", "pyramidkv",
-                                                         "streamingllm"])
+    policies: list[str] = field(default_factory=lambda: list(COMPRESSING_POLICIES))
     keep_ratios: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.4])
     modes: list[str] = field(default_factory=lambda: list(MODES))
     #: Observation sources of compress_once (query_aware always scores with its own tail).
@@ -91,6 +89,12 @@ class QualityConfig:
                 raise ValueError(f"{name}: unknown {unknown}; choose from {sorted(allowed)}")
         if not self.observe or len(set(self.observe)) != len(self.observe):
             raise ValueError(f"observe: give distinct sources, got {self.observe}")
+        for name in ("contexts", "policies", "keep_ratios", "modes", "tasks", "query_aware_splits"):
+            values = getattr(self, name)
+            if len(set(values)) != len(values):  # a repeated cell would count its questions twice
+                raise ValueError(f"{name}: give distinct values, got {values}")
+            if not values and name != "query_aware_splits":
+                raise ValueError(f"{name}: give at least one")
         if self.branch_combine not in WINDOW_COMBINES:
             raise ValueError(f"branch_combine must be one of {list(WINDOW_COMBINES)}, got {self.branch_combine!r}")
         if "full" in map(policy_name, self.policies):

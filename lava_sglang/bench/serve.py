@@ -39,11 +39,11 @@ from pathlib import Path
 
 import requests
 
-from lava_sglang.argtypes import keep_ratio, positive_int
+from lava_sglang.argtypes import COMPRESSING_POLICIES, keep_ratio, positive_float, positive_int
 from lava_sglang.bench.serve_workload import (MISS_SLACK, ORDERS, build_workload, program_inputs, summarize,
                                               timed_endpoint, visit_records)
 
-POLICIES = ["none", "lava", "kvzip", "snapkv", "ada_snapkv", "pyramidkv", "streamingllm"]
+POLICIES = ["none", *COMPRESSING_POLICIES]
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "docs" / "results"
 MAX_FACTS = 20  # retrieval_documents plants at most 20 distinct facts in a document
 # --memory-bound's defaults (each overridable by its flag).
@@ -89,6 +89,9 @@ class ServeConfig:
             raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
         if self.context < 128:
             raise ValueError(f"context must be >= 128 tokens, got {self.context}")
+        if not (0 < self.max_seconds < math.inf and 0 < self.sample_interval < math.inf):
+            raise ValueError(f"max_seconds and sample_interval must be finite and > 0, got {self.max_seconds} and "
+                             f"{self.sample_interval}")
         if self.url:
             check_loopback(self.url)
 
@@ -430,9 +433,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--resident-documents", type=positive_int, help="--memory-bound: documents stock SGLang's pool holds "
         "(default 3)")
     add("--memory-bound", action="store_true", help="the memory-bound comparison (see the module doc)")
-    add("--max-seconds", type=float, default=900.0, help="workload time per policy, server start excluded; "
+    add("--max-seconds", type=positive_float, default=900.0, help="workload time per policy, server start excluded; "
         "no visit starts after it (default 900)")
-    add("--sample-interval", type=float, default=2.0, help="seconds between /server_info samples (default 2)")
+    add("--sample-interval", type=positive_float, default=2.0, help="seconds between /server_info samples (default 2)")
     add("--server-args", default="",
         help="extra server flags, one string, given with = (--server-args=\"--kv-window 64\")")
     add("--seed", type=int, default=0, help="document seed (default 0)")
@@ -447,6 +450,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 
 
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
+    if args.url:  # flags for the servers this command starts, which --url replaces
+        starting = [flag for flag, value in (("--model", args.model), ("--policies", args.policies),
+                                             ("--max-total-tokens", args.max_total_tokens),
+                                             ("--server-args", args.server_args), ("--log-dir", args.log_dir))
+                    if value]
+        if starting:
+            raise ValueError(f"{', '.join(starting)} set the servers this command starts; with --url it starts "
+                             "none (start the server with those flags yourself)")
     defaults = MEMORY_BOUND if args.memory_bound else STANDARD
 
     def pick(name):
@@ -476,9 +487,10 @@ def run(args: argparse.Namespace) -> int:
         config = config_from_args(args)
         config.validate()
         result = run_benchmark(config, progress=not args.no_progress, log_dir=args.log_dir)
-        result["meta"]["command"] = "lava-sglang bench serve " + " ".join(
-            shlex.quote(a) for a in getattr(args, "argv", None) or sys.argv[1:]
-            if a not in ("bench", "serve"))
+        argv = getattr(args, "argv", None) or sys.argv[1:]
+        if argv[:2] == ["bench", "serve"]:  # as `lava-sglang bench serve` passes them
+            argv = argv[2:]
+        result["meta"]["command"] = "lava-sglang bench serve " + " ".join(shlex.quote(a) for a in argv)
     notes = Path(args.notes) if args.notes else out_dir / f"{stem}_notes.md"
     if notes.is_file():
         result["notes"] = notes.read_text()

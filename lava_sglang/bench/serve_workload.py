@@ -8,16 +8,14 @@ from __future__ import annotations
 import copy
 import json
 import math
-import re
 import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lava_sglang.bench.documents import CODE_DIGITS, Document, prompt_parts
+from lava_sglang.bench.documents import Document, prompt_parts
 from lava_sglang.bench.stats import wilson_interval
 
-CODE_PATTERN = re.compile(rf"\d{{{CODE_DIGITS}}}")
 ORDERS = ("grouped", "interleaved")
 #: A request counts as a document recomputation (a cache miss) when it found fewer than
 #: (document tokens - MISS_SLACK) tokens in the cache. The slack covers the prompt's last

@@ -39,6 +39,9 @@ def test_documents_are_reproducible_from_the_seed():
 def test_too_many_facts_is_refused():
     with pytest.raises(ValueError, match="at most 20 facts"):
         retrieval_documents(count_words, 800, [21], seed=0)
+    for tokens, facts in ((1, 1), (300, 20)):  # fewer paragraph boundaries than facts
+        with pytest.raises(ValueError, match=f"room for .* planted facts, not {facts}: give more tokens"):
+            retrieval_documents(count_words, tokens, [facts], seed=0)
 
 
 def test_fidelity_documents_have_open_questions():
@@ -83,6 +86,10 @@ def test_mean_interval():
     ({"keep_ratios": [0.0]}, "keep_ratios must be in"),
     ({"contexts": [2048, 16]}, "contexts >= 64"),
     ({"facts_per_document": [4, 0]}, "facts_per_document"),
+    ({"keep_ratios": [0.2, 0.2]}, "keep_ratios: give distinct values"),
+    ({"policies": ["lava", "snapkv", "lava"]}, "policies: give distinct values"),
+    ({"contexts": [2048, 2048], "questions": [4, 4]}, "contexts: give distinct values"),
+    ({"tasks": []}, "tasks: give at least one"),
 ])
 def test_quality_config_validation(changes, message):
     with pytest.raises(ValueError, match=message):

@@ -99,6 +99,34 @@ def test_memory_bound_defaults_and_capacity():
     assert memory_bound_capacity([1000, 1100], 3) % 64 == 0
 
 
+def test_flags_for_started_servers_are_refused_with_url_and_times_must_be_positive(capsys):
+    parser = add_arguments(__import__("argparse").ArgumentParser())
+    url = ["--url", "http://127.0.0.1:30000"]
+    assert config_from_args(parser.parse_args(url + ["--memory-bound"])).url == url[1]
+    for flags in (["--policies", "lava"], ["--max-total-tokens", "4096"], ["--server-args=--kv-window 64"]):
+        with pytest.raises(ValueError, match=f"{flags[0].split('=')[0]} set the servers this command starts"):
+            config_from_args(parser.parse_args(url + flags))
+    for flag in ("--max-seconds", "--sample-interval"):
+        for bad in ("0", "-1", "inf"):
+            with pytest.raises(SystemExit):
+                parser.parse_args([flag, bad])
+        assert "finite number > 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="sample_interval must be finite and > 0"):
+        ServeConfig(sample_interval=0).validate()
+
+
+def test_the_recorded_command_drops_only_the_subcommand(tmp_path, monkeypatch):
+    monkeypatch.setattr(serve, "run_benchmark", lambda config, progress, log_dir: {"records": [], "meta": {}})
+    written = {}
+    monkeypatch.setattr("lava_sglang.bench.serve_report.write_serving_report",
+                        lambda result, out_dir, stem: written.update(result) or [])
+    parser = add_arguments(__import__("argparse").ArgumentParser())
+    args = parser.parse_args(["--name", "serve", "--out", str(tmp_path)])
+    args.argv = ["bench", "serve", "--name", "serve", "--out", str(tmp_path)]
+    assert serve.run(args) == 0
+    assert written["meta"]["command"] == f"lava-sglang bench serve --name serve --out {tmp_path}"
+
+
 def test_server_args_and_validation():
     config = ServeConfig(budget=0.2, server_args=["--kv-window", "64"])
     args = policy_server_args("lava", config, 4096, cuda=False)

@@ -202,6 +202,12 @@ def test_streaming_builder_with_precomputed_scores_gives_the_same_plan(policy):
     assert all(torch.equal(a, b) for la, lb in zip(streamed.kept, direct.kept) for a, b in zip(la, lb))
 
 
+def test_streaming_builder_takes_layer_scores_not_a_bare_tensor():
+    builder = PlanBuilder(make_policy("lava", window=8), 0.3, seq_len=48, num_layers=1, num_kv_heads=2)
+    with pytest.raises(ValueError, match=r"takes a LayerScores\(scores, entropy\), got Tensor"):
+        builder.add_layer_scores(torch.ones(2, 40))
+
+
 def test_low_precision_inputs_are_scored_in_fp32():
     q, k, v = random_layers(num_layers=2, seq_len=40, window=8)
     half = compress_plan("lava", [t.bfloat16() for t in q], [t.bfloat16() for t in k], [t.bfloat16() for t in v],
