@@ -266,8 +266,13 @@ class StoreEntry:
     table_row: int | None = None  # its row in the store's LayoutTables, if it keeps them
 
     @property
+    def full_rows(self) -> int:
+        """Rows the prefix takes uncompressed: every layer and KV head, every token."""
+        return self.layout.num_layers * self.layout.num_kv_heads * self.prefix_len
+
+    @property
     def kept_ratio(self) -> float:
-        return self.layout.kept_rows / (self.layout.num_layers * self.layout.num_kv_heads * self.prefix_len)
+        return self.layout.kept_rows / self.full_rows
 
     @property
     def bytes_stored(self) -> int:
@@ -275,8 +280,7 @@ class StoreEntry:
 
     @property
     def bytes_saved(self) -> int:
-        full_rows = self.layout.num_layers * self.layout.num_kv_heads * self.prefix_len
-        return (full_rows - self.layout.kept_rows) * self.bytes_per_row
+        return (self.full_rows - self.layout.kept_rows) * self.bytes_per_row
 
 
 class CompressedStore:

@@ -136,7 +136,8 @@ class CompressedPrefixPath:
         return out.to(q.dtype).view(-1, num_q_heads * layer.v_head_dim), lse
 
     def _own_kernel_states(self, queries, k, v, layer, forward_batch, entries, prefix_lens, extend_lens, decode):
-        """`_own_states_*` by the wrapped backend's kernels, planned at the batch's first layer."""
+        """The own-token states (`_own_states_extend`, `OwnDecodeRows` on the torch path) by the
+        wrapped backend's kernels, planned at the batch's first layer."""
         k_buffer = _cache.kv_pool.get_key_buffer(layer.layer_id)
         v_buffer = _cache.kv_pool.get_value_buffer(layer.layer_id)
         if self._own is None:

@@ -197,6 +197,7 @@ class CompressedRadixCache(RadixCache):
                         req.rid, node.entry.entry_id)
 
     # ------------------------------------------------------------ accounting
+    # inc_lock_ref, dec_lock_ref and evict follow SGLang 0.5.23's bodies (touchpoints.RADIX_CACHE_METHODS).
 
     def inc_lock_ref(self, node) -> IncLockRefResult:
         if self.disable:
@@ -223,6 +224,8 @@ class CompressedRadixCache(RadixCache):
                 delta += node_size(node)
             node.lock_ref -= 1
             self._update_leaf_status(node)
+            if node.parent is None:
+                assert node is self.root_node, "This request holds the node from another tree"
             node = node.parent
         return DecLockRefResult(delta=delta)
 

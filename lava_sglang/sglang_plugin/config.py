@@ -302,6 +302,9 @@ def check_server_args(config: KvPolicyConfig, args: argparse.Namespace, device: 
     runs on; None where SGLang finds none, and then stops with its own error); raises
     ConfigError."""
     if not config.enabled:
+        if getattr(args, "radix_cache_backend", None) == RADIX_CACHE_BACKEND:
+            raise ConfigError(f"--radix-cache-backend {RADIX_CACHE_BACKEND} is chosen by --kv-policy; pass "
+                              "--kv-policy instead")
         return
     backends = attention_backends_for(device) if device is not None else SUPPORTED_ATTENTION_BACKENDS
     on_accelerator = device is not None and not is_cpu(device)

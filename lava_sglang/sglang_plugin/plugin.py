@@ -29,6 +29,7 @@ def register() -> None:
     if _registered:
         return
     _registered = True
+    _warn_on_another_sglang()
     touchpoints.register_radix_cache_backend(touchpoints.RADIX_CACHE_BACKEND, create_radix_cache)
     hooks, hook_type = touchpoints.hook_registry()
     hooks.register(touchpoints.ADD_CLI_ARGS, _after_add_cli_args, hook_type.AFTER)
@@ -40,6 +41,13 @@ def register() -> None:
         backends = touchpoints.attention_backends()
         for name in SUPPORTED_ATTENTION_BACKENDS:
             backends[name] = attention.wrap_factory(backends[name])
+
+
+def _warn_on_another_sglang() -> None:
+    installed = touchpoints.installed_sglang_version()
+    if installed != touchpoints.SGLANG_VERSION:
+        logger.warning("lava: written against SGLang %s, found %s; the touch points in "
+                       "lava_sglang/sglang_plugin/touchpoints.py may have moved", touchpoints.SGLANG_VERSION, installed)
 
 
 def _after_add_cli_args(result, parser):
@@ -107,7 +115,8 @@ def _after_internal_state(result, controller, *args, **kwargs):
     cache = attention.bound_cache()
     # The compressed store and pool under a policy; the pool alone under --kv-policy none, so
     # benchmarks measure stock SGLang's memory the same way.
-    counters = {"store": cache.stats()} if cache is not None else {"pool": touchpoints.pool_counters(controller)}
+    pool = touchpoints.pool_counters(controller)
+    counters = {"store": {**cache.stats(), **pool}} if cache is not None else {"pool": pool}
     result.internal_state["lava_kv_policy"] = {**config.__dict__, **counters}
     return result
 
@@ -129,11 +138,11 @@ def create_radix_cache(ctx):
                            labels={"model_name": ctx.server_args.served_model_name},
                            records_events=tensor_parallel is None or tensor_parallel.rank == 0)
     server_args = ctx.server_args
-    repetitions = (RepetitionClient(server_args.url(), ctx.model_config.context_len, server_args.api_key,
-                                    dp_rank=touchpoints.dp_rank())
-                   if config.observe == RECONSTRUCT else None)
-    cache = LavaRadixCache(ctx.params, config=config, kv_pool=kv_pool, metrics=metrics, repetition_client=repetitions,
-                           tensor_parallel=tensor_parallel)
+    repetition_client = (RepetitionClient(server_args.url(), ctx.model_config.context_len, server_args.api_key,
+                                          dp_rank=touchpoints.dp_rank())
+                         if config.observe == RECONSTRUCT else None)
+    cache = LavaRadixCache(ctx.params, config=config, kv_pool=kv_pool, metrics=metrics,
+                           repetition_client=repetition_client, tensor_parallel=tensor_parallel)
     attention.bind(cache)
     logger.info("lava: KV policy %s, options %s", config.policy, config)
     return cache
@@ -143,18 +152,18 @@ def _check_model(ctx, config: KvPolicyConfig, tensor_parallel=None) -> None:
     """Refuse models and engine states the plugin cannot serve, at start-up, with the reason.
     tensor_parallel: this scheduler's `TensorParallel`, None without."""
     model_config = ctx.model_config
-    sharding_refusal = None
+    sharding_refusals = []
     if tensor_parallel is not None:
         num_kv_heads = model_config.get_total_num_kv_heads()
         if num_kv_heads % tensor_parallel.world_size:
             # SGLang then gives ranks copies of shared KV heads, which a plan over all heads
             # would count as distinct heads.
-            sharding_refusal = (f"--tp-size {tensor_parallel.world_size} must divide the model's {num_kv_heads} KV "
-                                "heads")
+            sharding_refusals.append(f"--tp-size {tensor_parallel.world_size} must divide the model's "
+                                     f"{num_kv_heads} KV heads")
         try:
             HeadShard.check_policy(config.make_policy())
         except ValueError as error:
-            sharding_refusal = f"--tp-size {tensor_parallel.world_size}: {error}"
+            sharding_refusals.append(f"--tp-size {tensor_parallel.world_size}: {error}")
     hf_config = model_config.hf_config
     backend = ctx.tp_worker.model_runner.attn_backend
     model = ctx.tp_worker.model_runner.model
@@ -176,7 +185,7 @@ def _check_model(ctx, config: KvPolicyConfig, tensor_parallel=None) -> None:
          f"KV pool {type(kv_pool).__name__} is not a plain per-layer K/V pool"),
         (not hasattr(backend, "compressed_prefix_path"),
          f"attention backend {type(backend).__name__}: supported: {', '.join(SUPPORTED_ATTENTION_BACKENDS)}"),
-        (sharding_refusal is not None, sharding_refusal),
+        (bool(sharding_refusals), "; ".join(sharding_refusals)),  # both, so that one fix does not reveal the other
     ]
     for refused, reason in refusals:
         if refused:

@@ -105,11 +105,10 @@ class LavaRadixCache(CompressedRadixCache):
         super().reset()
 
     def stats(self) -> dict:
+        """The store's and the repetitions' counters for /server_info (the plugin adds the
+        pool's, `touchpoints.pool_counters`)."""
         return {
             **self.store.stats(),
-            "pool_available": self.token_to_kv_pool_allocator.available_size(),
-            "evictable": self.evictable_size_,
-            "protected": self.protected_size_,
             "pending": len(self.pending),
             "repetitions": len(self._live_repetitions()),
             "repetition_scored": [[scores.num_scored, scores.num_queries] for scores in self._live_repetitions()],
@@ -271,9 +270,9 @@ class LavaRadixCache(CompressedRadixCache):
                 self.repetitions_started += 1
             except Exception as error:  # a tokenizer failure must not stop the scheduler
                 reason = f"the repeat instruction could not be tokenized ({error})"
-        if scores is not None and max(map(len, scores.input_ids)) >= client.max_tokens:  # SGLang refuses >=
+        if scores is not None and max(map(len, scores.input_ids)) >= client.context_len:  # SGLang refuses >=
             reason = (f"the prefix and its repetition chunk (--kv-observe-chunk {self.config.observe_chunk}) exceed "
-                      f"the context length {client.max_tokens}")
+                      f"the context length {client.context_len}")
         if reason is not None:
             logger.warning("lava: no repetition of a %d-token prefix: %s; compressed by its tail",
                            len(req.origin_input_ids), reason)
@@ -469,8 +468,15 @@ class LavaRadixCache(CompressedRadixCache):
         kept_lengths = torch.tensor([[len(rows) for rows in heads] for heads in kept], dtype=torch.int64)
         kept_rows = int(kept_lengths.sum())
         # Every TP rank takes the slots the rank with the most rows needs: pools stay alike.
-        num_slots = slots_needed(kept_rows if tensor_parallel is None else tensor_parallel.largest(kept_rows),
-                                 *kept_lengths.shape)
+        largest_rows = kept_rows if tensor_parallel is None else tensor_parallel.largest(kept_rows)
+        if largest_rows == 0:
+            # A copy without slots has a row of padding only, which no request could tell from
+            # its own tokens (e.g. a 1-token budget with --kv-window 1 keeps the fork's last token,
+            # which the copy leaves to the branches).
+            logger.warning("lava: the plan keeps no row of a %d-token prefix (budget %s, window %d); kept "
+                           "uncompressed", len(prefix_key), self.config.budget, self.config.window)
+            return None
+        num_slots = slots_needed(largest_rows, *kept_lengths.shape)
         owned = self.alloc_slots(num_slots)
         if owned is None:
             logger.warning("lava: no room for %d slots to compress a %d-token prefix; kept uncompressed",

@@ -193,17 +193,17 @@ class RepetitionClient:
     from a daemon thread (the scheduler loop must not wait on its own HTTP server), and aborts
     them.
 
-    max_tokens: the model's context length; every chunk request (prefix, instruction, chunk)
+    context_len: the model's context length; every chunk request (prefix, instruction, chunk)
     must fit in it.
     dp_rank: with `--dp-size` > 1, the data-parallel rank of the scheduler sending them: the
     chunks must reach the rank whose cache holds the prefix, not whichever rank SGLang's
     controller picks.
     """
 
-    def __init__(self, url: str, max_tokens: int, api_key: str | None = None, timeout: float = 600.0,
+    def __init__(self, url: str, context_len: int, api_key: str | None = None, timeout: float = 600.0,
                  dp_rank: int | None = None):
         self.url = url.rstrip("/")
-        self.max_tokens = max_tokens
+        self.context_len = context_len
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         self.timeout = timeout
         self.routing = {} if dp_rank is None else {"routed_dp_rank": dp_rank}

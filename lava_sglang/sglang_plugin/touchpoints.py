@@ -8,7 +8,13 @@ from __future__ import annotations
 
 import sys
 
-SGLANG_VERSION = "0.5.23"
+SGLANG_VERSION = "0.5.23"  # the version pinned in pyproject.toml; the plugin warns on any other
+
+
+def installed_sglang_version() -> str:
+    from importlib.metadata import version
+
+    return version("sglang")
 
 # Hook targets (sglang.srt.plugins.hook_registry).
 ADD_CLI_ARGS = "sglang.srt.server_args.ServerArgs.add_cli_args"  # add the --kv-* flags
@@ -25,6 +31,15 @@ INTERNAL_STATE = (  # /server_info -> internal_states[i]["lava_kv_policy"]
 
 # The radix cache backend name passed to --radix-cache-backend.
 RADIX_CACHE_BACKEND = "lava"
+
+# RadixCache internals, beyond the prefix-cache API, that the compressed tree
+# (compressed_tree.py) overrides, calls or keeps up to date (mem_cache/radix_cache.py); a
+# test checks they exist. inc_lock_ref, dec_lock_ref and evict are overridden with 0.5.23's
+# bodies, changed where a compressed node counts its owned slots, not its key's length: diff
+# them against the new version on an upgrade.
+RADIX_CACHE_METHODS = ("_match_prefix_helper", "_insert_helper", "_split_node", "_delete_leaf",
+                       "_update_leaf_status", "update_eviction_metrics", "inc_lock_ref", "dec_lock_ref", "evict")
+RADIX_CACHE_STATE = ("evictable_leaves", "evictable_size_", "protected_size_", "kv_events", "eviction_strategy")
 
 
 def radix_cache_api():

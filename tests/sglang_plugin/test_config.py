@@ -144,6 +144,13 @@ def test_combinations_that_cannot_work_are_refused(option, value, reason):
     check_server_args(KvPolicyConfig(), argparse.Namespace(**{option: value}), "cpu")  # policy none: stock
 
 
+def test_the_plugins_radix_cache_without_a_policy_is_refused_at_launch():
+    # Refused by the launcher, before the model loads (create_radix_cache would refuse it too,
+    # in the scheduler process, after loading).
+    with pytest.raises(ConfigError, match="--radix-cache-backend lava is chosen by --kv-policy"):
+        check_server_args(KvPolicyConfig(), argparse.Namespace(radix_cache_backend="lava"), "cpu")
+
+
 @pytest.mark.parametrize("option, value, reason", [
     ("attention_backend", "fa3", "--attention-backend fa3: supported with a policy on cuda: "
                                  "triton, flashinfer, torch_native"),

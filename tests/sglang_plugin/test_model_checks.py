@@ -5,6 +5,7 @@ compressed-prefix path): each names its reason."""
 
 from __future__ import annotations
 
+import logging
 from types import SimpleNamespace
 
 import pytest
@@ -98,6 +99,9 @@ def test_under_tensor_parallel_a_policy_gathered_scores_cannot_plan_is_refused()
         _check_model(server_context(), KvPolicyConfig(policy="lava:layer_budget=entropy,sink_tokens=4"),
                      tensor_parallel)
     _check_model(server_context(), KvPolicyConfig(policy="lava:layer_budget=entropy,sink_tokens=4"))
+    with pytest.raises(ConfigError, match=r"must divide the model's 3 KV heads; --tp-size 2: lava: entropy"):
+        _check_model(server_context(), KvPolicyConfig(policy="lava:layer_budget=entropy,sink_tokens=4"),
+                     SimpleNamespace(world_size=2))  # both reasons at once
 
 
 @pytest.mark.parametrize("backend, given, expected", [
@@ -112,3 +116,14 @@ def test_a_cpu_parallel_group_gets_no_pynccl_communicator(backend, given, expect
         return use_pynccl
 
     assert _around_init_model_parallel_group(original, [[0, 1, 2]], 0, backend, **given) is expected
+
+
+def test_another_sglang_version_is_warned_about(monkeypatch, caplog):
+    from lava_sglang.sglang_plugin import plugin, touchpoints
+
+    with caplog.at_level(logging.WARNING, logger="lava_sglang.sglang_plugin.plugin"):
+        plugin._warn_on_another_sglang()
+        assert not caplog.text  # the pinned version is installed
+        monkeypatch.setattr(touchpoints, "installed_sglang_version", lambda: "0.6.0")
+        plugin._warn_on_another_sglang()
+    assert "written against SGLang 0.5.23, found 0.6.0" in caplog.text

@@ -444,6 +444,35 @@ def test_a_compression_that_fails_leaves_the_prefix_uncompressed_and_leaks_nothi
     assert_all_released(stub)
 
 
+def test_the_radix_cache_internals_the_tree_relies_on_exist_in_this_sglang():
+    from lava_sglang.sglang_plugin import touchpoints
+
+    radix_cache = touchpoints.radix_cache_api()[0]
+    assert [name for name in touchpoints.RADIX_CACHE_METHODS if not callable(getattr(radix_cache, name, None))] == []
+    assert [name for name in touchpoints.RADIX_CACHE_STATE if name not in vars(make_stub().cache)] == []
+
+
+def test_a_plan_that_keeps_no_row_leaves_the_prefix_uncompressed(monkeypatch, caplog):
+    """A compressed copy needs one row at least: a row of padding alone would read as the
+    requests' own tokens."""
+    from lava_sglang.sglang_plugin import radix_cache
+
+    def keeps_nothing(policy, budget, *args, **kwargs):
+        planned = plan_prefix(policy, budget, *args, **kwargs)
+        return [[rows[:0] for rows in heads] for heads in planned]
+
+    plan_prefix = radix_cache.plan_prefix
+    stub = make_stub()
+    monkeypatch.setattr(radix_cache, "plan_prefix", keeps_nothing)
+    with caplog.at_level(logging.WARNING, logger="lava_sglang.sglang_plugin.radix_cache"):
+        commit(stub, document(0))
+    assert "the plan keeps no row of a 199-token prefix" in caplog.text
+    assert not stub.compressed_nodes() and not stub.cache.store.entries
+    assert stub.cache.evictable_size() == 200
+    run(stub, document(0) + question(0))
+    assert_all_released(stub)
+
+
 def test_a_retracted_second_sharer_compresses_the_shared_prefix_when_it_finishes_after_all():
     stub = make_stub(compress_on=(SHARED,))
     run(stub, document(0) + question(0))
