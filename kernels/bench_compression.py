@@ -99,8 +99,8 @@ def main() -> None:
                      for _ in range(args.layers)]
         values = v_buffer[slots].transpose(0, 1).float()
         layer_scores = [
-            policy.scores_from_mass(window_statistics(q, k_buffer, v_buffer, slots, gqa_reduce=policy.gqa_reduce,
-                                                      pool_kernel=1, scale_by_value_norm=False).pooled, values)
+            policy.scores_from_mass(window_statistics(q, k_buffer, v_buffer, slots, gqa_reduce=policy.gqa_reduce).mass,
+                                    values)
             for q in q_windows
         ]
         for keep in args.keep:

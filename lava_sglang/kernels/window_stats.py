@@ -1,9 +1,9 @@
 """Window statistics of one layer read in place from SGLang's KV pool (lava.md, "Per-layer score").
 
-What the policy needs from a layer of an n-token document: the mean attention the last w
-queries pay each of the m = n - w prefix keys, reduced over the G query heads of a KV group
-(max for LAVa, mean for the SnapKV family), max-pooled along keys; the largest value L1 norm
-per KV head (vbar) and the entropy of the final scores. The torch reference
+What a window policy needs from a layer of an n-token document that only the layer's keys
+give: the mean attention the last w queries pay each of the m = n - w prefix keys, reduced
+over the G query heads of a KV group (max for LAVa, mean for the SnapKV family), and, if
+asked, the largest value L1 norm per KV head (vbar). The torch reference
 (`lava_sglang.policy.scores`) materialises the [Hq, w, n] attention of the document; the
 kernels never do. They read keys and values through the sequence's slot indices straight
 from the pool buffers ([pool_size, Hkv, d] for one layer, as SGLang's MHA token pool holds
@@ -17,10 +17,9 @@ them), flash-style in two passes:
    exp(logit - lse) summed over the window rows of each query head, divided by w, reduced
    over the group; and the block's largest value L1 norm.
 
-Memory is O(splits * Hq * w + Hkv * m). Pooling (on [Hkv, m]), the vbar scale and the
-entropy are the policy's own functions, so the statistics equal a window policy's
-`layer_scores` with the same `gqa_reduce`, `pool_kernel` and value-norm choice (by default
-the paper's LAVa, `make_policy(lava.PAPER_SPEC)`; SnapKV with mean, no scale) on the
+Memory is O(splits * Hq * w + Hkv * m). The rest of the scoring (pooling, the vbar scale,
+the forced sinks, the entropy) is the policy's, from this mass:
+`policy.scores_from_mass(statistics.mass, values)` equals `policy.layer_scores` of the
 gathered rows up to fp32 summation order.
 """
 
@@ -35,7 +34,6 @@ import triton.language as tl
 
 from lava_sglang.kernels import launch
 from lava_sglang.policy import scores as score_ops
-from lava_sglang.policy.base import LayerScores
 
 BLOCK_KEYS = 64
 MAX_BLOCK_ROWS = 128
@@ -45,20 +43,14 @@ MAX_BLOCK_ROWS = 128
 class WindowStatistics:
     """One layer's window statistics.
 
-    pooled: [Hkv, m] fp32, window attention mass reduced over each query group and max-pooled.
-    value_norm: [Hkv] fp32 vbar (largest value L1 norm over prefix tokens), None if not asked.
-    scores: [Hkv, m] fp32, pooled * vbar when scaled by the value norm, else pooled.
-    entropy: normalised entropy of `scores` (lava.md).
+    mass: [Hkv, m] fp32, the window's mean attention on each prefix key, reduced over each
+        query group (`policy.scores.window_attention_mass`).
+    value_norm: [Hkv] fp32 vbar, the largest value L1 norm over prefix tokens
+        (`policy.scores.value_norm_scale`), None if not asked.
     """
 
-    pooled: torch.Tensor
+    mass: torch.Tensor
     value_norm: torch.Tensor | None
-    scores: torch.Tensor
-    entropy: float
-
-    def layer_scores(self) -> LayerScores:
-        """What `PlanBuilder.add_layer_scores` takes."""
-        return LayerScores(scores=self.scores, entropy=self.entropy)
 
 
 @triton.jit
@@ -152,7 +144,7 @@ def _window_column_mass_kernel(
         tl.store(block_value_norm_ptr + kv_head * tl.num_programs(1) + key_block, tl.max(norms, axis=0))
 
 
-def _check_inputs(q_window, k_buffer, v_buffer, slots, gqa_reduce, pool_kernel) -> tuple[int, int]:
+def _check_inputs(q_window, k_buffer, v_buffer, slots, gqa_reduce) -> tuple[int, int]:
     launch.check_tensor("q_window", q_window, 3, launch.FLOAT_DTYPES)
     launch.check_tensor("k_buffer", k_buffer, 3, launch.FLOAT_DTYPES)
     launch.check_tensor("v_buffer", v_buffer, 3, launch.FLOAT_DTYPES)
@@ -174,19 +166,9 @@ def _check_inputs(q_window, k_buffer, v_buffer, slots, gqa_reduce, pool_kernel) 
         raise ValueError(f"need 1 <= w < n to have a prefix to score, got w={window}, n={slots.numel()}")
     for name, tensor in (("q_window", q_window), ("k_buffer", k_buffer), ("v_buffer", v_buffer)):
         launch.check_rows_contiguous(name, tensor)
-    if gqa_reduce not in ("max", "mean"):
-        raise ValueError(f"gqa_reduce must be 'max' or 'mean', got {gqa_reduce!r}")
-    if isinstance(pool_kernel, bool) or not isinstance(pool_kernel, int) or pool_kernel < 1 or pool_kernel % 2 == 0:
-        raise ValueError(f"pool_kernel must be an odd int >= 1, got {pool_kernel!r}")
+    score_ops.check_gqa_reduce(gqa_reduce)
     launch.check_index_range("slots", slots, pool_size)
     return num_kv_heads, num_q_heads // num_kv_heads
-
-
-def _finish(mass: torch.Tensor, value_norm: torch.Tensor | None, pool_kernel: int) -> WindowStatistics:
-    pooled = score_ops.pool_scores(mass, pool_kernel)
-    scores = pooled if value_norm is None else pooled * value_norm[:, None]
-    return WindowStatistics(pooled=pooled, value_norm=value_norm, scores=scores,
-                            entropy=score_ops.layer_entropy(scores))
 
 
 def window_statistics(
@@ -196,8 +178,7 @@ def window_statistics(
     slots: torch.Tensor,
     *,
     gqa_reduce: str = "max",
-    pool_kernel: int = 7,
-    scale_by_value_norm: bool = True,
+    with_value_norm: bool = False,
     keys_per_split: int | None = None,
 ) -> WindowStatistics:
     """One layer's window statistics, reading keys and values in place from the pool.
@@ -205,13 +186,12 @@ def window_statistics(
     q_window: [Hq, w, d] post-RoPE queries of the last w tokens of the document.
     k_buffer, v_buffer: [pool_size, Hkv, d] the layer's pool buffers (same dtype as q_window).
     slots: int64 (or int32) [n], the document's pool slots in token order; n > w.
-    gqa_reduce: "max" (LAVa) or "mean" (SnapKV family); pool_kernel: odd max-pool width;
-    scale_by_value_norm: compute vbar and scale the scores by it (LAVa).
+    gqa_reduce: "max" (LAVa) or "mean" (SnapKV family); with_value_norm: compute vbar too.
     keys_per_split: keys per program of the first pass (default: enough splits to fill the
     device; tests set it small to exercise the split combination).
-    Synchronises with the device twice (the slot range check and the entropy).
+    Synchronises with the device once (the slot range check).
     """
-    num_kv_heads, group = _check_inputs(q_window, k_buffer, v_buffer, slots, gqa_reduce, pool_kernel)
+    num_kv_heads, group = _check_inputs(q_window, k_buffer, v_buffer, slots, gqa_reduce)
     launch.check_triton_device(q_window.device)
     num_q_heads, window, head_dim = q_window.shape
     num_keys = slots.numel()
@@ -249,11 +229,10 @@ def window_statistics(
         q_window.stride(0), q_window.stride(1), k_buffer.stride(0), k_buffer.stride(1),
         v_buffer.stride(0), v_buffer.stride(1),
         prefix_len, window, group, sm_scale,
-        HEAD_DIM=head_dim, GQA_MAX=gqa_reduce == "max", VALUE_NORM=scale_by_value_norm,
+        HEAD_DIM=head_dim, GQA_MAX=gqa_reduce == "max", VALUE_NORM=with_value_norm,
         BLOCK_W=launch.block_size(window), BLOCK_N=BLOCK_KEYS, BLOCK_D=block_d, num_warps=launch.TILE_NUM_WARPS,
     )
-    value_norm = block_value_norm.amax(dim=1) if scale_by_value_norm else None
-    return _finish(mass, value_norm, pool_kernel)
+    return WindowStatistics(mass=mass, value_norm=block_value_norm.amax(dim=1) if with_value_norm else None)
 
 
 def window_statistics_reference(
@@ -263,13 +242,11 @@ def window_statistics_reference(
     slots: torch.Tensor,
     *,
     gqa_reduce: str = "max",
-    pool_kernel: int = 7,
-    scale_by_value_norm: bool = True,
+    with_value_norm: bool = False,
 ) -> WindowStatistics:
     """The same statistics with the policy's torch functions on gathered [Hkv, n, d] rows."""
-    _check_inputs(q_window, k_buffer, v_buffer, slots, gqa_reduce, pool_kernel)
+    _check_inputs(q_window, k_buffer, v_buffer, slots, gqa_reduce)
     keys, values = k_buffer[slots].transpose(0, 1), v_buffer[slots].transpose(0, 1)
     prefix_len = slots.numel() - q_window.shape[1]
-    mass = score_ops.window_attention_mass(q_window, keys, gqa_reduce)
-    value_norm = score_ops.value_norm_scale(values, prefix_len) if scale_by_value_norm else None
-    return _finish(mass, value_norm, pool_kernel)
+    value_norm = score_ops.value_norm_scale(values, prefix_len) if with_value_norm else None
+    return WindowStatistics(mass=score_ops.window_attention_mass(q_window, keys, gqa_reduce), value_norm=value_norm)

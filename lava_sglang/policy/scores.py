@@ -59,13 +59,15 @@ def prefix_attention_mass(
     return reduce_query_group(probs[..., :prefix_len].mean(dim=2), gqa_reduce)
 
 
+def check_gqa_reduce(gqa_reduce: str) -> None:
+    if gqa_reduce not in ("max", "mean"):
+        raise ValueError(f"gqa_reduce must be 'max' or 'mean', got {gqa_reduce!r}")
+
+
 def reduce_query_group(mass: torch.Tensor, gqa_reduce: str) -> torch.Tensor:
     """[Hkv, G, m] -> [Hkv, m]: "max" (LAVa) or "mean" (the SnapKV family) over a KV group."""
-    if gqa_reduce == "max":
-        return mass.amax(dim=1)
-    if gqa_reduce == "mean":
-        return mass.mean(dim=1)
-    raise ValueError(f"gqa_reduce must be 'max' or 'mean', got {gqa_reduce!r}")
+    check_gqa_reduce(gqa_reduce)
+    return mass.amax(dim=1) if gqa_reduce == "max" else mass.mean(dim=1)
 
 
 def pool_scores(scores: torch.Tensor, kernel: int) -> torch.Tensor:

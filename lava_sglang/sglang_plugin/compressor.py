@@ -117,8 +117,8 @@ def plan_prefix(policy: Policy, budget: float | int, window_queries: list[torch.
         elif use_kernel and builder.needs_queries and isinstance(policy, WindowPolicy):
             from lava_sglang.kernels.window_stats import window_statistics
 
-            mass = window_statistics(queries, k_buffers[layer], v_buffers[layer], slots, gqa_reduce=policy.gqa_reduce,
-                                     pool_kernel=1, scale_by_value_norm=False).pooled
+            mass = window_statistics(queries, k_buffers[layer], v_buffers[layer], slots,
+                                     gqa_reduce=policy.gqa_reduce).mass
             builder.add_layer_scores(policy.scores_from_mass(mass, values))
         else:
             builder.add_layer(queries.float(), k_buffers[layer][slots].transpose(0, 1).float(), values)

@@ -1,4 +1,5 @@
-"""The window-statistics kernel against the policy's torch scores on the same rows."""
+"""The window-statistics kernel against the policy's torch scores on the same rows: its mass,
+scored by the policy (`scores_from_mass`), gives the policy's `layer_scores`."""
 
 import pytest
 import torch
@@ -6,12 +7,12 @@ import torch
 from lava_sglang.kernels.window_stats import window_statistics, window_statistics_reference
 from lava_sglang.policy import make_policy
 from lava_sglang.policy.lava import PAPER_SPEC, Lava
-from lava_sglang.policy.scores import pool_scores, value_norm_scale, window_attention_mass
+from lava_sglang.policy.scores import value_norm_scale, window_attention_mass
 from lava_sglang.policy.snapkv import SnapKV
 
 
 def paper_lava(window: int) -> Lava:
-    """The paper's LAVa (GQA max, pooling 7, value norm): what `window_statistics` computes by default."""
+    """The paper's LAVa (GQA max, pooling 7, value norm)."""
     return make_policy(PAPER_SPEC, window=window)
 
 # The policy upcasts its inputs to fp32 and computes there; the kernel multiplies the same
@@ -38,8 +39,16 @@ def _gathered(k_buffer, v_buffer, slots):
     return k_buffer[slots].transpose(0, 1), v_buffer[slots].transpose(0, 1)
 
 
+def _kernel_scores(policy, q, k_buffer, v_buffer, slots, **options):
+    """The policy's scores from the kernel's mass, as the server plans (`plan_prefix`)."""
+    stats = window_statistics(q, k_buffer, v_buffer, slots, gqa_reduce=policy.gqa_reduce, **options)
+    return policy.scores_from_mass(stats.mass, v_buffer[slots].transpose(0, 1).float())
+
+
 def _assert_scores_close(actual, expected):
-    torch.testing.assert_close(actual, expected, rtol=SCORE_RTOL, atol=SCORE_RTOL * float(expected.abs().max()))
+    # Relative to the largest finite score: forced sinks score inf, in both or the test fails.
+    scale = float(expected[torch.isfinite(expected)].abs().max())
+    torch.testing.assert_close(actual, expected, rtol=SCORE_RTOL, atol=SCORE_RTOL * scale)
 
 
 # (GQA group, head dim): groups 1, 3, 4, 8 at both head dims. Window 13 and prefixes that are
@@ -55,49 +64,47 @@ def test_matches_policy_lava_and_snapkv(device, group, head_dim, dtype):
     q, k_buffer, v_buffer, slots = _pool_inputs(group * num_kv_heads, num_kv_heads, window, seq_len, head_dim,
                                                 dtype, device, seed=group * head_dim)
     keys, values = _gathered(k_buffer, v_buffer, slots)
-    for policy in (Lava(window=window), SnapKV(window=window)):
+    # The default lava, the paper's (pooling, value norm), SnapKV (mean), kvzip (forced sinks).
+    for policy in (Lava(window=window), paper_lava(window), SnapKV(window=window),
+                   make_policy("kvzip", window=window)):
         expected = policy.layer_scores(q, keys, values)
-        stats = window_statistics(q, k_buffer, v_buffer, slots, gqa_reduce=policy.gqa_reduce,
-                                  pool_kernel=policy.pool_kernel, scale_by_value_norm=policy.scale_by_value_norm,
-                                  keys_per_split=40)
-        assert stats.scores.shape == (num_kv_heads, seq_len - window)
-        _assert_scores_close(stats.scores, expected.scores)
-        assert stats.entropy == pytest.approx(expected.entropy, abs=ENTROPY_ATOL)
-        assert stats.layer_scores().scores is stats.scores
+        actual = _kernel_scores(policy, q, k_buffer, v_buffer, slots, keys_per_split=40)
+        assert actual.scores.shape == (num_kv_heads, seq_len - window)
+        _assert_scores_close(actual.scores, expected.scores)
+        assert actual.entropy == pytest.approx(expected.entropy, abs=ENTROPY_ATOL)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_pooled_and_value_norm_separately(device, dtype):
+def test_mass_and_value_norm(device, dtype):
     q, k_buffer, v_buffer, slots = _pool_inputs(6, 2, 9, 77, 64, dtype, device)
     keys, values = _gathered(k_buffer, v_buffer, slots)
-    stats = window_statistics(q, k_buffer, v_buffer, slots, gqa_reduce="max", pool_kernel=5)
-    _assert_scores_close(stats.pooled, pool_scores(window_attention_mass(q, keys, "max"), 5))
+    stats = window_statistics(q, k_buffer, v_buffer, slots, gqa_reduce="max", with_value_norm=True)
+    _assert_scores_close(stats.mass, window_attention_mass(q, keys, "max"))
     # vbar is a max of L1 norms: sums of |v| in fp32, the same in both.
     torch.testing.assert_close(stats.value_norm, value_norm_scale(values, 77 - 9), rtol=1e-6, atol=0)
-    torch.testing.assert_close(stats.scores, stats.pooled * stats.value_norm[:, None])
-    snap = window_statistics(q, k_buffer, v_buffer, slots, gqa_reduce="mean", pool_kernel=1,
-                             scale_by_value_norm=False)
-    assert snap.value_norm is None and snap.scores is snap.pooled
-    _assert_scores_close(snap.pooled, window_attention_mass(q, keys, "mean"))
+    snap = window_statistics(q, k_buffer, v_buffer, slots, gqa_reduce="mean")
+    assert snap.value_norm is None
+    _assert_scores_close(snap.mass, window_attention_mass(q, keys, "mean"))
 
 
 @pytest.mark.parametrize(("window", "seq_len"), [(1, 2), (5, 6), (16, 17), (1, 130), (32, 161)])
 def test_edge_lengths(device, window, seq_len):
     # Prefix of 1 token, window of 1 query, and lengths across the 64-key blocks.
     q, k_buffer, v_buffer, slots = _pool_inputs(4, 2, window, seq_len, 64, torch.float32, device)
-    keys, values = _gathered(k_buffer, v_buffer, slots)
-    expected = paper_lava(window).layer_scores(q, keys, values)  # the kernel's defaults are the paper's
+    policy = paper_lava(window)
+    expected = policy.layer_scores(q, *_gathered(k_buffer, v_buffer, slots))
     for keys_per_split in (None, 7):
-        stats = window_statistics(q, k_buffer, v_buffer, slots, keys_per_split=keys_per_split)
-        _assert_scores_close(stats.scores, expected.scores)
-        assert stats.entropy == pytest.approx(expected.entropy, abs=ENTROPY_ATOL)
+        actual = _kernel_scores(policy, q, k_buffer, v_buffer, slots, keys_per_split=keys_per_split)
+        _assert_scores_close(actual.scores, expected.scores)
+        assert actual.entropy == pytest.approx(expected.entropy, abs=ENTROPY_ATOL)
 
 
 def test_reference_is_the_policy(device):
     q, k_buffer, v_buffer, slots = _pool_inputs(8, 2, 7, 40, 64, torch.float32, device)
-    reference = window_statistics_reference(q, k_buffer, v_buffer, slots)
-    expected = paper_lava(7).layer_scores(q, *_gathered(k_buffer, v_buffer, slots))
-    assert torch.equal(reference.scores, expected.scores) and reference.entropy == expected.entropy
+    keys, values = _gathered(k_buffer, v_buffer, slots)
+    reference = window_statistics_reference(q, k_buffer, v_buffer, slots, with_value_norm=True)
+    assert torch.equal(reference.mass, window_attention_mass(q, keys, "max"))
+    assert torch.equal(reference.value_norm, value_norm_scale(values, 40 - 7))
 
 
 def test_bad_inputs_raise(device):  # on the GPU too: inputs on the device the kernels run on
@@ -116,8 +123,6 @@ def test_bad_inputs_raise(device):  # on the GPU too: inputs on the device the k
             window_statistics(*args)
     with pytest.raises(ValueError, match="gqa_reduce"):
         window_statistics(q, k_buffer, v_buffer, slots, gqa_reduce="sum")
-    with pytest.raises(ValueError, match="pool_kernel"):
-        window_statistics(q, k_buffer, v_buffer, slots, pool_kernel=4)
     with pytest.raises(ValueError, match="keys_per_split"):
         window_statistics(q, k_buffer, v_buffer, slots, keys_per_split=0)
 
@@ -127,14 +132,16 @@ def test_long_document_reads_the_pool_in_place(cuda_only):
     # memory, far less than one gathered copy of the document's keys.
     num_kv_heads, head_dim, window, seq_len = 8, 128, 32, 32768
     q, k_buffer, v_buffer, slots = _pool_inputs(32, num_kv_heads, window, seq_len, head_dim, torch.bfloat16, cuda_only)
-    expected = paper_lava(window).layer_scores(q, *_gathered(k_buffer, v_buffer, slots))
+    keys, values = _gathered(k_buffer, v_buffer, slots)
+    expected = window_attention_mass(q, keys, "max")
+    expected_value_norm = value_norm_scale(values, seq_len - window)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated()
-    stats = window_statistics(q, k_buffer, v_buffer, slots)
+    stats = window_statistics(q, k_buffer, v_buffer, slots, with_value_norm=True)
     torch.cuda.synchronize()
     extra = torch.cuda.max_memory_allocated() - before
     gathered_keys_bytes = num_kv_heads * seq_len * head_dim * 2
     assert extra < gathered_keys_bytes / 4, f"peak extra memory {extra} B"
-    _assert_scores_close(stats.scores, expected.scores)
-    assert stats.entropy == pytest.approx(expected.entropy, abs=ENTROPY_ATOL)
+    _assert_scores_close(stats.mass, expected)
+    torch.testing.assert_close(stats.value_norm, expected_value_norm, rtol=1e-5, atol=0)
