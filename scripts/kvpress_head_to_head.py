@@ -13,28 +13,33 @@ import argparse
 import json
 import platform
 import time
+from importlib.metadata import version
 from pathlib import Path
 
 import torch
 
+from lava_sglang.argtypes import keep_ratio, positive_int
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--context", type=int, default=2048, help="document length in tokens (default 2048)")
-    parser.add_argument("--questions", type=int, default=80, help="retrieval questions (default 80)")
-    parser.add_argument("--keep", type=float, nargs="+", default=[0.2, 0.1], help="keep ratios (default 0.2 0.1)")
-    parser.add_argument("--chunk", type=int, default=2048, help="KVzipPress chunk_size (default 2048, kvpress's)")
+    parser.add_argument("--context", type=positive_int, default=2048,
+                        help="document length in tokens (default 2048)")
+    parser.add_argument("--questions", type=positive_int, default=80, help="retrieval questions (default 80)")
+    parser.add_argument("--keep", type=keep_ratio, nargs="+", default=[0.2, 0.1],
+                        help="keep ratios in (0, 1] (default 0.2 0.1)")
+    parser.add_argument("--chunk", type=positive_int, default=2048,
+                        help="KVzipPress chunk_size (default 2048, kvpress's)")
     parser.add_argument("--out", type=Path, default=Path("kvpress_head_to_head.json"))
     args = parser.parse_args()
 
-    import kvpress
     import transformers
     from kvpress import KVzipPress
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
     from lava_sglang.bench.documents import prompt_parts
-    from lava_sglang.bench.quality import benchmark_documents
+    from lava_sglang.bench.quality import QualityConfig, benchmark_documents
     from lava_sglang.bench.stats import wilson_interval
     from lava_sglang.model import smollm2_path
 
@@ -60,10 +65,10 @@ def main() -> None:
                                     for q in document.questions]}
         for name, press in presses.items():
             with torch.no_grad():  # the pipeline's own greedy loop, the project's prompt ids
-                answers = pipe._forward(inputs, max_new_tokens=24, press=press)
+                answers = pipe._forward(inputs, max_new_tokens=QualityConfig.retrieval_answer_tokens, press=press)
             verdicts[name] += [q.answer in answer for q, answer in zip(document.questions, answers)]
         facts += [len(document.questions)] * len(document.questions)
-    meta = {"kvpress": kvpress.__version__ if hasattr(kvpress, "__version__") else "0.5.5",
+    meta = {"kvpress": version("kvpress"),
             "transformers": transformers.__version__, "torch": torch.__version__, "context": args.context,
             "chunk_size": args.chunk, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
             "wall_seconds": round(time.time() - started, 1)}

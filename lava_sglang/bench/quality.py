@@ -284,11 +284,12 @@ class QualityBenchmark:
             # The branches present at compression are the at_compression questions' prompts.
             once = self._compress_once(prefix_ids, [s for s, split in zip(suffixes, splits) if split == SPLITS[0]])
         for question, suffix_ids, split in zip(document.questions, suffixes, splits):
-            if task == "fidelity":
-                reference = self._reference_answer(once[1][0] if once else None, prefix_ids, suffix_ids)
+            reference = None  # the full cache's answer, generated once, for the first mode that needs it
             for mode in self.config.modes:
                 if mode == "query_aware" and split not in self.config.query_aware_splits:
                     continue
+                if task == "fidelity" and reference is None:
+                    reference = self._reference_answer(once[1][0] if once else None, prefix_ids, suffix_ids)
                 if mode == "compress_once":
                     (configs, prefixes), suffix = once, suffix_ids
                 else:

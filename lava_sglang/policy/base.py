@@ -101,9 +101,7 @@ class WindowPolicy(Policy):
         kernel = self.pool_kernel
         if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
             raise ValueError(f"pool_kernel must be an odd int >= 1, got {kernel!r}")
-        sinks = self.sink_tokens
-        if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
-            raise ValueError(f"sink_tokens must be an int >= 0, got {sinks!r}")
+        validate_sink_tokens(self.sink_tokens)
 
     @property
     def scoring(self) -> tuple:
@@ -135,6 +133,11 @@ def global_allocation(scores: torch.Tensor, total: int) -> tuple[list[int], list
     num_kv_heads = scores.shape[1]
     head_budgets = global_topk_head_budgets(scores, total * num_kv_heads)
     return [sum(heads) // num_kv_heads for heads in head_budgets], head_budgets
+
+
+def validate_sink_tokens(sink_tokens: int) -> None:
+    if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
+        raise ValueError(f"sink_tokens must be an int >= 0, got {sink_tokens!r}")
 
 
 def validate_alpha(alpha: float) -> None:

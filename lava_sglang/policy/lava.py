@@ -74,8 +74,9 @@ class Lava(WindowPolicy):
         return super().allocate(scores, entropies, total, prefix_len, num_kv_heads)
 
     def layer_budgets(self, entropies: list[float], total: int, prefix_len: int) -> list[int]:
-        weights = entropies if self.layer_budget == "entropy" else [1.0] * len(entropies)
-        return distribute(total, weights, prefix_len)
+        if self.layer_budget == "entropy":
+            return distribute(total, entropies, prefix_len)
+        return super().layer_budgets(entropies, total, prefix_len)
 
     def head_budgets(self, scores: torch.Tensor, layer_budgets: list[int]) -> list[list[int]]:
         if self.head_budget == "uniform":

@@ -209,16 +209,15 @@ class PlanBuilder:
         self._layers.append(self.policy.layer_scores(q_window, keys, values) if self.needs_queries else None)
 
     def _check_keys_values(self, layer: int, keys, values) -> tuple[torch.Tensor, torch.Tensor]:
-        keys = _check_tensor("keys", keys, layer)
-        values = _check_tensor("values", values, layer)
-        expected = (self.num_kv_heads, self.seq_len)
-        if tuple(keys.shape[:2]) != expected:
-            raise ValueError(f"keys[{layer}] must be [Hkv={expected[0]}, n={expected[1]}, d], got {tuple(keys.shape)}")
-        if tuple(values.shape[:2]) != expected:
-            raise ValueError(
-                f"values[{layer}] must be [Hkv={expected[0]}, n={expected[1]}, d], got {tuple(values.shape)}"
-            )
-        return keys, values
+        return self._check_rows("keys", keys, layer), self._check_rows("values", values, layer)
+
+    def _check_rows(self, name: str, rows, layer: int) -> torch.Tensor:
+        """A layer's keys or values: [Hkv, n, d], finite."""
+        rows = _check_tensor(name, rows, layer)
+        if tuple(rows.shape[:2]) != (self.num_kv_heads, self.seq_len):
+            raise ValueError(f"{name}[{layer}] must be [Hkv={self.num_kv_heads}, n={self.seq_len}, d], "
+                             f"got {tuple(rows.shape)}")
+        return rows
 
     def _check_queries(self, layer: int, queries, keys: torch.Tensor, tail: bool) -> torch.Tensor:
         """Window queries [Hq, r, d]: r = w = min(window, n) for the tail, any r >= 1 for a branch."""
@@ -289,9 +288,7 @@ class PlanBuilder:
         if num_q_heads % self.num_kv_heads or repeat_attention.shape[1] != self.prefix_len:
             raise ValueError(f"repeat_attention[{layer}] must be [Hq (a multiple of Hkv={self.num_kv_heads}), "
                              f"m={self.prefix_len}], got {tuple(repeat_attention.shape)}")
-        if tuple(values.shape[:2]) != (self.num_kv_heads, self.seq_len):
-            raise ValueError(f"values[{layer}] must be [Hkv={self.num_kv_heads}, n={self.seq_len}, d], "
-                             f"got {tuple(values.shape)}")
+        values = self._check_rows("values", values, layer)
         self._layers.append(repeat_scores(self.policy, repeat_attention, values) if self.needs_queries else None)
 
     def add_layer_scores(self, layer_scores: LayerScores) -> None:

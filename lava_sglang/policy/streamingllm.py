@@ -7,7 +7,7 @@ from typing import ClassVar
 
 import torch
 
-from lava_sglang.policy.base import Policy
+from lava_sglang.policy.base import Policy, validate_sink_tokens
 
 
 @dataclass(frozen=True)
@@ -19,9 +19,7 @@ class StreamingLLM(Policy):
 
     def validate(self) -> None:
         super().validate()
-        sinks = self.sink_tokens
-        if isinstance(sinks, bool) or not isinstance(sinks, int) or sinks < 0:
-            raise ValueError(f"sink_tokens must be an int >= 0, got {sinks!r}")
+        validate_sink_tokens(self.sink_tokens)
 
     def keep_mask(self, scores: torch.Tensor | None, head_budgets: torch.Tensor, prefix_len: int) -> torch.Tensor:
         # The window is the most recent part; the recent prefix tokens continue it.

@@ -1,7 +1,7 @@
 """Compress once, answer many, with an HF transformers causal LM (the quality oracle).
 
     runtime = ReferenceRuntime.load()                    # SmolLM2, fp32
-    capture = runtime.prefill(document_ids)              # one prefill, window statistics kept
+    capture = runtime.prefill(document_ids)              # one prefill; its K, V and window queries kept
     prefix = runtime.compress(capture, "lava", 0.2)      # per (layer, KV head) kept rows
     answers = runtime.generate([prefix], question_ids, max_new_tokens=32)
 
