@@ -263,7 +263,7 @@ class StoreEntry:
     policy: str
     compress_seconds: float
     bytes_per_row: int
-    table_row: int | None = None  # its row in the store's LayoutTables, if it keeps them
+    table_row: int  # its row in the store's LayoutTables
 
     @property
     def full_rows(self) -> int:
@@ -284,16 +284,17 @@ class StoreEntry:
 
 
 class CompressedStore:
-    """The entries and the slot -> entry map the attention path reads.
+    """The entries, and their layouts in `tables`, which the attention path reads.
 
     A request whose KV row starts with an entry's first slot attends to that entry's
-    compressed prefix (the radix cache writes an entry's slots first in its node value).
+    compressed prefix (the radix cache writes an entry's slots first in its node value); the
+    tables map every slot an entry owns to its table row (`LayoutTables.rows_for_slots`).
     """
 
-    def __init__(self, pool_slots: int, device: torch.device | str, tables: LayoutTables | None = None):
+    def __init__(self, tables: LayoutTables):
         self.entries: dict[int, StoreEntry] = {}
-        self.slot_to_entry = torch.full((pool_slots,), -1, dtype=torch.int64, device=device)
         self.tables = tables
+        self._entry_of_row: dict[int, StoreEntry] = {}
         self._next_id = 0
         self.compressions = 0
         self.compress_seconds = 0.0
@@ -303,11 +304,11 @@ class CompressedStore:
             bytes_per_row: int) -> StoreEntry:
         if not self.has_room:
             raise ValueError(f"the store's layout tables are full ({len(self.entries)} entries)")
-        table_row = self.tables.add(layout, prefix_len) if self.tables is not None else None
+        table_row = self.tables.add(layout, prefix_len)
         entry = StoreEntry(self._next_id, prefix_len, layout, policy, compress_seconds, bytes_per_row, table_row)
         self._next_id += 1
         self.entries[entry.entry_id] = entry
-        self.slot_to_entry[layout.slots.to(self.slot_to_entry.device)] = entry.entry_id
+        self._entry_of_row[table_row] = entry
         self.compressions += 1
         self.compress_seconds += compress_seconds
         return entry
@@ -315,28 +316,26 @@ class CompressedStore:
     def remove(self, entry_id: int) -> StoreEntry:
         """Forget an evicted entry (its slots are the caller's to free)."""
         entry = self.entries.pop(entry_id)
-        self.slot_to_entry[entry.layout.slots.to(self.slot_to_entry.device)] = -1
-        if self.tables is not None:
-            self.tables.remove(entry.table_row)
+        del self._entry_of_row[entry.table_row]
+        self.tables.remove(entry.table_row)
         self.evictions += 1
         return entry
 
     @property
     def has_room(self) -> bool:
-        """Whether one more entry fits the layout tables (always without tables)."""
-        return self.tables is None or self.tables.has_free_row
+        """Whether one more entry fits the layout tables."""
+        return self.tables.has_free_row
 
     def clear(self) -> None:
-        if self.tables is not None:
-            for entry in self.entries.values():
-                self.tables.remove(entry.table_row)
+        for entry in self.entries.values():
+            self.tables.remove(entry.table_row)
         self.entries.clear()
-        self.slot_to_entry.fill_(-1)
+        self._entry_of_row.clear()
 
     def entries_for_slots(self, first_slots: torch.Tensor) -> list[StoreEntry | None]:
         """The entry each request uses, from the first slot of its KV row."""
-        ids = self.slot_to_entry[first_slots].tolist()
-        return [self.entries[entry_id] if entry_id >= 0 else None for entry_id in ids]
+        rows = self.tables.rows_for_slots(first_slots).tolist()
+        return [self._entry_of_row[row] if row >= 0 else None for row in rows]
 
     def stats(self) -> dict:
         entries = list(self.entries.values())

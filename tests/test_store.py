@@ -56,7 +56,7 @@ def test_layout_refuses_rows_that_do_not_fit():
 
 
 def test_store_maps_first_slots_to_entries_until_removed():
-    store = CompressedStore(POOL_SLOTS, "cpu")
+    store = CompressedStore(_tables())
     layout = CellLayout(torch.tensor([5, 9], dtype=torch.int64), torch.tensor([[2, 2], [2, 2], [1, 1]]))
     entry = store.add(100, layout, policy="lava", compress_seconds=0.5, bytes_per_row=16)
     found = store.entries_for_slots(torch.tensor([5, 9, 6]))
@@ -120,7 +120,7 @@ def test_layout_tables_reuse_rows_and_compact_the_slot_list_in_place():
 
 
 def test_store_with_tables_keeps_rows_in_step_with_entries():
-    store = CompressedStore(POOL_SLOTS, "cpu", _tables(max_entries=2))
+    store = CompressedStore(_tables(max_entries=2))
     first = store.add(10, _layout([5, 6]), policy="lava", compress_seconds=0.0, bytes_per_row=8)
     second = store.add(10, _layout([9]), policy="lava", compress_seconds=0.0, bytes_per_row=8)
     assert not store.has_room

@@ -84,7 +84,7 @@ class CompressedRadixCache(RadixCache):
         tables = LayoutTables(max_entries=min(MAX_STORE_ENTRIES, pool_slots), pool_slots=pool_slots,
                               num_layers=len(kv_pool.k_buffer), num_kv_heads=kv_pool.k_buffer[0].shape[1],
                               device=device)
-        self.store = CompressedStore(pool_slots, device, tables)
+        self.store = CompressedStore(tables)
         self.compressed: dict = {}  # child key of the first token -> [CompressedNode]
         super().__init__(params)
 

@@ -65,7 +65,7 @@ def dense_states(queries, entries_rows, extend_lens, layer):
 
 def new_store(pool_slots):
     tables = LayoutTables(max_entries=4, pool_slots=pool_slots, num_layers=LAYERS, num_kv_heads=KV_HEADS, device="cpu")
-    return CompressedStore(pool_slots, "cpu", tables)
+    return CompressedStore(tables)
 
 
 @pytest.mark.parametrize("use_kernel", [False, True])
