@@ -120,7 +120,7 @@ class CompressedPrefixPath:
         elif decode:
             if self._own is None:
                 self._own = OwnDecodeRows(_cache.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
-                                          [entry.prefix_len if entry is not None else 0 for entry in entries],
+                                          own_starts(entries),
                                           [prefix_len + 1 for prefix_len in prefix_lens])
             out, lse = self._own.states(queries, num_kv_heads, _cache.kv_pool.get_key_buffer(layer.layer_id),
                                         _cache.kv_pool.get_value_buffer(layer.layer_id), layer.scaling)
@@ -141,9 +141,9 @@ class CompressedPrefixPath:
         k_buffer = _cache.kv_pool.get_key_buffer(layer.layer_id)
         v_buffer = _cache.kv_pool.get_value_buffer(layer.layer_id)
         if self._own is None:
-            own_starts = [entry.prefix_len if entry is not None else 0 for entry in entries]
+            starts = own_starts(entries)
             seq_lens = [prefix + extend for prefix, extend in zip(prefix_lens, extend_lens)]
-            plan_args = (_cache.req_to_token_pool.req_to_token, forward_batch.req_pool_indices, own_starts, seq_lens,
+            plan_args = (_cache.req_to_token_pool.req_to_token, forward_batch.req_pool_indices, starts, seq_lens,
                          extend_lens)
             if self.flashinfer_wrappers is not None:
                 self._own = FlashInferOwnAttention(*self.flashinfer_wrappers, num_q_heads=layer.tp_q_head_num,
@@ -163,6 +163,11 @@ class CompressedPrefixPath:
                              k_buffer, v_buffer, layer.scaling)
 
 
+def own_starts(entries: list[StoreEntry | None]) -> list[int]:
+    """Where each request's own tokens start in its KV row: after its compressed prefix."""
+    return [entry.prefix_len if entry is not None else 0 for entry in entries]
+
+
 def _own_states_extend(queries, layer, forward_batch, entries, prefix_lens, extend_lens):
     """Each request's attention over its own tokens (its KV row after its compressed prefix,
     causal), one request at a time: out [tokens, Hq, d], lse [tokens, Hq], fp32."""
@@ -172,10 +177,9 @@ def _own_states_extend(queries, layer, forward_batch, entries, prefix_lens, exte
     k_buffer = _cache.kv_pool.get_key_buffer(layer.layer_id)
     v_buffer = _cache.kv_pool.get_value_buffer(layer.layer_id)
     start = 0
-    for row, (entry, prefix_len, extend_len) in enumerate(zip(entries, prefix_lens, extend_lens)):
+    for row, (own_start, prefix_len, extend_len) in enumerate(zip(own_starts(entries), prefix_lens, extend_lens)):
         query = queries[start:start + extend_len].view(extend_len, num_kv_heads, -1, head_dim)
         query = query.permute(1, 2, 0, 3).unsqueeze(0)  # [1, Hkv, G, T, d]
-        own_start = entry.prefix_len if entry is not None else 0
         seq_len = prefix_len + extend_len
         slots = _cache.req_to_token_pool.req_to_token[forward_batch.req_pool_indices[row], own_start:seq_len]
         own_keys = k_buffer[slots].transpose(0, 1).unsqueeze(0)

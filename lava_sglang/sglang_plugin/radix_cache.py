@@ -62,6 +62,13 @@ logger = logging.getLogger(__name__)
 MAX_RETIRED_REPETITION_RIDS = 1024  # stopped repetitions' chunk rids remembered, to free a straggler's tokens
 
 
+def fork_prefix(full_key):
+    """What a fork commit of an n-token prompt compresses: its first n - 1 tokens (a request
+    that matches the prefix recomputes its last token: SGLang matches at most n - 1 tokens of
+    a prompt)."""
+    return full_key[:len(full_key) - 1]
+
+
 def _rounded(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds, 3)
 
@@ -163,8 +170,7 @@ class LavaRadixCache(CompressedRadixCache):
         if FORK not in self.config.compress_on or not self._is_fork_prefix(req):
             return False
         full_key = prompt_key(req)
-        return (self.compressed_match(full_key[:len(full_key) - 1]) is None
-                and not any(pending.is_for(full_key) for pending in self.pending))
+        return self.compressed_match(fork_prefix(full_key)) is None and not self._is_pending(full_key)
 
     # ----------------------------------------------------------- compression
 
@@ -204,7 +210,7 @@ class LavaRadixCache(CompressedRadixCache):
     def _compress_fork_prefix(self, req) -> None:
         """Compress the first n - 1 tokens of the n-token prefix the request committed."""
         full_key = prompt_key(req)
-        if self.already_compressed(full_key[:len(full_key) - 1]):
+        if self.already_compressed(fork_prefix(full_key)):
             return
         slots, last_node = self.ordinary_slots(full_key)
         if slots.numel() != len(full_key):
@@ -216,12 +222,16 @@ class LavaRadixCache(CompressedRadixCache):
                         len(full_key))
             return
         window_queries = self._captured_window(req, len(full_key))
-        if window_queries is not None and self._compress_path(full_key[:len(full_key) - 1], slots, last_node,
+        if window_queries is not None and self._compress_path(fork_prefix(full_key), slots, last_node,
                                                               window_queries) is not None:
             self.free_below(last_node)  # plain requests' tokens after the document, if it was cached by them
             self.free_uncompressed_path(last_node)
 
     # ------------------------------------- observe "branches" and "reconstruct"
+
+    def _is_pending(self, full_key) -> bool:
+        """Whether the fork prefix committed as `full_key` waits for what observes it."""
+        return any(pending.is_for(full_key) for pending in self.pending)
 
     def _pending_of(self, key) -> PendingPrefix | None:
         return next((pending for pending in self.pending if pending.covers(key)), None)
@@ -230,8 +240,7 @@ class LavaRadixCache(CompressedRadixCache):
         """Keep a committed fork prefix's tail window until its branches have run, or (under
         reconstruct) until its repetition has."""
         full_key = prompt_key(req)
-        if self.already_compressed(full_key[:len(full_key) - 1]) or any(
-                pending.is_for(full_key) for pending in self.pending):
+        if self.already_compressed(fork_prefix(full_key)) or self._is_pending(full_key):
             return
         tail_queries = self._captured_window(req, len(full_key))
         if tail_queries is None:
@@ -340,7 +349,7 @@ class LavaRadixCache(CompressedRadixCache):
         for pending, is_ready, is_scored in zip(waiting, ready, scored):
             full_key = pending.full_key
             slots, last_node = self.ordinary_slots(full_key, touch=False)  # waiting is not a use
-            if slots.numel() != len(full_key) or self.already_compressed(full_key[:len(full_key) - 1]):
+            if slots.numel() != len(full_key) or self.already_compressed(fork_prefix(full_key)):
                 self._forget(pending)  # evicted while it waited, or compressed by another path
                 continue
             if last_node.lock_ref > 0 or not is_ready:
@@ -354,7 +363,7 @@ class LavaRadixCache(CompressedRadixCache):
                                f"--kv-observe-wait {self.config.observe_wait:g} s")
             self._forget(pending)
             branch_windows = [[branch[layer] for branch in pending.branches] for layer in range(self.kv_pool.layer_num)]
-            node = self._compress_path(full_key[:len(full_key) - 1], slots, last_node, pending.tail_queries,
+            node = self._compress_path(fork_prefix(full_key), slots, last_node, pending.tail_queries,
                                        branch_windows if pending.branches else None,
                                        repetition.repeat if repetition is not None else None)
             if node is None:  # no room: it stays uncompressed; the branches' and repetition's tokens go
