@@ -19,7 +19,6 @@ import importlib
 _EXPORTS = {
     "attention_with_lse": "attention_states",
     "merge_attention_states": "attention_states",
-    "merge_states": "attention_states",
     "copy_rows": "compaction",
     "copy_rows_reference": "compaction",
     "CompressedPrefixAttention": "prefix_attention",

@@ -3,15 +3,12 @@
 Attention after a compressed prefix is computed in two parts over disjoint key sets (the
 compressed prefix, the request's own tokens) and merged by log-sum-exp. This module holds
 the dense torch attention that makes such a state (the reference the attention kernel is
-tested against, and the reference runtime's attention), the torch merge (the single merge
-implementation of the project for non-CUDA tensors) and `merge_states`, which uses SGLang's
-`merge_state` on CUDA where SGLang is installed. Torch only: importing it compiles no Triton
-kernel.
+tested against, and the reference runtime's attention) and the merge, which the server
+and the reference runtime share (a test checks it against SGLang's `merge_state`). Torch
+only: importing it compiles no Triton kernel.
 """
 
 from __future__ import annotations
-
-import functools
 
 import torch
 
@@ -133,43 +130,3 @@ def merge_attention_states(
     weight_a = torch.exp(lse_a - safe).unsqueeze(-1)
     weight_b = torch.exp(lse_b - safe).unsqueeze(-1)
     return weight_a * out_a.float() + weight_b * out_b.float(), lse
-
-
-def merge_states(
-    prefix_out: torch.Tensor, prefix_lse: torch.Tensor, suffix_out: torch.Tensor, suffix_lse: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Merge attention over the compressed prefix with attention over the request's own tokens.
-
-    prefix_out, suffix_out: [tokens, Hq, d] (same dtype); prefix_lse, suffix_lse: [tokens, Hq]
-    fp32, natural log. Returns (out [tokens, Hq, d] in the outputs' dtype, lse fp32).
-    CUDA tensors go to SGLang's `merge_state` (sgl_kernel, or its Triton kernel) where SGLang
-    is installed; other devices, and CUDA without SGLang, to `merge_attention_states`.
-    SGLang's kernels return nan where both sides are empty; on the server the suffix never is
-    (a token always sees itself).
-    """
-    if prefix_out.dim() != 3 or prefix_out.shape != suffix_out.shape:
-        raise ValueError(f"outputs must both be [tokens, Hq, d], got {tuple(prefix_out.shape)} "
-                         f"and {tuple(suffix_out.shape)}")
-    if prefix_out.dtype != suffix_out.dtype:
-        raise ValueError(f"outputs must have one dtype, got {prefix_out.dtype} and {suffix_out.dtype}")
-    for name, lse in (("prefix_lse", prefix_lse), ("suffix_lse", suffix_lse)):
-        if lse.shape != prefix_out.shape[:2] or lse.dtype != torch.float32:
-            raise ValueError(f"{name} must be float32 [tokens, Hq] = {list(prefix_out.shape[:2])}, "
-                             f"got {lse.dtype} {list(lse.shape)}")
-    merge_state = _sglang_merge_state() if prefix_out.is_cuda else None
-    if merge_state is not None:
-        return merge_state(prefix_out.contiguous(), prefix_lse.contiguous(),
-                           suffix_out.contiguous(), suffix_lse.contiguous())
-    out, lse = merge_attention_states(prefix_out, prefix_lse, suffix_out, suffix_lse)
-    return out.to(prefix_out.dtype), lse
-
-
-@functools.cache
-def _sglang_merge_state():
-    """SGLang's `merge_state`, or None where SGLang is not installed (the kernels' GPU check
-    runs on a machine with torch and Triton only)."""
-    try:
-        from sglang.srt.layers.attention.merge_state import merge_state
-    except ImportError:
-        return None
-    return merge_state

@@ -7,7 +7,7 @@ Hkv + kv_head has the store cells kv_indices[kv_indptr[s]:kv_indptr[s + 1]]. The
 heads of the group attend together, so a program reads each key block once for all of
 them. Every query token of a request sees the whole prefix (decode: one token; extend: all
 q_len tokens): the causal part, over the request's own tokens, is the inner backend's, and
-the two are merged by LSE (`attention_states.merge_states`).
+the two are merged by LSE (`attention_states.merge_attention_states`).
 
 Like FlashInfer's wrappers, `CompressedPrefixAttention.plan` builds the metadata and the
 split plan once per batch and `run` is called per layer. kv_indptr may hold one row per

@@ -1,15 +1,15 @@
-"""Merging partial attention states: SGLang's merge_state and the torch fallback agree, and
-merging equals attention over the concatenated keys."""
+"""Partial attention states: SGLang's merge_state and the project's torch merge agree,
+merging equals attention over the concatenated keys, the causal mask, and the CPU
+flash-attention wrappers."""
 
 import math
-import sys
 
 import pytest
 import torch
 
 from lava_sglang.kernels import attention_states
 from lava_sglang.kernels.attention_states import (attention_with_lse, causal_visibility, flash_attention_with_lse,
-                                                  flash_extend_attention_with_lse, merge_attention_states, merge_states,
+                                                  flash_extend_attention_with_lse, merge_attention_states,
                                                   rows_attention_with_lse)
 
 
@@ -32,32 +32,19 @@ def bf16_rounding(device) -> float:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_sglang_merge_state_agrees_with_the_torch_merge(device, dtype):
     # On CUDA SGLang's merge_state runs sgl_kernel; on the CPU its Triton fallback
-    # (merge_state_triton) runs under the interpreter. merge_states dispatches to the former
-    # on CUDA and to the torch merge elsewhere.
+    # (merge_state_triton) runs under the interpreter.
     merge_state = pytest.importorskip("sglang.srt.layers.attention.merge_state",
-                                      reason="SGLang is not installed: merge_states uses the torch merge").merge_state
+                                      reason="SGLang is not installed").merge_state
     states = _states(5, 6, 64, dtype, device)
     sglang_out, sglang_lse = merge_state(*states)
-    out, lse = merge_states(*states)
     torch_out, torch_lse = merge_attention_states(*states)
-    assert out.dtype == dtype and lse.dtype == torch.float32
-    # bf16: the merged output is rounded to bf16 once.
+    assert sglang_out.dtype == dtype and sglang_lse.dtype == torch.float32
+    # bf16: SGLang's merged output is rounded to bf16 once.
     atol = 1e-6 if dtype == torch.float32 else bf16_rounding(device) * float(torch_out.abs().max())
-    for candidate_out, candidate_lse in ((sglang_out, sglang_lse), (out, lse)):
-        torch.testing.assert_close(candidate_out.float(), torch_out, rtol=0, atol=atol)
-        torch.testing.assert_close(candidate_lse, torch_lse, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(sglang_out.float(), torch_out, rtol=0, atol=atol)
+    torch.testing.assert_close(sglang_lse, torch_lse, rtol=1e-6, atol=1e-6)
     # One side empty: the merge is the other side.
-    assert torch.equal(out[0, 0], states[2][0, 0]) and lse[0, 0] == states[3][0, 0]
-
-
-def test_merge_states_looks_for_no_sglang_merge_where_sglang_is_missing(monkeypatch):
-    # The kernels' GPU check runs where SGLang is not installed: merge_states must not need it.
-    monkeypatch.setitem(sys.modules, "sglang.srt.layers.attention.merge_state", None)  # import fails
-    attention_states._sglang_merge_state.cache_clear()
-    try:
-        assert attention_states._sglang_merge_state() is None
-    finally:
-        attention_states._sglang_merge_state.cache_clear()
+    assert torch.equal(torch_out[0, 0], states[2][0, 0].float()) and torch_lse[0, 0] == states[3][0, 0]
 
 
 @pytest.mark.parametrize(("num_q_heads", "num_kv_heads"), [(4, 4), (6, 2), (8, 2), (8, 1)])
@@ -81,8 +68,8 @@ def test_merging_equals_attention_over_the_concatenation(num_q_heads, num_kv_hea
     for split in (0, 1, 9, num_keys):
         first_out, first_lse = attention_with_lse(query, keys[:, :, :split], values[:, :, :split], everything, scale)
         second_out, second_lse = attention_with_lse(query, keys[:, :, split:], values[:, :, split:], everything, scale)
-        out, lse = merge_states(token_major(first_out), token_major(first_lse),
-                                token_major(second_out), token_major(second_lse))
+        out, lse = merge_attention_states(token_major(first_out), token_major(first_lse),
+                                          token_major(second_out), token_major(second_lse))
         torch.testing.assert_close(out, token_major(expected_out), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(lse, token_major(expected_lse), rtol=1e-6, atol=1e-6)
 
@@ -91,18 +78,6 @@ def test_torch_merge_of_two_empty_states_is_empty():
     out, lse = merge_attention_states(torch.ones(2, 3, 4), torch.full((2, 3), float("-inf")),
                                       torch.ones(2, 3, 4), torch.full((2, 3), float("-inf")))
     assert bool((out == 0).all()) and bool(torch.isneginf(lse).all())
-
-
-def test_bad_inputs_raise(device):  # on the GPU too: inputs on the device the kernels run on
-    out, lse, other_out, other_lse = _states(2, 3, 8, torch.float32, device)
-    with pytest.raises(ValueError, match=r"\[tokens, Hq, d\]"):
-        merge_states(out[0], lse, other_out, other_lse)
-    with pytest.raises(ValueError, match="one dtype"):
-        merge_states(out, lse, other_out.bfloat16(), other_lse)
-    with pytest.raises(ValueError, match="suffix_lse must be float32"):
-        merge_states(out, lse, other_out, other_lse.double())
-    with pytest.raises(ValueError, match="prefix_lse must be float32"):
-        merge_states(out, lse[:1], other_out, other_lse)
 
 
 def test_the_cpu_flash_kernel_gives_attention_with_lse_or_declines():

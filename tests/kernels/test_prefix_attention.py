@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from lava_sglang.kernels.attention_states import attention_with_lse, merge_states
+from lava_sglang.kernels.attention_states import attention_with_lse, merge_attention_states
 from lava_sglang.kernels.prefix_attention import CompressedPrefixAttention, prefix_attention_reference
 
 LSE_ATOL = 1e-5  # q.k products are exact in fp32 for bf16 inputs too: only summation order differs
@@ -149,7 +149,7 @@ def test_merged_with_own_tokens_equals_attention_over_the_concatenation(device, 
         expected.append(_dense_over_concatenation(q[tokens], [k_store[c, 0] for c in cells],
                                                   [v_store[c, 0] for c in cells], own_k[tokens], own_v[tokens],
                                                   group, scale))
-    merged, _ = merge_states(prefix_out, prefix_lse, own_out, own_lse)
+    merged = merge_attention_states(prefix_out, prefix_lse, own_out, own_lse)[0].to(dtype)
     # bf16: the kernel's two roundings, the own output's and the merged output's.
     all_values = torch.cat([v_store[:, 0], own_v.flatten(0, 1)])
     torch.testing.assert_close(merged.float(), torch.cat(expected), rtol=0,
