@@ -105,6 +105,7 @@ def reference_answers(runtime, documents, record: dict, max_tokens: int, progres
                     prompt = options.get("observe_prompt")
                     observation = runtime.observe(capture, observe, chunk_tokens=options.get("observe_chunk"),
                                                   normalize=options.get("observe_normalize"),
+                                                  view=options.get("observe_view"),
                                                   chat_turn=None if prompt is None else prompt == CHAT)
                 plan = runtime.compress(capture, policy, options["budget"], observation=observation,
                                         window=options["window"], pool_kernel=options["pool_kernel"],

@@ -4,16 +4,17 @@
 """
 
 from lava_sglang.policy.base import LayerScores, Policy, WindowPolicy
-from lava_sglang.policy.observe import (OBSERVE_SOURCES, REPEAT_NORMALIZATIONS, WINDOW_COMBINES, Branches, Observe,
-                                        ObservationWindow, Reconstruct, Tail, assistant_turn_text, combine_window_masses,
-                                        make_observe, repeat_attention_chunk, repeat_attention_max, repeat_chunks,
-                                        repeat_log_sum_exp)
+from lava_sglang.policy.observe import (OBSERVE_SOURCES, REPEAT_NORMALIZATIONS, REPEAT_VIEWS, WINDOW_COMBINES,
+                                        Branches, Observe, ObservationWindow, Reconstruct, Tail, assistant_turn_text,
+                                        combine_window_masses, make_observe, repeat_attention_chunk,
+                                        repeat_attention_max, repeat_chunks, repeat_log_sum_exp, repeat_view_positions)
 from lava_sglang.policy.plan import CompressionPlan, HeadShard, PlanBuilder, compress_plan, resolve_budget
 from lava_sglang.policy.registry import POLICIES, make_policy, policy_name
 
 __all__ = [
     "OBSERVE_SOURCES",
     "REPEAT_NORMALIZATIONS",
+    "REPEAT_VIEWS",
     "POLICIES",
     "WINDOW_COMBINES",
     "Branches",
@@ -28,6 +29,7 @@ __all__ = [
     "repeat_attention_max",
     "repeat_log_sum_exp",
     "repeat_chunks",
+    "repeat_view_positions",
     "CompressionPlan",
     "HeadShard",
     "LayerScores",

@@ -26,6 +26,7 @@ from lava_sglang.policy.specs import build
 
 WINDOW_COMBINES = ("max", "mean")
 REPEAT_NORMALIZATIONS = ("global", "local")
+REPEAT_VIEWS = ("prefix", "chunk")
 
 
 @dataclass(frozen=True)
@@ -100,7 +101,8 @@ def repeat_attention_chunk(queries: torch.Tensor, keys: torch.Tensor, first_posi
     queries: [Hq, T, d] post-RoPE, at positions first_position .. first_position + T - 1
     (first_position >= prefix_len: the repetition follows the whole prefix);
     keys: [Hkv, S, d] post-RoPE at positions 0 .. S - 1: the prefix (0 .. prefix_len - 1),
-    then the repetition's own tokens up to the chunk's end. Query t sees the keys up to its
+    then the repetition's own tokens up to the chunk's end (under view "chunk" the reference
+    runtime passes the view's keys packed, positions counted within them). Query t sees the keys up to its
     own position. `normalize` says over which keys each query's softmax runs:
       "global"  every key it sees (the attention the model computes);
       "local"   KVzip's: the first `sink_tokens` prefix tokens, the copied tokens and the
@@ -174,6 +176,13 @@ def repeat_chunks(prefix_len: int, chunk_tokens: int) -> list[tuple[int, int]]:
     return [(start, min(start + chunk_tokens, prefix_len)) for start in range(0, prefix_len, chunk_tokens)]
 
 
+def repeat_view_positions(copied: tuple[int, int], sink_tokens: int) -> torch.Tensor:
+    """The prefix positions a repetition chunk attends to under view "chunk": the first
+    `sink_tokens` and the ones it copies (`copied` = (start, end)), ascending, int64."""
+    start, end = copied
+    return torch.cat([torch.arange(min(sink_tokens, start)), torch.arange(start, end)])
+
+
 @dataclass(frozen=True)
 class Observe:
     """Base of the observation sources; hyper-parameters are dataclass fields."""
@@ -235,8 +244,14 @@ class Reconstruct(Observe):
     chunk_tokens: int = 512
     #: Over which keys a repetition query's softmax is taken (`repeat_attention_chunk`).
     normalize: str = "global"
-    #: Prefix tokens every chunk's local softmax includes (normalize "local").
+    #: Prefix tokens every chunk's local softmax includes (normalize "local"), and its view
+    #: "chunk".
     sink_tokens: int = 4
+    #: What each chunk's repetition attends to besides its own tokens: "prefix", the whole
+    #: prefix (KVzip's); "chunk", the first `sink_tokens` prefix tokens and those it copies
+    #: (`repeat_view_positions`), so that the repetition's attention stops growing with the
+    #: prefix. Under "chunk" the global softmax is the local one.
+    view: str = "prefix"
     #: Repeat each chunk as the assistant's reply: the chat template's end of the user turn and
     #: start of the assistant's follow the instruction (KVzip's prompt; `assistant_turn_text`).
     #: It kept more of what later questions need than the instruction alone
@@ -253,6 +268,11 @@ class Reconstruct(Observe):
                 raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
         if self.normalize not in REPEAT_NORMALIZATIONS:
             raise ValueError(f"normalize must be one of {list(REPEAT_NORMALIZATIONS)}, got {self.normalize!r}")
+        if self.view not in REPEAT_VIEWS:
+            raise ValueError(f"view must be one of {list(REPEAT_VIEWS)}, got {self.view!r}")
+        if self.view == "chunk" and self.chunk_tokens < self.sink_tokens:  # else the first chunk's view cuts the sinks
+            raise ValueError(f"view 'chunk' needs chunk_tokens >= sink_tokens ({self.sink_tokens}), "
+                             f"got {self.chunk_tokens}")
         if not isinstance(self.chat_turn, bool):
             raise ValueError(f"chat_turn must be a bool, got {self.chat_turn!r}")
 

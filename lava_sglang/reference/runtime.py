@@ -34,7 +34,7 @@ from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer
 
 from lava_sglang.policy import (Branches, CompressionPlan, LayerScores, Observe, ObservationWindow, PlanBuilder, Policy,
                                 Reconstruct, Tail, assistant_turn_text, make_observe, make_policy,
-                                repeat_attention_chunk, repeat_chunks)
+                                repeat_attention_chunk, repeat_chunks, repeat_view_positions)
 from lava_sglang.policy.plan import repeat_scores, windows_scores
 from lava_sglang.reference.attention import attention_with_lse, causal_visibility, merge_attention_states
 
@@ -142,6 +142,16 @@ class _Batch:
             visible.append(layer_visible[:, :, :longest])
         return _Batch(seq_len=self.seq_len, keys=keys, values=values, visible=visible,
                       last_logits=self.last_logits[rows])
+
+    @classmethod
+    def of_positions(cls, capture: PrefixCapture, positions: torch.Tensor) -> "_Batch":
+        """One row holding only the given prefix positions of every (layer, KV head); what
+        follows it still starts at position n."""
+        keys = [layer_keys[:, positions][None] for layer_keys in capture.keys]
+        values = [layer_values[:, positions][None] for layer_values in capture.values]
+        visible = [torch.ones(layer_keys.shape[:3], dtype=torch.bool, device=layer_keys.device) for layer_keys in keys]
+        return cls(seq_len=capture.seq_len, keys=keys, values=values, visible=visible,
+                   last_logits=capture.last_logits[None])
 
     @classmethod
     def stack(cls, prefixes: Sequence[CompressedPrefix]) -> "_Batch":
@@ -346,12 +356,14 @@ class ReferenceRuntime:
         """Per layer [Hq, n]: the largest attention a repeating query pays each prefix token,
         the prefix repeated chunk by chunk (`Reconstruct.chunk_prompt`). Each chunk's
         repetition follows the whole prefix, scores only the tokens it copies, and is dropped
-        before the next one, as on the server. (A plan reads its first m = n - window.) Unlike
-        the server, which skips a chunk that copies only its window's tokens, every chunk is
-        repeated, so that a policy with a smaller window can read the scores: the runtime's
-        repetition cost can count one chunk more than the server's."""
+        before the next one, as on the server; under view "chunk" it attends only to the
+        prefix's sinks and the tokens it copies (`repeat_view_positions`). (A plan reads its
+        first m = n - window.) Unlike the server, which skips a chunk that copies only its
+        window's tokens, every chunk is repeated, so that a policy with a smaller window can
+        read the scores: the runtime's repetition cost can count one chunk more than the
+        server's."""
         seq_len = capture.seq_len
-        batch = _Batch.stack([self.full_prefix(capture)])
+        whole_prefix = _Batch.stack([self.full_prefix(capture)]) if source.view == "prefix" else None
         repeat: list[torch.Tensor | None] = [None] * len(capture.keys)
 
         def encode(text: str) -> list[int]:
@@ -360,9 +372,17 @@ class ReferenceRuntime:
         assistant_turn = assistant_turn_text(self.tokenizer.apply_chat_template) if source.chat_turn else ""
 
         for start, end in repeat_chunks(seq_len, source.chunk_tokens):
-            def record(layer, query, key, scaling, start=start, end=end):
-                keys = torch.cat([batch.keys[layer][0], key[0]], dim=1)  # [Hkv, n + own, d]
-                scores = repeat_attention_chunk(query[0].flatten(0, 1), keys, seq_len, seq_len, (start, end), scaling,
+            # The keys the chunk sees, and where the copied ones are among them.
+            if source.view == "chunk":  # the copied tokens are the view's last
+                batch = _Batch.of_positions(capture, repeat_view_positions((start, end), source.sink_tokens))
+                seen = batch.keys[0].shape[2]
+                copied = (seen - (end - start), seen)
+            else:
+                batch, seen, copied = whole_prefix, seq_len, (start, end)
+
+            def record(layer, query, key, scaling, batch=batch, seen=seen, copied=copied, start=start, end=end):
+                keys = torch.cat([batch.keys[layer][0], key[0]], dim=1)  # [Hkv, seen + own, d]
+                scores = repeat_attention_chunk(query[0].flatten(0, 1), keys, seen, seen, copied, scaling,
                                                 source.normalize, source.sink_tokens)
                 if repeat[layer] is None:
                     repeat[layer] = scores.new_zeros(scores.shape[0], seq_len)

@@ -14,7 +14,9 @@ of `lava_sglang.kernels.pool_prefix_attention` (the kept rows read in place from
 through the store's layout tables, one launch per layer), elsewhere torch. The attention
 over the requests' own tokens is, on CUDA, the wrapped backend's: SGLang's own Triton decode
 and extend kernels, or FlashInfer's paged wrappers under SGLang's `flashinfer` backend
-(`own_attention.py`, planned once per batch); elsewhere torch.
+(`own_attention.py`, planned once per batch); elsewhere torch. A batch holding a repetition
+chunk under `--kv-observe-view chunk` (its queries read only part of their row) takes the
+torch path, which the launcher allows on the CPU engine only.
 Requests that use no compressed prefix in such a batch get exact ordinary attention from the
 same code.
 """
@@ -67,6 +69,7 @@ class CompressedPrefixPath:
         self._repeating = False
         self._prefixes: CompressedPrefixBatch | None = None
         self._own: OwnTokenAttention | FlashInferOwnAttention | OwnDecodeRows | None = None  # the own-token plan
+        self._views: list[tuple[int, torch.Tensor] | None] | None = None  # what repetition chunks attend to
 
     def _batch_entries(self, forward_batch) -> list[StoreEntry | None]:
         """The compressed prefix each request of the batch uses (None for none), from the
@@ -75,8 +78,22 @@ class CompressedPrefixPath:
             first_slots = _cache.req_to_token_pool.req_to_token[forward_batch.req_pool_indices, 0]
             self._batch, self._entries = forward_batch, _cache.store.entries_for_slots(first_slots)
             self._repeating = any(rid in _cache.repetitions for rid in forward_batch.rids or ())
-            self._prefixes = self._own = None
+            self._prefixes = self._own = self._views = None
         return self._entries
+
+    def _repetition_views(self, forward_batch, prefix_lens, extend_lens) -> list[tuple[int, torch.Tensor] | None]:
+        """Per request, when it is a repetition chunk under view "chunk", (how many of its
+        extend's queries recompute prefix tokens, the row positions the others attend to:
+        `RepetitionScores.attended_positions`), else None; found once per batch."""
+        if self._views is None:
+            self._views = [None] * len(prefix_lens)
+            for row, (rid, prefix_len, extend_len) in enumerate(zip(forward_batch.rids or (), prefix_lens,
+                                                                     extend_lens)):
+                scores = _cache.repetitions.get(rid) if self._entries[row] is None else None
+                positions = None if scores is None else scores.attended_positions(rid, prefix_len + extend_len)
+                if positions is not None:  # queries before the prefix's end recompute prefix tokens
+                    self._views[row] = (max(0, scores.prefix_len - prefix_len), positions)
+        return self._views
 
     def forward_extend(self, q, k, v, layer, forward_batch, save_kv_cache=True, **kwargs):
         if _cache is None:
@@ -87,7 +104,7 @@ class CompressedPrefixPath:
         entries = self._batch_entries(forward_batch)
         if not any(entries) and not self._repeating:
             return self.inner_extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
-        # A repetition chunk is attention over the whole prefix: computed here, its queries' LSE
+        # A repetition chunk is attention over the prefix (or its view): computed here, its queries' LSE
         # is the normaliser its scores need, and only its own queries are computed (SGLang's
         # torch_native backend also recomputes attention for every cached prefix position).
         out, lse = self._attend(q, k, v, layer, forward_batch, save_kv_cache, entries, prefix_lens, extend_lens)
@@ -114,10 +131,12 @@ class CompressedPrefixPath:
         queries = q.reshape(-1, num_q_heads, head_dim)
         use_kernels = queries.is_cuda if self.use_kernels is None else self.use_kernels
         decode = max(extend_lens) == 1  # one new token per request, already in the pool
-        if use_kernels:
+        views = self._repetition_views(forward_batch, prefix_lens, extend_lens) if self._repeating else []
+        viewed = any(view is not None for view in views)  # a repetition piece reads part of its row
+        if use_kernels and not viewed:
             out, lse = self._own_kernel_states(queries, k, v, layer, forward_batch, entries, prefix_lens, extend_lens,
                                                decode)
-        elif decode:
+        elif decode and not viewed:
             if self._own is None:
                 self._own = OwnDecodeRows(_cache.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
                                           own_starts(entries),
@@ -125,7 +144,7 @@ class CompressedPrefixPath:
             out, lse = self._own.states(queries, num_kv_heads, _cache.kv_pool.get_key_buffer(layer.layer_id),
                                         _cache.kv_pool.get_value_buffer(layer.layer_id), layer.scaling)
         else:
-            out, lse = _own_states_extend(queries, layer, forward_batch, entries, prefix_lens, extend_lens)
+            out, lse = _own_states_extend(queries, layer, forward_batch, entries, prefix_lens, extend_lens, views)
         if any(entries):
             if self._prefixes is None:
                 self._prefixes = CompressedPrefixBatch(entries, extend_lens, _cache.kv_pool, num_q_heads=num_q_heads,
@@ -168,33 +187,45 @@ def own_starts(entries: list[StoreEntry | None]) -> list[int]:
     return [entry.prefix_len if entry is not None else 0 for entry in entries]
 
 
-def _own_states_extend(queries, layer, forward_batch, entries, prefix_lens, extend_lens):
+def _own_states_extend(queries, layer, forward_batch, entries, prefix_lens, extend_lens, views=()):
     """Each request's attention over its own tokens (its KV row after its compressed prefix,
-    causal), one request at a time: out [tokens, Hq, d], lse [tokens, Hq], fp32."""
-    num_q_heads, num_kv_heads, head_dim = queries.shape[1], layer.tp_k_head_num, queries.shape[2]
-    own_out = queries.new_empty((queries.shape[0], num_q_heads, layer.v_head_dim), dtype=torch.float32)
-    own_lse = queries.new_empty((queries.shape[0], num_q_heads), dtype=torch.float32)
-    k_buffer = _cache.kv_pool.get_key_buffer(layer.layer_id)
-    v_buffer = _cache.kv_pool.get_value_buffer(layer.layer_id)
+    causal), one request at a time: out [tokens, Hq, d], lse [tokens, Hq], fp32. views[i], if
+    given and not None: (recomputed, positions) for a repetition chunk under view "chunk": its
+    first `recomputed` queries are prefix tokens and see the whole row up to themselves; the
+    others see only the given positions of the row, their own last."""
+    own_out = queries.new_empty((queries.shape[0], queries.shape[1], layer.v_head_dim), dtype=torch.float32)
+    own_lse = queries.new_empty(queries.shape[:2], dtype=torch.float32)
     start = 0
     for row, (own_start, prefix_len, extend_len) in enumerate(zip(own_starts(entries), prefix_lens, extend_lens)):
-        query = queries[start:start + extend_len].view(extend_len, num_kv_heads, -1, head_dim)
-        query = query.permute(1, 2, 0, 3).unsqueeze(0)  # [1, Hkv, G, T, d]
-        seq_len = prefix_len + extend_len
-        slots = _cache.req_to_token_pool.req_to_token[forward_batch.req_pool_indices[row], own_start:seq_len]
-        own_keys = k_buffer[slots].transpose(0, 1).unsqueeze(0)
-        own_values = v_buffer[slots].transpose(0, 1).unsqueeze(0)
-        flash = flash_extend_attention_with_lse(query[0], own_keys[0], own_values[0], layer.scaling)
-        if flash is not None:
-            out, lse = flash[0][None], flash[1][None]
-        else:
-            visible = causal_visibility(extend_len, seq_len - own_start, queries.device)
-            out, lse = attention_with_lse(query, own_keys, own_values, visible.view(1, 1, 1, extend_len, -1),
-                                          layer.scaling)
-        own_out[start:start + extend_len] = out[0].permute(2, 0, 1, 3).reshape(extend_len, num_q_heads, -1)
-        own_lse[start:start + extend_len] = lse[0].permute(2, 0, 1).reshape(extend_len, num_q_heads)
+        row_slots = _cache.req_to_token_pool.req_to_token[forward_batch.req_pool_indices[row]]
+        view = views[row] if row < len(views) else None
+        recomputed, positions = view if view is not None else (extend_len, None)
+        pieces = [(slice(start, start + recomputed), row_slots[own_start:prefix_len + recomputed])]
+        if positions is not None:
+            pieces.append((slice(start + recomputed, start + extend_len), row_slots[positions.to(row_slots.device)]))
+        for rows, slots in pieces:
+            if rows.stop > rows.start:
+                own_out[rows], own_lse[rows] = _causal_states(queries[rows], slots, layer)
         start += extend_len
     return own_out, own_lse
+
+
+def _causal_states(queries, slots, layer):
+    """Attention of queries [T, Hq, d] over the pool's keys at `slots` (S >= T), the queries'
+    own the last T, causally: out [T, Hq, d], lse [T, Hq], fp32."""
+    num_rows, num_q_heads, head_dim = queries.shape
+    query = queries.view(num_rows, layer.tp_k_head_num, -1, head_dim).permute(1, 2, 0, 3)  # [Hkv, G, T, d]
+    keys = _cache.kv_pool.get_key_buffer(layer.layer_id)[slots].transpose(0, 1)  # [Hkv, S, d]
+    values = _cache.kv_pool.get_value_buffer(layer.layer_id)[slots].transpose(0, 1)
+    flash = flash_extend_attention_with_lse(query, keys, values, layer.scaling)
+    if flash is not None:
+        out, lse = flash
+    else:
+        visible = causal_visibility(num_rows, slots.shape[0], queries.device)
+        out, lse = attention_with_lse(query[None], keys[None], values[None], visible.view(1, 1, 1, num_rows, -1),
+                                      layer.scaling)
+        out, lse = out[0], lse[0]
+    return out.permute(2, 0, 1, 3).reshape(num_rows, num_q_heads, -1), lse.permute(2, 0, 1).reshape(num_rows, -1)
 
 
 class OwnDecodeRows:
@@ -328,7 +359,7 @@ def _score_repetitions(layer, forward_batch, q, lse, entries, prefix_lens, exten
     start = 0
     for row, (rid, prefix_len, extend_len) in enumerate(zip(forward_batch.rids or (), prefix_lens, extend_lens)):
         scores = _cache.repetitions.get(rid)
-        if scores is not None and entries[row] is None:  # a repetition reads the full prefix
+        if scores is not None and entries[row] is None:  # a repetition reads the uncompressed prefix
             slots = _cache.req_to_token_pool.req_to_token[forward_batch.req_pool_indices[row], :prefix_len + extend_len]
             try:
                 rows = slice(start, start + extend_len)

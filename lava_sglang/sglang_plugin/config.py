@@ -14,7 +14,7 @@ import math
 import os
 from dataclasses import dataclass
 
-from lava_sglang.policy import POLICIES, REPEAT_NORMALIZATIONS, Reconstruct, make_policy, resolve_budget
+from lava_sglang.policy import POLICIES, REPEAT_NORMALIZATIONS, REPEAT_VIEWS, Reconstruct, make_policy, resolve_budget
 from lava_sglang.sglang_plugin.touchpoints import RADIX_CACHE_BACKEND
 
 ENV_VAR = "LAVA_SGLANG_KV_POLICY"
@@ -96,6 +96,8 @@ class KvPolicyConfig:
         internal request per chunk; the extra KV while scoring is one chunk and its prompt).
     observe_normalize: under `reconstruct`, over which keys a repetition query's softmax is
         taken: `global` (all it sees) or `local` (KVzip's: sinks, copied chunk, repetition).
+    observe_view: under `reconstruct`, what each chunk's repetition attends to: `prefix` (the
+        whole prefix, KVzip's) or `chunk` (the first tokens and the chunk it copies).
     observe_prompt: under `reconstruct`, how each chunk is introduced: `chat` (the
         instruction, then the chat template's opening of the assistant's reply, KVzip's
         prompt) or `plain` (the instruction alone).
@@ -112,6 +114,7 @@ class KvPolicyConfig:
     observe_wait: float = 30.0
     observe_chunk: int = Reconstruct.chunk_tokens
     observe_normalize: str = Reconstruct.normalize
+    observe_view: str = Reconstruct.view
     observe_prompt: str = CHAT if Reconstruct.chat_turn else PLAIN
 
     @property
@@ -123,7 +126,7 @@ class KvPolicyConfig:
 
     def repetition(self) -> Reconstruct:
         """The repetition `--kv-observe reconstruct` runs (docs/observe.md)."""
-        return Reconstruct(chunk_tokens=self.observe_chunk, normalize=self.observe_normalize,
+        return Reconstruct(chunk_tokens=self.observe_chunk, normalize=self.observe_normalize, view=self.observe_view,
                            chat_turn=self.observe_prompt == CHAT)
 
     def to_env(self) -> str:
@@ -181,6 +184,11 @@ FLAGS = {
                              "With --kv-observe reconstruct: the softmax a repetition query's score is read from: "
                              "global (over every key it sees) or local (KVzip's: the first tokens, the chunk it "
                              f"copies and the repetition). Default {Reconstruct.normalize}."),
+    "kv_observe_view": ("--kv-observe-view", Reconstruct.view,
+                        "With --kv-observe reconstruct: what each repetition chunk attends to besides its own tokens: "
+                        "prefix (the whole prefix, as KVzip does) or chunk (the first tokens and the chunk it copies, "
+                        "so that the repetition's attention does not grow with the prefix; docs/kvzip.md). Default "
+                        f"{Reconstruct.view}."),
     "kv_observe_prompt": ("--kv-observe-prompt", KvPolicyConfig.observe_prompt,
                           "With --kv-observe reconstruct: how each repetition chunk is introduced: chat (the "
                           "instruction, then the chat template's opening of the assistant's reply, as KVzip does; "
@@ -267,13 +275,23 @@ def from_namespace(args: argparse.Namespace) -> KvPolicyConfig:
     if observe_normalize not in REPEAT_NORMALIZATIONS:
         raise ConfigError(f"--kv-observe-normalize must be one of {', '.join(REPEAT_NORMALIZATIONS)}, "
                           f"got {observe_normalize!r}")
+    observe_view = str(args.kv_observe_view)
+    if observe_view not in REPEAT_VIEWS:
+        raise ConfigError(f"--kv-observe-view must be one of {', '.join(REPEAT_VIEWS)}, got {observe_view!r}")
     observe_prompt = str(args.kv_observe_prompt)
     if observe_prompt not in OBSERVE_PROMPTS:
         raise ConfigError(f"--kv-observe-prompt must be one of {', '.join(OBSERVE_PROMPTS)}, got {observe_prompt!r}")
     config = KvPolicyConfig(policy=policy, budget=parse_budget(args.kv_budget), window=window,
                             min_prefix=min_prefix, alpha=alpha, pool_kernel=pool_kernel, compress_on=triggers,
                             observe=observe, observe_wait=observe_wait, observe_chunk=observe_chunk,
-                            observe_normalize=observe_normalize, observe_prompt=observe_prompt)
+                            observe_normalize=observe_normalize, observe_view=observe_view,
+                            observe_prompt=observe_prompt)
+    if observe == RECONSTRUCT:
+        try:
+            config.repetition().validate()
+        except ValueError as error:
+            raise ConfigError(f"--kv-observe-view {observe_view} with --kv-observe-chunk {observe_chunk}: "
+                              f"{error}") from None
     if config.enabled:
         try:
             policy_object = config.make_policy()
@@ -330,6 +348,9 @@ def check_server_args(config: KvPolicyConfig, args: argparse.Namespace, device: 
         (getattr(args, "enable_deterministic_inference", False),
          "--enable-deterministic-inference: the compressed-prefix path's split-K and merges are not SGLang's "
          "batch-invariant kernels"),
+        (on_accelerator and config.observe == RECONSTRUCT and config.observe_view == "chunk",
+         "--kv-observe-view chunk: a batch holding a repetition chunk under the view takes the torch attention "
+         "path, which is not made for a GPU's batches (the CPU engine only)"),
         (getattr(args, "speculative_algorithm", None) is not None, "--speculative-algorithm: not supported"),
         (getattr(args, "enable_hierarchical_cache", False), "--enable-hierarchical-cache: not supported"),
         ((getattr(args, "pp_size", 1) or 1) > 1, "--pp-size > 1: pipeline parallel is not supported"),

@@ -31,7 +31,8 @@ from dataclasses import dataclass, field
 import requests
 import torch
 
-from lava_sglang.policy import Reconstruct, assistant_turn_text, repeat_attention_chunk, repeat_chunks
+from lava_sglang.policy import (Reconstruct, assistant_turn_text, repeat_attention_chunk, repeat_chunks,
+                               repeat_view_positions)
 
 logger = logging.getLogger(__name__)
 
@@ -139,6 +140,17 @@ class RepetitionScores:
     def extra_slots_peak(self) -> int:
         """The most pool slots in use beyond those at the start, while a chunk was scored."""
         return max(0, self.pool_used_peak - self.pool_used_at_start)
+
+    def attended_positions(self, rid: str, seq_len: int) -> torch.Tensor | None:
+        """The positions of its row the repetition queries of chunk `rid` (those of its first
+        seq_len tokens that are past the prefix) attend to under view "chunk": the prefix's
+        view (`repeat_view_positions`), then the repetition's tokens up to seq_len. None: the
+        whole row (view "prefix", or not one of this repetition's chunks)."""
+        chunk = self.chunk(rid)
+        if self.source.view != "chunk" or chunk is None or seq_len <= self.prefix_len:
+            return None
+        return torch.cat([repeat_view_positions(chunk.copied, self.source.sink_tokens),
+                          torch.arange(self.prefix_len, seq_len)])
 
     def add_chunk(self, rid: str, layer: int, queries: torch.Tensor, keys: torch.Tensor, first_position: int,
                   scaling: float, pool_used: int = 0, lse: torch.Tensor | None = None) -> None:

@@ -2,7 +2,8 @@
 
 A fork program's document waits after its commit while the server runs its repetition, one
 internal request per 256-token chunk of the document (the document, a repeat instruction and
-the chunk), each chunk's tokens freed before the next; the repetition's attention scores the
+the chunk), each chunk's tokens freed before the next, each attending to the whole document or
+(--kv-observe-view chunk) to its first tokens and the chunk alone; the repetition's attention scores the
 document, which is then compressed once, and later programs read the compressed copy,
 answering as the reference runtime does with the same chunked scores. Prefill runs in
 200-token pieces, so each chunk request is itself scored in pieces. Both policies that plan
@@ -36,15 +37,24 @@ def document(tokenizer):
     return retrieval_documents(count, 600, [4], seed=2)[0]
 
 
-@pytest.fixture(scope="module", params=["lava", "kvzip"])
-def policy(request) -> str:
+@pytest.fixture(scope="module", params=[("lava", "prefix"), ("kvzip", "prefix"), ("lava", "chunk")],
+                ids=lambda param: "-".join(param))
+def policy_and_view(request) -> tuple[str, str]:
+    """The policy, and what each repetition chunk attends to (--kv-observe-view)."""
     return request.param
 
 
 @pytest.fixture(scope="module")
-def server(policy, smollm2_path, tmp_path_factory):
-    log_path = tmp_path_factory.mktemp("sglang") / f"reconstruct-{policy}.log"
-    with ServerProcess(smollm2_path, ["--kv-policy", policy, *SERVER_ARGS], log_path=log_path) as process:
+def policy(policy_and_view) -> str:
+    return policy_and_view[0]
+
+
+@pytest.fixture(scope="module")
+def server(policy_and_view, smollm2_path, tmp_path_factory):
+    policy, view = policy_and_view
+    log_path = tmp_path_factory.mktemp("sglang") / f"reconstruct-{policy}-{view}.log"
+    with ServerProcess(smollm2_path, ["--kv-policy", policy, "--kv-observe-view", view, *SERVER_ARGS],
+                       log_path=log_path) as process:
         yield process
 
 

@@ -71,7 +71,8 @@ def test_every_rank_keeps_its_heads_rows_of_the_single_process_plan_and_evicts_i
     runtime = ReferenceRuntime.load(smollm2_path, window=options["window"])
     capture = runtime.prefill(tokenizer(prompt_parts(document.text, "")[0]).input_ids)
     observation = runtime.observe(capture, "reconstruct", chunk_tokens=REPEAT_CHUNK,
-                                  normalize=options["observe_normalize"], chat_turn=options["observe_prompt"] == "chat")
+                                  normalize=options["observe_normalize"], view=options["observe_view"],
+                                  chat_turn=options["observe_prompt"] == "chat")
     plan = runtime.compress(capture, "lava", options["budget"], observation=observation, window=options["window"],
                             pool_kernel=options["pool_kernel"], alpha=options["alpha"]).plan
     keep_len = prefix_len - 1  # a fork prefix keeps all but its last token

@@ -1,9 +1,11 @@
 """Observation sources on the reference runtime (SmolLM2), against stock transformers."""
 
+import dataclasses
+
 import pytest
 import torch
 
-from lava_sglang.policy import Reconstruct, assistant_turn_text
+from lava_sglang.policy import Reconstruct, assistant_turn_text, repeat_view_positions
 
 pytestmark = pytest.mark.model
 
@@ -36,12 +38,13 @@ def test_branch_windows_are_the_question_prefilled_after_the_whole_document(runt
         torch.testing.assert_close(window.own_keys, joint.keys[layer][:, len(document):], atol=1e-4, rtol=1e-4)
 
 
-def eager_attentions(smollm2_path, token_ids):
+def eager_attentions(smollm2_path, token_ids, attention_mask=None):
+    """Every layer's attention probabilities; attention_mask: None (causal) or additive [1, 1, T, T]."""
     from transformers import AutoModelForCausalLM
 
     eager = AutoModelForCausalLM.from_pretrained(smollm2_path, dtype=torch.float32, attn_implementation="eager")
     with torch.inference_mode():
-        return eager(torch.tensor([token_ids]), output_attentions=True).attentions
+        return eager(torch.tensor([token_ids]), attention_mask=attention_mask, output_attentions=True).attentions
 
 
 def test_one_chunk_repetition_matches_eager_attention_over_the_whole_sequence(runtime, smollm2_path, document,
@@ -90,6 +93,35 @@ def test_each_chunk_repeats_after_the_document_alone_and_scores_only_what_it_cop
             expected = probs[:, :, start:end].amax(dim=1)
             torch.testing.assert_close(observation.repeat_attention[layer][:, start:end], expected,
                                        atol=1e-5, rtol=1e-4)
+
+
+def test_under_view_chunk_each_chunk_attends_only_to_the_sinks_and_what_it_copies(runtime, smollm2_path, document,
+                                                                                   capture):
+    # Oracle per chunk: an eager forward of document + the chunk's prompt + the chunk whose
+    # mask hides from the repetition every document token but the 2 sinks and the chunk's.
+    source = Reconstruct(chunk_tokens=24, overlap_tokens=4, view="chunk", sink_tokens=2)
+    observation = runtime.observe(capture, source)
+    whole_prefix = runtime.observe(capture, dataclasses.replace(source, view="prefix"))
+    n = len(document)
+
+    def encode(text):
+        return runtime.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    turn = assistant_turn_text(runtime.tokenizer.apply_chat_template)
+    for start in range(0, n, 24):
+        end = min(start + 24, n)
+        tokens = document + source.chunk_prompt(document, start, encode, turn) + document[start:end]
+        visible = torch.ones(len(tokens), len(tokens), dtype=torch.bool).tril()
+        visible[n:, :n] = False
+        visible[n:, repeat_view_positions((start, end), 2)] = True
+        mask = torch.zeros(1, 1, *visible.shape).masked_fill(~visible, torch.finfo(torch.float32).min)
+        attentions = eager_attentions(smollm2_path, tokens, mask)
+        for layer in (0, 11, 29):
+            expected = attentions[layer][0, :, n:, start:end].amax(dim=1)
+            torch.testing.assert_close(observation.repeat_attention[layer][:, start:end], expected,
+                                       atol=1e-5, rtol=1e-4)
+            if start > 2:  # the chunk saw less than the whole prefix, and its scores show it
+                assert not torch.allclose(whole_prefix.repeat_attention[layer][:, start:end], expected, atol=1e-3)
 
 
 def test_each_source_compresses_to_the_budget_and_answers(runtime, document, capture):

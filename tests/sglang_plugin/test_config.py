@@ -56,7 +56,7 @@ def test_config_survives_the_trip_to_the_children():
     ("--kv-observe-wait", "0"), ("--kv-observe-wait", "-1"), ("--kv-observe-wait", "nan"),
     ("--kv-observe-wait", "inf"), ("--kv-observe-wait", "soon"),
     ("--kv-observe-chunk", "0"), ("--kv-observe-chunk", "1.5"),
-    ("--kv-observe-normalize", "softmax"), ("--kv-observe-prompt", "chatml"),
+    ("--kv-observe-normalize", "softmax"), ("--kv-observe-prompt", "chatml"), ("--kv-observe-view", "document"),
 ])
 def test_bad_values_name_the_flag(flag, value):
     with pytest.raises(ConfigError, match=flag):
@@ -96,10 +96,12 @@ def test_the_default_source_is_the_repetition_and_shared_prefixes_need_no_fork()
 
 def test_policy_options_and_repetition_flags():
     config = from_namespace(parse("--kv-policy", "lava:layer_budget=entropy,value_norm=false", "--kv-observe",
-                                  "reconstruct", "--kv-observe-chunk", "512", "--kv-observe-normalize", "local"))
+                                  "reconstruct", "--kv-observe-chunk", "512", "--kv-observe-normalize", "local",
+                                  "--kv-observe-view", "chunk"))
     policy = config.make_policy()
     assert (policy.layer_budget, policy.value_norm, policy.pool_kernel) == ("entropy", False, 1)
     assert (config.repetition().chunk_tokens, config.repetition().normalize) == (512, "local")
+    assert config.repetition().view == "chunk"
     assert config.repetition().chat_turn  # the default prompt: the chunk is the assistant's reply
     plain = from_namespace(parse("--kv-policy", "lava", "--kv-observe-prompt", "plain"))
     assert (plain.observe_prompt, plain.repetition().chat_turn) == ("plain", False)
@@ -165,6 +167,17 @@ def test_gpu_combinations_that_cannot_work_are_refused(option, value, reason):
     with pytest.raises(ConfigError, match=reason):
         check_server_args(config, argparse.Namespace(**{option: value}), "cuda")
     check_server_args(KvPolicyConfig(), argparse.Namespace(**{option: value}), "cuda")  # policy none: stock
+
+
+def test_the_repetition_view_of_the_chunk_alone_runs_on_the_cpu_engine_only_and_needs_the_sinks_in_a_chunk():
+    config = from_namespace(parse("--kv-policy", "lava", "--kv-observe-view", "chunk"))
+    check_server_args(config, argparse.Namespace(), "cpu")
+    with pytest.raises(ConfigError, match="--kv-observe-view chunk: .*the CPU engine only"):
+        check_server_args(config, argparse.Namespace(), "cuda")
+    check_server_args(from_namespace(parse("--kv-policy", "lava")), argparse.Namespace(), "cuda")
+    with pytest.raises(ConfigError, match="--kv-observe-chunk 2: view 'chunk' needs chunk_tokens >= sink_tokens"):
+        from_namespace(parse("--kv-policy", "lava", "--kv-observe-view", "chunk", "--kv-observe-chunk", "2"))
+    assert from_namespace(parse("--kv-policy", "lava", "--kv-observe-chunk", "2")).observe_chunk == 2
 
 
 def test_each_device_serves_its_own_backends_and_graphs_off():

@@ -93,7 +93,8 @@ def test_patch_declares_the_fields_like_the_plugin():
     assert (defaults["kv_observe"], defaults["kv_observe_wait"]) == (expected.observe, expected.observe_wait)
     assert (defaults["kv_observe_chunk"], defaults["kv_observe_normalize"]) == (expected.observe_chunk,
                                                                               expected.observe_normalize)
-    assert defaults["kv_observe_prompt"] == expected.observe_prompt
+    assert (defaults["kv_observe_view"], defaults["kv_observe_prompt"]) == (expected.observe_view,
+                                                                          expected.observe_prompt)
     for name, node in declared.items():  # A[T, "help"] or A[T, Arg(help=...)]: a CLI flag with help text
         metadata = node.annotation.slice.elts[1]
         assert isinstance(metadata, (ast.Constant, ast.Call)), name

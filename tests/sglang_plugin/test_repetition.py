@@ -1,5 +1,6 @@
 """`RepetitionScores`: the server's chunked repetition of a prefix and its scoring (observe "reconstruct")."""
 
+import dataclasses
 import math
 
 import pytest
@@ -56,6 +57,17 @@ def test_chunks_skip_the_window_and_each_request_is_prefix_prompt_and_chunk():
     assert scores.num_queries == (3 + 4) + (4 + 4)
     assert len(set(scores.rids)) == 2 and all(rid.startswith(REPETITION_RID_PREFIX) for rid in scores.rids)
     assert new_scores().rids[0] != scores.rids[0]
+
+
+def test_under_view_chunk_a_piece_attends_to_the_sinks_what_it_copies_and_the_repetition_so_far():
+    scores = new_scores(chunk_tokens=4)
+    view = RepetitionScores.plan(PREFIX_IDS, dataclasses.replace(scores.source, view="chunk"), PROMPTS.__getitem__,
+                                 WINDOW, 1, chat_template)
+    second = view.chunks[1]  # copies 4-8 after a 4-token prompt; one sink
+    assert view.attended_positions(second.rid, PREFIX_LEN + 3).tolist() == [0, 4, 5, 6, 7, 10, 11, 12]
+    assert view.attended_positions(second.rid, PREFIX_LEN) is None  # prefix tokens only: they see the whole row
+    assert view.attended_positions(scores.rids[1], PREFIX_LEN + 3) is None  # another repetition's chunk
+    assert scores.attended_positions(scores.chunks[1].rid, PREFIX_LEN + 3) is None  # view "prefix": the whole row
 
 
 def test_a_tokenizer_without_a_chat_template_gets_the_plain_prompt(caplog):
