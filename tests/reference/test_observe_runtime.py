@@ -64,6 +64,17 @@ def test_one_chunk_repetition_matches_eager_attention_over_the_whole_sequence(ru
     assert observation.seconds > 0
 
 
+def repetition_inputs(runtime, document, source):
+    """Per chunk of `source`'s repetition: (start, end, the document + the chunk's prompt + the chunk)."""
+    def encode(text):
+        return runtime.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    turn = assistant_turn_text(runtime.tokenizer.apply_chat_template)
+    for start in range(0, len(document), source.chunk_tokens):
+        end = min(start + source.chunk_tokens, len(document))
+        yield start, end, document + source.chunk_prompt(document, start, encode, turn) + document[start:end]
+
+
 @pytest.mark.parametrize("normalize", ["global", "local"])
 def test_each_chunk_repeats_after_the_document_alone_and_scores_only_what_it_copies(runtime, smollm2_path, document,
                                                                                     capture, normalize):
@@ -74,14 +85,7 @@ def test_each_chunk_repeats_after_the_document_alone_and_scores_only_what_it_cop
     source = Reconstruct(chunk_tokens=24, overlap_tokens=4, normalize=normalize, sink_tokens=2)
     observation = runtime.observe(capture, source)
     n = len(document)
-
-    def encode(text):
-        return runtime.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    turn = assistant_turn_text(runtime.tokenizer.apply_chat_template)
-    for start in range(0, n, 24):
-        end = min(start + 24, n)
-        tokens = document + source.chunk_prompt(document, start, encode, turn) + document[start:end]
+    for start, end, tokens in repetition_inputs(runtime, document, source):
         attentions = eager_attentions(smollm2_path, tokens)
         positions = torch.arange(len(tokens))
         keep = (positions < 2) | ((positions >= start) & (positions < end)) | (positions >= n)
@@ -103,14 +107,7 @@ def test_under_view_chunk_each_chunk_attends_only_to_the_sinks_and_what_it_copie
     observation = runtime.observe(capture, source)
     whole_prefix = runtime.observe(capture, dataclasses.replace(source, view="prefix"))
     n = len(document)
-
-    def encode(text):
-        return runtime.tokenizer(text, add_special_tokens=False)["input_ids"]
-
-    turn = assistant_turn_text(runtime.tokenizer.apply_chat_template)
-    for start in range(0, n, 24):
-        end = min(start + 24, n)
-        tokens = document + source.chunk_prompt(document, start, encode, turn) + document[start:end]
+    for start, end, tokens in repetition_inputs(runtime, document, source):
         visible = torch.ones(len(tokens), len(tokens), dtype=torch.bool).tril()
         visible[n:, :n] = False
         visible[n:, repeat_view_positions((start, end), 2)] = True
