@@ -3,7 +3,9 @@
 The plugin keeps SGLang's attention backend object and installs its own forward_extend /
 forward_decode on the instance (`with_compressed_prefixes`), so every isinstance check and
 backend-name test in SGLang still holds. A forward batch in which no request uses a compressed prefix goes to the
-original backend untouched; otherwise this module computes the batch's attention itself:
+original backend untouched, except an extend with a cached prefix under SGLang's `torch_native`
+backend, which would attend from every prefix position again (`recomputes_cached_prefixes`);
+otherwise this module computes the batch's attention itself:
 for each request, attention over its compressed prefix (each KV head its own kept rows, the
 G query heads of the group reading them together) and over its own tokens (its KV row
 after the prefix, causal), merged by LSE. Extend (prefill) batches also record the window
@@ -29,7 +31,7 @@ from lava_sglang.kernels.attention_states import (attention_with_lse, causal_vis
                                                   flash_extend_attention_with_lse, merge_attention_states,
                                                   rows_attention_with_lse)
 from lava_sglang.sglang_plugin.own_attention import FlashInferOwnAttention, OwnTokenAttention, lengths_indptr
-from lava_sglang.sglang_plugin.touchpoints import flashinfer_own_wrappers, kv_write_loc
+from lava_sglang.sglang_plugin.touchpoints import flashinfer_own_wrappers, kv_write_loc, recomputes_cached_prefixes
 from lava_sglang.store import LayoutTables, StoreEntry, read_layer
 
 _cache = None  # the scheduler process's LavaRadixCache, bound by the radix cache factory
@@ -47,18 +49,24 @@ def bound_cache():
 
 class CompressedPrefixPath:
     """forward_extend / forward_decode for an SGLang attention backend, installed on the
-    instance; the backend's own methods serve batches without compressed prefixes.
+    instance; the backend's own methods serve batches without compressed prefixes (under
+    `own_cached_prefixes`, only those in which no request has a cached prefix either).
 
     use_kernels: run the kernels (the prefix kernel and the own-token kernels); None: on CUDA
     tensors. Tests set it to run them under TRITON_INTERPRET=1.
     flashinfer_wrappers: FlashInfer's (decode, paged prefill) wrappers for the own tokens, when
     the backend is SGLang's `flashinfer` one; None: SGLang's Triton kernels.
+    own_cached_prefixes: an extend batch in which a request has a cached (uncompressed) prefix
+    takes this path too, which attends from the new tokens only; for a backend that attends
+    from the prefix's positions again (`recomputes_cached_prefixes`).
     """
 
-    def __init__(self, backend, use_kernels: bool | None = None, flashinfer_wrappers: tuple | None = None):
+    def __init__(self, backend, use_kernels: bool | None = None, flashinfer_wrappers: tuple | None = None,
+                 own_cached_prefixes: bool = False):
         self.backend = backend
         self.use_kernels = use_kernels
         self.flashinfer_wrappers = flashinfer_wrappers
+        self.own_cached_prefixes = own_cached_prefixes
         self.inner_extend = backend.forward_extend
         self.inner_decode = backend.forward_decode
         # What every layer of one forward batch shares, found at its first layer: the batch
@@ -102,11 +110,11 @@ class CompressedPrefixPath:
         extend_lens = forward_batch.extend_seq_lens_cpu
         _record_window(layer, forward_batch, q, prefix_lens, extend_lens)
         entries = self._batch_entries(forward_batch)
-        if not any(entries) and not self._repeating:
+        cached_prefix = self.own_cached_prefixes and any(prefix_lens)
+        if not any(entries) and not self._repeating and not cached_prefix:
             return self.inner_extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
         # A repetition chunk is attention over the prefix (or its view): computed here, its queries' LSE
-        # is the normaliser its scores need, and only its own queries are computed (SGLang's
-        # torch_native backend also recomputes attention for every cached prefix position).
+        # is the normaliser its scores need, and only its own queries are computed.
         out, lse = self._attend(q, k, v, layer, forward_batch, save_kv_cache, entries, prefix_lens, extend_lens)
         if self._repeating:
             _score_repetitions(layer, forward_batch, q, lse, entries, prefix_lens, extend_lens)
@@ -374,7 +382,8 @@ def _score_repetitions(layer, forward_batch, q, lse, entries, prefix_lens, exten
 def with_compressed_prefixes(backend):
     """Give `backend` (an SGLang attention backend instance) the compressed-prefix path. Its
     class stays, so SGLang's isinstance checks and backend-name tests are unaffected."""
-    path = CompressedPrefixPath(backend, flashinfer_wrappers=flashinfer_own_wrappers(backend))
+    path = CompressedPrefixPath(backend, flashinfer_wrappers=flashinfer_own_wrappers(backend),
+                                own_cached_prefixes=recomputes_cached_prefixes(backend))
     backend.forward_extend = path.forward_extend
     backend.forward_decode = path.forward_decode
     backend.compressed_prefix_path = path

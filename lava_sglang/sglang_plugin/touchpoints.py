@@ -159,6 +159,23 @@ def triton_attention_ops():
     return create_flashinfer_kv_indices_triton, decode_attention_fwd, extend_attention_fwd
 
 
+def recomputes_cached_prefixes(backend) -> bool:
+    """Whether `backend` is SGLang's `torch_native` backend (`TorchNativeAttnBackend`), whose
+    extend attends from every position of a request's sequence, cached prefix included, and
+    discards the prefix's rows (`_run_sdpa_forward_extend`): a 30-token question over a cached
+    2K-token document costs the document's whole attention again."""
+    module = sys.modules.get("sglang.srt.layers.attention.torch_native_backend")
+    return module is not None and isinstance(backend, module.TorchNativeAttnBackend)
+
+
+def is_causal_attention(layer) -> bool:
+    """Whether an attention layer (SGLang's `RadixAttention`) is a decoder's causal one, the
+    only kind the plugin's attention computes (not bidirectional, not encoder-only)."""
+    from sglang.srt.layers.radix_attention import AttentionType
+
+    return layer.attn_type == AttentionType.DECODER
+
+
 def flashinfer_own_wrappers(backend) -> tuple | None:
     """For SGLang's `flashinfer` attention backend (`FlashInferAttnBackend`): a FlashInfer paged
     decode wrapper and a paged prefill wrapper of the plugin's own (`FlashInferOwnAttention`

@@ -1,5 +1,6 @@
 """The start-up refusals of models and engine states the plugin cannot serve (MLA, sliding
-window, hybrid layers, logit soft-capping, learned sinks, cross-attention, a window as long
+window, hybrid layers, logit soft-capping, learned sinks, cross-attention, non-causal
+attention, a window as long
 as the context, a quantized or unusual KV pool, an attention backend without the
 compressed-prefix path): each names its reason."""
 
@@ -17,9 +18,12 @@ from lava_sglang.sglang_plugin.plugin import _check_model
 
 def model_with_attention(sinks=None, **layer_options):
     """A model of one SGLang attention layer (SmolLM2's shape): `layer_options` for its
-    `RadixAttention`, `sinks` held by the attention module as gpt-oss holds them."""
-    from sglang.srt.layers.radix_attention import RadixAttention
+    `RadixAttention` (`attn_type` by its value), `sinks` held by the attention module as
+    gpt-oss holds them."""
+    from sglang.srt.layers.radix_attention import AttentionType, RadixAttention
 
+    if "attn_type" in layer_options:
+        layer_options["attn_type"] = AttentionType(layer_options["attn_type"])
     model = torch.nn.Module()
     model.self_attn = torch.nn.Module()
     model.self_attn.attn = RadixAttention(9, 64, 0.125, 3, layer_id=0, **layer_options)
@@ -71,6 +75,9 @@ def test_a_supported_model_passes():
     ({"tp_worker.model_runner.model": model_with_attention(sinks=torch.nn.Parameter(torch.zeros(9)))},
      "learned attention sinks"),
     ({"tp_worker.model_runner.model": model_with_attention(is_cross_attention=True)}, "cross-attention"),
+    ({"tp_worker.model_runner.model": model_with_attention(attn_type="encoder_only")}, "non-causal attention"),
+    ({"tp_worker.model_runner.model": model_with_attention(attn_type="decoder_bidirectional")},
+     "non-causal attention"),
 ])
 def test_unsupported_models_are_refused_with_the_reason(changes, reason):
     with pytest.raises(ConfigError, match=reason) as error:

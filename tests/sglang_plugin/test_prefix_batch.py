@@ -431,3 +431,63 @@ def test_only_sglangs_flashinfer_backend_gets_flashinfer_wrappers(monkeypatch):
     subclass_backend = SubclassBackend.__new__(SubclassBackend)
     subclass_backend.forward_extend = subclass_backend.forward_decode = None
     assert with_compressed_prefixes(subclass_backend).compressed_prefix_path.flashinfer_wrappers is None
+
+
+
+def cached_prefix_bench():
+    """scripts/bench_cached_prefix_attention.py, whose stand-ins the routing test shares."""
+    import importlib.util
+    from pathlib import Path
+
+    script = Path(__file__).resolve().parents[2] / "scripts" / "bench_cached_prefix_attention.py"
+    spec = importlib.util.spec_from_file_location("bench_cached_prefix_attention", script)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("prefix_lens, extend_lens, takes_own_path", [
+    ([7, 0, 12], [3, 5, 1], True),  # questions over cached prefixes, one request without
+    ([9, 4], [1, 1], True),  # one new token each over its cached prefix
+    ([0, 0], [6, 2], False),  # documents prefilled from nothing: SGLang's own attention
+], ids=["cached-prefixes", "one-token-each", "no-cached-prefix"])
+def test_torch_native_extends_over_cached_prefixes_attend_from_the_new_tokens_only(
+        bound_cache, prefix_lens, extend_lens, takes_own_path):
+    # SGLang's torch_native backend attends from every position of a request's sequence and
+    # discards the cached prefix's rows; wrapped, an extend batch with a cached prefix and no
+    # compressed one takes the plugin's path instead, with the backend's own answer.
+    from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
+    from sglang.srt.layers.radix_attention import RadixAttention
+
+    from lava_sglang.sglang_plugin.attention import with_compressed_prefixes
+
+    bench = cached_prefix_bench()
+    generator = torch.Generator().manual_seed(7)
+    k_buffer, v_buffer = (torch.randn(OWN_POOL, KV_HEADS, DIM, generator=generator) for _ in range(2))
+    req_to_token = (100 + torch.randperm(600, generator=generator)).to(torch.int32).view(5, 120)
+    backend = bench.wrapped_torch_native(k_buffer, v_buffer, req_to_token)
+    path = backend.compressed_prefix_path
+    assert path.own_cached_prefixes
+    inner_calls = []
+    path.inner_extend = lambda *args, **kwargs: inner_calls.append(args) or TorchNativeAttnBackend.forward_extend(
+        backend, *args, **kwargs)
+
+    layer = RadixAttention(KV_HEADS * GROUP, DIM, SCALING, KV_HEADS, layer_id=0)
+    forward_batch = bench.extend_batch([3, 0, 4][:len(prefix_lens)], prefix_lens, extend_lens)
+    q = torch.randn(sum(extend_lens), KV_HEADS * GROUP * DIM, generator=generator)
+    out = backend.forward_extend(q, None, None, layer, forward_batch, save_kv_cache=False)
+    assert bool(inner_calls) is not takes_own_path
+    expected = TorchNativeAttnBackend.forward_extend(backend, q, None, None, layer, forward_batch, save_kv_cache=False)
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+    other = with_compressed_prefixes(SimpleNamespace(forward_extend=None, forward_decode=None))
+    assert not other.compressed_prefix_path.own_cached_prefixes
+
+
+def test_the_cached_prefix_benchmark_prints_a_row_per_prefix(bound_cache, capsys):
+    rows = cached_prefix_bench().main(["--smoke"])
+    printed = capsys.readouterr().out
+    assert [row["prefix"] for row in rows] == [40]
+    assert "machine: " in printed and "inputs: one request, prefixes [40] cached + 5 new tokens" in printed
+    assert printed.rstrip().splitlines()[-1].startswith("| 40 | ")
+    with pytest.raises(SystemExit):
+        cached_prefix_bench().parse_args(["--heads", "9", "2"])
