@@ -45,6 +45,12 @@ def _cpu_flash_attention(*tensors: torch.Tensor):
     return flash
 
 
+def has_cpu_flash_attention(*tensors: torch.Tensor) -> bool:
+    """Whether PyTorch's CPU flash-attention kernel applies to these tensors (fp32 on the CPU,
+    the op present): where it does not, the functions below form the dense logits instead."""
+    return _cpu_flash_attention(*tensors) is not None
+
+
 def flash_attention_with_lse(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, visible: torch.Tensor, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -28,8 +28,8 @@ from __future__ import annotations
 import torch
 
 from lava_sglang.kernels.attention_states import (attention_with_lse, causal_visibility,
-                                                  flash_extend_attention_with_lse, merge_attention_states,
-                                                  rows_attention_with_lse)
+                                                  flash_extend_attention_with_lse, has_cpu_flash_attention,
+                                                  merge_attention_states, rows_attention_with_lse)
 from lava_sglang.sglang_plugin.own_attention import FlashInferOwnAttention, OwnTokenAttention, lengths_indptr
 from lava_sglang.sglang_plugin.touchpoints import flashinfer_own_wrappers, kv_write_loc, recomputes_cached_prefixes
 from lava_sglang.store import LayoutTables, StoreEntry, read_layer
@@ -57,8 +57,9 @@ class CompressedPrefixPath:
     flashinfer_wrappers: FlashInfer's (decode, paged prefill) wrappers for the own tokens, when
     the backend is SGLang's `flashinfer` one; None: SGLang's Triton kernels.
     own_cached_prefixes: an extend batch in which a request has a cached (uncompressed) prefix
-    takes this path too, which attends from the new tokens only; for a backend that attends
-    from the prefix's positions again (`recomputes_cached_prefixes`).
+    takes this path too, which attends from the new tokens only, where it has a fused kernel
+    (the kernels, or the CPU flash kernel in fp32); for a backend that attends from the
+    prefix's positions again (`recomputes_cached_prefixes`).
     """
 
     def __init__(self, backend, use_kernels: bool | None = None, flashinfer_wrappers: tuple | None = None,
@@ -110,7 +111,8 @@ class CompressedPrefixPath:
         extend_lens = forward_batch.extend_seq_lens_cpu
         _record_window(layer, forward_batch, q, prefix_lens, extend_lens)
         entries = self._batch_entries(forward_batch)
-        cached_prefix = self.own_cached_prefixes and any(prefix_lens)
+        cached_prefix = self.own_cached_prefixes and any(prefix_lens) and (
+            self._kernels_for(q) or has_cpu_flash_attention(q, _cache.kv_pool.get_key_buffer(layer.layer_id)))
         if not any(entries) and not self._repeating and not cached_prefix:
             return self.inner_extend(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
         # A repetition chunk is attention over the prefix (or its view): computed here, its queries' LSE
@@ -137,7 +139,7 @@ class CompressedPrefixPath:
                 layer, kv_write_loc(forward_batch.out_cache_loc, getattr(self.backend, "swa_out_cache_loc", None)), k, v)
         num_q_heads, num_kv_heads, head_dim = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
         queries = q.reshape(-1, num_q_heads, head_dim)
-        use_kernels = queries.is_cuda if self.use_kernels is None else self.use_kernels
+        use_kernels = self._kernels_for(queries)
         decode = max(extend_lens) == 1  # one new token per request, already in the pool
         views = self._repetition_views(forward_batch, prefix_lens, extend_lens) if self._repeating else []
         viewed = any(view is not None for view in views)  # a repetition piece reads part of its row
@@ -161,6 +163,9 @@ class CompressedPrefixPath:
             prefix_out, prefix_lse = self._prefixes.states(layer.layer_id, queries)
             out, lse = merge_attention_states(prefix_out, prefix_lse, out, lse)
         return out.to(q.dtype).view(-1, num_q_heads * layer.v_head_dim), lse
+
+    def _kernels_for(self, q) -> bool:
+        return q.is_cuda if self.use_kernels is None else self.use_kernels
 
     def _own_kernel_states(self, queries, k, v, layer, forward_batch, entries, prefix_lens, extend_lens, decode):
         """The own-token states (`_own_states_extend`, `OwnDecodeRows` on the torch path) by the

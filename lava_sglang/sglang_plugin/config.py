@@ -21,7 +21,8 @@ ENV_VAR = "LAVA_SGLANG_KV_POLICY"
 NONE = "none"
 KV_POLICIES = (NONE, *sorted(name for name in POLICIES if name != "full"))
 # The attention backends the plugin wraps (`attention.with_compressed_prefixes`: its own path
-# serves the batches that read a compressed prefix, the backend every other batch), per
+# serves the batches that read a compressed prefix, and under `torch_native` the extends over
+# a cached prefix; the backend every other batch), per
 # device; the first is chosen when none is given. On CUDA the path computes each request's
 # own tokens with the wrapped backend's kernels (`own_attention.py`): SGLang's Triton kernels,
 # or FlashInfer's wrappers under `flashinfer`. Triton is the default because its kernels are

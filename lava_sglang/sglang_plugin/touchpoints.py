@@ -160,10 +160,11 @@ def triton_attention_ops():
 
 
 def recomputes_cached_prefixes(backend) -> bool:
-    """Whether `backend` is SGLang's `torch_native` backend (`TorchNativeAttnBackend`), whose
-    extend attends from every position of a request's sequence, cached prefix included, and
-    discards the prefix's rows (`_run_sdpa_forward_extend`): a 30-token question over a cached
-    2K-token document costs the document's whole attention again."""
+    """Whether `backend` is SGLang's `torch_native` backend (`TorchNativeAttnBackend`, a
+    subclass too: it would inherit the extend), whose extend attends from every position of
+    a request's sequence, cached prefix included, and discards the prefix's rows
+    (`_run_sdpa_forward_extend`): a question over a cached document costs the document's
+    whole attention again."""
     module = sys.modules.get("sglang.srt.layers.attention.torch_native_backend")
     return module is not None and isinstance(backend, module.TorchNativeAttnBackend)
 

@@ -433,7 +433,6 @@ def test_only_sglangs_flashinfer_backend_gets_flashinfer_wrappers(monkeypatch):
     assert with_compressed_prefixes(subclass_backend).compressed_prefix_path.flashinfer_wrappers is None
 
 
-
 def cached_prefix_bench():
     """scripts/bench_cached_prefix_attention.py, whose stand-ins the routing test shares."""
     import importlib.util
@@ -451,11 +450,13 @@ def cached_prefix_bench():
     ([9, 4], [1, 1], True),  # one new token each over its cached prefix
     ([0, 0], [6, 2], False),  # documents prefilled from nothing: SGLang's own attention
 ], ids=["cached-prefixes", "one-token-each", "no-cached-prefix"])
-def test_torch_native_extends_over_cached_prefixes_attend_from_the_new_tokens_only(
-        bound_cache, prefix_lens, extend_lens, takes_own_path):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_torch_native_extends_over_cached_prefixes_take_the_plugins_path(
+        bound_cache, prefix_lens, extend_lens, takes_own_path, dtype):
     # SGLang's torch_native backend attends from every position of a request's sequence and
     # discards the cached prefix's rows; wrapped, an extend batch with a cached prefix and no
-    # compressed one takes the plugin's path instead, with the backend's own answer.
+    # compressed one takes the plugin's path instead, with the backend's own answer. Not in
+    # bf16 on the CPU: there the path has no flash kernel and would form the dense logits.
     from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
     from sglang.srt.layers.radix_attention import RadixAttention
 
@@ -463,7 +464,7 @@ def test_torch_native_extends_over_cached_prefixes_attend_from_the_new_tokens_on
 
     bench = cached_prefix_bench()
     generator = torch.Generator().manual_seed(7)
-    k_buffer, v_buffer = (torch.randn(OWN_POOL, KV_HEADS, DIM, generator=generator) for _ in range(2))
+    k_buffer, v_buffer = (torch.randn(OWN_POOL, KV_HEADS, DIM, generator=generator).to(dtype) for _ in range(2))
     req_to_token = (100 + torch.randperm(600, generator=generator)).to(torch.int32).view(5, 120)
     backend = bench.wrapped_torch_native(k_buffer, v_buffer, req_to_token)
     path = backend.compressed_prefix_path
@@ -474,9 +475,9 @@ def test_torch_native_extends_over_cached_prefixes_attend_from_the_new_tokens_on
 
     layer = RadixAttention(KV_HEADS * GROUP, DIM, SCALING, KV_HEADS, layer_id=0)
     forward_batch = bench.extend_batch([3, 0, 4][:len(prefix_lens)], prefix_lens, extend_lens)
-    q = torch.randn(sum(extend_lens), KV_HEADS * GROUP * DIM, generator=generator)
+    q = torch.randn(sum(extend_lens), KV_HEADS * GROUP * DIM, generator=generator).to(dtype)
     out = backend.forward_extend(q, None, None, layer, forward_batch, save_kv_cache=False)
-    assert bool(inner_calls) is not takes_own_path
+    assert bool(inner_calls) is not (takes_own_path and dtype == torch.float32)
     expected = TorchNativeAttnBackend.forward_extend(backend, q, None, None, layer, forward_batch, save_kv_cache=False)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     other = with_compressed_prefixes(SimpleNamespace(forward_extend=None, forward_decode=None))
