@@ -30,6 +30,20 @@ from lava_sglang.sglang_plugin.cpu_engine import cpu_engine_env, cpu_thread_bind
 HOST = "127.0.0.1"
 CPU_DEFAULT_MAX_TOTAL_TOKENS = 16384
 
+# On Linux a command runs under this wrapper (argv: the starting process's pid, the command),
+# which asks the kernel to SIGTERM it when the thread that started it exits
+# (PR_SET_PDEATHSIG, kept across exec) and then becomes the command. So a server outlives no
+# test run or benchmark, even one killed before its `with` block could stop it: SGLang's
+# launcher stops its scheduler and detokenizer on SIGTERM, and they die with it anyway.
+# Every caller starts its processes on its main thread.
+_STOPPED_WITH_PARENT = (
+    "import ctypes, os, signal, sys\n"
+    "ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)  # 1: PR_SET_PDEATHSIG\n"
+    "if os.getppid() != int(sys.argv[1]):  # the parent died before the line above\n"
+    "    sys.exit(1)\n"
+    "os.execvp(sys.argv[2], sys.argv[2:])\n"
+)
+
 
 def free_port() -> int:
     with socket.socket() as sock:
@@ -70,7 +84,8 @@ def _cpu_engine_args(args: list[str]) -> list[str]:
 
 class _LoggedProcess:
     """A command in its own process group, logging to `log_path`, ready once `health_path`
-    answers 200; a context manager that stops the whole group on exit."""
+    answers 200; a context manager that stops the whole group on exit. On Linux the command
+    is also stopped when the process that started it dies (`_STOPPED_WITH_PARENT`)."""
 
     name = "process"
     health_path = "/health"
@@ -91,9 +106,12 @@ class _LoggedProcess:
 
     def start(self):
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        command = self.command
+        if sys.platform == "linux":
+            command = [sys.executable, "-c", _STOPPED_WITH_PARENT, str(os.getpid()), *command]
         with open(self.log_path, "wb") as log:
             self.process = subprocess.Popen(
-                self.command, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                command, env=self.env, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                 start_new_session=True,  # its own process group, so stop() reaches its children too
             )  # fmt: skip
         return self

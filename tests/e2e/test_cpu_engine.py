@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import requests
@@ -155,6 +159,48 @@ def test_server_process_binds_one_core_list_per_scheduler_rank(monkeypatch, tmp_
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
     server = ServerProcess("/models/unused", flags, log_path=tmp_path / "never-started.log")
     assert server.env.get("SGLANG_CPU_OMP_THREADS_BIND") == binding
+
+
+def _running(pid: int) -> bool:
+    """Whether `pid` is a live process (an unreaped zombie is not)."""
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="PR_SET_PDEATHSIG is Linux's")
+def test_a_started_process_stops_when_the_process_that_started_it_is_killed(tmp_path):
+    # A parent starts a long command the way ServerProcess starts a server, and is SIGKILLed:
+    # no __exit__ runs, the command must stop anyway (a killed test run once left its server up).
+    parent_code = (
+        "import os, sys, time\n"
+        "from lava_sglang.sglang_plugin.server_process import _LoggedProcess\n"
+        "child = _LoggedProcess(['sleep', '600'], 0, sys.argv[1], dict(os.environ)).start()\n"
+        "print(child.process.pid, flush=True)\n"
+        "time.sleep(600)\n"
+    )
+    parent = subprocess.Popen([sys.executable, "-c", parent_code, str(tmp_path / "sleep.log")],
+                              stdout=subprocess.PIPE, text=True)
+    child_pid = None
+    try:
+        child_pid = int(parent.stdout.readline())
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and "sleep" not in open(f"/proc/{child_pid}/cmdline").read():
+            time.sleep(0.05)  # until the wrapper has become the command
+        assert _running(child_pid)
+        parent.kill()
+        parent.wait()
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and _running(child_pid):
+            time.sleep(0.1)
+        assert not _running(child_pid)
+    finally:
+        parent.kill()
+        parent.wait()
+        if child_pid is not None and _running(child_pid):
+            os.kill(child_pid, signal.SIGKILL)
 
 
 # --- the stand-in ops ------------------------------------------------------------------------
