@@ -1,7 +1,8 @@
 """The server's attention path: CompressedPrefixBatch (compressed prefixes; the Triton kernel
 reading the pool through the store's layout tables is the CUDA path, here under
 TRITON_INTERPRET) and each request's own tokens by SGLang's Triton kernels, against the
-torch path and against dense attention."""
+torch path and against dense attention; the torch path's own-token attention under a
+repetition view; the extends over cached prefixes it takes from SGLang's torch_native."""
 
 from __future__ import annotations
 
@@ -492,3 +493,42 @@ def test_the_cached_prefix_benchmark_prints_a_row_per_prefix(bound_cache, capsys
     assert printed.rstrip().splitlines()[-1].startswith("| 40 | ")
     with pytest.raises(SystemExit):
         cached_prefix_bench().parse_args(["--heads", "9", "2"])
+
+
+def test_own_states_extend_under_a_repetition_view_attends_to_the_viewed_positions_only(bound_cache):
+    # Rows of one batch: an ordinary request; a repetition chunk under view "chunk" (its
+    # queries see the prefix's sinks and the tokens it copies, then its own); the same chunk's
+    # piece that first recomputes the prefix's last 2 tokens (those see the whole row).
+    from lava_sglang.policy.observe import repeat_view_positions
+    from lava_sglang.sglang_plugin.attention import _own_states_extend
+
+    generator = torch.Generator().manual_seed(8)
+    k_buffer, v_buffer = (torch.randn(OWN_POOL, KV_HEADS, DIM, generator=generator) for _ in range(2))
+    req_to_token = (100 + torch.randperm(600, generator=generator)).view(5, 120)
+    kv_pool = SimpleNamespace(get_key_buffer=lambda layer_id: k_buffer, get_value_buffer=lambda layer_id: v_buffer)
+    bound_cache(SimpleNamespace(kv_pool=kv_pool, req_to_token_pool=SimpleNamespace(req_to_token=req_to_token)))
+    repeated_prefix, copied = 20, (10, 15)
+    prefix_lens, extend_lens = [5, repeated_prefix, repeated_prefix - 2], [3, 6, 6]
+    views = [None]
+    for prefix_len, extend_len in zip(prefix_lens[1:], extend_lens[1:]):
+        positions = torch.cat([repeat_view_positions(copied, 4), torch.arange(repeated_prefix, prefix_len + extend_len)])
+        views.append((max(0, repeated_prefix - prefix_len), positions))
+    forward_batch = SimpleNamespace(req_pool_indices=torch.tensor([2, 0, 3]))
+    queries = torch.randn(sum(extend_lens), KV_HEADS * GROUP, DIM, generator=generator)
+    out, lse = _own_states_extend(queries, attention_layer(0), forward_batch, [None] * 3, prefix_lens, extend_lens,
+                                  views)
+    start = 0
+    for row, prefix_len, extend_len, view in zip(forward_batch.req_pool_indices, prefix_lens, extend_lens, views):
+        seq_len = prefix_len + extend_len
+        slots = req_to_token[row, :seq_len]
+        query_pos = torch.arange(prefix_len, seq_len)[:, None]
+        key_pos = torch.arange(seq_len)[None, :]
+        visible = key_pos <= query_pos
+        if view is not None:  # a repetition query sees the sinks, what it copies and the repetition
+            viewed = (key_pos < 4) | ((key_pos >= copied[0]) & (key_pos < copied[1])) | (key_pos >= repeated_prefix)
+            visible &= viewed | (query_pos < repeated_prefix)
+        expected_out, expected_lse = dense_own_states(queries[start:start + extend_len], k_buffer[slots],
+                                                      v_buffer[slots], visible)
+        torch.testing.assert_close(out[start:start + extend_len], expected_out, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(lse[start:start + extend_len], expected_lse, atol=1e-4, rtol=1e-4)
+        start += extend_len
