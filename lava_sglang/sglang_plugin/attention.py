@@ -93,7 +93,8 @@ class CompressedPrefixPath:
     def _repetition_views(self, forward_batch, prefix_lens, extend_lens) -> list[tuple[int, torch.Tensor] | None]:
         """Per request, when it is a repetition chunk under view "chunk", (how many of its
         extend's queries recompute prefix tokens, the row positions the others attend to:
-        `RepetitionScores.attended_positions`), else None; found once per batch."""
+        `RepetitionScores.attended_positions`, on the device of the request rows), else None;
+        found once per batch."""
         if self._views is None:
             self._views = [None] * len(prefix_lens)
             for row, (rid, prefix_len, extend_len) in enumerate(zip(forward_batch.rids or (), prefix_lens,
@@ -101,6 +102,7 @@ class CompressedPrefixPath:
                 scores = _cache.repetitions.get(rid) if self._entries[row] is None else None
                 positions = None if scores is None else scores.attended_positions(rid, prefix_len + extend_len)
                 if positions is not None:  # queries before the prefix's end recompute prefix tokens
+                    positions = positions.to(_cache.req_to_token_pool.req_to_token.device)
                     self._views[row] = (max(0, scores.prefix_len - prefix_len), positions)
         return self._views
 
@@ -215,7 +217,7 @@ def _own_states_extend(queries, layer, forward_batch, entries, prefix_lens, exte
         recomputed, positions = view if view is not None else (extend_len, None)
         pieces = [(slice(start, start + recomputed), row_slots[own_start:prefix_len + recomputed])]
         if positions is not None:
-            pieces.append((slice(start + recomputed, start + extend_len), row_slots[positions.to(row_slots.device)]))
+            pieces.append((slice(start + recomputed, start + extend_len), row_slots[positions]))
         for rows, slots in pieces:
             if rows.stop > rows.start:
                 own_out[rows], own_lse[rows] = _causal_states(queries[rows], slots, layer)
