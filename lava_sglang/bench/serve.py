@@ -175,7 +175,11 @@ def combined_store(stores: list[dict | None]) -> dict | None:
     costs = [store["repetition_cost"] for store in present if store.get("repetition_cost")]
     if costs:
         cost = {key: sum(c[key] for c in costs) for key in ("documents", "repetition_seconds", "prefill_seconds")}
-        cost["ratio"] = cost["repetition_seconds"] / cost["prefill_seconds"] if cost["prefill_seconds"] else None
+        forwards = [c.get("forward_seconds") for c in costs]
+        cost["forward_seconds"] = None if None in forwards else sum(forwards)
+        for ratio, seconds in (("ratio", "repetition_seconds"), ("forward_ratio", "forward_seconds")):
+            cost[ratio] = (cost[seconds] / cost["prefill_seconds"]
+                           if cost[seconds] is not None and cost["prefill_seconds"] else None)
         total["repetition_cost"] = cost
     return total
 

@@ -21,12 +21,13 @@ def _latency(summary: dict) -> str:
     return " / ".join(_num(summary.get(k), "{:.2f}") for k in ("p50", "p90", "p99"))
 
 
-def _repetition(record: dict) -> str:
-    """A reconstruct run's repetition wall seconds per document and their ratio to its prefill."""
-    seconds = record.get("repetition_seconds_per_document")
+def _repetition(record: dict, measure: str = "seconds", ratio: str = "cost_ratio") -> str:
+    """A reconstruct run's repetition seconds per document (wall, or its chunks' own forwards)
+    and their ratio to the document's prefill."""
+    seconds = record.get(f"repetition_{measure}_per_document")
     if seconds is None:
         return "n/a"
-    return f"{seconds:.2f} ({_num(record.get('repetition_cost_ratio'))}x)"
+    return f"{seconds:.2f} ({_num(record.get(f'repetition_{ratio}'))}x)"
 
 
 def _mib(value) -> str:
@@ -99,7 +100,9 @@ def markdown(result: dict, stem: str) -> str:
         f"prefill is a request that found fewer than (document tokens - {work['miss_slack_tokens']}) tokens in "
         "the cache; recomputations are those after the document's first. Repetition s/doc: `--kv-observe "
         "reconstruct`'s wall seconds from a document's first repetition chunk to its last release, and their "
-        "ratio to the document's prefill (its commit's first forward to its release), both in the scheduler. Documents resident: the compressed "
+        "ratio to the document's prefill (its commit's first forward to its release), both in the scheduler; its forwards: the "
+        "same summed over the repetition's chunks, each from its first forward to its release (timed as the prefill "
+        "is, without the gaps between chunks, where other requests' batches run). Documents resident: the compressed "
         "store's peak entries with a compressing policy; under `--kv-policy none` the radix tree's peak "
         "tokens / document tokens; for a server without the plugin, pool capacity / document tokens (an upper "
         "bound); behind SGLang's router, summed over the servers per sample, each server's own peak in "
@@ -109,8 +112,8 @@ def markdown(result: dict, stem: str) -> str:
         "",
         "| policy | accuracy | cached share | docs resident | revisit hit rate | document prefills "
         "(recomputed) | peak KV tokens | peak KV MiB | store MiB | compress s/doc | repetition s/doc (x prefill) | "
-        "questions/s | TTFT p50/p90/p99 | e2e p50/p90/p99 | program p50/p90/p99 |",
-        "|" + "---|" * 15,
+        "its forwards s/doc (x prefill) | questions/s | TTFT p50/p90/p99 | e2e p50/p90/p99 | program p50/p90/p99 |",
+        "|" + "---|" * 16,
     ]
     for r in records:
         accuracy = "n/a" if r["accuracy"] is None else (
@@ -126,7 +129,7 @@ def markdown(result: dict, stem: str) -> str:
             _num(r.get("revisit_hit_rate")), f"{r['document_prefills']} ({r['recomputations']})",
             _num(r.get("peak_pool_used_tokens"), "{:d}"), _mib(r.get("peak_kv_bytes")), _mib(r.get("peak_store_bytes")),
             _num(r.get("compress_seconds_per_document"), "{:.3f}"), _repetition(r),
-            _num(r["question_throughput"], "{:.3f}"),
+            _repetition(r, "forward_seconds", "forward_ratio"), _num(r["question_throughput"], "{:.3f}"),
             _latency(r["ttft"]), _latency(r["e2e"]), _latency(r["program_latency"]),
         ]) + " |")
     lines.append("")

@@ -270,12 +270,17 @@ def summarize(policy: str, visits: list[dict], questions: list[dict], samples: l
     else:
         record["compressions"] = None
         record["compress_seconds_per_document"] = None
-    # --kv-observe reconstruct: the repetitions' wall time against their documents' prefills.
+    # --kv-observe reconstruct: the repetitions' wall time, and their chunks' own forwards,
+    # against their documents' prefills.
     cost = (final_store or {}).get("repetition_cost") or {}
     record["repetition_documents"] = cost.get("documents")
     record["repetition_seconds_per_document"] = (cost["repetition_seconds"] / cost["documents"]
                                                  if cost.get("documents") else None)
     record["repetition_cost_ratio"] = cost.get("ratio")
+    record["repetition_forward_seconds_per_document"] = (
+        cost["forward_seconds"] / cost["documents"] if cost.get("documents") and cost.get("forward_seconds") is not None
+        else None)
+    record["repetition_forward_ratio"] = cost.get("forward_ratio")
     # Documents resident: the compressed store's entries where the server reports them; else
     # the radix tree's tokens over the document length where it reports its pool (--kv-policy
     # none); else (no plugin) the most full-length copies its pool can hold at once, an upper bound.

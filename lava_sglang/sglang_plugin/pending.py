@@ -53,20 +53,30 @@ class PendingPrefix:
 
 @dataclass
 class RepetitionCost:
-    """What the repetitions that compressed prefixes cost against those prefixes' prefills
-    (wall seconds in the scheduler, shared with whatever else ran meanwhile)."""
+    """What the repetitions that compressed prefixes cost against those prefixes' prefills:
+    wall seconds in the scheduler from a repetition's first chunk to its release (shared with
+    whatever else ran meanwhile), and the seconds of its chunks' own forwards, each timed as
+    the prefill is (its first forward to its release; None once a repetition was not stamped)."""
 
     documents: int = 0
     repetition_seconds: float = 0.0
     prefill_seconds: float = 0.0
+    forward_seconds: float | None = 0.0
 
-    def add(self, repetition_seconds: float, prefill_seconds: float | None) -> None:
-        if prefill_seconds:  # a commit without a forward stamp is left out of both sums
+    def add(self, repetition_seconds: float, prefill_seconds: float | None,
+            forward_seconds: float | None = None) -> None:
+        if prefill_seconds:  # a commit without a forward stamp is left out of every sum
             self.documents += 1
             self.repetition_seconds += repetition_seconds
             self.prefill_seconds += prefill_seconds
+            if self.forward_seconds is not None:
+                self.forward_seconds = None if forward_seconds is None else self.forward_seconds + forward_seconds
 
     def stats(self) -> dict:
+        def ratio(seconds):
+            return round(seconds / self.prefill_seconds, 3) if seconds is not None and self.prefill_seconds else None
+
         return {"documents": self.documents, "repetition_seconds": round(self.repetition_seconds, 3),
-                "prefill_seconds": round(self.prefill_seconds, 3),
-                "ratio": round(self.repetition_seconds / self.prefill_seconds, 3) if self.prefill_seconds else None}
+                "prefill_seconds": round(self.prefill_seconds, 3), "ratio": ratio(self.repetition_seconds),
+                "forward_seconds": None if self.forward_seconds is None else round(self.forward_seconds, 3),
+                "forward_ratio": ratio(self.forward_seconds)}

@@ -73,6 +73,13 @@ def _rounded(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds, 3)
 
 
+def _of_prefill(seconds: float | None, prefill_seconds: float | None) -> str:
+    """`seconds` as a multiple of the prefix's prefill, for the repetition's log line."""
+    if seconds is None:
+        return "not timed"
+    return f"{seconds / prefill_seconds:.2f}x the prefix's prefill" if prefill_seconds else "the prefix's prefill was not timed"
+
+
 class LavaRadixCache(CompressedRadixCache):
     def __init__(self, params, *, config: KvPolicyConfig, kv_pool, metrics: StoreMetrics | None = None,
                  repetition_client: RepetitionClient | None = None, tensor_parallel: TensorParallel | None = None):
@@ -304,7 +311,7 @@ class LavaRadixCache(CompressedRadixCache):
         scores = self.repetitions.pop(req.rid, None)
         if scores is None:
             return self.retired_repetitions.pop(req.rid, None)  # its repetition was stopped meanwhile
-        scores.end_chunk(req.rid, checkpointed)
+        scores.end_chunk(req.rid, checkpointed, seconds_since_first_forward(req))
         if scores.failed is not None:
             self.retire_repetition(scores)
             logger.warning("lava: repetition of a %d-token prefix stopped (%s); the prefix is compressed by its "
@@ -371,18 +378,20 @@ class LavaRadixCache(CompressedRadixCache):
                 continue
             if repetition is not None:
                 seconds = repetition.ended_at - repetition.first_chunk_at
-                self.repetition_cost.add(seconds, pending.prefill_seconds)
+                self.repetition_cost.add(seconds, pending.prefill_seconds, repetition.forward_seconds)
                 self.last_repetition = {"prefix_tokens": repetition.prefix_len, "chunks": len(repetition.chunks),
                                         "tokens_prefilled": repetition.num_queries, "seconds": round(seconds, 3),
+                                        "forward_seconds": _rounded(repetition.forward_seconds),
                                         "scoring_seconds": round(repetition.scoring_seconds, 3),
                                         "prefill_seconds": _rounded(pending.prefill_seconds),
                                         "extra_slots_peak": repetition.extra_slots_peak}
                 logger.info("lava: prefix %d observed by its repetition: %d tokens prefilled in %d chunk(s), %.2f s "
-                            "from its first chunk to its release (%s), %.0f ms of it scoring, at "
-                            "most %d pool slots beyond what was in use when it began", node.entry.entry_id,
-                            repetition.num_queries, len(repetition.chunks), seconds,
-                            f"{seconds / pending.prefill_seconds:.2f}x the prefix's prefill" if pending.prefill_seconds
-                            else "the prefix's prefill was not timed",
+                            "from its first chunk to its release (%s), %s in its chunks' own forwards (%s), %.0f ms "
+                            "of it scoring, at most %d pool slots beyond what was in use when it began",
+                            node.entry.entry_id, repetition.num_queries, len(repetition.chunks), seconds,
+                            _of_prefill(seconds, pending.prefill_seconds),
+                            "n/a" if repetition.forward_seconds is None else f"{repetition.forward_seconds:.2f} s",
+                            _of_prefill(repetition.forward_seconds, pending.prefill_seconds),
                             repetition.scoring_seconds * 1e3, repetition.extra_slots_peak)
             else:
                 logger.info("lava: prefix %d observed by its tail and %d branch window(s)", node.entry.entry_id,

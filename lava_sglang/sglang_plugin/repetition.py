@@ -72,6 +72,10 @@ class RepetitionScores:
     first_chunk_at: float | None = None  # time.monotonic() of the first scored piece
     last_progress_at: float | None = None  # time.monotonic() of the last scored piece or chunk release
     ended_at: float | None = None  # time.monotonic() of the last chunk's release
+    # Summed over chunks, each one's first forward to its release: the clock the prefix's
+    # prefill is timed by, without the gaps between chunks (the next chunk's round trip, the
+    # other requests' batches the scheduler runs between them); None once a chunk was not stamped.
+    forward_seconds: float | None = 0.0
     failed: str | None = None  # why the repetition did not run whole (set by either thread)
     pool_used_at_start: int = 0  # pool slots in use when the repetition was asked for
     pool_used_peak: int = 0  # the most pool slots in use while a chunk was scored
@@ -185,11 +189,14 @@ class RepetitionScores:
             chunk.scored_until[layer] = max(chunk.scored_until[layer], end)
         self.scoring_seconds += time.perf_counter() - started
 
-    def end_chunk(self, rid: str, checkpointed: bool) -> RepetitionChunk | None:
-        """Chunk `rid`'s request was released: done if it was scored whole."""
+    def end_chunk(self, rid: str, checkpointed: bool, forward_seconds: float | None = None) -> RepetitionChunk | None:
+        """Chunk `rid`'s request was released, `forward_seconds` after its first forward began
+        (None: not stamped): done if it was scored whole."""
         chunk = self.chunk(rid)
         if chunk is None:
             return None
+        if self.forward_seconds is not None:
+            self.forward_seconds = None if forward_seconds is None else self.forward_seconds + forward_seconds
         chunk.done = checkpointed and min(chunk.scored_until) - self.prefix_len == chunk.num_queries
         self.last_progress_at = time.monotonic()
         if not chunk.done and self.failed is None:

@@ -189,15 +189,21 @@ def test_store_peaks():
 
 def test_stores_of_servers_behind_a_router_are_summed():
     first = {**_store(2, 1000, 40, 800), "compressions": 2, "compress_seconds": 0.5, "last_repetition": {"seconds": 1},
-             "repetition_cost": {"documents": 2, "repetition_seconds": 6.0, "prefill_seconds": 4.0, "ratio": 1.5}}
+             "repetition_cost": {"documents": 2, "repetition_seconds": 6.0, "prefill_seconds": 4.0, "ratio": 1.5,
+                                 "forward_seconds": 5.0, "forward_ratio": 1.25}}
     second = {**_store(1, 3000, 20, 400), "compressions": 1, "compress_seconds": 0.25,
-              "repetition_cost": {"documents": 1, "repetition_seconds": 4.0, "prefill_seconds": 1.0, "ratio": 4.0}}
+              "repetition_cost": {"documents": 1, "repetition_seconds": 4.0, "prefill_seconds": 1.0, "ratio": 4.0,
+                                  "forward_seconds": 2.5, "forward_ratio": 2.5}}
     total = combined_store([first, None, second])
     assert (total["entries"], total["pool_available"], total["borrowed_slots"], total["bytes_stored"]) == (3, 4000, 60,
                                                                                                           1200)
     assert total["compressions"] == 3 and total["compress_seconds"] == 0.75 and "last_repetition" not in total
     assert total["repetition_cost"] == {"documents": 3, "repetition_seconds": 10.0, "prefill_seconds": 5.0,
-                                        "ratio": 2.0}
+                                        "ratio": 2.0, "forward_seconds": 7.5, "forward_ratio": 1.5}
+    # A server that did not time its repetitions' forwards (one that predates them): their sum is unknown.
+    older = {**second, "repetition_cost": {"documents": 1, "repetition_seconds": 4.0, "prefill_seconds": 1.0,
+                                           "ratio": 4.0}}
+    assert combined_store([first, older])["repetition_cost"]["forward_ratio"] is None
     assert combined_store([None, first]) is first and combined_store([None]) is None
 
 
@@ -261,7 +267,8 @@ def synthetic_run(policy: str, hit_on_revisit: bool, correct: bool, wall: float,
     final = None if entries is None else {**_store(entries, 3000, 60, 6000), "compressions": 2,
                                           "compress_seconds": 0.5,
                                           "repetition_cost": {"documents": 2, "repetition_seconds": 6.0,
-                                                              "prefill_seconds": 4.0, "ratio": 1.5}}
+                                                              "prefill_seconds": 4.0, "ratio": 1.5,
+                                                              "forward_seconds": 5.0, "forward_ratio": 1.25}}
     return summarize(policy, visit_rows, question_rows, samples, final, wall, 4096, 100.0, 2, truncated=False)
 
 
@@ -293,7 +300,9 @@ def test_summary_counts_recomputations_hits_and_throughput():
     assert lava["cached_token_share"] == pytest.approx((2 * 999 + 8 * 999) / (4 * 1000 + 8 * 1020))
     assert lava["compress_seconds_per_document"] == 0.25 and stock["compress_seconds_per_document"] is None
     assert lava["repetition_seconds_per_document"] == 3.0 and lava["repetition_cost_ratio"] == 1.5
+    assert lava["repetition_forward_seconds_per_document"] == 2.5 and lava["repetition_forward_ratio"] == 1.25
     assert stock["repetition_seconds_per_document"] is None and stock["repetition_cost_ratio"] is None
+    assert stock["repetition_forward_seconds_per_document"] is None and stock["repetition_forward_ratio"] is None
     assert lava["documents_resident"] == 2 and lava["documents_resident_source"].startswith("peak")
     assert stock["documents_resident"] == 2 and stock["documents_resident_source"].startswith("upper")
     assert lava["peak_kv_bytes"] == (4096 - 3000) * 100.0 and stock["peak_kv_bytes"] is None

@@ -100,6 +100,10 @@ def test_a_document_is_compressed_once_by_its_repetition(server, policy, documen
     assert last["prefill_seconds"] > 0 and last["seconds"] > 0
     assert stats["repetition_cost"]["documents"] == 1
     assert stats["repetition_cost"]["ratio"] == pytest.approx(last["seconds"] / last["prefill_seconds"], rel=1e-2)
+    # Its chunks' own forwards, timed as the prefill is: what is left once the gaps between chunks are taken out.
+    assert 0 < last["forward_seconds"] < last["seconds"] + 0.5
+    assert stats["repetition_cost"]["forward_ratio"] == pytest.approx(last["forward_seconds"] / last["prefill_seconds"],
+                                                                      rel=1e-2)
     # The full prefix, the branches' tokens and the repetition's own tokens are all given
     # back: the tree holds only the compressed copy's slots (a quarter of the rows).
     assert stats["protected"] == 0 and stats["evictable"] == stats["borrowed_slots"] < prefix_tokens / 2

@@ -158,11 +158,30 @@ def test_repetition_cost_sums_only_documents_whose_prefill_was_timed():
     from lava_sglang.sglang_plugin.pending import RepetitionCost
 
     cost = RepetitionCost()
-    assert cost.stats() == {"documents": 0, "repetition_seconds": 0.0, "prefill_seconds": 0.0, "ratio": None}
-    cost.add(6.0, 4.0)
-    cost.add(3.0, None)  # a commit SGLang did not stamp: neither side counted
-    cost.add(3.0, 2.0)
-    assert cost.stats() == {"documents": 2, "repetition_seconds": 9.0, "prefill_seconds": 6.0, "ratio": 1.5}
+    assert cost.stats() == {"documents": 0, "repetition_seconds": 0.0, "prefill_seconds": 0.0, "ratio": None,
+                            "forward_seconds": 0.0, "forward_ratio": None}
+    cost.add(6.0, 4.0, 5.0)
+    cost.add(3.0, None, 3.0)  # a commit SGLang did not stamp: no side counted
+    cost.add(3.0, 2.0, 1.0)
+    assert cost.stats() == {"documents": 2, "repetition_seconds": 9.0, "prefill_seconds": 6.0, "ratio": 1.5,
+                            "forward_seconds": 6.0, "forward_ratio": 1.0}
+    cost.add(3.0, 2.0, None)  # a repetition with an unstamped chunk: its forwards' sum is unknown from then on
+    assert cost.stats()["ratio"] == 1.5 and cost.stats()["forward_seconds"] is None
+    assert cost.stats()["forward_ratio"] is None
+
+
+def test_a_repetitions_forward_seconds_sum_its_chunks_and_are_unknown_once_one_was_not_stamped():
+    scores = new_scores(chunk_tokens=4)
+    first, second = scores.chunks[:2]
+    scores.end_chunk(first.rid, checkpointed=True, forward_seconds=1.5)
+    scores.end_chunk(second.rid, checkpointed=True, forward_seconds=0.25)
+    assert scores.forward_seconds == 1.75
+    scores.end_chunk("another-request", checkpointed=True, forward_seconds=9.0)  # not one of its chunks
+    assert scores.forward_seconds == 1.75
+    unstamped = new_scores(chunk_tokens=4)
+    unstamped.end_chunk(unstamped.chunks[0].rid, checkpointed=True)
+    unstamped.end_chunk(unstamped.chunks[1].rid, checkpointed=True, forward_seconds=0.5)
+    assert unstamped.forward_seconds is None
 
 
 def test_seconds_since_first_forward_reads_the_scheduler_stamp():
