@@ -90,6 +90,21 @@ class CellLayout:
             cached = self._per_layer[("heads", layer)] = self.layer_head_indptr(layer).tolist()
         return cached
 
+    def padded_layer_rows(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """`layer`'s rows as a [Hkv, P] grid, P the most rows a head keeps: (index [Hkv * P]
+        int64 into the rows `read_layer` returns, padding pointing at row 0; visible [Hkv, P]
+        bool, False on the padding). Computed once per layer."""
+        cached = self._per_layer.get(("padded", layer))
+        if cached is None:
+            lengths = self.kept_lengths[layer]
+            width = int(lengths.max()) if lengths.numel() else 0
+            columns = torch.arange(width)
+            visible = columns[None, :] < lengths[:, None]
+            starts = self.layer_head_indptr(layer)[:-1]
+            index = torch.where(visible, starts[:, None] + columns[None, :], 0).flatten()
+            cached = self._per_layer[("padded", layer)] = (index, visible)
+        return cached
+
     def cells(self, start: int, stop: int) -> list[tuple[int, torch.Tensor]]:
         """Where rows [start, stop) live: (layer buffer, cell indices into the buffer viewed
         as [pool_slots * Hkv, head_dim]) pieces, in row order."""

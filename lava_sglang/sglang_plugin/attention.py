@@ -77,7 +77,7 @@ class CompressedPrefixPath:
         self._entries: list[StoreEntry | None] = []
         self._repeating = False
         self._prefixes: CompressedPrefixBatch | None = None
-        self._own: OwnTokenAttention | FlashInferOwnAttention | OwnDecodeRows | None = None  # the own-token plan
+        self._own: OwnTokenAttention | FlashInferOwnAttention | DecodeRows | None = None  # the own-token plan
         self._views: list[tuple[int, torch.Tensor] | None] | None = None  # what repetition chunks attend to
 
     def _batch_entries(self, forward_batch) -> list[StoreEntry | None]:
@@ -129,16 +129,28 @@ class CompressedPrefixPath:
         if not any(entries):
             return self.inner_decode(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
         seq_lens = forward_batch.seq_lens_cpu.tolist()
-        prefix_lens = [seq_len - 1 for seq_len in seq_lens]
-        return self._attend(q, k, v, layer, forward_batch, save_kv_cache, entries, prefix_lens,
-                            [1] * len(seq_lens))[0]
+        if self._kernels_for(q):
+            prefix_lens = [seq_len - 1 for seq_len in seq_lens]
+            return self._attend(q, k, v, layer, forward_batch, save_kv_cache, entries, prefix_lens,
+                                [1] * len(seq_lens))[0]
+        self._save_kv(k, v, layer, forward_batch, save_kv_cache)
+        if self._own is None:
+            self._own = DecodeRows(_cache.req_to_token_pool.req_to_token, forward_batch.req_pool_indices, entries,
+                                   seq_lens)
+        out = self._own.attend(layer.layer_id, q.reshape(len(seq_lens), layer.tp_q_head_num, layer.qk_head_dim),
+                               _cache.kv_pool, layer.scaling)
+        return out.to(q.dtype).view(-1, layer.tp_q_head_num * layer.v_head_dim)
+
+    def _save_kv(self, k, v, layer, forward_batch, save_kv_cache) -> None:
+        """Write the batch's new keys and values to the pool, as the wrapped backend would."""
+        if save_kv_cache and k is not None and v is not None:
+            _cache.kv_pool.set_kv_buffer(
+                layer, kv_write_loc(forward_batch.out_cache_loc, getattr(self.backend, "swa_out_cache_loc", None)), k, v)
 
     def _attend(self, q, k, v, layer, forward_batch, save_kv_cache, entries, prefix_lens, extend_lens):
         """The batch's attention, computed here: out [tokens, Hq * d] in q's dtype and each
         query's natural-log LSE over everything it attends to, [tokens, Hq] fp32."""
-        if save_kv_cache and k is not None and v is not None:
-            _cache.kv_pool.set_kv_buffer(
-                layer, kv_write_loc(forward_batch.out_cache_loc, getattr(self.backend, "swa_out_cache_loc", None)), k, v)
+        self._save_kv(k, v, layer, forward_batch, save_kv_cache)
         num_q_heads, num_kv_heads, head_dim = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
         queries = q.reshape(-1, num_q_heads, head_dim)
         use_kernels = self._kernels_for(queries)
@@ -148,13 +160,6 @@ class CompressedPrefixPath:
         if use_kernels and not viewed:
             out, lse = self._own_kernel_states(queries, k, v, layer, forward_batch, entries, prefix_lens, extend_lens,
                                                decode)
-        elif decode and not viewed:
-            if self._own is None:
-                self._own = OwnDecodeRows(_cache.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
-                                          own_starts(entries),
-                                          [prefix_len + 1 for prefix_len in prefix_lens])
-            out, lse = self._own.states(queries, num_kv_heads, _cache.kv_pool.get_key_buffer(layer.layer_id),
-                                        _cache.kv_pool.get_value_buffer(layer.layer_id), layer.scaling)
         else:
             out, lse = _own_states_extend(queries, layer, forward_batch, entries, prefix_lens, extend_lens, views)
         if any(entries):
@@ -170,7 +175,7 @@ class CompressedPrefixPath:
         return q.is_cuda if self.use_kernels is None else self.use_kernels
 
     def _own_kernel_states(self, queries, k, v, layer, forward_batch, entries, prefix_lens, extend_lens, decode):
-        """The own-token states (`_own_states_extend`, `OwnDecodeRows` on the torch path) by the
+        """The own-token states (`_own_states_extend`, `DecodeRows` on the torch path) by the
         wrapped backend's kernels, planned at the batch's first layer."""
         k_buffer = _cache.kv_pool.get_key_buffer(layer.layer_id)
         v_buffer = _cache.kv_pool.get_value_buffer(layer.layer_id)
@@ -243,38 +248,83 @@ def _causal_states(queries, slots, layer):
     return out.permute(2, 0, 1, 3).reshape(num_rows, num_q_heads, -1), lse.permute(2, 0, 1).reshape(num_rows, -1)
 
 
-class OwnDecodeRows:
-    """The torch path's own-token attention for a decode batch (one query per request, which
-    sees all its own tokens): the pool slots each request reads, padded to the longest, found
-    once per batch; per layer one gather per buffer and one padded batched attention
-    (per-request loops cost more than the attention itself at decode sizes).
+class DecodeRows:
+    """The torch path's attention for a decode batch that reads compressed prefixes: each
+    request's one query sees its compressed prefix's rows of each KV head and all its own
+    tokens. Per layer, one masked SDPA call over a padded [requests, Hkv, P + O, d] grid of
+    keys: each distinct entry's rows read once and padded per head
+    (`CellLayout.padded_layer_rows`), then each request's own tokens, gathered from its KV
+    row by slots found once per batch. At decode sizes on the CPU the number of torch calls,
+    not the arithmetic, is the cost (each small call waits for its threads, longer when
+    another process holds a core), hence no per-head loop and no merge of two partial states.
 
-    own_starts[i], seq_lens[i]: request i reads positions own_starts[i] .. seq_lens[i] - 1 of
-    its row of req_to_token (row req_pool_indices[i])."""
+    Request i (row req_pool_indices[i] of req_to_token) uses entries[i] (None: no compressed
+    prefix) and reads its own tokens at positions own_starts(entries)[i] .. seq_lens[i] - 1."""
 
-    def __init__(self, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor, own_starts: list[int],
-                 seq_lens: list[int]):
+    def __init__(self, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
+                 entries: list[StoreEntry | None], seq_lens: list[int]):
         device = req_to_token.device
-        own_starts = torch.tensor(own_starts, device=device)
-        seq_lens = torch.tensor(seq_lens, device=device)
-        own_lens = seq_lens - own_starts
+        starts = torch.tensor(own_starts(entries), device=device)
+        ends = torch.tensor(seq_lens, device=device)
+        own_lens = ends - starts
         positions = torch.arange(int(own_lens.max()), device=device)
-        columns = torch.minimum(own_starts[:, None] + positions[None, :], seq_lens[:, None] - 1)
+        columns = torch.minimum(starts[:, None] + positions[None, :], ends[:, None] - 1)
         slots = req_to_token[req_pool_indices.to(device)[:, None], columns].long()
-        self.num_requests, self.longest = slots.shape
-        self.slots = slots.flatten()
-        self.visible = (positions[None, :] < own_lens[:, None]).view(self.num_requests, 1, 1, 1, -1)
+        self.num_requests, self.longest_own = slots.shape
+        self.own_slots = slots.flatten()
+        self.own_visible = positions[None, None, :] < own_lens[:, None, None]  # [B, 1, O]
+        self.distinct: dict[int, StoreEntry] = {}
+        for entry in entries:
+            if entry is not None:
+                self.distinct.setdefault(entry.entry_id, entry)
+        self.entry_ids = [entry.entry_id if entry is not None else None for entry in entries]
 
-    def states(self, queries: torch.Tensor, num_kv_heads: int, k_buffer: torch.Tensor, v_buffer: torch.Tensor,
-               scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """queries [requests, Hq, d] -> out [requests, Hq, d], lse [requests, Hq], fp32."""
+    def attend(self, layer: int, queries: torch.Tensor, kv_pool, scaling: float) -> torch.Tensor:
+        """queries [requests, Hq, d] -> out [requests, Hq, d], fp32."""
         num_q_heads, head_dim = queries.shape[1:]
-        shape = (self.num_requests, self.longest, num_kv_heads, -1)
-        own_keys = k_buffer.index_select(0, self.slots).view(shape).transpose(1, 2)  # [B, Hkv, S, d]
-        own_values = v_buffer.index_select(0, self.slots).view(shape).transpose(1, 2)
-        query = queries.view(self.num_requests, num_kv_heads, -1, 1, head_dim)  # [B, Hkv, G, 1, d]
-        out, lse = attention_with_lse(query, own_keys, own_values, self.visible, scaling)
-        return out.reshape(self.num_requests, num_q_heads, -1), lse.reshape(self.num_requests, num_q_heads)
+        k_buffer, v_buffer = kv_pool.get_key_buffer(layer), kv_pool.get_value_buffer(layer)
+        num_kv_heads = k_buffer.shape[1]
+        shape = (self.num_requests, self.longest_own, num_kv_heads, head_dim)
+        own_keys = k_buffer.index_select(0, self.own_slots).view(shape).transpose(1, 2)  # [B, Hkv, O, d]
+        own_values = v_buffer.index_select(0, self.own_slots).view(shape).transpose(1, 2)
+        prefix_keys, prefix_values, prefix_visible = self._prefix_grid(layer, kv_pool.k_buffer, kv_pool.v_buffer,
+                                                                       num_kv_heads, head_dim)
+        keys = torch.cat([prefix_keys, own_keys], dim=2).float()
+        values = torch.cat([prefix_values, own_values], dim=2).float()
+        visible = torch.cat([prefix_visible, self.own_visible.expand(-1, num_kv_heads, -1)], dim=2)
+        query = queries.float().view(self.num_requests, num_kv_heads, -1, head_dim)  # the group's heads as rows
+        out = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=visible[:, :, None],
+                                                               scale=scaling)
+        return out.reshape(self.num_requests, num_q_heads, head_dim)
+
+    def _prefix_grid(self, layer, k_buffers, v_buffers, num_kv_heads, head_dim):
+        """Each request's compressed prefix rows of `layer`, padded: keys, values [B, Hkv, P, d]
+        and visible [B, Hkv, P] (all False for a request without one); a batch whose requests
+        all share one entry gets it once, expanded."""
+        grids = {}
+        for entry_id, entry in self.distinct.items():
+            index, visible = entry.layout.padded_layer_rows(layer)
+            keys, values = read_layer(entry.layout, layer, k_buffers, v_buffers)
+            index = index.to(keys.device)
+            grids[entry_id] = (keys.index_select(0, index).view(num_kv_heads, -1, head_dim),
+                               values.index_select(0, index).view(num_kv_heads, -1, head_dim),
+                               visible.to(keys.device))
+        if len(grids) == 1 and None not in self.entry_ids:
+            keys, values, visible = next(iter(grids.values()))
+            return (keys.expand(self.num_requests, -1, -1, -1), values.expand(self.num_requests, -1, -1, -1),
+                    visible.expand(self.num_requests, -1, -1))
+        width = max(keys.shape[1] for keys, _, _ in grids.values())
+        any_keys, _, any_visible = next(iter(grids.values()))
+        padded_keys = any_keys.new_zeros((self.num_requests, num_kv_heads, width, head_dim))
+        padded_values = torch.zeros_like(padded_keys)
+        padded_visible = any_visible.new_zeros((self.num_requests, num_kv_heads, width))
+        for row, entry_id in enumerate(self.entry_ids):
+            if entry_id is not None:
+                keys, values, visible = grids[entry_id]
+                padded_keys[row, :, :keys.shape[1]] = keys
+                padded_values[row, :, :keys.shape[1]] = values
+                padded_visible[row, :, :keys.shape[1]] = visible
+        return padded_keys, padded_values, padded_visible
 
 
 #: Chunks per (request, KV head) of a decode batch's prefix attention on CUDA (split-K).
