@@ -8,8 +8,9 @@ backend, which would attend from every prefix position again (`recomputes_cached
 otherwise this module computes the batch's attention itself:
 for each request, attention over its compressed prefix (each KV head its own kept rows, the
 G query heads of the group reading them together) and over its own tokens (its KV row
-after the prefix, causal), merged by LSE. Extend (prefill) batches also record the window
-queries of long prefills for the compressor.
+after the prefix, causal), merged by LSE (on the torch path a decode batch attends to both in
+one masked call, `DecodeRows`). Extend (prefill) batches also record the window queries of
+long prefills for the compressor.
 
 The attention over compressed prefixes is `CompressedPrefixBatch`: on CUDA the Triton kernel
 of `lava_sglang.kernels.pool_prefix_attention` (the kept rows read in place from the pool
@@ -77,7 +78,8 @@ class CompressedPrefixPath:
         self._entries: list[StoreEntry | None] = []
         self._repeating = False
         self._prefixes: CompressedPrefixBatch | None = None
-        self._own: OwnTokenAttention | FlashInferOwnAttention | DecodeRows | None = None  # the own-token plan
+        # The batch's plan: the own-token kernels' (CUDA), or a CPU decode's DecodeRows.
+        self._own: OwnTokenAttention | FlashInferOwnAttention | DecodeRows | None = None
         self._views: list[tuple[int, torch.Tensor] | None] | None = None  # what repetition chunks attend to
 
     def _batch_entries(self, forward_batch) -> list[StoreEntry | None]:
@@ -175,7 +177,7 @@ class CompressedPrefixPath:
         return q.is_cuda if self.use_kernels is None else self.use_kernels
 
     def _own_kernel_states(self, queries, k, v, layer, forward_batch, entries, prefix_lens, extend_lens, decode):
-        """The own-token states (`_own_states_extend`, `DecodeRows` on the torch path) by the
+        """The own-token states (`_own_states_extend` on the torch path) by the
         wrapped backend's kernels, planned at the batch's first layer."""
         k_buffer = _cache.kv_pool.get_key_buffer(layer.layer_id)
         v_buffer = _cache.kv_pool.get_value_buffer(layer.layer_id)
@@ -280,24 +282,24 @@ class DecodeRows:
         self.entry_ids = [entry.entry_id if entry is not None else None for entry in entries]
 
     def attend(self, layer: int, queries: torch.Tensor, kv_pool, scaling: float) -> torch.Tensor:
-        """queries [requests, Hq, d] -> out [requests, Hq, d], fp32."""
+        """queries [requests, Hq, d] -> out [requests, Hq, d_v], fp32."""
         num_q_heads, head_dim = queries.shape[1:]
         k_buffer, v_buffer = kv_pool.get_key_buffer(layer), kv_pool.get_value_buffer(layer)
         num_kv_heads = k_buffer.shape[1]
-        shape = (self.num_requests, self.longest_own, num_kv_heads, head_dim)
+        shape = (self.num_requests, self.longest_own, num_kv_heads, -1)
         own_keys = k_buffer.index_select(0, self.own_slots).view(shape).transpose(1, 2)  # [B, Hkv, O, d]
         own_values = v_buffer.index_select(0, self.own_slots).view(shape).transpose(1, 2)
         prefix_keys, prefix_values, prefix_visible = self._prefix_grid(layer, kv_pool.k_buffer, kv_pool.v_buffer,
-                                                                       num_kv_heads, head_dim)
+                                                                       num_kv_heads)
         keys = torch.cat([prefix_keys, own_keys], dim=2).float()
         values = torch.cat([prefix_values, own_values], dim=2).float()
         visible = torch.cat([prefix_visible, self.own_visible.expand(-1, num_kv_heads, -1)], dim=2)
         query = queries.float().view(self.num_requests, num_kv_heads, -1, head_dim)  # the group's heads as rows
         out = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=visible[:, :, None],
                                                                scale=scaling)
-        return out.reshape(self.num_requests, num_q_heads, head_dim)
+        return out.reshape(self.num_requests, num_q_heads, -1)
 
-    def _prefix_grid(self, layer, k_buffers, v_buffers, num_kv_heads, head_dim):
+    def _prefix_grid(self, layer, k_buffers, v_buffers, num_kv_heads):
         """Each request's compressed prefix rows of `layer`, padded: keys, values [B, Hkv, P, d]
         and visible [B, Hkv, P] (all False for a request without one); a batch whose requests
         all share one entry gets it once, expanded."""
@@ -305,18 +307,18 @@ class DecodeRows:
         for entry_id, entry in self.distinct.items():
             index, visible = entry.layout.padded_layer_rows(layer)
             keys, values = read_layer(entry.layout, layer, k_buffers, v_buffers)
-            index = index.to(keys.device)
-            grids[entry_id] = (keys.index_select(0, index).view(num_kv_heads, -1, head_dim),
-                               values.index_select(0, index).view(num_kv_heads, -1, head_dim),
+            index, width = index.to(keys.device), visible.shape[1]
+            grids[entry_id] = (keys.index_select(0, index).view(num_kv_heads, width, keys.shape[-1]),
+                               values.index_select(0, index).view(num_kv_heads, width, values.shape[-1]),
                                visible.to(keys.device))
         if len(grids) == 1 and None not in self.entry_ids:
             keys, values, visible = next(iter(grids.values()))
             return (keys.expand(self.num_requests, -1, -1, -1), values.expand(self.num_requests, -1, -1, -1),
                     visible.expand(self.num_requests, -1, -1))
         width = max(keys.shape[1] for keys, _, _ in grids.values())
-        any_keys, _, any_visible = next(iter(grids.values()))
-        padded_keys = any_keys.new_zeros((self.num_requests, num_kv_heads, width, head_dim))
-        padded_values = torch.zeros_like(padded_keys)
+        any_keys, any_values, any_visible = next(iter(grids.values()))
+        padded_keys = any_keys.new_zeros((self.num_requests, num_kv_heads, width, any_keys.shape[-1]))
+        padded_values = any_values.new_zeros((self.num_requests, num_kv_heads, width, any_values.shape[-1]))
         padded_visible = any_visible.new_zeros((self.num_requests, num_kv_heads, width))
         for row, entry_id in enumerate(self.entry_ids):
             if entry_id is not None:

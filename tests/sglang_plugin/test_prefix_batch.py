@@ -216,37 +216,56 @@ def test_compressed_prefix_path_with_kernels_equals_torch(bound_cache, extend_le
         assert all(plans[use_kernels] == (path._own, path._prefixes) for use_kernels, path in paths.items())
 
 
-@pytest.mark.parametrize("rows", [[3, 0, 4, 1], [3, 1], [0, 3]], ids=["mixed", "shared", "one-entry"])
-def test_a_cpu_decode_step_is_one_padded_call_per_layer_equal_to_the_merged_states(bound_cache, rows):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("rows", [[3, 0, 4, 1], [3, 1], [0, 3], [2, 3]],
+                         ids=["mixed", "shared", "one-entry", "empty-layer"])
+def test_a_cpu_decode_step_is_one_padded_call_per_layer_equal_to_the_merged_states(bound_cache, rows, dtype):
     # On the torch path a decode batch over compressed prefixes is one masked SDPA call per
     # layer over each request's padded prefix rows and own tokens (DecodeRows): the same
     # attention as the per-head prefix states merged with the own tokens' by LSE (the extend
-    # path), for two entries of different head lengths (one head keeps nothing in layer 1), a
-    # request with none and an entry two requests share; "shared": every request uses one;
-    # "one-entry": one entry and a request with none.
+    # path). "mixed": two entries of different head lengths (one head keeps nothing in layer
+    # 1), a request with none and an entry two requests share; "shared": every request uses
+    # one; "one-entry": one entry and a request with none; "empty-layer": an entry of which
+    # every head keeps nothing in layer 1. Each step writes the new token's K and V first.
     from lava_sglang.sglang_plugin.attention import CompressedPrefixPath, DecodeRows
 
     generator = torch.Generator().manual_seed(6)
-    _, kv_pool, store, first, second = pool_with_two_entries(generator)
+    buffers, kv_pool, store, first, second = pool_with_two_entries(generator)
+    empty_layer, _ = add_entry(store, kv_pool, 40, [[3, 4], [0, 0], [2, 1]], seed=3)
+    for index, buffer in enumerate(buffers):
+        buffers[index] = buffer.to(dtype)
+    kv_pool.k_buffer, kv_pool.v_buffer = buffers[:LAYERS], buffers[LAYERS:]
+
+    def set_kv_buffer(layer, write_loc, k, v):  # as SGLang's pool: at the KVWriteLoc's `loc`
+        buffers[layer.layer_id][write_loc.loc] = k.view(-1, KV_HEADS, DIM)
+        buffers[LAYERS + layer.layer_id][write_loc.loc] = v.view(-1, KV_HEADS, DIM)
+
+    kv_pool.set_kv_buffer = set_kv_buffer
     req_to_token = (100 + torch.randperm(600, generator=generator)).to(torch.int32).view(5, 120)
-    entry_of_row = {3: first, 0: None, 4: second, 1: first}
+    entry_of_row = {3: first, 0: None, 4: second, 1: first, 2: empty_layer}
     for row, entry in entry_of_row.items():  # a request finds its entry by the first slot of its row
         if entry is not None:
             req_to_token[row, 0] = int(entry.layout.slots[0])
     bound_cache(SimpleNamespace(kv_pool=kv_pool, req_to_token_pool=SimpleNamespace(req_to_token=req_to_token),
                                 store=store))
-    seq_lens = [{3: 104, 0: 8, 4: 111, 1: 101}[row] for row in rows]
-    forward_batch = SimpleNamespace(req_pool_indices=torch.tensor(rows), seq_lens_cpu=torch.tensor(seq_lens), rids=None)
+    seq_lens = [{3: 104, 0: 8, 4: 111, 1: 101, 2: 103}[row] for row in rows]
+    new_slots = torch.stack([req_to_token[row, seq_len - 1].long() for row, seq_len in zip(rows, seq_lens)])
+    forward_batch = SimpleNamespace(req_pool_indices=torch.tensor(rows), seq_lens_cpu=torch.tensor(seq_lens),
+                                    rids=None, out_cache_loc=new_slots)
     backend = SimpleNamespace(forward_extend=None, forward_decode=None)
     decode_path, extend_path = (CompressedPrefixPath(backend, use_kernels=False) for _ in range(2))
     entries = [entry_of_row[row] for row in rows]
     for layer_id in range(LAYERS):
         layer = attention_layer(layer_id)
-        q = torch.randn(len(rows), KV_HEADS * GROUP * DIM, generator=generator)
-        out = decode_path.forward_decode(q, None, None, layer, forward_batch, save_kv_cache=False)
+        q, k, v = (torch.randn(len(rows), heads * DIM, generator=generator).to(dtype)
+                   for heads in (KV_HEADS * GROUP, KV_HEADS, KV_HEADS))
+        out = decode_path.forward_decode(q, k, v, layer, forward_batch, save_kv_cache=True)
+        torch.testing.assert_close(buffers[layer_id][new_slots], k.view(-1, KV_HEADS, DIM))
         expected, _ = extend_path._attend(q, None, None, layer, forward_batch, False, entries,
                                           [seq_len - 1 for seq_len in seq_lens], [1] * len(rows))
-        torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+        assert out.dtype == dtype
+        tolerance = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(out, expected, atol=tolerance, rtol=tolerance)
         assert isinstance(decode_path._own, DecodeRows)
         if layer_id == 0:
             plan = decode_path._own
