@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lava_sglang.policy import ObservationWindow
-from lava_sglang.sglang_plugin.repetition import RepetitionScores
+from lava_sglang.sglang_plugin.repetition import RepetitionScores, add_known
 
 
 @dataclass
@@ -69,8 +69,7 @@ class RepetitionCost:
             self.documents += 1
             self.repetition_seconds += repetition_seconds
             self.prefill_seconds += prefill_seconds
-            if self.forward_seconds is not None:
-                self.forward_seconds = None if forward_seconds is None else self.forward_seconds + forward_seconds
+            self.forward_seconds = add_known(self.forward_seconds, forward_seconds)
 
     def stats(self) -> dict:
         def ratio(seconds):

@@ -39,6 +39,11 @@ logger = logging.getLogger(__name__)
 REPETITION_RID_PREFIX = "lava-repeat-"
 
 
+def add_known(total: float | None, seconds: float | None) -> float | None:
+    """total + seconds, or None once either is unknown (a sum with a missing term is not a sum)."""
+    return None if total is None or seconds is None else total + seconds
+
+
 @dataclass
 class RepetitionChunk:
     """One chunk's request: it repeats prefix positions `copied` after `prompt_len` tokens of
@@ -195,8 +200,7 @@ class RepetitionScores:
         chunk = self.chunk(rid)
         if chunk is None:
             return None
-        if self.forward_seconds is not None:
-            self.forward_seconds = None if forward_seconds is None else self.forward_seconds + forward_seconds
+        self.forward_seconds = add_known(self.forward_seconds, forward_seconds)
         chunk.done = checkpointed and min(chunk.scored_until) - self.prefix_len == chunk.num_queries
         self.last_progress_at = time.monotonic()
         if not chunk.done and self.failed is None:
