@@ -90,19 +90,31 @@ class CellLayout:
             cached = self._per_layer[("heads", layer)] = self.layer_head_indptr(layer).tolist()
         return cached
 
-    def padded_layer_rows(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """`layer`'s rows as a [Hkv, P] grid, P the most rows a head keeps: (index [Hkv * P]
-        int64 into the rows `read_layer` returns, padding pointing at row 0; visible [Hkv, P]
-        bool, False on the padding). Computed once per layer."""
+    def padded_layer_cells(self, layer: int) -> tuple[list[tuple[int, torch.Tensor]], torch.Tensor]:
+        """`layer`'s rows as a [Hkv, P] grid, P the most rows a head keeps, for reading straight
+        from the pool (`read_padded_layer`): (pieces, visible). pieces: (layer buffer, cells)
+        whose cells, concatenated, are the grid's in (head, column) order; visible [Hkv, P]
+        bool, False on the padding. A padding column repeats its head's last row (a head that
+        keeps nothing: the next head's first), so the grid walks the layer's rows in order and
+        each buffer the layer spans is one piece. Computed once per layer."""
         cached = self._per_layer.get(("padded", layer))
         if cached is None:
             lengths = self.kept_lengths[layer]
             width = int(lengths.max()) if lengths.numel() else 0
             columns = torch.arange(width)
             visible = columns[None, :] < lengths[:, None]
-            starts = self.layer_head_indptr(layer)[:-1]
-            index = torch.where(visible, starts[:, None] + columns[None, :], 0).flatten()
-            cached = self._per_layer[("padded", layer)] = (index, visible)
+            start, stop = self.layer_rows(layer)
+            last_column = (lengths[:, None] - 1).clamp(min=0)
+            rows = self.layer_head_indptr(layer)[:-1, None] + torch.minimum(columns[None, :], last_column)
+            rows = rows.flatten().clamp(max=stop - start - 1)
+            pieces = []
+            if rows.numel():
+                layer_cells = self.layer_cells(layer)
+                cells = torch.cat([piece for _, piece in layer_cells])[rows]
+                buffers = torch.cat([torch.full((piece.numel(),), buffer) for buffer, piece in layer_cells])[rows]
+                runs, counts = torch.unique_consecutive(buffers, return_counts=True)
+                pieces = list(zip(runs.tolist(), cells.split(counts.tolist())))
+            cached = self._per_layer[("padded", layer)] = (pieces, visible)
         return cached
 
     def cells(self, start: int, stop: int) -> list[tuple[int, torch.Tensor]]:
@@ -185,6 +197,25 @@ def read_layer(layout: CellLayout, layer: int, k_buffers, v_buffers) -> tuple[to
     if len(keys) == 1:
         return keys[0], values[0]
     return torch.cat(keys), torch.cat(values)
+
+
+def read_padded_layer(layout: CellLayout, layer: int, k_buffers, v_buffers
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`layer`'s kept keys and values as padded [Hkv, P, head_dim] grids, and visible [Hkv, P]
+    (`CellLayout.padded_layer_cells`; visible stays on the CPU): one gather per layer buffer
+    the layer spans, straight into the grid."""
+    pieces, visible = layout.padded_layer_cells(layer)
+    num_kv_heads, width = visible.shape
+    keys = k_buffers[0].new_empty((num_kv_heads * width, k_buffers[0].shape[-1]))
+    values = v_buffers[0].new_empty((num_kv_heads * width, v_buffers[0].shape[-1]))
+    done = 0
+    for buffer, cells in pieces:
+        rows = slice(done, done + cells.numel())
+        done += cells.numel()
+        cells = cells.to(keys.device)
+        torch.index_select(_flat(k_buffers[buffer]), 0, cells, out=keys[rows])
+        torch.index_select(_flat(v_buffers[buffer]), 0, cells, out=values[rows])
+    return keys.view(num_kv_heads, width, keys.shape[-1]), values.view(num_kv_heads, width, values.shape[-1]), visible
 
 
 class LayoutTables:

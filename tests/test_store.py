@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lava_sglang.store import CellLayout, CompressedStore, LayoutTables, read_layer, slots_needed, write_layer
+from lava_sglang.store import (CellLayout, CompressedStore, LayoutTables, read_layer, read_padded_layer, slots_needed,
+                               write_layer)
 
 POOL_SLOTS, NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM = 40, 3, 2, 4
 
@@ -48,6 +49,33 @@ def test_rows_round_trip_and_touch_only_the_borrowed_slots():
     cells = [(buffer, int(cell)) for start, stop in [(0, layout.kept_rows)]
              for buffer, indices in layout.cells(start, stop) for cell in indices]
     assert len(set(cells)) == layout.kept_rows == 15
+
+
+@pytest.mark.parametrize("kept_lengths", [[[3, 2], [4, 5], [0, 1]], [[1, 6], [5, 0], [0, 0]]])
+def test_padded_rows_are_each_heads_rows_then_its_last_repeated(kept_lengths):
+    # Layer 1 of the first layout spans three layer buffers (6 cells each); heads that keep
+    # nothing (a whole layer, in the second) give all-hidden columns.
+    kept_lengths = torch.tensor(kept_lengths)
+    layout = CellLayout(torch.tensor([7, 3, 12], dtype=torch.int64), kept_lengths)
+    k_buffers, v_buffers = make_buffers()
+    for layer in range(NUM_LAYERS):
+        count = int(kept_lengths[layer].sum())
+        keys = torch.arange(count * HEAD_DIM, dtype=torch.float32).view(count, HEAD_DIM) + 1000 * (layer + 1)
+        write_layer(layout, layer, k_buffers, v_buffers, keys, -keys)
+    assert len(layout.padded_layer_cells(1)[0]) == (3 if kept_lengths[1].sum() == 9 else 1)
+    for layer in range(NUM_LAYERS):
+        keys, values, visible = read_padded_layer(layout, layer, k_buffers, v_buffers)
+        rows, _ = read_layer(layout, layer, k_buffers, v_buffers)
+        width = int(kept_lengths[layer].max())
+        assert keys.shape == values.shape == (NUM_KV_HEADS, width, HEAD_DIM)
+        assert visible.tolist() == [[column < length for column in range(width)] for length in kept_lengths[layer]]
+        torch.testing.assert_close(values, -keys)
+        bounds = layout.layer_head_bounds(layer)
+        for head in range(NUM_KV_HEADS):
+            head_rows = rows[bounds[head]:bounds[head + 1]]
+            torch.testing.assert_close(keys[head, :len(head_rows)], head_rows)
+            if 0 < len(head_rows) < width:  # padding repeats a real row of the layer
+                torch.testing.assert_close(keys[head, len(head_rows):], head_rows[-1:].expand(width - len(head_rows), -1))
 
 
 def test_layout_refuses_rows_that_do_not_fit():

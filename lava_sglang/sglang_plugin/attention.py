@@ -33,7 +33,7 @@ from lava_sglang.kernels.attention_states import (attention_with_lse, causal_vis
                                                   merge_attention_states, rows_attention_with_lse)
 from lava_sglang.sglang_plugin.own_attention import FlashInferOwnAttention, OwnTokenAttention, lengths_indptr
 from lava_sglang.sglang_plugin.touchpoints import flashinfer_own_wrappers, kv_write_loc, recomputes_cached_prefixes
-from lava_sglang.store import LayoutTables, StoreEntry, read_layer
+from lava_sglang.store import LayoutTables, StoreEntry, read_layer, read_padded_layer
 
 _cache = None  # the scheduler process's LavaRadixCache, bound by the radix cache factory
 
@@ -255,7 +255,7 @@ class DecodeRows:
     request's one query sees its compressed prefix's rows of each KV head and all its own
     tokens. Per layer, one masked SDPA call over a padded [requests, Hkv, P + O, d] grid of
     keys: each distinct entry's rows read once and padded per head
-    (`CellLayout.padded_layer_rows`), then each request's own tokens, gathered from its KV
+    (`store.read_padded_layer`: one gather per layer buffer), then each request's own tokens, gathered from its KV
     row by slots found once per batch. At decode sizes on the CPU the number of torch calls,
     not the arithmetic, is the cost (each small call waits for its threads, longer when
     another process holds a core), hence no per-head loop and no merge of two partial states.
@@ -305,12 +305,8 @@ class DecodeRows:
         all share one entry gets it once, expanded."""
         grids = {}
         for entry_id, entry in self.distinct.items():
-            index, visible = entry.layout.padded_layer_rows(layer)
-            keys, values = read_layer(entry.layout, layer, k_buffers, v_buffers)
-            index, width = index.to(keys.device), visible.shape[1]
-            grids[entry_id] = (keys.index_select(0, index).view(num_kv_heads, width, keys.shape[-1]),
-                               values.index_select(0, index).view(num_kv_heads, width, values.shape[-1]),
-                               visible.to(keys.device))
+            keys, values, visible = read_padded_layer(entry.layout, layer, k_buffers, v_buffers)
+            grids[entry_id] = (keys, values, visible.to(keys.device))
         if len(grids) == 1 and None not in self.entry_ids:
             keys, values, visible = next(iter(grids.values()))
             return (keys.expand(self.num_requests, -1, -1, -1), values.expand(self.num_requests, -1, -1, -1),
