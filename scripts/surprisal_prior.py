@@ -57,19 +57,6 @@ def parse_args() -> argparse.Namespace:
     return args
 
 
-def surprisal(runtime: ReferenceRuntime, token_ids: list[int]) -> torch.Tensor:
-    """[n] -log p(x_t | x_<t) under the model's prefill; 0 for the first token (no context)."""
-    def causal(module, query, key, value, scaling):
-        return torch.nn.functional.scaled_dot_product_attention(
-            query, key, value, is_causal=True, scale=scaling, enable_gqa=True).transpose(1, 2)
-
-    ids = torch.tensor([token_ids], device=runtime.device)
-    with torch.inference_mode(), runtime._attending(causal):
-        logits = runtime.model(input_ids=ids, use_cache=False).logits[0, :-1].float()
-    log_probs = torch.log_softmax(logits, dim=-1).gather(1, ids[0, 1:, None])[:, 0]
-    return torch.cat([log_probs.new_zeros(1), -log_probs]).cpu()
-
-
 def weighted(observation: Observation, nll: torch.Tensor, gamma: float) -> Observation:
     """The observation with each token's repetition attention times (nll / mean nll) ** gamma."""
     weight = (nll.clamp_min(1e-3) / nll[1:].mean()) ** gamma
@@ -102,7 +89,7 @@ def main() -> None:
         prefix_ids = ids(prompt_parts(document.text, "")[0])
         capture = runtime.prefill(prefix_ids)
         observation = runtime.observe(capture, "reconstruct")
-        nll = surprisal(runtime, prefix_ids)
+        nll = runtime.surprisal(prefix_ids)
         prefixes = [runtime.compress(capture, "full", 1.0)]
         for gamma in gammas:
             seen = observation if gamma == 0 else weighted(observation, nll, gamma)

@@ -253,6 +253,23 @@ class ReferenceRuntime:
         return PrefixCapture(token_ids=token_ids, q_window=q_window, keys=keys, values=values,
                              last_logits=logits[0, -1].float())
 
+    @torch.inference_mode()
+    def surprisal(self, token_ids: Sequence[int]) -> torch.Tensor:
+        """[n] each token's -log p(x_t | x_<t) under a causal forward of the sequence, fp32 on
+        the CPU; 0 for the first token (no context)."""
+        if not token_ids:
+            raise ValueError("token_ids must not be empty")
+
+        def causal(module, query, key, value, scaling):
+            return torch.nn.functional.scaled_dot_product_attention(
+                query, key, value, is_causal=True, scale=scaling, enable_gqa=True).transpose(1, 2)
+
+        ids = torch.tensor([[int(t) for t in token_ids]], device=self.device)
+        with self._attending(causal):
+            logits = self.model(input_ids=ids, use_cache=False).logits[0, :-1].float()
+        log_probs = torch.log_softmax(logits, dim=-1).gather(1, ids[0, 1:, None])[:, 0]
+        return torch.cat([log_probs.new_zeros(1), -log_probs]).cpu()
+
     def compress(self, capture: PrefixCapture, policy: str | Policy, budget: float | int,
                  observation: Observation | None = None, **options) -> CompressedPrefix:
         """Plan by the capture's window (or, given an observation, its source) and keep only the

@@ -34,6 +34,15 @@ def test_prefill_logits_and_capture_shapes(runtime, hf_model, document, capture)
     torch.testing.assert_close(capture.last_logits, expected, atol=1e-4, rtol=1e-4)
 
 
+def test_surprisal_is_each_tokens_negative_log_likelihood(runtime, hf_model, document):
+    with torch.inference_mode():
+        log_probs = torch.log_softmax(hf_model(torch.tensor([document])).logits[0, :-1].float(), dim=-1)
+    expected = -log_probs.gather(1, torch.tensor(document[1:])[:, None])[:, 0]
+    surprisal = runtime.surprisal(document)
+    assert surprisal.shape == (len(document),) and surprisal[0] == 0
+    torch.testing.assert_close(surprisal[1:], expected, atol=1e-4, rtol=1e-4)
+
+
 @pytest.mark.parametrize("policy", ["lava", "snapkv", "full"])
 def test_full_budget_gives_the_uncompressed_logits(runtime, hf_model, document, capture, policy):
     prefix = runtime.compress(capture, policy, 1.0)
