@@ -192,8 +192,8 @@ def read_layer(layout: CellLayout, layer: int, k_buffers, v_buffers) -> tuple[to
         keys.append(_flat(k_buffers[buffer]).index_select(0, cells))
         values.append(_flat(v_buffers[buffer]).index_select(0, cells))
     if not keys:
-        empty = k_buffers[0].new_empty((0, k_buffers[0].shape[-1]))
-        return empty, empty
+        return (k_buffers[0].new_empty((0, k_buffers[0].shape[-1])),
+                v_buffers[0].new_empty((0, v_buffers[0].shape[-1])))
     if len(keys) == 1:
         return keys[0], values[0]
     return torch.cat(keys), torch.cat(values)

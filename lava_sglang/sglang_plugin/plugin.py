@@ -179,6 +179,9 @@ def _check_model(ctx, config: KvPolicyConfig, tensor_parallel=None) -> None:
         (any(layer.logit_cap for layer in layers), "attention logit soft-capping is not supported"),
         (touchpoints.has_attention_sinks(model), "learned attention sinks are not supported"),
         (any(layer.is_cross_attention for layer in layers), "cross-attention is not supported"),
+        # The store's compaction and the CPU prefix attention read K and V rows of one size.
+        (any(layer.qk_head_dim != layer.v_head_dim for layer in layers),
+         "key and value head sizes that differ are not supported"),
         (not all(map(touchpoints.is_causal_attention, layers)), "non-causal attention is not supported"),
         (config.window >= model_config.context_len,
          f"--kv-window {config.window} must be below the model's context length {model_config.context_len}"),

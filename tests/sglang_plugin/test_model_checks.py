@@ -1,6 +1,6 @@
 """The start-up refusals of models and engine states the plugin cannot serve (MLA, sliding
-window, hybrid layers, logit soft-capping, learned sinks, cross-attention, non-causal
-attention, a window as long
+window, hybrid layers, logit soft-capping, learned sinks, cross-attention, key and value
+heads of different sizes, non-causal attention, a window as long
 as the context, a quantized or unusual KV pool, an attention backend without the
 compressed-prefix path): each names its reason."""
 
@@ -75,6 +75,7 @@ def test_a_supported_model_passes():
     ({"tp_worker.model_runner.model": model_with_attention(sinks=torch.nn.Parameter(torch.zeros(9)))},
      "learned attention sinks"),
     ({"tp_worker.model_runner.model": model_with_attention(is_cross_attention=True)}, "cross-attention"),
+    ({"tp_worker.model_runner.model": model_with_attention(v_head_dim=32)}, "key and value head sizes"),
     ({"tp_worker.model_runner.model": model_with_attention(attn_type="encoder_only")}, "non-causal attention"),
     ({"tp_worker.model_runner.model": model_with_attention(attn_type="decoder_bidirectional")},
      "non-causal attention"),
