@@ -13,6 +13,7 @@ import torch
 
 from lava_sglang.policy import ObservationWindow
 from lava_sglang.sglang_plugin.repetition import RepetitionScores, add_known
+from lava_sglang.sglang_plugin.touchpoints import same_cache_namespace
 
 
 @dataclass
@@ -44,11 +45,20 @@ class PendingPrefix:
 
     def is_for(self, key) -> bool:
         """Whether `key` is this committed prefix itself (a second commit of it)."""
-        return len(key) == len(self.full_key) and self.full_key.match(key) == len(key)
+        return len(key) == len(self.full_key) and self._shared_len(key) == len(key)
 
     def covers(self, key) -> bool:
         """Whether `key` starts with the whole committed prefix and goes beyond it."""
-        return len(key) > len(self.full_key) and self.full_key.match(key) == len(self.full_key)
+        return len(key) > len(self.full_key) and self._shared_len(key) == len(self.full_key)
+
+    def starts_with(self, key) -> bool:
+        """Whether the committed prefix starts with the whole of `key`."""
+        return len(key) <= len(self.full_key) and self._shared_len(key) == len(key)
+
+    def _shared_len(self, key) -> int:
+        """Tokens `key` shares with the committed prefix from the start; 0 for a key of another
+        cache namespace (another tenant's salt, another LoRA adapter), which is another prefix."""
+        return self.full_key.match(key) if same_cache_namespace(self.full_key, key) else 0
 
 
 @dataclass

@@ -424,7 +424,7 @@ class LavaRadixCache(CompressedRadixCache):
         a compressed prefix never coexists with its own full copy."""
         if self.already_compressed(prefix_key):
             return
-        if any(prefix_key.match(pending.full_key) == len(prefix_key) for pending in self.pending):
+        if any(pending.starts_with(prefix_key) for pending in self.pending):
             # it would move the waiting prefix under a compressed node, where it is not compressed
             logger.info("lava: shared prefix of %d tokens not compressed: a fork prefix below it waits to be "
                         "observed", len(prefix_key))

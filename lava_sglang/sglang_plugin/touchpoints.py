@@ -42,6 +42,13 @@ RADIX_CACHE_METHODS = ("_match_prefix_helper", "_insert_helper", "_split_node", 
 RADIX_CACHE_STATE = ("evictable_leaves", "evictable_size_", "protected_size_", "kv_events", "eviction_strategy")
 
 
+def same_cache_namespace(key, other) -> bool:
+    """Whether two RadixKeys are in one namespace of the prefix cache (the same extra_key, which
+    holds a LoRA adapter's id, cache_salt and bigram mode), the only keys RadixKey.match
+    compares: it raises on any other pair."""
+    return (key.extra_key, key.cache_salt, key.is_bigram) == (other.extra_key, other.cache_salt, other.is_bigram)
+
+
 def radix_cache_api():
     """RadixCache and the types its methods take and return (mem_cache/radix_cache.py)."""
     from sglang.srt.mem_cache.base_prefix_cache import (

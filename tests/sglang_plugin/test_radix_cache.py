@@ -61,9 +61,9 @@ def run(stub: SchedulerStub, token_ids, max_new_tokens: int = 2, **kwargs):
     return req
 
 
-def commit(stub: SchedulerStub, token_ids):
+def commit(stub: SchedulerStub, token_ids, **kwargs):
     """What `fork()` sends: the prefix with max_new_tokens=0."""
-    return run(stub, token_ids, max_new_tokens=0)
+    return run(stub, token_ids, max_new_tokens=0, **kwargs)
 
 
 def uses_compressed_prefix(stub: SchedulerStub, req) -> bool:
@@ -286,6 +286,32 @@ def test_a_shared_header_is_not_compressed_under_a_fork_prefix_that_waits_to_be_
     assert not stub.compressed_nodes() and len(stub.cache.pending) == 1
     run(stub, header + document(0) + question(1))  # a branch: the waiting prefix is compressed
     assert [len(node.key) for node in stub.compressed_nodes()] == [299]
+    assert_all_released(stub)
+
+
+@pytest.mark.parametrize("namespace", [{"cache_salt": "tenant-2"}, {"extra_key": "adapter-2"}])
+@pytest.mark.parametrize("compress_on", [(FORK,), (FORK, SHARED)])
+def test_requests_in_another_cache_namespace_are_served_beside_a_waiting_prefix(namespace, compress_on):
+    # SGLang refuses to compare radix keys of different namespaces (cache_salt, extra_key,
+    # a LoRA adapter): a waiting fork prefix is only ever compared with keys of its own, and
+    # the same document committed in another namespace is another prefix.
+    stub = make_stub(compress_on=compress_on, observe="branches")
+
+    def compressed():
+        return sorted((len(node.key), node.key.extra_key or "", node.key.cache_salt or "")
+                      for node in stub.compressed_nodes())
+
+    tenant = (namespace.get("extra_key", ""), namespace.get("cache_salt", ""))
+    commit(stub, document(0))
+    commit(stub, document(0), **namespace)
+    assert len(stub.cache.pending) == 2
+    run(stub, document(0) + question(0), **namespace)  # a branch of the second: observes it alone
+    assert len(stub.cache.pending) == 1 and compressed() == [(199, *tenant)]
+    for index in (1, 2):  # under "shared" the second compresses the header they share
+        run(stub, document(9, 100) + question(index), **namespace)
+    run(stub, document(0) + question(3))  # a branch of the first
+    shared = [(100, *tenant)] if SHARED in compress_on else []
+    assert not stub.cache.pending and compressed() == sorted([(199, "", ""), (199, *tenant)] + shared)
     assert_all_released(stub)
 
 
