@@ -139,7 +139,8 @@ def create_radix_cache(ctx):
                            records_events=tensor_parallel is None or tensor_parallel.rank == 0)
     server_args = ctx.server_args
     repetition_client = (RepetitionClient(server_args.url(), ctx.model_config.context_len, server_args.api_key,
-                                          dp_rank=touchpoints.dp_rank())
+                                          dp_rank=touchpoints.dp_rank(),
+                                          admin_api_key=getattr(server_args, "admin_api_key", None))
                          if config.observe == RECONSTRUCT else None)
     cache = LavaRadixCache(ctx.params, config=config, kv_pool=kv_pool, metrics=metrics,
                            repetition_client=repetition_client, tensor_parallel=tensor_parallel)

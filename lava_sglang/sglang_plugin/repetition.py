@@ -224,10 +224,12 @@ class RepetitionClient:
     """
 
     def __init__(self, url: str, context_len: int, api_key: str | None = None, timeout: float = 600.0,
-                 dp_rank: int | None = None):
+                 dp_rank: int | None = None, admin_api_key: str | None = None):
         self.url = url.rstrip("/")
         self.context_len = context_len
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+        # /abort_request takes only the admin key once the server has one (SGLang's ADMIN_OPTIONAL).
+        self.abort_headers = {"Authorization": f"Bearer {admin_api_key}"} if admin_api_key else self.headers
         self.timeout = timeout
         self.routing = {} if dp_rank is None else {"routed_dp_rank": dp_rank}
 
@@ -248,10 +250,13 @@ class RepetitionClient:
     def _abort(self, rids: list[str]) -> None:
         for rid in rids:
             try:
-                requests.post(self.url + "/abort_request", json={"rid": rid}, headers=self.headers,
-                              timeout=self.timeout)
+                response = requests.post(self.url + "/abort_request", json={"rid": rid}, headers=self.abort_headers,
+                                         timeout=self.timeout)
+                failure = None if response.status_code == 200 else f"HTTP {response.status_code}"
             except requests.RequestException as error:
-                logger.warning("lava: could not abort repetition %s (%s)", rid, error)
+                failure = str(error)
+            if failure is not None:  # the chunk runs to its end; its tokens are still freed at its release
+                logger.warning("lava: could not abort repetition %s (%s)", rid, failure)
 
     def _post_chunks(self, scores: RepetitionScores) -> None:
         for chunk, input_ids in zip(scores.chunks, scores.input_ids):

@@ -1,6 +1,7 @@
 """`RepetitionScores`: the server's chunked repetition of a prefix and its scoring (observe "reconstruct")."""
 
 import dataclasses
+import logging
 import math
 
 import pytest
@@ -211,3 +212,20 @@ def test_chunks_are_sent_to_the_data_parallel_rank_holding_the_prefix(monkeypatc
     RepetitionClient("http://server:1/", 2048, dp_rank=dp_rank)._post_chunks(scores)
     assert [payload["rid"] for payload in sent] == scores.rids and scores.failed is None
     assert [payload.get("routed_dp_rank") for payload in sent] == [dp_rank] * len(sent)
+
+
+@pytest.mark.parametrize("keys, expected", [({}, None), ({"api_key": "user"}, "Bearer user"),
+                                            ({"api_key": "user", "admin_api_key": "admin"}, "Bearer admin")])
+def test_a_repetition_is_aborted_with_the_key_the_abort_endpoint_takes(monkeypatch, caplog, keys, expected):
+    sent = []
+
+    class Refused:
+        status_code = 401
+
+    monkeypatch.setattr(repetition.requests, "post",
+                        lambda url, json, headers, timeout: sent.append((url, headers)) or Refused())
+    scores = new_scores(chunk_tokens=4)
+    with caplog.at_level(logging.WARNING, logger="lava_sglang.sglang_plugin.repetition"):
+        RepetitionClient("http://server:1/", 2048, **keys)._abort(scores.rids[:1])
+    assert sent == [("http://server:1/abort_request", {"Authorization": expected} if expected else {})]
+    assert f"could not abort repetition {scores.rids[0]} (HTTP 401)" in caplog.text  # a refusal is not silent
