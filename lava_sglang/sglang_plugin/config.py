@@ -300,6 +300,14 @@ def from_namespace(args: argparse.Namespace) -> KvPolicyConfig:
             raise ConfigError(f"--kv-policy {policy}: {error}") from None
         if policy_object.window != window:  # the radix cache and the repetition read --kv-window too
             raise ConfigError(f"--kv-policy {policy}: set the window with --kv-window, not in the policy's options")
+        # A spec's option wins over its flag: refuse two values given, and report the one in effect.
+        given = (("--kv-pool-kernel", "pool_kernel", pool_kernel),
+                 ("--kv-alpha", "alpha", None if alpha == KvPolicyConfig.alpha else alpha))
+        for flag, name, value in given:
+            if value is not None and getattr(policy_object, name, value) != value:
+                raise ConfigError(f"--kv-policy {policy}: its {name} differs from {flag} {value}; set it in one place")
+        config = dataclasses.replace(config, pool_kernel=getattr(policy_object, "pool_kernel", pool_kernel),
+                                     alpha=getattr(policy_object, "alpha", alpha))
         if policy_object.scored_by is not None and observe not in policy_object.scored_by:
             raise ConfigError(f"--kv-policy {policy} scores by {' or '.join(policy_object.scored_by)}: "
                               f"use --kv-observe {policy_object.scored_by[0]}, got --kv-observe {observe}")

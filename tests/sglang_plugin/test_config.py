@@ -71,6 +71,21 @@ def test_a_window_in_the_policy_spec_must_be_the_flags():
     assert from_namespace(parse("--kv-policy", "lava:window=16", "--kv-window", "16")).window == 16
 
 
+@pytest.mark.parametrize("spec, flag, value", [("lava:pool_kernel=7", "--kv-pool-kernel", "3"),
+                                               ("lava:alpha=0.5", "--kv-alpha", "0.3"),
+                                               ("ada_snapkv:alpha=0.5", "--kv-alpha", "0.3")])
+def test_a_policy_option_and_its_flag_given_two_values_are_refused(spec, flag, value):
+    # The spec's option would win while /server_info reported the flag's value.
+    with pytest.raises(ConfigError, match=f"differs from {flag}"):
+        from_namespace(parse("--kv-policy", spec, flag, value))
+    name, spec_value = spec.partition(":")[2].split("=")
+    for args in ((), (flag, spec_value)):  # one place, or both agreeing: the config reports what is in effect
+        config = from_namespace(parse("--kv-policy", spec, *args))
+        assert getattr(config.make_policy(), name) == getattr(config, name) == float(spec_value)
+    config = from_namespace(parse("--kv-policy", spec.partition(":")[0], flag, value))
+    assert getattr(config.make_policy(), name) == getattr(config, name) == float(value)
+
+
 @pytest.mark.parametrize("args, window", [
     ((), 8),  # the repetition scores every token: the window is only kept
     (("--kv-observe", "tail"), 32), (("--kv-observe", "branches"), 32),  # its queries score the prefix
