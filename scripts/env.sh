@@ -6,11 +6,16 @@
 #   LAVA_SGLANG_CACHE  root of the caches (default ~/.cache/lava-sglang)
 #   LAVA_SGLANG_VENV   use this existing environment instead of the keyed one: it is never
 #                      created or removed here, only given this clone's editable install
-set -euo pipefail
+# Sourced into the caller's shell, so it leaves the shell's options alone (strict mode only
+# in the subshells below) and a failure returns an error instead of closing the shell.
 
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CACHE_ROOT=${LAVA_SGLANG_CACHE:-$HOME/.cache/lava-sglang}
-LOCK_KEY=$(cat "$REPO_ROOT/requirements.lock" "$REPO_ROOT/requirements-nodeps.txt" | sha256sum | cut -c1-16)
+if ! LOCK_KEY=$(set -o pipefail; cat "$REPO_ROOT/requirements.lock" "$REPO_ROOT/requirements-nodeps.txt" |
+                sha256sum | cut -c1-16); then
+    echo "lava-sglang: cannot read $REPO_ROOT/requirements.lock or requirements-nodeps.txt" >&2
+    return 2 2>/dev/null || exit 2
+fi
 VENV=${LAVA_SGLANG_VENV:-$CACHE_ROOT/venv-py311-$LOCK_KEY}
 PYTHON_FOR_VENV=${PYTHON:-python3.11}
 
@@ -18,8 +23,8 @@ if [ -n "${LAVA_SGLANG_VENV:-}" ] && [ ! -x "$VENV/bin/python" ]; then
     echo "lava-sglang: LAVA_SGLANG_VENV=$VENV has no bin/python; unset it to use the keyed environment" >&2
     return 2 2>/dev/null || exit 2
 fi
-mkdir -p "$CACHE_ROOT"
-(
+if ! mkdir -p "$CACHE_ROOT" || ! (
+    set -euo pipefail
     # One creator at a time; a half-made keyed environment (no .complete) is made again.
     flock 9
     if [ -z "${LAVA_SGLANG_VENV:-}" ] && [ ! -f "$VENV/.complete" ]; then
@@ -39,7 +44,10 @@ mkdir -p "$CACHE_ROOT"
         "$VENV/bin/python" -m pip install --quiet --no-input --no-deps --no-build-isolation -e "$REPO_ROOT"
         echo "$editable" > "$VENV/.editable"
     fi
-) 9>"$CACHE_ROOT/.venv.lock"
+) 9>"$CACHE_ROOT/.venv.lock"; then
+    echo "lava-sglang: setting up the environment in $VENV failed (see above)" >&2
+    return 1 2>/dev/null || exit 1
+fi
 
 export PATH="$VENV/bin:$PATH"
 # Clones share the environment, whose editable install points at the last clone set up:
