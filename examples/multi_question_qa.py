@@ -6,8 +6,11 @@
 The program is `lava_sglang.frontend.multi_question_qa` (an `@sgl.function`): it adds the
 document, syncs, and forks one branch per question. SGLang commits the document before the
 branches run (a `max_new_tokens=0` request); a server started with `--kv-policy lava`
-compresses that prefix once and every branch decodes against the compressed copy. The
-prompt is ChatML (SmolLM2, Qwen and others; `lava_sglang.bench.documents.prompt_parts`).
+compresses that prefix once. Under the default `--kv-observe reconstruct` the first run's
+branches decode on the full document while the server repeats it to score it; it is
+compressed once that repetition is done, and later runs' branches decode against the
+compressed copy (run the program twice to see both). The prompt is ChatML (SmolLM2, Qwen and
+others; `lava_sglang.bench.documents.prompt_parts`).
 """
 
 from __future__ import annotations

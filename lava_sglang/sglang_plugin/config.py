@@ -14,6 +14,7 @@ import math
 import os
 from dataclasses import dataclass
 
+from lava_sglang.argtypes import DEFAULT_MIN_PREFIX
 from lava_sglang.policy import POLICIES, REPEAT_NORMALIZATIONS, REPEAT_VIEWS, Reconstruct, make_policy, resolve_budget
 from lava_sglang.sglang_plugin.touchpoints import RADIX_CACHE_BACKEND
 
@@ -107,7 +108,7 @@ class KvPolicyConfig:
     policy: str = NONE
     budget: float | int = 0.2
     window: int = Reconstruct.kept_window  # default_window(observe, compress_on)
-    min_prefix: int = 256
+    min_prefix: int = DEFAULT_MIN_PREFIX
     alpha: float = 0.2
     pool_kernel: int | None = None  # None: the policy's own (lava and kvzip 1, the others 7)
     compress_on: tuple[str, ...] = (FORK,)
@@ -157,9 +158,9 @@ FLAGS = {
                   f"reconstruct unless --kv-compress-on has shared (the repetition scores every token; "
                   f"{Reconstruct.kept_window} answered more than {OBSERVATION_WINDOW}, docs/allocation.md), "
                   f"{OBSERVATION_WINDOW} otherwise."),
-    "kv_min_prefix": ("--kv-min-prefix", "256",
+    "kv_min_prefix": ("--kv-min-prefix", str(DEFAULT_MIN_PREFIX),
                       "Do not compress prefixes shorter than this many tokens (must exceed --kv-window). "
-                      "Default 256."),
+                      f"Default {DEFAULT_MIN_PREFIX}."),
     "kv_alpha": ("--kv-alpha", "0.2", "LAVa's layer-budget strength alpha in [0, 1]. Default 0.2."),
     "kv_pool_kernel": ("--kv-pool-kernel", None, "Width of the score pooling (odd int >= 1). Default: the "
                        "policy's own (lava and kvzip 1, no pooling; snapkv, ada_snapkv, pyramidkv 7)."),
@@ -308,9 +309,10 @@ def from_namespace(args: argparse.Namespace) -> KvPolicyConfig:
                 raise ConfigError(f"--kv-policy {policy}: its {name} differs from {flag} {value}; set it in one place")
         config = dataclasses.replace(config, pool_kernel=getattr(policy_object, "pool_kernel", pool_kernel),
                                      alpha=getattr(policy_object, "alpha", alpha))
-        if policy_object.scored_by is not None and observe not in policy_object.scored_by:
-            raise ConfigError(f"--kv-policy {policy} scores by {' or '.join(policy_object.scored_by)}: "
-                              f"use --kv-observe {policy_object.scored_by[0]}, got --kv-observe {observe}")
+        try:
+            policy_object.check_source(observe)
+        except ValueError as error:
+            raise ConfigError(f"--kv-policy {policy}: {error} (--kv-observe)") from None
     return config
 
 

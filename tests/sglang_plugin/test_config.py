@@ -126,7 +126,7 @@ def test_policy_options_and_repetition_flags():
 
 
 def test_kvzip_scores_by_a_repetition_only():
-    with pytest.raises(ConfigError, match="--kv-policy kvzip scores by reconstruct: use --kv-observe reconstruct"):
+    with pytest.raises(ConfigError, match=r"--kv-policy kvzip: kvzip scores by reconstruct, not tail \(--kv-observe\)"):
         from_namespace(parse("--kv-policy", "kvzip", "--kv-observe", "tail"))
 
 
