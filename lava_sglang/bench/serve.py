@@ -34,12 +34,12 @@ import tempfile
 import threading
 import time
 import urllib.parse
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import requests
 
-from lava_sglang.argtypes import COMPRESSING_POLICIES, keep_ratio, positive_float, positive_int
+from lava_sglang.argtypes import COMPRESSING_POLICIES, DEFAULT_MIN_PREFIX, keep_ratio, positive_float, positive_int
 from lava_sglang.bench.serve_workload import (MISS_SLACK, ORDERS, build_workload, program_inputs, summarize,
                                               timed_endpoint, visit_records)
 
@@ -89,6 +89,18 @@ class ServeConfig:
             raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
         if self.context < 128:
             raise ValueError(f"context must be >= 128 tokens, got {self.context}")
+        flags = [arg.partition("=")[0] for arg in self.server_args]
+        if self.url is None and self.context < DEFAULT_MIN_PREFIX and set(self.policies) & set(COMPRESSING_POLICIES) \
+                and "--kv-min-prefix" not in flags:
+            raise ValueError(f"context {self.context} is below the servers' --kv-min-prefix {DEFAULT_MIN_PREFIX}: no "
+                             "document would be compressed (raise --context, or pass --server-args=\"--kv-min-prefix "
+                             "N\")")
+        set_per_policy = {"--kv-policy": "--policies", "--kv-budget": "--budget",
+                          "--max-total-tokens": "--max-total-tokens"}
+        for flag in flags:
+            if flag in set_per_policy:  # appended last, it would win over the label the report gives the run
+                raise ValueError(f"--server-args {flag}: this command sets it for each server; use "
+                                 f"{set_per_policy[flag]}")
         if not (0 < self.max_seconds < math.inf and 0 < self.sample_interval < math.inf):
             raise ValueError(f"max_seconds and sample_interval must be finite and > 0, got {self.max_seconds} and "
                              f"{self.sample_interval}")
@@ -249,6 +261,33 @@ def server_facts(url: str) -> dict:
     }
 
 
+def run_clients(visits, clients: int, deadline: float, run_visit) -> None:
+    """`run_visit(visit)` for every visit in order, `clients` at a time, until all are done or
+    time.perf_counter() passes `deadline` (visits already started finish). An interrupt
+    (Ctrl-C) or an error raised out of `run_visit` stops the other clients after their current
+    visit, and is raised once they have."""
+    pending = iter(visits)
+    lock = threading.Lock()
+    stop = threading.Event()
+
+    def client() -> None:
+        while time.perf_counter() < deadline and not stop.is_set():
+            with lock:
+                visit = next(pending, None)
+            if visit is None:
+                return
+            run_visit(visit)
+
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        futures = [pool.submit(client) for _ in range(clients)]
+        try:
+            for future in futures:
+                future.result()
+        except BaseException:
+            stop.set()
+            raise
+
+
 def run_workload(url: str, documents, prefix_tokens: list[int], visits, config: ServeConfig, label: str,
                  progress: bool) -> dict:
     """Every visit as a fork program, `config.clients` at a time, in order, until done or
@@ -263,43 +302,34 @@ def run_workload(url: str, documents, prefix_tokens: list[int], visits, config: 
     facts = server_facts(urls[0])
     capacity = total([facts["capacity_tokens"], *(server_facts(server)["capacity_tokens"] for server in urls[1:])])
     sampler = Sampler(urls, config.sample_interval)
-    pending = iter(visits)
     lock = threading.Lock()
     visit_rows, question_rows, errors = [], [], []
     started = time.perf_counter()
-    deadline = started + config.max_seconds
     bar = tqdm(total=sum(len(v.questions) for v in visits), desc=label, unit="question", disable=not progress)
 
-    def client() -> None:
-        while time.perf_counter() < deadline:
+    def run_visit(visit) -> None:
+        document = documents[visit.document]
+        prefix, suffixes = program_inputs(document, visit)
+        visit_endpoint = endpoint.for_visit()
+        begin = time.perf_counter()
+        try:
+            state = multi_question_qa.run(prefix=prefix, suffixes=suffixes, max_tokens=config.max_tokens,
+                                          backend=visit_endpoint)
+            answers = state["answers"]
+        except Exception as error:  # a failed program is counted, the run goes on
             with lock:
-                visit = next(pending, None)
-            if visit is None:
-                return
-            document = documents[visit.document]
-            prefix, suffixes = program_inputs(document, visit)
-            visit_endpoint = endpoint.for_visit()
-            begin = time.perf_counter()
-            try:
-                state = multi_question_qa.run(prefix=prefix, suffixes=suffixes, max_tokens=config.max_tokens,
-                                              backend=visit_endpoint)
-                answers = state["answers"]
-            except Exception as error:  # a failed program is counted, the run goes on
-                with lock:
-                    errors.append(f"visit {visit.index}: {type(error).__name__}: {error}")
-                continue
-            record, questions = visit_records(visit, document, prefix_tokens[visit.document], visit_endpoint.calls,
-                                              answers, time.perf_counter() - begin)
-            with lock:
-                visit_rows.append(record)
-                question_rows.extend(questions)
-                bar.update(len(questions))
+                errors.append(f"visit {visit.index}: {type(error).__name__}: {error}")
+            return
+        record, questions = visit_records(visit, document, prefix_tokens[visit.document], visit_endpoint.calls,
+                                          answers, time.perf_counter() - begin)
+        with lock:
+            visit_rows.append(record)
+            question_rows.extend(questions)
+            bar.update(len(questions))
 
     sampler.start()
     try:
-        with concurrent.futures.ThreadPoolExecutor(config.clients) as pool:
-            for future in [pool.submit(client) for _ in range(config.clients)]:
-                future.result()
+        run_clients(visits, config.clients, started + config.max_seconds, run_visit)
     finally:
         wall = time.perf_counter() - started
         samples = sampler.stop()
@@ -335,7 +365,10 @@ def policy_server_args(policy: str, config: ServeConfig, capacity: int | None, c
     return args + list(config.server_args)
 
 
-def run_benchmark(config: ServeConfig, progress: bool = True, log_dir: Path | None = None) -> dict:
+def run_benchmark(config: ServeConfig, progress: bool = True, log_dir: Path | None = None,
+                  on_policy_done=None) -> dict:
+    """Every policy's workload; `on_policy_done(result so far)` after each, so that a server
+    that fails later does not lose the policies already measured."""
     import torch
     from transformers import AutoTokenizer
 
@@ -361,6 +394,7 @@ def run_benchmark(config: ServeConfig, progress: bool = True, log_dir: Path | No
     if config.url:
         facts = server_facts(server_urls(config.url)[0])
         label = facts["kv_policy"].get("policy", "none") if facts["kv_policy"] else "none"
+        config = replace(config, budget=(facts["kv_policy"] or {}).get("budget"))  # the server's, for the report
         records.append(run_workload(config.url, documents, prefix_tokens, visits, config, label, progress))
         servers[label] = {"url": config.url, "args": None}
     else:
@@ -378,6 +412,9 @@ def run_benchmark(config: ServeConfig, progress: bool = True, log_dir: Path | No
                                    "log": str(log_path)}
                 records.append(run_workload(server.url, documents, prefix_tokens, visits, config, policy,
                                             progress))
+            if on_policy_done is not None and policy != config.policies[-1]:
+                on_policy_done({"records": list(records), "meta": run_metadata(
+                    config, model_path, cuda, servers, prefix_tokens, capacity, len(visits), time.time() - started)})
     return {"records": records, "meta": run_metadata(config, model_path, cuda, servers, prefix_tokens,
                                                      capacity, len(visits), time.time() - started)}
 
@@ -422,7 +459,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--model", help="checkpoint for the servers it starts (default: SmolLM2, `lava-sglang model`)")
     add("--policies", nargs="+", choices=POLICIES, metavar="POLICY",
         help=f"from {', '.join(POLICIES)} (default: all; --memory-bound: none lava)")
-    add("--budget", type=keep_ratio, default=0.2, help="--kv-budget keep ratio of every policy (default 0.2)")
+    add("--budget", type=keep_ratio, help="--kv-budget keep ratio of every policy (default 0.2)")
     add("--documents", type=positive_int, help="documents (default 4; --memory-bound: 10)")
     add("--questions", type=positive_int, help="questions per document (default 4; --memory-bound: 8)")
     add("--questions-per-visit", type=int, help="questions per fork program; 0: all of a document's in one "
@@ -456,20 +493,25 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
 def config_from_args(args: argparse.Namespace) -> ServeConfig:
     if args.url:  # flags for the servers this command starts, which --url replaces
         starting = [flag for flag, value in (("--model", args.model), ("--policies", args.policies),
-                                             ("--max-total-tokens", args.max_total_tokens),
+                                             ("--budget", args.budget), ("--max-total-tokens", args.max_total_tokens),
                                              ("--server-args", args.server_args), ("--log-dir", args.log_dir))
                     if value]
         if starting:
             raise ValueError(f"{', '.join(starting)} set the servers this command starts; with --url it starts "
                              "none (start the server with those flags yourself)")
     defaults = MEMORY_BOUND if args.memory_bound else STANDARD
+    if args.resident_documents is not None and not (args.memory_bound and args.max_total_tokens is None
+                                                    and args.url is None):
+        raise ValueError("--resident-documents sizes the pool of --memory-bound runs; it does nothing with --url, "
+                         "--max-total-tokens or without --memory-bound")
 
     def pick(name):
         value = getattr(args, name)
         return defaults[name] if value is None else value
 
     return ServeConfig(
-        policies=list(pick("policies")), budget=args.budget, documents=pick("documents"),
+        policies=list(pick("policies")), budget=ServeConfig.budget if args.budget is None else args.budget,
+        documents=pick("documents"),
         questions=pick("questions"), questions_per_visit=pick("questions_per_visit"), order=pick("order"),
         context=args.context, clients=pick("clients"), max_tokens=args.max_tokens,
         max_total_tokens=args.max_total_tokens, resident_documents=pick("resident_documents"),
@@ -485,19 +527,34 @@ def run(args: argparse.Namespace) -> int:
 
     stem = args.name or ("serving_memory_bound" if args.memory_bound else "serving")
     out_dir = Path(args.out)
+    notes_path = Path(args.notes) if args.notes else out_dir / f"{stem}_notes.md"
+    notes = notes_path.read_text() if notes_path.is_file() else None
     if args.report_only:
         result = json.loads((out_dir / f"{stem}.json").read_text())
     else:
         config = config_from_args(args)
         config.validate()
-        result = run_benchmark(config, progress=not args.no_progress, log_dir=args.log_dir)
         argv = getattr(args, "argv", None) or sys.argv[1:]
         if argv[:2] == ["bench", "serve"]:  # as `lava-sglang bench serve` passes them
             argv = argv[2:]
-        result["meta"]["command"] = "lava-sglang bench serve " + " ".join(shlex.quote(a) for a in argv)
-    notes = Path(args.notes) if args.notes else out_dir / f"{stem}_notes.md"
-    if notes.is_file():
-        result["notes"] = notes.read_text()
+        command = "lava-sglang bench serve " + " ".join(shlex.quote(a) for a in argv)
+        written = []
+
+        def write_so_far(result):  # the policies measured so far, replaced by the next write
+            result["meta"]["command"] = command
+            write_serving_report(dict(result, notes=notes) if notes else result, out_dir, stem)
+            written[:] = [record["policy"] for record in result["records"]]
+
+        try:
+            result = run_benchmark(config, progress=not args.no_progress, log_dir=args.log_dir,
+                                   on_policy_done=write_so_far)
+        except (RuntimeError, TimeoutError, requests.RequestException) as error:  # a server failed or died
+            saved = f"; {out_dir / stem}.md holds what was measured before: {', '.join(written)}" if written else ""
+            print(f"lava-sglang bench serve: error: {error}{saved}", file=sys.stderr)
+            return 1
+        result["meta"]["command"] = command
+    if notes:
+        result["notes"] = notes
     for path in write_serving_report(result, out_dir, stem):
         print(f"wrote {path}")
     return 0

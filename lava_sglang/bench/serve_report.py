@@ -51,6 +51,10 @@ def comparison(records: list[dict], baseline: str = "none", policy: str = "lava"
     result = {"policy": policy, "baseline": baseline, "documents_resident_ratio": ratio("documents_resident"),
               "revisit_hit_rate": other.get("revisit_hit_rate"),
               "question_throughput_ratio": ratio("question_throughput"), "accuracy_points": accuracy_gap}
+    # Runs cut short by --max-seconds, or with failed programs, answered different questions.
+    result["incomplete"] = [f"{r['policy']} {why}" for r in (base, other) for why in (
+        ["was cut short by --max-seconds"] if r.get("truncated") else []) + (
+        [f"had {len(r['errors'])} failed program(s)"] if r.get("errors") else [])]
     result["met"] = {
         "documents_resident": (result["documents_resident_ratio"] or 0) >= TARGETS["documents_resident"],
         "revisit_hit_rate": (result["revisit_hit_rate"] or 0) >= TARGETS["revisit_hit_rate"],
@@ -87,8 +91,8 @@ def markdown(result: dict, stem: str) -> str:
         f"({work['context_tokens']}-token target; prompt prefixes of {min(work['document_tokens'])}-"
         f"{max(work['document_tokens'])} tokens), {work['questions_per_visit']} questions per fork program, "
         f"{work['visits']} programs in {work['order']} order, {work['clients']} concurrent clients, answers of "
-        f"at most {work['max_tokens']} tokens (greedy), seed {work['seed']}; keep ratio {work['budget']} for "
-        f"every compressing policy; KV pool cap: {work['max_total_tokens'] or 'server default'} tokens; "
+        f"at most {work['max_tokens']} tokens (greedy), seed {work['seed']}; "
+        f"--kv-budget {_num(work['budget'], '{:g}')} for every compressing policy; KV pool cap: {work['max_total_tokens'] or 'server default'} tokens; "
         f"at most {work['max_seconds']:.0f} s of workload per policy.",
         f"- Wall time: {meta['wall_seconds'] / 60:.1f} min (server starts included).",
         "- Server flags per policy: " + "; ".join(
@@ -149,20 +153,27 @@ def markdown(result: dict, stem: str) -> str:
         lines += ["Failed programs: " + "; ".join(f"{p}: {e}" for p, e in errors[:10]), ""]
     compared = result.get("comparison")
     if compared:
-        met = compared["met"]
+        incomplete = compared.get("incomplete")
+
+        def verdict(name):
+            return "not judged" if incomplete else "met" if compared["met"][name] else "not met"
+
         lines += [
             "## lava against none (the issue's memory-bound targets)",
             "",
             f"- Documents resident: {_num(compared['documents_resident_ratio'], '{:.2f}')}x (target >= "
-            f"{TARGETS['documents_resident']:g}x: {'met' if met['documents_resident'] else 'not met'})",
+            f"{TARGETS['documents_resident']:g}x: {verdict('documents_resident')})",
             f"- Revisit hit rate: {_num(compared['revisit_hit_rate'])} (target >= "
-            f"{TARGETS['revisit_hit_rate']:g}: {'met' if met['revisit_hit_rate'] else 'not met'})",
+            f"{TARGETS['revisit_hit_rate']:g}: {verdict('revisit_hit_rate')})",
             f"- Question throughput: {_num(compared['question_throughput_ratio'], '{:.2f}')}x (target >= "
-            f"{TARGETS['question_throughput']:g}x: {'met' if met['question_throughput'] else 'not met'})",
+            f"{TARGETS['question_throughput']:g}x: {verdict('question_throughput')})",
             f"- Accuracy: {_num(compared['accuracy_points'], '{:+.1f}')} points (target within "
-            f"{TARGETS['accuracy_points']:g}: {'met' if met['accuracy'] else 'not met'})",
+            f"{TARGETS['accuracy_points']:g}: {verdict('accuracy')})",
             "",
         ]
+        if incomplete:
+            lines += [f"The targets are not judged: {'; '.join(incomplete)}, so the two answered different "
+                      "questions.", ""]
     if result.get("notes"):
         lines += ["## Reading the results", "", result["notes"].strip(), ""]
     lines += [f"Records: `{stem}.json`; plot: `{stem}.png`.", ""]

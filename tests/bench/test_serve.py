@@ -103,7 +103,8 @@ def test_flags_for_started_servers_are_refused_with_url_and_times_must_be_positi
     parser = add_arguments(__import__("argparse").ArgumentParser())
     url = ["--url", "http://127.0.0.1:30000"]
     assert config_from_args(parser.parse_args(url + ["--memory-bound"])).url == url[1]
-    for flags in (["--policies", "lava"], ["--max-total-tokens", "4096"], ["--server-args=--kv-window 64"]):
+    for flags in (["--policies", "lava"], ["--budget", "0.1"], ["--max-total-tokens", "4096"],
+                  ["--server-args=--kv-window 64"]):
         with pytest.raises(ValueError, match=f"{flags[0].split('=')[0]} set the servers this command starts"):
             config_from_args(parser.parse_args(url + flags))
     for flag in ("--max-seconds", "--sample-interval"):
@@ -115,8 +116,69 @@ def test_flags_for_started_servers_are_refused_with_url_and_times_must_be_positi
         ServeConfig(sample_interval=0).validate()
 
 
+def test_flags_that_would_do_nothing_or_relabel_a_run_are_refused():
+    parser = add_arguments(__import__("argparse").ArgumentParser())
+    for flags in (["--resident-documents", "4"], ["--memory-bound", "--resident-documents", "4",
+                                                  "--max-total-tokens", "9000"]):
+        with pytest.raises(ValueError, match="--resident-documents sizes the pool of --memory-bound runs"):
+            config_from_args(parser.parse_args(flags))
+    assert config_from_args(parser.parse_args(["--memory-bound", "--resident-documents", "4"])).resident_documents == 4
+    for server_args, replacement in (("--kv-budget 0.1", "--budget"), ("--kv-policy=lava", "--policies"),
+                                     ("--max-total-tokens 9000", "--max-total-tokens")):
+        with pytest.raises(ValueError, match=f"this command sets it for each server; use {replacement}"):
+            config_from_args(parser.parse_args([f"--server-args={server_args}"])).validate()
+    # Documents shorter than the servers' --kv-min-prefix would never be compressed.
+    with pytest.raises(ValueError, match="below the servers' --kv-min-prefix 256"):
+        config_from_args(parser.parse_args(["--context", "200"])).validate()
+    for flags in (["--policies", "none"], ["--server-args=--kv-min-prefix 128"]):
+        config_from_args(parser.parse_args(["--context", "200"] + flags)).validate()
+
+
+def test_clients_stop_after_their_current_visit_when_one_is_interrupted():
+    import threading
+    import time
+
+    done, started_second = [], threading.Event()
+
+    def run_visit(visit):
+        if visit == 0:  # Ctrl-C reaches the run while the other client is inside its visit
+            started_second.wait(5)
+            raise KeyboardInterrupt
+        started_second.set()
+        time.sleep(0.2)
+        done.append(visit)
+
+    with pytest.raises(KeyboardInterrupt):
+        serve.run_clients(range(100), 2, time.perf_counter() + 60, run_visit)
+    assert done == [1]  # the visit under way finished; no other started
+    finished = []
+    serve.run_clients(range(5), 2, time.perf_counter() + 60, finished.append)
+    assert sorted(finished) == [0, 1, 2, 3, 4]
+    serve.run_clients(range(5), 2, time.perf_counter() - 1, finished.append)  # past the deadline: none starts
+    assert len(finished) == 5
+
+
+def test_a_server_that_fails_keeps_the_policies_measured_before_it(tmp_path, monkeypatch, capsys):
+    measured = synthetic_result()
+
+    def run_benchmark(config, progress, log_dir, on_policy_done):
+        on_policy_done({"records": measured["records"][:1], "meta": measured["meta"]})
+        raise RuntimeError("the lava server exited with code 1")
+
+    monkeypatch.setattr(serve, "run_benchmark", run_benchmark)
+    monkeypatch.setattr("sys.argv", ["lava-sglang", "bench", "serve"])
+    assert serve.main(["--policies", "none", "lava", "--out", str(tmp_path), "--no-progress"]) == 1
+    error = capsys.readouterr().err
+    assert (f"error: the lava server exited with code 1; {tmp_path / 'serving'}.md holds what was measured "
+            "before: none") in error
+    saved = json.loads((tmp_path / "serving.json").read_text())
+    assert [record["policy"] for record in saved["records"]] == ["none"]
+    assert saved["meta"]["command"] == f"lava-sglang bench serve --policies none lava --out {tmp_path} --no-progress"
+
+
 def test_the_recorded_command_drops_only_the_subcommand(tmp_path, monkeypatch):
-    monkeypatch.setattr(serve, "run_benchmark", lambda config, progress, log_dir: {"records": [], "meta": {}})
+    monkeypatch.setattr(serve, "run_benchmark", lambda config, progress, log_dir, on_policy_done: {"records": [],
+                                                                                                   "meta": {}})
     written = {}
     monkeypatch.setattr("lava_sglang.bench.serve_report.write_serving_report",
                         lambda result, out_dir, stem: written.update(result) or [])
@@ -337,7 +399,19 @@ def test_comparison_against_the_targets():
     assert comparison(result["records"][:1]) is None
     # 12/80 against 16/80 is 5 points down, on the target's edge (float noise must not fail it).
     edge = comparison([{"policy": "none", "accuracy": 16 / 80}, {"policy": "lava", "accuracy": 12 / 80}])
-    assert edge["accuracy_points"] == -5.0 and edge["met"]["accuracy"]
+    assert edge["accuracy_points"] == -5.0 and edge["met"]["accuracy"] and edge["incomplete"] == []
+
+
+def test_targets_are_not_judged_on_a_run_cut_short_or_with_failed_programs(tmp_path):
+    result = synthetic_result()
+    result["records"][0]["truncated"] = True
+    result["records"][1]["errors"] = ["HTTP 500", "timeout"]
+    compared = comparison(result["records"])
+    assert compared["incomplete"] == ["none was cut short by --max-seconds", "lava had 2 failed program(s)"]
+    result["meta"]["workload"]["memory_bound"] = True
+    text = markdown(dict(result, comparison=compared), "serve")
+    assert "met" not in text.split("## lava against none")[1].replace("not judged", "")
+    assert "The targets are not judged: none was cut short by --max-seconds; lava had 2 failed program(s)" in text
 
 
 def test_by_visit_splits_first_visits_from_revisits():
