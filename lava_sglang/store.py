@@ -103,10 +103,9 @@ class CellLayout:
             width = int(lengths.max()) if lengths.numel() else 0
             columns = torch.arange(width)
             visible = columns[None, :] < lengths[:, None]
-            start, stop = self.layer_rows(layer)
             last_column = (lengths[:, None] - 1).clamp(min=0)
             rows = self.layer_head_indptr(layer)[:-1, None] + torch.minimum(columns[None, :], last_column)
-            rows = rows.flatten().clamp(max=stop - start - 1)
+            rows = rows.flatten().clamp(max=int(lengths.sum()) - 1)
             pieces = []
             if rows.numel():
                 layer_cells = self.layer_cells(layer)

@@ -391,6 +391,11 @@ def run_benchmark(config: ServeConfig, progress: bool = True, log_dir: Path | No
     if capacity is None and config.memory_bound and not config.url:
         capacity = memory_bound_capacity(prefix_tokens, config.resident_documents or 3)
     records, servers = [], {}
+
+    def result_so_far() -> dict:
+        return {"records": list(records), "meta": run_metadata(config, model_path, cuda, servers, prefix_tokens,
+                                                               capacity, len(visits), time.time() - started)}
+
     if config.url:
         facts = server_facts(server_urls(config.url)[0])
         label = facts["kv_policy"].get("policy", "none") if facts["kv_policy"] else "none"
@@ -413,10 +418,8 @@ def run_benchmark(config: ServeConfig, progress: bool = True, log_dir: Path | No
                 records.append(run_workload(server.url, documents, prefix_tokens, visits, config, policy,
                                             progress))
             if on_policy_done is not None and policy != config.policies[-1]:
-                on_policy_done({"records": list(records), "meta": run_metadata(
-                    config, model_path, cuda, servers, prefix_tokens, capacity, len(visits), time.time() - started)})
-    return {"records": records, "meta": run_metadata(config, model_path, cuda, servers, prefix_tokens,
-                                                     capacity, len(visits), time.time() - started)}
+                on_policy_done(result_so_far())
+    return result_so_far()
 
 
 def run_metadata(config: ServeConfig, model_path: str, cuda: bool, servers: dict, prefix_tokens: list[int],
@@ -529,6 +532,12 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     notes_path = Path(args.notes) if args.notes else out_dir / f"{stem}_notes.md"
     notes = notes_path.read_text() if notes_path.is_file() else None
+
+    def write(result) -> list[Path]:
+        if notes:
+            result["notes"] = notes
+        return write_serving_report(result, out_dir, stem)
+
     if args.report_only:
         result = json.loads((out_dir / f"{stem}.json").read_text())
     else:
@@ -542,7 +551,7 @@ def run(args: argparse.Namespace) -> int:
 
         def write_so_far(result):  # the policies measured so far, replaced by the next write
             result["meta"]["command"] = command
-            write_serving_report(dict(result, notes=notes) if notes else result, out_dir, stem)
+            write(result)
             written[:] = [record["policy"] for record in result["records"]]
 
         try:
@@ -553,9 +562,7 @@ def run(args: argparse.Namespace) -> int:
             print(f"lava-sglang bench serve: error: {error}{saved}", file=sys.stderr)
             return 1
         result["meta"]["command"] = command
-    if notes:
-        result["notes"] = notes
-    for path in write_serving_report(result, out_dir, stem):
+    for path in write(result):
         print(f"wrote {path}")
     return 0
 

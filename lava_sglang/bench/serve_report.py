@@ -52,9 +52,12 @@ def comparison(records: list[dict], baseline: str = "none", policy: str = "lava"
               "revisit_hit_rate": other.get("revisit_hit_rate"),
               "question_throughput_ratio": ratio("question_throughput"), "accuracy_points": accuracy_gap}
     # Runs cut short by --max-seconds, or with failed programs, answered different questions.
-    result["incomplete"] = [f"{r['policy']} {why}" for r in (base, other) for why in (
-        ["was cut short by --max-seconds"] if r.get("truncated") else []) + (
-        [f"had {len(r['errors'])} failed program(s)"] if r.get("errors") else [])]
+    result["incomplete"] = []
+    for record in (base, other):
+        if record.get("truncated"):
+            result["incomplete"].append(f"{record['policy']} was cut short by --max-seconds")
+        if record.get("errors"):
+            result["incomplete"].append(f"{record['policy']} had {len(record['errors'])} failed program(s)")
     result["met"] = {
         "documents_resident": (result["documents_resident_ratio"] or 0) >= TARGETS["documents_resident"],
         "revisit_hit_rate": (result["revisit_hit_rate"] or 0) >= TARGETS["revisit_hit_rate"],

@@ -190,6 +190,12 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
 AttentionInterface.register(ATTENTION_NAME, _attention)
 
 
+def _causal_attention(module, query, key, value, scaling):
+    """An attention handler (`ReferenceRuntime._attending`): the model's own causal attention."""
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, key, value, is_causal=True, scale=scaling, enable_gqa=True).transpose(1, 2)
+
+
 def _grouped(query: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
     """[B, Hq, T, d] -> [B, Hkv, G, T, d] (query head g reads KV head g // G, as HF's repeat_kv)."""
     batch, num_q_heads, length, head_dim = query.shape
@@ -243,9 +249,7 @@ class ReferenceRuntime:
             q_window.append(query[0, :, -window:].clone())
             keys.append(key[0].clone())
             values.append(value[0].clone())
-            out = torch.nn.functional.scaled_dot_product_attention(
-                query, key, value, is_causal=True, scale=scaling, enable_gqa=True)
-            return out.transpose(1, 2)
+            return _causal_attention(module, query, key, value, scaling)
 
         ids = torch.tensor([token_ids], device=self.device)
         with self._attending(capture):
@@ -260,12 +264,8 @@ class ReferenceRuntime:
         if not token_ids:
             raise ValueError("token_ids must not be empty")
 
-        def causal(module, query, key, value, scaling):
-            return torch.nn.functional.scaled_dot_product_attention(
-                query, key, value, is_causal=True, scale=scaling, enable_gqa=True).transpose(1, 2)
-
         ids = torch.tensor([[int(t) for t in token_ids]], device=self.device)
-        with self._attending(causal):
+        with self._attending(_causal_attention):
             logits = self.model(input_ids=ids, use_cache=False).logits[0, :-1].float()
         log_probs = torch.log_softmax(logits, dim=-1).gather(1, ids[0, 1:, None])[:, 0]
         return torch.cat([log_probs.new_zeros(1), -log_probs]).cpu()

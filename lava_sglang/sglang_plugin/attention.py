@@ -254,9 +254,9 @@ class DecodeRows:
     """The torch path's attention for a decode batch that reads compressed prefixes: each
     request's one query sees its compressed prefix's rows of each KV head and all its own
     tokens. Per layer, one masked SDPA call over a padded [requests, Hkv, P + O, d] grid of
-    keys: each distinct entry's rows read once and padded per head
-    (`store.read_padded_layer`: one gather per layer buffer), then each request's own tokens, gathered from its KV
-    row by slots found once per batch. At decode sizes on the CPU the number of torch calls,
+    keys: each distinct entry's rows read once and padded per head (`store.read_padded_layer`:
+    one gather per layer buffer), then each request's own tokens, gathered from its KV row by
+    slots found once per batch. At decode sizes on the CPU the number of torch calls,
     not the arithmetic, is the cost (each small call waits for its threads, longer when
     another process holds a core), hence no per-head loop and no merge of two partial states.
 
