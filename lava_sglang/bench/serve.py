@@ -42,6 +42,7 @@ import requests
 from lava_sglang.argtypes import COMPRESSING_POLICIES, DEFAULT_MIN_PREFIX, keep_ratio, positive_float, positive_int
 from lava_sglang.bench.serve_workload import (MISS_SLACK, ORDERS, build_workload, program_inputs, summarize,
                                               timed_endpoint, visit_records)
+from lava_sglang.sglang_plugin.server_process import ServerExited, ServerProcess
 
 POLICIES = ["none", *COMPRESSING_POLICIES]
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "docs" / "results"
@@ -403,8 +404,6 @@ def run_benchmark(config: ServeConfig, progress: bool = True, log_dir: Path | No
         records.append(run_workload(config.url, documents, prefix_tokens, visits, config, label, progress))
         servers[label] = {"url": config.url, "args": None}
     else:
-        from lava_sglang.sglang_plugin.server_process import ServerProcess
-
         log_dir = Path(log_dir or tempfile.mkdtemp(prefix="lava-bench-serve-"))
         for policy in config.policies:
             args = policy_server_args(policy, config, capacity, cuda)
@@ -557,7 +556,7 @@ def run(args: argparse.Namespace) -> int:
         try:
             result = run_benchmark(config, progress=not args.no_progress, log_dir=args.log_dir,
                                    on_policy_done=write_so_far)
-        except (RuntimeError, TimeoutError, requests.RequestException) as error:  # a server failed or died
+        except (ServerExited, TimeoutError, requests.RequestException) as error:  # a server failed or died
             saved = f"; {out_dir / stem}.md holds what was measured before: {', '.join(written)}" if written else ""
             print(f"lava-sglang bench serve: error: {error}{saved}", file=sys.stderr)
             return 1

@@ -82,6 +82,10 @@ def _cpu_engine_args(args: list[str]) -> list[str]:
     return [token for flag, value in defaults.items() if flag not in given for token in (flag, *value)]
 
 
+class ServerExited(RuntimeError):
+    """A launched server (or router) process ended before it was ready."""
+
+
 class _LoggedProcess:
     """A command in its own process group, logging to `log_path`, ready once `health_path`
     answers 200; a context manager that stops the whole group on exit. On Linux the command
@@ -121,7 +125,7 @@ class _LoggedProcess:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
-                raise RuntimeError(f"{self.name} exited with code {self.process.returncode}\n{self.log_tail()}")
+                raise ServerExited(f"{self.name} exited with code {self.process.returncode}\n{self.log_tail()}")
             try:
                 with urllib.request.urlopen(self.url + self.health_path, timeout=30) as response:
                     if response.status == 200:

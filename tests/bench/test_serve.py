@@ -14,6 +14,7 @@ from lava_sglang.bench.serve_report import by_visit, comparison, markdown, write
 from lava_sglang.bench.serve_workload import (MISS_SLACK, Visit, build_workload, is_correct, is_miss,
                                               latency_summary, percentile, program_inputs, store_peaks, summarize,
                                               visit_records)
+from lava_sglang.sglang_plugin.server_process import ServerExited
 
 # --- workload -----------------------------------------------------------------------------------
 
@@ -163,7 +164,7 @@ def test_a_server_that_fails_keeps_the_policies_measured_before_it(tmp_path, mon
 
     def run_benchmark(config, progress, log_dir, on_policy_done):
         on_policy_done({"records": measured["records"][:1], "meta": measured["meta"]})
-        raise RuntimeError("the lava server exited with code 1")
+        raise ServerExited("the lava server exited with code 1")
 
     monkeypatch.setattr(serve, "run_benchmark", run_benchmark)
     monkeypatch.setattr("sys.argv", ["lava-sglang", "bench", "serve"])
@@ -174,6 +175,15 @@ def test_a_server_that_fails_keeps_the_policies_measured_before_it(tmp_path, mon
     saved = json.loads((tmp_path / "serving.json").read_text())
     assert [record["policy"] for record in saved["records"]] == ["none"]
     assert saved["meta"]["command"] == f"lava-sglang bench serve --policies none lava --out {tmp_path} --no-progress"
+
+
+def test_an_error_that_is_not_a_server_failing_is_not_reported_as_one(tmp_path, monkeypatch):
+    def run_benchmark(config, progress, log_dir, on_policy_done):
+        raise RuntimeError("a bug in the client")
+
+    monkeypatch.setattr(serve, "run_benchmark", run_benchmark)
+    with pytest.raises(RuntimeError, match="a bug in the client"):
+        serve.main(["--policies", "none", "--out", str(tmp_path), "--no-progress"])
 
 
 def test_the_recorded_command_drops_only_the_subcommand(tmp_path, monkeypatch):
