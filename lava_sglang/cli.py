@@ -135,13 +135,19 @@ def _quality_command(args: argparse.Namespace) -> int:
     meta_path = out_dir / "quality_meta.json"
     notes_path = Path(args.notes) if args.notes else out_dir / "quality_notes.md"
     notes = notes_path.read_text() if notes_path.is_file() else None
-    if args.partial and not Path(args.partial).parent.is_dir():  # found now, not after the first document
-        raise ValueError(f"--partial {args.partial}: no folder {Path(args.partial).parent}")
     if args.report_only:
-        result = {"records": json.loads((out_dir / "quality.json").read_text()),
-                  "meta": json.loads(meta_path.read_text())}
+        sources = [Path(args.partial)] if args.partial else [out_dir / "quality.json", meta_path]
+        missing = [str(path) for path in sources if not path.is_file()]
+        if missing:
+            raise ValueError(f"--report-only: no {' or '.join(missing)} to rebuild the report from")
+        if args.partial:  # a run cut short: its records and metadata in one file
+            result = json.loads(sources[0].read_text())
+        else:
+            result = {"records": json.loads(sources[0].read_text()), "meta": json.loads(meta_path.read_text())}
         command = result["meta"]["command"]
     else:
+        if args.partial and not Path(args.partial).parent.is_dir():  # found now, not after the first document
+            raise ValueError(f"--partial {args.partial}: no folder {Path(args.partial).parent}")
         from lava_sglang.bench.quality import QualityBenchmark, QualityConfig
 
         config = QualityConfig(contexts=args.contexts, questions=args.questions, policies=args.policies,
@@ -228,10 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--notes", help="markdown included as 'Reading the results' (default: "
                          "<out>/quality_notes.md if it exists)")
     quality.add_argument("--report-only", action="store_true",
-                         help="rebuild quality.md and quality.png from quality.json without running")
+                         help="rebuild quality.md and quality.png from quality.json and quality_meta.json (or, "
+                         "with --partial, from that file) without running")
     quality.add_argument("--no-progress", action="store_true", help="no progress bar")
     quality.add_argument("--partial", metavar="PATH", help="write the records and metadata so far to PATH (JSON) "
-                         "after every document, so a run cut short keeps what it measured")
+                         "after every document, so a run cut short keeps what it measured; with --report-only, "
+                         "rebuild the report in --out from it")
     quality.set_defaults(run=_quality_command)
 
     from lava_sglang.bench.serve import add_arguments as add_serve_arguments  # requests + stdlib: light

@@ -313,15 +313,16 @@ class QualityBenchmark:
                 for document in documents:
                     self.run_document(task, context, document, bar)
                     if partial is not None:
-                        partial.write_text(json.dumps(self._result(started, bar.n, command), indent=1) + "\n")
-        return self._result(started, total, command)
+                        partial.write_text(json.dumps(self._result(started, bar.n, total, command), indent=1) + "\n")
+        return self._result(started, total, total, command)
 
-    def _result(self, started: float, questions_done: int, command: str | None) -> dict:
+    def _result(self, started: float, questions_done: int, questions_planned: int, command: str | None) -> dict:
         meta = run_metadata(self.runtime, self.config, time.time() - started)
         if command is not None:
             meta["command"] = command
         meta["model_seconds"] = {name: round(value, 2) for name, value in self.seconds.items()}
         meta["questions_done"] = questions_done
+        meta["questions_planned"] = questions_planned
         return {
             "records": sorted(self.cells.records(), key=lambda r: (r["task"], r["context_tokens"], r["mode"],
                                                                    r["observe"], r["split"], r["policy"],

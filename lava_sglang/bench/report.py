@@ -168,6 +168,9 @@ def markdown(records: list[dict], meta: dict, command: str, notes: str | None) -
         f"- Observation sources of compress_once (docs/observe.md): {', '.join(sources)}"
         + (f"; branches combine windows by `{config['branch_combine']}`" if "branches" in sources else "") + ".",
     ]
+    if meta.get("questions_done", 0) < meta.get("questions_planned", 0):
+        lines.append(f"- **Cut short:** {meta['questions_done']} of {meta['questions_planned']} questions were "
+                     "answered (a `--partial` file); each cell counts the questions it reached.")
     if _splits(records) != ["all"]:
         lines.append("- Splits: a document's first half of questions (rounded up) are `at compression` (their "
                      "branches exist when it is compressed; `branches` sees them), the rest `later`. "
