@@ -1,0 +1,50 @@
+"""The harness of the score-transform scripts (lava_sglang.bench.score_transforms) on one
+real document: every variant is asked for every keep ratio, the table is written, and
+variants other than the announced ones are refused."""
+
+import argparse
+import json
+
+import pytest
+import torch
+
+from lava_sglang.bench import score_transforms
+
+
+def arguments(out):
+    parser = argparse.ArgumentParser()
+    score_transforms.add_arguments(parser, out)
+    return parser.parse_args(["--context", "1024", "--questions", "1", "--facts", "1", "--keep", "0.2", "1.0",
+                              "--name", "one"])
+
+
+def test_every_variant_plans_at_every_keep_ratio_and_the_table_is_written(runtime, tmp_path):
+    calls = []
+
+    def variants(runtime, prefix_ids):
+        def record(observation, keep):
+            calls.append(keep)
+            return observation
+        return {"as observed": record}
+
+    result = score_transforms.run(arguments(tmp_path), "test", "Harness", ["as observed"], variants, runtime)
+    assert calls == [0.2, 1.0]
+    assert list(result["right"]) == ["full cache", "as observed, keep 0.2", "as observed, keep 1"]
+    # keep 1.0 keeps every row: it answers as the full cache does
+    assert result["right"]["as observed, keep 1"] == result["right"]["full cache"]
+    assert json.loads((tmp_path / "one.json").read_text())["right"] == result["right"]
+    assert result["broad_heads"]["full cache"] == result["broad_rows"]["full cache"] == 1.0
+    table = (tmp_path / "one.md").read_text()
+    assert "| as observed, keep 0.2 |" in table and "Written by `test`" in table
+
+
+def test_variants_other_than_the_announced_ones_are_refused(runtime, tmp_path):
+    with pytest.raises(ValueError, match="not the announced"):
+        score_transforms.run(arguments(tmp_path), "test", "Harness", ["a"],
+                             lambda runtime, prefix_ids: {"b": lambda observation, keep: observation}, runtime)
+
+
+def test_broad_rows_are_those_keeping_more_than_half_the_prefix():
+    lengths = torch.tensor([[10, 60], [51, 50]])  # of a 100-token prefix: 60 and 51 are broad
+    heads, rows = score_transforms.broad_share(lengths, 100)
+    assert heads == pytest.approx(0.5) and rows == pytest.approx(111 / 171)
