@@ -38,6 +38,7 @@ def register() -> None:
     hooks.register(touchpoints.VALIDATE_REQUEST, _before_validate_request, hook_type.BEFORE)
     hooks.register(touchpoints.PARALLEL_GROUP, _around_init_model_parallel_group, hook_type.AROUND)
     if KvPolicyConfig.from_env().enabled:  # in the processes the launcher spawns
+        hooks.register(touchpoints.SCHEDULER_IDLE, _before_scheduler_idle, hook_type.BEFORE)
         backends = touchpoints.attention_backends()
         for name in SUPPORTED_ATTENTION_BACKENDS:
             backends[name] = attention.wrap_factory(backends[name])
@@ -108,6 +109,13 @@ def _around_init_model_parallel_group(original, group_ranks, local_rank, backend
     if backend == "gloo" and not args and kwargs.get("use_pynccl") is None:
         kwargs["use_pynccl"] = False
     return original(group_ranks, local_rank, backend, *args, **kwargs)
+
+
+def _before_scheduler_idle(scheduler, *args, **kwargs):
+    """The scheduler has nothing to run (it calls this every idle turn of its loop)."""
+    compress_ready_when_idle = getattr(scheduler.tree_cache, "compress_ready_when_idle", None)
+    if compress_ready_when_idle is not None:
+        compress_ready_when_idle()
 
 
 def _after_internal_state(result, controller, *args, **kwargs):

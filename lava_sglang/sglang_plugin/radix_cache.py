@@ -206,6 +206,17 @@ class LavaRadixCache(CompressedRadixCache):
         if self.pending:
             self._compress_ready_pending()
 
+    def compress_ready_when_idle(self) -> None:
+        """The scheduler is idle (`plugin._before_scheduler_idle`, every idle turn): a waiting
+        prefix that became ready with no request released (its --kv-observe-wait passed with no
+        branch, or its repetition failed in the thread that sends it, e.g. a chunk aborted while
+        queued) is compressed now, not at the next release. Not under tensor parallel: there the
+        ranks agree on readiness by a collective, and their idle loops do not run in step."""
+        if self.pending and self.tensor_parallel is None:
+            now = time.monotonic()
+            if any(pending.ready(now) for pending in self.pending):
+                self._compress_ready_pending()
+
     def _is_fork_prefix(self, req) -> bool:
         """A fork commit: what a frontend program sends before `fork()` (and `select()` before
         scoring its choices), a prompt of at least `min_prefix` tokens with max_new_tokens=0

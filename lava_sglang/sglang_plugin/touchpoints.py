@@ -25,6 +25,9 @@ VALIDATE_REQUEST = (  # reject token ids outside the vocabulary (they crash the 
 PARALLEL_GROUP = (  # a gloo (CPU) group gets no PyNccl communicator: the CPU engine's tensor parallel
     "sglang.srt.distributed.parallel_state.init_model_parallel_group"
 )
+SCHEDULER_IDLE = (  # a waiting prefix that became ready with no release is compressed while idle
+    "sglang.srt.managers.scheduler.Scheduler.on_idle"
+)
 INTERNAL_STATE = (  # /server_info -> internal_states[i]["lava_kv_policy"]
     "sglang.srt.managers.scheduler_components.internal_state.SchedulerInternalStateController.get_internal_state"
 )

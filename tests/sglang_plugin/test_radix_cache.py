@@ -5,6 +5,7 @@ counted as the tree's) and that each running request's KV row reads its own sequ
 from __future__ import annotations
 
 import logging
+import time
 
 import pytest
 import torch
@@ -260,6 +261,37 @@ def test_under_observe_branches_a_commit_waits_for_its_branches_then_is_compress
     assert not stub.cache.pending and stub.cache.evictable_size() == node_slots(node)
     later = run(stub, document(0) + question(2))
     assert later.prefix_len == 199
+    assert_all_released(stub)
+
+
+def test_a_prefix_that_becomes_ready_with_no_release_is_compressed_when_the_scheduler_is_idle():
+    # Its wait passes and no branch comes, or its repetition fails in the sending thread (a
+    # chunk aborted while queued, which SGLang drops without a release): the idle loop compresses it.
+    stub = SchedulerStub(KvPolicyConfig(policy="lava", window=WINDOW, min_prefix=MIN_PREFIX, observe="branches",
+                                        observe_wait=0.2))
+    commit(stub, document(0))
+    stub.cache.compress_ready_when_idle()  # still within its wait
+    assert not stub.compressed_nodes() and len(stub.cache.pending) == 1
+    time.sleep(0.3)
+    stub.cache.compress_ready_when_idle()
+    (node,) = stub.compressed_nodes()
+    assert not stub.cache.pending and stub.cache.evictable_size() == node_slots(node)
+    assert_all_released(stub)
+
+
+def test_under_tensor_parallel_the_idle_loop_leaves_waiting_prefixes_to_the_releases():
+    # The ranks agree on readiness by a collective; their idle loops do not run in step.
+    group = OtherRank()
+    group.ready = True
+    stub = SchedulerStub(KvPolicyConfig(policy="lava", window=WINDOW, min_prefix=MIN_PREFIX, observe="branches",
+                                        observe_wait=0.01), tensor_parallel=TensorParallel(rank=0, world_size=2,
+                                                                                            group=group))
+    commit(stub, document(0))
+    time.sleep(0.05)
+    stub.cache.compress_ready_when_idle()
+    assert not stub.compressed_nodes() and len(stub.cache.pending) == 1
+    run(stub, document(1, length=20))  # a release: every rank looks at the waiting prefixes
+    assert len(stub.compressed_nodes()) == 1 and not stub.cache.pending
     assert_all_released(stub)
 
 
