@@ -146,7 +146,9 @@ def create_radix_cache(ctx):
                            labels={"model_name": ctx.server_args.served_model_name},
                            records_events=tensor_parallel is None or tensor_parallel.rank == 0)
     server_args = ctx.server_args
-    repetition_client = (RepetitionClient(server_args.url(), ctx.model_config.context_len, server_args.api_key,
+    max_prompt_tokens = touchpoints.max_prompt_tokens(ctx.model_config.context_len,
+                                                      ctx.params.token_to_kv_pool_allocator.size)
+    repetition_client = (RepetitionClient(server_args.url(), max_prompt_tokens, server_args.api_key,
                                           dp_rank=touchpoints.dp_rank(),
                                           admin_api_key=getattr(server_args, "admin_api_key", None))
                          if config.observe == RECONSTRUCT else None)

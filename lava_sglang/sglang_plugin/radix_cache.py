@@ -297,9 +297,10 @@ class LavaRadixCache(CompressedRadixCache):
                 self.repetitions_started += 1
             except Exception as error:  # a tokenizer failure must not stop the scheduler
                 reason = f"the repeat instruction could not be tokenized ({error})"
-        if scores is not None and max(map(len, scores.input_ids)) >= client.context_len:  # SGLang refuses >=
+        if scores is not None and max(map(len, scores.input_ids)) > client.max_prompt_tokens:
             reason = (f"the prefix and its repetition chunk (--kv-observe-chunk {self.config.observe_chunk}) exceed "
-                      f"the context length {client.context_len}")
+                      f"the longest prompt the server admits, {client.max_prompt_tokens} tokens (the context length "
+                      "or the KV pool, less SGLang's margin)")
         if reason is not None:
             logger.warning("lava: no repetition of a %d-token prefix: %s; compressed by its tail",
                            len(req.origin_input_ids), reason)

@@ -216,17 +216,17 @@ class RepetitionClient:
     from a daemon thread (the scheduler loop must not wait on its own HTTP server), and aborts
     them.
 
-    context_len: the model's context length; every chunk request (prefix, instruction, chunk)
-    must fit in it.
+    max_prompt_tokens: the longest prompt the server admits (`touchpoints.max_prompt_tokens`);
+    every chunk request (prefix, instruction, chunk) must fit in it.
     dp_rank: with `--dp-size` > 1, the data-parallel rank of the scheduler sending them: the
     chunks must reach the rank whose cache holds the prefix, not whichever rank SGLang's
     controller picks.
     """
 
-    def __init__(self, url: str, context_len: int, api_key: str | None = None, timeout: float = 600.0,
+    def __init__(self, url: str, max_prompt_tokens: int, api_key: str | None = None, timeout: float = 600.0,
                  dp_rank: int | None = None, admin_api_key: str | None = None):
         self.url = url.rstrip("/")
-        self.context_len = context_len
+        self.max_prompt_tokens = max_prompt_tokens
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         # /abort_request takes only the admin key once the server has one (SGLang's ADMIN_OPTIONAL).
         self.abort_headers = {"Authorization": f"Bearer {admin_api_key}"} if admin_api_key else self.headers

@@ -45,6 +45,15 @@ RADIX_CACHE_METHODS = ("_match_prefix_helper", "_insert_helper", "_split_node", 
 RADIX_CACHE_STATE = ("evictable_leaves", "evictable_size_", "protected_size_", "kv_events", "eviction_strategy")
 
 
+def max_prompt_tokens(context_len: int, pool_tokens: int) -> int:
+    """The longest prompt SGLang's scheduler admits: it refuses (or, with
+    --allow-auto-truncate, cuts) one of min(context_len - 1, KV pool tokens - 1) - 5 tokens or
+    more (tp_worker.py, get_worker_info's max_req_input_len; managers/utils.py,
+    validate_input_length), a bound below the tokenizer manager's context length when the
+    pool is smaller than the context."""
+    return min(context_len - 1, pool_tokens - 1) - 6
+
+
 def same_cache_namespace(key, other) -> bool:
     """Whether two RadixKeys are in one namespace of the prefix cache (the same extra_key, which
     holds a LoRA adapter's id, cache_salt and bigram mode), the only keys RadixKey.match

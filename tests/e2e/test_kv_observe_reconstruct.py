@@ -145,6 +145,7 @@ def test_a_prefix_whose_repetition_exceeds_the_context_is_compressed_by_its_tail
     stats = kv_state(server.url)["store"]
     assert (stats["entries"], stats["pending"], stats["repetitions"]) == (1, 0, 0)  # no wait
     assert (f"no repetition of a {prefix_tokens}-token prefix: the prefix and its repetition chunk "
-            f"(--kv-observe-chunk {REPEAT_CHUNK}) exceed the context length {CONTEXT_LENGTH}; compressed by its "
+            f"(--kv-observe-chunk {REPEAT_CHUNK}) exceed the longest prompt the server admits, "
+            f"{CONTEXT_LENGTH - 7} tokens (the context length or the KV pool, less SGLang's margin); compressed by its "
             "tail") in server.log_path.read_text()
     assert requests.post(server.url + "/flush_cache", timeout=60).status_code == 200

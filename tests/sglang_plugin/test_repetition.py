@@ -3,12 +3,13 @@
 import dataclasses
 import logging
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from lava_sglang.policy import Reconstruct, repeat_attention_chunk
-from lava_sglang.sglang_plugin import repetition
+from lava_sglang.sglang_plugin import repetition, touchpoints
 from lava_sglang.sglang_plugin.repetition import REPETITION_RID_PREFIX, RepetitionClient, RepetitionScores
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 2, 8
@@ -229,3 +230,13 @@ def test_a_repetition_is_aborted_with_the_key_the_abort_endpoint_takes(monkeypat
         RepetitionClient("http://server:1/", 2048, **keys)._abort(scores.rids[:1])
     assert sent == [("http://server:1/abort_request", {"Authorization": expected} if expected else {})]
     assert f"could not abort repetition {scores.rids[0]} (HTTP 401)" in caplog.text  # a refusal is not silent
+
+
+@pytest.mark.parametrize("context_len, pool_tokens", [(1024, 100_000), (8192, 600)])
+def test_the_longest_repetition_prompt_is_the_longest_sglangs_scheduler_admits(context_len, pool_tokens):
+    from sglang.srt.managers.utils import validate_input_length
+
+    admitted = min(context_len - 1, pool_tokens - 1) - 5  # tp_worker.get_worker_info's max_req_input_len
+    longest = touchpoints.max_prompt_tokens(context_len, pool_tokens)
+    assert validate_input_length(SimpleNamespace(origin_input_ids=[0] * longest), admitted, False) is None
+    assert validate_input_length(SimpleNamespace(origin_input_ids=[0] * (longest + 1)), admitted, False) is not None
