@@ -140,8 +140,10 @@ def _quality_command(args: argparse.Namespace) -> int:
         missing = [str(path) for path in sources if not path.is_file()]
         if missing:
             raise ValueError(f"--report-only: no {' or '.join(missing)} to rebuild the report from")
-        if args.partial:  # a run cut short: its records and metadata in one file
+        if args.partial:  # a run cut short: its records and metadata in one file, split in --out as a run's are
             result = json.loads(sources[0].read_text())
+            out_dir.mkdir(parents=True, exist_ok=True)
+            meta_path.write_text(json.dumps(result["meta"], indent=1) + "\n")
         else:
             result = {"records": json.loads(sources[0].read_text()), "meta": json.loads(meta_path.read_text())}
         command = result["meta"]["command"]

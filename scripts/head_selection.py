@@ -12,7 +12,8 @@ questions:
   repetition attention on t, so a layer's KV heads keep the same tokens;
 - `shared by the model`: the same over every layer, so every head keeps the same tokens;
 - `floor F`: each KV head's best F * B selectable tokens are kept whatever the threshold
-  (B: the average per head, keep ratio x selectable tokens);
+  (B = keep ratio x selectable tokens; the plan's average, which counts the window in the
+  budget, is a few tokens less);
 - `cap C`: no KV head keeps more than C x its selectable tokens (its other scores set to 0,
   below every other score).
 
@@ -50,7 +51,13 @@ def parse_args() -> argparse.Namespace:
                         help="floors F, fractions of the average head budget (default 0.25 0.5)")
     parser.add_argument("--caps", type=fraction, nargs="*", default=[0.5],
                         help="caps C, fractions of a head's selectable tokens (default 0.5)")
-    return parser.parse_args()
+    args = parser.parse_args()
+    policy = make_policy(args.policy)
+    if getattr(policy, "pool_kernel", 1) != 1 or policy.uses_layer_entropy:
+        # a forced token's inf would spread to its neighbours, or make a layer's entropy nan
+        parser.error(f"--policy {args.policy}: the floors and caps are set on the scores the threshold reads; "
+                     "use a policy without pooling or entropy layer budgets")
+    return args
 
 
 def shared(observation: Observation, by_model: bool) -> Observation:

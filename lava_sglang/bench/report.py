@@ -138,6 +138,13 @@ def targets(records: list[dict], config: dict) -> list[str]:
     return lines + [""]
 
 
+def questions_planned(meta: dict) -> int:
+    """The questions a run set out to answer: recorded since 2026-12-05, else each task's
+    questions at every length (what `QualityBenchmark.run` plans)."""
+    config = meta["config"]
+    return meta.get("questions_planned", sum(config["questions"]) * len(config["tasks"]))
+
+
 def markdown(records: list[dict], meta: dict, command: str, notes: str | None) -> str:
     records = normalise(records)
     config = meta["config"]
@@ -168,8 +175,9 @@ def markdown(records: list[dict], meta: dict, command: str, notes: str | None) -
         f"- Observation sources of compress_once (docs/observe.md): {', '.join(sources)}"
         + (f"; branches combine windows by `{config['branch_combine']}`" if "branches" in sources else "") + ".",
     ]
-    if meta.get("questions_done", 0) < meta.get("questions_planned", 0):
-        lines.append(f"- **Cut short:** {meta['questions_done']} of {meta['questions_planned']} questions were "
+    planned = questions_planned(meta)
+    if meta.get("questions_done", planned) < planned:
+        lines.append(f"- **Cut short:** {meta['questions_done']} of {planned} questions were "
                      "answered (a `--partial` file); each cell counts the questions it reached.")
     if _splits(records) != ["all"]:
         lines.append("- Splits: a document's first half of questions (rounded up) are `at compression` (their "

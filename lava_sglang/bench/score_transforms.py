@@ -65,6 +65,9 @@ def run(args: argparse.Namespace, script: str, title: str, variant_names: list[s
     plan at every keep ratio; write and print the table (written by `script`). `variant_names`
     are the names `variants` returns, for the inputs line before the first document. The
     runtime is SmolLM2 in fp32 unless one is given."""
+    for what, values in (("--keep", args.keep), ("variant names", variant_names)):
+        if len(set(values)) != len(values):  # two cells of one name would count each answer twice
+            raise ValueError(f"{what}: a value repeats ({values})")
     torch.manual_seed(0)
     runtime = runtime or ReferenceRuntime.load(dtype=torch.float32)
     tokenizer = runtime.tokenizer

@@ -112,7 +112,7 @@ def _around_init_model_parallel_group(original, group_ranks, local_rank, backend
 
 
 def _before_scheduler_idle(scheduler, *args, **kwargs):
-    """The scheduler has nothing to run (it calls this every idle turn of its loop)."""
+    """The scheduler has nothing to run (it calls this on the idle turns of its loop)."""
     compress_ready_when_idle = getattr(scheduler.tree_cache, "compress_ready_when_idle", None)
     if compress_ready_when_idle is not None:
         compress_ready_when_idle()

@@ -207,7 +207,7 @@ class LavaRadixCache(CompressedRadixCache):
             self._compress_ready_pending()
 
     def compress_ready_when_idle(self) -> None:
-        """The scheduler is idle (`plugin._before_scheduler_idle`, every idle turn): a waiting
+        """The scheduler is idle (`plugin._before_scheduler_idle`, on its idle turns): a waiting
         prefix that became ready with no request released (its --kv-observe-wait passed with no
         branch, or its repetition failed in the thread that sends it, e.g. a chunk aborted while
         queued) is compressed now, not at the next release. Not under tensor parallel: there the

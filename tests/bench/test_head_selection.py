@@ -4,6 +4,7 @@ the plans they give."""
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 from lava_sglang.policy import Reconstruct
@@ -59,3 +60,12 @@ def test_the_model_wide_share_keeps_the_same_tokens_in_every_head(runtime):
     plan = runtime.compress(capture, "lava", 0.3, seen).plan
     kept = {tuple(sorted(head.tolist())) for layer in plan.kept for head in layer}
     assert len(kept) <= 2  # one set, or two where the threshold splits the last token's column
+
+
+def test_a_policy_that_pools_or_budgets_layers_by_entropy_is_refused(monkeypatch):
+    for policy in ("lava:pool_kernel=7", "lava:layer_budget=entropy"):
+        monkeypatch.setattr("sys.argv", ["head_selection.py", "--name", "x", "--policy", policy])
+        with pytest.raises(SystemExit):
+            head_selection.parse_args()
+    monkeypatch.setattr("sys.argv", ["head_selection.py", "--name", "x", "--policy", "kvzip"])
+    assert head_selection.parse_args().policy == "kvzip"

@@ -48,3 +48,10 @@ def test_broad_rows_are_those_keeping_more_than_half_the_prefix():
     lengths = torch.tensor([[10, 60], [51, 50]])  # of a 100-token prefix: 60 and 51 are broad
     heads, rows = score_transforms.broad_share(lengths, 100)
     assert heads == pytest.approx(0.5) and rows == pytest.approx(111 / 171)
+
+
+def test_a_repeated_keep_ratio_is_refused_before_the_model_loads(tmp_path):
+    args = arguments(tmp_path)
+    args.keep = [0.1, 0.1]
+    with pytest.raises(ValueError, match="--keep: a value repeats"):
+        score_transforms.run(args, "test", "Harness", ["a"], lambda runtime, prefix_ids: {}, runtime=None)
