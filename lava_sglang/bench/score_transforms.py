@@ -75,6 +75,9 @@ def run(args: argparse.Namespace, script: str, title: str, variant_names: list[s
     def ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def answered(tokens: list[int]) -> bool:
+        return CODE_PATTERN.search(tokenizer.decode(tokens)) is not None
+
     documents = benchmark_documents("retrieval", args.context, args.questions, lambda text: len(ids(text)),
                                     args.seed, args.facts)
     cells = ["full cache"] + [f"{name}, keep {keep:g}" for name in variant_names for keep in args.keep]
@@ -87,9 +90,6 @@ def run(args: argparse.Namespace, script: str, title: str, variant_names: list[s
               f"{torch.get_num_threads()} threads")
     print(f"inputs: {inputs}")
     started = time.time()
-    def answered(tokens: list[int]) -> bool:
-        return CODE_PATTERN.search(tokenizer.decode(tokens)) is not None
-
     for document in tqdm(documents, desc="documents", unit="document"):
         prefix_ids = ids(prompt_parts(document.text, "")[0])
         capture = runtime.prefill(prefix_ids)

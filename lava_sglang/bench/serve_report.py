@@ -95,7 +95,8 @@ def markdown(result: dict, stem: str) -> str:
         f"{max(work['document_tokens'])} tokens), {work['questions_per_visit']} questions per fork program, "
         f"{work['visits']} programs in {work['order']} order, {work['clients']} concurrent clients, answers of "
         f"at most {work['max_tokens']} tokens (greedy), seed {work['seed']}; "
-        f"--kv-budget {_num(work['budget'], '{:g}')} for every compressing policy; KV pool cap: {work['max_total_tokens'] or 'server default'} tokens; "
+        f"--kv-budget {_num(work['budget'], '{:g}')} for every compressing policy; "
+        f"KV pool cap: {work['max_total_tokens'] or 'server default'} tokens; "
         f"at most {work['max_seconds']:.0f} s of workload per policy.",
         f"- Wall time: {meta['wall_seconds'] / 60:.1f} min (server starts included).",
         "- Server flags per policy: " + "; ".join(
