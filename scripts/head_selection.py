@@ -32,7 +32,7 @@ import torch
 
 from lava_sglang.bench import score_transforms
 from lava_sglang.policy import Reconstruct, make_policy
-from lava_sglang.reference.runtime import Observation, ReferenceRuntime
+from lava_sglang.reference.runtime import Observation, PrefixCapture, ReferenceRuntime
 
 OUT_DIR = Path(__file__).resolve().parents[1] / "docs" / "results" / "reuse" / "head_selection"
 
@@ -93,9 +93,9 @@ def main() -> None:
     names = (["per head", "shared by a layer", "shared by the model"] + [f"floor {floor:g}" for floor in args.floors]
              + [f"cap {cap:g}" for cap in args.caps])
 
-    def variants(runtime: ReferenceRuntime, prefix_ids: list[int]) -> dict[str, score_transforms.Transform]:
+    def variants(runtime: ReferenceRuntime, capture: PrefixCapture) -> dict[str, score_transforms.Transform]:
         window = make_policy(args.policy, window=Reconstruct.kept_window).window  # the plan's, as compress finds it
-        selectable = len(prefix_ids) - window
+        selectable = capture.seq_len - window
         num_kv_heads = runtime.model.config.num_key_value_heads
         transforms = {"per head": lambda observation, keep: observation,
                       "shared by a layer": lambda observation, keep: shared(observation, by_model=False),

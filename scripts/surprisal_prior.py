@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from lava_sglang.bench import score_transforms
-from lava_sglang.reference.runtime import Observation, ReferenceRuntime
+from lava_sglang.reference.runtime import Observation, PrefixCapture, ReferenceRuntime
 
 OUT_DIR = Path(__file__).resolve().parents[1] / "docs" / "results" / "reuse" / "surprisal"
 
@@ -55,8 +55,8 @@ def main() -> None:
     gammas = [0.0, *args.gammas]
     names = [f"gamma {gamma:g}" for gamma in gammas]
 
-    def variants(runtime: ReferenceRuntime, prefix_ids: list[int]) -> dict[str, score_transforms.Transform]:
-        nll = runtime.surprisal(prefix_ids)
+    def variants(runtime: ReferenceRuntime, capture: PrefixCapture) -> dict[str, score_transforms.Transform]:
+        nll = runtime.surprisal(capture.token_ids)
         return {name: (lambda observation, keep, gamma=gamma:
                        observation if gamma == 0 else weighted(observation, nll, gamma))
                 for name, gamma in zip(names, gammas)}

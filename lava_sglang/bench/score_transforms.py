@@ -28,13 +28,23 @@ from lava_sglang.argtypes import keep_ratio, positive_int
 from lava_sglang.bench.documents import CODE_PATTERN, prompt_parts
 from lava_sglang.bench.quality import QualityConfig, benchmark_documents
 from lava_sglang.bench.stats import wilson_interval
-from lava_sglang.reference.runtime import Observation, ReferenceRuntime
+from lava_sglang.policy import make_policy
+from lava_sglang.reference.runtime import Observation, PrefixCapture, ReferenceRuntime
 
 #: observation, keep ratio -> the observation the policy plans from.
 Transform = Callable[[Observation, float], Observation]
-#: The runtime and a document's prefix token ids -> the variants by name, in table order
-#: (made per document, so that a variant can measure the document once).
-Variants = Callable[[ReferenceRuntime, list[int]], dict[str, Transform]]
+#: The runtime and a document's prefill (its token ids, keys and values) -> the variants by
+#: name, in table order (made per document, so that a variant can measure the document once).
+Variants = Callable[[ReferenceRuntime, PrefixCapture], dict[str, Transform]]
+
+
+def policy_spec(text: str) -> str:
+    """A --policy value the registry makes (refused at parse time, before the model loads)."""
+    try:
+        make_policy(text)
+    except ValueError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
+    return text
 
 
 def add_arguments(parser: argparse.ArgumentParser, default_out: Path) -> None:
@@ -46,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser, default_out: Path) -> None:
                         help="facts per document, cycled (default 1 4 8, the benchmark's)")
     parser.add_argument("--seed", type=int, default=0, help="document seed (default 0)")
     parser.add_argument("--keep", type=keep_ratio, nargs="+", default=[0.1, 0.2], help="keep ratios (default 0.1 0.2)")
-    parser.add_argument("--policy", default="lava", help="policy or spec (default lava)")
+    parser.add_argument("--policy", type=policy_spec, default="lava", help="policy or spec (default lava)")
     parser.add_argument("--name", required=True, help="output file stem")
     parser.add_argument("--out", type=Path, default=default_out, help=f"output folder (default {default_out})")
 
@@ -94,7 +104,7 @@ def run(args: argparse.Namespace, script: str, title: str, variant_names: list[s
         prefix_ids = ids(prompt_parts(document.text, "")[0])
         capture = runtime.prefill(prefix_ids)
         observation = runtime.observe(capture, "reconstruct")
-        transforms = variants(runtime, prefix_ids)
+        transforms = variants(runtime, capture)
         if list(transforms) != variant_names:
             raise ValueError(f"variants {list(transforms)} are not the announced {variant_names}")
         prefixes = [runtime.compress(capture, "full", 1.0)]

@@ -21,8 +21,9 @@ def arguments(out):
 def test_every_variant_plans_at_every_keep_ratio_and_the_table_is_written(runtime, tmp_path):
     calls = []
 
-    def variants(runtime, prefix_ids):
+    def variants(runtime, capture):
         def record(observation, keep):
+            assert observation.token_ids == capture.token_ids  # the document's own prefill
             calls.append(keep)
             return observation
         return {"as observed": record}
@@ -41,7 +42,7 @@ def test_every_variant_plans_at_every_keep_ratio_and_the_table_is_written(runtim
 def test_variants_other_than_the_announced_ones_are_refused(runtime, tmp_path):
     with pytest.raises(ValueError, match="not the announced"):
         score_transforms.run(arguments(tmp_path), "test", "Harness", ["a"],
-                             lambda runtime, prefix_ids: {"b": lambda observation, keep: observation}, runtime)
+                             lambda runtime, capture: {"b": lambda observation, keep: observation}, runtime)
 
 
 def test_broad_rows_are_those_keeping_more_than_half_the_prefix():
@@ -54,4 +55,12 @@ def test_a_repeated_keep_ratio_is_refused_before_the_model_loads(tmp_path):
     args = arguments(tmp_path)
     args.keep = [0.1, 0.1]
     with pytest.raises(ValueError, match="--keep: a value repeats"):
-        score_transforms.run(args, "test", "Harness", ["a"], lambda runtime, prefix_ids: {}, runtime=None)
+        score_transforms.run(args, "test", "Harness", ["a"], lambda runtime, capture: {}, runtime=None)
+
+
+def test_a_policy_the_registry_cannot_make_is_refused_at_parse_time(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    score_transforms.add_arguments(parser, tmp_path)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["--name", "x", "--policy", "lava:layer_budget=bogus"])
+    assert "layer_budget must be one of" in capsys.readouterr().err

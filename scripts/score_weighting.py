@@ -1,0 +1,85 @@
+"""How a token's repetition attention becomes its score: the query heads of a KV head's group
+combined by their mean instead of their largest value, and the attention weighted by the
+size of the token's value.
+
+The default `lava` plan scores prefix token t of KV head h by the largest repetition attention
+any query of any query head of h's group pays it (KVzip's score, docs/kvzip.md), and keeps the
+best scores over every layer and KV head. Two changes to that score, one at a time:
+
+- `group mean`: the mean over the group's query heads, not the largest: a token one query head
+  needs and the others ignore ranks lower;
+- `x value norm`: the attention times the L1 norm of t's value in h, a_t * |v_t| (the size of
+  what t adds to the head's output; LAVa scales a whole head by its largest value norm, which
+  `--kv-policy lava:value_norm=true` measures, docs/allocation.md);
+- `x value norm / head mean`: the same divided by the head's mean value norm, so that only the
+  ranking within a head changes, not how the threshold shares the budget between heads.
+
+    python scripts/score_weighting.py --context 1024 --name 1k_seed0
+
+The harness is `lava_sglang.bench.score_transforms`. Writes <out>/<name>.json and
+<out>/<name>.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import torch
+
+from lava_sglang.bench import score_transforms
+from lava_sglang.policy import make_policy
+from lava_sglang.reference.runtime import Observation, PrefixCapture, ReferenceRuntime
+
+OUT_DIR = Path(__file__).resolve().parents[1] / "docs" / "results" / "reuse" / "score_weighting"
+VARIANTS = ["max (the default)", "group mean", "x value norm", "x value norm / head mean"]
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    score_transforms.add_arguments(parser, OUT_DIR)
+    args = parser.parse_args()
+    if getattr(make_policy(args.policy), "value_norm", False):  # its head scale would weight the values twice
+        parser.error(f"--policy {args.policy}: the value weights replace LAVa's value norm; use value_norm=false")
+    return args
+
+
+def group_mean(observation: Observation, num_kv_heads: int) -> Observation:
+    """Every query head of a group scores token t by the group's mean attention on t."""
+    changed = []
+    for attention in observation.repeat_attention:
+        grouped = attention.float().view(num_kv_heads, -1, attention.shape[1])  # [Hkv, G, n]
+        changed.append(grouped.mean(1, keepdim=True).expand_as(grouped).reshape(attention.shape))
+    return Observation(observation.source, token_ids=observation.token_ids, repeat_attention=changed)
+
+
+def value_weighted(observation: Observation, values: list[torch.Tensor], per_head_mean: bool) -> Observation:
+    """Each query head's attention on t times the L1 norm of t's value in its KV head
+    (values[layer]: [Hkv, n, d]); with per_head_mean, divided by that head's mean norm."""
+    changed = []
+    for attention, layer_values in zip(observation.repeat_attention, values):
+        norms = layer_values.float().abs().sum(-1)  # [Hkv, n]
+        if per_head_mean:
+            norms = norms / norms.mean(-1, keepdim=True)
+        grouped = attention.float().view(norms.shape[0], -1, attention.shape[1])  # [Hkv, G, n]
+        changed.append((grouped * norms[:, None]).reshape(attention.shape))
+    return Observation(observation.source, token_ids=observation.token_ids, repeat_attention=changed)
+
+
+def main() -> None:
+    args = parse_args()
+
+    def variants(runtime: ReferenceRuntime, capture: PrefixCapture) -> dict[str, score_transforms.Transform]:
+        num_kv_heads = runtime.model.config.num_key_value_heads
+        return dict(zip(VARIANTS, [
+            lambda observation, keep: observation,
+            lambda observation, keep: group_mean(observation, num_kv_heads),
+            lambda observation, keep: value_weighted(observation, capture.values, per_head_mean=False),
+            lambda observation, keep: value_weighted(observation, capture.values, per_head_mean=True),
+        ]))
+
+    score_transforms.run(args, "score_weighting.py", "Score weighting", VARIANTS, variants)
+
+
+if __name__ == "__main__":
+    main()
