@@ -12,7 +12,10 @@ best scores over every layer and KV head. Two changes to that score, one at a ti
   what t adds to the head's output; LAVa scales a whole head by its largest value norm, which
   `--kv-policy lava:value_norm=true` measures, docs/allocation.md);
 - `x value norm / head mean`: the same divided by the head's mean value norm, so that only the
-  ranking within a head changes, not how the threshold shares the budget between heads.
+  ranking within a head changes, not how the threshold shares the budget between heads;
+- `numbers kept whole`: every digit of a number (a run of single-digit tokens, as SmolLM2's
+  tokenizer splits numbers) scored by the run's largest score, per query head, so a head
+  keeps a number whole or not at all (a code with one digit evicted is a wrong code).
 
     python scripts/score_weighting.py --context 1024 --name 1k_seed0
 
@@ -32,7 +35,7 @@ from lava_sglang.policy import make_policy
 from lava_sglang.reference.runtime import Observation, PrefixCapture, ReferenceRuntime
 
 OUT_DIR = Path(__file__).resolve().parents[1] / "docs" / "results" / "reuse" / "score_weighting"
-VARIANTS = ["max (the default)", "group mean", "x value norm", "x value norm / head mean"]
+VARIANTS = ["max (the default)", "group mean", "x value norm", "x value norm / head mean", "numbers kept whole"]
 
 
 def parse_args() -> argparse.Namespace:
@@ -66,16 +69,41 @@ def value_weighted(observation: Observation, values: list[torch.Tensor], per_hea
     return Observation(observation.source, token_ids=observation.token_ids, repeat_attention=changed)
 
 
+def digit_runs(tokens: list[str]) -> list[tuple[int, int]]:
+    """The [start, end) spans of consecutive tokens that are each one digit."""
+    runs, start = [], None
+    for index, token in enumerate(tokens + [""]):
+        if len(token) == 1 and token.isdigit():
+            start = index if start is None else start
+        elif start is not None:
+            runs.append((start, index))
+            start = None
+    return runs
+
+
+def whole_spans(observation: Observation, spans: list[tuple[int, int]]) -> Observation:
+    """Every token of each span scored by the span's largest score, per query head."""
+    changed = []
+    for attention in observation.repeat_attention:
+        attention = attention.float().clone()
+        for start, end in spans:
+            attention[:, start:end] = attention[:, start:end].amax(1, keepdim=True)
+        changed.append(attention)
+    return Observation(observation.source, token_ids=observation.token_ids, repeat_attention=changed)
+
+
 def main() -> None:
     args = parse_args()
 
     def variants(runtime: ReferenceRuntime, capture: PrefixCapture) -> dict[str, score_transforms.Transform]:
         num_kv_heads = runtime.model.config.num_key_value_heads
+        numbers = digit_runs([runtime.tokenizer.decode([token]) for token in capture.token_ids])
         return dict(zip(VARIANTS, [
             lambda observation, keep: observation,
             lambda observation, keep: group_mean(observation, num_kv_heads),
             lambda observation, keep: value_weighted(observation, capture.values, per_head_mean=False),
             lambda observation, keep: value_weighted(observation, capture.values, per_head_mean=True),
+            lambda observation, keep: whole_spans(observation, numbers),
         ]))
 
     score_transforms.run(args, "score_weighting.py", "Score weighting", VARIANTS, variants)

@@ -8,8 +8,8 @@ from it, and the benchmark's questions are answered from every plan and from the
 The documents, questions, answer cap and correctness test are `lava-sglang bench quality`'s.
 Beside the answers, how the plans spread the budget: the share of (layer, KV head) rows that
 keep more than half the prefix, and the share of all kept rows those hold (means over the
-documents). Writes <out>/<name>.json (the counts and shares) and <out>/<name>.md (the table,
-with 95% Wilson intervals).
+documents), and how the wrong answers are wrong (`answer_kind`). Writes <out>/<name>.json (the
+counts and shares) and <out>/<name>.md (the table, with 95% Wilson intervals).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -61,6 +62,21 @@ def add_arguments(parser: argparse.ArgumentParser, default_out: Path) -> None:
     parser.add_argument("--out", type=Path, default=default_out, help=f"output folder (default {default_out})")
 
 
+#: How a retrieval answer is wrong, in table order (`answer_kind`).
+WRONG_KINDS = ("another planted code", "another number", "no number")
+
+
+def answer_kind(text: str, answer: str, planted: set[str]) -> str:
+    """"right" if `text` holds the question's code; else whether it holds another of the
+    document's `planted` codes (the wrong fact), some other number (a code garbled or made
+    up), or no number at all."""
+    if answer in text:
+        return "right"
+    if planted & set(CODE_PATTERN.findall(text)):
+        return "another planted code"
+    return "another number" if re.search(r"\d", text) else "no number"
+
+
 def broad_share(lengths: torch.Tensor, prefix_len: int) -> tuple[float, float]:
     """Of a plan's kept rows per (layer, KV head) `lengths` [L, Hkv]: the share of the rows
     that keep more than half of `prefix_len` tokens, and the share of all kept rows they hold."""
@@ -92,6 +108,7 @@ def run(args: argparse.Namespace, script: str, title: str, variant_names: list[s
                                     args.seed, args.facts)
     cells = ["full cache"] + [f"{name}, keep {keep:g}" for name in variant_names for keep in args.keep]
     right = dict.fromkeys(cells, 0)
+    wrong = {cell: dict.fromkeys(WRONG_KINDS, 0) for cell in cells}
     broad_heads = dict.fromkeys(cells, 0.0)
     broad_rows = dict.fromkeys(cells, 0.0)
     inputs = (f"{len(documents)} documents of {args.context} tokens, facts {args.facts} cycled, seed {args.seed}, "
@@ -115,23 +132,30 @@ def run(args: argparse.Namespace, script: str, title: str, variant_names: list[s
             heads, rows = broad_share(prefix.lengths, len(prefix_ids))
             broad_heads[cell] += heads / len(documents)
             broad_rows[cell] += rows / len(documents)
+        planted = set(CODE_PATTERN.findall(document.text))
         for question in document.questions:
             suffix = ids(prompt_parts(document.text, question.text)[1])
             answers = runtime.generate(prefixes, suffix, QualityConfig.retrieval_answer_tokens, stop_when=answered)
             for cell, answer in zip(cells, answers):
-                right[cell] += question.answer in tokenizer.decode(answer)
+                kind = answer_kind(tokenizer.decode(answer), question.answer, planted)
+                if kind == "right":
+                    right[cell] += 1
+                else:
+                    wrong[cell][kind] += 1
     result = {"inputs": inputs, "args": {**vars(args), "out": str(args.out)}, "questions": args.questions,
-              "right": right, "broad_heads": broad_heads, "broad_rows": broad_rows,
+              "right": right, "wrong": wrong, "broad_heads": broad_heads, "broad_rows": broad_rows,
               "wall_seconds": round(time.time() - started)}
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
     lines = [f"# {title}: {args.name}", "", f"inputs: {inputs}", "",
-             "| cell | right | of | 95% interval | rows keeping > half the prefix | their share of kept rows |",
-             "|---|---:|---:|---|---:|---:|"]
+             "| cell | right | of | 95% interval | wrong: " + " / ".join(WRONG_KINDS)
+             + " | rows keeping > half the prefix | their share of kept rows |",
+             "|---|---:|---:|---|---|---:|---:|"]
     for cell, count in right.items():
         low, high = wilson_interval(count, args.questions)
-        lines.append(f"| {cell} | {count} | {args.questions} | [{low:.2f}, {high:.2f}] | {broad_heads[cell]:.1%} | "
-                     f"{broad_rows[cell]:.1%} |")
+        kinds = " / ".join(str(wrong[cell][kind]) for kind in WRONG_KINDS)
+        lines.append(f"| {cell} | {count} | {args.questions} | [{low:.2f}, {high:.2f}] | {kinds} | "
+                     f"{broad_heads[cell]:.1%} | {broad_rows[cell]:.1%} |")
     lines += ["", f"Written by `{script}` in {result['wall_seconds']} s."]
     (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))

@@ -34,6 +34,8 @@ def test_every_variant_plans_at_every_keep_ratio_and_the_table_is_written(runtim
     # keep 1.0 keeps every row: it answers as the full cache does
     assert result["right"]["as observed, keep 1"] == result["right"]["full cache"]
     assert json.loads((tmp_path / "one.json").read_text())["right"] == result["right"]
+    for cell, count in result["right"].items():  # every answer is right or wrong in one way
+        assert count + sum(result["wrong"][cell].values()) == 1
     assert result["broad_heads"]["full cache"] == result["broad_rows"]["full cache"] == 1.0
     table = (tmp_path / "one.md").read_text()
     assert "| as observed, keep 0.2 |" in table and "Written by `test`" in table
@@ -64,3 +66,16 @@ def test_a_policy_the_registry_cannot_make_is_refused_at_parse_time(tmp_path, ca
     with pytest.raises(SystemExit):
         parser.parse_args(["--name", "x", "--policy", "lava:layer_budget=bogus"])
     assert "layer_budget must be one of" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("text, kind", [
+    ("The special code for amber harbor is 4995829.", "right"),
+    ("The code is 4995829 or 1234567", "right"),
+    ("The special code for amber harbor is 7442110", "another planted code"),
+    ("The special code for amber harbor is 943217.", "another number"),
+    ("It is 74421109", "another planted code"),  # a planted code inside a longer number
+    ("1.  **Pinecarvillage**: the name", "another number"),
+    ("The special code for amber harbor is \"finally\".", "no number"),
+])
+def test_an_answer_is_right_or_wrong_in_one_of_three_ways(text, kind):
+    assert score_transforms.answer_kind(text, "4995829", {"4995829", "7442110"}) == kind

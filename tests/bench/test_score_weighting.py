@@ -42,3 +42,18 @@ def test_value_weighting_scales_each_token_by_its_values_l1_norm_in_its_kv_head(
     relative = score_weighting.value_weighted(observation(), [values], per_head_mean=True).repeat_attention[0]
     head_means = torch.tensor([13 / 6, 2.0]).repeat_interleave(2)[:, None]
     assert torch.allclose(relative, raw / head_means)
+
+
+def test_digit_runs_are_the_spans_of_single_digit_tokens():
+    tokens = ["The", " code", " is", " ", "4", "9", "9", ".", " In", " ", "2", "0", ",", "x", "7", "12"]
+    assert score_weighting.digit_runs(tokens) == [(4, 7), (10, 12), (14, 15)]  # "12" is not one digit
+    assert score_weighting.digit_runs(["1", "2"]) == [(0, 2)]  # a run that ends the prefix
+
+
+def test_whole_spans_score_every_token_of_a_span_by_its_largest_score_per_query_head():
+    changed = score_weighting.whole_spans(observation(), [(0, 2)]).repeat_attention[0]
+    expected = torch.tensor([[0.5, 0.5, 0.2],
+                             [0.3, 0.3, 0.0],
+                             [0.4, 0.4, 0.6],
+                             [0.2, 0.2, 0.2]])
+    assert torch.equal(changed, expected)
