@@ -26,6 +26,7 @@ The harness is `lava_sglang.bench.score_transforms`. Writes <out>/<name>.json an
 from __future__ import annotations
 
 import argparse
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -67,9 +68,8 @@ def shared(observation: Observation, by_model: bool) -> Observation:
     if by_model:
         model_max = torch.stack(token_max).amax(0)
         token_max = [model_max] * len(token_max)
-    return Observation(observation.source, token_ids=observation.token_ids,
-                       repeat_attention=[best[None].expand_as(attention).clone()
-                                         for best, attention in zip(token_max, observation.repeat_attention)])
+    return dataclasses.replace(observation, repeat_attention=[
+        best[None].expand_as(attention).clone() for best, attention in zip(token_max, observation.repeat_attention)])
 
 
 def bounded(observation: Observation, num_kv_heads: int, selectable: int, floor: int = 0,
@@ -85,7 +85,7 @@ def bounded(observation: Observation, num_kv_heads: int, selectable: int, floor:
             grouped.scatter_(2, order[:, None, cap:].expand(-1, grouped.shape[1], -1), 0.0)
         grouped.scatter_(2, order[:, None, :floor].expand(-1, grouped.shape[1], -1), torch.inf)
         changed.append(grouped.view_as(attention))
-    return Observation(observation.source, token_ids=observation.token_ids, repeat_attention=changed)
+    return dataclasses.replace(observation, repeat_attention=changed)
 
 
 def main() -> None:

@@ -20,6 +20,7 @@ and the server does not compute (SGLang's extend keeps the last token's). Writes
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 from pathlib import Path
 
@@ -45,9 +46,8 @@ def parse_args() -> argparse.Namespace:
 def weighted(observation: Observation, nll: torch.Tensor, gamma: float) -> Observation:
     """The observation with each token's repetition attention times (nll / mean nll) ** gamma."""
     weight = (nll.clamp_min(1e-3) / nll[1:].mean()) ** gamma
-    return Observation(observation.source, token_ids=observation.token_ids,
-                       repeat_attention=[attention * weight[None, :attention.shape[1]].to(attention)
-                                         for attention in observation.repeat_attention])
+    return dataclasses.replace(observation, repeat_attention=[
+        attention * weight[None, :attention.shape[1]].to(attention) for attention in observation.repeat_attention])
 
 
 def main() -> None:

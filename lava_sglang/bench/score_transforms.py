@@ -1,6 +1,7 @@
 """The retrieval benchmark's answers from repetition scores changed before the plan: the
 harness of the scripts that try a change to the default's scores and measure it
-(`scripts/surprisal_prior.py`, `scripts/head_selection.py`; docs/allocation.md).
+(`scripts/surprisal_prior.py`, `scripts/head_selection.py`, `scripts/score_weighting.py`;
+docs/allocation.md).
 
 Each document is prefilled and scored by its repetition once (the reference runtime, fp32);
 every variant turns that observation into another one for each keep ratio, the policy plans
@@ -63,18 +64,21 @@ def add_arguments(parser: argparse.ArgumentParser, default_out: Path) -> None:
 
 
 #: How a retrieval answer is wrong, in table order (`answer_kind`).
-WRONG_KINDS = ("another planted code", "another number", "no number")
+WRONG_KINDS = ("another planted code", "another code", "fewer digits", "no digits")
 
 
 def answer_kind(text: str, answer: str, planted: set[str]) -> str:
-    """"right" if `text` holds the question's code; else whether it holds another of the
-    document's `planted` codes (the wrong fact), some other number (a code garbled or made
-    up), or no number at all."""
+    """"right" if `text` holds the question's code; else, tested in this order, whether it
+    holds another of the document's `planted` codes (the wrong fact), another run of
+    CODE_DIGITS digits (a code the document does not hold: garbled or made up), some digits
+    but no such run (a shorter number, a list's "1."), or no digit at all."""
     if answer in text:
         return "right"
-    if planted & set(CODE_PATTERN.findall(text)):
+    if any(code in text for code in planted):
         return "another planted code"
-    return "another number" if re.search(r"\d", text) else "no number"
+    if CODE_PATTERN.search(text):
+        return "another code"
+    return "fewer digits" if re.search(r"\d", text) else "no digits"
 
 
 def broad_share(lengths: torch.Tensor, prefix_len: int) -> tuple[float, float]:
@@ -132,7 +136,7 @@ def run(args: argparse.Namespace, script: str, title: str, variant_names: list[s
             heads, rows = broad_share(prefix.lengths, len(prefix_ids))
             broad_heads[cell] += heads / len(documents)
             broad_rows[cell] += rows / len(documents)
-        planted = set(CODE_PATTERN.findall(document.text))
+        planted = {question.answer for question in document.questions}  # a question per fact
         for question in document.questions:
             suffix = ids(prompt_parts(document.text, question.text)[1])
             answers = runtime.generate(prefixes, suffix, QualityConfig.retrieval_answer_tokens, stop_when=answered)

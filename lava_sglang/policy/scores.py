@@ -77,9 +77,14 @@ def pool_scores(scores: torch.Tensor, kernel: int) -> torch.Tensor:
     return F.max_pool1d(scores.unsqueeze(0), kernel_size=kernel, stride=1, padding=kernel // 2).squeeze(0)
 
 
+def value_l1_norms(values: torch.Tensor) -> torch.Tensor:
+    """The L1 norm of every value, fp32 ([Hkv, n, d] -> [Hkv, n])."""
+    return values.float().abs().sum(dim=-1)
+
+
 def value_norm_scale(values: torch.Tensor, prefix_len: int) -> torch.Tensor:
     """vbar[h] = max over prefix tokens of the L1 norm of V[h, j] ([Hkv, n, d] -> [Hkv])."""
-    return values[:, :prefix_len].float().abs().sum(dim=-1).amax(dim=-1)
+    return value_l1_norms(values[:, :prefix_len]).amax(dim=-1)
 
 
 def layer_entropy(scores: torch.Tensor) -> float:

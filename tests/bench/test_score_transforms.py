@@ -72,10 +72,11 @@ def test_a_policy_the_registry_cannot_make_is_refused_at_parse_time(tmp_path, ca
     ("The special code for amber harbor is 4995829.", "right"),
     ("The code is 4995829 or 1234567", "right"),
     ("The special code for amber harbor is 7442110", "another planted code"),
-    ("The special code for amber harbor is 943217.", "another number"),
-    ("It is 74421109", "another planted code"),  # a planted code inside a longer number
-    ("1.  **Pinecarvillage**: the name", "another number"),
-    ("The special code for amber harbor is \"finally\".", "no number"),
+    ("It is 17442110", "another planted code"),  # inside a longer number, as "right" is tested
+    ("The special code for amber harbor is 9000000", "another code"),
+    ("The special code for amber harbor is 943217.", "fewer digits"),
+    ("1.  **Pinecarvillage**: the name", "fewer digits"),
+    ("The special code for amber harbor is \"finally\".", "no digits"),
 ])
-def test_an_answer_is_right_or_wrong_in_one_of_three_ways(text, kind):
+def test_an_answer_is_right_or_wrong_in_one_of_four_ways(text, kind):
     assert score_transforms.answer_kind(text, "4995829", {"4995829", "7442110"}) == kind

@@ -3,6 +3,7 @@
 import importlib.util
 from pathlib import Path
 
+import pytest
 import torch
 
 from lava_sglang.policy import Reconstruct
@@ -48,12 +49,22 @@ def test_digit_runs_are_the_spans_of_single_digit_tokens():
     tokens = ["The", " code", " is", " ", "4", "9", "9", ".", " In", " ", "2", "0", ",", "x", "7", "12"]
     assert score_weighting.digit_runs(tokens) == [(4, 7), (10, 12), (14, 15)]  # "12" is not one digit
     assert score_weighting.digit_runs(["1", "2"]) == [(0, 2)]  # a run that ends the prefix
+    assert score_weighting.digit_runs(["³", "4", "²"]) == [(1, 2)]  # str.isdigit takes "³" and "²"
+
+
+def test_a_policy_that_scales_by_value_norm_is_refused(monkeypatch, capsys):
+    monkeypatch.setattr("sys.argv", ["score_weighting.py", "--name", "x", "--policy", "lava:value_norm=true"])
+    with pytest.raises(SystemExit):
+        score_weighting.parse_args()
+    assert "use value_norm=false" in capsys.readouterr().err
 
 
 def test_whole_spans_score_every_token_of_a_span_by_its_largest_score_per_query_head():
-    changed = score_weighting.whole_spans(observation(), [(0, 2)]).repeat_attention[0]
+    seen = observation()
+    changed = score_weighting.whole_spans(seen, [(0, 2)]).repeat_attention[0]
     expected = torch.tensor([[0.5, 0.5, 0.2],
                              [0.3, 0.3, 0.0],
                              [0.4, 0.4, 0.6],
                              [0.2, 0.2, 0.2]])
     assert torch.equal(changed, expected)
+    assert torch.equal(seen.repeat_attention[0], torch.tensor(LAYER))  # not changed

@@ -3,26 +3,44 @@
 from __future__ import annotations
 
 import pkgutil
+from types import SimpleNamespace
 
-from lava_sglang.sglang_plugin import touchpoints
-
-
-def hook_targets() -> dict[str, str]:
-    """Every dotted SGLang path touchpoints.py names, by constant name."""
-    return {name: value for name, value in vars(touchpoints).items()
-            if name.isupper() and isinstance(value, str) and value.startswith("sglang.")}
+from lava_sglang.sglang_plugin import plugin, touchpoints
 
 
-def test_every_hook_target_resolves_as_sglangs_hook_registry_resolves_it():
+class RecordingRegistry:
+    """Stands for SGLang's HookRegistry: records the targets hooks are registered on."""
+
+    targets: list[str] = []
+
+    @classmethod
+    def register(cls, target, hook, hook_type):
+        cls.targets.append(target)
+
+
+def registered_targets(monkeypatch) -> list[str]:
+    """The hook targets plugin.register() registers in a server's process (the flags enabled)."""
+    RecordingRegistry.targets = []
+    monkeypatch.setattr(plugin, "_registered", False)
+    monkeypatch.setattr(touchpoints, "register_radix_cache_backend", lambda name, factory: None)
+    monkeypatch.setattr(touchpoints, "hook_registry", lambda: (RecordingRegistry, SimpleNamespace(
+        BEFORE="before", AFTER="after", AROUND="around")))
+    monkeypatch.setattr(touchpoints, "attention_backends", lambda: {name: None for name in
+                                                                     plugin.SUPPORTED_ATTENTION_BACKENDS})
+    monkeypatch.setattr(plugin.KvPolicyConfig, "from_env", classmethod(lambda cls: SimpleNamespace(enabled=True)))
+    plugin.register()
+    return RecordingRegistry.targets
+
+
+def test_every_hook_target_resolves_as_sglangs_hook_registry_resolves_it(monkeypatch):
     """HookRegistry.apply_hooks only logs a target it cannot resolve and starts the server
     without that hook (the idle compression, request validation, /server_info would be
     silently gone): an upgrade that moves one must fail here."""
-    targets = hook_targets()
-    assert {"ADD_CLI_ARGS", "FROM_CLI_ARGS", "VALIDATE_REQUEST", "PARALLEL_GROUP", "SCHEDULER_IDLE",
-            "INTERNAL_STATE"} <= set(targets)
+    targets = registered_targets(monkeypatch)
+    assert touchpoints.SCHEDULER_IDLE in targets and len(targets) == len(set(targets)) >= 6
     unresolved = []
-    for name, target in targets.items():
+    for target in targets:
         owner_path, attribute = target.rsplit(".", 1)  # as HookRegistry._apply_target splits it
         if not callable(getattr(pkgutil.resolve_name(owner_path), attribute, None)):
-            unresolved.append(name)
+            unresolved.append(target)
     assert unresolved == []
