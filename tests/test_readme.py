@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 from lava_sglang.cli import build_parser
-from lava_sglang.sglang_plugin.config import FLAGS, FORK, RECONSTRUCT, SHARED, TAIL, default_window
+from lava_sglang.sglang_plugin.config import FLAGS, FORK, RECONSTRUCT, SHARED, TAIL, KvPolicyConfig, default_window
 
 REPO = Path(__file__).resolve().parents[1]
 README = (REPO / "README.md").read_text()
@@ -43,7 +43,7 @@ def test_every_server_flag_is_in_the_readme_table_with_its_default(dest):
     assert len(rows) == 1, f"{flag}: {len(rows)} rows in README.md's flag table"
     documented_default = rows[0].split("|")[2].strip().strip("`")
     # None: each policy's own value, or for the window the source's
-    unset = {"kv_pool_kernel": "the policy's",
+    unset = {"kv_pool_kernel": "the policy's", "kv_alpha": f"{KvPolicyConfig.alpha}`, or the spec's `alpha=",
              "kv_window": f"{default_window(RECONSTRUCT, (FORK,))}` under `{RECONSTRUCT}` without `{SHARED}`, else "
                           f"`{default_window(TAIL, (FORK,))}"}
     expected = unset[dest] if default is None else default

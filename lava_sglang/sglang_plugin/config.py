@@ -161,7 +161,8 @@ FLAGS = {
     "kv_min_prefix": ("--kv-min-prefix", str(DEFAULT_MIN_PREFIX),
                       "Do not compress prefixes shorter than this many tokens (must exceed --kv-window). "
                       f"Default {DEFAULT_MIN_PREFIX}."),
-    "kv_alpha": ("--kv-alpha", "0.2", "LAVa's layer-budget strength alpha in [0, 1]. Default 0.2."),
+    "kv_alpha": ("--kv-alpha", None, f"LAVa's layer-budget strength alpha in [0, 1]; an alpha= in the --kv-policy "
+                 f"spec must equal it. Default {KvPolicyConfig.alpha}, or the spec's."),
     "kv_pool_kernel": ("--kv-pool-kernel", None, "Width of the score pooling (odd int >= 1). Default: the "
                        "policy's own (lava and kvzip 1, no pooling; snapkv, ada_snapkv, pyramidkv 7)."),
     "kv_compress_on": ("--kv-compress-on", FORK,
@@ -254,8 +255,8 @@ def from_namespace(args: argparse.Namespace) -> KvPolicyConfig:
     policy = str(args.kv_policy)
     if policy.partition(":")[0] not in KV_POLICIES or policy.startswith(f"{NONE}:"):
         raise ConfigError(f"--kv-policy must be one of {', '.join(KV_POLICIES)}, got {policy!r}")
-    alpha = _float(args.kv_alpha)
-    if not 0.0 <= alpha <= 1.0:
+    alpha = None if args.kv_alpha is None else _float(args.kv_alpha)  # None: not given
+    if alpha is not None and not 0.0 <= alpha <= 1.0:
         raise ConfigError(f"--kv-alpha must be a float in [0, 1], got {args.kv_alpha!r}")
     pool_kernel = None if args.kv_pool_kernel is None else _int("--kv-pool-kernel", args.kv_pool_kernel, 1)
     if pool_kernel is not None and pool_kernel % 2 == 0:
@@ -284,7 +285,8 @@ def from_namespace(args: argparse.Namespace) -> KvPolicyConfig:
     if observe_prompt not in OBSERVE_PROMPTS:
         raise ConfigError(f"--kv-observe-prompt must be one of {', '.join(OBSERVE_PROMPTS)}, got {observe_prompt!r}")
     config = KvPolicyConfig(policy=policy, budget=parse_budget(args.kv_budget), window=window,
-                            min_prefix=min_prefix, alpha=alpha, pool_kernel=pool_kernel, compress_on=triggers,
+                            min_prefix=min_prefix, alpha=KvPolicyConfig.alpha if alpha is None else alpha,
+                            pool_kernel=pool_kernel, compress_on=triggers,
                             observe=observe, observe_wait=observe_wait, observe_chunk=observe_chunk,
                             observe_normalize=observe_normalize, observe_view=observe_view,
                             observe_prompt=observe_prompt)
@@ -302,13 +304,12 @@ def from_namespace(args: argparse.Namespace) -> KvPolicyConfig:
         if policy_object.window != window:  # the radix cache and the repetition read --kv-window too
             raise ConfigError(f"--kv-policy {policy}: set the window with --kv-window, not in the policy's options")
         # A spec's option wins over its flag: refuse two values given, and report the one in effect.
-        given = (("--kv-pool-kernel", "pool_kernel", pool_kernel),
-                 ("--kv-alpha", "alpha", None if alpha == KvPolicyConfig.alpha else alpha))
+        given = (("--kv-pool-kernel", "pool_kernel", pool_kernel), ("--kv-alpha", "alpha", alpha))
         for flag, name, value in given:
             if value is not None and getattr(policy_object, name, value) != value:
                 raise ConfigError(f"--kv-policy {policy}: its {name} differs from {flag} {value}; set it in one place")
         config = dataclasses.replace(config, pool_kernel=getattr(policy_object, "pool_kernel", pool_kernel),
-                                     alpha=getattr(policy_object, "alpha", alpha))
+                                     alpha=getattr(policy_object, "alpha", config.alpha))
         try:
             policy_object.check_source(observe)
         except ValueError as error:

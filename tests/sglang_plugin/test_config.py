@@ -73,6 +73,7 @@ def test_a_window_in_the_policy_spec_must_be_the_flags():
 
 @pytest.mark.parametrize("spec, flag, value", [("lava:pool_kernel=7", "--kv-pool-kernel", "3"),
                                                ("lava:alpha=0.5", "--kv-alpha", "0.3"),
+                                               ("lava:alpha=0.5", "--kv-alpha", "0.2"),  # the default, given
                                                ("ada_snapkv:alpha=0.5", "--kv-alpha", "0.3")])
 def test_a_policy_option_and_its_flag_given_two_values_are_refused(spec, flag, value):
     # The spec's option would win while /server_info reported the flag's value.

@@ -88,7 +88,9 @@ def test_patch_declares_the_fields_like_the_plugin():
     assert (f'window = {default_window(RECONSTRUCT, (FORK,))} if cfg.kv_observe == "{RECONSTRUCT}" and '
             f'"{SHARED}" not in triggers else {default_window(TAIL, (FORK,))}') in hook
     assert 'declare_resolution(server_args, "handle_kv_policy", kv_window=window)' in hook
-    assert (defaults["kv_alpha"], defaults["kv_pool_kernel"]) == (expected.alpha, expected.pool_kernel)
+    # --kv-alpha and --kv-pool-kernel: None when not given, so that a spec's own value is not taken for a flag's.
+    assert (defaults["kv_alpha"], defaults["kv_pool_kernel"]) == (None, expected.pool_kernel)
+    assert "cfg.kv_alpha is not None and" in hook
     assert parse_triggers(defaults["kv_compress_on"]) == expected.compress_on
     assert (defaults["kv_observe"], defaults["kv_observe_wait"]) == (expected.observe, expected.observe_wait)
     assert (defaults["kv_observe_chunk"], defaults["kv_observe_normalize"]) == (expected.observe_chunk,
