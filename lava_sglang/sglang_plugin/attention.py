@@ -156,7 +156,7 @@ class CompressedPrefixPath:
         num_q_heads, num_kv_heads, head_dim = layer.tp_q_head_num, layer.tp_k_head_num, layer.qk_head_dim
         queries = q.reshape(-1, num_q_heads, head_dim)
         use_kernels = self._kernels_for(queries)
-        decode = max(extend_lens) == 1  # one new token per request, already in the pool
+        decode = is_decode(extend_lens)
         views = self._repetition_views(forward_batch, prefix_lens, extend_lens) if self._repeating else []
         viewed = any(view is not None for view in views)  # a repetition piece reads part of its row
         if use_kernels and not viewed:
@@ -352,7 +352,7 @@ class CompressedPrefixBatch:
             from lava_sglang.kernels.pool_prefix_attention import PoolPrefixAttention
 
             device = kv_pool.k_buffer[0].device
-            decode = max(extend_lens) == 1
+            decode = is_decode(extend_lens)
             # Split-K for decode only: an extend's partial states would be max_splits x its output.
             self.kernel = PoolPrefixAttention(kv_pool.k_buffer, kv_pool.v_buffer, num_q_heads=num_q_heads,
                                               max_splits=POOL_DECODE_SPLITS if decode else 1, sm_scale=scaling)
@@ -399,6 +399,11 @@ class CompressedPrefixBatch:
             out.index_copy_(0, tokens, entry_out.view(len(tokens), num_q_heads, head_dim))
             lse.index_copy_(0, tokens, entry_lse.view(len(tokens), num_q_heads))
         return out, lse
+
+
+def is_decode(extend_lens: list[int]) -> bool:
+    """Whether a batch is a decode step: one new token per request, already in the pool."""
+    return max(extend_lens) == 1
 
 
 def _record_window(layer, forward_batch, q, prefix_lens, extend_lens) -> None:
