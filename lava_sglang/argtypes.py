@@ -7,6 +7,7 @@ choices are checked against the policy registry and the observation sources by a
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 #: The policies that evict (the full cache is the reference every benchmark runs anyway).
 COMPRESSING_POLICIES = ("lava", "kvzip", "snapkv", "ada_snapkv", "pyramidkv", "streamingllm")
@@ -45,3 +46,17 @@ def at_least(minimum: int):
 
 
 positive_int = at_least(1)
+
+
+def read_notes(given: str | None, default: Path) -> str | None:
+    """The text of a report's "Reading the results": none for `--notes none`; the file
+    `--notes` names, which must exist (a typo would publish the report without it); else
+    `default` when it exists."""
+    if given == "none":
+        return None
+    if given is not None:
+        path = Path(given)
+        if not path.exists():
+            raise ValueError(f"--notes: no file {given}")
+        return path.read_text() or None
+    return default.read_text() if default.is_file() else None

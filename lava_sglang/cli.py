@@ -10,7 +10,8 @@ import time
 from pathlib import Path
 
 from lava_sglang.argtypes import (COMPRESSING_POLICIES, DEFAULT_MIN_PREFIX, OBSERVE_SOURCES, at_least, keep_ratio,
-                                  positive_int)
+                                  positive_int, read_notes)
+from lava_sglang.sglang_plugin.server_process import ServerExited
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "docs" / "results"
@@ -133,8 +134,7 @@ def _quality_command(args: argparse.Namespace) -> int:
 
     out_dir = Path(args.out)
     meta_path = out_dir / "quality_meta.json"
-    notes_path = Path(args.notes) if args.notes else out_dir / "quality_notes.md"
-    notes = notes_path.read_text() if notes_path.is_file() else None
+    notes = read_notes(args.notes, out_dir / "quality_notes.md")
     if args.report_only:
         sources = [Path(args.partial)] if args.partial else [out_dir / "quality.json", meta_path]
         missing = [str(path) for path in sources if not path.is_file()]
@@ -152,10 +152,12 @@ def _quality_command(args: argparse.Namespace) -> int:
             raise ValueError(f"--partial {args.partial}: no folder {Path(args.partial).parent}")
         from lava_sglang.bench.quality import QualityBenchmark, QualityConfig
 
-        config = QualityConfig(contexts=args.contexts, questions=args.questions, policies=args.policies,
+        config = QualityConfig(contexts=args.contexts, questions=args.questions, policies=args.policies or [],
                                keep_ratios=args.ratios, modes=args.modes, tasks=args.tasks, observe=args.observe,
                                branch_combine=args.branch_combine, query_aware_splits=args.query_aware_splits,
                                facts_per_document=args.facts, seed=args.seed)
+        if args.policies is None:
+            config.policies = [policy for policy in COMPRESSING_POLICIES if config.runs(policy)]
         config.validate()
         command = "lava-sglang " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         result = QualityBenchmark(_load_runtime(), config).run(
@@ -208,11 +210,11 @@ def build_parser() -> argparse.ArgumentParser:
                          help="document lengths in tokens (default 2048 4096)")
     quality.add_argument("--questions", type=positive_int, nargs="+", default=[40, 12],
                          help="questions per task, one count per context (default 40 12)")
-    quality.add_argument("--policies", nargs="+", default=list(COMPRESSING_POLICIES), metavar="POLICY",
+    quality.add_argument("--policies", nargs="+", metavar="POLICY",
                          help="policies besides the full cache, from "
                          f"{', '.join(COMPRESSING_POLICIES)}, each optionally with options of its own, "
-                         "e.g. lava:layer_budget=global,value_norm=false (docs/allocation.md; default: all; "
-                         "kvzip runs with reconstruct sources only)")
+                         "e.g. lava:layer_budget=global,value_norm=false (docs/allocation.md; default: all that "
+                         "the modes and sources can run: kvzip runs with reconstruct sources only)")
     quality.add_argument("--ratios", type=keep_ratio, nargs="+", default=[0.1, 0.2, 0.4],
                          help="keep ratios (default 0.1 0.2 0.4)")
     quality.add_argument("--modes", nargs="+", default=["compress_once", "query_aware"],
@@ -233,7 +235,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="planted facts per retrieval document, cycled (default 1 4 8)")
     quality.add_argument("--seed", type=int, default=0, help="seed of documents and questions (default 0)")
     quality.add_argument("--out", default=str(RESULTS_DIR), help="output folder (default docs/results)")
-    quality.add_argument("--notes", help="markdown included as 'Reading the results' (default: "
+    quality.add_argument("--notes", help="markdown included as 'Reading the results'; none: no notes (default: "
                          "<out>/quality_notes.md if it exists)")
     quality.add_argument("--report-only", action="store_true",
                          help="rebuild quality.md and quality.png from quality.json and quality_meta.json (or, "
@@ -266,6 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"lava-sglang: error: {error}", file=sys.stderr)
         return 2
+    except (OSError, ServerExited) as error:  # a checkpoint or file not there, a server that stopped: one message
+        print(f"lava-sglang: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -57,6 +57,49 @@ def test_a_quality_partial_file_in_no_folder_is_refused_before_anything_runs(cap
     assert "--partial /nonexistent-folder/partial.json: no folder /nonexistent-folder" in capsys.readouterr().err
 
 
+def test_quality_runs_by_default_the_policies_its_sources_can_score(monkeypatch, capsys):
+    from lava_sglang.bench import quality
+
+    class Built(Exception):
+        pass
+
+    def built(runtime, config):
+        raise Built(config.policies)
+
+    monkeypatch.setattr(cli, "_load_runtime", lambda: None)
+    monkeypatch.setattr(quality, "QualityBenchmark", built)
+    for observe, policies in ((["tail"], [p for p in COMPRESSING_POLICIES if p != "kvzip"]),
+                              (["tail", "reconstruct"], list(COMPRESSING_POLICIES))):
+        with pytest.raises(Built) as run:
+            cli.main(["bench", "quality", "--observe", *observe])
+        assert run.value.args[0] == policies
+    # Listed by hand, a policy no cell can run is refused rather than left out of the report.
+    assert cli.main(["bench", "quality", "--observe", "tail", "--policies", "lava", "kvzip"]) == 2
+    assert "policies: kvzip scores only by reconstruct" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("error", [FileNotFoundError("no such checkpoint /models/x"),
+                                   serve.ServerExited("server exited with code 1\nValueError: --kv-window")])
+def test_a_missing_file_or_a_server_that_stopped_is_one_line_not_a_traceback(error, monkeypatch, capsys):
+    def fail(args):
+        raise error
+
+    monkeypatch.setattr(cli, "_serve_command", fail)
+    assert cli.main(["bench", "serve"]) == 1
+    assert capsys.readouterr().err == f"lava-sglang: error: {error}\n"
+
+
+def test_a_quality_notes_file_that_is_not_there_is_refused(tmp_path, capsys):
+    run = cli.RESULTS_DIR / "reuse" / "view_until" / "local"  # a committed run without notes
+    for name in ("quality.json", "quality_meta.json"):
+        (tmp_path / name).write_text((run / name).read_text())
+    assert cli.main(["bench", "quality", "--report-only", "--out", str(tmp_path), "--notes", "nots.md"]) == 2
+    assert "--notes: no file nots.md" in capsys.readouterr().err
+    (tmp_path / "quality_notes.md").write_text("These notes.")
+    assert cli.main(["bench", "quality", "--report-only", "--out", str(tmp_path), "--notes", "none"]) == 0
+    assert "Reading the results" not in (tmp_path / "quality.md").read_text()
+
+
 def test_a_quality_report_elsewhere_takes_its_own_folders_notes_only(tmp_path, capsys):
     # Rebuilt from its JSON: the notes are <out>/quality_notes.md when it exists, never the
     # repository's docs/results/quality_notes.md (which describes another run).

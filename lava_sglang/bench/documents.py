@@ -28,6 +28,8 @@ _NOUNS = [
     "falcon", "lantern", "harbor", "meadow", "compass", "orchard", "glacier", "violin", "beacon", "canyon",
     "otter", "quarry", "thimble", "walrus", "saddle", "kettle", "pagoda", "marble", "tundra", "heron",
 ]
+#: Planted facts a document can hold: each has a key of its own.
+MAX_FACTS = min(len(_ADJECTIVES), len(_NOUNS))
 
 FIDELITY_QUESTIONS = [
     "Summarize the document in two sentences.",
@@ -95,8 +97,8 @@ def retrieval_documents(
     rng = random.Random(seed)
     documents = []
     for num_facts in facts_per_document:
-        if num_facts > min(len(_ADJECTIVES), len(_NOUNS)):
-            raise ValueError(f"at most {min(len(_ADJECTIVES), len(_NOUNS))} facts per document, got {num_facts}")
+        if num_facts > MAX_FACTS:
+            raise ValueError(f"at most {MAX_FACTS} facts per document, got {num_facts}")
         fact_tokens = count_tokens(FACT_TEMPLATE.format(key="amber falcon", code="1234567")) + 1
         paragraphs = _filler(rng, count_tokens, target_tokens - num_facts * fact_tokens)
         if len(paragraphs) - 1 < num_facts:

@@ -39,7 +39,7 @@ import torch
 from tqdm import tqdm
 
 from lava_sglang.argtypes import COMPRESSING_POLICIES
-from lava_sglang.bench.documents import (CODE_PATTERN, Document, fidelity_documents, prompt_parts,
+from lava_sglang.bench.documents import (CODE_PATTERN, MAX_FACTS, Document, fidelity_documents, prompt_parts,
                                          retrieval_documents)
 from lava_sglang.bench.stats import mean_interval, wilson_interval
 from lava_sglang.policy import POLICIES, WINDOW_COMBINES, make_observe, make_policy, policy_name
@@ -102,8 +102,22 @@ class QualityConfig:
         bad = [r for r in self.keep_ratios if not 0 < r <= 1]
         if bad:
             raise ValueError(f"keep_ratios must be in (0, 1], got {bad}")
-        if not self.facts_per_document or min(self.facts_per_document) < 1:
-            raise ValueError(f"facts_per_document must be counts >= 1, got {self.facts_per_document}")
+        if not self.facts_per_document or not 1 <= min(self.facts_per_document) <= max(self.facts_per_document) \
+                <= MAX_FACTS:
+            raise ValueError(f"facts_per_document must be counts in [1, {MAX_FACTS}], got {self.facts_per_document}")
+        idle = [spec for spec in self.policies if not self.runs(spec)]
+        if idle:  # it would be left out of every cell, and the report would not say so
+            raise ValueError(f"policies: {', '.join(idle)} scores only by "
+                             f"{' or '.join(POLICIES[policy_name(idle[0])].scored_by)}, which no selected mode and "
+                             f"observation source gives (query_aware scores by its tail)")
+
+    def runs(self, spec: str) -> bool:
+        """Whether policy `spec` has a cell: a source it scores by among the selected modes'."""
+        sources = POLICIES[policy_name(spec)].scored_by
+        given = {make_observe(source).name for source in self.observe} if "compress_once" in self.modes else set()
+        if "query_aware" in self.modes:
+            given.add("tail")
+        return sources is None or bool(given & set(sources))
 
 
 def split_of(index: int, num_questions: int) -> str:

@@ -39,14 +39,14 @@ from pathlib import Path
 
 import requests
 
-from lava_sglang.argtypes import COMPRESSING_POLICIES, DEFAULT_MIN_PREFIX, keep_ratio, positive_float, positive_int
+from lava_sglang.argtypes import (COMPRESSING_POLICIES, DEFAULT_MIN_PREFIX, at_least, keep_ratio, positive_float,
+                                  positive_int, read_notes)
 from lava_sglang.bench.serve_workload import (MISS_SLACK, ORDERS, build_workload, program_inputs, summarize,
                                               timed_endpoint, visit_records)
 from lava_sglang.sglang_plugin.server_process import ServerExited, ServerProcess
 
 POLICIES = ["none", *COMPRESSING_POLICIES]
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "docs" / "results"
-MAX_FACTS = 20  # retrieval_documents plants at most 20 distinct facts in a document
 # --memory-bound's defaults (each overridable by its flag).
 # One client in the memory-bound case: a document being compressed is held in full next to
 # the store until its plan is made, so the cap must fit the in-flight documents as well;
@@ -82,10 +82,14 @@ class ServeConfig:
         unknown = [p for p in self.policies if p not in POLICIES]
         if unknown or not self.policies:
             raise ValueError(f"policies: unknown {unknown}; choose from {POLICIES}")
+        if len(set(self.policies)) < len(self.policies):  # one server and one report row per policy
+            raise ValueError(f"policies: each at most once, got {self.policies}")
         if not 0 < self.budget <= 1:
             raise ValueError(f"budget must be a keep ratio in (0, 1], got {self.budget}")
         if min(self.documents, self.questions, self.clients, self.max_tokens) < 1:
             raise ValueError("documents, questions, clients and max_tokens must be >= 1")
+        if self.questions_per_visit < 0:
+            raise ValueError(f"questions_per_visit must be >= 0 (0: all in one visit), got {self.questions_per_visit}")
         if self.order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
         if self.context < 128:
@@ -125,7 +129,7 @@ def check_loopback(url: str) -> None:
 def make_documents(tokenizer, config: ServeConfig):
     """The retrieval documents, each with `config.questions` questions (its planted facts,
     cycled when there are more questions than facts)."""
-    from lava_sglang.bench.documents import retrieval_documents
+    from lava_sglang.bench.documents import MAX_FACTS, retrieval_documents
 
     def count(text: str) -> int:
         return len(tokenizer(text).input_ids)
@@ -464,7 +468,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--budget", type=keep_ratio, help="--kv-budget keep ratio of every policy (default 0.2)")
     add("--documents", type=positive_int, help="documents (default 4; --memory-bound: 10)")
     add("--questions", type=positive_int, help="questions per document (default 4; --memory-bound: 8)")
-    add("--questions-per-visit", type=int, help="questions per fork program; 0: all of a document's in one "
+    add("--questions-per-visit", type=at_least(0), help="questions per fork program; 0: all of a document's in one "
         "(default 0; --memory-bound: 2)")
     add("--order", choices=ORDERS, help="visit order (default grouped; --memory-bound: interleaved)")
     add("--context", type=positive_int, default=1024, help="document tokens (default 1024)")
@@ -472,7 +476,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--max-tokens", type=positive_int, default=16, help="answer length cap (default 16)")
     add("--max-total-tokens", type=positive_int,
         help="KV pool cap passed to every server (default: ServerProcess's; --memory-bound: "
-             "resident-documents x document tokens + 256)")
+             "resident-documents x the longest document's tokens + 256, rounded up to a multiple of 64)")
     add("--resident-documents", type=positive_int, help="--memory-bound: documents stock SGLang's pool holds "
         "(default 3)")
     add("--memory-bound", action="store_true", help="the memory-bound comparison (see the module doc)")
@@ -484,8 +488,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--seed", type=int, default=0, help="document seed (default 0)")
     add("--out", default=str(RESULTS_DIR), help="output folder (default docs/results)")
     add("--name", help="file stem (default serving; --memory-bound: serving_memory_bound)")
-    add("--notes", help="markdown file included as 'Reading the results' (default: <out>/<stem>_notes.md if it "
-        "exists)")
+    add("--notes", help="markdown file included as 'Reading the results'; none: no notes (default: "
+        "<out>/<stem>_notes.md if it exists)")
     add("--log-dir", help="where the servers' logs go (default: a new temporary folder)")
     add("--report-only", action="store_true", help="rebuild the .md and .png from the .json without running")
     add("--no-progress", action="store_true", help="no progress bar")
@@ -529,8 +533,7 @@ def run(args: argparse.Namespace) -> int:
 
     stem = args.name or ("serving_memory_bound" if args.memory_bound else "serving")
     out_dir = Path(args.out)
-    notes_path = Path(args.notes) if args.notes else out_dir / f"{stem}_notes.md"
-    notes = notes_path.read_text() if notes_path.is_file() else None
+    notes = read_notes(args.notes, out_dir / f"{stem}_notes.md")
 
     def write(result) -> list[Path]:
         if notes:
@@ -538,7 +541,10 @@ def run(args: argparse.Namespace) -> int:
         return write_serving_report(result, out_dir, stem)
 
     if args.report_only:
-        result = json.loads((out_dir / f"{stem}.json").read_text())
+        results_path = out_dir / f"{stem}.json"
+        if not results_path.is_file():
+            raise ValueError(f"--report-only: no {results_path} to rebuild the report from")
+        result = json.loads(results_path.read_text())
     else:
         config = config_from_args(args)
         config.validate()
@@ -576,6 +582,9 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"lava-sglang bench serve: error: {error}", file=sys.stderr)
         return 2
+    except OSError as error:  # a checkpoint or file that is not there
+        print(f"lava-sglang bench serve: error: {error}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -34,8 +34,6 @@ from pathlib import Path
 
 from lava_sglang.bench.serve_workload import Visit, is_correct, program_inputs
 from lava_sglang.bench.stats import wilson_interval
-from lava_sglang.policy import POLICIES, policy_name
-from lava_sglang.sglang_plugin.config import BRANCHES, CHAT, DEFERRED_OBSERVE_SOURCES, MAX_BRANCH_WINDOWS
 
 NO_COMPRESSION = "none"
 
@@ -59,7 +57,9 @@ def reference_answers(runtime, documents, record: dict, max_tokens: int, progres
     """The reference's answer to each of `record`'s questions (one policy's run)."""
     from tqdm import tqdm
 
+    from lava_sglang.policy import POLICIES, policy_name
     from lava_sglang.reference import CompressedPrefix
+    from lava_sglang.sglang_plugin.config import BRANCHES, CHAT, DEFERRED_OBSERVE_SOURCES, MAX_BRANCH_WINDOWS
 
     options = record.get("kv_policy_options") or {}
     policy = record["policy"] if record["policy"] != NO_COMPRESSION else None
@@ -169,13 +169,26 @@ def markdown(results_path: Path, summaries: list[dict], rows: dict[str, list[dic
     return "\n".join(lines) + "\n"
 
 
+def run_model(recorded: str | None, given: str | None, results_path: Path) -> str | None:
+    """The checkpoint to answer with: the serving run's own (None: the default SmolLM2);
+    another is refused, since its tokenizer would build other documents and its answers
+    would be compared with another model's."""
+    if given is None or (recorded is not None and Path(given).resolve() == Path(recorded).resolve()):
+        return recorded
+    raise ValueError(f"--model {given}: {results_path} was served by {recorded or 'the default SmolLM2'}; "
+                     "the reference must run the same checkpoint (leave --model out to use it)")
+
+
 def run(results_path: Path, model: str | None = None, progress: bool = True) -> list[Path]:
     from lava_sglang.bench.serve import ServeConfig, make_documents
     from lava_sglang.reference import ReferenceRuntime
 
+    if not results_path.is_file():
+        raise ValueError(f"no results file {results_path} (a `lava-sglang bench serve` run's .json)")
     result = json.loads(results_path.read_text())
     config_fields = {f.name for f in dataclasses.fields(ServeConfig)}
     config = ServeConfig(**{k: v for k, v in result["meta"]["config"].items() if k in config_fields})
+    model = run_model(config.model, model, results_path)
     windows = {(record.get("kv_policy_options") or {}).get("window") for record in result["records"]} - {None}
     if len(windows) > 1:
         raise ValueError(f"{results_path}: the servers used different windows {sorted(windows)}; check one at a time")
@@ -196,5 +209,6 @@ def run(results_path: Path, model: str | None = None, progress: bool = True) -> 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("results", type=Path, help="a `lava-sglang bench serve` results file (serving.json)")
-    parser.add_argument("--model", help="checkpoint folder (default: the converted SmolLM2)")
+    parser.add_argument("--model", help="checkpoint folder; only the serving run's own is accepted (default: the "
+                        "run's, which is the converted SmolLM2 unless it was started with --model)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

@@ -215,6 +215,12 @@ def test_server_args_and_validation():
         ServeConfig(policies=["full"]).validate()
     with pytest.raises(ValueError, match="budget"):
         ServeConfig(budget=1.5).validate()
+    with pytest.raises(ValueError, match="each at most once"):  # two servers, one label
+        ServeConfig(policies=["none", "lava", "lava"]).validate()
+    with pytest.raises(ValueError, match="questions_per_visit must be >= 0"):
+        ServeConfig(questions_per_visit=-3).validate()
+    with pytest.raises(SystemExit):  # refused at parse time, before any tokenizer or document
+        add_arguments(__import__("argparse").ArgumentParser()).parse_args(["--questions-per-visit", "-3"])
 
 
 # --- statistics -----------------------------------------------------------------------------------
@@ -478,3 +484,18 @@ def test_report_only_rebuilds_from_the_json_with_notes(tmp_path):
     text = (tmp_path / "serving_memory_bound.md").read_text()
     assert "## Reading the results" in text and "Measured on a busy machine." in text
     assert main(["--url", "http://10.1.2.3:30000", "--out", str(tmp_path)]) == 2  # loopback only
+
+
+def test_report_only_without_its_json_and_notes_that_are_not_there_are_refused(tmp_path, capsys):
+    from lava_sglang.bench.serve import main
+
+    assert main(["--report-only", "--out", str(tmp_path)]) == 2
+    assert f"--report-only: no {tmp_path / 'serving.json'} to rebuild the report from" in capsys.readouterr().err
+    write_serving_report(synthetic_result(), tmp_path, "serving")
+    assert main(["--report-only", "--out", str(tmp_path), "--notes", str(tmp_path / "notse.md")]) == 2
+    assert f"--notes: no file {tmp_path / 'notse.md'}" in capsys.readouterr().err
+    (tmp_path / "serving_notes.md").write_text("Default notes.\n")
+    assert main(["--report-only", "--out", str(tmp_path), "--notes", "none"]) == 0
+    assert "Default notes." not in (tmp_path / "serving.md").read_text()
+    assert main(["--report-only", "--out", str(tmp_path)]) == 0
+    assert "Default notes." in (tmp_path / "serving.md").read_text()

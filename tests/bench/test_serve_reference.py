@@ -1,8 +1,14 @@
-"""Which compressed copy each visit of a `--kv-observe branches` serving run read."""
+"""Which compressed copy each visit of a `--kv-observe branches` serving run read; which
+checkpoint the reference answers with; a results file that is not there."""
 
 from __future__ import annotations
 
-from lava_sglang.bench.serve_reference import compressing_visits
+import json
+from pathlib import Path
+
+import pytest
+
+from lava_sglang.bench.serve_reference import compressing_visits, run, run_model
 
 
 def visit(index: int, document: int, commit_cached: int, prefix_tokens: int = 1000) -> dict:
@@ -21,3 +27,23 @@ def test_a_visit_reads_the_copy_its_documents_last_prefill_compressed():
         visit(6, 2, 999),    # a hit on a document never prefilled in this run (an earlier run's copy)
     ]}
     assert compressing_visits(record) == {0: None, 1: None, 2: 0, 3: 1, 4: None, 5: 4, 6: None}
+
+
+def test_the_reference_answers_with_the_serving_runs_own_checkpoint(tmp_path):
+    results = Path("serving.json")
+    assert run_model(None, None, results) is None  # the default SmolLM2, as the run had
+    assert run_model(str(tmp_path), None, results) == str(tmp_path)
+    assert run_model(str(tmp_path), str(tmp_path / ".." / tmp_path.name), results) == str(tmp_path)
+    with pytest.raises(ValueError, match="serving.json was served by the default SmolLM2"):
+        run_model(None, str(tmp_path), results)
+    with pytest.raises(ValueError, match=f"served by {tmp_path}"):
+        run_model(str(tmp_path), "/models/other", results)
+
+
+def test_a_results_file_that_is_not_there_is_refused_before_any_model_loads(tmp_path):
+    with pytest.raises(ValueError, match="no results file"):
+        run(tmp_path / "serving.json")
+    (tmp_path / "serving.json").write_text(json.dumps({"meta": {"config": {"model": None}}, "records": []}))
+    with pytest.raises(ValueError, match="the reference must run the same checkpoint"):
+        run(tmp_path / "serving.json", model=str(tmp_path))
+
