@@ -50,9 +50,6 @@ args=(
     # --kv-min-prefix. 32 is the default here; under --kv-observe reconstruct alone it is 8.
     --kv-window 32
 
-    # LAVa's layer-budget strength in [0, 1]: 0 gives every layer the same budget.
-    --kv-alpha 0.2
-
     # Report cached tokens in OpenAI responses (usage.prompt_tokens_details.cached_tokens),
     # and export lava:* metrics (kept ratio, bytes saved, compression time) on /metrics.
     --enable-cache-report

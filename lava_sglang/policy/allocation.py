@@ -69,12 +69,13 @@ def flat_topk_head_budgets(scores: torch.Tensor, layer_budgets: Sequence[int], a
     order = descending_order(scores.flatten(1))
     budgets = torch.tensor(layer_budgets, dtype=torch.int64, device=scores.device)
     in_top = torch.arange(num_kv_heads * prefix_len, device=scores.device) < num_kv_heads * budgets[:, None]
-    counts = torch.zeros(num_layers, num_kv_heads, dtype=torch.float64, device=scores.device)
-    counts.scatter_add_(1, order // prefix_len, in_top.double())
-    # floor of the decimal alpha times the budget (0.29 * 100 is 28.999... in binary)
-    floor_shares = torch.tensor([math.floor(Fraction(repr(alpha)) * budget) for budget in layer_budgets],
-                                dtype=torch.float64, device=scores.device)
-    return torch.round((1 - alpha) * counts + floor_shares[:, None]).clamp(max=prefix_len).long().tolist()
+    counts = torch.zeros(num_layers, num_kv_heads, dtype=torch.int64, device=scores.device)
+    counts.scatter_add_(1, order // prefix_len, in_top.long())
+    # In the decimal alpha's exact arithmetic: in binary 0.29 * 100 is 28.999..., and
+    # (1 - 0.34) * 25 + 5 is 21.4999... where the spec rounds 21.5.
+    share = Fraction(repr(alpha))
+    return [[min(round((1 - share) * count + math.floor(share * budget)), prefix_len) for count in layer_counts]
+            for layer_counts, budget in zip(counts.tolist(), layer_budgets)]
 
 
 def global_topk_head_budgets(scores: torch.Tensor, total: int) -> list[list[int]]:

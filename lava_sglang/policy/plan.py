@@ -300,6 +300,11 @@ class PlanBuilder:
         if tuple(layer_scores.scores.shape) != expected:
             raise ValueError(f"scores of layer {layer} must be [Hkv, m] = {list(expected)}, "
                              f"got {list(layer_scores.scores.shape)}")
+        # nan would sort above every score (and +inf, the forced sinks); -inf below the window
+        if torch.isnan(layer_scores.scores).any() or torch.isneginf(layer_scores.scores).any():
+            raise ValueError(f"scores of layer {layer} contain nan or -inf")
+        if self.policy.uses_layer_entropy and not math.isfinite(layer_scores.entropy):
+            raise ValueError(f"the entropy of layer {layer} is {layer_scores.entropy}, not a finite number")
         self._layers.append(layer_scores if self.needs_queries else None)
 
     def _check_room(self, layer: int) -> None:

@@ -81,7 +81,7 @@ class KvPolicyConfig:
     window: recent window w: the last w prefix tokens are kept; under `tail` and `branches`
         (and for a prefix compressed as shared) they score the rest (`default_window`).
     min_prefix: prefixes shorter than this many tokens are not compressed.
-    alpha: LAVa's dynamic-layer-budget strength (lava.md); other policies ignore it.
+    alpha: the safeguard of LAVa's per-layer head budgets (lava.md); other policies ignore it.
     pool_kernel: width of the score pooling (lava.md).
     compress_on: what gets compressed: `fork`, the prefix a frontend program commits before
         fork(); `shared`, a prompt prefix of at least `min_prefix` tokens once a second
@@ -161,8 +161,10 @@ FLAGS = {
     "kv_min_prefix": ("--kv-min-prefix", str(DEFAULT_MIN_PREFIX),
                       "Do not compress prefixes shorter than this many tokens (must exceed --kv-window). "
                       f"Default {DEFAULT_MIN_PREFIX}."),
-    "kv_alpha": ("--kv-alpha", None, f"LAVa's layer-budget strength alpha in [0, 1]; an alpha= in the --kv-policy "
-                 f"spec must equal it. Default {KvPolicyConfig.alpha}, or the spec's."),
+    "kv_alpha": ("--kv-alpha", None, "LAVa's head-budget safeguard alpha in [0, 1] (each KV head keeps at least "
+                 "floor(alpha x its layer's budget)); only with per-layer budgets (lava:layer_budget=entropy or "
+                 f"uniform, ada_snapkv); an alpha= in the --kv-policy spec must equal it. Default "
+                 f"{KvPolicyConfig.alpha}, or the spec's."),
     "kv_pool_kernel": ("--kv-pool-kernel", None, "Width of the score pooling (odd int >= 1). Default: the "
                        "policy's own (lava and kvzip 1, no pooling; snapkv, ada_snapkv, pyramidkv 7)."),
     "kv_compress_on": ("--kv-compress-on", FORK,

@@ -50,6 +50,13 @@ def test_the_safeguard_floor_is_taken_of_the_decimal_alpha():
     assert flat_topk_head_budgets(scores, [100], alpha=0.29) == [[171, 29]]  # round(0.71 * 200 + 29), 29
 
 
+def test_the_safeguard_rounds_in_the_decimal_alphas_arithmetic():
+    # Counts (25, 5), floor(0.34 * 15) = 5: round(0.66 * 25 + 5) = round(21.5) = 22 (half to
+    # even); in binary (1 - 0.34) * 25 + 5 is 21.499999999999996, which rounds to 21.
+    scores = torch.stack([torch.tensor([2.0] * 25 + [0.0] * 5), torch.tensor([1.0] * 5 + [0.0] * 25)])[None]
+    assert flat_topk_head_budgets(scores, [15], alpha=0.34) == [[22, 8]]
+
+
 def test_flat_topk_takes_each_layer_top_k_in_one_call():
     layer0 = torch.tensor([[9.0, 8.0, 1.0, 0.0], [7.0, 0.5, 0.4, 0.3]])
     layer1 = torch.tensor([[0.1, 0.2, 0.3, 0.4], [5.0, 6.0, 7.0, 8.0]])

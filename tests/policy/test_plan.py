@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lava_sglang.policy import POLICIES, PlanBuilder, compress_plan, make_policy, resolve_budget
+from lava_sglang.policy.base import LayerScores
 from lava_sglang.policy.lava import PAPER_SPEC
 from lava_sglang.policy.scores import layer_entropy, pool_scores, window_attention_mass
 
@@ -208,6 +209,27 @@ def test_streaming_builder_takes_layer_scores_not_a_bare_tensor():
         builder.add_layer_scores(torch.ones(2, 40))
 
 
+@pytest.mark.parametrize("bad", [math.nan, -math.inf])
+def test_streaming_builder_refuses_scores_that_would_sort_wrongly(bad):
+    # A nan score would be kept before every real one (and before +inf, the forced sinks).
+    builder = PlanBuilder(make_policy("kvzip", window=8), 0.3, seq_len=48, num_layers=1, num_kv_heads=2)
+    scores = torch.rand(2, 40)
+    scores[1, 17] = bad
+    with pytest.raises(ValueError, match="scores of layer 0 contain nan or -inf"):
+        builder.add_layer_scores(LayerScores(scores, 0.5))
+    scores[1, 17] = math.inf  # a forced sink
+    builder.add_layer_scores(LayerScores(scores, 0.5))
+    assert 17 in builder.finish().kept[0][1].tolist()
+
+
+def test_streaming_builder_refuses_a_nan_entropy_where_it_sets_layer_budgets():
+    scores = LayerScores(torch.rand(2, 40), math.nan)
+    with pytest.raises(ValueError, match="the entropy of layer 0 is nan"):
+        PlanBuilder(make_policy(PAPER_SPEC, window=8), 0.3, seq_len=48, num_layers=1,
+                    num_kv_heads=2).add_layer_scores(scores)
+    PlanBuilder(make_policy("lava", window=8), 0.3, seq_len=48, num_layers=1, num_kv_heads=2).add_layer_scores(scores)
+
+
 def test_low_precision_inputs_are_scored_in_fp32():
     q, k, v = random_layers(num_layers=2, seq_len=40, window=8)
     half = compress_plan("lava", [t.bfloat16() for t in q], [t.bfloat16() for t in k], [t.bfloat16() for t in v],
@@ -278,8 +300,14 @@ def test_lava_defaults_are_the_measured_best_and_the_paper_is_a_spec():
 
 
 def test_policy_specs_set_fields_and_name_what_is_wrong():
-    policy = make_policy("lava:layer_budget=global,value_norm=false,alpha=0", window=8, alpha=0.5)
-    assert (policy.layer_budget, policy.value_norm, policy.alpha, policy.window) == ("global", False, 0, 8)
+    policy = make_policy("lava:layer_budget=entropy,value_norm=false,alpha=0", window=8, alpha=0.5)
+    assert (policy.layer_budget, policy.value_norm, policy.alpha, policy.window) == ("entropy", False, 0, 8)
+    # One threshold over every layer and head reads no per-layer option: setting one is refused.
+    for option in ("alpha=0.5", "head_budget=uniform", "head_budget=uniform,alpha=0"):
+        with pytest.raises(ValueError, match=f"{option.replace(',', ' and ')} needs per-layer budgets"):
+            make_policy(f"lava:{option}")
+    with pytest.raises(ValueError, match="alpha=0.5 needs per-layer budgets"):  # the server's --kv-alpha 0.5
+        make_policy("lava", alpha=0.5)
     with pytest.raises(ValueError, match="options must be field=value with a field of lava"):
         make_policy("lava:budget=2")
     with pytest.raises(ValueError, match="layer_budget must be one of"):

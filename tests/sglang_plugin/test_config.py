@@ -71,20 +71,30 @@ def test_a_window_in_the_policy_spec_must_be_the_flags():
     assert from_namespace(parse("--kv-policy", "lava:window=16", "--kv-window", "16")).window == 16
 
 
-@pytest.mark.parametrize("spec, flag, value", [("lava:pool_kernel=7", "--kv-pool-kernel", "3"),
-                                               ("lava:alpha=0.5", "--kv-alpha", "0.3"),
-                                               ("lava:alpha=0.5", "--kv-alpha", "0.2"),  # the default, given
-                                               ("ada_snapkv:alpha=0.5", "--kv-alpha", "0.3")])
-def test_a_policy_option_and_its_flag_given_two_values_are_refused(spec, flag, value):
+@pytest.mark.parametrize("policy, option, flag, value", [
+    ("lava", "pool_kernel=7", "--kv-pool-kernel", "3"),
+    ("lava:layer_budget=entropy", "alpha=0.5", "--kv-alpha", "0.3"),
+    ("lava:layer_budget=entropy", "alpha=0.5", "--kv-alpha", "0.2"),  # the default, given
+    ("ada_snapkv", "alpha=0.5", "--kv-alpha", "0.3"),
+])
+def test_a_policy_option_and_its_flag_given_two_values_are_refused(policy, option, flag, value):
     # The spec's option would win while /server_info reported the flag's value.
+    spec = f"{policy}{',' if ':' in policy else ':'}{option}"
     with pytest.raises(ConfigError, match=f"differs from {flag}"):
         from_namespace(parse("--kv-policy", spec, flag, value))
-    name, spec_value = spec.partition(":")[2].split("=")
+    name, spec_value = option.split("=")
     for args in ((), (flag, spec_value)):  # one place, or both agreeing: the config reports what is in effect
         config = from_namespace(parse("--kv-policy", spec, *args))
         assert getattr(config.make_policy(), name) == getattr(config, name) == float(spec_value)
-    config = from_namespace(parse("--kv-policy", spec.partition(":")[0], flag, value))
+    config = from_namespace(parse("--kv-policy", policy, flag, value))
     assert getattr(config.make_policy(), name) == getattr(config, name) == float(value)
+
+
+def test_alpha_is_refused_where_one_threshold_sets_the_budgets():
+    # The default lava allocation reads no alpha: --kv-alpha 0.5 would change nothing.
+    with pytest.raises(ConfigError, match="alpha=0.5 needs per-layer budgets"):
+        from_namespace(parse("--kv-policy", "lava", "--kv-alpha", "0.5"))
+    assert from_namespace(parse("--kv-policy", "lava", "--kv-alpha", "0.2")).alpha == 0.2
 
 
 @pytest.mark.parametrize("args, window", [
