@@ -150,7 +150,8 @@ def create_radix_cache(ctx):
                                                       ctx.params.token_to_kv_pool_allocator.size)
     repetition_client = (RepetitionClient(server_args.url(), max_prompt_tokens, server_args.api_key,
                                           dp_rank=touchpoints.dp_rank(),
-                                          admin_api_key=getattr(server_args, "admin_api_key", None))
+                                          admin_api_key=getattr(server_args, "admin_api_key", None),
+                                          verify=touchpoints.ssl_verify(server_args))
                          if config.observe == RECONSTRUCT else None)
     cache = LavaRadixCache(ctx.params, config=config, kv_pool=kv_pool, metrics=metrics,
                            repetition_client=repetition_client, tensor_parallel=tensor_parallel)

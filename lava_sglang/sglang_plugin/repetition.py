@@ -221,10 +221,12 @@ class RepetitionClient:
     dp_rank: with `--dp-size` > 1, the data-parallel rank of the scheduler sending them: the
     chunks must reach the rank whose cache holds the prefix, not whichever rank SGLang's
     controller picks.
+    verify: `requests`' `verify=` for a server behind HTTPS (`touchpoints.ssl_verify`): a
+    self-signed certificate would otherwise fail every chunk.
     """
 
     def __init__(self, url: str, max_prompt_tokens: int, api_key: str | None = None, timeout: float = 600.0,
-                 dp_rank: int | None = None, admin_api_key: str | None = None):
+                 dp_rank: int | None = None, admin_api_key: str | None = None, verify: bool | str = True):
         self.url = url.rstrip("/")
         self.max_prompt_tokens = max_prompt_tokens
         self.headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
@@ -232,6 +234,7 @@ class RepetitionClient:
         self.abort_headers = {"Authorization": f"Bearer {admin_api_key}"} if admin_api_key else self.headers
         self.timeout = timeout
         self.routing = {} if dp_rank is None else {"routed_dp_rank": dp_rank}
+        self.verify = verify
 
     def submit(self, scores: RepetitionScores) -> None:
         thread = threading.Thread(target=self._post_chunks, args=(scores,), name=f"lava-{scores.chunks[0].rid}",
@@ -251,7 +254,7 @@ class RepetitionClient:
         for rid in rids:
             try:
                 response = requests.post(self.url + "/abort_request", json={"rid": rid}, headers=self.abort_headers,
-                                         timeout=self.timeout)
+                                         timeout=self.timeout, verify=self.verify)
                 failure = None if response.status_code == 200 else f"HTTP {response.status_code}"
             except requests.RequestException as error:
                 failure = str(error)
@@ -267,7 +270,7 @@ class RepetitionClient:
             failure = None
             try:
                 response = requests.post(self.url + "/generate", json=payload, headers=self.headers,
-                                         timeout=self.timeout)
+                                         timeout=self.timeout, verify=self.verify)
                 if response.status_code != 200:
                     failure = f"HTTP {response.status_code}: {response.text[:200]}"
                 elif _finish_type(response) == "abort":  # aborted while queued: released without a release hook

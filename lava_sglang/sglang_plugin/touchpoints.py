@@ -89,6 +89,15 @@ def default_device() -> str:
     return get_device()
 
 
+def ssl_verify(server_args):
+    """What this server's own HTTPS requests pass as `requests`' `verify=` (the
+    `--ssl-ca-certs` file, False for a certificate without one, True without SSL), as
+    SGLang's warm-up requests do."""
+    from sglang.srt.arg_groups.serving_hook import ssl_verify_of
+
+    return ssl_verify_of(server_args)
+
+
 def dp_rank() -> int | None:
     """This scheduler's data-parallel rank under `--dp-size` > 1, else None (`routed_dp_rank`
     of a /generate request sends it to that rank)."""

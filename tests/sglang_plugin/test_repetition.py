@@ -208,7 +208,8 @@ class _Finished:
 @pytest.mark.parametrize("dp_rank", [None, 1])
 def test_chunks_are_sent_to_the_data_parallel_rank_holding_the_prefix(monkeypatch, dp_rank):
     sent = []
-    monkeypatch.setattr(repetition.requests, "post", lambda url, json, headers, timeout: sent.append(json) or _Finished())
+    monkeypatch.setattr(repetition.requests, "post",
+                        lambda url, json, headers, timeout, verify: sent.append(json) or _Finished())
     scores = new_scores(chunk_tokens=4)
     RepetitionClient("http://server:1/", 2048, dp_rank=dp_rank)._post_chunks(scores)
     assert [payload["rid"] for payload in sent] == scores.rids and scores.failed is None
@@ -224,12 +225,31 @@ def test_a_repetition_is_aborted_with_the_key_the_abort_endpoint_takes(monkeypat
         status_code = 401
 
     monkeypatch.setattr(repetition.requests, "post",
-                        lambda url, json, headers, timeout: sent.append((url, headers)) or Refused())
+                        lambda url, json, headers, timeout, verify: sent.append((url, headers)) or Refused())
     scores = new_scores(chunk_tokens=4)
     with caplog.at_level(logging.WARNING, logger="lava_sglang.sglang_plugin.repetition"):
         RepetitionClient("http://server:1/", 2048, **keys)._abort(scores.rids[:1])
     assert sent == [("http://server:1/abort_request", {"Authorization": expected} if expected else {})]
     assert f"could not abort repetition {scores.rids[0]} (HTTP 401)" in caplog.text  # a refusal is not silent
+
+
+@pytest.mark.parametrize("ssl, verify", [({}, True), ({"ssl_certfile": "cert.pem"}, False),
+                                         ({"ssl_certfile": "cert.pem", "ssl_ca_certs": "ca.pem"}, "ca.pem")])
+def test_chunks_and_aborts_over_https_verify_the_certificate_as_sglang_does(monkeypatch, ssl, verify):
+    # A self-signed certificate (no --ssl-ca-certs) would fail every chunk under the system CA
+    # bundle, and every document would be compressed by its tail.
+    server_args = SimpleNamespace(**{"ssl_certfile": None, "ssl_ca_certs": None, **ssl})
+    assert touchpoints.ssl_verify(server_args) == verify
+    sent = []
+    monkeypatch.setattr(repetition.requests, "post",
+                        lambda url, json, headers, timeout, verify: sent.append((url, verify)) or _Finished())
+    client = RepetitionClient("https://127.0.0.1:1/", 2048, verify=touchpoints.ssl_verify(server_args))
+    scores = new_scores(chunk_tokens=4)
+    client._post_chunks(scores)
+    client._abort(scores.rids[:1])
+    assert scores.failed is None
+    assert sent == [("https://127.0.0.1:1/generate", verify)] * len(scores.rids) + [
+        ("https://127.0.0.1:1/abort_request", verify)]
 
 
 @pytest.mark.parametrize("context_len, pool_tokens", [(1024, 100_000), (8192, 600)])
