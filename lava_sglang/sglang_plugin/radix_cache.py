@@ -42,7 +42,7 @@ import weakref
 
 import torch
 
-from lava_sglang.policy import ObservationWindow
+from lava_sglang.policy import ObservationWindow, resolve_budget
 from lava_sglang.sglang_plugin.compressed_tree import CompressedNode, CompressedRadixCache, prompt_key
 from lava_sglang.sglang_plugin.compressor import WindowCapture, plan_prefix
 from lava_sglang.sglang_plugin.config import (BRANCHES, DEFERRED_OBSERVE_SOURCES, FORK, MAX_BRANCH_OWN_TOKENS,
@@ -161,7 +161,7 @@ class LavaRadixCache(CompressedRadixCache):
         if req is None or SHARED not in self.config.compress_on or self._pending_of(params.key) is not None:
             return result
         shared_len = result.device_prefix_len
-        if (shared_len < self.config.min_prefix or self._is_fork_prefix(req)
+        if (shared_len < self.config.min_prefix or not self._evicts(shared_len) or self._is_fork_prefix(req)
                 or not self.on_ordinary_path(result.last_device_node)):
             return result
         # Recompute the shared prefix's last `window` tokens: their queries observe it.
@@ -218,12 +218,21 @@ class LavaRadixCache(CompressedRadixCache):
                 self._compress_ready_pending()
 
     def _is_fork_prefix(self, req) -> bool:
-        """A fork commit: what a frontend program sends before `fork()` (and `select()` before
-        scoring its choices), a prompt of at least `min_prefix` tokens with max_new_tokens=0
-        that asks for no logprobs. A scoring request (`select()`'s, return_logprob) is not one:
-        its prompt is a choice appended to the prefix, not the prefix."""
+        """A fork commit to compress: what a frontend program sends before `fork()` (and
+        `select()` before scoring its choices), a prompt of at least `min_prefix` tokens with
+        max_new_tokens=0 that asks for no logprobs, and whose prefix the budget shrinks. A
+        scoring request (`select()`'s, return_logprob) is not one: its prompt is a choice
+        appended to the prefix, not the prefix."""
         return (req.sampling_params.max_new_tokens == 0 and not req.return_logprob
-                and len(req.origin_input_ids) >= self.config.min_prefix)
+                and len(req.origin_input_ids) >= self.config.min_prefix
+                and self._evicts(len(req.origin_input_ids) - 1))
+
+    def _evicts(self, prefix_len: int) -> bool:
+        """Whether the budget keeps fewer tokens than a `prefix_len`-token prefix has. One that
+        keeps them all (an int budget >= the prefix, a ratio of 1.0) would only make a second
+        full copy, after a repetition for nothing: such a prefix is cached as stock SGLang
+        caches it."""
+        return resolve_budget(self.config.budget, prefix_len) < prefix_len
 
     def _compress_fork_prefix(self, req) -> None:
         """Compress the first n - 1 tokens of the n-token prefix the request committed."""

@@ -96,6 +96,24 @@ def test_match_insert_and_locks_along_the_path():
     assert_all_released(stub)
 
 
+@pytest.mark.parametrize("budget", [200, 512, 1.0])
+@pytest.mark.parametrize("observe, compress_on", [("tail", (FORK,)), ("reconstruct", (FORK,)), ("tail", (SHARED,))])
+def test_a_budget_that_keeps_the_whole_prefix_leaves_it_as_stock_sglang_does(budget, observe, compress_on):
+    # Compressing would hold a second full copy (and under reconstruct run a repetition) for nothing.
+    stub = SchedulerStub(KvPolicyConfig(policy="lava", budget=budget, window=WINDOW, min_prefix=MIN_PREFIX,
+                                        compress_on=compress_on, observe=observe))
+    commit(stub, document(0))
+    run(stub, document(0) + question(0))
+    run(stub, document(0) + question(1))
+    assert stub.compressed_nodes() == [] and stub.cache.pending == [] and stub.cache.repetitions_started == 0
+    assert stub.cache.evictable_size() == 200 + 2 * (3 + 2)
+    assert_all_released(stub)
+    stub = SchedulerStub(KvPolicyConfig(policy="lava", budget=198, window=WINDOW, min_prefix=MIN_PREFIX,
+                                        compress_on=(FORK,), observe="tail"))
+    commit(stub, document(0))  # one token fewer than the 199 a fork commit compresses: compressed
+    assert len(stub.compressed_nodes()) == 1
+
+
 def test_a_fork_commit_is_compressed_and_its_branches_read_the_compressed_copy():
     stub = make_stub()
     commit(stub, document(0))
