@@ -59,8 +59,8 @@ def serve(smollm2_path, tmp_path, name: str, args: list[str]) -> ServerProcess:
     return ServerProcess(smollm2_path, BASE_ARGS + args, log_path=tmp_path / f"{name}.log")
 
 
-def test_budget_covering_the_document_reproduces_stock_sglang(smollm2_path, tmp_path, program_inputs,
-                                                              prefix_tokens, monkeypatch):
+def test_budget_covering_the_document_leaves_it_to_stock_sglang(smollm2_path, tmp_path, program_inputs,
+                                                               prefix_tokens, monkeypatch):
     with monkeypatch.context() as patch:
         patch.setenv("SGLANG_PLUGINS", "stock-only")  # a whitelist naming no plugin: stock SGLang
         with serve(smollm2_path, tmp_path, "stock", []) as server:
@@ -79,10 +79,10 @@ def test_budget_covering_the_document_reproduces_stock_sglang(smollm2_path, tmp_
     assert pool["evictable"] >= prefix_tokens and pool["protected"] == 0
     assert pool["pool_available"] + pool["evictable"] == none_state["memory_usage"]["token_capacity"]
     assert lava_answers == stock_answers
-    # The answers came through the compressed store (every row kept), not the main pool.
-    assert stats["compressions"] == 1 and stats["entries"] == 1
-    assert stats["stored_rows"] == NUM_LAYERS * NUM_KV_HEADS * stats["prefix_tokens"]
-    assert all(meta["cached_tokens"] >= stats["prefix_tokens"] for meta in meta_info)
+    # A budget that keeps every row would store a second full copy: the document stays in the
+    # main pool, as stock SGLang keeps it, and every fork reads it from there.
+    assert stats["compressions"] == 0 and stats["entries"] == 0 and stats["stored_rows"] == 0
+    assert all(meta["cached_tokens"] >= prefix_tokens - 1 for meta in meta_info)
 
 
 @pytest.fixture(scope="module")
