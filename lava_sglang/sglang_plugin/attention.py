@@ -410,9 +410,10 @@ def _record_window(layer, forward_batch, q, prefix_lens, extend_lens) -> None:
     capture = _cache.capture
     queries = q.reshape(-1, layer.tp_q_head_num, layer.qk_head_dim)
     start = 0
-    for row, (prefix_len, extend_len) in enumerate(zip(prefix_lens, extend_lens)):
-        if capture.wants(prefix_len + extend_len):
-            req_pool_idx = int(forward_batch.req_pool_indices[row])
+    rids = forward_batch.rids or [None] * len(prefix_lens)  # SGLang's batches carry them; a bare one observes nothing
+    for row, (rid, prefix_len, extend_len) in enumerate(zip(rids, prefix_lens, extend_lens)):
+        if capture.wants(rid, prefix_len + extend_len):
+            req_pool_idx = int(forward_batch.req_pool_indices[row])  # a device read: only for the rows captured
             capture.record(layer.layer_id, req_pool_idx, prefix_len, queries[start:start + extend_len])
         start += extend_len
 

@@ -1,14 +1,16 @@
 """Observation capture and prefix compression, on plain tensors.
 
-`WindowCapture` keeps, for each request slot whose prefill is long enough to be worth
-compressing, the post-RoPE queries of its last `window` tokens at every layer (across
-chunked-prefill chunks). `plan_prefix` turns those queries and the prefix's K/V, read in
+`WindowCapture` keeps, for each request whose window the cache will read (a fork commit, a
+branch of a waiting prefix, a request cut to observe a shared prefix) and whose prefill is
+long enough to be worth compressing, the post-RoPE queries of its last `window` tokens at
+every layer (across chunked-prefill chunks). `plan_prefix` turns those queries and the prefix's K/V, read in
 place from the KV pool, into the rows each (layer, KV head) keeps; `store.write_kept` copies
 them into the store's cells.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 
 import torch
@@ -41,9 +43,20 @@ class WindowCapture:
         self.window = window
         self.min_prefix = min_prefix
         self._slots: dict[int, dict[int, _CapturedLayer]] = {}
+        # Request id -> request, for the requests whose windows the cache will read; weak, so a
+        # request dropped before it is released (aborted while waiting) leaves nothing behind.
+        self._observed: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 
-    def wants(self, seq_len: int) -> bool:
-        return seq_len >= self.min_prefix
+    def observe(self, req, wanted: bool) -> None:
+        """Capture the request's window queries from its next extend on, or not (any other
+        request's would be held, unread, until its release)."""
+        if wanted:
+            self._observed[req.rid] = req
+        else:
+            self._observed.pop(req.rid, None)
+
+    def wants(self, rid: str, seq_len: int) -> bool:
+        return seq_len >= self.min_prefix and rid in self._observed
 
     def record(self, layer: int, req_pool_idx: int, start: int, queries: torch.Tensor) -> None:
         """Queries [tokens, Hq, d] of positions start .. start + tokens - 1."""
@@ -76,11 +89,14 @@ class WindowCapture:
             windows.append(covering[0].queries[-rows:].transpose(0, 1))
         return windows
 
-    def drop(self, req_pool_idx: int) -> None:
-        self._slots.pop(req_pool_idx, None)
+    def drop(self, req) -> None:
+        """Forget a released request's windows."""
+        self._slots.pop(req.kv.req_pool_idx, None)
+        self._observed.pop(req.rid, None)
 
     def clear(self) -> None:
         self._slots.clear()
+        self._observed.clear()
 
 
 def plan_prefix(policy: Policy, budget: float | int, window_queries: list[torch.Tensor], k_buffers, v_buffers,

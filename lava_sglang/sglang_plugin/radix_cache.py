@@ -147,6 +147,8 @@ class LavaRadixCache(CompressedRadixCache):
         if req is not None:  # a shared prefix is recorded afresh at every match (a queued request is matched again)
             self.shared_prefix_keys.pop(req, None)
         repeated_len = self._repeated_len(req.rid) if req is not None and isinstance(req.rid, str) else None
+        if req is not None:
+            self.capture.observe(req, repeated_len is None and self._reads_window_of(req, params.key))
         if repeated_len is not None and len(params.key) > repeated_len:
             # A repetition chunk reuses the prefix only: a longer match (a branch's first token
             # can equal the instruction's) would leave repetition queries uncomputed, unscored.
@@ -167,7 +169,17 @@ class LavaRadixCache(CompressedRadixCache):
         # Recompute the shared prefix's last `window` tokens: their queries observe it.
         key = params.key.page_aligned(self.page_size)
         self.shared_prefix_keys[req] = key[:shared_len]
+        self.capture.observe(req, True)
         return super().match_prefix(MatchPrefixParams(key=key[:shared_len - self.config.window], req=req))
+
+    def _reads_window_of(self, req, key) -> bool:
+        """Whether the cache will read the request's window queries: a fork commit's tail scores
+        (or, under reconstruct, stands in for) its prefix; under branches a branch's window
+        observes the prefix it extends. (A request cut to observe a shared prefix is marked
+        where it is cut.)"""
+        if FORK in self.config.compress_on and self._is_fork_prefix(req):
+            return True
+        return self.config.observe == BRANCHES and self._pending_of(key) is not None
 
     def _needs_commit_window(self, req) -> bool:
         """Whether a fork commit must recompute its tail window to be compressed: it is one,
@@ -198,7 +210,7 @@ class LavaRadixCache(CompressedRadixCache):
             elif checkpointed and self.pending and self.config.observe == BRANCHES:
                 self._observe_branch(req)
         finally:
-            self.capture.drop(req.kv.req_pool_idx)
+            self.capture.drop(req)
             self.shared_prefix_keys.pop(req, None)
             super().on_release(req, checkpointed=checkpointed)
         if repeated_len is not None:  # a repetition chunk's tokens go now, before the next chunk is sent

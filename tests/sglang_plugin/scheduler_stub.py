@@ -118,7 +118,7 @@ class SchedulerStub:
                 rows[:, :, POSITION] = positions[:, None]
                 rows[:, :, TOKEN] = token_ids[:, None]
                 buffer[slots] = rows
-            if extend and self.cache.capture.wants(end):
+            if extend and self.cache.capture.wants(req.rid, end):
                 queries = torch.randn(end - start, Q_HEADS, HEAD_DIM, generator=self.generator)
                 self.cache.capture.record(layer, row, start, queries)
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import torch
 
 from lava_sglang.sglang_plugin.compressor import WindowCapture
@@ -16,6 +18,12 @@ def positions(start: int, stop: int) -> torch.Tensor:
 
 def captured_positions(windows) -> list[list[int]]:
     return [window[0, :, 0].long().tolist() for window in windows]
+
+
+class Request(SimpleNamespace):
+    """A request as the capture sees it (SGLang's `Req` can be referenced weakly)."""
+
+    __slots__ = ("__weakref__",)
 
 
 def record(capture: WindowCapture, req: int, start: int, stop: int) -> None:
@@ -48,11 +56,21 @@ def test_a_layer_without_capture_or_a_short_window_gives_none():
     assert capture.window_queries(2, 22, LAYERS) is None
 
 
-def test_drop_forgets_a_request():
+def test_only_observed_requests_long_enough_are_wanted_and_drop_forgets_one():
     capture = WindowCapture(WINDOW, min_prefix=8)
+    req = Request(rid="commit", kv=SimpleNamespace(req_pool_idx=0))
+    assert not capture.wants("commit", 10)
+    capture.observe(req, True)
+    assert capture.wants("commit", 10) and not capture.wants("commit", 7) and not capture.wants("other", 10)
     record(capture, req=0, start=0, stop=10)
-    capture.drop(0)
-    assert capture.window_queries(0, 10, LAYERS) is None
+    capture.drop(req)
+    assert capture.window_queries(0, 10, LAYERS) is None and not capture.wants("commit", 10)
+    capture.observe(req, True)
+    capture.observe(req, False)  # matched again, and this time not read
+    assert not capture.wants("commit", 10)
+    capture.observe(req, True)
+    del req  # dropped before its release (aborted while queued): nothing stays
+    assert not capture.wants("commit", 10)
 
 
 def test_a_branch_window_can_be_shorter_than_the_window():

@@ -96,6 +96,25 @@ def test_match_insert_and_locks_along_the_path():
     assert_all_released(stub)
 
 
+@pytest.mark.parametrize("observe", ["tail", "branches", "reconstruct"])
+def test_only_the_requests_whose_windows_are_read_hold_captured_queries(observe):
+    # Every other long request's window queries would be held, unread, until its release.
+    stub = make_stub(observe=observe)
+    plain = stub.prefill(stub.request(document(1), max_new_tokens=8))
+    fork_commit = stub.prefill(stub.request(document(0), max_new_tokens=0))
+    assert stub.cache.capture.window_queries(plain.kv.req_pool_idx, 200, LAYERS) is None
+    assert stub.cache.capture.window_queries(fork_commit.kv.req_pool_idx, 200, LAYERS) is not None
+    for req in (fork_commit, plain):
+        stub.finish(req)
+    check(stub)
+    branch = stub.prefill(stub.request(document(0) + question(0), max_new_tokens=4))
+    # Under branches a branch of the waiting prefix observes it; elsewhere the copy is (being) compressed.
+    assert (stub.cache.capture.window_queries(branch.kv.req_pool_idx, 203, LAYERS, rows=3) is not None) == (
+        observe == "branches")
+    stub.finish(branch)
+    check(stub)
+
+
 @pytest.mark.parametrize("budget", [200, 512, 1.0])
 @pytest.mark.parametrize("observe, compress_on", [("tail", (FORK,)), ("reconstruct", (FORK,)), ("tail", (SHARED,))])
 def test_a_budget_that_keeps_the_whole_prefix_leaves_it_as_stock_sglang_does(budget, observe, compress_on):
