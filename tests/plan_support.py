@@ -5,5 +5,5 @@ import torch
 
 def same_plan(a, b) -> bool:
     """Whether two plans keep the same budgets and the same token indices in every layer and head."""
-    return a.head_budgets == b.head_budgets and all(
-        torch.equal(x, y) for la, lb in zip(a.kept, b.kept) for x, y in zip(la, lb))
+    return a.head_budgets == b.head_budgets and len(a.kept) == len(b.kept) and all(
+        len(la) == len(lb) and all(torch.equal(x, y) for x, y in zip(la, lb)) for la, lb in zip(a.kept, b.kept))

@@ -168,6 +168,9 @@ def _host_index(name: str, tensor: object, dims: tuple[int, ...]) -> torch.Tenso
     return tensor.detach().to("cpu", torch.int64)
 
 
+INT32_MAX = 2**31 - 1
+
+
 def _device_int32(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
     return tensor.to(device=device, dtype=torch.int32).contiguous()
 
@@ -230,6 +233,8 @@ class CompressedPrefixAttention:
         if bool((kv.diff(dim=1) < 0).any()) or int(kv.min()) < 0 or int(kv.max()) > kv_indices.numel():
             raise ValueError(f"kv_indptr rows must be non-decreasing offsets into kv_indices "
                              f"(length {kv_indices.numel()})")
+        if kv_indices.numel() > INT32_MAX:  # the kernels read int32 offsets: a larger one would wrap
+            raise ValueError(f"kv_indices has {kv_indices.numel()} entries; the kernels index at most {INT32_MAX}")
         if kv_indices.numel() and int(kv_indices.min()) < 0:
             raise ValueError("kv_indices must be >= 0")
         if keys_per_split is not None and (isinstance(keys_per_split, bool) or not isinstance(keys_per_split, int)

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from lava_sglang.kernels.attention_states import attention_with_lse, merge_attention_states
+from lava_sglang.kernels import prefix_attention
 from lava_sglang.kernels.prefix_attention import CompressedPrefixAttention, prefix_attention_reference
 
 LSE_ATOL = 1e-5  # q.k products are exact in fp32 for bf16 inputs too: only summation order differs
@@ -187,10 +188,14 @@ def test_matches_flashinfer_batch_decode(cuda_only):
     torch.testing.assert_close(lse, fi_lse.view_as(lse) * math.log(2.0), rtol=0, atol=1e-4)
 
 
-def test_bad_inputs_raise(device):  # on the GPU too: inputs on the device the kernels run on
+def test_bad_inputs_raise(device, monkeypatch):  # on the GPU too: inputs on the device the kernels run on
     q, k_store, v_store, qo_indptr, kv_indptr, kv_indices = _batch([1, 1], [[3, 4, 5, 6]], 4, 2, 64,
                                                                    torch.float32, device)
     attention = CompressedPrefixAttention(4, 2, 64)
+    with monkeypatch.context() as patch:  # offsets past int32 (2**31 - 1 here as a small bound) would wrap
+        patch.setattr(prefix_attention, "INT32_MAX", kv_indices.numel() - 1)
+        with pytest.raises(ValueError, match="the kernels index at most"):
+            attention.plan(qo_indptr, kv_indptr, kv_indices)
     with pytest.raises(ValueError, match="call plan"):
         attention.run(q, k_store, v_store)
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
