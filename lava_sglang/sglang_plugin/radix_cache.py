@@ -148,7 +148,7 @@ class LavaRadixCache(CompressedRadixCache):
             self.shared_prefix_keys.pop(req, None)
         repeated_len = self._repeated_len(req.rid) if req is not None and isinstance(req.rid, str) else None
         if req is not None:
-            self.capture.observe(req, repeated_len is None and self._reads_window_of(req, params.key))
+            self.capture.observe(req, repeated_len is None and self._reads_window_of(req))
         if repeated_len is not None and len(params.key) > repeated_len:
             # A repetition chunk reuses the prefix only: a longer match (a branch's first token
             # can equal the instruction's) would leave repetition queries uncomputed, unscored.
@@ -172,14 +172,16 @@ class LavaRadixCache(CompressedRadixCache):
         self.capture.observe(req, True)
         return super().match_prefix(MatchPrefixParams(key=key[:shared_len - self.config.window], req=req))
 
-    def _reads_window_of(self, req, key) -> bool:
+    def _reads_window_of(self, req) -> bool:
         """Whether the cache will read the request's window queries: a fork commit's tail scores
         (or, under reconstruct, stands in for) its prefix; under branches a branch's window
-        observes the prefix it extends. (A request cut to observe a shared prefix is marked
-        where it is cut.)"""
+        observes the prefix it extends (its whole prompt, as `_observe_branch` reads it: the
+        key SGLang matches stops short of it). A request cut to observe a shared prefix is
+        marked where it is cut. Decided when a request is matched: one already running when a
+        prefix starts to wait (a frontend's branches are sent after the commit) is not a branch."""
         if FORK in self.config.compress_on and self._is_fork_prefix(req):
             return True
-        return self.config.observe == BRANCHES and self._pending_of(key) is not None
+        return self.config.observe == BRANCHES and self._pending_of(prompt_key(req)) is not None
 
     def _needs_commit_window(self, req) -> bool:
         """Whether a fork commit must recompute its tail window to be compressed: it is one,
