@@ -538,6 +538,8 @@ def run(args: argparse.Namespace) -> int:
     def write(result) -> list[Path]:
         if notes:
             result["notes"] = notes
+        elif args.notes is not None:  # an explicit --notes none (or an empty file) takes out a run's own
+            result.pop("notes", None)
         return write_serving_report(result, out_dir, stem)
 
     if args.report_only:

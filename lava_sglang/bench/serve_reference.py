@@ -169,11 +169,28 @@ def markdown(results_path: Path, summaries: list[dict], rows: dict[str, list[dic
     return "\n".join(lines) + "\n"
 
 
-def run_model(recorded: str | None, given: str | None, results_path: Path) -> str | None:
+def recorded_model(meta: dict) -> tuple[str | None, bool]:
+    """The checkpoint a serving run's servers ran, and whether it is known: `--model` (None:
+    the default SmolLM2) for the servers `bench serve` started; for a `--url` run, the
+    `model_path` the server reported (unknown in a file that lacks it)."""
+    if not meta["config"].get("url"):
+        return meta["config"].get("model"), True
+    paths = {server.get("model_path") for server in meta.get("servers", {}).values()} - {None}
+    return (paths.pop(), True) if len(paths) == 1 else (None, False)
+
+
+def run_model(recorded: str | None, given: str | None, results_path: Path, known: bool = True) -> str | None:
     """The checkpoint to answer with: the serving run's own (None: the default SmolLM2);
     another is refused, since its tokenizer would build other documents and its answers
-    would be compared with another model's."""
-    if given is None or (recorded is not None and Path(given).resolve() == Path(recorded).resolve()):
+    would be compared with another model's. Where the run's checkpoint is not `known`, the
+    given one is taken on trust."""
+    if given is None:
+        if not known:
+            raise ValueError(f"{results_path} does not say which checkpoint its server ran; give it with --model")
+        return recorded
+    if not known:
+        return given
+    if recorded is not None and Path(given).resolve() == Path(recorded).resolve():
         return recorded
     raise ValueError(f"--model {given}: {results_path} was served by {recorded or 'the default SmolLM2'}; "
                      "the reference must run the same checkpoint (leave --model out to use it)")
@@ -188,7 +205,8 @@ def run(results_path: Path, model: str | None = None, progress: bool = True) -> 
     result = json.loads(results_path.read_text())
     config_fields = {f.name for f in dataclasses.fields(ServeConfig)}
     config = ServeConfig(**{k: v for k, v in result["meta"]["config"].items() if k in config_fields})
-    model = run_model(config.model, model, results_path)
+    recorded, known = recorded_model(result["meta"])
+    model = run_model(recorded, model, results_path, known)
     windows = {(record.get("kv_policy_options") or {}).get("window") for record in result["records"]} - {None}
     if len(windows) > 1:
         raise ValueError(f"{results_path}: the servers used different windows {sorted(windows)}; check one at a time")
@@ -210,5 +228,6 @@ def run(results_path: Path, model: str | None = None, progress: bool = True) -> 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("results", type=Path, help="a `lava-sglang bench serve` results file (serving.json)")
     parser.add_argument("--model", help="checkpoint folder; only the serving run's own is accepted (default: the "
-                        "run's, which is the converted SmolLM2 unless it was started with --model)")
+                        "run's: the converted SmolLM2 unless it was started with --model, or for a --url run the "
+                        "checkpoint its server reported)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")

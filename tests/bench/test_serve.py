@@ -495,7 +495,9 @@ def test_report_only_without_its_json_and_notes_that_are_not_there_are_refused(t
     assert main(["--report-only", "--out", str(tmp_path), "--notes", str(tmp_path / "notse.md")]) == 2
     assert f"--notes: no file {tmp_path / 'notse.md'}" in capsys.readouterr().err
     (tmp_path / "serving_notes.md").write_text("Default notes.\n")
-    assert main(["--report-only", "--out", str(tmp_path), "--notes", "none"]) == 0
-    assert "Default notes." not in (tmp_path / "serving.md").read_text()
     assert main(["--report-only", "--out", str(tmp_path)]) == 0
     assert "Default notes." in (tmp_path / "serving.md").read_text()
+    # The notes are in the JSON now; none takes them out of both.
+    assert main(["--report-only", "--out", str(tmp_path), "--notes", "none"]) == 0
+    assert "Reading the results" not in (tmp_path / "serving.md").read_text()
+    assert "notes" not in json.loads((tmp_path / "serving.json").read_text())

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lava_sglang.bench.serve_reference import compressing_visits, run, run_model
+from lava_sglang.bench.serve_reference import compressing_visits, recorded_model, run, run_model
 
 
 def visit(index: int, document: int, commit_cached: int, prefix_tokens: int = 1000) -> dict:
@@ -46,4 +46,17 @@ def test_a_results_file_that_is_not_there_is_refused_before_any_model_loads(tmp_
     (tmp_path / "serving.json").write_text(json.dumps({"meta": {"config": {"model": None}}, "records": []}))
     with pytest.raises(ValueError, match="the reference must run the same checkpoint"):
         run(tmp_path / "serving.json", model=str(tmp_path))
+
+
+def test_a_url_run_is_checked_on_the_checkpoint_its_server_reported(tmp_path):
+    served = {"config": {"url": "http://127.0.0.1:30000", "model": None},
+              "servers": {"none": {"model_path": str(tmp_path)}, "lava": {"model_path": str(tmp_path)}}}
+    assert recorded_model(served) == (str(tmp_path), True)
+    assert recorded_model({"config": {"url": None, "model": "/m"}}) == ("/m", True)
+    unknown = recorded_model({"config": {"url": "http://127.0.0.1:30000"}, "servers": {}})
+    assert unknown == (None, False)
+    results = Path("serving.json")
+    assert run_model(*unknown[:1], "/models/qwen", results, known=unknown[1]) == "/models/qwen"  # taken on trust
+    with pytest.raises(ValueError, match="does not say which checkpoint its server ran; give it with --model"):
+        run_model(None, None, results, known=False)
 
