@@ -14,6 +14,7 @@ from lava_sglang.policy.base import WindowPolicy, validate_alpha
 @dataclass(frozen=True)
 class AdaSnapKV(WindowPolicy):
     name: ClassVar[str] = "ada_snapkv"
+    reads_alpha: ClassVar[bool] = True
 
     alpha: float = 0.2
 

@@ -37,6 +37,8 @@ class Policy:
     keeps_everything: ClassVar[bool] = False
     #: Whether `allocate` reads the layers' entropies (LAVa's entropy layer budgets).
     uses_layer_entropy: ClassVar[bool] = False
+    #: Whether the plan reads `alpha`, the safeguard of a per-layer head top-k (lava.md).
+    reads_alpha: ClassVar[bool] = False
     #: The observation sources the policy is defined with (docs/observe.md); None: any.
     #: The plan works with any source; the server and the benchmarks pair it with these only.
     scored_by: ClassVar[tuple[str, ...] | None] = None

@@ -30,7 +30,8 @@ class Lava(WindowPolicy):
     their scores, and one top-k per layer sets the head budgets, with the safeguard
     `alpha`), "uniform" (every layer the same budget, heads by that top-k) or "global" (one
     threshold over all layers and heads, KVzip's allocation; `alpha` and `head_budget` do
-    not apply, and a value other than their default is refused). `head_budget` "uniform" splits a layer's budget evenly over its heads.
+    not apply, and a value other than their default is refused, as `alpha` is with
+    `head_budget` "uniform"). `head_budget` "uniform" splits a layer's budget evenly over its heads.
 
     The defaults are what measured best on prefixes scored by a repetition (the server's
     default source; docs/allocation.md): global budgets over the unpooled, unscaled scores.
@@ -54,6 +55,10 @@ class Lava(WindowPolicy):
     def uses_layer_entropy(self) -> bool:
         return self.layer_budget == "entropy"
 
+    @property
+    def reads_alpha(self) -> bool:
+        return self.layer_budget != "global" and self.head_budget == "topk"
+
     def validate(self) -> None:
         super().validate()
         validate_alpha(self.alpha)
@@ -61,12 +66,13 @@ class Lava(WindowPolicy):
             raise ValueError(f"layer_budget must be one of {list(LAYER_BUDGETS)}, got {self.layer_budget!r}")
         if self.head_budget not in HEAD_BUDGETS:
             raise ValueError(f"head_budget must be one of {list(HEAD_BUDGETS)}, got {self.head_budget!r}")
-        if self.layer_budget == "global":  # a per-layer option set here would change nothing
-            ignored = [f"{name}={getattr(self, name)}" for name in ("head_budget", "alpha")
-                       if getattr(self, name) != getattr(Lava, name)]
-            if ignored:
-                raise ValueError(f"{' and '.join(ignored)} needs per-layer budgets (layer_budget=entropy or "
-                                 "uniform): layer_budget=global sets every head's budget by one threshold")
+        # An option set here that the allocation does not read would change nothing.
+        if self.layer_budget == "global" and self.head_budget != "topk":
+            raise ValueError(f"head_budget={self.head_budget} needs per-layer budgets (layer_budget=entropy or "
+                             "uniform): layer_budget=global sets every head's budget by one threshold")
+        if not self.reads_alpha and self.alpha != Lava.alpha:
+            raise ValueError(f"alpha={self.alpha} is read only by the per-layer head top-k (layer_budget=entropy or "
+                             "uniform, head_budget=topk)")
         if not isinstance(self.value_norm, bool):
             raise ValueError(f"value_norm must be a bool, got {self.value_norm!r}")
 

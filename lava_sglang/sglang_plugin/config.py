@@ -162,9 +162,9 @@ FLAGS = {
                       "Do not compress prefixes shorter than this many tokens (must exceed --kv-window). "
                       f"Default {DEFAULT_MIN_PREFIX}."),
     "kv_alpha": ("--kv-alpha", None, "LAVa's head-budget safeguard alpha in [0, 1] (each KV head keeps at least "
-                 "floor(alpha x its layer's budget)); only with per-layer budgets (lava:layer_budget=entropy or "
-                 f"uniform, ada_snapkv); an alpha= in the --kv-policy spec must equal it. Default "
-                 f"{KvPolicyConfig.alpha}, or the spec's."),
+                 "floor(alpha x its layer's budget)); only for policies with per-layer head budgets "
+                 "(lava:layer_budget=entropy or uniform, ada_snapkv), refused for the others; an alpha= in the "
+                 f"--kv-policy spec must equal it. Default {KvPolicyConfig.alpha}, or the spec's."),
     "kv_pool_kernel": ("--kv-pool-kernel", None, "Width of the score pooling (odd int >= 1). Default: the "
                        "policy's own (lava and kvzip 1, no pooling; snapkv, ada_snapkv, pyramidkv 7)."),
     "kv_compress_on": ("--kv-compress-on", FORK,
@@ -299,6 +299,10 @@ def from_namespace(args: argparse.Namespace) -> KvPolicyConfig:
             raise ConfigError(f"--kv-observe-view {observe_view} with --kv-observe-chunk {observe_chunk}: "
                               f"{error}") from None
     if config.enabled:
+        if alpha is not None and not _reads_alpha(policy, window):
+            raise ConfigError(f"--kv-alpha {args.kv_alpha}: --kv-policy {policy} does not read alpha (only the "
+                              "per-layer head top-k of lava:layer_budget=entropy or uniform, and ada_snapkv, do); "
+                              "leave it out")
         try:
             policy_object = config.make_policy()
         except ValueError as error:
@@ -317,6 +321,15 @@ def from_namespace(args: argparse.Namespace) -> KvPolicyConfig:
         except ValueError as error:
             raise ConfigError(f"--kv-policy {policy}: {error} (--kv-observe)") from None
     return config
+
+
+def _reads_alpha(policy: str, window: int) -> bool:
+    """Whether policy spec `policy` reads alpha (a spec the registry refuses is reported by
+    the caller, with its own error)."""
+    try:
+        return make_policy(policy, window=window).reads_alpha
+    except ValueError:
+        return True
 
 
 def is_cpu(device: str) -> bool:

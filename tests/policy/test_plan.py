@@ -303,11 +303,16 @@ def test_policy_specs_set_fields_and_name_what_is_wrong():
     policy = make_policy("lava:layer_budget=entropy,value_norm=false,alpha=0", window=8, alpha=0.5)
     assert (policy.layer_budget, policy.value_norm, policy.alpha, policy.window) == ("entropy", False, 0, 8)
     # One threshold over every layer and head reads no per-layer option: setting one is refused.
-    for option in ("alpha=0.5", "head_budget=uniform", "head_budget=uniform,alpha=0"):
-        with pytest.raises(ValueError, match=f"{option.replace(',', ' and ')} needs per-layer budgets"):
-            make_policy(f"lava:{option}")
-    with pytest.raises(ValueError, match="alpha=0.5 needs per-layer budgets"):  # the server's --kv-alpha 0.5
+    for options, message in (("alpha=0.5", "alpha=0.5 is read only by the per-layer head top-k"),
+                             ("head_budget=uniform", "head_budget=uniform needs per-layer budgets"),
+                             ("layer_budget=entropy,head_budget=uniform,alpha=0", "alpha=0 is read only by")):
+        with pytest.raises(ValueError, match=message):
+            make_policy(f"lava:{options}")
+    with pytest.raises(ValueError, match="alpha=0.5 is read only by"):  # the server's --kv-alpha 0.5
         make_policy("lava", alpha=0.5)
+    assert [make_policy(spec).reads_alpha for spec in ("lava", PAPER_SPEC, "lava:layer_budget=uniform",
+                                                       "ada_snapkv", "snapkv", "kvzip")] == [
+        False, True, True, True, False, False]
     with pytest.raises(ValueError, match="options must be field=value with a field of lava"):
         make_policy("lava:budget=2")
     with pytest.raises(ValueError, match="layer_budget must be one of"):

@@ -90,11 +90,15 @@ def test_a_policy_option_and_its_flag_given_two_values_are_refused(policy, optio
     assert getattr(config.make_policy(), name) == getattr(config, name) == float(value)
 
 
-def test_alpha_is_refused_where_one_threshold_sets_the_budgets():
-    # The default lava allocation reads no alpha: --kv-alpha 0.5 would change nothing.
-    with pytest.raises(ConfigError, match="alpha=0.5 needs per-layer budgets"):
-        from_namespace(parse("--kv-policy", "lava", "--kv-alpha", "0.5"))
-    assert from_namespace(parse("--kv-policy", "lava", "--kv-alpha", "0.2")).alpha == 0.2
+@pytest.mark.parametrize("policy", ["lava", "kvzip", "snapkv", "pyramidkv", "streamingllm"])
+def test_kv_alpha_is_refused_for_a_policy_that_does_not_read_it(policy):
+    # The default lava allocation (one threshold) and the other policies read no alpha:
+    # --kv-alpha would change nothing while /server_info reported it.
+    with pytest.raises(ConfigError, match=f"--kv-alpha 0.5: --kv-policy {policy} does not read alpha"):
+        from_namespace(parse("--kv-policy", policy, "--kv-alpha", "0.5"))
+    assert from_namespace(parse("--kv-policy", policy)).alpha == 0.2
+    for reads in ("ada_snapkv", "lava:layer_budget=entropy"):
+        assert from_namespace(parse("--kv-policy", reads, "--kv-alpha", "0.5")).make_policy().alpha == 0.5
 
 
 @pytest.mark.parametrize("args, window", [
