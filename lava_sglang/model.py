@@ -41,9 +41,14 @@ def gguf_path() -> Path:
     return path
 
 
+def smollm2_location(cache_dir: Path | None = None) -> Path:
+    """Where the converted SmolLM2-135M-Instruct checkpoint is (or will be once converted)."""
+    return (cache_dir or cache_root() / "models") / CHECKPOINT_NAME
+
+
 def smollm2_path(cache_dir: Path | None = None) -> Path:
     """Path of the converted SmolLM2-135M-Instruct checkpoint, converting it on first use."""
-    target = (cache_dir or cache_root() / "models") / CHECKPOINT_NAME
+    target = smollm2_location(cache_dir)
     if (target / "config.json").is_file():
         return target
     source = gguf_path()

@@ -190,7 +190,9 @@ def run_model(recorded: str | None, given: str | None, results_path: Path, known
         return recorded
     if not known:
         return given
-    if recorded is not None and Path(given).resolve() == Path(recorded).resolve():
+    from lava_sglang.model import smollm2_location
+
+    if Path(given).resolve() == Path(recorded if recorded is not None else smollm2_location()).resolve():
         return recorded
     raise ValueError(f"--model {given}: {results_path} was served by {recorded or 'the default SmolLM2'}; "
                      "the reference must run the same checkpoint (leave --model out to use it)")

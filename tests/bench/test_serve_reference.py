@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from lava_sglang.bench.serve_reference import compressing_visits, recorded_model, run, run_model
+from lava_sglang.model import smollm2_location
 
 
 def visit(index: int, document: int, commit_cached: int, prefix_tokens: int = 1000) -> dict:
@@ -32,6 +33,7 @@ def test_a_visit_reads_the_copy_its_documents_last_prefill_compressed():
 def test_the_reference_answers_with_the_serving_runs_own_checkpoint(tmp_path):
     results = Path("serving.json")
     assert run_model(None, None, results) is None  # the default SmolLM2, as the run had
+    assert run_model(None, str(smollm2_location()), results) is None  # the same, named
     assert run_model(str(tmp_path), None, results) == str(tmp_path)
     assert run_model(str(tmp_path), str(tmp_path / ".." / tmp_path.name), results) == str(tmp_path)
     with pytest.raises(ValueError, match="serving.json was served by the default SmolLM2"):
