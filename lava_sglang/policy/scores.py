@@ -22,18 +22,12 @@ def window_attention_mass(q_window: torch.Tensor, keys: torch.Tensor, gqa_reduce
     keys: [Hkv, n, d] post-RoPE keys of the whole scored sequence.
     gqa_reduce: "max" (LAVa) or "mean" (the SnapKV family) over the G query heads of a group.
     Returns [Hkv, m] fp32 with m = n - w (the selectable prefix).
+
+    The window is the sequence's own last w tokens: `prefix_attention_mass` with the window's
+    keys as the queries' own tokens (window query r sees the prefix and window keys 0 .. r).
     """
-    num_q_heads, window, head_dim = q_window.shape
-    num_kv_heads, seq_len, _ = keys.shape
-    group = num_q_heads // num_kv_heads
-    prefix_len = seq_len - window
-    q = q_window.float().view(num_kv_heads, group, window, head_dim)
-    k = keys.float()
-    logits = torch.einsum("hgrd,hjd->hgrj", q, k) / math.sqrt(head_dim)
-    # Window query r sits at position prefix_len + r and must not see later window keys.
-    logits[..., prefix_len:].masked_fill_(~causal_visibility(window, window, keys.device), float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
-    return reduce_query_group(probs[..., :prefix_len].mean(dim=2), gqa_reduce)
+    prefix_len = keys.shape[1] - q_window.shape[1]
+    return prefix_attention_mass(q_window, keys[:, :prefix_len], keys[:, prefix_len:], prefix_len, gqa_reduce)
 
 
 def prefix_attention_mass(
