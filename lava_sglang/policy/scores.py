@@ -23,11 +23,11 @@ def window_attention_mass(q_window: torch.Tensor, keys: torch.Tensor, gqa_reduce
     gqa_reduce: "max" (LAVa) or "mean" (the SnapKV family) over the G query heads of a group.
     Returns [Hkv, m] fp32 with m = n - w (the selectable prefix).
 
-    The window is the sequence's own last w tokens: `prefix_attention_mass` with the window's
-    keys as the queries' own tokens (window query r sees the prefix and window keys 0 .. r).
+    The window is the sequence's own last w tokens: window query r sees the prefix and window
+    keys 0 .. r, as a branch's queries see its own tokens (`prefix_attention_mass`).
     """
-    prefix_len = keys.shape[1] - q_window.shape[1]
-    return prefix_attention_mass(q_window, keys[:, :prefix_len], keys[:, prefix_len:], prefix_len, gqa_reduce)
+    window = q_window.shape[1]
+    return _following_queries_mass(q_window, keys.float(), window, keys.shape[1] - window, gqa_reduce)
 
 
 def prefix_attention_mass(
@@ -42,13 +42,20 @@ def prefix_attention_mass(
     queries: [Hq, r, d]; keys: [Hkv, n, d] prefix keys; own_keys: [Hkv, s, d] with s >= r.
     Returns [Hkv, prefix_len] fp32 (the first prefix_len prefix keys).
     """
+    all_keys = torch.cat([keys.float(), own_keys.float()], dim=1)
+    return _following_queries_mass(queries, all_keys, own_keys.shape[1], prefix_len, gqa_reduce)
+
+
+def _following_queries_mass(queries: torch.Tensor, all_keys: torch.Tensor, own_len: int, prefix_len: int,
+                            gqa_reduce: str) -> torch.Tensor:
+    """The mass of both: `all_keys` [Hkv, n + s, d] fp32 ends with the queries' own s keys,
+    which the r queries see causally (query i sees own keys 0 .. s - r + i)."""
     num_q_heads, rows, head_dim = queries.shape
-    num_kv_heads, own_len, _ = own_keys.shape
-    group = num_q_heads // num_kv_heads
-    q = queries.float().view(num_kv_heads, group, rows, head_dim)
-    k = torch.cat([keys.float(), own_keys.float()], dim=1)
-    logits = torch.einsum("hgrd,hjd->hgrj", q, k) / math.sqrt(head_dim)
-    logits[..., keys.shape[1]:].masked_fill_(~causal_visibility(rows, own_len, keys.device), float("-inf"))
+    num_kv_heads = all_keys.shape[0]
+    q = queries.float().view(num_kv_heads, num_q_heads // num_kv_heads, rows, head_dim)
+    logits = torch.einsum("hgrd,hjd->hgrj", q, all_keys) / math.sqrt(head_dim)
+    logits[..., all_keys.shape[1] - own_len:].masked_fill_(~causal_visibility(rows, own_len, all_keys.device),
+                                                           float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return reduce_query_group(probs[..., :prefix_len].mean(dim=2), gqa_reduce)
 
