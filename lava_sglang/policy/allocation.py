@@ -58,6 +58,19 @@ def descending_order(scores: torch.Tensor) -> torch.Tensor:
     return torch.sort(scores, dim=-1, descending=True, stable=True).indices
 
 
+def descending_order_over_rows(scores: torch.Tensor) -> torch.Tensor:
+    """Indices into `scores.flatten(-2)` ([..., rows, m], row-major) by descending score;
+    ties go to the earlier token, then the earlier row.
+
+    So forced sinks (+inf in every row) are spread: at a budget too small for every row's
+    sinks, each row keeps its first token before any row keeps its second, where ties to
+    the earlier row would give the first rows all of them and the last rows none.
+    """
+    num_rows, prefix_len = scores.shape[-2:]
+    token_major = descending_order(scores.transpose(-1, -2).flatten(-2))
+    return token_major % num_rows * prefix_len + token_major // num_rows
+
+
 def flat_topk_head_budgets(scores: torch.Tensor, layer_budgets: Sequence[int], alpha: float) -> list[list[int]]:
     """Head budgets from one top-k over each whole layer, with the safeguard floor.
 
@@ -66,7 +79,7 @@ def flat_topk_head_budgets(scores: torch.Tensor, layer_budgets: Sequence[int], a
     even, as Python and torch round). One sort for all layers.
     """
     num_layers, num_kv_heads, prefix_len = scores.shape
-    order = descending_order(scores.flatten(1))
+    order = descending_order_over_rows(scores)
     budgets = torch.tensor(layer_budgets, dtype=torch.int64, device=scores.device)
     in_top = torch.arange(num_kv_heads * prefix_len, device=scores.device) < num_kv_heads * budgets[:, None]
     counts = torch.zeros(num_layers, num_kv_heads, dtype=torch.int64, device=scores.device)
@@ -82,10 +95,11 @@ def global_topk_head_budgets(scores: torch.Tensor, total: int) -> list[list[int]
     """Head budgets from ONE threshold over every layer and KV head (KVzip's allocation).
 
     scores: [L, Hkv, m]; the top `total` of all L * Hkv * m entries are kept and each
-    (layer, head) keeps as many as fall in it (ties go to the earlier layer, head, token).
+    (layer, head) keeps as many as fall in it (ties go to the earlier token, then the earlier
+    layer and head: `descending_order_over_rows`).
     Returns per layer the selectable tokens each KV head keeps; they sum to min(total, L*Hkv*m).
     """
     num_layers, num_kv_heads, prefix_len = scores.shape
-    top = descending_order(scores.float().flatten())[:total]
+    top = descending_order_over_rows(scores.float().flatten(0, 1))[:total]
     counts = torch.bincount(top // prefix_len, minlength=num_layers * num_kv_heads)
     return counts.view(num_layers, num_kv_heads).tolist()

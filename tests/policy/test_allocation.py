@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from lava_sglang.policy.allocation import (descending_order, distribute, flat_topk_head_budgets,
-                                          global_topk_head_budgets, pyramid_weights)
+from lava_sglang.policy.allocation import (descending_order, descending_order_over_rows, distribute,
+                                          flat_topk_head_budgets, global_topk_head_budgets, pyramid_weights)
 
 
 def test_distribute_floors_proportional_shares():
@@ -88,3 +88,25 @@ def test_global_topk_counts_the_best_entries_wherever_they_are():
     assert global_topk_head_budgets(torch.stack([layer0, layer1]), 5) == [[1, 3], [0, 1]]
     # More than there are: every entry.
     assert global_topk_head_budgets(torch.stack([layer0, layer1]), 50) == [[3, 3], [3, 3]]
+
+
+def test_ties_over_rows_go_to_the_earlier_token_then_the_earlier_row():
+    scores = torch.tensor([[2.0, 1.0, 1.0], [1.0, 2.0, 0.0]])
+    # 2.0 at (row 0, token 0) and (row 1, token 1): token 0 first; then the 1.0s by token.
+    assert descending_order_over_rows(scores).tolist() == [0, 4, 3, 1, 2, 5]
+
+
+def test_forced_sinks_are_spread_over_every_row_at_a_tiny_global_budget():
+    # 2 layers x 2 heads, the first 4 tokens forced (+inf, as KVzip's sinks): a budget of 8
+    # gives every row its first 2 tokens; ties by row would give the first two rows 4 each.
+    scores = torch.rand(2, 2, 10)
+    scores[..., :4] = torch.inf
+    assert global_topk_head_budgets(scores, 8) == [[2, 2], [2, 2]]
+    assert global_topk_head_budgets(scores, 5) == [[2, 1], [1, 1]]
+
+
+def test_forced_sinks_are_spread_over_a_layers_heads_by_the_per_layer_top_k():
+    scores = torch.rand(1, 3, 10)
+    scores[..., :4] = torch.inf
+    # The layer's top 3 * 1 entries are each head's first token: counts (1, 1, 1), alpha 0.
+    assert flat_topk_head_budgets(scores, [1], alpha=0.0) == [[1, 1, 1]]

@@ -260,6 +260,15 @@ def test_kvzip_keeps_the_best_scores_of_all_layers_and_heads_and_the_sinks():
     assert plan.head_budgets[1] != plan.head_budgets[0]
 
 
+def test_kvzip_at_a_budget_below_its_sinks_keeps_the_first_token_in_every_layer_and_head():
+    # 3 layers x 2 heads x 4 sinks need 24 selectable tokens; 9 tokens per row, 8 of them the
+    # window, give 6: every (layer, head) keeps token 0, none a second sink before all have one.
+    q, k, v = random_layers(num_layers=3, num_q_heads=4, num_kv_heads=2, seq_len=40, window=8)
+    plan = compress_plan(make_policy("kvzip", window=8), q, k, v, 9, window=8)
+    assert plan.head_budgets == [[1, 1]] * 3
+    assert all(set(positions.tolist()) == {0} | set(range(32, 40)) for heads in plan.kept for positions in heads)
+
+
 def test_kvzip_scores_are_the_raw_group_max_with_sinks_forced():
     q, k, v = random_layers(num_layers=1, num_q_heads=4, num_kv_heads=2, seq_len=30, window=6)
     scores = make_policy("kvzip", window=6).layer_scores(q[0], k[0], v[0]).scores
