@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 
+import numpy
 import torch
 
 from lava_sglang.policy import scores as score_ops
@@ -69,7 +70,8 @@ def resolve_budget(budget: float | int, seq_len: int) -> int:
     """Average tokens kept per layer and KV head (window included), per lava.md.
 
     A float in (0, 1] is a keep ratio, taken at its decimal value (0.2 of 2000 is 400, not
-    401 from binary rounding); an int >= 1 is a token count.
+    401 from binary rounding; numpy's float32 0.2 too, by its own shortest decimal); an
+    int >= 1 is a token count.
     """
     if isinstance(budget, bool) or not isinstance(budget, numbers.Real):
         raise ValueError(f"budget must be a float in (0, 1] or an int >= 1, got {budget!r}")
@@ -80,7 +82,7 @@ def resolve_budget(budget: float | int, seq_len: int) -> int:
     ratio = float(budget)
     if not math.isfinite(ratio) or not 0.0 < ratio <= 1.0:
         raise ValueError(f"budget must be a keep ratio in (0, 1] when given as a float, got {budget!r}")
-    return math.ceil(Fraction(repr(ratio)) * seq_len)
+    return math.ceil(Fraction(str(budget) if isinstance(budget, numpy.floating) else repr(ratio)) * seq_len)
 
 
 def _check_tensor(name: str, tensor: object, layer: int) -> torch.Tensor:
@@ -181,7 +183,8 @@ class PlanBuilder:
         self.num_kv_heads = num_kv_heads
         self.window = min(policy.window, seq_len)
         self.prefix_len = seq_len - self.window
-        self.budget_tokens = seq_len if policy.keeps_everything else resolve_budget(budget, seq_len)
+        budget_tokens = resolve_budget(budget, seq_len)  # validated even where everything is kept
+        self.budget_tokens = seq_len if policy.keeps_everything else budget_tokens
         self._layers: list[LayerScores | None] = []
         self._num_q_heads: int | None = None
         if head_shard is not None:

@@ -2,6 +2,7 @@
 
 import math
 
+import numpy
 import pytest
 import torch
 
@@ -24,6 +25,19 @@ def random_layers(num_layers=3, num_q_heads=6, num_kv_heads=2, seq_len=40, windo
 @pytest.mark.parametrize("ratio, seq_len, expected", [(0.2, 2000, 400), (1.0, 7, 7), (0.1, 33, 4), (0.5, 1, 1)])
 def test_ratio_budget_is_ceil_of_the_decimal_ratio(ratio, seq_len, expected):
     assert resolve_budget(ratio, seq_len) == expected
+
+
+def test_a_numpy_ratio_is_taken_at_its_own_decimal_value():
+    # float(np.float32(0.2)) is 0.20000000298..., whose ceil of 2000 would be 401.
+    assert resolve_budget(numpy.float32(0.2), 2000) == 400
+    assert resolve_budget(numpy.float64(0.2), 2000) == 400
+
+
+@pytest.mark.parametrize("bad", [-1, 5.0, "0.2"])
+def test_the_full_cache_refuses_a_bad_budget_too(bad):
+    q, k, v = random_layers(num_layers=1)
+    with pytest.raises(ValueError, match="budget"):
+        compress_plan("full", q, k, v, bad)
 
 
 def test_int_budget_is_tokens():
