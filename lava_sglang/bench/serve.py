@@ -43,6 +43,7 @@ from lava_sglang.argtypes import (COMPRESSING_POLICIES, DEFAULT_MIN_PREFIX, at_l
                                   positive_int, read_notes)
 from lava_sglang.bench.serve_workload import (MISS_SLACK, ORDERS, build_workload, program_inputs, summarize,
                                               timed_endpoint, visit_records)
+from lava_sglang.checks import is_number
 from lava_sglang.sglang_plugin.server_process import ServerExited, ServerProcess
 
 POLICIES = ["none", *COMPRESSING_POLICIES]
@@ -188,7 +189,7 @@ def combined_store(stores: list[dict | None]) -> dict | None:
     if len(present) <= 1:
         return present[0] if present else None
     total = {key: sum(store.get(key, 0) for store in present) for key, value in present[0].items()
-             if isinstance(value, (int, float)) and not isinstance(value, bool)}
+             if is_number(value)}
     costs = [store["repetition_cost"] for store in present if store.get("repetition_cost")]
     if costs:
         cost = {key: sum(c[key] for c in costs) for key in ("documents", "repetition_seconds", "prefill_seconds")}

@@ -43,6 +43,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lava_sglang.checks import is_int
 from lava_sglang.kernels import launch
 from lava_sglang.kernels.attention_states import attention_with_lse
 from lava_sglang.kernels.prefix_attention import (MAX_BLOCK_ROWS, _merge_splits_kernel,
@@ -233,7 +234,7 @@ class PoolPrefixAttention:
                                    ("slot_base", slot_base, 1), ("num_slots", num_slots, 1)):
             launch.check_tensor(name, tensor, dims, launch.INDEX_DTYPES)
         check_positive_ints(max_q_len=max_q_len)
-        if isinstance(num_tokens, bool) or not isinstance(num_tokens, int) or num_tokens < 0:
+        if not is_int(num_tokens) or num_tokens < 0:
             raise ValueError(f"num_tokens must be an int >= 0, got {num_tokens!r}")
         num_requests = entry_of_request.numel()
         if qo_indptr.numel() != num_requests + 1:
@@ -271,7 +272,7 @@ class PoolPrefixAttention:
         if tuple(q.shape) != expected or q.dtype != self.dtype:
             raise ValueError(f"q must be [tokens, Hq, d] = {list(expected)} (tokens from the plan) in the pool's "
                              f"dtype {self.dtype}, got {q.dtype} {list(q.shape)}")
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+        if not is_int(layer) or not 0 <= layer < self.num_layers:
             raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
         launch.check_same_device(q=q, k_buffers=self.k_first)
         launch.check_triton_device(q.device)

@@ -27,6 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lava_sglang.checks import is_int
 from lava_sglang.kernels import launch
 from lava_sglang.kernels.attention_states import attention_with_lse
 
@@ -177,7 +178,7 @@ def _device_int32(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
 
 def check_positive_ints(**values) -> None:
     for name, value in values.items():
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if not is_int(value) or value < 1:
             raise ValueError(f"{name} must be an int >= 1, got {value!r}")
 
 
@@ -237,8 +238,7 @@ class CompressedPrefixAttention:
             raise ValueError(f"kv_indices has {kv_indices.numel()} entries; the kernels index at most {INT32_MAX}")
         if kv_indices.numel() and int(kv_indices.min()) < 0:
             raise ValueError("kv_indices must be >= 0")
-        if keys_per_split is not None and (isinstance(keys_per_split, bool) or not isinstance(keys_per_split, int)
-                                           or keys_per_split < 1):
+        if keys_per_split is not None and (not is_int(keys_per_split) or keys_per_split < 1):
             raise ValueError(f"keys_per_split must be None or an int >= 1, got {keys_per_split!r}")
 
         q_lens = qo.diff()
@@ -302,7 +302,7 @@ class CompressedPrefixAttention:
         launch.check_rows_contiguous("q", q)
         launch.check_same_device(q=q, k_store=k_store, v_store=v_store, kv_indices=self._kv_indices)
         launch.check_triton_device(q.device)
-        if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer < self.num_layers:
+        if not is_int(layer) or not 0 <= layer < self.num_layers:
             raise ValueError(f"layer must be an int in [0, {self.num_layers}), got {layer!r}")
 
     def run(self, q: torch.Tensor, k_store: torch.Tensor, v_store: torch.Tensor, *,

@@ -32,6 +32,7 @@ import torch
 import triton
 import triton.language as tl
 
+from lava_sglang.checks import is_int
 from lava_sglang.kernels import launch
 from lava_sglang.policy import scores as score_ops
 
@@ -205,7 +206,7 @@ def window_statistics(
     if keys_per_split is None:
         keys_per_split = launch.split_size(num_keys * num_kv_heads * row_tiles, num_keys,
                                            launch.programs_to_fill(device), BLOCK_KEYS)
-    elif isinstance(keys_per_split, bool) or not isinstance(keys_per_split, int) or keys_per_split < 1:
+    elif not is_int(keys_per_split) or keys_per_split < 1:
         raise ValueError(f"keys_per_split must be an int >= 1, got {keys_per_split!r}")
     splits = triton.cdiv(num_keys, keys_per_split)
     split_max = torch.empty(splits, num_q_heads, window, dtype=torch.float32, device=device)

@@ -12,6 +12,7 @@ from typing import ClassVar
 
 import torch
 
+from lava_sglang.checks import is_int, is_number
 from lava_sglang.policy import scores as score_ops
 from lava_sglang.policy.allocation import descending_order, distribute, global_topk_head_budgets
 
@@ -50,7 +51,7 @@ class Policy:
 
     def validate(self) -> None:
         """Raise ValueError naming the hyper-parameter that is out of range."""
-        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 1:
+        if not is_int(self.window) or self.window < 1:
             raise ValueError(f"window must be an int >= 1, got {self.window!r}")
 
     def layer_scores(self, q_window: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> LayerScores:
@@ -106,7 +107,7 @@ class WindowPolicy(Policy):
     def validate(self) -> None:
         super().validate()
         kernel = self.pool_kernel
-        if isinstance(kernel, bool) or not isinstance(kernel, int) or kernel < 1 or kernel % 2 == 0:
+        if not is_int(kernel) or kernel < 1 or kernel % 2 == 0:
             raise ValueError(f"pool_kernel must be an odd int >= 1, got {kernel!r}")
         validate_sink_tokens(self.sink_tokens)
 
@@ -143,10 +144,10 @@ def global_allocation(scores: torch.Tensor, total: int) -> tuple[list[int], list
 
 
 def validate_sink_tokens(sink_tokens: int) -> None:
-    if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, int) or sink_tokens < 0:
+    if not is_int(sink_tokens) or sink_tokens < 0:
         raise ValueError(f"sink_tokens must be an int >= 0, got {sink_tokens!r}")
 
 
 def validate_alpha(alpha: float) -> None:
-    if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0.0 <= alpha <= 1.0:
+    if not is_number(alpha) or not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be a number in [0, 1], got {alpha!r}")

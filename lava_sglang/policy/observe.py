@@ -19,6 +19,7 @@ from typing import ClassVar
 
 import torch
 
+from lava_sglang.checks import is_int
 from lava_sglang.kernels.attention_states import flash_attention_with_lse
 
 from lava_sglang.policy import scores as score_ops
@@ -264,7 +265,7 @@ class Reconstruct(Observe):
                 raise ValueError(f"{name} must be a str, got {getattr(self, name)!r}")
         for name, minimum in (("chunk_tokens", 1), ("overlap_tokens", 0), ("sink_tokens", 0)):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+            if not is_int(value) or value < minimum:
                 raise ValueError(f"{name} must be an int >= {minimum}, got {value!r}")
         if self.normalize not in REPEAT_NORMALIZATIONS:
             raise ValueError(f"normalize must be one of {list(REPEAT_NORMALIZATIONS)}, got {self.normalize!r}")

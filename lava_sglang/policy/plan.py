@@ -17,6 +17,7 @@ from fractions import Fraction
 import numpy
 import torch
 
+from lava_sglang.checks import is_int
 from lava_sglang.policy import scores as score_ops
 from lava_sglang.policy.base import LayerScores, Policy
 from lava_sglang.policy.observe import (Branches, Observe, ObservationWindow, Reconstruct, Tail,
@@ -129,7 +130,7 @@ class HeadShard:
 
     def validate(self) -> None:
         for name, value in (("rank", self.rank), ("world_size", self.world_size)):
-            if isinstance(value, bool) or not isinstance(value, int):
+            if not is_int(value):
                 raise ValueError(f"head_shard.{name} must be an int, got {value!r}")
         if not 0 <= self.rank < self.world_size:
             raise ValueError(f"head_shard.rank must be in [0, {self.world_size}), got {self.rank}")
@@ -175,7 +176,7 @@ class PlanBuilder:
         observe.validate()
         self.observe = observe
         for name, value in (("seq_len", seq_len), ("num_layers", num_layers), ("num_kv_heads", num_kv_heads)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         self.policy = policy
         self.seq_len = seq_len

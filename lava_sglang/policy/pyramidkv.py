@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
+from lava_sglang.checks import is_number
 from lava_sglang.policy.allocation import distribute, pyramid_weights
 from lava_sglang.policy.base import WindowPolicy
 
@@ -18,7 +19,7 @@ class PyramidKV(WindowPolicy):
 
     def validate(self) -> None:
         super().validate()
-        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not self.beta >= 1:
+        if not is_number(self.beta) or not self.beta >= 1:
             raise ValueError(f"beta must be a number >= 1, got {self.beta!r}")
 
     def layer_budgets(self, entropies: list[float], total: int, prefix_len: int) -> list[int]:

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import torch
 
+from lava_sglang.checks import is_int
 from lava_sglang.kernels.attention_states import merge_attention_states
 from lava_sglang.sglang_plugin.attention import POOL_DECODE_SPLITS
 from lava_sglang.sglang_plugin.own_attention import OwnTokenAttention, decode_splits
@@ -50,7 +51,7 @@ class DecodeGraphStep:
         from lava_sglang.kernels.pool_prefix_attention import PoolPrefixAttention
 
         for name, value in (("max_batch", max_batch), ("max_context", max_context)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ValueError(f"{name} must be an int >= 1, got {value!r}")
         device = k_buffers[0].device
         self.tables = tables

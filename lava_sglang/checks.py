@@ -1,0 +1,17 @@
+"""Type checks shared by every layer's argument validation (no torch, no SGLang).
+
+`bool` is an `int` subclass in Python, so `True` would pass for 1 where an int or a number is
+asked for; these say no.
+"""
+
+from __future__ import annotations
+
+
+def is_int(value: object) -> bool:
+    """An int, not a bool."""
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def is_number(value: object) -> bool:
+    """An int or a float, not a bool."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
