@@ -115,7 +115,10 @@ class ServeConfig:
 
 
 def check_loopback(url: str) -> None:
-    host = urllib.parse.urlparse(url).hostname or ""
+    parsed = urllib.parse.urlparse(url)
+    if parsed.scheme not in ("http", "https") or parsed.path not in ("", "/"):
+        raise ValueError(f"--url must be a server's address, http(s)://host:port, got {url!r}")
+    host = parsed.hostname or ""
     try:
         loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
     except ValueError:
@@ -384,7 +387,7 @@ def run_benchmark(config: ServeConfig, progress: bool = True, log_dir: Path | No
     started = time.time()
     cuda = torch.cuda.is_available()
     if config.url:
-        model_path = requests.get(config.url + "/get_model_info", timeout=60).json()["model_path"]
+        model_path = served_model_path(config.url)
     else:
         from lava_sglang.model import smollm2_path
 
@@ -407,7 +410,7 @@ def run_benchmark(config: ServeConfig, progress: bool = True, log_dir: Path | No
         label = facts["kv_policy"].get("policy", "none") if facts["kv_policy"] else "none"
         config = replace(config, budget=(facts["kv_policy"] or {}).get("budget"))  # the server's, for the report
         records.append(run_workload(config.url, documents, prefix_tokens, visits, config, label, progress))
-        servers[label] = {"url": config.url, "args": None}
+        servers[label] = {"url": config.url, "args": None, "model_path": model_path}  # for serve-reference
     else:
         log_dir = Path(log_dir or tempfile.mkdtemp(prefix="lava-bench-serve-"))
         for policy in config.policies:
@@ -424,6 +427,16 @@ def run_benchmark(config: ServeConfig, progress: bool = True, log_dir: Path | No
             if on_policy_done is not None and policy != config.policies[-1]:
                 on_policy_done(result_so_far())
     return result_so_far()
+
+
+def served_model_path(url: str) -> str:
+    """The checkpoint the server at `url` serves (its /get_model_info)."""
+    response = requests.get(url + "/get_model_info", timeout=60)
+    model_path = response.json().get("model_path") if response.status_code == 200 else None
+    if not model_path:
+        raise ValueError(f"{url} did not say which model it serves (GET /get_model_info: HTTP "
+                         f"{response.status_code}); is it an SGLang server?")
+    return model_path
 
 
 def run_metadata(config: ServeConfig, model_path: str, cuda: bool, servers: dict, prefix_tokens: list[int],
@@ -523,7 +536,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         context=args.context, clients=pick("clients"), max_tokens=args.max_tokens,
         max_total_tokens=args.max_total_tokens, resident_documents=pick("resident_documents"),
         memory_bound=args.memory_bound, max_seconds=args.max_seconds, sample_interval=args.sample_interval,
-        server_args=shlex.split(args.server_args), seed=args.seed, url=args.url, model=args.model,
+        server_args=shlex.split(args.server_args), seed=args.seed, url=args.url.rstrip("/") if args.url else None, model=args.model,
     )
 
 

@@ -117,6 +117,33 @@ def test_flags_for_started_servers_are_refused_with_url_and_times_must_be_positi
         ServeConfig(sample_interval=0).validate()
 
 
+def test_a_url_is_a_servers_address():
+    parser = add_arguments(__import__("argparse").ArgumentParser())
+    assert config_from_args(parser.parse_args(["--url", "http://127.0.0.1:30000/"])).url == "http://127.0.0.1:30000"
+    for bad in ("localhost:30000", "ftp://127.0.0.1:30000", "http://127.0.0.1:30000/generate"):
+        with pytest.raises(ValueError, match=r"--url must be a server's address, http\(s\)://host:port"):
+            config_from_args(parser.parse_args(["--url", bad])).validate()
+
+
+def test_a_url_that_does_not_name_its_model_is_refused(monkeypatch):
+    monkeypatch.setattr(serve.requests, "get", lambda url, timeout: _Response(404, {"detail": "Not Found"}))
+    with pytest.raises(ValueError, match="did not say which model it serves .* HTTP 404"):
+        serve.served_model_path("http://127.0.0.1:30000")
+
+
+def test_a_url_run_records_the_checkpoint_its_server_reported(monkeypatch, smollm2_path):
+    # serve-reference answers a --url run with that checkpoint (recorded_model).
+    from lava_sglang.bench.serve_reference import recorded_model
+
+    monkeypatch.setattr(serve.requests, "get", lambda url, timeout: _Response(200, {"model_path": str(smollm2_path)}))
+    monkeypatch.setattr(serve, "server_urls", lambda url: [url])
+    monkeypatch.setattr(serve, "server_facts", lambda url: {"kv_policy": {"policy": "lava", "budget": 0.2}})
+    monkeypatch.setattr(serve, "run_workload", lambda url, *args: {"policy": args[-2]})
+    config = ServeConfig(url="http://127.0.0.1:30000", documents=1, questions=1, context=256)
+    result = serve.run_benchmark(config, progress=False)
+    assert recorded_model(result["meta"]) == (str(smollm2_path), True)
+
+
 def test_flags_that_would_do_nothing_or_relabel_a_run_are_refused():
     parser = add_arguments(__import__("argparse").ArgumentParser())
     for flags in (["--resident-documents", "4"], ["--memory-bound", "--resident-documents", "4",
