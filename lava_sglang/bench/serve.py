@@ -374,6 +374,23 @@ def policy_server_args(policy: str, config: ServeConfig, capacity: int | None, c
     return args + list(config.server_args)
 
 
+def check_server_flags(config: ServeConfig, capacity: int | None, cuda: bool) -> None:
+    """Every policy's --kv-* flags checked as its server will check them, before any server
+    starts: a `--server-args` that one policy's server refuses (`--kv-observe branches` for
+    kvzip) would otherwise stop the run after the policies before it had taken their time."""
+    from lava_sglang.sglang_plugin import config as plugin_config
+
+    for policy in config.policies:
+        parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+        plugin_config.add_arguments(parser)
+        flags, _ = parser.parse_known_args(policy_server_args(policy, config, capacity, cuda))
+        try:
+            plugin_config.from_namespace(flags)
+        except plugin_config.ConfigError as error:
+            raise ValueError(f"--server-args: the {policy} server would refuse them: {error}; leave {policy} out "
+                             f"with --policies") from None
+
+
 def run_benchmark(config: ServeConfig, progress: bool = True, log_dir: Path | None = None,
                   on_policy_done=None) -> dict:
     """Every policy's workload; `on_policy_done(result so far)` after each, so that a server
@@ -399,6 +416,8 @@ def run_benchmark(config: ServeConfig, progress: bool = True, log_dir: Path | No
     capacity = config.max_total_tokens
     if capacity is None and config.memory_bound and not config.url:
         capacity = memory_bound_capacity(prefix_tokens, config.resident_documents or 3)
+    if not config.url:
+        check_server_flags(config, capacity, cuda)
     records, servers = [], {}
 
     def result_so_far() -> dict:

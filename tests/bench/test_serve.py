@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -142,6 +143,16 @@ def test_a_url_run_records_the_checkpoint_its_server_reported(monkeypatch, smoll
     config = ServeConfig(url="http://127.0.0.1:30000", documents=1, questions=1, context=256)
     result = serve.run_benchmark(config, progress=False)
     assert recorded_model(result["meta"]) == (str(smollm2_path), True)
+
+
+def test_server_flags_a_policys_server_would_refuse_stop_the_run_before_any_server_starts():
+    config = ServeConfig(policies=["none", "lava", "kvzip"], server_args=["--kv-observe", "branches"])
+    with pytest.raises(ValueError, match="the kvzip server would refuse them: --kv-policy kvzip: .*--kv-observe"):
+        serve.check_server_flags(config, capacity=None, cuda=False)
+    serve.check_server_flags(replace(config, policies=["none", "lava", "snapkv"]), capacity=None, cuda=False)
+    alpha = ServeConfig(policies=["none", "ada_snapkv", "lava"], server_args=["--kv-alpha", "0.3"])
+    with pytest.raises(ValueError, match="the lava server would refuse them: --kv-alpha 0.3"):
+        serve.check_server_flags(alpha, capacity=4096, cuda=False)
 
 
 def test_flags_that_would_do_nothing_or_relabel_a_run_are_refused():
