@@ -48,10 +48,11 @@ def at_least(minimum: int):
 positive_int = at_least(1)
 
 
-def read_notes(given: str | None, default: Path) -> str | None:
+def read_notes(given: str | None, default: Path | None) -> str | None:
     """The text of a report's "Reading the results": none for `--notes none`; the file
     `--notes` names, which must exist (a typo would publish the report without it); else
-    `default` when it exists."""
+    `default` when there is one and it exists (the commands pass it only to `--report-only`:
+    the notes beside a results file read that run, not a new one)."""
     if given == "none":
         return None
     if given is not None:
@@ -59,4 +60,4 @@ def read_notes(given: str | None, default: Path) -> str | None:
         if not path.exists():
             raise ValueError(f"--notes: no file {given}")
         return path.read_text() or None
-    return default.read_text() if default.is_file() else None
+    return default.read_text() if default is not None and default.is_file() else None

@@ -137,7 +137,7 @@ def _quality_command(args: argparse.Namespace) -> int:
 
     out_dir = Path(args.out)
     meta_path = out_dir / "quality_meta.json"
-    notes = read_notes(args.notes, out_dir / "quality_notes.md")
+    notes = read_notes(args.notes, out_dir / "quality_notes.md" if args.report_only else None)
     if args.report_only:
         sources = [Path(args.partial)] if args.partial else [out_dir / "quality.json", meta_path]
         missing = [str(path) for path in sources if not path.is_file()]
@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--seed", type=int, default=0, help="seed of documents and questions (default 0)")
     quality.add_argument("--out", default=str(RESULTS_DIR), help="output folder (default docs/results)")
     quality.add_argument("--notes", help="markdown included as 'Reading the results'; none: no notes (default: "
-                         "<out>/quality_notes.md if it exists)")
+                         "with --report-only, <out>/quality_notes.md if it exists; a new run has none)")
     quality.add_argument("--report-only", action="store_true",
                          help="rebuild quality.md and quality.png from quality.json and quality_meta.json (or, "
                          "with --partial, from that file) without running")

@@ -522,7 +522,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--out", default=str(RESULTS_DIR), help="output folder (default docs/results)")
     add("--name", help="file stem (default serving; --memory-bound: serving_memory_bound)")
     add("--notes", help="markdown file included as 'Reading the results'; none: no notes (default: "
-        "<out>/<stem>_notes.md if it exists)")
+        "with --report-only, <out>/<stem>_notes.md if it exists; a new run has none)")
     add("--log-dir", help="where the servers' logs go (default: a new temporary folder)")
     add("--report-only", action="store_true", help="rebuild the .md and .png from the .json without running")
     add("--no-progress", action="store_true", help="no progress bar")
@@ -566,7 +566,7 @@ def run(args: argparse.Namespace) -> int:
 
     stem = args.name or ("serving_memory_bound" if args.memory_bound else "serving")
     out_dir = Path(args.out)
-    notes = read_notes(args.notes, out_dir / f"{stem}_notes.md")
+    notes = read_notes(args.notes, out_dir / f"{stem}_notes.md" if args.report_only else None)
 
     def write(result) -> list[Path]:
         if notes:

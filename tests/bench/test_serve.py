@@ -215,6 +215,15 @@ def test_a_server_that_fails_keeps_the_policies_measured_before_it(tmp_path, mon
     assert saved["meta"]["command"] == f"lava-sglang bench serve --policies none lava --out {tmp_path} --no-progress"
 
 
+def test_a_new_run_does_not_take_the_notes_of_the_run_already_in_its_folder(tmp_path, monkeypatch):
+    monkeypatch.setattr(serve, "run_benchmark", lambda config, progress, log_dir, on_policy_done: synthetic_result())
+    (tmp_path / "serving_notes.md").write_text("The earlier run lost 15 points.\n")
+    assert serve.main(["--policies", "none", "lava", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert "15 points" not in (tmp_path / "serving.md").read_text()
+    assert serve.main(["--report-only", "--out", str(tmp_path)]) == 0  # rebuilding that folder's run takes them
+    assert "15 points" in (tmp_path / "serving.md").read_text()
+
+
 def test_an_error_that_is_not_a_server_failing_is_not_reported_as_one(tmp_path, monkeypatch):
     def run_benchmark(config, progress, log_dir, on_policy_done):
         raise RuntimeError("a bug in the client")
