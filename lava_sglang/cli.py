@@ -46,7 +46,7 @@ def _demo_command(args: argparse.Namespace) -> int:
     from lava_sglang.bench.documents import FIDELITY_QUESTIONS, Question, prompt_parts, retrieval_documents
     from lava_sglang.frontend import multi_question_qa
     from lava_sglang.model import smollm2_path
-    from lava_sglang.policy import make_policy, policy_name
+    from lava_sglang.policy import make_policy, policy_name, resolve_budget
     from lava_sglang.sglang_plugin.server_process import ServerProcess
 
     # A bad name, option or pairing with --observe fails here, before the model loads and the server starts.
@@ -61,8 +61,12 @@ def _demo_command(args: argparse.Namespace) -> int:
     document.questions.append(Question(FIDELITY_QUESTIONS[0]))
     prefix = prompt_parts(document.text, "")[0]
     suffixes = [prompt_parts("", question.text)[1] for question in document.questions]
-    print(f"Document: {len(tokenizer(prefix).input_ids)} tokens of Python's language reference with "
+    prefix_len = len(tokenizer(prefix).input_ids)
+    print(f"Document: {prefix_len} tokens of Python's language reference with "
           f"{args.facts} planted facts; {len(suffixes)} questions.")
+    if resolve_budget(args.ratio, prefix_len - 1) >= prefix_len - 1:  # the server caches such a prefix uncompressed
+        raise ValueError(f"--ratio {args.ratio} keeps every token of the document's {prefix_len - 1}-token fork "
+                         "prefix: there is nothing to compress; give a smaller ratio")
     server_args = ["--kv-policy", args.policy, "--kv-budget", str(args.ratio), "--kv-observe", args.observe]
     if not torch.cuda.is_available():
         server_args += ["--dtype", "float32"]  # the CPU engine's exact mode

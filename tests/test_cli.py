@@ -36,6 +36,16 @@ def test_the_demo_refuses_a_document_too_short_to_be_compressed(capsys):
     assert cli.build_parser().parse_args(["demo", "--context", str(cli.DEFAULT_MIN_PREFIX)]).context == 256
 
 
+def test_the_demo_refuses_a_ratio_that_keeps_the_whole_document_before_starting_a_server(capsys, monkeypatch):
+    # The server caches such a prefix uncompressed: the demo would wait 600 s for a compression.
+    def no_server(*args, **kwargs):
+        raise AssertionError("a server was started for a ratio that compresses nothing")
+
+    monkeypatch.setattr("lava_sglang.sglang_plugin.server_process.ServerProcess", no_server)
+    assert cli.main(["demo", "--ratio", "1", "--context", "256"]) == 2
+    assert "--ratio 1.0 keeps every token of the document's" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("policy, message", [("h2o", "policy must be one of"), ("lava:alpha=2", "alpha"),
                                              ("full", "keeps everything"),
                                              ("kvzip --observe tail", "kvzip scores by reconstruct, not tail")])
