@@ -4,7 +4,8 @@ Every question a `bench serve` run answered is answered again by the reference r
 (`lava_sglang.reference`: transformers, fp32, no SGLang), reproducing what the server did:
 
 - the document's prefix (the fork program's commit) is prefilled and planned with the
-  server's policy options (budget, window, alpha, pool kernel) over all its n tokens;
+  server's policy as it ran (`policy_spec` in its /server_info: every field, so a default
+  changed since does not change the plan) and budget, over all its n tokens;
 - a question that found m cached tokens on a compressing server read a compressed prefix
   when m >= n - 1 (SGLang matches at most n - 1 tokens of a prompt, and the plugin stores
   the plan's rows among those; a compressed node is matched whole or not at all): the
@@ -62,7 +63,7 @@ def reference_answers(runtime, documents, record: dict, max_tokens: int, progres
     from lava_sglang.sglang_plugin.config import BRANCHES, CHAT, DEFERRED_OBSERVE_SOURCES, MAX_BRANCH_WINDOWS
 
     options = record.get("kv_policy_options") or {}
-    policy = record["policy"] if record["policy"] != NO_COMPRESSION else None
+    policy = options_spec(record) if record["policy"] != NO_COMPRESSION else None
     observe = options.get("observe")
     # The server defers only for policies that read attention (streamingllm compresses at commit).
     deferred = (observe in DEFERRED_OBSERVE_SOURCES and policy is not None
@@ -198,6 +199,18 @@ def run_model(recorded: str | None, given: str | None, results_path: Path, known
                      "the reference must run the same checkpoint (leave --model out to use it)")
 
 
+def options_spec(record: dict) -> str:
+    """The policy a compressing run's server ran, every field spelled out (`policy_spec` in its
+    /server_info): the policy's name alone would mean today's defaults, which may not be the
+    run's (lava's allocation changed on 2026-12-01)."""
+    spec = (record.get("kv_policy_options") or {}).get("policy_spec")
+    if spec is None:
+        raise ValueError(f"the {record['policy']} run did not record its policy's options (policy_spec; runs "
+                         "before 2026-12-05): its policy may not be today's default; run `lava-sglang bench serve` "
+                         "again")
+    return spec
+
+
 def run(results_path: Path, model: str | None = None, progress: bool = True) -> list[Path]:
     from lava_sglang.bench.serve import ServeConfig, make_documents
     from lava_sglang.reference import ReferenceRuntime
@@ -209,6 +222,9 @@ def run(results_path: Path, model: str | None = None, progress: bool = True) -> 
     config = ServeConfig(**{k: v for k, v in result["meta"]["config"].items() if k in config_fields})
     recorded, known = recorded_model(result["meta"])
     model = run_model(recorded, model, results_path, known)
+    for record in result["records"]:  # before the model loads
+        if record["policy"] != NO_COMPRESSION:
+            options_spec(record)
     windows = {(record.get("kv_policy_options") or {}).get("window") for record in result["records"]} - {None}
     if len(windows) > 1:
         raise ValueError(f"{results_path}: the servers used different windows {sorted(windows)}; check one at a time")

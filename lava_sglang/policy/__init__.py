@@ -10,6 +10,7 @@ from lava_sglang.policy.observe import (OBSERVE_SOURCES, REPEAT_NORMALIZATIONS, 
                                         repeat_attention_max, repeat_chunks, repeat_log_sum_exp, repeat_view_positions)
 from lava_sglang.policy.plan import CompressionPlan, HeadShard, PlanBuilder, compress_plan, resolve_budget
 from lava_sglang.policy.registry import POLICIES, make_policy, policy_name
+from lava_sglang.policy.specs import spec_of
 
 __all__ = [
     "OBSERVE_SOURCES",
@@ -40,4 +41,5 @@ __all__ = [
     "make_policy",
     "policy_name",
     "resolve_budget",
+    "spec_of",
 ]

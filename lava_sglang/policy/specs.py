@@ -52,3 +52,12 @@ def build(spec: str, registry: dict[str, type], what: str, shared: dict):
     instance = cls(**{key: value for key, value in {**shared, **own}.items() if key in fields})
     instance.validate()
     return instance
+
+
+def spec_of(instance) -> str:
+    """The spec that builds `instance` again with every field spelled out
+    (`Lava()` -> 'lava:layer_budget=global,...'): a record of the options in effect that
+    later default changes do not alter."""
+    options = ",".join(f"{field.name}={str(value).lower() if isinstance(value, bool) else value}"
+                       for field in dataclasses.fields(instance) for value in [getattr(instance, field.name)])
+    return f"{instance.name}:{options}" if options else instance.name

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 import os
 
-from lava_sglang.policy import HeadShard
+from lava_sglang.policy import HeadShard, spec_of
 from lava_sglang.sglang_plugin import attention, touchpoints
 from lava_sglang.sglang_plugin.config import (
     ENV_VAR,
@@ -125,7 +125,10 @@ def _after_internal_state(result, controller, *args, **kwargs):
     # benchmarks measure stock SGLang's memory the same way.
     pool = touchpoints.pool_counters(controller)
     counters = {"store": {**cache.stats(), **pool}} if cache is not None else {"pool": pool}
-    result.internal_state["lava_kv_policy"] = {**config.__dict__, **counters}
+    # The policy with every field as it ran, so a later check (bench serve-reference) plans
+    # with these options even after a default changes.
+    spec = spec_of(config.make_policy()) if config.enabled else None
+    result.internal_state["lava_kv_policy"] = {**config.__dict__, "policy_spec": spec, **counters}
     return result
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from lava_sglang.bench.serve_reference import compressing_visits, recorded_model, run, run_model
+from lava_sglang.bench.serve_reference import compressing_visits, options_spec, recorded_model, run, run_model
 from lava_sglang.model import smollm2_location
 
 
@@ -48,6 +48,18 @@ def test_a_results_file_that_is_not_there_is_refused_before_any_model_loads(tmp_
     (tmp_path / "serving.json").write_text(json.dumps({"meta": {"config": {"model": None}}, "records": []}))
     with pytest.raises(ValueError, match="the reference must run the same checkpoint"):
         run(tmp_path / "serving.json", model=str(tmp_path))
+
+
+def test_a_run_that_did_not_record_its_policys_options_is_refused_before_any_model_loads(tmp_path):
+    # Its "lava" could be another allocation than today's default lava.
+    record = {"policy": "lava", "kv_policy_options": {"policy": "lava", "budget": 0.2, "window": 32}}
+    none = {"policy": "none", "kv_policy_options": {"policy": "none"}}
+    (tmp_path / "serving.json").write_text(json.dumps({"meta": {"config": {"model": None}},
+                                                       "records": [none, record]}))
+    with pytest.raises(ValueError, match="the lava run did not record its policy's options"):
+        run(tmp_path / "serving.json")
+    record["kv_policy_options"]["policy_spec"] = "lava:layer_budget=entropy,window=32"
+    assert options_spec(record) == "lava:layer_budget=entropy,window=32"
 
 
 def test_a_url_run_is_checked_on_the_checkpoint_its_server_reported(tmp_path):

@@ -16,6 +16,7 @@ from e2e_support import metric, metrics_text, reference_answer_on_a_compressed_p
 
 from lava_sglang.bench.documents import prompt_parts, retrieval_documents
 from lava_sglang.frontend import multi_question_qa
+from lava_sglang.policy import make_policy
 from lava_sglang.sglang_plugin.server_process import ServerProcess
 
 pytestmark = pytest.mark.model
@@ -71,11 +72,15 @@ def test_budget_covering_the_document_leaves_it_to_stock_sglang(smollm2_path, tm
     with serve(smollm2_path, tmp_path, "lava-full", ["--kv-policy", "lava", "--kv-budget", "1.0", "--kv-observe", "tail"]) as server:
         lava_answers, meta_info = run_program(server.url, program_inputs)
         stats = store_stats(server.url)
+        lava_state = requests.get(server.url + "/server_info", timeout=60).json()["internal_states"][0]
     assert all(answer.strip() for answer in stock_answers)
     assert none_answers == stock_answers
     # --kv-policy none reports SGLang's pool (no store): the document and answers are cached.
     pool = none_state["lava_kv_policy"]["pool"]
     assert "store" not in none_state["lava_kv_policy"]
+    # The policy as it ran, every field spelled out (bench serve-reference plans with it).
+    assert none_state["lava_kv_policy"]["policy_spec"] is None
+    assert make_policy(lava_state["lava_kv_policy"]["policy_spec"]) == make_policy("lava", window=32)
     assert pool["evictable"] >= prefix_tokens and pool["protected"] == 0
     assert pool["pool_available"] + pool["evictable"] == none_state["memory_usage"]["token_capacity"]
     assert lava_answers == stock_answers

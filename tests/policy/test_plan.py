@@ -1,12 +1,13 @@
 """compress_plan: budgets, invariants, each policy's choice, the streaming form, bad input."""
 
+import dataclasses
 import math
 
 import numpy
 import pytest
 import torch
 
-from lava_sglang.policy import POLICIES, PlanBuilder, compress_plan, make_policy, resolve_budget
+from lava_sglang.policy import POLICIES, PlanBuilder, compress_plan, make_policy, resolve_budget, spec_of
 from lava_sglang.policy.base import LayerScores
 from lava_sglang.policy.lava import PAPER_SPEC
 from lava_sglang.policy.scores import layer_entropy, pool_scores, window_attention_mass
@@ -320,6 +321,15 @@ def test_lava_defaults_are_the_measured_best_and_the_paper_is_a_spec():
     q, k, v = random_layers(num_layers=3)
     kvzip = compress_plan(make_policy("kvzip:sink_tokens=0", window=8), q, k, v, 16)
     assert compress_plan("lava", q, k, v, 16, window=8).head_budgets == kvzip.head_budgets
+
+
+@pytest.mark.parametrize("spec", sorted(POLICIES) + [PAPER_SPEC, "kvzip:sink_tokens=0,window=8"])
+def test_a_policys_spec_of_builds_the_same_policy_whatever_the_defaults(spec):
+    policy = make_policy(spec)
+    spelled_out = spec_of(policy)
+    assert make_policy(spelled_out) == policy
+    fields = [field.name for field in dataclasses.fields(policy)]
+    assert all(f"{name}=" in spelled_out for name in fields)  # every field, defaults included
 
 
 def test_policy_specs_set_fields_and_name_what_is_wrong():
