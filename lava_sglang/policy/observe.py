@@ -55,7 +55,8 @@ class ObservationWindow:
         return score_ops.prefix_attention_mass(self.queries, keys, self.own_keys, prefix_len, gqa_reduce)
 
 
-def combine_window_masses(masses: Sequence[torch.Tensor], combine: str) -> torch.Tensor:
+def combine_window_masses(masses: Sequence[torch.Tensor], combine: str,
+                          head_totals: torch.Tensor | None = None) -> torch.Tensor:
     """One mass [Hkv, m] from several windows' masses (observe.md, "Combining windows").
 
     Each window's mass is first divided by its average per-head total over the prefix, so
@@ -65,7 +66,9 @@ def combine_window_masses(masses: Sequence[torch.Tensor], combine: str) -> torch
     the strongest vote (a fact one branch needs survives however many branches ignore it);
     "mean" averages the votes. A single window's mass is returned as it is: there is no
     vote to balance, and a per-layer scalar would change a plan whose budget is one
-    threshold over every layer.
+    threshold over every layer. `head_totals` ([W, Hkv]: each window's total per KV head, of
+    all the model's heads) is given where `masses` hold only some heads (tensor parallel), so
+    every rank divides by the average over all of them, as one process does.
     """
     if combine not in WINDOW_COMBINES:
         raise ValueError(f"combine must be one of {list(WINDOW_COMBINES)}, got {combine!r}")
@@ -73,9 +76,10 @@ def combine_window_masses(masses: Sequence[torch.Tensor], combine: str) -> torch
         raise ValueError("masses must not be empty")
     if len(masses) == 1:
         return masses[0]
+    if head_totals is None:
+        head_totals = torch.stack([mass.sum(dim=-1) for mass in masses])
     normalised = []
-    for mass in masses:
-        total = mass.sum(dim=-1).mean()
+    for mass, total in zip(masses, head_totals.mean(dim=-1).tolist()):
         normalised.append(mass / total if total > 0 else mass)
     stacked = torch.stack(normalised)
     return stacked.amax(dim=0) if combine == "max" else stacked.mean(dim=0)

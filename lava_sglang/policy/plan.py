@@ -96,13 +96,20 @@ def _check_tensor(name: str, tensor: object, layer: int) -> torch.Tensor:
 
 
 def windows_scores(policy: Policy, observe: Observe, windows: Sequence[ObservationWindow], keys: torch.Tensor,
-                   values: torch.Tensor, prefix_len: int) -> LayerScores:
-    """A layer's scores from its observation windows, combined per `observe` (observe.md)."""
+                   values: torch.Tensor, prefix_len: int,
+                   gather_heads: Callable[[torch.Tensor], torch.Tensor] | None = None) -> LayerScores:
+    """A layer's scores from its observation windows, combined per `observe` (observe.md).
+    `gather_heads` (tensor parallel, `HeadShard.all_gather`) gives several windows' per-head
+    totals of every rank, which their combination divides by."""
     if isinstance(observe, Branches) and not observe.include_tail:
         windows = [window for window in windows if not window.is_tail] or windows
     masses = [window.mass(keys, prefix_len, policy.gqa_reduce) for window in windows]
     combine = observe.combine if isinstance(observe, Branches) else "max"
-    return policy.scores_from_mass(combine_window_masses(masses, combine), values)
+    head_totals = None
+    if gather_heads is not None and len(masses) > 1:
+        own_totals = torch.stack([mass.sum(dim=-1) for mass in masses])[:, :, None]  # [W, Hkv_local, 1]
+        head_totals = gather_heads(own_totals.contiguous())[..., 0]
+    return policy.scores_from_mass(combine_window_masses(masses, combine, head_totals), values)
 
 
 def repeat_scores(policy: Policy, repeat_attention: torch.Tensor, values: torch.Tensor) -> LayerScores:
@@ -120,7 +127,9 @@ class HeadShard:
 
     all_gather: every rank's [L, Hkv_local, m] scores concatenated along dim 1 in rank order
     (SGLang's TP group all-gather); every rank calls it once per plan, with L * Hkv_local * m
-    fp32 scores, so a document's plan exchanges L * Hkv * m * 4 bytes in all. The plan's
+    fp32 scores, so a document's plan exchanges L * Hkv * m * 4 bytes in all; and, under
+    observe "branches" with more than one window, once per layer with the windows' [W,
+    Hkv_local, 1] per-head totals, whose mean over all heads each window's votes divide by. The plan's
     `layer_entropy` is the gathered layers' where the policy reads it, the rank's own otherwise.
     """
 
@@ -268,8 +277,9 @@ class PlanBuilder:
                         own.shape[1] < window.queries.shape[1]:
                     raise ValueError(f"own_keys[{layer}] must be [Hkv={self.num_kv_heads}, s >= r="
                                      f"{window.queries.shape[1]}, d={keys.shape[2]}], got {tuple(own.shape)}")
-        self._layers.append(windows_scores(self.policy, self.observe, windows, keys, values, self.prefix_len)
-                            if self.needs_queries else None)
+        gather_heads = self.head_shard.all_gather if self.head_shard is not None else None
+        self._layers.append(windows_scores(self.policy, self.observe, windows, keys, values, self.prefix_len,
+                                           gather_heads) if self.needs_queries else None)
 
     def add_layer_repeat(self, repeat_attention: torch.Tensor, values: torch.Tensor) -> None:
         """Score the layer by the attention a repetition of the prefix pays it (observe.md).

@@ -480,6 +480,71 @@ def test_sharded_heads_keep_exactly_the_single_process_rows(policy_spec, world_s
         assert exchanged == []
 
 
+@pytest.mark.parametrize("world_size", [2, 3])
+@pytest.mark.parametrize("policy_spec", ["lava", "snapkv", PAPER_SPEC])
+def test_sharded_heads_keep_the_single_process_rows_under_branches(policy_spec, world_size):
+    # Several windows' votes are each divided by the window's average per-head total over ALL
+    # the model's heads: a rank that averaged its own heads would scale its scores by another
+    # factor than its neighbours', and the threshold over the gathered scores would move rows.
+    from lava_sglang.policy import HeadShard, ObservationWindow
+
+    num_layers, num_kv_heads, group, seq_len, window, dim = 3, 6, 2, 50, 8, 16
+    q, k, v = random_layers(num_layers=num_layers, num_q_heads=num_kv_heads * group, num_kv_heads=num_kv_heads,
+                            seq_len=seq_len, window=window, head_dim=dim, seed=3)
+    gen = torch.Generator().manual_seed(4)
+    windows = [[ObservationWindow(q[layer])] + [
+        ObservationWindow(torch.randn(num_kv_heads * group, 4, dim, generator=gen) * scale,
+                          own_keys=torch.randn(num_kv_heads, 6, dim, generator=gen)) for scale in (1.0, 3.0)]
+        for layer in range(num_layers)]
+    for layer in range(num_layers):  # the first heads' attention stays on the prefix far more than the others'
+        k[layer][: num_kv_heads // 2] *= 4.0
+    policy = make_policy(policy_spec, window=window)
+    single = PlanBuilder(policy, 0.25, seq_len=seq_len, num_layers=num_layers, num_kv_heads=num_kv_heads,
+                         observe="branches")
+    for layer in range(num_layers):
+        single.add_layer_windows(windows[layer], k[layer], v[layer])
+    single = single.finish()
+    local = num_kv_heads // world_size
+    sent = {}  # (call, rank) -> what the rank gave the all-gather
+
+    def plan_ranks():
+        """Every rank's plan, its all-gathers answered by what every rank sent in the pass before."""
+        plans = []
+        for rank in range(world_size):
+            kv_heads = slice(rank * local, (rank + 1) * local)
+            q_heads = slice(rank * local * group, (rank + 1) * local * group)
+            calls = []
+
+            def all_gather(tensor, rank=rank, calls=calls):
+                call = len(calls)
+                calls.append(tuple(tensor.shape))
+                sent[call, rank] = tensor
+                shares = [sent.get((call, other), torch.zeros_like(tensor)) for other in range(world_size)]
+                return torch.cat(shares, dim=1)
+
+            builder = PlanBuilder(policy, 0.25, seq_len=seq_len, num_layers=num_layers, num_kv_heads=local,
+                                  observe="branches", head_shard=HeadShard(rank, world_size, all_gather))
+            for layer in range(num_layers):
+                rank_windows = [ObservationWindow(w.queries[q_heads], None if w.is_tail else w.own_keys[kv_heads])
+                                for w in windows[layer]]
+                builder.add_layer_windows(rank_windows, k[layer][kv_heads], v[layer][kv_heads])
+            plans.append(builder.finish())
+            # Per layer the 3 windows' per-head totals, then the plan's scores.
+            assert calls == [(3, local, 1)] * num_layers + [(num_layers, local, seq_len - window)]
+        return plans
+
+    # Ranks run one after another here: the first pass sends every rank's window totals, the
+    # second every rank's scores made with all the totals, the third receives all of them.
+    plan_ranks()
+    plan_ranks()
+    plans = plan_ranks()
+    for rank, plan in enumerate(plans):
+        assert plan.head_budgets == [heads[rank * local:(rank + 1) * local] for heads in single.head_budgets]
+    for layer in range(num_layers):
+        merged = [positions for plan in plans for positions in plan.kept[layer]]
+        assert all(torch.equal(ours, theirs) for ours, theirs in zip(merged, single.kept[layer], strict=True))
+
+
 def test_a_sharded_plan_refuses_what_it_cannot_reproduce():
     from lava_sglang.policy import HeadShard
 
