@@ -9,6 +9,7 @@ import math
 from collections.abc import Sequence
 from fractions import Fraction
 
+import numpy
 import torch
 
 
@@ -17,15 +18,17 @@ def distribute(total: int, weights: Sequence[float], cap: int) -> list[int]:
 
     What a clamp removes goes to the unclamped layers in proportion to their weights,
     repeated until no layer exceeds `cap` (lava.md, "Dynamic layer budgets"). Layers
-    whose weights are all zero share equally.
+    whose weights are all zero share equally. The shares are exact fractions of the weights
+    as given: three weights of 0.1 split 21 as 7 each, where floats give 6.9999... and 6.
     """
     budgets = [0] * len(weights)
     open_layers = list(range(len(weights)))
+    exact = [Fraction(weight) for weight in weights]
     remaining = total
     while open_layers:
-        weight_sum = sum(weights[i] for i in open_layers)
+        weight_sum = sum(exact[i] for i in open_layers)
         if weight_sum > 0:
-            shares = {i: math.floor(weights[i] * remaining / weight_sum) for i in open_layers}
+            shares = {i: math.floor(exact[i] * remaining / weight_sum) for i in open_layers}
         else:
             shares = {i: remaining // len(open_layers) for i in open_layers}
         clamped = [i for i in open_layers if shares[i] > cap]
@@ -71,6 +74,12 @@ def descending_order_over_rows(scores: torch.Tensor) -> torch.Tensor:
     return token_major % num_rows * prefix_len + token_major // num_rows
 
 
+def decimal_fraction(value: float) -> Fraction:
+    """`value` as the decimal it was written as: 0.2 is 1/5, not the binary double's
+    3602879701896397/18014398509481984; numpy floats by their own shortest decimal."""
+    return Fraction(str(value) if isinstance(value, numpy.floating) else repr(float(value)))
+
+
 def flat_topk_head_budgets(scores: torch.Tensor, layer_budgets: Sequence[int], alpha: float) -> list[list[int]]:
     """Head budgets from one top-k over each whole layer, with the safeguard floor.
 
@@ -86,7 +95,7 @@ def flat_topk_head_budgets(scores: torch.Tensor, layer_budgets: Sequence[int], a
     counts.scatter_add_(1, order // prefix_len, in_top.long())
     # In the decimal alpha's exact arithmetic: in binary 0.29 * 100 is 28.999..., and
     # (1 - 0.34) * 25 + 5 is 21.4999... where the spec rounds 21.5.
-    share = Fraction(repr(alpha))
+    share = decimal_fraction(alpha)
     return [[min(round((1 - share) * count + math.floor(share * budget)), prefix_len) for count in layer_counts]
             for layer_counts, budget in zip(counts.tolist(), layer_budgets)]
 

@@ -12,13 +12,12 @@ import math
 import numbers
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from fractions import Fraction
 
-import numpy
 import torch
 
 from lava_sglang.checks import is_int
 from lava_sglang.policy import scores as score_ops
+from lava_sglang.policy.allocation import decimal_fraction
 from lava_sglang.policy.base import LayerScores, Policy
 from lava_sglang.policy.observe import (Branches, Observe, ObservationWindow, Reconstruct, Tail,
                                         combine_window_masses, make_observe)
@@ -83,7 +82,7 @@ def resolve_budget(budget: float | int, seq_len: int) -> int:
     ratio = float(budget)
     if not math.isfinite(ratio) or not 0.0 < ratio <= 1.0:
         raise ValueError(f"budget must be a keep ratio in (0, 1] when given as a float, got {budget!r}")
-    return math.ceil(Fraction(str(budget) if isinstance(budget, numpy.floating) else repr(ratio)) * seq_len)
+    return math.ceil(decimal_fraction(budget) * seq_len)
 
 
 def _check_tensor(name: str, tensor: object, layer: int) -> torch.Tensor:

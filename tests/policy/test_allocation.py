@@ -1,5 +1,6 @@
 """Layer and head budget allocation against hand-computed cases."""
 
+import numpy
 import pytest
 import torch
 
@@ -110,3 +111,14 @@ def test_forced_sinks_are_spread_over_a_layers_heads_by_the_per_layer_top_k():
     scores[..., :4] = torch.inf
     # The layer's top 3 * 1 entries are each head's first token: counts (1, 1, 1), alpha 0.
     assert flat_topk_head_budgets(scores, [1], alpha=0.0) == [[1, 1, 1]]
+
+
+def test_layer_shares_are_exact_fractions_of_the_weights():
+    # 0.1 * 21 / 0.30000000000000004 is 6.999999999999999 in floats; lava.md's floor(e_l / sum(e) * T) is 7.
+    assert distribute(21, [0.1] * 3, cap=100) == [7, 7, 7]
+
+
+def test_a_numpy_alpha_is_taken_at_its_decimal_value():
+    scores = torch.stack([torch.tensor([2.0] * 25 + [0.0] * 5), torch.tensor([1.0] * 5 + [0.0] * 25)])[None]
+    for alpha in (numpy.float64(0.34), numpy.float32(0.34)):  # repr is 'np.float64(0.34)' under numpy 2
+        assert flat_topk_head_budgets(scores, [15], alpha=alpha) == [[22, 8]]
