@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from lava_sglang.checks import is_int
+from lava_sglang.checks import is_int, is_number
 from lava_sglang.policy import scores as score_ops
 from lava_sglang.policy.allocation import decimal_fraction
 from lava_sglang.policy.base import LayerScores, Policy
@@ -316,8 +316,11 @@ class PlanBuilder:
         # nan would sort above every score (and +inf, the forced sinks); -inf below the window
         if torch.isnan(layer_scores.scores).any() or torch.isneginf(layer_scores.scores).any():
             raise ValueError(f"scores of layer {layer} contain nan or -inf")
-        if self.policy.uses_layer_entropy and not math.isfinite(layer_scores.entropy):
-            raise ValueError(f"the entropy of layer {layer} is {layer_scores.entropy}, not a finite number")
+        # A normalised entropy (scores.layer_entropy) is in [0, 1]; a negative one would give its
+        # layer a negative budget and the others more than the whole.
+        entropy = layer_scores.entropy
+        if self.policy.uses_layer_entropy and not (is_number(entropy) and 0.0 <= entropy <= 1.0):
+            raise ValueError(f"the entropy of layer {layer} is {entropy!r}, not a normalised entropy in [0, 1]")
         self._layers.append(layer_scores if self.needs_queries else None)
 
     def _check_room(self, layer: int) -> None:

@@ -100,4 +100,4 @@ def layer_entropy(scores: torch.Tensor) -> float:
         return 0.0
     p = scores.flatten() / total
     plogp = torch.where(p > 0, p * torch.log(p), torch.zeros_like(p))
-    return float(-plogp.sum() / math.log(entries))
+    return min(max(float(-plogp.sum() / math.log(entries)), 0.0), 1.0)  # rounding can step past either end

@@ -237,12 +237,19 @@ def test_streaming_builder_refuses_scores_that_would_sort_wrongly(bad):
     assert 17 in builder.finish().kept[0][1].tolist()
 
 
-def test_streaming_builder_refuses_a_nan_entropy_where_it_sets_layer_budgets():
-    scores = LayerScores(torch.rand(2, 40), math.nan)
-    with pytest.raises(ValueError, match="the entropy of layer 0 is nan"):
+@pytest.mark.parametrize("entropy", [math.nan, -1.0, 1.5, True])
+def test_streaming_builder_refuses_an_entropy_outside_0_1_where_it_sets_layer_budgets(entropy):
+    # Entropies [-1, 1, 1] over a total of 30 would give budgets [-30, 30, 30]: twice the whole.
+    scores = LayerScores(torch.rand(2, 40), entropy)
+    with pytest.raises(ValueError, match=f"the entropy of layer 0 is {entropy!r}, not a normalised entropy"):
         PlanBuilder(make_policy(PAPER_SPEC, window=8), 0.3, seq_len=48, num_layers=1,
                     num_kv_heads=2).add_layer_scores(scores)
     PlanBuilder(make_policy("lava", window=8), 0.3, seq_len=48, num_layers=1, num_kv_heads=2).add_layer_scores(scores)
+
+
+def test_a_uniform_layers_entropy_is_at_most_1_whatever_the_rounding():
+    # Unclamped, fp32 gives up to 1.0000007 on some of these sizes.
+    assert all(0.0 <= layer_entropy(torch.full((entries,), 1.0 / 3)) <= 1.0 for entries in range(2, 5000, 7))
 
 
 def test_low_precision_inputs_are_scored_in_fp32():
