@@ -236,10 +236,13 @@ class LavaRadixCache(CompressedRadixCache):
         `select()` before scoring its choices), a prompt of at least `min_prefix` tokens with
         max_new_tokens=0 that asks for no logprobs, and whose prefix the budget shrinks. A
         scoring request (`select()`'s, return_logprob) is not one: its prompt is a choice
-        appended to the prefix, not the prefix."""
+        appended to the prefix, not the prefix. Nor is a commit that extends a prefix waiting to
+        be compressed (a nested `fork()` in a branch): it is a branch of that prefix, which is
+        compressed once, as a commit that extends a compressed prefix is not compressed again."""
         return (req.sampling_params.max_new_tokens == 0 and not req.return_logprob
                 and len(req.origin_input_ids) >= self.config.min_prefix
-                and self._evicts(len(req.origin_input_ids) - 1))
+                and self._evicts(len(req.origin_input_ids) - 1)
+                and (not self.pending or self._pending_of(prompt_key(req)) is None))
 
     def _evicts(self, prefix_len: int) -> bool:
         """Whether the budget keeps fewer tokens than a `prefix_len`-token prefix has. One that

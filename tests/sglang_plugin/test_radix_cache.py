@@ -306,6 +306,27 @@ def test_under_observe_branches_a_commit_waits_for_its_branches_then_is_compress
     assert_all_released(stub)
 
 
+@pytest.mark.parametrize("observe", ["branches", "reconstruct"])
+def test_a_commit_that_extends_a_waiting_prefix_is_its_branch_not_a_second_prefix(observe):
+    # A nested fork() in a branch commits the document and more: a second waiting prefix would
+    # repeat (or wait for) the whole document again, and whichever was compressed first would
+    # free or discard the other.
+    stub = make_stub(observe=observe)
+    if observe == "reconstruct":  # a repetition planned, never sent: the prefix waits for it
+        stub.cache._start_repetition = lambda req: RepetitionScores.plan(
+            req.origin_input_ids, Reconstruct(chunk_tokens=100, chat_turn=False), lambda text: [5, 6], WINDOW,
+            LAYERS, rid_base="never-sent")
+    commit(stub, document(0))
+    assert [len(pending.full_key) for pending in stub.cache.pending] == [200]
+    commit(stub, document(0) + list(range(1, MIN_PREFIX + 2)))  # a commit of the document and more
+    check(stub)
+    if observe == "branches":  # its window observed the document, which is compressed, once
+        assert not stub.cache.pending and [len(node.key) for node in stub.compressed_nodes()] == [199]
+        assert_all_released(stub)
+    else:  # the document still waits for its one repetition
+        assert [len(pending.full_key) for pending in stub.cache.pending] == [200] and not stub.compressed_nodes()
+
+
 def test_a_prefix_that_becomes_ready_with_no_release_is_compressed_when_the_scheduler_is_idle():
     # Its wait passes and no branch comes, or its repetition fails in the sending thread (a
     # chunk aborted while queued, which SGLang drops without a release): the idle loop compresses it.
