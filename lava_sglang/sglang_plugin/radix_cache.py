@@ -204,13 +204,13 @@ class LavaRadixCache(CompressedRadixCache):
                 # A policy that reads no attention (streamingllm) has nothing to wait for.
                 if (self.config.observe in DEFERRED_OBSERVE_SOURCES and self.policy.needs_scores
                         and len(self.pending) < MAX_PENDING_PREFIXES):
-                    self._defer_fork_prefix(req)
+                    self._serving_on("keeping a fork prefix for its observation", self._defer_fork_prefix, req)
                 else:
                     self._compress_fork_prefix(req)
             elif checkpointed and req in self.shared_prefix_keys:
                 self._compress_shared_prefix(req, self.shared_prefix_keys[req])
             elif checkpointed and self.pending and self.config.observe == BRANCHES:
-                self._observe_branch(req)
+                self._serving_on("recording a branch's window", self._observe_branch, req)
         finally:
             self.capture.drop(req)
             self.shared_prefix_keys.pop(req, None)
@@ -219,6 +219,18 @@ class LavaRadixCache(CompressedRadixCache):
             self.free_beyond(prompt_key(req), repeated_len)
         if self.pending:
             self._compress_ready_pending()
+
+    def _serving_on(self, step: str, action, req) -> None:
+        """`action(req)`, a step of a request's release that copies tensors (the window queries,
+        a branch's keys at every layer): a failure (e.g. out of memory) is logged and the step
+        skipped, so the scheduler keeps serving; the prefix is then observed without it. With
+        tensor parallel it is raised: the ranks must keep the same windows."""
+        try:
+            action(req)
+        except Exception:
+            if self.tensor_parallel is not None:
+                raise
+            logger.exception("lava: %s failed for request %s; skipped", step, req.rid)
 
     def compress_ready_when_idle(self) -> None:
         """The scheduler is idle (`plugin._before_scheduler_idle`, on its idle turns): a waiting

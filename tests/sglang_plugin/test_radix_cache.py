@@ -327,6 +327,32 @@ def test_a_commit_that_extends_a_waiting_prefix_is_its_branch_not_a_second_prefi
         assert [len(pending.full_key) for pending in stub.cache.pending] == [200] and not stub.compressed_nodes()
 
 
+def test_a_release_step_that_fails_is_skipped_and_the_scheduler_serves_on(monkeypatch, caplog):
+    # Copying a branch's keys at every layer can run out of memory: one request must not stop the server.
+    stub = make_stub(observe="branches")
+    commit(stub, document(0))
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("out of memory")
+
+    with monkeypatch.context() as patch, caplog.at_level(logging.ERROR, logger="lava_sglang.sglang_plugin.radix_cache"):
+        patch.setattr(stub.cache.capture, "window_queries", out_of_memory)
+        run(stub, document(0) + question(0))
+        run(stub, document(1))
+    assert "recording a branch's window failed" in caplog.text
+    assert len(stub.cache.pending) == 1 and stub.cache.pending[0].branches == []
+    run(stub, document(0) + question(1))  # the next branch observes it
+    assert [len(node.key) for node in stub.compressed_nodes()] == [199] and not stub.cache.pending
+    assert_all_released(stub)
+    tensor_parallel = SchedulerStub(KvPolicyConfig(policy="lava", window=WINDOW, min_prefix=MIN_PREFIX,
+                                                   observe="branches"),
+                                    tensor_parallel=TensorParallel(rank=0, world_size=2, group=OtherRank()))
+    commit(tensor_parallel, document(0))
+    monkeypatch.setattr(tensor_parallel.cache.capture, "window_queries", out_of_memory)
+    with pytest.raises(RuntimeError, match="out of memory"):  # the ranks must keep the same windows
+        run(tensor_parallel, document(0) + question(0))
+
+
 def test_a_prefix_that_becomes_ready_with_no_release_is_compressed_when_the_scheduler_is_idle():
     # Its wait passes and no branch comes, or its repetition fails in the sending thread (a
     # chunk aborted while queued, which SGLang drops without a release): the idle loop compresses it.
