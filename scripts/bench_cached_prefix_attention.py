@@ -40,9 +40,9 @@ def wrapped_torch_native(k_buffer: torch.Tensor, v_buffer: torch.Tensor, req_to_
     req_to_token_pool = SimpleNamespace(req_to_token=req_to_token)
     tables = LayoutTables(max_entries=1, pool_slots=k_buffer.shape[0], num_layers=1, num_kv_heads=k_buffer.shape[1],
                           device="cpu")
+    no_capture = SimpleNamespace(rows_to_record=lambda rid, prefix_len, extend_len: 0)
     attention.bind(SimpleNamespace(kv_pool=kv_pool, req_to_token_pool=req_to_token_pool,
-                                   store=CompressedStore(tables), capture=SimpleNamespace(wants=lambda rid, seq_len: False),
-                                   repetitions={}))
+                                   store=CompressedStore(tables), capture=no_capture, repetitions={}))
     backend = TorchNativeAttnBackend.__new__(TorchNativeAttnBackend)  # its __init__ wants a model runner
     backend.req_to_token_pool, backend.token_to_kv_pool, backend.swa_out_cache_loc = req_to_token_pool, kv_pool, None
     return attention.with_compressed_prefixes(backend)

@@ -412,9 +412,10 @@ def _record_window(layer, forward_batch, q, prefix_lens, extend_lens) -> None:
     start = 0
     rids = forward_batch.rids or [None] * len(prefix_lens)  # SGLang's batches carry them; a bare one observes nothing
     for row, (rid, prefix_len, extend_len) in enumerate(zip(rids, prefix_lens, extend_lens)):
-        if capture.wants(rid, prefix_len + extend_len):
+        recorded = capture.rows_to_record(rid, prefix_len, extend_len)
+        if recorded:
             req_pool_idx = int(forward_batch.req_pool_indices[row])  # a device read: only for the rows captured
-            capture.record(layer.layer_id, req_pool_idx, prefix_len, queries[start:start + extend_len])
+            capture.record(layer.layer_id, req_pool_idx, prefix_len, queries[start:start + recorded])
         start += extend_len
 
 

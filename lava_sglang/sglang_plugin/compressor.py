@@ -55,8 +55,15 @@ class WindowCapture:
         else:
             self._observed.pop(req.rid, None)
 
-    def wants(self, rid: str, seq_len: int) -> bool:
-        return seq_len >= self.min_prefix and rid in self._observed
+    def rows_to_record(self, rid: str, prefix_len: int, extend_len: int) -> int:
+        """How many of an extend's queries, from its first, to record: an observed request's up
+        to its prompt's end, where every window the cache reads ends; 0 for any other. What
+        comes after the prompt (a decode step run in an extend batch by --enable-mixed-chunk, a
+        retracted request's output prefilled again) would move the tail past it."""
+        req = self._observed.get(rid)
+        if req is None or prefix_len + extend_len < self.min_prefix:
+            return 0
+        return max(0, min(extend_len, len(req.origin_input_ids) - prefix_len))
 
     def record(self, layer: int, req_pool_idx: int, start: int, queries: torch.Tensor) -> None:
         """Queries [tokens, Hq, d] of positions start .. start + tokens - 1."""

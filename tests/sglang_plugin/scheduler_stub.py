@@ -118,8 +118,9 @@ class SchedulerStub:
                 rows[:, :, POSITION] = positions[:, None]
                 rows[:, :, TOKEN] = token_ids[:, None]
                 buffer[slots] = rows
-            if extend and self.cache.capture.wants(req.rid, end):
-                queries = torch.randn(end - start, Q_HEADS, HEAD_DIM, generator=self.generator)
+            recorded = self.cache.capture.rows_to_record(req.rid, start, end - start) if extend else 0
+            if recorded:
+                queries = torch.randn(recorded, Q_HEADS, HEAD_DIM, generator=self.generator)
                 self.cache.capture.record(layer, row, start, queries)
 
     # ------------------------------------------------------------ checks

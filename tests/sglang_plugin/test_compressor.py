@@ -58,19 +58,23 @@ def test_a_layer_without_capture_or_a_short_window_gives_none():
 
 def test_only_observed_requests_long_enough_are_wanted_and_drop_forgets_one():
     capture = WindowCapture(WINDOW, min_prefix=8)
-    req = Request(rid="commit", kv=SimpleNamespace(req_pool_idx=0))
-    assert not capture.wants("commit", 10)
+    req = Request(rid="commit", kv=SimpleNamespace(req_pool_idx=0), origin_input_ids=list(range(12)))
+    assert not capture.rows_to_record("commit", 0, 10)
     capture.observe(req, True)
-    assert capture.wants("commit", 10) and not capture.wants("commit", 7) and not capture.wants("other", 10)
+    assert capture.rows_to_record("commit", 0, 10) == 10
+    assert not capture.rows_to_record("commit", 0, 7) and not capture.rows_to_record("other", 0, 10)
+    # Up to the prompt's end: a decode step in an extend batch (--enable-mixed-chunk), or a
+    # retracted request's output prefilled again, would move the window past it.
+    assert capture.rows_to_record("commit", 8, 6) == 4 and capture.rows_to_record("commit", 12, 1) == 0
     record(capture, req=0, start=0, stop=10)
     capture.drop(req)
-    assert capture.window_queries(0, 10, LAYERS) is None and not capture.wants("commit", 10)
+    assert capture.window_queries(0, 10, LAYERS) is None and not capture.rows_to_record("commit", 0, 10)
     capture.observe(req, True)
     capture.observe(req, False)  # matched again, and this time not read
-    assert not capture.wants("commit", 10)
+    assert not capture.rows_to_record("commit", 0, 10)
     capture.observe(req, True)
     del req  # dropped before its release (aborted while queued): nothing stays
-    assert not capture.wants("commit", 10)
+    assert not capture.rows_to_record("commit", 0, 10)
 
 
 def test_a_branch_window_can_be_shorter_than_the_window():
