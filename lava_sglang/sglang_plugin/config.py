@@ -320,6 +320,12 @@ def from_namespace(args: argparse.Namespace) -> KvPolicyConfig:
             policy_object.check_source(observe)
         except ValueError as error:
             raise ConfigError(f"--kv-policy {policy}: {error} (--kv-observe)") from None
+        if SHARED in triggers:
+            try:
+                policy_object.check_source("tail")
+            except ValueError as error:
+                raise ConfigError(f"--kv-policy {policy}: {error} (--kv-compress-on shared scores a shared prefix "
+                                  "by its tail window)") from None
     return config
 
 

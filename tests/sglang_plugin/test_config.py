@@ -143,6 +143,11 @@ def test_policy_options_and_repetition_flags():
 def test_kvzip_scores_by_a_repetition_only():
     with pytest.raises(ConfigError, match=r"--kv-policy kvzip: kvzip scores by reconstruct, not tail \(--kv-observe\)"):
         from_namespace(parse("--kv-policy", "kvzip", "--kv-observe", "tail"))
+    # A shared prefix is scored by its tail window whatever --kv-observe says.
+    with pytest.raises(ConfigError, match=r"kvzip scores by reconstruct, not tail \(--kv-compress-on shared"):
+        from_namespace(parse("--kv-policy", "kvzip", "--kv-compress-on", "fork,shared"))
+    assert from_namespace(parse("--kv-policy", "kvzip")).compress_on == ("fork",)
+    assert from_namespace(parse("--kv-policy", "lava", "--kv-compress-on", "shared")).compress_on == ("shared",)
 
 
 def test_unknown_policy_lists_the_allowed_ones():
