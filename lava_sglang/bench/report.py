@@ -161,8 +161,10 @@ def markdown(records: list[dict], meta: dict, command: str, notes: str | None) -
         f"- Wall time: {meta['wall_seconds'] / 60:.1f} min; seed {config['seed']}; window {config['window']}"
         + "".join(f", {window} under {source}" for source, window in meta.get("kept_window", {}).items()
                   if window != config["window"]),
-        f"- Questions per cell: " + ", ".join(f"{q} at {c} tokens" for c, q in zip(config["contexts"],
-                                                                                   config["questions"])),
+        "- Questions per task and document length: " + ", ".join(
+            f"{q} at {c} tokens" for c, q in zip(config["contexts"], config["questions"]))
+        + " (a column of one split, at compression or later, holds that split's share; each interval is taken "
+          "over its own cell's questions)",
         f"- Retrieval: K in {{{', '.join(map(str, config.get('facts_per_document', [1, 4, 8])))}}} planted facts "
         "per document (cycled), one question per fact; correct = the 7-digit "
         f"code appears in the greedy answer ({config['retrieval_answer_tokens']} tokens at most). "
