@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lava_sglang.bench.documents import MAX_FACTS
+
 #: The policies that evict (the full cache is the reference every benchmark runs anyway).
 COMPRESSING_POLICIES = ("lava", "kvzip", "snapkv", "ada_snapkv", "pyramidkv", "streamingllm")
 #: What scores a document compressed once (`lava_sglang.policy.observe.OBSERVE_SOURCES`).
@@ -46,6 +48,14 @@ def at_least(minimum: int):
 
 
 positive_int = at_least(1)
+
+
+def fact_count(text: str) -> int:
+    """Planted facts per document: 1 to `documents.MAX_FACTS` (one name per fact)."""
+    value = positive_int(text)
+    if value > MAX_FACTS:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_FACTS} (facts per document), got {text}")
+    return value
 
 
 def read_notes(given: str | None, default: Path | None) -> str | None:

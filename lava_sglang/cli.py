@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from lava_sglang.argtypes import (COMPRESSING_POLICIES, DEFAULT_MIN_PREFIX, OBSERVE_SOURCES, at_least, keep_ratio,
-                                  positive_int, read_notes)
+from lava_sglang.argtypes import (COMPRESSING_POLICIES, DEFAULT_MIN_PREFIX, OBSERVE_SOURCES, at_least, fact_count,
+                                  keep_ratio, positive_int, read_notes)
 from lava_sglang.model import ModelNotAvailable
 from lava_sglang.sglang_plugin.server_process import ServerExited
 
@@ -207,7 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--context", type=at_least(DEFAULT_MIN_PREFIX), default=1024,
                       help=f"document tokens, at least {DEFAULT_MIN_PREFIX} (the server's --kv-min-prefix: a shorter "
                            "prompt is not compressed; default 1024)")
-    demo.add_argument("--facts", type=positive_int, default=4, help="planted facts to ask about (default 4)")
+    demo.add_argument("--facts", type=fact_count, default=4, help="planted facts to ask about (default 4)")
     demo.add_argument("--max-new-tokens", type=positive_int, default=24, help="answer length cap (default 24)")
     demo.add_argument("--seed", type=int, default=0, help="document seed (default 0)")
     demo.set_defaults(run=_demo_command)
@@ -239,7 +239,7 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--query-aware-splits", nargs="+", default=["at_compression", "later"],
                          choices=["at_compression", "later"], help="question splits query_aware runs on "
                          "(default both)")
-    quality.add_argument("--facts", type=positive_int, nargs="+", default=[1, 4, 8],
+    quality.add_argument("--facts", type=fact_count, nargs="+", default=[1, 4, 8],
                          help="planted facts per retrieval document, cycled (default 1 4 8)")
     quality.add_argument("--seed", type=int, default=0, help="seed of documents and questions (default 0)")
     quality.add_argument("--out", default=str(RESULTS_DIR), help="output folder (default docs/results)")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import tempfile
 import time
 from importlib.metadata import version
 from pathlib import Path
@@ -30,7 +31,8 @@ def main() -> None:
                         help="keep ratios in (0, 1] (default 0.2 0.1)")
     parser.add_argument("--chunk", type=positive_int, default=2048,
                         help="KVzipPress chunk_size (default 2048, kvpress's)")
-    parser.add_argument("--out", type=Path, default=Path("kvpress_head_to_head.json"))
+    parser.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "kvpress_head_to_head.json",
+                        help="the verdicts' JSON (default: in the temporary folder, not the repository's root)")
     args = parser.parse_args()
 
     import transformers
@@ -73,6 +75,7 @@ def main() -> None:
             "chunk_size": args.chunk, "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
             "wall_seconds": round(time.time() - started, 1)}
     args.out.write_text(json.dumps({"meta": meta, "facts_per_document": facts, "verdicts": verdicts}, indent=1))
+    print(f"wrote {args.out}")
     print(json.dumps(meta))
     print("| system | correct | 95% interval | 1 fact | 4 facts | 8 facts |\n|---|---|---|---|---|---|")
     for name, marks in verdicts.items():

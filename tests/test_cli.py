@@ -7,7 +7,7 @@ import json
 import pytest
 
 from lava_sglang import cli
-from lava_sglang.argtypes import COMPRESSING_POLICIES, OBSERVE_SOURCES, at_least, positive_float
+from lava_sglang.argtypes import COMPRESSING_POLICIES, OBSERVE_SOURCES, at_least, fact_count, positive_float
 from lava_sglang.bench import serve
 
 
@@ -27,6 +27,10 @@ def test_numeric_argument_types():
         with pytest.raises(argparse.ArgumentTypeError):
             parse(bad)
     assert positive_float("0.5") == 0.5
+    assert fact_count("20") == 20
+    for bad in ("0", "21"):  # one name per fact: documents.MAX_FACTS
+        with pytest.raises(argparse.ArgumentTypeError):
+            fact_count(bad)
 
 
 def test_the_demo_refuses_a_document_too_short_to_be_compressed(capsys):
