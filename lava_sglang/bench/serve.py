@@ -419,10 +419,12 @@ def run_benchmark(config: ServeConfig, progress: bool = True, log_dir: Path | No
     if not config.url:
         check_server_flags(config, capacity, cuda)
     records, servers = [], {}
+    distinct_questions = min(len({question.text for question in document.questions}) for document in documents)
 
     def result_so_far() -> dict:
         return {"records": list(records), "meta": run_metadata(config, model_path, cuda, servers, prefix_tokens,
-                                                               capacity, len(visits), time.time() - started)}
+                                                               capacity, len(visits), time.time() - started,
+                                                               distinct_questions)}
 
     if config.url:
         facts = server_facts(server_urls(config.url)[0])
@@ -459,7 +461,8 @@ def served_model_path(url: str) -> str:
 
 
 def run_metadata(config: ServeConfig, model_path: str, cuda: bool, servers: dict, prefix_tokens: list[int],
-                 capacity: int | None, num_visits: int, wall_seconds: float) -> dict:
+                 capacity: int | None, num_visits: int, wall_seconds: float,
+                 distinct_questions: int | None = None) -> dict:
     import os
 
     import sglang
@@ -476,6 +479,7 @@ def run_metadata(config: ServeConfig, model_path: str, cuda: bool, servers: dict
         "servers": servers,
         "workload": {
             "documents": config.documents, "questions_per_document": config.questions,
+            "distinct_questions_per_document": distinct_questions,
             "questions_per_visit": config.questions_per_visit or config.questions, "visits": num_visits,
             "order": config.order, "clients": config.clients, "max_tokens": config.max_tokens,
             "context_tokens": config.context, "document_tokens": prefix_tokens, "seed": config.seed,

@@ -79,6 +79,17 @@ def by_visit(record: dict) -> dict[str, dict]:
     return split
 
 
+def _repeated_questions(work: dict) -> list[str]:
+    """A line where a document has fewer planted facts than questions (a short --context, or
+    more questions than documents.MAX_FACTS): its questions repeat."""
+    distinct, asked = work.get("distinct_questions_per_document"), work["questions_per_document"]
+    if distinct is None or distinct >= asked:
+        return []
+    return [f"- Each document plants {distinct} facts for its {asked} questions, which repeat them: a repeat is "
+            "another request (another visit, another cache state) but not an independent question, so the "
+            "accuracy intervals, which count every answer, are narrower than they should be."]
+
+
 def markdown(result: dict, stem: str) -> str:
     records, meta = result["records"], result["meta"]
     work = meta["workload"]
@@ -98,6 +109,7 @@ def markdown(result: dict, stem: str) -> str:
         f"--kv-budget {_num(work['budget'], '{:g}')} for every compressing policy; "
         f"KV pool cap: {work['max_total_tokens'] or 'server default'} tokens; "
         f"at most {work['max_seconds']:.0f} s of workload per policy.",
+        *_repeated_questions(work),
         f"- Wall time: {meta['wall_seconds'] / 60:.1f} min (server starts included).",
         "- Server flags per policy: " + "; ".join(
             f"`{policy}`: `{' '.join(server['args'] or [server.get('url', '')])}`"

@@ -451,6 +451,13 @@ def synthetic_result() -> dict:
     return {"records": records, "meta": meta}
 
 
+def test_a_report_says_when_a_documents_questions_repeat_its_facts():
+    result = synthetic_result()
+    assert "which repeat them" not in markdown(result, "serving")
+    result["meta"]["workload"]["distinct_questions_per_document"] = 3
+    assert "Each document plants 3 facts for its 4 questions, which repeat them" in markdown(result, "serving")
+
+
 def test_comparison_against_the_targets():
     result = synthetic_result()
     compared = comparison(result["records"])
