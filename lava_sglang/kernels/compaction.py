@@ -45,6 +45,10 @@ def _check_buffers(k_buffer, v_buffer, k_store, v_store) -> None:
     if k_buffer.shape != v_buffer.shape:
         raise ValueError(f"k_buffer and v_buffer must have one shape [pool_size, Hkv, d], got "
                          f"{list(k_buffer.shape)} and {list(v_buffer.shape)}")
+    # The kernels address V through K's strides.
+    if v_buffer.stride() != k_buffer.stride() or v_store.stride() != k_store.stride():
+        raise ValueError(f"v_buffer and v_store must have k_buffer's and k_store's strides, got "
+                         f"{v_buffer.stride()} / {k_buffer.stride()} and {v_store.stride()} / {k_store.stride()}")
     if k_store.shape != v_store.shape or k_store.shape[1] != 1 or k_store.shape[2] != k_buffer.shape[2]:
         raise ValueError(f"k_store and v_store must both be [cells, 1, d={k_buffer.shape[2]}], got "
                          f"{list(k_store.shape)} and {list(v_store.shape)}")

@@ -24,6 +24,8 @@ def check_tensor(name: str, tensor: object, dims: int, dtypes: tuple[torch.dtype
         raise ValueError(f"{name} must be {dims}-D, got shape {list(tensor.shape)}")
     if tensor.dtype not in dtypes:
         raise ValueError(f"{name} must have dtype in {[str(d) for d in dtypes]}, got {tensor.dtype}")
+    if not tensor.dtype.is_floating_point and not tensor.is_contiguous():  # the kernels read indices by offset
+        raise ValueError(f"{name} must be contiguous, got strides {tensor.stride()} for shape {list(tensor.shape)}")
     return tensor
 
 

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from lava_sglang.checks import is_int
+from lava_sglang.checks import is_int, is_number
 from lava_sglang.kernels import launch
 from lava_sglang.kernels.attention_states import attention_with_lse
 
@@ -192,6 +192,8 @@ def set_heads(attention, num_q_heads: int, num_kv_heads: int, head_dim: int, sm_
     attention.num_kv_heads = num_kv_heads
     attention.group = num_q_heads // num_kv_heads
     attention.head_dim = head_dim
+    if sm_scale is not None and not (is_number(sm_scale) and 0 < sm_scale < math.inf):
+        raise ValueError(f"sm_scale must be a finite number > 0 (or None: 1/sqrt(head_dim)), got {sm_scale!r}")
     attention.sm_scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else float(sm_scale)
 
 

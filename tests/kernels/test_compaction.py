@@ -165,3 +165,9 @@ def test_bad_inputs_raise(device):  # on the GPU too: inputs on the device the k
         copy_rows(k_buffers[0], v_buffers[0], k_store.bfloat16(), v_store.bfloat16(), rows, heads, rows)
     with pytest.raises(ValueError, match="one shape"):
         copy_rows(k_buffers[0], v_buffers[0][:-1], k_store, v_store, rows, heads, rows)
+    # The kernel reads V through K's strides, and indices by offset.
+    wide = torch.zeros(16, 1, 64, device=device)[::2]
+    with pytest.raises(ValueError, match="v_buffer and v_store must have k_buffer's and k_store's strides"):
+        copy_rows(k_buffers[0], v_buffers[0], k_store, wide, rows, heads, rows)
+    with pytest.raises(ValueError, match="src_slots must be contiguous"):
+        copy_rows(k_buffers[0], v_buffers[0], k_store, v_store, torch.arange(8, device=device)[::2], heads, rows)

@@ -243,6 +243,8 @@ def test_bad_inputs_raise(device):
     with pytest.raises(ValueError, match="for no request"):
         attention.plan(qo_indptr[:1], rows[:0], tables, num_tokens=1, max_q_len=1)
     with pytest.raises(ValueError, match="L \\* Hkv \\+ 1"):
+        attention.plan(qo_indptr, rows, (tables[0][:, :-1].contiguous(), *tables[1:]), num_tokens=1, max_q_len=1)
+    with pytest.raises(ValueError, match="head_offsets must be contiguous"):  # the kernel reads it by offset
         attention.plan(qo_indptr, rows, (tables[0][:, :-1], *tables[1:]), num_tokens=1, max_q_len=1)
     for bad in (dict(num_tokens=-1, max_q_len=1), dict(num_tokens=1, max_q_len=0)):
         with pytest.raises(ValueError, match="num_tokens|max_q_len"):

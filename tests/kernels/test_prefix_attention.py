@@ -200,6 +200,9 @@ def test_bad_inputs_raise(device, monkeypatch):  # on the GPU too: inputs on the
         attention.run(q, k_store, v_store)
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
         CompressedPrefixAttention(6, 4, 64)
+    for sm_scale in (0.0, -0.125, math.nan, math.inf, True, "0.125"):
+        with pytest.raises(ValueError, match="sm_scale must be a finite number > 0"):
+            CompressedPrefixAttention(4, 2, 64, sm_scale=sm_scale)
     with pytest.raises(ValueError, match="B \\* Hkv \\+ 1 = 5"):
         attention.plan(qo_indptr, kv_indptr[:, :-1], kv_indices)
     with pytest.raises(ValueError, match="non-decreasing offsets"):
