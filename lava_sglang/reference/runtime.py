@@ -315,19 +315,28 @@ class ReferenceRuntime:
         if observation is None or isinstance(observation.source, Tail):
             return [policy.layer_scores(q, k, v) for q, k, v in zip(tail_queries, capture.keys, capture.values)]
         return [windows_scores(policy, observation.source,
-                               [ObservationWindow(tail_queries[layer])] + observation.branch_windows[layer],
+                               [ObservationWindow(tail_queries[layer])] + [
+                                   ObservationWindow(self._last_queries(branch.queries, branch.own_keys.shape[1],
+                                                                        policy), branch.own_keys)
+                                   for branch in observation.branch_windows[layer]],
                                capture.keys[layer], capture.values[layer], prefix_len) for layer in layers]
 
-    @staticmethod
-    def _tail_queries(capture: PrefixCapture, policy: Policy) -> list[torch.Tensor]:
+    @classmethod
+    def _tail_queries(cls, capture: PrefixCapture, policy: Policy) -> list[torch.Tensor]:
         """Per layer the captured window queries a policy's window reads: the last
         min(policy.window, n) of those the runtime captured."""
-        rows = min(policy.window, capture.seq_len)
-        captured = capture.q_window[0].shape[1]
+        return [cls._last_queries(queries, capture.seq_len, policy) for queries in capture.q_window]
+
+    @staticmethod
+    def _last_queries(queries: torch.Tensor, seq_len: int, policy: Policy) -> torch.Tensor:
+        """The last min(policy.window, seq_len) of a window's captured queries [Hq, r, d], as
+        the server's window of that size has them (a branch's too: observe.md's one w)."""
+        rows = min(policy.window, seq_len)
+        captured = queries.shape[1]
         if rows > captured:
             raise ValueError(f"{policy.name}'s window is {policy.window} tokens, but the capture holds {captured} "
                              f"window queries: make the runtime with window >= {policy.window}")
-        return [queries[:, captured - rows:] for queries in capture.q_window]
+        return queries[:, captured - rows:]
 
     def full_prefix(self, capture: PrefixCapture) -> CompressedPrefix:
         """The uncompressed prefix (what branches and the repetition are prefilled against)."""

@@ -38,6 +38,23 @@ def test_branch_windows_are_the_question_prefilled_after_the_whole_document(runt
         torch.testing.assert_close(window.own_keys, joint.keys[layer][:, len(document):], atol=1e-4, rtol=1e-4)
 
 
+def test_a_policys_window_reads_as_many_queries_of_each_branch_as_of_the_tail(runtime, document, capture,
+                                                                             monkeypatch):
+    # observe.md defines the tail's and the branches' windows by one w: a runtime that captured
+    # 32 queries plans lava:window=8 from the last 8 of each, as a runtime of window 8 does.
+    question = question_ids(runtime, "When does the loop stop? Say it in a few words, please.")
+    assert len(question) > 8
+    wide = runtime.compress(capture, "lava", 0.25, runtime.observe(capture, "branches", branches=[question]),
+                            window=8)
+    with monkeypatch.context() as patch:
+        patch.setattr(runtime, "window", 8)
+        narrow_capture = runtime.prefill(document)
+        narrow = runtime.compress(narrow_capture, "lava", 0.25,
+                                  runtime.observe(narrow_capture, "branches", branches=[question]), window=8)
+    for wide_heads, narrow_heads in zip(wide.plan.kept, narrow.plan.kept, strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(wide_heads, narrow_heads, strict=True))
+
+
 def eager_attentions(smollm2_path, token_ids, attention_mask=None):
     """Every layer's attention probabilities; attention_mask: None (causal) or additive [1, 1, T, T]."""
     from transformers import AutoModelForCausalLM
