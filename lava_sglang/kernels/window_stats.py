@@ -116,20 +116,24 @@ def _window_column_mass_kernel(
     dim_valid = dims < HEAD_DIM
     k = tl.load(k_ptr + slots[:, None] * stride_kslot + kv_head * stride_khead + dims[None, :],
                 mask=key_valid[:, None] & dim_valid[None, :], other=0.0)
-    q_pos = tl.arange(0, BLOCK_W)
-    pos_valid = q_pos < window
 
     # Prefix keys are visible to every window query: no mask beyond the padding. Mass >= 0,
-    # so 0 is the neutral start of both the max and the sum.
+    # so 0 is the neutral start of both the max and the sum. The window's rows come in tiles
+    # of at most BLOCK_W (a --kv-window of 1,024 would not fit one tile in shared memory).
     reduced = tl.zeros([BLOCK_N], tl.float32)
     for member in range(group):
         q_head = kv_head * group + member
-        q = tl.load(q_ptr + q_head * stride_qh + q_pos[:, None] * stride_qw + dims[None, :],
-                    mask=pos_valid[:, None] & dim_valid[None, :], other=0.0)
-        # Padded rows get lse = +inf, so their probabilities are exactly 0.
-        lse = tl.load(row_lse_ptr + q_head * window + q_pos, mask=pos_valid, other=float("inf"))
-        logits = launch.dot(q, tl.trans(k)) * sm_scale
-        mass = tl.sum(tl.exp(logits - lse[:, None]), axis=0) / window
+        mass = tl.zeros([BLOCK_N], tl.float32)
+        for row_start in range(0, window, BLOCK_W):
+            q_pos = row_start + tl.arange(0, BLOCK_W)
+            pos_valid = q_pos < window
+            q = tl.load(q_ptr + q_head * stride_qh + q_pos[:, None] * stride_qw + dims[None, :],
+                        mask=pos_valid[:, None] & dim_valid[None, :], other=0.0)
+            # Padded rows get lse = +inf, so their probabilities are exactly 0.
+            lse = tl.load(row_lse_ptr + q_head * window + q_pos, mask=pos_valid, other=float("inf"))
+            logits = launch.dot(q, tl.trans(k)) * sm_scale
+            mass += tl.sum(tl.exp(logits - lse[:, None]), axis=0)
+        mass = mass / window
         if GQA_MAX:
             reduced = tl.maximum(reduced, mass)
         else:
@@ -231,7 +235,8 @@ def window_statistics(
         v_buffer.stride(0), v_buffer.stride(1),
         prefix_len, window, group, sm_scale,
         HEAD_DIM=head_dim, GQA_MAX=gqa_reduce == "max", VALUE_NORM=with_value_norm,
-        BLOCK_W=launch.block_size(window), BLOCK_N=BLOCK_KEYS, BLOCK_D=block_d, num_warps=launch.TILE_NUM_WARPS,
+        BLOCK_W=min(MAX_BLOCK_ROWS, launch.block_size(window)), BLOCK_N=BLOCK_KEYS, BLOCK_D=block_d,
+        num_warps=launch.TILE_NUM_WARPS,
     )
     return WindowStatistics(mass=mass, value_norm=block_value_norm.amax(dim=1) if with_value_norm else None)
 

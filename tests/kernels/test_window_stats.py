@@ -99,6 +99,19 @@ def test_edge_lengths(device, window, seq_len):
         assert actual.entropy == pytest.approx(expected.entropy, abs=ENTROPY_ATOL)
 
 
+def test_a_window_longer_than_a_row_tile_is_read_tile_by_tile(device, monkeypatch):
+    # Both passes cut the window's rows into tiles of at most MAX_BLOCK_ROWS (shared memory
+    # bounds a tile, not --kv-window); 8-row tiles here stand in for 128-row ones.
+    from lava_sglang.kernels import window_stats
+
+    monkeypatch.setattr(window_stats, "MAX_BLOCK_ROWS", 8)
+    q, k_buffer, v_buffer, slots = _pool_inputs(4, 2, 21, 90, 64, torch.float32, device)
+    policy = paper_lava(21)
+    expected = policy.layer_scores(q, *_gathered(k_buffer, v_buffer, slots))
+    actual = _kernel_scores(policy, q, k_buffer, v_buffer, slots, keys_per_split=30)
+    _assert_scores_close(actual.scores, expected.scores)
+
+
 def test_reference_is_the_policy(device):
     q, k_buffer, v_buffer, slots = _pool_inputs(8, 2, 7, 40, 64, torch.float32, device)
     keys, values = _gathered(k_buffer, v_buffer, slots)
