@@ -63,7 +63,7 @@ def run_record(policy: str, options: dict, prefix_len: int, visits) -> dict:
     """A server run on one document as `reference_answers` reads it: `options` the server's
     /server_info policy options; `visits` per visit (questions, answers, meta infos), the
     first visit committing the document, the later ones finding it cached."""
-    keys = ("budget", "window", "pool_kernel", "alpha", "observe", "observe_chunk", "observe_normalize",
+    keys = ("policy_spec", "budget", "window", "pool_kernel", "alpha", "observe", "observe_chunk", "observe_normalize",
             "observe_view", "observe_prompt")
     return {"policy": policy, "kv_policy_options": {key: options[key] for key in keys},
             "visit_records": [{"visit": visit, "document": 0, "prefix_tokens": prefix_len,

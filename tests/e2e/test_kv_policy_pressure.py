@@ -115,8 +115,8 @@ def reference_rows(smollm2_path, server_url: str, documents, questions: list[dic
     from lava_sglang.reference import ReferenceRuntime
 
     policy = requests.get(server_url + "/server_info", timeout=60).json()["internal_states"][0]["lava_kv_policy"]
-    record = {"policy": "lava", "question_records": questions,
-              "kv_policy_options": {key: policy[key] for key in ("budget", "window", "pool_kernel", "alpha", "min_prefix")}}
+    keys = ("policy_spec", "budget", "window", "pool_kernel", "alpha", "min_prefix")
+    record = {"policy": "lava", "question_records": questions, "kv_policy_options": {key: policy[key] for key in keys}}
     return reference_answers(ReferenceRuntime.load(smollm2_path, window=policy["window"]), documents, record,
                              ANSWER_TOKENS, progress=False)
 
