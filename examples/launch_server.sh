@@ -28,7 +28,9 @@ args=(
 
     # What gets compressed: `fork` (the document a frontend program adds before s.fork()),
     # `shared` (a prompt prefix that a second plain /generate or OpenAI request shares).
-    # Use both when clients mix frontend programs and the OpenAI API.
+    # Use both when clients mix frontend programs and the OpenAI API. A shared prefix is
+    # scored by its tail window, so with --kv-policy kvzip (scored by a repetition only)
+    # pass --kv-compress-on fork.
     --kv-compress-on fork,shared
 
     # What scores a forked document: `reconstruct` (the default: the server repeats the

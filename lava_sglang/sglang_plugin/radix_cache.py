@@ -223,8 +223,10 @@ class LavaRadixCache(CompressedRadixCache):
     def _serving_on(self, step: str, action, req) -> None:
         """`action(req)`, a step of a request's release that copies tensors (the window queries,
         a branch's keys at every layer): a failure (e.g. out of memory) is logged and the step
-        skipped, so the scheduler keeps serving; the prefix is then observed without it. With
-        tensor parallel it is raised: the ranks must keep the same windows."""
+        skipped, so the scheduler keeps serving: the prefix is observed without that branch's
+        window, or a fork prefix not kept for its observation stays uncompressed (a later
+        commit of it tries again). With tensor parallel it is raised: the ranks must keep the
+        same windows."""
         try:
             action(req)
         except Exception:
@@ -249,12 +251,20 @@ class LavaRadixCache(CompressedRadixCache):
         max_new_tokens=0 that asks for no logprobs, and whose prefix the budget shrinks. A
         scoring request (`select()`'s, return_logprob) is not one: its prompt is a choice
         appended to the prefix, not the prefix. Nor is a commit that extends a prefix waiting to
-        be compressed (a nested `fork()` in a branch): it is a branch of that prefix, which is
-        compressed once, as a commit that extends a compressed prefix is not compressed again."""
+        be compressed by at most a branch's own tokens (`MAX_BRANCH_OWN_TOKENS`: a nested
+        `fork()` in a branch): it is a branch of that prefix, which is compressed once, as a
+        commit that extends a compressed prefix is not compressed again."""
         return (req.sampling_params.max_new_tokens == 0 and not req.return_logprob
                 and len(req.origin_input_ids) >= self.config.min_prefix
                 and self._evicts(len(req.origin_input_ids) - 1)
-                and (not self.pending or self._pending_of(prompt_key(req)) is None))
+                and not self._extends_pending_as_branch(req))
+
+    def _extends_pending_as_branch(self, req) -> bool:
+        if not self.pending:
+            return False
+        key = prompt_key(req)
+        pending = self._pending_of(key)
+        return pending is not None and len(key) - len(pending.full_key) <= MAX_BRANCH_OWN_TOKENS
 
     def _evicts(self, prefix_len: int) -> bool:
         """Whether the budget keeps fewer tokens than a `prefix_len`-token prefix has. One that

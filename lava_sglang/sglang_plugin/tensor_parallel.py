@@ -3,7 +3,9 @@ keeps the same prefixes (docs/tensor_parallel.md).
 
 Each TP rank runs its own scheduler and cache over the same requests and holds only its KV
 heads. Four things would make the ranks' caches differ, and each is settled here by one
-collective: the plan (budgets span heads: every rank's scores are gathered, `HeadShard`),
+collective: the plan (budgets span heads: every rank's scores are gathered, `HeadShard`;
+under observe "branches" also each layer's window totals, whose average over all heads
+scales every window's votes),
 the slots a compressed prefix takes (the largest rank's rows), when a waiting prefix is
 compressed and with what (a rank's clock and its repetition's state: all ranks must agree),
 and the repetitions' request-id base (rank 0's, `from_first_rank`: every rank must know the

@@ -327,6 +327,17 @@ def test_a_commit_that_extends_a_waiting_prefix_is_its_branch_not_a_second_prefi
         assert [len(pending.full_key) for pending in stub.cache.pending] == [200] and not stub.compressed_nodes()
 
 
+def test_a_commit_that_extends_a_waiting_prefix_by_more_than_a_branch_is_a_prefix_of_its_own():
+    # A second document appended (a continuation, not a question) waits as a prefix of its own.
+    from lava_sglang.sglang_plugin.config import MAX_BRANCH_OWN_TOKENS
+
+    stub = make_stub(observe="branches")
+    commit(stub, document(0))
+    commit(stub, document(0) + document(1, length=MAX_BRANCH_OWN_TOKENS + 1))
+    assert sorted(len(pending.full_key) for pending in stub.cache.pending) == [200, 200 + MAX_BRANCH_OWN_TOKENS + 1]
+    check(stub)
+
+
 def test_a_release_step_that_fails_is_skipped_and_the_scheduler_serves_on(monkeypatch, caplog):
     # Copying a branch's keys at every layer can run out of memory: one request must not stop the server.
     stub = make_stub(observe="branches")
