@@ -176,12 +176,21 @@ class LavaRadixCache(CompressedRadixCache):
         """Whether the cache will read the request's window queries: a fork commit's tail scores
         (or, under reconstruct, stands in for) its prefix; under branches a branch's window
         observes the prefix it extends (its whole prompt, as `_observe_branch` reads it: the
-        key SGLang matches stops short of it). A request cut to observe a shared prefix is
-        marked where it is cut. Decided when a request is matched: one already running when a
-        prefix starts to wait (a frontend's branches are sent after the commit) is not a branch."""
+        key SGLang matches stops short of it), for at most MAX_BRANCH_WINDOWS branches of a
+        prefix, each of at most MAX_BRANCH_OWN_TOKENS own tokens (others add no window). A
+        request cut to observe a shared prefix is marked where it is cut. Decided when a
+        request is matched: one already running when a prefix starts to wait (a frontend's
+        branches are sent after the commit) is not a branch."""
         if FORK in self.config.compress_on and self._is_fork_prefix(req):
             return True
-        return self.config.observe == BRANCHES and self._pending_of(prompt_key(req)) is not None
+        key = prompt_key(req)
+        pending = self._pending_of(key) if self.config.observe == BRANCHES else None
+        if pending is None or len(key) - len(pending.full_key) > MAX_BRANCH_OWN_TOKENS:
+            return False  # not a branch, or one too long to add a window (`_observe_branch`)
+        if req not in pending.capturing and len(pending.branches) + len(pending.capturing) >= MAX_BRANCH_WINDOWS:
+            return False  # as many windows as it will take are recorded or on their way
+        pending.capturing.add(req)
+        return True
 
     def _needs_commit_window(self, req) -> bool:
         """Whether a fork commit must recompute its tail window to be compressed: it is one,
@@ -214,6 +223,8 @@ class LavaRadixCache(CompressedRadixCache):
         finally:
             self.capture.drop(req)
             self.shared_prefix_keys.pop(req, None)
+            for pending in self.pending:
+                pending.capturing.discard(req)
             super().on_release(req, checkpointed=checkpointed)
         if repeated_len is not None:  # a repetition chunk's tokens go now, before the next chunk is sent
             self.free_beyond(prompt_key(req), repeated_len)

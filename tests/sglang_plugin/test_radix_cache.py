@@ -395,6 +395,28 @@ def test_under_tensor_parallel_the_idle_loop_leaves_waiting_prefixes_to_the_rele
     assert_all_released(stub)
 
 
+def test_under_observe_branches_no_more_branches_are_captured_than_add_windows():
+    # A wide fork would otherwise hold every branch's window queries until its release.
+    from lava_sglang.sglang_plugin.config import MAX_BRANCH_WINDOWS
+
+    stub = make_stub(observe="branches")
+    commit(stub, document(0))
+    branches = [stub.prefill(stub.request(document(0) + question(index), max_new_tokens=2))
+                for index in range(MAX_BRANCH_WINDOWS + 3)]
+    captured = [stub.cache.capture.window_queries(branch.kv.req_pool_idx, 203, LAYERS, rows=3) is not None
+                for branch in branches]
+    assert captured == [True] * MAX_BRANCH_WINDOWS + [False] * 3
+    stub.abort(branches.pop(0))  # a captured branch that will add no window frees its place
+    check(stub)
+    late = stub.prefill(stub.request(document(0) + question(50), max_new_tokens=2))
+    assert stub.cache.capture.window_queries(late.kv.req_pool_idx, 203, LAYERS, rows=3) is not None
+    for branch in branches + [late]:
+        stub.finish(branch)
+        check(stub)
+    assert len(stub.compressed_nodes()) == 1 and not stub.cache.pending
+    assert_all_released(stub)
+
+
 def test_under_observe_branches_a_branch_longer_than_a_question_adds_no_window():
     from lava_sglang.sglang_plugin.config import MAX_BRANCH_OWN_TOKENS
 
