@@ -7,7 +7,6 @@ cache keeps one `PendingPrefix` per waiting prefix and compresses it once it is 
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -27,9 +26,6 @@ class PendingPrefix:
     wait: float  # --kv-observe-wait, seconds
     deadline: float  # time.monotonic() after which it is compressed with what arrived
     branches: list[list[ObservationWindow]] = field(default_factory=list)  # per branch, per layer
-    # The running branches whose window queries are captured for it: with those already
-    # recorded, at most MAX_BRANCH_WINDOWS (a wide fork would otherwise copy every branch's).
-    capturing: weakref.WeakSet = field(default_factory=weakref.WeakSet)
     repetition: RepetitionScores | None = None
     prefill_seconds: float | None = None  # the commit's prefill, to which the repetition's cost is compared
 

@@ -176,21 +176,16 @@ class LavaRadixCache(CompressedRadixCache):
         """Whether the cache will read the request's window queries: a fork commit's tail scores
         (or, under reconstruct, stands in for) its prefix; under branches a branch's window
         observes the prefix it extends (its whole prompt, as `_observe_branch` reads it: the
-        key SGLang matches stops short of it), for at most MAX_BRANCH_WINDOWS branches of a
-        prefix, each of at most MAX_BRANCH_OWN_TOKENS own tokens (others add no window). A
-        request cut to observe a shared prefix is marked where it is cut. Decided when a
-        request is matched: one already running when a prefix starts to wait (a frontend's
-        branches are sent after the commit) is not a branch."""
+        key SGLang matches stops short of it), of at most MAX_BRANCH_OWN_TOKENS own tokens (a
+        longer one adds no window). A request cut to observe a shared prefix is marked where it
+        is cut. Decided when a request is matched: one already running when a prefix starts to
+        wait (a frontend's branches are sent after the commit) is not a branch."""
         if FORK in self.config.compress_on and self._is_fork_prefix(req):
             return True
         key = prompt_key(req)
         pending = self._pending_of(key) if self.config.observe == BRANCHES else None
-        if pending is None or len(key) - len(pending.full_key) > MAX_BRANCH_OWN_TOKENS:
-            return False  # not a branch, or one too long to add a window (`_observe_branch`)
-        if req not in pending.capturing and len(pending.branches) + len(pending.capturing) >= MAX_BRANCH_WINDOWS:
-            return False  # as many windows as it will take are recorded or on their way
-        pending.capturing.add(req)
-        return True
+        # Not a branch, or one too long to add a window (`_observe_branch`).
+        return pending is not None and len(key) - len(pending.full_key) <= MAX_BRANCH_OWN_TOKENS
 
     def _needs_commit_window(self, req) -> bool:
         """Whether a fork commit must recompute its tail window to be compressed: it is one,
@@ -223,8 +218,6 @@ class LavaRadixCache(CompressedRadixCache):
         finally:
             self.capture.drop(req)
             self.shared_prefix_keys.pop(req, None)
-            for pending in self.pending:
-                pending.capturing.discard(req)
             super().on_release(req, checkpointed=checkpointed)
         if repeated_len is not None:  # a repetition chunk's tokens go now, before the next chunk is sent
             self.free_beyond(prompt_key(req), repeated_len)
@@ -262,20 +255,14 @@ class LavaRadixCache(CompressedRadixCache):
         max_new_tokens=0 that asks for no logprobs, and whose prefix the budget shrinks. A
         scoring request (`select()`'s, return_logprob) is not one: its prompt is a choice
         appended to the prefix, not the prefix. Nor is a commit that extends a prefix waiting to
-        be compressed by at most a branch's own tokens (`MAX_BRANCH_OWN_TOKENS`: a nested
-        `fork()` in a branch): it is a branch of that prefix, which is compressed once, as a
-        commit that extends a compressed prefix is not compressed again."""
+        be compressed (a nested `fork()` in a branch): it is a branch of that prefix, which is
+        compressed once, and like a commit that extends a compressed prefix it is not compressed
+        itself. (Two waiting prefixes on one path would undo each other: the shorter one's
+        compression frees what is cached below it, the longer one's the shorter's full copy.)"""
         return (req.sampling_params.max_new_tokens == 0 and not req.return_logprob
                 and len(req.origin_input_ids) >= self.config.min_prefix
                 and self._evicts(len(req.origin_input_ids) - 1)
-                and not self._extends_pending_as_branch(req))
-
-    def _extends_pending_as_branch(self, req) -> bool:
-        if not self.pending:
-            return False
-        key = prompt_key(req)
-        pending = self._pending_of(key)
-        return pending is not None and len(key) - len(pending.full_key) <= MAX_BRANCH_OWN_TOKENS
+                and (not self.pending or self._pending_of(prompt_key(req)) is None))
 
     def _evicts(self, prefix_len: int) -> bool:
         """Whether the budget keeps fewer tokens than a `prefix_len`-token prefix has. One that
@@ -311,7 +298,9 @@ class LavaRadixCache(CompressedRadixCache):
         return any(pending.is_for(full_key) for pending in self.pending)
 
     def _pending_of(self, key) -> PendingPrefix | None:
-        return next((pending for pending in self.pending if pending.covers(key)), None)
+        """The waiting prefix `key` extends; the longest, should two on one path wait."""
+        covering = [pending for pending in self.pending if pending.covers(key)]
+        return max(covering, key=lambda pending: len(pending.full_key)) if covering else None
 
     def _defer_fork_prefix(self, req) -> None:
         """Keep a committed fork prefix's tail window until its branches have run, or (under
