@@ -380,9 +380,9 @@ def check_server_flags(config: ServeConfig, capacity: int | None, cuda: bool) ->
     kvzip) would otherwise stop the run after the policies before it had taken their time."""
     from lava_sglang.sglang_plugin import config as plugin_config
 
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    plugin_config.add_arguments(parser)
     for policy in config.policies:
-        parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-        plugin_config.add_arguments(parser)
         flags, _ = parser.parse_known_args(policy_server_args(policy, config, capacity, cuda))
         try:
             plugin_config.from_namespace(flags)
@@ -559,7 +559,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         context=args.context, clients=pick("clients"), max_tokens=args.max_tokens,
         max_total_tokens=args.max_total_tokens, resident_documents=pick("resident_documents"),
         memory_bound=args.memory_bound, max_seconds=args.max_seconds, sample_interval=args.sample_interval,
-        server_args=shlex.split(args.server_args), seed=args.seed, url=args.url.rstrip("/") if args.url else None, model=args.model,
+        server_args=shlex.split(args.server_args), seed=args.seed, model=args.model,
+        url=args.url.rstrip("/") if args.url else None,
     )
 
 

@@ -182,10 +182,7 @@ class LavaRadixCache(CompressedRadixCache):
         wait (a frontend's branches are sent after the commit) is not a branch."""
         if FORK in self.config.compress_on and self._is_fork_prefix(req):
             return True
-        key = prompt_key(req)
-        pending = self._pending_of(key) if self.config.observe == BRANCHES else None
-        # Not a branch, or one too long to add a window (`_observe_branch`).
-        return pending is not None and len(key) - len(pending.full_key) <= MAX_BRANCH_OWN_TOKENS
+        return self.config.observe == BRANCHES and self._windowed_branch_of(prompt_key(req)) is not None
 
     def _needs_commit_window(self, req) -> bool:
         """Whether a fork commit must recompute its tail window to be compressed: it is one,
@@ -378,11 +375,20 @@ class LavaRadixCache(CompressedRadixCache):
                            "tail", scores.prefix_len, scores.failed)
         return scores.prefix_len
 
+    def _windowed_branch_of(self, key) -> PendingPrefix | None:
+        """The waiting prefix `key` is a branch of, where the branch is short enough to add a
+        window: a longer one (a continuation, not a question) would hold its own keys at every
+        layer until the compression."""
+        pending = self._pending_of(key)
+        if pending is None or len(key) - len(pending.full_key) > MAX_BRANCH_OWN_TOKENS:
+            return None
+        return pending
+
     def _observe_branch(self, req) -> None:
         """Record the observation window of a released request that ran after a whole pending
         prefix: its last min(window, own tokens) queries and its own tokens' keys."""
         branch_key = prompt_key(req)
-        pending = self._pending_of(branch_key)
+        pending = self._windowed_branch_of(branch_key)
         if pending is None or len(pending.branches) >= MAX_BRANCH_WINDOWS:
             return
         prefix_len = len(pending.full_key)
@@ -390,10 +396,6 @@ class LavaRadixCache(CompressedRadixCache):
         if slots.numel() != len(branch_key):
             return  # the branch's own tokens are not all in the tree
         own_len = len(branch_key) - prefix_len
-        if own_len > MAX_BRANCH_OWN_TOKENS:  # its keys would be held at every layer until the compression
-            logger.debug("lava: a branch of %d own tokens adds no window (at most %d)", own_len,
-                         MAX_BRANCH_OWN_TOKENS)
-            return
         queries = self.capture.window_queries(req.kv.req_pool_idx, len(branch_key), self.kv_pool.layer_num,
                                               rows=min(self.config.window, own_len))
         if queries is None:
