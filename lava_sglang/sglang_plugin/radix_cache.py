@@ -208,6 +208,10 @@ class LavaRadixCache(CompressedRadixCache):
                     self._serving_on("keeping a fork prefix for its observation", self._defer_fork_prefix, req)
                 else:
                     self._compress_fork_prefix(req)
+            elif (checkpointed and FORK in self.config.compress_on and self._is_commit(req)
+                  and self._waits_beyond(prompt_key(req))):
+                logger.info("lava: prefix of %d tokens not compressed: a longer fork prefix that starts with it waits "
+                            "to be observed", len(req.origin_input_ids))
             elif checkpointed and req in self.shared_prefix_keys:
                 self._compress_shared_prefix(req, self.shared_prefix_keys[req])
             elif checkpointed and self.pending and self.config.observe == BRANCHES:
@@ -254,12 +258,18 @@ class LavaRadixCache(CompressedRadixCache):
         appended to the prefix, not the prefix. Nor is a commit that extends a prefix waiting to
         be compressed (a nested `fork()` in a branch): it is a branch of that prefix, which is
         compressed once, and like a commit that extends a compressed prefix it is not compressed
-        itself. (Two waiting prefixes on one path would undo each other: the shorter one's
-        compression frees what is cached below it, the longer one's the shorter's full copy.)"""
+        itself. Nor, in the reverse order, is a commit that a waiting prefix extends: it is
+        cached as stock SGLang caches it. (Two waiting prefixes on one path would undo each
+        other: the shorter one's compression frees what is cached below it, the longer one's
+        the shorter's full copy.)"""
+        return (self._is_commit(req) and self._evicts(len(req.origin_input_ids) - 1)
+                and (not self.pending or (self._pending_of(prompt_key(req)) is None
+                                          and not self._waits_beyond(prompt_key(req)))))
+
+    def _is_commit(self, req) -> bool:
+        """Whether the request has the shape of a fork commit (see `_is_fork_prefix`)."""
         return (req.sampling_params.max_new_tokens == 0 and not req.return_logprob
-                and len(req.origin_input_ids) >= self.config.min_prefix
-                and self._evicts(len(req.origin_input_ids) - 1)
-                and (not self.pending or self._pending_of(prompt_key(req)) is None))
+                and len(req.origin_input_ids) >= self.config.min_prefix)
 
     def _evicts(self, prefix_len: int) -> bool:
         """Whether the budget keeps fewer tokens than a `prefix_len`-token prefix has. One that
@@ -293,6 +303,10 @@ class LavaRadixCache(CompressedRadixCache):
     def _is_pending(self, full_key) -> bool:
         """Whether the fork prefix committed as `full_key` waits for what observes it."""
         return any(pending.is_for(full_key) for pending in self.pending)
+
+    def _waits_beyond(self, key) -> bool:
+        """Whether a prefix waiting to be compressed starts with the whole of `key` and goes beyond it."""
+        return any(pending.starts_with(key) and not pending.is_for(key) for pending in self.pending)
 
     def _pending_of(self, key) -> PendingPrefix | None:
         """The waiting prefix `key` extends; the longest, should two on one path wait."""

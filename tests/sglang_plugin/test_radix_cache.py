@@ -341,6 +341,30 @@ def test_a_commit_that_extends_a_waiting_prefix_by_a_whole_document_is_not_a_sec
     assert_all_released(stub)
 
 
+@pytest.mark.parametrize("observe", ["branches", "reconstruct"])
+def test_a_commit_that_a_waiting_prefix_extends_is_not_a_second_waiting_prefix(observe, caplog):
+    # The reverse order of a nested fork: the longer prefix was committed first. The shorter
+    # one waiting beside it would free the longer one's full copy when compressed, or lose its
+    # own when the longer one is.
+    stub = make_stub(observe=observe)
+    if observe == "reconstruct":  # a repetition planned, never sent: the prefix waits for it
+        stub.cache._start_repetition = lambda req: RepetitionScores.plan(
+            req.origin_input_ids, Reconstruct(chunk_tokens=100, chat_turn=False), lambda text: [5, 6], WINDOW,
+            LAYERS, rid_base="never-sent")
+    longer = document(0) + list(range(1, MIN_PREFIX + 2))
+    commit(stub, longer)
+    with caplog.at_level(logging.INFO, logger="lava_sglang.sglang_plugin.radix_cache"):
+        commit(stub, document(0))
+    check(stub)
+    assert "a longer fork prefix that starts with it waits" in caplog.text
+    assert [len(pending.full_key) for pending in stub.cache.pending] == [len(longer)]
+    assert not stub.compressed_nodes()
+    if observe == "branches":  # the longer prefix's branch: it is compressed, once, and nothing is left behind
+        run(stub, longer + question(0))
+        assert [len(node.key) for node in stub.compressed_nodes()] == [len(longer) - 1] and not stub.cache.pending
+        assert_all_released(stub)
+
+
 def test_a_release_step_that_fails_is_skipped_and_the_scheduler_serves_on(monkeypatch, caplog):
     # Copying a branch's keys at every layer can run out of memory: one request must not stop the server.
     stub = make_stub(observe="branches")
