@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import torch
 
 from lava_sglang.policy import ObservationWindow
+from lava_sglang.sglang_plugin.config import MAX_BRANCH_WINDOWS
 from lava_sglang.sglang_plugin.repetition import RepetitionScores, add_known
 from lava_sglang.sglang_plugin.touchpoints import same_cache_namespace
 
@@ -28,6 +29,17 @@ class PendingPrefix:
     branches: list[list[ObservationWindow]] = field(default_factory=list)  # per branch, per layer
     repetition: RepetitionScores | None = None
     prefill_seconds: float | None = None  # the commit's prefill, to which the repetition's cost is compared
+    recorded_branch_rids: set[str] = field(default_factory=set)  # the branches whose windows are captured
+
+    def records_branch(self, rid: str) -> bool:
+        """Whether the branch `rid` has its window queries captured: the first MAX_BRANCH_WINDOWS
+        matched do, as only that many add windows, and each holds its queries at every layer
+        until it is released (a wide fork would hold them all). Counted by request id, which
+        every tensor-parallel rank matches in the same order, so the ranks capture the same
+        branches (a request matched again, queued or retracted, keeps its place)."""
+        if rid not in self.recorded_branch_rids and len(self.recorded_branch_rids) < MAX_BRANCH_WINDOWS:
+            self.recorded_branch_rids.add(rid)
+        return rid in self.recorded_branch_rids
 
     def ready(self, now: float) -> bool:
         """Whether what observes it has arrived (a branch window; the repetition, run whole or

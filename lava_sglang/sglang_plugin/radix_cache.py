@@ -46,7 +46,7 @@ from lava_sglang.policy import ObservationWindow, resolve_budget
 from lava_sglang.sglang_plugin.compressed_tree import CompressedNode, CompressedRadixCache, prompt_key
 from lava_sglang.sglang_plugin.compressor import WindowCapture, plan_prefix
 from lava_sglang.sglang_plugin.config import (BRANCHES, DEFERRED_OBSERVE_SOURCES, FORK, MAX_BRANCH_OWN_TOKENS,
-                                              MAX_BRANCH_WINDOWS, MAX_PENDING_PREFIXES, RECONSTRUCT, SHARED,
+                                              MAX_PENDING_PREFIXES, RECONSTRUCT, SHARED,
                                               KvPolicyConfig)
 from lava_sglang.sglang_plugin.metrics import StoreMetrics
 from lava_sglang.sglang_plugin.pending import PendingPrefix, RepetitionCost
@@ -177,12 +177,16 @@ class LavaRadixCache(CompressedRadixCache):
         (or, under reconstruct, stands in for) its prefix; under branches a branch's window
         observes the prefix it extends (its whole prompt, as `_observe_branch` reads it: the
         key SGLang matches stops short of it), of at most MAX_BRANCH_OWN_TOKENS own tokens (a
-        longer one adds no window). A request cut to observe a shared prefix is marked where it
-        is cut. Decided when a request is matched: one already running when a prefix starts to
-        wait (a frontend's branches are sent after the commit) is not a branch."""
+        longer one adds no window), among the first MAX_BRANCH_WINDOWS matched
+        (`PendingPrefix.records_branch`). A request cut to observe a shared prefix is marked
+        where it is cut. Decided when a request is matched: one already running when a prefix
+        starts to wait (a frontend's branches are sent after the commit) is not a branch."""
         if FORK in self.config.compress_on and self._is_fork_prefix(req):
             return True
-        return self.config.observe == BRANCHES and self._windowed_branch_of(prompt_key(req)) is not None
+        if self.config.observe != BRANCHES:
+            return False
+        pending = self._windowed_branch_of(prompt_key(req))
+        return pending is not None and pending.records_branch(req.rid)
 
     def _needs_commit_window(self, req) -> bool:
         """Whether a fork commit must recompute its tail window to be compressed: it is one,
@@ -403,7 +407,7 @@ class LavaRadixCache(CompressedRadixCache):
         prefix: its last min(window, own tokens) queries and its own tokens' keys."""
         branch_key = prompt_key(req)
         pending = self._windowed_branch_of(branch_key)
-        if pending is None or len(pending.branches) >= MAX_BRANCH_WINDOWS:
+        if pending is None or req.rid not in pending.recorded_branch_rids:
             return
         prefix_len = len(pending.full_key)
         slots, _ = self.ordinary_slots(branch_key)

@@ -96,6 +96,30 @@ def test_match_insert_and_locks_along_the_path():
     assert_all_released(stub)
 
 
+def test_under_observe_branches_a_wide_fork_captures_only_the_first_branches_matched():
+    # Only MAX_BRANCH_WINDOWS branches add windows: every other one's queries would be held at
+    # every layer, unread, until its release.
+    from lava_sglang.sglang_plugin.config import MAX_BRANCH_WINDOWS
+
+    stub = make_stub(observe="branches")
+    commit(stub, document(0))
+    branches = [stub.prefill(stub.request(document(0) + question(index), max_new_tokens=4))
+                for index in range(MAX_BRANCH_WINDOWS + 2)]
+    expected = [True] * MAX_BRANCH_WINDOWS + [False, False]
+    assert [stub.cache.capture.window_queries(branch.kv.req_pool_idx, 203, LAYERS, rows=3) is not None
+            for branch in branches] == expected
+    # A request matched again (queued, or retracted and admitted again) keeps its place.
+    assert [stub.cache._reads_window_of(branch) for branch in reversed(branches)] == expected[::-1]
+    check(stub)
+    for index, branch in enumerate(reversed(branches)):
+        assert not stub.compressed_nodes() and len(stub.cache.pending[0].branches) == max(0, index - 2)
+        stub.finish(branch)
+        check(stub)
+    (node,) = stub.compressed_nodes()
+    assert not stub.cache.pending
+    assert_all_released(stub)
+
+
 @pytest.mark.parametrize("observe", ["tail", "branches", "reconstruct"])
 def test_only_the_requests_whose_windows_are_read_hold_captured_queries(observe):
     # Every other long request's window queries would be held, unread, until its release.
