@@ -124,7 +124,8 @@ def _demo_command(args: argparse.Namespace) -> int:
             print(f"   {name:>16}: {verdict}{text.strip()}".replace("\n", " "))
         print(f"   {'':>16}  ({meta['cached_tokens']} of {meta['prompt_tokens']} prompt tokens from the cache)")
         print()
-    print(f"Planted codes found: full cache {right['full cache']}/{len(planted)}, {label} {right[label]}/{len(planted)}")
+    print(f"Planted codes found: full cache {right['full cache']}/{len(planted)}, "
+          f"{label} {right[label]}/{len(planted)}")
     full_bytes = stats["bytes_stored"] + stats["bytes_saved"]
     print(f"KV memory of the document ({stats['prefix_tokens']} tokens, all layers and KV heads, "
           f"{'fp32' if not torch.cuda.is_available() else 'model dtype'}):")

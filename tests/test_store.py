@@ -75,7 +75,8 @@ def test_padded_rows_are_each_heads_rows_then_its_last_repeated(kept_lengths):
             head_rows = rows[bounds[head]:bounds[head + 1]]
             torch.testing.assert_close(keys[head, :len(head_rows)], head_rows)
             if 0 < len(head_rows) < width:  # padding repeats a real row of the layer
-                torch.testing.assert_close(keys[head, len(head_rows):], head_rows[-1:].expand(width - len(head_rows), -1))
+                padding = head_rows[-1:].expand(width - len(head_rows), -1)
+                torch.testing.assert_close(keys[head, len(head_rows):], padding)
 
 
 def test_layout_refuses_rows_that_do_not_fit():

@@ -248,7 +248,8 @@ def plot(records: list[dict], config: dict, path: Path) -> None:
                     if where["mode"] == "query_aware":
                         continue  # the compress-once streamingllm line is the reference
                 elif single_source:  # one source: a colour per policy, so variants can be told apart
-                    color, marker, style = policy_colors[where["policy"]], *POLICY_MARKER.get(where["policy"], ("o", "-"))
+                    marker, style = POLICY_MARKER.get(where["policy"], ("o", "-"))
+                    color = policy_colors[where["policy"]]
                 else:
                     source = "per question" if where["mode"] == "query_aware" else where["observe"]
                     color = source_colors.get(source, "tab:purple")

@@ -75,7 +75,8 @@ def reference_answers(runtime, documents, record: dict, max_tokens: int, progres
     def prompt_of(question: dict) -> list[int]:
         """The question's prompt tokens (its document prefilled once, on first use)."""
         document = documents[question["document"]]
-        prefix_text, (suffix_text,) = program_inputs(document, Visit(0, question["document"], (question["question"],), 0))
+        visit = Visit(0, question["document"], (question["question"],), 0)
+        prefix_text, (suffix_text,) = program_inputs(document, visit)
         if question["document"] not in captures:
             captures[question["document"]] = runtime.prefill(tokenizer(prefix_text).input_ids)
         return tokenizer(prefix_text + suffix_text).input_ids

@@ -72,7 +72,8 @@ def by_visit(record: dict) -> dict[str, dict]:
     first program) and of revisits, from the record's question and visit records."""
     split = {}
     for name, first in (("first", True), ("revisit", False)):
-        graded = [q for q in record.get("question_records", []) if (q["round"] == 0) == first and q["correct"] is not None]
+        graded = [q for q in record.get("question_records", [])
+                  if (q["round"] == 0) == first and q["correct"] is not None]
         seconds = [v["seconds"] for v in record.get("visit_records", []) if (v["round"] == 0) == first]
         split[name] = {"correct": sum(q["correct"] for q in graded), "questions": len(graded),
                        "mean_seconds": sum(seconds) / len(seconds) if seconds else None}
@@ -120,15 +121,16 @@ def markdown(result: dict, stem: str) -> str:
         f"prefill is a request that found fewer than (document tokens - {work['miss_slack_tokens']}) tokens in "
         "the cache; recomputations are those after the document's first. Repetition s/doc: `--kv-observe "
         "reconstruct`'s wall seconds from a document's first repetition chunk to its last release, and their "
-        "ratio to the document's prefill (its commit's first forward to its release), both in the scheduler; its forwards: the "
-        "same summed over the repetition's chunks, each from its first forward to its release (timed as the prefill "
-        "is, without the gaps between chunks, where other requests' batches run). Documents resident: the compressed "
-        "store's peak entries with a compressing policy; under `--kv-policy none` the radix tree's peak "
-        "tokens / document tokens; for a server without the plugin, pool capacity / document tokens (an upper "
-        "bound); behind SGLang's router, summed over the servers per sample, each server's own peak in "
-        "parentheses. Peak KV: the main pool's peak use (the store's borrowed slots included), sampled from "
-        "/server_info every few seconds (n/a for a server without the plugin). Latencies in seconds, p50 / p90 / p99, per question, measured by the client "
-        "(streamed: TTFT is the first chunk); a program's latency includes its prefix commit.",
+        "ratio to the document's prefill (its commit's first forward to its release), both in the scheduler; "
+        "its forwards: the same summed over the repetition's chunks, each from its first forward to its "
+        "release (timed as the prefill is, without the gaps between chunks, where other requests' batches "
+        "run). Documents resident: the compressed store's peak entries with a compressing policy; under "
+        "`--kv-policy none` the radix tree's peak tokens / document tokens; for a server without the plugin, "
+        "pool capacity / document tokens (an upper bound); behind SGLang's router, summed over the servers per "
+        "sample, each server's own peak in parentheses. Peak KV: the main pool's peak use (the store's borrowed "
+        "slots included), sampled from /server_info every few seconds (n/a for a server without the plugin). "
+        "Latencies in seconds, p50 / p90 / p99, per question, measured by the client (streamed: TTFT is the "
+        "first chunk); a program's latency includes its prefix commit.",
         "",
         "| policy | accuracy | cached share | docs resident | revisit hit rate | document prefills "
         "(recomputed) | peak KV tokens | peak KV MiB | store MiB | compress s/doc | repetition s/doc (x prefill) | "

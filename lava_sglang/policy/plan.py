@@ -308,7 +308,8 @@ class PlanBuilder:
         layer = len(self._layers)
         self._check_room(layer)
         if not isinstance(layer_scores, LayerScores):
-            raise ValueError(f"add_layer_scores takes a LayerScores(scores, entropy), got {type(layer_scores).__name__}")
+            raise ValueError("add_layer_scores takes a LayerScores(scores, entropy), "
+                             f"got {type(layer_scores).__name__}")
         expected = (self.num_kv_heads, self.prefix_len)
         if tuple(layer_scores.scores.shape) != expected:
             raise ValueError(f"scores of layer {layer} must be [Hkv, m] = {list(expected)}, "

@@ -414,7 +414,8 @@ class ReferenceRuntime:
                     repeat[layer] = scores.new_zeros(scores.shape[0], seq_len)
                 repeat[layer][:, start:end] = scores
 
-            tokens = source.chunk_prompt(capture.token_ids, start, encode, assistant_turn) + capture.token_ids[start:end]
+            tokens = (source.chunk_prompt(capture.token_ids, start, encode, assistant_turn)
+                      + capture.token_ids[start:end])
             self._forward(batch, torch.tensor([tokens]), record=record, logits_to_keep=1)
         return repeat
 
@@ -444,7 +445,8 @@ class ReferenceRuntime:
                 record(layer, grouped, key, scaling)
             own_visible = causal_visibility(query.shape[2], key.shape[2], query.device)
             if dense:  # an uncompressed prefix: one attention over prefix and own keys
-                keys, values = torch.cat([batch.keys[layer], key], dim=2), torch.cat([batch.values[layer], value], dim=2)
+                keys = torch.cat([batch.keys[layer], key], dim=2)
+                values = torch.cat([batch.values[layer], value], dim=2)
                 visible = torch.cat([own_visible.new_ones(query.shape[2], batch.seq_len), own_visible], dim=1)
                 out = torch.nn.functional.scaled_dot_product_attention(
                     query.float(), keys.float(), values.float(), attn_mask=visible, scale=scaling, enable_gqa=True)

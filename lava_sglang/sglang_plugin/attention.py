@@ -146,8 +146,8 @@ class CompressedPrefixPath:
     def _save_kv(self, k, v, layer, forward_batch, save_kv_cache) -> None:
         """Write the batch's new keys and values to the pool, as the wrapped backend would."""
         if save_kv_cache and k is not None and v is not None:
-            _cache.kv_pool.set_kv_buffer(
-                layer, kv_write_loc(forward_batch.out_cache_loc, getattr(self.backend, "swa_out_cache_loc", None)), k, v)
+            write_loc = kv_write_loc(forward_batch.out_cache_loc, getattr(self.backend, "swa_out_cache_loc", None))
+            _cache.kv_pool.set_kv_buffer(layer, write_loc, k, v)
 
     def _attend(self, q, k, v, layer, forward_batch, save_kv_cache, entries, prefix_lens, extend_lens):
         """The batch's attention, computed here: out [tokens, Hq * d] in q's dtype and each

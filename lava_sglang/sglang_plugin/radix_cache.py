@@ -77,7 +77,9 @@ def _of_prefill(seconds: float | None, prefill_seconds: float | None) -> str:
     """`seconds` as a multiple of the prefix's prefill, for the repetition's log line."""
     if seconds is None:
         return "not timed"
-    return f"{seconds / prefill_seconds:.2f}x the prefix's prefill" if prefill_seconds else "the prefix's prefill was not timed"
+    if not prefill_seconds:
+        return "the prefix's prefill was not timed"
+    return f"{seconds / prefill_seconds:.2f}x the prefix's prefill"
 
 
 class LavaRadixCache(CompressedRadixCache):

@@ -27,7 +27,8 @@ pytestmark = pytest.mark.model
 ANSWER_TOKENS = 12
 REPEAT_CHUNK = 256
 CONTEXT_LENGTH = 1024  # a ~700-token document and a repetition chunk fit; a ~1,100-token document does not
-SERVER_ARGS = ["--dtype", "float32", "--enable-cache-report", "--kv-budget", "0.25", "--kv-observe", "reconstruct", "--kv-observe-wait", "120", "--kv-observe-chunk", str(REPEAT_CHUNK),
+SERVER_ARGS = ["--dtype", "float32", "--enable-cache-report", "--kv-budget", "0.25", "--kv-observe", "reconstruct",
+               "--kv-observe-wait", "120", "--kv-observe-chunk", str(REPEAT_CHUNK),
                "--chunked-prefill-size", "200", "--context-length", str(CONTEXT_LENGTH)]
 
 

@@ -69,7 +69,8 @@ def test_budget_covering_the_document_leaves_it_to_stock_sglang(smollm2_path, tm
     with serve(smollm2_path, tmp_path, "none", ["--kv-policy", "none"]) as server:
         none_answers, _ = run_program(server.url, program_inputs)
         none_state = requests.get(server.url + "/server_info", timeout=60).json()["internal_states"][0]
-    with serve(smollm2_path, tmp_path, "lava-full", ["--kv-policy", "lava", "--kv-budget", "1.0", "--kv-observe", "tail"]) as server:
+    full_budget = ["--kv-policy", "lava", "--kv-budget", "1.0", "--kv-observe", "tail"]
+    with serve(smollm2_path, tmp_path, "lava-full", full_budget) as server:
         lava_answers, meta_info = run_program(server.url, program_inputs)
         stats = store_stats(server.url)
         lava_state = requests.get(server.url + "/server_info", timeout=60).json()["internal_states"][0]

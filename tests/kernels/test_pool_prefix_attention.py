@@ -151,7 +151,8 @@ def test_entries_come_and_go_without_touching_the_kernel_or_its_grid(device):
                                     target_programs=MANY_PROGRAMS, sm_scale=SCALING)
     live = [pool.add([[4, 9], [3, 3], [8, 1]]), pool.add([[20, 2], [5, 6], [1, 1]]),
             pool.add([[1, 1], [2, 2], [3, 3]])]
-    assert pool.tables.add(CellLayout(torch.tensor([0]), torch.ones(LAYERS, KV_HEADS, dtype=torch.int64)), prefix_len=1) is None
+    one_token = CellLayout(torch.tensor([0]), torch.ones(LAYERS, KV_HEADS, dtype=torch.int64))
+    assert pool.tables.add(one_token, prefix_len=1) is None
     generator = torch.Generator().manual_seed(4)
     for step in range(4):
         removed_row, removed_layout = live.pop(step % len(live))

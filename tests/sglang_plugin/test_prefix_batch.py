@@ -360,7 +360,8 @@ class StandInFlashInferWrapper:
             num_queries, num_keys = queries.stop - queries.start, len(slots)
             visible = torch.ones(num_queries, num_keys, dtype=torch.bool)
             if causal:
-                visible = torch.arange(num_keys)[None, :] <= (num_keys - num_queries + torch.arange(num_queries))[:, None]
+                query_positions = num_keys - num_queries + torch.arange(num_queries)
+                visible = torch.arange(num_keys)[None, :] <= query_positions[:, None]
             out[queries], natural_lse = dense_own_states(q[queries], k_cache[slots], v_cache[slots], visible, group,
                                                          sm_scale)
             lse[queries] = natural_lse / math.log(2)
@@ -567,7 +568,8 @@ def test_own_states_extend_under_a_repetition_view_attends_to_the_viewed_positio
     prefix_lens, extend_lens = [5, repeated_prefix, repeated_prefix - 2], [3, 6, 6]
     views = [None]
     for prefix_len, extend_len in zip(prefix_lens[1:], extend_lens[1:]):
-        positions = torch.cat([repeat_view_positions(copied, 4), torch.arange(repeated_prefix, prefix_len + extend_len)])
+        positions = torch.cat([repeat_view_positions(copied, 4),
+                               torch.arange(repeated_prefix, prefix_len + extend_len)])
         views.append((max(0, repeated_prefix - prefix_len), positions))
     forward_batch = SimpleNamespace(req_pool_indices=torch.tensor([2, 0, 3]))
     queries = torch.randn(sum(extend_lens), KV_HEADS * GROUP, DIM, generator=generator)
