@@ -29,15 +29,18 @@ class PendingPrefix:
     branches: list[list[ObservationWindow]] = field(default_factory=list)  # per branch, per layer
     repetition: RepetitionScores | None = None
     prefill_seconds: float | None = None  # the commit's prefill, to which the repetition's cost is compared
-    recorded_branch_rids: set[str] = field(default_factory=set)  # the branches whose windows are captured
+    recorded_branch_rids: set[str] = field(default_factory=set)  # branches captured, not yet released
 
     def records_branch(self, rid: str) -> bool:
-        """Whether the branch `rid` has its window queries captured: the first MAX_BRANCH_WINDOWS
-        matched do, as only that many add windows, and each holds its queries at every layer
-        until it is released (a wide fork would hold them all). Counted by request id, which
-        every tensor-parallel rank matches in the same order, so the ranks capture the same
-        branches (a request matched again, queued or retracted, keeps its place)."""
-        if rid not in self.recorded_branch_rids and len(self.recorded_branch_rids) < MAX_BRANCH_WINDOWS:
+        """Whether the branch `rid` has its window queries captured. At most MAX_BRANCH_WINDOWS
+        branches add windows, and each captured one holds its queries at every layer until it is
+        released (a wide fork would hold them all), so a branch is captured while the windows
+        added and the branches captured, not yet released, are fewer: the first matched, in
+        the order every tensor-parallel rank matches and releases requests, so the ranks
+        capture the same branches. A request matched again (queued, or retracted) keeps its
+        place; one released gives it back (`LavaRadixCache._end_branch`)."""
+        if (rid not in self.recorded_branch_rids
+                and len(self.recorded_branch_rids) + len(self.branches) < MAX_BRANCH_WINDOWS):
             self.recorded_branch_rids.add(rid)
         return rid in self.recorded_branch_rids
 

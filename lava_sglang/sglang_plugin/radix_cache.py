@@ -39,6 +39,7 @@ import logging
 import time
 import uuid
 import weakref
+from functools import partial
 
 import torch
 
@@ -168,8 +169,10 @@ class LavaRadixCache(CompressedRadixCache):
         if (shared_len < self.config.min_prefix or not self._evicts(shared_len) or self._is_fork_prefix(req)
                 or not self.on_ordinary_path(result.last_device_node)):
             return result
-        # Recompute the shared prefix's last `window` tokens: their queries observe it.
         key = params.key.page_aligned(self.page_size)
+        if self._waits_on_path_of(key[:shared_len]):
+            return result  # not compressed while a fork prefix that starts with it waits (`_compress_shared_prefix`)
+        # Recompute the shared prefix's last `window` tokens: their queries observe it.
         self.shared_prefix_keys[req] = key[:shared_len]
         self.capture.observe(req, True)
         return super().match_prefix(MatchPrefixParams(key=key[:shared_len - self.config.window], req=req))
@@ -220,8 +223,9 @@ class LavaRadixCache(CompressedRadixCache):
                             "to be observed", len(req.origin_input_ids))
             elif checkpointed and req in self.shared_prefix_keys:
                 self._compress_shared_prefix(req, self.shared_prefix_keys[req])
-            elif checkpointed and self.pending and self.config.observe == BRANCHES:
-                self._serving_on("recording a branch's window", self._observe_branch, req)
+            elif (checkpointed or req.finished()) and self.pending and self.config.observe == BRANCHES:
+                self._serving_on("recording a branch's window", partial(self._end_branch, checkpointed=checkpointed),
+                                 req)
         finally:
             self.capture.drop(req)
             self.shared_prefix_keys.pop(req, None)
@@ -310,9 +314,13 @@ class LavaRadixCache(CompressedRadixCache):
         """Whether the fork prefix committed as `full_key` waits for what observes it."""
         return any(pending.is_for(full_key) for pending in self.pending)
 
+    def _waits_on_path_of(self, key) -> bool:
+        """Whether a prefix waiting to be compressed starts with the whole of `key` (or is it)."""
+        return any(pending.starts_with(key) for pending in self.pending)
+
     def _waits_beyond(self, key) -> bool:
         """Whether a prefix waiting to be compressed starts with the whole of `key` and goes beyond it."""
-        return any(pending.starts_with(key) and not pending.is_for(key) for pending in self.pending)
+        return self._waits_on_path_of(key) and not self._is_pending(key)
 
     def _pending_of(self, key) -> PendingPrefix | None:
         """The waiting prefix `key` extends; the longest, should two on one path wait."""
@@ -404,13 +412,24 @@ class LavaRadixCache(CompressedRadixCache):
             return None
         return pending
 
-    def _observe_branch(self, req) -> None:
-        """Record the observation window of a released request that ran after a whole pending
-        prefix: its last min(window, own tokens) queries and its own tokens' keys."""
-        branch_key = prompt_key(req)
-        pending = self._windowed_branch_of(branch_key)
+    def _end_branch(self, req, checkpointed: bool) -> None:
+        """A request released for good (finished or aborted, not retracted): if it is one of
+        its waiting prefix's recorded branches, its window is recorded (its tokens cached) and
+        its place given back (`PendingPrefix.records_branch`), so that a branch that leaves no
+        window does not keep a later one from leaving its own."""
+        pending = self._windowed_branch_of(prompt_key(req))
         if pending is None or req.rid not in pending.recorded_branch_rids:
             return
+        try:
+            if checkpointed:
+                self._observe_branch(req, pending)
+        finally:
+            pending.recorded_branch_rids.discard(req.rid)
+
+    def _observe_branch(self, req, pending: PendingPrefix) -> None:
+        """Record the observation window of a released request that ran after the whole of
+        `pending`: its last min(window, own tokens) queries and its own tokens' keys."""
+        branch_key = prompt_key(req)
         prefix_len = len(pending.full_key)
         slots, _ = self.ordinary_slots(branch_key)
         if slots.numel() != len(branch_key):
@@ -506,7 +525,7 @@ class LavaRadixCache(CompressedRadixCache):
         a compressed prefix never coexists with its own full copy."""
         if self.already_compressed(prefix_key):
             return
-        if any(pending.starts_with(prefix_key) for pending in self.pending):
+        if self._waits_on_path_of(prefix_key):
             # it would move the waiting prefix under a compressed node, where it is not compressed
             logger.info("lava: shared prefix of %d tokens not compressed: a fork prefix below it waits to be "
                         "observed", len(prefix_key))

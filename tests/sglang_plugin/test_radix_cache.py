@@ -120,6 +120,37 @@ def test_under_observe_branches_a_wide_fork_captures_only_the_first_branches_mat
     assert_all_released(stub)
 
 
+def test_under_observe_branches_a_branch_released_without_a_window_gives_its_place_back():
+    # An aborted branch leaves no window: it must not keep a later branch from leaving one. A
+    # retracted one starts over and keeps its place.
+    from sglang.srt.managers.schedule_batch import FINISH_ABORT
+
+    from lava_sglang.sglang_plugin.config import MAX_BRANCH_WINDOWS
+
+    stub = make_stub(observe="branches")
+    commit(stub, document(0))
+    branches = [stub.prefill(stub.request(document(0) + question(index), max_new_tokens=4))
+                for index in range(MAX_BRANCH_WINDOWS)]
+    retracted, aborted = branches[0], branches[1]
+    stub.retract(retracted)
+    late = stub.request(document(0) + question(MAX_BRANCH_WINDOWS), max_new_tokens=4)
+    assert not stub.cache._reads_window_of(late)  # every place is taken
+    aborted.finished_reason = FINISH_ABORT()
+    stub.abort(aborted)
+    check(stub)
+    late, retracted = stub.prefill(late), stub.prefill(retracted)
+    observers = [retracted, *branches[2:], late]
+    assert all(stub.cache.capture.window_queries(branch.kv.req_pool_idx, 203, LAYERS, rows=3) is not None
+               for branch in observers)
+    for count, branch in enumerate(observers):
+        assert not stub.compressed_nodes() and len(stub.cache.pending[0].branches) == count
+        stub.finish(branch)
+        check(stub)
+    (node,) = stub.compressed_nodes()
+    assert not stub.cache.pending
+    assert_all_released(stub)
+
+
 @pytest.mark.parametrize("observe", ["tail", "branches", "reconstruct"])
 def test_only_the_requests_whose_windows_are_read_hold_captured_queries(observe):
     # Every other long request's window queries would be held, unread, until its release.
@@ -365,12 +396,13 @@ def test_a_commit_that_extends_a_waiting_prefix_by_a_whole_document_is_not_a_sec
     assert_all_released(stub)
 
 
+@pytest.mark.parametrize("compress_on", [(FORK,), (FORK, SHARED)])
 @pytest.mark.parametrize("observe", ["branches", "reconstruct"])
-def test_a_commit_that_a_waiting_prefix_extends_is_not_a_second_waiting_prefix(observe, caplog):
+def test_a_commit_that_a_waiting_prefix_extends_is_not_a_second_waiting_prefix(observe, compress_on, caplog):
     # The reverse order of a nested fork: the longer prefix was committed first. The shorter
     # one waiting beside it would free the longer one's full copy when compressed, or lose its
     # own when the longer one is.
-    stub = make_stub(observe=observe)
+    stub = make_stub(observe=observe, compress_on=compress_on)
     if observe == "reconstruct":  # a repetition planned, never sent: the prefix waits for it
         stub.cache._start_repetition = lambda req: RepetitionScores.plan(
             req.origin_input_ids, Reconstruct(chunk_tokens=100, chat_turn=False), lambda text: [5, 6], WINDOW,
@@ -378,9 +410,10 @@ def test_a_commit_that_a_waiting_prefix_extends_is_not_a_second_waiting_prefix(o
     longer = document(0) + list(range(1, MIN_PREFIX + 2))
     commit(stub, longer)
     with caplog.at_level(logging.INFO, logger="lava_sglang.sglang_plugin.radix_cache"):
-        commit(stub, document(0))
+        shorter = commit(stub, document(0))
     check(stub)
     assert "a longer fork prefix that starts with it waits" in caplog.text
+    assert shorter.prefix_len == 199  # matched as stock SGLang matches it (no window cut to observe it)
     assert [len(pending.full_key) for pending in stub.cache.pending] == [len(longer)]
     assert not stub.compressed_nodes()
     if observe == "branches":  # the longer prefix's branch: it is compressed, once, and nothing is left behind
@@ -465,14 +498,13 @@ def test_under_observe_branches_a_branch_longer_than_a_question_adds_no_window()
     assert_all_released(stub)
 
 
-def test_a_shared_header_is_not_compressed_under_a_fork_prefix_that_waits_to_be_observed(caplog):
+def test_a_shared_header_is_not_compressed_under_a_fork_prefix_that_waits_to_be_observed():
     stub = make_stub(compress_on=(FORK, SHARED), observe="branches")
     header = document(9, 100)
     commit(stub, header + document(0))
     assert len(stub.cache.pending) == 1
-    with caplog.at_level(logging.INFO, logger="lava_sglang.sglang_plugin.radix_cache"):
-        run(stub, header + question(0))  # a plain request sharing only the header
-    assert "a fork prefix below it waits to be observed" in caplog.text
+    plain = run(stub, header + question(0))  # a plain request sharing only the header
+    assert plain.prefix_len == len(header)  # matched whole: no window recomputed for a compression that cannot be
     assert not stub.compressed_nodes() and len(stub.cache.pending) == 1
     run(stub, header + document(0) + question(1))  # a branch: the waiting prefix is compressed
     assert [len(node.key) for node in stub.compressed_nodes()] == [299]
