@@ -360,10 +360,21 @@ class CompressedStore:
 
     def remove(self, entry_id: int) -> StoreEntry:
         """Forget an evicted entry (its slots are the caller's to free)."""
+        entry = self._forget(entry_id)
+        self.evictions += 1
+        return entry
+
+    def withdraw(self, entry_id: int) -> None:
+        """Undo the `add` of an entry that never served (its tree node could not be made): it
+        counts neither as a compression nor as an eviction."""
+        entry = self._forget(entry_id)
+        self.compressions -= 1
+        self.compress_seconds -= entry.compress_seconds
+
+    def _forget(self, entry_id: int) -> StoreEntry:
         entry = self.entries.pop(entry_id)
         del self._entry_of_row[entry.table_row]
         self.tables.remove(entry.table_row)
-        self.evictions += 1
         return entry
 
     @property

@@ -98,6 +98,19 @@ def test_store_maps_first_slots_to_entries_until_removed():
     assert store.stats()["entries"] == 0 and store.stats()["compressions"] == store.stats()["evictions"] == 1
 
 
+def test_a_withdrawn_entry_counts_neither_as_compressed_nor_as_evicted():
+    # The radix cache withdraws an entry whose tree node could not be made.
+    store = CompressedStore(_tables())
+    layout = CellLayout(torch.tensor([5, 9], dtype=torch.int64), torch.tensor([[2, 2], [2, 2], [1, 1]]))
+    kept = store.add(100, layout, policy="lava", compress_seconds=0.5, bytes_per_row=16)
+    withdrawn = store.add(100, layout, policy="lava", compress_seconds=0.25, bytes_per_row=16)
+    store.withdraw(withdrawn.entry_id)
+    stats = store.stats()
+    assert (stats["entries"], stats["compressions"], stats["evictions"]) == (1, 1, 0)
+    assert stats["compress_seconds"] == pytest.approx(0.5)
+    assert list(store.entries) == [kept.entry_id]
+
+
 def _tables(max_entries=3, pool_slots=POOL_SLOTS):
     return LayoutTables(max_entries=max_entries, pool_slots=pool_slots, num_layers=NUM_LAYERS,
                         num_kv_heads=NUM_KV_HEADS, device="cpu")

@@ -612,7 +612,7 @@ class LavaRadixCache(CompressedRadixCache):
             node = self.add_compressed(prefix_key, entry)
         except BaseException:  # nothing half-made stays: the slots and the entry go back
             if entry is not None:
-                self.store.remove(entry.entry_id)
+                self.store.withdraw(entry.entry_id)
             self.token_to_kv_pool_allocator.free(owned)
             raise
         logger.info(

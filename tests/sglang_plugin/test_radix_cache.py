@@ -667,22 +667,24 @@ def test_an_aborted_commit_is_not_compressed_and_leaks_nothing():
     assert len(stub.compressed_nodes()) == 1
 
 
-@pytest.mark.parametrize("failing_step", ["plan_prefix", "write_kept"])
+@pytest.mark.parametrize("failing_step", ["plan_prefix", "write_kept", "add_compressed"])
 def test_a_compression_that_fails_leaves_the_prefix_uncompressed_and_leaks_nothing(monkeypatch, caplog,
                                                                                    failing_step):
     """plan_prefix fails before any slot is taken, write_kept after the compressed copy's slots
-    were allocated: either way the scheduler keeps serving and every slot goes back."""
+    were allocated, add_compressed after its store entry was made: either way the scheduler
+    keeps serving, every slot goes back, and nothing counts as compressed or evicted."""
     from lava_sglang.sglang_plugin import radix_cache
 
     def fail(*args, **kwargs):
         raise RuntimeError("out of memory (simulated)")
 
     stub = make_stub()
-    monkeypatch.setattr(radix_cache, failing_step, fail)
+    monkeypatch.setattr(stub.cache if failing_step == "add_compressed" else radix_cache, failing_step, fail)
     with caplog.at_level(logging.ERROR, logger="lava_sglang.sglang_plugin.radix_cache"):
         commit(stub, document(0))
     assert "compressing a 199-token prefix failed; it is kept uncompressed" in caplog.text
     assert not stub.compressed_nodes() and not stub.cache.store.entries
+    assert (stub.cache.store.compressions, stub.cache.store.evictions) == (0, 0)
     assert stub.cache.evictable_size() == 200  # the full copy stays cached
     run(stub, document(0) + question(0))  # and serves the next request
     assert_all_released(stub)
