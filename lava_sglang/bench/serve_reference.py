@@ -15,8 +15,10 @@ Every question a `bench serve` run answered is answered again by the reference r
 - under `--kv-observe branches` the questions of a visit whose commit prefilled the document
   ran on the full prefix, and the plan later visits read is scored by the tail and by that
   visit's questions as branches (the reference prefills them after the whole prefix, as the
-  server did); under `--kv-observe reconstruct` likewise, the plan scored by the
-  document's repetition (`ReferenceRuntime.observe(..., "reconstruct")`);
+  server did; the visit's first 8, `MAX_BRANCH_WINDOWS`, where the server took the first 8
+  it matched, which the run does not record: rows observed by a visit of more are marked
+  `observers_guessed`, and the report counts them); under `--kv-observe reconstruct`
+  likewise, the plan scored by the document's repetition (`ReferenceRuntime.observe(..., "reconstruct")`);
 - answers are greedy, as long as the server's (`max_tokens`), stopped at EOS.
 
 Per policy it reports the server's and the reference's accuracy and how many answers are
@@ -54,13 +56,24 @@ def compressing_visits(record: dict) -> dict[int, int | None]:
     return result
 
 
+def observing_questions(record: dict, observer: int | None) -> tuple[list[dict], bool]:
+    """Under `--kv-observe branches`, the questions of visit `observer` (None: none) taken as the
+    branches that observed its compressed copy, and whether that is a guess. The server takes
+    the first MAX_BRANCH_WINDOWS branches it matches, which the run does not record; the
+    reference the visit's first as many, the same set unless the visit had more."""
+    from lava_sglang.sglang_plugin.config import MAX_BRANCH_WINDOWS
+
+    questions = [question for question in record["question_records"] if question["visit"] == observer]
+    return questions[:MAX_BRANCH_WINDOWS], len(questions) > MAX_BRANCH_WINDOWS
+
+
 def reference_answers(runtime, documents, record: dict, max_tokens: int, progress: bool = True) -> list[dict]:
     """The reference's answer to each of `record`'s questions (one policy's run)."""
     from tqdm import tqdm
 
     from lava_sglang.policy import POLICIES, policy_name
     from lava_sglang.reference import CompressedPrefix
-    from lava_sglang.sglang_plugin.config import BRANCHES, CHAT, DEFERRED_OBSERVE_SOURCES, MAX_BRANCH_WINDOWS
+    from lava_sglang.sglang_plugin.config import BRANCHES, CHAT, DEFERRED_OBSERVE_SOURCES
 
     options = record.get("kv_policy_options") or {}
     policy = options_spec(record) if record["policy"] != NO_COMPRESSION else None
@@ -95,13 +108,13 @@ def reference_answers(runtime, documents, record: dict, max_tokens: int, progres
         keep_len = min(cached, prefix_len) if compressed else prefix_len
         while keep_len and prompt_ids[:keep_len] != capture.token_ids[:keep_len]:
             keep_len -= 1  # the question's tokenization differs inside the prefix (never seen so far)
+        observers, observers_guessed = observing_questions(record, observer) if observe == BRANCHES else ([], False)
         key = (question["document"], keep_len, compressed, observer)
         if key not in prefixes:
             if compressed:
                 observation = None
                 if observer is not None and observe == BRANCHES:  # the branches of the visit that compressed it
-                    branches = [prompt_of(other)[prefix_len:] for other in record["question_records"]
-                                if other["visit"] == observer][:MAX_BRANCH_WINDOWS]
+                    branches = [prompt_of(other)[prefix_len:] for other in observers]
                     observation = runtime.observe(capture, observe, branches=branches)
                 elif observer is not None:  # the repetition, chunked and normalised as the server's
                     prompt = options.get("observe_prompt")
@@ -122,6 +135,7 @@ def reference_answers(runtime, documents, record: dict, max_tokens: int, progres
         answer = tokenizer.decode(answer_ids, skip_special_tokens=True)
         rows.append({"document": question["document"], "question": question["question"],
                      "compressed": compressed, "keep_len": keep_len, "observed_by_visit": observer,
+                     "observers_guessed": observers_guessed,
                      "prompt_tokens_match": len(prompt_ids) == question.get("prompt_tokens"),
                      "server_answer": question["answer"], "reference_answer": answer,
                      "expected": question["expected"], "server_correct": question["correct"],
@@ -144,7 +158,8 @@ def summary(policy: str, rows: list[dict]) -> dict:
             "reference_accuracy": reference, "reference_ci95": reference_ci,
             "identical_answers": sum(row["identical"] for row in rows),
             "same_correctness": sum(row["server_correct"] == row["reference_correct"] for row in graded),
-            "prompt_tokens_mismatches": sum(not row["prompt_tokens_match"] for row in rows)}
+            "prompt_tokens_mismatches": sum(not row["prompt_tokens_match"] for row in rows),
+            "observers_guessed": sum(row["observers_guessed"] for row in rows)}
 
 
 def markdown(results_path: Path, summaries: list[dict], rows: dict[str, list[dict]]) -> str:
@@ -161,6 +176,14 @@ def markdown(results_path: Path, summaries: list[dict], rows: dict[str, list[dic
             f"| {item['server_accuracy']:.2f} [{item['server_ci95'][0]:.2f}, {item['server_ci95'][1]:.2f}] "
             f"| {item['reference_accuracy']:.2f} [{item['reference_ci95'][0]:.2f}, {item['reference_ci95'][1]:.2f}] "
             f"| {item['identical_answers']} / {item['questions']} | {item['same_correctness']} / {item['questions']} |")
+    guessed = {item["policy"]: item["observers_guessed"] for item in summaries if item["observers_guessed"]}
+    if guessed:
+        from lava_sglang.sglang_plugin.config import MAX_BRANCH_WINDOWS
+
+        lines += ["", "Questions whose compressed prefix was observed by a visit of more than "
+                  f"{MAX_BRANCH_WINDOWS} questions (`--kv-observe branches`): the server observed it with the first "
+                  f"{MAX_BRANCH_WINDOWS} it matched, the reference with the visit's first {MAX_BRANCH_WINDOWS}; "
+                  "they may differ: " + ", ".join(f"{policy} {count}" for policy, count in guessed.items()) + "."]
     lines += ["", "## Answers that differ", ""]
     for policy, policy_rows in rows.items():
         for row in policy_rows:

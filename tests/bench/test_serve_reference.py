@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from lava_sglang.bench.serve_reference import compressing_visits, options_spec, recorded_model, run, run_model
+from lava_sglang.bench.serve_reference import (compressing_visits, markdown, observing_questions, options_spec,
+                                               recorded_model, run, run_model, summary)
 from lava_sglang.model import smollm2_location
 
 
@@ -28,6 +29,24 @@ def test_a_visit_reads_the_copy_its_documents_last_prefill_compressed():
         visit(6, 2, 999),    # a hit on a document never prefilled in this run (an earlier run's copy)
     ]}
     assert compressing_visits(record) == {0: None, 1: None, 2: 0, 3: 1, 4: None, 5: 4, 6: None}
+
+
+def test_a_visit_of_more_branches_than_observe_a_prefix_is_marked_a_guess_and_reported():
+    # The server observes with the first 8 branches it matches, which the run does not record.
+    record = {"question_records": [{"visit": 0, "question": index} for index in range(10)]
+              + [{"visit": 1, "question": index} for index in range(3)]}
+    wide, guessed = observing_questions(record, 0)
+    assert [question["question"] for question in wide] == list(range(8)) and guessed
+    assert observing_questions(record, 1) == (record["question_records"][10:], False)
+    assert observing_questions(record, None) == ([], False)
+    row = {"expected": "1234567", "server_correct": True, "reference_correct": True, "compressed": True,
+           "identical": True, "prompt_tokens_match": True, "observers_guessed": False}
+    rows = {"lava": [row, {**row, "observers_guessed": True}], "snapkv": [row]}
+    summaries = [summary(policy, policy_rows) for policy, policy_rows in rows.items()]
+    assert [item["observers_guessed"] for item in summaries] == [1, 0]
+    report = markdown(Path("serving.json"), summaries, rows)
+    assert "observed by a visit of more than 8 questions" in report and "may differ: lava 1." in report
+    assert "observed by a visit" not in markdown(Path("serving.json"), summaries[1:], {"snapkv": [row]})
 
 
 def test_the_reference_answers_with_the_serving_runs_own_checkpoint(tmp_path):
