@@ -38,7 +38,8 @@ class PendingPrefix:
         added and the branches captured, not yet released, are fewer: the first matched, in
         the order every tensor-parallel rank matches and releases requests, so the ranks
         capture the same branches. A request matched again (queued, or retracted) keeps its
-        place; one released gives it back (`LavaRadixCache._end_branch`)."""
+        place; one released or aborted gives it back (`LavaRadixCache._end_branch`,
+        `release_aborted_request`)."""
         if (rid not in self.recorded_branch_rids
                 and len(self.recorded_branch_rids) + len(self.branches) < MAX_BRANCH_WINDOWS):
             self.recorded_branch_rids.add(rid)

@@ -182,8 +182,8 @@ class LavaRadixCache(CompressedRadixCache):
         (or, under reconstruct, stands in for) its prefix; under branches a branch's window
         observes the prefix it extends (its whole prompt, as `_observe_branch` reads it: the
         key SGLang matches stops short of it), of at most MAX_BRANCH_OWN_TOKENS own tokens (a
-        longer one adds no window), among the first MAX_BRANCH_WINDOWS matched
-        (`PendingPrefix.records_branch`). A request cut to observe a shared prefix is marked
+        longer one adds no window), among the first MAX_BRANCH_WINDOWS matched, less those
+        released or aborted without a window (`PendingPrefix.records_branch`). A request cut to observe a shared prefix is marked
         where it is cut. Decided when a request is matched: one already running when a prefix
         starts to wait (a frontend's branches are sent after the commit) is not a branch."""
         if FORK in self.config.compress_on and self._is_fork_prefix(req):
@@ -234,6 +234,14 @@ class LavaRadixCache(CompressedRadixCache):
             self.free_beyond(prompt_key(req), repeated_len)
         if self.pending:
             self._compress_ready_pending()
+
+    def release_aborted_request(self, handle) -> None:
+        """An aborted request (SGLang calls this on every rank, with the request's handle) gives
+        back its place among a waiting prefix's captured branches: one dropped from the
+        waiting queue (its abort, its timeout, the queue's limit) is never released."""
+        for pending in self.pending:
+            pending.recorded_branch_rids.discard(handle.rid)
+        super().release_aborted_request(handle)
 
     def _serving_on(self, step: str, action, req) -> None:
         """`action(req)`, a step of a request's release that copies tensors (the window queries,
@@ -413,10 +421,11 @@ class LavaRadixCache(CompressedRadixCache):
         return pending
 
     def _end_branch(self, req, checkpointed: bool) -> None:
-        """A request released for good (finished or aborted, not retracted): if it is one of
-        its waiting prefix's recorded branches, its window is recorded (its tokens cached) and
+        """A request released for good (finished, not retracted): if it is one of its waiting
+        prefix's recorded branches, its window is recorded (where its tokens were cached) and
         its place given back (`PendingPrefix.records_branch`), so that a branch that leaves no
-        window does not keep a later one from leaving its own."""
+        window (its output discarded, a chunked prefill aborted) does not keep a later one from
+        leaving its own."""
         pending = self._windowed_branch_of(prompt_key(req))
         if pending is None or req.rid not in pending.recorded_branch_rids:
             return

@@ -151,6 +151,27 @@ def test_under_observe_branches_a_branch_released_without_a_window_gives_its_pla
     assert_all_released(stub)
 
 
+def test_under_observe_branches_a_branch_aborted_while_queued_gives_its_place_back():
+    # SGLang drops a queued request (its abort, its timeout, the queue's limit) without
+    # releasing it: it only tells the cache the request was aborted.
+    from sglang.srt.mem_cache.base_prefix_cache import CacheRequestOutcome
+
+    from lava_sglang.sglang_plugin.config import MAX_BRANCH_WINDOWS
+
+    stub = make_stub(observe="branches")
+    commit(stub, document(0))
+    queued = [stub.request(document(0) + question(index), max_new_tokens=4) for index in range(MAX_BRANCH_WINDOWS)]
+    for req in queued:
+        req.init_next_round_input(stub.cache)  # matched, then left in the queue
+    late = stub.request(document(0) + question(MAX_BRANCH_WINDOWS), max_new_tokens=4)
+    assert not stub.cache._reads_window_of(late)  # every place is taken
+    stub.cache.finish(queued[0].cache_request_handle, CacheRequestOutcome.ABORT)
+    assert stub.cache._reads_window_of(late)
+    stub.finish(stub.prefill(late))
+    (node,) = stub.compressed_nodes()  # the late branch's window observed it
+    assert_all_released(stub)
+
+
 @pytest.mark.parametrize("observe", ["tail", "branches", "reconstruct"])
 def test_only_the_requests_whose_windows_are_read_hold_captured_queries(observe):
     # Every other long request's window queries would be held, unread, until its release.
@@ -505,6 +526,24 @@ def test_a_shared_header_is_not_compressed_under_a_fork_prefix_that_waits_to_be_
     assert len(stub.cache.pending) == 1
     plain = run(stub, header + question(0))  # a plain request sharing only the header
     assert plain.prefix_len == len(header)  # matched whole: no window recomputed for a compression that cannot be
+    assert not stub.compressed_nodes() and len(stub.cache.pending) == 1
+    run(stub, header + document(0) + question(1))  # a branch: the waiting prefix is compressed
+    assert [len(node.key) for node in stub.compressed_nodes()] == [299]
+    assert_all_released(stub)
+
+
+def test_a_sharer_cut_before_a_fork_prefix_on_its_path_began_to_wait_is_not_compressed(caplog):
+    # Its match was cut to observe the shared header; by its release a fork prefix that starts
+    # with the header waits: compressing the header would move it under a compressed node.
+    stub = make_stub(compress_on=(FORK, SHARED), observe="branches")
+    header = document(9, 100)
+    run(stub, header + question(0))
+    sharer = stub.prefill(stub.request(header + question(1)))
+    assert sharer.prefix_len == len(header) - WINDOW
+    commit(stub, header + document(0))
+    with caplog.at_level(logging.INFO, logger="lava_sglang.sglang_plugin.radix_cache"):
+        stub.finish(sharer)
+    assert "a fork prefix below it waits to be observed" in caplog.text
     assert not stub.compressed_nodes() and len(stub.cache.pending) == 1
     run(stub, header + document(0) + question(1))  # a branch: the waiting prefix is compressed
     assert [len(node.key) for node in stub.compressed_nodes()] == [299]
