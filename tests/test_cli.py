@@ -52,7 +52,8 @@ def test_the_demo_refuses_a_ratio_that_keeps_the_whole_document_before_starting_
 
 @pytest.mark.parametrize("policy, message", [("h2o", "policy must be one of"), ("lava:alpha=2", "alpha"),
                                              ("full", "keeps everything"),
-                                             ("kvzip --observe tail", "kvzip scores by reconstruct, not tail")])
+                                             ("kvzip --observe tail", "kvzip scores by reconstruct, not tail"),
+                                             ("lava:window=16", "set the window with --kv-window")])
 def test_the_demo_checks_its_policy_before_loading_anything(policy, message, capsys, monkeypatch):
     def no_model():
         raise AssertionError("the model was loaded before the policy was checked")
@@ -78,6 +79,31 @@ def test_a_quality_partial_file_in_no_folder_is_refused_before_anything_runs(cap
     monkeypatch.setattr(cli, "_load_runtime", no_model)
     assert cli.main(["bench", "quality", "--partial", "/nonexistent-folder/partial.json"]) == 2
     assert "--partial /nonexistent-folder/partial.json: no folder /nonexistent-folder" in capsys.readouterr().err
+
+
+def test_an_out_folder_that_cannot_be_made_is_refused_before_anything_runs(capsys, monkeypatch, tmp_path):
+    # Found at the end of a run, it would lose the run.
+    def no_model():
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(cli, "_load_runtime", no_model)
+    a_file = tmp_path / "README.md"
+    a_file.write_text("")
+    assert cli.main(["bench", "quality", "--out", str(a_file)]) == 2
+    assert f"--out {a_file}: cannot make that folder" in capsys.readouterr().err
+    assert cli.main(["bench", "quality", "--out", str(a_file / "results")]) == 2
+    assert cli.main(["bench", "quality", "--partial", str(tmp_path)]) == 2
+    assert f"--partial {tmp_path}: a folder" in capsys.readouterr().err
+
+    def no_server(*args, **kwargs):
+        raise AssertionError("a server was started before --out was checked")
+
+    monkeypatch.setattr(serve, "run_benchmark", no_server)
+    assert cli.main(["bench", "serve", "--out", str(a_file)]) == 2
+    assert f"--out {a_file}: cannot make that folder" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.build_parser().parse_args(["bench", "serve", "--name", "runs/serving"])
+    assert "must be a file name without a folder" in capsys.readouterr().err
 
 
 def test_quality_runs_by_default_the_policies_its_sources_can_score(monkeypatch, capsys):

@@ -39,8 +39,8 @@ from pathlib import Path
 
 import requests
 
-from lava_sglang.argtypes import (COMPRESSING_POLICIES, DEFAULT_MIN_PREFIX, at_least, keep_ratio, positive_float,
-                                  positive_int, read_notes)
+from lava_sglang.argtypes import (COMPRESSING_POLICIES, at_least, file_stem, keep_ratio, output_folder,
+                                  positive_float, positive_int, read_notes)
 from lava_sglang.bench.serve_workload import (MISS_SLACK, ORDERS, build_workload, program_inputs, summarize,
                                               timed_endpoint, visit_records)
 from lava_sglang.checks import is_number
@@ -96,11 +96,6 @@ class ServeConfig:
         if self.context < 128:
             raise ValueError(f"context must be >= 128 tokens, got {self.context}")
         flags = [arg.partition("=")[0] for arg in self.server_args]
-        if self.url is None and self.context < DEFAULT_MIN_PREFIX and set(self.policies) & set(COMPRESSING_POLICIES) \
-                and "--kv-min-prefix" not in flags:
-            raise ValueError(f"context {self.context} is below the servers' --kv-min-prefix {DEFAULT_MIN_PREFIX}: no "
-                             "document would be compressed (raise --context, or pass --server-args=\"--kv-min-prefix "
-                             "N\")")
         set_per_policy = {"--kv-policy": "--policies", "--kv-budget": "--budget",
                           "--max-total-tokens": "--max-total-tokens"}
         for flag in flags:
@@ -374,21 +369,32 @@ def policy_server_args(policy: str, config: ServeConfig, capacity: int | None, c
     return args + list(config.server_args)
 
 
-def check_server_flags(config: ServeConfig, capacity: int | None, cuda: bool) -> None:
+def check_server_flags(config: ServeConfig, capacity: int | None, cuda: bool, prefix_tokens: list[int]) -> None:
     """Every policy's --kv-* flags checked as its server will check them, before any server
     starts: a `--server-args` that one policy's server refuses (`--kv-observe branches` for
-    kvzip) would otherwise stop the run after the policies before it had taken their time."""
+    kvzip) would otherwise stop the run after the policies before it had taken their time.
+    And every compressing server must compress the documents (`prefix_tokens`, each fork
+    prefix's tokens): a document below its --kv-min-prefix, or a budget that keeps a whole
+    document, would measure stock SGLang under the policy's name."""
+    from lava_sglang.policy import resolve_budget
     from lava_sglang.sglang_plugin import config as plugin_config
 
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    plugin_config.add_arguments(parser)
+    shortest = min(prefix_tokens)
     for policy in config.policies:
-        flags, _ = parser.parse_known_args(policy_server_args(policy, config, capacity, cuda))
         try:
-            plugin_config.from_namespace(flags)
+            server = plugin_config.config_of_server_args(policy_server_args(policy, config, capacity, cuda))
         except plugin_config.ConfigError as error:
             raise ValueError(f"--server-args: the {policy} server would refuse them: {error}; leave {policy} out "
                              f"with --policies") from None
+        if not server.enabled:
+            continue
+        if shortest < server.min_prefix:
+            raise ValueError(f"a document of {shortest} tokens is below the {policy} server's --kv-min-prefix "
+                             f"{server.min_prefix}: it would not be compressed (raise --context, or pass "
+                             "--server-args=\"--kv-min-prefix N\")")
+        if resolve_budget(server.budget, shortest - 1) >= shortest - 1:
+            raise ValueError(f"--budget {config.budget} keeps every token of a {shortest - 1}-token document: the "
+                             f"{policy} server would compress nothing; give a smaller ratio")
 
 
 def run_benchmark(config: ServeConfig, progress: bool = True, log_dir: Path | None = None,
@@ -417,7 +423,7 @@ def run_benchmark(config: ServeConfig, progress: bool = True, log_dir: Path | No
     if capacity is None and config.memory_bound and not config.url:
         capacity = memory_bound_capacity(prefix_tokens, config.resident_documents or 3)
     if not config.url:
-        check_server_flags(config, capacity, cuda)
+        check_server_flags(config, capacity, cuda, prefix_tokens)
     records, servers = [], {}
     distinct_questions = min(len({question.text for question in document.questions}) for document in documents)
 
@@ -524,7 +530,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
         help="extra server flags, one string, given with = (--server-args=\"--kv-window 64\")")
     add("--seed", type=int, default=0, help="document seed (default 0)")
     add("--out", default=str(RESULTS_DIR), help="output folder (default docs/results)")
-    add("--name", help="file stem (default serving; --memory-bound: serving_memory_bound)")
+    add("--name", type=file_stem, help="file stem (default serving; --memory-bound: serving_memory_bound)")
     add("--notes", help="markdown file included as 'Reading the results'; none: no notes (default: "
         "with --report-only, <out>/<stem>_notes.md if it exists; a new run has none)")
     add("--log-dir", help="where the servers' logs go (default: a new temporary folder)")
@@ -588,6 +594,7 @@ def run(args: argparse.Namespace) -> int:
     else:
         config = config_from_args(args)
         config.validate()
+        output_folder(out_dir)
         argv = getattr(args, "argv", None) or sys.argv[1:]
         if argv[:2] == ["bench", "serve"]:  # as `lava-sglang bench serve` passes them
             argv = argv[2:]

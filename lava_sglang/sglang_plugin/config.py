@@ -329,6 +329,15 @@ def from_namespace(args: argparse.Namespace) -> KvPolicyConfig:
     return config
 
 
+def config_of_server_args(server_args: list[str]) -> KvPolicyConfig:
+    """The config a server started with `server_args` would run, checked as it checks them
+    (raises ConfigError): for the commands that start servers, before they start one."""
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    add_arguments(parser)
+    flags, _ = parser.parse_known_args(server_args)
+    return from_namespace(flags)
+
+
 def _reads_alpha(policy: str, window: int) -> bool:
     """Whether policy spec `policy` reads alpha (a spec the registry refuses is reported by
     the caller, with its own error)."""

@@ -147,12 +147,29 @@ def test_a_url_run_records_the_checkpoint_its_server_reported(monkeypatch, smoll
 
 def test_server_flags_a_policys_server_would_refuse_stop_the_run_before_any_server_starts():
     config = ServeConfig(policies=["none", "lava", "kvzip"], server_args=["--kv-observe", "branches"])
+    documents = [1000, 1010]
     with pytest.raises(ValueError, match="the kvzip server would refuse them: --kv-policy kvzip: .*--kv-observe"):
-        serve.check_server_flags(config, capacity=None, cuda=False)
-    serve.check_server_flags(replace(config, policies=["none", "lava", "snapkv"]), capacity=None, cuda=False)
+        serve.check_server_flags(config, capacity=None, cuda=False, prefix_tokens=documents)
+    serve.check_server_flags(replace(config, policies=["none", "lava", "snapkv"]), capacity=None, cuda=False,
+                             prefix_tokens=documents)
     alpha = ServeConfig(policies=["none", "ada_snapkv", "lava"], server_args=["--kv-alpha", "0.3"])
     with pytest.raises(ValueError, match="the lava server would refuse them: --kv-alpha 0.3"):
-        serve.check_server_flags(alpha, capacity=4096, cuda=False)
+        serve.check_server_flags(alpha, capacity=4096, cuda=False, prefix_tokens=documents)
+
+
+def test_a_run_whose_servers_would_compress_no_document_is_refused_before_any_server_starts():
+    # It would measure stock SGLang under each policy's name.
+    config = ServeConfig(policies=["none", "lava"])
+    with pytest.raises(ValueError, match="a document of 200 tokens is below the lava server's --kv-min-prefix 256"):
+        serve.check_server_flags(config, capacity=None, cuda=False, prefix_tokens=[1000, 200])
+    with pytest.raises(ValueError, match="below the lava server's --kv-min-prefix 2048"):
+        serve.check_server_flags(replace(config, server_args=["--kv-min-prefix", "2048"]), capacity=None,
+                                 cuda=False, prefix_tokens=[1000])
+    serve.check_server_flags(replace(config, server_args=["--kv-min-prefix", "128"]), capacity=None, cuda=False,
+                             prefix_tokens=[200])
+    serve.check_server_flags(replace(config, policies=["none"]), capacity=None, cuda=False, prefix_tokens=[200])
+    with pytest.raises(ValueError, match="--budget 1.0 keeps every token of a 999-token document"):
+        serve.check_server_flags(replace(config, budget=1.0), capacity=None, cuda=False, prefix_tokens=[1000])
 
 
 def test_flags_that_would_do_nothing_or_relabel_a_run_are_refused():
@@ -166,11 +183,6 @@ def test_flags_that_would_do_nothing_or_relabel_a_run_are_refused():
                                      ("--max-total-tokens 9000", "--max-total-tokens")):
         with pytest.raises(ValueError, match=f"this command sets it for each server; use {replacement}"):
             config_from_args(parser.parse_args([f"--server-args={server_args}"])).validate()
-    # Documents shorter than the servers' --kv-min-prefix would never be compressed.
-    with pytest.raises(ValueError, match="below the servers' --kv-min-prefix 256"):
-        config_from_args(parser.parse_args(["--context", "200"])).validate()
-    for flags in (["--policies", "none"], ["--server-args=--kv-min-prefix 128"]):
-        config_from_args(parser.parse_args(["--context", "200"] + flags)).validate()
 
 
 def test_clients_stop_after_their_current_visit_when_one_is_interrupted():
