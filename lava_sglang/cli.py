@@ -49,7 +49,7 @@ def _demo_command(args: argparse.Namespace) -> int:
     from lava_sglang.model import smollm2_path
     from lava_sglang.policy import policy_name, resolve_budget
     from lava_sglang.sglang_plugin.config import ConfigError, config_of_server_args
-    from lava_sglang.sglang_plugin.server_process import ServerProcess
+    from lava_sglang.sglang_plugin.server_process import ServerProcess, check_request_fits
 
     if policy_name(args.policy) == "full":
         raise ValueError("--policy full keeps everything: the demo sets a compressing policy beside the full cache")
@@ -74,6 +74,8 @@ def _demo_command(args: argparse.Namespace) -> int:
     if resolve_budget(args.ratio, prefix_len - 1) >= prefix_len - 1:  # the server caches such a prefix uncompressed
         raise ValueError(f"--ratio {args.ratio} keeps every token of the document's {prefix_len - 1}-token fork "
                          "prefix: there is nothing to compress; give a smaller ratio")
+    check_request_fits(model_path, server_args, max(len(tokenizer(prefix + suffix).input_ids) for suffix in suffixes),
+                       args.max_new_tokens, cpu_engine=not torch.cuda.is_available())
     if not torch.cuda.is_available():
         server_args += ["--dtype", "float32"]  # the CPU engine's exact mode
     log_path = Path(tempfile.mkdtemp(prefix="lava-sglang-demo-")) / "server.log"

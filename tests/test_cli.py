@@ -50,6 +50,16 @@ def test_the_demo_refuses_a_ratio_that_keeps_the_whole_document_before_starting_
     assert "--ratio 1.0 keeps every token of the document's" in capsys.readouterr().err
 
 
+def test_the_demo_refuses_a_document_beyond_the_models_context_before_starting_a_server(capsys, monkeypatch):
+    # The server would answer HTTP 400 to every question, after it has started.
+    def no_server(*args, **kwargs):
+        raise AssertionError("a server was started for prompts it would refuse")
+
+    monkeypatch.setattr("lava_sglang.sglang_plugin.server_process.ServerProcess", no_server)
+    assert cli.main(["demo", "--context", "8100", "--max-new-tokens", "100"]) == 2
+    assert "exceed the server's context length, 8192 tokens" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("policy, message", [("h2o", "policy must be one of"), ("lava:alpha=2", "alpha"),
                                              ("full", "keeps everything"),
                                              ("kvzip --observe tail", "kvzip scores by reconstruct, not tail"),

@@ -44,7 +44,7 @@ from lava_sglang.argtypes import (COMPRESSING_POLICIES, at_least, file_stem, kee
 from lava_sglang.bench.serve_workload import (MISS_SLACK, ORDERS, build_workload, program_inputs, summarize,
                                               timed_endpoint, visit_records)
 from lava_sglang.checks import is_number
-from lava_sglang.sglang_plugin.server_process import ServerExited, ServerProcess
+from lava_sglang.sglang_plugin.server_process import ServerExited, ServerProcess, check_request_fits
 
 POLICIES = ["none", *COMPRESSING_POLICIES]
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "docs" / "results"
@@ -424,6 +424,10 @@ def run_benchmark(config: ServeConfig, progress: bool = True, log_dir: Path | No
         capacity = memory_bound_capacity(prefix_tokens, config.resident_documents or 3)
     if not config.url:
         check_server_flags(config, capacity, cuda, prefix_tokens)
+        question_tokens = max(len(tokenizer(prompt_parts("", question.text)[1], add_special_tokens=False).input_ids)
+                              for document in documents for question in document.questions)
+        check_request_fits(model_path, policy_server_args(config.policies[0], config, capacity, cuda),
+                           max(prefix_tokens) + question_tokens, config.max_tokens, cpu_engine=not cuda)
     records, servers = [], {}
     distinct_questions = min(len({question.text for question in document.questions}) for document in documents)
 

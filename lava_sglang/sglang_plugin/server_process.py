@@ -82,6 +82,27 @@ def _cpu_engine_args(args: list[str]) -> list[str]:
     return [token for flag, value in defaults.items() if flag not in given for token in (flag, *value)]
 
 
+def check_request_fits(model_path: str | os.PathLike, server_args: list[str], prompt_tokens: int,
+                       max_new_tokens: int, cpu_engine: bool) -> None:
+    """Refuse (ValueError) a request that a server started by `ServerProcess` with
+    `server_args` would refuse (HTTP 400, after it has started): a prompt and answer beyond
+    its context length (`--context-length`, else the checkpoint's), or a prompt beyond its KV
+    pool (`--max-total-tokens`; on the CPU engine 16384 unless given)."""
+    from lava_sglang.sglang_plugin.touchpoints import max_prompt_tokens
+
+    config = json.loads((Path(model_path) / "config.json").read_text())
+    context_len = int(_flag_value(server_args, "--context-length",
+                                  default=str(config.get("max_position_embeddings", 0)))) or None
+    pool = _flag_value(server_args, "--max-total-tokens",
+                       default=str(CPU_DEFAULT_MAX_TOTAL_TOKENS) if cpu_engine else "0")
+    if context_len is not None and prompt_tokens + max_new_tokens >= context_len:
+        raise ValueError(f"a prompt of {prompt_tokens} tokens and an answer of up to {max_new_tokens} exceed the "
+                         f"server's context length, {context_len} tokens: shorten the document or the answer")
+    if context_len is not None and int(pool) and prompt_tokens > max_prompt_tokens(context_len, int(pool)):
+        raise ValueError(f"a prompt of {prompt_tokens} tokens does not fit the server's KV pool of {pool} tokens "
+                         "(--max-total-tokens): shorten the document or give a larger pool")
+
+
 class ServerExited(RuntimeError):
     """A launched server (or router) process ended before it was ready."""
 
