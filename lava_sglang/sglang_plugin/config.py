@@ -299,6 +299,11 @@ def from_namespace(args: argparse.Namespace) -> KvPolicyConfig:
             raise ConfigError(f"--kv-observe-view {observe_view} with --kv-observe-chunk {observe_chunk}: "
                               f"{error}") from None
     if config.enabled:
+        for dest, readers in OBSERVE_FLAG_READERS.items():  # a flag the source does not read would do nothing
+            flag, default, _ = FLAGS[dest]
+            if observe not in readers and str(getattr(args, dest)) != default:
+                raise ConfigError(f"{flag} {getattr(args, dest)}: --kv-observe {observe} does not read it (only "
+                                  f"{' and '.join(readers)} do); leave it out")
         if alpha is not None and not _reads_alpha(policy, window):
             raise ConfigError(f"--kv-alpha {args.kv_alpha}: --kv-policy {policy} does not read alpha (only the "
                               "per-layer head top-k of lava:layer_budget=entropy or uniform, and ada_snapkv, do); "
@@ -327,6 +332,12 @@ def from_namespace(args: argparse.Namespace) -> KvPolicyConfig:
                 raise ConfigError(f"--kv-policy {policy}: {error} (--kv-compress-on shared scores a shared prefix "
                                   "by its tail window)") from None
     return config
+
+
+#: The sources that read each --kv-observe-* flag.
+OBSERVE_FLAG_READERS = {"kv_observe_wait": DEFERRED_OBSERVE_SOURCES, "kv_observe_chunk": (RECONSTRUCT,),
+                        "kv_observe_normalize": (RECONSTRUCT,), "kv_observe_view": (RECONSTRUCT,),
+                        "kv_observe_prompt": (RECONSTRUCT,)}
 
 
 def config_of_server_args(server_args: list[str]) -> KvPolicyConfig:

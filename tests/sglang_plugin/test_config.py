@@ -112,10 +112,22 @@ def test_the_window_defaults_to_what_the_source_needs(args, window):
     assert config.window == window == config.make_policy().window
 
 
-@pytest.mark.parametrize("source", ["branches", "reconstruct", "tail"])
+@pytest.mark.parametrize("source", ["branches", "reconstruct"])
 def test_observation_sources(source):
     config = from_namespace(parse("--kv-policy", "lava", "--kv-observe", source, "--kv-observe-wait", "2.5"))
     assert (config.observe, config.observe_wait) == (source, 2.5)
+
+
+@pytest.mark.parametrize("flag, value, source", [("--kv-observe-wait", "2.5", "tail"),
+                                                 ("--kv-observe-chunk", "256", "tail"),
+                                                 ("--kv-observe-view", "chunk", "branches"),
+                                                 ("--kv-observe-normalize", "local", "branches"),
+                                                 ("--kv-observe-prompt", "plain", "tail")])
+def test_an_observe_flag_the_source_does_not_read_is_refused(flag, value, source):
+    # It would do nothing, silently (as --kv-alpha where the policy does not read it).
+    with pytest.raises(ConfigError, match=f"{flag} {value}: --kv-observe {source} does not read it"):
+        from_namespace(parse("--kv-policy", "lava", "--kv-observe", source, flag, value))
+    assert from_namespace(parse("--kv-policy", "none", "--kv-observe", source, flag, value)).observe == source
 
 
 def test_the_default_source_is_the_repetition_and_shared_prefixes_need_no_fork():
