@@ -169,11 +169,17 @@ def _quality_command(args: argparse.Namespace) -> int:
         if args.partial and Path(args.partial).is_dir():
             raise ValueError(f"--partial {args.partial}: a folder; give a file in it")
         output_folder(out_dir)
-        from lava_sglang.bench.quality import QualityBenchmark, QualityConfig
+        from lava_sglang.bench.quality import SPLITS, QualityBenchmark, QualityConfig
+        from lava_sglang.policy import make_observe
 
+        if args.branch_combine and "branches" not in {make_observe(source).name for source in args.observe}:
+            raise ValueError("--branch-combine: no --observe branches reads it; leave it out")
+        if args.query_aware_splits and "query_aware" not in args.modes:
+            raise ValueError("--query-aware-splits: no query_aware mode reads it; leave it out")
         config = QualityConfig(contexts=args.contexts, questions=args.questions, policies=args.policies or [],
                                keep_ratios=args.ratios, modes=args.modes, tasks=args.tasks, observe=args.observe,
-                               branch_combine=args.branch_combine, query_aware_splits=args.query_aware_splits,
+                               branch_combine=args.branch_combine or QualityConfig.branch_combine,
+                               query_aware_splits=args.query_aware_splits or list(SPLITS),
                                facts_per_document=args.facts, seed=args.seed)
         if args.policies is None:
             config.policies = [policy for policy in COMPRESSING_POLICIES if config.runs(policy)]
@@ -245,11 +251,10 @@ def build_parser() -> argparse.ArgumentParser:
                          f"{', '.join(OBSERVE_SOURCES)}, each optionally with options of its own, e.g. "
                          "reconstruct:normalize=local,chunk_tokens=512 (docs/observe.md; default reconstruct, the "
                          "server's default)")
-    quality.add_argument("--branch-combine", default="max", choices=["max", "mean"],
+    quality.add_argument("--branch-combine", choices=["max", "mean"],
                          help="how --observe branches combines its windows (default max)")
-    quality.add_argument("--query-aware-splits", nargs="+", default=["at_compression", "later"],
-                         choices=["at_compression", "later"], help="question splits query_aware runs on "
-                         "(default both)")
+    quality.add_argument("--query-aware-splits", nargs="+", choices=["at_compression", "later"],
+                         help="question splits query_aware runs on (default both)")
     quality.add_argument("--facts", type=fact_count, nargs="+", default=[1, 4, 8],
                          help="planted facts per retrieval document, cycled (default 1 4 8)")
     quality.add_argument("--seed", type=int, default=0, help="seed of documents and questions (default 0)")

@@ -116,6 +116,17 @@ def test_an_out_folder_that_cannot_be_made_is_refused_before_anything_runs(capsy
     assert "must be a file name without a folder" in capsys.readouterr().err
 
 
+def test_quality_refuses_an_option_no_selected_source_or_mode_reads(capsys, monkeypatch):
+    def no_model():
+        raise AssertionError("the model was loaded before the options were checked")
+
+    monkeypatch.setattr(cli, "_load_runtime", no_model)
+    assert cli.main(["bench", "quality", "--branch-combine", "mean"]) == 2
+    assert "--branch-combine: no --observe branches reads it" in capsys.readouterr().err
+    assert cli.main(["bench", "quality", "--modes", "compress_once", "--query-aware-splits", "later"]) == 2
+    assert "--query-aware-splits: no query_aware mode reads it" in capsys.readouterr().err
+
+
 def test_quality_runs_by_default_the_policies_its_sources_can_score(monkeypatch, capsys):
     from lava_sglang.bench import quality
 

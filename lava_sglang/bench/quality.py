@@ -42,7 +42,7 @@ from lava_sglang.argtypes import COMPRESSING_POLICIES
 from lava_sglang.bench.documents import (CODE_PATTERN, MAX_FACTS, Document, fidelity_documents, prompt_parts,
                                          retrieval_documents)
 from lava_sglang.bench.stats import mean_interval, wilson_interval
-from lava_sglang.policy import POLICIES, WINDOW_COMBINES, make_observe, make_policy, policy_name
+from lava_sglang.policy import POLICIES, WINDOW_COMBINES, make_observe, make_policy, policy_name, spec_of
 from lava_sglang.reference import CompressedPrefix, ReferenceRuntime
 
 TASKS = ("retrieval", "fidelity")
@@ -78,17 +78,19 @@ class QualityConfig:
                              f"questions={self.questions}")
         if any(n < 1 for n in self.questions) or any(c < 2 * self.window for c in self.contexts):
             raise ValueError(f"question counts must be >= 1 and contexts >= {2 * self.window} tokens")
-        for spec in self.policies:
-            make_policy(spec, window=self.window)
-        for spec in self.observe:
-            make_observe(spec)
+        policies = [spec_of(make_policy(spec, window=self.window)) for spec in self.policies]
+        if len(set(policies)) != len(policies):  # two labels for one policy: two identical rows
+            raise ValueError(f"policies: {self.policies} name one policy twice (options spelled out: {policies})")
+        sources = [make_observe(spec) for spec in self.observe]
+        if len(set(sources)) != len(sources):
+            raise ValueError(f"observe: {self.observe} name one source twice")
         for name, values, allowed in (("modes", self.modes, MODES), ("tasks", self.tasks, TASKS),
                                       ("query_aware_splits", self.query_aware_splits, SPLITS)):
             unknown = [v for v in values if v not in allowed]
             if unknown:
                 raise ValueError(f"{name}: unknown {unknown}; choose from {sorted(allowed)}")
-        if not self.observe or len(set(self.observe)) != len(self.observe):
-            raise ValueError(f"observe: give distinct sources, got {self.observe}")
+        if not self.observe:
+            raise ValueError("observe: give at least one source")
         for name in ("contexts", "policies", "keep_ratios", "modes", "tasks", "query_aware_splits"):
             values = getattr(self, name)
             if len(set(values)) != len(values):  # a repeated cell would count its questions twice

@@ -90,7 +90,8 @@ def test_mean_interval():
     ({"policies": ["lava", "kvzip"], "observe": ["tail"]}, "kvzip scores only by reconstruct"),
     ({"policies": ["kvzip"], "modes": ["query_aware"]}, "kvzip scores only by reconstruct"),
     ({"keep_ratios": [0.2, 0.2]}, "keep_ratios: give distinct values"),
-    ({"policies": ["lava", "snapkv", "lava"]}, "policies: give distinct values"),
+    ({"policies": ["lava", "snapkv", "lava"]}, "name one policy twice"),
+    ({"policies": ["lava", "lava:layer_budget=global"]}, "name one policy twice"),  # the default, spelled out
     ({"contexts": [2048, 2048], "questions": [4, 4]}, "contexts: give distinct values"),
     ({"tasks": []}, "tasks: give at least one"),
 ])

@@ -40,7 +40,8 @@ def test_cli_rejects_unknown_observation_sources_and_policy_options(capsys):
     assert main(["bench", "quality", "--policies", "lava:budget=3"]) == 2
     assert "options must be field=value with a field of lava" in capsys.readouterr().err
     args = build_parser().parse_args(["bench", "quality", "--observe", "branches", "reconstruct:normalize=local"])
-    assert args.observe == ["branches", "reconstruct:normalize=local"] and args.branch_combine == "max"
+    assert args.observe == ["branches", "reconstruct:normalize=local"]
+    assert args.branch_combine is None  # QualityConfig's max unless given, and refused where no branches read it
 
 
 def test_kvzip_is_paired_with_repetition_sources_only():
@@ -56,8 +57,9 @@ def test_kvzip_is_paired_with_repetition_sources_only():
     ({"observe": ["reconstruct:chunk_tokens=0"]}, "chunk_tokens must be an int >= 1"),
     ({"policies": ["lava:layer_budget=none"]}, "layer_budget must be one of"),
     ({"policies": ["lava", "full"]}, "do not list it"),
-    ({"observe": []}, "observe: give distinct sources"),
-    ({"observe": ["tail", "tail"]}, "observe: give distinct sources"),
+    ({"observe": []}, "observe: give at least one source"),
+    ({"observe": ["tail", "tail"]}, "name one source twice"),
+    ({"observe": ["reconstruct", "reconstruct:chunk_tokens=512"]}, "name one source twice"),
     ({"branch_combine": "sum"}, "branch_combine must be one of"),
     ({"query_aware_splits": ["all"]}, "query_aware_splits: unknown"),
 ])
