@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import requests
 import sglang as sgl
@@ -26,21 +25,14 @@ import sglang as sgl
 from lava_sglang.bench.documents import prompt_parts
 from lava_sglang.frontend import multi_question_qa
 
-HERE = Path(__file__).resolve().parent
+import example_inputs  # examples/example_inputs.py: this script's folder is on sys.path
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", default="http://127.0.0.1:30000", help="the SGLang server (default %(default)s)")
-    parser.add_argument("--document", type=Path, default=HERE / "data" / "document.txt",
-                        help="text file with the document (default: examples/data/document.txt)")
-    parser.add_argument("--questions", type=Path, default=HERE / "data" / "questions.txt",
-                        help="text file, one question per line (default: examples/data/questions.txt)")
-    parser.add_argument("--max-tokens", type=int, default=24, help="answer length cap (default 24)")
+    example_inputs.add_arguments(parser)
     args = parser.parse_args(argv)
-
-    document = args.document.read_text().strip()
-    questions = [line.strip() for line in args.questions.read_text().splitlines() if line.strip()]
+    document, questions = example_inputs.read_inputs(parser, args)
     prefix = prompt_parts(document, "")[0]
     suffixes = [prompt_parts("", question)[1] for question in questions]
 

@@ -17,14 +17,14 @@ import argparse
 import concurrent.futures
 import sys
 import time
-from pathlib import Path
 
 import openai
 import requests
 
+from lava_sglang.argtypes import positive_int
 from lava_sglang.bench.documents import SYSTEM_PROMPT
 
-HERE = Path(__file__).resolve().parent
+import example_inputs  # examples/example_inputs.py: this script's folder is on sys.path
 
 
 def ask(client: openai.OpenAI, document: str, question: str, max_tokens: int):
@@ -37,24 +37,17 @@ def ask(client: openai.OpenAI, document: str, question: str, max_tokens: int):
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--url", default="http://127.0.0.1:30000", help="the SGLang server (default %(default)s)")
-    parser.add_argument("--document", type=Path, default=HERE / "data" / "document.txt",
-                        help="text file with the document (default: examples/data/document.txt)")
-    parser.add_argument("--questions", type=Path, default=HERE / "data" / "questions.txt",
-                        help="text file, one question per line (default: examples/data/questions.txt)")
-    parser.add_argument("--max-tokens", type=int, default=24, help="answer length cap (default 24)")
-    parser.add_argument("--concurrency", type=int, default=1,
+    example_inputs.add_arguments(parser)
+    parser.add_argument("--concurrency", type=positive_int, default=1,
                         help="requests in flight after the first one (default 1)")
     args = parser.parse_args(argv)
-
-    document = args.document.read_text().strip()
-    questions = [line.strip() for line in args.questions.read_text().splitlines() if line.strip()]
+    document, questions = example_inputs.read_inputs(parser, args)
     client = openai.OpenAI(base_url=args.url + "/v1", api_key="not-needed")
 
     started = time.perf_counter()
     # The first request puts the document in the cache; the rest share it, a few at a time.
     responses = [ask(client, document, questions[0], args.max_tokens)]
-    with concurrent.futures.ThreadPoolExecutor(max(1, args.concurrency)) as pool:
+    with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
         responses += list(pool.map(lambda q: ask(client, document, q, args.max_tokens), questions[1:]))
     print(f"{len(questions)} chat completions sharing one document in {time.perf_counter() - started:.1f} s\n")
     for question, response in zip(questions, responses):

@@ -17,24 +17,22 @@ import statistics
 
 from tqdm import tqdm
 
-from lava_sglang.argtypes import fact_count
+from lava_sglang.argtypes import at_least, fact_count, keep_ratio, positive_int
 from lava_sglang.bench.documents import CODE_PATTERN, FACT_TEMPLATE, prompt_parts
 from lava_sglang.bench.quality import QualityConfig, benchmark_documents
+from lava_sglang.bench.score_transforms import policy_spec
 from lava_sglang.reference.runtime import ReferenceRuntime
 
 
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--context", type=int, default=2048, help="document tokens")
-    parser.add_argument("--questions", type=int, default=48, help="questions (one per fact)")
+    parser.add_argument("--context", type=at_least(64), default=2048, help="document tokens, at least 64 (2 windows)")
+    parser.add_argument("--questions", type=positive_int, default=48, help="questions (one per fact)")
     parser.add_argument("--facts", type=fact_count, default=8, help="facts per document")
     parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--keep", type=float, default=0.2, help="keep ratio")
-    parser.add_argument("--policies", nargs="+", default=["lava", "kvzip"])
-    args = parser.parse_args()
-    if not 0 < args.keep <= 1 or min(args.context, args.questions) < 1:
-        parser.error("--keep takes a ratio in (0, 1]; --context and --questions positive ints")
-    return args
+    parser.add_argument("--keep", type=keep_ratio, default=0.2, help="keep ratio")
+    parser.add_argument("--policies", type=policy_spec, nargs="+", default=["lava", "kvzip"])
+    return parser.parse_args()
 
 
 def token_span(offsets: list[tuple[int, int]], start: int, end: int) -> list[int]:
