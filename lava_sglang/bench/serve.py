@@ -562,6 +562,10 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         value = getattr(args, name)
         return defaults[name] if value is None else value
 
+    try:
+        server_args = shlex.split(args.server_args)
+    except ValueError as error:  # an unbalanced quote
+        raise ValueError(f"--server-args {args.server_args!r}: {error}") from None
     return ServeConfig(
         policies=list(pick("policies")), budget=ServeConfig.budget if args.budget is None else args.budget,
         documents=pick("documents"),
@@ -569,7 +573,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         context=args.context, clients=pick("clients"), max_tokens=args.max_tokens,
         max_total_tokens=args.max_total_tokens, resident_documents=pick("resident_documents"),
         memory_bound=args.memory_bound, max_seconds=args.max_seconds, sample_interval=args.sample_interval,
-        server_args=shlex.split(args.server_args), seed=args.seed, model=args.model,
+        server_args=server_args, seed=args.seed, model=args.model,
         url=args.url.rstrip("/") if args.url else None,
     )
 

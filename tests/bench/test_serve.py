@@ -179,6 +179,8 @@ def test_flags_that_would_do_nothing_or_relabel_a_run_are_refused():
         with pytest.raises(ValueError, match="--resident-documents sizes the pool of --memory-bound runs"):
             config_from_args(parser.parse_args(flags))
     assert config_from_args(parser.parse_args(["--memory-bound", "--resident-documents", "4"])).resident_documents == 4
+    with pytest.raises(ValueError, match="--server-args '--kv-window \"64': No closing quotation"):
+        config_from_args(parser.parse_args(['--server-args=--kv-window "64']))
     for server_args, replacement in (("--kv-budget 0.1", "--budget"), ("--kv-policy=lava", "--policies"),
                                      ("--max-total-tokens 9000", "--max-total-tokens")):
         with pytest.raises(ValueError, match=f"this command sets it for each server; use {replacement}"):
