@@ -168,7 +168,6 @@ def _quality_command(args: argparse.Namespace) -> int:
             raise ValueError(f"--partial {args.partial}: no folder {Path(args.partial).parent}")
         if args.partial and Path(args.partial).is_dir():
             raise ValueError(f"--partial {args.partial}: a folder; give a file in it")
-        output_folder(out_dir)
         from lava_sglang.bench.quality import SPLITS, QualityBenchmark, QualityConfig
         from lava_sglang.policy import make_observe
 
@@ -184,6 +183,7 @@ def _quality_command(args: argparse.Namespace) -> int:
         if args.policies is None:
             config.policies = [policy for policy in COMPRESSING_POLICIES if config.runs(policy)]
         config.validate()
+        output_folder(out_dir)
         command = "lava-sglang " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         result = QualityBenchmark(_load_runtime(), config).run(
             progress=not args.no_progress, partial=Path(args.partial) if args.partial else None, command=command)

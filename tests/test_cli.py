@@ -60,6 +60,17 @@ def test_the_demo_refuses_a_document_beyond_the_models_context_before_starting_a
     assert "exceed the server's context length, 8192 tokens" in capsys.readouterr().err
 
 
+def test_bench_serve_refuses_documents_beyond_the_models_context_before_any_server_starts(capsys, monkeypatch,
+                                                                                           tmp_path):
+    def no_server(*args, **kwargs):
+        raise AssertionError("a server was started for prompts it would refuse")
+
+    monkeypatch.setattr(serve, "ServerProcess", no_server)
+    assert cli.main(["bench", "serve", "--context", "8200", "--documents", "1", "--questions", "1",
+                     "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "exceed the server's context length, 8192 tokens" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("policy, message", [("h2o", "policy must be one of"), ("lava:alpha=2", "alpha"),
                                              ("full", "keeps everything"),
                                              ("kvzip --observe tail", "kvzip scores by reconstruct, not tail"),

@@ -78,12 +78,10 @@ class QualityConfig:
                              f"questions={self.questions}")
         if any(n < 1 for n in self.questions) or any(c < 2 * self.window for c in self.contexts):
             raise ValueError(f"question counts must be >= 1 and contexts >= {2 * self.window} tokens")
-        policies = [spec_of(make_policy(spec, window=self.window)) for spec in self.policies]
-        if len(set(policies)) != len(policies):  # two labels for one policy: two identical rows
-            raise ValueError(f"policies: {self.policies} name one policy twice (options spelled out: {policies})")
-        sources = [make_observe(spec) for spec in self.observe]
-        if len(set(sources)) != len(sources):
-            raise ValueError(f"observe: {self.observe} name one source twice")
+        for spec in self.policies:
+            make_policy(spec, window=self.window)
+        for spec in self.observe:
+            make_observe(spec)
         for name, values, allowed in (("modes", self.modes, MODES), ("tasks", self.tasks, TASKS),
                                       ("query_aware_splits", self.query_aware_splits, SPLITS)):
             unknown = [v for v in values if v not in allowed]
@@ -107,11 +105,28 @@ class QualityConfig:
         if not self.facts_per_document or not 1 <= min(self.facts_per_document) <= max(self.facts_per_document) \
                 <= MAX_FACTS:
             raise ValueError(f"facts_per_document must be counts in [1, {MAX_FACTS}], got {self.facts_per_document}")
+        self._check_distinct()
         idle = [spec for spec in self.policies if not self.runs(spec)]
         if idle:  # it would be left out of every cell, and the report would not say so
             raise ValueError(f"policies: {', '.join(idle)} scores only by "
                              f"{' or '.join(POLICIES[policy_name(idle[0])].scored_by)}, which no selected mode and "
                              f"observation source gives (query_aware scores by its tail)")
+
+    def _check_distinct(self) -> None:
+        """Two labels for one source, or for one policy as a source builds it (its window is
+        the source's kept window unless the spec sets one), would give two identical rows."""
+        sources = [make_observe(spec, combine=self.branch_combine) for spec in self.observe]
+        if len(set(sources)) != len(sources):
+            raise ValueError(f"observe: {self.observe} name one source twice")
+        built_under = (sources if "compress_once" in self.modes else []) + (
+            [make_observe("tail")] if "query_aware" in self.modes else [])
+        for source in built_under:
+            specs = [spec_of(make_policy(spec, window=source.kept_window or self.window)) for spec in self.policies
+                     if POLICIES[policy_name(spec)].scored_by is None
+                     or source.name in POLICIES[policy_name(spec)].scored_by]
+            if len(set(specs)) != len(specs):
+                raise ValueError(f"policies: {self.policies} name one policy twice under {source.name} (options "
+                                 f"spelled out: {specs})")
 
     def runs(self, spec: str) -> bool:
         """Whether policy `spec` has a cell: a source it scores by among the selected modes'."""

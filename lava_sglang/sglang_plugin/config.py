@@ -299,11 +299,11 @@ def from_namespace(args: argparse.Namespace) -> KvPolicyConfig:
             raise ConfigError(f"--kv-observe-view {observe_view} with --kv-observe-chunk {observe_chunk}: "
                               f"{error}") from None
     if config.enabled:
-        for dest, readers in OBSERVE_FLAG_READERS.items():  # a flag the source does not read would do nothing
-            flag, default, _ = FLAGS[dest]
-            if observe not in readers and str(getattr(args, dest)) != default:
-                raise ConfigError(f"{flag} {getattr(args, dest)}: --kv-observe {observe} does not read it (only "
-                                  f"{' and '.join(readers)} do); leave it out")
+        for name, readers in OBSERVE_FLAG_READERS.items():  # a flag the source does not read would do nothing
+            # (a value other than the default: a flag given at its default is not told apart)
+            if observe not in readers and getattr(config, name) != getattr(KvPolicyConfig, name):
+                raise ConfigError(f"{FLAGS['kv_' + name][0]} {getattr(config, name)}: --kv-observe {observe} does "
+                                  f"not read it (only {' and '.join(readers)} do); leave it out")
         if alpha is not None and not _reads_alpha(policy, window):
             raise ConfigError(f"--kv-alpha {args.kv_alpha}: --kv-policy {policy} does not read alpha (only the "
                               "per-layer head top-k of lava:layer_budget=entropy or uniform, and ada_snapkv, do); "
@@ -334,10 +334,10 @@ def from_namespace(args: argparse.Namespace) -> KvPolicyConfig:
     return config
 
 
-#: The sources that read each --kv-observe-* flag.
-OBSERVE_FLAG_READERS = {"kv_observe_wait": DEFERRED_OBSERVE_SOURCES, "kv_observe_chunk": (RECONSTRUCT,),
-                        "kv_observe_normalize": (RECONSTRUCT,), "kv_observe_view": (RECONSTRUCT,),
-                        "kv_observe_prompt": (RECONSTRUCT,)}
+#: The sources that read each --kv-observe-* flag, by KvPolicyConfig field.
+OBSERVE_FLAG_READERS = {"observe_wait": DEFERRED_OBSERVE_SOURCES, "observe_chunk": (RECONSTRUCT,),
+                        "observe_normalize": (RECONSTRUCT,), "observe_view": (RECONSTRUCT,),
+                        "observe_prompt": (RECONSTRUCT,)}
 
 
 def config_of_server_args(server_args: list[str]) -> KvPolicyConfig:

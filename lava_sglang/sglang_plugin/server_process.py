@@ -86,21 +86,27 @@ def check_request_fits(model_path: str | os.PathLike, server_args: list[str], pr
                        max_new_tokens: int, cpu_engine: bool) -> None:
     """Refuse (ValueError) a request that a server started by `ServerProcess` with
     `server_args` would refuse (HTTP 400, after it has started): a prompt and answer beyond
-    its context length (`--context-length`, else the checkpoint's), or a prompt beyond its KV
-    pool (`--max-total-tokens`; on the CPU engine 16384 unless given)."""
+    its context length (`--context-length`, else the checkpoint folder's
+    `max_position_embeddings`; a model named otherwise is not checked), or a prompt beyond
+    what its scheduler admits within the context and the KV pool (`--max-total-tokens`; on
+    the CPU engine 16384 unless given, on a GPU SGLang's own, taken as the context)."""
     from lava_sglang.sglang_plugin.touchpoints import max_prompt_tokens
 
-    config = json.loads((Path(model_path) / "config.json").read_text())
+    config_path = Path(model_path) / "config.json"
+    checkpoint = json.loads(config_path.read_text()) if config_path.is_file() else {}
     context_len = int(_flag_value(server_args, "--context-length",
-                                  default=str(config.get("max_position_embeddings", 0)))) or None
-    pool = _flag_value(server_args, "--max-total-tokens",
-                       default=str(CPU_DEFAULT_MAX_TOTAL_TOKENS) if cpu_engine else "0")
-    if context_len is not None and prompt_tokens + max_new_tokens >= context_len:
+                                  default=str(checkpoint.get("max_position_embeddings") or 0)))
+    if not context_len:
+        return
+    pool = int(_flag_value(server_args, "--max-total-tokens",
+                           default=str(CPU_DEFAULT_MAX_TOTAL_TOKENS if cpu_engine else context_len)))
+    if prompt_tokens + max_new_tokens > context_len:  # SGLang's tokenizer manager refuses it
         raise ValueError(f"a prompt of {prompt_tokens} tokens and an answer of up to {max_new_tokens} exceed the "
                          f"server's context length, {context_len} tokens: shorten the document or the answer")
-    if context_len is not None and int(pool) and prompt_tokens > max_prompt_tokens(context_len, int(pool)):
-        raise ValueError(f"a prompt of {prompt_tokens} tokens does not fit the server's KV pool of {pool} tokens "
-                         "(--max-total-tokens): shorten the document or give a larger pool")
+    if prompt_tokens > max_prompt_tokens(context_len, pool):  # its scheduler refuses it
+        raise ValueError(f"a prompt of {prompt_tokens} tokens is longer than the server admits, "
+                         f"{max_prompt_tokens(context_len, pool)} tokens (its context of {context_len} and KV pool "
+                         f"of {pool} tokens, --max-total-tokens): shorten the document or give a larger pool")
 
 
 class ServerExited(RuntimeError):

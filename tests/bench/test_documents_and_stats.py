@@ -90,11 +90,19 @@ def test_mean_interval():
     ({"policies": ["lava", "kvzip"], "observe": ["tail"]}, "kvzip scores only by reconstruct"),
     ({"policies": ["kvzip"], "modes": ["query_aware"]}, "kvzip scores only by reconstruct"),
     ({"keep_ratios": [0.2, 0.2]}, "keep_ratios: give distinct values"),
-    ({"policies": ["lava", "snapkv", "lava"]}, "name one policy twice"),
+    ({"policies": ["lava", "snapkv", "lava"]}, "policies: give distinct values"),
     ({"policies": ["lava", "lava:layer_budget=global"]}, "name one policy twice"),  # the default, spelled out
+    # Under reconstruct a policy's window is the source's 8 unless its spec sets one.
+    ({"policies": ["lava", "lava:window=8"], "observe": ["reconstruct"], "modes": ["compress_once"]},
+     "name one policy twice under reconstruct"),
     ({"contexts": [2048, 2048], "questions": [4, 4]}, "contexts: give distinct values"),
     ({"tasks": []}, "tasks: give at least one"),
 ])
 def test_quality_config_validation(changes, message):
     with pytest.raises(ValueError, match=message):
         QualityConfig(**changes).validate()
+
+
+def test_two_specs_that_build_different_policies_or_sources_are_both_run():
+    QualityConfig(policies=["lava", "lava:window=32"], observe=["reconstruct"], modes=["compress_once"]).validate()
+    QualityConfig(policies=["lava"], observe=["branches", "branches:combine=max"], branch_combine="mean").validate()

@@ -157,7 +157,7 @@ def test_server_flags_a_policys_server_would_refuse_stop_the_run_before_any_serv
         serve.check_server_flags(alpha, capacity=4096, cuda=False, prefix_tokens=documents)
 
 
-def test_a_run_whose_servers_would_compress_no_document_is_refused_before_any_server_starts():
+def test_a_run_whose_servers_would_leave_a_document_uncompressed_is_refused_before_any_server_starts():
     # It would measure stock SGLang under each policy's name.
     config = ServeConfig(policies=["none", "lava"])
     with pytest.raises(ValueError, match="a document of 200 tokens is below the lava server's --kv-min-prefix 256"):

@@ -130,6 +130,13 @@ def test_an_observe_flag_the_source_does_not_read_is_refused(flag, value, source
     assert from_namespace(parse("--kv-policy", "none", "--kv-observe", source, flag, value)).observe == source
 
 
+def test_an_observe_flag_at_its_default_passes_as_sglang_with_the_patch_types_it():
+    # patches/sglang-0.5.23-kv-policy.patch declares the flags with types: --kv-observe-wait is 30.0, not "30".
+    typed = parse("--kv-policy", "lava", "--kv-observe", "tail")
+    typed.kv_observe_wait, typed.kv_observe_chunk = 30.0, 512
+    assert from_namespace(typed).observe == "tail"
+
+
 def test_the_default_source_is_the_repetition_and_shared_prefixes_need_no_fork():
     assert from_namespace(parse("--kv-policy", "lava")).observe == "reconstruct"
     # Shared prefixes are scored by their recomputed window whatever --kv-observe says.
