@@ -171,8 +171,9 @@ def _quality_command(args: argparse.Namespace) -> int:
         from lava_sglang.bench.quality import SPLITS, QualityBenchmark, QualityConfig
         from lava_sglang.policy import make_observe
 
-        if args.branch_combine and "branches" not in {make_observe(source).name for source in args.observe}:
-            raise ValueError("--branch-combine: no --observe branches reads it; leave it out")
+        if args.branch_combine and ("compress_once" not in args.modes
+                                    or "branches" not in {make_observe(source).name for source in args.observe}):
+            raise ValueError("--branch-combine: no compress_once --observe branches reads it; leave it out")
         if args.query_aware_splits and "query_aware" not in args.modes:
             raise ValueError("--query-aware-splits: no query_aware mode reads it; leave it out")
         config = QualityConfig(contexts=args.contexts, questions=args.questions, policies=args.policies or [],
@@ -187,7 +188,6 @@ def _quality_command(args: argparse.Namespace) -> int:
         command = "lava-sglang " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         result = QualityBenchmark(_load_runtime(), config).run(
             progress=not args.no_progress, partial=Path(args.partial) if args.partial else None, command=command)
-        out_dir.mkdir(parents=True, exist_ok=True)
         meta_path.write_text(json.dumps(result["meta"], indent=1) + "\n")
     for path in write_quality_report(result, out_dir, command, notes):
         print(f"wrote {path}")

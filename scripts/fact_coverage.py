@@ -57,6 +57,9 @@ def main() -> None:
     def count_tokens(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
+    def has_code(tokens) -> bool:
+        return CODE_PATTERN.search(tokenizer.decode(tokens)) is not None
+
     documents = benchmark_documents("retrieval", args.context, args.questions, count_tokens, args.seed,
                                     [args.facts])
     print(f"inputs: {len(documents)} documents of {args.context} tokens, {args.facts} facts each, seed {args.seed}, "
@@ -77,9 +80,6 @@ def main() -> None:
             code_tokens = token_span(encoded["offset_mapping"], code_start, code_start + len(question.answer))
             key_tokens = token_span(encoded["offset_mapping"], key_start, key_start + len(key))
             suffix = tokenizer(prompt_parts(document.text, question.text)[1], add_special_tokens=False)["input_ids"]
-            def has_code(tokens) -> bool:
-                return CODE_PATTERN.search(tokenizer.decode(tokens)) is not None
-
             # As the benchmark answers: its token cap, stopped at the first 7-digit number.
             answers = runtime.generate([full, *prefixes], suffix, QualityConfig.retrieval_answer_tokens,
                                        stop_when=has_code)

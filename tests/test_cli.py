@@ -40,6 +40,7 @@ def test_the_demo_refuses_a_document_too_short_to_be_compressed(capsys):
     assert cli.build_parser().parse_args(["demo", "--context", str(cli.DEFAULT_MIN_PREFIX)]).context == 256
 
 
+@pytest.mark.model
 def test_the_demo_refuses_a_ratio_that_keeps_the_whole_document_before_starting_a_server(capsys, monkeypatch):
     # The server caches such a prefix uncompressed: the demo would wait 600 s for a compression.
     def no_server(*args, **kwargs):
@@ -50,6 +51,7 @@ def test_the_demo_refuses_a_ratio_that_keeps_the_whole_document_before_starting_
     assert "--ratio 1.0 keeps every token of the document's" in capsys.readouterr().err
 
 
+@pytest.mark.model
 def test_the_demo_refuses_a_document_beyond_the_models_context_before_starting_a_server(capsys, monkeypatch):
     # The server would answer HTTP 400 to every question, after it has started.
     def no_server(*args, **kwargs):
@@ -60,6 +62,7 @@ def test_the_demo_refuses_a_document_beyond_the_models_context_before_starting_a
     assert "exceed the server's context length, 8192 tokens" in capsys.readouterr().err
 
 
+@pytest.mark.model
 def test_bench_serve_refuses_documents_beyond_the_models_context_before_any_server_starts(capsys, monkeypatch,
                                                                                            tmp_path):
     def no_server(*args, **kwargs):
@@ -133,7 +136,9 @@ def test_quality_refuses_an_option_no_selected_source_or_mode_reads(capsys, monk
 
     monkeypatch.setattr(cli, "_load_runtime", no_model)
     assert cli.main(["bench", "quality", "--branch-combine", "mean"]) == 2
-    assert "--branch-combine: no --observe branches reads it" in capsys.readouterr().err
+    assert "--branch-combine: no compress_once --observe branches reads it" in capsys.readouterr().err
+    assert cli.main(["bench", "quality", "--modes", "query_aware", "--observe", "branches",
+                     "--branch-combine", "mean"]) == 2
     assert cli.main(["bench", "quality", "--modes", "compress_once", "--query-aware-splits", "later"]) == 2
     assert "--query-aware-splits: no query_aware mode reads it" in capsys.readouterr().err
 

@@ -89,7 +89,7 @@ class QualityConfig:
                 raise ValueError(f"{name}: unknown {unknown}; choose from {sorted(allowed)}")
         if not self.observe:
             raise ValueError("observe: give at least one source")
-        for name in ("contexts", "policies", "keep_ratios", "modes", "tasks", "query_aware_splits"):
+        for name in ("contexts", "keep_ratios", "modes", "tasks", "query_aware_splits"):
             values = getattr(self, name)
             if len(set(values)) != len(values):  # a repeated cell would count its questions twice
                 raise ValueError(f"{name}: give distinct values, got {values}")
@@ -113,20 +113,25 @@ class QualityConfig:
                              f"observation source gives (query_aware scores by its tail)")
 
     def _check_distinct(self) -> None:
-        """Two labels for one source, or for one policy as a source builds it (its window is
-        the source's kept window unless the spec sets one), would give two identical rows."""
+        """Two labels for one source, or for one policy as the benchmark builds it, would give
+        two identical rows. A policy that reads no scores is built once, with the runtime's
+        window; one that does, per source, whose kept window it takes unless its spec sets one."""
         sources = [make_observe(spec, combine=self.branch_combine) for spec in self.observe]
         if len(set(sources)) != len(sources):
             raise ValueError(f"observe: {self.observe} name one source twice")
+        positional = [spec for spec in self.policies if not POLICIES[policy_name(spec)].needs_scores]
+        groups = [(None, [spec_of(make_policy(spec, window=self.window)) for spec in positional])]
         built_under = (sources if "compress_once" in self.modes else []) + (
             [make_observe("tail")] if "query_aware" in self.modes else [])
         for source in built_under:
-            specs = [spec_of(make_policy(spec, window=source.kept_window or self.window)) for spec in self.policies
-                     if POLICIES[policy_name(spec)].scored_by is None
-                     or source.name in POLICIES[policy_name(spec)].scored_by]
+            groups.append((source.name, [spec_of(make_policy(spec, window=source.kept_window or self.window))
+                                         for spec in self.policies if spec not in positional
+                                         and source.name in (POLICIES[policy_name(spec)].scored_by or [source.name])]))
+        for source_name, specs in groups:
             if len(set(specs)) != len(specs):
-                raise ValueError(f"policies: {self.policies} name one policy twice under {source.name} (options "
-                                 f"spelled out: {specs})")
+                where = f" under {source_name}" if source_name else ""
+                raise ValueError(f"policies: {self.policies} name one policy twice{where} (options spelled out: "
+                                 f"{specs})")
 
     def runs(self, spec: str) -> bool:
         """Whether policy `spec` has a cell: a source it scores by among the selected modes'."""

@@ -15,8 +15,9 @@ Every question a `bench serve` run answered is answered again by the reference r
 - under `--kv-observe branches` the questions of a visit whose commit prefilled the document
   ran on the full prefix, and the plan later visits read is scored by the tail and by that
   visit's questions as branches (the reference prefills them after the whole prefix, as the
-  server did; the visit's first 8, `MAX_BRANCH_WINDOWS`, where the server took the first 8
-  it matched, which the run does not record: rows observed by a visit of more are marked
+  server did; the visit's first 8, `MAX_BRANCH_WINDOWS`, where the server took at most 8
+  windows, of the first branches it matched, which the run does not record: rows observed by
+  a visit of more are marked
   `observers_guessed`, and the report counts them); under `--kv-observe reconstruct`
   likewise, the plan scored by the document's repetition (`ReferenceRuntime.observe(..., "reconstruct")`);
 - answers are greedy, as long as the server's (`max_tokens`), stopped at EOS.
@@ -58,9 +59,10 @@ def compressing_visits(record: dict) -> dict[int, int | None]:
 
 def observing_questions(record: dict, observer: int | None) -> tuple[list[dict], bool]:
     """Under `--kv-observe branches`, the questions of visit `observer` (None: none) taken as the
-    branches that observed its compressed copy, and whether that is a guess. The server takes
-    the first MAX_BRANCH_WINDOWS branches it matches, which the run does not record; the
-    reference the visit's first as many, the same set unless the visit had more."""
+    branches that observed its compressed copy, and whether that is a guess. The server adds
+    at most MAX_BRANCH_WINDOWS windows, of the first branches it matches (`claim_branch`),
+    which the run does not record; the reference takes the visit's first as many, the same
+    set unless the visit had more."""
     from lava_sglang.sglang_plugin.config import MAX_BRANCH_WINDOWS
 
     questions = [question for question in record["question_records"] if question["visit"] == observer]
@@ -181,8 +183,9 @@ def markdown(results_path: Path, summaries: list[dict], rows: dict[str, list[dic
         from lava_sglang.sglang_plugin.config import MAX_BRANCH_WINDOWS
 
         lines += ["", "Questions whose compressed prefix was observed by a visit of more than "
-                  f"{MAX_BRANCH_WINDOWS} questions (`--kv-observe branches`): the server observed it with the first "
-                  f"{MAX_BRANCH_WINDOWS} it matched, the reference with the visit's first {MAX_BRANCH_WINDOWS}; "
+                  f"{MAX_BRANCH_WINDOWS} questions (`--kv-observe branches`): the server observed it with at most "
+                  f"{MAX_BRANCH_WINDOWS} of the branches it matched, the reference with the visit's first "
+                  f"{MAX_BRANCH_WINDOWS}; "
                   "they may differ: " + ", ".join(f"{policy} {count}" for policy, count in guessed.items()) + "."]
     lines += ["", "## Answers that differ", ""]
     for policy, policy_rows in rows.items():

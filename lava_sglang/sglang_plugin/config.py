@@ -51,7 +51,7 @@ OBSERVE_PROMPTS = (CHAT, PLAIN)  # --kv-observe-prompt: Reconstruct.chat_turn tr
 # ~131 KB for an 8B model, so at most ~12 MB and ~67 MB per branch); a repetition's scores are
 # Hq x n fp32 per layer (~1 MB per 1K tokens for SmolLM2).
 MAX_PENDING_PREFIXES = 32  # beyond that, a committed prefix is compressed at once by its tail
-MAX_BRANCH_WINDOWS = 8  # branches captured + windows added, at most (PendingPrefix.records_branch)
+MAX_BRANCH_WINDOWS = 8  # branches captured + windows added, at most (PendingPrefix.claim_branch)
 MAX_BRANCH_OWN_TOKENS = 512  # a longer branch (a continuation, not a question) adds no window
 OBSERVATION_WINDOW = 32  # --kv-window's default where the window's queries score the prefix
 

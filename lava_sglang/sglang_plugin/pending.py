@@ -29,21 +29,24 @@ class PendingPrefix:
     branches: list[list[ObservationWindow]] = field(default_factory=list)  # per branch, per layer
     repetition: RepetitionScores | None = None
     prefill_seconds: float | None = None  # the commit's prefill, to which the repetition's cost is compared
-    recorded_branch_rids: set[str] = field(default_factory=set)  # branches captured, not yet released
+    captured_branch_rids: set[str] = field(default_factory=set)  # branches captured, not yet released
 
-    def records_branch(self, rid: str) -> bool:
+    def claim_branch(self, rid: str) -> bool:
         """Whether the branch `rid` has its window queries captured. At most MAX_BRANCH_WINDOWS
         branches add windows, and each captured one holds its queries at every layer until it is
         released (a wide fork would hold them all), so a branch is captured while the windows
         added and the branches captured, not yet released, are fewer: the first matched, in
         the order every tensor-parallel rank matches and releases requests, so the ranks
         capture the same branches. A request matched again (queued, or retracted) keeps its
-        place; one released or aborted gives it back (`LavaRadixCache._end_branch`,
-        `release_aborted_request`)."""
-        if (rid not in self.recorded_branch_rids
-                and len(self.recorded_branch_rids) + len(self.branches) < MAX_BRANCH_WINDOWS):
-            self.recorded_branch_rids.add(rid)
-        return rid in self.recorded_branch_rids
+        place; one released or aborted gives it back (`release_branch`)."""
+        if (rid not in self.captured_branch_rids
+                and len(self.captured_branch_rids) + len(self.branches) < MAX_BRANCH_WINDOWS):
+            self.captured_branch_rids.add(rid)
+        return rid in self.captured_branch_rids
+
+    def release_branch(self, rid: str) -> None:
+        """The branch `rid` was released (its window, if any, added) or aborted: its place is free."""
+        self.captured_branch_rids.discard(rid)
 
     def ready(self, now: float) -> bool:
         """Whether what observes it has arrived (a branch window; the repetition, run whole or
@@ -66,6 +69,10 @@ class PendingPrefix:
     def covers(self, key) -> bool:
         """Whether `key` starts with the whole committed prefix and goes beyond it."""
         return len(key) > len(self.full_key) and self._shared_len(key) == len(self.full_key)
+
+    def extends(self, key) -> bool:
+        """Whether the committed prefix starts with the whole of `key` and goes beyond it."""
+        return len(key) < len(self.full_key) and self._shared_len(key) == len(key)
 
     def starts_with(self, key) -> bool:
         """Whether the committed prefix starts with the whole of `key`."""

@@ -183,15 +183,16 @@ class LavaRadixCache(CompressedRadixCache):
         observes the prefix it extends (its whole prompt, as `_observe_branch` reads it: the
         key SGLang matches stops short of it), of at most MAX_BRANCH_OWN_TOKENS own tokens (a
         longer one adds no window), among the first MAX_BRANCH_WINDOWS matched, less those
-        released or aborted without a window (`PendingPrefix.records_branch`). A request cut to observe a shared prefix is marked
-        where it is cut. Decided when a request is matched: one already running when a prefix
-        starts to wait (a frontend's branches are sent after the commit) is not a branch."""
+        released or aborted without a window (`PendingPrefix.claim_branch`, which takes the
+        place). A request cut to observe a shared prefix is marked where it is cut. Decided
+        when a request is matched: one already running when a prefix starts to wait (a
+        frontend's branches are sent after the commit) is not a branch."""
         if FORK in self.config.compress_on and self._is_fork_prefix(req):
             return True
         if self.config.observe != BRANCHES:
             return False
         pending = self._windowed_branch_of(prompt_key(req))
-        return pending is not None and pending.records_branch(req.rid)
+        return pending is not None and pending.claim_branch(req.rid)
 
     def _needs_commit_window(self, req) -> bool:
         """Whether a fork commit must recompute its tail window to be compressed: it is one,
@@ -240,7 +241,7 @@ class LavaRadixCache(CompressedRadixCache):
         back its place among a waiting prefix's captured branches: one dropped from the
         waiting queue (its abort, its timeout, the queue's limit) is never released."""
         for pending in self.pending:
-            pending.recorded_branch_rids.discard(handle.rid)
+            pending.release_branch(handle.rid)
         super().release_aborted_request(handle)
 
     def _serving_on(self, step: str, action, req) -> None:
@@ -328,7 +329,7 @@ class LavaRadixCache(CompressedRadixCache):
 
     def _waits_beyond(self, key) -> bool:
         """Whether a prefix waiting to be compressed starts with the whole of `key` and goes beyond it."""
-        return self._waits_on_path_of(key) and not self._is_pending(key)
+        return any(pending.extends(key) for pending in self.pending)
 
     def _pending_of(self, key) -> PendingPrefix | None:
         """The waiting prefix `key` extends; the longest, should two on one path wait."""
@@ -423,17 +424,17 @@ class LavaRadixCache(CompressedRadixCache):
     def _end_branch(self, req, checkpointed: bool) -> None:
         """A request released for good (finished, not retracted): if it is one of its waiting
         prefix's recorded branches, its window is recorded (where its tokens were cached) and
-        its place given back (`PendingPrefix.records_branch`), so that a branch that leaves no
+        its place given back (`PendingPrefix.claim_branch`), so that a branch that leaves no
         window (its output discarded, a chunked prefill aborted) does not keep a later one from
         leaving its own."""
         pending = self._windowed_branch_of(prompt_key(req))
-        if pending is None or req.rid not in pending.recorded_branch_rids:
+        if pending is None or req.rid not in pending.captured_branch_rids:
             return
         try:
             if checkpointed:
                 self._observe_branch(req, pending)
         finally:
-            pending.recorded_branch_rids.discard(req.rid)
+            pending.release_branch(req.rid)
 
     def _observe_branch(self, req, pending: PendingPrefix) -> None:
         """Record the observation window of a released request that ran after the whole of

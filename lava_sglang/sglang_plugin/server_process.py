@@ -92,14 +92,19 @@ def check_request_fits(model_path: str | os.PathLike, server_args: list[str], pr
     the CPU engine 16384 unless given, on a GPU SGLang's own, taken as the context)."""
     from lava_sglang.sglang_plugin.touchpoints import max_prompt_tokens
 
+    if "--allow-auto-truncate" in server_args:  # the server cuts such a prompt instead
+        return
     config_path = Path(model_path) / "config.json"
     checkpoint = json.loads(config_path.read_text()) if config_path.is_file() else {}
-    context_len = int(_flag_value(server_args, "--context-length",
-                                  default=str(checkpoint.get("max_position_embeddings") or 0)))
+    try:
+        context_len = int(_flag_value(server_args, "--context-length",
+                                      default=str(checkpoint.get("max_position_embeddings") or 0)))
+        pool = int(_flag_value(server_args, "--max-total-tokens",
+                               default=str(CPU_DEFAULT_MAX_TOTAL_TOKENS if cpu_engine else context_len)))
+    except ValueError:  # a bad --context-length or --max-total-tokens: SGLang's parser names it
+        return
     if not context_len:
         return
-    pool = int(_flag_value(server_args, "--max-total-tokens",
-                           default=str(CPU_DEFAULT_MAX_TOTAL_TOKENS if cpu_engine else context_len)))
     if prompt_tokens + max_new_tokens > context_len:  # SGLang's tokenizer manager refuses it
         raise ValueError(f"a prompt of {prompt_tokens} tokens and an answer of up to {max_new_tokens} exceed the "
                          f"server's context length, {context_len} tokens: shorten the document or the answer")

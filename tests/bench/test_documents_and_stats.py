@@ -90,7 +90,9 @@ def test_mean_interval():
     ({"policies": ["lava", "kvzip"], "observe": ["tail"]}, "kvzip scores only by reconstruct"),
     ({"policies": ["kvzip"], "modes": ["query_aware"]}, "kvzip scores only by reconstruct"),
     ({"keep_ratios": [0.2, 0.2]}, "keep_ratios: give distinct values"),
-    ({"policies": ["lava", "snapkv", "lava"]}, "policies: give distinct values"),
+    ({"policies": ["lava", "snapkv", "lava"]}, "name one policy twice under reconstruct"),
+    # A policy that reads no scores is built once, with the runtime's window of 32.
+    ({"policies": ["streamingllm", "streamingllm:window=32"]}, "name one policy twice \\(options"),
     ({"policies": ["lava", "lava:layer_budget=global"]}, "name one policy twice"),  # the default, spelled out
     # Under reconstruct a policy's window is the source's 8 unless its spec sets one.
     ({"policies": ["lava", "lava:window=8"], "observe": ["reconstruct"], "modes": ["compress_once"]},
@@ -105,4 +107,5 @@ def test_quality_config_validation(changes, message):
 
 def test_two_specs_that_build_different_policies_or_sources_are_both_run():
     QualityConfig(policies=["lava", "lava:window=32"], observe=["reconstruct"], modes=["compress_once"]).validate()
+    QualityConfig(policies=["streamingllm", "streamingllm:window=8"], observe=["reconstruct"]).validate()
     QualityConfig(policies=["lava"], observe=["branches", "branches:combine=max"], branch_combine="mean").validate()

@@ -34,6 +34,11 @@ def test_a_prompt_beyond_what_the_scheduler_admits_is_refused_before_the_server_
         check_request_fits(checkpoint, [], 8186, 2, cpu_engine=False)
 
 
+def test_a_server_that_truncates_or_has_bad_flags_is_left_to_itself(checkpoint):
+    check_request_fits(checkpoint, ["--allow-auto-truncate"], 9000, 24, cpu_engine=True)  # it cuts the prompt
+    check_request_fits(checkpoint, ["--context-length", "abc"], 9000, 24, cpu_engine=True)  # SGLang names the flag
+
+
 def test_a_model_that_is_not_a_checkpoint_folder_is_left_to_the_server(tmp_path):
     check_request_fits(tmp_path / "model.gguf", [], 100_000, 24, cpu_engine=True)  # a file, or a hub id
     (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": None}))
