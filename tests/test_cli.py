@@ -40,35 +40,35 @@ def test_the_demo_refuses_a_document_too_short_to_be_compressed(capsys):
     assert cli.build_parser().parse_args(["demo", "--context", str(cli.DEFAULT_MIN_PREFIX)]).context == 256
 
 
-@pytest.mark.model
-def test_the_demo_refuses_a_ratio_that_keeps_the_whole_document_before_starting_a_server(capsys, monkeypatch):
-    # The server caches such a prefix uncompressed: the demo would wait 600 s for a compression.
+@pytest.fixture
+def no_server_starts(monkeypatch):
+    """A command that reaches a server start fails the test: its input was to be refused first."""
     def no_server(*args, **kwargs):
-        raise AssertionError("a server was started for a ratio that compresses nothing")
+        raise AssertionError("a server was started for input that should have been refused")
 
     monkeypatch.setattr("lava_sglang.sglang_plugin.server_process.ServerProcess", no_server)
+    monkeypatch.setattr(serve, "ServerProcess", no_server)
+
+
+@pytest.mark.model
+@pytest.mark.usefixtures("no_server_starts")
+def test_the_demo_refuses_a_ratio_that_keeps_the_whole_document_before_starting_a_server(capsys):
+    # The server caches such a prefix uncompressed: the demo would wait 600 s for a compression.
     assert cli.main(["demo", "--ratio", "1", "--context", "256"]) == 2
     assert "--ratio 1.0 keeps every token of the document's" in capsys.readouterr().err
 
 
 @pytest.mark.model
-def test_the_demo_refuses_a_document_beyond_the_models_context_before_starting_a_server(capsys, monkeypatch):
+@pytest.mark.usefixtures("no_server_starts")
+def test_the_demo_refuses_a_document_beyond_the_models_context_before_starting_a_server(capsys):
     # The server would answer HTTP 400 to every question, after it has started.
-    def no_server(*args, **kwargs):
-        raise AssertionError("a server was started for prompts it would refuse")
-
-    monkeypatch.setattr("lava_sglang.sglang_plugin.server_process.ServerProcess", no_server)
     assert cli.main(["demo", "--context", "8100", "--max-new-tokens", "100"]) == 2
     assert "exceed the server's context length, 8192 tokens" in capsys.readouterr().err
 
 
 @pytest.mark.model
-def test_bench_serve_refuses_documents_beyond_the_models_context_before_any_server_starts(capsys, monkeypatch,
-                                                                                           tmp_path):
-    def no_server(*args, **kwargs):
-        raise AssertionError("a server was started for prompts it would refuse")
-
-    monkeypatch.setattr(serve, "ServerProcess", no_server)
+@pytest.mark.usefixtures("no_server_starts")
+def test_bench_serve_refuses_documents_beyond_the_models_context_before_any_server_starts(capsys, tmp_path):
     assert cli.main(["bench", "serve", "--context", "8200", "--documents", "1", "--questions", "1",
                      "--out", str(tmp_path), "--no-progress"]) == 2
     assert "exceed the server's context length, 8192 tokens" in capsys.readouterr().err

@@ -376,7 +376,6 @@ def check_server_flags(config: ServeConfig, capacity: int | None, cuda: bool, pr
     And every compressing server must compress the documents (`prefix_tokens`, each fork
     prefix's tokens): a document below its --kv-min-prefix, or a budget that keeps a whole
     document, would measure stock SGLang under the policy's name."""
-    from lava_sglang.policy import resolve_budget
     from lava_sglang.sglang_plugin import config as plugin_config
 
     shortest = min(prefix_tokens)
@@ -392,7 +391,7 @@ def check_server_flags(config: ServeConfig, capacity: int | None, cuda: bool, pr
             raise ValueError(f"a document of {shortest} tokens is below the {policy} server's --kv-min-prefix "
                              f"{server.min_prefix}: it would not be compressed (raise --context, or pass "
                              "--server-args=\"--kv-min-prefix N\")")
-        if resolve_budget(server.budget, shortest - 1) >= shortest - 1:
+        if not server.evicts(shortest - 1):
             raise ValueError(f"--budget {config.budget} keeps every token of a {shortest - 1}-token document: the "
                              f"{policy} server would compress nothing; give a smaller ratio")
 

@@ -17,9 +17,9 @@ Every question a `bench serve` run answered is answered again by the reference r
   visit's questions as branches (the reference prefills them after the whole prefix, as the
   server did; the visit's first 8, `MAX_BRANCH_WINDOWS`, where the server took at most 8
   windows, of the first branches it matched, which the run does not record: rows observed by
-  a visit of more are marked
-  `observers_guessed`, and the report counts them); under `--kv-observe reconstruct`
-  likewise, the plan scored by the document's repetition (`ReferenceRuntime.observe(..., "reconstruct")`);
+  a visit of more are marked `observers_guessed`, and the report counts them); under
+  `--kv-observe reconstruct` likewise, the plan scored by the document's repetition
+  (`ReferenceRuntime.observe(..., "reconstruct")`);
 - answers are greedy, as long as the server's (`max_tokens`), stopped at EOS.
 
 Per policy it reports the server's and the reference's accuracy and how many answers are
@@ -84,6 +84,8 @@ def reference_answers(runtime, documents, record: dict, max_tokens: int, progres
     deferred = (observe in DEFERRED_OBSERVE_SOURCES and policy is not None
                 and POLICIES[policy_name(policy)].needs_scores)
     observed_by = compressing_visits(record) if deferred else {}
+    observers_of = ({visit: observing_questions(record, visit) for visit in set(observed_by.values()) - {None}}
+                    if observe == BRANCHES else {})
     captures, prefixes, rows = {}, {}, []
     tokenizer = runtime.tokenizer
 
@@ -110,7 +112,7 @@ def reference_answers(runtime, documents, record: dict, max_tokens: int, progres
         keep_len = min(cached, prefix_len) if compressed else prefix_len
         while keep_len and prompt_ids[:keep_len] != capture.token_ids[:keep_len]:
             keep_len -= 1  # the question's tokenization differs inside the prefix (never seen so far)
-        observers, observers_guessed = observing_questions(record, observer) if observe == BRANCHES else ([], False)
+        observers, observers_guessed = observers_of.get(observer, ([], False))
         key = (question["document"], keep_len, compressed, observer)
         if key not in prefixes:
             if compressed:

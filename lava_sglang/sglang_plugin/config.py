@@ -123,6 +123,12 @@ class KvPolicyConfig:
     def enabled(self) -> bool:
         return self.policy != NONE
 
+    def evicts(self, prefix_len: int) -> bool:
+        """Whether the budget keeps fewer tokens than a `prefix_len`-token prefix has. One that
+        keeps them all (an int budget >= the prefix, a ratio of 1.0) would only make a second
+        full copy: the radix cache leaves such a prefix as stock SGLang caches it."""
+        return resolve_budget(self.budget, prefix_len) < prefix_len
+
     def make_policy(self):
         return make_policy(self.policy, window=self.window, pool_kernel=self.pool_kernel, alpha=self.alpha)
 

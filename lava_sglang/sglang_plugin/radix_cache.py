@@ -43,7 +43,7 @@ from functools import partial
 
 import torch
 
-from lava_sglang.policy import ObservationWindow, resolve_budget
+from lava_sglang.policy import ObservationWindow
 from lava_sglang.sglang_plugin.compressed_tree import CompressedNode, CompressedRadixCache, prompt_key
 from lava_sglang.sglang_plugin.compressor import WindowCapture, plan_prefix
 from lava_sglang.sglang_plugin.config import (BRANCHES, DEFERRED_OBSERVE_SOURCES, FORK, MAX_BRANCH_OWN_TOKENS,
@@ -166,7 +166,7 @@ class LavaRadixCache(CompressedRadixCache):
         if req is None or SHARED not in self.config.compress_on or self._pending_of(params.key) is not None:
             return result
         shared_len = result.device_prefix_len
-        if (shared_len < self.config.min_prefix or not self._evicts(shared_len) or self._is_fork_prefix(req)
+        if (shared_len < self.config.min_prefix or not self.config.evicts(shared_len) or self._is_fork_prefix(req)
                 or not self.on_ordinary_path(result.last_device_node)):
             return result
         key = params.key.page_aligned(self.page_size)
@@ -281,21 +281,17 @@ class LavaRadixCache(CompressedRadixCache):
         cached as stock SGLang caches it. (Two waiting prefixes on one path would undo each
         other: the shorter one's compression frees what is cached below it, the longer one's
         the shorter's full copy.)"""
-        return (self._is_commit(req) and self._evicts(len(req.origin_input_ids) - 1)
-                and (not self.pending or (self._pending_of(prompt_key(req)) is None
-                                          and not self._waits_beyond(prompt_key(req)))))
+        if not (self._is_commit(req) and self.config.evicts(len(req.origin_input_ids) - 1)):
+            return False
+        if not self.pending:
+            return True
+        key = prompt_key(req)
+        return self._pending_of(key) is None and not self._waits_beyond(key)
 
     def _is_commit(self, req) -> bool:
         """Whether the request has the shape of a fork commit (see `_is_fork_prefix`)."""
         return (req.sampling_params.max_new_tokens == 0 and not req.return_logprob
                 and len(req.origin_input_ids) >= self.config.min_prefix)
-
-    def _evicts(self, prefix_len: int) -> bool:
-        """Whether the budget keeps fewer tokens than a `prefix_len`-token prefix has. One that
-        keeps them all (an int budget >= the prefix, a ratio of 1.0) would only make a second
-        full copy, after a repetition for nothing: such a prefix is cached as stock SGLang
-        caches it."""
-        return resolve_budget(self.config.budget, prefix_len) < prefix_len
 
     def _compress_fork_prefix(self, req) -> None:
         """Compress the first n - 1 tokens of the n-token prefix the request committed."""
@@ -332,9 +328,8 @@ class LavaRadixCache(CompressedRadixCache):
         return any(pending.extends(key) for pending in self.pending)
 
     def _pending_of(self, key) -> PendingPrefix | None:
-        """The waiting prefix `key` extends; the longest, should two on one path wait."""
-        covering = [pending for pending in self.pending if pending.covers(key)]
-        return max(covering, key=lambda pending: len(pending.full_key)) if covering else None
+        """The waiting prefix `key` extends (one at most: two never wait on one path, `_is_fork_prefix`)."""
+        return next((pending for pending in self.pending if pending.covers(key)), None)
 
     def _defer_fork_prefix(self, req) -> None:
         """Keep a committed fork prefix's tail window until its branches have run, or (under

@@ -108,9 +108,10 @@ def check_request_fits(model_path: str | os.PathLike, server_args: list[str], pr
     if prompt_tokens + max_new_tokens > context_len:  # SGLang's tokenizer manager refuses it
         raise ValueError(f"a prompt of {prompt_tokens} tokens and an answer of up to {max_new_tokens} exceed the "
                          f"server's context length, {context_len} tokens: shorten the document or the answer")
-    if prompt_tokens > max_prompt_tokens(context_len, pool):  # its scheduler refuses it
+    admitted = max_prompt_tokens(context_len, pool)
+    if prompt_tokens > admitted:  # its scheduler refuses it
         raise ValueError(f"a prompt of {prompt_tokens} tokens is longer than the server admits, "
-                         f"{max_prompt_tokens(context_len, pool)} tokens (its context of {context_len} and KV pool "
+                         f"{admitted} tokens (its context of {context_len} and KV pool "
                          f"of {pool} tokens, --max-total-tokens): shorten the document or give a larger pool")
 
 

@@ -96,6 +96,23 @@ def test_match_insert_and_locks_along_the_path():
     assert_all_released(stub)
 
 
+def holds_question_window(stub: SchedulerStub, branch) -> bool:
+    """Whether a branch of document(0) + question(i) (3 own tokens) has its window queries captured."""
+    return stub.cache.capture.window_queries(branch.kv.req_pool_idx, 203, LAYERS, rows=3) is not None
+
+
+def finish_branches_in_turn(stub: SchedulerStub, branches, windows_before) -> None:
+    """Finish `branches` one after the other, the waiting prefix holding `windows_before[i]`
+    windows before the i-th; the last one's release compresses it."""
+    for branch, windows in zip(branches, windows_before, strict=True):
+        assert not stub.compressed_nodes() and len(stub.cache.pending[0].branches) == windows
+        stub.finish(branch)
+        check(stub)
+    (node,) = stub.compressed_nodes()
+    assert not stub.cache.pending
+    assert_all_released(stub)
+
+
 def test_under_observe_branches_a_wide_fork_captures_only_the_first_branches_matched():
     # Only MAX_BRANCH_WINDOWS branches add windows: every other one's queries would be held at
     # every layer, unread, until its release.
@@ -106,18 +123,11 @@ def test_under_observe_branches_a_wide_fork_captures_only_the_first_branches_mat
     branches = [stub.prefill(stub.request(document(0) + question(index), max_new_tokens=4))
                 for index in range(MAX_BRANCH_WINDOWS + 2)]
     expected = [True] * MAX_BRANCH_WINDOWS + [False, False]
-    assert [stub.cache.capture.window_queries(branch.kv.req_pool_idx, 203, LAYERS, rows=3) is not None
-            for branch in branches] == expected
+    assert [holds_question_window(stub, branch) for branch in branches] == expected
     # A request matched again (queued, or retracted and admitted again) keeps its place.
     assert [stub.cache._reads_window_of(branch) for branch in reversed(branches)] == expected[::-1]
     check(stub)
-    for index, branch in enumerate(reversed(branches)):
-        assert not stub.compressed_nodes() and len(stub.cache.pending[0].branches) == max(0, index - 2)
-        stub.finish(branch)
-        check(stub)
-    (node,) = stub.compressed_nodes()
-    assert not stub.cache.pending
-    assert_all_released(stub)
+    finish_branches_in_turn(stub, branches[::-1], [max(0, index - 2) for index in range(len(branches))])
 
 
 def test_under_observe_branches_a_branch_released_without_a_window_gives_its_place_back():
@@ -140,15 +150,8 @@ def test_under_observe_branches_a_branch_released_without_a_window_gives_its_pla
     check(stub)
     late, retracted = stub.prefill(late), stub.prefill(retracted)
     observers = [retracted, *branches[2:], late]
-    assert all(stub.cache.capture.window_queries(branch.kv.req_pool_idx, 203, LAYERS, rows=3) is not None
-               for branch in observers)
-    for count, branch in enumerate(observers):
-        assert not stub.compressed_nodes() and len(stub.cache.pending[0].branches) == count
-        stub.finish(branch)
-        check(stub)
-    (node,) = stub.compressed_nodes()
-    assert not stub.cache.pending
-    assert_all_released(stub)
+    assert all(holds_question_window(stub, branch) for branch in observers)
+    finish_branches_in_turn(stub, observers, range(len(observers)))
 
 
 def test_under_observe_branches_a_branch_aborted_while_queued_gives_its_place_back():
