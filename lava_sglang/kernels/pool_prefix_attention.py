@@ -37,18 +37,16 @@ a sequence's end write an empty state, and the chunks are merged by their LSE
 
 from __future__ import annotations
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 
 from lava_sglang.checks import is_int
 from lava_sglang.kernels import launch
-from lava_sglang.kernels.attention_states import attention_with_lse
 from lava_sglang.kernels.prefix_attention import (MAX_BLOCK_ROWS, _merge_splits_kernel,
-                                                  check_positive_ints, empty_state, online_softmax_step, query_rows,
-                                                  request_rows, set_heads, store_state)
+                                                  check_positive_ints, empty_state, online_softmax_step,
+                                                  paged_attention_reference, query_rows, request_rows,
+                                                  set_heads, store_state)
 
 
 @triton.jit
@@ -322,31 +320,23 @@ def pool_prefix_attention_reference(q: torch.Tensor, qo_indptr: torch.Tensor, en
     """`PoolPrefixAttention.plan` and `run` in torch: each (request, KV head)'s rows found through the
     tables on the host, dense attention over them; out in fp32."""
     head_offsets, slot_list, slot_base, num_slots = (table.cpu().long() for table in tables)
-    num_tokens, num_q_heads, head_dim = q.shape
-    group = num_q_heads // num_kv_heads
-    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
-    qo = qo_indptr.tolist()
-    out = torch.zeros(num_tokens, num_q_heads, head_dim, dtype=torch.float32, device=q.device)
-    lse = torch.full((num_tokens, num_q_heads), float("-inf"), dtype=torch.float32, device=q.device)
-    for request, entry in enumerate(entry_of_request.tolist()):
+    head_dim = q.shape[-1]
+    entries = entry_of_request.tolist()
+    nothing = q.new_zeros(0, head_dim)
+
+    def rows_of_sequence(request: int, kv_head: int) -> tuple[torch.Tensor, torch.Tensor]:
+        entry = entries[request]
         if entry < 0:
-            continue
-        tokens = slice(qo[request], qo[request + 1])
+            return nothing, nothing
+        column = layer * num_kv_heads + kv_head
+        first, end = head_offsets[entry, column:column + 2].tolist()
+        flat_rows = torch.arange(first, end)
         cells_per_buffer = int(num_slots[entry]) * num_kv_heads
-        for kv_head in range(num_kv_heads):
-            first, end = head_offsets[entry, layer * num_kv_heads + kv_head:layer * num_kv_heads + kv_head + 2].tolist()
-            if end == first:
-                continue
-            flat_rows = torch.arange(first, end)
-            local = flat_rows % cells_per_buffer
-            cells = slot_list[slot_base[entry] + local // num_kv_heads] * num_kv_heads + local % num_kv_heads
-            buffers = (flat_rows // cells_per_buffer).tolist()
-            keys = torch.stack([k_buffers[b].view(-1, head_dim)[c] for b, c in zip(buffers, cells.tolist())])
-            values = torch.stack([v_buffers[b].view(-1, head_dim)[c] for b, c in zip(buffers, cells.tolist())])
-            heads = slice(kv_head * group, (kv_head + 1) * group)
-            query = q[tokens, heads].transpose(0, 1)[None, None]
-            visible = torch.ones(1, dtype=torch.bool, device=q.device)
-            seq_out, seq_lse = attention_with_lse(query, keys[None, None], values[None, None], visible, scale)
-            out[tokens, heads] = seq_out[0, 0].transpose(0, 1)
-            lse[tokens, heads] = seq_lse[0, 0].transpose(0, 1)
-    return out, lse
+        local = flat_rows % cells_per_buffer
+        cells = (slot_list[slot_base[entry] + local // num_kv_heads] * num_kv_heads + local % num_kv_heads).tolist()
+        buffers = (flat_rows // cells_per_buffer).tolist()
+        keys = [k_buffers[b].view(-1, head_dim)[c] for b, c in zip(buffers, cells)]
+        values = [v_buffers[b].view(-1, head_dim)[c] for b, c in zip(buffers, cells)]
+        return (torch.stack(keys), torch.stack(values)) if keys else (nothing, nothing)
+
+    return paged_attention_reference(q, qo_indptr, num_kv_heads, sm_scale, rows_of_sequence)

@@ -348,6 +348,32 @@ class CompressedPrefixAttention:
         return out, lse
 
 
+def paged_attention_reference(
+    q: torch.Tensor, qo_indptr: torch.Tensor, num_kv_heads: int, sm_scale: float | None, rows_of_sequence,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Dense torch attention of each request's query tokens over one key set per (request, KV
+    head), the layout both prefix-attention kernels read: `rows_of_sequence(request, kv_head)`
+    gives that sequence's keys and values ([S, d] each, S >= 0). Out in fp32; a sequence with
+    no keys gives out 0 and lse -inf."""
+    num_tokens, num_q_heads, head_dim = q.shape
+    group = num_q_heads // num_kv_heads
+    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
+    qo = qo_indptr.tolist()
+    out = torch.zeros(num_tokens, num_q_heads, head_dim, dtype=torch.float32, device=q.device)
+    lse = torch.full((num_tokens, num_q_heads), float("-inf"), dtype=torch.float32, device=q.device)
+    visible = torch.ones(1, dtype=torch.bool, device=q.device)
+    for request in range(len(qo) - 1):
+        tokens = slice(qo[request], qo[request + 1])
+        for kv_head in range(num_kv_heads):
+            keys, values = rows_of_sequence(request, kv_head)
+            heads = slice(kv_head * group, (kv_head + 1) * group)
+            query = q[tokens, heads].transpose(0, 1)[None, None]  # [1, 1, G, T, d]
+            seq_out, seq_lse = attention_with_lse(query, keys[None, None], values[None, None], visible, scale)
+            out[tokens, heads] = seq_out[0, 0].transpose(0, 1)
+            lse[tokens, heads] = seq_lse[0, 0].transpose(0, 1)
+    return out, lse
+
+
 def prefix_attention_reference(
     q: torch.Tensor,
     k_store: torch.Tensor,
@@ -361,22 +387,11 @@ def prefix_attention_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """`CompressedPrefixAttention.run` for one layer (kv_indptr [B * Hkv + 1]) with dense
     torch attention per (request, KV head); out in fp32."""
-    num_tokens, num_q_heads, head_dim = q.shape
-    group = num_q_heads // num_kv_heads
-    scale = 1.0 / math.sqrt(head_dim) if sm_scale is None else sm_scale
-    qo, kv = qo_indptr.tolist(), kv_indptr.tolist()
-    out = torch.zeros(num_tokens, num_q_heads, head_dim, dtype=torch.float32, device=q.device)
-    lse = torch.full((num_tokens, num_q_heads), float("-inf"), dtype=torch.float32, device=q.device)
-    for request in range(len(qo) - 1):
-        tokens = slice(qo[request], qo[request + 1])
-        for kv_head in range(num_kv_heads):
-            seq = request * num_kv_heads + kv_head
-            cells = kv_indices[kv[seq]:kv[seq + 1]].long()
-            heads = slice(kv_head * group, (kv_head + 1) * group)
-            query = q[tokens, heads].transpose(0, 1)[None, None]  # [1, 1, G, T, d]
-            keys, values = k_store[cells, 0][None, None], v_store[cells, 0][None, None]
-            visible = torch.ones(1, dtype=torch.bool, device=q.device)
-            seq_out, seq_lse = attention_with_lse(query, keys, values, visible, scale)
-            out[tokens, heads] = seq_out[0, 0].transpose(0, 1)
-            lse[tokens, heads] = seq_lse[0, 0].transpose(0, 1)
-    return out, lse
+    kv = kv_indptr.tolist()
+
+    def rows_of_sequence(request: int, kv_head: int) -> tuple[torch.Tensor, torch.Tensor]:
+        seq = request * num_kv_heads + kv_head
+        cells = kv_indices[kv[seq]:kv[seq + 1]].long()
+        return k_store[cells, 0], v_store[cells, 0]
+
+    return paged_attention_reference(q, qo_indptr, num_kv_heads, sm_scale, rows_of_sequence)
