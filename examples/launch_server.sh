@@ -38,11 +38,12 @@ args=(
     # questions asked later find their facts), `tail` (its own last --kv-window tokens,
     # compressed as soon as it is committed) or `branches` (also the forked questions).
     # The forked questions of the first visit are answered on the full document meanwhile;
-    # later ones read the compressed copy (docs/observe.md, docs/kvzip.md).
+    # later ones read the compressed copy (docs/observe.md, docs/kvzip.md). The repetition
+    # runs in chunks of --kv-observe-chunk tokens (512: the extra KV while a document is
+    # scored is one chunk and its prompt) and a document waits for it at most
+    # --kv-observe-wait seconds (30). Those flags are read only under reconstruct (and the
+    # wait under branches): given with --kv-observe tail, the server refuses them.
     --kv-observe reconstruct
-    --kv-observe-wait 30
-    # Repetition chunk: the extra KV while a document is scored is one chunk and its prompt.
-    --kv-observe-chunk 512
 
     # Prefixes shorter than this are kept whole (compressing a short prompt saves little).
     --kv-min-prefix 256

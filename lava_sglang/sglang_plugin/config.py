@@ -216,7 +216,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         return
     group = parser.add_argument_group("KV-cache compression (lava-sglang plugin)")
     for dest, (flag, default, help_text) in FLAGS.items():
-        group.add_argument(flag, dest=dest, type=str, default=default, help=help_text)
+        unset = dest.removeprefix("kv_") in OBSERVE_FLAG_READERS  # None until given: see `from_namespace`
+        group.add_argument(flag, dest=dest, type=str, default=None if unset else default, help=help_text)
 
 
 def _int(flag: str, text: str, minimum: int) -> int:
@@ -278,18 +279,23 @@ def from_namespace(args: argparse.Namespace) -> KvPolicyConfig:
     min_prefix = _int("--kv-min-prefix", args.kv_min_prefix, 2)
     if min_prefix <= window:
         raise ConfigError(f"--kv-min-prefix must be greater than --kv-window ({window}), got {min_prefix}")
-    observe_wait = _float(args.kv_observe_wait)
+    # The --kv-observe-* flags are None when not given (here and in the patch), so that one given to
+    # a source that does not read it is refused below even at its default value.
+    observe_flags = {name: getattr(args, f"kv_{name}") for name in OBSERVE_FLAG_READERS}
+    given_observe_flags = [name for name, value in observe_flags.items() if value is not None]
+    observe_flags = {name: FLAGS[f"kv_{name}"][1] if value is None else value for name, value in observe_flags.items()}
+    observe_wait = _float(observe_flags["observe_wait"])
     if not 0 < observe_wait < math.inf:
-        raise ConfigError(f"--kv-observe-wait must be a number of seconds > 0, got {args.kv_observe_wait!r}")
-    observe_chunk = _int("--kv-observe-chunk", args.kv_observe_chunk, 1)
-    observe_normalize = str(args.kv_observe_normalize)
+        raise ConfigError(f"--kv-observe-wait must be a number of seconds > 0, got {observe_flags['observe_wait']!r}")
+    observe_chunk = _int("--kv-observe-chunk", observe_flags["observe_chunk"], 1)
+    observe_normalize = str(observe_flags["observe_normalize"])
     if observe_normalize not in REPEAT_NORMALIZATIONS:
         raise ConfigError(f"--kv-observe-normalize must be one of {', '.join(REPEAT_NORMALIZATIONS)}, "
                           f"got {observe_normalize!r}")
-    observe_view = str(args.kv_observe_view)
+    observe_view = str(observe_flags["observe_view"])
     if observe_view not in REPEAT_VIEWS:
         raise ConfigError(f"--kv-observe-view must be one of {', '.join(REPEAT_VIEWS)}, got {observe_view!r}")
-    observe_prompt = str(args.kv_observe_prompt)
+    observe_prompt = str(observe_flags["observe_prompt"])
     if observe_prompt not in OBSERVE_PROMPTS:
         raise ConfigError(f"--kv-observe-prompt must be one of {', '.join(OBSERVE_PROMPTS)}, got {observe_prompt!r}")
     config = KvPolicyConfig(policy=policy, budget=parse_budget(args.kv_budget), window=window,
@@ -305,9 +311,9 @@ def from_namespace(args: argparse.Namespace) -> KvPolicyConfig:
             raise ConfigError(f"--kv-observe-view {observe_view} with --kv-observe-chunk {observe_chunk}: "
                               f"{error}") from None
     if config.enabled:
-        for name, readers in OBSERVE_FLAG_READERS.items():  # a flag the source does not read would do nothing
-            # (a value other than the default: a flag given at its default is not told apart)
-            if observe not in readers and getattr(config, name) != getattr(KvPolicyConfig, name):
+        for name in given_observe_flags:  # a flag the source does not read would do nothing
+            readers = OBSERVE_FLAG_READERS[name]
+            if observe not in readers:
                 raise ConfigError(f"{FLAGS['kv_' + name][0]} {getattr(config, name)}: --kv-observe {observe} does "
                                   f"not read it (only {' and '.join(readers)} do); leave it out")
         if alpha is not None and not _reads_alpha(policy, window):

@@ -10,6 +10,7 @@ import pytest
 
 from lava_sglang.sglang_plugin.config import (
     KV_POLICIES,
+    FLAGS,
     ConfigError,
     KvPolicyConfig,
     add_arguments,
@@ -130,11 +131,26 @@ def test_an_observe_flag_the_source_does_not_read_is_refused(flag, value, source
     assert from_namespace(parse("--kv-policy", "none", "--kv-observe", source, flag, value)).observe == source
 
 
-def test_an_observe_flag_at_its_default_passes_as_sglang_with_the_patch_types_it():
-    # patches/sglang-0.5.23-kv-policy.patch declares the flags with types: --kv-observe-wait is 30.0, not "30".
+@pytest.mark.parametrize("flag, value", [("--kv-observe-wait", "30"), ("--kv-observe-chunk", "512"),
+                                         ("--kv-observe-prompt", "chat")])
+def test_an_observe_flag_the_source_does_not_read_is_refused_at_its_default_too(flag, value):
+    # Given is given: the flags are None until set, so the default value is told apart from no value.
+    assert (value, None) == (FLAGS["kv_" + flag.removeprefix("--kv-").replace("-", "_")][1],
+                             getattr(parse(), flag.removeprefix("--").replace("-", "_")))
+    with pytest.raises(ConfigError, match=f"{flag} .*: --kv-observe tail does not read it"):
+        from_namespace(parse("--kv-policy", "lava", "--kv-observe", "tail", flag, value))
+
+
+def test_observe_flags_as_sglang_with_the_patch_types_them():
+    # patches/sglang-0.5.23-kv-policy.patch declares the flags with types and None until given:
+    # --kv-observe-wait 2.5 is 2.5, not "2.5".
     typed = parse("--kv-policy", "lava", "--kv-observe", "tail")
-    typed.kv_observe_wait, typed.kv_observe_chunk = 30.0, 512
-    assert from_namespace(typed).observe == "tail"
+    assert from_namespace(typed).observe_wait == KvPolicyConfig.observe_wait
+    typed.kv_observe_wait = 30.0
+    with pytest.raises(ConfigError, match="--kv-observe-wait 30.0: --kv-observe tail does not read it"):
+        from_namespace(typed)
+    typed.kv_observe, typed.kv_observe_chunk = "reconstruct", 256
+    assert (from_namespace(typed).observe_wait, from_namespace(typed).observe_chunk) == (30.0, 256)
 
 
 def test_the_default_source_is_the_repetition_and_shared_prefixes_need_no_fork():

@@ -14,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
-from lava_sglang.sglang_plugin.config import (FLAGS, FORK, KV_POLICIES, RECONSTRUCT, SERVER_OBSERVE_SOURCES, SHARED,
-                                              TAIL, KvPolicyConfig, default_window, parse_budget, parse_triggers)
+from lava_sglang.sglang_plugin.config import (FLAGS, FORK, KV_POLICIES, OBSERVE_FLAG_READERS, RECONSTRUCT,
+                                              SERVER_OBSERVE_SOURCES, SHARED, TAIL, KvPolicyConfig, default_window,
+                                              parse_budget, parse_triggers)
 
 PATCH = Path(__file__).resolve().parents[2] / "patches" / "sglang-0.5.23-kv-policy.patch"
 FIELDS_FILE = "sglang/srt/arg_groups/fields/memory.py"
@@ -39,6 +40,14 @@ def added_lines(path: str) -> list[str]:
     sections = re.split(r"^(?=--- )", PATCH.read_text(), flags=re.M)
     section = next(s for s in sections if re.search(rf"^\+\+\+ b/{re.escape(path)}\s*$", s, flags=re.M))
     return [line[1:] for line in section.splitlines() if line.startswith("+") and not line.startswith("+++")]
+
+
+def help_text(field: ast.AnnAssign) -> str:
+    """The help of a field declared A[T, "help"] or A[T, Arg(help=..., ...)]."""
+    metadata = field.annotation.slice.elts[1]
+    if isinstance(metadata, ast.Constant):
+        return metadata.value
+    return next(ast.literal_eval(keyword.value) for keyword in metadata.keywords if keyword.arg == "help")
 
 
 def run_patch(*args: str) -> subprocess.CompletedProcess:
@@ -92,11 +101,13 @@ def test_patch_declares_the_fields_like_the_plugin():
     assert (defaults["kv_alpha"], defaults["kv_pool_kernel"]) == (None, expected.pool_kernel)
     assert "cfg.kv_alpha is not None and" in hook
     assert parse_triggers(defaults["kv_compress_on"]) == expected.compress_on
-    assert (defaults["kv_observe"], defaults["kv_observe_wait"]) == (expected.observe, expected.observe_wait)
-    assert (defaults["kv_observe_chunk"], defaults["kv_observe_normalize"]) == (expected.observe_chunk,
-                                                                              expected.observe_normalize)
-    assert (defaults["kv_observe_view"], defaults["kv_observe_prompt"]) == (expected.observe_view,
-                                                                          expected.observe_prompt)
+    assert defaults["kv_observe"] == expected.observe
+    # --kv-observe-*: None until given, so that the plugin refuses one the source does not read even at its
+    # default; the help states the default.
+    for name in OBSERVE_FLAG_READERS:
+        assert defaults[f"kv_{name}"] is None, name
+        assert f"Default {FLAGS[f'kv_{name}'][1]}." in help_text(declared[f"kv_{name}"]), name
+        assert f"cfg.kv_{name} is not None and" in hook or f"cfg.kv_{name} not in (None, " in hook, name
     for name, node in declared.items():  # A[T, "help"] or A[T, Arg(help=...)]: a CLI flag with help text
         metadata = node.annotation.slice.elts[1]
         assert isinstance(metadata, (ast.Constant, ast.Call)), name
