@@ -7,6 +7,7 @@ choices are checked against the policy registry and the observation sources by a
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from lava_sglang.bench.documents import MAX_FACTS
@@ -88,3 +89,24 @@ def read_notes(given: str | None, default: Path | None) -> str | None:
             raise ValueError(f"--notes: no file {given}")
         return path.read_text() or None
     return default.read_text() if default is not None and default.is_file() else None
+
+
+def read_json(path: Path) -> object:
+    """A results file's JSON; ValueError naming the file when it is not JSON."""
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path} is not a JSON file ({error})") from None
+
+
+def check_results(result: object, source: str, command: str, meta_keys: tuple[str, ...]) -> dict:
+    """`result` when it has the shape `command` writes: {"meta": {<meta_keys>...}, "records":
+    [{"policy": ...}, ...]}; else ValueError naming `source`, before a report is rebuilt from
+    it (a file of another command, read by a typo in --name, would fail half-way with a traceback)."""
+    meta = result.get("meta") if isinstance(result, dict) else None
+    records = result.get("records") if isinstance(result, dict) else None
+    if not (isinstance(meta, dict) and all(key in meta for key in meta_keys) and isinstance(records, list)
+            and all(isinstance(record, dict) and "policy" in record for record in records)):
+        raise ValueError(f"{source} is not what `{command}` writes: its meta (with {', '.join(meta_keys)}) and its "
+                         "records")
+    return result

@@ -9,8 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-from lava_sglang.argtypes import (COMPRESSING_POLICIES, DEFAULT_MIN_PREFIX, OBSERVE_SOURCES, at_least, fact_count,
-                                  keep_ratio, output_folder, positive_int, read_notes)
+from lava_sglang.argtypes import (COMPRESSING_POLICIES, DEFAULT_MIN_PREFIX, OBSERVE_SOURCES, at_least, check_results,
+                                  fact_count, keep_ratio, output_folder, positive_int, read_json, read_notes)
 from lava_sglang.model import ModelNotAvailable
 from lava_sglang.sglang_plugin.server_process import ServerExited
 
@@ -146,7 +146,7 @@ def _demo_command(args: argparse.Namespace) -> int:
 
 
 def _quality_command(args: argparse.Namespace) -> int:
-    from lava_sglang.bench.report import write_quality_report
+    from lava_sglang.bench.report import QUALITY_META_KEYS, write_quality_report
 
     out_dir = Path(args.out)
     meta_path = out_dir / "quality_meta.json"
@@ -157,11 +157,13 @@ def _quality_command(args: argparse.Namespace) -> int:
         if missing:
             raise ValueError(f"--report-only: no {' or '.join(missing)} to rebuild the report from")
         if args.partial:  # a run cut short: its records and metadata in one file, split in --out as a run's are
-            result = json.loads(sources[0].read_text())
+            result = check_results(read_json(sources[0]), f"--partial {args.partial}", "bench quality --partial",
+                                   QUALITY_META_KEYS)
             out_dir.mkdir(parents=True, exist_ok=True)
             meta_path.write_text(json.dumps(result["meta"], indent=1) + "\n")
         else:
-            result = {"records": json.loads(sources[0].read_text()), "meta": json.loads(meta_path.read_text())}
+            result = check_results({"records": read_json(sources[0]), "meta": read_json(meta_path)},
+                                   f"{sources[0]} and {meta_path}", "bench quality", QUALITY_META_KEYS)
         command = result["meta"]["command"]
     else:
         if args.partial and not Path(args.partial).parent.is_dir():  # found now, not after the first document

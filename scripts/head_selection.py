@@ -52,7 +52,7 @@ def parse_args() -> argparse.Namespace:
                         help="floors F, fractions of the average head budget (default 0.25 0.5)")
     parser.add_argument("--caps", type=fraction, nargs="*", default=[0.5],
                         help="caps C, fractions of a head's selectable tokens (default 0.5)")
-    args = parser.parse_args()
+    args = score_transforms.parse_arguments(parser)
     policy = make_policy(args.policy)
     if getattr(policy, "pool_kernel", 1) != 1 or policy.uses_layer_entropy:
         # a forced token's inf would spread to its neighbours, or make a layer's entropy nan

@@ -43,7 +43,7 @@ VARIANTS = ["max (the default)", "group mean", "x value norm", "x value norm / h
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     score_transforms.add_arguments(parser, OUT_DIR)
-    args = parser.parse_args()
+    args = score_transforms.parse_arguments(parser)
     if getattr(make_policy(args.policy), "scale_by_value_norm", False):  # it would weight the values twice
         parser.error(f"--policy {args.policy}: the value weights replace LAVa's value norm; use value_norm=false")
     return args

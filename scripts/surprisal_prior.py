@@ -37,7 +37,7 @@ def parse_args() -> argparse.Namespace:
     score_transforms.add_arguments(parser, OUT_DIR)
     parser.add_argument("--gammas", type=float, nargs="+", default=[1.0, 2.0, 3.0],
                         help="surprisal exponents besides 0, the plain repetition (default 1 2 3)")
-    args = parser.parse_args()
+    args = score_transforms.parse_arguments(parser)
     if any(not (math.isfinite(gamma) and gamma > 0) for gamma in args.gammas):
         parser.error("--gammas takes exponents > 0 (0, the plain repetition, is always run)")
     return args

@@ -217,3 +217,24 @@ def test_a_partial_file_rebuilds_a_report_that_says_it_was_cut_short(tmp_path, c
     assert "**Cut short:** 40 of 80" in (tmp_path / "quality.md").read_text()
     assert cli.main(["bench", "quality", "--report-only", "--partial", str(tmp_path / "none.json")]) == 2
     assert f"--report-only: no {tmp_path / 'none.json'} to rebuild the report from" in capsys.readouterr().err
+
+
+
+def test_a_file_of_another_shape_is_refused_before_anything_is_written(tmp_path, capsys):
+    out = tmp_path / "out"
+    # quality.json itself (a list), meta without records, not JSON: one line each, and --out is left alone.
+    run = cli.RESULTS_DIR / "reuse" / "view_until" / "local"
+    meta = json.loads((run / "quality_meta.json").read_text())
+    for text in ((run / "quality.json").read_text(), json.dumps({"meta": meta}), "{not json"):
+        partial = tmp_path / "partial.json"
+        partial.write_text(text)
+        assert cli.main(["bench", "quality", "--report-only", "--partial", str(partial), "--out", str(out)]) == 2
+        error = capsys.readouterr().err
+        assert (f"--partial {partial} is not what `bench quality --partial` writes" in error
+                or f"{partial} is not a JSON file" in error), error
+        assert not out.exists()
+    out.mkdir()
+    (out / "quality.json").write_text(json.dumps({"meta": meta, "records": []}))  # a partial file's shape
+    (out / "quality_meta.json").write_text(json.dumps(meta))
+    assert cli.main(["bench", "quality", "--report-only", "--out", str(out)]) == 2
+    assert "is not what `bench quality` writes" in capsys.readouterr().err

@@ -138,6 +138,10 @@ def targets(records: list[dict], config: dict) -> list[str]:
     return lines + [""]
 
 
+#: What a report reads from a run's quality_meta.json.
+QUALITY_META_KEYS = ("command", "config")
+
+
 def questions_planned(meta: dict) -> int:
     """The questions a run set out to answer: recorded since 2026-12-05, else each task's
     questions at every length (what `QualityBenchmark.run` plans)."""

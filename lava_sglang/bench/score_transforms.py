@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lava_sglang.argtypes import fact_count, keep_ratio, positive_int
+from lava_sglang.argtypes import fact_count, file_stem, keep_ratio, output_folder, positive_int
 from lava_sglang.bench.documents import CODE_PATTERN, prompt_parts
 from lava_sglang.bench.quality import QualityConfig, benchmark_documents
 from lava_sglang.bench.stats import wilson_interval
@@ -59,8 +59,22 @@ def add_arguments(parser: argparse.ArgumentParser, default_out: Path) -> None:
     parser.add_argument("--seed", type=int, default=0, help="document seed (default 0)")
     parser.add_argument("--keep", type=keep_ratio, nargs="+", default=[0.1, 0.2], help="keep ratios (default 0.1 0.2)")
     parser.add_argument("--policy", type=policy_spec, default="lava", help="policy or spec (default lava)")
-    parser.add_argument("--name", required=True, help="output file stem")
+    parser.add_argument("--name", type=file_stem, required=True, help="output file stem")
     parser.add_argument("--out", type=Path, default=default_out, help=f"output folder (default {default_out})")
+
+
+def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
+    """`parser`'s arguments (those of `add_arguments` among them), refusing in argparse's one line,
+    before the model loads, a repeated keep ratio (two cells of one name would count each answer
+    twice) and an --out that cannot be made (the results are written at the end of the run)."""
+    args = parser.parse_args(argv)
+    if len(set(args.keep)) != len(args.keep):
+        parser.error(f"--keep: a value repeats ({args.keep})")
+    try:
+        output_folder(args.out)
+    except ValueError as error:
+        parser.error(str(error))
+    return args
 
 
 #: How a retrieval answer is wrong, in table order (`answer_kind`).
@@ -95,9 +109,8 @@ def run(args: argparse.Namespace, script: str, title: str, variant_names: list[s
     plan at every keep ratio; write and print the table (written by `script`). `variant_names`
     are the names `variants` returns, for the inputs line before the first document. The
     runtime is SmolLM2 in fp32 unless one is given."""
-    for what, values in (("--keep", args.keep), ("variant names", variant_names)):
-        if len(set(values)) != len(values):  # two cells of one name would count each answer twice
-            raise ValueError(f"{what}: a value repeats ({values})")
+    if len(set(variant_names)) != len(variant_names):  # two cells of one name would count each answer twice
+        raise ValueError(f"variant names: a value repeats ({variant_names})")
     torch.manual_seed(0)
     runtime = runtime or ReferenceRuntime.load(dtype=torch.float32)
     tokenizer = runtime.tokenizer

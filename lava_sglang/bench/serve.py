@@ -39,8 +39,8 @@ from pathlib import Path
 
 import requests
 
-from lava_sglang.argtypes import (COMPRESSING_POLICIES, at_least, file_stem, keep_ratio, output_folder,
-                                  positive_float, positive_int, read_notes)
+from lava_sglang.argtypes import (COMPRESSING_POLICIES, at_least, check_results, file_stem, keep_ratio,
+                                  output_folder, positive_float, positive_int, read_json, read_notes)
 from lava_sglang.bench.serve_workload import (MISS_SLACK, ORDERS, build_workload, program_inputs, summarize,
                                               timed_endpoint, visit_records)
 from lava_sglang.checks import is_number
@@ -95,18 +95,37 @@ class ServeConfig:
             raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
         if self.context < 128:
             raise ValueError(f"context must be >= 128 tokens, got {self.context}")
-        flags = [arg.partition("=")[0] for arg in self.server_args]
-        set_per_policy = {"--kv-policy": "--policies", "--kv-budget": "--budget",
-                          "--max-total-tokens": "--max-total-tokens"}
-        for flag in flags:
-            if flag in set_per_policy:  # appended last, it would win over the label the report gives the run
-                raise ValueError(f"--server-args {flag}: this command sets it for each server; use "
-                                 f"{set_per_policy[flag]}")
+        check_extra_server_args(self.server_args)
         if not (0 < self.max_seconds < math.inf and 0 < self.sample_interval < math.inf):
             raise ValueError(f"max_seconds and sample_interval must be finite and > 0, got {self.max_seconds} and "
                              f"{self.sample_interval}")
         if self.url:
             check_loopback(self.url)
+
+
+#: Server flags this command sets itself, and what to use instead. Appended after them, a flag in
+#: --server-args would win over the label the report gives the run.
+SET_BY_THIS_COMMAND = {"--kv-policy": "--policies", "--kv-budget": "--budget",
+                       "--max-total-tokens": "--max-total-tokens", "--model-path": "--model", "--host": "--url (to benchmark a server started apart)",
+                       "--port": "--url (to benchmark a server started apart)",
+                       "--config": "the flags themselves in --server-args"}
+
+
+def check_extra_server_args(server_args: list[str]) -> None:
+    """Refuse --server-args that would change what the report says ran: a flag this command
+    sets, also abbreviated (SGLang's parser takes any unambiguous prefix of a flag, which the
+    plugin's checks before a server starts do not), or a --kv-* flag abbreviated."""
+    from lava_sglang.sglang_plugin.config import FLAGS
+
+    plugin_flags = [flag for flag, *_ in FLAGS.values()]
+    for flag in (arg.partition("=")[0] for arg in server_args if arg.startswith("--")):
+        full = next((name for name in SET_BY_THIS_COMMAND if name.startswith(flag) and len(flag) > 3), None)
+        if full is not None:
+            raise ValueError(f"--server-args {flag} ({full}): this command sets it for each server; use "
+                             f"{SET_BY_THIS_COMMAND[full]}")
+        if flag.startswith("--kv-") and flag not in plugin_flags:
+            raise ValueError(f"--server-args {flag}: not a --kv-* flag; write one of {', '.join(plugin_flags)} in "
+                             "full")
 
 
 def check_loopback(url: str) -> None:
@@ -578,9 +597,7 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
 
 
 def run(args: argparse.Namespace) -> int:
-    import json
-
-    from lava_sglang.bench.serve_report import write_serving_report
+    from lava_sglang.bench.serve_report import SERVE_META_KEYS, write_serving_report
 
     stem = args.name or ("serving_memory_bound" if args.memory_bound else "serving")
     out_dir = Path(args.out)
@@ -597,7 +614,7 @@ def run(args: argparse.Namespace) -> int:
         results_path = out_dir / f"{stem}.json"
         if not results_path.is_file():
             raise ValueError(f"--report-only: no {results_path} to rebuild the report from")
-        result = json.loads(results_path.read_text())
+        result = check_results(read_json(results_path), str(results_path), "bench serve", SERVE_META_KEYS)
     else:
         config = config_from_args(args)
         config.validate()

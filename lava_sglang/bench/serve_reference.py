@@ -36,6 +36,7 @@ import json
 import math
 from pathlib import Path
 
+from lava_sglang.argtypes import check_results, read_json
 from lava_sglang.bench.serve_workload import Visit, is_correct, program_inputs
 from lava_sglang.bench.stats import wilson_interval
 
@@ -246,10 +247,7 @@ def run(results_path: Path, model: str | None = None, progress: bool = True) -> 
 
     if not results_path.is_file():
         raise ValueError(f"no results file {results_path} (a `lava-sglang bench serve` run's .json)")
-    result = json.loads(results_path.read_text())
-    if not (isinstance(result, dict) and isinstance(result.get("meta"), dict) and "config" in result["meta"]
-            and isinstance(result.get("records"), list)):
-        raise ValueError(f"{results_path} is not a `lava-sglang bench serve` results file (its meta and records)")
+    result = check_results(read_json(results_path), str(results_path), "bench serve", ("config",))
     config_fields = {f.name for f in dataclasses.fields(ServeConfig)}
     config = ServeConfig(**{k: v for k, v in result["meta"]["config"].items() if k in config_fields})
     recorded, known = recorded_model(result["meta"])

@@ -91,6 +91,10 @@ def _repeated_questions(work: dict) -> list[str]:
             "accuracy intervals, which count every answer, are narrower than they should be."]
 
 
+#: What a report reads from a run's meta.
+SERVE_META_KEYS = ("model", "device", "machine", "versions", "workload", "servers", "wall_seconds")
+
+
 def markdown(result: dict, stem: str) -> str:
     records, meta = result["records"], result["meta"]
     work = meta["workload"]

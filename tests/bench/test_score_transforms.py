@@ -53,11 +53,18 @@ def test_broad_rows_are_those_keeping_more_than_half_the_prefix():
     assert heads == pytest.approx(0.5) and rows == pytest.approx(111 / 171)
 
 
-def test_a_repeated_keep_ratio_is_refused_before_the_model_loads(tmp_path):
-    args = arguments(tmp_path)
-    args.keep = [0.1, 0.1]
-    with pytest.raises(ValueError, match="--keep: a value repeats"):
-        score_transforms.run(args, "test", "Harness", ["a"], lambda runtime, capture: {}, runtime=None)
+def test_arguments_that_would_lose_the_run_are_refused_before_the_model_loads(tmp_path, capsys):
+    parser = argparse.ArgumentParser()
+    score_transforms.add_arguments(parser, tmp_path)
+    (tmp_path / "a_file").write_text("")
+    for argv, error in ((["--keep", "0.1", "0.1"], "--keep: a value repeats ([0.1, 0.1])"),
+                        (["--out", str(tmp_path / "a_file" / "sub")], "cannot make that folder"),
+                        (["--name", "sub/x"], "must be a file name without a folder")):
+        with pytest.raises(SystemExit):
+            score_transforms.parse_arguments(parser, ["--name", "x", *argv])
+        assert error in capsys.readouterr().err
+    args = score_transforms.parse_arguments(parser, ["--name", "x", "--out", str(tmp_path / "new")])
+    assert (tmp_path / "new").is_dir() and args.keep == [0.1, 0.2]
 
 
 def test_a_policy_the_registry_cannot_make_is_refused_at_parse_time(tmp_path, capsys):

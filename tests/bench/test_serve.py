@@ -181,10 +181,19 @@ def test_flags_that_would_do_nothing_or_relabel_a_run_are_refused():
     assert config_from_args(parser.parse_args(["--memory-bound", "--resident-documents", "4"])).resident_documents == 4
     with pytest.raises(ValueError, match="--server-args '--kv-window \"64': No closing quotation"):
         config_from_args(parser.parse_args(['--server-args=--kv-window "64']))
+    # SGLang's parser takes an unambiguous prefix of a flag: --kv-budg 0.5 would run 0.5 in a run labelled 0.2.
     for server_args, replacement in (("--kv-budget 0.1", "--budget"), ("--kv-policy=lava", "--policies"),
-                                     ("--max-total-tokens 9000", "--max-total-tokens")):
+                                     ("--max-total-tokens 9000", "--max-total-tokens"), ("--kv-budg 0.5", "--budget"),
+                                     ("--kv-pol=snapkv", "--policies"), ("--max-total 9000", "--max-total-tokens"),
+                                     ("--model-path /other", "--model"), ("--port 1", "--url"),
+                                     ("--config run.yaml", "the flags themselves")):
         with pytest.raises(ValueError, match=f"this command sets it for each server; use {replacement}"):
             config_from_args(parser.parse_args([f"--server-args={server_args}"])).validate()
+    with pytest.raises(ValueError, match="--server-args --kv-observe-v: not a --kv-.* flag; write one of"):
+        config_from_args(parser.parse_args(["--server-args=--kv-observe-v chunk"])).validate()
+    allowed = config_from_args(parser.parse_args(["--server-args=--kv-observe-view chunk --mem-fraction-static 0.5"]))
+    allowed.validate()
+    assert allowed.server_args == ["--kv-observe-view", "chunk", "--mem-fraction-static", "0.5"]
 
 
 def test_clients_stop_after_their_current_visit_when_one_is_interrupted():
@@ -559,6 +568,11 @@ def test_report_only_without_its_json_and_notes_that_are_not_there_are_refused(t
 
     assert main(["--report-only", "--out", str(tmp_path)]) == 2
     assert f"--report-only: no {tmp_path / 'serving.json'} to rebuild the report from" in capsys.readouterr().err
+    # Another command's file under the name given (a quality run's list, a serve-reference run's object).
+    for other in ([{"policy": "lava"}], {"results": "serving.json", "summaries": [], "answers": {}}):
+        (tmp_path / "quality.json").write_text(json.dumps(other))
+        assert main(["--report-only", "--out", str(tmp_path), "--name", "quality"]) == 2
+        assert f"{tmp_path / 'quality.json'} is not what `bench serve` writes" in capsys.readouterr().err
     write_serving_report(synthetic_result(), tmp_path, "serving")
     assert main(["--report-only", "--out", str(tmp_path), "--notes", str(tmp_path / "notse.md")]) == 2
     assert f"--notes: no file {tmp_path / 'notse.md'}" in capsys.readouterr().err

@@ -67,7 +67,7 @@ def test_a_results_file_that_is_not_there_is_refused_before_any_model_loads(tmp_
     # Another command's results (a quality run's list of records, a serve-reference file) are refused in one line.
     for other in ([{"policy": "lava"}], {"results": "serving.json", "summaries": [], "answers": {}}):
         (tmp_path / "other.json").write_text(json.dumps(other))
-        with pytest.raises(ValueError, match="is not a `lava-sglang bench serve` results file"):
+        with pytest.raises(ValueError, match="other.json is not what `bench serve` writes"):
             run(tmp_path / "other.json")
     (tmp_path / "serving.json").write_text(json.dumps({"meta": {"config": {"model": None}}, "records": []}))
     with pytest.raises(ValueError, match="the reference must run the same checkpoint"):
