@@ -302,16 +302,19 @@ def assistant_turn_text(apply_chat_template: Callable) -> str:
     """The text a chat template puts between a user message and the assistant's reply
     (e.g. "<|im_end|>\n<|im_start|>assistant\n"), found as kvpress does: render a user
     message ending in a marker with the generation prompt, and take what follows the marker.
-    apply_chat_template: an HF tokenizer's. Raises ValueError without a chat template."""
+    apply_chat_template: an HF tokenizer's. Raises ValueError without a usable chat template."""
     marker = "\n" + "#" * 16
     try:
         text = apply_chat_template([{"role": "user", "content": "context" + marker}], add_generation_prompt=True,
                                    tokenize=False)
-    except (ValueError, TypeError) as error:  # HF raises ValueError when the tokenizer has no template
+    except Exception as error:  # HF: ValueError without a template; a template's own raise_exception: jinja2's
         raise ValueError(f"the tokenizer has no usable chat template: {error}") from error
     if not isinstance(text, str) or marker not in text:
         raise ValueError("the chat template does not render the user message as given")
-    return text.split(marker, 1)[1]
+    turn = text.split(marker, 1)[1]
+    if not turn:
+        raise ValueError("the chat template puts nothing between a user message and the reply")
+    return turn
 
 
 OBSERVE_SOURCES: dict[str, type[Observe]] = {cls.name: cls for cls in (Tail, Branches, Reconstruct)}

@@ -363,6 +363,9 @@ class LavaRadixCache(CompressedRadixCache):
         elif req.extra_key is not None or req.cache_salt is not None:
             # The repetition is a plain request: it would miss a salted or LoRA prefix.
             reason = "the prefix has a cache salt, extra key or LoRA adapter"
+        elif getattr(req, "multimodal_inputs", None) is not None:
+            # Its image placeholders are not token ids a plain request can send.
+            reason = "the prefix holds multimodal inputs"
         scores = None
         if reason is None:
             try:
@@ -374,7 +377,7 @@ class LavaRadixCache(CompressedRadixCache):
                 self.repetitions_started += 1
             except Exception as error:  # a tokenizer failure must not stop the scheduler
                 reason = f"the repeat instruction could not be tokenized ({error})"
-        if scores is not None and max(map(len, scores.input_ids)) > client.max_prompt_tokens:
+        if scores is not None and scores.longest_request > client.max_prompt_tokens:
             reason = (f"the prefix and its repetition chunk (--kv-observe-chunk {self.config.observe_chunk}) exceed "
                       f"the longest prompt the server admits, {client.max_prompt_tokens} tokens (the context length "
                       "or the KV pool, less SGLang's margin)")
@@ -514,13 +517,16 @@ class LavaRadixCache(CompressedRadixCache):
     def retire_repetition(self, repetition: RepetitionScores) -> None:
         """Stop a repetition: no further chunk is sent, a queued or running one is aborted, and
         a chunk that still runs (an abort can miss a request not yet registered) has its
-        tokens freed when it is released."""
-        running = [self.repetitions.pop(rid, None) for rid in repetition.rids]
-        for rid in repetition.rids:
-            self.retired_repetitions[rid] = repetition.prefix_len
+        tokens freed when it is released. The chunks are sent one after another, each once the
+        one before was released, so only the first not yet released can run: only its rid is
+        remembered (the others' would never be released, and would push live ones out)."""
+        unreleased = [rid for rid in repetition.rids if self.repetitions.pop(rid, None) is not None]
+        if not unreleased:  # stopped already, or every chunk released
+            return
+        self.retired_repetitions[unreleased[0]] = repetition.prefix_len
         while len(self.retired_repetitions) > MAX_RETIRED_REPETITION_RIDS:
             del self.retired_repetitions[next(iter(self.retired_repetitions))]
-        if any(running) and self.repetition_client is not None and self._sends_requests:
+        if self.repetition_client is not None and self._sends_requests:
             self.repetition_client.abort(repetition)
 
     def _compress_shared_prefix(self, req, prefix_key) -> None:

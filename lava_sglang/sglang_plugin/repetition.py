@@ -46,12 +46,12 @@ def add_known(total: float | None, seconds: float | None) -> float | None:
 
 @dataclass
 class RepetitionChunk:
-    """One chunk's request: it repeats prefix positions `copied` after `prompt_len` tokens of
-    instruction, so its queries sit at positions n .. n + num_queries - 1."""
+    """One chunk's request: it repeats prefix positions `copied` after the instruction
+    `prompt`, so its queries sit at positions n .. n + num_queries - 1."""
 
     rid: str
     copied: tuple[int, int]
-    prompt_len: int
+    prompt: list[int]
     # Per layer, the position up to which the chunk's queries are scored without a gap
     # (tokens of the prefix the request recomputes are not repetition queries).
     scored_until: list[int] = field(default_factory=list)
@@ -59,7 +59,7 @@ class RepetitionChunk:
 
     @property
     def num_queries(self) -> int:
-        return self.prompt_len + self.copied[1] - self.copied[0]
+        return len(self.prompt) + self.copied[1] - self.copied[0]
 
 
 @dataclass
@@ -71,7 +71,7 @@ class RepetitionScores:
     num_layers: int
     source: Reconstruct
     chunks: list[RepetitionChunk]
-    input_ids: list[list[int]]  # per chunk: the prefix, the chunk's instruction, the chunk
+    prefix_ids: list[int]
     repeat: list[torch.Tensor | None] = field(init=False)  # per layer [Hq, m] fp32
     scoring_seconds: float = 0.0  # wall time of the scoring calls (on CUDA, unsynchronised: mostly launches)
     first_chunk_at: float | None = None  # time.monotonic() of the first scored piece
@@ -113,15 +113,25 @@ class RepetitionScores:
         prefix_len = len(prefix_ids)
         selectable = prefix_len - min(window, prefix_len)
         base = REPETITION_RID_PREFIX + (rid_base or uuid.uuid4().hex)
-        chunks, input_ids = [], []
+        chunks = []
         for index, (start, end) in enumerate(repeat_chunks(prefix_len, source.chunk_tokens)):
             if start >= selectable:
                 break
             prompt = source.chunk_prompt(prefix_ids, start, encode, assistant_turn)
-            chunks.append(RepetitionChunk(f"{base}-{index}", (start, end), len(prompt)))
-            input_ids.append(prefix_ids + prompt + prefix_ids[start:end])
+            chunks.append(RepetitionChunk(f"{base}-{index}", (start, end), prompt))
         return cls(prefix_len=prefix_len, selectable=selectable, num_layers=num_layers, source=source, chunks=chunks,
-                   input_ids=input_ids)
+                   prefix_ids=prefix_ids)
+
+    def input_ids(self, chunk: RepetitionChunk) -> list[int]:
+        """Chunk `chunk`'s request: the prefix, its instruction, the tokens it copies (made when
+        it is sent: a long prefix is held once, not once per chunk)."""
+        start, end = chunk.copied
+        return self.prefix_ids + chunk.prompt + self.prefix_ids[start:end]
+
+    @property
+    def longest_request(self) -> int:
+        """Tokens of the longest chunk request."""
+        return self.prefix_len + max((chunk.num_queries for chunk in self.chunks), default=0)
 
     @property
     def rids(self) -> list[str]:
@@ -223,6 +233,8 @@ class RepetitionClient:
     controller picks.
     verify: `requests`' `verify=` for a server behind HTTPS (`touchpoints.ssl_verify`): a
     self-signed certificate would otherwise fail every chunk.
+    timeout: seconds to connect, and for an abort to be answered; a chunk's answer is waited
+    for as long as it takes.
     """
 
     def __init__(self, url: str, max_prompt_tokens: int, api_key: str | None = None, timeout: float = 600.0,
@@ -262,15 +274,17 @@ class RepetitionClient:
                 logger.warning("lava: could not abort repetition %s (%s)", rid, failure)
 
     def _post_chunks(self, scores: RepetitionScores) -> None:
-        for chunk, input_ids in zip(scores.chunks, scores.input_ids):
+        for chunk in scores.chunks:
             if scores.failed is not None:
                 return
-            payload = {"rid": chunk.rid, "input_ids": input_ids, "sampling_params": {"max_new_tokens": 0},
+            payload = {"rid": chunk.rid, "input_ids": scores.input_ids(chunk), "sampling_params": {"max_new_tokens": 0},
                        **self.routing}
             failure = None
             try:
+                # No read timeout: a chunk may queue and run for long under load, and the waiting prefix
+                # bounds the repetition by its progress (--kv-observe-wait), aborting a stalled one.
                 response = requests.post(self.url + "/generate", json=payload, headers=self.headers,
-                                         timeout=self.timeout, verify=self.verify)
+                                         timeout=(self.timeout, None), verify=self.verify)
                 if response.status_code != 200:
                     failure = f"HTTP {response.status_code}: {response.text[:200]}"
                 elif _finish_type(response) == "abort":  # aborted while queued: released without a release hook

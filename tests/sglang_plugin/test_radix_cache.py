@@ -643,16 +643,63 @@ def test_under_tensor_parallel_a_prefix_waits_for_every_rank_and_takes_the_large
     assert_all_released(stub)
 
 
+def test_a_repetition_is_not_asked_for_where_a_plain_request_cannot_repeat_the_prefix(caplog):
+    from types import SimpleNamespace
+
+    from lava_sglang.sglang_plugin.repetition import RepetitionClient
+
+    stub = make_stub(observe="reconstruct")
+    submitted = []
+    client = RepetitionClient("http://server:1/", 4096)
+    client.submit = submitted.append
+    stub.cache.repetition_client = client
+    tokenizer = SimpleNamespace(encode=lambda text, add_special_tokens: [5, 6])  # no chat template: plain prompt
+    for attribute, value, reason in (("cache_salt", "tenant-2", "cache salt"),
+                                     ("multimodal_inputs", object(), "multimodal inputs")):
+        req = stub.request(document(0))
+        req.tokenizer = tokenizer
+        setattr(req, attribute, value)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert stub.cache._start_repetition(req) is None
+        assert "no repetition of a 200-token prefix" in caplog.text and reason in caplog.text
+    req = stub.request(document(0))
+    req.tokenizer = tokenizer
+    scores = stub.cache._start_repetition(req)
+    assert submitted == [scores] and set(stub.cache.repetitions) == set(scores.rids)
+
+
+def started(stub, scores: RepetitionScores) -> RepetitionScores:
+    """`scores`' chunks registered as `_start_repetition` registers them (this stub sends no request)."""
+    stub.cache.repetitions.update(dict.fromkeys(scores.rids, scores))
+    return scores
+
+
+def test_a_stopped_repetition_remembers_only_the_chunk_that_can_still_run():
+    # Its chunks are sent one after another: the first not yet released is the only one that can be queued or
+    # running; the others' rids, never to be released, would fill the bounded list and push out live ones.
+    stub = make_stub(observe="reconstruct")
+    scores = started(stub, RepetitionScores.plan(document(0), Reconstruct(chunk_tokens=64, chat_turn=False),
+                                                 lambda text: [7, 9, 9], WINDOW, LAYERS, rid_base="three"))
+    assert len(scores.rids) == 3
+    stub.cache.repetitions.pop(scores.rids[0])  # the first chunk was released
+    stub.cache.retire_repetition(scores)
+    assert stub.cache.retired_repetitions == {scores.rids[1]: 200} and not stub.cache.repetitions
+    stub.cache.retire_repetition(scores)  # stopped twice (a failed chunk, then its prefix forgotten): no change
+    assert stub.cache.retired_repetitions == {scores.rids[1]: 200}
+
+
 def test_a_stopped_repetitions_chunk_that_still_runs_reuses_the_prefix_only_and_leaves_nothing():
     # A repetition stopped while a chunk was queued (a scoring failure on one TP rank, an abort
     # that missed): the chunk is matched and freed as a live one is, on every rank alike.
     stub = make_stub(observe="reconstruct")
     plain = run(stub, document(0))  # the document and two answer tokens (7, 8) in the tree
-    scores = RepetitionScores.plan(document(0), Reconstruct(chunk_tokens=64, chat_turn=False),
-                                   lambda text: [7, 9, 9], WINDOW, LAYERS, rid_base="stopped")
-    assert scores.input_ids[0][200:201] == [7] == list(plain.output_ids[:1])  # a longer match is there to take
+    scores = started(stub, RepetitionScores.plan(document(0), Reconstruct(chunk_tokens=64, chat_turn=False),
+                                                 lambda text: [7, 9, 9], WINDOW, LAYERS, rid_base="stopped"))
+    first_request = scores.input_ids(scores.chunks[0])
+    assert first_request[200:201] == [7] == list(plain.output_ids[:1])  # a longer match is there to take
     stub.cache.retire_repetition(scores)
-    chunk = stub.prefill(stub.request(scores.input_ids[0], max_new_tokens=0, rid=scores.rids[0]))
+    chunk = stub.prefill(stub.request(first_request, max_new_tokens=0, rid=scores.rids[0]))
     assert chunk.prefix_len == 200
     check(stub)
     stub.finish(chunk)
@@ -667,10 +714,10 @@ def test_a_stopped_repetitions_chunk_that_runs_after_its_prefix_was_compressed_l
     stub = make_stub()
     commit(stub, document(0))
     (node,) = stub.compressed_nodes()
-    scores = RepetitionScores.plan(document(0), Reconstruct(chunk_tokens=64, chat_turn=False),
-                                   lambda text: [7, 9, 9], WINDOW, LAYERS, rid_base="late")
+    scores = started(stub, RepetitionScores.plan(document(0), Reconstruct(chunk_tokens=64, chat_turn=False),
+                                                 lambda text: [7, 9, 9], WINDOW, LAYERS, rid_base="late"))
     stub.cache.retire_repetition(scores)
-    chunk = stub.prefill(stub.request(scores.input_ids[0], max_new_tokens=0, rid=scores.rids[0]))
+    chunk = stub.prefill(stub.request(scores.input_ids(scores.chunks[0]), max_new_tokens=0, rid=scores.rids[0]))
     assert uses_compressed_prefix(stub, chunk)
     stub.finish(chunk)
     check(stub)

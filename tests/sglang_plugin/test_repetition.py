@@ -54,9 +54,10 @@ def expected_scores(chunk, queries, keys, normalize="global"):
 def test_chunks_skip_the_window_and_each_request_is_prefix_prompt_and_chunk():
     scores = new_scores(chunk_tokens=4)  # chunks 0-4, 4-8, 8-10; the last copies window tokens only
     assert [chunk.copied for chunk in scores.chunks] == [(0, 4), (4, 8)]
-    assert scores.input_ids == [PREFIX_IDS + [100, 101, 300] + PREFIX_IDS[0:4],
-                                PREFIX_IDS + [200, 3, 4, 300] + PREFIX_IDS[4:8]]
+    assert [scores.input_ids(chunk) for chunk in scores.chunks] == [PREFIX_IDS + [100, 101, 300] + PREFIX_IDS[0:4],
+                                                                  PREFIX_IDS + [200, 3, 4, 300] + PREFIX_IDS[4:8]]
     assert scores.num_queries == (3 + 4) + (4 + 4)
+    assert scores.longest_request == PREFIX_LEN + 4 + 4
     assert len(set(scores.rids)) == 2 and all(rid.startswith(REPETITION_RID_PREFIX) for rid in scores.rids)
     assert new_scores().rids[0] != scores.rids[0]
 
@@ -76,11 +77,18 @@ def test_a_tokenizer_without_a_chat_template_gets_the_plain_prompt(caplog):
     def no_template(*args, **kwargs):
         raise ValueError("tokenizer.chat_template is not set")
 
+    def raising_template(*args, **kwargs):  # a template's raise_exception("...")
+        import jinja2
+        raise jinja2.TemplateError("Conversation roles must alternate")
+
+    def no_reply_opening(messages, **kwargs):  # renders the message, and nothing after it
+        return "".join(message["content"] for message in messages)
+
     source = Reconstruct(instruction="I", continue_instruction="C", overlap_tokens=2, chunk_tokens=4)
-    for template in (no_template, None):
+    for template in (no_template, raising_template, no_reply_opening, None):
         scores = RepetitionScores.plan(PREFIX_IDS, source, PROMPTS.__getitem__, WINDOW, 1, template)
         assert not scores.source.chat_turn
-        assert scores.input_ids[0] == PREFIX_IDS + [100, 101] + PREFIX_IDS[0:4]
+        assert scores.input_ids(scores.chunks[0]) == PREFIX_IDS + [100, 101] + PREFIX_IDS[0:4]
     assert "the repetition runs with --kv-observe-prompt plain" in caplog.text
 
 
@@ -207,12 +215,14 @@ class _Finished:
 
 @pytest.mark.parametrize("dp_rank", [None, 1])
 def test_chunks_are_sent_to_the_data_parallel_rank_holding_the_prefix(monkeypatch, dp_rank):
-    sent = []
-    monkeypatch.setattr(repetition.requests, "post",
-                        lambda url, json, headers, timeout, verify: sent.append(json) or _Finished())
+    sent, timeouts = [], []
+    monkeypatch.setattr(repetition.requests, "post", lambda url, json, headers, timeout, verify: sent.append(json)
+                        or timeouts.append(timeout) or _Finished())
     scores = new_scores(chunk_tokens=4)
-    RepetitionClient("http://server:1/", 2048, dp_rank=dp_rank)._post_chunks(scores)
+    RepetitionClient("http://server:1/", 2048, dp_rank=dp_rank, timeout=30)._post_chunks(scores)
     assert [payload["rid"] for payload in sent] == scores.rids and scores.failed is None
+    # No read timeout: a chunk queued long under load is waited for (the waiting prefix bounds its progress).
+    assert timeouts == [(30, None)] * len(sent)
     assert [payload.get("routed_dp_rank") for payload in sent] == [dp_rank] * len(sent)
 
 
