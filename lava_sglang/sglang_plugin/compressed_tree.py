@@ -23,9 +23,10 @@ Accounting. A compressed node's size for SGLang's evictable / protected counters
 owned slots (`node_size`), so available + evictable + protected + the running requests' own
 slots == pool size keeps holding. Eviction takes ordinary leaves before compressed prefixes.
 
-One path per key. After a prefix is compressed its full-length copy is freed (the caller
-compresses only a prefix no request runs on), so the ordinary tree never matches more of a
-key than the compressed node does, and match and insert go the same way. A request that held
+One path per key. After a prefix is compressed its full-length copy is freed, with whatever
+continues it (the caller compresses only a prefix no request runs on; for a fork prefix, whose
+copy ends one token before the commit, `fork_prefix_node`), so the ordinary tree never matches
+more of a key than the compressed node does, and match and insert go the same way. A request that held
 only an ancestor of the prefix and computed the rest itself inserts through the compressed
 node at its next checkpoint; its whole row is then repointed (`checkpoint`).
 """
@@ -136,6 +137,19 @@ class CompressedRadixCache(RadixCache):
             value.append(child.value)
             node, key = child, key[matched:]
         return (torch.cat(value) if value else torch.empty(0, dtype=torch.int64)), node
+
+    def fork_prefix_node(self, last_node):
+        """Where the full copy of a fork prefix's compressed key ends: `last_node` ends the
+        n-token commit and the compressed copy covers its first n - 1 tokens, so where the tree
+        splits after those (another prompt shares them but not the last token, e.g. a branch
+        whose tokenizer merged the document's last token with its question's first), the node
+        before the split; else `last_node`. The copy and everything below this node go when the
+        prefix is compressed, and no request may run below it meanwhile: a full copy left there
+        would match more of a later request's key than the compressed node does, while its insert
+        goes through the compressed node (one path per key, above)."""
+        if len(last_node.key) == 1 and last_node.parent is not self.root_node:
+            return last_node.parent
+        return last_node
 
     def on_ordinary_path(self, node) -> bool:
         """Whether root -> node (not the root itself) could become one compressed node: no

@@ -303,15 +303,16 @@ class LavaRadixCache(CompressedRadixCache):
             logger.info("lava: prefix of %d tokens is not in the tree (%d cached); not compressed",
                         len(full_key), slots.numel())
             return
-        if last_node.lock_ref > 0:
+        full_copy = self.fork_prefix_node(last_node)
+        if full_copy.lock_ref > 0:
             logger.info("lava: requests still run on the %d-token prefix; compressed when a later one commits it",
                         len(full_key))
             return
         window_queries = self._captured_window(req, len(full_key))
         if window_queries is not None and self._compress_path(fork_prefix(full_key), slots, last_node,
                                                               window_queries) is not None:
-            self.free_below(last_node)  # plain requests' tokens after the document, if it was cached by them
-            self.free_uncompressed_path(last_node)
+            self.free_below(full_copy)  # plain requests' tokens after the document, if it was cached by them
+            self.free_uncompressed_path(full_copy)
 
     # ------------------------------------- observe "branches" and "reconstruct"
 
@@ -468,7 +469,8 @@ class LavaRadixCache(CompressedRadixCache):
             if slots.numel() != len(full_key) or self.already_compressed(fork_prefix(full_key)):
                 self._forget(pending)  # evicted while it waited, or compressed by another path
                 continue
-            if last_node.lock_ref > 0 or not is_ready:
+            full_copy = self.fork_prefix_node(last_node)
+            if full_copy.lock_ref > 0 or not is_ready:
                 continue
             repetition = pending.repetition if is_scored else None
             if pending.repetition is not None and repetition is None:
@@ -505,8 +507,8 @@ class LavaRadixCache(CompressedRadixCache):
             else:
                 logger.info("lava: prefix %d observed by its tail and %d branch window(s)", node.entry.entry_id,
                             len(pending.branches))
-            self.free_below(last_node)
-            self.free_uncompressed_path(last_node)
+            self.free_below(full_copy)
+            self.free_uncompressed_path(full_copy)
 
     def _forget(self, pending: PendingPrefix) -> None:
         """Stop waiting for `pending`; a repetition of it still queued or running is aborted."""

@@ -96,6 +96,59 @@ def test_match_insert_and_locks_along_the_path():
     assert_all_released(stub)
 
 
+def last_token_apart(index: int) -> list[int]:
+    """A prompt sharing all of document(0) but its last token, then a question: a branch whose
+    tokenizer merged the document's last token with the question's first."""
+    return document(0)[:-1] + [7777] + question(index)
+
+
+def test_a_continuation_of_all_but_the_commits_last_token_goes_with_the_full_copy():
+    # The tree splits after n - 1 tokens, the compressed copy's end. Left in the tree, that full
+    # copy would take a later request that continues it (a longer match than the compressed
+    # node's) while its insert goes through the compressed node: two nodes owning its slots.
+    stub = make_stub()
+    run(stub, last_token_apart(0))
+    commit(stub, document(0))
+    (node,) = stub.compressed_nodes()
+    assert stub.cache.evictable_size() == node_slots(node)  # the continuation went with the full copy
+    again = stub.prefill(stub.request(last_token_apart(0) + [5, 6], max_new_tokens=2))
+    assert again.prefix_len == 199 and uses_compressed_prefix(stub, again)
+    check(stub)
+    stub.decode(again, 7)
+    stub.finish(again)
+    check(stub)
+    assert_all_released(stub)
+
+
+def test_a_commit_waits_while_a_request_runs_on_all_but_its_last_token():
+    stub = make_stub()
+    run(stub, last_token_apart(0))
+    running = stub.prefill(stub.request(last_token_apart(0) + [5], max_new_tokens=2))
+    assert running.prefix_len == 203  # it reads the cached continuation
+    commit(stub, document(0))
+    assert not stub.compressed_nodes()  # it would free what the running request reads
+    stub.decode(running, 7)
+    stub.finish(running)
+    commit(stub, document(0))  # a later commit compresses it
+    (node,) = stub.compressed_nodes()
+    check(stub)
+    assert_all_released(stub)
+
+
+def test_a_waiting_prefix_is_not_compressed_under_a_request_that_shares_all_but_its_last_token():
+    stub = make_stub(observe="branches")
+    commit(stub, document(0))
+    apart = stub.prefill(stub.request(last_token_apart(0), max_new_tokens=2))
+    run(stub, document(0) + question(1))  # a branch: its release would compress the waiting prefix
+    assert not stub.compressed_nodes() and len(stub.cache.pending) == 1
+    stub.decode(apart, 7)
+    stub.finish(apart)
+    run(stub, document(1, length=20))  # any release looks at the waiting prefixes again
+    (node,) = stub.compressed_nodes()
+    check(stub)
+    assert_all_released(stub)
+
+
 def holds_question_window(stub: SchedulerStub, branch) -> bool:
     """Whether a branch of document(0) + question(i) (3 own tokens) has its window queries captured."""
     return stub.cache.capture.window_queries(branch.kv.req_pool_idx, 203, LAYERS, rows=3) is not None
