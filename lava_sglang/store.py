@@ -125,7 +125,8 @@ class CellLayout:
         while row < stop:
             buffer = row // cells_per_buffer
             piece_stop = min(stop, (buffer + 1) * cells_per_buffer)
-            local = torch.arange(row - buffer * cells_per_buffer, piece_stop - buffer * cells_per_buffer)
+            local = torch.arange(row - buffer * cells_per_buffer, piece_stop - buffer * cells_per_buffer,
+                                 device=self.slots.device)  # SGLang's allocator gives the slots on its device
             slot = self.slots[local // self.num_kv_heads]
             pieces.append((buffer, slot * self.num_kv_heads + local % self.num_kv_heads))
             row = piece_stop

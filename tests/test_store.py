@@ -79,6 +79,15 @@ def test_padded_rows_are_each_heads_rows_then_its_last_repeated(kept_lengths):
                 torch.testing.assert_close(keys[head, len(head_rows):], padding)
 
 
+def test_cells_are_on_the_slots_device():
+    # On a GPU SGLang's allocator gives the slots there; every cell index derived from them must
+    # be too (a CPU range added to them failed every compression). The meta device stands in for
+    # the GPU, so that this fails on the CPU too.
+    layout = CellLayout(torch.arange(4, device="meta"), torch.tensor([[3, 2], [1, 4]]))
+    pieces = [cells for layer in range(2) for _, cells in layout.layer_cells(layer)]
+    assert pieces and all(cells.device.type == "meta" for cells in pieces)
+
+
 def test_layout_refuses_rows_that_do_not_fit():
     with pytest.raises(ValueError, match="do not fit"):
         CellLayout(torch.tensor([1], dtype=torch.int64), torch.tensor([[4, 3], [0, 0], [0, 0]]))

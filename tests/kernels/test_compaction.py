@@ -31,7 +31,8 @@ def _document(num_kv_heads, seq_len, head_dim, dtype, device, num_layers=2, seed
 
 def _layout_after(k_buffers, slots, kept, seed=1):
     """A layout over pool slots the document does not use (as the store borrows them), in
-    scattered order, with enough cells for the kept rows."""
+    scattered order, with enough cells for the kept rows; its slots on the buffers' device, as
+    SGLang's allocator gives them."""
     kept_lengths = torch.tensor([[len(positions) for positions in heads] for heads in kept])
     pool_size = k_buffers[0].shape[0]
     free = torch.ones(pool_size, dtype=torch.bool)
@@ -39,7 +40,8 @@ def _layout_after(k_buffers, slots, kept, seed=1):
     free_slots = free.nonzero().flatten()
     generator = torch.Generator().manual_seed(seed)
     needed = slots_needed(int(kept_lengths.sum()), *kept_lengths.shape)
-    return CellLayout(free_slots[torch.randperm(free_slots.numel(), generator=generator)[:needed]], kept_lengths)
+    chosen = free_slots[torch.randperm(free_slots.numel(), generator=generator)[:needed]]
+    return CellLayout(chosen.to(k_buffers[0].device), kept_lengths)
 
 
 def _extended(k_buffers, v_buffers, extra_slots):
@@ -75,7 +77,7 @@ def test_kept_rows_land_in_their_cells(device, num_kv_heads, head_dim, dtype, us
         assert torch.equal(values, torch.cat([v_buffers[layer][slots[p.to(device)], head]
                                               for head, p in enumerate(heads)]))
         for buffer, cells in layout.layer_cells(layer):
-            written[buffer].view(-1)[cells] = True
+            written[buffer].view(-1)[cells.cpu()] = True
     for index, buffer in enumerate(k_buffers + v_buffers):
         untouched = ~written[index % len(k_buffers)].to(device)
         assert torch.equal(buffer[untouched], before[index][untouched])
