@@ -216,7 +216,8 @@ class Branches(Observe):
 
     combine: str = "max"
     #: The tail window votes too: it keeps what the prefix's own continuation needs, which a
-    #: later question may need and no present branch asked for.
+    #: later question may need and no present branch asked for. False: the branches alone,
+    #: and the tail where none arrived (a prefix compressed at its wait's end with no branch).
     include_tail: bool = True
 
     def validate(self) -> None:
