@@ -2,13 +2,15 @@
 
     'lava:layer_budget=global,value_norm=false'  ->  ('lava', {'layer_budget': 'global', 'value_norm': False})
 
-Values are ints, floats, `true`/`false`, or else strings. Used for policies and observation
+Values are ints, finite floats, `true`/`false`, or else strings; a field given twice takes its
+last value (a spec extended by an override). Used for policies and observation
 sources, so a benchmark can compare variants of one policy side by side under readable names.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 
 
 def _value(text: str) -> bool | int | float | str:
@@ -38,6 +40,8 @@ def parse_spec(spec: object, registry: dict[str, type], what: str) -> tuple[str,
             raise ValueError(f"{what} {spec!r}: options must be field=value with a field of {name} "
                              f"({', '.join(sorted(fields))}), got {item!r}")
         options[key] = _value(value)
+        if isinstance(options[key], float) and not math.isfinite(options[key]):  # no option takes nan or inf
+            raise ValueError(f"{what} {spec!r}: {key} must be a finite number, got {value!r}")
     return name, options
 
 

@@ -361,6 +361,10 @@ def test_policy_specs_set_fields_and_name_what_is_wrong():
         make_policy("lava:value_norm=1")
     with pytest.raises(ValueError, match="sink_tokens must be an int >= 0"):
         make_policy("kvzip:sink_tokens=-1")
+    # No option takes an infinite number (pyramidkv's beta did), nor nan.
+    for value in ("inf", "-inf", "nan"):
+        with pytest.raises(ValueError, match=f"beta must be a finite number, got '{value}'"):
+            make_policy(f"pyramidkv:beta={value}")
 
 
 class TestBadInput:
