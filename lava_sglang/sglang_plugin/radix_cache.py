@@ -520,12 +520,16 @@ class LavaRadixCache(CompressedRadixCache):
         """Stop a repetition: no further chunk is sent, a queued or running one is aborted, and
         a chunk that still runs (an abort can miss a request not yet registered) has its
         tokens freed when it is released. The chunks are sent one after another, each once the
-        one before was released, so only the first not yet released can run: only its rid is
-        remembered (the others' would never be released, and would push live ones out)."""
+        one before was released, so where this scheduler sends them only the first not yet
+        released can run: only its rid is remembered (the others' would never be released, and
+        would push live ones out). A tensor-parallel rank that does not send them remembers them
+        all: the sending rank, whose own scoring may not have failed, goes on sending them, and
+        every rank must free their tokens alike."""
         unreleased = [rid for rid in repetition.rids if self.repetitions.pop(rid, None) is not None]
         if not unreleased:  # stopped already, or every chunk released
             return
-        self.retired_repetitions[unreleased[0]] = repetition.prefix_len
+        for rid in unreleased[:1] if self._sends_requests else unreleased:
+            self.retired_repetitions[rid] = repetition.prefix_len
         while len(self.retired_repetitions) > MAX_RETIRED_REPETITION_RIDS:
             del self.retired_repetitions[next(iter(self.retired_repetitions))]
         if self.repetition_client is not None and self._sends_requests:

@@ -169,6 +169,13 @@ def seconds_since_first_forward(req) -> float | None:
     return time.perf_counter() - stamp if stamp else None
 
 
+def has_multimodal_input(request) -> bool:
+    """Whether a request (`GenerateReqInput`) carries images, video or audio, whose processor
+    puts placeholder ids beyond the text vocabulary into its input ids (mllama's <|image|>)."""
+    contains = getattr(request, "contains_mm_input", None)
+    return bool(contains()) if callable(contains) else False
+
+
 def hook_registry():
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 

@@ -299,13 +299,21 @@ def test_the_launcher_stops_with_one_line_before_loading_the_model(argv, flag, t
     assert "Traceback" not in result.stderr  # stopped by validation, not by the missing model
 
 
-def test_requests_reaching_the_model_are_validated_and_a_session_may_send_no_new_tokens():
+def test_requests_reaching_the_model_are_validated_and_a_session_may_send_no_new_tokens(monkeypatch):
     from types import SimpleNamespace
 
+    from lava_sglang.sglang_plugin.config import ENV_VAR
     from lava_sglang.sglang_plugin.plugin import _before_validate_request
 
     tokenizer_manager = SimpleNamespace(model_config=SimpleNamespace(vocab_size=10))
     plain, in_session = SimpleNamespace(session_params=None), SimpleNamespace(session_params={"id": "s1"})
+    monkeypatch.delenv(ENV_VAR, raising=False)  # --kv-policy none: stock SGLang, which lets both through
+    _before_validate_request(tokenizer_manager, plain, [])
+    _before_validate_request(tokenizer_manager, plain, [3, 10])
+    monkeypatch.setenv(ENV_VAR, KvPolicyConfig(policy="lava").to_env())
+    # An image request's placeholder ids lie beyond the text vocabulary (mllama's <|image|> is vocab_size).
+    image = SimpleNamespace(session_params=None, contains_mm_input=lambda: True)
+    _before_validate_request(tokenizer_manager, image, [3, 10])
     with pytest.raises(ValueError, match="the prompt is empty"):
         _before_validate_request(tokenizer_manager, plain, [])
     with pytest.raises(ValueError, match="token id 10 outside the vocabulary"):

@@ -742,6 +742,19 @@ def test_a_stopped_repetition_remembers_only_the_chunk_that_can_still_run():
     assert stub.cache.retired_repetitions == {scores.rids[1]: 200}
 
 
+def test_a_rank_that_does_not_send_the_chunks_remembers_every_one_not_yet_released():
+    # Its own scoring failed; the sending rank's did not, and goes on sending the later chunks: this
+    # rank must free their tokens as the sending rank does, or the ranks' trees and batches part.
+    stub = SchedulerStub(KvPolicyConfig(policy="lava", window=WINDOW, min_prefix=MIN_PREFIX, observe="reconstruct"),
+                         tensor_parallel=TensorParallel(rank=1, world_size=2, group=OtherRank()))
+    assert not stub.cache._sends_requests
+    scores = started(stub, RepetitionScores.plan(document(0), Reconstruct(chunk_tokens=64, chat_turn=False),
+                                                 lambda text: [7, 9, 9], WINDOW, LAYERS, rid_base="rank-1"))
+    stub.cache.repetitions.pop(scores.rids[0])  # the first chunk was released
+    stub.cache.retire_repetition(scores)
+    assert stub.cache.retired_repetitions == dict.fromkeys(scores.rids[1:], 200)
+
+
 def test_a_stopped_repetitions_chunk_that_still_runs_reuses_the_prefix_only_and_leaves_nothing():
     # A repetition stopped while a chunk was queued (a scoring failure on one TP rank, an abort
     # that missed): the chunk is matched and freed as a live one is, on every rank alike.
