@@ -11,6 +11,7 @@ from pathlib import Path
 
 from lava_sglang.argtypes import (COMPRESSING_POLICIES, DEFAULT_MIN_PREFIX, OBSERVE_SOURCES, at_least, check_results,
                                   fact_count, keep_ratio, output_folder, positive_int, read_json, read_notes)
+from lava_sglang.bench.documents import RETRIEVAL_ANSWER_TOKENS
 from lava_sglang.model import ModelNotAvailable
 from lava_sglang.sglang_plugin.server_process import ServerExited
 
@@ -227,7 +228,8 @@ def build_parser() -> argparse.ArgumentParser:
                       help=f"document tokens, at least {DEFAULT_MIN_PREFIX} (the server's --kv-min-prefix: a shorter "
                            "prompt is not compressed; default 1024)")
     demo.add_argument("--facts", type=fact_count, default=4, help="planted facts to ask about (default 4)")
-    demo.add_argument("--max-new-tokens", type=positive_int, default=24, help="answer length cap (default 24)")
+    demo.add_argument("--max-new-tokens", type=positive_int, default=RETRIEVAL_ANSWER_TOKENS,
+                      help=f"answer length cap (default {RETRIEVAL_ANSWER_TOKENS})")
     demo.add_argument("--seed", type=int, default=0, help="document seed (default 0)")
     demo.set_defaults(run=_demo_command)
 

@@ -1,12 +1,12 @@
 """Right answers of `bench quality` retrieval runs pooled over several runs (sets of
-documents, lengths): per observation source, policy and keep ratio, the questions answered
-right, and the full cache's on the same questions.
+documents, lengths): per mode, observation source, policy and keep ratio, the questions
+answered right, and the full cache's on the same questions.
 
     python scripts/pool_quality.py docs/results/reuse/4k docs/results/reuse/4k_seed1 docs/results/reuse/4k_seed2
 
-Each argument is a run's folder (its quality.json) or the file itself. A cell is pooled over
-every (run, document length) that has it, and compared with the full cache's count over the
-same (run, length).
+Each argument is a run's folder (its quality.json, and quality_meta.json when there: a run
+cut short is refused) or the file itself. A cell is pooled over every (run, document length)
+that has it, and compared with the full cache's count over the same (run, length, mode).
 """
 
 from __future__ import annotations
@@ -18,25 +18,25 @@ from pathlib import Path
 
 
 def retrieval_counts(records: list[dict]) -> dict[tuple, tuple[int, int]]:
-    """(context, observe, policy, keep ratio) -> (right, questions), over all questions of a run."""
-    return {(record["context_tokens"], record["observe"], record["policy"], record["keep_ratio"]):
+    """(context, mode, observe, policy, keep ratio) -> (right, questions), over all questions of a run."""
+    return {(record["context_tokens"], record["mode"], record["observe"], record["policy"], record["keep_ratio"]):
             (round(record["accuracy"] * record["n_questions"]), record["n_questions"])
             for record in records if record["task"] == "retrieval" and record["split"] == "all"}
 
 
 def pooled(runs: list[list[dict]]) -> dict[tuple, tuple[int, int, int]]:
-    """(observe, policy, keep ratio) -> (right, questions, the full cache's right on them)."""
+    """(mode, observe, policy, keep ratio) -> (right, questions, the full cache's right on them)."""
     totals = defaultdict(lambda: [0, 0, 0])
     for records in runs:
         counts = retrieval_counts(records)
-        for (context, observe, policy, keep), (right, questions) in counts.items():
+        for (context, mode, observe, policy, keep), (right, questions) in counts.items():
             if policy == "full":
                 continue
-            full_right, full_questions = counts[(context, observe, "full", 1.0)]
+            full_right, full_questions = counts[(context, mode, observe, "full", 1.0)]
             if full_questions != questions:
                 raise ValueError(f"{policy} at {context} tokens answered {questions} questions, the full cache "
                                  f"{full_questions}")
-            cell = totals[(observe, policy, keep)]
+            cell = totals[(mode, observe, policy, keep)]
             cell[0] += right
             cell[1] += questions
             cell[2] += full_right
@@ -52,14 +52,19 @@ def main() -> None:
         file = path / "quality.json" if path.is_dir() else path
         if not file.is_file():
             parser.error(f"{path}: no quality.json there")
+        meta_file = file.with_name("quality_meta.json")
+        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
+        if meta.get("questions_done", 0) < meta.get("questions_planned", 0):
+            parser.error(f"{path}: a run cut short ({meta['questions_done']} of {meta['questions_planned']} "
+                         "questions): its cells hold other questions than a whole run's")
         runs.append(json.loads(file.read_text()))
     print(f"runs: {', '.join(map(str, args.runs))}")
     print()
-    print("| observe | policy | keep | right | questions | full cache right | x full |")
-    print("|---|---|---:|---:|---:|---:|---:|")
-    for (observe, policy, keep), (right, questions, full_right) in sorted(pooled(runs).items()):
+    print("| mode | observe | policy | keep | right | questions | full cache right | x full |")
+    print("|---|---|---|---:|---:|---:|---:|---:|")
+    for (mode, observe, policy, keep), (right, questions, full_right) in sorted(pooled(runs).items()):
         share = f"{right / full_right:.2f}" if full_right else "n/a"
-        print(f"| {observe} | {policy} | {keep:g} | {right} | {questions} | {full_right} | {share} |")
+        print(f"| {mode} | {observe} | {policy} | {keep:g} | {right} | {questions} | {full_right} | {share} |")
 
 
 if __name__ == "__main__":

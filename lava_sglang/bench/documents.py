@@ -16,6 +16,9 @@ SYSTEM_PROMPT = "You are a helpful assistant. Answer questions about the documen
 FACT_TEMPLATE = "The special code for {key} is {code}."
 RETRIEVAL_QUESTION = "What is the special code for {key}? Answer with the number only."
 CODE_DIGITS = 7
+#: Answer tokens a retrieval question gets: "The special code for <key> is <code>." with a
+#: key of several tokens; 16 cut some codes short, a right answer then counted wrong.
+RETRIEVAL_ANSWER_TOKENS = 24
 #: An answer names a code when it holds CODE_DIGITS digits in a row.
 CODE_PATTERN = re.compile(rf"\d{{{CODE_DIGITS}}}")
 

@@ -39,8 +39,8 @@ import torch
 from tqdm import tqdm
 
 from lava_sglang.argtypes import COMPRESSING_POLICIES
-from lava_sglang.bench.documents import (CODE_PATTERN, MAX_FACTS, Document, fidelity_documents, prompt_parts,
-                                         retrieval_documents)
+from lava_sglang.bench.documents import (CODE_PATTERN, MAX_FACTS, RETRIEVAL_ANSWER_TOKENS, Document,
+                                         fidelity_documents, prompt_parts, retrieval_documents)
 from lava_sglang.bench.stats import mean_interval, wilson_interval
 from lava_sglang.policy import POLICIES, WINDOW_COMBINES, make_observe, make_policy, policy_name, spec_of
 from lava_sglang.reference import CompressedPrefix, ReferenceRuntime
@@ -65,7 +65,7 @@ class QualityConfig:
     query_aware_splits: list[str] = field(default_factory=lambda: list(SPLITS))
     tasks: list[str] = field(default_factory=lambda: list(TASKS))
     facts_per_document: list[int] = field(default_factory=lambda: [1, 4, 8])  # retrieval, cycled
-    retrieval_answer_tokens: int = 24
+    retrieval_answer_tokens: int = RETRIEVAL_ANSWER_TOKENS
     fidelity_answer_tokens: int = 32
     #: The observation window (tail, branches, query_aware); a repetition keeps its own
     #: (`Observe.kept_window`) unless a policy spec sets one.
@@ -379,6 +379,8 @@ def run_metadata(runtime: ReferenceRuntime, config: QualityConfig, wall_seconds:
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.platform()}",
         "torch": torch.__version__,
         "transformers": transformers.__version__,
+        # The documents are built from this Python's pydoc_data: another release gives other text.
+        "python": platform.python_version(),
         "wall_seconds": round(wall_seconds, 1),
         "config": asdict(config),
         # The window each compress_once source keeps unless a policy spec sets one.

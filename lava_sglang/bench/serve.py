@@ -43,6 +43,7 @@ from lava_sglang.argtypes import (COMPRESSING_POLICIES, at_least, check_results,
                                   output_folder, positive_float, positive_int, read_json, read_notes)
 from lava_sglang.bench.serve_workload import (MISS_SLACK, ORDERS, build_workload, program_inputs, summarize,
                                               timed_endpoint, visit_records)
+from lava_sglang.bench.documents import RETRIEVAL_ANSWER_TOKENS
 from lava_sglang.checks import is_number
 from lava_sglang.sglang_plugin.server_process import ServerExited, ServerProcess, check_request_fits
 
@@ -68,7 +69,7 @@ class ServeConfig:
     order: str = "grouped"
     context: int = 1024  # document tokens
     clients: int = 2
-    max_tokens: int = 16
+    max_tokens: int = RETRIEVAL_ANSWER_TOKENS  # a code cut short would be counted wrong
     max_total_tokens: int | None = None
     resident_documents: int | None = None
     memory_bound: bool = False
@@ -538,7 +539,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--order", choices=ORDERS, help="visit order (default grouped; --memory-bound: interleaved)")
     add("--context", type=positive_int, default=1024, help="document tokens (default 1024)")
     add("--clients", type=positive_int, help="concurrent clients (default 2; --memory-bound: 1)")
-    add("--max-tokens", type=positive_int, default=16, help="answer length cap (default 16)")
+    add("--max-tokens", type=positive_int, default=RETRIEVAL_ANSWER_TOKENS,
+        help=f"answer length cap (default {RETRIEVAL_ANSWER_TOKENS})")
     add("--max-total-tokens", type=positive_int,
         help="KV pool cap passed to every server (default: ServerProcess's; --memory-bound: "
              "resident-documents x the longest document's tokens + 256, rounded up to a multiple of 64)")

@@ -190,6 +190,12 @@ def markdown(results_path: Path, summaries: list[dict], rows: dict[str, list[dic
                   f"{MAX_BRANCH_WINDOWS} of the branches it matched, the reference with the visit's first "
                   f"{MAX_BRANCH_WINDOWS}; "
                   "they may differ: " + ", ".join(f"{policy} {count}" for policy, count in guessed.items()) + "."]
+    mismatched = {item["policy"]: item["prompt_tokens_mismatches"] for item in summaries
+                  if item["prompt_tokens_mismatches"]}
+    if mismatched:  # documents rebuilt from another Python's pydoc_data, or another tokenizer
+        lines += ["", "**Questions whose prompt the reference tokenized to another length than the server "
+                  "reported** (not the same prompt: their comparison does not hold): "
+                  + ", ".join(f"{policy} {count}" for policy, count in mismatched.items()) + "."]
     lines += ["", "## Answers that differ", ""]
     for policy, policy_rows in rows.items():
         for row in policy_rows:

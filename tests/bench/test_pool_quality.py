@@ -12,8 +12,9 @@ pool_quality = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(pool_quality)
 
 
-def record(context, policy, keep, right, questions, observe="reconstruct", split="all", task="retrieval"):
-    return {"task": task, "context_tokens": context, "mode": "compress_once", "observe": observe, "split": split,
+def record(context, policy, keep, right, questions, observe="reconstruct", split="all", task="retrieval",
+           mode="compress_once"):
+    return {"task": task, "context_tokens": context, "mode": mode, "observe": observe, "split": split,
             "policy": policy, "keep_ratio": keep, "n_questions": questions, "accuracy": right / questions}
 
 
@@ -24,13 +25,29 @@ def test_cells_are_pooled_over_runs_and_lengths_against_the_full_cache_on_the_sa
              record(2048, "full", 1.0, 28, 80), record(2048, "lava", 0.2, 21, 80)]
     second = [record(4096, "full", 1.0, 13, 40), record(4096, "lava", 0.2, 11, 40),
               record(4096, "full", 1.0, 13, 40, observe="reconstruct:view=chunk"),
-              record(4096, "lava", 0.2, 10, 40, observe="reconstruct:view=chunk")]
+              record(4096, "lava", 0.2, 10, 40, observe="reconstruct:view=chunk"),
+              # the query-aware mode's cells, under the same source: pooled apart, against its own full cache
+              record(4096, "full", 1.0, 7, 20, mode="query_aware"),
+              record(4096, "lava", 0.2, 6, 20, mode="query_aware")]
     assert pool_quality.pooled([first, second]) == {
-        ("reconstruct", "lava", 0.2): (56, 200, 71),
-        ("reconstruct:view=chunk", "lava", 0.2): (10, 40, 13),
+        ("compress_once", "reconstruct", "lava", 0.2): (56, 200, 71),
+        ("compress_once", "reconstruct:view=chunk", "lava", 0.2): (10, 40, 13),
+        ("query_aware", "reconstruct", "lava", 0.2): (6, 20, 7),
     }
 
 
 def test_a_cell_on_other_questions_than_the_full_caches_is_refused():
     with pytest.raises(ValueError, match="answered 40 questions, the full cache 80"):
         pool_quality.pooled([[record(1024, "full", 1.0, 30, 80), record(1024, "lava", 0.2, 10, 40)]])
+
+
+def test_a_run_cut_short_is_refused(tmp_path, capsys, monkeypatch):
+    import json
+    import sys
+
+    (tmp_path / "quality.json").write_text(json.dumps([record(1024, "full", 1.0, 30, 80)]))
+    (tmp_path / "quality_meta.json").write_text(json.dumps({"questions_done": 40, "questions_planned": 80}))
+    monkeypatch.setattr(sys, "argv", ["pool_quality.py", str(tmp_path)])
+    with pytest.raises(SystemExit):
+        pool_quality.main()
+    assert "a run cut short (40 of 80 questions)" in capsys.readouterr().err

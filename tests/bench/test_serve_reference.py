@@ -47,6 +47,12 @@ def test_a_visit_of_more_branches_than_observe_a_prefix_is_marked_a_guess_and_re
     report = markdown(Path("serving.json"), summaries, rows)
     assert "observed by a visit of more than 8 questions" in report and "may differ: lava 1." in report
     assert "observed by a visit" not in markdown(Path("serving.json"), summaries[1:], {"snapkv": [row]})
+    # A prompt the reference tokenized to another length (documents from another Python's pydoc_data) is said.
+    assert "tokenized to another length" not in report
+    rows["snapkv"] = [{**row, "prompt_tokens_match": False}]
+    summaries = [summary(policy, policy_rows) for policy, policy_rows in rows.items()]
+    assert "tokenized to another length than the server reported** (not the same prompt: their comparison does " \
+           "not hold): snapkv 1." in markdown(Path("serving.json"), summaries, rows)
 
 
 def test_the_reference_answers_with_the_serving_runs_own_checkpoint(tmp_path):
