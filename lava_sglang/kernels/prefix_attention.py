@@ -240,6 +240,9 @@ class CompressedPrefixAttention:
             raise ValueError(f"kv_indices has {kv_indices.numel()} entries; the kernels index at most {INT32_MAX}")
         if kv_indices.numel() and int(kv_indices.min()) < 0:
             raise ValueError("kv_indices must be >= 0")
+        if kv_indices.numel() and int(kv_indices.max()) > INT32_MAX:
+            raise ValueError(f"kv_indices holds {int(kv_indices.max())}; the kernels read cells by int32 index, "
+                             f"at most {INT32_MAX}")
         if keys_per_split is not None and (not is_int(keys_per_split) or keys_per_split < 1):
             raise ValueError(f"keys_per_split must be None or an int >= 1, got {keys_per_split!r}")
 

@@ -79,7 +79,10 @@ LAUNCH_OPTIONS = [{}, dict(block_keys=16, num_warps=4, num_stages=1)]
 
 @pytest.mark.parametrize("options", LAUNCH_OPTIONS, ids=["defaults", "keys16"])
 @pytest.mark.parametrize("max_splits", [1, 4])
-@pytest.mark.parametrize("extend_lens", [[1, 1, 1, 1, 1], [3, 1, 4, 2, 1]], ids=["decode", "extend"])
+# "long": 75 query rows in one request's head (25 tokens x the group of 3) take two 64-row
+# tiles; the short requests have no rows in the second tile.
+@pytest.mark.parametrize("extend_lens", [[1, 1, 1, 1, 1], [3, 1, 4, 2, 1], [25, 1, 3, 25, 2]],
+                         ids=["decode", "extend", "long"])
 def test_pool_prefix_attention_matches_dense_and_reference(device, extend_lens, max_splits, options):
     pool = Pool(device)
     # One head keeps nothing in layer 1; with 16-key blocks, lengths past one block and over

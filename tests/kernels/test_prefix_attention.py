@@ -196,6 +196,9 @@ def test_bad_inputs_raise(device, monkeypatch):  # on the GPU too: inputs on the
         patch.setattr(prefix_attention, "INT32_MAX", kv_indices.numel() - 1)
         with pytest.raises(ValueError, match="the kernels index at most"):
             attention.plan(qo_indptr, kv_indptr, kv_indices)
+        patch.setattr(prefix_attention, "INT32_MAX", 1000)  # few entries, but a cell index past the bound
+        with pytest.raises(ValueError, match="kv_indices holds 1001; the kernels read cells by int32 index"):
+            attention.plan(qo_indptr, kv_indptr, kv_indices.clamp_max(0) + 1001)
     with pytest.raises(ValueError, match="call plan"):
         attention.run(q, k_store, v_store)
     with pytest.raises(ValueError, match="multiple of num_kv_heads"):
