@@ -9,9 +9,11 @@ Every question a `bench serve` run answered is answered again by the reference r
 - a question that found m cached tokens on a compressing server read a compressed prefix
   when m >= n - 1 (SGLang matches at most n - 1 tokens of a prompt, and the plugin stores
   the plan's rows among those; a compressed node is matched whole or not at all): the
-  reference keeps the plan's rows among the first m tokens and decodes the rest of the
-  question's prompt after them; any other question (a miss, or `--kv-policy none`) saw the
-  full cache, and so does its reference;
+  reference keeps the plan's rows among the first n - 1 tokens and decodes the rest of the
+  question's prompt after them. A hit past n - 1 read tokens an earlier request computed
+  after the compressed rows (a later visit's commit recomputes the prefix's last token),
+  which the reference computes the same way; any other question (a miss, or `--kv-policy
+  none`) saw the full cache, and so does its reference;
 - under `--kv-observe branches` the questions of a visit whose commit prefilled the document
   ran on the full prefix, and the plan later visits read is scored by the tail and by that
   visit's questions as branches (the reference prefills them after the whole prefix, as the
@@ -110,7 +112,9 @@ def reference_answers(runtime, documents, record: dict, max_tokens: int, progres
         if compressed and deferred:
             observer = observed_by.get(question["visit"])
             compressed = observer is not None
-        keep_len = min(cached, prefix_len) if compressed else prefix_len
+        # The compressed node holds the first n - 1 tokens: a token cached after it was computed
+        # over the compressed rows, as the reference computes the rest of the prompt.
+        keep_len = prefix_len - 1 if compressed else prefix_len
         while keep_len and prompt_ids[:keep_len] != capture.token_ids[:keep_len]:
             keep_len -= 1  # the question's tokenization differs inside the prefix (never seen so far)
         observers, observers_guessed = observers_of.get(observer, ([], False))

@@ -1,15 +1,21 @@
 """Which compressed copy each visit of a `--kv-observe branches` serving run read; which
-checkpoint the reference answers with; a results file that is not there."""
+prefix rows a compressed hit is answered after; which checkpoint the reference answers
+with; a results file that is not there."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+import torch
 
+import lava_sglang.reference as reference
 from lava_sglang.bench.serve_reference import (compressing_visits, markdown, observing_questions, options_spec,
-                                               recorded_model, run, run_model, summary)
+                                               recorded_model, reference_answers, run, run_model, summary)
+from lava_sglang.bench.serve_workload import Visit, program_inputs
 from lava_sglang.model import smollm2_location
 
 
@@ -53,6 +59,66 @@ def test_a_visit_of_more_branches_than_observe_a_prefix_is_marked_a_guess_and_re
     summaries = [summary(policy, policy_rows) for policy, policy_rows in rows.items()]
     assert "tokenized to another length than the server reported** (not the same prompt: their comparison does " \
            "not hold): snapkv 1." in markdown(Path("serving.json"), summaries, rows)
+
+
+@dataclasses.dataclass
+class StubPlan:
+    seq_len: int
+    kept: list
+
+
+class StubRuntime:
+    """Characters as tokens; records the prefix length and suffix each answer was generated after."""
+
+    def __init__(self):
+        self.tokenizer = StubTokenizer()
+        self.generated = []
+
+    def prefill(self, ids):
+        return SimpleNamespace(seq_len=len(ids), token_ids=list(ids))
+
+    def plan(self, capture):
+        return StubPlan(capture.seq_len, [[torch.arange(capture.seq_len)]])
+
+    def compress(self, capture, policy, budget, **options):
+        return SimpleNamespace(plan=self.plan(capture))
+
+    def full_prefix(self, capture):
+        return SimpleNamespace(plan=self.plan(capture))
+
+    def generate(self, prefixes, suffix_ids, max_tokens):
+        self.generated.append((prefixes[0].seq_len, self.tokenizer.decode(suffix_ids)))
+        return [self.tokenizer("1234567").input_ids]
+
+
+class StubTokenizer:
+    def __call__(self, text):
+        return SimpleNamespace(input_ids=[ord(character) for character in text])
+
+    def decode(self, ids, skip_special_tokens=False):
+        return "".join(chr(token) for token in ids)
+
+
+def test_a_compressed_hit_is_answered_after_the_first_n_minus_1_tokens_whatever_was_cached(monkeypatch):
+    # The compressed node holds the prefix's first n - 1 tokens; the last one (and anything
+    # after it) a hit found cached was computed over the compressed rows by an earlier
+    # request, so the reference computes it after them too, not from the full prefill.
+    monkeypatch.setattr(reference, "CompressedPrefix", SimpleNamespace(from_plan=lambda capture, plan: plan))
+    document = SimpleNamespace(text="a document of some length", questions=[SimpleNamespace(text="which code?")])
+    prefix = program_inputs(document, Visit(0, 0, (0,), 0))[0]
+    n = len(prefix)
+    options = {"policy_spec": "lava", "observe": "tail", "budget": 0.2, "window": 8, "pool_kernel": 1,
+               "alpha": 0.2, "min_prefix": 4}
+    questions = [{"document": 0, "question": 0, "visit": visit, "cached_tokens": cached, "answer": "1234567",
+                  "expected": "1234567", "correct": True, "prompt_tokens": None}
+                 for visit, cached in enumerate([0, n - 1, n, n + 3])]
+    record = {"policy": "lava", "kv_policy_options": options, "question_records": questions}
+    runtime = StubRuntime()
+    rows = reference_answers(runtime, [document], record, max_tokens=4, progress=False)
+    assert [row["compressed"] for row in rows] == [False, True, True, True]
+    assert [row["keep_len"] for row in rows] == [n, n - 1, n - 1, n - 1]
+    question = program_inputs(document, Visit(0, 0, (0,), 0))[1][0]
+    assert runtime.generated == [(n, question)] + [(n - 1, prefix[-1] + question)] * 3
 
 
 def test_the_reference_answers_with_the_serving_runs_own_checkpoint(tmp_path):
