@@ -57,11 +57,13 @@ class WindowCapture:
 
     def rows_to_record(self, rid: str, prefix_len: int, extend_len: int) -> int:
         """How many of an extend's queries, from its first, to record: an observed request's up
-        to its prompt's end, where every window the cache reads ends; 0 for any other. What
+        to its prompt's end, where every window the cache reads ends; 0 for any other, and for
+        a prompt too short to be compressed. Every chunk of a chunked prefill counts, the first
+        ones too: a last chunk shorter than the window joins the tail of the one before. What
         comes after the prompt (a decode step run in an extend batch by --enable-mixed-chunk, a
         retracted request's output prefilled again) would move the tail past it."""
         req = self._observed.get(rid)
-        if req is None or prefix_len + extend_len < self.min_prefix:
+        if req is None or len(req.origin_input_ids) < self.min_prefix:
             return 0
         return max(0, min(extend_len, len(req.origin_input_ids) - prefix_len))
 

@@ -14,12 +14,34 @@ Data-parallel ranks hold different prefixes: everything sums over them.
 
 from __future__ import annotations
 
+import functools
+import logging
+
 from lava_sglang.store import CompressedStore, StoreEntry
+
+logger = logging.getLogger(__name__)
 
 # Buckets for a prefix's token count, its kept ratio and its compression time.
 TOKEN_BUCKETS = (256, 512, 1024, 2048, 4096, 8192, 16384, 32768, 65536, 131072)
 RATIO_BUCKETS = (0.05, 0.1, 0.15, 0.2, 0.25, 0.3, 0.4, 0.5, 0.75, 1.0)
 SECONDS_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+
+def _recorded_safely(method):
+    """Run a recording method only with metrics on, and never let it raise: it is called
+    after the cache changed (a compressed node added, one evicted), and a failure to write a
+    sample (a full or unwritable multiprocess directory) must not read as the change failing."""
+
+    @functools.wraps(method)
+    def record(self, *args) -> None:
+        if not self.enabled:
+            return
+        try:
+            method(self, *args)
+        except Exception:
+            logger.exception("lava: recording the store's metrics failed; the cache is unaffected")
+
+    return record
 
 
 class StoreMetrics:
@@ -51,9 +73,8 @@ class StoreMetrics:
         self.store_bytes = Gauge("lava:store_bytes", "KV bytes the compressed prefixes hold now.", names,
                                  multiprocess_mode="livesum")
 
+    @_recorded_safely
     def compressed(self, entry: StoreEntry, store: CompressedStore) -> None:
-        if not self.enabled:
-            return
         if self.records_events:
             self.prefix_tokens.labels(**self.labels).observe(entry.prefix_len)
             self.kept_ratio.labels(**self.labels).observe(entry.kept_ratio)
@@ -61,16 +82,14 @@ class StoreMetrics:
         self.bytes_saved.labels(**self.labels).inc(entry.bytes_saved)  # this rank's heads: summed over ranks
         self.store_changed(store)
 
+    @_recorded_safely
     def evicted(self, store: CompressedStore) -> None:
-        if not self.enabled:
-            return
         if self.records_events:
             self.evictions.labels(**self.labels).inc()
         self.store_changed(store)
 
+    @_recorded_safely
     def store_changed(self, store: CompressedStore) -> None:
-        if not self.enabled:
-            return
         store_stats = store.stats()
         if self.records_events:
             self.store_entries.labels(**self.labels).set(store_stats["entries"])

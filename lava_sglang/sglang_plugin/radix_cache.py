@@ -51,9 +51,9 @@ from lava_sglang.sglang_plugin.config import (BRANCHES, DEFERRED_OBSERVE_SOURCES
                                               KvPolicyConfig)
 from lava_sglang.sglang_plugin.metrics import StoreMetrics
 from lava_sglang.sglang_plugin.pending import PendingPrefix, RepetitionCost
-from lava_sglang.sglang_plugin.repetition import REPETITION_RID_PREFIX, RepetitionClient, RepetitionScores
+from lava_sglang.sglang_plugin.repetition import RepetitionClient, RepetitionScores
 from lava_sglang.sglang_plugin.tensor_parallel import TensorParallel
-from lava_sglang.sglang_plugin.touchpoints import radix_cache_api, seconds_since_first_forward
+from lava_sglang.sglang_plugin.touchpoints import has_input_embeddings, radix_cache_api, seconds_since_first_forward
 from lava_sglang.store import CellLayout, slots_needed, write_kept
 
 *_, MatchPrefixParams = radix_cache_api()
@@ -209,7 +209,8 @@ class LavaRadixCache(CompressedRadixCache):
     def on_release(self, req, *, checkpointed: bool) -> None:
         repeated_len = None
         try:
-            if isinstance(req.rid, str) and req.rid.startswith(REPETITION_RID_PREFIX):
+            # By id, not by prefix: a client may send any rid, "lava-repeat-..." too.
+            if isinstance(req.rid, str) and self._repeated_len(req.rid) is not None:
                 repeated_len = self._end_repetition(req, checkpointed)  # never a commit, though max_new_tokens is 0
             elif checkpointed and FORK in self.config.compress_on and self._is_fork_prefix(req):
                 # A policy that reads no attention (streamingllm) has nothing to wait for.
@@ -289,9 +290,10 @@ class LavaRadixCache(CompressedRadixCache):
         return self._pending_of(key) is None and not self._waits_beyond(key)
 
     def _is_commit(self, req) -> bool:
-        """Whether the request has the shape of a fork commit (see `_is_fork_prefix`)."""
+        """Whether the request has the shape of a fork commit (see `_is_fork_prefix`). One given
+        embeddings is not: its ids are placeholders."""
         return (req.sampling_params.max_new_tokens == 0 and not req.return_logprob
-                and len(req.origin_input_ids) >= self.config.min_prefix)
+                and len(req.origin_input_ids) >= self.config.min_prefix and not has_input_embeddings(req))
 
     def _compress_fork_prefix(self, req) -> None:
         """Compress the first n - 1 tokens of the n-token prefix the request committed."""

@@ -176,6 +176,14 @@ def has_multimodal_input(request) -> bool:
     return bool(contains()) if callable(contains) else False
 
 
+def has_input_embeddings(req) -> bool:
+    """Whether a scheduler request (`Req`) was given embeddings instead of text: its input ids
+    are then SGLang's stand-in (`[1] * length`), which neither name a document nor can be
+    repeated."""
+    return (getattr(req, "input_embeds", None) is not None
+            or getattr(req, "positional_embed_overrides", None) is not None)
+
+
 def hook_registry():
     from sglang.srt.plugins.hook_registry import HookRegistry, HookType
 

@@ -39,6 +39,19 @@ def test_tail_window_spans_chunks_shorter_than_the_window():
     assert capture.window_queries(0, 11, LAYERS) is None  # no window ends there
 
 
+def test_a_chunked_prompt_records_its_first_chunk_though_it_ends_below_min_prefix():
+    # --chunked-prefill-size 6 and a 9-token commit at min_prefix 8: the first chunk ends at
+    # 6 < 8, the last has 3 rows, fewer than the window; together they give the window.
+    capture = WindowCapture(WINDOW, min_prefix=8)
+    req = Request(rid="commit", kv=SimpleNamespace(req_pool_idx=0), origin_input_ids=list(range(9)))
+    capture.observe(req, True)
+    for start, stop in ((0, 6), (6, 9)):
+        rows = capture.rows_to_record("commit", start, stop - start)
+        assert rows == stop - start
+        record(capture, req=0, start=start, stop=start + rows)
+    assert captured_positions(capture.window_queries(0, 9, LAYERS)) == [[5, 6, 7, 8]] * LAYERS
+
+
 def test_head_window_observes_a_recomputed_shared_prefix():
     capture = WindowCapture(WINDOW, min_prefix=8)
     record(capture, req=3, start=20, stop=30)  # the match was cut at 20: positions 20..23 end the shared prefix
@@ -61,8 +74,10 @@ def test_only_observed_requests_long_enough_are_wanted_and_drop_forgets_one():
     req = Request(rid="commit", kv=SimpleNamespace(req_pool_idx=0), origin_input_ids=list(range(12)))
     assert not capture.rows_to_record("commit", 0, 10)
     capture.observe(req, True)
-    assert capture.rows_to_record("commit", 0, 10) == 10
-    assert not capture.rows_to_record("commit", 0, 7) and not capture.rows_to_record("other", 0, 10)
+    assert capture.rows_to_record("commit", 0, 10) == 10 and not capture.rows_to_record("other", 0, 10)
+    short = Request(rid="short", kv=SimpleNamespace(req_pool_idx=1), origin_input_ids=list(range(7)))
+    capture.observe(short, True)  # a prompt below min_prefix is never compressed
+    assert not capture.rows_to_record("short", 0, 7)
     # Up to the prompt's end: a decode step in an extend batch (--enable-mixed-chunk), or a
     # retracted request's output prefilled again, would move the window past it.
     assert capture.rows_to_record("commit", 8, 6) == 4 and capture.rows_to_record("commit", 12, 1) == 0

@@ -82,6 +82,24 @@ def assert_all_released(stub: SchedulerStub) -> None:
 # ----------------------------------------------------------------- the tree
 
 
+def test_a_client_request_whose_id_looks_like_a_repetition_chunks_is_served_as_any_other():
+    # The plugin knows its chunks by id; a client's "lava-repeat-..." commit is still compressed.
+    stub = make_stub()
+    commit(stub, document(0), rid="lava-repeat-client")
+    assert [len(node.key) for node in stub.compressed_nodes()] == [199]
+    assert_all_released(stub)
+
+
+def test_a_commit_given_embeddings_is_not_a_fork_prefix():
+    # SGLang gives such a request the ids [1] * length: no document to score or share.
+    stub = make_stub()
+    commit(stub, [1] * 200, input_embeds=[[0.5]] * 200)
+    assert not stub.compressed_nodes()
+    commit(stub, [1] * 200)  # the same ids as text are compressed
+    assert [len(node.key) for node in stub.compressed_nodes()] == [199]
+    assert_all_released(stub)
+
+
 def test_match_insert_and_locks_along_the_path():
     stub = make_stub()
     run(stub, document(0) + question(0))
@@ -323,6 +341,36 @@ def test_eviction_takes_ordinary_leaves_before_compressed_prefixes():
     assert len(stub.compressed_nodes()) == 1
     check(stub)
     assert_all_released(stub)
+
+
+class FailingSample:
+    """A Prometheus metric whose samples cannot be written (a full multiprocess directory)."""
+
+    def labels(self, **labels):
+        raise OSError("No space left on device")
+
+
+def test_metrics_that_cannot_be_written_leave_compression_and_eviction_as_they_are(caplog):
+    # A compression whose metrics failed after its node was added read as failed: the full
+    # copy stayed beside the compressed node, and a continuation's slots were owned twice.
+    stub = make_stub()
+    metrics = stub.cache.metrics
+    metrics.enabled, metrics.records_events, metrics.labels = True, True, {}
+    for name in ("prefix_tokens", "kept_ratio", "compress_seconds", "bytes_saved", "evictions", "store_entries",
+                 "store_bytes"):
+        setattr(metrics, name, FailingSample())
+    with caplog.at_level(logging.ERROR, logger="lava_sglang.sglang_plugin.metrics"):
+        commit(stub, document(0))
+        (node,) = stub.compressed_nodes()
+        assert stub.cache.evictable_size() == node_slots(node)  # the full copy went back
+        branch = stub.prefill(stub.request(document(0) + question(0)))
+        assert uses_compressed_prefix(stub, branch)
+        stub.finish(branch)
+        stub.cache.evict(EvictParams(num_tokens=stub.cache.evictable_size()))
+    assert not stub.compressed_nodes() and stub.cache.evictable_size() == 0
+    check(stub)
+    assert_all_released(stub)
+    assert caplog.text.count("recording the store's metrics failed") >= 2
 
 
 def node_slots(node: CompressedNode) -> int:
