@@ -49,6 +49,7 @@ from lava_sglang.sglang_plugin.server_process import ServerExited, ServerProcess
 
 POLICIES = ["none", *COMPRESSING_POLICIES]
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "docs" / "results"
+MIN_CONTEXT = 128  # tokens of a document: below this the planted facts crowd the filler out
 # --memory-bound's defaults (each overridable by its flag).
 # One client in the memory-bound case: a document being compressed is held in full next to
 # the store until its plan is made, so the cap must fit the in-flight documents as well;
@@ -94,8 +95,8 @@ class ServeConfig:
             raise ValueError(f"questions_per_visit must be >= 0 (0: all in one visit), got {self.questions_per_visit}")
         if self.order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
-        if self.context < 128:
-            raise ValueError(f"context must be >= 128 tokens, got {self.context}")
+        if self.context < MIN_CONTEXT:
+            raise ValueError(f"context must be >= {MIN_CONTEXT} tokens, got {self.context}")
         check_extra_server_args(self.server_args)
         if not (0 < self.max_seconds < math.inf and 0 < self.sample_interval < math.inf):
             raise ValueError(f"max_seconds and sample_interval must be finite and > 0, got {self.max_seconds} and "
@@ -107,7 +108,8 @@ class ServeConfig:
 #: Server flags this command sets itself, and what to use instead. Appended after them, a flag in
 #: --server-args would win over the label the report gives the run.
 SET_BY_THIS_COMMAND = {"--kv-policy": "--policies", "--kv-budget": "--budget",
-                       "--max-total-tokens": "--max-total-tokens", "--model-path": "--model", "--host": "--url (to benchmark a server started apart)",
+                       "--max-total-tokens": "--max-total-tokens", "--model-path": "--model",
+                       "--host": "--url (to benchmark a server started apart)",
                        "--port": "--url (to benchmark a server started apart)",
                        "--config": "the flags themselves in --server-args"}
 
@@ -537,7 +539,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--questions-per-visit", type=at_least(0), help="questions per fork program; 0: all of a document's in one "
         "(default 0; --memory-bound: 2)")
     add("--order", choices=ORDERS, help="visit order (default grouped; --memory-bound: interleaved)")
-    add("--context", type=positive_int, default=1024, help="document tokens (default 1024)")
+    add("--context", type=at_least(MIN_CONTEXT), default=1024,
+        help=f"document tokens, at least {MIN_CONTEXT} (default 1024)")
     add("--clients", type=positive_int, help="concurrent clients (default 2; --memory-bound: 1)")
     add("--max-tokens", type=positive_int, default=RETRIEVAL_ANSWER_TOKENS,
         help=f"answer length cap (default {RETRIEVAL_ANSWER_TOKENS})")

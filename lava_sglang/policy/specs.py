@@ -48,8 +48,14 @@ def parse_spec(spec: object, registry: dict[str, type], what: str) -> tuple[str,
 def build(spec: str, registry: dict[str, type], what: str, shared: dict):
     """The instance `spec` names, with the `shared` options its class has as fields (others,
     and None values, ignored: the class's default holds) overridden by the spec's own;
-    validated."""
+    validated. A shared option no class of the registry has is refused (a misspelling would
+    otherwise leave the default in place, silently)."""
     name, own = parse_spec(spec, registry, what)
+    known = {field.name for cls in registry.values() for field in dataclasses.fields(cls)}
+    unknown = sorted(set(shared) - known)
+    if unknown:
+        raise ValueError(f"{what} options {', '.join(unknown)}: no {what} has them "
+                         f"(options: {', '.join(sorted(known))})")
     cls = registry[name]
     fields = {field.name for field in dataclasses.fields(cls)}
     shared = {key: value for key, value in shared.items() if value is not None}

@@ -351,6 +351,8 @@ class ReferenceRuntime:
         is prefilled after the whole uncompressed prefix and contributes its last `window`
         queries and all its keys.
         """
+        if options and not isinstance(source, str):
+            raise ValueError(f"options {', '.join(sorted(options))} go with a source's name; {source.name} is built")
         source = make_observe(source, **options) if isinstance(source, str) else source
         source.validate()
         started = time.perf_counter()

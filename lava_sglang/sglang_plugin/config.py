@@ -110,7 +110,7 @@ class KvPolicyConfig:
     window: int = Reconstruct.kept_window  # default_window(observe, compress_on)
     min_prefix: int = DEFAULT_MIN_PREFIX
     alpha: float = 0.2
-    pool_kernel: int | None = None  # None: the policy's own (lava and kvzip 1, the others 7)
+    pool_kernel: int | None = None  # None: the policy's own (lava and kvzip 1, the SnapKV family 7)
     compress_on: tuple[str, ...] = (FORK,)
     observe: str = RECONSTRUCT
     observe_wait: float = 30.0
@@ -168,11 +168,12 @@ FLAGS = {
                       "Do not compress prefixes shorter than this many tokens (must exceed --kv-window). "
                       f"Default {DEFAULT_MIN_PREFIX}."),
     "kv_alpha": ("--kv-alpha", None, "LAVa's head-budget safeguard alpha in [0, 1] (each KV head keeps at least "
-                 "floor(alpha x its layer's budget)); only for policies with per-layer head budgets "
+                 "floor(alpha x its layer's budget)); only for policies with per-layer head top-k budgets "
                  "(lava:layer_budget=entropy or uniform, ada_snapkv), refused for the others; an alpha= in the "
                  f"--kv-policy spec must equal it. Default {KvPolicyConfig.alpha}, or the spec's."),
     "kv_pool_kernel": ("--kv-pool-kernel", None, "Width of the score pooling (odd int >= 1). Default: the "
-                       "policy's own (lava and kvzip 1, no pooling; snapkv, ada_snapkv, pyramidkv 7)."),
+                       "policy's own (lava and kvzip 1, no pooling; snapkv, ada_snapkv, pyramidkv 7); refused for "
+                       "streamingllm, which scores nothing."),
     "kv_compress_on": ("--kv-compress-on", FORK,
                        "What gets compressed, comma-separated: fork (the prefix a frontend program commits "
                        "before fork()), shared (a prompt prefix of >= --kv-min-prefix tokens, once a second "
@@ -326,6 +327,9 @@ def from_namespace(args: argparse.Namespace) -> KvPolicyConfig:
             raise ConfigError(f"--kv-policy {policy}: {error}") from None
         if policy_object.window != window:  # the radix cache and the repetition read --kv-window too
             raise ConfigError(f"--kv-policy {policy}: set the window with --kv-window, not in the policy's options")
+        if pool_kernel is not None and not hasattr(policy_object, "pool_kernel"):
+            raise ConfigError(f"--kv-pool-kernel {pool_kernel}: --kv-policy {policy} scores no tokens, so it "
+                              "pools nothing; leave it out")
         # A spec's option wins over its flag: refuse two values given, and report the one in effect.
         given = (("--kv-pool-kernel", "pool_kernel", pool_kernel), ("--kv-alpha", "alpha", alpha))
         for flag, name, value in given:

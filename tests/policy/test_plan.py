@@ -7,7 +7,8 @@ import numpy
 import pytest
 import torch
 
-from lava_sglang.policy import POLICIES, PlanBuilder, compress_plan, make_policy, resolve_budget, spec_of
+from lava_sglang.policy import (POLICIES, PlanBuilder, compress_plan, make_observe, make_policy, resolve_budget,
+                                spec_of)
 from lava_sglang.policy.base import LayerScores
 from lava_sglang.policy.lava import PAPER_SPEC
 from lava_sglang.policy.scores import layer_entropy, pool_scores, window_attention_mass
@@ -365,6 +366,12 @@ def test_policy_specs_set_fields_and_name_what_is_wrong():
     for value in ("inf", "-inf", "nan"):
         with pytest.raises(ValueError, match=f"beta must be a finite number, got '{value}'"):
             make_policy(f"pyramidkv:beta={value}")
+    # A shared option is taken by the policies that have it; one that none has is a misspelling.
+    assert make_policy("streamingllm", window=8, pool_kernel=3).window == 8
+    with pytest.raises(ValueError, match="policy options aplha: no policy has them"):
+        make_policy("ada_snapkv", aplha=0.5)
+    with pytest.raises(ValueError, match="observe options chunk_token: no observe has them"):
+        make_observe("reconstruct", chunk_token=128)
 
 
 class TestBadInput:

@@ -153,3 +153,9 @@ def test_each_source_compresses_to_the_budget_and_answers(runtime, document, cap
         assert all(positions[-window:] == tail for layer in plans[source] for positions in layer)
         assert any(positions[-window - 1] != tail[0] - 1 for layer in plans[source] for positions in layer)
     assert plans["branches"] != plans["tail"] and plans["reconstruct"] != plans["tail"]
+
+
+def test_options_given_beside_a_built_source_are_refused(runtime, capture):
+    # They would be dropped: the built source's own fields hold.
+    with pytest.raises(ValueError, match="options chunk_tokens go with a source's name; reconstruct is built"):
+        runtime.observe(capture, Reconstruct(), chunk_tokens=128)

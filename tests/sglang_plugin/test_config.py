@@ -102,6 +102,15 @@ def test_kv_alpha_is_refused_for_a_policy_that_does_not_read_it(policy):
         assert from_namespace(parse("--kv-policy", reads, "--kv-alpha", "0.5")).make_policy().alpha == 0.5
 
 
+def test_kv_pool_kernel_is_refused_for_a_policy_that_scores_nothing():
+    # streamingllm keeps sinks and the recent tokens: a pooling width would change nothing
+    # while /server_info reported it.
+    with pytest.raises(ConfigError, match="--kv-pool-kernel 3: --kv-policy streamingllm scores no tokens"):
+        from_namespace(parse("--kv-policy", "streamingllm", "--kv-pool-kernel", "3"))
+    assert from_namespace(parse("--kv-policy", "streamingllm")).pool_kernel is None
+    assert from_namespace(parse("--kv-policy", "snapkv", "--kv-pool-kernel", "3")).make_policy().pool_kernel == 3
+
+
 @pytest.mark.parametrize("args, window", [
     ((), 8),  # the repetition scores every token: the window is only kept
     (("--kv-observe", "tail"), 32), (("--kv-observe", "branches"), 32),  # its queries score the prefix
