@@ -384,10 +384,13 @@ class CompressedStore:
         return self.tables.has_free_row
 
     def clear(self) -> None:
+        """Forget every entry, and the counters with them: after SGLang's /flush_cache the
+        store reports what was compressed since (`bench serve --url` flushes, then reads them)."""
         for entry in self.entries.values():
             self.tables.remove(entry.table_row)
         self.entries.clear()
         self._entry_of_row.clear()
+        self.compressions, self.compress_seconds, self.evictions = 0, 0.0, 0
 
     def entries_for_slots(self, first_slots: torch.Tensor) -> list[StoreEntry | None]:
         """The entry each request uses, from the first slot of its KV row."""

@@ -117,6 +117,7 @@ class LavaRadixCache(CompressedRadixCache):
         self.shared_prefix_keys.clear()
         self.pending = []
         self.repetitions = {}
+        self.repetitions_cut_short = 0
         self.last_repetition = None
         self.repetition_cost = RepetitionCost()
         super().reset()

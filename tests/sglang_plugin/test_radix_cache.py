@@ -100,6 +100,22 @@ def test_a_commit_given_embeddings_is_not_a_fork_prefix():
     assert_all_released(stub)
 
 
+def test_a_flush_starts_the_counters_again():
+    # `bench serve --url` flushes a server it did not start, then reads what it compressed.
+    stub = make_stub()
+    commit(stub, document(0))
+    commit(stub, document(1))
+    stub.cache.evict(EvictParams(num_tokens=stub.cache.evictable_size()))
+    assert (stub.cache.store.compressions, stub.cache.store.evictions) == (2, 2)
+    stub.cache.repetitions_cut_short = 1
+    stub.cache.reset()
+    assert stub.cache.stats()["repetitions_cut_short"] == 0
+    store = stub.cache.store.stats()
+    assert (store["entries"], store["compressions"], store["compress_seconds"], store["evictions"]) == (0, 0, 0.0, 0)
+    commit(stub, document(2))
+    assert stub.cache.store.compressions == 1 and len(stub.compressed_nodes()) == 1
+
+
 def test_match_insert_and_locks_along_the_path():
     stub = make_stub()
     run(stub, document(0) + question(0))
