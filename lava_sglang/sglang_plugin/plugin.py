@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 
 from lava_sglang.policy import HeadShard, spec_of
@@ -204,6 +205,11 @@ def _check_model(ctx, config: KvPolicyConfig, tensor_parallel=None) -> None:
         (any(layer.qk_head_dim != layer.v_head_dim for layer in layers),
          "key and value head sizes that differ are not supported"),
         (not all(map(touchpoints.is_causal_attention, layers)), "non-causal attention is not supported"),
+        # A window's attention mass is scored at 1/sqrt(head_dim) (the tail, the branches, a
+        # repetition cut short); another temperature (Granite's multiplier) would score other keys.
+        (config.make_policy().needs_scores
+         and any(not math.isclose(layer.scaling, layer.qk_head_dim ** -0.5, rel_tol=1e-6) for layer in layers),
+         "an attention scaling other than 1/sqrt(head_dim) is not supported by the window scores"),
         (config.window >= model_config.context_len,
          f"--kv-window {config.window} must be below the model's context length {model_config.context_len}"),
         (not isinstance(getattr(kv_pool, "k_buffer", None), list) or getattr(kv_pool, "is_quantized_kv_cache", False),

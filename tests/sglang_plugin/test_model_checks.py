@@ -1,6 +1,7 @@
 """The start-up refusals of models and engine states the plugin cannot serve (MLA, sliding
 window, hybrid layers, logit soft-capping, learned sinks, cross-attention, key and value
-heads of different sizes, non-causal attention, a window as long
+heads of different sizes, non-causal attention, an attention scaling other than
+1/sqrt(head_dim) for a scoring policy, a window as long
 as the context, a quantized or unusual KV pool, an attention backend without the
 compressed-prefix path): each names its reason."""
 
@@ -16,7 +17,7 @@ from lava_sglang.sglang_plugin.config import ConfigError, KvPolicyConfig
 from lava_sglang.sglang_plugin.plugin import _check_model
 
 
-def model_with_attention(sinks=None, **layer_options):
+def model_with_attention(sinks=None, scaling=0.125, **layer_options):
     """A model of one SGLang attention layer (SmolLM2's shape): `layer_options` for its
     `RadixAttention` (`attn_type` by its value), `sinks` held by the attention module as
     gpt-oss holds them."""
@@ -26,7 +27,7 @@ def model_with_attention(sinks=None, **layer_options):
         layer_options["attn_type"] = AttentionType(layer_options["attn_type"])
     model = torch.nn.Module()
     model.self_attn = torch.nn.Module()
-    model.self_attn.attn = RadixAttention(9, 64, 0.125, 3, layer_id=0, **layer_options)
+    model.self_attn.attn = RadixAttention(9, 64, scaling, 3, layer_id=0, **layer_options)
     model.self_attn.sinks = sinks
     return model
 
@@ -79,11 +80,17 @@ def test_a_supported_model_passes():
     ({"tp_worker.model_runner.model": model_with_attention(attn_type="encoder_only")}, "non-causal attention"),
     ({"tp_worker.model_runner.model": model_with_attention(attn_type="decoder_bidirectional")},
      "non-causal attention"),
+    ({"tp_worker.model_runner.model": model_with_attention(scaling=0.0078125)}, "attention scaling other than"),
 ])
 def test_unsupported_models_are_refused_with_the_reason(changes, reason):
     with pytest.raises(ConfigError, match=reason) as error:
         _check_model(server_context(**changes), LAVA)
     assert str(error.value).startswith("--kv-policy lava: ")
+
+
+def test_a_policy_that_scores_nothing_serves_any_attention_scaling():
+    _check_model(server_context(**{"tp_worker.model_runner.model": model_with_attention(scaling=0.0078125)}),
+                 KvPolicyConfig(policy="streamingllm"))
 
 
 def test_a_declared_but_unused_sliding_window_is_accepted():
