@@ -127,6 +127,21 @@ def test_repeat_scores_reduce_the_group_and_scale_by_the_value_norm():
                   .mul(p[p > 0].log()).sum() / math.log(4)), rel=1e-5)
 
 
+def test_repeat_scores_scaled_by_the_value_norm_move_rows_to_the_head_with_larger_values():
+    # Two KV heads, one query head each: head 1's values are 3x head 0's. Unscaled, head 0's
+    # 0.4 wins a row over head 1's 0.25; scaled by vbar (x1 against x3), 0.75 beats 0.4.
+    repeat = torch.tensor([[0.4, 0.0, 0.0, 0.0], [0.0, 0.3, 0.25, 0.0]])
+    values = torch.ones(2, 6, 2)
+    values[1] *= 3.0
+    kept = {}
+    for value_norm in ("true", "false"):
+        policy = make_policy(f"lava:layer_budget=entropy,value_norm={value_norm}", window=2, pool_kernel=1)
+        builder = PlanBuilder(policy, 3, seq_len=6, num_layers=1, num_kv_heads=2, observe="reconstruct")
+        builder.add_layer_repeat(repeat, values)
+        kept[value_norm] = [head.tolist() for head in builder.finish().kept[0]]
+    assert kept == {"true": [[4, 5], [1, 2, 4, 5]], "false": [[0, 4, 5], [1, 4, 5]]}
+
+
 def test_repeat_attention_max_is_over_queries_and_chunks_combine_by_max():
     probs = torch.tensor([[[0.1, 0.9], [0.7, 0.3]]])  # [Hq=1, T=2, m=2]
     assert repeat_attention_max(probs.log()).tolist() == [[pytest.approx(0.7), pytest.approx(0.9)]]
