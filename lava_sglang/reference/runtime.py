@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 from transformers import AttentionInterface, AutoModelForCausalLM, AutoTokenizer, DynamicCache
 
+from lava_sglang.checks import is_int
 from lava_sglang.policy import (Branches, CompressionPlan, LayerScores, Observe, ObservationWindow, PlanBuilder, Policy,
                                 Reconstruct, Tail, assistant_turn_text, make_observe, make_policy,
                                 repeat_attention_chunk, repeat_chunks, repeat_view_positions)
@@ -210,6 +211,8 @@ def _ungrouped(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 class ReferenceRuntime:
     def __init__(self, model, tokenizer, window: int = 32):
+        if not is_int(window) or window < 1:  # the prefill keeps the last `window` queries: 0 would keep all
+            raise ValueError(f"window must be an int >= 1, got {window!r}")
         model.config._attn_implementation = ATTENTION_NAME
         model.eval()
         self.model = model

@@ -142,3 +142,12 @@ def test_an_observation_compresses_only_the_prefix_it_observed(runtime, document
     with pytest.raises(ValueError, match="another prefix"):
         runtime.compress(capture, "lava", 0.2, observation=observation)
     assert runtime.compress(other, "lava", 0.2, observation=observation).plan.keep_ratio > 0
+
+
+@pytest.mark.parametrize("window", [0, -4, 2.5, True])
+def test_a_window_that_is_not_a_positive_int_is_refused(runtime, window):
+    # The prefill keeps each layer's last `window` queries: 0 would keep every one.
+    from lava_sglang.reference import ReferenceRuntime
+
+    with pytest.raises(ValueError, match=f"window must be an int >= 1, got {window!r}"):
+        ReferenceRuntime(runtime.model, runtime.tokenizer, window=window)
