@@ -66,6 +66,11 @@ class PendingPrefix:
         """Whether `key` is this committed prefix itself (a second commit of it)."""
         return len(key) == len(self.full_key) and self._shared_len(key) == len(key)
 
+    def shares_fork_prefix(self, key) -> bool:
+        """Whether `key` is as long as the committed prefix and differs from it only in its last
+        token: both would compress the same first n - 1 tokens."""
+        return len(key) == len(self.full_key) and self._shared_len(key) == len(key) - 1
+
     def covers(self, key) -> bool:
         """Whether `key` starts with the whole committed prefix and goes beyond it."""
         return len(key) > len(self.full_key) and self._shared_len(key) == len(self.full_key)

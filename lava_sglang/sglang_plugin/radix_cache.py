@@ -280,15 +280,18 @@ class LavaRadixCache(CompressedRadixCache):
         be compressed (a nested `fork()` in a branch): it is a branch of that prefix, which is
         compressed once, and like a commit that extends a compressed prefix it is not compressed
         itself. Nor, in the reverse order, is a commit that a waiting prefix extends: it is
-        cached as stock SGLang caches it. (Two waiting prefixes on one path would undo each
-        other: the shorter one's compression frees what is cached below it, the longer one's
-        the shorter's full copy.)"""
+        cached as stock SGLang caches it, as is a commit of as many tokens that differs from a
+        waiting prefix only in its last token (both would compress the same n - 1 tokens; its
+        branches read the waiting prefix's copy once made). (Two waiting prefixes on one path
+        would undo each other: the shorter one's compression frees what is cached below it, the
+        longer one's the shorter's full copy.)"""
         if not (self._is_commit(req) and self.config.evicts(len(req.origin_input_ids) - 1)):
             return False
         if not self.pending:
             return True
         key = prompt_key(req)
-        return self._pending_of(key) is None and not self._waits_beyond(key)
+        return (self._pending_of(key) is None and not self._waits_beyond(key)
+                and not any(pending.shares_fork_prefix(key) for pending in self.pending))
 
     def _is_commit(self, req) -> bool:
         """Whether the request has the shape of a fork commit (see `_is_fork_prefix`). One given

@@ -523,6 +523,33 @@ def test_a_commit_that_extends_a_waiting_prefix_is_its_branch_not_a_second_prefi
         assert [len(pending.full_key) for pending in stub.cache.pending] == [200] and not stub.compressed_nodes()
 
 
+@pytest.mark.parametrize("observe", ["branches", "reconstruct"])
+def test_a_commit_that_differs_from_a_waiting_prefix_in_its_last_token_is_not_a_second_waiting_prefix(observe):
+    # Both would compress the same first n - 1 tokens: the first to be compressed freed the
+    # other's copy, whose observation (a second repetition) was run for nothing.
+    stub = make_stub(observe=observe)
+    if observe == "reconstruct":  # a repetition planned, never sent: the prefix waits for it
+        stub.cache._start_repetition = lambda req: RepetitionScores.plan(
+            req.origin_input_ids, Reconstruct(chunk_tokens=100, chat_turn=False), lambda text: [5, 6], WINDOW,
+            LAYERS, rid_base="never-sent")
+    commit(stub, document(0))
+    other_end = document(0)[:-1] + [7]
+    commit(stub, other_end)
+    assert len(stub.cache.pending) == 1 and stub.cache.pending[0].full_key.token_ids[-1] == document(0)[-1]
+    if observe == "branches":
+        run(stub, document(0) + question(0))
+    else:
+        stub.cache.pending[0].deadline = 0.0  # no repetition runs here: its wait ends, compressed by the tail
+        stub.cache.compress_ready_when_idle()
+    (node,) = stub.compressed_nodes()
+    assert len(node.key) == 199 and not stub.cache.pending
+    branch = stub.prefill(stub.request(other_end + question(1)))
+    assert branch.prefix_len >= 199 and uses_compressed_prefix(stub, branch)
+    stub.finish(branch)
+    check(stub)
+    assert_all_released(stub)
+
+
 def test_a_commit_that_extends_a_waiting_prefix_by_a_whole_document_is_not_a_second_waiting_prefix():
     # Two waiting prefixes on one path would undo each other: the shorter one's compression
     # frees what is cached below it, the longer one's the shorter's full copy.
