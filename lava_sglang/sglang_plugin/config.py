@@ -53,6 +53,9 @@ OBSERVE_PROMPTS = (CHAT, PLAIN)  # --kv-observe-prompt: Reconstruct.chat_turn tr
 MAX_PENDING_PREFIXES = 32  # beyond that, a committed prefix is compressed at once by its tail
 MAX_BRANCH_WINDOWS = 8  # branches captured + windows added, at most (PendingPrefix.claim_branch)
 MAX_BRANCH_OWN_TOKENS = 512  # a longer branch (a continuation, not a question) adds no window
+# The branch windows of all waiting prefixes together (32 prefixes x 8 branches of an 8B model
+# could hold ~17 GB beside the KV pool); a branch past it adds no window.
+MAX_BRANCH_WINDOW_BYTES = 1 << 30
 OBSERVATION_WINDOW = 32  # --kv-window's default where the window's queries score the prefix
 
 

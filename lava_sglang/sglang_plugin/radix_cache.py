@@ -47,7 +47,7 @@ from lava_sglang.policy import ObservationWindow
 from lava_sglang.sglang_plugin.compressed_tree import CompressedNode, CompressedRadixCache, prompt_key
 from lava_sglang.sglang_plugin.compressor import WindowCapture, plan_prefix
 from lava_sglang.sglang_plugin.config import (BRANCHES, DEFERRED_OBSERVE_SOURCES, FORK, MAX_BRANCH_OWN_TOKENS,
-                                              MAX_PENDING_PREFIXES, RECONSTRUCT, SHARED,
+                                              MAX_BRANCH_WINDOW_BYTES, MAX_PENDING_PREFIXES, RECONSTRUCT, SHARED,
                                               KvPolicyConfig)
 from lava_sglang.sglang_plugin.metrics import StoreMetrics
 from lava_sglang.sglang_plugin.pending import PendingPrefix, RepetitionCost
@@ -455,9 +455,21 @@ class LavaRadixCache(CompressedRadixCache):
         if queries is None:
             return
         own_slots = slots[prefix_len:]
+        fp32_bytes = 4 * sum(layer_queries.numel() + own_len * self.kv_pool.k_buffer[layer][0].numel()
+                             for layer, layer_queries in enumerate(queries))
+        if self._branch_window_bytes() + fp32_bytes > MAX_BRANCH_WINDOW_BYTES:
+            logger.warning("lava: the waiting prefixes' branch windows hold %.0f MiB, their most (%.0f MiB); a "
+                           "branch of a %d-token prefix adds none", self._branch_window_bytes() / 2**20,
+                           MAX_BRANCH_WINDOW_BYTES / 2**20, prefix_len)
+            return
         pending.branches.append([
             ObservationWindow(layer_queries.float(), self.kv_pool.k_buffer[layer][own_slots].transpose(0, 1).float())
             for layer, layer_queries in enumerate(queries)])
+
+    def _branch_window_bytes(self) -> int:
+        """What the waiting prefixes' branch windows hold (queries and own keys, fp32)."""
+        return sum(window.queries.nbytes + window.own_keys.nbytes
+                   for pending in self.pending for branch in pending.branches for window in branch)
 
     def _compress_ready_pending(self) -> None:
         """Compress each pending prefix no request runs on any more that has heard from a

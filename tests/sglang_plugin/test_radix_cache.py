@@ -666,6 +666,29 @@ def test_under_observe_branches_a_branch_longer_than_a_question_adds_no_window()
     assert_all_released(stub)
 
 
+def test_under_observe_branches_the_windows_of_all_waiting_prefixes_are_bounded_in_bytes(monkeypatch, caplog):
+    # A window holds a branch's queries and own keys at every layer (fp32), beside the KV pool.
+    from lava_sglang.sglang_plugin import radix_cache
+
+    stub = make_stub(observe="branches")
+    for index in range(2):
+        commit(stub, document(index))
+    first, second = (stub.prefill(stub.request(document(0) + question(index))) for index in range(2))
+    stub.finish(first)  # a window; document 0 waits while its second branch runs
+    one_window = stub.cache._branch_window_bytes()
+    assert one_window > 0 and len(stub.cache.pending[0].branches) == 1
+    monkeypatch.setattr(radix_cache, "MAX_BRANCH_WINDOW_BYTES", one_window)  # room for that one alone
+    with caplog.at_level(logging.WARNING, logger="lava_sglang.sglang_plugin.radix_cache"):
+        stub.finish(stub.prefill(stub.request(document(1) + question(0))))  # another prefix's branch
+    assert "a branch of a 200-token prefix adds none" in caplog.text
+    assert [len(pending.branches) for pending in stub.cache.pending] == [1, 0]
+    stub.finish(second)  # no room for its window either: document 0 is compressed with the first's
+    assert [len(node.key) for node in stub.compressed_nodes()] == [199] and stub.cache._branch_window_bytes() == 0
+    stub.finish(stub.prefill(stub.request(document(1) + question(1))))  # room again
+    assert len(stub.compressed_nodes()) == 2 and not stub.cache.pending
+    assert_all_released(stub)
+
+
 def test_a_shared_header_is_not_compressed_under_a_fork_prefix_that_waits_to_be_observed():
     stub = make_stub(compress_on=(FORK, SHARED), observe="branches")
     header = document(9, 100)
