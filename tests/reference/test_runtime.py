@@ -96,6 +96,17 @@ def test_a_batch_of_prefixes_answers_as_each_alone(runtime, capture):
         torch.testing.assert_close(batched[row], alone[0], atol=1e-4, rtol=1e-4)
 
 
+def test_teacher_forced_logits_rank_the_greedy_answer_first(runtime, capture):
+    # The fidelity benchmark reads a full cache's greedy answer back through
+    # continuation_logits: on the same prefix, each step must rank that answer's token first.
+    prefix = runtime.full_prefix(capture)
+    question = question_ids(runtime, "Which statement repeats while a condition holds?")
+    answer = runtime.generate([prefix], question, max_new_tokens=8)[0]
+    assert len(answer) >= 2
+    logits = runtime.continuation_logits([prefix], question, answer)
+    assert logits.argmax(-1)[0].tolist() == answer
+
+
 def test_query_aware_continuation_starts_from_the_prefill_logits(runtime, hf_model, document):
     question = question_ids(runtime, "Which statement repeats while a condition holds?")
     capture = runtime.prefill(document + question)
