@@ -297,19 +297,23 @@ def run_clients(visits, clients: int, deadline: float, run_visit) -> None:
     stop = threading.Event()
 
     def client() -> None:
-        while time.perf_counter() < deadline and not stop.is_set():
-            with lock:
-                visit = next(pending, None)
-            if visit is None:
-                return
-            run_visit(visit)
+        try:
+            while time.perf_counter() < deadline and not stop.is_set():
+                with lock:
+                    visit = next(pending, None)
+                if visit is None:
+                    return
+                run_visit(visit)
+        except BaseException:  # at once: the main thread may be waiting on another client
+            stop.set()
+            raise
 
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
         futures = [pool.submit(client) for _ in range(clients)]
         try:
             for future in futures:
                 future.result()
-        except BaseException:
+        except BaseException:  # Ctrl-C reaches the main thread
             stop.set()
             raise
 

@@ -213,6 +213,17 @@ def test_clients_stop_after_their_current_visit_when_one_is_interrupted():
     with pytest.raises(KeyboardInterrupt):
         serve.run_clients(range(100), 2, time.perf_counter() + 60, run_visit)
     assert done == [1]  # the visit under way finished; no other started
+
+    def second_client_fails(visit):
+        if visit == 1:  # while the main thread waits on the first client
+            raise RuntimeError("a bad visit")
+        time.sleep(0.05)
+        done.append(visit)
+
+    done.clear()
+    with pytest.raises(RuntimeError, match="a bad visit"):
+        serve.run_clients(range(1000), 2, time.perf_counter() + 60, second_client_fails)
+    assert len(done) <= 2  # the first client finished the visit under way, then stopped
     finished = []
     serve.run_clients(range(5), 2, time.perf_counter() + 60, finished.append)
     assert sorted(finished) == [0, 1, 2, 3, 4]

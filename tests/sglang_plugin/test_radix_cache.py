@@ -619,12 +619,11 @@ def test_a_release_step_that_fails_is_skipped_and_the_scheduler_serves_on(monkey
 def test_a_prefix_that_becomes_ready_with_no_release_is_compressed_when_the_scheduler_is_idle():
     # Its wait passes and no branch comes, or its repetition fails in the sending thread (a
     # chunk aborted while queued, which SGLang drops without a release): the idle loop compresses it.
-    stub = SchedulerStub(KvPolicyConfig(policy="lava", window=WINDOW, min_prefix=MIN_PREFIX, observe="branches",
-                                        observe_wait=0.2))
+    stub = make_stub(observe="branches")
     commit(stub, document(0))
-    stub.cache.compress_ready_when_idle()  # still within its wait
+    stub.cache.compress_ready_when_idle()  # still within its wait (30 s)
     assert not stub.compressed_nodes() and len(stub.cache.pending) == 1
-    time.sleep(0.3)
+    stub.cache.pending[0].deadline = time.monotonic()  # the wait has passed
     stub.cache.compress_ready_when_idle()
     (node,) = stub.compressed_nodes()
     assert not stub.cache.pending and stub.cache.evictable_size() == node_slots(node)
