@@ -84,8 +84,11 @@ def _demo_command(args: argparse.Namespace) -> int:
     print(f"Starting SGLang {sgl.__version__} ({device}) with {' '.join(server_args)}; log: {log_path}", flush=True)
 
     def program() -> dict:
-        return multi_question_qa.run(prefix=prefix, suffixes=suffixes, max_tokens=args.max_new_tokens,
-                                     backend=sgl.RuntimeEndpoint(server.url))
+        try:
+            return multi_question_qa.run(prefix=prefix, suffixes=suffixes, max_tokens=args.max_new_tokens,
+                                         backend=sgl.RuntimeEndpoint(server.url))
+        except RuntimeError as error:  # a branch's request failed: the server's log says why
+            raise SystemExit(f"lava-sglang demo: {error}; the server's log: {log_path}") from None
 
     def store() -> dict:
         return requests.get(server.url + "/server_info", timeout=60).json()["internal_states"][0]["lava_kv_policy"][
@@ -300,6 +303,9 @@ def main(argv: list[str] | None = None) -> int:
         # server that stopped: one message
         print(f"lava-sglang: error: {error}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:  # Ctrl-C: the servers it started are stopped on the way out
+        print("lava-sglang: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

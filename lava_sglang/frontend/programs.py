@@ -26,5 +26,8 @@ def multi_question_qa(s, prefix: str, suffixes: list[str], max_tokens: int = 32)
     for branch, suffix in zip(used, suffixes):
         branch += suffix + sgl.gen("answer", max_tokens=max_tokens, temperature=0)
     branches.join()
+    for branch in used:  # SGLang keeps a branch's error in its state: raise it, not a KeyError on its answer
+        if branch.error() is not None:
+            raise RuntimeError(f"a question's branch failed: {branch.error()}") from branch.error()
     s["answers"] = [branch["answer"] for branch in used]
     s["meta_info"] = [branch.get_meta_info("answer") for branch in used]

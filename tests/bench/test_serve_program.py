@@ -31,6 +31,16 @@ class RecordingBackend(BaseBackend):
         return f"answer to {s.text_[-3:]}", {"prompt_tokens": len(s.text_), "cached_tokens": 0}
 
 
+class FailingBackend(RecordingBackend):
+    def generate(self, s, sampling_params):
+        raise ConnectionError("the server went away")
+
+
+def test_a_failed_branch_raises_its_error():
+    with pytest.raises(RuntimeError, match="a question's branch failed: the server went away"):
+        multi_question_qa.run(prefix="DOCUMENT", suffixes=[" Q0", " Q1"], max_tokens=4, backend=FailingBackend())
+
+
 @pytest.mark.parametrize("num_questions", [1, 2, 4])
 def test_the_document_is_committed_once_and_every_question_gets_its_branch(num_questions):
     backend = RecordingBackend()
