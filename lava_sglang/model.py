@@ -51,6 +51,9 @@ def smollm2_path(cache_dir: Path | None = None) -> Path:
     target = smollm2_location(cache_dir)
     if (target / "config.json").is_file():
         return target
+    if target.exists():  # conversions appear whole (a rename): this was put there otherwise
+        raise FileExistsError(f"{target} exists but holds no converted checkpoint (no config.json); delete it "
+                              "and run again to convert SmolLM2 there")
     source = gguf_path()
     target.parent.mkdir(parents=True, exist_ok=True)
     # Convert into a temporary sibling and rename, so an interrupted run leaves no half model.

