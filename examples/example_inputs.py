@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+import requests
+
 from lava_sglang.argtypes import positive_int
 
 DATA = Path(__file__).resolve().parent / "data"
@@ -34,4 +36,9 @@ def read_inputs(parser: argparse.ArgumentParser, args: argparse.Namespace) -> tu
         parser.error(f"--document {args.document}: the file is empty")
     if not questions:
         parser.error(f"--questions {args.questions}: no question in it (one per line)")
+    try:  # before the first request, whose failure would be a traceback from deep in a client library
+        requests.get(args.url + "/health", timeout=30)
+    except requests.RequestException as error:
+        parser.exit(1, f"{parser.prog}: no SGLang server answers at --url {args.url} ({type(error).__name__}): start "
+                       "examples/launch_server.sh and wait for 'The server is fired up'\n")
     return document, questions

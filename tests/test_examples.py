@@ -32,6 +32,21 @@ def test_bad_inputs_are_one_line_before_any_request(name, args, message, tmp_pat
     assert message in error and "Traceback" not in error
 
 
+@pytest.mark.parametrize("name", ["multi_question_qa", "openai_shared_document"])
+def test_no_server_at_the_url_is_one_line_saying_how_to_start_one(name, monkeypatch, capsys):
+    import socket
+
+    with socket.socket() as unused:  # a port nothing listens on
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+    with pytest.raises(SystemExit) as exit_info:
+        load(name, monkeypatch).main(["--url", f"http://127.0.0.1:{port}"])
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err
+    assert f"no SGLang server answers at --url http://127.0.0.1:{port} (ConnectionError)" in error
+    assert "examples/launch_server.sh" in error and "Traceback" not in error
+
+
 def test_the_openai_example_refuses_no_concurrency(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         load("openai_shared_document", monkeypatch).main(["--concurrency", "0"])
