@@ -2,7 +2,8 @@
 
 A fork program's document is not compressed when it is committed: it waits while the
 branches run on the full prefix, then is compressed once with the tail's and the branches'
-observation windows, and later programs read the compressed copy.
+observation windows, and later programs read the compressed copy, answering as the reference
+runtime does with the same windows.
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ import time
 
 import pytest
 import requests
-from e2e_support import ask, store_stats
+from e2e_support import ask, kv_state, run_record, store_stats
 
 from lava_sglang.bench.documents import prompt_parts, retrieval_documents
 from lava_sglang.sglang_plugin.server_process import ServerProcess
@@ -44,7 +45,7 @@ def flush(url: str) -> dict:
     return stats
 
 
-def test_a_document_is_compressed_once_after_its_branches_ran(server, documents, tokenizer):
+def test_a_document_is_compressed_once_after_its_branches_ran(server, documents, tokenizer, smollm2_path):
     capacity = flush(server.url)["pool_available"]
     document = documents[0]
     prefix_tokens = len(tokenizer(prompt_parts(document.text, "")[0]).input_ids)
@@ -65,6 +66,20 @@ def test_a_document_is_compressed_once_after_its_branches_ran(server, documents,
     assert all(answer.strip() for answer in later)
     assert all(meta["cached_tokens"] >= prefix_tokens - 1 for meta in later_meta)
     assert store_stats(server.url)["compressions"] == 1
+
+    # Both visits answer as the reference runtime: the first on the full prefix, the second on
+    # the copy planned from the tail and the first visit's three questions as branches.
+    from lava_sglang.bench.serve_reference import reference_answers
+    from lava_sglang.reference import ReferenceRuntime
+
+    options = kv_state(server.url)
+    record = run_record("lava", options, prefix_tokens, [(range(3), answers, meta_info),
+                                                         (range(1, 4), later, later_meta)])
+    rows = reference_answers(ReferenceRuntime.load(smollm2_path, window=options["window"]), [document], record,
+                             ANSWER_TOKENS, progress=False)
+    assert [row["compressed"] for row in rows] == [False] * 3 + [True] * 3
+    assert all(row["prompt_tokens_match"] and not row["observers_guessed"] for row in rows)
+    assert all(row["identical"] for row in rows), [(row["server_answer"], row["reference_answer"]) for row in rows]
     assert flush(server.url)["pool_available"] == capacity
 
 
@@ -73,6 +88,7 @@ def test_a_prefix_whose_branches_never_come_is_compressed_after_the_wait(server,
     compressions = store_stats(server.url)["compressions"]
     prefix, _ = prompt_parts(documents[1].text, "")
     # What fork() sends to commit a prefix; then no branch comes.
+    committed_at = time.monotonic()
     commit = requests.post(server.url + "/generate", timeout=300,
                            json={"text": prefix, "sampling_params": {"max_new_tokens": 0}})
     assert commit.status_code == 200, commit.text
@@ -80,9 +96,12 @@ def test_a_prefix_whose_branches_never_come_is_compressed_after_the_wait(server,
     assert (stats["pending"], stats["compressions"]) == (1, compressions)
     assert stats["evictable"] >= commit.json()["meta_info"]["prompt_tokens"]  # cached, not pinned
     assert stats["protected"] == 0
-    time.sleep(OBSERVE_WAIT + 1)
-    # No request comes either: the idle scheduler compresses the prefix with its tail window alone.
-    stats = store_stats(server.url)
+    # No request comes either: the idle scheduler compresses the prefix with its tail window
+    # alone once its wait has passed.
+    deadline = time.monotonic() + OBSERVE_WAIT + 60
+    while (stats := store_stats(server.url))["pending"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert time.monotonic() - committed_at >= OBSERVE_WAIT
     assert (stats["pending"], stats["compressions"], stats["entries"]) == (0, compressions + 1, 1)
     assert "observed by its tail and 0 branch window(s)" in server.log_path.read_text()
     flush(server.url)
