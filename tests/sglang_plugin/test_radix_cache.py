@@ -44,6 +44,17 @@ def make_stub(compress_on=(FORK,), policy="lava", observe="tail") -> SchedulerSt
                                         observe=observe))
 
 
+def make_waiting_stub(observe: str, compress_on=(FORK,)) -> SchedulerStub:
+    """A stub whose fork prefixes wait: for their branches, or for a repetition that is
+    planned and never sent (no server runs its chunks here)."""
+    stub = make_stub(compress_on=compress_on, observe=observe)
+    if observe == "reconstruct":
+        stub.cache._start_repetition = lambda req: RepetitionScores.plan(
+            req.origin_input_ids, Reconstruct(chunk_tokens=100, chat_turn=False), lambda text: [5, 6], WINDOW,
+            LAYERS, rid_base="never-sent")
+    return stub
+
+
 def check(stub: SchedulerStub) -> None:
     assert stub.accounting_problem() is None, stub.accounting_problem()
     for req in stub.running:
@@ -507,11 +518,7 @@ def test_a_commit_that_extends_a_waiting_prefix_is_its_branch_not_a_second_prefi
     # A nested fork() in a branch commits the document and more: a second waiting prefix would
     # repeat (or wait for) the whole document again, and whichever was compressed first would
     # free or discard the other.
-    stub = make_stub(observe=observe)
-    if observe == "reconstruct":  # a repetition planned, never sent: the prefix waits for it
-        stub.cache._start_repetition = lambda req: RepetitionScores.plan(
-            req.origin_input_ids, Reconstruct(chunk_tokens=100, chat_turn=False), lambda text: [5, 6], WINDOW,
-            LAYERS, rid_base="never-sent")
+    stub = make_waiting_stub(observe)
     commit(stub, document(0))
     assert [len(pending.full_key) for pending in stub.cache.pending] == [200]
     commit(stub, document(0) + list(range(1, MIN_PREFIX + 2)))  # a commit of the document and more
@@ -527,11 +534,7 @@ def test_a_commit_that_extends_a_waiting_prefix_is_its_branch_not_a_second_prefi
 def test_a_commit_that_differs_from_a_waiting_prefix_in_its_last_token_is_not_a_second_waiting_prefix(observe):
     # Both would compress the same first n - 1 tokens: the first to be compressed freed the
     # other's copy, whose observation (a second repetition) was run for nothing.
-    stub = make_stub(observe=observe)
-    if observe == "reconstruct":  # a repetition planned, never sent: the prefix waits for it
-        stub.cache._start_repetition = lambda req: RepetitionScores.plan(
-            req.origin_input_ids, Reconstruct(chunk_tokens=100, chat_turn=False), lambda text: [5, 6], WINDOW,
-            LAYERS, rid_base="never-sent")
+    stub = make_waiting_stub(observe)
     commit(stub, document(0))
     other_end = document(0)[:-1] + [7]
     commit(stub, other_end)
@@ -570,11 +573,7 @@ def test_a_commit_that_a_waiting_prefix_extends_is_not_a_second_waiting_prefix(o
     # The reverse order of a nested fork: the longer prefix was committed first. The shorter
     # one waiting beside it would free the longer one's full copy when compressed, or lose its
     # own when the longer one is.
-    stub = make_stub(observe=observe, compress_on=compress_on)
-    if observe == "reconstruct":  # a repetition planned, never sent: the prefix waits for it
-        stub.cache._start_repetition = lambda req: RepetitionScores.plan(
-            req.origin_input_ids, Reconstruct(chunk_tokens=100, chat_turn=False), lambda text: [5, 6], WINDOW,
-            LAYERS, rid_base="never-sent")
+    stub = make_waiting_stub(observe, compress_on)
     longer = document(0) + list(range(1, MIN_PREFIX + 2))
     commit(stub, longer)
     with caplog.at_level(logging.INFO, logger="lava_sglang.sglang_plugin.radix_cache"):
