@@ -5,7 +5,8 @@ For every document length, batch size and keep ratio: one decode step of one lay
 lengths spread from 0.5x to 1.5x the kept mean, as LAVa's head budgets differ), and
 `PoolPrefixAttention` (what the server runs on CUDA) over the same rows read in place from
 pool slots through the store's layout tables, eagerly and replayed from a CUDA graph (where
-its host overhead is gone: the decode step a graph-captured server would run). Baseline: FlashInfer's
+its host overhead is gone: the prefix part of the decode step a graph-captured server would run,
+without the own-token attention and the merge that follow it). Baseline: FlashInfer's
 BatchDecodeWithPagedKVCacheWrapper over the whole document, page size 1, in SGLang's layout
 (tensor cores when the GQA group is >= 4, as SGLang's FlashInfer backend chooses). Printed:
 time, ratio to the full-prefix time, bytes read and the achieved HBM bandwidth.
