@@ -24,8 +24,10 @@ if [ -n "${LAVA_SGLANG_VENV:-}" ] && [ ! -x "$VENV/bin/python" ]; then
     echo "lava-sglang: LAVA_SGLANG_VENV=$VENV has no bin/python; unset it to use the keyed environment" >&2
     return 2 2>/dev/null || exit 2
 fi
+# Every variable make_env.sh reads is passed: a shell variable set without export would not reach it
+# (LAVA_SGLANG_VENV=/my/venv on a line of its own: make_env.sh would remake that environment).
 if ! mkdir -p "$CACHE_ROOT" || ! VENV="$VENV" REPO_ROOT="$REPO_ROOT" PYTHON_FOR_VENV="$PYTHON_FOR_VENV" \
-        bash "$REPO_ROOT/scripts/make_env.sh" 9>"$CACHE_ROOT/.venv.lock"; then
+        LAVA_SGLANG_VENV="${LAVA_SGLANG_VENV:-}" bash "$REPO_ROOT/scripts/make_env.sh" 9>"$CACHE_ROOT/.venv.lock"; then
     echo "lava-sglang: setting up the environment in $VENV failed (see above)" >&2
     return 1 2>/dev/null || exit 1
 fi

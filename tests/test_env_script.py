@@ -21,13 +21,13 @@ exit 0
 """
 
 
-def source_env(tmp_path: Path, fail: str) -> subprocess.CompletedProcess:
+def source_env(tmp_path: Path, fail: str, before: str = "") -> subprocess.CompletedProcess:
     python = tmp_path / "python3.11"
     python.write_text(FAKE_PYTHON)
     python.chmod(0o755)
     environment = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "LAVA_SGLANG_CACHE": str(tmp_path / "cache"),
                    "PYTHON": str(python), "FAKE_LOG": str(tmp_path / "calls.log"), "FAKE_FAIL": fail}
-    return subprocess.run(["bash", "-c", f"source {REPO_ROOT}/scripts/env.sh"], env=environment, cwd=tmp_path,
+    return subprocess.run(["bash", "-c", f"{before}source {REPO_ROOT}/scripts/env.sh"], env=environment, cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
 
 
@@ -56,6 +56,21 @@ def test_a_complete_environment_is_reused_and_its_editable_install_made_once(tmp
     calls_after_first = (tmp_path / "calls.log").read_text()
     assert source_env(tmp_path, "never").returncode == 0
     assert (tmp_path / "calls.log").read_text() == calls_after_first  # no venv, pip or editable call
+
+
+@pytest.mark.parametrize("export", ["", "export "])
+def test_an_environment_of_ones_own_is_never_made_again(tmp_path, export):
+    # LAVA_SGLANG_VENV names it; set in the shell without export, it must still be seen.
+    own = tmp_path / "own-venv"
+    (own / "bin").mkdir(parents=True)
+    (own / "bin" / "python").write_text(FAKE_PYTHON)
+    (own / "bin" / "python").chmod(0o755)
+    (own / "mine").write_text("")
+    result = source_env(tmp_path, "never", before=f"{export}LAVA_SGLANG_VENV={own}; ")
+    assert result.returncode == 0, result.stderr
+    assert (own / "mine").exists() and not (own / ".complete").exists()
+    assert "-m venv" not in (tmp_path / "calls.log").read_text()
+    assert not environments(tmp_path)
 
 
 def test_every_declared_dependency_is_pinned_in_the_lock():
