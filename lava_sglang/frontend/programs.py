@@ -10,6 +10,17 @@ from __future__ import annotations
 import sglang as sgl
 
 
+def _branch_error(branch):
+    """The error a joined branch stopped on, or None. Read once its worker thread has ended
+    (`join()` ends it; a failed one ends by itself once it has stored its error), not through
+    `ProgramState.error()`, whose sync can wait forever on the stop `join()` queued for a
+    worker that had already stopped on its error."""
+    executor = branch.stream_executor
+    if executor.use_thread:
+        executor.worker.join()
+    return executor.error_
+
+
 @sgl.function
 def multi_question_qa(s, prefix: str, suffixes: list[str], max_tokens: int = 32):
     """prefix: the shared text (e.g. system prompt + document); suffixes: one per question
@@ -27,7 +38,8 @@ def multi_question_qa(s, prefix: str, suffixes: list[str], max_tokens: int = 32)
         branch += suffix + sgl.gen("answer", max_tokens=max_tokens, temperature=0)
     branches.join()
     for branch in used:  # SGLang keeps a branch's error in its state: raise it, not a KeyError on its answer
-        if branch.error() is not None:
-            raise RuntimeError(f"a question's branch failed: {branch.error()}") from branch.error()
+        error = _branch_error(branch)
+        if error is not None:
+            raise RuntimeError(f"a question's branch failed: {error}") from error
     s["answers"] = [branch["answer"] for branch in used]
     s["meta_info"] = [branch.get_meta_info("answer") for branch in used]
