@@ -51,7 +51,7 @@ from lava_sglang.sglang_plugin.config import (BRANCHES, DEFERRED_OBSERVE_SOURCES
                                               KvPolicyConfig)
 from lava_sglang.sglang_plugin.metrics import StoreMetrics
 from lava_sglang.sglang_plugin.pending import PendingPrefix, RepetitionCost
-from lava_sglang.sglang_plugin.repetition import RepetitionClient, RepetitionScores
+from lava_sglang.sglang_plugin.repetition import REPETITION_RID_PREFIX, RepetitionClient, RepetitionScores
 from lava_sglang.sglang_plugin.tensor_parallel import TensorParallel
 from lava_sglang.sglang_plugin.touchpoints import has_input_embeddings, radix_cache_api, seconds_since_first_forward
 from lava_sglang.store import CellLayout, slots_needed, write_kept
@@ -93,6 +93,7 @@ class LavaRadixCache(CompressedRadixCache):
         # them, and a client must not guess them), then a count.
         self.repetition_rid_base = uuid.uuid4().hex if tensor_parallel is None else tensor_parallel.from_first_rank(
             uuid.uuid4().hex)
+        self._repetition_rid_prefix = f"{REPETITION_RID_PREFIX}{self.repetition_rid_base}-"
         self.repetitions_started = 0
         self.policy = config.make_policy()
         self.capture = WindowCapture(config.window, config.min_prefix)
@@ -210,9 +211,10 @@ class LavaRadixCache(CompressedRadixCache):
     def on_release(self, req, *, checkpointed: bool) -> None:
         repeated_len = None
         try:
-            # By id, not by prefix: a client may send any rid, "lava-repeat-..." too.
-            if isinstance(req.rid, str) and self._repeated_len(req.rid) is not None:
-                repeated_len = self._end_repetition(req, checkpointed)  # never a commit, though max_new_tokens is 0
+            # By this server's random base, which a client cannot guess (it may send "lava-repeat-..."); a
+            # chunk whose repetition is forgotten still is no commit, though max_new_tokens is 0.
+            if isinstance(req.rid, str) and req.rid.startswith(self._repetition_rid_prefix):
+                repeated_len = self._end_repetition(req, checkpointed)
             elif checkpointed and FORK in self.config.compress_on and self._is_fork_prefix(req):
                 # A policy that reads no attention (streamingllm) has nothing to wait for.
                 if (self.config.observe in DEFERRED_OBSERVE_SOURCES and self.policy.needs_scores

@@ -101,6 +101,16 @@ def test_a_client_request_whose_id_looks_like_a_repetition_chunks_is_served_as_a
     assert_all_released(stub)
 
 
+def test_a_chunk_of_a_forgotten_repetition_is_not_taken_for_a_fork_commit():
+    # Its repetition stopped and was forgotten (say, more stopped chunks than are remembered):
+    # the chunk has a commit's shape, and would have started a repetition of its own.
+    stub = make_waiting_stub("reconstruct")
+    commit(stub, document(0), rid=f"{stub.cache._repetition_rid_prefix}7-chunk-0")
+    assert not stub.cache.pending and not stub.compressed_nodes()
+    commit(stub, document(0), rid="lava-repeat-7-chunk-0")  # a client's, however named, is a commit
+    assert len(stub.cache.pending) == 1
+
+
 def test_a_commit_given_embeddings_is_not_a_fork_prefix():
     # SGLang gives such a request the ids [1] * length: no document to score or share.
     stub = make_stub()
@@ -840,12 +850,17 @@ def started(stub, scores: RepetitionScores) -> RepetitionScores:
     return scores
 
 
+def repetition_of_document_0(stub: SchedulerStub, name: str) -> RepetitionScores:
+    """A repetition of document(0) in 64-token chunks, its chunks' ids of this server's base."""
+    return RepetitionScores.plan(document(0), Reconstruct(chunk_tokens=64, chat_turn=False), lambda text: [7, 9, 9],
+                                 WINDOW, LAYERS, rid_base=f"{stub.cache.repetition_rid_base}-{name}")
+
+
 def test_a_stopped_repetition_remembers_only_the_chunk_that_can_still_run():
     # Its chunks are sent one after another: the first not yet released is the only one that can be queued or
     # running; the others' rids, never to be released, would fill the bounded list and push out live ones.
     stub = make_stub(observe="reconstruct")
-    scores = started(stub, RepetitionScores.plan(document(0), Reconstruct(chunk_tokens=64, chat_turn=False),
-                                                 lambda text: [7, 9, 9], WINDOW, LAYERS, rid_base="three"))
+    scores = started(stub, repetition_of_document_0(stub, "three"))
     assert len(scores.rids) == 3
     stub.cache.repetitions.pop(scores.rids[0])  # the first chunk was released
     stub.cache.retire_repetition(scores)
@@ -860,8 +875,7 @@ def test_a_rank_that_does_not_send_the_chunks_remembers_every_one_not_yet_releas
     stub = SchedulerStub(KvPolicyConfig(policy="lava", window=WINDOW, min_prefix=MIN_PREFIX, observe="reconstruct"),
                          tensor_parallel=TensorParallel(rank=1, world_size=2, group=OtherRank()))
     assert not stub.cache._sends_requests
-    scores = started(stub, RepetitionScores.plan(document(0), Reconstruct(chunk_tokens=64, chat_turn=False),
-                                                 lambda text: [7, 9, 9], WINDOW, LAYERS, rid_base="rank-1"))
+    scores = started(stub, repetition_of_document_0(stub, "rank-1"))
     stub.cache.repetitions.pop(scores.rids[0])  # the first chunk was released
     stub.cache.retire_repetition(scores)
     assert stub.cache.retired_repetitions == dict.fromkeys(scores.rids[1:], 200)
@@ -872,8 +886,7 @@ def test_a_stopped_repetitions_chunk_that_still_runs_reuses_the_prefix_only_and_
     # that missed): the chunk is matched and freed as a live one is, on every rank alike.
     stub = make_stub(observe="reconstruct")
     plain = run(stub, document(0))  # the document and two answer tokens (7, 8) in the tree
-    scores = started(stub, RepetitionScores.plan(document(0), Reconstruct(chunk_tokens=64, chat_turn=False),
-                                                 lambda text: [7, 9, 9], WINDOW, LAYERS, rid_base="stopped"))
+    scores = started(stub, repetition_of_document_0(stub, "stopped"))
     first_request = scores.input_ids(scores.chunks[0])
     assert first_request[200:201] == [7] == list(plain.output_ids[:1])  # a longer match is there to take
     stub.cache.retire_repetition(scores)
@@ -892,8 +905,7 @@ def test_a_stopped_repetitions_chunk_that_runs_after_its_prefix_was_compressed_l
     stub = make_stub()
     commit(stub, document(0))
     (node,) = stub.compressed_nodes()
-    scores = started(stub, RepetitionScores.plan(document(0), Reconstruct(chunk_tokens=64, chat_turn=False),
-                                                 lambda text: [7, 9, 9], WINDOW, LAYERS, rid_base="late"))
+    scores = started(stub, repetition_of_document_0(stub, "late"))
     stub.cache.retire_repetition(scores)
     chunk = stub.prefill(stub.request(scores.input_ids(scores.chunks[0]), max_new_tokens=0, rid=scores.rids[0]))
     assert uses_compressed_prefix(stub, chunk)
