@@ -318,6 +318,21 @@ def run_clients(visits, clients: int, deadline: float, run_visit) -> None:
             raise
 
 
+def flush_cache(url: str, attempts: int = 30, pause: float = 2.0) -> None:
+    """Empty the server's cache before a run, so that what it reports (its store's counters,
+    its hits) is this run's. SGLang refuses a flush while any request is queued or running
+    (its own or the plugin's repetition chunks): tried again, and raised if it never takes."""
+    for attempt in range(attempts):
+        response = requests.post(url + "/flush_cache", timeout=120)
+        if response.ok:
+            return
+        if attempt < attempts - 1:
+            time.sleep(pause)
+    raise TimeoutError(f"{url}/flush_cache refused {attempts} times over {attempts * pause:.0f} s (HTTP "
+                       f"{response.status_code}: {response.text.strip()[:200]}): the server is busy; run again when "
+                       "it is idle")
+
+
 def run_workload(url: str, documents, prefix_tokens: list[int], visits, config: ServeConfig, label: str,
                  progress: bool) -> dict:
     """Every visit as a fork program, `config.clients` at a time, in order, until done or
@@ -327,7 +342,7 @@ def run_workload(url: str, documents, prefix_tokens: list[int], visits, config: 
     from lava_sglang.frontend import multi_question_qa
 
     endpoint = timed_endpoint(url)
-    requests.post(url + "/flush_cache", timeout=120)
+    flush_cache(url)
     urls = server_urls(url)  # several behind SGLang's router
     facts = server_facts(urls[0])
     capacity = total([facts["capacity_tokens"], *(server_facts(server)["capacity_tokens"] for server in urls[1:])])

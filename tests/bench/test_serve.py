@@ -196,6 +196,26 @@ def test_flags_that_would_do_nothing_or_relabel_a_run_are_refused():
     assert allowed.server_args == ["--kv-observe-view", "chunk", "--mem-fraction-static", "0.5"]
 
 
+def test_a_flush_the_server_refuses_is_tried_again_then_raised(monkeypatch):
+    from types import SimpleNamespace
+
+    answers = []
+
+    def post(url, timeout):
+        answers.append(url)
+        ok = len(answers) == 3  # busy twice (a request still queued), then idle
+        return SimpleNamespace(ok=ok, status_code=200 if ok else 400, text="" if ok else "Cache not flushed: busy")
+
+    monkeypatch.setattr(serve.requests, "post", post)
+    monkeypatch.setattr(serve.time, "sleep", lambda seconds: None)
+    serve.flush_cache("http://127.0.0.1:1")
+    assert answers == ["http://127.0.0.1:1/flush_cache"] * 3
+    answers.clear()
+    with pytest.raises(TimeoutError, match=r"/flush_cache refused 2 times over 4 s \(HTTP 400: Cache not flushed: "
+                                           r"busy\): the server is busy"):
+        serve.flush_cache("http://127.0.0.1:1", attempts=2)
+
+
 def test_clients_stop_after_their_current_visit_when_one_is_interrupted():
     import threading
     import time
