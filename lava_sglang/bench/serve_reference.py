@@ -78,11 +78,12 @@ def reference_answers(runtime, documents, record: dict, max_tokens: int, progres
 
     from lava_sglang.policy import POLICIES, policy_name
     from lava_sglang.reference import CompressedPrefix
-    from lava_sglang.sglang_plugin.config import BRANCHES, CHAT, DEFERRED_OBSERVE_SOURCES
+    from lava_sglang.sglang_plugin.config import BRANCHES, CHAT, DEFERRED_OBSERVE_SOURCES, FORK
 
     options = record.get("kv_policy_options") or {}
     policy = options_spec(record) if record["policy"] != NO_COMPRESSION else None
     observe = options.get("observe")
+    fork_commits = FORK in (options.get("compress_on") or [FORK])
     # The server defers only for policies that read attention (streamingllm compresses at commit).
     deferred = (observe in DEFERRED_OBSERVE_SOURCES and policy is not None
                 and POLICIES[policy_name(policy)].needs_scores)
@@ -112,9 +113,11 @@ def reference_answers(runtime, documents, record: dict, max_tokens: int, progres
         if compressed and deferred:
             observer = observed_by.get(question["visit"])
             compressed = observer is not None
-        # The compressed node holds the first n - 1 tokens: a token cached after it was computed
-        # over the compressed rows, as the reference computes the rest of the prompt.
-        keep_len = prefix_len - 1 if compressed else prefix_len
+        # A fork commit's compressed node holds the first n - 1 tokens: a token cached after it
+        # was computed over the compressed rows, as the reference computes the rest of the
+        # prompt. (Without fork commits, under --kv-compress-on shared, the prefix a hit shares
+        # is compressed with what was cached below it, computed over the full prefix.)
+        keep_len = prefix_len if not compressed else prefix_len - 1 if fork_commits else min(cached, prefix_len)
         while keep_len and prompt_ids[:keep_len] != capture.token_ids[:keep_len]:
             keep_len -= 1  # the question's tokenization differs inside the prefix (never seen so far)
         observers, observers_guessed = observers_of.get(observer, ([], False))

@@ -119,6 +119,11 @@ def test_a_compressed_hit_is_answered_after_the_first_n_minus_1_tokens_whatever_
     assert [row["keep_len"] for row in rows] == [n, n - 1, n - 1, n - 1]
     question = program_inputs(document, Visit(0, 0, (0,), 0))[1][0]
     assert runtime.generated == [(n, question)] + [(n - 1, prefix[-1] + question)] * 3
+    # Without fork commits (--kv-compress-on shared) a hit's cached tokens were all computed
+    # over the full prefix, and the prefix is compressed with them.
+    record["kv_policy_options"] = {**options, "compress_on": ["shared"]}
+    rows = reference_answers(StubRuntime(), [document], record, max_tokens=4, progress=False)
+    assert [row["keep_len"] for row in rows] == [n, n - 1, n, n]
 
 
 def test_the_reference_answers_with_the_serving_runs_own_checkpoint(tmp_path):
