@@ -30,6 +30,7 @@ class PendingPrefix:
     repetition: RepetitionScores | None = None
     prefill_seconds: float | None = None  # the commit's prefill, to which the repetition's cost is compared
     captured_branch_rids: set[str] = field(default_factory=set)  # branches captured, not yet released
+    branch_refused: bool = False  # a branch came, and the windows' bytes had no room for its window
 
     def claim_branch(self, rid: str) -> bool:
         """Whether the branch `rid` has its window queries captured. At most MAX_BRANCH_WINDOWS
@@ -49,7 +50,8 @@ class PendingPrefix:
         self.captured_branch_rids.discard(rid)
 
     def ready(self, now: float) -> bool:
-        """Whether what observes it has arrived (a branch window; the repetition, run whole or
+        """Whether what observes it has arrived (a branch window, or a branch that had no room
+        for one: waiting on would hold the full copy for nothing; the repetition, run whole or
         failed), or it has waited long enough. A repetition that is making progress is waited
         for past the deadline: compressing with part of its scores would keep the unscored
         chunks' tokens by accident (the prefix stays an ordinary, evictable node meanwhile);
@@ -60,7 +62,7 @@ class PendingPrefix:
                 return True
             return now >= self.deadline and (repetition.last_progress_at is None
                                              or now - repetition.last_progress_at >= self.wait)
-        return bool(self.branches) or now >= self.deadline
+        return bool(self.branches) or self.branch_refused or now >= self.deadline
 
     def is_for(self, key) -> bool:
         """Whether `key` is this committed prefix itself (a second commit of it)."""

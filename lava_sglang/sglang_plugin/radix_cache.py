@@ -463,6 +463,7 @@ class LavaRadixCache(CompressedRadixCache):
             logger.warning("lava: the waiting prefixes' branch windows hold %.0f MiB, their most (%.0f MiB); a "
                            "branch of a %d-token prefix adds none", self._branch_window_bytes() / 2**20,
                            MAX_BRANCH_WINDOW_BYTES / 2**20, prefix_len)
+            pending.branch_refused = True
             return
         pending.branches.append([
             ObservationWindow(layer_queries.float(), self.kv_pool.k_buffer[layer][own_slots].transpose(0, 1).float())

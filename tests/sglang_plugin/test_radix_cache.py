@@ -689,11 +689,13 @@ def test_under_observe_branches_the_windows_of_all_waiting_prefixes_are_bounded_
     with caplog.at_level(logging.WARNING, logger="lava_sglang.sglang_plugin.radix_cache"):
         stub.finish(stub.prefill(stub.request(document(1) + question(0))))  # another prefix's branch
     assert "a branch of a 200-token prefix adds none" in caplog.text
-    assert [len(pending.branches) for pending in stub.cache.pending] == [1, 0]
+    # Document 1 had a branch and no room for its window: compressed by its tail at once rather
+    # than holding its full copy for its whole wait; document 0 waits for its second branch.
+    assert [len(node.key) for node in stub.compressed_nodes()] == [199]
+    assert [pending.full_key.token_ids[0] for pending in stub.cache.pending] == [document(0)[0]]
+    assert len(stub.cache.pending[0].branches) == 1
     stub.finish(second)  # no room for its window either: document 0 is compressed with the first's
-    assert [len(node.key) for node in stub.compressed_nodes()] == [199] and stub.cache._branch_window_bytes() == 0
-    stub.finish(stub.prefill(stub.request(document(1) + question(1))))  # room again
-    assert len(stub.compressed_nodes()) == 2 and not stub.cache.pending
+    assert len(stub.compressed_nodes()) == 2 and not stub.cache.pending and stub.cache._branch_window_bytes() == 0
     assert_all_released(stub)
 
 
