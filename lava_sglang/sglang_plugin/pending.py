@@ -69,9 +69,9 @@ class PendingPrefix:
         return len(key) == len(self.full_key) and self._shared_len(key) == len(key)
 
     def shares_fork_prefix(self, key) -> bool:
-        """Whether `key` is as long as the committed prefix and differs from it only in its last
-        token: both would compress the same first n - 1 tokens."""
-        return len(key) == len(self.full_key) and self._shared_len(key) == len(key) - 1
+        """Whether `key` and the committed prefix part at the last token of the shorter: that
+        one's compression (all its tokens but the last) would free the other's copy."""
+        return self._shared_len(key) == min(len(key), len(self.full_key)) - 1
 
     def covers(self, key) -> bool:
         """Whether `key` starts with the whole committed prefix and goes beyond it."""

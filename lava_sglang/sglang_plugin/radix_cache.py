@@ -282,9 +282,9 @@ class LavaRadixCache(CompressedRadixCache):
         be compressed (a nested `fork()` in a branch): it is a branch of that prefix, which is
         compressed once, and like a commit that extends a compressed prefix it is not compressed
         itself. Nor, in the reverse order, is a commit that a waiting prefix extends: it is
-        cached as stock SGLang caches it, as is a commit of as many tokens that differs from a
-        waiting prefix only in its last token (both would compress the same n - 1 tokens; its
-        branches read the waiting prefix's copy once made). (Two waiting prefixes on one path
+        cached as stock SGLang caches it, as is a commit that parts from a waiting prefix at the
+        last token of the shorter of the two (the shorter one's compression would free the
+        other's copy; a commit of as many tokens would compress the same n - 1). (Two waiting prefixes on one path
         would undo each other: the shorter one's compression frees what is cached below it, the
         longer one's the shorter's full copy.)"""
         if not (self._is_commit(req) and self.config.evicts(len(req.origin_input_ids) - 1)):

@@ -540,13 +540,15 @@ def test_a_commit_that_extends_a_waiting_prefix_is_its_branch_not_a_second_prefi
         assert [len(pending.full_key) for pending in stub.cache.pending] == [200] and not stub.compressed_nodes()
 
 
+@pytest.mark.parametrize("longer", [0, 70], ids=["as-long", "longer"])
 @pytest.mark.parametrize("observe", ["branches", "reconstruct"])
-def test_a_commit_that_differs_from_a_waiting_prefix_in_its_last_token_is_not_a_second_waiting_prefix(observe):
-    # Both would compress the same first n - 1 tokens: the first to be compressed freed the
-    # other's copy, whose observation (a second repetition) was run for nothing.
+def test_a_commit_that_differs_from_a_waiting_prefix_in_its_last_token_is_not_a_second_waiting_prefix(observe,
+                                                                                                     longer):
+    # The waiting prefix's compression (its first n - 1 tokens) freed the other's copy, whose
+    # observation (a second repetition) was run for nothing; as long, both compressed the same.
     stub = make_waiting_stub(observe)
     commit(stub, document(0))
-    other_end = document(0)[:-1] + [7]
+    other_end = document(0)[:-1] + [7] + list(range(3000, 3000 + longer))
     commit(stub, other_end)
     assert len(stub.cache.pending) == 1 and stub.cache.pending[0].full_key.token_ids[-1] == document(0)[-1]
     if observe == "branches":
