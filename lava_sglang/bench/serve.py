@@ -49,7 +49,7 @@ from lava_sglang.sglang_plugin.server_process import ServerExited, ServerProcess
 
 POLICIES = ["none", *COMPRESSING_POLICIES]
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "docs" / "results"
-MIN_CONTEXT = 128  # tokens of a document: below this the planted facts crowd the filler out
+MIN_CONTEXT = 128  # the shortest document (tokens) this benchmark builds
 # --memory-bound's defaults (each overridable by its flag).
 # One client in the memory-bound case: a document being compressed is held in full next to
 # the store until its plan is made, so the cap must fit the in-flight documents as well;

@@ -113,11 +113,16 @@ def reference_answers(runtime, documents, record: dict, max_tokens: int, progres
         if compressed and deferred:
             observer = observed_by.get(question["visit"])
             compressed = observer is not None
-        # A fork commit's compressed node holds the first n - 1 tokens: a token cached after it
-        # was computed over the compressed rows, as the reference computes the rest of the
-        # prompt. (Without fork commits, under --kv-compress-on shared, the prefix a hit shares
-        # is compressed with what was cached below it, computed over the full prefix.)
-        keep_len = prefix_len if not compressed else prefix_len - 1 if fork_commits else min(cached, prefix_len)
+        if not compressed:
+            keep_len = prefix_len
+        elif fork_commits:
+            # A fork commit's compressed node holds the first n - 1 tokens: a token cached after
+            # it was computed over the compressed rows, as the reference computes the rest.
+            keep_len = prefix_len - 1
+        else:
+            # Under --kv-compress-on shared alone, the prefix a hit shares is compressed with
+            # what was cached below it, computed over the full prefix.
+            keep_len = min(cached, prefix_len)
         while keep_len and prompt_ids[:keep_len] != capture.token_ids[:keep_len]:
             keep_len -= 1  # the question's tokenization differs inside the prefix (never seen so far)
         observers, observers_guessed = observers_of.get(observer, ([], False))

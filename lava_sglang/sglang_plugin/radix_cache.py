@@ -284,9 +284,9 @@ class LavaRadixCache(CompressedRadixCache):
         itself. Nor, in the reverse order, is a commit that a waiting prefix extends: it is
         cached as stock SGLang caches it, as is a commit that parts from a waiting prefix at the
         last token of the shorter of the two (the shorter one's compression would free the
-        other's copy; a commit of as many tokens would compress the same n - 1). (Two waiting prefixes on one path
-        would undo each other: the shorter one's compression frees what is cached below it, the
-        longer one's the shorter's full copy.)"""
+        other's copy; a commit of as many tokens would compress the same n - 1). (Two waiting
+        prefixes on one path would undo each other: the shorter one's compression frees what is
+        cached below it, the longer one's the shorter's full copy.)"""
         if not (self._is_commit(req) and self.config.evicts(len(req.origin_input_ids) - 1)):
             return False
         if not self.pending:
@@ -459,9 +459,10 @@ class LavaRadixCache(CompressedRadixCache):
         own_slots = slots[prefix_len:]
         fp32_bytes = 4 * sum(layer_queries.numel() + own_len * self.kv_pool.k_buffer[layer][0].numel()
                              for layer, layer_queries in enumerate(queries))
-        if self._branch_window_bytes() + fp32_bytes > MAX_BRANCH_WINDOW_BYTES:
+        held_bytes = self._branch_window_bytes()
+        if held_bytes + fp32_bytes > MAX_BRANCH_WINDOW_BYTES:
             logger.warning("lava: the waiting prefixes' branch windows hold %.0f MiB, their most (%.0f MiB); a "
-                           "branch of a %d-token prefix adds none", self._branch_window_bytes() / 2**20,
+                           "branch of a %d-token prefix adds none", held_bytes / 2**20,
                            MAX_BRANCH_WINDOW_BYTES / 2**20, prefix_len)
             pending.branch_refused = True
             return
