@@ -20,7 +20,8 @@ on the full prefix; each branch leaves its observation window (its last tokens' 
 its own keys) when it is released, and once no request runs on the prefix any more it is
 compressed with the tail's and the branches' windows combined (docs/observe.md). Requests
 after that read the compressed copy. The wait pins nothing: the full prefix stays an
-ordinary evictable node, and a pending prefix that was evicted meanwhile is forgotten.
+ordinary evictable node, and a pending prefix that was evicted meanwhile is forgotten (its
+last token alone does not count: the compressed copy does not hold it).
 With `--kv-observe reconstruct` a committed fork prefix waits the same way for its
 repetition, one internal request per chunk of the prefix (`repetition.py`), whose attention
 scores it; each chunk's own tokens are freed as soon as its request is released.
@@ -487,11 +488,16 @@ class LavaRadixCache(CompressedRadixCache):
             ready, scored = agreed[:len(waiting)], agreed[len(waiting):]
         for pending, is_ready, is_scored in zip(waiting, ready, scored):
             full_key = pending.full_key
+            prefix_key = fork_prefix(full_key)
             slots, last_node = self.ordinary_slots(full_key, touch=False)  # waiting is not a use
-            if slots.numel() != len(full_key) or self.already_compressed(fork_prefix(full_key)):
+            if slots.numel() < len(prefix_key) or self.already_compressed(prefix_key):
                 self._forget(pending)  # evicted while it waited, or compressed by another path
                 continue
-            full_copy = self.fork_prefix_node(last_node)
+            # The commit's last token can go alone: where branches that merged it with their
+            # questions' first split the tree after it, it is a 1-token leaf, the least recently
+            # used. The compressed copy does not hold it; the plan is made over the rest.
+            last_token_evicted = slots.numel() < len(full_key)
+            full_copy = last_node if last_token_evicted else self.fork_prefix_node(last_node)
             if full_copy.lock_ref > 0 or not is_ready:
                 continue
             repetition = pending.repetition if is_scored else None
@@ -503,9 +509,12 @@ class LavaRadixCache(CompressedRadixCache):
                                f"--kv-observe-wait {self.config.observe_wait:g} s")
             self._forget(pending)
             branch_windows = [[branch[layer] for branch in pending.branches] for layer in range(self.kv_pool.layer_num)]
-            node = self._compress_path(fork_prefix(full_key), slots, last_node, pending.tail_queries,
-                                       branch_windows if pending.branches else None,
-                                       repetition.repeat if repetition is not None else None)
+            repeat_attention = repetition.repeat if repetition is not None else None
+            if repeat_attention is not None and last_token_evicted:  # one selectable token fewer
+                repeat_attention = [layer_scores[:, :slots.numel() - self.config.window]
+                                    for layer_scores in repeat_attention]
+            node = self._compress_path(prefix_key, slots, last_node, pending.tail_queries,
+                                       branch_windows if pending.branches else None, repeat_attention)
             if node is None:  # no room: it stays uncompressed; the branches' and repetition's tokens go
                 self.free_below(last_node)
                 continue

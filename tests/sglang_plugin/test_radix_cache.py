@@ -14,12 +14,12 @@ from sglang.test.test_utils import published_topology
 
 from lava_sglang.sglang_plugin.config import FORK, SHARED, KvPolicyConfig
 from lava_sglang.policy import Reconstruct
-from lava_sglang.sglang_plugin.compressed_tree import CompressedNode
+from lava_sglang.sglang_plugin.compressed_tree import CompressedNode, prompt_key
 from lava_sglang.sglang_plugin.repetition import RepetitionScores
 from lava_sglang.sglang_plugin.tensor_parallel import TensorParallel
 from lava_sglang.store import slots_needed
 
-from scheduler_stub import KV_HEADS, LAYERS, SchedulerStub
+from scheduler_stub import KV_HEADS, LAYERS, Q_HEADS, SchedulerStub
 
 WINDOW, MIN_PREFIX = 8, 64
 
@@ -201,6 +201,33 @@ def test_a_waiting_prefix_is_not_compressed_under_a_request_that_shares_all_but_
     run(stub, document(1, length=20))  # any release looks at the waiting prefixes again
     (node,) = stub.compressed_nodes()
     check(stub)
+    assert_all_released(stub)
+
+
+@pytest.mark.parametrize("observe", ["branches", "reconstruct"])
+def test_a_waiting_prefix_whose_last_token_alone_was_evicted_is_compressed_without_it(observe):
+    # Branches that merged the document's last token with their questions' first split the
+    # tree after n - 1 tokens: the commit's last token is a 1-token leaf, the least recently
+    # used, which eviction takes first. The compressed copy never holds that token.
+    stub = make_waiting_stub(observe)
+    commit(stub, document(0))
+    run(stub, last_token_apart(0))
+    assert stub.cache.evict(EvictParams(num_tokens=1)).num_tokens_evicted == 1
+    assert stub.cache.ordinary_slots(prompt_key(stub.request(document(0))))[0].numel() == 199
+    pending = stub.cache.pending[0]
+    if observe == "reconstruct":  # its repetition scored every chunk
+        scores = pending.repetition
+        scores.repeat = [torch.rand(Q_HEADS, scores.selectable) for _ in range(LAYERS)]
+        for chunk in scores.chunks:
+            chunk.done = True
+        scores.first_chunk_at = scores.ended_at = time.monotonic()
+    else:  # no branch left a window; the wait is over
+        pending.deadline = 0.0
+    stub.cache.compress_ready_when_idle()
+    (node,) = stub.compressed_nodes()
+    assert len(node.key) == 199 and not stub.cache.pending and stub.cache.repetitions_cut_short == 0
+    branch = run(stub, last_token_apart(1))
+    assert branch.prefix_len == 199
     assert_all_released(stub)
 
 
