@@ -4,9 +4,12 @@ answered right, and the full cache's on the same questions.
 
     python scripts/pool_quality.py docs/results/reuse/4k docs/results/reuse/4k_seed1 docs/results/reuse/4k_seed2
 
-Each argument is a run's folder (its quality.json, and quality_meta.json when there: a run
-cut short is refused) or the file itself. A cell is pooled over every (run, document length)
-that has it, and compared with the full cache's count over the same (run, length, mode).
+Each argument is a run's folder (its quality.json and quality_meta.json) or its quality.json,
+with the meta file beside it. A run cut short is refused, and so are two runs that asked the
+same questions at a length (the same seed and facts per document: pooled, each question would
+count twice). A cell is pooled over every (run, document length) that has it, and compared
+with the full cache's count over the same (run, length, mode). A policy is pooled by its name:
+runs made when its defaults differed are pooled as one policy.
 """
 
 from __future__ import annotations
@@ -16,12 +19,22 @@ import json
 from collections import defaultdict
 from pathlib import Path
 
+from lava_sglang.bench.report import questions_planned
+
 
 def retrieval_counts(records: list[dict]) -> dict[tuple, tuple[int, int]]:
     """(context, mode, observe, policy, keep ratio) -> (right, questions), over all questions of a run."""
     return {(record["context_tokens"], record["mode"], record["observe"], record["policy"], record["keep_ratio"]):
             (round(record["accuracy"] * record["n_questions"]), record["n_questions"])
             for record in records if record["task"] == "retrieval" and record["split"] == "all"}
+
+
+def question_sets(meta: dict, records: list[dict]) -> set[tuple]:
+    """What decides the retrieval questions a run asked at each of its lengths: the seed and the
+    facts per document (`quality.benchmark_documents` builds the documents from them)."""
+    config = meta["config"]
+    return {(config["seed"], tuple(config["facts_per_document"]), context)
+            for context, *_ in retrieval_counts(records)}
 
 
 def pooled(runs: list[list[dict]]) -> dict[tuple, tuple[int, int, int]]:
@@ -47,17 +60,27 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="a bench quality output folder, or its quality.json")
     args = parser.parse_args()
-    runs = []
+    runs, asked_by = [], {}
     for path in args.runs:
         file = path / "quality.json" if path.is_dir() else path
         if not file.is_file():
             parser.error(f"{path}: no quality.json there")
         meta_file = file.with_name("quality_meta.json")
-        meta = json.loads(meta_file.read_text()) if meta_file.is_file() else {}
-        if meta.get("questions_done", 0) < meta.get("questions_planned", 0):
-            parser.error(f"{path}: a run cut short ({meta['questions_done']} of {meta['questions_planned']} "
-                         "questions): its cells hold other questions than a whole run's")
-        runs.append(json.loads(file.read_text()))
+        if not meta_file.is_file():
+            parser.error(f"{path}: no quality_meta.json beside its quality.json: the questions it asked are unknown")
+        meta = json.loads(meta_file.read_text())
+        planned = questions_planned(meta)
+        if meta.get("questions_done", planned) < planned:
+            parser.error(f"{path}: a run cut short ({meta['questions_done']} of {planned} questions): its cells "
+                         "hold other questions than a whole run's")
+        records = json.loads(file.read_text())
+        for asked in sorted(question_sets(meta, records)):
+            if asked in asked_by:
+                seed, facts, context = asked
+                parser.error(f"{asked_by[asked]} and {path} asked the same questions at {context} tokens (seed "
+                             f"{seed}, facts per document {list(facts)}): pooled, each would count twice")
+            asked_by[asked] = path
+        runs.append(records)
     print(f"runs: {', '.join(map(str, args.runs))}")
     print()
     print("| mode | observe | policy | keep | right | questions | full cache right | x full |")

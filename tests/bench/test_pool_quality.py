@@ -2,6 +2,8 @@
 cell against the full cache's count on the same questions."""
 
 import importlib.util
+import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -41,13 +43,41 @@ def test_a_cell_on_other_questions_than_the_full_caches_is_refused():
         pool_quality.pooled([[record(1024, "full", 1.0, 30, 80), record(1024, "lava", 0.2, 10, 40)]])
 
 
-def test_a_run_cut_short_is_refused(tmp_path, capsys, monkeypatch):
-    import json
-    import sys
+def write_run(folder: Path, records: list[dict], seed: int = 0, **meta) -> Path:
+    folder.mkdir()
+    (folder / "quality.json").write_text(json.dumps(records))
+    config = {"seed": seed, "facts_per_document": [1, 4, 8], "questions": [80], "tasks": ["retrieval"]}
+    (folder / "quality_meta.json").write_text(json.dumps({"config": config, **meta}))
+    return folder
 
-    (tmp_path / "quality.json").write_text(json.dumps([record(1024, "full", 1.0, 30, 80)]))
-    (tmp_path / "quality_meta.json").write_text(json.dumps({"questions_done": 40, "questions_planned": 80}))
-    monkeypatch.setattr(sys, "argv", ["pool_quality.py", str(tmp_path)])
+
+def run_main(monkeypatch, *folders: Path) -> None:
+    monkeypatch.setattr(sys, "argv", ["pool_quality.py", *map(str, folders)])
+    pool_quality.main()
+
+
+def test_a_run_cut_short_is_refused(tmp_path, capsys, monkeypatch):
+    short = write_run(tmp_path / "short", [record(1024, "full", 1.0, 30, 80)], questions_done=40)
     with pytest.raises(SystemExit):
-        pool_quality.main()
+        run_main(monkeypatch, short)  # an older meta: the planned count from its config
     assert "a run cut short (40 of 80 questions)" in capsys.readouterr().err
+
+
+def test_runs_that_asked_the_same_questions_are_not_pooled(tmp_path, capsys, monkeypatch):
+    records = [record(1024, "full", 1.0, 30, 80), record(1024, "lava", 0.2, 24, 80)]
+    first = write_run(tmp_path / "first", records)
+    other_source = write_run(tmp_path / "other_source", [{**row, "observe": "tail"} for row in records])
+    other_seed = write_run(tmp_path / "other_seed", records, seed=1)
+    for twice in ((first, other_source), (first, first / "quality.json")):
+        with pytest.raises(SystemExit):
+            run_main(monkeypatch, *twice)
+        assert "asked the same questions at 1024 tokens (seed 0" in capsys.readouterr().err
+    run_main(monkeypatch, first, other_seed)
+    assert "| compress_once | reconstruct | lava | 0.2 | 48 | 160 | 60 | 0.80 |" in capsys.readouterr().out
+
+
+def test_a_run_without_its_meta_is_refused(tmp_path, capsys, monkeypatch):
+    (tmp_path / "quality.json").write_text(json.dumps([record(1024, "full", 1.0, 30, 80)]))
+    with pytest.raises(SystemExit):
+        run_main(monkeypatch, tmp_path)
+    assert "no quality_meta.json" in capsys.readouterr().err
