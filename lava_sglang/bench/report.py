@@ -28,9 +28,15 @@ def _cell(record: dict, metric: str) -> str:
     return f"{record[metric]:.2f} [{low:.2f}, {high:.2f}]"
 
 
+def _reference_mode(records: list[dict]) -> str:
+    """The mode whose full-cache records are the report's reference: compress-once's, or in a
+    run of query-aware cells alone theirs (the same answers to the same questions)."""
+    return "compress_once" if _select(records, mode="compress_once", policy="full") else "query_aware"
+
+
 def _share_of_full(records: list[dict], record: dict) -> str:
     full = _select(records, task=record["task"], context_tokens=record["context_tokens"], split=record["split"],
-                   mode="compress_once", policy="full")
+                   mode=_reference_mode(records), policy="full")
     return f"{record['accuracy'] / full[0]['accuracy']:.2f}" if full and full[0]["accuracy"] else ""
 
 
@@ -42,7 +48,7 @@ def _rows(records: list[dict], config: dict) -> list[tuple[str, dict]]:
     """(label, selector) per table row: the references, each source x scored policy, per question."""
     sources = config.get("observe", ["tail"])
     scored = _scored_policies(records)
-    rows = [("full", {"mode": "compress_once", "policy": "full"}),
+    rows = [("full", {"mode": _reference_mode(records), "policy": "full"}),
             ("streamingllm", {"mode": "compress_once", "observe": sources[0], "policy": "streamingllm"})]
     rows += [(f"{source} · {policy}", {"mode": "compress_once", "observe": source, "policy": policy})
              for source in sources for policy in scored]
@@ -233,6 +239,7 @@ def plot(records: list[dict], config: dict, path: Path) -> None:
     source_colors["per question"] = SOURCE_COLOR["per question"]
     panels = [(task, split) for task in config["tasks"] for split in _splits(records)]
     contexts = config["contexts"]
+    compress_once_streaming = bool(_select(records, mode="compress_once", policy="streamingllm"))
     figure, axes = plt.subplots(len(contexts), len(panels), figsize=(4.4 * len(panels), 3.6 * len(contexts)),
                                 squeeze=False, sharey=True)
     for row, context in enumerate(contexts):
@@ -249,7 +256,7 @@ def plot(records: list[dict], config: dict, path: Path) -> None:
                     continue
                 if where["policy"] == "streamingllm":
                     color, marker, style = "gray", "x", ":"
-                    if where["mode"] == "query_aware":
+                    if where["mode"] == "query_aware" and compress_once_streaming:
                         continue  # the compress-once streamingllm line is the reference
                 elif single_source:  # one source: a colour per policy, so variants can be told apart
                     marker, style = POLICY_MARKER.get(where["policy"], ("o", "-"))

@@ -146,3 +146,15 @@ def test_every_source_and_split_is_recorded(runtime, tmp_path):
     assert result["meta"]["kept_window"] == {source: 8 if source == "reconstruct" else 32 for source in SOURCES}
     paths = write_quality_report(result, tmp_path, "pytest")
     assert json.loads(paths[0].read_text())[0]["observe"] in SOURCES
+
+
+def test_a_run_of_query_aware_cells_alone_is_reported_against_its_own_full_cache():
+    records = [{**record, "observe": "tail"} for record in synthetic_records()
+               if record["mode"] == "query_aware"]
+    records.append(retrieval("query_aware", "tail", "at_compression", "full", 1.0, 8))
+    meta = {"model": "m", "model_shape": {"layers": 1, "q_heads": 1, "kv_heads": 1, "head_dim": 1},
+            "dtype": "float32", "transformers": "t", "torch": "t", "machine": "m", "wall_seconds": 60,
+            "config": {**CONFIG, "modes": ["query_aware"]}}
+    text = markdown(records, meta, "cmd", None)
+    assert "| full | 0.80 [0.00, 1.00] | 0.80 [0.00, 1.00] |" in text
+    assert "| per question · lava | 0.62 | 0.62 |" in text  # 5 of 8 of the full cache's
