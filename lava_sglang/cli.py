@@ -11,7 +11,7 @@ from pathlib import Path
 
 from lava_sglang.argtypes import (COMPRESSING_POLICIES, DEFAULT_MIN_PREFIX, OBSERVE_SOURCES, at_least, check_results,
                                   fact_count, keep_ratio, output_folder, positive_int, read_json, read_notes)
-from lava_sglang.bench.documents import RETRIEVAL_ANSWER_TOKENS
+from lava_sglang.bench.documents import RETRIEVAL_ANSWER_TOKENS, names_code
 from lava_sglang.model import ModelNotAvailable
 from lava_sglang.sglang_plugin.server_process import ServerExited
 
@@ -129,7 +129,7 @@ def _demo_command(args: argparse.Namespace) -> int:
         for name, text in (("full cache", full), (label, compressed)):
             verdict = ""
             if question.answer:
-                correct = question.answer in text
+                correct = names_code(text, question.answer)
                 right[name] += correct
                 verdict = "[right] " if correct else "[wrong] "
             print(f"   {name:>16}: {verdict}{text.strip()}".replace("\n", " "))

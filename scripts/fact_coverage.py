@@ -18,7 +18,7 @@ import statistics
 from tqdm import tqdm
 
 from lava_sglang.argtypes import at_least, fact_count, keep_ratio, positive_int
-from lava_sglang.bench.documents import CODE_PATTERN, FACT_TEMPLATE, prompt_parts
+from lava_sglang.bench.documents import FACT_TEMPLATE, FINISHED_CODE_PATTERN, names_code, prompt_parts
 from lava_sglang.bench.quality import QualityConfig, benchmark_documents
 from lava_sglang.bench.score_transforms import policy_spec
 from lava_sglang.reference.runtime import ReferenceRuntime
@@ -58,7 +58,7 @@ def main() -> None:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def has_code(tokens) -> bool:
-        return CODE_PATTERN.search(tokenizer.decode(tokens)) is not None
+        return FINISHED_CODE_PATTERN.search(tokenizer.decode(tokens)) is not None
 
     documents = benchmark_documents("retrieval", args.context, args.questions, count_tokens, args.seed,
                                     [args.facts])
@@ -80,10 +80,10 @@ def main() -> None:
             code_tokens = token_span(encoded["offset_mapping"], code_start, code_start + len(question.answer))
             key_tokens = token_span(encoded["offset_mapping"], key_start, key_start + len(key))
             suffix = tokenizer(prompt_parts(document.text, question.text)[1], add_special_tokens=False)["input_ids"]
-            # As the benchmark answers: its token cap, stopped at the first 7-digit number.
+            # As the benchmark answers: its token cap, stopped once it names a 7-digit number.
             answers = runtime.generate([full, *prefixes], suffix, QualityConfig.retrieval_answer_tokens,
                                        stop_when=has_code)
-            right = [question.answer in tokenizer.decode(answer) for answer in answers]
+            right = [names_code(tokenizer.decode(answer), question.answer) for answer in answers]
             rows.append((right[0], [(right[1 + index], *kept_shares(prefix.plan, code_tokens),
                                      kept_shares(prefix.plan, key_tokens)[0])
                                     for index, prefix in enumerate(prefixes)]))

@@ -19,8 +19,17 @@ CODE_DIGITS = 7
 #: Answer tokens a retrieval question gets: "The special code for <key> is <code>." with a
 #: key of several tokens; 16 cut some codes short, a right answer then counted wrong.
 RETRIEVAL_ANSWER_TOKENS = 24
-#: An answer names a code when it holds CODE_DIGITS digits in a row.
-CODE_PATTERN = re.compile(rf"\d{{{CODE_DIGITS}}}")
+#: A code in an answer: CODE_DIGITS digits in a row, not part of a longer number.
+CODE_PATTERN = re.compile(rf"(?<!\d)\d{{{CODE_DIGITS}}}(?!\d)")
+#: A code the answer has finished: a non-digit follows it, so no later token makes it a longer
+#: number (where generating a retrieval answer can stop).
+FINISHED_CODE_PATTERN = re.compile(rf"(?<!\d)\d{{{CODE_DIGITS}}}\D")
+
+
+def names_code(text: str, code: str) -> bool:
+    """Whether `text` names `code` as a whole number ("91234567" does not name 1234567): how the
+    benchmarks and the demo grade a retrieval answer."""
+    return re.search(rf"(?<!\d){re.escape(code)}(?!\d)", text) is not None
 
 # Keys are "<adjective> <noun>" pairs: distinct, easy to ask about, absent from the topics.
 _ADJECTIVES = [

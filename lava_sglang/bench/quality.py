@@ -2,7 +2,8 @@
 
 Tasks
   retrieval  documents with K planted facts "The special code for <key> is <7 digits>.";
-             every key is its own question; correct = the code appears in the greedy answer.
+             every key is its own question; correct = the greedy answer names the code
+             (a longer number holding its digits does not).
   fidelity   open questions; per answer token KL(full || compressed) and top-1 agreement
              with the full-cache answer, teacher-forced on that answer.
 Modes
@@ -39,8 +40,8 @@ import torch
 from tqdm import tqdm
 
 from lava_sglang.argtypes import COMPRESSING_POLICIES
-from lava_sglang.bench.documents import (CODE_PATTERN, MAX_FACTS, RETRIEVAL_ANSWER_TOKENS, Document,
-                                         fidelity_documents, prompt_parts, retrieval_documents)
+from lava_sglang.bench.documents import (FINISHED_CODE_PATTERN, MAX_FACTS, RETRIEVAL_ANSWER_TOKENS, Document,
+                                         fidelity_documents, names_code, prompt_parts, retrieval_documents)
 from lava_sglang.bench.stats import mean_interval, wilson_interval
 from lava_sglang.policy import POLICIES, WINDOW_COMBINES, make_observe, make_policy, policy_name, spec_of
 from lava_sglang.reference import CompressedPrefix, ReferenceRuntime
@@ -286,13 +287,13 @@ class QualityBenchmark:
                 self.cells.add((task, context, mode, source, split_name, policy, ratio), value, prefix)
 
     def _has_code(self, tokens: list[int]) -> bool:
-        return CODE_PATTERN.search(self.tokenizer.decode(tokens)) is not None
+        return FINISHED_CODE_PATTERN.search(self.tokenizer.decode(tokens)) is not None
 
     def _retrieval(self, prefixes, suffix_ids, answer: str) -> list[bool]:
-        # A row stops at its first 7-digit number: later tokens cannot change the verdict.
+        # A row stops once it has named a 7-digit number: later tokens cannot change the verdict.
         answers = self.runtime.generate(prefixes, suffix_ids, self.config.retrieval_answer_tokens,
                                         stop_when=self._has_code)
-        return [answer in self.tokenizer.decode(tokens) for tokens in answers]
+        return [names_code(self.tokenizer.decode(tokens), answer) for tokens in answers]
 
     def _fidelity(self, prefixes, suffix_ids, reference_ids: list[int]) -> list[tuple[float, float]]:
         logits = self.runtime.continuation_logits(prefixes, suffix_ids, reference_ids)

@@ -176,8 +176,9 @@ def markdown(records: list[dict], meta: dict, command: str, notes: str | None) -
         + " (a column of one split, at compression or later, holds that split's share; each interval is taken "
           "over its own cell's questions)",
         f"- Retrieval: K in {{{', '.join(map(str, config.get('facts_per_document', [1, 4, 8])))}}} planted facts "
-        "per document (cycled), one question per fact; correct = the 7-digit "
-        f"code appears in the greedy answer ({config['retrieval_answer_tokens']} tokens at most). "
+        "per document (cycled), one question per fact; correct = the greedy answer "
+        f"({config['retrieval_answer_tokens']} tokens at most, stopped once it names a 7-digit number) names the "
+        "code, not as part of a longer number. "
         "95% Wilson intervals.",
         f"- Fidelity: open questions; the full-cache greedy answer ({config['fidelity_answer_tokens']} tokens at "
         "most) is teacher-forced; top-1 = share of its tokens the compressed cache also ranks first; "

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from lava_sglang.argtypes import fact_count, file_stem, keep_ratio, output_folder, positive_int
-from lava_sglang.bench.documents import CODE_PATTERN, prompt_parts
+from lava_sglang.bench.documents import CODE_DIGITS, FINISHED_CODE_PATTERN, names_code, prompt_parts
 from lava_sglang.bench.quality import QualityConfig, benchmark_documents
 from lava_sglang.bench.stats import wilson_interval
 from lava_sglang.policy import make_policy
@@ -84,13 +84,14 @@ WRONG_KINDS = ("another planted code", "another code", "fewer digits", "no digit
 def answer_kind(text: str, answer: str, planted: set[str]) -> str:
     """"right" if `text` holds the question's code; else, tested in this order, whether it
     holds another of the document's `planted` codes (the wrong fact), another run of
-    CODE_DIGITS digits (a code the document does not hold: garbled or made up), some digits
-    but no such run (a shorter number, a list's "1."), or no digit at all."""
-    if answer in text:
+    CODE_DIGITS digits or more (a code the document does not hold: garbled or made up), some
+    digits but no such run (a shorter number, a list's "1."), or no digit at all. A code is
+    named as a whole number (`names_code`)."""
+    if names_code(text, answer):
         return "right"
-    if any(code in text for code in planted):
+    if any(names_code(text, code) for code in planted):
         return "another planted code"
-    if CODE_PATTERN.search(text):
+    if re.search(rf"\d{{{CODE_DIGITS},}}", text):
         return "another code"
     return "fewer digits" if re.search(r"\d", text) else "no digits"
 
@@ -119,7 +120,7 @@ def run(args: argparse.Namespace, script: str, title: str, variant_names: list[s
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def answered(tokens: list[int]) -> bool:
-        return CODE_PATTERN.search(tokenizer.decode(tokens)) is not None
+        return FINISHED_CODE_PATTERN.search(tokenizer.decode(tokens)) is not None
 
     documents = benchmark_documents("retrieval", args.context, args.questions, lambda text: len(ids(text)),
                                     args.seed, args.facts)

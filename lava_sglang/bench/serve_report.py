@@ -120,8 +120,9 @@ def markdown(result: dict, stem: str) -> str:
             f"`{policy}`: `{' '.join(server['args'] or [server.get('url', '')])}`"
             for policy, server in meta["servers"].items()),
         "",
-        "Correct = the planted 7-digit code appears in the answer (95% Wilson interval). Cached share = cached "
-        "/ prompt tokens over every request the programs sent (the prefix commit included). A document "
+        "Correct = the answer names the planted 7-digit code, not as part of a longer number (95% Wilson "
+        "interval). Cached share = cached / prompt tokens over every request the programs sent (the prefix "
+        "commit included). A document "
         f"prefill is a request that found fewer than (document tokens - {work['miss_slack_tokens']}) tokens in "
         "the cache; recomputations are those after the document's first. Repetition s/doc: `--kv-observe "
         "reconstruct`'s wall seconds from a document's first repetition chunk to its last release, and their "

@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from lava_sglang.bench.documents import Document, prompt_parts
+from lava_sglang.bench.documents import Document, names_code, prompt_parts
 from lava_sglang.bench.stats import wilson_interval
 
 ORDERS = ("grouped", "interleaved")
@@ -69,10 +69,10 @@ def program_inputs(document: Document, visit: Visit) -> tuple[str, list[str]]:
 
 
 def is_correct(answer_text: str, expected: str | None) -> bool | None:
-    """Whether the planted code appears in the answer (None for a question without one)."""
+    """Whether the answer names the planted code (None for a question without one)."""
     if expected is None:
         return None
-    return expected in answer_text
+    return names_code(answer_text, expected)
 
 
 # ---------------------------------------------------------------------- timed endpoint

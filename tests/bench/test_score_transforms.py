@@ -79,7 +79,8 @@ def test_a_policy_the_registry_cannot_make_is_refused_at_parse_time(tmp_path, ca
     ("The special code for amber harbor is 4995829.", "right"),
     ("The code is 4995829 or 1234567", "right"),
     ("The special code for amber harbor is 7442110", "another planted code"),
-    ("It is 17442110", "another planted code"),  # inside a longer number, as "right" is tested
+    ("It is 17442110", "another code"),  # a longer number is not the planted code
+    ("It is 14995829", "another code"),
     ("The special code for amber harbor is 9000000", "another code"),
     ("The special code for amber harbor is 943217.", "fewer digits"),
     ("1.  **Pinecarvillage**: the name", "fewer digits"),
