@@ -85,7 +85,8 @@ def flat_topk_head_budgets(scores: torch.Tensor, layer_budgets: Sequence[int], a
 
     scores: [L, Hkv, m]; in layer l the top `Hkv * layer_budgets[l]` entries decide `c_h`, then
     `cap_h = min(round((1 - alpha) * c_h + floor(alpha * layer_budget)), m)` (round half to
-    even, as Python and torch round). One sort for all layers.
+    even, as Python and torch round). One sort for all layers. A head's forced sinks (+inf
+    scores) among its c_h stay: the safeguard's shrinking does not take them.
     """
     num_layers, num_kv_heads, prefix_len = scores.shape
     order = descending_order_over_rows(scores)
@@ -96,8 +97,10 @@ def flat_topk_head_budgets(scores: torch.Tensor, layer_budgets: Sequence[int], a
     # In the decimal alpha's exact arithmetic: in binary 0.29 * 100 is 28.999..., and
     # (1 - 0.34) * 25 + 5 is 21.4999... where the spec rounds 21.5.
     share = decimal_fraction(alpha)
-    return [[min(round((1 - share) * count + math.floor(share * budget)), prefix_len) for count in layer_counts]
-            for layer_counts, budget in zip(counts.tolist(), layer_budgets)]
+    forced = torch.minimum(torch.isposinf(scores).sum(-1), counts).tolist()
+    return [[min(max(round((1 - share) * count + math.floor(share * budget)), sinks), prefix_len)
+             for count, sinks in zip(layer_counts, layer_sinks)]
+            for layer_counts, layer_sinks, budget in zip(counts.tolist(), forced, layer_budgets)]
 
 
 def global_topk_head_budgets(scores: torch.Tensor, total: int) -> list[list[int]]:

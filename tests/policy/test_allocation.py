@@ -113,6 +113,16 @@ def test_forced_sinks_are_spread_over_a_layers_heads_by_the_per_layer_top_k():
     assert flat_topk_head_budgets(scores, [1], alpha=0.0) == [[1, 1, 1]]
 
 
+def test_the_safeguard_does_not_shrink_a_head_below_the_sinks_it_won():
+    # A layer budget of 4 per head, the 4 sinks forced in both heads: c = (4, 4), and the
+    # safeguard's round(0.8 * 4 + floor(0.2 * 4)) = 3 would drop the fourth sink.
+    scores = torch.zeros(1, 2, 20)
+    scores[..., :4] = torch.inf
+    assert flat_topk_head_budgets(scores, [4], alpha=0.2) == [[4, 4]]
+    scores[0, 1, :4] = 1.0  # the same c = (4, 4), the second head's without sinks: its cap stands
+    assert flat_topk_head_budgets(scores, [4], alpha=0.2) == [[4, 3]]
+
+
 def test_layer_shares_are_exact_fractions_of_the_weights():
     # 0.1 * 21 / 0.30000000000000004 is 6.999999999999999 in floats; lava.md's floor(e_l / sum(e) * T) is 7.
     assert distribute(21, [0.1] * 3, cap=100) == [7, 7, 7]
