@@ -233,7 +233,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--facts", type=fact_count, default=4, help="planted facts to ask about (default 4)")
     demo.add_argument("--max-new-tokens", type=positive_int, default=RETRIEVAL_ANSWER_TOKENS,
                       help=f"answer length cap (default {RETRIEVAL_ANSWER_TOKENS})")
-    demo.add_argument("--seed", type=int, default=0, help="document seed (default 0)")
+    demo.add_argument("--seed", type=at_least(0), default=0, help="document seed (default 0)")
     demo.set_defaults(run=_demo_command)
 
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
@@ -264,7 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="question splits query_aware runs on (default both)")
     quality.add_argument("--facts", type=fact_count, nargs="+", default=[1, 4, 8],
                          help="planted facts per retrieval document, cycled (default 1 4 8)")
-    quality.add_argument("--seed", type=int, default=0, help="seed of documents and questions (default 0)")
+    quality.add_argument("--seed", type=at_least(0), default=0, help="seed of documents and questions (default 0)")
     quality.add_argument("--out", default=str(RESULTS_DIR), help="output folder (default docs/results)")
     quality.add_argument("--notes", help="markdown included as 'Reading the results'; none: no notes (default: "
                          "with --report-only, <out>/quality_notes.md if it exists; a new run has none)")

@@ -96,6 +96,8 @@ class QualityConfig:
                 raise ValueError(f"{name}: give distinct values, got {values}")
             if not values and name != "query_aware_splits":
                 raise ValueError(f"{name}: give at least one")
+        if self.seed < 0:  # random.Random(-s) draws what Random(s) draws
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.branch_combine not in WINDOW_COMBINES:
             raise ValueError(f"branch_combine must be one of {list(WINDOW_COMBINES)}, got {self.branch_combine!r}")
         if "full" in map(policy_name, self.policies):

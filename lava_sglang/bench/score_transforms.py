@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lava_sglang.argtypes import fact_count, file_stem, keep_ratio, output_folder, positive_int
+from lava_sglang.argtypes import at_least, fact_count, file_stem, keep_ratio, output_folder, positive_int
 from lava_sglang.bench.documents import CODE_DIGITS, FINISHED_CODE_PATTERN, names_code, prompt_parts
 from lava_sglang.bench.quality import QualityConfig, benchmark_documents
 from lava_sglang.bench.stats import wilson_interval
@@ -56,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser, default_out: Path) -> None:
     parser.add_argument("--questions", type=positive_int, default=80, help="retrieval questions (default 80)")
     parser.add_argument("--facts", type=fact_count, nargs="+", default=[1, 4, 8],
                         help="facts per document, cycled (default 1 4 8, the benchmark's)")
-    parser.add_argument("--seed", type=int, default=0, help="document seed (default 0)")
+    parser.add_argument("--seed", type=at_least(0), default=0, help="document seed (default 0)")
     parser.add_argument("--keep", type=keep_ratio, nargs="+", default=[0.1, 0.2], help="keep ratios (default 0.1 0.2)")
     parser.add_argument("--policy", type=policy_spec, default="lava", help="policy or spec (default lava)")
     parser.add_argument("--name", type=file_stem, required=True, help="output file stem")

@@ -91,8 +91,11 @@ class ServeConfig:
             raise ValueError(f"budget must be a keep ratio in (0, 1], got {self.budget}")
         if min(self.documents, self.questions, self.clients, self.max_tokens) < 1:
             raise ValueError("documents, questions, clients and max_tokens must be >= 1")
-        if self.questions_per_visit < 0:
-            raise ValueError(f"questions_per_visit must be >= 0 (0: all in one visit), got {self.questions_per_visit}")
+        if not 0 <= self.questions_per_visit <= self.questions:
+            raise ValueError(f"questions_per_visit must be 0 (all in one visit) to questions ({self.questions}), got "
+                             f"{self.questions_per_visit}")
+        if self.seed < 0:  # random.Random(-s) draws what Random(s) draws
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         if self.order not in ORDERS:
             raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
         if self.context < MIN_CONTEXT:
@@ -574,7 +577,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--sample-interval", type=positive_float, default=2.0, help="seconds between /server_info samples (default 2)")
     add("--server-args", default="",
         help="extra server flags, one string, given with = (--server-args=\"--kv-window 64\")")
-    add("--seed", type=int, default=0, help="document seed (default 0)")
+    add("--seed", type=at_least(0), default=0, help="document seed (default 0)")
     add("--out", default=str(RESULTS_DIR), help="output folder (default docs/results)")
     add("--name", type=file_stem, help="file stem (default serving; --memory-bound: serving_memory_bound)")
     add("--notes", help="markdown file included as 'Reading the results'; none: no notes (default: "

@@ -62,6 +62,7 @@ def test_kvzip_is_paired_with_repetition_sources_only():
     ({"observe": ["reconstruct", "reconstruct:chunk_tokens=512"]}, "name one source twice"),
     ({"branch_combine": "sum"}, "branch_combine must be one of"),
     ({"query_aware_splits": ["all"]}, "query_aware_splits: unknown"),
+    ({"seed": -1}, "seed must be >= 0"),
 ])
 def test_config_rejects_bad_observation_options(changes, message):
     with pytest.raises(ValueError, match=message):

@@ -320,10 +320,14 @@ def test_server_args_and_validation():
         ServeConfig(budget=1.5).validate()
     with pytest.raises(ValueError, match="each at most once"):  # two servers, one label
         ServeConfig(policies=["none", "lava", "lava"]).validate()
-    with pytest.raises(ValueError, match="questions_per_visit must be >= 0"):
-        ServeConfig(questions_per_visit=-3).validate()
-    with pytest.raises(SystemExit):  # refused at parse time, before any tokenizer or document
-        add_arguments(__import__("argparse").ArgumentParser()).parse_args(["--questions-per-visit", "-3"])
+    for per_visit in (-3, 5):  # above --questions, the report would give programs of 5 questions, not 4
+        with pytest.raises(ValueError, match=r"questions_per_visit must be 0 \(all in one visit\) to questions \(4\)"):
+            ServeConfig(questions=4, questions_per_visit=per_visit).validate()
+    with pytest.raises(ValueError, match="seed must be >= 0"):  # Random(-1) draws Random(1)'s documents
+        ServeConfig(seed=-1).validate()
+    for flags in (["--questions-per-visit", "-3"], ["--seed", "-1"]):
+        with pytest.raises(SystemExit):  # refused at parse time, before any tokenizer or document
+            add_arguments(__import__("argparse").ArgumentParser()).parse_args(flags)
 
 
 # --- statistics -----------------------------------------------------------------------------------
