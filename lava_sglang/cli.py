@@ -174,19 +174,26 @@ def _quality_command(args: argparse.Namespace) -> int:
             raise ValueError(f"--partial {args.partial}: no folder {Path(args.partial).parent}")
         if args.partial and Path(args.partial).is_dir():
             raise ValueError(f"--partial {args.partial}: a folder; give a file in it")
-        from lava_sglang.bench.quality import SPLITS, QualityBenchmark, QualityConfig
+        from lava_sglang.bench.quality import QualityBenchmark, QualityConfig
         from lava_sglang.policy import make_observe
 
+        if args.observe and "compress_once" not in args.modes:
+            raise ValueError("--observe: only compress_once reads it (query_aware scores by each question's own "
+                             "tail); leave it out")
+        if args.facts and "retrieval" not in args.tasks:
+            raise ValueError("--facts: only the retrieval task plants facts; leave it out")
+        defaults = QualityConfig()
+        observe = args.observe or defaults.observe
         if args.branch_combine and ("compress_once" not in args.modes
-                                    or "branches" not in {make_observe(source).name for source in args.observe}):
+                                    or "branches" not in {make_observe(source).name for source in observe}):
             raise ValueError("--branch-combine: no compress_once --observe branches reads it; leave it out")
         if args.query_aware_splits and "query_aware" not in args.modes:
             raise ValueError("--query-aware-splits: no query_aware mode reads it; leave it out")
         config = QualityConfig(contexts=args.contexts, questions=args.questions, policies=args.policies or [],
-                               keep_ratios=args.ratios, modes=args.modes, tasks=args.tasks, observe=args.observe,
-                               branch_combine=args.branch_combine or QualityConfig.branch_combine,
-                               query_aware_splits=args.query_aware_splits or list(SPLITS),
-                               facts_per_document=args.facts, seed=args.seed)
+                               keep_ratios=args.ratios, modes=args.modes, tasks=args.tasks, observe=observe,
+                               branch_combine=args.branch_combine or defaults.branch_combine,
+                               query_aware_splits=args.query_aware_splits or defaults.query_aware_splits,
+                               facts_per_document=args.facts or defaults.facts_per_document, seed=args.seed)
         if args.policies is None:
             config.policies = [policy for policy in COMPRESSING_POLICIES if config.runs(policy)]
         config.validate()
@@ -253,7 +260,7 @@ def build_parser() -> argparse.ArgumentParser:
                          choices=["compress_once", "query_aware"], help="default: both")
     quality.add_argument("--tasks", nargs="+", default=["retrieval", "fidelity"], choices=["retrieval", "fidelity"],
                          help="default: both")
-    quality.add_argument("--observe", nargs="+", default=["reconstruct"], metavar="SOURCE",
+    quality.add_argument("--observe", nargs="+", metavar="SOURCE",
                          help="what scores the document in compress_once, from "
                          f"{', '.join(OBSERVE_SOURCES)}, each optionally with options of its own, e.g. "
                          "reconstruct:normalize=local,chunk_tokens=512 (docs/observe.md; default reconstruct, the "
@@ -262,7 +269,7 @@ def build_parser() -> argparse.ArgumentParser:
                          help="how --observe branches combines its windows (default max)")
     quality.add_argument("--query-aware-splits", nargs="+", choices=["at_compression", "later"],
                          help="question splits query_aware runs on (default both)")
-    quality.add_argument("--facts", type=fact_count, nargs="+", default=[1, 4, 8],
+    quality.add_argument("--facts", type=fact_count, nargs="+",
                          help="planted facts per retrieval document, cycled (default 1 4 8)")
     quality.add_argument("--seed", type=at_least(0), default=0, help="seed of documents and questions (default 0)")
     quality.add_argument("--out", default=str(RESULTS_DIR), help="output folder (default docs/results)")

@@ -160,8 +160,11 @@ def test_quality_refuses_an_option_no_selected_source_or_mode_reads(capsys, monk
     assert "--branch-combine: no compress_once --observe branches reads it" in capsys.readouterr().err
     assert cli.main(["bench", "quality", "--modes", "query_aware", "--observe", "branches",
                      "--branch-combine", "mean"]) == 2
+    assert "--observe: only compress_once reads it" in capsys.readouterr().err
     assert cli.main(["bench", "quality", "--modes", "compress_once", "--query-aware-splits", "later"]) == 2
     assert "--query-aware-splits: no query_aware mode reads it" in capsys.readouterr().err
+    assert cli.main(["bench", "quality", "--tasks", "fidelity", "--facts", "2"]) == 2
+    assert "--facts: only the retrieval task plants facts" in capsys.readouterr().err
 
 
 def test_quality_runs_by_default_the_policies_its_sources_can_score(monkeypatch, capsys):
