@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import replace
+from dataclasses import asdict, replace
 
 import pytest
 
@@ -257,7 +257,7 @@ def test_a_server_that_fails_keeps_the_policies_measured_before_it(tmp_path, mon
     measured = synthetic_result()
 
     def run_benchmark(config, progress, log_dir, on_policy_done):
-        on_policy_done({"records": measured["records"][:1], "meta": measured["meta"]})
+        on_policy_done({"records": measured["records"][:1], "meta": {**measured["meta"], "config": asdict(config)}})
         raise ServerExited("the lava server exited with code 1")
 
     monkeypatch.setattr(serve, "run_benchmark", run_benchmark)
@@ -269,6 +269,7 @@ def test_a_server_that_fails_keeps_the_policies_measured_before_it(tmp_path, mon
     saved = json.loads((tmp_path / "serving.json").read_text())
     assert [record["policy"] for record in saved["records"]] == ["none"]
     assert saved["meta"]["command"] == f"lava-sglang bench serve --policies none lava --out {tmp_path} --no-progress"
+    assert "**A partial run**: no figures for lava" in (tmp_path / "serving.md").read_text()
 
 
 def test_a_new_run_does_not_take_the_notes_of_the_run_already_in_its_folder(tmp_path, monkeypatch):
