@@ -206,9 +206,9 @@ class _Cells:
                 kls = [kl for kl, _ in values]
                 top1s = [top1 for _, top1 in values]
                 record["kl"] = sum(kls) / len(kls)
-                record["kl_ci95"] = list(mean_interval(kls))
+                record["kl_ci95"] = list(mean_interval(kls, low=0.0))
                 record["top1"] = sum(top1s) / len(top1s)
-                record["ci95"] = list(mean_interval(top1s))
+                record["ci95"] = list(mean_interval(top1s, low=0.0, high=1.0))
             records.append(record)
         return records
 

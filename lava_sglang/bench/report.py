@@ -182,7 +182,7 @@ def markdown(records: list[dict], meta: dict, command: str, notes: str | None) -
         "95% Wilson intervals.",
         f"- Fidelity: open questions; the full-cache greedy answer ({config['fidelity_answer_tokens']} tokens at "
         "most) is teacher-forced; top-1 = share of its tokens the compressed cache also ranks first; "
-        "KL(full || compressed) per token, averaged per question. 95% normal intervals over questions.",
+        "KL(full || compressed) per token, averaged per question. 95% Student-t intervals over questions.",
         "- Modes: `compress_once` compresses the document once and answers every question from that cache; "
         "`query_aware` (rows `per question`) appends the question before scoring and compresses per question.",
         f"- Observation sources of compress_once (docs/observe.md): {', '.join(sources)}"

@@ -19,12 +19,16 @@ def wilson_interval(successes: int, trials: int) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def mean_interval(values: Sequence[float]) -> tuple[float, float]:
-    """95% normal interval of the mean (sample standard deviation; zero width for n < 2)."""
+def mean_interval(values: Sequence[float], low: float = -math.inf, high: float = math.inf) -> tuple[float, float]:
+    """95% Student-t interval of the mean (sample standard deviation: at 6 questions the normal
+    quantile's would be a quarter too narrow), within [low, high], the range the values can
+    take; for one value, the whole range (one value says nothing of the spread)."""
+    from scipy.stats import t
+
     n = len(values)
     mean = sum(values) / n
     if n < 2:
-        return (mean, mean)
+        return (low, high)
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = Z95 * sd / math.sqrt(n)
-    return (mean - half, mean + half)
+    half = float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    return (max(low, mean - half), min(high, mean + half))

@@ -74,8 +74,10 @@ def test_wilson_interval_known_values():
 def test_mean_interval():
     low, high = mean_interval([1.0, 2.0, 3.0])
     assert (low + high) / 2 == pytest.approx(2.0)
-    assert high - low == pytest.approx(2 * 1.959963984540054 / math.sqrt(3))
-    assert mean_interval([0.5]) == (0.5, 0.5)
+    assert high - low == pytest.approx(2 * 4.302652729911275 / math.sqrt(3))  # Student's t at 2 degrees of freedom
+    assert mean_interval([0.0, 0.01, 0.0], low=0.0)[0] == 0.0  # a KL interval does not go below 0
+    assert mean_interval([1.0, 0.9, 1.0], low=0.0, high=1.0)[1] == 1.0
+    assert mean_interval([0.5], low=0.0, high=1.0) == (0.0, 1.0)  # one question: nothing known of the spread
 
 
 @pytest.mark.parametrize("changes, message", [
