@@ -19,7 +19,6 @@ import argparse
 import sys
 import time
 
-import requests
 import sglang as sgl
 
 from lava_sglang.bench.documents import prompt_parts
@@ -37,26 +36,17 @@ def main(argv: list[str] | None = None) -> int:
     suffixes = [prompt_parts("", question)[1] for question in questions]
 
     started = time.perf_counter()
-    state = multi_question_qa.run(prefix=prefix, suffixes=suffixes, max_tokens=args.max_tokens,
-                                  backend=sgl.RuntimeEndpoint(args.url))
+    try:
+        state = multi_question_qa.run(prefix=prefix, suffixes=suffixes, max_tokens=args.max_tokens,
+                                      backend=sgl.RuntimeEndpoint(args.url))
+    except RuntimeError as error:  # a request failed (e.g. past the model's context): the server says why
+        parser.exit(1, f"{parser.prog}: {error}\n")
     seconds = time.perf_counter() - started
     print(f"{len(questions)} questions on one {len(document.split())}-word document in {seconds:.1f} s\n")
     for question, answer, meta in zip(questions, state["answers"], state["meta_info"]):
         print(f"Q: {question}\nA: {answer.strip()}")
         print(f"   ({meta['cached_tokens']} of {meta['prompt_tokens']} prompt tokens from the cache)\n")
-
-    # With --kv-policy, /server_info reports the compressed store.
-    state = requests.get(args.url + "/server_info", timeout=60).json()["internal_states"][0]
-    policy = state.get("lava_kv_policy", {})
-    store = policy.get("store")
-    if store:
-        full = store["bytes_stored"] + store["bytes_saved"]
-        print(f"Server: --kv-policy {policy['policy']} --kv-budget {policy.get('budget')}: "
-              f"{store['entries']} compressed prefix(es), {store['prefix_tokens']} tokens, "
-              f"{store['bytes_stored'] / 2**20:.1f} MiB stored instead of {full / 2**20:.1f} MiB, "
-              f"compressed in {store['compress_seconds'] * 1e3:.0f} ms")
-    else:
-        print("Server: no compressed store (stock SGLang or --kv-policy none)")
+    print(example_inputs.store_summary(args.url))  # with --kv-policy, /server_info reports the store
     return 0
 
 

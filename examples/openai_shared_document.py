@@ -19,7 +19,6 @@ import sys
 import time
 
 import openai
-import requests
 
 from lava_sglang.argtypes import positive_int
 from lava_sglang.bench.documents import SYSTEM_PROMPT
@@ -42,13 +41,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="requests in flight after the first one (default 1)")
     args = parser.parse_args(argv)
     document, questions = example_inputs.read_inputs(parser, args)
-    client = openai.OpenAI(base_url=args.url + "/v1", api_key="not-needed")
+    # No retries: a request that timed out would prefill the whole document again.
+    client = openai.OpenAI(base_url=args.url + "/v1", api_key="not-needed", max_retries=0)
 
     started = time.perf_counter()
-    # The first request puts the document in the cache; the rest share it, a few at a time.
-    responses = [ask(client, document, questions[0], args.max_tokens)]
-    with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
-        responses += list(pool.map(lambda q: ask(client, document, q, args.max_tokens), questions[1:]))
+    try:
+        # The first request puts the document in the cache; the rest share it, a few at a time.
+        responses = [ask(client, document, questions[0], args.max_tokens)]
+        with concurrent.futures.ThreadPoolExecutor(args.concurrency) as pool:
+            responses += list(pool.map(lambda q: ask(client, document, q, args.max_tokens), questions[1:]))
+    except openai.APIError as error:  # e.g. a document past the model's context: the server says why
+        parser.exit(1, f"{parser.prog}: the server refused or failed a request: {error}\n")
     print(f"{len(questions)} chat completions sharing one document in {time.perf_counter() - started:.1f} s\n")
     for question, response in zip(questions, responses):
         usage = response.usage
@@ -56,12 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         cached = getattr(details, "cached_tokens", None) if details else None
         print(f"Q: {question}\nA: {response.choices[0].message.content.strip()}")
         print(f"   ({cached if cached is not None else '?'} of {usage.prompt_tokens} prompt tokens from the cache)\n")
-
-    state = requests.get(args.url + "/server_info", timeout=60).json()["internal_states"][0]
-    store = state.get("lava_kv_policy", {}).get("store")
-    if store:
-        print(f"Server: {store['entries']} compressed prefix(es) of {store['prefix_tokens']} tokens, "
-              f"{store['bytes_stored'] / 2**20:.1f} MiB stored, {store['bytes_saved'] / 2**20:.1f} MiB saved")
+    print(example_inputs.store_summary(args.url))
     return 0
 
 

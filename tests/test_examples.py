@@ -51,3 +51,57 @@ def test_the_openai_example_refuses_no_concurrency(monkeypatch, capsys):
     with pytest.raises(SystemExit):
         load("openai_shared_document", monkeypatch).main(["--concurrency", "0"])
     assert "--concurrency: must be an int >= 1" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["multi_question_qa", "openai_shared_document"])
+def test_a_url_that_is_not_http_is_refused_and_a_trailing_slash_dropped(name, monkeypatch, capsys):
+    module = load(name, monkeypatch)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--url", "localhost:30000"])
+    assert exit_info.value.code == 2 and "give the server as http://HOST:PORT" in capsys.readouterr().err
+    assert load("example_inputs", monkeypatch).server_url("http://127.0.0.1:30000/") == "http://127.0.0.1:30000"
+
+
+class Answer:
+    def __init__(self, status_code: int, body=None):
+        self.status_code, self.body = status_code, body
+
+    def json(self):
+        return self.body
+
+
+@pytest.mark.parametrize("name", ["multi_question_qa", "openai_shared_document"])
+def test_a_url_whose_health_check_fails_is_one_line(name, monkeypatch, capsys):
+    module = load(name, monkeypatch)
+    monkeypatch.setattr("requests.get", lambda url, timeout: Answer(404))
+    with pytest.raises(SystemExit) as exit_info:
+        module.main(["--url", "http://127.0.0.1:9"])
+    assert exit_info.value.code == 1
+    assert "--url http://127.0.0.1:9/health answered HTTP 404" in capsys.readouterr().err
+
+
+def test_a_failed_branch_is_one_line(monkeypatch, capsys):
+    module = load("multi_question_qa", monkeypatch)
+    monkeypatch.setattr("requests.get", lambda url, timeout: Answer(200))
+
+    def failing(**kwargs):
+        raise RuntimeError("a branch of the program failed: the input (9000 tokens) is longer than the context")
+
+    monkeypatch.setattr(module.multi_question_qa, "run", failing)
+    monkeypatch.setattr(module.sgl, "RuntimeEndpoint", lambda url: None)
+    with pytest.raises(SystemExit) as exit_info:
+        module.main([])
+    assert exit_info.value.code == 1
+    error = capsys.readouterr().err
+    assert "longer than the context" in error and "Traceback" not in error
+
+
+def test_the_store_summary_counts_every_data_parallel_rank(monkeypatch):
+    inputs = load("example_inputs", monkeypatch)
+    rank = {"lava_kv_policy": {"policy": "lava", "budget": 0.2, "store": {
+        "entries": 1, "prefix_tokens": 1000, "bytes_stored": 2**20, "bytes_saved": 4 * 2**20, "compress_seconds": 0.05}}}
+    monkeypatch.setattr("requests.get", lambda url, timeout: Answer(200, {"internal_states": [rank, rank]}))
+    assert inputs.store_summary("http://x") == ("Server: --kv-policy lava --kv-budget 0.2: 2 compressed prefix(es), "
+                                                "2000 tokens, 2.0 MiB stored instead of 10.0 MiB, compressed in 100 ms")
+    monkeypatch.setattr("requests.get", lambda url, timeout: Answer(200, {"internal_states": [{}]}))
+    assert inputs.store_summary("http://x") == "Server: no compressed store (stock SGLang or --kv-policy none)"
