@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shlex
 import sys
@@ -94,7 +95,17 @@ def _demo_command(args: argparse.Namespace) -> int:
         return requests.get(server.url + "/server_info", timeout=60).json()["internal_states"][0]["lava_kv_policy"][
             "store"]
 
-    with ServerProcess(model_path, server_args, log_path=log_path) as server:
+    def full_answer(suffix: str) -> str:
+        # The same prompt in another cache namespace (cache_salt) never meets the compressed copy.
+        response = requests.post(server.url + "/generate", timeout=600, json={
+            "text": prefix + suffix, "cache_salt": "full-cache",
+            "sampling_params": {"max_new_tokens": args.max_new_tokens, "temperature": 0}})
+        if response.status_code != 200:
+            raise SystemExit(f"lava-sglang demo: the full-cache request failed (HTTP {response.status_code}: "
+                             f"{response.text[:200]}); the server's log: {log_path}")
+        return response.json()["text"]
+
+    with ServerProcess(model_path, server_args, log_path=log_path) as server, _naming_the_log(log_path):
         started = time.time()
         program()  # the document's first visit: committed, observed, compressed once
         deadline, next_report = time.time() + 600, time.time() + 30
@@ -112,14 +123,7 @@ def _demo_command(args: argparse.Namespace) -> int:
         state = program()  # the same program again: its questions read the compressed copy
         print(f"Second visit, from the compressed copy: {time.time() - started:.1f} s\n")
         stats = store()
-        # The same prompts in another cache namespace (cache_salt) never meet the compressed copy.
-        full_answers = [
-            requests.post(server.url + "/generate", timeout=600, json={
-                "text": prefix + suffix, "cache_salt": "full-cache",
-                "sampling_params": {"max_new_tokens": args.max_new_tokens, "temperature": 0},
-            }).json()["text"]
-            for suffix in suffixes
-        ]
+        full_answers = [full_answer(suffix) for suffix in suffixes]
     label = f"{args.policy} @ {args.ratio}"
     right = {"full cache": 0, label: 0}
     planted = [question for question in document.questions if question.answer]
@@ -147,6 +151,22 @@ def _demo_command(args: argparse.Namespace) -> int:
     print(f"\nThe document was compressed once, scored by {OBSERVE_MEANING[args.observe]}, and the second visit's "
           "questions\nwere answered from the compressed copy; docs/results/reuse/ measures this over many documents.")
     return 0
+
+
+@contextlib.contextmanager
+def _naming_the_log(log_path: Path):
+    """A request to the demo's server that fails (it died, or stopped answering) ends the demo
+    in one line that names the server's log, where the reason is (SGLang's frontend asks
+    through urllib, the demo through requests)."""
+    import urllib.error
+
+    import requests
+
+    try:
+        yield
+    except (requests.RequestException, urllib.error.URLError) as error:
+        raise SystemExit(f"lava-sglang demo: a request to the server failed ({type(error).__name__}: {error}); "
+                         f"the server's log: {log_path}") from None
 
 
 def _quality_command(args: argparse.Namespace) -> int:

@@ -87,11 +87,3 @@ def _convert(gguf: Path, out_dir: Path) -> None:
     model.to(torch.bfloat16).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
 
-
-def main() -> None:
-    """`python -m lava_sglang.model`: print the checkpoint path (converting on first use)."""
-    print(smollm2_path())
-
-
-if __name__ == "__main__":
-    main()

@@ -262,3 +262,34 @@ def test_a_file_of_another_shape_is_refused_before_anything_is_written(tmp_path,
     (out / "quality_meta.json").write_text(json.dumps(meta))
     assert cli.main(["bench", "quality", "--report-only", "--out", str(out)]) == 2
     assert "is not what `bench quality` writes" in capsys.readouterr().err
+
+
+@pytest.mark.model
+def test_a_server_that_stops_answering_ends_the_demo_in_one_line_naming_its_log(monkeypatch):
+    import socket
+
+    from lava_sglang.frontend import multi_question_qa
+
+    with socket.socket() as unused:  # a port nothing listens on
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+
+    class GoneServer:  # started, then gone: every request is refused
+        url = f"http://127.0.0.1:{port}"
+
+        def __init__(self, *args, **kwargs):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return None
+
+    monkeypatch.setattr("lava_sglang.sglang_plugin.server_process.ServerProcess", GoneServer)
+    monkeypatch.setattr(multi_question_qa, "run", lambda **kwargs: {})
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", "--context", "256"])
+    message = str(exit_info.value)
+    assert message.startswith("lava-sglang demo: a request to the server failed (URLError")
+    assert message.endswith("server.log")
