@@ -4,6 +4,7 @@
 # The environment lives outside the repository, keyed by the hash of requirements.lock and
 # requirements-nodeps.txt, so every clone (CI included) with the same lock shares one.
 #   LAVA_SGLANG_CACHE  root of the caches (default ~/.cache/lava-sglang)
+#   LAVA_SGLANG_PYTHON the Python 3.11 that creates it (default python3.11)
 #   LAVA_SGLANG_VENV   use this existing environment instead of the keyed one: it is never
 #                      created or removed here, only given this clone's editable install
 # Sourced into the caller's shell, so it leaves the shell's options alone (strict mode only
@@ -18,7 +19,7 @@ if ! LOCK_KEY=$(set -o pipefail; cat "$REPO_ROOT/requirements.lock" "$REPO_ROOT/
     return 2 2>/dev/null || exit 2
 fi
 VENV=${LAVA_SGLANG_VENV:-$CACHE_ROOT/venv-py311-$LOCK_KEY}
-PYTHON_FOR_VENV=${PYTHON:-python3.11}
+PYTHON_FOR_VENV=${LAVA_SGLANG_PYTHON:-python3.11}
 
 if [ -n "${LAVA_SGLANG_VENV:-}" ] && [ ! -x "$VENV/bin/python" ]; then
     echo "lava-sglang: LAVA_SGLANG_VENV=$VENV has no bin/python; unset it to use the keyed environment" >&2

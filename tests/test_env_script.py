@@ -26,7 +26,7 @@ def source_env(tmp_path: Path, fail: str, before: str = "") -> subprocess.Comple
     python.write_text(FAKE_PYTHON)
     python.chmod(0o755)
     environment = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "LAVA_SGLANG_CACHE": str(tmp_path / "cache"),
-                   "PYTHON": str(python), "FAKE_LOG": str(tmp_path / "calls.log"), "FAKE_FAIL": fail}
+                   "LAVA_SGLANG_PYTHON": str(python), "FAKE_LOG": str(tmp_path / "calls.log"), "FAKE_FAIL": fail}
     return subprocess.run(["bash", "-c", f"{before}source {REPO_ROOT}/scripts/env.sh"], env=environment, cwd=tmp_path,
                           capture_output=True, text=True, timeout=60)
 
