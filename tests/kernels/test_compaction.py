@@ -57,8 +57,8 @@ def _stores(num_cells, head_dim, dtype, device):
 
 
 @pytest.mark.parametrize("use_kernel", [True, False])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize(("num_kv_heads", "head_dim"), [(1, 64), (3, 128), (8, 64)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("num_kv_heads", "head_dim"), [(1, 64), (3, 128), (8, 64), (2, 80)])
 def test_kept_rows_land_in_their_cells(device, num_kv_heads, head_dim, dtype, use_kernel):
     k_buffers, v_buffers, slots, kept = _document(num_kv_heads, 90, head_dim, dtype, device)
     # 40 sentinel slots after the document's pool: the store's cells, spread over both layer

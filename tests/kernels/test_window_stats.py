@@ -54,10 +54,10 @@ def _assert_scores_close(actual, expected):
 # (GQA group, head dim): groups 1, 3, 4, 8 at both head dims. Window 13 and prefixes that are
 # not multiples of the 64-key block; keys_per_split=41 makes the last split, keys [82, 93),
 # start inside the window (keys [80, 93)), where the first two window rows see no key of it.
-SHAPES = [(group, head_dim) for group in (1, 3, 4, 8) for head_dim in (64, 128)]
+SHAPES = [(group, head_dim) for group in (1, 3, 4, 8) for head_dim in (64, 80, 128)]  # 80: a masked block tail
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("group", "head_dim"), SHAPES)
 def test_matches_policy_lava_and_snapkv(device, group, head_dim, dtype):
     num_kv_heads, window, seq_len = 2, 13, 93
