@@ -13,9 +13,12 @@ Modes
                  the questions present at compression), `reconstruct` (a repetition of it);
   query_aware    the question is appended before scoring; one compression per question.
 Splits
-  A document's first half of questions (rounded up) are `at_compression`: their branches
-  exist when the document is compressed, so `branches` sees them; the rest are `later`,
-  asked of the compressed document afterwards. Records carry both splits and `all`.
+  A document's first half of questions are `at_compression`: their branches exist when the
+  document is compressed, so `branches` sees them; the rest are `later`, asked of the
+  compressed document afterwards. An odd count's middle question goes to `at_compression`
+  in even-numbered documents, to `later` in odd ones (before 2026-12-06 always to
+  `at_compression`, which gave it every one-question document). Records carry both splits
+  and `all`.
   Retrieval questions are shuffled per document (seeded) first, so neither split is tied to
   where its facts sit in the document.
 
@@ -145,9 +148,13 @@ class QualityConfig:
         return sources is None or bool(given & set(sources))
 
 
-def split_of(index: int, num_questions: int) -> str:
-    """`at_compression` for the first half of a document's questions (rounded up), else `later`."""
-    return SPLITS[0] if index < math.ceil(num_questions / 2) else SPLITS[1]
+def split_of(index: int, num_questions: int, document_index: int = 0) -> str:
+    """`at_compression` for the first half of a document's questions, else `later`; an odd
+    count's middle question is `at_compression` in even-numbered documents and `later` in odd
+    ones, so that documents of one question (facts 1, 4, 8 cycled) are in both splits alike:
+    rounded up everywhere, `at_compression` alone had them."""
+    at_compression = num_questions // 2 + (num_questions % 2 if document_index % 2 == 0 else 0)
+    return SPLITS[0] if index < at_compression else SPLITS[1]
 
 
 def retrieval_fact_counts(num_questions: int, pattern: Sequence[int]) -> list[int]:
@@ -313,11 +320,12 @@ class QualityBenchmark:
         answer = self.runtime.generate([full_prefix], suffix_ids, cap)[0]
         return answer + [self.tokenizer.eos_token_id] if len(answer) < cap else answer
 
-    def run_document(self, task: str, context: int, document: Document, progress: tqdm) -> None:
+    def run_document(self, task: str, context: int, document: Document, progress: tqdm, document_index: int = 0
+                     ) -> None:
         prefix_text, _ = prompt_parts(document.text, "")
         prefix_ids = self._ids(prefix_text)
         suffixes = [self._ids(prompt_parts(document.text, question.text)[1]) for question in document.questions]
-        splits = [split_of(index, len(suffixes)) for index in range(len(suffixes))]
+        splits = [split_of(index, len(suffixes), document_index) for index in range(len(suffixes))]
         once = None
         if "compress_once" in self.config.modes:
             # The branches present at compression are the at_compression questions' prompts.
@@ -349,8 +357,8 @@ class QualityBenchmark:
         with tqdm(total=total, desc="quality", unit="question", disable=not progress) as bar:
             for task, context, documents in plan:
                 bar.set_postfix_str(f"{task} {context} tokens")
-                for document in documents:
-                    self.run_document(task, context, document, bar)
+                for document_index, document in enumerate(documents):
+                    self.run_document(task, context, document, bar, document_index)
                     if partial is not None:
                         partial.write_text(json.dumps(self._result(started, bar.n, total, command), indent=1) + "\n")
         return self._result(started, total, total, command)

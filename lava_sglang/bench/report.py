@@ -193,8 +193,9 @@ def markdown(records: list[dict], meta: dict, command: str, notes: str | None) -
         lines.append(f"- **Cut short:** {meta['questions_done']} of {planned} questions were "
                      "answered (a `--partial` file); each cell counts the questions it reached.")
     if _splits(records) != ["all"]:
-        lines.append("- Splits: a document's first half of questions (rounded up) are `at compression` (their "
-                     "branches exist when it is compressed; `branches` sees them), the rest `later`. "
+        lines.append("- Splits: a document's first half of questions are `at compression` (their branches exist "
+                     "when it is compressed; `branches` sees them), the rest `later`; an odd count's middle question "
+                     "is `at compression` in every other document (in runs before 2026-12-06, in every one). "
                      "`full` and `streamingllm` do not depend on the source.")
     seconds = meta.get("model_seconds", {})
     if seconds.get("prefill"):

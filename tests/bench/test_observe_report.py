@@ -14,8 +14,17 @@ SOURCES = ["tail", "branches", "reconstruct"]
 
 @pytest.mark.parametrize("count, expected", [(1, ["at_compression"]), (2, ["at_compression", "later"]),
                                              (5, ["at_compression"] * 3 + ["later"] * 2)])
-def test_first_half_of_the_questions_rounded_up_are_at_compression(count, expected):
+def test_first_half_of_the_questions_are_at_compression_the_middle_one_in_even_documents(count, expected):
     assert [split_of(index, count) for index in range(count)] == expected
+    odd_document = [split_of(index, count, document_index=1) for index in range(count)]
+    assert odd_document == ["at_compression"] * (count // 2) + ["later"] * (count - count // 2)
+
+
+def test_one_question_documents_are_in_both_splits_alike():
+    # The quality benchmark's facts 1, 4, 8 cycled: every third document has one question.
+    counts = [1, 4, 8] * 4
+    splits = [split_of(0, count, index) for index, count in enumerate(counts) if count == 1]
+    assert splits.count("at_compression") == splits.count("later") == 2
 
 
 def test_the_split_is_not_tied_to_where_the_facts_sit():

@@ -31,8 +31,9 @@ def record(records, task, mode, policy, ratio):
 def test_every_cell_is_reported_with_its_interval(result):
     cells = {(r["task"], r["mode"], r["observe"], r["split"], r["policy"], r["keep_ratio"]) for r in result["records"]}
     expected_configs = [("full", 1.0)] + [(p, r) for p in POLICIES for r in RATIOS]
-    # One fact per retrieval document: its question is at compression; fidelity asks 4 (2 and 2).
-    splits = {"retrieval": ("at_compression", "all"), "fidelity": ("at_compression", "later", "all")}
+    # One fact per retrieval document: its question is at compression in every other document;
+    # fidelity asks 4 (2 and 2).
+    splits = {task: ("at_compression", "later", "all") for task in ("retrieval", "fidelity")}
     assert cells == {(task, mode, "tail", split, policy, ratio) for task in ("retrieval", "fidelity")
                      for mode in ("compress_once", "query_aware") for split in splits[task]
                      for policy, ratio in expected_configs}
