@@ -62,9 +62,9 @@ def store_summary(url: str) -> str:
     """One line on the server's compressed store, over every data-parallel rank."""
     try:
         states = requests.get(url + "/server_info", timeout=60).json()["internal_states"]
-    except (requests.RequestException, ValueError, KeyError, TypeError) as error:
+        policy = states[0].get("lava_kv_policy", {})
+    except (requests.RequestException, ValueError, LookupError, TypeError, AttributeError) as error:
         return f"Server: no store figures from {url}/server_info ({type(error).__name__}; a router?)"
-    policy = states[0].get("lava_kv_policy", {})
     store = server_counters(states)
     if not store:
         return "Server: no compressed store (stock SGLang or --kv-policy none)"

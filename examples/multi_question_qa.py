@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import urllib.error
 
 import sglang as sgl
 
@@ -39,8 +40,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         state = multi_question_qa.run(prefix=prefix, suffixes=suffixes, max_tokens=args.max_tokens,
                                       backend=sgl.RuntimeEndpoint(args.url))
-    except RuntimeError as error:  # a request failed (e.g. past the model's context): the server says why
-        parser.exit(1, f"{parser.prog}: {error}\n")
+    except (RuntimeError, urllib.error.URLError) as error:  # a request failed (e.g. past the model's context),
+        parser.exit(1, f"{parser.prog}: {error}\n")  # or the server went away: its log says why
     seconds = time.perf_counter() - started
     print(f"{len(questions)} questions on one {len(document.split())}-word document in {seconds:.1f} s\n")
     for question, answer, meta in zip(questions, state["answers"], state["meta_info"]):

@@ -40,7 +40,7 @@ def main() -> None:
     from tqdm import tqdm
     from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline
 
-    from lava_sglang.bench.documents import prompt_parts
+    from lava_sglang.bench.documents import names_code, prompt_parts
     from lava_sglang.bench.quality import QualityConfig, benchmark_documents
     from lava_sglang.bench.stats import wilson_interval
     from lava_sglang.model import smollm2_path
@@ -68,7 +68,7 @@ def main() -> None:
         for name, press in presses.items():
             with torch.no_grad():  # the pipeline's own greedy loop, the project's prompt ids
                 answers = pipe._forward(inputs, max_new_tokens=QualityConfig.retrieval_answer_tokens, press=press)
-            verdicts[name] += [q.answer in answer for q, answer in zip(document.questions, answers)]
+            verdicts[name] += [names_code(answer, q.answer) for q, answer in zip(document.questions, answers)]
         facts += [len(document.questions)] * len(document.questions)
     meta = {"kvpress": version("kvpress"),
             "transformers": transformers.__version__, "torch": torch.__version__, "context": args.context,

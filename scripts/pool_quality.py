@@ -5,11 +5,12 @@ answered right, and the full cache's on the same questions.
     python scripts/pool_quality.py docs/results/reuse/4k docs/results/reuse/4k_seed1 docs/results/reuse/4k_seed2
 
 Each argument is a run's folder (its quality.json and quality_meta.json) or its quality.json,
-with the meta file beside it. A run cut short is refused, and so are two runs that asked the
-same questions at a length (the same seed and facts per document: pooled, each question would
-count twice). A cell is pooled over every (run, document length) that has it, and compared
-with the full cache's count over the same (run, length, mode). A policy is pooled by its name:
-runs made when its defaults differed are pooled as one policy.
+with the meta file beside it. A run cut short is refused, and so are two runs with the same
+cell (mode, source, policy, keep ratio) on the same questions (the same seed and facts per
+document at a length): pooled, each question would count twice. A cell is pooled over every
+(run, document length) that has it, and compared with the full cache's count over the same
+(run, length, mode). A policy is pooled by its name: runs made when its defaults differed are
+pooled as one policy.
 """
 
 from __future__ import annotations
@@ -29,12 +30,12 @@ def retrieval_counts(records: list[dict]) -> dict[tuple, tuple[int, int]]:
             for record in records if record["task"] == "retrieval" and record["split"] == "all"}
 
 
-def question_sets(meta: dict, records: list[dict]) -> set[tuple]:
-    """What decides the retrieval questions a run asked at each of its lengths: the seed and the
-    facts per document (`quality.benchmark_documents` builds the documents from them)."""
+def cells_asked(meta: dict, records: list[dict]) -> set[tuple]:
+    """(seed, facts per document, context, mode, observe, policy, keep ratio) of every retrieval
+    cell of a run: the seed and the facts decide the questions at a length
+    (`quality.benchmark_documents` builds the documents from them)."""
     config = meta["config"]
-    return {(config["seed"], tuple(config["facts_per_document"]), context)
-            for context, *_ in retrieval_counts(records)}
+    return {(config["seed"], tuple(config["facts_per_document"]), *cell) for cell in retrieval_counts(records)}
 
 
 def pooled(runs: list[list[dict]]) -> dict[tuple, tuple[int, int, int]]:
@@ -74,11 +75,12 @@ def main() -> None:
             parser.error(f"{path}: a run cut short ({meta['questions_done']} of {planned} questions): its cells "
                          "hold other questions than a whole run's")
         records = json.loads(file.read_text())
-        for asked in sorted(question_sets(meta, records)):
+        for asked in sorted(cells_asked(meta, records), key=str):
             if asked in asked_by:
-                seed, facts, context = asked
-                parser.error(f"{asked_by[asked]} and {path} asked the same questions at {context} tokens (seed "
-                             f"{seed}, facts per document {list(facts)}): pooled, each would count twice")
+                seed, facts, context, mode, observe, policy, keep = asked
+                parser.error(f"{asked_by[asked]} and {path} both have {mode} {observe} {policy} at keep {keep:g} on "
+                             f"the same questions at {context} tokens (seed {seed}, facts per document "
+                             f"{list(facts)}): pooled, each would count twice")
             asked_by[asked] = path
         runs.append(records)
     print(f"runs: {', '.join(map(str, args.runs))}")

@@ -55,13 +55,16 @@ def store(url: str) -> dict:
 
 def main() -> None:
     args = parse_args()
+    import torch
     from transformers import AutoTokenizer
 
     model = str(smollm2_path())
     tokenizer = AutoTokenizer.from_pretrained(model)
     documents = retrieval_documents(lambda text: len(tokenizer(text).input_ids), args.context,
                                     [4] * args.documents, seed=args.seed)
-    server_args = ["--kv-policy", args.policy, "--dtype", "float32", *args.server_args]
+    server_args = ["--kv-policy", args.policy, *args.server_args]
+    if not torch.cuda.is_available():
+        server_args += ["--dtype", "float32"]  # the CPU engine's exact mode
     print(f"inputs: {args.documents} documents of ~{args.context} tokens (seed {args.seed}), each committed alone; "
           f"server flags {' '.join(server_args)}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}")
@@ -70,7 +73,8 @@ def main() -> None:
     print(f"server log: {server.log_path}")
     with server:
         for document in tqdm(documents, desc="documents"):
-            compressions = store(server.url)["compressions"]
+            before = store(server.url)
+            compressions, repeated = before["compressions"], before["repetition_cost"]["documents"]
             commit = {"text": prompt_parts(document.text, "")[0], "sampling_params": {"max_new_tokens": 0}}
             requests.post(server.url + "/generate", json=commit, timeout=args.timeout).raise_for_status()
             deadline = time.monotonic() + args.timeout
@@ -78,6 +82,9 @@ def main() -> None:
                 if time.monotonic() > deadline:
                     raise SystemExit(f"repetition_cost: a document was not compressed within {args.timeout} s")
                 time.sleep(0.2)
+            if now["repetition_cost"]["documents"] == repeated:
+                raise SystemExit("repetition_cost: a document was compressed without a timed repetition (by its "
+                                 f"tail, or its prefill not timed); the server's log says why: {server.log_path}")
             rows.append(now["last_repetition"])
     if any(row["prefill_seconds"] is None or row["forward_seconds"] is None for row in rows):
         raise SystemExit("repetition_cost: the server did not time a prefill or a chunk's forwards")

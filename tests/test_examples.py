@@ -99,7 +99,8 @@ def test_a_failed_branch_is_one_line(monkeypatch, capsys):
 def test_the_store_summary_counts_every_data_parallel_rank(monkeypatch):
     inputs = load("example_inputs", monkeypatch)
     rank = {"lava_kv_policy": {"policy": "lava", "budget": 0.2, "store": {
-        "entries": 1, "prefix_tokens": 1000, "bytes_stored": 2**20, "bytes_saved": 4 * 2**20, "compress_seconds": 0.05}}}
+        "entries": 1, "prefix_tokens": 1000, "bytes_stored": 2**20, "bytes_saved": 4 * 2**20,
+        "compress_seconds": 0.05}}}
     monkeypatch.setattr("requests.get", lambda url, timeout: Answer(200, {"internal_states": [rank, rank]}))
     assert inputs.store_summary("http://x") == ("Server: --kv-policy lava --kv-budget 0.2: 2 compressed prefix(es), "
                                                 "2000 tokens, 2.0 MiB stored instead of 10.0 MiB, compressed in 100 ms")

@@ -19,8 +19,6 @@ CODE_DIGITS = 7
 #: Answer tokens a retrieval question gets: "The special code for <key> is <code>." with a
 #: key of several tokens; 16 cut some codes short, a right answer then counted wrong.
 RETRIEVAL_ANSWER_TOKENS = 24
-#: A code in an answer: CODE_DIGITS digits in a row, not part of a longer number.
-CODE_PATTERN = re.compile(rf"(?<!\d)\d{{{CODE_DIGITS}}}(?!\d)")
 #: A code the answer has finished: a non-digit follows it, so no later token makes it a longer
 #: number (where generating a retrieval answer can stop).
 FINISHED_CODE_PATTERN = re.compile(rf"(?<!\d)\d{{{CODE_DIGITS}}}\D")

@@ -15,10 +15,9 @@ Modes
 Splits
   A document's first half of questions are `at_compression`: their branches exist when the
   document is compressed, so `branches` sees them; the rest are `later`, asked of the
-  compressed document afterwards. An odd count's middle question goes to `at_compression`
-  in even-numbered documents, to `later` in odd ones (before 2026-12-06 always to
-  `at_compression`, which gave it every one-question document). Records carry both splits
-  and `all`.
+  compressed document afterwards. The middle questions of documents with an odd count go to
+  `at_compression` and `later` in turn (before 2026-12-06 always to `at_compression`, which
+  gave it every one-question document). Records carry both splits and `all`.
   Retrieval questions are shuffled per document (seeded) first, so neither split is tied to
   where its facts sit in the document.
 
@@ -148,13 +147,22 @@ class QualityConfig:
         return sources is None or bool(given & set(sources))
 
 
-def split_of(index: int, num_questions: int, document_index: int = 0) -> str:
+def split_of(index: int, num_questions: int, middle_at_compression: bool = True) -> str:
     """`at_compression` for the first half of a document's questions, else `later`; an odd
-    count's middle question is `at_compression` in even-numbered documents and `later` in odd
-    ones, so that documents of one question (facts 1, 4, 8 cycled) are in both splits alike:
-    rounded up everywhere, `at_compression` alone had them."""
-    at_compression = num_questions // 2 + (num_questions % 2 if document_index % 2 == 0 else 0)
+    count's middle question as `middle_at_compression` says (`middles_at_compression`)."""
+    at_compression = num_questions // 2 + (num_questions % 2 if middle_at_compression else 0)
     return SPLITS[0] if index < at_compression else SPLITS[1]
+
+
+def middles_at_compression(documents: Sequence[Document]) -> list[bool]:
+    """Per document, whether its middle question (an odd count's) is `at_compression`: in turn
+    over the documents with an odd count, so that documents of one question (facts 1, 4, 8
+    cycled) are in both splits alike. Rounded up everywhere, `at_compression` had them all."""
+    flags, odd_counts = [], 0
+    for document in documents:
+        flags.append(odd_counts % 2 == 0)
+        odd_counts += len(document.questions) % 2
+    return flags
 
 
 def retrieval_fact_counts(num_questions: int, pattern: Sequence[int]) -> list[int]:
@@ -213,7 +221,8 @@ class _Cells:
                 kls = [kl for kl, _ in values]
                 top1s = [top1 for _, top1 in values]
                 record["kl"] = sum(kls) / len(kls)
-                record["kl_ci95"] = list(mean_interval(kls, low=0.0))
+                # JSON has no infinity: the unbounded end of one question's interval is null.
+                record["kl_ci95"] = [bound if math.isfinite(bound) else None for bound in mean_interval(kls, low=0.0)]
                 record["top1"] = sum(top1s) / len(top1s)
                 record["ci95"] = list(mean_interval(top1s, low=0.0, high=1.0))
             records.append(record)
@@ -320,12 +329,12 @@ class QualityBenchmark:
         answer = self.runtime.generate([full_prefix], suffix_ids, cap)[0]
         return answer + [self.tokenizer.eos_token_id] if len(answer) < cap else answer
 
-    def run_document(self, task: str, context: int, document: Document, progress: tqdm, document_index: int = 0
-                     ) -> None:
+    def run_document(self, task: str, context: int, document: Document, progress: tqdm,
+                     middle_at_compression: bool = True) -> None:
         prefix_text, _ = prompt_parts(document.text, "")
         prefix_ids = self._ids(prefix_text)
         suffixes = [self._ids(prompt_parts(document.text, question.text)[1]) for question in document.questions]
-        splits = [split_of(index, len(suffixes), document_index) for index in range(len(suffixes))]
+        splits = [split_of(index, len(suffixes), middle_at_compression) for index in range(len(suffixes))]
         once = None
         if "compress_once" in self.config.modes:
             # The branches present at compression are the at_compression questions' prompts.
@@ -357,8 +366,8 @@ class QualityBenchmark:
         with tqdm(total=total, desc="quality", unit="question", disable=not progress) as bar:
             for task, context, documents in plan:
                 bar.set_postfix_str(f"{task} {context} tokens")
-                for document_index, document in enumerate(documents):
-                    self.run_document(task, context, document, bar, document_index)
+                for document, middle in zip(documents, middles_at_compression(documents)):
+                    self.run_document(task, context, document, bar, middle_at_compression=middle)
                     if partial is not None:
                         partial.write_text(json.dumps(self._result(started, bar.n, total, command), indent=1) + "\n")
         return self._result(started, total, total, command)

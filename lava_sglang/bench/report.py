@@ -178,7 +178,8 @@ def markdown(records: list[dict], meta: dict, command: str, notes: str | None) -
         f"- Retrieval: K in {{{', '.join(map(str, config.get('facts_per_document', [1, 4, 8])))}}} planted facts "
         "per document (cycled), one question per fact; correct = the greedy answer "
         f"({config['retrieval_answer_tokens']} tokens at most, stopped once it names a 7-digit number) names the "
-        "code, not as part of a longer number. "
+        "code, not as part of a longer number (before 2026-12-06: the code anywhere in the answer, which stopped "
+        "at its seventh digit). "
         "95% Wilson intervals.",
         f"- Fidelity: open questions; the full-cache greedy answer ({config['fidelity_answer_tokens']} tokens at "
         "most) is teacher-forced; top-1 = share of its tokens the compressed cache also ranks first; "
@@ -194,8 +195,9 @@ def markdown(records: list[dict], meta: dict, command: str, notes: str | None) -
                      "answered (a `--partial` file); each cell counts the questions it reached.")
     if _splits(records) != ["all"]:
         lines.append("- Splits: a document's first half of questions are `at compression` (their branches exist "
-                     "when it is compressed; `branches` sees them), the rest `later`; an odd count's middle question "
-                     "is `at compression` in every other document (in runs before 2026-12-06, in every one). "
+                     "when it is compressed; `branches` sees them), the rest `later`; the middle questions of "
+                     "documents with an odd count go to each split in turn (in runs before 2026-12-06, all to "
+                     "`at compression`). "
                      "`full` and `streamingllm` do not depend on the source.")
     seconds = meta.get("model_seconds", {})
     if seconds.get("prefill"):

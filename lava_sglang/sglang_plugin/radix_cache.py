@@ -495,7 +495,9 @@ class LavaRadixCache(CompressedRadixCache):
                 continue
             # The commit's last token can go alone: where branches that merged it with their
             # questions' first split the tree after it, it is a 1-token leaf, the least recently
-            # used. The compressed copy does not hold it; the plan is made over the rest.
+            # used. The compressed copy does not hold it; the plan is made over the rest (a tail
+            # window's queries are then read as the last of those n - 1 tokens': each one's
+            # softmax misses one key, a close approximation for a rare case).
             last_token_evicted = slots.numel() < len(full_key)
             full_copy = last_node if last_token_evicted else self.fork_prefix_node(last_node)
             if full_copy.lock_ref > 0 or not is_ready:

@@ -111,3 +111,17 @@ def test_two_specs_that_build_different_policies_or_sources_are_both_run():
     QualityConfig(policies=["lava", "lava:window=32"], observe=["reconstruct"], modes=["compress_once"]).validate()
     QualityConfig(policies=["streamingllm", "streamingllm:window=8"], observe=["reconstruct"]).validate()
     QualityConfig(policies=["lava"], observe=["branches", "branches:combine=max"], branch_combine="mean").validate()
+
+
+def test_a_cell_of_one_fidelity_question_is_written_as_strict_json():
+    import json
+    from types import SimpleNamespace
+
+    from lava_sglang.bench.quality import _Cells
+
+    cells = _Cells()
+    cells.add(("fidelity", 1024, "compress_once", "reconstruct", "all", "lava", 0.2), (0.05, 0.9),
+              SimpleNamespace(plan=SimpleNamespace(keep_ratio=0.2)))
+    (record,) = cells.records()
+    assert record["kl_ci95"] == [0.0, None] and record["ci95"] == [0.0, 1.0]  # one question: nothing of the spread
+    json.dumps(record, allow_nan=False)  # no Infinity for strict JSON readers

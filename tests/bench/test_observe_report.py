@@ -5,7 +5,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from lava_sglang.bench.quality import QualityBenchmark, QualityConfig, split_of
+from lava_sglang.bench.quality import QualityBenchmark, QualityConfig, middles_at_compression, split_of
 from lava_sglang.bench.report import markdown, normalise, targets, write_quality_report
 from lava_sglang.cli import build_parser, main
 
@@ -14,17 +14,20 @@ SOURCES = ["tail", "branches", "reconstruct"]
 
 @pytest.mark.parametrize("count, expected", [(1, ["at_compression"]), (2, ["at_compression", "later"]),
                                              (5, ["at_compression"] * 3 + ["later"] * 2)])
-def test_first_half_of_the_questions_are_at_compression_the_middle_one_in_even_documents(count, expected):
+def test_first_half_of_the_questions_are_at_compression_and_the_middle_one_as_told(count, expected):
     assert [split_of(index, count) for index in range(count)] == expected
-    odd_document = [split_of(index, count, document_index=1) for index in range(count)]
-    assert odd_document == ["at_compression"] * (count // 2) + ["later"] * (count - count // 2)
+    middle_later = [split_of(index, count, middle_at_compression=False) for index in range(count)]
+    assert middle_later == ["at_compression"] * (count // 2) + ["later"] * (count - count // 2)
 
 
-def test_one_question_documents_are_in_both_splits_alike():
-    # The quality benchmark's facts 1, 4, 8 cycled: every third document has one question.
-    counts = [1, 4, 8] * 4
-    splits = [split_of(0, count, index) for index, count in enumerate(counts) if count == 1]
-    assert splits.count("at_compression") == splits.count("later") == 2
+@pytest.mark.parametrize("facts", [[1, 4, 8], [1, 4], [3, 4]])
+def test_the_middle_questions_of_odd_counts_are_in_both_splits_alike(facts):
+    # With facts 1, 4 one-question documents are every other one: alternating by document
+    # position would put them all at compression.
+    documents = [SimpleNamespace(questions=[None] * count) for count in facts * 4]
+    middles = [middle for document, middle in zip(documents, middles_at_compression(documents))
+               if len(document.questions) % 2]
+    assert middles == [True, False, True, False]
 
 
 def test_the_split_is_not_tied_to_where_the_facts_sit():

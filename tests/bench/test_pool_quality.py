@@ -63,17 +63,22 @@ def test_a_run_cut_short_is_refused(tmp_path, capsys, monkeypatch):
     assert "a run cut short (40 of 80 questions)" in capsys.readouterr().err
 
 
-def test_runs_that_asked_the_same_questions_are_not_pooled(tmp_path, capsys, monkeypatch):
+def test_one_cell_on_the_same_questions_in_two_runs_is_not_pooled(tmp_path, capsys, monkeypatch):
     records = [record(1024, "full", 1.0, 30, 80), record(1024, "lava", 0.2, 24, 80)]
     first = write_run(tmp_path / "first", records)
-    other_source = write_run(tmp_path / "other_source", [{**row, "observe": "tail"} for row in records])
     other_seed = write_run(tmp_path / "other_seed", records, seed=1)
-    for twice in ((first, other_source), (first, first / "quality.json")):
+    # The same questions under another source: cells of their own, each against its run's full cache.
+    other_source = write_run(tmp_path / "other_source", [record(1024, "full", 1.0, 30, 80, observe="tail"),
+                                                         record(1024, "lava", 0.2, 20, 80, observe="tail")])
+    for twice in ((first, first / "quality.json"), (first, other_seed, first)):
         with pytest.raises(SystemExit):
             run_main(monkeypatch, *twice)
-        assert "asked the same questions at 1024 tokens (seed 0" in capsys.readouterr().err
-    run_main(monkeypatch, first, other_seed)
-    assert "| compress_once | reconstruct | lava | 0.2 | 48 | 160 | 60 | 0.80 |" in capsys.readouterr().out
+        assert ("both have compress_once reconstruct full at keep 1 on the same questions at 1024 tokens (seed 0, "
+                "facts per document [1, 4, 8])") in capsys.readouterr().err
+    run_main(monkeypatch, first, other_seed, other_source)
+    out = capsys.readouterr().out
+    assert "| compress_once | reconstruct | lava | 0.2 | 48 | 160 | 60 | 0.80 |" in out
+    assert "| compress_once | tail | lava | 0.2 | 20 | 80 | 30 | 0.67 |" in out
 
 
 def test_a_run_without_its_meta_is_refused(tmp_path, capsys, monkeypatch):

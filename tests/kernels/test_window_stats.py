@@ -51,7 +51,7 @@ def _assert_scores_close(actual, expected):
     torch.testing.assert_close(actual, expected, rtol=SCORE_RTOL, atol=SCORE_RTOL * scale)
 
 
-# (GQA group, head dim): groups 1, 3, 4, 8 at both head dims. Window 13 and prefixes that are
+# (GQA group, head dim): groups 1, 3, 4, 8 at every head dim. Window 13 and prefixes that are
 # not multiples of the 64-key block; keys_per_split=41 makes the last split, keys [82, 93),
 # start inside the window (keys [80, 93)), where the first two window rows see no key of it.
 SHAPES = [(group, head_dim) for group in (1, 3, 4, 8) for head_dim in (64, 80, 128)]  # 80: a masked block tail
