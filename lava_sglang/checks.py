@@ -6,6 +6,8 @@ asked for; these say no.
 
 from __future__ import annotations
 
+import numbers
+
 
 def is_int(value: object) -> bool:
     """An int, not a bool."""
@@ -13,5 +15,5 @@ def is_int(value: object) -> bool:
 
 
 def is_number(value: object) -> bool:
-    """An int or a float, not a bool."""
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A real number (an int, a float, numpy's of any width), not a bool."""
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)

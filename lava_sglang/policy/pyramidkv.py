@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -19,8 +20,8 @@ class PyramidKV(WindowPolicy):
 
     def validate(self) -> None:
         super().validate()
-        if not is_number(self.beta) or not self.beta >= 1:
-            raise ValueError(f"beta must be a number >= 1, got {self.beta!r}")
+        if not is_number(self.beta) or not 1 <= self.beta < math.inf:  # inf: the last layer would keep nothing
+            raise ValueError(f"beta must be a finite number >= 1, got {self.beta!r}")
 
     def layer_budgets(self, entropies: list[float], total: int, prefix_len: int) -> list[int]:
         num_layers = len(entropies)

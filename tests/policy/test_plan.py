@@ -371,6 +371,12 @@ def test_policy_specs_set_fields_and_name_what_is_wrong():
     for value in ("inf", "-inf", "nan"):
         with pytest.raises(ValueError, match=f"beta must be a finite number, got '{value}'"):
             make_policy(f"pyramidkv:beta={value}")
+    with pytest.raises(ValueError, match="beta must be a finite number >= 1, got inf"):  # nor through the API
+        make_policy("pyramidkv", beta=math.inf)
+    # numpy's numbers are numbers: a float32 alpha is taken at its decimal value (allocation).
+    assert make_policy("ada_snapkv", alpha=numpy.float32(0.34)).alpha == numpy.float32(0.34)
+    with pytest.raises(ValueError, match="alpha must be a number in"):
+        make_policy("ada_snapkv", alpha=True)
     # A shared option is taken by the policies that have it; one that none has is a misspelling.
     assert make_policy("streamingllm", window=8, pool_kernel=3).window == 8
     with pytest.raises(ValueError, match="policy options aplha: no policy has them"):
