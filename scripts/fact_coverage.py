@@ -18,7 +18,7 @@ import statistics
 from tqdm import tqdm
 
 from lava_sglang.argtypes import at_least, fact_count, keep_ratio, positive_int
-from lava_sglang.bench.documents import FACT_TEMPLATE, FINISHED_CODE_PATTERN, names_code, prompt_parts
+from lava_sglang.bench.documents import FACT_TEMPLATE, code_finished, names_code, prompt_parts
 from lava_sglang.bench.quality import QualityConfig, benchmark_documents
 from lava_sglang.bench.score_transforms import policy_spec
 from lava_sglang.reference.runtime import ReferenceRuntime
@@ -57,9 +57,6 @@ def main() -> None:
     def count_tokens(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
-    def has_code(tokens) -> bool:
-        return FINISHED_CODE_PATTERN.search(tokenizer.decode(tokens)) is not None
-
     documents = benchmark_documents("retrieval", args.context, args.questions, count_tokens, args.seed,
                                     [args.facts])
     print(f"inputs: {len(documents)} documents of {args.context} tokens, {args.facts} facts each, seed {args.seed}, "
@@ -82,7 +79,7 @@ def main() -> None:
             suffix = tokenizer(prompt_parts(document.text, question.text)[1], add_special_tokens=False)["input_ids"]
             # As the benchmark answers: its token cap, stopped once it names a 7-digit number.
             answers = runtime.generate([full, *prefixes], suffix, QualityConfig.retrieval_answer_tokens,
-                                       stop_when=has_code)
+                                       stop_when=code_finished(tokenizer.decode))
             right = [names_code(tokenizer.decode(answer), question.answer) for answer in answers]
             rows.append((right[0], [(right[1 + index], *kept_shares(prefix.plan, code_tokens),
                                      kept_shares(prefix.plan, key_tokens)[0])

@@ -24,6 +24,13 @@ RETRIEVAL_ANSWER_TOKENS = 24
 FINISHED_CODE_PATTERN = re.compile(rf"(?<!\d)\d{{{CODE_DIGITS}}}\D")
 
 
+def code_finished(decode: Callable[[list[int]], str]) -> Callable[[list[int]], bool]:
+    """The stop rule of a retrieval answer's generation (`stop_when`): true once the answer's
+    tokens, decoded by `decode` (a tokenizer's), hold a finished number of exactly 7 digits, the
+    answer to grade (a longer number does not stop it)."""
+    return lambda tokens: FINISHED_CODE_PATTERN.search(decode(tokens)) is not None
+
+
 def names_code(text: str, code: str) -> bool:
     """Whether `text` names `code` as a whole number ("91234567" does not name 1234567): how the
     benchmarks and the demo grade a retrieval answer."""

@@ -42,7 +42,7 @@ import torch
 from tqdm import tqdm
 
 from lava_sglang.argtypes import COMPRESSING_POLICIES
-from lava_sglang.bench.documents import (FINISHED_CODE_PATTERN, MAX_FACTS, RETRIEVAL_ANSWER_TOKENS, Document,
+from lava_sglang.bench.documents import (MAX_FACTS, RETRIEVAL_ANSWER_TOKENS, Document, code_finished,
                                          fidelity_documents, names_code, prompt_parts, retrieval_documents)
 from lava_sglang.bench.stats import mean_interval, wilson_interval
 from lava_sglang.policy import POLICIES, WINDOW_COMBINES, make_observe, make_policy, policy_name, spec_of
@@ -304,13 +304,9 @@ class QualityBenchmark:
             for source, split_name in itertools.product(sources, (split, "all")):
                 self.cells.add((task, context, mode, source, split_name, policy, ratio), value, prefix)
 
-    def _has_code(self, tokens: list[int]) -> bool:
-        return FINISHED_CODE_PATTERN.search(self.tokenizer.decode(tokens)) is not None
-
     def _retrieval(self, prefixes, suffix_ids, answer: str) -> list[bool]:
-        # A row stops once it has named a 7-digit number: later tokens cannot change the verdict.
         answers = self.runtime.generate(prefixes, suffix_ids, self.config.retrieval_answer_tokens,
-                                        stop_when=self._has_code)
+                                        stop_when=code_finished(self.tokenizer.decode))
         return [names_code(self.tokenizer.decode(tokens), answer) for tokens in answers]
 
     def _fidelity(self, prefixes, suffix_ids, reference_ids: list[int]) -> list[tuple[float, float]]:

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from lava_sglang.argtypes import at_least, fact_count, file_stem, keep_ratio, output_folder, positive_int
-from lava_sglang.bench.documents import CODE_DIGITS, FINISHED_CODE_PATTERN, names_code, prompt_parts
+from lava_sglang.bench.documents import CODE_DIGITS, code_finished, names_code, prompt_parts
 from lava_sglang.bench.quality import QualityConfig, benchmark_documents
 from lava_sglang.bench.stats import wilson_interval
 from lava_sglang.policy import make_policy
@@ -119,9 +119,6 @@ def run(args: argparse.Namespace, script: str, title: str, variant_names: list[s
     def ids(text: str) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"]
 
-    def answered(tokens: list[int]) -> bool:
-        return FINISHED_CODE_PATTERN.search(tokenizer.decode(tokens)) is not None
-
     documents = benchmark_documents("retrieval", args.context, args.questions, lambda text: len(ids(text)),
                                     args.seed, args.facts)
     cells = ["full cache"] + [f"{name}, keep {keep:g}" for name in variant_names for keep in args.keep]
@@ -153,7 +150,8 @@ def run(args: argparse.Namespace, script: str, title: str, variant_names: list[s
         planted = {question.answer for question in document.questions}  # a question per fact
         for question in document.questions:
             suffix = ids(prompt_parts(document.text, question.text)[1])
-            answers = runtime.generate(prefixes, suffix, QualityConfig.retrieval_answer_tokens, stop_when=answered)
+            answers = runtime.generate(prefixes, suffix, QualityConfig.retrieval_answer_tokens,
+                                       stop_when=code_finished(tokenizer.decode))
             for cell, answer in zip(cells, answers):
                 kind = answer_kind(tokenizer.decode(answer), question.answer, planted)
                 if kind == "right":

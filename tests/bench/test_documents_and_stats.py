@@ -4,7 +4,8 @@ import math
 
 import pytest
 
-from lava_sglang.bench.documents import FACT_TEMPLATE, fidelity_documents, prompt_parts, retrieval_documents
+from lava_sglang.bench.documents import (FACT_TEMPLATE, code_finished, fidelity_documents, names_code, prompt_parts,
+                                         retrieval_documents)
 from lava_sglang.bench.quality import QualityConfig, retrieval_fact_counts
 from lava_sglang.bench.stats import mean_interval, wilson_interval
 
@@ -62,6 +63,20 @@ def test_prompt_prefix_is_shared_by_every_question():
 def test_fact_counts_cycle_and_trim(questions, expected):
     assert retrieval_fact_counts(questions, [1, 4, 8]) == expected
     assert sum(expected) == questions
+
+
+@pytest.mark.parametrize(("answer", "finished", "right"), [
+    ("The code is 1234567.", True, True),
+    ("The code is 1234567", False, True),  # a next digit would make it another number
+    ("The code is 12345678.", False, False),  # a longer number neither names the code nor stops
+    ("The code is 7654321.", True, False),
+    ("The code is 123456.", False, False),
+])
+def test_a_retrieval_answer_stops_once_a_code_is_finished_and_is_graded_by_the_whole_number(answer, finished,
+                                                                                            right):
+    characters = list(answer)  # "tokens" of one character each, decoded by joining them
+    assert code_finished("".join)(characters) is finished
+    assert names_code(answer, "1234567") is right
 
 
 def test_wilson_interval_known_values():
