@@ -62,13 +62,15 @@ args=(
 if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
     # No GPU: SGLang's CPU engine, with the project's pure-PyTorch sgl_kernel stand-in where
     # the real one does not load (development and CI plumbing, see the README).
-    eval "$(python - <<'PY'
+    # Assigned first: set -e stops here if the helper fails (an `eval "$(...)"` would not).
+    cpu_exports=$(python - <<'PY'
 import os, shlex
 from lava_sglang.sglang_plugin.cpu_engine import cpu_engine_env
 env = cpu_engine_env({"PYTHONPATH": os.environ.get("PYTHONPATH", "")})
 print("\n".join(f"export {k}={shlex.quote(v)}" for k, v in env.items() if v))
 PY
-)"
+)
+    eval "$cpu_exports"
     # The KV pool must be capped on CPU (SGLang's default would reserve most of the RAM);
     # fp32 makes the CPU engine's greedy answers match HF transformers token for token.
     args+=(--device cpu --attention-backend torch_native --sleep-on-idle --max-total-tokens 16384

@@ -106,3 +106,20 @@ def test_the_store_summary_counts_every_data_parallel_rank(monkeypatch):
                                                 "2000 tokens, 2.0 MiB stored instead of 10.0 MiB, compressed in 100 ms")
     monkeypatch.setattr("requests.get", lambda url, timeout: Answer(200, {"internal_states": [{}]}))
     assert inputs.store_summary("http://x") == "Server: no compressed store (stock SGLang or --kv-policy none)"
+
+
+def test_launch_server_stops_when_its_cpu_engine_setup_fails(tmp_path):
+    import os
+    import subprocess
+
+    # A `python` that finds no GPU, fails to write the CPU engine's exports, and says so if it is
+    # asked to launch the server anyway.
+    fake = tmp_path / "python"
+    fake.write_text('#!/usr/bin/env bash\ncase "$1" in\n  -c) exit 1 ;;\n  -) echo "no cpu_engine" >&2; exit 3 ;;\n'
+                    '  *) echo LAUNCHED ;;\nesac\n')
+    fake.chmod(0o755)
+    env = {**os.environ, "PATH": f"{tmp_path}:{os.environ['PATH']}", "MODEL": str(tmp_path)}
+    run = subprocess.run(["bash", str(EXAMPLES / "launch_server.sh")], env=env, capture_output=True, text=True,
+                         timeout=60)
+    assert run.returncode == 3 and "no cpu_engine" in run.stderr
+    assert "LAUNCHED" not in run.stdout
