@@ -8,6 +8,7 @@ outside the repository (never commit weights).
 
 from __future__ import annotations
 
+import fcntl
 import importlib.util
 import os
 import shutil
@@ -51,23 +52,26 @@ def smollm2_path(cache_dir: Path | None = None) -> Path:
     target = smollm2_location(cache_dir)
     if (target / "config.json").is_file():
         return target
-    if target.exists():  # conversions appear whole (a rename): this was put there otherwise
-        raise FileExistsError(f"{target} exists but holds no converted checkpoint (no config.json); delete it "
-                              "and run again to convert SmolLM2 there")
     source = gguf_path()
     target.parent.mkdir(parents=True, exist_ok=True)
-    # Convert into a temporary sibling and rename, so an interrupted run leaves no half model.
-    staging = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT_NAME}-", dir=target.parent))
-    staging.chmod(0o755)
-    try:
-        _convert(source, staging)
+    # One conversion at a time: a second first run waits for the first and finds its checkpoint.
+    with open(target.parent / f".{CHECKPOINT_NAME}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").is_file():
+            return target
+        if target.exists():  # conversions appear whole (a rename): this was put there otherwise
+            raise FileExistsError(f"{target} exists but holds no converted checkpoint (no config.json); delete it "
+                                  "and run again to convert SmolLM2 there")
+        for stale in target.parent.glob(f".{CHECKPOINT_NAME}-*"):  # left by a killed conversion
+            shutil.rmtree(stale, ignore_errors=True)
+        # Convert into a temporary sibling and rename, so an interrupted run leaves no half model.
+        staging = Path(tempfile.mkdtemp(prefix=f".{CHECKPOINT_NAME}-", dir=target.parent))
+        staging.chmod(0o755)
         try:
+            _convert(source, staging)
             staging.rename(target)
-        except OSError:
-            if not (target / "config.json").is_file():  # a concurrent conversion did not win
-                raise
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
     return target
 
 
