@@ -40,6 +40,7 @@ import logging
 import time
 import uuid
 import weakref
+from collections import deque
 from functools import partial
 
 import torch
@@ -61,7 +62,7 @@ from lava_sglang.store import CellLayout, slots_needed, write_kept
 
 logger = logging.getLogger(__name__)
 
-MAX_RETIRED_REPETITION_RIDS = 1024  # stopped repetitions' chunk rids remembered, to free a straggler's tokens
+MAX_RETIRED_REPETITIONS = 64  # stopped repetitions whose chunk rids are remembered, to free a straggler's tokens
 
 
 def fork_prefix(full_key):
@@ -104,6 +105,7 @@ class LavaRadixCache(CompressedRadixCache):
         self.pending: list[PendingPrefix] = []
         self.repetitions: dict[str, RepetitionScores] = {}  # by chunk request id, while the request may run
         self.retired_repetitions: dict[str, int] = {}  # chunk rid -> prefix length, for stopped repetitions
+        self._retirements: deque[list[str]] = deque()  # the rids each stopped repetition left there, oldest first
         self.repetitions_cut_short = 0  # prefixes compressed by their tail because the repetition did not finish
         self.last_repetition: dict | None = None  # the cost of the last repetition that compressed a prefix
         self.repetition_cost = RepetitionCost()
@@ -561,10 +563,12 @@ class LavaRadixCache(CompressedRadixCache):
         unreleased = [rid for rid in repetition.rids if self.repetitions.pop(rid, None) is not None]
         if not unreleased:  # stopped already, or every chunk released
             return
-        for rid in unreleased[:1] if self._sends_requests else unreleased:
-            self.retired_repetitions[rid] = repetition.prefix_len
-        while len(self.retired_repetitions) > MAX_RETIRED_REPETITION_RIDS:
-            del self.retired_repetitions[next(iter(self.retired_repetitions))]
+        remembered = unreleased[:1] if self._sends_requests else unreleased
+        self.retired_repetitions.update(dict.fromkeys(remembered, repetition.prefix_len))
+        self._retirements.append(remembered)
+        while len(self._retirements) > MAX_RETIRED_REPETITIONS:  # whole repetitions: a rank must not lose part of one
+            for rid in self._retirements.popleft():
+                self.retired_repetitions.pop(rid, None)
         if self.repetition_client is not None and self._sends_requests:
             self.repetition_client.abort(repetition)
 

@@ -912,6 +912,31 @@ def test_a_rank_that_does_not_send_the_chunks_remembers_every_one_not_yet_releas
     assert stub.cache.retired_repetitions == dict.fromkeys(scores.rids[1:], 200)
 
 
+def test_a_rank_that_does_not_send_the_chunks_forgets_stopped_repetitions_whole(monkeypatch):
+    # The remembered rids are bounded by repetitions, not chunks: a repetition with more chunks
+    # than a rid bound lost its own next chunks, which the sending rank still sent; this rank then
+    # matched past the prefix and kept their tokens, and the ranks' batches parted.
+    from lava_sglang.sglang_plugin import radix_cache
+
+    monkeypatch.setattr(radix_cache, "MAX_RETIRED_REPETITIONS", 1)
+    stub = SchedulerStub(KvPolicyConfig(policy="lava", window=WINDOW, min_prefix=MIN_PREFIX, observe="reconstruct"),
+                         tensor_parallel=TensorParallel(rank=1, world_size=2, group=OtherRank()))
+    run(stub, document(0))
+    evictable = stub.cache.evictable_size()
+    older, scores = (started(stub, repetition_of_document_0(stub, name)) for name in ("older", "stopped"))
+    stub.cache.retire_repetition(older)
+    stub.cache.repetitions.pop(scores.rids[0])  # the first chunk was released
+    stub.cache.retire_repetition(scores)
+    assert stub.cache.retired_repetitions == dict.fromkeys(scores.rids[1:], 200)  # the older one forgotten whole
+    for rid, chunk_plan in zip(scores.rids[1:], scores.chunks[1:]):  # the sending rank sends them still
+        chunk = stub.prefill(stub.request(scores.input_ids(chunk_plan), max_new_tokens=0, rid=rid))
+        assert chunk.prefix_len == 200
+        stub.finish(chunk)
+        check(stub)
+        assert stub.cache.evictable_size() == evictable  # the chunk's own tokens are freed
+    assert not stub.cache.retired_repetitions
+
+
 def test_a_stopped_repetitions_chunk_that_still_runs_reuses_the_prefix_only_and_leaves_nothing():
     # A repetition stopped while a chunk was queued (a scoring failure on one TP rank, an abort
     # that missed): the chunk is matched and freed as a live one is, on every rank alike.
