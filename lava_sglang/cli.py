@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import shlex
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -82,7 +83,8 @@ def _demo_command(args: argparse.Namespace) -> int:
         server_args += ["--dtype", "float32"]  # the CPU engine's exact mode
     log_path = Path(tempfile.mkdtemp(prefix="lava-sglang-demo-")) / "server.log"
     device = "GPU" if torch.cuda.is_available() else "CPU engine"
-    print(f"Starting SGLang {sgl.__version__} ({device}) with {' '.join(server_args)}; log: {log_path}", flush=True)
+    print(f"Starting SGLang {sgl.__version__} ({device}) with {' '.join(server_args)}; log: {log_path} (kept if "
+          "the demo fails)", flush=True)
 
     def program() -> dict:
         try:
@@ -105,7 +107,8 @@ def _demo_command(args: argparse.Namespace) -> int:
                              f"{response.text[:200]}); the server's log: {log_path}")
         return response.json()["text"]
 
-    with ServerProcess(model_path, server_args, log_path=log_path) as server, _naming_the_log(log_path):
+    with (_removed_on_success(log_path.parent), ServerProcess(model_path, server_args, log_path=log_path) as server,
+          _naming_the_log(log_path)):
         started = time.time()
         program()  # the document's first visit: committed, observed, compressed once
         deadline, next_report = time.time() + 600, time.time() + 30
@@ -151,6 +154,14 @@ def _demo_command(args: argparse.Namespace) -> int:
     print(f"\nThe document was compressed once, scored by {OBSERVE_MEANING[args.observe]}, and the second visit's "
           "questions\nwere answered from the compressed copy; docs/results/reuse/ measures this over many documents.")
     return 0
+
+
+@contextlib.contextmanager
+def _removed_on_success(folder: Path):
+    """The demo's server log folder: removed once the demo has its answers, kept (and named in
+    the error) when it fails, so that runs do not pile up logs in the temporary folder."""
+    yield
+    shutil.rmtree(folder, ignore_errors=True)
 
 
 @contextlib.contextmanager

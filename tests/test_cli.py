@@ -3,6 +3,8 @@ any model loads or server starts."""
 
 import argparse
 import json
+import shutil
+from pathlib import Path
 
 import pytest
 
@@ -293,3 +295,19 @@ def test_a_server_that_stops_answering_ends_the_demo_in_one_line_naming_its_log(
     message = str(exit_info.value)
     assert message.startswith("lava-sglang demo: a request to the server failed (URLError")
     assert message.endswith("server.log")
+    log_folder = Path(message.split()[-1]).parent
+    assert log_folder.is_dir()  # kept for the user to read
+    shutil.rmtree(log_folder)
+
+
+def test_the_demos_log_folder_is_removed_once_it_succeeds_and_kept_when_it_fails(tmp_path):
+    kept, removed = tmp_path / "failed", tmp_path / "succeeded"
+    for folder in (kept, removed):
+        folder.mkdir()
+        (folder / "server.log").write_text("log")
+    with cli._removed_on_success(removed):
+        pass
+    with pytest.raises(SystemExit), cli._removed_on_success(kept):
+        raise SystemExit("lava-sglang demo: failed")
+    assert not removed.exists()
+    assert (kept / "server.log").read_text() == "log"
