@@ -91,6 +91,21 @@ def read_notes(given: str | None, default: Path | None) -> str | None:
     return default.read_text() if default is not None and default.is_file() else None
 
 
+#: What a benchmark's --report-only reads; its other flags shape a run, and it runs nothing.
+REPORT_FLAGS = ("out", "notes", "report_only", "no_progress")
+
+
+def refuse_run_flags(args: argparse.Namespace, parser: argparse.ArgumentParser, read: tuple[str, ...]) -> None:
+    """--report-only rebuilds a report from a finished run: a flag it does not read (those not
+    in `read`), given other than its default, would look as if it changed the report."""
+    defaults = vars(parser.parse_args([]))
+    ignored = [f"--{dest.replace('_', '-')}" for dest, default in defaults.items()
+               if dest not in read and getattr(args, dest) != default]
+    if ignored:
+        raise ValueError(f"--report-only rebuilds the report from the run's results; {', '.join(ignored)} "
+                         "would change a run, not its report: leave them out")
+
+
 def read_json(path: Path) -> object:
     """A results file's JSON; ValueError naming the file when it is not JSON."""
     try:

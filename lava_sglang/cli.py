@@ -11,8 +11,9 @@ import sys
 import time
 from pathlib import Path
 
-from lava_sglang.argtypes import (COMPRESSING_POLICIES, DEFAULT_MIN_PREFIX, OBSERVE_SOURCES, at_least, check_results,
-                                  fact_count, keep_ratio, output_folder, positive_int, read_json, read_notes)
+from lava_sglang.argtypes import (COMPRESSING_POLICIES, DEFAULT_MIN_PREFIX, OBSERVE_SOURCES, REPORT_FLAGS, at_least,
+                                  check_results, fact_count, keep_ratio, output_folder, positive_int, read_json,
+                                  read_notes, refuse_run_flags)
 from lava_sglang.bench.documents import RETRIEVAL_ANSWER_TOKENS, names_code
 from lava_sglang.model import ModelNotAvailable
 from lava_sglang.sglang_plugin.server_process import ServerExited
@@ -187,6 +188,7 @@ def _quality_command(args: argparse.Namespace) -> int:
     meta_path = out_dir / "quality_meta.json"
     notes = read_notes(args.notes, out_dir / "quality_notes.md" if args.report_only else None)
     if args.report_only:
+        refuse_run_flags(args, add_quality_arguments(argparse.ArgumentParser()), REPORT_FLAGS + ("partial",))
         sources = [Path(args.partial)] if args.partial else [out_dir / "quality.json", meta_path]
         missing = [str(path) for path in sources if not path.is_file()]
         if missing:
@@ -252,30 +254,7 @@ def _serve_reference_command(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lava-sglang", description=__doc__)
-    commands = parser.add_subparsers(dest="command", required=True)
-
-    model = commands.add_parser("model", help="print the SmolLM2 checkpoint path (converting it on first use)")
-    model.set_defaults(run=_model_command)
-
-    demo = commands.add_parser("demo", help="an SGLang server with --kv-policy: one document, several "
-                                            "forked questions, answers next to the full cache's")
-    demo.add_argument("--policy", default="lava", help="compression policy, as --kv-policy takes it (default lava)")
-    demo.add_argument("--observe", default="reconstruct", choices=OBSERVE_SOURCES,
-                      help="what scores the document, as --kv-observe (default reconstruct)")
-    demo.add_argument("--ratio", type=keep_ratio, default=0.2, help="keep ratio in (0, 1] (default 0.2)")
-    demo.add_argument("--context", type=at_least(DEFAULT_MIN_PREFIX), default=1024,
-                      help=f"document tokens, at least {DEFAULT_MIN_PREFIX} (the server's --kv-min-prefix: a shorter "
-                           "prompt is not compressed; default 1024)")
-    demo.add_argument("--facts", type=fact_count, default=4, help="planted facts to ask about (default 4)")
-    demo.add_argument("--max-new-tokens", type=positive_int, default=RETRIEVAL_ANSWER_TOKENS,
-                      help=f"answer length cap (default {RETRIEVAL_ANSWER_TOKENS})")
-    demo.add_argument("--seed", type=at_least(0), default=0, help="document seed (default 0)")
-    demo.set_defaults(run=_demo_command)
-
-    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
-    quality = bench.add_parser("quality", help="compress-once and query-aware quality on SmolLM2 (CPU)")
+def add_quality_arguments(quality: argparse.ArgumentParser) -> argparse.ArgumentParser:
     quality.add_argument("--contexts", type=positive_int, nargs="+", default=[2048, 4096],
                          help="document lengths in tokens (default 2048 4096)")
     quality.add_argument("--questions", type=positive_int, nargs="+", default=[40, 12],
@@ -313,6 +292,34 @@ def build_parser() -> argparse.ArgumentParser:
     quality.add_argument("--partial", metavar="PATH", help="write the records and metadata so far to PATH (JSON) "
                          "after every document, so a run cut short keeps what it measured; with --report-only, "
                          "rebuild the report in --out from it")
+    return quality
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="lava-sglang", description=__doc__)
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    model = commands.add_parser("model", help="print the SmolLM2 checkpoint path (converting it on first use)")
+    model.set_defaults(run=_model_command)
+
+    demo = commands.add_parser("demo", help="an SGLang server with --kv-policy: one document, several "
+                                            "forked questions, answers next to the full cache's")
+    demo.add_argument("--policy", default="lava", help="compression policy, as --kv-policy takes it (default lava)")
+    demo.add_argument("--observe", default="reconstruct", choices=OBSERVE_SOURCES,
+                      help="what scores the document, as --kv-observe (default reconstruct)")
+    demo.add_argument("--ratio", type=keep_ratio, default=0.2, help="keep ratio in (0, 1] (default 0.2)")
+    demo.add_argument("--context", type=at_least(DEFAULT_MIN_PREFIX), default=1024,
+                      help=f"document tokens, at least {DEFAULT_MIN_PREFIX} (the server's --kv-min-prefix: a shorter "
+                           "prompt is not compressed; default 1024)")
+    demo.add_argument("--facts", type=fact_count, default=4, help="planted facts to ask about (default 4)")
+    demo.add_argument("--max-new-tokens", type=positive_int, default=RETRIEVAL_ANSWER_TOKENS,
+                      help=f"answer length cap (default {RETRIEVAL_ANSWER_TOKENS})")
+    demo.add_argument("--seed", type=at_least(0), default=0, help="document seed (default 0)")
+    demo.set_defaults(run=_demo_command)
+
+    bench = commands.add_parser("bench", help="benchmarks").add_subparsers(dest="bench", required=True)
+    quality = bench.add_parser("quality", help="compress-once and query-aware quality on SmolLM2 (CPU)")
+    add_quality_arguments(quality)
     quality.set_defaults(run=_quality_command)
 
     from lava_sglang.bench.serve import add_arguments as add_serve_arguments  # requests + stdlib: light

@@ -246,6 +246,15 @@ def test_a_partial_file_rebuilds_a_report_that_says_it_was_cut_short(tmp_path, c
 
 
 
+def test_quality_report_only_refuses_the_flags_of_a_run(tmp_path, capsys):
+    run = cli.RESULTS_DIR / "reuse" / "view_until" / "local"
+    for name in ("quality.json", "quality_meta.json"):
+        (tmp_path / name).write_text((run / name).read_text())
+    assert cli.main(["bench", "quality", "--report-only", "--out", str(tmp_path), "--contexts", "1024"]) == 2
+    assert "--contexts would change a run, not its report: leave them out" in capsys.readouterr().err
+    assert not (tmp_path / "quality.md").exists()
+
+
 def test_a_file_of_another_shape_is_refused_before_anything_is_written(tmp_path, capsys):
     out = tmp_path / "out"
     # quality.json itself (a list), meta without records, not JSON: one line each, and --out is left alone.

@@ -39,8 +39,9 @@ from pathlib import Path
 
 import requests
 
-from lava_sglang.argtypes import (COMPRESSING_POLICIES, at_least, check_results, file_stem, keep_ratio,
-                                  output_folder, positive_float, positive_int, read_json, read_notes)
+from lava_sglang.argtypes import (COMPRESSING_POLICIES, REPORT_FLAGS, at_least, check_results, file_stem, keep_ratio,
+                                  output_folder, positive_float, positive_int, read_json, read_notes,
+                                  refuse_run_flags)
 from lava_sglang.bench.serve_workload import (MISS_SLACK, ORDERS, build_workload, program_inputs, summarize,
                                               timed_endpoint, visit_records)
 from lava_sglang.bench.documents import RETRIEVAL_ANSWER_TOKENS
@@ -638,6 +639,7 @@ def run(args: argparse.Namespace) -> int:
         return write_serving_report(result, out_dir, stem)
 
     if args.report_only:
+        refuse_run_flags(args, add_arguments(argparse.ArgumentParser()), REPORT_FLAGS + ("name", "memory_bound"))
         results_path = out_dir / f"{stem}.json"
         if not results_path.is_file():
             raise ValueError(f"--report-only: no {results_path} to rebuild the report from")

@@ -601,6 +601,16 @@ def test_report_only_rebuilds_from_the_json_with_notes(tmp_path):
     assert main(["--url", "http://10.1.2.3:30000", "--out", str(tmp_path)]) == 2  # loopback only
 
 
+def test_report_only_refuses_the_flags_of_a_run(tmp_path, capsys):
+    from lava_sglang.bench.serve import main
+
+    write_serving_report(synthetic_result(), tmp_path, "serving")
+    assert main(["--report-only", "--out", str(tmp_path), "--budget", "0.1", "--seed", "1"]) == 2
+    error = capsys.readouterr().err
+    assert "--budget, --seed would change a run, not its report: leave them out" in error
+    assert main(["--report-only", "--out", str(tmp_path), "--seed", "0", "--no-progress"]) == 0  # defaults pass
+
+
 def test_report_only_without_its_json_and_notes_that_are_not_there_are_refused(tmp_path, capsys):
     from lava_sglang.bench.serve import main
 
