@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 from lava_sglang.bench.documents import MAX_FACTS
@@ -74,6 +75,17 @@ def output_folder(path: Path) -> Path:
     except OSError as error:  # a file of that name, a parent that is a file, no permission
         raise ValueError(f"--out {path}: cannot make that folder ({error.strerror or error})") from None
     return path
+
+
+def replace_file(path: Path, text: str) -> None:
+    """Write `text` to `path` whole or not at all (a sibling written, then renamed over it): a
+    run killed while it writes its results, or a write that fails, leaves the earlier file."""
+    staging = path.with_name(f".{path.name}.writing")
+    try:
+        staging.write_text(text)
+        os.replace(staging, path)
+    finally:
+        staging.unlink(missing_ok=True)
 
 
 def read_notes(given: str | None, default: Path | None) -> str | None:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from lava_sglang.argtypes import (COMPRESSING_POLICIES, DEFAULT_MIN_PREFIX, OBSERVE_SOURCES, REPORT_FLAGS, at_least,
                                   check_results, fact_count, keep_ratio, output_folder, positive_int, read_json,
-                                  read_notes, refuse_run_flags)
+                                  read_notes, refuse_run_flags, replace_file)
 from lava_sglang.bench.documents import RETRIEVAL_ANSWER_TOKENS, names_code
 from lava_sglang.model import ModelNotAvailable
 from lava_sglang.sglang_plugin.server_process import ServerExited
@@ -197,7 +197,7 @@ def _quality_command(args: argparse.Namespace) -> int:
             result = check_results(read_json(sources[0]), f"--partial {args.partial}", "bench quality --partial",
                                    QUALITY_META_KEYS)
             out_dir.mkdir(parents=True, exist_ok=True)
-            meta_path.write_text(json.dumps(result["meta"], indent=1) + "\n")
+            replace_file(meta_path, json.dumps(result["meta"], indent=1) + "\n")
         else:
             result = check_results({"records": read_json(sources[0]), "meta": read_json(meta_path)},
                                    f"{sources[0]} and {meta_path}", "bench quality", QUALITY_META_KEYS)
@@ -234,7 +234,7 @@ def _quality_command(args: argparse.Namespace) -> int:
         command = "lava-sglang " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         result = QualityBenchmark(_load_runtime(), config).run(
             progress=not args.no_progress, partial=Path(args.partial) if args.partial else None, command=command)
-        meta_path.write_text(json.dumps(result["meta"], indent=1) + "\n")
+        replace_file(meta_path, json.dumps(result["meta"], indent=1) + "\n")
     for path in write_quality_report(result, out_dir, command, notes):
         print(f"wrote {path}")
     return 0

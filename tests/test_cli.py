@@ -9,7 +9,8 @@ from pathlib import Path
 import pytest
 
 from lava_sglang import cli
-from lava_sglang.argtypes import COMPRESSING_POLICIES, OBSERVE_SOURCES, at_least, fact_count, positive_float
+from lava_sglang.argtypes import (COMPRESSING_POLICIES, OBSERVE_SOURCES, at_least, fact_count, positive_float,
+                                  replace_file)
 from lava_sglang.bench import serve
 
 
@@ -320,3 +321,17 @@ def test_the_demos_log_folder_is_removed_once_it_succeeds_and_kept_when_it_fails
         raise SystemExit("lava-sglang demo: failed")
     assert not removed.exists()
     assert (kept / "server.log").read_text() == "log"
+
+
+def test_a_results_file_is_replaced_whole_or_left_as_it_was(tmp_path):
+    # A run killed while it writes its partial results, or a write that fails, must not leave a
+    # truncated file where the earlier results were.
+    results = tmp_path / "partial.json"
+    results.write_text('{"records": "earlier"}')
+    with pytest.raises(UnicodeEncodeError):
+        replace_file(results, '{"records": "later' + "\ud800" * 100_000)  # fails part way through
+    assert results.read_text() == '{"records": "earlier"}'
+    assert [path.name for path in tmp_path.iterdir()] == ["partial.json"]  # no staging file left
+    replace_file(results, '{"records": "later"}')
+    assert results.read_text() == '{"records": "later"}'
+    assert [path.name for path in tmp_path.iterdir()] == ["partial.json"]

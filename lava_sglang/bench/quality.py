@@ -41,7 +41,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lava_sglang.argtypes import COMPRESSING_POLICIES
+from lava_sglang.argtypes import COMPRESSING_POLICIES, replace_file
 from lava_sglang.bench.documents import (MAX_FACTS, RETRIEVAL_ANSWER_TOKENS, Document, code_finished,
                                          fidelity_documents, names_code, prompt_parts, retrieval_documents)
 from lava_sglang.bench.stats import mean_interval, wilson_interval
@@ -365,7 +365,7 @@ class QualityBenchmark:
                 for document, middle in zip(documents, middles_at_compression(documents)):
                     self.run_document(task, context, document, bar, middle_at_compression=middle)
                     if partial is not None:
-                        partial.write_text(json.dumps(self._result(started, bar.n, total, command), indent=1) + "\n")
+                        replace_file(partial, json.dumps(self._result(started, bar.n, total, command), indent=1) + "\n")
         return self._result(started, total, total, command)
 
     def _result(self, started: float, questions_done: int, questions_planned: int, command: str | None) -> dict:

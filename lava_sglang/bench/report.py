@@ -6,6 +6,8 @@ import json
 import math
 from pathlib import Path
 
+from lava_sglang.argtypes import replace_file
+
 SCORED_ORDER = ["lava", "kvzip", "ada_snapkv", "snapkv", "pyramidkv"]
 POLICY_MARKER = {"lava": ("o", "-"), "kvzip": ("D", "-"), "ada_snapkv": ("s", "--"), "snapkv": ("^", ":"),
                  "pyramidkv": ("v", "-.")}
@@ -300,7 +302,7 @@ def write_quality_report(result: dict, out_dir: Path, command: str, notes: str |
     out_dir.mkdir(parents=True, exist_ok=True)
     records, meta = result["records"], result["meta"]
     paths = [out_dir / "quality.json", out_dir / "quality.md", out_dir / "quality.png"]
-    paths[0].write_text(json.dumps(records, indent=1) + "\n")
-    paths[1].write_text(markdown(records, meta, command, notes))
+    replace_file(paths[0], json.dumps(records, indent=1) + "\n")
+    replace_file(paths[1], markdown(records, meta, command, notes))
     plot(records, meta["config"], paths[2])
     return paths

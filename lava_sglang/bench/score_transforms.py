@@ -26,7 +26,8 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from lava_sglang.argtypes import at_least, fact_count, file_stem, keep_ratio, output_folder, positive_int
+from lava_sglang.argtypes import (at_least, fact_count, file_stem, keep_ratio, output_folder, positive_int,
+                                  replace_file)
 from lava_sglang.bench.documents import CODE_DIGITS, code_finished, names_code, prompt_parts
 from lava_sglang.bench.quality import QualityConfig, benchmark_documents
 from lava_sglang.bench.stats import wilson_interval
@@ -162,7 +163,7 @@ def run(args: argparse.Namespace, script: str, title: str, variant_names: list[s
               "right": right, "wrong": wrong, "broad_heads": broad_heads, "broad_rows": broad_rows,
               "wall_seconds": round(time.time() - started)}
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(result, indent=1) + "\n")
+    replace_file(args.out / f"{args.name}.json", json.dumps(result, indent=1) + "\n")
     lines = [f"# {title}: {args.name}", "", f"inputs: {inputs}", "",
              "| cell | right | of | 95% interval | wrong: " + " / ".join(WRONG_KINDS)
              + " | rows keeping > half the prefix | their share of kept rows |",
@@ -173,6 +174,6 @@ def run(args: argparse.Namespace, script: str, title: str, variant_names: list[s
         lines.append(f"| {cell} | {count} | {args.questions} | [{low:.2f}, {high:.2f}] | {kinds} | "
                      f"{broad_heads[cell]:.1%} | {broad_rows[cell]:.1%} |")
     lines += ["", f"Written by `{script}` in {result['wall_seconds']} s."]
-    (args.out / f"{args.name}.md").write_text("\n".join(lines) + "\n")
+    replace_file(args.out / f"{args.name}.md", "\n".join(lines) + "\n")
     print("\n".join(lines))
     return result

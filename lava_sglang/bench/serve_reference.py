@@ -38,7 +38,7 @@ import json
 import math
 from pathlib import Path
 
-from lava_sglang.argtypes import check_results, read_json
+from lava_sglang.argtypes import check_results, read_json, replace_file
 from lava_sglang.bench.serve_workload import Visit, is_correct, program_inputs
 from lava_sglang.bench.stats import wilson_interval
 
@@ -285,9 +285,9 @@ def run(results_path: Path, model: str | None = None, progress: bool = True) -> 
         print(json.dumps(summaries[-1]))
     stem = results_path.with_suffix("")
     json_path, md_path = Path(f"{stem}_reference.json"), Path(f"{stem}_reference.md")
-    json_path.write_text(json.dumps({"results": str(results_path), "summaries": summaries, "answers": rows},
-                                    indent=1) + "\n")
-    md_path.write_text(markdown(results_path, summaries, rows))
+    replace_file(json_path, json.dumps({"results": str(results_path), "summaries": summaries, "answers": rows},
+                                       indent=1) + "\n")
+    replace_file(md_path, markdown(results_path, summaries, rows))
     return [json_path, md_path]
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from lava_sglang.argtypes import replace_file
 from lava_sglang.bench.serve_workload import to_json
 
 POLICY_COLOR = {"none": "black", "lava": "tab:red", "ada_snapkv": "tab:blue", "snapkv": "tab:green",
@@ -257,7 +258,7 @@ def write_serving_report(result: dict, out_dir: Path, stem: str = "serving") -> 
     compared = comparison(result["records"]) if result["meta"]["workload"].get("memory_bound") else None
     if compared:
         result["comparison"] = compared
-    paths[0].write_text(to_json(result))
-    paths[1].write_text(markdown(result, stem))
+    replace_file(paths[0], to_json(result))
+    replace_file(paths[1], markdown(result, stem))
     plot(result["records"], paths[2])
     return paths
