@@ -11,6 +11,10 @@
 # in its subshells and in make_env.sh, which does the set-up) and a failure returns an error
 # instead of closing the shell.
 
+if [ -z "${BASH_VERSION:-}" ]; then  # zsh, dash: no BASH_SOURCE, so the repository would be looked for elsewhere
+    echo "lava-sglang: scripts/env.sh is for bash; run bash, then source it there" >&2
+    return 2 2>/dev/null || exit 2
+fi
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CACHE_ROOT=${LAVA_SGLANG_CACHE:-$HOME/.cache/lava-sglang}
 if ! LOCK_KEY=$(set -o pipefail; cat "$REPO_ROOT/requirements.lock" "$REPO_ROOT/requirements-nodeps.txt" |

