@@ -44,7 +44,7 @@ from lava_sglang.argtypes import (COMPRESSING_POLICIES, REPORT_FLAGS, at_least, 
                                   refuse_run_flags)
 from lava_sglang.bench.serve_workload import (MISS_SLACK, ORDERS, build_workload, program_inputs, summarize,
                                               timed_endpoint, visit_records)
-from lava_sglang.bench.documents import RETRIEVAL_ANSWER_TOKENS
+from lava_sglang.bench.documents import CODE_DIGITS, RETRIEVAL_ANSWER_TOKENS
 from lava_sglang.checks import is_number
 from lava_sglang.sglang_plugin.server_process import ServerExited, ServerProcess, check_request_fits
 
@@ -90,8 +90,11 @@ class ServeConfig:
             raise ValueError(f"policies: each at most once, got {self.policies}")
         if not 0 < self.budget <= 1:
             raise ValueError(f"budget must be a keep ratio in (0, 1], got {self.budget}")
-        if min(self.documents, self.questions, self.clients, self.max_tokens) < 1:
-            raise ValueError("documents, questions, clients and max_tokens must be >= 1")
+        if min(self.documents, self.questions, self.clients) < 1:
+            raise ValueError("documents, questions and clients must be >= 1")
+        if self.max_tokens < CODE_DIGITS:  # every answer would be graded wrong
+            raise ValueError(f"max_tokens must be >= {CODE_DIGITS}: a shorter answer cannot name a {CODE_DIGITS}-digit "
+                             f"code, got {self.max_tokens}")
         if not 0 <= self.questions_per_visit <= self.questions:
             raise ValueError(f"questions_per_visit must be 0 (all in one visit) to questions ({self.questions}), got "
                              f"{self.questions_per_visit}")
@@ -565,8 +568,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--context", type=at_least(MIN_CONTEXT), default=1024,
         help=f"document tokens, at least {MIN_CONTEXT} (default 1024)")
     add("--clients", type=positive_int, help="concurrent clients (default 2; --memory-bound: 1)")
-    add("--max-tokens", type=positive_int, default=RETRIEVAL_ANSWER_TOKENS,
-        help=f"answer length cap (default {RETRIEVAL_ANSWER_TOKENS})")
+    add("--max-tokens", type=at_least(CODE_DIGITS), default=RETRIEVAL_ANSWER_TOKENS,
+        help=f"answer length cap, at least {CODE_DIGITS} (a planted code's digits; default {RETRIEVAL_ANSWER_TOKENS})")
     add("--max-total-tokens", type=positive_int,
         help="KV pool cap passed to every server (default: ServerProcess's; --memory-bound: "
              "resident-documents x the longest document's tokens + 256, rounded up to a multiple of 64)")

@@ -326,7 +326,9 @@ def test_server_args_and_validation():
             ServeConfig(questions=4, questions_per_visit=per_visit).validate()
     with pytest.raises(ValueError, match="seed must be >= 0"):  # Random(-1) draws Random(1)'s documents
         ServeConfig(seed=-1).validate()
-    for flags in (["--questions-per-visit", "-3"], ["--seed", "-1"]):
+    with pytest.raises(ValueError, match="max_tokens must be >= 7: a shorter answer cannot name a 7-digit code"):
+        ServeConfig(max_tokens=6).validate()
+    for flags in (["--questions-per-visit", "-3"], ["--seed", "-1"], ["--max-tokens", "6"]):
         with pytest.raises(SystemExit):  # refused at parse time, before any tokenizer or document
             add_arguments(__import__("argparse").ArgumentParser()).parse_args(flags)
 
