@@ -66,9 +66,14 @@ def add_arguments(parser: argparse.ArgumentParser, default_out: Path) -> None:
 
 def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None = None) -> argparse.Namespace:
     """`parser`'s arguments (those of `add_arguments` among them), refusing in argparse's one line,
-    before the model loads, a repeated keep ratio (two cells of one name would count each answer
-    twice) and an --out that cannot be made (the results are written at the end of the run)."""
+    before the model loads, a policy that reads no scores (`streamingllm`: every variant, which
+    transforms the scores, would plan alike), a repeated keep ratio (two cells of one name would
+    count each answer twice) and an --out that cannot be made (the results are written at the
+    end of the run)."""
     args = parser.parse_args(argv)
+    if not make_policy(args.policy).needs_scores:
+        parser.error(f"--policy {args.policy} reads no scores, so every variant would plan alike; give a policy "
+                     "that scores tokens")
     if len(set(args.keep)) != len(args.keep):
         parser.error(f"--keep: a value repeats ({args.keep})")
     try:

@@ -59,7 +59,8 @@ def test_arguments_that_would_lose_the_run_are_refused_before_the_model_loads(tm
     (tmp_path / "a_file").write_text("")
     for argv, error in ((["--keep", "0.1", "0.1"], "--keep: a value repeats ([0.1, 0.1])"),
                         (["--out", str(tmp_path / "a_file" / "sub")], "cannot make that folder"),
-                        (["--name", "sub/x"], "must be a file name without a folder")):
+                        (["--name", "sub/x"], "must be a file name without a folder"),
+                        (["--policy", "streamingllm"], "--policy streamingllm reads no scores")):
         with pytest.raises(SystemExit):
             score_transforms.parse_arguments(parser, ["--name", "x", *argv])
         assert error in capsys.readouterr().err
