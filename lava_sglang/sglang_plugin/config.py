@@ -35,6 +35,8 @@ SUPPORTED_ATTENTION_BACKENDS = tuple(dict.fromkeys(CPU_ATTENTION_BACKENDS + CUDA
 # compressed-prefix path builds its metadata on the host per batch, which a graph replay skips.
 CUDA_GRAPHS_OFF = "disabled"
 CUDA_GRAPH_PHASES = ("cuda_graph_backend_decode", "cuda_graph_backend_prefill")
+# Per-phase attention backends: one that differs from --attention-backend gives a hybrid backend.
+ATTENTION_PHASES = ("prefill_attention_backend", "decode_attention_backend")
 # --kv-cache-dtype values whose pool holds K and V as plain numbers: the compressor scores and
 # copies them as such, so a quantized pool (fp8, fp4: bytes plus scales) is refused.
 PLAIN_KV_CACHE_DTYPES = ("auto", "bf16", "bfloat16")
@@ -400,6 +402,9 @@ def check_server_args(config: KvPolicyConfig, args: argparse.Namespace, device: 
     on_accelerator = device is not None and not is_cpu(device)
     graph_phases = [f"--{phase.replace('_', '-')} {getattr(args, phase)}" for phase in CUDA_GRAPH_PHASES
                     if on_accelerator and getattr(args, phase, None) not in (None, CUDA_GRAPHS_OFF)]
+    attention_backend = getattr(args, "attention_backend", None) or backends[0]  # as server_arg_overrides sets it
+    phase_backends = [f"--{phase.replace('_', '-')} {getattr(args, phase)}" for phase in ATTENTION_PHASES
+                      if getattr(args, phase, None) not in (None, attention_backend)]
     refusals = [
         (getattr(args, "disable_radix_cache", False),
          "--disable-radix-cache: compressed prefixes live in the radix cache"),
@@ -409,6 +414,20 @@ def check_server_args(config: KvPolicyConfig, args: argparse.Namespace, device: 
         (getattr(args, "attention_backend", None) not in (None, *backends),
          f"--attention-backend {getattr(args, 'attention_backend', None)}: supported with a policy on "
          f"{device or 'any device'}: {', '.join(backends)}"),
+        (bool(phase_backends), f"{', '.join(phase_backends)}: a prefill or decode backend other than "
+         f"--attention-backend ({attention_backend}) makes SGLang wrap the two in one hybrid backend, which the "
+         "compressed-prefix path does not wrap; give one --attention-backend"),
+        (getattr(args, "enable_two_batch_overlap", False),
+         "--enable-two-batch-overlap: its attention backend wraps the one the compressed-prefix path wraps"),
+        (getattr(args, "is_embedding", False),
+         "--is-embedding: an embedding request has the shape of a fork commit (no new tokens), and its prompt "
+         "would be compressed and later embeddings computed from the compressed copy"),
+        (any(getattr(args, name, False) for name in ("enable_streaming_session", "enable_session_radix_cache"))
+         or getattr(args, "radix_eviction_policy", None) == "tlru",
+         "--enable-streaming-session, --enable-session-radix-cache, --radix-eviction-policy tlru: SGLang serves "
+         "them on its own radix cache only, and the plugin's is another"),
+        (any(getattr(args, name, False) for name in ("enable_lmcache", "enable_flexkv")),
+         "--enable-lmcache, --enable-flexkv: their caches replace the radix cache, which the plugin is"),
         (bool(graph_phases), f"{', '.join(graph_phases)}: CUDA graphs replay a batch without the host work that "
          "builds the compressed prefixes' metadata; with a policy they are off"),
         (on_accelerator and getattr(args, "cuda_graph_config", None) is not None,

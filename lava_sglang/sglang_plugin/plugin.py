@@ -195,6 +195,9 @@ def _check_model(ctx, config: KvPolicyConfig, tensor_parallel=None) -> None:
         (ctx.is_hybrid_swa or ctx.is_hybrid_ssm or ctx.is_dsa,
          "hybrid models (sliding-window, state-space or sparse layers) are not supported"),
         ("MLA" in str(getattr(model_config, "attention_arch", "")), "MLA attention is not supported"),
+        # Their requests generate nothing, the shape of a fork commit: prompts would be compressed.
+        (not getattr(model_config, "is_generation", True),
+         "models that do not generate (embedding, reward, classification) are not supported"),
         (getattr(hf_config, "sliding_window", None) not in (None, 0)
          and getattr(hf_config, "use_sliding_window", True), "sliding-window attention is not supported"),
         # The compressed-prefix path computes plain softmax attention; these change it.

@@ -217,12 +217,35 @@ def test_unknown_policy_lists_the_allowed_ones():
     ("enable_pdmux", True, "--enable-pdmux"),
     ("kv_cache_dtype", "fp8_e5m2", "--kv-cache-dtype fp8_e5m2"),
     ("kv_cache_dtype", "nvfp4", "--kv-cache-dtype nvfp4"),
+    ("prefill_attention_backend", "triton", "--prefill-attention-backend triton: a prefill or decode backend "
+                                            r"other than --attention-backend \(torch_native\)"),
+    ("decode_attention_backend", "triton", "--decode-attention-backend triton"),
+    ("enable_two_batch_overlap", True, "--enable-two-batch-overlap"),
+    ("is_embedding", True, "--is-embedding: an embedding request has the shape of a fork commit"),
+    ("enable_streaming_session", True, "SGLang serves them on its own radix cache only"),
+    ("enable_session_radix_cache", True, "SGLang serves them on its own radix cache only"),
+    ("radix_eviction_policy", "tlru", "SGLang serves them on its own radix cache only"),
+    ("enable_lmcache", True, "--enable-lmcache, --enable-flexkv"),
+    ("enable_flexkv", True, "--enable-lmcache, --enable-flexkv"),
 ])
 def test_combinations_that_cannot_work_are_refused(option, value, reason):
     config = from_namespace(parse("--kv-policy", "lava"))
     with pytest.raises(ConfigError, match=reason):
         check_server_args(config, argparse.Namespace(**{option: value}), "cpu")
     check_server_args(KvPolicyConfig(), argparse.Namespace(**{option: value}), "cpu")  # policy none: stock
+
+
+def test_phase_attention_backends_equal_to_the_one_in_effect_are_served():
+    config = from_namespace(parse("--kv-policy", "lava"))
+    for args in ({"prefill_attention_backend": "torch_native"}, {"decode_attention_backend": "torch_native"},
+                 {"radix_eviction_policy": "lru"}):
+        check_server_args(config, argparse.Namespace(**args), "cpu")
+    check_server_args(config, argparse.Namespace(attention_backend="flashinfer", decode_attention_backend="flashinfer"),
+                      "cuda")
+    check_server_args(config, argparse.Namespace(prefill_attention_backend="triton"), "cuda")  # triton: chosen
+    with pytest.raises(ConfigError, match="--prefill-attention-backend triton: .* --attention-backend \\(flashinfer"):
+        check_server_args(config, argparse.Namespace(attention_backend="flashinfer",
+                                                     prefill_attention_backend="triton"), "cuda")
 
 
 def test_the_plugins_radix_cache_without_a_policy_is_refused_at_launch():

@@ -67,6 +67,7 @@ def test_a_supported_model_passes():
     ({"is_hybrid_ssm": True}, "hybrid models"),
     ({"is_dsa": True}, "hybrid models"),
     ({"model_config.attention_arch": "AttentionArch.MLA"}, "MLA attention"),
+    ({"model_config.is_generation": False}, "models that do not generate"),
     ({"model_config.hf_config.sliding_window": 4096}, "sliding-window attention"),
     ({"model_config.context_len": 8}, "--kv-window 8 must be below the model's context length 8"),
     ({"kv_pool.is_quantized_kv_cache": True}, "not a plain per-layer K/V pool"),
