@@ -52,7 +52,6 @@ def smollm2_path(cache_dir: Path | None = None) -> Path:
     target = smollm2_location(cache_dir)
     if (target / "config.json").is_file():
         return target
-    source = gguf_path()
     target.parent.mkdir(parents=True, exist_ok=True)
     # One conversion at a time: a second first run waits for the first and finds its checkpoint.
     with open(target.parent / f".{CHECKPOINT_NAME}.lock", "w") as lock:
@@ -62,6 +61,7 @@ def smollm2_path(cache_dir: Path | None = None) -> Path:
         if target.exists():  # conversions appear whole (a rename): this was put there otherwise
             raise FileExistsError(f"{target} exists but holds no converted checkpoint (no config.json); delete it "
                                   "and run again to convert SmolLM2 there")
+        source = gguf_path()
         for stale in target.parent.glob(f".{CHECKPOINT_NAME}-*"):  # left by a killed conversion
             shutil.rmtree(stale, ignore_errors=True)
         # Convert into a temporary sibling and rename, so an interrupted run leaves no half model.

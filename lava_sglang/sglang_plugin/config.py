@@ -35,7 +35,7 @@ SUPPORTED_ATTENTION_BACKENDS = tuple(dict.fromkeys(CPU_ATTENTION_BACKENDS + CUDA
 # compressed-prefix path builds its metadata on the host per batch, which a graph replay skips.
 CUDA_GRAPHS_OFF = "disabled"
 CUDA_GRAPH_PHASES = ("cuda_graph_backend_decode", "cuda_graph_backend_prefill")
-# Per-phase attention backends: one that differs from --attention-backend gives a hybrid backend.
+# Per-phase attention backends: two that differ give a hybrid backend.
 ATTENTION_PHASES = ("prefill_attention_backend", "decode_attention_backend")
 # --kv-cache-dtype values whose pool holds K and V as plain numbers: the compressor scores and
 # copies them as such, so a quantized pool (fp8, fp4: bytes plus scales) is refused.
@@ -403,8 +403,7 @@ def check_server_args(config: KvPolicyConfig, args: argparse.Namespace, device: 
     graph_phases = [f"--{phase.replace('_', '-')} {getattr(args, phase)}" for phase in CUDA_GRAPH_PHASES
                     if on_accelerator and getattr(args, phase, None) not in (None, CUDA_GRAPHS_OFF)]
     attention_backend = getattr(args, "attention_backend", None) or backends[0]  # as server_arg_overrides sets it
-    phase_backends = [f"--{phase.replace('_', '-')} {getattr(args, phase)}" for phase in ATTENTION_PHASES
-                      if getattr(args, phase, None) not in (None, attention_backend)]
+    phase_backends = {phase: getattr(args, phase, None) or attention_backend for phase in ATTENTION_PHASES}
     refusals = [
         (getattr(args, "disable_radix_cache", False),
          "--disable-radix-cache: compressed prefixes live in the radix cache"),
@@ -414,9 +413,11 @@ def check_server_args(config: KvPolicyConfig, args: argparse.Namespace, device: 
         (getattr(args, "attention_backend", None) not in (None, *backends),
          f"--attention-backend {getattr(args, 'attention_backend', None)}: supported with a policy on "
          f"{device or 'any device'}: {', '.join(backends)}"),
-        (bool(phase_backends), f"{', '.join(phase_backends)}: a prefill or decode backend other than "
-         f"--attention-backend ({attention_backend}) makes SGLang wrap the two in one hybrid backend, which the "
-         "compressed-prefix path does not wrap; give one --attention-backend"),
+        (len(set(phase_backends.values())) > 1 or not set(phase_backends.values()) <= set(backends),
+         f"--prefill-attention-backend {phase_backends['prefill_attention_backend']} and "
+         f"--decode-attention-backend {phase_backends['decode_attention_backend']} (the --attention-backend's "
+         f"where not given): one backend for both phases, from {', '.join(backends)} (two make SGLang wrap them "
+         "in one hybrid backend, which the compressed-prefix path does not wrap)"),
         (getattr(args, "enable_two_batch_overlap", False),
          "--enable-two-batch-overlap: its attention backend wraps the one the compressed-prefix path wraps"),
         (getattr(args, "is_embedding", False),

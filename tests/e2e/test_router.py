@@ -69,7 +69,7 @@ def test_each_document_is_compressed_once_over_two_servers(servers, documents, t
 def test_bench_serve_through_the_router_reports_documents_per_server(servers, tmp_path):
     router, workers = servers
     code = main(["--url", router.url, "--documents", "2", "--questions", "2", "--questions-per-visit", "1",
-                 "--order", "interleaved", "--clients", "2", "--context", "350", "--max-tokens", "4",
+                 "--order", "interleaved", "--clients", "2", "--context", "350", "--max-tokens", "7",
                  "--sample-interval", "0.5", "--out", str(tmp_path), "--no-progress"])
     assert code == 0
     [record] = json.loads((tmp_path / "serving.json").read_text())["records"]

@@ -217,8 +217,8 @@ def test_unknown_policy_lists_the_allowed_ones():
     ("enable_pdmux", True, "--enable-pdmux"),
     ("kv_cache_dtype", "fp8_e5m2", "--kv-cache-dtype fp8_e5m2"),
     ("kv_cache_dtype", "nvfp4", "--kv-cache-dtype nvfp4"),
-    ("prefill_attention_backend", "triton", "--prefill-attention-backend triton: a prefill or decode backend "
-                                            r"other than --attention-backend \(torch_native\)"),
+    ("prefill_attention_backend", "triton", "--prefill-attention-backend triton and --decode-attention-backend "
+                                            "torch_native .*: one backend for both phases, from torch_native"),
     ("decode_attention_backend", "triton", "--decode-attention-backend triton"),
     ("enable_two_batch_overlap", True, "--enable-two-batch-overlap"),
     ("is_embedding", True, "--is-embedding: an embedding request has the shape of a fork commit"),
@@ -243,9 +243,16 @@ def test_phase_attention_backends_equal_to_the_one_in_effect_are_served():
     check_server_args(config, argparse.Namespace(attention_backend="flashinfer", decode_attention_backend="flashinfer"),
                       "cuda")
     check_server_args(config, argparse.Namespace(prefill_attention_backend="triton"), "cuda")  # triton: chosen
-    with pytest.raises(ConfigError, match="--prefill-attention-backend triton: .* --attention-backend \\(flashinfer"):
+    # Both phases on one backend, whatever --attention-backend says: SGLang builds that one, wrapped.
+    check_server_args(config, argparse.Namespace(prefill_attention_backend="flashinfer",
+                                                 decode_attention_backend="flashinfer"), "cuda")
+    with pytest.raises(ConfigError, match="--prefill-attention-backend triton and --decode-attention-backend "
+                                          "flashinfer"):
         check_server_args(config, argparse.Namespace(attention_backend="flashinfer",
                                                      prefill_attention_backend="triton"), "cuda")
+    with pytest.raises(ConfigError, match="one backend for both phases, from triton, flashinfer, torch_native"):
+        check_server_args(config, argparse.Namespace(prefill_attention_backend="fa3",
+                                                     decode_attention_backend="fa3"), "cuda")
 
 
 def test_the_plugins_radix_cache_without_a_policy_is_refused_at_launch():
