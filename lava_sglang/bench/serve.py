@@ -92,7 +92,7 @@ class ServeConfig:
             raise ValueError(f"budget must be a keep ratio in (0, 1], got {self.budget}")
         if min(self.documents, self.questions, self.clients) < 1:
             raise ValueError("documents, questions and clients must be >= 1")
-        if self.max_tokens < CODE_DIGITS:  # every answer would be graded wrong
+        if self.max_tokens < CODE_DIGITS:  # every answer would be graded wrong (SmolLM2 spells one digit a token)
             raise ValueError(f"max_tokens must be >= {CODE_DIGITS}: a shorter answer cannot name a {CODE_DIGITS}-digit "
                              f"code, got {self.max_tokens}")
         if not 0 <= self.questions_per_visit <= self.questions:
