@@ -8,6 +8,7 @@ import json
 import shlex
 import shutil
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -89,10 +90,16 @@ def _demo_command(args: argparse.Namespace) -> int:
 
     def program() -> dict:
         try:
-            return multi_question_qa.run(prefix=prefix, suffixes=suffixes, max_tokens=args.max_new_tokens,
-                                         backend=sgl.RuntimeEndpoint(server.url))
+            # SGLang's frontend waits on the server without a timeout: a server that stops
+            # answering (alive but stuck) ends the demo instead of hanging it.
+            return _within(PROGRAM_SECONDS, lambda: multi_question_qa.run(
+                prefix=prefix, suffixes=suffixes, max_tokens=args.max_new_tokens,
+                backend=sgl.RuntimeEndpoint(server.url)))
         except RuntimeError as error:  # a branch's request failed: the server's log says why
             raise SystemExit(f"lava-sglang demo: {error}; the server's log: {log_path}") from None
+        except TimeoutError:
+            raise SystemExit(f"lava-sglang demo: the server did not answer the program within {PROGRAM_SECONDS} s; "
+                             f"the server's log: {log_path}") from None
 
     def store() -> dict:
         return requests.get(server.url + "/server_info", timeout=60).json()["internal_states"][0]["lava_kv_policy"][
@@ -155,6 +162,31 @@ def _demo_command(args: argparse.Namespace) -> int:
     print(f"\nThe document was compressed once, scored by {OBSERVE_MEANING[args.observe]}, and the second visit's "
           "questions\nwere answered from the compressed copy; docs/results/reuse/ measures this over many documents.")
     return 0
+
+
+#: Seconds the demo waits for one run of its program (a few on the CPU engine when all is well).
+PROGRAM_SECONDS = 600
+
+
+def _within(seconds: float, work):
+    """work()'s result, or its exception, if it returns within `seconds`; else TimeoutError.
+    It runs in a daemon thread, left behind on a timeout (stopping the server ends its wait)."""
+    outcome = {}
+
+    def run():
+        try:
+            outcome["result"] = work()
+        except BaseException as error:  # re-raised in the caller's thread
+            outcome["error"] = error
+
+    thread = threading.Thread(target=run, name="lava-sglang-demo-program", daemon=True)
+    thread.start()
+    thread.join(seconds)
+    if thread.is_alive():
+        raise TimeoutError(f"no result within {seconds} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["result"]
 
 
 @contextlib.contextmanager

@@ -310,6 +310,35 @@ def test_a_server_that_stops_answering_ends_the_demo_in_one_line_naming_its_log(
     shutil.rmtree(log_folder)
 
 
+@pytest.mark.model
+def test_a_server_that_stops_answering_while_alive_ends_the_demo_in_one_line(monkeypatch):
+    import socket
+
+    with socket.socket() as stuck:  # accepts connections, never answers: a server alive but stuck
+        stuck.bind(("127.0.0.1", 0))
+        stuck.listen()
+
+        class StuckServer:
+            url = f"http://127.0.0.1:{stuck.getsockname()[1]}"
+
+            def __init__(self, *args, **kwargs):
+                pass
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                return None
+
+        monkeypatch.setattr("lava_sglang.sglang_plugin.server_process.ServerProcess", StuckServer)
+        monkeypatch.setattr(cli, "PROGRAM_SECONDS", 1)
+        with pytest.raises(SystemExit) as exit_info:
+            cli.main(["demo", "--context", "256"])
+    message = str(exit_info.value)
+    assert message.startswith("lava-sglang demo: the server did not answer the program within 1 s")
+    shutil.rmtree(Path(message.split()[-1]).parent)
+
+
 def test_the_demos_log_folder_is_removed_once_it_succeeds_and_kept_when_it_fails(tmp_path):
     kept, removed = tmp_path / "failed", tmp_path / "succeeded"
     for folder in (kept, removed):
