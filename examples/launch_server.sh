@@ -40,9 +40,11 @@ args=(
     # The forked questions of the first visit are answered on the full document meanwhile;
     # later ones read the compressed copy (docs/observe.md, docs/kvzip.md). The repetition
     # runs in chunks of --kv-observe-chunk tokens (512: the extra KV while a document is
-    # scored is one chunk and its prompt) and a document waits for it at most
-    # --kv-observe-wait seconds (30). Those flags are read only under reconstruct (and the
-    # wait under branches): given with --kv-observe tail, the server refuses them.
+    # scored is one chunk and its prompt); a document waits at most --kv-observe-wait seconds
+    # (30) for its repetition to begin, then for each chunk while it progresses (one that
+    # stalls is cut short, its partial scores unused). Those flags are read only under
+    # reconstruct (and the wait under branches): given with --kv-observe tail, the server
+    # refuses them.
     --kv-observe reconstruct
 
     # Prefixes shorter than this are kept whole (compressing a short prompt saves little).

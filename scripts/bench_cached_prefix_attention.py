@@ -74,10 +74,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--prefixes", type=positive_int, nargs="+", default=[1024, 2048, 4096],
                         help="cached prefix lengths in tokens")
     parser.add_argument("--extend", type=positive_int, default=32, help="new tokens per request (a question)")
-    parser.add_argument("--heads", type=positive_int, nargs=2, default=[9, 3], metavar=("HQ", "HKV"))
-    parser.add_argument("--head-dim", type=positive_int, default=64)
+    parser.add_argument("--heads", type=positive_int, nargs=2, default=[9, 3], metavar=("HQ", "HKV"),
+                        help="query and KV heads (default 9 3, SmolLM2-135M's)")
+    parser.add_argument("--head-dim", type=positive_int, default=64, help="head dim (default 64, SmolLM2-135M's)")
     parser.add_argument("--layers", type=positive_int, default=30, help="layers of a forward, for the seconds saved")
-    parser.add_argument("--repeats", type=positive_int, default=10)
+    parser.add_argument("--repeats", type=positive_int, default=10, help="timed runs per case (default 10)")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes, one repeat")
     args = parser.parse_args(argv)
     if args.smoke:

@@ -3,7 +3,7 @@ benchmark: the same documents, questions and prompt token ids as `lava-sglang be
 (seed 0), greedy answers, correct = the planted code appears in the answer.
 
 Run through scripts/kvpress_head_to_head.sh, which puts kvpress and the transformers release
-it supports in front of the project's environment. Writes <out>.json (per-question verdicts)
+it supports in front of the project's environment. Writes the JSON file --out names (per-question verdicts)
 and prints a table; `docs/kvzip.md` records what it measured.
 """
 
