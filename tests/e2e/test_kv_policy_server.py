@@ -291,13 +291,26 @@ def chat(url: str, document, question: str) -> dict:
             "cached_tokens": body["usage"]["prompt_tokens_details"]["cached_tokens"]}
 
 
-def test_documents_behind_one_chat_header_are_each_compressed_once(lava_server, tokenizer):
+def chat_ids(tokenizer, document, question: str) -> list[int]:
+    """The prompt `chat` sends, as the server's chat template tokenizes it."""
+    from lava_sglang.bench.documents import SYSTEM_PROMPT
+
+    return tokenizer.apply_chat_template(
+        [{"role": "system", "content": SYSTEM_PROMPT},
+         {"role": "user", "content": f"Document:\n{document.text}\n\nQuestion: {question}"}],
+        add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+
+
+def test_documents_behind_one_chat_header_are_each_compressed_once(lava_server, tokenizer, smollm2_path):
     """OpenAI traffic over three documents behind one system prompt and chat header
     (`--kv-compress-on shared`): each document is compressed once, by its second question,
-    which is itself answered on the full cache; a later question reads the compressed copy."""
+    which is itself answered on the full cache; a later question reads the compressed copy,
+    and a question not asked before answers as the reference runtime does on the same
+    compression (a question asked before reuses its own tokens, computed on the full cache
+    before the compression, where the reference would recompute them)."""
     url = lava_server.url
     count = lambda text: len(tokenizer(text).input_ids)  # noqa: E731
-    documents = [retrieval_documents(count, 400, [2], seed=seed)[0] for seed in (3, 4, 5)]
+    documents = [retrieval_documents(count, 400, [3], seed=seed)[0] for seed in (3, 4, 5)]
     alone = []  # each second question's answer on the full cache
     for document in documents:
         flush(url)
@@ -314,6 +327,13 @@ def test_documents_behind_one_chat_header_are_each_compressed_once(lava_server, 
     for document in documents:
         later = chat(url, document, document.questions[0].text)
         assert later["cached_tokens"] >= 300  # the compressed header and document
+        first_ids, second_ids, new_ids = (chat_ids(tokenizer, document, question.text)
+                                          for question in document.questions)
+        shared_len = next(i for i, (a, b) in enumerate(zip(first_ids, second_ids)) if a != b)
+        new = chat(url, document, document.questions[2].text)
+        assert (new["prompt_tokens"], new["cached_tokens"]) == (len(new_ids), shared_len)  # the compressed copy only
+        assert new["answer"].strip() == reference_answer_on_a_compressed_prefix(
+            smollm2_path, url, new_ids, shared_len, ANSWER_TOKENS).strip()
     assert store_stats(url)["compressions"] == compressions + 3
 
 
