@@ -30,7 +30,8 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--questions", type=positive_int, default=48, help="questions (one per fact)")
     parser.add_argument("--facts", type=fact_count, default=8, help="facts per document")
     parser.add_argument("--seed", type=at_least(0), default=1,
-                        help="document seed (default 1: the set whose 8-fact documents answer least)")
+                        help="document seed (default 1: the second set of the 2K memory-bound runs, "
+                        "docs/results/serving_memory_bound_2k_notes.md)")
     parser.add_argument("--keep", type=keep_ratio, default=0.2, help="keep ratio")
     parser.add_argument("--policies", type=policy_spec, nargs="+", default=["lava", "kvzip"],
                         help="policies or specs whose plans are read (default lava kvzip)")
