@@ -276,17 +276,10 @@ def test_a_file_of_another_shape_is_refused_before_anything_is_written(tmp_path,
     assert "is not what `bench quality` writes" in capsys.readouterr().err
 
 
-@pytest.mark.model
-def test_a_server_that_stops_answering_ends_the_demo_in_one_line_naming_its_log(monkeypatch):
-    import socket
+def server_at(port: int):
+    """A stand-in for the demo's `ServerProcess`: started at once, at 127.0.0.1:`port`."""
 
-    from lava_sglang.frontend import multi_question_qa
-
-    with socket.socket() as unused:  # a port nothing listens on
-        unused.bind(("127.0.0.1", 0))
-        port = unused.getsockname()[1]
-
-    class GoneServer:  # started, then gone: every request is refused
+    class Server:
         url = f"http://127.0.0.1:{port}"
 
         def __init__(self, *args, **kwargs):
@@ -298,7 +291,21 @@ def test_a_server_that_stops_answering_ends_the_demo_in_one_line_naming_its_log(
         def __exit__(self, *exc):
             return None
 
-    monkeypatch.setattr("lava_sglang.sglang_plugin.server_process.ServerProcess", GoneServer)
+    return Server
+
+
+@pytest.mark.model
+def test_a_server_that_stops_answering_ends_the_demo_in_one_line_naming_its_log(monkeypatch):
+    import socket
+
+    from lava_sglang.frontend import multi_question_qa
+
+    with socket.socket() as unused:  # a port nothing listens on
+        unused.bind(("127.0.0.1", 0))
+        port = unused.getsockname()[1]
+
+    # started, then gone: every request is refused
+    monkeypatch.setattr("lava_sglang.sglang_plugin.server_process.ServerProcess", server_at(port))
     monkeypatch.setattr(multi_question_qa, "run", lambda **kwargs: {})
     with pytest.raises(SystemExit) as exit_info:
         cli.main(["demo", "--context", "256"])
@@ -318,19 +325,8 @@ def test_a_server_that_stops_answering_while_alive_ends_the_demo_in_one_line(mon
         stuck.bind(("127.0.0.1", 0))
         stuck.listen()
 
-        class StuckServer:
-            url = f"http://127.0.0.1:{stuck.getsockname()[1]}"
-
-            def __init__(self, *args, **kwargs):
-                pass
-
-            def __enter__(self):
-                return self
-
-            def __exit__(self, *exc):
-                return None
-
-        monkeypatch.setattr("lava_sglang.sglang_plugin.server_process.ServerProcess", StuckServer)
+        monkeypatch.setattr("lava_sglang.sglang_plugin.server_process.ServerProcess",
+                            server_at(stuck.getsockname()[1]))
         monkeypatch.setattr(cli, "PROGRAM_SECONDS", 1)
         with pytest.raises(SystemExit) as exit_info:
             cli.main(["demo", "--context", "256"])
