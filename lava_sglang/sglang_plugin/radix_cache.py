@@ -556,10 +556,11 @@ class LavaRadixCache(CompressedRadixCache):
         a chunk that still runs (an abort can miss a request not yet registered) has its
         tokens freed when it is released. The chunks are sent one after another, each once the
         one before was released, so where this scheduler sends them only the first not yet
-        released can run: only its rid is remembered (the others' would never be released, and
-        would push live ones out). A tensor-parallel rank that does not send them remembers them
-        all: the sending rank, whose own scoring may not have failed, goes on sending them, and
-        every rank must free their tokens alike."""
+        released can run: only its rid is remembered (the others' would never be released, only
+        held until their repetition is forgotten). A tensor-parallel rank that does not send them
+        remembers them all: the sending rank, whose own scoring may not have failed, goes on
+        sending them, and every rank must free their tokens alike. The last
+        MAX_RETIRED_REPETITIONS stopped repetitions are remembered, each whole."""
         unreleased = [rid for rid in repetition.rids if self.repetitions.pop(rid, None) is not None]
         if not unreleased:  # stopped already, or every chunk released
             return

@@ -277,13 +277,19 @@ def test_chat_completions_share_the_compressed_prefix(lava_server, program_input
     assert store_stats(lava_server.url)["compressions"] == compressions == 1  # read, not compressed again
 
 
-def chat(url: str, document, question: str) -> dict:
+def chat_messages(document, question: str) -> list[dict]:
+    """The benchmark's prompt as OpenAI chat messages: the system prompt, then the document and
+    the question in one user turn."""
     from lava_sglang.bench.documents import SYSTEM_PROMPT
 
+    return [{"role": "system", "content": SYSTEM_PROMPT},
+            {"role": "user", "content": f"Document:\n{document.text}\n\nQuestion: {question}"}]
+
+
+def chat(url: str, document, question: str) -> dict:
     response = requests.post(url + "/v1/chat/completions", timeout=300, json={
         "model": "default", "temperature": 0, "max_tokens": ANSWER_TOKENS,
-        "messages": [{"role": "system", "content": SYSTEM_PROMPT},
-                     {"role": "user", "content": f"Document:\n{document.text}\n\nQuestion: {question}"}],
+        "messages": chat_messages(document, question),
     })
     assert response.status_code == 200, response.text
     body = response.json()
@@ -293,12 +299,8 @@ def chat(url: str, document, question: str) -> dict:
 
 def chat_ids(tokenizer, document, question: str) -> list[int]:
     """The prompt `chat` sends, as the server's chat template tokenizes it."""
-    from lava_sglang.bench.documents import SYSTEM_PROMPT
-
-    return tokenizer.apply_chat_template(
-        [{"role": "system", "content": SYSTEM_PROMPT},
-         {"role": "user", "content": f"Document:\n{document.text}\n\nQuestion: {question}"}],
-        add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+    return tokenizer.apply_chat_template(chat_messages(document, question), add_generation_prompt=True,
+                                         tokenize=True, return_dict=True)["input_ids"]
 
 
 def test_documents_behind_one_chat_header_are_each_compressed_once(lava_server, tokenizer, smollm2_path):
