@@ -157,7 +157,7 @@ def reference_answers(runtime, documents, record: dict, max_tokens: int, progres
                      "server_answer": question["answer"], "reference_answer": answer,
                      "expected": question["expected"], "server_correct": question["correct"],
                      "reference_correct": is_correct(answer, question["expected"]),
-                     "identical": answer.strip() == (question["answer"] or "").strip()})
+                     "identical": answer == question["answer"]})
     return rows
 
 

@@ -97,12 +97,13 @@ def store_stats(url: str) -> dict:
     return kv_state(url)["store"]
 
 
-def reference_answer_on_a_compressed_prefix(model_path, server_url: str, prompt_ids: list[int], compressed_len: int,
-                                            max_tokens: int) -> str:
-    """The reference runtime's answer (fp32, greedy) to `prompt_ids` read through the server's
-    compression of its first `compressed_len` tokens: the server's policy options, the prefix
-    scored by its own last window (how `--kv-compress-on shared` and `--kv-observe tail` score
-    one), the rest of the prompt recomputed after the kept rows."""
+def reference_ids_on_a_compressed_prefix(model_path, server_url: str, prompt_ids: list[int], compressed_len: int,
+                                         max_tokens: int) -> list[int]:
+    """The reference runtime's answer token ids (fp32, greedy, stopped before EOS) to
+    `prompt_ids` read through the server's compression of its first `compressed_len` tokens:
+    the server's policy options, the prefix scored by its own last window (how
+    `--kv-compress-on shared` and `--kv-observe tail` score one), the rest of the prompt
+    recomputed after the kept rows."""
     from lava_sglang.reference import ReferenceRuntime
 
     policy = kv_state(server_url)
@@ -110,5 +111,12 @@ def reference_answer_on_a_compressed_prefix(model_path, server_url: str, prompt_
     capture = runtime.prefill(prompt_ids[:compressed_len])
     compressed = runtime.compress(capture, policy["policy"], policy["budget"], window=policy["window"],
                                   pool_kernel=policy["pool_kernel"], alpha=policy["alpha"])
-    answer_ids = runtime.generate([compressed], prompt_ids[compressed_len:], max_tokens)[0]
-    return runtime.tokenizer.decode(answer_ids, skip_special_tokens=True)
+    return runtime.generate([compressed], prompt_ids[compressed_len:], max_tokens)[0]
+
+
+def answer_ids(output_ids: list[int], matched_stop) -> list[int]:
+    """A server answer's token ids as the reference runtime gives them: SGLang returns the
+    stop token that ended the answer (`matched_stop`), the reference runtime stops before it."""
+    if isinstance(matched_stop, int) and output_ids and output_ids[-1] == matched_stop:
+        return output_ids[:-1]
+    return output_ids

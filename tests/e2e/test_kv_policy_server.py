@@ -12,7 +12,7 @@ import concurrent.futures
 import pytest
 import requests
 import sglang as sgl
-from e2e_support import (kv_state, metric, metrics_text, reference_answer_on_a_compressed_prefix, run_record,
+from e2e_support import (answer_ids, kv_state, metric, metrics_text, reference_ids_on_a_compressed_prefix, run_record,
                           store_stats)
 
 from lava_sglang.bench.documents import prompt_parts, retrieval_documents
@@ -172,8 +172,9 @@ def test_a_prompt_prefix_is_compressed_once_a_second_request_shares_it(lava_serv
     third = generate(url, prompts[2])
     again = generate(url, prompts[0])
     assert third["meta_info"]["cached_tokens"] == shared_len  # the three questions part at the same token
-    assert third["text"].strip() == reference_answer_on_a_compressed_prefix(
-        smollm2_path, url, tokenizer(prompts[2]).input_ids, shared_len, ANSWER_TOKENS).strip()
+    assert answer_ids(third["output_ids"], third["meta_info"]["finish_reason"].get("matched")) == \
+        reference_ids_on_a_compressed_prefix(smollm2_path, url, tokenizer(prompts[2]).input_ids, shared_len,
+                                             ANSWER_TOKENS)
     assert again["meta_info"]["cached_tokens"] >= len(first_ids) - 1  # the first request's tokens moved along
     assert store_stats(url)["compressions"] == compressions + 1
 
@@ -289,11 +290,14 @@ def chat_messages(document, question: str) -> list[dict]:
 def chat(url: str, document, question: str) -> dict:
     response = requests.post(url + "/v1/chat/completions", timeout=300, json={
         "model": "default", "temperature": 0, "max_tokens": ANSWER_TOKENS,
-        "messages": chat_messages(document, question),
+        "messages": chat_messages(document, question), "return_token_ids": True,
     })
     assert response.status_code == 200, response.text
     body = response.json()
-    return {"answer": body["choices"][0]["message"]["content"], "prompt_tokens": body["usage"]["prompt_tokens"],
+    choice = body["choices"][0]
+    return {"answer": choice["message"]["content"],
+            "answer_ids": answer_ids(choice["response_token_ids"], choice["matched_stop"]),
+            "prompt_tokens": body["usage"]["prompt_tokens"],
             "cached_tokens": body["usage"]["prompt_tokens_details"]["cached_tokens"]}
 
 
@@ -334,8 +338,8 @@ def test_documents_behind_one_chat_header_are_each_compressed_once(lava_server, 
         shared_len = next(i for i, (a, b) in enumerate(zip(first_ids, second_ids)) if a != b)
         new = chat(url, document, document.questions[2].text)
         assert (new["prompt_tokens"], new["cached_tokens"]) == (len(new_ids), shared_len)  # the compressed copy only
-        assert new["answer"].strip() == reference_answer_on_a_compressed_prefix(
-            smollm2_path, url, new_ids, shared_len, ANSWER_TOKENS).strip()
+        assert new["answer_ids"] == reference_ids_on_a_compressed_prefix(smollm2_path, url, new_ids, shared_len,
+                                                                         ANSWER_TOKENS)
     assert store_stats(url)["compressions"] == compressions + 3
 
 
