@@ -9,8 +9,11 @@ with the meta file beside it. A run cut short is refused, and so are two runs wi
 cell (mode, source, policy, keep ratio) on the same questions (the same seed and facts per
 document at a length): pooled, each question would count twice. A cell is pooled over every
 (run, document length) that has it, and compared with the full cache's count over the same
-(run, length, mode). A policy is pooled by its name: runs made when its defaults differed are
-pooled as one policy.
+(run, length, mode), with a 95% interval of that share: a bootstrap over the pooled documents,
+each document's right answers paired with the full cache's on its questions
+(`stats.share_interval`; runs written before 2026-12-06 have no per-document counts, and a
+cell with one of them has no interval). A policy is pooled by its name: runs made when its
+defaults differed are pooled as one policy.
 """
 
 from __future__ import annotations
@@ -18,16 +21,17 @@ from __future__ import annotations
 import argparse
 import json
 from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from lava_sglang.bench.report import questions_planned
+from lava_sglang.bench.report import hits, paired_by_document, questions_planned
+from lava_sglang.bench.stats import share_interval
 
 
-def retrieval_counts(records: list[dict]) -> dict[tuple, tuple[int, int]]:
-    """(context, mode, observe, policy, keep ratio) -> (right, questions), over all questions of a run."""
+def retrieval_records(records: list[dict]) -> dict[tuple, dict]:
+    """(context, mode, observe, policy, keep ratio) -> the record over all questions of a run."""
     return {(record["context_tokens"], record["mode"], record["observe"], record["policy"], record["keep_ratio"]):
-            (round(record["accuracy"] * record["n_questions"]), record["n_questions"])
-            for record in records if record["task"] == "retrieval" and record["split"] == "all"}
+            record for record in records if record["task"] == "retrieval" and record["split"] == "all"}
 
 
 def cells_asked(meta: dict, records: list[dict]) -> set[tuple]:
@@ -35,26 +39,45 @@ def cells_asked(meta: dict, records: list[dict]) -> set[tuple]:
     cell of a run: the seed and the facts decide the questions at a length
     (`quality.benchmark_documents` builds the documents from them)."""
     config = meta["config"]
-    return {(config["seed"], tuple(config["facts_per_document"]), *cell) for cell in retrieval_counts(records)}
+    return {(config["seed"], tuple(config["facts_per_document"]), *cell) for cell in retrieval_records(records)}
 
 
-def pooled(runs: list[list[dict]]) -> dict[tuple, tuple[int, int, int]]:
-    """(mode, observe, policy, keep ratio) -> (right, questions, the full cache's right on them)."""
-    totals = defaultdict(lambda: [0, 0, 0])
+@dataclass
+class Pooled:
+    """One cell pooled: right answers, questions, the full cache's right answers on them, and
+    (right, full cache's right) per document, None where a run's records lack their
+    documents' counts (runs before 2026-12-06)."""
+    right: int = 0
+    questions: int = 0
+    full_right: int = 0
+    by_document: list[tuple[int, int]] | None = field(default_factory=list)
+
+    def interval(self) -> tuple[float, float] | None:
+        return None if self.by_document is None else share_interval(self.by_document)
+
+
+def pooled(runs: list[list[dict]]) -> dict[tuple, Pooled]:
+    """(mode, observe, policy, keep ratio) -> the cell pooled over every run and length; a
+    document is one of the bootstrap's clusters in each run and length."""
+    totals: dict[tuple, Pooled] = defaultdict(Pooled)
     for records in runs:
-        counts = retrieval_counts(records)
-        for (context, mode, observe, policy, keep), (right, questions) in counts.items():
+        cells = retrieval_records(records)
+        for (context, mode, observe, policy, keep), record in cells.items():
             if policy == "full":
                 continue
-            full_right, full_questions = counts[(context, mode, observe, "full", 1.0)]
-            if full_questions != questions:
-                raise ValueError(f"{policy} at {context} tokens answered {questions} questions, the full cache "
-                                 f"{full_questions}")
+            full = cells[(context, mode, observe, "full", 1.0)]
+            if full["n_questions"] != record["n_questions"]:
+                raise ValueError(f"{policy} at {context} tokens answered {record['n_questions']} questions, the "
+                                 f"full cache {full['n_questions']}")
             cell = totals[(mode, observe, policy, keep)]
-            cell[0] += right
-            cell[1] += questions
-            cell[2] += full_right
-    return {key: tuple(cell) for key, cell in totals.items()}
+            cell.right += hits(record)
+            cell.questions += record["n_questions"]
+            cell.full_right += hits(full)
+            if cell.by_document is not None and "by_document" in record and "by_document" in full:
+                cell.by_document += paired_by_document(record, full)
+            else:
+                cell.by_document = None
+    return dict(totals)
 
 
 def main() -> None:
@@ -85,11 +108,14 @@ def main() -> None:
         runs.append(records)
     print(f"runs: {', '.join(map(str, args.runs))}")
     print()
-    print("| mode | observe | policy | keep | right | questions | full cache right | x full |")
-    print("|---|---|---|---:|---:|---:|---:|---:|")
-    for (mode, observe, policy, keep), (right, questions, full_right) in sorted(pooled(runs).items()):
-        share = f"{right / full_right:.2f}" if full_right else "n/a"
-        print(f"| {mode} | {observe} | {policy} | {keep:g} | {right} | {questions} | {full_right} | {share} |")
+    print("| mode | observe | policy | keep | right | questions | full cache right | x full | 95% interval |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---|")
+    for (mode, observe, policy, keep), cell in sorted(pooled(runs).items()):
+        share = f"{cell.right / cell.full_right:.2f}" if cell.full_right else "n/a"
+        interval = cell.interval()
+        shown = "n/a (runs without per-document counts)" if interval is None else f"{interval[0]:.2f}-{interval[1]:.2f}"
+        print(f"| {mode} | {observe} | {policy} | {keep:g} | {cell.right} | {cell.questions} | {cell.full_right} "
+              f"| {share} | {shown} |")
 
 
 if __name__ == "__main__":

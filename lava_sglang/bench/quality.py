@@ -201,10 +201,12 @@ class _Cells:
     def __init__(self):
         self.values: dict[tuple, list] = defaultdict(list)
         self.kept: dict[tuple, list[float]] = defaultdict(list)
+        self.documents: dict[tuple, list[int]] = defaultdict(list)  # each value's document, by its index
 
-    def add(self, key: tuple, value, prefix: CompressedPrefix) -> None:
+    def add(self, key: tuple, value, prefix: CompressedPrefix, document: int) -> None:
         self.values[key].append(value)
         self.kept[key].append(prefix.plan.keep_ratio)
+        self.documents[key].append(document)
 
     def records(self) -> list[dict]:
         records = []
@@ -217,6 +219,12 @@ class _Cells:
                 hits = sum(values)
                 record["accuracy"] = hits / len(values)
                 record["ci95"] = list(wilson_interval(hits, len(values)))
+                # [document, right, asked]: what the share of the full cache's answers is resampled by.
+                per_document: dict[int, list[int]] = defaultdict(lambda: [0, 0])
+                for document, hit in zip(self.documents[key], values):
+                    per_document[document][0] += hit
+                    per_document[document][1] += 1
+                record["by_document"] = [[document, right, asked] for document, (right, asked) in per_document.items()]
             else:
                 kls = [kl for kl, _ in values]
                 top1s = [top1 for _, top1 in values]
@@ -296,13 +304,13 @@ class QualityBenchmark:
         prefixes = self.runtime.compress_many(self._prefill(token_ids, "query_aware_prefill"), pairs)
         return [("query_aware", "tail", policy, ratio) for policy, ratio in pairs], prefixes
 
-    def _record(self, task: str, context: int, split: str, configs: Sequence[Config],
+    def _record(self, task: str, context: int, document: int, split: str, configs: Sequence[Config],
                 prefixes: Sequence[CompressedPrefix], values) -> None:
         for (mode, source, policy, ratio), prefix, value in zip(configs, prefixes, values):
             # Positional policies do not depend on the source: recorded under each one.
             sources = [source] if (policy, ratio) in self.scored or mode == "query_aware" else self.config.observe
             for source, split_name in itertools.product(sources, (split, "all")):
-                self.cells.add((task, context, mode, source, split_name, policy, ratio), value, prefix)
+                self.cells.add((task, context, mode, source, split_name, policy, ratio), value, prefix, document)
 
     def _retrieval(self, prefixes, suffix_ids, answer: str) -> list[bool]:
         answers = self.runtime.generate(prefixes, suffix_ids, self.config.retrieval_answer_tokens,
@@ -325,7 +333,7 @@ class QualityBenchmark:
         answer = self.runtime.generate([full_prefix], suffix_ids, cap)[0]
         return answer + [self.tokenizer.eos_token_id] if len(answer) < cap else answer
 
-    def run_document(self, task: str, context: int, document: Document, progress: tqdm,
+    def run_document(self, task: str, context: int, document_index: int, document: Document, progress: tqdm,
                      middle_at_compression: bool = True) -> None:
         prefix_text, _ = prompt_parts(document.text, "")
         prefix_ids = self._ids(prefix_text)
@@ -348,7 +356,7 @@ class QualityBenchmark:
                     (configs, prefixes), suffix = self._query_aware(prefix_ids + suffix_ids), []
                 values = (self._retrieval(prefixes, suffix, question.answer) if task == "retrieval"
                           else self._fidelity(prefixes, suffix, reference))
-                self._record(task, context, split, configs, prefixes, values)
+                self._record(task, context, document_index, split, configs, prefixes, values)
             progress.update(1)
 
     def run(self, progress: bool = True, partial: Path | None = None, command: str | None = None) -> dict:
@@ -362,8 +370,8 @@ class QualityBenchmark:
         with tqdm(total=total, desc="quality", unit="question", disable=not progress) as bar:
             for task, context, documents in plan:
                 bar.set_postfix_str(f"{task} {context} tokens")
-                for document, middle in zip(documents, middles_at_compression(documents)):
-                    self.run_document(task, context, document, bar, middle_at_compression=middle)
+                for index, (document, middle) in enumerate(zip(documents, middles_at_compression(documents))):
+                    self.run_document(task, context, index, document, bar, middle_at_compression=middle)
                     if partial is not None:
                         replace_file(partial, json.dumps(self._result(started, bar.n, total, command), indent=1) + "\n")
         return self._result(started, total, total, command)

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 
 from lava_sglang.argtypes import replace_file
+from lava_sglang.bench.stats import share_interval
 
 SCORED_ORDER = ["lava", "kvzip", "ada_snapkv", "snapkv", "pyramidkv"]
 POLICY_MARKER = {"lava": ("o", "-"), "kvzip": ("D", "-"), "ada_snapkv": ("s", "--"), "snapkv": ("^", ":"),
@@ -36,13 +37,34 @@ def _reference_mode(records: list[dict]) -> str:
     return "compress_once" if _select(records, mode="compress_once", policy="full") else "query_aware"
 
 
+def paired_by_document(record: dict, full: dict) -> list[tuple[int, int]]:
+    """(right, the full cache's right) per document of a retrieval record and the full cache's
+    on the same questions (their `by_document`, written since 2026-12-06)."""
+    full_right = {document: (right, asked) for document, right, asked in full["by_document"]}
+    pairs = []
+    for document, right, asked in record["by_document"]:
+        reference, reference_asked = full_right.get(document, (0, 0))
+        if reference_asked != asked:
+            raise ValueError(f"document {document}: {asked} questions in the {record['policy']} cell, "
+                             f"{reference_asked} in the full cache's")
+        pairs.append((right, reference))
+    return pairs
+
+
 def _share_of_full(records: list[dict], record: dict) -> str:
+    """The share, and its interval over documents where the records have their documents' counts."""
     full = _select(records, task=record["task"], context_tokens=record["context_tokens"], split=record["split"],
                    mode=_reference_mode(records), policy="full")
-    return f"{record['accuracy'] / full[0]['accuracy']:.2f}" if full and full[0]["accuracy"] else ""
+    if not full or not full[0]["accuracy"]:
+        return ""
+    share = f"{record['accuracy'] / full[0]['accuracy']:.2f}"
+    if record["policy"] == "full" or "by_document" not in record or "by_document" not in full[0]:
+        return share
+    low, high = share_interval(paired_by_document(record, full[0]))
+    return f"{share} [{low:.2f}, {high:.2f}]"
 
 
-def _hits(record: dict) -> int:
+def hits(record: dict) -> int:
     return round(record["accuracy"] * record["n_questions"])
 
 
@@ -104,21 +126,21 @@ def targets(records: list[dict], config: dict) -> list[str]:
     verdict = {True: "**met**", False: "**not met**"}
     for context in config["contexts"]:
         for ratio in [r for r in (0.2, 0.4) if r in config["keep_ratios"]]:
-            def hits(split, **where):
+            def split_hits(split, **where):
                 record = _lava(records, context, split, ratio if where.get("policy") != "full" else 1.0, **where)
-                return (_hits(record), record["n_questions"]) if record else None
+                return (hits(record), record["n_questions"]) if record else None
 
             once = {"mode": "compress_once"}
-            present = hits("at_compression", policy="lava", observe="branches", **once)
-            per_question = hits("at_compression", policy="lava", mode="query_aware")
+            present = split_hits("at_compression", policy="lava", observe="branches", **once)
+            per_question = split_hits("at_compression", policy="lava", mode="query_aware")
             if present and per_question:
                 lines.append(f"- {context} tokens, keep {ratio}, questions present at compression: lava+branches "
                              f"{present[0]}/{present[1]} vs lava per question {per_question[0]}/{per_question[1]}: "
                              f"{verdict[present[0] >= per_question[0]]}")
-            later = {source: hits("later", policy="lava", observe=source, **once) for source in sources}
+            later = {source: split_hits("later", policy="lava", observe=source, **once) for source in sources}
             later = {source: value for source, value in later.items() if value}
-            tail = hits("later", policy="lava", observe="tail", **once)
-            streaming = hits("later", policy="streamingllm", observe=config["observe"][0], **once)
+            tail = split_hits("later", policy="lava", observe="tail", **once)
+            streaming = split_hits("later", policy="streamingllm", observe=config["observe"][0], **once)
             if later and tail and streaming:
                 best = max(later, key=lambda source: later[source][0])
                 met = later[best][0] >= 2 * tail[0] and later[best][0] > streaming[0]
@@ -128,13 +150,13 @@ def targets(records: list[dict], config: dict) -> list[str]:
             if ratio != 0.4:
                 continue
             for split in ("at_compression", "later"):
-                full = hits(split, policy="full", **once)
-                scored = {source: hits(split, policy="lava", observe=source, **once) for source in sources}
+                full = split_hits(split, policy="full", **once)
+                scored = {source: split_hits(split, policy="lava", observe=source, **once) for source in sources}
                 scored = {source: value for source, value in scored.items() if value}
                 if not full or not scored:
                     continue
                 best = max(scored, key=lambda source: scored[source][0])
-                rivals = {policy: hits(split, policy=policy, observe=best, **once)
+                rivals = {policy: split_hits(split, policy=policy, observe=best, **once)
                           for policy in ("snapkv", "ada_snapkv")}
                 beats = all(value and scored[best][0] > value[0] for value in rivals.values())
                 rival_hits = {policy: value[0] if value else "-" for policy, value in rivals.items()}
@@ -218,7 +240,8 @@ def markdown(records: list[dict], meta: dict, command: str, notes: str | None) -
             lines += [f"## {task}, {context}-token documents: {label}", ""]
             lines += _table(records, config, task, context, lambda record: _cell(record, metric))
             if task == "retrieval":
-                lines += ["", "Accuracy as a share of the full cache's on the same questions:", ""]
+                lines += ["", "Accuracy as a share of the full cache's on the same questions (95% interval by a "
+                          "bootstrap over documents, paired):", ""]
                 lines += _table(records, config, task, context, lambda record: _share_of_full(records, record))
             if task == "fidelity":
                 lines += ["", "KL(full || compressed) per answer token (lower is better):", ""]

@@ -32,3 +32,26 @@ def mean_interval(values: Sequence[float], low: float = -math.inf, high: float =
     sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
     half = float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
     return (max(low, mean - half), min(high, mean + half))
+
+
+def share_interval(pairs: Sequence[tuple[int, int]], resamples: int = 4000, seed: int = 0) -> tuple[float, float]:
+    """95% interval of sum(right) / sum(reference_right): a configuration's right answers as a
+    share of the full cache's on the same questions. pairs: (right, reference_right) per
+    document. A percentile bootstrap over documents, not questions: a document's questions are
+    answered from one compressed copy and tend to be right or wrong together, and both counts
+    come from the same questions, so their ratio varies less than two independent proportions'.
+    Seeded: a report gives the same interval each time. For one document, or none right on the
+    reference side, (0, inf): nothing to resample."""
+    import numpy as np
+
+    right = np.array([pair[0] for pair in pairs], dtype=float)
+    reference_right = np.array([pair[1] for pair in pairs], dtype=float)
+    if len(pairs) < 2 or reference_right.sum() == 0:
+        return (0.0, math.inf)
+    picks = np.random.default_rng(seed).integers(0, len(pairs), size=(resamples, len(pairs)))
+    right_sums, reference_sums = right[picks].sum(1), reference_right[picks].sum(1)
+    # A resample whose documents the full cache answered none of has no finite share: it counts
+    # above every other, which can only widen the upper end.
+    shares = np.divide(right_sums, reference_sums, out=np.full(resamples, np.inf), where=reference_sums > 0)
+    low, high = np.percentile(shares, [2.5, 97.5])
+    return (float(low), float(high))

@@ -7,7 +7,7 @@ import pytest
 from lava_sglang.bench.documents import (FACT_TEMPLATE, code_finished, fidelity_documents, names_code, prompt_parts,
                                          retrieval_documents)
 from lava_sglang.bench.quality import QualityConfig, retrieval_fact_counts
-from lava_sglang.bench.stats import mean_interval, wilson_interval
+from lava_sglang.bench.stats import mean_interval, share_interval, wilson_interval
 
 
 def count_words(text: str) -> int:
@@ -95,6 +95,20 @@ def test_mean_interval():
     assert mean_interval([0.5], low=0.0, high=1.0) == (0.0, 1.0)  # one question: nothing known of the spread
 
 
+def test_the_share_of_the_full_caches_answers_is_resampled_by_document_and_paired():
+    # Every document loses half its answers: every resample gives 0.5, where two independent
+    # proportions of 10 of 20 and 20 of 40 would leave a wide interval.
+    assert share_interval([(2, 4)] * 5 + [(1, 2)] * 5) == (0.5, 0.5)
+    # The same share, lost whole in half the documents: documents rise and fall together, so
+    # the interval is wide.
+    low, high = share_interval([(4, 4)] * 5 + [(0, 4)] * 5)
+    assert low < 0.25 and high > 0.75
+    assert share_interval([(3, 4)] * 10) == (0.75, 0.75)
+    assert share_interval([(4, 4)] * 5 + [(0, 4)] * 5) == (low, high)  # seeded: the report is reproducible
+    assert share_interval([(3, 4)]) == (0.0, math.inf)  # one document: nothing to resample
+    assert share_interval([(0, 0), (0, 0)]) == (0.0, math.inf)  # no right answer to compare with
+
+
 @pytest.mark.parametrize("changes, message", [
     ({"questions": [40]}, "one question count per context"),
     ({"policies": ["lava", "h2o"]}, "policy must be one of"),
@@ -136,7 +150,21 @@ def test_a_cell_of_one_fidelity_question_is_written_as_strict_json():
 
     cells = _Cells()
     cells.add(("fidelity", 1024, "compress_once", "reconstruct", "all", "lava", 0.2), (0.05, 0.9),
-              SimpleNamespace(plan=SimpleNamespace(keep_ratio=0.2)))
+              SimpleNamespace(plan=SimpleNamespace(keep_ratio=0.2)), 0)
     (record,) = cells.records()
     assert record["kl_ci95"] == [0.0, None] and record["ci95"] == [0.0, 1.0]  # one question: nothing of the spread
     json.dumps(record, allow_nan=False)  # no Infinity for strict JSON readers
+
+
+def test_a_retrieval_cell_counts_its_right_answers_per_document():
+    from types import SimpleNamespace
+
+    from lava_sglang.bench.quality import _Cells
+
+    cells = _Cells()
+    prefix = SimpleNamespace(plan=SimpleNamespace(keep_ratio=0.2))
+    for document, right in [(0, True), (0, False), (2, True), (0, True), (2, True), (3, False)]:
+        cells.add(("retrieval", 1024, "compress_once", "reconstruct", "all", "lava", 0.2), right, prefix, document)
+    (record,) = cells.records()
+    assert record["by_document"] == [[0, 2, 3], [2, 2, 2], [3, 0, 1]]
+    assert record["accuracy"] == 4 / 6

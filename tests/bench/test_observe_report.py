@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 
 from lava_sglang.bench.quality import QualityBenchmark, QualityConfig, middles_at_compression, split_of
-from lava_sglang.bench.report import markdown, normalise, targets, write_quality_report
+from lava_sglang.bench.report import markdown, normalise, paired_by_document, targets, write_quality_report
 from lava_sglang.cli import build_parser, main
 
 SOURCES = ["tail", "branches", "reconstruct"]
@@ -157,6 +157,8 @@ def test_every_source_and_split_is_recorded(runtime, tmp_path):
     assert all(r["n_questions"] == (2 if r["split"] == "all" else 1) for r in result["records"])
     assert {"prefill", "branches", "reconstruct"} <= set(result["meta"]["model_seconds"])
     assert result["meta"]["kept_window"] == {source: 8 if source == "reconstruct" else 32 for source in SOURCES}
+    for record in result["records"]:  # one document: its right answers and questions are the cell's
+        assert record["by_document"] == [[0, round(record["accuracy"] * record["n_questions"]), record["n_questions"]]]
     paths = write_quality_report(result, tmp_path, "pytest")
     assert json.loads(paths[0].read_text())[0]["observe"] in SOURCES
 
@@ -171,3 +173,19 @@ def test_a_run_of_query_aware_cells_alone_is_reported_against_its_own_full_cache
     text = markdown(records, meta, "cmd", None)
     assert "| full | 0.80 [0.00, 1.00] | 0.80 [0.00, 1.00] |" in text
     assert "| per question · lava | 0.62 | 0.62 |" in text  # 5 of 8 of the full cache's
+
+
+def test_the_share_of_the_full_cache_has_an_interval_over_the_documents_where_they_are_recorded():
+    full = retrieval("compress_once", "reconstruct", "all", "full", 1.0, 10, n=20)
+    lava = retrieval("compress_once", "reconstruct", "all", "lava", 0.2, 5, n=20)
+    config = {**CONFIG, "modes": ["compress_once"], "observe": ["reconstruct"], "keep_ratios": [0.2]}
+    meta = {"model": "m", "model_shape": {"layers": 1, "q_heads": 1, "kv_heads": 1, "head_dim": 1},
+            "dtype": "float32", "transformers": "t", "torch": "t", "machine": "m", "wall_seconds": 60, "config": config}
+    assert "| reconstruct · lava | 0.50 |" in markdown([full, lava], meta, "cmd", None)  # older records: no interval
+    # 5 documents of 2 questions, the full cache right on both, lava on one; one of 10, none right.
+    full["by_document"] = [[document, 2, 2] for document in range(5)] + [[5, 0, 10]]
+    lava["by_document"] = [[document, 1, 2] for document in range(5)] + [[5, 0, 10]]
+    assert "| reconstruct · lava | 0.50 [0.50, 0.50] |" in markdown([full, lava], meta, "cmd", None)
+    lava["by_document"][-1] = [6, 0, 10]  # a document the full cache was not asked about
+    with pytest.raises(ValueError, match="document 6: 10 questions in the lava cell, 0 in the full cache's"):
+        paired_by_document(lava, full)

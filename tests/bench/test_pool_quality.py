@@ -11,6 +11,7 @@ import pytest
 SCRIPT = Path(__file__).resolve().parents[2] / "scripts" / "pool_quality.py"
 spec = importlib.util.spec_from_file_location("pool_quality", SCRIPT)
 pool_quality = importlib.util.module_from_spec(spec)
+sys.modules[spec.name] = pool_quality  # its dataclass looks its module up there
 spec.loader.exec_module(pool_quality)
 
 
@@ -31,11 +32,13 @@ def test_cells_are_pooled_over_runs_and_lengths_against_the_full_cache_on_the_sa
               # the query-aware mode's cells, under the same source: pooled apart, against its own full cache
               record(4096, "full", 1.0, 7, 20, mode="query_aware"),
               record(4096, "lava", 0.2, 6, 20, mode="query_aware")]
-    assert pool_quality.pooled([first, second]) == {
+    cells = pool_quality.pooled([first, second])
+    assert {key: (cell.right, cell.questions, cell.full_right) for key, cell in cells.items()} == {
         ("compress_once", "reconstruct", "lava", 0.2): (56, 200, 71),
         ("compress_once", "reconstruct:view=chunk", "lava", 0.2): (10, 40, 13),
         ("query_aware", "reconstruct", "lava", 0.2): (6, 20, 7),
     }
+    assert all(cell.interval() is None for cell in cells.values())  # no per-document counts in these records
 
 
 def test_a_cell_on_other_questions_than_the_full_caches_is_refused():
@@ -77,8 +80,8 @@ def test_one_cell_on_the_same_questions_in_two_runs_is_not_pooled(tmp_path, caps
                 "facts per document [1, 4, 8])") in capsys.readouterr().err
     run_main(monkeypatch, first, other_seed, other_source)
     out = capsys.readouterr().out
-    assert "| compress_once | reconstruct | lava | 0.2 | 48 | 160 | 60 | 0.80 |" in out
-    assert "| compress_once | tail | lava | 0.2 | 20 | 80 | 30 | 0.67 |" in out
+    assert "| compress_once | reconstruct | lava | 0.2 | 48 | 160 | 60 | 0.80 | n/a (runs without per-document" in out
+    assert "| compress_once | tail | lava | 0.2 | 20 | 80 | 30 | 0.67 | n/a" in out
 
 
 def test_a_run_without_its_meta_is_refused(tmp_path, capsys, monkeypatch):
@@ -86,3 +89,28 @@ def test_a_run_without_its_meta_is_refused(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         run_main(monkeypatch, tmp_path)
     assert "no quality_meta.json" in capsys.readouterr().err
+
+
+def with_documents(cell: dict, right_per_document: list[int], asked: int) -> dict:
+    return {**cell, "by_document": [[document, right, asked] for document, right in enumerate(right_per_document)]}
+
+
+def test_the_pooled_share_is_resampled_over_every_runs_documents(tmp_path, capsys, monkeypatch):
+    # Two runs of 4 documents of 2 questions: the full cache right on every question, lava on
+    # one of each document's two in the first run and on both or none in the second.
+    first = [with_documents(record(1024, "full", 1.0, 8, 8), [2] * 4, 2),
+             with_documents(record(1024, "lava", 0.2, 4, 8), [1] * 4, 2)]
+    second = [with_documents(record(2048, "full", 1.0, 8, 8), [2] * 4, 2),
+              with_documents(record(2048, "lava", 0.2, 4, 8), [2, 0, 2, 0], 2)]
+    (cell,) = pool_quality.pooled([first, second]).values()
+    assert (cell.right, cell.full_right) == (8, 16)
+    assert cell.by_document == [(1, 2)] * 4 + [(2, 2), (0, 2), (2, 2), (0, 2)]  # 8 documents, not 4
+    low, high = cell.interval()
+    assert low < 0.5 < high
+    assert pool_quality.pooled([first]).popitem()[1].interval() == (0.5, 0.5)
+    # A run without the counts leaves the pooled cell without an interval.
+    older = [record(4096, "full", 1.0, 8, 8), record(4096, "lava", 0.2, 4, 8)]
+    assert pool_quality.pooled([first, older]).popitem()[1].interval() is None
+    run_main(monkeypatch, write_run(tmp_path / "first", first), write_run(tmp_path / "second", second))
+    assert f"| compress_once | reconstruct | lava | 0.2 | 8 | 16 | 16 | 0.50 | {low:.2f}-{high:.2f} |" in (
+        capsys.readouterr().out)
