@@ -32,9 +32,12 @@ def code_finished(decode: Callable[[list[int]], str]) -> Callable[[list[int]], b
 
 
 def names_code(text: str, code: str) -> bool:
-    """Whether `text` names `code` as a whole number ("91234567" does not name 1234567): how the
-    benchmarks and the demo grade a retrieval answer."""
-    return re.search(rf"(?<!\d){re.escape(code)}(?!\d)", text) is not None
+    """Whether the first whole number of the code's length in `text` is `code` ("91234567" does
+    not name 1234567, nor does "7654321 or 1234567"): how the benchmarks and the demo grade a
+    retrieval answer. The quality benchmark's answers stop at that number (`code_finished`);
+    the server's run to their token cap, and a list of codes is graded by its first."""
+    first = re.search(rf"(?<!\d)\d{{{len(code)}}}(?!\d)", text)
+    return first is not None and first.group() == code
 
 # Keys are "<adjective> <noun>" pairs: distinct, easy to ask about, absent from the topics.
 _ADJECTIVES = [

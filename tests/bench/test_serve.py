@@ -80,6 +80,8 @@ def test_grading_and_misses():
     assert is_correct("123456", "1234567") is False
     assert is_correct("91234567", "1234567") is False  # a longer number is not the code
     assert is_correct("code 1234567, not 7654321", "1234567") is True
+    assert is_correct("7654321, or 1234567", "1234567") is False  # a list of codes is graded by its first
+    assert is_correct("room 12, code 1234567", "1234567") is True  # numbers of other lengths are not codes
     assert is_correct("anything", None) is None
     assert not is_miss(1000, 999, 1000)  # the last prompt token is always recomputed
     assert not is_miss(1000, 1000 - MISS_SLACK, 1000)
