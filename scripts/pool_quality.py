@@ -6,8 +6,10 @@ answered right, and the full cache's on the same questions.
 
 Each argument is a run's folder (its quality.json and quality_meta.json) or its quality.json,
 with the meta file beside it. A run cut short is refused, and so are two runs with the same
-cell (mode, source, policy, keep ratio) on the same questions (the same seed and facts per
-document at a length): pooled, each question would count twice. A cell is pooled over every
+cell (mode, source, policy, keep ratio) at a length with the same seed: whatever the facts per
+document, their documents are drawn from one random stream and share questions (two patterns
+that give the same documents, [8] and [8, 8], share them all; [1, 4, 8] and [1, 8, 4] the
+first document's), which pooled would count twice. A cell is pooled over every
 (run, document length) that has it, and compared with the full cache's count over the same
 (run, length, mode), with a 95% interval of that share: a bootstrap over the pooled documents,
 each document's right answers paired with the full cache's on its questions
@@ -35,11 +37,10 @@ def retrieval_records(records: list[dict]) -> dict[tuple, dict]:
 
 
 def cells_asked(meta: dict, records: list[dict]) -> set[tuple]:
-    """(seed, facts per document, context, mode, observe, policy, keep ratio) of every retrieval
-    cell of a run: the seed and the facts decide the questions at a length
-    (`quality.benchmark_documents` builds the documents from them)."""
-    config = meta["config"]
-    return {(config["seed"], tuple(config["facts_per_document"]), *cell) for cell in retrieval_records(records)}
+    """(seed, context, mode, observe, policy, keep ratio) of every retrieval cell of a run: at a
+    length, the seed starts the random stream its documents are drawn from
+    (`quality.benchmark_documents`)."""
+    return {(meta["config"]["seed"], *cell) for cell in retrieval_records(records)}
 
 
 @dataclass
@@ -100,10 +101,10 @@ def main() -> None:
         records = json.loads(file.read_text())
         for asked in sorted(cells_asked(meta, records), key=str):
             if asked in asked_by:
-                seed, facts, context, mode, observe, policy, keep = asked
-                parser.error(f"{asked_by[asked]} and {path} both have {mode} {observe} {policy} at keep {keep:g} on "
-                             f"the same questions at {context} tokens (seed {seed}, facts per document "
-                             f"{list(facts)}): pooled, each would count twice")
+                seed, context, mode, observe, policy, keep = asked
+                parser.error(f"{asked_by[asked]} and {path} both have {mode} {observe} {policy} at keep {keep:g} at "
+                             f"{context} tokens with seed {seed}: their documents share questions, which pooled "
+                             "would count twice")
             asked_by[asked] = path
         runs.append(records)
     print(f"runs: {', '.join(map(str, args.runs))}")

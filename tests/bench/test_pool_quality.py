@@ -46,10 +46,10 @@ def test_a_cell_on_other_questions_than_the_full_caches_is_refused():
         pool_quality.pooled([[record(1024, "full", 1.0, 30, 80), record(1024, "lava", 0.2, 10, 40)]])
 
 
-def write_run(folder: Path, records: list[dict], seed: int = 0, **meta) -> Path:
+def write_run(folder: Path, records: list[dict], seed: int = 0, facts=(1, 4, 8), **meta) -> Path:
     folder.mkdir()
     (folder / "quality.json").write_text(json.dumps(records))
-    config = {"seed": seed, "facts_per_document": [1, 4, 8], "questions": [80], "tasks": ["retrieval"]}
+    config = {"seed": seed, "facts_per_document": list(facts), "questions": [80], "tasks": ["retrieval"]}
     (folder / "quality_meta.json").write_text(json.dumps({"config": config, **meta}))
     return folder
 
@@ -73,11 +73,13 @@ def test_one_cell_on_the_same_questions_in_two_runs_is_not_pooled(tmp_path, caps
     # The same questions under another source: cells of their own, each against its run's full cache.
     other_source = write_run(tmp_path / "other_source", [record(1024, "full", 1.0, 30, 80, observe="tail"),
                                                          record(1024, "lava", 0.2, 20, 80, observe="tail")])
-    for twice in ((first, first / "quality.json"), (first, other_seed, first)):
+    # Other facts per document, the same seed: drawn from one random stream, the documents share questions.
+    other_facts = write_run(tmp_path / "other_facts", records, facts=[8])
+    for twice in ((first, first / "quality.json"), (first, other_seed, first), (first, other_facts)):
         with pytest.raises(SystemExit):
             run_main(monkeypatch, *twice)
-        assert ("both have compress_once reconstruct full at keep 1 on the same questions at 1024 tokens (seed 0, "
-                "facts per document [1, 4, 8])") in capsys.readouterr().err
+        assert ("both have compress_once reconstruct full at keep 1 at 1024 tokens with seed 0: their documents "
+                "share questions") in capsys.readouterr().err
     run_main(monkeypatch, first, other_seed, other_source)
     out = capsys.readouterr().out
     assert "| compress_once | reconstruct | lava | 0.2 | 48 | 160 | 60 | 0.80 | n/a (runs without per-document" in out
