@@ -323,5 +323,6 @@ OBSERVE_SOURCES: dict[str, type[Observe]] = {cls.name: cls for cls in (Tail, Bra
 
 def make_observe(name: str, **options) -> Observe:
     """Build observation source `name` (or a spec, `reconstruct:normalize=local`) with the
-    options it has as fields (others ignored; the spec's own win)."""
+    options it has as fields (another source's ignored, one no source has refused; the spec's
+    own win)."""
     return build(name, OBSERVE_SOURCES, "observe", options)

@@ -226,8 +226,8 @@ class PlanBuilder:
     def _check_rows(self, name: str, rows, layer: int) -> torch.Tensor:
         """A layer's keys or values: [Hkv, n, d], finite."""
         rows = _check_tensor(name, rows, layer)
-        if tuple(rows.shape[:2]) != (self.num_kv_heads, self.seq_len):
-            raise ValueError(f"{name}[{layer}] must be [Hkv={self.num_kv_heads}, n={self.seq_len}, d], "
+        if tuple(rows.shape[:2]) != (self.num_kv_heads, self.seq_len) or rows.shape[2] < 1:
+            raise ValueError(f"{name}[{layer}] must be [Hkv={self.num_kv_heads}, n={self.seq_len}, d >= 1], "
                              f"got {tuple(rows.shape)}")
         return rows
 
@@ -235,6 +235,8 @@ class PlanBuilder:
         """Window queries [Hq, r, d]: r = w = min(window, n) for the tail, any r >= 1 for a branch."""
         queries = _check_tensor("q_window", queries, layer)
         num_q_heads, q_len, head_dim = queries.shape
+        if num_q_heads < 1:  # a mean over no heads would score every token nan
+            raise ValueError(f"q_window[{layer}] has no query heads, got {tuple(queries.shape)}")
         if num_q_heads % self.num_kv_heads:
             raise ValueError(f"q_window[{layer}] has Hq={num_q_heads}, not a multiple of Hkv={self.num_kv_heads}")
         if self._num_q_heads not in (None, num_q_heads):
@@ -291,15 +293,14 @@ class PlanBuilder:
         self._check_room(layer)
         if not isinstance(self.observe, Reconstruct):
             raise ValueError(f"add_layer_repeat needs observe 'reconstruct', not {self.observe.name!r}")
-        values = _check_tensor("values", values, layer)
         if not isinstance(repeat_attention, torch.Tensor) or repeat_attention.dim() != 2:
             shape = tuple(repeat_attention.shape) if isinstance(repeat_attention, torch.Tensor) else \
                 type(repeat_attention).__name__
             raise ValueError(f"repeat_attention[{layer}] must be a 2-D tensor [Hq, m], got {shape}")
         repeat_attention = _check_tensor("repeat_attention", repeat_attention[None], layer)[0]
         num_q_heads = repeat_attention.shape[0]
-        if num_q_heads % self.num_kv_heads or repeat_attention.shape[1] != self.prefix_len:
-            raise ValueError(f"repeat_attention[{layer}] must be [Hq (a multiple of Hkv={self.num_kv_heads}), "
+        if num_q_heads < 1 or num_q_heads % self.num_kv_heads or repeat_attention.shape[1] != self.prefix_len:
+            raise ValueError(f"repeat_attention[{layer}] must be [Hq (a positive multiple of Hkv={self.num_kv_heads}), "
                              f"m={self.prefix_len}], got {tuple(repeat_attention.shape)}")
         values = self._check_rows("values", values, layer)
         self._layers.append(repeat_scores(self.policy, repeat_attention, values) if self.needs_queries else None)
@@ -322,6 +323,8 @@ class PlanBuilder:
         entropy = layer_scores.entropy
         if self.policy.uses_layer_entropy and not (is_number(entropy) and 0.0 <= entropy <= 1.0):
             raise ValueError(f"the entropy of layer {layer} is {entropy!r}, not a normalised entropy in [0, 1]")
+        if self.policy.uses_layer_entropy:  # a numpy float as a Python one, which the budgets' fractions take
+            layer_scores = LayerScores(layer_scores.scores, float(entropy))
         self._layers.append(layer_scores if self.needs_queries else None)
 
     def _check_room(self, layer: int) -> None:

@@ -67,7 +67,9 @@ def build(spec: str, registry: dict[str, type], what: str, shared: dict):
 def spec_of(instance) -> str:
     """The spec that builds `instance` again with every field spelled out
     (`Lava()` -> 'lava:layer_budget=global,...'): a record of the options in effect that
-    later default changes do not alter."""
+    later default changes do not alter. For policies, whose fields are numbers, booleans and
+    names: a text field holding a comma or reading as a number (`Reconstruct`'s instruction)
+    would not parse back."""
     options = ",".join(f"{field.name}={str(value).lower() if isinstance(value, bool) else value}"
                        for field in dataclasses.fields(instance) for value in [getattr(instance, field.name)])
     return f"{instance.name}:{options}" if options else instance.name

@@ -253,6 +253,17 @@ def test_streaming_builder_refuses_an_entropy_outside_0_1_where_it_sets_layer_bu
     PlanBuilder(make_policy("lava", window=8), 0.3, seq_len=48, num_layers=1, num_kv_heads=2).add_layer_scores(scores)
 
 
+def test_a_numpy_entropy_sets_the_layer_budgets_as_a_python_float_does():
+    layers = [torch.rand(2, 40, generator=torch.Generator().manual_seed(layer)) for layer in range(3)]
+    plans = []
+    for entropy in (float, numpy.float32):
+        builder = PlanBuilder(make_policy(PAPER_SPEC, window=8), 0.3, seq_len=48, num_layers=3, num_kv_heads=2)
+        for layer, scores in enumerate(layers):
+            builder.add_layer_scores(LayerScores(scores, entropy(0.25 * (layer + 1))))
+        plans.append([[positions.tolist() for positions in heads] for heads in builder.finish().kept])
+    assert plans[0] == plans[1]
+
+
 def test_a_uniform_layers_entropy_is_at_most_1_whatever_the_rounding():
     # Unclamped, fp32 gives up to 1.0000007 on some of these sizes.
     assert all(0.0 <= layer_entropy(torch.full((entries,), 1.0 / 3)) <= 1.0 for entries in range(2, 5000, 7))
@@ -408,10 +419,23 @@ class TestBadInput:
         with pytest.raises(ValueError, match="Hq=5, not a multiple of Hkv=2"):
             compress_plan("lava", q, k, v, 0.5, window=8)
 
+    def test_no_query_heads_or_an_empty_head_dim_is_refused(self):
+        # Unchecked, a mean over no query heads or scores over 0-wide heads are nan for every
+        # token, and a nan plan keeps the first tokens.
+        q, k, v = random_layers()
+        with pytest.raises(ValueError, match=r"q_window\[0\] has no query heads"):
+            compress_plan("snapkv", [layer[:0] for layer in q], k, v, 0.5, window=8)
+        with pytest.raises(ValueError, match=r"keys\[0\] must be \[Hkv=2, n=40, d >= 1\], got \(2, 40, 0\)"):
+            compress_plan("lava", [layer[..., :0] for layer in q], [layer[..., :0] for layer in k], v, 0.5, window=8)
+        builder = PlanBuilder(make_policy("lava", window=8), 0.3, seq_len=48, num_layers=1, num_kv_heads=2,
+                              observe="reconstruct")
+        with pytest.raises(ValueError, match=r"repeat_attention\[0\] must be \[Hq \(a positive multiple"):
+            builder.add_layer_repeat(torch.rand(0, 40), torch.rand(2, 48, 16))
+
     def test_mismatched_shapes_name_the_tensor_and_layer(self):
         q, k, v = random_layers()
         v[1] = v[1][:, :-1]
-        with pytest.raises(ValueError, match=r"values\[1\] must be \[Hkv=2, n=40, d\]"):
+        with pytest.raises(ValueError, match=r"values\[1\] must be \[Hkv=2, n=40, d >= 1\]"):
             compress_plan("lava", q, k, v, 0.5, window=8)
         q, k, v = random_layers()
         k[2] = k[2][:, :-2]
