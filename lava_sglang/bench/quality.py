@@ -367,13 +367,15 @@ class QualityBenchmark:
         plan = [(task, context, self.documents(task, context, count))
                 for context, count in zip(self.config.contexts, self.config.questions) for task in self.config.tasks]
         total = sum(len(doc.questions) for _, _, docs in plan for doc in docs)
+        done = 0  # not the bar's count, which a disabled bar does not keep
         with tqdm(total=total, desc="quality", unit="question", disable=not progress) as bar:
             for task, context, documents in plan:
                 bar.set_postfix_str(f"{task} {context} tokens")
                 for index, (document, middle) in enumerate(zip(documents, middles_at_compression(documents))):
                     self.run_document(task, context, index, document, bar, middle_at_compression=middle)
+                    done += len(document.questions)
                     if partial is not None:
-                        replace_file(partial, json.dumps(self._result(started, bar.n, total, command), indent=1) + "\n")
+                        replace_file(partial, json.dumps(self._result(started, done, total, command), indent=1) + "\n")
         return self._result(started, total, total, command)
 
     def _result(self, started: float, questions_done: int, questions_planned: int, command: str | None) -> dict:

@@ -1,6 +1,7 @@
 """Observation sources in the quality benchmark: records, splits, report, targets, CLI."""
 
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -44,6 +45,27 @@ def test_the_split_is_not_tied_to_where_the_facts_sit():
         at_compression_is_nearer_the_end.append(first > second)
     assert len(at_compression_is_nearer_the_end) == 20
     assert 5 <= sum(at_compression_is_nearer_the_end) <= 15
+
+
+def test_a_partial_file_counts_the_questions_done_with_or_without_a_progress_bar(monkeypatch):
+    from lava_sglang.bench import quality
+
+    def words(text, add_special_tokens=False):
+        return {"input_ids": text.split()}
+
+    runtime = type("Runtime", (), {"tokenizer": staticmethod(words)})()
+    monkeypatch.setattr(quality, "run_metadata", lambda runtime, config, wall_seconds: {})
+    written = []  # questions_done of each partial file, one per document of 2 questions
+    monkeypatch.setattr(quality, "replace_file", lambda path, text: written.append(
+        json.loads(text)["meta"]["questions_done"]))
+    for progress in (False, True):
+        bench = QualityBenchmark(runtime, QualityConfig(contexts=[300], questions=[6], facts_per_document=[2],
+                                                        tasks=["retrieval"]))
+        # Each document's questions answered, counted on the bar as the real one does.
+        monkeypatch.setattr(bench, "run_document", lambda task, context, index, document, bar, **_: bar.update(
+            len(document.questions)))
+        bench.run(progress=progress, partial=Path("partial.json"))
+    assert written == [2, 4, 6] * 2
 
 
 def test_cli_rejects_unknown_observation_sources_and_policy_options(capsys):
