@@ -258,11 +258,14 @@ class LayoutTables:
         if base is None:
             self._compact()
             base = self._find_space(count)
-        row = self._free_rows.pop()
+        # The copies that allocate (a device out of memory) before a row is taken: one that
+        # failed would leave its row neither free nor used.
         device = self.slot_list.device
         slots = layout.slots.to(device, torch.int32)
+        head_offsets = layout.head_offsets.to(device, torch.int32)
+        row = self._free_rows.pop()
         self.slot_list[base:base + count] = slots
-        self.head_offsets[row] = layout.head_offsets.to(device, torch.int32)
+        self.head_offsets[row] = head_offsets
         self.slot_base[row] = base
         self.num_slots[row] = max(count, 1)
         self.prefix_lens[row] = prefix_len

@@ -141,6 +141,22 @@ def _check_rows(tables, live):
         assert tables.rows_for_slots(layout.slots).tolist() == [row] * count
 
 
+def test_a_layout_that_cannot_be_copied_to_the_device_leaves_every_row_free():
+    # The copies that allocate (a device out of memory) come before a row is taken.
+    from types import SimpleNamespace
+
+    def out_of_memory(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    tables = _tables(max_entries=1)
+    layout = _layout([0, 1])
+    with pytest.raises(RuntimeError, match="out of memory"):
+        tables.add(SimpleNamespace(slots=layout.slots, head_offsets=SimpleNamespace(to=out_of_memory)), prefix_len=4)
+    assert tables.has_free_row
+    assert tables.add(layout, prefix_len=4) == 0
+    _check_rows(tables, {0: layout})
+
+
 def test_layout_tables_reuse_rows_and_compact_the_slot_list_in_place():
     # The tables keep their storage through adds, removes and compaction (a captured graph
     # reads the same tensors), and describe every live entry throughout.

@@ -393,15 +393,21 @@ class LavaRadixCache(CompressedRadixCache):
             reason = (f"the prefix and its repetition chunk (--kv-observe-chunk {self.config.observe_chunk}) exceed "
                       f"the longest prompt the server admits, {client.max_prompt_tokens} tokens (the context length "
                       "or the KV pool, less SGLang's margin)")
+        if reason is None and self._sends_requests:
+            try:
+                client.submit(scores)
+            except Exception as error:  # e.g. no thread to send it; under tensor parallel the ranks must agree
+                if self.tensor_parallel is not None:
+                    raise
+                reason = f"its chunks could not be sent ({error})"
         if reason is not None:
             logger.warning("lava: no repetition of a %d-token prefix: %s; compressed by its tail",
                            len(req.origin_input_ids), reason)
             return None
+        # Registered once sent: the chunks reach this scheduler only after it returns.
         scores.pool_used_at_start = self.pool_used()
         for rid in scores.rids:
             self.repetitions[rid] = scores
-        if self._sends_requests:
-            client.submit(scores)
         return scores
 
     @property
@@ -505,12 +511,7 @@ class LavaRadixCache(CompressedRadixCache):
             if full_copy.lock_ref > 0 or not is_ready:
                 continue
             repetition = pending.repetition if is_scored else None
-            if pending.repetition is not None and repetition is None:
-                self.repetitions_cut_short += 1
-                logger.warning("lava: the repetition of a %d-token prefix scored %d of its %d tokens (%s); the prefix "
-                               "is compressed by its tail window instead", len(full_key), pending.repetition.num_scored,
-                               pending.repetition.num_queries, pending.repetition.failed or "no progress within "
-                               f"--kv-observe-wait {self.config.observe_wait:g} s")
+            cut_short = pending.repetition is not None and repetition is None
             self._forget(pending)
             branch_windows = [[branch[layer] for branch in pending.branches] for layer in range(self.kv_pool.layer_num)]
             repeat_attention = repetition.repeat if repetition is not None else None
@@ -522,6 +523,13 @@ class LavaRadixCache(CompressedRadixCache):
             if node is None:  # no room: it stays uncompressed; the branches' and repetition's tokens go
                 self.free_below(last_node)
                 continue
+            if cut_short:  # counted once compressed: a prefix left uncompressed was not compressed by its tail
+                self.repetitions_cut_short += 1
+                logger.warning("lava: the repetition of a %d-token prefix scored %d of its %d tokens (%s); the prefix "
+                               "was compressed by its tail window instead", len(full_key),
+                               pending.repetition.num_scored, pending.repetition.num_queries,
+                               pending.repetition.failed or "no progress within "
+                               f"--kv-observe-wait {self.config.observe_wait:g} s")
             if repetition is not None:
                 seconds = repetition.ended_at - repetition.first_chunk_at
                 self.repetition_cost.add(seconds, pending.prefill_seconds, repetition.forward_seconds)

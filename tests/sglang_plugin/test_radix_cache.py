@@ -874,6 +874,16 @@ def test_a_repetition_is_not_asked_for_where_a_plain_request_cannot_repeat_the_p
     scores = stub.cache._start_repetition(req)
     assert submitted == [scores] and set(stub.cache.repetitions) == set(scores.rids)
 
+    def cannot_start(scores):
+        raise RuntimeError("can't start new thread")
+
+    stub.cache.repetitions.clear()
+    client.submit = cannot_start  # nothing will send or release its chunks: none is remembered
+    with caplog.at_level(logging.WARNING):
+        assert stub.cache._start_repetition(req) is None
+    assert "its chunks could not be sent (can't start new thread); compressed by its tail" in caplog.text
+    assert not stub.cache.repetitions
+
 
 def started(stub, scores: RepetitionScores) -> RepetitionScores:
     """`scores`' chunks registered as `_start_repetition` registers them (this stub sends no request)."""
@@ -1054,6 +1064,23 @@ def test_a_plan_that_keeps_no_row_leaves_the_prefix_uncompressed(monkeypatch, ca
     assert "the plan keeps no row of a 199-token prefix" in caplog.text
     assert not stub.compressed_nodes() and not stub.cache.store.entries
     assert stub.cache.evictable_size() == 200
+    run(stub, document(0) + question(0))
+    assert_all_released(stub)
+
+
+@pytest.mark.parametrize("room", [True, False])
+def test_a_repetition_that_failed_counts_as_cut_short_only_once_its_prefix_is_compressed_by_its_tail(
+        monkeypatch, caplog, room):
+    stub = make_waiting_stub("reconstruct")
+    commit(stub, document(0))
+    stub.cache.pending[0].repetition.failed = "a chunk failed (simulated)"
+    if not room:  # every row of the store's tables taken: the prefix stays uncompressed
+        monkeypatch.setattr(stub.cache.store.tables, "_free_rows", [])
+    with caplog.at_level(logging.WARNING, logger="lava_sglang.sglang_plugin.radix_cache"):
+        stub.cache.compress_ready_when_idle()
+    assert not stub.cache.pending and len(stub.compressed_nodes()) == int(room)
+    assert stub.cache.stats()["repetitions_cut_short"] == int(room)
+    assert ("the prefix was compressed by its tail window instead" in caplog.text) is room
     run(stub, document(0) + question(0))
     assert_all_released(stub)
 
