@@ -3,6 +3,7 @@ documents, lengths): per mode, observation source, policy and keep ratio, the qu
 answered right, and the full cache's on the same questions.
 
     python scripts/pool_quality.py docs/results/reuse/4k docs/results/reuse/4k_seed1 docs/results/reuse/4k_seed2
+    python scripts/pool_quality.py --context 1024 RUN RUN ...   (one length of runs that have several)
 
 Each argument is a run's folder (its quality.json and quality_meta.json) or its quality.json,
 with the meta file beside it. A run cut short is refused, and so are two runs with the same
@@ -57,18 +58,19 @@ class Pooled:
         return None if self.by_document is None else share_interval(self.by_document)
 
 
-def pooled(runs: list[list[dict]]) -> dict[tuple, Pooled]:
-    """(mode, observe, policy, keep ratio) -> the cell pooled over every run and length; a
-    document is one of the bootstrap's clusters in each run and length."""
+def pooled(runs: list[list[dict]], context: int | None = None) -> dict[tuple, Pooled]:
+    """(mode, observe, policy, keep ratio) -> the cell pooled over every run and length (with
+    `context`, that length only); a document is one of the bootstrap's clusters in each run and
+    length."""
     totals: dict[tuple, Pooled] = defaultdict(Pooled)
     for records in runs:
         cells = retrieval_records(records)
-        for (context, mode, observe, policy, keep), record in cells.items():
-            if policy == "full":
+        for (length, mode, observe, policy, keep), record in cells.items():
+            if policy == "full" or context not in (None, length):
                 continue
-            full = cells[(context, mode, observe, "full", 1.0)]
+            full = cells[(length, mode, observe, "full", 1.0)]
             if full["n_questions"] != record["n_questions"]:
-                raise ValueError(f"{policy} at {context} tokens answered {record['n_questions']} questions, the "
+                raise ValueError(f"{policy} at {length} tokens answered {record['n_questions']} questions, the "
                                  f"full cache {full['n_questions']}")
             cell = totals[(mode, observe, policy, keep)]
             cell.right += hits(record)
@@ -84,6 +86,8 @@ def pooled(runs: list[list[dict]]) -> dict[tuple, Pooled]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("runs", nargs="+", type=Path, help="a bench quality output folder, or its quality.json")
+    parser.add_argument("--context", type=int, help="pool the documents of this length (tokens) only (default: "
+                        "every length)")
     args = parser.parse_args()
     runs, asked_by = [], {}
     for path in args.runs:
@@ -107,11 +111,15 @@ def main() -> None:
                              "would count twice")
             asked_by[asked] = path
         runs.append(records)
-    print(f"runs: {', '.join(map(str, args.runs))}")
+    cells = pooled(runs, args.context)
+    if not cells:
+        parser.error(f"no retrieval cell at {args.context} tokens in these runs")
+    print(f"runs: {', '.join(map(str, args.runs))}; documents of "
+          f"{'every length' if args.context is None else f'{args.context} tokens'}")
     print()
     print("| mode | observe | policy | keep | right | questions | full cache right | x full | 95% interval |")
     print("|---|---|---|---:|---:|---:|---:|---:|---|")
-    for (mode, observe, policy, keep), cell in sorted(pooled(runs).items()):
+    for (mode, observe, policy, keep), cell in sorted(cells.items()):
         share = f"{cell.right / cell.full_right:.2f}" if cell.full_right else "n/a"
         interval = cell.interval()
         shown = "n/a (runs without per-document counts)" if interval is None else f"{interval[0]:.2f}-{interval[1]:.2f}"

@@ -39,6 +39,9 @@ def test_cells_are_pooled_over_runs_and_lengths_against_the_full_cache_on_the_sa
         ("query_aware", "reconstruct", "lava", 0.2): (6, 20, 7),
     }
     assert all(cell.interval() is None for cell in cells.values())  # no per-document counts in these records
+    by_length = pool_quality.pooled([first, second], context=2048)
+    assert {key: (cell.right, cell.questions, cell.full_right) for key, cell in by_length.items()} == {
+        ("compress_once", "reconstruct", "lava", 0.2): (21, 80, 28)}
 
 
 def test_a_cell_on_other_questions_than_the_full_caches_is_refused():
@@ -113,6 +116,13 @@ def test_the_pooled_share_is_resampled_over_every_runs_documents(tmp_path, capsy
     # A run without the counts leaves the pooled cell without an interval.
     older = [record(4096, "full", 1.0, 8, 8), record(4096, "lava", 0.2, 4, 8)]
     assert pool_quality.pooled([first, older]).popitem()[1].interval() is None
-    run_main(monkeypatch, write_run(tmp_path / "first", first), write_run(tmp_path / "second", second))
+    folders = write_run(tmp_path / "first", first), write_run(tmp_path / "second", second)
+    run_main(monkeypatch, *folders)
     assert f"| compress_once | reconstruct | lava | 0.2 | 8 | 16 | 16 | 0.50 | {low:.2f}-{high:.2f} |" in (
         capsys.readouterr().out)
+    run_main(monkeypatch, "--context", "1024", *folders)
+    out = capsys.readouterr().out
+    assert "documents of 1024 tokens" in out and "| 0.2 | 4 | 8 | 8 | 0.50 | 0.50-0.50 |" in out
+    with pytest.raises(SystemExit):
+        run_main(monkeypatch, "--context", "4096", *folders)
+    assert "no retrieval cell at 4096 tokens" in capsys.readouterr().err
