@@ -8,9 +8,9 @@ answered right, and the full cache's on the same questions.
 Each argument is a run's folder (its quality.json and quality_meta.json) or its quality.json,
 with the meta file beside it. A run cut short is refused, and so are two runs with the same
 cell (mode, source, policy, keep ratio) at a length with the same seed: whatever the facts per
-document, their documents are drawn from one random stream and share questions (two patterns
-that give the same documents, [8] and [8, 8], share them all; [1, 4, 8] and [1, 8, 4] the
-first document's), which pooled would count twice. A cell is pooled over every
+document, their documents are drawn from one random stream and may share questions (two
+patterns that give the same documents, [8] and [8, 8], share them all; [1, 4, 8] and
+[1, 8, 4] the first document's), which pooled would count twice. A cell is pooled over every
 (run, document length) that has it, and compared with the full cache's count over the same
 (run, length, mode), with a 95% interval of that share: a bootstrap over the pooled documents,
 each document's right answers paired with the full cache's on its questions
@@ -107,8 +107,8 @@ def main() -> None:
             if asked in asked_by:
                 seed, context, mode, observe, policy, keep = asked
                 parser.error(f"{asked_by[asked]} and {path} both have {mode} {observe} {policy} at keep {keep:g} at "
-                             f"{context} tokens with seed {seed}: their documents share questions, which pooled "
-                             "would count twice")
+                             f"{context} tokens with seed {seed}: their documents may share questions, which "
+                             "pooled would count twice")
             asked_by[asked] = path
         runs.append(records)
     cells = pooled(runs, args.context)
@@ -121,8 +121,9 @@ def main() -> None:
     print("|---|---|---|---:|---:|---:|---:|---:|---|")
     for (mode, observe, policy, keep), cell in sorted(cells.items()):
         share = f"{cell.right / cell.full_right:.2f}" if cell.full_right else "n/a"
-        interval = cell.interval()
-        shown = "n/a (runs without per-document counts)" if interval is None else f"{interval[0]:.2f}-{interval[1]:.2f}"
+        interval = cell.interval() if cell.full_right else None
+        shown = ("n/a" if not cell.full_right else "n/a (runs without per-document counts)" if interval is None
+                 else f"{interval[0]:.2f}-{interval[1]:.2f}")
         print(f"| {mode} | {observe} | {policy} | {keep:g} | {cell.right} | {cell.questions} | {cell.full_right} "
               f"| {share} | {shown} |")
 

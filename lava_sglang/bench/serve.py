@@ -581,8 +581,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--sample-interval", type=positive_float, default=2.0, help="seconds between /server_info samples (default 2)")
     add("--server-args", default="",
         help="extra server flags, one string, given with = (--server-args=\"--kv-window 64\")")
-    add("--seed", type=at_least(0), default=0, help="document seed (default 0); one seed plants the same keys and "
-        "codes at every --context")
+    add("--seed", type=at_least(0), default=0, help="document seed (default 0); one seed draws the keys and codes "
+        "from one random stream at every --context: runs at two lengths can share many questions")
     add("--out", default=str(RESULTS_DIR), help="output folder (default docs/results)")
     add("--name", type=file_stem, help="file stem (default serving; --memory-bound: serving_memory_bound)")
     add("--notes", help="markdown file included as 'Reading the results'; none: no notes (default: "

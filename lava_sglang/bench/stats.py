@@ -51,7 +51,9 @@ def share_interval(pairs: Sequence[tuple[int, int]], resamples: int = 4000, seed
     picks = np.random.default_rng(seed).integers(0, len(pairs), size=(resamples, len(pairs)))
     right_sums, reference_sums = right[picks].sum(1), reference_right[picks].sum(1)
     # A resample whose documents the full cache answered none of has no finite share: it counts
-    # above every other, which can only widen the upper end.
+    # above every other, which can only widen the upper end. The ends are resampled shares, not
+    # interpolations between two (between two infinite ones that would be nan).
     shares = np.divide(right_sums, reference_sums, out=np.full(resamples, np.inf), where=reference_sums > 0)
-    low, high = np.percentile(shares, [2.5, 97.5])
+    low = np.percentile(shares, 2.5, method="lower")
+    high = np.percentile(shares, 97.5, method="higher")
     return (float(low), float(high))

@@ -107,6 +107,8 @@ def test_the_share_of_the_full_caches_answers_is_resampled_by_document_and_paire
     assert share_interval([(4, 4)] * 5 + [(0, 4)] * 5) == (low, high)  # seeded: the report is reproducible
     assert share_interval([(3, 4)]) == (0.0, math.inf)  # one document: nothing to resample
     assert share_interval([(0, 0), (0, 0)]) == (0.0, math.inf)  # no right answer to compare with
+    # Most resamples miss the one document the full cache answered: the upper end is unbounded, not nan.
+    assert share_interval([(1, 1)] + [(0, 0)] * 9) == (1.0, math.inf)
 
 
 @pytest.mark.parametrize("changes, message", [
