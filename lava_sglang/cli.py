@@ -97,7 +97,7 @@ def _demo_command(args: argparse.Namespace) -> int:
                 backend=sgl.RuntimeEndpoint(server.url)))
         except RuntimeError as error:  # a branch's request failed: the server's log says why
             raise SystemExit(f"lava-sglang demo: {error}; the server's log: {log_path}") from None
-        except TimeoutError:
+        except _NoResultWithin:
             raise SystemExit(f"lava-sglang demo: the server did not answer the program within {PROGRAM_SECONDS} s; "
                              f"the server's log: {log_path}") from None
 
@@ -168,8 +168,12 @@ def _demo_command(args: argparse.Namespace) -> int:
 PROGRAM_SECONDS = 600
 
 
+class _NoResultWithin(Exception):
+    """`_within`'s timeout: its own class, so that a TimeoutError the work raises is not taken for it."""
+
+
 def _within(seconds: float, work):
-    """work()'s result, or its exception, if it returns within `seconds`; else TimeoutError.
+    """work()'s result, or its exception, if it returns within `seconds`; else _NoResultWithin.
     It runs in a daemon thread, left behind on a timeout (stopping the server ends its wait)."""
     outcome = {}
 
@@ -183,7 +187,7 @@ def _within(seconds: float, work):
     thread.start()
     thread.join(seconds)
     if thread.is_alive():
-        raise TimeoutError(f"no result within {seconds} s")
+        raise _NoResultWithin(f"no result within {seconds} s")
     if "error" in outcome:
         raise outcome["error"]
     return outcome["result"]

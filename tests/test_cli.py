@@ -335,6 +335,21 @@ def test_a_server_that_stops_answering_while_alive_ends_the_demo_in_one_line(mon
     shutil.rmtree(Path(message.split()[-1]).parent)
 
 
+def test_the_program_bound_tells_its_own_timeout_from_a_timeout_the_program_raises():
+    import threading
+
+    def times_out():
+        raise TimeoutError("a request timed out")  # read as "the server did not answer" before
+
+    with pytest.raises(TimeoutError, match="a request timed out"):
+        cli._within(5, times_out)
+    never = threading.Event()
+    with pytest.raises(cli._NoResultWithin, match="no result within 0.1 s"):
+        cli._within(0.1, never.wait)
+    never.set()
+    assert cli._within(5, lambda: 7) == 7
+
+
 def test_the_demos_log_folder_is_removed_once_it_succeeds_and_kept_when_it_fails(tmp_path):
     kept, removed = tmp_path / "failed", tmp_path / "succeeded"
     for folder in (kept, removed):
