@@ -79,7 +79,9 @@ def output_folder(path: Path) -> Path:
 
 def replace_file(path: Path, text: str) -> None:
     """Write `text` to `path` whole or not at all (a sibling written, then renamed over it): a
-    run killed while it writes its results, or a write that fails, leaves the earlier file."""
+    run killed while it writes its results, or a write that fails, leaves the earlier file. A
+    symlink's target is replaced, and the link kept."""
+    path = Path(os.path.realpath(path))
     staging = path.with_name(f".{path.name}.{os.getpid()}.writing")  # two runs writing one file do not share it
     try:
         staging.write_text(text)

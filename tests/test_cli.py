@@ -375,3 +375,14 @@ def test_a_results_file_is_replaced_whole_or_left_as_it_was(tmp_path):
     replace_file(results, '{"records": "later"}')
     assert results.read_text() == '{"records": "later"}'
     assert [path.name for path in tmp_path.iterdir()] == ["partial.json"]
+
+
+def test_a_symlinked_results_file_is_written_through_its_link(tmp_path):
+    (tmp_path / "runs").mkdir()
+    target = tmp_path / "runs" / "quality.json"
+    target.write_text("earlier")
+    link = tmp_path / "quality.json"
+    link.symlink_to(target)
+    replace_file(link, "later")
+    assert link.is_symlink() and target.read_text() == "later"
+    assert sorted(path.name for path in (tmp_path / "runs").iterdir()) == ["quality.json"]
