@@ -120,10 +120,12 @@ def main() -> None:
     print("| mode | observe | policy | keep | right | questions | full cache right | x full | 95% interval |")
     print("|---|---|---|---:|---:|---:|---:|---:|---|")
     for (mode, observe, policy, keep), cell in sorted(cells.items()):
-        share = f"{cell.right / cell.full_right:.2f}" if cell.full_right else "n/a"
-        interval = cell.interval() if cell.full_right else None
-        shown = ("n/a" if not cell.full_right else "n/a (runs without per-document counts)" if interval is None
-                 else f"{interval[0]:.2f}-{interval[1]:.2f}")
+        share, shown = "n/a", "n/a"
+        if cell.full_right:
+            share = f"{cell.right / cell.full_right:.2f}"
+            interval = cell.interval()
+            shown = "n/a (runs without per-document counts)" if interval is None else \
+                f"{interval[0]:.2f}-{interval[1]:.2f}"
         print(f"| {mode} | {observe} | {policy} | {keep:g} | {cell.right} | {cell.questions} | {cell.full_right} "
               f"| {share} | {shown} |")
 

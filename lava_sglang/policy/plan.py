@@ -321,9 +321,10 @@ class PlanBuilder:
         # A normalised entropy (scores.layer_entropy) is in [0, 1]; a negative one would give its
         # layer a negative budget and the others more than the whole.
         entropy = layer_scores.entropy
-        if self.policy.uses_layer_entropy and not (is_number(entropy) and 0.0 <= entropy <= 1.0):
-            raise ValueError(f"the entropy of layer {layer} is {entropy!r}, not a normalised entropy in [0, 1]")
-        if self.policy.uses_layer_entropy:  # a numpy float as a Python one, which the budgets' fractions take
+        if self.policy.uses_layer_entropy:
+            if not (is_number(entropy) and 0.0 <= entropy <= 1.0):
+                raise ValueError(f"the entropy of layer {layer} is {entropy!r}, not a normalised entropy in [0, 1]")
+            # a numpy float as a Python one, which the budgets' exact fractions take
             layer_scores = LayerScores(layer_scores.scores, float(entropy))
         self._layers.append(layer_scores if self.needs_queries else None)
 

@@ -120,3 +120,8 @@ def answer_ids(output_ids: list[int], matched_stop) -> list[int]:
     if isinstance(matched_stop, int) and output_ids and output_ids[-1] == matched_stop:
         return output_ids[:-1]
     return output_ids
+
+
+def generated_ids(body: dict) -> list[int]:
+    """`answer_ids` of a `/generate` response's body."""
+    return answer_ids(body["output_ids"], body["meta_info"]["finish_reason"].get("matched"))
