@@ -17,6 +17,12 @@ each document's right answers paired with the full cache's on its questions
 (`stats.share_interval`; runs written before 2026-12-06 have no per-document counts, and a
 cell with one of them has no interval). A policy is pooled by its name: runs made when its
 defaults differed are pooled as one policy.
+
+    python scripts/pool_quality.py --against kvzip RUN RUN ...
+
+compares each cell with another policy's at the same keep ratio instead of the full cache's
+(the same questions, the same source, the same interval over documents): how far lava is from
+kvzip, with its uncertainty.
 """
 
 from __future__ import annotations
@@ -46,38 +52,44 @@ def cells_asked(meta: dict, records: list[dict]) -> set[tuple]:
 
 @dataclass
 class Pooled:
-    """One cell pooled: right answers, questions, the full cache's right answers on them, and
-    (right, full cache's right) per document, None where a run's records lack their
-    documents' counts (runs before 2026-12-06)."""
+    """One cell pooled: right answers, questions, the reference's right answers on them (the
+    full cache's, or another policy's), and (right, reference's right) per document, None where
+    a run's records lack their documents' counts (runs before 2026-12-06)."""
     right: int = 0
     questions: int = 0
-    full_right: int = 0
+    reference_right: int = 0
     by_document: list[tuple[int, int]] | None = field(default_factory=list)
 
     def interval(self) -> tuple[float, float] | None:
         return None if self.by_document is None else share_interval(self.by_document)
 
 
-def pooled(runs: list[list[dict]], context: int | None = None) -> dict[tuple, Pooled]:
+def pooled(runs: list[list[dict]], context: int | None = None, against: str = "full") -> dict[tuple, Pooled]:
     """(mode, observe, policy, keep ratio) -> the cell pooled over every run and length (with
-    `context`, that length only); a document is one of the bootstrap's clusters in each run and
-    length."""
+    `context`, that length only), against the full cache's cell on the same questions or, with
+    `against`, that policy's at the same keep ratio; a document is one of the bootstrap's
+    clusters in each run and length. A run that has a cell but not its reference is refused."""
     totals: dict[tuple, Pooled] = defaultdict(Pooled)
+    reference_name = "the full cache" if against == "full" else against
     for records in runs:
         cells = retrieval_records(records)
         for (length, mode, observe, policy, keep), record in cells.items():
-            if policy == "full" or context not in (None, length):
+            if policy in ("full", against) or context not in (None, length):
                 continue
-            full = cells[(length, mode, observe, "full", 1.0)]
-            if full["n_questions"] != record["n_questions"]:
-                raise ValueError(f"{policy} at {length} tokens answered {record['n_questions']} questions, the "
-                                 f"full cache {full['n_questions']}")
+            reference_key = (length, mode, observe, against, 1.0 if against == "full" else keep)
+            if reference_key not in cells:
+                raise ValueError(f"{policy} at keep {keep:g} ({mode}, {observe}, {length} tokens) has no cell of "
+                                 f"{reference_name} to compare with in its run")
+            reference = cells[reference_key]
+            if reference["n_questions"] != record["n_questions"]:
+                raise ValueError(f"{policy} at {length} tokens answered {record['n_questions']} questions, "
+                                 f"{reference_name} {reference['n_questions']}")
             cell = totals[(mode, observe, policy, keep)]
             cell.right += hits(record)
             cell.questions += record["n_questions"]
-            cell.full_right += hits(full)
-            if cell.by_document is not None and "by_document" in record and "by_document" in full:
-                cell.by_document += paired_by_document(record, full)
+            cell.reference_right += hits(reference)
+            if cell.by_document is not None and "by_document" in record and "by_document" in reference:
+                cell.by_document += paired_by_document(record, reference)
             else:
                 cell.by_document = None
     return dict(totals)
@@ -88,6 +100,9 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path, help="a bench quality output folder, or its quality.json")
     parser.add_argument("--context", type=int, help="pool the documents of this length (tokens) only (default: "
                         "every length)")
+    parser.add_argument("--against", default="full", metavar="POLICY",
+                        help="compare each cell with this policy's at the same keep ratio, e.g. kvzip (default: the "
+                        "full cache)")
     args = parser.parse_args()
     runs, asked_by = [], {}
     for path in args.runs:
@@ -111,22 +126,27 @@ def main() -> None:
                              "pooled would count twice")
             asked_by[asked] = path
         runs.append(records)
-    cells = pooled(runs, args.context)
+    try:
+        cells = pooled(runs, args.context, args.against)
+    except ValueError as error:
+        parser.error(str(error))
     if not cells:
         parser.error(f"no retrieval cell at {args.context} tokens in these runs")
     print(f"runs: {', '.join(map(str, args.runs))}; documents of "
           f"{'every length' if args.context is None else f'{args.context} tokens'}")
     print()
-    print("| mode | observe | policy | keep | right | questions | full cache right | x full | 95% interval |")
+    reference = "full cache" if args.against == "full" else args.against
+    print(f"| mode | observe | policy | keep | right | questions | {reference} right | x {args.against} | "
+          "95% interval |")
     print("|---|---|---|---:|---:|---:|---:|---:|---|")
     for (mode, observe, policy, keep), cell in sorted(cells.items()):
         share, shown = "n/a", "n/a"
-        if cell.full_right:
-            share = f"{cell.right / cell.full_right:.2f}"
+        if cell.reference_right:
+            share = f"{cell.right / cell.reference_right:.2f}"
             interval = cell.interval()
             shown = "n/a (runs without per-document counts)" if interval is None else \
                 f"{interval[0]:.2f}-{interval[1]:.2f}"
-        print(f"| {mode} | {observe} | {policy} | {keep:g} | {cell.right} | {cell.questions} | {cell.full_right} "
+        print(f"| {mode} | {observe} | {policy} | {keep:g} | {cell.right} | {cell.questions} | {cell.reference_right} "
               f"| {share} | {shown} |")
 
 

@@ -37,17 +37,18 @@ def _reference_mode(records: list[dict]) -> str:
     return "compress_once" if _select(records, mode="compress_once", policy="full") else "query_aware"
 
 
-def paired_by_document(record: dict, full: dict) -> list[tuple[int, int]]:
-    """(right, the full cache's right) per document of a retrieval record and the full cache's
-    on the same questions (their `by_document`, written since 2026-12-06)."""
-    full_right = {document: (right, asked) for document, right, asked in full["by_document"]}
+def paired_by_document(record: dict, reference: dict) -> list[tuple[int, int]]:
+    """(right, the reference's right) per document of a retrieval record and a reference's (the
+    full cache's, or another policy's) on the same questions (their `by_document`, written
+    since 2026-12-06)."""
+    reference_right = {document: (right, asked) for document, right, asked in reference["by_document"]}
     pairs = []
     for document, right, asked in record["by_document"]:
-        reference, reference_asked = full_right.get(document, (0, 0))
+        reference_hits, reference_asked = reference_right.get(document, (0, 0))
         if reference_asked != asked:
             raise ValueError(f"document {document}: {asked} questions in the {record['policy']} cell, "
-                             f"{reference_asked} in the full cache's")
-        pairs.append((right, reference))
+                             f"{reference_asked} in the {reference['policy']} cell")
+        pairs.append((right, reference_hits))
     return pairs
 
 

@@ -209,5 +209,5 @@ def test_the_share_of_the_full_cache_has_an_interval_over_the_documents_where_th
     lava["by_document"] = [[document, 1, 2] for document in range(5)] + [[5, 0, 10]]
     assert "| reconstruct · lava | 0.50 [0.50, 0.50] |" in markdown([full, lava], meta, "cmd", None)
     lava["by_document"][-1] = [6, 0, 10]  # a document the full cache was not asked about
-    with pytest.raises(ValueError, match="document 6: 10 questions in the lava cell, 0 in the full cache's"):
+    with pytest.raises(ValueError, match="document 6: 10 questions in the lava cell, 0 in the full cell"):
         paired_by_document(lava, full)

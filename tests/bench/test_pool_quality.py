@@ -33,14 +33,14 @@ def test_cells_are_pooled_over_runs_and_lengths_against_the_full_cache_on_the_sa
               record(4096, "full", 1.0, 7, 20, mode="query_aware"),
               record(4096, "lava", 0.2, 6, 20, mode="query_aware")]
     cells = pool_quality.pooled([first, second])
-    assert {key: (cell.right, cell.questions, cell.full_right) for key, cell in cells.items()} == {
+    assert {key: (cell.right, cell.questions, cell.reference_right) for key, cell in cells.items()} == {
         ("compress_once", "reconstruct", "lava", 0.2): (56, 200, 71),
         ("compress_once", "reconstruct:view=chunk", "lava", 0.2): (10, 40, 13),
         ("query_aware", "reconstruct", "lava", 0.2): (6, 20, 7),
     }
     assert all(cell.interval() is None for cell in cells.values())  # no per-document counts in these records
     by_length = pool_quality.pooled([first, second], context=2048)
-    assert {key: (cell.right, cell.questions, cell.full_right) for key, cell in by_length.items()} == {
+    assert {key: (cell.right, cell.questions, cell.reference_right) for key, cell in by_length.items()} == {
         ("compress_once", "reconstruct", "lava", 0.2): (21, 80, 28)}
 
 
@@ -108,7 +108,7 @@ def test_the_pooled_share_is_resampled_over_every_runs_documents(tmp_path, capsy
     second = [with_documents(record(2048, "full", 1.0, 8, 8), [2] * 4, 2),
               with_documents(record(2048, "lava", 0.2, 4, 8), [2, 0, 2, 0], 2)]
     (cell,) = pool_quality.pooled([first, second]).values()
-    assert (cell.right, cell.full_right) == (8, 16)
+    assert (cell.right, cell.reference_right) == (8, 16)
     assert cell.by_document == [(1, 2)] * 4 + [(2, 2), (0, 2), (2, 2), (0, 2)]  # 8 documents, not 4
     low, high = cell.interval()
     assert low < 0.5 < high
@@ -126,3 +126,29 @@ def test_the_pooled_share_is_resampled_over_every_runs_documents(tmp_path, capsy
     with pytest.raises(SystemExit):
         run_main(monkeypatch, "--context", "4096", *folders)
     assert "no retrieval cell at 4096 tokens" in capsys.readouterr().err
+
+
+def test_against_another_policy_each_cell_is_paired_with_its_cell_at_the_same_keep_ratio(tmp_path, capsys,
+                                                                                        monkeypatch):
+    # 3 documents of 4 questions; kvzip right on 2 of each at keep 0.2 and 1 at keep 0.1.
+    run = [with_documents(record(2048, "full", 1.0, 12, 12), [4] * 3, 4),
+           with_documents(record(2048, "kvzip", 0.2, 6, 12), [2] * 3, 4),
+           with_documents(record(2048, "lava", 0.2, 9, 12), [3] * 3, 4),
+           with_documents(record(2048, "kvzip", 0.1, 3, 12), [1] * 3, 4),
+           with_documents(record(2048, "lava", 0.1, 6, 12), [2, 2, 2], 4)]
+    cells = pool_quality.pooled([run], against="kvzip")
+    assert {key: (cell.right, cell.reference_right, cell.interval()) for key, cell in cells.items()} == {
+        ("compress_once", "reconstruct", "lava", 0.2): (9, 6, (1.5, 1.5)),
+        ("compress_once", "reconstruct", "lava", 0.1): (6, 3, (2.0, 2.0)),
+    }
+    # A run with lava at a ratio kvzip did not run is refused, not compared with another ratio.
+    with pytest.raises(ValueError, match="lava at keep 0.4 .* has no cell of kvzip"):
+        pool_quality.pooled([run + [record(2048, "lava", 0.4, 10, 12)]], against="kvzip")
+    run_main(monkeypatch, "--against", "kvzip", write_run(tmp_path / "run", run))
+    out = capsys.readouterr().out
+    assert "| right | questions | kvzip right | x kvzip |" in out
+    assert "| compress_once | reconstruct | lava | 0.2 | 9 | 12 | 6 | 1.50 | 1.50-1.50 |" in out
+    assert "| compress_once | reconstruct | kvzip |" not in out  # the reference, not a row
+    with pytest.raises(SystemExit):
+        run_main(monkeypatch, "--against", "snapkv", tmp_path / "run")
+    assert "at keep 0.2 (compress_once, reconstruct, 2048 tokens) has no cell of snapkv" in capsys.readouterr().err
