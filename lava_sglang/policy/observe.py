@@ -131,9 +131,10 @@ def repeat_attention_chunk(queries: torch.Tensor, keys: torch.Tensor, first_posi
     if lse is not None and (normalize != "global" or lse.shape != (num_q_heads, num_rows)):
         raise ValueError(f"a given lse is the global normaliser [Hq, T] = {[num_q_heads, num_rows]}, got "
                          f"{list(lse.shape)} under normalize={normalize!r}")
-    group = num_q_heads // num_kv_heads
-    grouped = queries.float().view(num_kv_heads, group, num_rows, head_dim)
-    if lse is None:
+    grouped = score_ops.group_query_heads(queries, num_kv_heads)
+    if lse is not None:
+        lse = score_ops.group_query_heads(lse, num_kv_heads)
+    else:
         key_positions = torch.arange(num_keys, device=keys.device)
         normalizing = torch.ones(num_keys, dtype=torch.bool, device=keys.device)
         if normalize == "local":  # only the sinks, the copied tokens and the repetition take part
@@ -142,7 +143,6 @@ def repeat_attention_chunk(queries: torch.Tensor, keys: torch.Tensor, first_posi
         query_positions = first_position + torch.arange(num_rows, device=keys.device)
         visible = key_positions[normalizing][None, :] <= query_positions[:, None]  # [T, keys normalising]
         lse = repeat_log_sum_exp(grouped, keys[:, normalizing].float(), visible, scaling, max_logits)
-    lse = lse.float().view(num_kv_heads, group, num_rows)
     copied_keys = keys[:, start:end].float()  # before every repetition query: all visible
     rows_per_block = max(1, max_logits // (num_q_heads * (end - start)))
     result = None

@@ -113,8 +113,7 @@ def windows_scores(policy: Policy, observe: Observe, windows: Sequence[Observati
 
 def repeat_scores(policy: Policy, repeat_attention: torch.Tensor, values: torch.Tensor) -> LayerScores:
     """A layer's scores from its repetition attention [Hq, m] (observe.md, "reconstruct")."""
-    num_kv_heads = values.shape[0]
-    grouped = repeat_attention.float().view(num_kv_heads, repeat_attention.shape[0] // num_kv_heads, -1)
+    grouped = score_ops.group_query_heads(repeat_attention, values.shape[0])
     return policy.scores_from_mass(score_ops.reduce_query_group(grouped, policy.gqa_reduce), values)
 
 

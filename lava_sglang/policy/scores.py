@@ -50,14 +50,22 @@ def _following_queries_mass(queries: torch.Tensor, all_keys: torch.Tensor, own_l
                             gqa_reduce: str) -> torch.Tensor:
     """The mass of both: `all_keys` [Hkv, n + s, d] fp32 ends with the queries' own s keys,
     which the r queries see causally (query i sees own keys 0 .. s - r + i)."""
-    num_q_heads, rows, head_dim = queries.shape
-    num_kv_heads = all_keys.shape[0]
-    q = queries.float().view(num_kv_heads, num_q_heads // num_kv_heads, rows, head_dim)
+    rows, head_dim = queries.shape[1:]
+    q = group_query_heads(queries, all_keys.shape[0])
     logits = torch.einsum("hgrd,hjd->hgrj", q, all_keys) / math.sqrt(head_dim)
     logits[..., all_keys.shape[1] - own_len:].masked_fill_(~causal_visibility(rows, own_len, all_keys.device),
                                                            float("-inf"))
     probs = torch.softmax(logits, dim=-1)
     return reduce_query_group(probs[..., :prefix_len].mean(dim=2), gqa_reduce)
+
+
+def group_query_heads(per_query_head: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
+    """[Hq, ...] -> [Hkv, Hq // Hkv, ...] fp32: the query heads grouped by the KV head they read
+    (GQA: query heads g * G .. g * G + G - 1 share KV head g)."""
+    num_q_heads = per_query_head.shape[0]
+    if num_kv_heads < 1 or num_q_heads % num_kv_heads:
+        raise ValueError(f"{num_q_heads} query heads cannot share {num_kv_heads} KV heads in equal groups (GQA)")
+    return per_query_head.float().view(num_kv_heads, num_q_heads // num_kv_heads, *per_query_head.shape[1:])
 
 
 def check_gqa_reduce(gqa_reduce: str) -> None:

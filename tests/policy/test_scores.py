@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from lava_sglang.policy.scores import layer_entropy, pool_scores, value_norm_scale, window_attention_mass
+from lava_sglang.policy.scores import (group_query_heads, layer_entropy, pool_scores, value_norm_scale,
+                                      window_attention_mass)
 
 
 def test_window_mask_hides_later_window_keys():
@@ -77,3 +78,14 @@ def test_entropy_uniform_is_one_and_peaked_is_zero():
 def test_entropy_of_a_single_entry_or_no_mass_is_zero():
     assert layer_entropy(torch.tensor([[0.3]])) == 0.0
     assert layer_entropy(torch.zeros(3, 4)) == 0.0
+
+
+def test_query_heads_are_grouped_by_the_kv_head_they_read():
+    # 6 query heads over 2 KV heads: heads 0-2 read KV head 0, heads 3-5 KV head 1.
+    per_query_head = torch.arange(6, dtype=torch.float16)[:, None].expand(6, 4)
+    grouped = group_query_heads(per_query_head.contiguous(), 2)
+    assert grouped.dtype == torch.float32 and grouped.shape == (2, 3, 4)
+    assert grouped[:, :, 0].tolist() == [[0, 1, 2], [3, 4, 5]]
+    for num_kv_heads in (4, 0):  # 6 heads in 4 groups; no KV head
+        with pytest.raises(ValueError, match=f"6 query heads cannot share {num_kv_heads} KV heads"):
+            group_query_heads(per_query_head.contiguous(), num_kv_heads)
