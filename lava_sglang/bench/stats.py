@@ -26,6 +26,8 @@ def mean_interval(values: Sequence[float], low: float = -math.inf, high: float =
     from scipy.stats import t
 
     n = len(values)
+    if n == 0:
+        raise ValueError("the mean of no values has no interval")
     mean = sum(values) / n
     if n < 2:
         return (low, high)

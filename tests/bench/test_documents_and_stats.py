@@ -93,6 +93,8 @@ def test_mean_interval():
     assert mean_interval([0.0, 0.01, 0.0], low=0.0)[0] == 0.0  # a KL interval does not go below 0
     assert mean_interval([1.0, 0.9, 1.0], low=0.0, high=1.0)[1] == 1.0
     assert mean_interval([0.5], low=0.0, high=1.0) == (0.0, 1.0)  # one question: nothing known of the spread
+    with pytest.raises(ValueError, match="no values"):
+        mean_interval([])
 
 
 def test_the_share_of_the_full_caches_answers_is_resampled_by_document_and_paired():
