@@ -91,15 +91,16 @@ def _before_validate_request(tokenizer_manager, obj, input_ids, *args, **kwargs)
     """Stock SGLang 0.5.23 lets an empty prompt, or a token id outside the vocabulary, reach
     the model, where it kills the scheduler and every request with it; reject them (HTTP 400)
     on a server with a policy (`--kv-policy none` is stock SGLang). A request of a session may
-    be empty here: the session's history supplies its prompt. A multimodal request's ids are
-    not checked against the vocabulary: its processor's placeholders lie beyond it."""
+    be empty here: the session's history supplies its prompt. The ids of a request that SGLang's multimodal
+    processor expands are not checked against the vocabulary: its placeholders lie beyond it
+    (media sent to a text-only model do not skip the check)."""
     if not KvPolicyConfig.from_env().enabled:
         return
     session_params = getattr(obj, "session_params", None)
     in_session = isinstance(session_params, dict) and bool(session_params.get("id"))
     if input_ids is not None and len(input_ids) == 0 and not in_session:
         raise ValueError("the prompt is empty: a request needs at least one input token")
-    if touchpoints.has_multimodal_input(obj):
+    if touchpoints.multimodal_processor_runs(tokenizer_manager, obj):
         return
     vocab_size = tokenizer_manager.model_config.vocab_size
     bad = next((token for token in input_ids or () if not 0 <= token < vocab_size), None)

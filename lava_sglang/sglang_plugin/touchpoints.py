@@ -169,11 +169,14 @@ def seconds_since_first_forward(req) -> float | None:
     return time.perf_counter() - stamp if stamp else None
 
 
-def has_multimodal_input(request) -> bool:
-    """Whether a request (`GenerateReqInput`) carries images, video or audio, whose processor
-    puts placeholder ids beyond the text vocabulary into its input ids (mllama's <|image|>)."""
+def multimodal_processor_runs(tokenizer_manager, request) -> bool:
+    """Whether SGLang's multimodal processor will turn a request's (`GenerateReqInput`) images,
+    video or audio into placeholder ids beyond the text vocabulary (mllama's <|image|>). A
+    text-only model has no processor: SGLang ignores the media (`TokenizerManager._tokenize_one_request`)
+    and the ids go to the model as given."""
     contains = getattr(request, "contains_mm_input", None)
-    return bool(contains()) if callable(contains) else False
+    has_media = bool(contains()) if callable(contains) else False
+    return has_media and getattr(tokenizer_manager, "mm_processor", None) is not None
 
 
 def has_input_embeddings(req) -> bool:

@@ -350,6 +350,8 @@ def test_a_malformed_request_fails_alone(lava_server, program_inputs):
         {"text": prefix + suffixes[1], "sampling_params": {"max_new_tokens": -5}},
         {"text": prefix + suffixes[2], "sampling_params": {"temperature": "hot"}},
         {"input_ids": [10**9, 5, 6], "sampling_params": {"max_new_tokens": 4}},
+        # An image sent to a text-only model: SGLang ignores it and would pass the ids on as given.
+        {"input_ids": [5, 10**9 + 1], "image_data": "x", "sampling_params": {"max_new_tokens": 4}},
     ]
     requests_in_order = [good, *bad, good]
     with concurrent.futures.ThreadPoolExecutor(len(requests_in_order)) as pool:
@@ -360,6 +362,7 @@ def test_a_malformed_request_fails_alone(lava_server, program_inputs):
     # an id outside the vocabulary reach the model, which kills the scheduler).
     assert "max_new_tokens must be at least 0, got -5" in responses[1].text
     assert "input_ids contains token id 1000000000 outside the vocabulary" in responses[3].text
+    assert "input_ids contains token id 1000000001 outside the vocabulary" in responses[4].text
     assert responses[0].status_code == responses[-1].status_code == 200
     assert responses[0].json()["text"] == responses[-1].json()["text"] != ""
     assert requests.get(lava_server.url + "/health_generate", timeout=120).status_code == 200

@@ -350,9 +350,14 @@ def test_requests_reaching_the_model_are_validated_and_a_session_may_send_no_new
     _before_validate_request(tokenizer_manager, plain, [])
     _before_validate_request(tokenizer_manager, plain, [3, 10])
     monkeypatch.setenv(ENV_VAR, KvPolicyConfig(policy="lava").to_env())
-    # An image request's placeholder ids lie beyond the text vocabulary (mllama's <|image|> is vocab_size).
+    # An image request's placeholder ids lie beyond the text vocabulary (mllama's <|image|> is vocab_size)
+    # where the model has a multimodal processor; a text-only model ignores the image, and checks the ids.
     image = SimpleNamespace(session_params=None, contains_mm_input=lambda: True)
-    _before_validate_request(tokenizer_manager, image, [3, 10])
+    multimodal_manager = SimpleNamespace(model_config=tokenizer_manager.model_config, mm_processor=object())
+    _before_validate_request(multimodal_manager, image, [3, 10])
+    text_only_manager = SimpleNamespace(model_config=tokenizer_manager.model_config, mm_processor=None)
+    with pytest.raises(ValueError, match="token id 10 outside the vocabulary"):
+        _before_validate_request(text_only_manager, image, [3, 10])
     with pytest.raises(ValueError, match="the prompt is empty"):
         _before_validate_request(tokenizer_manager, plain, [])
     with pytest.raises(ValueError, match="token id 10 outside the vocabulary"):
