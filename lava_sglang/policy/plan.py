@@ -85,6 +85,13 @@ def resolve_budget(budget: float | int, seq_len: int) -> int:
     return math.ceil(decimal_fraction(budget) * seq_len)
 
 
+def budget_evicts(budget: float | int, seq_len: int, window: int) -> bool:
+    """Whether a plan of `seq_len` tokens under `budget` keeps fewer than all of them: the
+    budget is below the length, and some token lies outside the recent window (which is always
+    kept)."""
+    return resolve_budget(budget, seq_len) < seq_len and seq_len > window
+
+
 def _check_tensor(name: str, tensor: object, layer: int) -> torch.Tensor:
     if not isinstance(tensor, torch.Tensor) or tensor.dim() != 3:
         shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
@@ -203,7 +210,7 @@ class PlanBuilder:
     @property
     def evicts(self) -> bool:
         """False when the plan keeps everything (budget >= n, n <= w or the full policy)."""
-        return self.budget_tokens < self.seq_len and self.prefix_len > 0
+        return not self.policy.keeps_everything and budget_evicts(self.budget_tokens, self.seq_len, self.window)
 
     @property
     def needs_queries(self) -> bool:

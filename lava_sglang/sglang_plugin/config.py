@@ -15,7 +15,8 @@ import os
 from dataclasses import dataclass
 
 from lava_sglang.argtypes import DEFAULT_MIN_PREFIX
-from lava_sglang.policy import POLICIES, REPEAT_NORMALIZATIONS, REPEAT_VIEWS, Reconstruct, make_policy, resolve_budget
+from lava_sglang.policy import (POLICIES, REPEAT_NORMALIZATIONS, REPEAT_VIEWS, Reconstruct, budget_evicts, make_policy,
+                                resolve_budget)
 from lava_sglang.sglang_plugin.touchpoints import RADIX_CACHE_BACKEND
 
 ENV_VAR = "LAVA_SGLANG_KV_POLICY"
@@ -129,10 +130,11 @@ class KvPolicyConfig:
         return self.policy != NONE
 
     def evicts(self, prefix_len: int) -> bool:
-        """Whether the budget keeps fewer tokens than a `prefix_len`-token prefix has. One that
-        keeps them all (an int budget >= the prefix, a ratio of 1.0) would only make a second
-        full copy: the radix cache leaves such a prefix as stock SGLang caches it."""
-        return resolve_budget(self.budget, prefix_len) < prefix_len
+        """Whether the plan keeps fewer tokens than a `prefix_len`-token prefix has. One that
+        keeps them all (an int budget >= the prefix, a ratio of 1.0, a prefix within the window)
+        would only make a second full copy: the radix cache leaves such a prefix as stock SGLang
+        caches it."""
+        return budget_evicts(self.budget, prefix_len, self.window)
 
     def make_policy(self):
         return make_policy(self.policy, window=self.window, pool_kernel=self.pool_kernel, alpha=self.alpha)

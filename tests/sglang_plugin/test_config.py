@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import subprocess
 import sys
 
@@ -35,6 +36,14 @@ def test_budget_is_a_ratio_or_tokens():
     assert from_namespace(parse("--kv-policy", "lava", "--kv-budget", "0.25")).budget == 0.25
     tokens = from_namespace(parse("--kv-policy", "lava", "--kv-budget", "512")).budget
     assert tokens == 512 and isinstance(tokens, int)
+
+
+def test_a_prefix_is_compressed_only_where_the_plan_would_keep_fewer_tokens_than_it_has():
+    config = KvPolicyConfig(policy="lava", budget=0.2, window=32, min_prefix=33)
+    # A 33-token commit compresses its first 32 tokens: all within the window, all kept (a second copy).
+    assert not config.evicts(32) and config.evicts(33)
+    assert not dataclasses.replace(config, budget=64).evicts(64) and dataclasses.replace(config, budget=64).evicts(65)
+    assert not dataclasses.replace(config, budget=1.0).evicts(1000)
 
 
 def test_config_survives_the_trip_to_the_children():
