@@ -52,12 +52,17 @@ def _demo_command(args: argparse.Namespace) -> int:
     from lava_sglang.bench.documents import FIDELITY_QUESTIONS, Question, prompt_parts, retrieval_documents
     from lava_sglang.frontend import multi_question_qa
     from lava_sglang.model import smollm2_path
-    from lava_sglang.policy import policy_name
+    from lava_sglang.policy import POLICIES
     from lava_sglang.sglang_plugin.config import ConfigError, config_of_server_args
     from lava_sglang.sglang_plugin.server_process import ServerProcess, check_request_fits
 
-    if policy_name(args.policy) == "full":
-        raise ValueError("--policy full keeps everything: the demo sets a compressing policy beside the full cache")
+    compressing = sorted(set(POLICIES) - {"full"})
+    name = args.policy.partition(":")[0]
+    if name not in compressing:
+        why = " (full keeps everything: the demo sets a compressing policy beside the full cache)" if name == "full" \
+            else ""
+        raise ValueError(f"--policy must be one of {', '.join(compressing)}, optionally with options, got "
+                         f"{args.policy!r}{why}")
     # A bad name, option or pairing with --observe fails here, as the server would refuse it, before the
     # model loads and the server starts.
     server_args = ["--kv-policy", args.policy, "--kv-budget", str(args.ratio), "--kv-observe", args.observe]

@@ -77,10 +77,12 @@ def test_bench_serve_refuses_documents_beyond_the_models_context_before_any_serv
     assert "exceed the server's context length, 8192 tokens" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("policy, message", [("h2o", "policy must be one of"), ("lava:alpha=2", "alpha"),
-                                             ("full", "keeps everything"),
+@pytest.mark.parametrize("policy, message", [("h2o", "--policy must be one of ada_snapkv, kvzip, lava"),
+                                             ("none", "one of ada_snapkv, kvzip, lava, pyramidkv, snapkv, "
+                                              "streamingllm, optionally with options, got 'none'"),
+                                             ("lava:alpha=2", "alpha"), ("full", "keeps everything"),
                                              ("kvzip --observe tail", "kvzip scores by reconstruct, not tail"),
-                                             ("lava:window=16", "set the window with --kv-window")])
+                                             ("lava:window=16", "its window 16 differs from --kv-window 8")])
 def test_the_demo_checks_its_policy_before_loading_anything(policy, message, capsys, monkeypatch):
     def no_model():
         raise AssertionError("the model was loaded before the policy was checked")

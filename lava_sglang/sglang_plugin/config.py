@@ -325,15 +325,17 @@ def from_namespace(args: argparse.Namespace) -> KvPolicyConfig:
                 raise ConfigError(f"{FLAGS['kv_' + name][0]} {getattr(config, name)}: --kv-observe {observe} does "
                                   f"not read it (only {' and '.join(readers)} do); leave it out")
         if alpha is not None and not _reads_alpha(policy, window):
-            raise ConfigError(f"--kv-alpha {args.kv_alpha}: --kv-policy {policy} does not read alpha (only the "
-                              "per-layer head top-k of lava:layer_budget=entropy or uniform, and ada_snapkv, do); "
-                              "leave it out")
+            raise ConfigError(f"--kv-alpha {args.kv_alpha}: --kv-policy {policy} does not read alpha (only lava's "
+                              "per-layer head top-k, layer_budget=entropy or uniform with head_budget=topk, and "
+                              "ada_snapkv do); leave it out")
         try:
             policy_object = config.make_policy()
         except ValueError as error:
             raise ConfigError(f"--kv-policy {policy}: {error}") from None
         if policy_object.window != window:  # the radix cache and the repetition read --kv-window too
-            raise ConfigError(f"--kv-policy {policy}: set the window with --kv-window, not in the policy's options")
+            raise ConfigError(f"--kv-policy {policy}: its window {policy_object.window} differs from --kv-window "
+                              f"{window}, which the radix cache and the repetition read too; set the window with "
+                              "--kv-window alone")
         if pool_kernel is not None and not hasattr(policy_object, "pool_kernel"):
             raise ConfigError(f"--kv-pool-kernel {pool_kernel}: --kv-policy {policy} scores no tokens, so it "
                               "pools nothing; leave it out")

@@ -76,7 +76,7 @@ def test_bad_values_name_the_flag(flag, value):
 def test_a_window_in_the_policy_spec_must_be_the_flags():
     # The window capture, the radix cache and the repetition read --kv-window: a policy with
     # another window would plan from a window of another size.
-    with pytest.raises(ConfigError, match="--kv-window"):
+    with pytest.raises(ConfigError, match="its window 16 differs from --kv-window 8"):
         from_namespace(parse("--kv-policy", "lava:window=16"))
     assert from_namespace(parse("--kv-policy", "lava:window=16", "--kv-window", "16")).window == 16
 
@@ -100,12 +100,14 @@ def test_a_policy_option_and_its_flag_given_two_values_are_refused(policy, optio
     assert getattr(config.make_policy(), name) == getattr(config, name) == float(value)
 
 
-@pytest.mark.parametrize("policy", ["lava", "kvzip", "snapkv", "pyramidkv", "streamingllm"])
+@pytest.mark.parametrize("policy", ["lava", "kvzip", "snapkv", "pyramidkv", "streamingllm",
+                                    "lava:layer_budget=entropy,head_budget=uniform"])
 def test_kv_alpha_is_refused_for_a_policy_that_does_not_read_it(policy):
     # The default lava allocation (one threshold) and the other policies read no alpha:
     # --kv-alpha would change nothing while /server_info reported it.
-    with pytest.raises(ConfigError, match=f"--kv-alpha 0.5: --kv-policy {policy} does not read alpha"):
+    with pytest.raises(ConfigError, match=f"--kv-alpha 0.5: --kv-policy {policy} does not read alpha") as refused:
         from_namespace(parse("--kv-policy", policy, "--kv-alpha", "0.5"))
+    assert "layer_budget=entropy or uniform with head_budget=topk" in str(refused.value)  # what does read it
     assert from_namespace(parse("--kv-policy", policy)).alpha == 0.2
     for reads in ("ada_snapkv", "lava:layer_budget=entropy"):
         assert from_namespace(parse("--kv-policy", reads, "--kv-alpha", "0.5")).make_policy().alpha == 0.5
