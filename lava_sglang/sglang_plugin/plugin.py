@@ -216,6 +216,10 @@ def _check_model(ctx, config: KvPolicyConfig, tensor_parallel=None) -> None:
          "an attention scaling other than 1/sqrt(head_dim) is not supported by the window scores"),
         (config.window >= model_config.context_len,
          f"--kv-window {config.window} must be below the model's context length {model_config.context_len}"),
+        # No prefix the model can hold would be compressed. (A budget that keeps every prefix whole,
+        # 1.0, is served: the plugin's path with stock SGLang's answers, documented and tested.)
+        (config.min_prefix >= model_config.context_len,
+         f"--kv-min-prefix {config.min_prefix} must be below the model's context length {model_config.context_len}"),
         (not isinstance(getattr(kv_pool, "k_buffer", None), list) or getattr(kv_pool, "is_quantized_kv_cache", False),
          f"KV pool {type(kv_pool).__name__} is not a plain per-layer K/V pool"),
         (not hasattr(backend, "compressed_prefix_path"),

@@ -1,7 +1,7 @@
 """The start-up refusals of models and engine states the plugin cannot serve (MLA, sliding
 window, hybrid layers, logit soft-capping, learned sinks, cross-attention, key and value
 heads of different sizes, non-causal attention, an attention scaling other than
-1/sqrt(head_dim) for a scoring policy, a window as long
+1/sqrt(head_dim) for a scoring policy, a window or a least prefix as long
 as the context, a quantized or unusual KV pool, an attention backend without the
 compressed-prefix path): each names its reason."""
 
@@ -70,6 +70,7 @@ def test_a_supported_model_passes():
     ({"model_config.is_generation": False}, "models that do not generate"),
     ({"model_config.hf_config.sliding_window": 4096}, "sliding-window attention"),
     ({"model_config.context_len": 8}, "--kv-window 8 must be below the model's context length 8"),
+    ({"model_config.context_len": 256}, "--kv-min-prefix 256 must be below the model's context length 256"),
     ({"kv_pool.is_quantized_kv_cache": True}, "not a plain per-layer K/V pool"),
     ({"kv_pool.k_buffer": None}, "not a plain per-layer K/V pool"),
     ({"tp_worker.model_runner.attn_backend": SimpleNamespace()}, "attention backend SimpleNamespace"),
