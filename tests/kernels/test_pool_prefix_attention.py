@@ -50,7 +50,7 @@ class Pool:
         self.free.extend(layout.slots.tolist())
 
 
-def dense(q, qo, layouts, pool, layer):
+def dense(q, qo, layouts, pool, layer, sm_scale=SCALING):
     """Per request and KV head, plain attention over the kept rows read back by `read_layer`."""
     out = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
     lse = torch.full(q.shape[:2], float("-inf"), device=q.device)
@@ -67,7 +67,7 @@ def dense(q, qo, layouts, pool, layer):
             heads = slice(head * GROUP, (head + 1) * GROUP)
             state = attention_with_lse(q[tokens, heads].transpose(0, 1)[None, None].float(),
                                        keys[rows][None, None].float(), values[rows][None, None].float(),
-                                       torch.ones(1, dtype=torch.bool, device=q.device), SCALING)
+                                       torch.ones(1, dtype=torch.bool, device=q.device), sm_scale)
             out[tokens, heads] = state[0][0, 0].transpose(0, 1)
             lse[tokens, heads] = state[1][0, 0].transpose(0, 1)
     return out, lse
@@ -118,6 +118,31 @@ def test_pool_prefix_attention_matches_dense_and_reference(device, extend_lens, 
         torch.testing.assert_close(out.float(), reference_out, atol=1e-4, rtol=1e-4)
         no_entry = slice(qo[1], qo[2])
         assert torch.isneginf(lse[no_entry]).all() and (out[no_entry] == 0).all()
+
+
+def test_the_models_softmax_scale_is_the_one_applied(device):
+    # The server passes each layer's own scaling; 1/sqrt(d) is only the default.
+    pool = Pool(device)
+    row, layout = pool.add([[5, 9], [3, 12], [7, 3]])
+    qo_indptr = torch.tensor([0, 2], dtype=torch.int32, device=device)
+    entry_of_request = torch.tensor([row], dtype=torch.int32, device=device)
+    q = torch.randn(2, KV_HEADS * GROUP, DIM, generator=torch.Generator().manual_seed(5)).to(device)
+    outputs = []
+    for sm_scale in (SCALING / 4, SCALING * 3):
+        attention = PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=KV_HEADS * GROUP,
+                                        target_programs=MANY_PROGRAMS, sm_scale=sm_scale)
+        attention.plan(qo_indptr, entry_of_request, pool.tables.tables, num_tokens=2, max_q_len=2)
+        out, lse = attention.run(q, layer=1)
+        expected_out, expected_lse = dense(q, [0, 2], [layout], pool, 1, sm_scale)
+        torch.testing.assert_close(lse, expected_lse, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out.float(), expected_out, atol=1e-4, rtol=1e-4)
+        reference_out, reference_lse = pool_prefix_attention_reference(
+            q, qo_indptr, entry_of_request, pool.tables.tables, pool.k_buffers, pool.v_buffers, layer=1,
+            num_kv_heads=KV_HEADS, sm_scale=sm_scale)
+        torch.testing.assert_close(lse, reference_lse, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(out.float(), reference_out, atol=1e-4, rtol=1e-4)
+        outputs.append(out.float())
+    assert (outputs[0] - outputs[1]).abs().max() > 0.1  # the scale changes the answer
 
 
 def test_default_launch_reads_long_heads_over_several_blocks_and_chunks(device):
