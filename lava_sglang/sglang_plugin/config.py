@@ -321,6 +321,10 @@ def from_namespace(args: argparse.Namespace) -> KvPolicyConfig:
     if config.enabled:
         for name in given_observe_flags:  # a flag the source does not read would do nothing
             readers = OBSERVE_FLAG_READERS[name]
+            if FORK not in triggers:
+                raise ConfigError(f"{FLAGS['kv_' + name][0]} {getattr(config, name)}: --kv-compress-on "
+                                  f"{','.join(triggers)} compresses no fork prefix, the only prefixes --kv-observe "
+                                  "scores (a shared prefix is scored by its tail window); leave it out")
             if observe not in readers:
                 raise ConfigError(f"{FLAGS['kv_' + name][0]} {getattr(config, name)}: --kv-observe {observe} does "
                                   f"not read it (only {' and '.join(readers)} do); leave it out")

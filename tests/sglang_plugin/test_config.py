@@ -151,6 +151,14 @@ def test_an_observe_flag_the_source_does_not_read_is_refused(flag, value, source
     assert from_namespace(parse("--kv-policy", "none", "--kv-observe", source, flag, value)).observe == source
 
 
+@pytest.mark.parametrize("flag, value", [("--kv-observe-wait", "2.5"), ("--kv-observe-chunk", "256")])
+def test_an_observe_flag_is_refused_where_no_fork_prefix_is_compressed(flag, value):
+    # --kv-observe scores fork prefixes; a shared prefix is scored by its tail window.
+    with pytest.raises(ConfigError, match=f"{flag} {value}: --kv-compress-on shared compresses no fork prefix"):
+        from_namespace(parse("--kv-policy", "lava", "--kv-compress-on", "shared", flag, value))
+    assert from_namespace(parse("--kv-policy", "lava", "--kv-compress-on", "fork,shared", flag, value))
+
+
 @pytest.mark.parametrize("flag, value", [("--kv-observe-wait", "30"), ("--kv-observe-chunk", "512"),
                                          ("--kv-observe-prompt", "chat")])
 def test_an_observe_flag_the_source_does_not_read_is_refused_at_its_default_too(flag, value):
