@@ -387,6 +387,9 @@ def _reads_alpha(policy: str, window: int) -> bool:
         return True
 
 
+SUPPORTED_DEVICES = ("cpu", "cuda")
+
+
 def is_cpu(device: str) -> bool:
     """Whether `device` ("cpu", "cuda", "cuda:1", ...) is the CPU engine's."""
     return device.partition(":")[0] == "cpu"
@@ -413,6 +416,9 @@ def check_server_args(config: KvPolicyConfig, args: argparse.Namespace, device: 
     attention_backend = getattr(args, "attention_backend", None) or backends[0]  # as server_arg_overrides sets it
     phase_backends = {phase: getattr(args, phase, None) or attention_backend for phase in ATTENTION_PHASES}
     refusals = [
+        (device is not None and device.partition(":")[0] not in SUPPORTED_DEVICES,
+         f"--device {device}: the plugin serves on {' and '.join(SUPPORTED_DEVICES)} only (its attention path, "
+         "overlap-scheduling and CUDA-graph settings are made for them)"),
         (getattr(args, "disable_radix_cache", False),
          "--disable-radix-cache: compressed prefixes live in the radix cache"),
         (getattr(args, "radix_cache_backend", None) not in (None, RADIX_CACHE_BACKEND),
