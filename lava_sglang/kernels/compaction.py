@@ -86,7 +86,7 @@ def copy_rows(
     if num_rows == 0:
         return
     head_dim = k_buffer.shape[2]
-    _copy_rows_kernel[(triton.cdiv(num_rows, BLOCK_ROWS),)](
+    _copy_rows_kernel[launch.checked_grid(triton.cdiv(num_rows, BLOCK_ROWS))](
         k_buffer, v_buffer, k_store, v_store, src_slots, src_heads, dst_cells,
         num_rows, k_buffer.stride(0), k_buffer.stride(1), k_store.stride(0),
         HEAD_DIM=head_dim, BLOCK_R=BLOCK_ROWS, BLOCK_D=launch.block_size(head_dim, minimum=1),

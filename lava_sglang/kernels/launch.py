@@ -56,6 +56,20 @@ def check_index_range(name: str, indices: torch.Tensor, upper: int) -> None:
                          f"[{int(indices.min())}, {int(indices.max())}]")
 
 
+# CUDA's grid: up to 2^31 - 1 programs along x, 65,535 along y and z.
+GRID_LIMITS = (2**31 - 1, 65535, 65535)
+
+
+def checked_grid(*dims: int) -> tuple[int, ...]:
+    """`dims` as a launch grid, or a ValueError where one exceeds CUDA's limit (the launch would
+    fail with a CUDA error that names no input)."""
+    for axis, size, limit in zip("xyz", dims, GRID_LIMITS):
+        if size > limit:
+            raise ValueError(f"the input needs {size} programs along the grid's {axis} axis, beyond CUDA's {limit}: "
+                             f"too large for one launch (grid {list(dims)})")
+    return dims
+
+
 def block_size(length: int, minimum: int = 16) -> int:
     """Power-of-two block covering `length`, at least `minimum` (tl.dot needs 16 on GPUs)."""
     return max(minimum, triton.next_power_of_2(max(length, 1)))

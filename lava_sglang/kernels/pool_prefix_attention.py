@@ -285,8 +285,8 @@ class PoolPrefixAttention:
         partial_lse = torch.empty(num_splits, self._num_tokens, self.num_q_heads, dtype=torch.float32,
                                   device=q.device)
         block_d = launch.block_size(self.head_dim)
-        num_requests = self._entry_of_request.numel()
-        _pool_prefix_attention_kernel[(num_requests * self.num_kv_heads * num_splits, self._row_tiles)](
+        grid = launch.checked_grid(self._entry_of_request.numel() * self.num_kv_heads * num_splits, self._row_tiles)
+        _pool_prefix_attention_kernel[grid](
             q, self.k_first, self.v_first, self.k_offsets, self.v_offsets, self._qo_indptr, self._entry_of_request,
             head_offsets, slot_list, slot_base, num_slots, partial_out, partial_lse,
             q.stride(0), q.stride(1), head_offsets.stride(0),
@@ -296,7 +296,7 @@ class PoolPrefixAttention:
             HEAD_DIM=self.head_dim, BLOCK_M=self._block_m, BLOCK_N=self.block_keys, BLOCK_D=block_d,
             ROW_ALIGN=self.row_align, num_warps=self.num_warps, num_stages=self.num_stages,
         )
-        _merge_splits_kernel[(self._num_tokens, self.num_q_heads)](
+        _merge_splits_kernel[launch.checked_grid(self._num_tokens, self.num_q_heads)](
             partial_out, partial_lse, out, lse, self._token_request, self._splits,
             partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
             partial_lse.stride(0), partial_lse.stride(1), out.stride(0), out.stride(1), lse.stride(0),

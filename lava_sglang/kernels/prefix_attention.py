@@ -330,7 +330,7 @@ class CompressedPrefixAttention:
             partial_out = torch.empty(self._max_splits, *out.shape, dtype=torch.float32, device=q.device)
             partial_lse = torch.empty(self._max_splits, *lse.shape, dtype=torch.float32, device=q.device)
         block_d = launch.block_size(self.head_dim)
-        _prefix_attention_kernel[(self._work_seq.numel(), self._row_tiles)](
+        _prefix_attention_kernel[launch.checked_grid(self._work_seq.numel(), self._row_tiles)](
             q, k_store, v_store, self._qo_indptr, self._kv_indptr[layer], self._kv_indices,
             self._work_seq, self._work_split, partial_out, partial_lse,
             q.stride(0), q.stride(1), k_store.stride(0), v_store.stride(0),
@@ -341,7 +341,7 @@ class CompressedPrefixAttention:
             num_warps=launch.TILE_NUM_WARPS,
         )
         if self._max_splits > 1:
-            _merge_splits_kernel[(num_tokens, self.num_q_heads)](
+            _merge_splits_kernel[launch.checked_grid(num_tokens, self.num_q_heads)](
                 partial_out, partial_lse, out, lse, self._token_request, self._num_splits,
                 partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
                 partial_lse.stride(0), partial_lse.stride(1), out.stride(0), out.stride(1), lse.stride(0),

@@ -215,7 +215,7 @@ def window_statistics(
     splits = triton.cdiv(num_keys, keys_per_split)
     split_max = torch.empty(splits, num_q_heads, window, dtype=torch.float32, device=device)
     split_sum = torch.empty_like(split_max)
-    _window_row_max_sum_kernel[(num_kv_heads, row_tiles, splits)](
+    _window_row_max_sum_kernel[launch.checked_grid(num_kv_heads, row_tiles, splits)](
         q_window, k_buffer, slots, split_max, split_sum,
         q_window.stride(0), q_window.stride(1), k_buffer.stride(0), k_buffer.stride(1),
         num_keys, prefix_len, window, group, keys_per_split, sm_scale,
@@ -229,7 +229,7 @@ def window_statistics(
     key_blocks = triton.cdiv(prefix_len, BLOCK_KEYS)
     mass = torch.empty(num_kv_heads, prefix_len, dtype=torch.float32, device=device)
     block_value_norm = torch.empty(num_kv_heads, key_blocks, dtype=torch.float32, device=device)
-    _window_column_mass_kernel[(num_kv_heads, key_blocks)](
+    _window_column_mass_kernel[launch.checked_grid(num_kv_heads, key_blocks)](
         q_window, k_buffer, v_buffer, slots, row_lse, mass, block_value_norm,
         q_window.stride(0), q_window.stride(1), k_buffer.stride(0), k_buffer.stride(1),
         v_buffer.stride(0), v_buffer.stride(1),
