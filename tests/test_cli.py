@@ -77,10 +77,20 @@ def test_bench_serve_refuses_documents_beyond_the_models_context_before_any_serv
     assert "exceed the server's context length, 8192 tokens" in capsys.readouterr().err
 
 
+@pytest.mark.model
+@pytest.mark.usefixtures("no_server_starts")
+def test_bench_serve_refuses_server_flags_that_would_leave_its_documents_uncompressed_before_any_server_starts(
+        capsys, tmp_path):
+    assert cli.main(["bench", "serve", "--context", "1024", "--documents", "1", "--questions", "1",
+                     "--server-args=--kv-min-prefix 2048", "--out", str(tmp_path), "--no-progress"]) == 2
+    assert "below the lava server's --kv-min-prefix 2048" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("policy, message", [("h2o", "--policy must be one of ada_snapkv, kvzip, lava"),
                                              ("none", "one of ada_snapkv, kvzip, lava, pyramidkv, snapkv, "
                                               "streamingllm, optionally with options, got 'none'"),
-                                             ("lava:alpha=2", "alpha"), ("full", "keeps everything"),
+                                             ("lava:alpha=2", "alpha must be a number in [0, 1], got 2"),
+                                             ("full", "keeps everything"),
                                              ("kvzip --observe tail", "kvzip scores by reconstruct, not tail"),
                                              ("lava:window=16", "its window 16 differs from --kv-window 8")])
 def test_the_demo_checks_its_policy_before_loading_anything(policy, message, capsys, monkeypatch):

@@ -138,6 +138,15 @@ def test_the_reference_answers_with_the_serving_runs_own_checkpoint(tmp_path):
         run_model(str(tmp_path), "/models/other", results)
 
 
+@pytest.fixture
+def no_model_loads(monkeypatch):
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the results file was checked")
+
+    monkeypatch.setattr("lava_sglang.reference.ReferenceRuntime.load", load)
+
+
+@pytest.mark.usefixtures("no_model_loads")
 def test_a_results_file_that_is_not_there_is_refused_before_any_model_loads(tmp_path):
     with pytest.raises(ValueError, match="no results file"):
         run(tmp_path / "serving.json")
@@ -151,6 +160,7 @@ def test_a_results_file_that_is_not_there_is_refused_before_any_model_loads(tmp_
         run(tmp_path / "serving.json", model=str(tmp_path))
 
 
+@pytest.mark.usefixtures("no_model_loads")
 def test_a_run_that_did_not_record_its_policys_options_is_refused_before_any_model_loads(tmp_path):
     # Its "lava" could be another allocation than today's default lava.
     record = {"policy": "lava", "kv_policy_options": {"policy": "lava", "budget": 0.2, "window": 32}}

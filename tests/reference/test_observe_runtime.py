@@ -138,14 +138,13 @@ def test_under_view_chunk_each_chunk_attends_only_to_the_sinks_and_what_it_copie
                 assert not torch.allclose(whole_prefix.repeat_attention[layer][:, start:end], expected, atol=1e-3)
 
 
-def test_each_source_compresses_to_the_budget_and_answers(runtime, document, capture):
+def test_each_source_compresses_to_the_budget_and_keeps_its_window(runtime, document, capture):
     question = question_ids(runtime, "When does the loop stop?")
     plans = {}
     for source in ("tail", "branches", "reconstruct"):
         observation = runtime.observe(capture, source, branches=[question])
         prefix = runtime.compress(capture, "lava", 0.5, observation=observation)
         assert prefix.plan.keep_ratio == pytest.approx(0.5, abs=0.02)
-        assert runtime.generate([prefix], question, max_new_tokens=3)[0]
         plans[source] = [[positions.tolist() for positions in layer] for layer in prefix.plan.kept]
         # The window kept: the runtime's observation window, or under a repetition its own (8).
         window = Reconstruct.kept_window if source == "reconstruct" else runtime.window

@@ -59,7 +59,6 @@ def test_config_survives_the_trip_to_the_children():
     ("--kv-budget", "-3"), ("--kv-budget", "inf"), ("--kv-budget", "a lot"),
     ("--kv-window", "0"), ("--kv-window", "2.5"),
     ("--kv-min-prefix", "8"),  # not above the window (8 under --kv-observe reconstruct)
-    ("--kv-alpha", "1.5"), ("--kv-alpha", "nan"),
     ("--kv-pool-kernel", "4"),
     ("--kv-compress-on", "forks"), ("--kv-compress-on", ""), ("--kv-compress-on", "fork,,shared"),
     ("--kv-observe", "branch"), ("--kv-observe", "repeat"),
@@ -71,6 +70,12 @@ def test_config_survives_the_trip_to_the_children():
 def test_bad_values_name_the_flag(flag, value):
     with pytest.raises(ConfigError, match=flag):
         from_namespace(parse("--kv-policy", "lava", flag, value))
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.1", "nan", "inf", "high"])
+def test_kv_alpha_outside_0_1_is_refused_where_the_policy_reads_it(value):
+    with pytest.raises(ConfigError, match=rf"--kv-alpha must be a float in \[0, 1\], got '{value}'"):
+        from_namespace(parse("--kv-policy", "lava:layer_budget=entropy", "--kv-alpha", value))
 
 
 def test_a_window_in_the_policy_spec_must_be_the_flags():
