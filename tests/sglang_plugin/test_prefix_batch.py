@@ -319,10 +319,16 @@ def test_decode_graph_step_equals_the_host_planned_path(bound_cache, monkeypatch
     store.remove(first.entry_id)
     third, _ = add_entry(store, kv_pool, 40, [[3, 1], [6, 6], [2, 9]], seed=3, prefix_len=60)
     check([third, None, second, third, None, second], [61, 3, 102, 95, 1, 140])
-    # SGLang pads a captured batch with row 0 and length 1; row 0 starts with an entry here.
+    # SGLang pads a captured batch with row 0 and length 1; row 0 starts with an entry here. The
+    # padding's output is discarded: it must be finite and leave the real request's as it is alone.
+    q = torch.randn(2, KV_HEADS * GROUP, DIM, generator=generator)
+    step.plan(req_to_token, torch.tensor([0]), torch.tensor([61]))
+    alone_out, alone_lse = (state.clone() for state in step.run(0, q[:1], buffers[0], buffers[LAYERS]))
     step.plan(req_to_token, torch.tensor([0, 0]), torch.tensor([61, 1]))
-    out, lse = step.run(0, torch.randn(2, KV_HEADS * GROUP, DIM, generator=generator), buffers[0], buffers[LAYERS])
+    out, lse = step.run(0, q, buffers[0], buffers[LAYERS])
     assert torch.isfinite(out).all() and torch.isfinite(lse).all()
+    torch.testing.assert_close(out[:1], alone_out, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lse[:1], alone_lse, atol=1e-5, rtol=1e-5)
     with pytest.raises(ValueError, match="more than max_context"):
         step.plan(torch.zeros(6, 161, dtype=torch.int32), torch.arange(2), torch.ones(2, dtype=torch.int64))
     with pytest.raises(ValueError, match="1 to 6 requests"):
