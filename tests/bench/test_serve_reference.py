@@ -68,26 +68,29 @@ class StubPlan:
 
 
 class StubRuntime:
-    """Characters as tokens; records the prefix length and suffix each answer was generated after."""
+    """Characters as tokens; a compressed prefix keeps its even positions. Records the options
+    each compression was asked with, and the prefix length, whether its rows were compressed
+    and the suffix each answer was generated after."""
 
     def __init__(self):
         self.tokenizer = StubTokenizer()
+        self.compressions = []
         self.generated = []
 
     def prefill(self, ids):
         return SimpleNamespace(seq_len=len(ids), token_ids=list(ids))
 
-    def plan(self, capture):
-        return StubPlan(capture.seq_len, [[torch.arange(capture.seq_len)]])
-
     def compress(self, capture, policy, budget, **options):
-        return SimpleNamespace(plan=self.plan(capture))
+        self.compressions.append((policy, budget, options))
+        return SimpleNamespace(plan=StubPlan(capture.seq_len, [[torch.arange(0, capture.seq_len, 2)]]))
 
     def full_prefix(self, capture):
-        return SimpleNamespace(plan=self.plan(capture))
+        return SimpleNamespace(plan=StubPlan(capture.seq_len, [[torch.arange(capture.seq_len)]]))
 
     def generate(self, prefixes, suffix_ids, max_tokens):
-        self.generated.append((prefixes[0].seq_len, self.tokenizer.decode(suffix_ids)))
+        (kept,), = prefixes[0].kept
+        rows_compressed = len(kept) < prefixes[0].seq_len
+        self.generated.append((prefixes[0].seq_len, rows_compressed, self.tokenizer.decode(suffix_ids)))
         return [self.tokenizer("1234567").input_ids]
 
 
@@ -118,7 +121,9 @@ def test_a_compressed_hit_is_answered_after_the_first_n_minus_1_tokens_whatever_
     assert [row["compressed"] for row in rows] == [False, True, True, True]
     assert [row["keep_len"] for row in rows] == [n, n - 1, n - 1, n - 1]
     question = program_inputs(document, Visit(0, 0, (0,), 0))[1][0]
-    assert runtime.generated == [(n, question)] + [(n - 1, prefix[-1] + question)] * 3
+    assert runtime.generated == [(n, False, question)] + [(n - 1, True, prefix[-1] + question)] * 3
+    # Compressed once, as the server ran it: its policy, budget, window and options.
+    assert runtime.compressions == [("lava", 0.2, {"observation": None, "window": 8, "pool_kernel": 1, "alpha": 0.2})]
     # Without fork commits (--kv-compress-on shared) a hit's cached tokens were all computed
     # over the full prefix, and the prefix is compressed with them.
     record["kv_policy_options"] = {**options, "compress_on": ["shared"]}
