@@ -17,3 +17,9 @@ def is_int(value: object) -> bool:
 def is_number(value: object) -> bool:
     """A real number (an int, a float, numpy's of any width), not a bool."""
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_bool(name: str, value: object) -> None:
+    """A bool, where a flag field must be one (1 or "true" would pass a truth test)."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be a bool, got {value!r}")

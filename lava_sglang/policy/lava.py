@@ -9,6 +9,7 @@ from typing import ClassVar
 
 import torch
 
+from lava_sglang.checks import check_bool
 from lava_sglang.policy.allocation import distribute, flat_topk_head_budgets
 from lava_sglang.policy.base import WindowPolicy, global_allocation, validate_alpha
 
@@ -73,8 +74,7 @@ class Lava(WindowPolicy):
         if not self.reads_alpha and self.alpha != Lava.alpha:
             raise ValueError(f"alpha={self.alpha} is read only by the per-layer head top-k (layer_budget=entropy or "
                              "uniform, head_budget=topk)")
-        if not isinstance(self.value_norm, bool):
-            raise ValueError(f"value_norm must be a bool, got {self.value_norm!r}")
+        check_bool("value_norm", self.value_norm)
 
     def allocate(self, scores: torch.Tensor | None, entropies: list[float], total: int, prefix_len: int,
                  num_kv_heads: int) -> tuple[list[int], list[list[int]]]:

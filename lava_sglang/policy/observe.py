@@ -19,7 +19,7 @@ from typing import ClassVar
 
 import torch
 
-from lava_sglang.checks import is_int
+from lava_sglang.checks import check_bool, is_int
 from lava_sglang.kernels.attention_states import flash_attention_with_lse
 
 from lava_sglang.policy import scores as score_ops
@@ -223,8 +223,7 @@ class Branches(Observe):
     def validate(self) -> None:
         if self.combine not in WINDOW_COMBINES:
             raise ValueError(f"combine must be one of {list(WINDOW_COMBINES)}, got {self.combine!r}")
-        if not isinstance(self.include_tail, bool):
-            raise ValueError(f"include_tail must be a bool, got {self.include_tail!r}")
+        check_bool("include_tail", self.include_tail)
 
 
 @dataclass(frozen=True)
@@ -279,8 +278,7 @@ class Reconstruct(Observe):
         if self.view == "chunk" and self.chunk_tokens < self.sink_tokens:  # else the first chunk's view cuts the sinks
             raise ValueError(f"view 'chunk' needs chunk_tokens >= sink_tokens ({self.sink_tokens}), "
                              f"got {self.chunk_tokens}")
-        if not isinstance(self.chat_turn, bool):
-            raise ValueError(f"chat_turn must be a bool, got {self.chat_turn!r}")
+        check_bool("chat_turn", self.chat_turn)
 
     def chunk_prompt(self, tokens: Sequence[int], start: int, encode, assistant_turn: str = "") -> list[int]:
         """What precedes the repetition of the chunk starting at prefix position `start`:

@@ -264,6 +264,8 @@ class TestBadInput:
             make_observe("reconstruct", overlap_tokens=-1)
         with pytest.raises(ValueError, match="include_tail must be a bool"):
             Branches(include_tail=1).validate()
+        with pytest.raises(ValueError, match="chat_turn must be a bool, got 'yes'"):
+            make_observe("reconstruct", chat_turn="yes")
 
     def test_methods_must_match_the_source(self):
         q, k, v, branches = random_prefix(num_layers=1)
