@@ -89,6 +89,17 @@ def test_mass_and_value_norm(device, dtype):
     _assert_scores_close(snap.mass, window_statistics_reference(q, k_buffer, v_buffer, slots, gqa_reduce="mean").mass)
 
 
+def test_window_queries_read_through_their_strides(device):
+    # The compressor passes a [w, Hq, d] capture transposed: strides (d, Hq * d, 1), not contiguous.
+    q, k_buffer, v_buffer, slots = _pool_inputs(6, 2, 9, 77, 64, torch.float32, device)
+    strided = q.transpose(0, 1).contiguous().transpose(0, 1)
+    assert torch.equal(strided, q) and not strided.is_contiguous()
+    for gqa_reduce in ("max", "mean"):
+        expected = window_statistics(q, k_buffer, v_buffer, slots, gqa_reduce=gqa_reduce, keys_per_split=32)
+        actual = window_statistics(strided, k_buffer, v_buffer, slots, gqa_reduce=gqa_reduce, keys_per_split=32)
+        torch.testing.assert_close(actual.mass, expected.mass, rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(("window", "seq_len"), [(1, 2), (5, 6), (16, 17), (1, 130), (32, 161)])
 def test_edge_lengths(device, window, seq_len):
     # Prefix of 1 token, window of 1 query, and lengths across the 64-key blocks.
