@@ -71,7 +71,9 @@ def copy_rows(
     k_buffer, v_buffer: [pool_size, Hkv, d] one layer's pool buffers; k_store, v_store:
     [cells, 1, d]; src_slots, src_heads, dst_cells: int [R] on the same device. Index ranges
     are not checked here (that would synchronise): the caller's layout bounds them
-    (`store.write_kept`).
+    (`store.write_kept`). The rows read and the rows written must not overlap (the store may
+    view the same pool buffers): programs run in no order, so a row written by one could be
+    read by another after it changed, where the reference gathers every row first.
     """
     _check_buffers(k_buffer, v_buffer, k_store, v_store)
     for name, tensor in (("src_slots", src_slots), ("src_heads", src_heads), ("dst_cells", dst_cells)):
