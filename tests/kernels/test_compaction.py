@@ -4,6 +4,7 @@ compression path (window statistics, plan, compaction) with the kernels equals i
 import pytest
 import torch
 
+from lava_sglang.kernels import launch
 from lava_sglang.kernels.compaction import copy_rows, copy_rows_reference
 from lava_sglang.policy import compress_plan, make_policy
 from lava_sglang.policy.lava import PAPER_SPEC
@@ -91,6 +92,15 @@ def test_a_layout_that_does_not_match_the_kept_lists_raises(device):
         write_kept(layout, [[kept[0][0], kept[0][1][:-1]]], k_buffers, v_buffers, slots)
     with pytest.raises(ValueError, match="rows per head"):
         write_kept(layout, [kept[0][:1]], k_buffers, v_buffers, slots)
+
+
+def test_a_grid_beyond_the_devices_limit_is_refused_before_launch(device, monkeypatch):
+    monkeypatch.setattr(launch, "GRID_LIMITS", (1, 65535, 65535))  # one program
+    k_buffers, v_buffers, slots, kept = _document(3, 50, 64, torch.float32, device, num_layers=1)
+    rows = torch.arange(100, device=device)
+    with pytest.raises(ValueError, match="along the grid's x axis"):
+        copy_rows(k_buffers[0], v_buffers[0], *_stores(100, 64, torch.float32, device), slots[rows % 50],
+                  rows % 3, rows)
 
 
 def test_kernel_matches_torch_reference(device):

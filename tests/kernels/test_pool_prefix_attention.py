@@ -7,6 +7,7 @@ import math
 import pytest
 import torch
 
+from lava_sglang.kernels import launch
 from lava_sglang.kernels.attention_states import attention_with_lse
 from lava_sglang.kernels.pool_prefix_attention import (PoolPrefixAttention, _row_alignment, default_block_keys,
                                                        pool_prefix_attention_reference)
@@ -143,6 +144,18 @@ def test_the_models_softmax_scale_is_the_one_applied(device):
         torch.testing.assert_close(out.float(), reference_out, atol=1e-4, rtol=1e-4)
         outputs.append(out.float())
     assert (outputs[0] - outputs[1]).abs().max() > 0.1  # the scale changes the answer
+
+
+def test_a_grid_beyond_the_devices_limit_is_refused_before_launch(device, monkeypatch):
+    monkeypatch.setattr(launch, "GRID_LIMITS", (1, 65535, 65535))  # one program
+    pool = Pool(device)
+    row, _ = pool.add([[5, 9], [3, 12], [7, 3]])
+    attention = PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=KV_HEADS * GROUP, sm_scale=SCALING)
+    attention.plan(torch.tensor([0, 1], dtype=torch.int32, device=device),
+                   torch.tensor([row], dtype=torch.int32, device=device), pool.tables.tables, num_tokens=1,
+                   max_q_len=1)
+    with pytest.raises(ValueError, match="along the grid's x axis"):
+        attention.run(torch.randn(1, KV_HEADS * GROUP, DIM).to(device), layer=0)
 
 
 def test_default_launch_reads_long_heads_over_several_blocks_and_chunks(device):

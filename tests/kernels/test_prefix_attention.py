@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lava_sglang.kernels.attention_states import attention_with_lse, merge_attention_states
-from lava_sglang.kernels import prefix_attention
+from lava_sglang.kernels import launch, prefix_attention
 from lava_sglang.kernels.prefix_attention import CompressedPrefixAttention, prefix_attention_reference
 
 LSE_ATOL = 1e-5  # q.k products are exact in fp32 for bf16 inputs too: only summation order differs
@@ -87,6 +87,15 @@ def test_extend_every_token_sees_the_whole_prefix(device, group, dtype):
     attention = CompressedPrefixAttention(group * num_kv_heads, num_kv_heads, 64)
     attention.plan(*batch[3:], keys_per_split=64)
     _check(attention, *batch)
+
+
+def test_a_grid_beyond_the_devices_limit_is_refused_before_launch(device, monkeypatch):
+    monkeypatch.setattr(launch, "GRID_LIMITS", (1, 65535, 65535))  # one program
+    batch = _batch([1, 2], [[3, 70, 0, 12]], 6, 2, 64, torch.float32, device)
+    attention = CompressedPrefixAttention(6, 2, 64)
+    attention.plan(*batch[3:])
+    with pytest.raises(ValueError, match="along the grid's x axis"):
+        attention.run(*batch[:3], layer=0)
 
 
 def test_one_plan_serves_every_layer(device):

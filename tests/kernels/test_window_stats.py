@@ -4,6 +4,7 @@ scored by the policy (`scores_from_mass`), gives the policy's `layer_scores`."""
 import pytest
 import torch
 
+from lava_sglang.kernels import launch
 from lava_sglang.kernels.window_stats import window_statistics, window_statistics_reference
 from lava_sglang.policy import make_policy
 from lava_sglang.policy.lava import PAPER_SPEC, Lava
@@ -87,6 +88,13 @@ def test_mass_and_value_norm(device, dtype):
     snap = window_statistics(q, k_buffer, v_buffer, slots, gqa_reduce="mean")
     assert snap.value_norm is None
     _assert_scores_close(snap.mass, window_statistics_reference(q, k_buffer, v_buffer, slots, gqa_reduce="mean").mass)
+
+
+def test_a_grid_beyond_the_devices_limit_is_refused_before_launch(device, monkeypatch):
+    monkeypatch.setattr(launch, "GRID_LIMITS", (2**31 - 1, 65535, 1))  # one split at most
+    q, k_buffer, v_buffer, slots = _pool_inputs(4, 2, 5, 200, 64, torch.float32, device)
+    with pytest.raises(ValueError, match="needs 4 programs along the grid's z axis"):
+        window_statistics(q, k_buffer, v_buffer, slots, keys_per_split=64)
 
 
 def test_window_queries_read_through_their_strides(device):
