@@ -352,6 +352,19 @@ def test_a_budget_that_keeps_the_whole_prefix_leaves_it_as_stock_sglang_does(bud
     assert len(stub.compressed_nodes()) == 1
 
 
+@pytest.mark.parametrize("observe", ["tail", "reconstruct"])
+def test_a_commit_whose_compressed_prefix_lies_within_the_window_is_left_as_stock_sglang_does(observe):
+    # A commit of window + 1 tokens compresses its first `window`: the plan keeps them all (the
+    # window is always kept), so compressing would only store a second full copy.
+    stub = SchedulerStub(KvPolicyConfig(policy="lava", budget=0.2, window=WINDOW, min_prefix=WINDOW + 1,
+                                        compress_on=(FORK,), observe=observe))
+    commit(stub, document(0, length=WINDOW + 1))
+    assert stub.compressed_nodes() == [] and stub.cache.pending == [] and stub.cache.repetitions_started == 0
+    commit(stub, document(1, length=WINDOW + 2))  # one token beyond the window: compressed (here by its tail)
+    assert len(stub.compressed_nodes()) == 1
+    assert_all_released(stub)
+
+
 def test_a_fork_commit_is_compressed_and_its_branches_read_the_compressed_copy():
     stub = make_stub()
     commit(stub, document(0))
