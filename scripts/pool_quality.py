@@ -22,7 +22,9 @@ defaults differed are pooled as one policy.
 
 compares each cell with another policy's at the same keep ratio instead of the full cache's
 (the same questions, the same source, the same interval over documents): how far lava is from
-kvzip, with its uncertainty.
+kvzip, with its uncertainty. Cells of a mode and source the other policy did not run at a
+length are left out (kvzip runs compress_once with reconstruct only); one it ran at other keep
+ratios only is refused.
 """
 
 from __future__ import annotations
@@ -68,13 +70,17 @@ def pooled(runs: list[list[dict]], context: int | None = None, against: str = "f
     """(mode, observe, policy, keep ratio) -> the cell pooled over every run and length (with
     `context`, that length only), against the full cache's cell on the same questions or, with
     `against`, that policy's at the same keep ratio; a document is one of the bootstrap's
-    clusters in each run and length. A run that has a cell but not its reference is refused."""
+    clusters in each run and length. A cell whose mode and source `against` did not run at that
+    length is left out; one without its reference cell otherwise is refused."""
     totals: dict[tuple, Pooled] = defaultdict(Pooled)
     reference_name = "the full cache" if against == "full" else against
     for records in runs:
         cells = retrieval_records(records)
+        reference_ran = {(length, mode, observe) for length, mode, observe, policy, _ in cells if policy == against}
         for (length, mode, observe, policy, keep), record in cells.items():
             if policy in ("full", against) or context not in (None, length):
+                continue
+            if against != "full" and (length, mode, observe) not in reference_ran:
                 continue
             reference_key = (length, mode, observe, against, 1.0 if against == "full" else keep)
             if reference_key not in cells:
@@ -131,7 +137,9 @@ def main() -> None:
     except ValueError as error:
         parser.error(str(error))
     if not cells:
-        parser.error(f"no retrieval cell at {args.context} tokens in these runs")
+        where = "" if args.context is None else f" at {args.context} tokens"
+        against = "" if args.against == "full" else f" with a cell of {args.against} to compare with"
+        parser.error(f"no retrieval cell{where}{against} in these runs")
     print(f"runs: {', '.join(map(str, args.runs))}; documents of "
           f"{'every length' if args.context is None else f'{args.context} tokens'}")
     print()

@@ -440,8 +440,9 @@ def check_server_flags(config: ServeConfig, capacity: int | None, cuda: bool, pr
                              f"{server.min_prefix}: it would not be compressed (raise --context, or pass "
                              "--server-args=\"--kv-min-prefix N\")")
         if not server.evicts(shortest - 1):
-            raise ValueError(f"--budget {config.budget} keeps every token of a {shortest - 1}-token document: the "
-                             f"{policy} server would compress nothing; give a smaller ratio")
+            raise ValueError(f"--budget {config.budget} with the {policy} server's --kv-window {server.window} keeps "
+                             f"every token of a {shortest - 1}-token document: it would compress nothing; give a "
+                             "smaller ratio or a longer --context")
 
 
 def run_benchmark(config: ServeConfig, progress: bool = True, log_dir: Path | None = None,

@@ -210,7 +210,7 @@ class PlanBuilder:
     @property
     def evicts(self) -> bool:
         """False when the plan keeps everything (budget >= n, n <= w or the full policy)."""
-        return not self.policy.keeps_everything and budget_evicts(self.budget_tokens, self.seq_len, self.window)
+        return budget_evicts(self.budget_tokens, self.seq_len, self.window)  # budget_tokens: n for the full policy
 
     @property
     def needs_queries(self) -> bool:

@@ -172,11 +172,13 @@ FLAGS = {
                   f"{Reconstruct.kept_window} answered more than {OBSERVATION_WINDOW}, docs/allocation.md), "
                   f"{OBSERVATION_WINDOW} otherwise."),
     "kv_min_prefix": ("--kv-min-prefix", str(DEFAULT_MIN_PREFIX),
-                      "Do not compress prefixes shorter than this many tokens (must exceed --kv-window). "
+                      "Do not compress prefixes shorter than this many tokens (must exceed --kv-window and be below "
+                      "the model's context length). "
                       f"Default {DEFAULT_MIN_PREFIX}."),
     "kv_alpha": ("--kv-alpha", None, "LAVa's head-budget safeguard alpha in [0, 1] (each KV head keeps at least "
                  "floor(alpha x its layer's budget)); only for policies with per-layer head top-k budgets "
-                 "(lava:layer_budget=entropy or uniform, ada_snapkv), refused for the others; an alpha= in the "
+                 "(lava:layer_budget=entropy or uniform with head_budget=topk, ada_snapkv), refused for the others; "
+                 "an alpha= in the "
                  f"--kv-policy spec must equal it. Default {KvPolicyConfig.alpha}, or the spec's."),
     "kv_pool_kernel": ("--kv-pool-kernel", None, "Width of the score pooling (odd int >= 1). Default: the "
                        "policy's own (lava and kvzip 1, no pooling; snapkv, ada_snapkv, pyramidkv 7); refused for "
@@ -339,7 +341,7 @@ def from_namespace(args: argparse.Namespace) -> KvPolicyConfig:
         if policy_object.window != window:  # the radix cache and the repetition read --kv-window too
             raise ConfigError(f"--kv-policy {policy}: its window {policy_object.window} differs from --kv-window "
                               f"{window}, which the radix cache and the repetition read too; set the window with "
-                              "--kv-window alone")
+                              "--kv-window (a spec's window= must equal it)")
         if pool_kernel is not None and not hasattr(policy_object, "pool_kernel"):
             raise ConfigError(f"--kv-pool-kernel {pool_kernel}: --kv-policy {policy} scores no tokens, so it "
                               "pools nothing; leave it out")
@@ -417,8 +419,9 @@ def check_server_args(config: KvPolicyConfig, args: argparse.Namespace, device: 
     phase_backends = {phase: getattr(args, phase, None) or attention_backend for phase in ATTENTION_PHASES}
     refusals = [
         (device is not None and device.partition(":")[0] not in SUPPORTED_DEVICES,
-         f"--device {device}: the plugin serves on {' and '.join(SUPPORTED_DEVICES)} only (its attention path, "
-         "overlap-scheduling and CUDA-graph settings are made for them)"),
+         f"device {device} (--device, or SGLang's default where it is not given): the plugin serves on "
+         f"{' and '.join(SUPPORTED_DEVICES)} only (its attention path, overlap-scheduling and CUDA-graph settings "
+         "are made for them)"),
         (getattr(args, "disable_radix_cache", False),
          "--disable-radix-cache: compressed prefixes live in the radix cache"),
         (getattr(args, "radix_cache_backend", None) not in (None, RADIX_CACHE_BACKEND),

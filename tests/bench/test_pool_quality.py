@@ -141,9 +141,14 @@ def test_against_another_policy_each_cell_is_paired_with_its_cell_at_the_same_ke
         ("compress_once", "reconstruct", "lava", 0.2): (9, 6, (1.5, 1.5)),
         ("compress_once", "reconstruct", "lava", 0.1): (6, 3, (2.0, 2.0)),
     }
-    # A run with lava at a ratio kvzip did not run is refused, not compared with another ratio.
+    # A run with lava at a ratio kvzip did not run is refused, not compared with another ratio;
+    # a mode or source kvzip never runs is left out.
     with pytest.raises(ValueError, match="lava at keep 0.4 .* has no cell of kvzip"):
         pool_quality.pooled([run + [record(2048, "lava", 0.4, 10, 12)]], against="kvzip")
+    other_cells = [record(2048, "full", 1.0, 12, 12, mode="query_aware"), record(2048, "lava", 0.2, 8, 12,
+                                                                                mode="query_aware"),
+                   record(2048, "full", 1.0, 12, 12, observe="tail"), record(2048, "lava", 0.2, 1, 12, observe="tail")]
+    assert pool_quality.pooled([run + other_cells], against="kvzip").keys() == cells.keys()
     run_main(monkeypatch, "--against", "kvzip", write_run(tmp_path / "run", run))
     out = capsys.readouterr().out
     assert "| right | questions | kvzip right | x kvzip |" in out
@@ -151,4 +156,4 @@ def test_against_another_policy_each_cell_is_paired_with_its_cell_at_the_same_ke
     assert "| compress_once | reconstruct | kvzip |" not in out  # the reference, not a row
     with pytest.raises(SystemExit):
         run_main(monkeypatch, "--against", "snapkv", tmp_path / "run")
-    assert "at keep 0.2 (compress_once, reconstruct, 2048 tokens) has no cell of snapkv" in capsys.readouterr().err
+    assert "no retrieval cell with a cell of snapkv to compare with in these runs" in capsys.readouterr().err

@@ -1,7 +1,7 @@
 """The start-up refusals of models and engine states the plugin cannot serve (MLA, sliding
 window, hybrid layers, logit soft-capping, learned sinks, cross-attention, key and value
 heads of different sizes, non-causal attention, an attention scaling other than
-1/sqrt(head_dim) for a scoring policy, a window or a least prefix as long
+1/sqrt(head_dim) for a scoring policy, a window or a minimum prefix as long
 as the context, a quantized or unusual KV pool, an attention backend without the
 compressed-prefix path): each names its reason."""
 
