@@ -2,7 +2,8 @@
 
     'lava:layer_budget=global,value_norm=false'  ->  ('lava', {'layer_budget': 'global', 'value_norm': False})
 
-Values are ints, finite floats, `true`/`false`, or else strings; a field given twice takes its
+Values are ints, finite floats, `true`/`false`, or else strings (`nan` and `inf` too, for a field
+that takes a name; for any other they are refused); a field given twice takes its
 last value (a spec extended by an override). Used for policies and observation
 sources, so a benchmark can compare variants of one policy side by side under readable names.
 """
@@ -32,16 +33,19 @@ def parse_spec(spec: object, registry: dict[str, type], what: str) -> tuple[str,
     name, _, option_text = spec.partition(":")
     if name not in registry:
         raise ValueError(f"{what} must be one of {sorted(registry)}, got {name!r}")
-    fields = {field.name for field in dataclasses.fields(registry[name])}
+    defaults = {field.name: field.default for field in dataclasses.fields(registry[name])}
     options = {}
     for item in filter(None, option_text.split(",")):
         key, equals, value = item.partition("=")
-        if not equals or key not in fields:
+        if not equals or key not in defaults:
             raise ValueError(f"{what} {spec!r}: options must be field=value with a field of {name} "
-                             f"({', '.join(sorted(fields))}), got {item!r}")
+                             f"({', '.join(sorted(defaults))}), got {item!r}")
         options[key] = _value(value)
         if isinstance(options[key], float) and not math.isfinite(options[key]):  # no option takes nan or inf
-            raise ValueError(f"{what} {spec!r}: {key} must be a finite number, got {value!r}")
+            if isinstance(defaults[key], str):  # a name ("layer_budget=nan"): its own check lists the names
+                options[key] = value
+            else:
+                raise ValueError(f"{what} {spec!r}: {key} must be a finite number, got {value!r}")
     return name, options
 
 
