@@ -11,6 +11,11 @@ if ! flock -n 9; then
     flock 9
 fi
 if [ -z "${LAVA_SGLANG_VENV:-}" ] && [ ! -f "$VENV/.complete" ]; then
+    if ! command -v "$PYTHON_FOR_VENV" >/dev/null; then
+        echo "lava-sglang: no $PYTHON_FOR_VENV to create the environment with: install Python 3.11 with its venv" \
+             "module (e.g. apt install python3.11 python3.11-venv) or set LAVA_SGLANG_PYTHON to one" >&2
+        exit 1
+    fi
     echo "lava-sglang: creating the environment in $VENV (first run only, about 4 minutes)" >&2
     rm -rf "$VENV"
     "$PYTHON_FOR_VENV" -m venv "$VENV"

@@ -48,6 +48,13 @@ def test_an_environment_whose_set_up_failed_is_not_marked_complete(tmp_path, fai
     assert (tmp_path / "calls.log").read_text().count("-m venv") == 2
 
 
+def test_a_missing_python_is_named_with_how_to_get_one(tmp_path):
+    result = source_env(tmp_path, "never", before=f"export LAVA_SGLANG_PYTHON={tmp_path}/no-python3.11; ")
+    assert result.returncode != 0
+    assert f"no {tmp_path}/no-python3.11 to create the environment with: install Python 3.11" in result.stderr
+    assert not (tmp_path / "calls.log").exists()  # nothing was run
+
+
 def test_a_complete_environment_is_reused_and_its_editable_install_made_once(tmp_path):
     assert source_env(tmp_path, "never").returncode == 0
     (venv,) = environments(tmp_path)
