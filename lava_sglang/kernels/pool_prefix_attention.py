@@ -43,7 +43,7 @@ import triton.language as tl
 
 from lava_sglang.checks import is_int
 from lava_sglang.kernels import launch
-from lava_sglang.kernels.prefix_attention import (MAX_BLOCK_ROWS, _merge_splits_kernel,
+from lava_sglang.kernels.prefix_attention import (MAX_BLOCK_ROWS, MAX_SPLITS, _merge_splits_kernel,
                                                   check_positive_ints, empty_state, online_softmax_step,
                                                   paged_attention_reference, query_rows, request_rows,
                                                   set_heads, store_state)
@@ -165,7 +165,8 @@ class PoolPrefixAttention:
 
     k_buffers, v_buffers: the pool's layer buffers [pool_slots, Hkv, d] (one shape and dtype,
     contiguous; their addresses are read once, as a server's pool never moves).
-    max_splits: the most chunks one (request, KV head) is cut into (split-K). The partial
+    max_splits: the most chunks one (request, KV head) is cut into (split-K; at most
+    `prefix_attention.MAX_SPLITS`, what the merge takes). The partial
     states take max_splits x the output in fp32: extend batches (many query tokens) want
     max_splits = 1.
     target_programs: the programs a launch aims at, which `splits` sizes the chunk count for
@@ -201,6 +202,8 @@ class PoolPrefixAttention:
         if block_keys is None:
             block_keys = default_block_keys(head_dim)
         check_positive_ints(max_splits=max_splits, target_programs=target_programs)
+        if max_splits > MAX_SPLITS:
+            raise ValueError(f"max_splits must be at most {MAX_SPLITS} (the merge's limit), got {max_splits}")
         check_launch_options(block_keys=block_keys, num_warps=num_warps, num_stages=num_stages)
         set_heads(self, num_q_heads, num_kv_heads, head_dim, sm_scale)
         self.max_splits = max_splits

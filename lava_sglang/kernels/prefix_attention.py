@@ -33,6 +33,11 @@ from lava_sglang.kernels.attention_states import attention_with_lse
 
 BLOCK_KEYS = 64
 MAX_BLOCK_ROWS = 64
+# `_merge_splits_kernel` holds all of a row's splits in one [splits, d] tile: past a few hundred
+# the tile no longer compiles into registers (Triton refuses tiles of over 2**20 elements
+# outright). The default plans stay far below: at most 64 splits (`launch.split_size`), 16
+# for `PoolPrefixAttention`.
+MAX_SPLITS = 256
 
 
 @triton.jit
@@ -255,6 +260,9 @@ class CompressedPrefixAttention:
             keys_per_split = launch.split_size(int((longest * row_tiles).sum()), int(longest.max()),
                                                launch.programs_to_fill(device), BLOCK_KEYS)
         splits = ((longest + keys_per_split - 1) // keys_per_split).clamp_min(1)
+        if int(splits.max()) > MAX_SPLITS:
+            raise ValueError(f"keys_per_split={keys_per_split} cuts a {int(longest.max())}-key sequence into "
+                             f"{int(splits.max())} splits; the merge takes at most {MAX_SPLITS}")
 
         # One program per (sequence, chunk): work item i is chunk work_split[i] of work_seq[i].
         work_seq = torch.arange(num_seqs).repeat_interleave(splits)

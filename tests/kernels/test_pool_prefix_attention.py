@@ -11,6 +11,7 @@ from lava_sglang.kernels import launch
 from lava_sglang.kernels.attention_states import attention_with_lse
 from lava_sglang.kernels.pool_prefix_attention import (PoolPrefixAttention, _row_alignment, default_block_keys,
                                                        pool_prefix_attention_reference)
+from lava_sglang.kernels.prefix_attention import MAX_SPLITS
 from lava_sglang.store import CellLayout, LayoutTables, read_layer, slots_needed, write_layer
 
 LAYERS, KV_HEADS, GROUP, DIM, POOL = 3, 2, 3, 32, 96
@@ -305,6 +306,8 @@ def test_bad_inputs_raise(device):
         PoolPrefixAttention(pool.k_buffers, [buffer[:-1] for buffer in pool.v_buffers], num_q_heads=6)
     with pytest.raises(ValueError, match="max_splits"):
         PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=6, max_splits=0)
+    with pytest.raises(ValueError, match=f"max_splits must be at most {MAX_SPLITS}"):
+        PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=6, max_splits=MAX_SPLITS + 1)
     with pytest.raises(ValueError, match="target_programs"):
         PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=6, target_programs=0)
     for block_keys in (8, 48):

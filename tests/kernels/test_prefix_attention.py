@@ -225,6 +225,11 @@ def test_bad_inputs_raise(device, monkeypatch):  # on the GPU too: inputs on the
         attention.plan(qo_indptr.float(), kv_indptr, kv_indices)
     with pytest.raises(ValueError, match="keys_per_split"):
         attention.plan(qo_indptr, kv_indptr, kv_indices, keys_per_split=0)
+    with monkeypatch.context() as patch:  # the merge's tile bound, patched down to this small batch
+        patch.setattr(prefix_attention, "MAX_SPLITS", 5)
+        with pytest.raises(ValueError, match="6-key sequence into 6 splits; the merge takes at most 5"):
+            attention.plan(qo_indptr, kv_indptr, kv_indices, keys_per_split=1)
+        attention.plan(qo_indptr, kv_indptr, kv_indices, keys_per_split=2)
     attention.plan(qo_indptr, kv_indptr, kv_indices)
     with pytest.raises(ValueError, match=r"q must be \[tokens, Hq, d\]"):
         attention.run(q[:1], k_store, v_store)
