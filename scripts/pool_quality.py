@@ -7,7 +7,8 @@ answered right, and the full cache's on the same questions.
 
 Each argument is a run's folder (its quality.json and quality_meta.json) or its quality.json,
 with the meta file beside it. A run cut short is refused, and so are two runs with the same
-cell (mode, source, policy, keep ratio) at a length with the same seed: whatever the facts per
+pooled cell (mode, source, policy, keep ratio; the full cache's and `--against`'s cells are
+only compared with) at a length with the same seed: whatever the facts per
 document, their documents are drawn from one random stream and may share questions (two
 patterns that give the same documents, [8] and [8, 8], share them all; [1, 4, 8] and
 [1, 8, 4] the first document's), which pooled would count twice. A cell is pooled over every
@@ -15,8 +16,9 @@ patterns that give the same documents, [8] and [8, 8], share them all; [1, 4, 8]
 (run, length, mode), with a 95% interval of that share: a bootstrap over the pooled documents,
 each document's right answers paired with the full cache's on its questions
 (`stats.share_interval`; runs written before 2026-12-06 have no per-document counts, and a
-cell with one of them has no interval). A policy is pooled by its name: runs made when its
-defaults differed are pooled as one policy.
+cell with one of them has no interval; where every document has the same share, every
+resample has it too, and the interval, of zero width, is marked so). A policy is pooled by
+its name: runs made when its defaults differed are pooled as one policy.
 
     python scripts/pool_quality.py --against kvzip RUN RUN ...
 
@@ -35,7 +37,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lava_sglang.bench.report import hits, paired_by_document, questions_planned
+from lava_sglang.bench.report import hits, normalise, paired_by_document, questions_planned
 from lava_sglang.bench.stats import share_interval
 
 
@@ -45,11 +47,32 @@ def retrieval_records(records: list[dict]) -> dict[tuple, dict]:
             record for record in records if record["task"] == "retrieval" and record["split"] == "all"}
 
 
-def cells_asked(meta: dict, records: list[dict]) -> set[tuple]:
-    """(seed, context, mode, observe, policy, keep ratio) of every retrieval cell of a run: at a
-    length, the seed starts the random stream its documents are drawn from
+def cells_pooled(meta: dict, records: list[dict], against: str) -> set[tuple]:
+    """(seed, context, mode, observe, policy, keep ratio) of every retrieval cell of a run that
+    is pooled (not the full cache's or `against`'s, which are only compared with): at a length,
+    the seed starts the random stream its documents are drawn from
     (`quality.benchmark_documents`)."""
-    return {(meta["config"]["seed"], *cell) for cell in retrieval_records(records)}
+    return {(meta["config"]["seed"], *cell) for cell in retrieval_records(records)
+            if cell[3] not in ("full", against)}
+
+
+def read_meta(file: Path) -> dict | None:
+    """A quality_meta.json's object, None where the file holds something else."""
+    try:
+        meta = json.loads(file.read_text())
+    except ValueError:
+        return None
+    return meta if isinstance(meta, dict) and isinstance(meta.get("config"), dict) else None
+
+
+def read_records(file: Path) -> list[dict]:
+    """A quality.json's records, those of runs before sources and splits existed normalised
+    (`report.normalise`); a ValueError where the file holds no list of records."""
+    records = json.loads(file.read_text())
+    if not isinstance(records, list) or not all(isinstance(record, dict) and "policy" in record
+                                                for record in records):
+        raise ValueError(f"{file} does not hold a list of bench quality records")
+    return normalise(records)
 
 
 @dataclass
@@ -118,13 +141,18 @@ def main() -> None:
         meta_file = file.with_name("quality_meta.json")
         if not meta_file.is_file():
             parser.error(f"{path}: no quality_meta.json beside its quality.json: the questions it asked are unknown")
-        meta = json.loads(meta_file.read_text())
+        meta = read_meta(meta_file)
+        if meta is None:
+            parser.error(f"{meta_file} does not hold a bench quality run's meta (a JSON object with its config)")
         planned = questions_planned(meta)
         if meta.get("questions_done", planned) < planned:
             parser.error(f"{path}: a run cut short ({meta['questions_done']} of {planned} questions): its cells "
                          "hold other questions than a whole run's")
-        records = json.loads(file.read_text())
-        for asked in sorted(cells_asked(meta, records), key=str):
+        try:
+            records = read_records(file)
+        except ValueError as error:
+            parser.error(str(error))
+        for asked in sorted(cells_pooled(meta, records, args.against), key=str):
             if asked in asked_by:
                 seed, context, mode, observe, policy, keep = asked
                 parser.error(f"{asked_by[asked]} and {path} both have {mode} {observe} {policy} at keep {keep:g} at "
@@ -153,7 +181,8 @@ def main() -> None:
             share = f"{cell.right / cell.reference_right:.2f}"
             interval = cell.interval()
             shown = "n/a (runs without per-document counts)" if interval is None else \
-                f"{interval[0]:.2f}-{interval[1]:.2f}"
+                f"{interval[0]:.2f}-{interval[1]:.2f}" + (" (every document the same share)"
+                                                          if interval[0] == interval[1] else "")
         print(f"| {mode} | {observe} | {policy} | {keep:g} | {cell.right} | {cell.questions} | {cell.reference_right} "
               f"| {share} | {shown} |")
 

@@ -81,8 +81,14 @@ def test_one_cell_on_the_same_questions_in_two_runs_is_not_pooled(tmp_path, caps
     for twice in ((first, first / "quality.json"), (first, other_seed, first), (first, other_facts)):
         with pytest.raises(SystemExit):
             run_main(monkeypatch, *twice)
-        assert ("both have compress_once reconstruct full at keep 1 at 1024 tokens with seed 0: their documents "
+        assert ("both have compress_once reconstruct lava at keep 0.2 at 1024 tokens with seed 0: their documents "
                 "may share questions") in capsys.readouterr().err
+    # Their full caches' cells are only compared with, never pooled: another policy on the same
+    # documents pools apart, each run's cells against its own full cache.
+    kvzip = write_run(tmp_path / "kvzip", [record(1024, "full", 1.0, 30, 80), record(1024, "kvzip", 0.2, 22, 80)])
+    run_main(monkeypatch, first, kvzip)
+    out = capsys.readouterr().out
+    assert "| lava | 0.2 | 24 | 80 | 30 | 0.80 |" in out and "| kvzip | 0.2 | 22 | 80 | 30 | 0.73 |" in out
     run_main(monkeypatch, first, other_seed, other_source)
     out = capsys.readouterr().out
     assert "| compress_once | reconstruct | lava | 0.2 | 48 | 160 | 60 | 0.80 | n/a (runs without per-document" in out
@@ -94,6 +100,25 @@ def test_a_run_without_its_meta_is_refused(tmp_path, capsys, monkeypatch):
     with pytest.raises(SystemExit):
         run_main(monkeypatch, tmp_path)
     assert "no quality_meta.json" in capsys.readouterr().err
+
+
+def test_files_that_hold_no_run_are_refused_and_older_records_read(tmp_path, capsys, monkeypatch):
+    run = write_run(tmp_path / "run", [record(1024, "full", 1.0, 30, 80), record(1024, "lava", 0.2, 24, 80)])
+    for given, message in ((run / "quality_meta.json", "does not hold a list of bench quality records"),
+                           (write_run(tmp_path / "partial", {"records": [], "meta": {}}),
+                            "does not hold a list of bench quality records")):
+        with pytest.raises(SystemExit):
+            run_main(monkeypatch, given)
+        assert message in capsys.readouterr().err
+    (run / "quality_meta.json").write_text("[]")
+    with pytest.raises(SystemExit):
+        run_main(monkeypatch, run)
+    assert "does not hold a bench quality run's meta" in capsys.readouterr().err
+    # Records written before sources and splits existed: the tail's, over all questions.
+    older = [{key: value for key, value in cell.items() if key not in ("observe", "split")}
+             for cell in (record(1024, "full", 1.0, 30, 80), record(1024, "lava", 0.2, 6, 80))]
+    run_main(monkeypatch, write_run(tmp_path / "older", older))
+    assert "| compress_once | tail | lava | 0.2 | 6 | 80 | 30 | 0.20 |" in capsys.readouterr().out
 
 
 def with_documents(cell: dict, right_per_document: list[int], asked: int) -> dict:
@@ -122,7 +147,8 @@ def test_the_pooled_share_is_resampled_over_every_runs_documents(tmp_path, capsy
         capsys.readouterr().out)
     run_main(monkeypatch, "--context", "1024", *folders)
     out = capsys.readouterr().out
-    assert "documents of 1024 tokens" in out and "| 0.2 | 4 | 8 | 8 | 0.50 | 0.50-0.50 |" in out
+    assert "documents of 1024 tokens" in out
+    assert "| 0.2 | 4 | 8 | 8 | 0.50 | 0.50-0.50 (every document the same share) |" in out
     with pytest.raises(SystemExit):
         run_main(monkeypatch, "--context", "4096", *folders)
     assert "no retrieval cell at 4096 tokens" in capsys.readouterr().err
@@ -152,7 +178,8 @@ def test_against_another_policy_each_cell_is_paired_with_its_cell_at_the_same_ke
     run_main(monkeypatch, "--against", "kvzip", write_run(tmp_path / "run", run))
     out = capsys.readouterr().out
     assert "| right | questions | kvzip right | x kvzip |" in out
-    assert "| compress_once | reconstruct | lava | 0.2 | 9 | 12 | 6 | 1.50 | 1.50-1.50 |" in out
+    assert ("| compress_once | reconstruct | lava | 0.2 | 9 | 12 | 6 | 1.50 | 1.50-1.50 (every document the same "
+            "share) |") in out
     assert "| compress_once | reconstruct | kvzip |" not in out  # the reference, not a row
     with pytest.raises(SystemExit):
         run_main(monkeypatch, "--against", "snapkv", tmp_path / "run")
