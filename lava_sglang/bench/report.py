@@ -8,6 +8,7 @@ from pathlib import Path
 
 from lava_sglang.argtypes import replace_file
 from lava_sglang.bench.stats import share_interval
+from lava_sglang.policy.registry import POLICIES
 
 SCORED_ORDER = ["lava", "kvzip", "ada_snapkv", "snapkv", "pyramidkv"]
 POLICY_MARKER = {"lava": ("o", "-"), "kvzip": ("D", "-"), "ada_snapkv": ("s", "--"), "snapkv": ("^", ":"),
@@ -73,20 +74,35 @@ def _rows(records: list[dict], config: dict) -> list[tuple[str, dict]]:
     """(label, selector) per table row: the references, each source x scored policy, per question."""
     sources = config.get("observe", ["tail"])
     scored = _scored_policies(records)
-    rows = [("full", {"mode": _reference_mode(records), "policy": "full"}),
-            ("streamingllm", {"mode": "compress_once", "observe": sources[0], "policy": "streamingllm"})]
+    positional = _positional_policies(records)
+    # A positional policy's cells are the same under every source (the run records them under
+    # each): one row, under the first source.
+    rows = [("full", {"mode": _reference_mode(records), "policy": "full"})]
+    rows += [(policy, {"mode": "compress_once", "observe": sources[0], "policy": policy}) for policy in positional]
     rows += [(f"{source} · {policy}", {"mode": "compress_once", "observe": source, "policy": policy})
              for source in sources for policy in scored]
     if "query_aware" in config["modes"]:
         rows += [(f"per question · {policy}", {"mode": "query_aware", "policy": policy})
-                 for policy in scored + ["streamingllm"]]
+                 for policy in scored + positional]
     return [(label, where) for label, where in rows if _select(records, **where)]
+
+
+def _is_positional(policy: str) -> bool:
+    """A policy (spec) that keeps tokens by position and reads no scores: streamingllm, with or
+    without options. Names no longer registered (old runs' `none`) count as scored."""
+    name = policy.split(":", 1)[0]
+    return name != "full" and name in POLICIES and not POLICIES[name].needs_scores
+
+
+def _positional_policies(records: list[dict]) -> list[str]:
+    return list(dict.fromkeys(r["policy"] for r in records if _is_positional(r["policy"])))
 
 
 def _scored_policies(records: list[dict]) -> list[str]:
     """The scored policies (specs included) of the records: the usual order, then the rest in
     order of appearance."""
-    scored = list(dict.fromkeys(r["policy"] for r in records if r["policy"] not in ("full", "streamingllm")))
+    scored = list(dict.fromkeys(r["policy"] for r in records
+                                if r["policy"] != "full" and not _is_positional(r["policy"])))
     return sorted(scored, key=lambda policy: (SCORED_ORDER.index(policy) if policy in SCORED_ORDER
                                               else len(SCORED_ORDER)))
 
@@ -159,13 +175,15 @@ def targets(records: list[dict], config: dict) -> list[str]:
                 best = max(scored, key=lambda source: scored[source][0])
                 rivals = {policy: split_hits(split, policy=policy, observe=best, **once)
                           for policy in ("snapkv", "ada_snapkv")}
-                beats = all(value and scored[best][0] > value[0] for value in rivals.values())
                 rival_hits = {policy: value[0] if value else "-" for policy, value in rivals.items()}
+                # A rival the run did not have is not beaten, nor unbeaten: no verdict.
+                beats = "n/a (not run)" if not all(rivals.values()) else verdict[
+                    all(scored[best][0] > value[0] for value in rivals.values())]
                 lines.append(f"- stretch, {context} tokens, keep 0.4, {SPLIT_LABEL[split]}: best source {best} "
                              f"{scored[best][0]}/{scored[best][1]} vs 0.8 x full = {0.8 * full[0]:.1f} "
                              f"(full {full[0]}/{full[1]}): {verdict[scored[best][0] >= 0.8 * full[0]]}; "
                              f"lava beats snapkv {rival_hits['snapkv']} and ada_snapkv {rival_hits['ada_snapkv']} "
-                             f"with {best}: {verdict[beats]}")
+                             f"with {best}: {beats}")
     return lines + [""]
 
 
@@ -269,7 +287,6 @@ def plot(records: list[dict], config: dict, path: Path) -> None:
     source_colors["per question"] = SOURCE_COLOR["per question"]
     panels = [(task, split) for task in config["tasks"] for split in _splits(records)]
     contexts = config["contexts"]
-    compress_once_streaming = bool(_select(records, mode="compress_once", policy="streamingllm"))
     figure, axes = plt.subplots(len(contexts), len(panels), figsize=(4.4 * len(panels), 3.6 * len(contexts)),
                                 squeeze=False, sharey=True)
     for row, context in enumerate(contexts):
@@ -284,10 +301,11 @@ def plot(records: list[dict], config: dict, path: Path) -> None:
                 if where["policy"] == "full":
                     axis.axhline(found[0][metric], color="black", linestyle="--", label="full cache")
                     continue
-                if where["policy"] == "streamingllm":
+                if _is_positional(where["policy"]):
                     color, marker, style = "gray", "x", ":"
-                    if where["mode"] == "query_aware" and compress_once_streaming:
-                        continue  # the compress-once streamingllm line is the reference
+                    if where["mode"] == "query_aware" and _select(records, mode="compress_once",
+                                                                  policy=where["policy"]):
+                        continue  # its compress-once line is the reference: the same cells
                 elif single_source:  # one source: a colour per policy, so variants can be told apart
                     marker, style = POLICY_MARKER.get(where["policy"], ("o", "-"))
                     color = policy_colors[where["policy"]]

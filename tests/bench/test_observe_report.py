@@ -137,6 +137,10 @@ def test_targets_state_met_or_not_with_the_figures():
     # 8 >= 0.8 x 9 = 7.2, but lava (8) only ties ada_snapkv (8): not beaten.
     assert ("stretch, 1024 tokens, keep 0.4, later: best source reconstruct 8/10 vs 0.8 x full = 7.2 (full 9/10): "
             "**met**; lava beats snapkv 7 and ada_snapkv 8 with reconstruct: **not met**") in lines
+    # A run without ada_snapkv: no verdict on beating it.
+    without = [record for record in synthetic_records() if record["policy"] != "ada_snapkv"]
+    assert ("lava beats snapkv 7 and ada_snapkv - with reconstruct: n/a (not run)"
+            in "\n".join(targets(without, CONFIG)))
 
 
 def test_report_tables_have_a_row_per_source_and_policy(tmp_path):
@@ -150,6 +154,23 @@ def test_report_tables_have_a_row_per_source_and_policy(tmp_path):
     assert "| per question · lava | 0.50 [0.00, 1.00] | 0.50 [0.00, 1.00] |  |  |" in text
     assert "reconstruct +2.50x (25 s)" in text
     paths = write_quality_report({"records": synthetic_records(), "meta": meta}, tmp_path, "cmd")
+    assert paths[2].read_bytes().startswith(b"\x89PNG")
+
+
+def test_a_positional_policy_with_options_has_one_row_not_one_per_source(tmp_path):
+    # streamingllm given as a spec: recorded under every source like streamingllm, and like it
+    # reported once; the old runs' unregistered `none` counts as scored.
+    records = [retrieval("compress_once", source, "all", policy, 0.2, hits)
+               for source in ("tail", "reconstruct") for policy, hits in (("streamingllm:window=8", 2), ("none", 1))]
+    records.append(retrieval("compress_once", "tail", "all", "full", 1.0, 9))
+    config = {**CONFIG, "modes": ["compress_once"], "observe": ["tail", "reconstruct"], "keep_ratios": [0.2]}
+    meta = {"model": "m", "model_shape": {"layers": 1, "q_heads": 1, "kv_heads": 1, "head_dim": 1},
+            "dtype": "float32", "transformers": "t", "torch": "t", "machine": "m", "wall_seconds": 60, "config": config}
+    text = markdown(records, meta, "cmd", None)
+    assert "| streamingllm:window=8 | 0.20 [0.00, 1.00] |" in text
+    assert "· streamingllm:window=8" not in text
+    assert "| tail · none |" in text and "| reconstruct · none |" in text
+    paths = write_quality_report({"records": records, "meta": meta}, tmp_path, "cmd")
     assert paths[2].read_bytes().startswith(b"\x89PNG")
 
 
