@@ -74,8 +74,9 @@ def parse_arguments(parser: argparse.ArgumentParser, argv: list[str] | None = No
     if not make_policy(args.policy).needs_scores:
         parser.error(f"--policy {args.policy} reads no scores, so every variant would plan alike; give a policy "
                      "that scores tokens")
-    if len(set(args.keep)) != len(args.keep):
-        parser.error(f"--keep: a value repeats ({args.keep})")
+    if len({f"{keep:g}" for keep in args.keep}) != len(args.keep):  # as the cells are named
+        parser.error(f"--keep: a value repeats ({' '.join(f'{keep:g}' for keep in args.keep)} as the cells "
+                     "name them)")
     try:
         output_folder(args.out)
     except ValueError as error:

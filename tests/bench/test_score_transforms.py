@@ -57,7 +57,8 @@ def test_arguments_that_would_lose_the_run_are_refused_before_the_model_loads(tm
     parser = argparse.ArgumentParser()
     score_transforms.add_arguments(parser, tmp_path)
     (tmp_path / "a_file").write_text("")
-    for argv, error in ((["--keep", "0.1", "0.1"], "--keep: a value repeats ([0.1, 0.1])"),
+    for argv, error in ((["--keep", "0.1", "0.1"], "--keep: a value repeats (0.1 0.1 as the cells name them)"),
+                        (["--keep", "0.2", "0.1", "0.1000001"], "a value repeats (0.2 0.1 0.1 as the cells"),
                         (["--out", str(tmp_path / "a_file" / "sub")], "cannot make that folder"),
                         (["--name", "sub/x"], "must be a file name without a folder"),
                         (["--policy", "streamingllm"], "--policy streamingllm reads no scores")):
