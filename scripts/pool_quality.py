@@ -37,7 +37,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lava_sglang.bench.report import hits, normalise, paired_by_document, questions_planned
+from lava_sglang.bench.report import cut_short, hits, normalise, paired_by_document
 from lava_sglang.bench.stats import share_interval
 
 
@@ -144,9 +144,8 @@ def main() -> None:
         meta = read_meta(meta_file)
         if meta is None:
             parser.error(f"{meta_file} does not hold a bench quality run's meta (a JSON object with its config)")
-        planned = questions_planned(meta)
-        if meta.get("questions_done", planned) < planned:
-            parser.error(f"{path}: a run cut short ({meta['questions_done']} of {planned} questions): its cells "
+        if short := cut_short(meta):
+            parser.error(f"{path}: a run cut short ({short[0]} of {short[1]} questions): its cells "
                          "hold other questions than a whole run's")
         try:
             records = read_records(file)

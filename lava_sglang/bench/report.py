@@ -198,6 +198,13 @@ def questions_planned(meta: dict) -> int:
     return meta.get("questions_planned", sum(config["questions"]) * len(config["tasks"]))
 
 
+def cut_short(meta: dict) -> tuple[int, int] | None:
+    """(questions answered, questions planned) of a run cut short (a `--partial` file), else None."""
+    planned = questions_planned(meta)
+    done = meta.get("questions_done", planned)
+    return (done, planned) if done < planned else None
+
+
 def markdown(records: list[dict], meta: dict, command: str, notes: str | None) -> str:
     records = normalise(records)
     config = meta["config"]
@@ -232,9 +239,8 @@ def markdown(records: list[dict], meta: dict, command: str, notes: str | None) -
         f"- Observation sources of compress_once (docs/observe.md): {', '.join(sources)}"
         + (f"; branches combine windows by `{config['branch_combine']}`" if "branches" in sources else "") + ".",
     ]
-    planned = questions_planned(meta)
-    if meta.get("questions_done", planned) < planned:
-        lines.append(f"- **Cut short:** {meta['questions_done']} of {planned} questions were "
+    if short := cut_short(meta):
+        lines.append(f"- **Cut short:** {short[0]} of {short[1]} questions were "
                      "answered (a `--partial` file); each cell counts the questions it reached.")
     if _splits(records) != ["all"]:
         lines.append("- Splits: a document's first half of questions are `at compression` (their branches exist "

@@ -167,6 +167,8 @@ def test_a_positional_policy_with_options_has_one_row_not_one_per_source(tmp_pat
     meta = {"model": "m", "model_shape": {"layers": 1, "q_heads": 1, "kv_heads": 1, "head_dim": 1},
             "dtype": "float32", "transformers": "t", "torch": "t", "machine": "m", "wall_seconds": 60, "config": config}
     text = markdown(records, meta, "cmd", None)
+    assert "Cut short" not in text
+    assert "**Cut short:** 5 of 20 questions" in markdown(records, {**meta, "questions_done": 5}, "cmd", None)
     assert "| streamingllm:window=8 | 0.20 [0.00, 1.00] |" in text
     assert "· streamingllm:window=8" not in text
     assert "| tail · none |" in text and "| reconstruct · none |" in text
