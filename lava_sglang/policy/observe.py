@@ -78,6 +78,8 @@ def combine_window_masses(masses: Sequence[torch.Tensor], combine: str,
         return masses[0]
     if head_totals is None:
         head_totals = torch.stack([mass.sum(dim=-1) for mass in masses])
+    elif head_totals.dim() != 2 or head_totals.shape[0] != len(masses):  # zip would drop the extra windows
+        raise ValueError(f"head_totals must be [W = {len(masses)} windows, Hkv], got {list(head_totals.shape)}")
     normalised = []
     for mass, total in zip(masses, head_totals.mean(dim=-1).tolist()):
         normalised.append(mass / total if total > 0 else mass)
@@ -123,6 +125,8 @@ def repeat_attention_chunk(queries: torch.Tensor, keys: torch.Tensor, first_posi
     start, end = copied
     if num_q_heads % num_kv_heads or keys.shape[2] != head_dim:
         raise ValueError(f"queries {tuple(queries.shape)} and keys {tuple(keys.shape)} do not match (GQA)")
+    if num_rows < 1:  # PyTorch's CPU flash kernel dies with SIGFPE on zero query rows
+        raise ValueError(f"queries must hold at least one repetition query, got {tuple(queries.shape)}")
     if not 0 <= start < end <= prefix_len <= first_position or first_position + num_rows > num_keys:
         raise ValueError(f"need 0 <= start ({start}) < end ({end}) <= prefix_len ({prefix_len}) <= first_position "
                          f"({first_position}) and first_position + T ({first_position + num_rows}) <= S ({num_keys})")
@@ -164,6 +168,9 @@ def repeat_log_sum_exp(grouped_queries: torch.Tensor, keys: torch.Tensor, visibl
     elsewhere the logits are formed in row blocks.
     """
     num_kv_heads, group, num_rows, _ = grouped_queries.shape
+    if num_rows < 1 or keys.shape[1] < 1:  # PyTorch's CPU flash kernel dies with SIGFPE on an empty side
+        raise ValueError(f"need at least one query and one key, got queries {tuple(grouped_queries.shape)} and "
+                         f"keys {tuple(keys.shape)}")
     flash = flash_attention_with_lse(grouped_queries, keys, keys, visible, scaling)
     if flash is not None:
         return flash[1]

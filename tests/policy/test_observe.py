@@ -5,6 +5,7 @@ import math
 import pytest
 import torch
 
+from lava_sglang.kernels.attention_states import flash_attention_with_lse
 from lava_sglang.policy import (Branches, ObservationWindow, PlanBuilder, Reconstruct, assistant_turn_text,
                                 combine_window_masses, compress_plan, make_observe, make_policy, repeat_attention_chunk,
                                 repeat_attention_max, repeat_chunks, repeat_log_sum_exp)
@@ -29,6 +30,11 @@ def test_normalisation_keeps_the_ratio_between_heads_of_one_window():
     # mass / 4 (its mean per-head total) against weaker / 0.5: [[.25, .25], [.75, .75]] and [[1, 0], [1, 0]]
     assert torch.allclose(combined, torch.tensor([[1.0, 0.25], [1.0, 0.75]]))
     assert torch.equal(combine_window_masses([mass], "max"), mass)  # one window: nothing to balance
+    # Totals given (tensor parallel: over every head of the model) must be one row per window.
+    assert torch.allclose(combine_window_masses([mass, weaker], "max", torch.tensor([[8.0], [0.5]])),
+                          torch.tensor([[1.0, 0.125], [1.0, 0.375]]))
+    with pytest.raises(ValueError, match=r"head_totals must be \[W = 3 windows, Hkv\], got \[2, 2\]"):
+        combine_window_masses([mass, weaker, 100 * weaker], "max", torch.ones(2, 2))
 
 
 def test_branch_window_sees_the_whole_prefix_and_its_own_tokens_causally():
@@ -142,7 +148,7 @@ def test_repeat_scores_scaled_by_the_value_norm_move_rows_to_the_head_with_large
     assert kept == {"true": [[4, 5], [1, 2, 4, 5]], "false": [[0, 4, 5], [1, 4, 5]]}
 
 
-def test_repeat_attention_max_is_over_queries_and_chunks_combine_by_max():
+def test_repeat_attention_max_is_the_max_over_queries():
     probs = torch.tensor([[[0.1, 0.9], [0.7, 0.3]]])  # [Hq=1, T=2, m=2]
     assert repeat_attention_max(probs.log()).tolist() == [[pytest.approx(0.7), pytest.approx(0.9)]]
 
@@ -175,6 +181,8 @@ def test_repeat_attention_chunk_is_the_causal_softmax_over_all_keys_in_any_block
         repeat_attention_chunk(queries[:3], keys, n, n, (0, 9), scaling)
     with pytest.raises(ValueError, match="normalize must be one of"):
         repeat_attention_chunk(queries, keys, n, n, (0, 9), scaling, normalize="none")
+    with pytest.raises(ValueError, match="at least one repetition query"):  # the flash kernel would kill the process
+        repeat_attention_chunk(queries[:, :0], keys, n, n, (0, 9), scaling)
 
 
 def test_repeat_log_sum_exp_is_the_same_from_the_cpu_flash_kernel_and_from_the_logits():
@@ -185,10 +193,14 @@ def test_repeat_log_sum_exp_is_the_same_from_the_cpu_flash_kernel_and_from_the_l
     visible = torch.arange(num_keys)[None, :] <= (10 + torch.arange(rows))[:, None]
     logits = torch.einsum("hgtd,hsd->hgts", queries, keys) * 0.3
     expected = torch.logsumexp(logits.masked_fill(~visible, float("-inf")), dim=-1)
+    assert flash_attention_with_lse(queries, keys, keys, visible, 0.3) is not None  # the flash path is taken
     flash = repeat_log_sum_exp(queries, keys, visible, 0.3)  # fp32 on the CPU: PyTorch's flash kernel
     blocked = repeat_log_sum_exp(queries.double(), keys.double(), visible, 0.3, max_logits=num_kv_heads * group * 20)
     torch.testing.assert_close(flash, expected)
     torch.testing.assert_close(blocked.float(), expected)
+    for no_queries, no_keys in ((queries[:, :, :0], keys), (queries, keys[:, :0])):
+        with pytest.raises(ValueError, match="at least one query and one key"):
+            repeat_log_sum_exp(no_queries, no_keys, visible[:no_queries.shape[2], :no_keys.shape[1]], 0.3)
 
 
 def test_local_normalisation_is_the_softmax_over_sinks_copied_tokens_and_the_repetition():
