@@ -76,6 +76,15 @@ class Observation:
     token_ids: list[int] | None = None
 
 
+def _check_observation(observation: object) -> None:
+    """A ValueError unless `observation` is an `Observation` holding what its source needs."""
+    if not isinstance(observation, Observation) or not isinstance(observation.source, Observe):
+        raise ValueError(f"observation must be an Observation (`ReferenceRuntime.observe`), got {observation!r}"[:300])
+    needed = {Branches: "branch_windows", Reconstruct: "repeat_attention"}.get(type(observation.source))
+    if needed and getattr(observation, needed) is None:
+        raise ValueError(f"an observation by {observation.source.name} needs its {needed}")
+
+
 @dataclass
 class CompressedPrefix:
     """A compressed KV cache: per layer the kept rows of every KV head, padded to the
@@ -210,6 +219,10 @@ def _ungrouped(out: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 class ReferenceRuntime:
+    """The model and tokenizer, and every step of compress once, answer many (the module's
+    docstring). The runtime takes the model over: its attention is routed through the runtime
+    from construction on, so the model no longer runs outside the runtime's calls."""
+
     def __init__(self, model, tokenizer, window: int = 32):
         if not is_int(window) or window < 1:  # the prefill keeps the last `window` queries: 0 would keep all
             raise ValueError(f"window must be an int >= 1, got {window!r}")
@@ -284,8 +297,13 @@ class ReferenceRuntime:
                       observation: Observation | None = None, **options) -> list[CompressedPrefix]:
         """`compress` for several (policy, budget) pairs of one capture, scoring each layer
         once per distinct scoring instead of once per pair (same plans as `compress`)."""
-        if observation is not None and observation.token_ids not in (None, list(capture.token_ids)):
-            raise ValueError("the observation was made of another prefix than this capture's")
+        if observation is not None:
+            _check_observation(observation)
+            if observation.token_ids not in (None, list(capture.token_ids)):
+                raise ValueError("the observation was made of another prefix than this capture's")
+        if options and any(isinstance(policy, Policy) for policy, _ in configs):
+            raise ValueError(f"options {', '.join(sorted(options))} go with a policy's name; a built policy has its "
+                             "own (they would be dropped)")
         source = observation.source if observation is not None else Tail()
         options.setdefault("window", source.kept_window or self.window)
         shared_scores: dict[tuple, list[LayerScores]] = {}
@@ -354,14 +372,17 @@ class ReferenceRuntime:
         is prefilled after the whole uncompressed prefix and contributes its last `window`
         queries and all its keys.
         """
+        if not isinstance(source, (str, Observe)):
+            raise ValueError(f"source must be an observation source's name or an Observe, got {source!r}")
         if options and not isinstance(source, str):
             raise ValueError(f"options {', '.join(sorted(options))} go with a source's name; {source.name} is built")
         source = make_observe(source, **options) if isinstance(source, str) else source
         source.validate()
         started = time.perf_counter()
         if isinstance(source, Branches):
-            if not branches or any(len(branch) == 0 for branch in branches):
-                raise ValueError("observe 'branches' needs at least one non-empty branch")
+            if not branches or not all(isinstance(branch, Sequence) and branch and all(is_int(token) for token in branch)
+                                       for branch in branches):
+                raise ValueError("observe 'branches' needs at least one branch, each a non-empty sequence of token ids")
             windows = self._branch_windows(capture, branches)
             return Observation(source, branch_windows=windows, seconds=time.perf_counter() - started,
                                token_ids=list(capture.token_ids))
@@ -372,7 +393,7 @@ class ReferenceRuntime:
         return Observation(source, token_ids=list(capture.token_ids))
 
     def _branch_windows(self, capture: PrefixCapture, branches) -> list[list[ObservationWindow]]:
-        batch = _Batch.stack([self.full_prefix(capture)])
+        batch = _Batch.of_positions(capture, torch.arange(capture.seq_len))
         windows: list[list[ObservationWindow]] = [[] for _ in capture.keys]
         for branch in branches:
             def record(layer, query, key, scaling):
@@ -394,7 +415,7 @@ class ReferenceRuntime:
         read the scores: the runtime's repetition cost can count one chunk more than the
         server's."""
         seq_len = capture.seq_len
-        whole_prefix = _Batch.stack([self.full_prefix(capture)]) if source.view == "prefix" else None
+        whole_prefix = _Batch.of_positions(capture, torch.arange(seq_len)) if source.view == "prefix" else None
         repeat: list[torch.Tensor | None] = [None] * len(capture.keys)
 
         def encode(text: str) -> list[int]:

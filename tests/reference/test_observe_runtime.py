@@ -158,3 +158,25 @@ def test_options_given_beside_a_built_source_are_refused(runtime, capture):
     # They would be dropped: the built source's own fields hold.
     with pytest.raises(ValueError, match="options chunk_tokens go with a source's name; reconstruct is built"):
         runtime.observe(capture, Reconstruct(), chunk_tokens=128)
+
+
+def test_sources_observations_and_policies_that_cannot_be_used_are_refused_by_name(runtime, capture):
+    from lava_sglang.policy import make_policy
+    from lava_sglang.reference.runtime import Observation
+
+    for source, message in ((make_policy("lava"), "source must be an observation source's name or an Observe"),
+                            (None, "source must be an observation source's name or an Observe")):
+        with pytest.raises(ValueError, match=message):
+            runtime.observe(capture, source)
+    for branches in ([5, 6, 7], [[5, 6], []], [["a"]]):  # a flat list, an empty branch, no token ids
+        with pytest.raises(ValueError, match="each a non-empty sequence of token ids"):
+            runtime.observe(capture, "branches", branches=branches)
+    for observation, message in (("reconstruct", "observation must be an Observation"),
+                                 (Observation(Reconstruct()), "by reconstruct needs its repeat_attention"),
+                                 (Observation(make_policy("lava")), "observation must be an Observation")):
+        with pytest.raises(ValueError, match=message):
+            runtime.compress(capture, "lava", 0.5, observation)
+    # Options beside a built policy would be dropped: its own fields hold.
+    with pytest.raises(ValueError, match="options window go with a policy's name; a built policy has its own"):
+        runtime.compress(capture, make_policy("lava"), 0.5, window=8)
+    assert runtime.compress(capture, make_policy("lava", window=8), 0.5).plan.keep_ratio > 0
