@@ -397,6 +397,8 @@ class CompressedStore:
 
     def entries_for_slots(self, first_slots: torch.Tensor) -> list[StoreEntry | None]:
         """The entry each request uses, from the first slot of its KV row."""
+        if not self.entries:  # nothing stored: no device read (a host sync on CUDA at every batch)
+            return [None] * first_slots.numel()
         rows = self.tables.rows_for_slots(first_slots).tolist()
         return [self._entry_of_row[row] if row >= 0 else None for row in rows]
 

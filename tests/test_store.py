@@ -104,6 +104,9 @@ def test_store_maps_first_slots_to_entries_until_removed():
     assert store.stats()["stored_rows"] == 10 and store.stats()["borrowed_slots"] == 2
     store.remove(entry.entry_id)
     assert store.entries_for_slots(torch.tensor([5, 9])) == [None, None]
+    # An empty store answers without reading the tables (a device read and host sync per batch on CUDA).
+    store.tables = None
+    assert store.entries_for_slots(torch.tensor([5, 9])) == [None, None]
     assert store.stats()["entries"] == 0 and store.stats()["compressions"] == store.stats()["evictions"] == 1
 
 

@@ -3,9 +3,11 @@
 The plugin keeps SGLang's attention backend object and installs its own forward_extend /
 forward_decode on the instance (`with_compressed_prefixes`), so every isinstance check and
 backend-name test in SGLang still holds. A forward batch in which no request uses a compressed prefix goes to the
-original backend untouched, except an extend with a cached prefix under SGLang's `torch_native`
-backend, which would attend from every prefix position again (`recomputes_cached_prefixes`);
-otherwise this module computes the batch's attention itself:
+original backend untouched, except an extend holding a chunk of a prefix's repetition (observe
+"reconstruct": its attention's LSE is its scores' normaliser, `_score_repetitions`) and an
+extend with a cached prefix under SGLang's `torch_native` backend, which would attend from
+every prefix position again (`recomputes_cached_prefixes`); otherwise this module computes
+the batch's attention itself:
 for each request, attention over its compressed prefix (each KV head its own kept rows, the
 G query heads of the group reading them together) and over its own tokens (its KV row
 after the prefix, causal), merged by LSE (on the torch path a decode batch attends to both in
@@ -50,8 +52,9 @@ def bound_cache():
 
 class CompressedPrefixPath:
     """forward_extend / forward_decode for an SGLang attention backend, installed on the
-    instance; the backend's own methods serve batches without compressed prefixes (under
-    `own_cached_prefixes`, only those in which no request has a cached prefix either).
+    instance; the backend's own methods serve batches without compressed prefixes or
+    repetition chunks (under `own_cached_prefixes`, only those in which no request has a cached
+    prefix either).
 
     use_kernels: run the kernels (the prefix kernel and the own-token kernels); None: on CUDA
     tensors. Tests set it to run them under TRITON_INTERPRET=1.
@@ -65,7 +68,6 @@ class CompressedPrefixPath:
 
     def __init__(self, backend, use_kernels: bool | None = None, flashinfer_wrappers: tuple | None = None,
                  own_cached_prefixes: bool = False):
-        self.backend = backend
         self.use_kernels = use_kernels
         self.flashinfer_wrappers = flashinfer_wrappers
         self.own_cached_prefixes = own_cached_prefixes
@@ -146,7 +148,7 @@ class CompressedPrefixPath:
     def _save_kv(self, k, v, layer, forward_batch, save_kv_cache) -> None:
         """Write the batch's new keys and values to the pool, as the wrapped backend would."""
         if save_kv_cache and k is not None and v is not None:
-            write_loc = kv_write_loc(forward_batch.out_cache_loc, getattr(self.backend, "swa_out_cache_loc", None))
+            write_loc = kv_write_loc(forward_batch.out_cache_loc)
             _cache.kv_pool.set_kv_buffer(layer, write_loc, k, v)
 
     def _attend(self, q, k, v, layer, forward_batch, save_kv_cache, entries, prefix_lens, extend_lens):
@@ -402,7 +404,9 @@ class CompressedPrefixBatch:
 
 
 def is_decode(extend_lens: list[int]) -> bool:
-    """Whether a batch is a decode step: one new token per request, already in the pool."""
+    """Whether a batch can be attended as a decode step: each request's only query is the last
+    key of its row, written to the pool by then (a decode step, or an extend of one token per
+    request, such as a fully cached prompt recomputing its last token)."""
     return max(extend_lens) == 1
 
 

@@ -133,11 +133,12 @@ def attention_backends() -> dict:
     return ATTENTION_BACKENDS
 
 
-def kv_write_loc(out_cache_loc, swa_out_cache_loc):
-    """The write location `KVCache.set_kv_buffer` takes."""
+def kv_write_loc(out_cache_loc):
+    """The write location `KVCache.set_kv_buffer` takes: no sliding-window location, as hybrid
+    sliding-window models are refused at start-up (`plugin.py`)."""
     from sglang.srt.mem_cache.memory_pool import KVWriteLoc
 
-    return KVWriteLoc(out_cache_loc, swa_out_cache_loc)
+    return KVWriteLoc(out_cache_loc, None)
 
 
 def commit_deferred_frees(allocator) -> None:
