@@ -2,7 +2,8 @@
 reading the pool through the store's layout tables is the CUDA path, here under
 TRITON_INTERPRET) and each request's own tokens by SGLang's Triton kernels, against the
 torch path and against dense attention; the torch path's own-token attention under a
-repetition view; the extends over cached prefixes it takes from SGLang's torch_native."""
+repetition view; a repetition chunk scored through forward_extend; the extends over cached
+prefixes it takes from SGLang's torch_native."""
 
 from __future__ import annotations
 
@@ -596,3 +597,63 @@ def test_own_states_extend_under_a_repetition_view_attends_to_the_viewed_positio
         torch.testing.assert_close(out[start:start + extend_len], expected_out, atol=1e-4, rtol=1e-4)
         torch.testing.assert_close(lse[start:start + extend_len], expected_lse, atol=1e-4, rtol=1e-4)
         start += extend_len
+
+
+@pytest.mark.parametrize("view", ["prefix", "chunk"])
+def test_a_repetition_chunk_in_two_pieces_is_scored_as_its_dense_attention(bound_cache, view):
+    # forward_extend on a batch of an ordinary request and a repetition chunk's request whose
+    # extend comes in two pieces (chunked prefill), the first recomputing the prefix's last 2
+    # tokens: the scores folded in are the reference runtime's for the chunk's dense attention
+    # (under view "chunk" over the view's keys, packed), and the chunk ends scored whole.
+    from lava_sglang.policy import Reconstruct, repeat_attention_chunk, repeat_view_positions
+    from lava_sglang.sglang_plugin.attention import CompressedPrefixPath
+    from lava_sglang.sglang_plugin.repetition import RepetitionScores
+
+    prefix_len, window = 24, 4
+    source = Reconstruct(chunk_tokens=8, chat_turn=False, view=view)
+    repetition = RepetitionScores.plan(list(range(prefix_len)), source, lambda text: [7, 8, 9], window, LAYERS)
+    chunk = repetition.chunks[1]  # copies prefix positions 8..15 after an instruction and 8 overlap tokens
+    seq_len = prefix_len + chunk.num_queries
+    generator = torch.Generator().manual_seed(9)
+    k_buffer, v_buffer = (torch.randn(OWN_POOL, KV_HEADS, DIM, generator=generator) for _ in range(2))
+    req_to_token = (100 + torch.randperm(600, generator=generator)).view(5, 120)
+    kv_pool = SimpleNamespace(get_key_buffer=lambda layer_id: k_buffer, get_value_buffer=lambda layer_id: v_buffer)
+
+    def retire(scores):
+        raise AssertionError(f"the repetition was retired: {scores.failed}")
+
+    bound_cache(SimpleNamespace(kv_pool=kv_pool, req_to_token_pool=SimpleNamespace(req_to_token=req_to_token),
+                                store=new_store(OWN_POOL), repetitions={chunk.rid: repetition},
+                                capture=SimpleNamespace(rows_to_record=lambda rid, prefix, extend: 0),
+                                pool_used=lambda: 0, retire_repetition=retire))
+    queries = torch.randn(seq_len, KV_HEADS * GROUP, DIM, generator=generator)
+    path = CompressedPrefixPath(SimpleNamespace(forward_extend=None, forward_decode=None), use_kernels=False)
+    for piece_start, piece_end in ((prefix_len - 2, prefix_len + 10), (prefix_len + 10, seq_len)):
+        forward_batch = SimpleNamespace(req_pool_indices=torch.tensor([3, 1]), rids=["ordinary", chunk.rid],
+                                        extend_prefix_lens_cpu=[5, piece_start],
+                                        extend_seq_lens_cpu=[3, piece_end - piece_start])
+        q = torch.cat([torch.randn(3, KV_HEADS * GROUP, DIM, generator=generator), queries[piece_start:piece_end]])
+        for layer_id in range(LAYERS):  # the pieces' keys are in the pool already: nothing saved
+            out = path.forward_extend(q.flatten(1), None, None, attention_layer(layer_id), forward_batch,
+                                      save_kv_cache=False)
+        if piece_start < prefix_len:  # the recomputed prefix tokens attend to the whole row before them
+            slots = req_to_token[1, :prefix_len]
+            visible = torch.arange(prefix_len)[None, :] <= torch.arange(piece_start, prefix_len)[:, None]
+            expected_out, _ = dense_own_states(queries[piece_start:prefix_len], k_buffer[slots], v_buffer[slots],
+                                               visible)
+            torch.testing.assert_close(out[3:3 + prefix_len - piece_start].view_as(expected_out), expected_out,
+                                       atol=1e-4, rtol=1e-4)
+    assert repetition.end_chunk(chunk.rid, checkpointed=True).done
+    keys = k_buffer[req_to_token[1, :seq_len]].transpose(0, 1)  # [Hkv, S, d]: the same in every layer here
+    repeated = queries[prefix_len:].transpose(0, 1)  # the repetition's queries [Hq, T, d]
+    copied = chunk.copied
+    if view == "chunk":  # the reference runtime's packing: the view's keys, then the repetition's
+        viewed = repeat_view_positions(copied, source.sink_tokens)
+        keys = torch.cat([keys[:, viewed], keys[:, prefix_len:]], dim=1)
+        expected = repeat_attention_chunk(repeated, keys, len(viewed), len(viewed),
+                                          (len(viewed) - (copied[1] - copied[0]), len(viewed)), SCALING)
+    else:
+        expected = repeat_attention_chunk(repeated, keys, prefix_len, prefix_len, copied, SCALING)
+    for layer_id in range(LAYERS):
+        torch.testing.assert_close(repetition.repeat[layer_id][:, copied[0]:copied[1]], expected, atol=1e-5, rtol=1e-4)
+        assert (repetition.repeat[layer_id][:, :copied[0]] == 0).all()  # the other chunks never ran
