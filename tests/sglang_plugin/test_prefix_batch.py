@@ -2,8 +2,8 @@
 reading the pool through the store's layout tables is the CUDA path, here under
 TRITON_INTERPRET) and each request's own tokens by SGLang's Triton kernels, against the
 torch path and against dense attention; the torch path's own-token attention under a
-repetition view; a repetition chunk scored through forward_extend; the extends over cached
-prefixes it takes from SGLang's torch_native."""
+repetition view; a repetition chunk scored through forward_extend; window queries recorded per
+row of a batch; the extends over cached prefixes it takes from SGLang's torch_native."""
 
 from __future__ import annotations
 
@@ -657,3 +657,23 @@ def test_a_repetition_chunk_in_two_pieces_is_scored_as_its_dense_attention(bound
     for layer_id in range(LAYERS):
         torch.testing.assert_close(repetition.repeat[layer_id][:, copied[0]:copied[1]], expected, atol=1e-5, rtol=1e-4)
         assert (repetition.repeat[layer_id][:, :copied[0]] == 0).all()  # the other chunks never ran
+
+
+def test_window_queries_are_recorded_from_each_rows_own_queries_in_a_batch(bound_cache):
+    # _record_window on a batch of three extends: the capture gets each row's first `recorded`
+    # queries from that row's own place in q, with the row's pool index and prefix length.
+    from lava_sglang.sglang_plugin.attention import _record_window
+
+    recorded = []
+    to_record = {"a": 2, "b": 0, "c": 3}
+    capture = SimpleNamespace(rows_to_record=lambda rid, prefix_len, extend_len: to_record[rid],
+                              record=lambda layer_id, row, prefix_len, queries: recorded.append(
+                                  (layer_id, row, prefix_len, queries.clone())))
+    bound_cache(SimpleNamespace(capture=capture))
+    prefix_lens, extend_lens = [0, 10, 4], [5, 3, 4]
+    q = torch.arange(12 * KV_HEADS * GROUP * DIM, dtype=torch.float32).view(12, -1)
+    queries = q.view(12, KV_HEADS * GROUP, DIM)
+    batch = SimpleNamespace(rids=["a", "b", "c"], req_pool_indices=torch.tensor([7, 2, 5]))
+    _record_window(attention_layer(1), batch, q, prefix_lens, extend_lens)
+    assert [(layer_id, row, prefix_len) for layer_id, row, prefix_len, _ in recorded] == [(1, 7, 0), (1, 5, 4)]
+    assert torch.equal(recorded[0][3], queries[0:2]) and torch.equal(recorded[1][3], queries[8:11])
