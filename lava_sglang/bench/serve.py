@@ -124,7 +124,8 @@ SET_BY_THIS_COMMAND = {"--kv-policy": "--policies", "--kv-budget": "--budget",
 def check_extra_server_args(server_args: list[str]) -> None:
     """Refuse --server-args that would change what the report says ran: a flag this command
     sets, also abbreviated (SGLang's parser takes any unambiguous prefix of a flag, which the
-    plugin's checks before a server starts do not), or a --kv-* flag abbreviated."""
+    plugin's checks before a server starts do not), or a plugin's --kv-* flag abbreviated.
+    SGLang's own --kv-* flags (--kv-cache-dtype) pass."""
     from lava_sglang.sglang_plugin.config import FLAGS
 
     plugin_flags = [flag for flag, *_ in FLAGS.values()]
@@ -133,9 +134,9 @@ def check_extra_server_args(server_args: list[str]) -> None:
         if full is not None:
             raise ValueError(f"--server-args {flag} ({full}): this command sets it for each server; use "
                              f"{SET_BY_THIS_COMMAND[full]}")
-        if flag.startswith("--kv-") and flag not in plugin_flags:
-            raise ValueError(f"--server-args {flag}: not a --kv-* flag; write one of {', '.join(plugin_flags)} in "
-                             "full")
+        if flag not in plugin_flags and any(name.startswith(flag) for name in plugin_flags if len(flag) > 3):
+            raise ValueError(f"--server-args {flag}: an abbreviation of a plugin flag; write one of "
+                             f"{', '.join(name for name in plugin_flags if name.startswith(flag))} in full")
 
 
 def check_loopback(url: str) -> None:

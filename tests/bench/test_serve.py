@@ -193,11 +193,15 @@ def test_flags_that_would_do_nothing_or_relabel_a_run_are_refused():
                                      ("--config run.yaml", "the flags themselves")):
         with pytest.raises(ValueError, match=f"this command sets it for each server; use {replacement}"):
             config_from_args(parser.parse_args([f"--server-args={server_args}"])).validate()
-    with pytest.raises(ValueError, match="--server-args --kv-observe-v: not a --kv-.* flag; write one of"):
+    with pytest.raises(ValueError, match="--server-args --kv-observe-v: an abbreviation of a plugin flag; write one "
+                                         "of --kv-observe-view in full"):
         config_from_args(parser.parse_args(["--server-args=--kv-observe-v chunk"])).validate()
-    allowed = config_from_args(parser.parse_args(["--server-args=--kv-observe-view chunk --mem-fraction-static 0.5"]))
+    # SGLang's own --kv-* flags are not the plugin's: they pass.
+    allowed = config_from_args(parser.parse_args(["--server-args=--kv-observe-view chunk --mem-fraction-static 0.5 "
+                                                  "--kv-cache-dtype bf16"]))
     allowed.validate()
-    assert allowed.server_args == ["--kv-observe-view", "chunk", "--mem-fraction-static", "0.5"]
+    assert allowed.server_args == ["--kv-observe-view", "chunk", "--mem-fraction-static", "0.5", "--kv-cache-dtype",
+                                   "bf16"]
 
 
 def test_a_flush_the_server_refuses_is_tried_again_then_raised(monkeypatch):
