@@ -501,6 +501,9 @@ def test_summary_counts_recomputations_hits_and_throughput():
     assert stock["documents_resident"] == 2 and stock["documents_resident_source"].startswith("upper")
     assert lava["peak_kv_bytes"] == (4096 - 3000) * 100.0 and stock["peak_kv_bytes"] is None
     assert lava["ttft"]["n"] == 8 and lava["e2e"]["p50"] is not None
+    # Two ranks (or servers behind a router) holding a copy of both documents each: 2 documents, not 4.
+    copies = synthetic_run("lava", hit_on_revisit=True, correct=False, wall=10.0, entries=4)
+    assert copies["peak_store_entries"] == 4 and copies["documents_resident"] == 2
 
 
 # --- report ---------------------------------------------------------------------------------------
