@@ -341,6 +341,17 @@ def flush_cache(url: str, attempts: int = 30, pause: float = 2.0) -> None:
                        "it is idle")
 
 
+def per_server(urls: list[str], finals: list[dict | None], samples: list[dict]) -> list[dict]:
+    """Behind a router: each server's peak compressed-store entries over the samples (None for
+    a server without a store, as under --kv-policy none) and its compressions."""
+    def peak_entries(index: int) -> int | None:
+        entries = [sample["server_entries"][index] for sample in samples if sample.get("server_entries")]
+        return max((count for count in entries if count is not None), default=None)
+
+    return [{"url": server, "peak_store_entries": peak_entries(index), "compressions": (final or {}).get("compressions")}
+            for index, (server, final) in enumerate(zip(urls, finals))]
+
+
 def run_workload(url: str, documents, prefix_tokens: list[int], visits, config: ServeConfig, label: str,
                  progress: bool) -> dict:
     """Every visit as a fork program, `config.clients` at a time, in order, until done or
@@ -395,11 +406,7 @@ def run_workload(url: str, documents, prefix_tokens: list[int], visits, config: 
     record = summarize(label, visit_rows, question_rows, samples, store, wall, capacity,
                        bytes_per_token, len(documents), truncated=len(visit_rows) + len(errors) < len(visits))
     if len(urls) > 1:
-        record["servers"] = [
-            {"url": server, "peak_store_entries": max((s["server_entries"][i] or 0 for s in samples
-                                                       if s.get("server_entries")), default=None),
-             "compressions": (final or {}).get("compressions")}
-            for i, (server, final) in enumerate(zip(urls, finals))]
+        record["servers"] = per_server(urls, finals, samples)
     record["errors"] = errors
     record["kv_policy_options"] = facts["kv_policy"]
     record["visit_records"] = sorted(visit_rows, key=lambda r: r["visit"])

@@ -381,6 +381,15 @@ def test_store_peaks():
     assert pool["peak_store_entries"] is None
 
 
+def test_each_server_behind_a_router_has_its_peak_entries_none_where_it_has_no_store():
+    samples = [{"server_entries": [2, 1]}, {}, {"server_entries": [3, None]}]
+    servers = serve.per_server(["http://a", "http://b"], [{"compressions": 4}, None], samples)
+    assert servers == [{"url": "http://a", "peak_store_entries": 3, "compressions": 4},
+                       {"url": "http://b", "peak_store_entries": 1, "compressions": None}]
+    stock = serve.per_server(["http://a", "http://b"], [None, None], [{"server_entries": [None, None]}])
+    assert [server["peak_store_entries"] for server in stock] == [None, None]  # not 0: reported as n/a
+
+
 def test_stores_of_servers_behind_a_router_are_summed():
     first = {**_store(2, 1000, 40, 800), "compressions": 2, "compress_seconds": 0.5, "last_repetition": {"seconds": 1},
              "repetition_cost": {"documents": 2, "repetition_seconds": 6.0, "prefill_seconds": 4.0, "ratio": 1.5,
