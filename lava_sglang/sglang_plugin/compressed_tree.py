@@ -330,9 +330,12 @@ class CompressedRadixCache(RadixCache):
     # ------------------------------------------------ allocating and freeing
 
     def alloc_slots(self, num_slots: int):
-        """`num_slots` pool slots, evicting for them; None when there is no room."""
+        """`num_slots` pool slots, evicting for them; None when there is no room (then nothing is
+        evicted: evicting every evictable prefix, compressed ones included, would not make it)."""
         allocator = self.token_to_kv_pool_allocator
         shortfall = num_slots - allocator.available_size()
+        if shortfall > self.evictable_size():
+            return None
         if shortfall > 0:
             self.evict(EvictParams(num_tokens=shortfall))
             # Compression runs in on_release, inside the free group SGLang opens while it

@@ -420,6 +420,24 @@ def test_eviction_takes_ordinary_leaves_before_compressed_prefixes():
     assert_all_released(stub)
 
 
+def test_a_compression_without_room_evicts_nothing(caplog):
+    # A 400-token commit needs more slots than are free and evictable together (a running
+    # request holds most of the pool): it stays uncompressed, and the compressed copy of an
+    # earlier document, which evicting could not have made room enough, stays too.
+    stub = SchedulerStub(KvPolicyConfig(policy="lava", window=WINDOW, min_prefix=MIN_PREFIX, compress_on=(FORK,)),
+                         pool_size=600)
+    commit(stub, document(0, 100))
+    assert len(stub.compressed_nodes()) == 1
+    running = stub.prefill(stub.request(document(1, 170), max_new_tokens=4))
+    with caplog.at_level(logging.WARNING):
+        commit(stub, document(2, 400))
+    assert "no room for" in caplog.text and "kept uncompressed" in caplog.text
+    assert len(stub.compressed_nodes()) == 1 and stub.cache.store.stats()["evictions"] == 0
+    stub.finish(running)
+    check(stub)
+    assert_all_released(stub)
+
+
 class FailingSample:
     """A Prometheus metric whose samples cannot be written (a full multiprocess directory)."""
 
