@@ -39,6 +39,7 @@ class CellLayout:
     slots: torch.Tensor
     kept_lengths: torch.Tensor
     head_offsets: torch.Tensor = field(init=False)
+    kept_rows: int = field(init=False)  # a host int: the store's counters read it for every entry
     _per_layer: dict = field(init=False, default_factory=dict, repr=False, compare=False)
 
     def __post_init__(self):
@@ -52,6 +53,7 @@ class CellLayout:
         offsets = torch.zeros(num_layers * num_kv_heads + 1, dtype=torch.int64)
         offsets[1:] = torch.cumsum(self.kept_lengths.flatten(), 0)
         object.__setattr__(self, "head_offsets", offsets)
+        object.__setattr__(self, "kept_rows", int(offsets[-1]))
 
     @property
     def num_layers(self) -> int:
@@ -60,10 +62,6 @@ class CellLayout:
     @property
     def num_kv_heads(self) -> int:
         return self.kept_lengths.shape[1]
-
-    @property
-    def kept_rows(self) -> int:
-        return int(self.head_offsets[-1])
 
     def layer_rows(self, layer: int) -> tuple[int, int]:
         """[start, stop) of `layer`'s rows in the flat row order."""
@@ -302,6 +300,10 @@ class LayoutTables:
             end += count
 
 
+#: What `CompressedStore.stats` sums over the entries.
+ENTRY_SUMS = ("prefix_tokens", "stored_rows", "borrowed_slots", "bytes_stored", "bytes_saved")
+
+
 @dataclass
 class StoreEntry:
     """One compressed prefix in the store."""
@@ -348,6 +350,10 @@ class CompressedStore:
         self.compressions = 0
         self.compress_seconds = 0.0
         self.evictions = 0
+        # Sums over the entries, kept as they come and go: `stats` runs at every compression and
+        # eviction (the metrics' gauges), and a walk over thousands of entries would stall the
+        # scheduler when an eviction drops many.
+        self._sums = dict.fromkeys(ENTRY_SUMS, 0)
 
     def add(self, prefix_len: int, layout: CellLayout, *, policy: str, compress_seconds: float,
             bytes_per_row: int) -> StoreEntry:
@@ -358,6 +364,7 @@ class CompressedStore:
         self._next_id += 1
         self.entries[entry.entry_id] = entry
         self._entry_of_row[table_row] = entry
+        self._add_sums(entry, 1)
         self.compressions += 1
         self.compress_seconds += compress_seconds
         return entry
@@ -379,7 +386,14 @@ class CompressedStore:
         entry = self.entries.pop(entry_id)
         del self._entry_of_row[entry.table_row]
         self.tables.remove(entry.table_row)
+        self._add_sums(entry, -1)
         return entry
+
+    def _add_sums(self, entry: StoreEntry, sign: int) -> None:
+        for name, value in (("prefix_tokens", entry.prefix_len), ("stored_rows", entry.layout.kept_rows),
+                            ("borrowed_slots", entry.layout.slots.numel()), ("bytes_stored", entry.bytes_stored),
+                            ("bytes_saved", entry.bytes_saved)):
+            self._sums[name] += sign * value
 
     @property
     def has_room(self) -> bool:
@@ -393,6 +407,7 @@ class CompressedStore:
             self.tables.remove(entry.table_row)
         self.entries.clear()
         self._entry_of_row.clear()
+        self._sums = dict.fromkeys(ENTRY_SUMS, 0)
         self.compressions, self.compress_seconds, self.evictions = 0, 0.0, 0
 
     def entries_for_slots(self, first_slots: torch.Tensor) -> list[StoreEntry | None]:
@@ -403,14 +418,9 @@ class CompressedStore:
         return [self._entry_of_row[row] if row >= 0 else None for row in rows]
 
     def stats(self) -> dict:
-        entries = list(self.entries.values())
         return {
-            "entries": len(entries),
-            "prefix_tokens": sum(entry.prefix_len for entry in entries),
-            "stored_rows": sum(entry.layout.kept_rows for entry in entries),
-            "borrowed_slots": sum(entry.layout.slots.numel() for entry in entries),
-            "bytes_stored": sum(entry.bytes_stored for entry in entries),
-            "bytes_saved": sum(entry.bytes_saved for entry in entries),
+            "entries": len(self.entries),
+            **self._sums,
             "compressions": self.compressions,
             "compress_seconds": self.compress_seconds,
             "evictions": self.evictions,

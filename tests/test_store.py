@@ -102,12 +102,21 @@ def test_store_maps_first_slots_to_entries_until_removed():
     assert entry.kept_ratio == pytest.approx(10 / (NUM_LAYERS * NUM_KV_HEADS * 100))
     assert entry.bytes_saved == (600 - 10) * 16
     assert store.stats()["stored_rows"] == 10 and store.stats()["borrowed_slots"] == 2
+    other = store.add(50, CellLayout(torch.tensor([3], dtype=torch.int64), torch.tensor([[1, 1], [1, 0], [0, 0]])),
+                      policy="lava", compress_seconds=0.25, bytes_per_row=16)
+    assert store.stats()["prefix_tokens"] == 150 and store.stats()["bytes_saved"] == (600 - 10 + 300 - 3) * 16
     store.remove(entry.entry_id)
     assert store.entries_for_slots(torch.tensor([5, 9])) == [None, None]
+    # The sums follow the entries that remain.
+    assert {key: store.stats()[key] for key in ("prefix_tokens", "stored_rows", "borrowed_slots", "bytes_stored",
+                                                 "bytes_saved")} == {
+        "prefix_tokens": 50, "stored_rows": 3, "borrowed_slots": 1, "bytes_stored": 48, "bytes_saved": 297 * 16}
+    store.withdraw(other.entry_id)
     # An empty store answers without reading the tables (a device read and host sync per batch on CUDA).
     store.tables = None
     assert store.entries_for_slots(torch.tensor([5, 9])) == [None, None]
     assert store.stats()["entries"] == 0 and store.stats()["compressions"] == store.stats()["evictions"] == 1
+    assert store.stats()["prefix_tokens"] == store.stats()["bytes_saved"] == 0
 
 
 def test_a_withdrawn_entry_counts_neither_as_compressed_nor_as_evicted():
