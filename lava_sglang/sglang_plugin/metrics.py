@@ -65,13 +65,13 @@ class StoreMetrics:
                                     names, buckets=RATIO_BUCKETS)
         self.compress_seconds = Histogram("lava:compress_seconds", "Time to score, plan and store one prefix.",
                                           names, buckets=SECONDS_BUCKETS)
-        self.bytes_saved = Counter("lava:bytes_saved", "KV bytes saved by compression, summed over prefixes.",
-                                   names)
+        self.bytes_saved = Counter("lava:bytes_saved", "KV bytes of the rows compression dropped, summed over "
+                                   "prefixes.", names)
         self.evictions = Counter("lava:evicted_prefixes", "Compressed prefixes evicted.", names)
         self.store_entries = Gauge("lava:store_entries", "Compressed prefixes held now.", names,
                                    multiprocess_mode="livesum")
-        self.store_bytes = Gauge("lava:store_bytes", "KV bytes the compressed prefixes hold now.", names,
-                                 multiprocess_mode="livesum")
+        self.store_bytes = Gauge("lava:store_bytes", "KV bytes of the rows the compressed prefixes keep now (the "
+                                 "pool slots they borrow hold a few cells more).", names, multiprocess_mode="livesum")
 
     @_recorded_safely
     def compressed(self, entry: StoreEntry, store: CompressedStore) -> None:
