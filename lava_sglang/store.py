@@ -259,7 +259,7 @@ class LayoutTables:
         # The copies that allocate (a device out of memory) before a row is taken: one that
         # failed would leave its row neither free nor used.
         device = self.slot_list.device
-        slots = layout.slots.to(device, torch.int32)
+        slots = layout.slots.to(device, torch.int64)  # int64: it indexes slot_to_row as it is
         head_offsets = layout.head_offsets.to(device, torch.int32)
         row = self._free_rows.pop()
         self.slot_list[base:base + count] = slots
@@ -267,13 +267,13 @@ class LayoutTables:
         self.slot_base[row] = base
         self.num_slots[row] = max(count, 1)
         self.prefix_lens[row] = prefix_len
-        self.slot_to_row[slots.long()] = row
+        self.slot_to_row[slots] = row
         self._regions[row] = (base, count, slots)
         return row
 
     def remove(self, row: int) -> None:
         _, _, slots = self._regions.pop(row)
-        self.slot_to_row[slots.long()] = -1
+        self.slot_to_row[slots] = -1
         self._free_rows.append(row)
 
     def rows_for_slots(self, first_slots: torch.Tensor) -> torch.Tensor:

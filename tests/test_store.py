@@ -153,7 +153,7 @@ def _check_rows(tables, live):
         assert tables.rows_for_slots(layout.slots).tolist() == [row] * count
 
 
-def test_a_layout_that_cannot_be_copied_to_the_device_leaves_every_row_free():
+def test_a_layout_that_cannot_be_copied_to_the_device_leaves_every_row_free(monkeypatch):
     # The copies that allocate (a device out of memory) come before a row is taken.
     from types import SimpleNamespace
 
@@ -165,6 +165,10 @@ def test_a_layout_that_cannot_be_copied_to_the_device_leaves_every_row_free():
     with pytest.raises(RuntimeError, match="out of memory"):
         tables.add(SimpleNamespace(slots=layout.slots, head_offsets=SimpleNamespace(to=out_of_memory)), prefix_len=4)
     assert tables.has_free_row
+    with monkeypatch.context() as patch:  # nor after: an int64 copy of the slots once indexed with them
+        patch.setattr(torch.Tensor, "long", out_of_memory)
+        assert tables.add(layout, prefix_len=4) == 0
+        tables.remove(0)
     assert tables.add(layout, prefix_len=4) == 0
     _check_rows(tables, {0: layout})
 
