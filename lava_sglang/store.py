@@ -135,21 +135,6 @@ def _flat(buffer: torch.Tensor) -> torch.Tensor:
     return buffer.view(-1, buffer.shape[-1])
 
 
-def write_layer(layout: CellLayout, layer: int, k_buffers, v_buffers, keys: torch.Tensor, values: torch.Tensor) -> None:
-    """Store `layer`'s kept rows: keys, values [rows of the layer, head_dim] in (head, position)
-    order, from any device (copied to the buffers')."""
-    start, stop = layout.layer_rows(layer)
-    if keys.shape[0] != stop - start or values.shape[0] != stop - start:
-        raise ValueError(f"layer {layer} keeps {stop - start} rows, got {keys.shape[0]} keys, {values.shape[0]} values")
-    done = 0
-    for buffer, cells in layout.layer_cells(layer):
-        count = cells.numel()
-        for buffers, rows in ((k_buffers, keys), (v_buffers, values)):
-            target = _flat(buffers[buffer])
-            target[cells.to(target.device)] = rows[done:done + count].to(target.device, target.dtype)
-        done += count
-
-
 def write_kept(layout: CellLayout, kept: list[list[torch.Tensor]], k_buffers, v_buffers, source_slots: torch.Tensor,
                *, use_kernel: bool | None = None) -> None:
     """Copy a prefix's kept rows from the pool into the layout's cells (compaction).

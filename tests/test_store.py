@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lava_sglang.store import (CellLayout, CompressedStore, LayoutTables, read_layer, read_padded_layer, slots_needed,
-                               write_layer)
+from lava_sglang.store import CellLayout, CompressedStore, LayoutTables, read_layer, read_padded_layer, slots_needed
+from store_support import write_layer
 
 POOL_SLOTS, NUM_LAYERS, NUM_KV_HEADS, HEAD_DIM = 40, 3, 2, 4
 

@@ -12,7 +12,8 @@ from lava_sglang.kernels.attention_states import attention_with_lse
 from lava_sglang.kernels.pool_prefix_attention import (PoolPrefixAttention, _row_alignment, default_block_keys,
                                                        pool_prefix_attention_reference)
 from lava_sglang.kernels.prefix_attention import MAX_SPLITS
-from lava_sglang.store import CellLayout, LayoutTables, read_layer, slots_needed, write_layer
+from lava_sglang.store import CellLayout, LayoutTables, read_layer, slots_needed
+from store_support import write_layer
 
 LAYERS, KV_HEADS, GROUP, DIM, POOL = 3, 2, 3, 32, 96
 SCALING = 1.0 / math.sqrt(DIM)

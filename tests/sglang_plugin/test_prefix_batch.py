@@ -15,7 +15,8 @@ import torch
 
 from lava_sglang.kernels.attention_states import attention_with_lse
 from lava_sglang.sglang_plugin.attention import CompressedPrefixBatch
-from lava_sglang.store import CellLayout, CompressedStore, LayoutTables, slots_needed, write_layer
+from lava_sglang.store import CellLayout, CompressedStore, LayoutTables, slots_needed
+from store_support import write_layer
 
 LAYERS, KV_HEADS, GROUP, DIM, POOL = 3, 2, 3, 16, 64
 SCALING = 1.0 / math.sqrt(DIM)
