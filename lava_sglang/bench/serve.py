@@ -477,7 +477,7 @@ def run_benchmark(config: ServeConfig, progress: bool = True, log_dir: Path | No
     visits = build_workload([len(d.questions) for d in documents], config.questions_per_visit, config.order)
     capacity = config.max_total_tokens
     if capacity is None and config.memory_bound and not config.url:
-        capacity = memory_bound_capacity(prefix_tokens, config.resident_documents or 3)
+        capacity = memory_bound_capacity(prefix_tokens, config.resident_documents or MEMORY_BOUND["resident_documents"])
     if not config.url:
         check_server_flags(config, capacity, cuda, prefix_tokens)
         question_tokens = max(len(tokenizer(prompt_parts("", question.text)[1], add_special_tokens=False).input_ids)
@@ -612,8 +612,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
             raise ValueError(f"{', '.join(starting)} set the servers this command starts; with --url it starts "
                              "none (start the server with those flags yourself)")
     defaults = MEMORY_BOUND if args.memory_bound else STANDARD
-    if args.resident_documents is not None and not (args.memory_bound and args.max_total_tokens is None
-                                                    and args.url is None):
+    sizes_pool = args.memory_bound and args.max_total_tokens is None and args.url is None
+    if args.resident_documents is not None and not sizes_pool:
         raise ValueError("--resident-documents sizes the pool of --memory-bound runs; it does nothing with --url, "
                          "--max-total-tokens or without --memory-bound")
 
@@ -630,7 +630,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         documents=pick("documents"),
         questions=pick("questions"), questions_per_visit=pick("questions_per_visit"), order=pick("order"),
         context=args.context, clients=pick("clients"), max_tokens=args.max_tokens,
-        max_total_tokens=args.max_total_tokens, resident_documents=pick("resident_documents"),
+        max_total_tokens=args.max_total_tokens,
+        resident_documents=pick("resident_documents") if sizes_pool else None,  # recorded only where it sizes the pool
         memory_bound=args.memory_bound, max_seconds=args.max_seconds, sample_interval=args.sample_interval,
         server_args=server_args, seed=args.seed, model=args.model,
         url=args.url.rstrip("/") if args.url else None,

@@ -53,6 +53,9 @@ def compressing_visits(record: dict) -> dict[int, int | None]:
     commit missed, i.e. its branches ran on the full prefix."""
     last_miss, result = {}, {}
     for visit in sorted(record.get("visit_records", []), key=lambda visit: visit["visit"]):
+        # Exact, unlike the report's miss rule (`serve_workload.is_miss`, which forgives stock
+        # SGLang a few uncached tokens): a commit reads the compressed copy only where it finds
+        # all of it, the prefix but its last token, which stays with the branches.
         missed = (visit.get("commit_cached_tokens") or 0) < visit["prefix_tokens"] - 1
         if missed:
             last_miss[visit["document"]] = visit["visit"]

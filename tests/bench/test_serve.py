@@ -183,6 +183,11 @@ def test_flags_that_would_do_nothing_or_relabel_a_run_are_refused():
         with pytest.raises(ValueError, match="--resident-documents sizes the pool of --memory-bound runs"):
             config_from_args(parser.parse_args(flags))
     assert config_from_args(parser.parse_args(["--memory-bound", "--resident-documents", "4"])).resident_documents == 4
+    assert config_from_args(parser.parse_args(["--memory-bound"])).resident_documents == 3
+    # Where it sizes nothing, the run does not record it.
+    for argv in (["--memory-bound", "--max-total-tokens", "9000"], ["--memory-bound", "--url", "http://127.0.0.1:1"],
+                 []):
+        assert config_from_args(parser.parse_args(argv)).resident_documents is None
     with pytest.raises(ValueError, match="--server-args '--kv-window \"64': No closing quotation"):
         config_from_args(parser.parse_args(['--server-args=--kv-window "64']))
     # SGLang's parser takes an unambiguous prefix of a flag: --kv-budg 0.5 would run 0.5 in a run labelled 0.2.
