@@ -348,7 +348,8 @@ def per_server(urls: list[str], finals: list[dict | None], samples: list[dict]) 
         entries = [sample["server_entries"][index] for sample in samples if sample.get("server_entries")]
         return max((count for count in entries if count is not None), default=None)
 
-    return [{"url": server, "peak_store_entries": peak_entries(index), "compressions": (final or {}).get("compressions")}
+    return [{"url": server, "peak_store_entries": peak_entries(index),
+             "compressions": (final or {}).get("compressions")}
             for index, (server, final) in enumerate(zip(urls, finals))]
 
 
@@ -477,7 +478,8 @@ def run_benchmark(config: ServeConfig, progress: bool = True, log_dir: Path | No
     visits = build_workload([len(d.questions) for d in documents], config.questions_per_visit, config.order)
     capacity = config.max_total_tokens
     if capacity is None and config.memory_bound and not config.url:
-        capacity = memory_bound_capacity(prefix_tokens, config.resident_documents or MEMORY_BOUND["resident_documents"])
+        resident_documents = config.resident_documents or MEMORY_BOUND["resident_documents"]
+        capacity = memory_bound_capacity(prefix_tokens, resident_documents)
     if not config.url:
         check_server_flags(config, capacity, cuda, prefix_tokens)
         question_tokens = max(len(tokenizer(prompt_parts("", question.text)[1], add_special_tokens=False).input_ids)
