@@ -380,8 +380,8 @@ class ReferenceRuntime:
         source.validate()
         started = time.perf_counter()
         if isinstance(source, Branches):
-            if not branches or not all(isinstance(branch, Sequence) and branch and all(is_int(token) for token in branch)
-                                       for branch in branches):
+            if not branches or not all(isinstance(branch, Sequence) and branch
+                                       and all(is_int(token) for token in branch) for branch in branches):
                 raise ValueError("observe 'branches' needs at least one branch, each a non-empty sequence of token ids")
             windows = self._branch_windows(capture, branches)
             return Observation(source, branch_windows=windows, seconds=time.perf_counter() - started,

@@ -172,7 +172,8 @@ def test_a_run_whose_servers_would_leave_a_document_uncompressed_is_refused_befo
     serve.check_server_flags(replace(config, server_args=["--kv-min-prefix", "128"]), capacity=None, cuda=False,
                              prefix_tokens=[200])
     serve.check_server_flags(replace(config, policies=["none"]), capacity=None, cuda=False, prefix_tokens=[200])
-    with pytest.raises(ValueError, match="--budget 1.0 with the lava server.s --kv-window 8 keeps every token of a 999-token document"):
+    with pytest.raises(ValueError, match="--budget 1.0 with the lava server.s --kv-window 8 keeps every token of a "
+                                         "999-token document"):
         serve.check_server_flags(replace(config, budget=1.0), capacity=None, cuda=False, prefix_tokens=[1000])
 
 
