@@ -657,3 +657,62 @@ def test_report_only_without_its_json_and_notes_that_are_not_there_are_refused(t
     assert main(["--report-only", "--out", str(tmp_path), "--notes", "none"]) == 0
     assert "Reading the results" not in (tmp_path / "serving.md").read_text()
     assert "notes" not in json.loads((tmp_path / "serving.json").read_text())
+
+
+class _Response:
+    def __init__(self, body):
+        self.body = body
+
+    def json(self):
+        if isinstance(self.body, Exception):
+            raise self.body
+        return self.body
+
+
+def test_samples_and_facts_read_every_server_and_a_missing_server_is_not_free_memory(monkeypatch):
+    import requests
+
+    def state(entries, available):
+        return {"lava_kv_policy": {"window": 8, "store": _store(entries, available, 10 * entries, 100 * entries)},
+                "memory_usage": {"token_capacity": 4096, "kvcache": 0.5}}
+
+    answers = {"http://a/server_info": {"internal_states": [state(2, 1000)]},
+               "http://b/server_info": {"internal_states": [state(1, 3000), state(1, 500)]},  # two --dp-size ranks
+               "http://a/v1/loads": {"loads": [{"num_used_tokens": 30}]}, "http://b/v1/loads": [{"num_used_tokens": 5}]}
+    monkeypatch.setattr(requests, "get", lambda url, timeout: _Response(answers[url]))
+    sample = serve.Sampler(["http://a", "http://b"], interval=1.0).sample()
+    assert sample["store"]["entries"] == 4 and sample["store"]["pool_available"] == 4500
+    assert sample["server_entries"] == [2, 2] and sample["running_tokens"] == 35
+    facts = serve.server_facts("http://b")
+    assert facts["capacity_tokens"] == 8192 and facts["bytes_per_token"] == 0.5 * 2**30 / 4096
+    assert facts["kv_policy"] == {"window": 8} and facts["store"]["entries"] == 2
+    # A server that does not answer: no store sample at all (its pool would read as free).
+    answers["http://b/server_info"] = ValueError("not JSON")
+    sample = serve.Sampler(["http://a", "http://b"], interval=1.0).sample()
+    assert "store" not in sample and sample["running_tokens"] == 35
+
+
+def test_the_timed_endpoint_records_the_first_token_and_the_whole_generation(monkeypatch):
+    import time
+    from types import SimpleNamespace
+
+    from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
+
+    from lava_sglang.bench.serve_workload import timed_endpoint
+
+    monkeypatch.setattr(RuntimeEndpoint, "__init__", lambda self, url: setattr(self, "base_url", url))
+
+    def generate_stream(self, s, sampling_params):
+        time.sleep(0.05)
+        yield "The code", {}
+        time.sleep(0.1)
+        yield " is 1234567", {"cached_tokens": 90}
+
+    monkeypatch.setattr(RuntimeEndpoint, "generate_stream", generate_stream, raising=False)
+    endpoint = timed_endpoint("http://a").for_visit()
+    text, meta_info = endpoint.generate(SimpleNamespace(text_="question"), {})
+    assert text == "The code is 1234567" and meta_info == {"cached_tokens": 90}
+    (call,) = endpoint.calls
+    assert call["kind"] == "gen" and call["text"] == "question" and call["meta_info"] == {"cached_tokens": 90}
+    assert call["ttft"] >= 0.05 and call["e2e"] - call["ttft"] >= 0.1  # the second piece came 0.1 s after the first
+    assert timed_endpoint("http://a").for_visit().calls == []  # each visit its own records
