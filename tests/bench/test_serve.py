@@ -429,10 +429,12 @@ def test_a_data_parallel_servers_ranks_are_summed():
 
 
 class _Response:
-    def __init__(self, status_code: int, body: dict):
+    def __init__(self, status_code: int, body: dict | Exception):
         self.status_code, self.body = status_code, body
 
     def json(self) -> dict:
+        if isinstance(self.body, Exception):  # what a body that is not JSON raises
+            raise self.body
         return self.body
 
 
@@ -659,16 +661,6 @@ def test_report_only_without_its_json_and_notes_that_are_not_there_are_refused(t
     assert "notes" not in json.loads((tmp_path / "serving.json").read_text())
 
 
-class _Response:
-    def __init__(self, body):
-        self.body = body
-
-    def json(self):
-        if isinstance(self.body, Exception):
-            raise self.body
-        return self.body
-
-
 def test_samples_and_facts_read_every_server_and_a_missing_server_is_not_free_memory(monkeypatch):
     import requests
 
@@ -679,7 +671,7 @@ def test_samples_and_facts_read_every_server_and_a_missing_server_is_not_free_me
     answers = {"http://a/server_info": {"internal_states": [state(2, 1000)]},
                "http://b/server_info": {"internal_states": [state(1, 3000), state(1, 500)]},  # two --dp-size ranks
                "http://a/v1/loads": {"loads": [{"num_used_tokens": 30}]}, "http://b/v1/loads": [{"num_used_tokens": 5}]}
-    monkeypatch.setattr(requests, "get", lambda url, timeout: _Response(answers[url]))
+    monkeypatch.setattr(requests, "get", lambda url, timeout: _Response(200, answers[url]))
     sample = serve.Sampler(["http://a", "http://b"], interval=1.0).sample()
     assert sample["store"]["entries"] == 4 and sample["store"]["pool_available"] == 4500
     assert sample["server_entries"] == [2, 2] and sample["running_tokens"] == 35
