@@ -23,7 +23,7 @@ def distribute(total: int, weights: Sequence[float], cap: int) -> list[int]:
     """
     budgets = [0] * len(weights)
     open_layers = list(range(len(weights)))
-    exact = [Fraction(weight) for weight in weights]
+    exact = [Fraction(float(weight)) for weight in weights]  # float(): numpy floats too
     remaining = total
     while open_layers:
         weight_sum = sum(exact[i] for i in open_layers)

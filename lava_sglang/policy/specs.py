@@ -12,16 +12,22 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import re
+
+
+# Numbers as written in a spec: Python's int() and float() also take "3_2" and " 8 ", which
+# in a flag are more likely typos than numbers; as strings, a number field's check refuses them.
+_INT = re.compile(r"[+-]?\d+")
+_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf|infinity)", re.IGNORECASE)
 
 
 def _value(text: str) -> bool | int | float | str:
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
-    for parse in (int, float):
-        try:
-            return parse(text)
-        except ValueError:
-            pass
+    if _INT.fullmatch(text):
+        return int(text)
+    if _FLOAT.fullmatch(text):
+        return float(text)
     return text
 
 

@@ -69,9 +69,10 @@ def test_flat_topk_takes_each_layer_top_k_in_one_call():
 
 
 def test_flat_topk_caps_at_the_prefix():
+    # A layer budget above the prefix (a direct caller's; the plans clamp theirs at m): top 4
+    # of 4 entries, counts [2, 2]; floor(0.5 * 5) = 2 -> round(1 + 2) = 3, capped at m = 2.
     scores = torch.tensor([[[9.0, 8.0], [0.0, 0.1]]])
-    # Top 4 of 4 entries: counts [2, 2]; floor(0.5 * 2) = 1 -> round(1 + 1) = 2, capped at m = 2.
-    assert flat_topk_head_budgets(scores, [2], alpha=0.5) == [[2, 2]]
+    assert flat_topk_head_budgets(scores, [5], alpha=0.5) == [[2, 2]]
 
 
 def test_flat_topk_zero_budget_keeps_nothing():
