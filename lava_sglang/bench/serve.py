@@ -299,7 +299,8 @@ def run_clients(visits, clients: int, deadline: float, run_visit) -> None:
     """`run_visit(visit)` for every visit in order, `clients` at a time, until all are done or
     time.perf_counter() passes `deadline` (visits already started finish). An interrupt
     (Ctrl-C) or an error raised out of `run_visit` stops the other clients after their current
-    visit, and is raised once they have."""
+    visit, and is raised once they have; a second Ctrl-C stops waiting for them (a server that
+    no longer answers would hold them: the caller then stops it, which ends them)."""
     pending = iter(visits)
     lock = threading.Lock()
     stop = threading.Event()
