@@ -333,13 +333,16 @@ class CompressedRadixCache(RadixCache):
         """`num_slots` pool slots, evicting for them; None when there is no room (then nothing is
         evicted: evicting every evictable prefix, compressed ones included, would not make it)."""
         allocator = self.token_to_kv_pool_allocator
+        # Compression runs in on_release, inside the free group SGLang opens while it processes
+        # a batch's results: slots freed there (by this batch's other requests, or evicted
+        # below) are only pending, outside available_size(), until the group commits.
+        if num_slots > allocator.available_size():
+            commit_deferred_frees(allocator)
         shortfall = num_slots - allocator.available_size()
         if shortfall > self.evictable_size():
             return None
         if shortfall > 0:
             self.evict(EvictParams(num_tokens=shortfall))
-            # Compression runs in on_release, inside the free group SGLang opens while it
-            # processes a batch's results: the slots just evicted are only pending there.
             commit_deferred_frees(allocator)
         return allocator.alloc(num_slots)
 

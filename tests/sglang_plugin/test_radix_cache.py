@@ -438,6 +438,23 @@ def test_a_compression_without_room_evicts_nothing(caplog):
     assert_all_released(stub)
 
 
+def test_slots_freed_in_the_batchs_open_free_group_count_as_room():
+    # SGLang frees a batch's finished requests in a free group, committed after the batch:
+    # those slots are pending, not in available_size(), when a compression in the same batch
+    # asks for its slots. They count: nothing is evicted and the slots are given.
+    stub = SchedulerStub(KvPolicyConfig(policy="lava", window=WINDOW, min_prefix=MIN_PREFIX, compress_on=(FORK,)),
+                         pool_size=600)
+    running = stub.prefill(stub.request(document(1, 500), max_new_tokens=0))
+    stub.allocator.free_group_begin()
+    stub.allocator.free(stub.req_to_token_pool.req_to_token[running.kv.req_pool_idx, :500].to(torch.int64))
+    available = stub.allocator.available_size()
+    assert available < 400 and stub.cache.evictable_size() == 0
+    slots = stub.cache.alloc_slots(400)
+    assert slots is not None and slots.numel() == 400
+    stub.allocator.free(slots)
+    stub.allocator.free_group_end()
+
+
 class FailingSample:
     """A Prometheus metric whose samples cannot be written (a full multiprocess directory)."""
 
