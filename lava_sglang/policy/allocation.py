@@ -50,7 +50,7 @@ def pyramid_weights(num_layers: int, per_layer: int, beta: float) -> list[float]
     """
     if num_layers == 1:
         return [float(per_layer)]
-    low = per_layer / beta
+    low = per_layer / float(beta)  # a numpy float32 beta would make every weight float32 and move the floors
     high = 2 * per_layer - low
     step = (high - low) / (num_layers - 1)
     return [high - layer * step for layer in range(num_layers)]

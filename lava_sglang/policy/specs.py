@@ -15,10 +15,10 @@ import math
 import re
 
 
-# Numbers as written in a spec: Python's int() and float() also take "3_2" and " 8 ", which
-# in a flag are more likely typos than numbers; as strings, a number field's check refuses them.
-_INT = re.compile(r"[+-]?\d+")
-_FLOAT = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)([eE][+-]?\d+)?|[+-]?(nan|inf|infinity)", re.IGNORECASE)
+# Numbers as written in a spec, in ASCII digits: Python's int() and float() also take "3_2",
+# " 8 " and "８", which in a flag are more likely typos than numbers; as strings, a number field's check refuses them.
+_INT = re.compile(r"[+-]?[0-9]+")
+_FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(nan|inf|infinity)", re.IGNORECASE)
 
 
 def _value(text: str) -> bool | int | float | str:

@@ -381,7 +381,7 @@ def test_policy_specs_set_fields_and_name_what_is_wrong():
         make_policy("kvzip:sink_tokens=-1")
     # Numbers as written: int() would read 3_2 as 32 and " 8 " as 8.
     assert make_policy("lava:window=+8,pool_kernel=3").window == 8 and make_policy("pyramidkv:beta=2.5e1").beta == 25
-    for typo in ("3_2", " 8 ", "8.0.0"):
+    for typo in ("3_2", " 8 ", "8.0.0", "\uff18"):  # the last a fullwidth 8
         with pytest.raises(ValueError, match=f"window must be an int >= 1, got '{typo}'"):
             make_policy(f"lava:window={typo}")
     # No option takes an infinite number (pyramidkv's beta did), nor nan.
@@ -392,10 +392,10 @@ def test_policy_specs_set_fields_and_name_what_is_wrong():
         make_policy("pyramidkv", beta=math.inf)
     # numpy's numbers are numbers: a float32 alpha is taken at its decimal value (allocation).
     assert make_policy("ada_snapkv", alpha=numpy.float32(0.34)).alpha == numpy.float32(0.34)
-    q, k, v = random_layers()  # and a float32 beta splits the layers as a float does
-    plans = [compress_plan(make_policy("pyramidkv", window=8, beta=beta), q, k, v, 16)
-             for beta in (numpy.float32(20), 20.0)]
-    assert plans[0].head_budgets == plans[1].head_budgets
+    # and a float32 beta splits the layers as a float does (float32 weights floored 12 and 4 here, not 11 and 3)
+    budgets = [make_policy("pyramidkv", beta=beta).layer_budgets([0.0] * 16, 128, 10**6)
+               for beta in (numpy.float32(2.0), 2.0)]
+    assert budgets[0] == budgets[1] and (budgets[1][0], budgets[1][-1]) == (11, 3)
     with pytest.raises(ValueError, match="alpha must be a number in"):
         make_policy("ada_snapkv", alpha=True)
     # A shared option is taken by the policies that have it; one that none has is a misspelling.
