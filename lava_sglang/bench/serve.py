@@ -24,7 +24,6 @@ against `lava` at 0.2 by default.
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import ipaddress
 import math
 import platform
@@ -299,11 +298,13 @@ def run_clients(visits, clients: int, deadline: float, run_visit) -> None:
     """`run_visit(visit)` for every visit in order, `clients` at a time, until all are done or
     time.perf_counter() passes `deadline` (visits already started finish). An interrupt
     (Ctrl-C) or an error raised out of `run_visit` stops the other clients after their current
-    visit, and is raised once they have; a second Ctrl-C stops waiting for them (a server that
-    no longer answers would hold them: the caller then stops it, which ends them)."""
+    visit, and is raised once they have; a second Ctrl-C stops waiting for them. The clients
+    are daemon threads: a visit held by a server that no longer answers does not keep the
+    process alive once the run gives up on it (with --url nothing else would end it)."""
     pending = iter(visits)
     lock = threading.Lock()
     stop = threading.Event()
+    errors: list[BaseException] = []
 
     def client() -> None:
         try:
@@ -313,18 +314,23 @@ def run_clients(visits, clients: int, deadline: float, run_visit) -> None:
                 if visit is None:
                     return
                 run_visit(visit)
-        except BaseException:  # at once: the main thread may be waiting on another client
+        except BaseException as error:  # at once: the other clients stop after their visit
             stop.set()
-            raise
+            errors.append(error)
 
-    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
-        futures = [pool.submit(client) for _ in range(clients)]
-        try:
-            for future in futures:
-                future.result()
-        except BaseException:  # Ctrl-C reaches the main thread
-            stop.set()
-            raise
+    threads = [threading.Thread(target=client, name=f"client-{index}", daemon=True) for index in range(clients)]
+    for thread in threads:
+        thread.start()
+    try:
+        for thread in threads:
+            thread.join()
+    except BaseException:  # Ctrl-C reaches the main thread: the visits under way finish
+        stop.set()
+        for thread in threads:
+            thread.join()
+        raise
+    if errors:
+        raise errors[0]
 
 
 def flush_cache(url: str, attempts: int = 30, pause: float = 2.0) -> None:

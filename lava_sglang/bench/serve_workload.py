@@ -281,14 +281,14 @@ def summarize(policy: str, visits: list[dict], questions: list[dict], samples: l
         cost["forward_seconds"] / cost["documents"] if cost.get("documents") and cost.get("forward_seconds") is not None
         else None)
     record["repetition_forward_ratio"] = cost.get("forward_ratio")
-    # Documents resident: the compressed store's entries where the server reports them (at most
-    # one per document: --dp-size ranks and servers behind a router each compress their own
-    # copy, summed in the entries); else the radix tree's tokens over the document length where
-    # it reports its pool (--kv-policy none); else (no plugin) the most full-length copies its
-    # pool can hold at once, an upper bound.
+    # Documents resident: the compressed store's entries where the server reports them (summed
+    # over --dp-size ranks and servers behind a router, which each compress their own copies,
+    # so capped at the documents: an upper bound where copies repeat); else the radix tree's
+    # tokens over the document length where it reports its pool (--kv-policy none); else (no
+    # plugin) the most full-length copies its pool can hold at once, an upper bound.
     if record["peak_store_entries"] is not None:
         record["documents_resident"] = min(num_documents, record["peak_store_entries"])
-        record["documents_resident_source"] = "peak compressed store entries, at most one per document (/server_info)"
+        record["documents_resident_source"] = "peak compressed store entries, capped at the documents (/server_info)"
     elif record["peak_tree_tokens"] is not None and mean_prefix:
         record["documents_resident"] = min(num_documents, int(record["peak_tree_tokens"] // mean_prefix))
         record["documents_resident_source"] = "peak radix tree tokens / document tokens (/server_info)"

@@ -258,9 +258,16 @@ def test_clients_stop_after_their_current_visit_when_one_is_interrupted():
     with pytest.raises(RuntimeError, match="a bad visit"):
         serve.run_clients(range(1000), 2, time.perf_counter() + 60, second_client_fails)
     assert len(done) <= 2  # the first client finished the visit under way, then stopped
-    finished = []
-    serve.run_clients(range(5), 2, time.perf_counter() + 60, finished.append)
+    finished, daemons = [], []
+
+    def record(visit):
+        daemons.append(threading.current_thread().daemon)
+        finished.append(visit)
+
+    serve.run_clients(range(5), 2, time.perf_counter() + 60, record)
     assert sorted(finished) == [0, 1, 2, 3, 4]
+    # Daemon threads: a visit a silent server holds does not keep the process alive after the run.
+    assert daemons == [True] * 5
     serve.run_clients(range(5), 2, time.perf_counter() - 1, finished.append)  # past the deadline: none starts
     assert len(finished) == 5
 
