@@ -103,6 +103,15 @@ def unmeasured_policies(result: dict) -> list[str]:
     return [policy for policy in result["meta"].get("config", {}).get("policies", []) if policy not in measured]
 
 
+def _pool_cap(work: dict, records: list[dict]) -> str:
+    """The KV pool cap the run set, or the capacity the server reported where it set none
+    (`--url`, or a run without --memory-bound and --max-total-tokens)."""
+    if work["max_total_tokens"]:
+        return f"{work['max_total_tokens']} tokens"
+    reported = sorted({record["capacity_tokens"] for record in records if record.get("capacity_tokens")})
+    return "the server's own" + (f" ({', '.join(map(str, reported))} tokens)" if reported else "")
+
+
 def markdown(result: dict, stem: str) -> str:
     records, meta = result["records"], result["meta"]
     work = meta["workload"]
@@ -123,7 +132,7 @@ def markdown(result: dict, stem: str) -> str:
         f"{work['visits']} programs in {work['order']} order, {work['clients']} concurrent clients, answers of "
         f"at most {work['max_tokens']} tokens (greedy), seed {work['seed']}; "
         f"--kv-budget {_num(work['budget'], '{:g}')} for every compressing policy; "
-        f"KV pool cap: {work['max_total_tokens'] or 'server default'} tokens; "
+        f"KV pool cap: {_pool_cap(work, records)}; "
         f"at most {work['max_seconds']:.0f} s of workload per policy.",
         *_repeated_questions(work),
         f"- Wall time: {meta['wall_seconds'] / 60:.1f} min (server starts included).",

@@ -554,6 +554,16 @@ def test_a_report_says_when_a_documents_questions_repeat_its_facts():
     assert "Each document plants 3 facts for its 4 questions, which repeat them" in markdown(result, "serving")
 
 
+def test_a_report_gives_the_pool_cap_the_run_set_or_the_one_the_server_reported():
+    result = synthetic_result()
+    assert "KV pool cap: 4096 tokens;" in markdown(result, "serving")
+    result["meta"]["workload"]["max_total_tokens"] = None  # a --url run: the server's own pool
+    assert "KV pool cap: the server's own (4096 tokens);" in markdown(result, "serving")
+    for record in result["records"]:
+        record["capacity_tokens"] = None
+    assert "KV pool cap: the server's own;" in markdown(result, "serving")
+
+
 def test_comparison_against_the_targets():
     result = synthetic_result()
     compared = comparison(result["records"])
