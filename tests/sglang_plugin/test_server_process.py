@@ -1,12 +1,18 @@
-"""What a server started by `ServerProcess` would refuse, found before it starts."""
+"""What a server started by `ServerProcess` would refuse, found before it starts; the flags it
+adds for the CPU engine; how it stops a process group."""
 
 from __future__ import annotations
 
 import json
+import os
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
-from lava_sglang.sglang_plugin.server_process import check_request_fits
+from lava_sglang.sglang_plugin.server_process import (_cpu_engine_args, _LoggedProcess, _scheduler_ranks,
+                                                      check_request_fits)
 
 
 @pytest.fixture
@@ -43,3 +49,49 @@ def test_a_model_that_is_not_a_checkpoint_folder_is_left_to_the_server(tmp_path)
     check_request_fits(tmp_path / "model.gguf", [], 100_000, 24, cpu_engine=True)  # a file, or a hub id
     (tmp_path / "config.json").write_text(json.dumps({"max_position_embeddings": None}))
     check_request_fits(tmp_path, [], 100_000, 24, cpu_engine=True)
+
+
+def _running(pid: int) -> bool:
+    """Whether process `pid` exists and is not a zombie (one whose parent has not reaped it)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return False
+    return state != "Z"
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc; the process-group stop is the same elsewhere")
+def test_stopping_a_process_ends_its_whole_group_even_a_child_that_ignores_sigterm(tmp_path):
+    # As an SGLang launcher's scheduler could: the leader ends on SIGTERM, its child does not;
+    # stop() kills what is left of the group after the grace period.
+    child_code = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                  "print('child ready', flush=True); time.sleep(120)")
+    leader_code = (f"import subprocess, sys, time; child = subprocess.Popen([sys.executable, '-c', {child_code!r}]); "
+                   "print('child', child.pid, flush=True); time.sleep(120)")
+    process = _LoggedProcess([sys.executable, "-c", leader_code], port=0, log_path=tmp_path / "process.log",
+                             env=dict(os.environ))
+    process.start()
+    deadline = time.monotonic() + 60
+    while "child ready" not in process.log_tail() and time.monotonic() < deadline:
+        time.sleep(0.1)
+    child_pid = int(next(line.split()[1] for line in process.log_tail().splitlines() if line.startswith("child ")))
+    leader = process.process
+    assert _running(child_pid) and leader.poll() is None
+    process.stop(grace=1.0)
+    deadline = time.monotonic() + 10  # SIGKILL is asynchronous
+    while _running(child_pid) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not _running(child_pid) and leader.poll() is not None and process.process is None
+
+
+@pytest.mark.parametrize("args, expected", [
+    ([], ["--device", "cpu", "--attention-backend", "torch_native", "--sleep-on-idle", "--max-total-tokens", "16384"]),
+    (["--max-total-tokens=2048", "--attention-backend", "triton"], ["--device", "cpu", "--sleep-on-idle"]),
+])
+def test_the_cpu_engine_flags_are_added_where_the_caller_gave_none(args, expected):
+    assert _cpu_engine_args(args) == expected
+
+
+def test_the_scheduler_ranks_are_data_parallel_times_tensor_parallel():
+    assert _scheduler_ranks(["--tp-size", "3", "--dp=2"]) == 6 and _scheduler_ranks([]) == 1
+    assert _scheduler_ranks(["--tp-size"]) == 1  # a missing value: SGLang's parser refuses it
