@@ -375,9 +375,9 @@ class CompressedStore:
         return entry
 
     def _add_sums(self, entry: StoreEntry, sign: int) -> None:
-        for name, value in (("prefix_tokens", entry.prefix_len), ("stored_rows", entry.layout.kept_rows),
-                            ("borrowed_slots", entry.layout.slots.numel()), ("bytes_stored", entry.bytes_stored),
-                            ("bytes_saved", entry.bytes_saved)):
+        values = (entry.prefix_len, entry.layout.kept_rows, entry.layout.slots.numel(), entry.bytes_stored,
+                  entry.bytes_saved)
+        for name, value in zip(ENTRY_SUMS, values, strict=True):
             self._sums[name] += sign * value
 
     @property

@@ -260,9 +260,10 @@ class CompressedPrefixAttention:
             keys_per_split = launch.split_size(int((longest * row_tiles).sum()), int(longest.max()),
                                                launch.programs_to_fill(device), BLOCK_KEYS)
         splits = ((longest + keys_per_split - 1) // keys_per_split).clamp_min(1)
-        if int(splits.max()) > MAX_SPLITS:
+        max_splits = int(splits.max())
+        if max_splits > MAX_SPLITS:
             raise ValueError(f"keys_per_split={keys_per_split} cuts a {int(longest.max())}-key sequence into "
-                             f"{int(splits.max())} splits; the merge takes at most {MAX_SPLITS}")
+                             f"{max_splits} splits; the merge takes at most {MAX_SPLITS}")
 
         # One program per (sequence, chunk): work item i is chunk work_split[i] of work_seq[i].
         work_seq = torch.arange(num_seqs).repeat_interleave(splits)
@@ -276,7 +277,7 @@ class CompressedPrefixAttention:
         self._num_splits = _device_int32(splits, device)
         self._token_request = _device_int32(torch.arange(num_requests).repeat_interleave(q_lens), device)
         self._row_tiles = max(int(row_tiles.max()), 1)
-        self._max_splits = int(splits.max())
+        self._max_splits = max_splits
         self._keys_per_split = keys_per_split
         self._num_tokens = int(qo[-1])
         self._max_index = int(kv_indices.max()) if kv_indices.numel() else -1
