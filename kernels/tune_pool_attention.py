@@ -110,9 +110,11 @@ def main() -> None:
     def sweep_row(cells: list, options: dict) -> float | None:
         """Time one configuration over every shape and print its row: its time per shape and
         the geometric mean relative to the defaults' (returned; None where it fails to run)."""
+        from triton.errors import TritonError  # imported once the interpreter is chosen (benchmarking)
+
         try:
             times = time_config(options)
-        except Exception as error:  # e.g. Triton's OutOfResources: report it and go on with the sweep
+        except TritonError as error:  # too much shared memory, say: report it and go on with the sweep
             print("| " + " | ".join(map(str, cells)) + f" | failed: {type(error).__name__}: {error} |")
             return None
         relative = geometric_mean([time / base for time, base in zip(times, default_times)])

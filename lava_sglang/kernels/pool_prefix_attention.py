@@ -226,8 +226,9 @@ class PoolPrefixAttention:
         qo_indptr [B + 1] int32 (decode: arange); entry_of_request [B] int32 (table rows, -1:
         none); tables = (head_offsets, slot_list, slot_base, num_slots); num_tokens: the batch's
         query tokens (qo_indptr[B]); max_q_len: the most query tokens of a request (1 for
-        decode). Checks shapes only: nothing here reads a device value, so a CUDA graph can
-        record it.
+        decode). Checks shapes, and the index values too (one host read) except while a CUDA
+        graph is being captured, which must not read a device value: there the caller's
+        values are trusted, and wrong ones read or write out of bounds.
         """
         head_offsets, slot_list, slot_base, num_slots = tables
         for name, tensor, dims in (("qo_indptr", qo_indptr, 1), ("entry_of_request", entry_of_request, 1),
@@ -251,6 +252,8 @@ class PoolPrefixAttention:
         launch.check_same_device(qo_indptr=qo_indptr, entry_of_request=entry_of_request, head_offsets=head_offsets,
                                  slot_list=slot_list, slot_base=slot_base, num_slots=num_slots,
                                  k_buffers=self.k_first)
+        if not (qo_indptr.is_cuda and torch.cuda.is_current_stream_capturing()):
+            _check_plan_values(qo_indptr, entry_of_request, head_offsets.shape[0], num_tokens, max_q_len)
         self._qo_indptr, self._entry_of_request, self._tables = qo_indptr, entry_of_request, tables
         self._num_tokens = num_tokens
         self._block_m = min(MAX_BLOCK_ROWS, launch.block_size(max_q_len * self.group))
@@ -307,6 +310,24 @@ class PoolPrefixAttention:
             HEAD_DIM=self.head_dim, BLOCK_S=launch.block_size(self.max_splits, minimum=1), BLOCK_D=block_d,
         )
         return out, lse
+
+
+def _check_plan_values(qo_indptr: torch.Tensor, entry_of_request: torch.Tensor, num_entries: int, num_tokens: int,
+                       max_q_len: int) -> None:
+    """The plan's index values against what the kernels assume: a request's rows beyond
+    max_q_len would never be computed (the merge would read unwritten partials), tokens past
+    qo_indptr[B] or entries past the tables would be read or written out of bounds."""
+    num_requests = entry_of_request.numel()
+    values = torch.cat([qo_indptr.long(), entry_of_request.long()]).tolist()  # one host read
+    offsets, entries = values[:num_requests + 1], values[num_requests + 1:]
+    q_lens = [end - start for start, end in zip(offsets, offsets[1:])]
+    if offsets[0] != 0 or min(q_lens, default=0) < 0 or offsets[-1] != num_tokens:
+        raise ValueError(f"qo_indptr must start at 0, be non-decreasing and end at num_tokens={num_tokens}, "
+                         f"got {offsets}")
+    if max(q_lens, default=0) > max_q_len:
+        raise ValueError(f"max_q_len={max_q_len} is below a request's {max(q_lens)} query tokens")
+    if any(not -1 <= entry < num_entries for entry in entries):
+        raise ValueError(f"entry_of_request must hold table rows in [0, {num_entries}) or -1 (none), got {entries}")
 
 
 def _token_request(qo_indptr: torch.Tensor, num_tokens: int) -> torch.Tensor:

@@ -216,7 +216,8 @@ class CompressedPrefixAttention:
 
     def plan(self, qo_indptr: torch.Tensor, kv_indptr: torch.Tensor, kv_indices: torch.Tensor, *,
              keys_per_split: int | None = None) -> None:
-        """Build the metadata and the split plan of one batch (synchronises once).
+        """Build the metadata and the split plan of one batch (reads its index tensors on the
+        host, a few synchronisations per batch: not for CUDA-graph capture).
 
         qo_indptr: int [B + 1], request b's query tokens are rows qo_indptr[b]:qo_indptr[b + 1]
             of q (decode: arange(B + 1)).

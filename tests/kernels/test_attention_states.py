@@ -11,6 +11,7 @@ from lava_sglang.kernels import attention_states
 from lava_sglang.kernels.attention_states import (attention_with_lse, causal_visibility, flash_attention_with_lse,
                                                   flash_extend_attention_with_lse, merge_attention_states,
                                                   rows_attention_with_lse)
+from kernel_support import bf16_rounding
 
 
 def _states(num_tokens, num_heads, head_dim, dtype, device, seed=0):
@@ -19,14 +20,6 @@ def _states(num_tokens, num_heads, head_dim, dtype, device, seed=0):
     lses = [(3 * torch.randn(num_tokens, num_heads, generator=generator)).to(device) for _ in range(2)]
     lses[0][0, 0] = float("-inf")  # an empty compressed prefix for one (token, head)
     return outs[0], lses[0], outs[1], lses[1]
-
-
-
-
-def bf16_rounding(device) -> float:
-    """Largest relative error of one fp32 -> bf16 conversion in a kernel: Triton's
-    interpreter truncates (2^-7, bf16 has 8 significant bits), GPUs round to nearest (2^-8)."""
-    return 2.0 ** -7 if torch.device(device).type == "cpu" else 2.0 ** -8
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

@@ -24,6 +24,7 @@ def test_smoke_mode_prints_machine_inputs_and_a_table(script):
     table = [line for line in lines if line.startswith("| ") and not line.startswith("| document")]
     assert table, result.stdout
     assert all("nan" not in line and "inf" not in line for line in table), result.stdout
+    assert not any("failed:" in line for line in table), result.stdout  # the tuner's rows that did not run
 
 
 def test_no_package_in_the_scripts_folder():

@@ -296,6 +296,19 @@ def test_bad_inputs_raise(device):
     for bad in (dict(num_tokens=-1, max_q_len=1), dict(num_tokens=1, max_q_len=0)):
         with pytest.raises(ValueError, match="num_tokens|max_q_len"):
             attention.plan(qo_indptr, rows, tables, **bad)
+    # Index values the kernels would trust: rows never computed, or reads and writes out of bounds.
+    two_tokens = torch.tensor([0, 2], dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="max_q_len=1 is below a request's 2"):
+        attention.plan(two_tokens, rows, tables, num_tokens=2, max_q_len=1)
+    for num_tokens in (1, 3):
+        with pytest.raises(ValueError, match=f"end at num_tokens={num_tokens}"):
+            attention.plan(two_tokens, rows, tables, num_tokens=num_tokens, max_q_len=2)
+    with pytest.raises(ValueError, match="start at 0"):
+        attention.plan(two_tokens + 1, rows, tables, num_tokens=3, max_q_len=2)
+    for entry in (tables[0].shape[0], -2):
+        with pytest.raises(ValueError, match="entry_of_request must hold table rows"):
+            attention.plan(qo_indptr, torch.tensor([entry], dtype=torch.int32, device=device), tables,
+                           num_tokens=1, max_q_len=1)
     attention.plan(qo_indptr, rows, tables, num_tokens=1, max_q_len=1)
     with pytest.raises(ValueError, match="pool's dtype"):
         attention.run(q.bfloat16(), layer=0)

@@ -8,15 +8,10 @@ import torch
 from lava_sglang.kernels.attention_states import attention_with_lse, merge_attention_states
 from lava_sglang.kernels import launch, prefix_attention
 from lava_sglang.kernels.prefix_attention import CompressedPrefixAttention, prefix_attention_reference
+from kernel_support import bf16_rounding
 
 LSE_ATOL = 1e-5  # q.k products are exact in fp32 for bf16 inputs too: only summation order differs
 FP32_OUT_ATOL = 1e-5
-
-
-def bf16_rounding(device) -> float:
-    """Largest relative error of one fp32 -> bf16 conversion in a kernel: Triton's
-    interpreter truncates (2^-7, bf16 has 8 significant bits), GPUs round to nearest (2^-8)."""
-    return 2.0 ** -7 if torch.device(device).type == "cpu" else 2.0 ** -8
 
 
 def out_atol(dtype, values, roundings=2):

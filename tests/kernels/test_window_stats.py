@@ -78,7 +78,7 @@ def test_matches_policy_lava_and_snapkv(device, group, head_dim, dtype):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_mass_and_value_norm(device, dtype):
     q, k_buffer, v_buffer, slots = _pool_inputs(6, 2, 9, 77, 64, dtype, device)
-    # Over 32-key splits: the value norm's block maxima are combined as the mass's sums are.
+    # The mass over 32-key splits (combined by their row maxima and sums); vbar from its own key blocks.
     stats = window_statistics(q, k_buffer, v_buffer, slots, gqa_reduce="max", with_value_norm=True,
                               keys_per_split=32)
     expected = window_statistics_reference(q, k_buffer, v_buffer, slots, gqa_reduce="max", with_value_norm=True)
