@@ -29,7 +29,9 @@ scores it; each chunk's own tokens are freed as soon as its request is released.
 A prefix is compressed only while no request runs on its full copy (otherwise a later
 request retries), so a compressed node never coexists with its own full-length copy: after
 a compression, an ordinary match of the prefix is shorter than the compressed one, and
-match and insert take the same path. A request that held only an ancestor of the prefix (a
+match and insert take the same path. (A request cut to recompute the prefix's window holds
+the copy's ancestor at the cut; what the compression left there goes when it is released,
+`_free_superseded_copy`.) A request that held only an ancestor of the prefix (a
 chunked prefill's first chunk, a shared chat header) and computed the rest itself moves to
 the compressed copy at its next checkpoint (`checkpoint`).
 """
@@ -212,7 +214,7 @@ class LavaRadixCache(CompressedRadixCache):
     # ----------------------------------------------------------- compression
 
     def on_release(self, req, *, checkpointed: bool) -> None:
-        repeated_len = None
+        repeated_len = cut_prefix = None
         try:
             # By this server's random base, which a client cannot guess (it may send "lava-repeat-..."); a
             # chunk whose repetition is forgotten still is no commit, though max_new_tokens is 0.
@@ -236,12 +238,29 @@ class LavaRadixCache(CompressedRadixCache):
                                  req)
         finally:
             self.capture.drop(req)
-            self.shared_prefix_keys.pop(req, None)
+            cut_prefix = self.shared_prefix_keys.pop(req, None)
             super().on_release(req, checkpointed=checkpointed)
         if repeated_len is not None:  # a repetition chunk's tokens go now, before the next chunk is sent
             self.free_beyond(prompt_key(req), repeated_len)
+        else:
+            if cut_prefix is None and FORK in self.config.compress_on and self._is_commit(req):
+                cut_prefix = fork_prefix(prompt_key(req))
+            if cut_prefix is not None:
+                self._free_superseded_copy(cut_prefix)
         if self.pending:
             self._compress_ready_pending()
+
+    def _free_superseded_copy(self, prefix_key) -> None:
+        """A released request whose match was cut to recompute `prefix_key`'s window (a fork
+        commit, a shared prefix's sharer) held the full copy's ancestor at the cut while another
+        one compressed the prefix: that compression freed the full copy only down to the held
+        node. Once the prefix is compressed and nothing holds that rest any more, it goes too:
+        a compressed prefix does not keep its own near-full copy beside it."""
+        if self.compressed_match(prefix_key) is None:
+            return
+        found = self._walk_ordinary(prefix_key)
+        if found is not None and found[1] is not self.root_node:
+            self.free_uncompressed_path(found[1])
 
     def release_aborted_request(self, handle) -> None:
         """An aborted request (SGLang calls this on every rank, with the request's handle) gives

@@ -526,6 +526,32 @@ def test_a_fork_commit_of_a_document_plain_requests_cached_is_compressed(policy)
     assert_all_released(stub)
 
 
+@pytest.mark.parametrize("compress_on", [(FORK,), (SHARED,)])
+def test_two_requests_cut_to_observe_one_prefix_leave_no_ordinary_copy_beside_the_compressed_one(compress_on):
+    """Two fork commits (or two sharers) of a document plain requests cached, prefilled
+    together: each matched all but the last `window` tokens and holds that node. The first
+    released compresses the prefix and frees the full copy down to the node the second holds;
+    that rest goes once the second is released."""
+    stub = make_stub(compress_on=compress_on)
+    run(stub, document(0) + question(0))
+    tails = [[], []] if compress_on == (FORK,) else [question(1), question(2)]
+    first, second = (stub.prefill(stub.request(document(0) + tail, max_new_tokens=0 if not tail else 2))
+                     for tail in tails)
+    assert first.prefix_len == second.prefix_len == 200 - WINDOW
+    check(stub)
+    for req in (first, second):
+        for token in range(req.sampling_params.max_new_tokens):
+            stub.decode(req, 7 + token)
+        stub.finish(req)
+        check(stub)
+    (node,) = stub.compressed_nodes()
+    ordinary = stub.cache.ordinary_slots(prompt_key(stub.request(document(0))), touch=False)[0]
+    assert ordinary.numel() == 0
+    if compress_on == (FORK,):  # the store's rows, and the document's last token the second inserted below them
+        assert stub.cache.evictable_size() == node_slots(node) + 1
+    assert_all_released(stub)
+
+
 def test_a_logprob_scoring_request_is_not_a_fork_commit():
     """`select()` scores each choice with max_new_tokens=0 and return_logprob: not a commit."""
     stub = make_stub()
