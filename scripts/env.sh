@@ -23,6 +23,9 @@ if ! LOCK_KEY=$(set -o pipefail; cat "$REPO_ROOT/requirements.lock" "$REPO_ROOT/
     return 2 2>/dev/null || exit 2
 fi
 VENV=${LAVA_SGLANG_VENV:-$CACHE_ROOT/venv-py311-$LOCK_KEY}
+# Absolute, so that PATH still finds the environment after the README's scripts cd to the repository.
+case $CACHE_ROOT in /*) ;; *) CACHE_ROOT=$PWD/$CACHE_ROOT ;; esac
+case $VENV in /*) ;; *) VENV=$PWD/$VENV ;; esac
 PYTHON_FOR_VENV=${LAVA_SGLANG_PYTHON:-python3.11}
 
 if [ -n "${LAVA_SGLANG_VENV:-}" ] && [ ! -x "$VENV/bin/python" ]; then

@@ -16,6 +16,14 @@ if [ -z "${LAVA_SGLANG_VENV:-}" ] && [ ! -f "$VENV/.complete" ]; then
              "module (e.g. apt install python3.11 python3.11-venv) or set LAVA_SGLANG_PYTHON to one" >&2
         exit 1
     fi
+    # The lock pins wheels for CPython 3.11 (pyproject: >=3.11,<3.12); another version would
+    # download ~11 GB before the project's own install refuses it.
+    if ! "$PYTHON_FOR_VENV" -c 'import sys; sys.exit(sys.version_info[:2] != (3, 11))'; then
+        echo "lava-sglang: $PYTHON_FOR_VENV is $("$PYTHON_FOR_VENV" --version 2>&1), not Python 3.11: install" \
+             "Python 3.11 with its venv module (e.g. apt install python3.11 python3.11-venv) or set" \
+             "LAVA_SGLANG_PYTHON to one" >&2
+        exit 1
+    fi
     echo "lava-sglang: creating the environment in $VENV (first run only, about 4 minutes)" >&2
     rm -rf "$VENV"
     "$PYTHON_FOR_VENV" -m venv "$VENV"

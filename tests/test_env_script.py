@@ -22,14 +22,14 @@ exit 0
 """
 
 
-def source_env(tmp_path: Path, fail: str, before: str = "") -> subprocess.CompletedProcess:
+def source_env(tmp_path: Path, fail: str, before: str = "", after: str = "") -> subprocess.CompletedProcess:
     python = tmp_path / "python3.11"
     python.write_text(FAKE_PYTHON)
     python.chmod(0o755)
     environment = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "LAVA_SGLANG_CACHE": str(tmp_path / "cache"),
                    "LAVA_SGLANG_PYTHON": str(python), "FAKE_LOG": str(tmp_path / "calls.log"), "FAKE_FAIL": fail}
-    return subprocess.run(["bash", "-c", f"{before}source {REPO_ROOT}/scripts/env.sh"], env=environment, cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(["bash", "-c", f"{before}source {REPO_ROOT}/scripts/env.sh{after}"], env=environment,
+                          cwd=tmp_path, capture_output=True, text=True, timeout=60)
 
 
 def environments(tmp_path: Path) -> list[Path]:
@@ -53,6 +53,23 @@ def test_a_missing_python_is_named_with_how_to_get_one(tmp_path):
     assert result.returncode != 0
     assert f"no {tmp_path}/no-python3.11 to create the environment with: install Python 3.11" in result.stderr
     assert not (tmp_path / "calls.log").exists()  # nothing was run
+
+
+def test_a_python_that_is_not_3_11_is_refused_before_anything_is_installed(tmp_path):
+    # The lock's wheels are for 3.11: another version would download ~11 GB, then fail.
+    result = source_env(tmp_path, "version_info")  # the stand-in fails the version check
+    assert result.returncode != 0
+    assert "not Python 3.11: install Python 3.11" in result.stderr
+    assert "-m venv" not in (tmp_path / "calls.log").read_text()
+
+
+def test_a_relative_cache_folder_is_found_after_the_scripts_change_directory(tmp_path):
+    # demo.sh and test.sh cd to the repository after sourcing env.sh: PATH must not depend on the caller's folder.
+    result = source_env(tmp_path, "never", before="export LAVA_SGLANG_CACHE=relative-cache; ",
+                        after=" && cd / && command -v python")
+    assert result.returncode == 0, result.stderr
+    (venv,) = (tmp_path / "relative-cache").glob("venv-py311-*")
+    assert result.stdout.strip() == str(venv / "bin" / "python")
 
 
 def test_a_complete_environment_is_reused_and_its_editable_install_made_once(tmp_path):
