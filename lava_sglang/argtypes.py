@@ -52,6 +52,23 @@ def at_least(minimum: int):
 positive_int = at_least(1)
 
 
+def named_spec(names: tuple[str, ...], what: str, refused: dict[str, str] | None = None):
+    """An argument type for `name` or `name:field=value,...` whose name is one of `names`
+    (the options are checked where the spec is built, which needs torch); `refused` maps a
+    known name the flag does not take to the reason."""
+    def parse(text: str) -> str:
+        name = text.split(":", 1)[0]
+        if refused and name in refused:
+            raise argparse.ArgumentTypeError(f"{name!r}: {refused[name]}")
+        if name not in names:
+            raise argparse.ArgumentTypeError(f"{what} must be one of {', '.join(names)}, optionally with "
+                                             f"options (name:field=value,...), got {text!r}")
+        return text
+
+    parse.__name__ = what
+    return parse
+
+
 def fact_count(text: str) -> int:
     """Planted facts per document: 1 to `documents.MAX_FACTS` (one name per fact)."""
     value = positive_int(text)

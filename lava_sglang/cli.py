@@ -13,8 +13,8 @@ import time
 from pathlib import Path
 
 from lava_sglang.argtypes import (COMPRESSING_POLICIES, DEFAULT_MIN_PREFIX, OBSERVE_SOURCES, REPORT_FLAGS, at_least,
-                                  check_results, fact_count, keep_ratio, output_folder, positive_int, read_json,
-                                  read_notes, refuse_run_flags, replace_file)
+                                  check_results, fact_count, keep_ratio, named_spec, output_folder, positive_int,
+                                  read_json, read_notes, refuse_run_flags, replace_file)
 from lava_sglang.bench.documents import RETRIEVAL_ANSWER_TOKENS, names_code
 from lava_sglang.model import ModelNotAvailable
 from lava_sglang.sglang_plugin.server_process import ServerExited
@@ -301,6 +301,8 @@ def add_quality_arguments(quality: argparse.ArgumentParser) -> argparse.Argument
     quality.add_argument("--questions", type=positive_int, nargs="+", default=[40, 12],
                          help="questions per task, one count per context (default 40 12)")
     quality.add_argument("--policies", nargs="+", metavar="POLICY",
+                         type=named_spec(COMPRESSING_POLICIES, "a policy",
+                                         {"full": "the full cache is always run as the reference; do not list it"}),
                          help="policies besides the full cache, from "
                          f"{', '.join(COMPRESSING_POLICIES)}, each optionally with options of its own, "
                          "e.g. lava:layer_budget=global,value_norm=false (docs/allocation.md; default: all that "
@@ -311,7 +313,7 @@ def add_quality_arguments(quality: argparse.ArgumentParser) -> argparse.Argument
                          choices=["compress_once", "query_aware"], help="default: both")
     quality.add_argument("--tasks", nargs="+", default=["retrieval", "fidelity"], choices=["retrieval", "fidelity"],
                          help="default: both")
-    quality.add_argument("--observe", nargs="+", metavar="SOURCE",
+    quality.add_argument("--observe", nargs="+", metavar="SOURCE", type=named_spec(OBSERVE_SOURCES, "a source"),
                          help="what scores the document in compress_once, from "
                          f"{', '.join(OBSERVE_SOURCES)}, each optionally with options of its own, e.g. "
                          "reconstruct:normalize=local,chunk_tokens=512 (docs/observe.md; default reconstruct, the "

@@ -45,7 +45,8 @@ from lava_sglang.bench.serve_workload import (MISS_SLACK, ORDERS, build_workload
                                               timed_endpoint, visit_records)
 from lava_sglang.bench.documents import CODE_DIGITS, RETRIEVAL_ANSWER_TOKENS
 from lava_sglang.checks import is_number
-from lava_sglang.sglang_plugin.server_process import ServerExited, ServerProcess, check_request_fits
+from lava_sglang.sglang_plugin.server_process import (CPU_DEFAULT_MAX_TOTAL_TOKENS, ServerExited, ServerProcess,
+                                                       check_request_fits)
 
 POLICIES = ["none", *COMPRESSING_POLICIES]
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "docs" / "results"
@@ -589,11 +590,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     add("--max-tokens", type=at_least(CODE_DIGITS), default=RETRIEVAL_ANSWER_TOKENS,
         help=f"answer length cap, at least {CODE_DIGITS} (a planted code's digits; default {RETRIEVAL_ANSWER_TOKENS})")
     add("--max-total-tokens", type=positive_int,
-        help="KV pool cap passed to every server (default: ServerProcess's; --memory-bound: "
+        help=f"KV pool cap passed to every server (default: {CPU_DEFAULT_MAX_TOTAL_TOKENS} on the CPU engine, "
+             "SGLang's own on a GPU; --memory-bound: "
              "resident-documents x the longest document's tokens + 256, rounded up to a multiple of 64)")
     add("--resident-documents", type=positive_int, help="--memory-bound: documents stock SGLang's pool holds "
         "(default 3)")
-    add("--memory-bound", action="store_true", help="the memory-bound comparison (see the module doc)")
+    add("--memory-bound", action="store_true",
+        help="the memory-bound comparison: stock SGLang (none) against lava under a pool cap that holds "
+             "--resident-documents full documents, each flag's --memory-bound default, and the issue's targets "
+             "judged in the report")
     add("--max-seconds", type=positive_float, default=900.0, help="workload time per policy, server start excluded; "
         "no visit starts after it (default 900)")
     add("--sample-interval", type=positive_float, default=2.0, help="seconds between /server_info samples (default 2)")

@@ -69,8 +69,15 @@ def test_a_partial_file_counts_the_questions_done_with_or_without_a_progress_bar
 
 
 def test_cli_rejects_unknown_observation_sources_and_policy_options(capsys):
-    assert main(["bench", "quality", "--observe", "tail", "question"]) == 2
-    assert "observe must be one of ['branches', 'reconstruct', 'tail'], got 'question'" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # argparse's own refusal, naming the flag
+        main(["bench", "quality", "--observe", "tail", "question"])
+    assert ("argument --observe: a source must be one of tail, branches, reconstruct, optionally with options "
+            "(name:field=value,...), got 'question'") in capsys.readouterr().err
+    for policy, message in (("h2o", "a policy must be one of lava, kvzip"),
+                            ("full", "'full': the full cache is always run as the reference")):
+        with pytest.raises(SystemExit):
+            main(["bench", "quality", "--policies", "lava", policy])
+        assert f"argument --policies: {message}" in capsys.readouterr().err
     assert main(["bench", "quality", "--policies", "lava:budget=3"]) == 2
     assert "options must be field=value with a field of lava" in capsys.readouterr().err
     args = build_parser().parse_args(["bench", "quality", "--observe", "branches", "reconstruct:normalize=local"])
