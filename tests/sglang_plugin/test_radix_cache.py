@@ -19,7 +19,7 @@ from lava_sglang.sglang_plugin.repetition import RepetitionScores
 from lava_sglang.sglang_plugin.tensor_parallel import TensorParallel
 from lava_sglang.store import slots_needed
 
-from scheduler_stub import KV_HEADS, LAYERS, Q_HEADS, SchedulerStub
+from scheduler_stub import HEAD_DIM, KV_HEADS, LAYERS, Q_HEADS, SchedulerStub
 
 WINDOW, MIN_PREFIX = 8, 64
 
@@ -313,7 +313,7 @@ def test_under_observe_branches_a_branch_aborted_while_queued_gives_its_place_ba
 @pytest.mark.parametrize("observe", ["tail", "branches", "reconstruct"])
 def test_only_the_requests_whose_windows_are_read_hold_captured_queries(observe):
     # Every other long request's window queries would be held, unread, until its release.
-    stub = make_stub(observe=observe)
+    stub = make_waiting_stub(observe) if observe != "tail" else make_stub()
     plain = stub.prefill(stub.request(document(1), max_new_tokens=8))
     fork_commit = stub.prefill(stub.request(document(0), max_new_tokens=0))
     assert stub.cache.capture.window_queries(plain.kv.req_pool_idx, 200, LAYERS) is None
@@ -322,8 +322,9 @@ def test_only_the_requests_whose_windows_are_read_hold_captured_queries(observe)
         stub.finish(req)
     check(stub)
     # Under branches a branch of the waiting prefix observes it, one of a single own token too
-    # (SGLang matches it by a key one token short, which ends where the prefix does); elsewhere
-    # the copy is (being) compressed.
+    # (SGLang matches it by a key one token short, which ends where the prefix does); under
+    # reconstruct the prefix waits for its repetition alone, and under tail it is compressed.
+    assert len(stub.cache.pending) == (observe != "tail")
     branches = [stub.prefill(stub.request(document(0) + own, max_new_tokens=4)) for own in (question(0), [42])]
     for branch in branches:
         own_len = len(branch.origin_input_ids) - 200
@@ -340,10 +341,12 @@ def test_a_budget_that_keeps_the_whole_prefix_leaves_it_as_stock_sglang_does(bud
     # Compressing would hold a second full copy (and under reconstruct run a repetition) for nothing.
     stub = SchedulerStub(KvPolicyConfig(policy="lava", budget=budget, window=WINDOW, min_prefix=MIN_PREFIX,
                                         compress_on=compress_on, observe=observe))
+    asked = []  # the repetitions asked for (this stub has no server to send them to)
+    stub.cache._start_repetition = asked.append
     commit(stub, document(0))
     run(stub, document(0) + question(0))
     run(stub, document(0) + question(1))
-    assert stub.compressed_nodes() == [] and stub.cache.pending == [] and stub.cache.repetitions_started == 0
+    assert stub.compressed_nodes() == [] and stub.cache.pending == [] and asked == []
     assert stub.cache.evictable_size() == 200 + 2 * (3 + 2)
     assert_all_released(stub)
     stub = SchedulerStub(KvPolicyConfig(policy="lava", budget=198, window=WINDOW, min_prefix=MIN_PREFIX,
@@ -358,9 +361,12 @@ def test_a_commit_whose_compressed_prefix_lies_within_the_window_is_left_as_stoc
     # window is always kept), so compressing would only store a second full copy.
     stub = SchedulerStub(KvPolicyConfig(policy="lava", budget=0.2, window=WINDOW, min_prefix=WINDOW + 1,
                                         compress_on=(FORK,), observe=observe))
+    asked = []  # the repetitions asked for (this stub has no server to send them to: None, compressed by the tail)
+    stub.cache._start_repetition = asked.append
     commit(stub, document(0, length=WINDOW + 1))
-    assert stub.compressed_nodes() == [] and stub.cache.pending == [] and stub.cache.repetitions_started == 0
+    assert stub.compressed_nodes() == [] and stub.cache.pending == [] and asked == []
     commit(stub, document(1, length=WINDOW + 2))  # one token beyond the window: compressed (here by its tail)
+    assert len(asked) == (observe == "reconstruct")
     assert len(stub.compressed_nodes()) == 1
     assert_all_released(stub)
 
@@ -969,6 +975,68 @@ def repetition_of_document_0(stub: SchedulerStub, name: str) -> RepetitionScores
     """A repetition of document(0) in 64-token chunks, its chunks' ids of this server's base."""
     return RepetitionScores.plan(document(0), Reconstruct(chunk_tokens=64, chat_turn=False), lambda text: [7, 9, 9],
                                  WINDOW, LAYERS, rid_base=f"{stub.cache.repetition_rid_base}-{name}")
+
+
+def run_chunk(stub: SchedulerStub, scores: RepetitionScores, index: int, scored_queries: int | None = None) -> None:
+    """Chunk `index`'s request, scored as the attention path scores it (`_score_repetitions`:
+    its queries against the keys of its row, from the pool), at every layer; scored_queries:
+    only that many of its repetition queries, as a chunk cut short."""
+    rid, chunk = scores.rids[index], scores.chunks[index]
+    req = stub.prefill(stub.request(scores.input_ids(chunk), max_new_tokens=0, rid=rid))
+    assert req.prefix_len == scores.prefix_len  # it reuses the prefix only
+    seq_len = len(req.origin_input_ids)
+    slots = stub.req_to_token_pool.req_to_token[req.kv.req_pool_idx, :seq_len].to(torch.int64)
+    own_len = seq_len - scores.prefix_len if scored_queries is None else scored_queries
+    for layer in range(LAYERS):
+        queries = torch.randn(own_len, Q_HEADS, HEAD_DIM)
+        scores.add_chunk(rid, layer, queries, stub.kv_pool.k_buffer[layer][slots[:scores.prefix_len + own_len]],
+                         scores.prefix_len, HEAD_DIM ** -0.5)
+    stub.finish(req)
+    check(stub)
+
+
+def live_repetition_stub() -> tuple[SchedulerStub, list[RepetitionScores]]:
+    """A stub whose fork commits start a repetition of document(0) that the test runs."""
+    stub = make_stub(observe="reconstruct")
+    asked = []
+
+    def start(req):
+        asked.append(started(stub, repetition_of_document_0(stub, f"live{len(asked)}")))
+        return asked[-1]
+
+    stub.cache._start_repetition = start
+    return stub, asked
+
+
+def test_a_repetition_scores_its_prefix_chunk_by_chunk_frees_each_chunk_and_compresses_by_its_scores():
+    # The cache's side of a live repetition (the e2e tests run it on a server): each chunk's own
+    # tokens go when it is released, and the last chunk's release compresses the prefix.
+    stub, asked = live_repetition_stub()
+    commit(stub, document(0))
+    (scores,) = asked
+    assert len(stub.cache.pending) == 1 and not stub.compressed_nodes() and len(scores.chunks) > 1
+    evictable = stub.cache.evictable_size()
+    for index in range(len(scores.chunks)):
+        assert len(stub.cache.pending) == 1
+        run_chunk(stub, scores, index)
+        assert stub.cache.evictable_size() == evictable or index == len(scores.chunks) - 1
+    (node,) = stub.compressed_nodes()
+    assert len(node.key) == 199 and not stub.cache.pending and not stub.cache.repetitions
+    assert stub.cache.repetitions_cut_short == 0 and stub.cache.last_repetition is not None
+    assert stub.cache.evictable_size() == node_slots(node)
+    assert_all_released(stub)
+
+
+def test_a_chunk_released_with_part_of_its_queries_scored_compresses_the_prefix_by_its_tail():
+    stub, asked = live_repetition_stub()
+    commit(stub, document(0))
+    (scores,) = asked
+    run_chunk(stub, scores, 0, scored_queries=3)
+    assert scores.failed is not None and "released with 3 of" in scores.failed
+    (node,) = stub.compressed_nodes()
+    assert len(node.key) == 199 and not stub.cache.pending and not stub.cache.repetitions
+    assert stub.cache.repetitions_cut_short == 1
+    assert_all_released(stub)
 
 
 def test_a_stopped_repetition_remembers_only_the_chunk_that_can_still_run():
