@@ -446,6 +446,9 @@ def check_server_args(config: KvPolicyConfig, args: argparse.Namespace, device: 
          "them on its own radix cache only, and the plugin's is another"),
         (any(getattr(args, name, False) for name in ("enable_lmcache", "enable_flexkv")),
          "--enable-lmcache, --enable-flexkv: their caches replace the radix cache, which the plugin is"),
+        (bool(getattr(args, "kv_events_config", None)),
+         "--kv-events-config: the events would report a compressed prefix's full copy removed and never the "
+         "compressed prefix stored (the plugin publishes no events for its compressed nodes)"),
         (bool(graph_phases), f"{', '.join(graph_phases)}: CUDA graphs replay a batch without the host work that "
          "builds the compressed prefixes' metadata; with a policy they are off"),
         (on_accelerator and getattr(args, "cuda_graph_config", None) is not None,

@@ -251,6 +251,7 @@ def test_unknown_policy_lists_the_allowed_ones():
     ("radix_eviction_policy", "tlru", "SGLang serves them on its own radix cache only"),
     ("enable_lmcache", True, "--enable-lmcache, --enable-flexkv"),
     ("enable_flexkv", True, "--enable-lmcache, --enable-flexkv"),
+    ("kv_events_config", '{"publisher": "zmq"}', "--kv-events-config: the events would report"),
 ])
 def test_combinations_that_cannot_work_are_refused(option, value, reason):
     config = from_namespace(parse("--kv-policy", "lava"))
