@@ -36,6 +36,55 @@ def test_every_cli_option_is_in_the_readme(command, option):
     assert f"`{option}`" in README or f"`{option} " in README, f"{command} {option} is not documented in README.md"
 
 
+def _flag_tables() -> list[dict[str, str]]:
+    """Each README table headed `| flag | default...`: flag -> its default cell."""
+    lines, tables = README.splitlines(), []
+    for index, line in enumerate(lines):
+        if line.startswith("| flag | default"):
+            rows = {}
+            for row in lines[index + 2:]:
+                if not row.startswith("| `--"):
+                    break
+                cells = [cell.strip() for cell in row.split("|")[1:-1]]
+                rows[cells[0].strip("`")] = cells[1]
+            tables.append(rows)
+    return tables
+
+
+def _documented(default: object, action: argparse.Action) -> str:
+    """How a flag's table writes the parser's default."""
+    if default == "":
+        return "none"
+    if isinstance(default, list) and action.choices is not None and sorted(default) == sorted(action.choices):
+        return "both" if len(default) == 2 else "all"
+    values = default if isinstance(default, list) else [default]
+    text = " ".join(f"{value:g}" if isinstance(value, float) else str(value) for value in values)
+    if isinstance(default, str) and Path(default).is_absolute() and Path(default).is_relative_to(REPO):
+        text = str(Path(default).relative_to(REPO))
+    return f"`{text}`"
+
+
+# The commands with a table of flags (serve-reference's two are described in a sentence).
+TABLED_COMMANDS = ("lava-sglang demo", "lava-sglang bench quality", "lava-sglang bench serve")
+
+
+@pytest.mark.parametrize("command, parser", [(command, parser) for command, parser in _subcommands(build_parser())
+                                             if command in TABLED_COMMANDS])
+def test_each_command_has_one_readme_table_of_exactly_its_flags_with_their_defaults(command, parser):
+    # A flag missing from its command's table, or a default that drifted, would pass the test above
+    # wherever another table names a flag of that name.
+    actions = {option: action for action in parser._actions for option in action.option_strings
+               if option.startswith("--") and option != "--help"}
+    tables = [table for table in _flag_tables() if set(table) == set(actions)]
+    assert len(tables) == 1, f"{command}: {len(tables)} README tables list exactly its flags {sorted(actions)}"
+    (table,) = tables
+    for option, action in actions.items():
+        if action.default not in (None, False):  # given no default, each table says what the command does
+            expected = _documented(action.default, action)
+            assert table[option].startswith(expected), f"{command} {option}: README says {table[option]!r}, " \
+                                                       f"code {action.default!r}"
+
+
 @pytest.mark.parametrize("dest", sorted(FLAGS))
 def test_every_server_flag_is_in_the_readme_table_with_its_default(dest):
     flag, default, _ = FLAGS[dest]
