@@ -47,7 +47,7 @@ from functools import partial
 
 import torch
 
-from lava_sglang.policy import ObservationWindow
+from lava_sglang.policy import ObservationWindow, resolve_budget
 from lava_sglang.sglang_plugin.compressed_tree import CompressedNode, CompressedRadixCache, prompt_key
 from lava_sglang.sglang_plugin.compressor import WindowCapture, plan_prefix
 from lava_sglang.sglang_plugin.config import (BRANCHES, DEFERRED_OBSERVE_SOURCES, FORK, MAX_BRANCH_OWN_TOKENS,
@@ -373,6 +373,8 @@ class LavaRadixCache(CompressedRadixCache):
             return
         repetition = None
         if self.config.observe == RECONSTRUCT:
+            if not self._room_to_compress(full_key):
+                return
             repetition = self._start_repetition(req)
             if repetition is None:
                 self._compress_fork_prefix(req)  # nothing to wait for: the tail window, now
@@ -383,6 +385,25 @@ class LavaRadixCache(CompressedRadixCache):
         self.pending.append(pending)
         logger.info("lava: prefix of %d tokens waits for its %s (at most %.0f s)", len(full_key),
                     "repetition" if repetition is not None else "branches", self.config.observe_wait)
+
+    def _room_to_compress(self, full_key) -> bool:
+        """Whether the fork prefix's compressed copy could get its slots were it compressed now,
+        its full copy kept meanwhile. A repetition costs about two prefills: one is not started
+        for a compression that would find no room, and the prefix stays as stock SGLang caches
+        it (a later commit asks again). An estimate: the plan keeps at most the budget's tokens
+        per layer and KV head (and half a token over, the per-layer safeguard's rounding), so
+        its cells fill that many slots (`slots_needed`); `_compress` checks the real count."""
+        slots_estimate = min(len(full_key) - 1, resolve_budget(self.config.budget, len(full_key)) + 1)
+        _, node = self.ordinary_slots(full_key, touch=False)
+        kept_evictable = 0
+        while node is not self.root_node:
+            kept_evictable += len(node.value) if node.lock_ref == 0 else 0
+            node = node.parent
+        if self.has_room_for(slots_estimate, kept_evictable):
+            return True
+        logger.warning("lava: no room for about %d slots to compress a %d-token prefix beside its full copy; no "
+                       "repetition started, kept uncompressed", slots_estimate, len(full_key))
+        return False
 
     def _start_repetition(self, req) -> RepetitionScores | None:
         """Ask the server to prefill, chunk after chunk, the prefix, a repeat instruction and

@@ -1027,6 +1027,25 @@ def test_a_repetition_scores_its_prefix_chunk_by_chunk_frees_each_chunk_and_comp
     assert_all_released(stub)
 
 
+def test_no_repetition_is_started_for_a_prefix_whose_compression_would_find_no_room(caplog):
+    # A 200-token document in a 230-slot pool: its copy at keep 0.2 needs ~40 slots while the
+    # full copy is kept, and 30 are free. Each commit ran a repetition (two prefills' work) that
+    # ended in "no room"; now none is asked for, until there is room.
+    stub = SchedulerStub(KvPolicyConfig(policy="lava", window=WINDOW, min_prefix=MIN_PREFIX, observe="reconstruct"),
+                         pool_size=230)
+    asked = []
+    stub.cache._start_repetition = asked.append
+    with caplog.at_level(logging.WARNING, logger="lava_sglang.sglang_plugin.radix_cache"):
+        commit(stub, document(0))
+        commit(stub, document(0))
+    assert asked == [] and not stub.cache.pending and not stub.compressed_nodes()
+    assert caplog.text.count("no room for about 41 slots to compress a 200-token prefix") == 2
+    stub.cache.evict(EvictParams(num_tokens=200))
+    commit(stub, document(1, length=150))  # 150 + 31 slots: room
+    assert len(asked) == 1
+    assert_all_released(stub)
+
+
 def test_a_chunk_released_with_part_of_its_queries_scored_compresses_the_prefix_by_its_tail():
     stub, asked = live_repetition_stub()
     commit(stub, document(0))
