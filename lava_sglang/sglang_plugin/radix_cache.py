@@ -259,7 +259,10 @@ class LavaRadixCache(CompressedRadixCache):
         if self.compressed_match(prefix_key) is None:
             return
         found = self._walk_ordinary(prefix_key)
-        if found is not None and found[1] is not self.root_node:
+        # Only the copy down to the cut, `window` tokens short (a shorter ordinary path is
+        # another prompt's, a waiting prefix's say, and stays).
+        if found is not None and found[1] is not self.root_node and \
+                found[0].numel() >= len(prefix_key) - self.config.window:
             self.free_uncompressed_path(found[1])
 
     def release_aborted_request(self, handle) -> None:
