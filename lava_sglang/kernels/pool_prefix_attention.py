@@ -226,9 +226,10 @@ class PoolPrefixAttention:
         qo_indptr [B + 1] int32 (decode: arange); entry_of_request [B] int32 (table rows, -1:
         none); tables = (head_offsets, slot_list, slot_base, num_slots); num_tokens: the batch's
         query tokens (qo_indptr[B]); max_q_len: the most query tokens of a request (1 for
-        decode). Checks shapes, and the index values too (one host read) except while a CUDA
-        graph is being captured, which must not read a device value: there the caller's
-        values are trusted, and wrong ones read or write out of bounds.
+        decode). On a CUDA device it checks shapes only: nothing here reads a device value, so
+        a CUDA graph can record it and an eager batch does not wait on the device (the server
+        builds these values from host lists), and wrong values read or write out of bounds.
+        On the CPU (Triton's interpreter) the index values are checked too.
         """
         head_offsets, slot_list, slot_base, num_slots = tables
         for name, tensor, dims in (("qo_indptr", qo_indptr, 1), ("entry_of_request", entry_of_request, 1),
@@ -252,7 +253,7 @@ class PoolPrefixAttention:
         launch.check_same_device(qo_indptr=qo_indptr, entry_of_request=entry_of_request, head_offsets=head_offsets,
                                  slot_list=slot_list, slot_base=slot_base, num_slots=num_slots,
                                  k_buffers=self.k_first)
-        if not (qo_indptr.is_cuda and torch.cuda.is_current_stream_capturing()):
+        if not qo_indptr.is_cuda:
             _check_plan_values(qo_indptr, entry_of_request, head_offsets.shape[0], num_tokens, max_q_len)
         self._qo_indptr, self._entry_of_request, self._tables = qo_indptr, entry_of_request, tables
         self._num_tokens = num_tokens
@@ -318,7 +319,7 @@ def _check_plan_values(qo_indptr: torch.Tensor, entry_of_request: torch.Tensor, 
     max_q_len would never be computed (the merge would read unwritten partials), tokens past
     qo_indptr[B] or entries past the tables would be read or written out of bounds."""
     num_requests = entry_of_request.numel()
-    values = torch.cat([qo_indptr.long(), entry_of_request.long()]).tolist()  # one host read
+    values = torch.cat([qo_indptr.long(), entry_of_request.long()]).tolist()
     offsets, entries = values[:num_requests + 1], values[num_requests + 1:]
     q_lens = [end - start for start, end in zip(offsets, offsets[1:])]
     if offsets[0] != 0 or min(q_lens, default=0) < 0 or offsets[-1] != num_tokens:

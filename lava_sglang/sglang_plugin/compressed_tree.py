@@ -329,24 +329,18 @@ class CompressedRadixCache(RadixCache):
 
     # ------------------------------------------------ allocating and freeing
 
-    def has_room_for(self, num_slots: int, kept_evictable: int = 0) -> bool:
-        """Whether `num_slots` pool slots could be had now, evicting for them, while
-        `kept_evictable` of the evictable slots stay (a full copy locked while it is compressed)."""
+    def alloc_slots(self, num_slots: int):
+        """`num_slots` pool slots, evicting for them; None when there is no room (then nothing is
+        evicted: evicting every evictable prefix, compressed ones included, would not make it)."""
         allocator = self.token_to_kv_pool_allocator
         # Compression runs in on_release, inside the free group SGLang opens while it processes
         # a batch's results: slots freed there (by this batch's other requests, or evicted
         # below) are only pending, outside available_size(), until the group commits.
         if num_slots > allocator.available_size():
             commit_deferred_frees(allocator)
-        return num_slots <= allocator.available_size() + self.evictable_size() - kept_evictable
-
-    def alloc_slots(self, num_slots: int):
-        """`num_slots` pool slots, evicting for them; None when there is no room (then nothing is
-        evicted: evicting every evictable prefix, compressed ones included, would not make it)."""
-        allocator = self.token_to_kv_pool_allocator
-        if not self.has_room_for(num_slots):
-            return None
         shortfall = num_slots - allocator.available_size()
+        if shortfall > self.evictable_size():
+            return None
         if shortfall > 0:
             self.evict(EvictParams(num_tokens=shortfall))
             commit_deferred_frees(allocator)

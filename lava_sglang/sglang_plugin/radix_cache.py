@@ -104,6 +104,9 @@ class LavaRadixCache(CompressedRadixCache):
         # A request whose match was cut to observe a shared prefix -> that prefix's key; weak, so
         # a request dropped before it is released (aborted while waiting) leaves nothing behind.
         self.shared_prefix_keys: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+        # A request whose match was cut `window` tokens short of a prefix (a fork commit, a shared
+        # prefix's sharer) -> (that prefix's key, where it was cut), for `_free_superseded_copy`.
+        self.window_cuts: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         self.pending: list[PendingPrefix] = []
         self.repetitions: dict[str, RepetitionScores] = {}  # by chunk request id, while the request may run
         self.retired_repetitions: dict[str, int] = {}  # chunk rid -> prefix length, for stopped repetitions
@@ -121,6 +124,7 @@ class LavaRadixCache(CompressedRadixCache):
             self.retire_repetition(repetition)
         self.capture.clear()
         self.shared_prefix_keys.clear()
+        self.window_cuts.clear()
         self.pending = []
         self.repetitions = {}
         self.repetitions_cut_short = 0
@@ -156,6 +160,7 @@ class LavaRadixCache(CompressedRadixCache):
         req = params.req
         if req is not None:  # a shared prefix is recorded afresh at every match (a queued request is matched again)
             self.shared_prefix_keys.pop(req, None)
+            self.window_cuts.pop(req, None)
         repeated_len = self._repeated_len(req.rid) if req is not None and isinstance(req.rid, str) else None
         if req is not None:
             self.capture.observe(req, repeated_len is None and self._reads_window_of(req))
@@ -168,6 +173,7 @@ class LavaRadixCache(CompressedRadixCache):
             # A fork commit of a prefix already in the tree (cached by plain requests) would
             # recompute only its last token: it recomputes its last `window`, whose queries observe it.
             cut = max(0, len(req.origin_input_ids) - self.config.window)
+            self.window_cuts[req] = (fork_prefix(prompt_key(req)), cut)
             return super().match_prefix(MatchPrefixParams(key=params.key[:cut], req=req))
         result = super().match_prefix(params)
         if req is None or SHARED not in self.config.compress_on or self._pending_of(params.key) is not None:
@@ -181,6 +187,7 @@ class LavaRadixCache(CompressedRadixCache):
             return result  # not compressed while a fork prefix that starts with it waits (`_compress_shared_prefix`)
         # Recompute the shared prefix's last `window` tokens: their queries observe it.
         self.shared_prefix_keys[req] = key[:shared_len]
+        self.window_cuts[req] = (key[:shared_len], shared_len - self.config.window)
         self.capture.observe(req, True)
         return super().match_prefix(MatchPrefixParams(key=key[:shared_len - self.config.window], req=req))
 
@@ -214,7 +221,7 @@ class LavaRadixCache(CompressedRadixCache):
     # ----------------------------------------------------------- compression
 
     def on_release(self, req, *, checkpointed: bool) -> None:
-        repeated_len = cut_prefix = None
+        repeated_len = None
         try:
             # By this server's random base, which a client cannot guess (it may send "lava-repeat-..."); a
             # chunk whose repetition is forgotten still is no commit, though max_new_tokens is 0.
@@ -238,31 +245,27 @@ class LavaRadixCache(CompressedRadixCache):
                                  req)
         finally:
             self.capture.drop(req)
-            cut_prefix = self.shared_prefix_keys.pop(req, None)
+            self.shared_prefix_keys.pop(req, None)
+            window_cut = self.window_cuts.pop(req, None)
             super().on_release(req, checkpointed=checkpointed)
         if repeated_len is not None:  # a repetition chunk's tokens go now, before the next chunk is sent
             self.free_beyond(prompt_key(req), repeated_len)
-        else:
-            if cut_prefix is None and FORK in self.config.compress_on and self._is_commit(req):
-                cut_prefix = fork_prefix(prompt_key(req))
-            if cut_prefix is not None:
-                self._free_superseded_copy(cut_prefix)
+        elif window_cut is not None:
+            self._free_superseded_copy(*window_cut)
         if self.pending:
             self._compress_ready_pending()
 
-    def _free_superseded_copy(self, prefix_key) -> None:
-        """A released request whose match was cut to recompute `prefix_key`'s window (a fork
-        commit, a shared prefix's sharer) held the full copy's ancestor at the cut while another
-        one compressed the prefix: that compression freed the full copy only down to the held
-        node. Once the prefix is compressed and nothing holds that rest any more, it goes too:
-        a compressed prefix does not keep its own near-full copy beside it."""
-        if self.compressed_match(prefix_key) is None:
+    def _free_superseded_copy(self, prefix_key, cut_len: int) -> None:
+        """A released request whose match was cut at `cut_len` to recompute `prefix_key`'s
+        window (a fork commit, a shared prefix's sharer) held the node ending there while
+        another one compressed the prefix: that compression freed the full copy only down to
+        the held node. Once the prefix itself is compressed, that rest goes too where nothing
+        else holds it: a compressed prefix does not keep its own near-full copy beside it."""
+        compressed = self.compressed_match(prefix_key)
+        if compressed is None or len(compressed.key) != len(prefix_key):
             return
         found = self._walk_ordinary(prefix_key)
-        # Only the copy down to the cut, `window` tokens short (a shorter ordinary path is
-        # another prompt's, a waiting prefix's say, and stays).
-        if found is not None and found[1] is not self.root_node and \
-                found[0].numel() >= len(prefix_key) - self.config.window:
+        if found is not None and found[1] is not self.root_node and found[0].numel() == cut_len:
             self.free_uncompressed_path(found[1])
 
     def release_aborted_request(self, handle) -> None:
@@ -390,22 +393,20 @@ class LavaRadixCache(CompressedRadixCache):
                     "repetition" if repetition is not None else "branches", self.config.observe_wait)
 
     def _room_to_compress(self, full_key) -> bool:
-        """Whether the fork prefix's compressed copy could get its slots were it compressed now,
-        its full copy kept meanwhile. A repetition costs about two prefills: one is not started
-        for a compression that would find no room, and the prefix stays as stock SGLang caches
-        it (a later commit asks again). An estimate: the plan keeps at most the budget's tokens
-        per layer and KV head (and half a token over, the per-layer safeguard's rounding), so
-        its cells fill that many slots (`slots_needed`); `_compress` checks the real count."""
+        """Whether the pool could ever hold the fork prefix's compressed copy beside its full
+        copy, as a compression needs: a repetition costs about two prefills, and one is not
+        started for a prefix that nearly fills the pool (it stays as stock SGLang caches it).
+        Everything else in the pool is evictable or finishes, so only the pool's size counts
+        here; `_compress` checks the room there is then. The copy's slots, estimated: the plan
+        keeps the budget's tokens per layer and KV head on average, and the per-layer
+        safeguard's rounding at most half a token more per head, so at most one slot more
+        (`slots_needed`: a slot holds one cell per layer and KV head)."""
         slots_estimate = min(len(full_key) - 1, resolve_budget(self.config.budget, len(full_key)) + 1)
-        _, node = self.ordinary_slots(full_key, touch=False)
-        kept_evictable = 0
-        while node is not self.root_node:
-            kept_evictable += len(node.value) if node.lock_ref == 0 else 0
-            node = node.parent
-        if self.has_room_for(slots_estimate, kept_evictable):
+        if slots_estimate + len(full_key) <= self.kv_pool.size:
             return True
-        logger.warning("lava: no room for about %d slots to compress a %d-token prefix beside its full copy; no "
-                       "repetition started, kept uncompressed", slots_estimate, len(full_key))
+        logger.warning("lava: a %d-token prefix and its compressed copy (about %d slots) do not fit in the %d-slot "
+                       "pool together; no repetition started, kept uncompressed", len(full_key), slots_estimate,
+                       self.kv_pool.size)
         return False
 
     def _start_repetition(self, req) -> RepetitionScores | None:

@@ -558,6 +558,21 @@ def test_two_requests_cut_to_observe_one_prefix_leave_no_ordinary_copy_beside_th
     assert_all_released(stub)
 
 
+def test_a_commit_that_was_not_cut_leaves_a_waiting_prefix_near_a_compressed_one_alone():
+    # Only a request cut to recompute a prefix's window frees what is left of that prefix's
+    # copy: a waiting prefix that ends within `window` tokens of a compressed one is not that.
+    stub = make_stub(observe="reconstruct")  # no repetition client: document(0) is compressed by its tail
+    commit(stub, document(0))
+    (node,) = stub.compressed_nodes()
+    stub.cache._start_repetition = make_waiting_stub("reconstruct").cache._start_repetition
+    waiting = document(0)[:195]
+    commit(stub, waiting)
+    assert len(stub.cache.pending) == 1
+    commit(stub, document(0))  # matches the compressed copy: not cut
+    assert len(stub.cache.pending) == 1
+    assert stub.cache.ordinary_slots(prompt_key(stub.request(waiting)), touch=False)[0].numel() == 195
+
+
 def test_a_logprob_scoring_request_is_not_a_fork_commit():
     """`select()` scores each choice with max_new_tokens=0 and return_logprob: not a commit."""
     stub = make_stub()
@@ -1027,10 +1042,9 @@ def test_a_repetition_scores_its_prefix_chunk_by_chunk_frees_each_chunk_and_comp
     assert_all_released(stub)
 
 
-def test_no_repetition_is_started_for_a_prefix_whose_compression_would_find_no_room(caplog):
-    # A 200-token document in a 230-slot pool: its copy at keep 0.2 needs ~40 slots while the
-    # full copy is kept, and 30 are free. Each commit ran a repetition (two prefills' work) that
-    # ended in "no room"; now none is asked for, until there is room.
+def test_no_repetition_is_started_for_a_prefix_whose_compressed_copy_cannot_fit_beside_it(caplog):
+    # A 200-token document in a 230-slot pool: its copy at keep 0.2 needs ~40 slots beside the
+    # full copy. Each commit ran a repetition (two prefills' work) that ended in "no room".
     stub = SchedulerStub(KvPolicyConfig(policy="lava", window=WINDOW, min_prefix=MIN_PREFIX, observe="reconstruct"),
                          pool_size=230)
     asked = []
@@ -1039,11 +1053,25 @@ def test_no_repetition_is_started_for_a_prefix_whose_compression_would_find_no_r
         commit(stub, document(0))
         commit(stub, document(0))
     assert asked == [] and not stub.cache.pending and not stub.compressed_nodes()
-    assert caplog.text.count("no room for about 41 slots to compress a 200-token prefix") == 2
-    stub.cache.evict(EvictParams(num_tokens=200))
-    commit(stub, document(1, length=150))  # 150 + 31 slots: room
+    assert caplog.text.count("a 200-token prefix and its compressed copy (about 41 slots) do not fit in the "
+                             "230-slot pool together") == 2
+    commit(stub, document(1, length=150))  # 150 + 31 slots fit
     assert len(asked) == 1
     assert_all_released(stub)
+
+
+def test_a_repetition_is_started_while_running_requests_hold_most_of_the_pool():
+    # They finish long before the repetition does: the room a compression needs is looked for then.
+    stub = SchedulerStub(KvPolicyConfig(policy="lava", window=WINDOW, min_prefix=MIN_PREFIX, observe="reconstruct"),
+                         pool_size=440)
+    asked = []
+    stub.cache._start_repetition = asked.append
+    running = stub.prefill(stub.request(document(1) + question(0), max_new_tokens=2))
+    commit(stub, document(0))  # 37 slots free, and the document's own copy evictable
+    assert len(asked) == 1
+    stub.decode(running, 7)
+    stub.finish(running)
+    check(stub)
 
 
 def test_a_chunk_released_with_part_of_its_queries_scored_compresses_the_prefix_by_its_tail():
