@@ -50,7 +50,7 @@ logger = logging.getLogger(__name__)
 
 PADDING_SLOT = 0  # SGLang's allocator never hands out slot 0 (it absorbs padded writes)
 # Compressed prefixes stored at once (rows of the store's layout tables, ~4 MB for a Llama-3-8B
-# shape); past that a prefix is kept uncompressed until an entry is evicted.
+# shape); past that the least recently used one no request holds makes room (`make_room_in_store`).
 MAX_STORE_ENTRIES = 4096
 
 
@@ -310,6 +310,21 @@ class CompressedRadixCache(RadixCache):
 
     def _eviction_key(self, node) -> tuple:
         return isinstance(node, CompressedNode), self.eviction_strategy.get_priority(node), node
+
+    def make_room_in_store(self) -> bool:
+        """Whether the store can take one more compressed prefix. Where its tables are full, the
+        least recently used compressed prefix no request holds is dropped, with the requests'
+        own tokens cached below it: a server whose pool holds more documents than the tables
+        would otherwise keep every later document uncompressed, with nothing to evict them."""
+        if self.store.has_room:
+            return True
+        unheld = [node for nodes in self.compressed.values() for node in nodes if node.lock_ref == 0]
+        if not unheld:
+            return False
+        oldest = min(unheld, key=self.eviction_strategy.get_priority)
+        self.free_below(oldest)
+        self._drop_compressed(oldest)
+        return True
 
     def _drop_compressed(self, node: CompressedNode) -> int:
         assert node.lock_ref == 0 and not node.children, "dropping a compressed prefix in use"

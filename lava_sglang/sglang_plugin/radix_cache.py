@@ -682,9 +682,9 @@ class LavaRadixCache(CompressedRadixCache):
     def _compress(self, prefix_key, slots: torch.Tensor, window_queries, branch_windows=None,
                   repeat_attention=None) -> CompressedNode | None:
         started = time.perf_counter()
-        if not self.store.has_room:
-            logger.warning("lava: the store holds %d compressed prefixes, its most; a %d-token prefix is kept "
-                           "uncompressed", len(self.store.entries), slots.numel())
+        if not self.make_room_in_store():
+            logger.warning("lava: the store holds %d compressed prefixes, its most, each in use; a %d-token prefix "
+                           "is kept uncompressed", len(self.store.entries), slots.numel())
             return None
         k_buffers, v_buffers = self.kv_pool.k_buffer, self.kv_pool.v_buffer
         tensor_parallel = self.tensor_parallel

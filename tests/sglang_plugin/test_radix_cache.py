@@ -14,6 +14,7 @@ from sglang.test.test_utils import published_topology
 
 from lava_sglang.sglang_plugin.config import FORK, SHARED, KvPolicyConfig
 from lava_sglang.policy import Reconstruct
+from lava_sglang.sglang_plugin import compressed_tree
 from lava_sglang.sglang_plugin.compressed_tree import CompressedNode, prompt_key
 from lava_sglang.sglang_plugin.repetition import RepetitionScores
 from lava_sglang.sglang_plugin.tensor_parallel import TensorParallel
@@ -440,6 +441,55 @@ def test_a_compression_without_room_evicts_nothing(caplog):
     assert "no room for" in caplog.text and "kept uncompressed" in caplog.text
     assert len(stub.compressed_nodes()) == 1 and stub.cache.store.stats()["evictions"] == 0
     stub.finish(running)
+    check(stub)
+    assert_all_released(stub)
+
+
+def store_of_two_entries(monkeypatch) -> SchedulerStub:
+    monkeypatch.setattr(compressed_tree, "MAX_STORE_ENTRIES", 2)
+    stub = make_stub()
+    for index in range(2):
+        commit(stub, document(index))
+    assert not stub.cache.store.has_room
+    return stub
+
+
+def test_a_full_store_drops_its_least_recently_used_compressed_prefix_for_a_new_one(monkeypatch):
+    # Without it, a pool larger than the store's tables keeps every later document
+    # uncompressed, with no memory pressure ever to evict the compressed ones.
+    stub = store_of_two_entries(monkeypatch)
+    run(stub, document(0) + question(0), max_new_tokens=3)  # document 1 is now the least recently used
+    commit(stub, document(2))
+    assert sorted(len(node.key) for node in stub.compressed_nodes()) == [199] * 2
+    assert {node.key.token_ids[0] for node in stub.compressed_nodes()} == {document(0)[0], document(2)[0]}
+    assert stub.cache.store.stats()["evictions"] == 1
+    # Document 0's branch tokens, cached below it, stay; a branch of document 2 reads its copy.
+    assert run(stub, document(0) + question(0), max_new_tokens=1).prefix_len > 199
+    assert uses_compressed_prefix(stub, stub.prefill(stub.request(document(2) + question(1))))
+    stub.finish(stub.running[0])
+    check(stub)
+    assert_all_released(stub)
+
+
+def test_a_full_store_whose_prefixes_are_all_in_use_keeps_a_new_prefix_uncompressed(monkeypatch, caplog):
+    stub = store_of_two_entries(monkeypatch)
+    readers = [stub.prefill(stub.request(document(index) + question(index), max_new_tokens=2)) for index in range(2)]
+    with caplog.at_level(logging.WARNING):
+        commit(stub, document(2))
+    assert "its most, each in use" in caplog.text
+    assert len(stub.compressed_nodes()) == 2 and stub.cache.store.stats()["evictions"] == 0
+    for reader in readers:
+        stub.finish(reader)
+    check(stub)
+    assert_all_released(stub)
+
+
+def test_a_full_store_drops_a_compressed_prefix_with_branch_tokens_below_it(monkeypatch):
+    stub = store_of_two_entries(monkeypatch)
+    for index in (1, 0):  # document 1's branches first: its copy, with tokens below it, is the oldest
+        run(stub, document(index) + question(index), max_new_tokens=3)
+    commit(stub, document(2))
+    assert {node.key.token_ids[0] for node in stub.compressed_nodes()} == {document(0)[0], document(2)[0]}
     check(stub)
     assert_all_released(stub)
 
