@@ -21,7 +21,8 @@ then SGLang's padding slot 0 up to n - 1 entries. So
 
 Accounting. A compressed node's size for SGLang's evictable / protected counters is its
 owned slots (`node_size`), so available + evictable + protected + the running requests' own
-slots == pool size keeps holding. Eviction takes ordinary leaves before compressed prefixes.
+slots == pool size keeps holding. Eviction takes ordinary leaves before compressed prefixes;
+a full store drops one compressed prefix, with what is cached below it, for a new one.
 
 One path per key. After a prefix is compressed its full-length copy is freed, with whatever
 continues it (the caller compresses only a prefix no request runs on; for a fork prefix, whose
@@ -50,7 +51,7 @@ logger = logging.getLogger(__name__)
 
 PADDING_SLOT = 0  # SGLang's allocator never hands out slot 0 (it absorbs padded writes)
 # Compressed prefixes stored at once (rows of the store's layout tables, ~4 MB for a Llama-3-8B
-# shape); past that the least recently used one no request holds makes room (`make_room_in_store`).
+# shape); past that one no request holds makes room for a new one (`make_room_in_store`).
 MAX_STORE_ENTRIES = 4096
 
 
@@ -311,20 +312,30 @@ class CompressedRadixCache(RadixCache):
     def _eviction_key(self, node) -> tuple:
         return isinstance(node, CompressedNode), self.eviction_strategy.get_priority(node), node
 
-    def make_room_in_store(self) -> bool:
-        """Whether the store can take one more compressed prefix. Where its tables are full, the
-        least recently used compressed prefix no request holds is dropped, with the requests'
-        own tokens cached below it: a server whose pool holds more documents than the tables
-        would otherwise keep every later document uncompressed, with nothing to evict them."""
+    def can_store_one_more(self) -> bool:
+        """Whether the store has a table row for a new compressed prefix, or can make one
+        (`make_room_in_store`)."""
+        return self.store.has_room or self._store_victim() is not None
+
+    def make_room_in_store(self) -> None:
+        """Where the store's tables are full, drop the compressed prefix first in the eviction
+        order (LRU by default) among those no request holds, with the requests' own tokens
+        cached below it. Without it, a pool larger than the tables (a server holding more
+        documents than the tables) would keep every later document uncompressed, with no memory
+        pressure ever to evict the compressed ones. The caller checked `can_store_one_more`."""
         if self.store.has_room:
-            return True
+            return
+        victim = self._store_victim()
+        if victim is None:
+            raise RuntimeError(f"the store holds {len(self.store.entries)} compressed prefixes, its most, each in use")
+        start_time, evictable_before = time.perf_counter(), self.evictable_size_
+        self.free_below(victim)
+        self._drop_compressed(victim)
+        self.update_eviction_metrics(evictable_before - self.evictable_size_, start_time)
+
+    def _store_victim(self) -> CompressedNode | None:
         unheld = [node for nodes in self.compressed.values() for node in nodes if node.lock_ref == 0]
-        if not unheld:
-            return False
-        oldest = min(unheld, key=self.eviction_strategy.get_priority)
-        self.free_below(oldest)
-        self._drop_compressed(oldest)
-        return True
+        return min(unheld, key=self.eviction_strategy.get_priority, default=None)
 
     def _drop_compressed(self, node: CompressedNode) -> int:
         assert node.lock_ref == 0 and not node.children, "dropping a compressed prefix in use"

@@ -682,7 +682,7 @@ class LavaRadixCache(CompressedRadixCache):
     def _compress(self, prefix_key, slots: torch.Tensor, window_queries, branch_windows=None,
                   repeat_attention=None) -> CompressedNode | None:
         started = time.perf_counter()
-        if not self.make_room_in_store():
+        if not self.can_store_one_more():
             logger.warning("lava: the store holds %d compressed prefixes, its most, each in use; a %d-token prefix "
                            "is kept uncompressed", len(self.store.entries), slots.numel())
             return None
@@ -710,6 +710,9 @@ class LavaRadixCache(CompressedRadixCache):
             return None
         entry = None
         try:
+            # After the slots: an eviction for them may have made the room; nothing is dropped
+            # for a compression that then fails for want of slots.
+            self.make_room_in_store()
             layout = CellLayout(owned.to(torch.int64), kept_lengths)
             write_kept(layout, kept, k_buffers, v_buffers, slots)
             head_dim = k_buffers[0].shape[-1]

@@ -484,6 +484,17 @@ def test_a_full_store_whose_prefixes_are_all_in_use_keeps_a_new_prefix_uncompres
     assert_all_released(stub)
 
 
+def test_a_full_store_drops_nothing_for_a_compression_that_gets_no_slots(monkeypatch, caplog):
+    stub = store_of_two_entries(monkeypatch)
+    monkeypatch.setattr(stub.cache, "alloc_slots", lambda num_slots: None)
+    with caplog.at_level(logging.WARNING):
+        commit(stub, document(2))
+    assert "no room for" in caplog.text
+    assert len(stub.compressed_nodes()) == 2 and stub.cache.store.stats()["evictions"] == 0
+    check(stub)
+    assert_all_released(stub)
+
+
 def test_a_full_store_drops_a_compressed_prefix_with_branch_tokens_below_it(monkeypatch):
     stub = store_of_two_entries(monkeypatch)
     for index in (1, 0):  # document 1's branches first: its copy, with tokens below it, is the oldest
