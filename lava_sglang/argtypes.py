@@ -23,6 +23,11 @@ OBSERVE_SOURCES = ("tail", "branches", "reconstruct")
 DEFAULT_MIN_PREFIX = 256
 
 
+#: `bench quality`'s observation window (tail, branches, query_aware); a document must hold
+#: twice it (`QualityConfig.validate`).
+QUALITY_WINDOW = 32
+
+
 def keep_ratio(text: str) -> float:
     value = float(text)
     if not 0 < value <= 1:

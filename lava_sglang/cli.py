@@ -12,9 +12,9 @@ import threading
 import time
 from pathlib import Path
 
-from lava_sglang.argtypes import (COMPRESSING_POLICIES, DEFAULT_MIN_PREFIX, OBSERVE_SOURCES, REPORT_FLAGS, at_least,
-                                  check_results, fact_count, keep_ratio, named_spec, output_folder, positive_int,
-                                  read_json, read_notes, refuse_run_flags, replace_file)
+from lava_sglang.argtypes import (COMPRESSING_POLICIES, DEFAULT_MIN_PREFIX, OBSERVE_SOURCES, QUALITY_WINDOW,
+                                  REPORT_FLAGS, at_least, check_results, fact_count, keep_ratio, named_spec,
+                                  output_folder, positive_int, read_json, read_notes, refuse_run_flags, replace_file)
 from lava_sglang.bench.documents import RETRIEVAL_ANSWER_TOKENS, names_code
 from lava_sglang.model import ModelNotAvailable
 from lava_sglang.sglang_plugin.server_process import ServerExited
@@ -225,6 +225,13 @@ def _naming_the_log(log_path: Path):
                          f"the server's log: {log_path}") from None
 
 
+#: `QualityConfig`'s fields by the `bench quality` flag that sets each (its errors name the flag).
+QUALITY_FLAGS = {"contexts": "--contexts", "questions": "--questions", "policies": "--policies",
+                 "keep_ratios": "--ratios", "modes": "--modes", "tasks": "--tasks", "observe": "--observe",
+                 "branch_combine": "--branch-combine", "query_aware_splits": "--query-aware-splits",
+                 "facts_per_document": "--facts", "seed": "--seed"}
+
+
 def _quality_command(args: argparse.Namespace) -> int:
     from lava_sglang.bench.report import QUALITY_META_KEYS, write_quality_report
 
@@ -251,29 +258,30 @@ def _quality_command(args: argparse.Namespace) -> int:
             raise ValueError(f"--partial {args.partial}: no folder {Path(args.partial).parent}")
         if args.partial and Path(args.partial).is_dir():
             raise ValueError(f"--partial {args.partial}: a folder; give a file in it")
-        from lava_sglang.bench.quality import QualityBenchmark, QualityConfig
-        from lava_sglang.policy import make_observe
+        from lava_sglang.bench.quality import ConfigFieldError, QualityBenchmark, QualityConfig
 
         if args.observe and "compress_once" not in args.modes:
             raise ValueError("--observe: only compress_once reads it (query_aware scores by each question's own "
                              "tail); leave it out")
         if args.facts and "retrieval" not in args.tasks:
             raise ValueError("--facts: only the retrieval task plants facts; leave it out")
-        defaults = QualityConfig()
-        observe = args.observe or defaults.observe
-        if args.branch_combine and ("compress_once" not in args.modes
-                                    or "branches" not in {make_observe(source).name for source in observe}):
-            raise ValueError("--branch-combine: no compress_once --observe branches reads it; leave it out")
         if args.query_aware_splits and "query_aware" not in args.modes:
             raise ValueError("--query-aware-splits: no query_aware mode reads it; leave it out")
+        defaults = QualityConfig()
         config = QualityConfig(contexts=args.contexts, questions=args.questions, policies=args.policies or [],
-                               keep_ratios=args.ratios, modes=args.modes, tasks=args.tasks, observe=observe,
+                               keep_ratios=args.ratios, modes=args.modes, tasks=args.tasks,
+                               observe=args.observe or defaults.observe,
                                branch_combine=args.branch_combine or defaults.branch_combine,
                                query_aware_splits=args.query_aware_splits or defaults.query_aware_splits,
                                facts_per_document=args.facts or defaults.facts_per_document, seed=args.seed)
-        if args.policies is None:
-            config.policies = [policy for policy in COMPRESSING_POLICIES if config.runs(policy)]
-        config.validate()
+        try:
+            if args.branch_combine and ("compress_once" not in args.modes or "branches" not in config.source_names()):
+                raise ValueError("--branch-combine: no compress_once --observe branches reads it; leave it out")
+            if args.policies is None:
+                config.policies = [policy for policy in COMPRESSING_POLICIES if config.runs(policy)]
+            config.validate()
+        except ConfigFieldError as error:
+            raise ValueError(f"{QUALITY_FLAGS[error.field_name]}: {error.message}") from None
         output_folder(out_dir)
         command = "lava-sglang " + " ".join(shlex.quote(a) for a in sys.argv[1:])
         result = QualityBenchmark(_load_runtime(), config).run(
@@ -299,8 +307,9 @@ def _serve_reference_command(args: argparse.Namespace) -> int:
 
 
 def add_quality_arguments(quality: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    quality.add_argument("--contexts", type=positive_int, nargs="+", default=[2048, 4096],
-                         help="document lengths in tokens (default 2048 4096)")
+    quality.add_argument("--contexts", type=at_least(2 * QUALITY_WINDOW), nargs="+", default=[2048, 4096],
+                         help=f"document lengths in tokens, each at least {2 * QUALITY_WINDOW} (twice the "
+                         "observation window; default 2048 4096)")
     quality.add_argument("--questions", type=positive_int, nargs="+", default=[40, 12],
                          help="questions per task, one count per context (default 40 12)")
     quality.add_argument("--policies", nargs="+", metavar="POLICY",

@@ -189,6 +189,35 @@ def test_quality_refuses_an_option_no_selected_source_or_mode_reads(capsys, monk
     assert "--facts: only the retrieval task plants facts" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv, message", [
+    (["--policies", "lava:layer_budget=bogus"], "--policies: lava:layer_budget=bogus: layer_budget must be one of"),
+    (["--observe", "reconstruct:chunk_tokens=0"], "--observe: reconstruct:chunk_tokens=0: chunk_tokens must be"),
+    (["--observe", "branches:chunk_tokens=0", "--branch-combine", "mean"], "--observe: branches:chunk_tokens=0: "),
+    (["--contexts", "1024", "--questions", "4", "4"], "--questions: give one question count per context"),
+    (["--ratios", "0.1", "0.1"], "--ratios: give distinct values"),
+    (["--facts", "2", "2", "--tasks", "retrieval", "--seed", "3", "--policies", "lava", "lava:window=8"],
+     "--policies: ['lava', 'lava:window=8'] name one policy twice"),
+])
+def test_quality_names_the_flag_whose_value_it_refuses(argv, message, capsys, monkeypatch):
+    monkeypatch.setattr(cli, "_load_runtime", lambda: pytest.fail("the model was loaded before the options were "
+                                                                  "checked"))
+    assert cli.main(["bench", "quality", *argv]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_every_quality_field_a_flag_sets_is_named_by_that_flag():
+    from lava_sglang.bench.quality import QualityConfig
+
+    parser = cli.build_parser()
+    quality = cli.add_quality_arguments(argparse.ArgumentParser())
+    options = {option for action in quality._actions for option in action.option_strings}
+    assert set(cli.QUALITY_FLAGS) <= set(QualityConfig.__dataclass_fields__)
+    assert set(cli.QUALITY_FLAGS.values()) <= options
+    with pytest.raises(SystemExit):
+        parser.parse_args(["bench", "quality", "--contexts", str(2 * QualityConfig().window - 1)])
+    assert parser.parse_args(["bench", "quality", "--contexts", str(2 * QualityConfig().window)]).contexts == [64]
+
+
 def test_quality_runs_by_default_the_policies_its_sources_can_score(monkeypatch, capsys):
     from lava_sglang.bench import quality
 

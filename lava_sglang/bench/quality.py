@@ -35,13 +35,14 @@ import random
 import time
 from collections import defaultdict
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
-from lava_sglang.argtypes import COMPRESSING_POLICIES, replace_file
+from lava_sglang.argtypes import COMPRESSING_POLICIES, QUALITY_WINDOW, replace_file
 from lava_sglang.bench.documents import (MAX_FACTS, RETRIEVAL_ANSWER_TOKENS, Document, code_finished,
                                          fidelity_documents, names_code, prompt_parts, retrieval_documents)
 from lava_sglang.bench.stats import mean_interval, wilson_interval
@@ -52,6 +53,24 @@ TASKS = ("retrieval", "fidelity")
 MODES = ("compress_once", "query_aware")
 SPLITS = ("at_compression", "later")
 FIDELITY_QUESTIONS_PER_DOCUMENT = 4
+
+
+class ConfigFieldError(ValueError):
+    """A `QualityConfig` field that cannot run, named (the CLI names its flag instead)."""
+
+    def __init__(self, field_name: str, message: str):
+        super().__init__(f"{field_name}: {message}")
+        self.field_name = field_name
+        self.message = message
+
+
+@contextmanager
+def _naming(field_name: str, spec: str):
+    """A policy or source spec whose options are refused, named with its field."""
+    try:
+        yield
+    except ValueError as error:
+        raise ConfigFieldError(field_name, f"{spec}: {error}") from None
 
 
 @dataclass
@@ -72,50 +91,58 @@ class QualityConfig:
     fidelity_answer_tokens: int = 32
     #: The observation window (tail, branches, query_aware); a repetition keeps its own
     #: (`Observe.kept_window`) unless a policy spec sets one.
-    window: int = 32
+    window: int = QUALITY_WINDOW
     seed: int = 0
 
     def validate(self) -> None:
         if len(self.questions) != len(self.contexts):
-            raise ValueError(f"give one question count per context: contexts={self.contexts}, "
-                             f"questions={self.questions}")
-        if any(n < 1 for n in self.questions) or any(c < 2 * self.window for c in self.contexts):
-            raise ValueError(f"question counts must be >= 1 and contexts >= {2 * self.window} tokens")
+            raise ConfigFieldError("questions", f"give one question count per context: contexts={self.contexts}, "
+                                                f"questions={self.questions}")
+        if any(n < 1 for n in self.questions):
+            raise ConfigFieldError("questions", f"counts must be >= 1, got {self.questions}")
+        if any(c < 2 * self.window for c in self.contexts):
+            raise ConfigFieldError("contexts", f"each must be at least twice the window, {2 * self.window} tokens, "
+                                               f"got {self.contexts}")
         for spec in self.policies:
-            make_policy(spec, window=self.window)
+            with _naming("policies", spec):
+                make_policy(spec, window=self.window)
         for spec in self.observe:
-            make_observe(spec)
+            with _naming("observe", spec):
+                make_observe(spec)
         for name, values, allowed in (("modes", self.modes, MODES), ("tasks", self.tasks, TASKS),
                                       ("query_aware_splits", self.query_aware_splits, SPLITS)):
             unknown = [v for v in values if v not in allowed]
             if unknown:
-                raise ValueError(f"{name}: unknown {unknown}; choose from {sorted(allowed)}")
+                raise ConfigFieldError(name, f"unknown {unknown}; choose from {sorted(allowed)}")
         if not self.observe:
-            raise ValueError("observe: give at least one source")
+            raise ConfigFieldError("observe", "give at least one source")
         for name in ("contexts", "keep_ratios", "modes", "tasks", "query_aware_splits"):
             values = getattr(self, name)
             if len(set(values)) != len(values):  # a repeated cell would count its questions twice
-                raise ValueError(f"{name}: give distinct values, got {values}")
+                raise ConfigFieldError(name, f"give distinct values, got {values}")
             if not values and name != "query_aware_splits":
-                raise ValueError(f"{name}: give at least one")
+                raise ConfigFieldError(name, "give at least one")
         if self.seed < 0:  # random.Random(-s) draws what Random(s) draws
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
+            raise ConfigFieldError("seed", f"must be >= 0, got {self.seed}")
         if self.branch_combine not in WINDOW_COMBINES:
-            raise ValueError(f"branch_combine must be one of {list(WINDOW_COMBINES)}, got {self.branch_combine!r}")
+            raise ConfigFieldError("branch_combine", f"must be one of {list(WINDOW_COMBINES)}, "
+                                                     f"got {self.branch_combine!r}")
         if "full" in map(policy_name, self.policies):
-            raise ValueError("policies: 'full' is always run as the reference; do not list it")
+            raise ConfigFieldError("policies", "'full' is always run as the reference; do not list it")
         bad = [r for r in self.keep_ratios if not 0 < r <= 1]
         if bad:
-            raise ValueError(f"keep_ratios must be in (0, 1], got {bad}")
+            raise ConfigFieldError("keep_ratios", f"must be in (0, 1], got {bad}")
         if not self.facts_per_document or not 1 <= min(self.facts_per_document) <= max(self.facts_per_document) \
                 <= MAX_FACTS:
-            raise ValueError(f"facts_per_document must be counts in [1, {MAX_FACTS}], got {self.facts_per_document}")
+            raise ConfigFieldError("facts_per_document", f"must be counts in [1, {MAX_FACTS}], "
+                                                         f"got {self.facts_per_document}")
         self._check_distinct()
         idle = [spec for spec in self.policies if not self.runs(spec)]
         if idle:  # it would be left out of every cell, and the report would not say so
-            raise ValueError(f"policies: {', '.join(idle)} scores only by "
-                             f"{' or '.join(POLICIES[policy_name(idle[0])].scored_by)}, which no selected mode and "
-                             f"observation source gives (query_aware scores by its tail)")
+            raise ConfigFieldError("policies", f"{', '.join(idle)} scores only by "
+                                               f"{' or '.join(POLICIES[policy_name(idle[0])].scored_by)}, which no "
+                                               f"selected mode and observation source gives (query_aware scores by "
+                                               f"its tail)")
 
     def _check_distinct(self) -> None:
         """Two labels for one source, or for one policy as the benchmark builds it, would give
@@ -123,7 +150,7 @@ class QualityConfig:
         window; one that does, per source, whose kept window it takes unless its spec sets one."""
         sources = [make_observe(spec, combine=self.branch_combine) for spec in self.observe]
         if len(set(sources)) != len(sources):
-            raise ValueError(f"observe: {self.observe} name one source twice")
+            raise ConfigFieldError("observe", f"{self.observe} name one source twice")
         positional = [spec for spec in self.policies if not POLICIES[policy_name(spec)].needs_scores]
         groups = [(None, [spec_of(make_policy(spec, window=self.window)) for spec in positional])]
         built_under = (sources if "compress_once" in self.modes else []) + (
@@ -135,13 +162,21 @@ class QualityConfig:
         for source_name, specs in groups:
             if len(set(specs)) != len(specs):
                 where = f" under {source_name}" if source_name else ""
-                raise ValueError(f"policies: {self.policies} name one policy twice{where} (options spelled out: "
-                                 f"{specs})")
+                raise ConfigFieldError("policies", f"{self.policies} name one policy twice{where} (options spelled "
+                                                   f"out: {specs})")
+
+    def source_names(self) -> set[str]:
+        """The names of the observation sources (`observe`), their options checked."""
+        names = set()
+        for source in self.observe:
+            with _naming("observe", source):
+                names.add(make_observe(source).name)
+        return names
 
     def runs(self, spec: str) -> bool:
         """Whether policy `spec` has a cell: a source it scores by among the selected modes'."""
         sources = POLICIES[policy_name(spec)].scored_by
-        given = {make_observe(source).name for source in self.observe} if "compress_once" in self.modes else set()
+        given = self.source_names() if "compress_once" in self.modes else set()
         if "query_aware" in self.modes:
             given.add("tail")
         return sources is None or bool(given & set(sources))
