@@ -191,8 +191,10 @@ def test_quality_refuses_an_option_no_selected_source_or_mode_reads(capsys, monk
 
 @pytest.mark.parametrize("argv, message", [
     (["--policies", "lava:layer_budget=bogus"], "--policies: lava:layer_budget=bogus: layer_budget must be one of"),
+    (["--policies", "lava:foo=1"], "error: --policies: policy 'lava:foo=1': options must be field=value"),
     (["--observe", "reconstruct:chunk_tokens=0"], "--observe: reconstruct:chunk_tokens=0: chunk_tokens must be"),
-    (["--observe", "branches:chunk_tokens=0", "--branch-combine", "mean"], "--observe: branches:chunk_tokens=0: "),
+    (["--observe", "branches:chunk_tokens=0", "--branch-combine", "mean"],
+     "--observe: observe 'branches:chunk_tokens=0'"),
     (["--contexts", "1024", "--questions", "4", "4"], "--questions: give one question count per context"),
     (["--ratios", "0.1", "0.1"], "--ratios: give distinct values"),
     (["--facts", "2", "2", "--tasks", "retrieval", "--seed", "3", "--policies", "lava", "lava:window=8"],
@@ -210,9 +212,12 @@ def test_every_quality_field_a_flag_sets_is_named_by_that_flag():
 
     parser = cli.build_parser()
     quality = cli.add_quality_arguments(argparse.ArgumentParser())
-    options = {option for action in quality._actions for option in action.option_strings}
-    assert set(cli.QUALITY_FLAGS) <= set(QualityConfig.__dataclass_fields__)
-    assert set(cli.QUALITY_FLAGS.values()) <= options
+    options = {option: action for action in quality._actions for option in action.option_strings}
+    no_flag = {"retrieval_answer_tokens", "fidelity_answer_tokens", "window"}
+    assert set(cli.QUALITY_FLAGS) == set(QualityConfig.__dataclass_fields__) - no_flag
+    renamed = {"keep_ratios": "ratios", "facts_per_document": "facts"}
+    for field_name, flag in cli.QUALITY_FLAGS.items():
+        assert options[flag].dest == renamed.get(field_name, field_name)
     with pytest.raises(SystemExit):
         parser.parse_args(["bench", "quality", "--contexts", str(2 * QualityConfig().window - 1)])
     assert parser.parse_args(["bench", "quality", "--contexts", str(2 * QualityConfig().window)]).contexts == [64]

@@ -69,8 +69,8 @@ def _naming(field_name: str, spec: str):
     """A policy or source spec whose options are refused, named with its field."""
     try:
         yield
-    except ValueError as error:
-        raise ConfigFieldError(field_name, f"{spec}: {error}") from None
+    except ValueError as error:  # the spec's own checks name it already
+        raise ConfigFieldError(field_name, str(error) if repr(spec) in str(error) else f"{spec}: {error}") from None
 
 
 @dataclass
@@ -106,9 +106,7 @@ class QualityConfig:
         for spec in self.policies:
             with _naming("policies", spec):
                 make_policy(spec, window=self.window)
-        for spec in self.observe:
-            with _naming("observe", spec):
-                make_observe(spec)
+        self.source_names()
         for name, values, allowed in (("modes", self.modes, MODES), ("tasks", self.tasks, TASKS),
                                       ("query_aware_splits", self.query_aware_splits, SPLITS)):
             unknown = [v for v in values if v not in allowed]

@@ -6,7 +6,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from lava_sglang.bench.quality import QualityBenchmark, QualityConfig, middles_at_compression, split_of
+from lava_sglang.bench.quality import (ConfigFieldError, QualityBenchmark, QualityConfig, middles_at_compression,
+                                       split_of)
 from lava_sglang.bench.report import markdown, normalise, paired_by_document, targets, write_quality_report
 from lava_sglang.cli import build_parser, main
 
@@ -101,13 +102,14 @@ def test_kvzip_is_paired_with_repetition_sources_only():
     ({"observe": []}, "observe: give at least one source"),
     ({"observe": ["tail", "tail"]}, "name one source twice"),
     ({"observe": ["reconstruct", "reconstruct:chunk_tokens=512"]}, "name one source twice"),
-    ({"branch_combine": "sum"}, "branch_combine must be one of"),
+    ({"branch_combine": "sum"}, "branch_combine: must be one of"),
     ({"query_aware_splits": ["all"]}, "query_aware_splits: unknown"),
-    ({"seed": -1}, "seed must be >= 0"),
+    ({"seed": -1}, "seed: must be >= 0"),
 ])
 def test_config_rejects_bad_observation_options(changes, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ConfigFieldError, match=message) as refused:
         QualityConfig(**changes).validate()
+    assert refused.value.field_name == next(iter(changes))  # the CLI names the field's flag
 
 
 def retrieval(mode, observe, split, policy, ratio, hits, n=10):
