@@ -236,11 +236,13 @@ def _own_states_extend(queries, layer, forward_batch, entries, prefix_lens, exte
 
 def _causal_states(queries, slots, layer):
     """Attention of queries [T, Hq, d] over the pool's keys at `slots` (S >= T), the queries'
-    own the last T, causally: out [T, Hq, d], lse [T, Hq], fp32."""
+    own the last T, causally: out [T, Hq, d], lse [T, Hq], fp32. A bf16 or fp16 model's rows
+    are read in fp32: the CPU flash kernel takes only fp32, and without it the logits are
+    formed whole, [Hq, T, S] (gigabytes for a long chunked prefill)."""
     num_rows, num_q_heads, head_dim = queries.shape
-    query = queries.view(num_rows, layer.tp_k_head_num, -1, head_dim).permute(1, 2, 0, 3)  # [Hkv, G, T, d]
-    keys = _cache.kv_pool.get_key_buffer(layer.layer_id)[slots].transpose(0, 1)  # [Hkv, S, d]
-    values = _cache.kv_pool.get_value_buffer(layer.layer_id)[slots].transpose(0, 1)
+    query = queries.float().view(num_rows, layer.tp_k_head_num, -1, head_dim).permute(1, 2, 0, 3)  # [Hkv, G, T, d]
+    keys = _cache.kv_pool.get_key_buffer(layer.layer_id)[slots].transpose(0, 1).float()  # [Hkv, S, d]
+    values = _cache.kv_pool.get_value_buffer(layer.layer_id)[slots].transpose(0, 1).float()
     flash = flash_extend_attention_with_lse(query, keys, values, layer.scaling)
     if flash is not None:
         out, lse = flash

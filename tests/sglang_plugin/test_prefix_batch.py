@@ -522,7 +522,8 @@ def test_torch_native_extends_over_cached_prefixes_take_the_plugins_path(
     # SGLang's torch_native backend attends from every position of a request's sequence and
     # discards the cached prefix's rows; wrapped, an extend batch with a cached prefix and no
     # compressed one takes the plugin's path instead, with the backend's own answer. Not in
-    # bf16 on the CPU: there the path has no flash kernel and would form the dense logits.
+    # bf16 on the CPU: the CPU flash kernel takes fp32 only, and the path's fp32 copies of the
+    # rows were not measured against the backend's own bf16 attention.
     from sglang.srt.layers.attention.torch_native_backend import TorchNativeAttnBackend
     from sglang.srt.layers.radix_attention import RadixAttention
 
@@ -558,6 +559,34 @@ def test_the_cached_prefix_benchmark_prints_a_row_per_prefix(bound_cache, capsys
     assert printed.rstrip().splitlines()[-1].startswith("| 40 | ")
     with pytest.raises(SystemExit):
         cached_prefix_bench().parse_args(["--heads", "9", "2"])
+
+
+def test_own_states_of_a_bf16_pool_take_the_flash_kernel_not_the_dense_logits(bound_cache, monkeypatch):
+    # A bf16 model on the CPU engine: a request's own tokens over a long cached row would form
+    # [Hq, T, S] logits without the flash kernel, which takes only fp32.
+    from lava_sglang.sglang_plugin import attention
+
+    monkeypatch.setattr(attention, "attention_with_lse", lambda *args: pytest.fail("the dense logits were formed"))
+    generator = torch.Generator().manual_seed(9)
+    k_buffer, v_buffer = (torch.randn(OWN_POOL, KV_HEADS, DIM, generator=generator).bfloat16() for _ in range(2))
+    req_to_token = (100 + torch.randperm(600, generator=generator)).view(5, 120)
+    kv_pool = SimpleNamespace(get_key_buffer=lambda layer_id: k_buffer, get_value_buffer=lambda layer_id: v_buffer)
+    bound_cache(SimpleNamespace(kv_pool=kv_pool, req_to_token_pool=SimpleNamespace(req_to_token=req_to_token)))
+    prefix_lens, extend_lens = [30, 0], [5, 4]
+    forward_batch = SimpleNamespace(req_pool_indices=torch.tensor([1, 4]))
+    queries = torch.randn(sum(extend_lens), KV_HEADS * GROUP, DIM, generator=generator).bfloat16()
+    out, lse = attention._own_states_extend(queries, attention_layer(0), forward_batch, [None] * 2, prefix_lens,
+                                            extend_lens)
+    start = 0
+    for row, prefix_len, extend_len in zip(forward_batch.req_pool_indices, prefix_lens, extend_lens):
+        seq_len = prefix_len + extend_len
+        slots = req_to_token[row, :seq_len]
+        visible = torch.arange(seq_len)[None, :] <= torch.arange(prefix_len, seq_len)[:, None]
+        expected_out, expected_lse = dense_own_states(queries[start:start + extend_len].float(),
+                                                      k_buffer[slots].float(), v_buffer[slots].float(), visible)
+        torch.testing.assert_close(out[start:start + extend_len], expected_out, atol=1e-4, rtol=1e-4)
+        torch.testing.assert_close(lse[start:start + extend_len], expected_lse, atol=1e-4, rtol=1e-4)
+        start += extend_len
 
 
 def test_own_states_extend_under_a_repetition_view_attends_to_the_viewed_positions_only(bound_cache):
