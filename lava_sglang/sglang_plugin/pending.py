@@ -105,7 +105,7 @@ class RepetitionCost:
 
     def add(self, repetition_seconds: float, prefill_seconds: float | None,
             forward_seconds: float | None = None) -> None:
-        if prefill_seconds:  # a commit without a forward stamp is left out of every sum
+        if prefill_seconds:  # a commit without a forward stamp, or mostly cached, is left out of every sum
             self.documents += 1
             self.repetition_seconds += repetition_seconds
             self.prefill_seconds += prefill_seconds

@@ -57,7 +57,8 @@ from lava_sglang.sglang_plugin.metrics import StoreMetrics
 from lava_sglang.sglang_plugin.pending import PendingPrefix, RepetitionCost
 from lava_sglang.sglang_plugin.repetition import REPETITION_RID_PREFIX, RepetitionClient, RepetitionScores
 from lava_sglang.sglang_plugin.tensor_parallel import TensorParallel
-from lava_sglang.sglang_plugin.touchpoints import has_input_embeddings, radix_cache_api, seconds_since_first_forward
+from lava_sglang.sglang_plugin.touchpoints import (cached_prompt_tokens, has_input_embeddings, radix_cache_api,
+                                                   seconds_since_first_forward)
 from lava_sglang.store import CellLayout, slots_needed, write_kept
 
 *_, MatchPrefixParams = radix_cache_api()
@@ -385,9 +386,13 @@ class LavaRadixCache(CompressedRadixCache):
             if repetition is None:
                 self._compress_fork_prefix(req)  # nothing to wait for: the tail window, now
                 return
+        # The commit's prefill stands for the prefix's only where it computed most of it: a commit
+        # of a document plain requests cached recomputes its window alone, and the repetition's
+        # cost would read as hundreds of prefills.
+        computed_most = 2 * cached_prompt_tokens(req) <= len(full_key)
         pending = PendingPrefix(full_key, tail_queries, self.config.observe_wait,
                                 time.monotonic() + self.config.observe_wait, repetition=repetition,
-                                prefill_seconds=seconds_since_first_forward(req))
+                                prefill_seconds=seconds_since_first_forward(req) if computed_most else None)
         self.pending.append(pending)
         logger.info("lava: prefix of %d tokens waits for its %s (at most %.0f s)", len(full_key),
                     "repetition" if repetition is not None else "branches", self.config.observe_wait)

@@ -170,6 +170,12 @@ def seconds_since_first_forward(req) -> float | None:
     return time.perf_counter() - stamp if stamp else None
 
 
+def cached_prompt_tokens(req) -> int:
+    """How many of the request's prompt tokens its prefill took from the cache (`Req.cached_tokens`,
+    counted by SGLang's `prepare_for_extend`); 0 where not counted."""
+    return getattr(req, "cached_tokens", 0) or 0
+
+
 def multimodal_processor_runs(tokenizer_manager, request) -> bool:
     """Whether SGLang's multimodal processor will turn a request's (`GenerateReqInput`) images,
     video or audio into placeholder ids beyond the text vocabulary (mllama's <|image|>). A

@@ -1103,6 +1103,25 @@ def test_a_repetition_scores_its_prefix_chunk_by_chunk_frees_each_chunk_and_comp
     assert_all_released(stub)
 
 
+@pytest.mark.parametrize("cached_first", [False, True], ids=["prefilled", "cached-by-plain-requests"])
+def test_a_commits_prefill_is_the_repetitions_yardstick_only_where_it_computed_the_prefix(cached_first):
+    # A commit of a document plain requests cached recomputes only its window: its prefill,
+    # milliseconds, would make the repetition read as hundreds of prefills in /server_info.
+    stub, _ = live_repetition_stub()
+    if cached_first:
+        run(stub, document(0))
+    req = stub.prefill(stub.request(document(0), max_new_tokens=0))
+    assert req.prefix_len == (200 - WINDOW if cached_first else 0)
+    req.cached_tokens = req.prefix_len  # as SGLang's prepare_for_extend counts it
+    req.time_stats.forward_entry_time = time.perf_counter() - 1.5
+    stub.finish(req)
+    (pending,) = stub.cache.pending
+    if cached_first:
+        assert pending.prefill_seconds is None
+    else:
+        assert 1.5 <= pending.prefill_seconds < 3.0
+
+
 def test_no_repetition_is_started_for_a_prefix_whose_compressed_copy_cannot_fit_beside_it(caplog):
     # A 200-token document in a 230-slot pool: its copy at keep 0.2 needs ~40 slots beside the
     # full copy. Each commit ran a repetition (two prefills' work) that ended in "no room".

@@ -44,3 +44,20 @@ def test_every_hook_target_resolves_as_sglangs_hook_registry_resolves_it(monkeyp
         if not callable(getattr(pkgutil.resolve_name(owner_path), attribute, None)):
             unresolved.append(target)
     assert unresolved == []
+
+
+def test_the_cached_prompt_tokens_are_sglangs_count_made_at_each_prefill():
+    # The repetition's cost is compared with the commit's prefill only where the prefill
+    # computed most of the prompt (radix_cache._defer_fork_prefix): an upgrade that stopped
+    # counting would compare it with a recomputed window again.
+    import inspect
+    from array import array
+
+    from sglang.srt.managers.schedule_batch import Req, ScheduleBatch
+    from sglang.srt.sampling.sampling_params import SamplingParams
+
+    req = Req("r", "", array("q", [1, 2, 3]), SamplingParams(max_new_tokens=1))
+    assert touchpoints.cached_prompt_tokens(req) == 0
+    req.cached_tokens = 2
+    assert touchpoints.cached_prompt_tokens(req) == 2
+    assert "req.cached_tokens += " in inspect.getsource(ScheduleBatch.prepare_for_extend)
