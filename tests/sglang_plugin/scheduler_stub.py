@@ -69,6 +69,9 @@ class SchedulerStub:
             self.running.append(req)
         fill_len = len(req.full_untruncated_fill_ids)
         req.extend_end = fill_len if chunk is None else min(fill_len, req.prefix_len + chunk)
+        if not req.retracted_stain:  # as SGLang's prepare_for_extend counts the prompt tokens the cache gave
+            req.cached_tokens += req.prefix_len - req.already_computed
+            req.already_computed = req.extend_end
         self._forward(req, req.prefix_len, req.extend_end, extend=True)
         if req.extend_end < fill_len:
             checkpoint_kv_cache(req, self.cache)

@@ -1103,16 +1103,18 @@ def test_a_repetition_scores_its_prefix_chunk_by_chunk_frees_each_chunk_and_comp
     assert_all_released(stub)
 
 
+@pytest.mark.parametrize("chunk", [None, 50], ids=["one-prefill", "chunked"])
 @pytest.mark.parametrize("cached_first", [False, True], ids=["prefilled", "cached-by-plain-requests"])
-def test_a_commits_prefill_is_the_repetitions_yardstick_only_where_it_computed_the_prefix(cached_first):
+def test_a_commits_prefill_is_the_repetitions_yardstick_only_where_it_computed_the_prefix(cached_first, chunk):
     # A commit of a document plain requests cached recomputes only its window: its prefill,
     # milliseconds, would make the repetition read as hundreds of prefills in /server_info.
     stub, _ = live_repetition_stub()
     if cached_first:
         run(stub, document(0))
-    req = stub.prefill(stub.request(document(0), max_new_tokens=0))
-    assert req.prefix_len == (200 - WINDOW if cached_first else 0)
-    req.cached_tokens = req.prefix_len  # as SGLang's prepare_for_extend counts it
+    req = stub.prefill(stub.request(document(0), max_new_tokens=0), chunk=chunk)
+    while req.extend_end < 200:
+        stub.prefill(req, chunk=chunk)
+    assert req.cached_tokens == (200 - WINDOW if cached_first else 0)
     req.time_stats.forward_entry_time = time.perf_counter() - 1.5
     stub.finish(req)
     (pending,) = stub.cache.pending
