@@ -221,6 +221,7 @@ def combined_store(stores: list[dict | None]) -> dict | None:
     costs = [store["repetition_cost"] for store in present if store.get("repetition_cost")]
     if costs:
         cost = {key: sum(c[key] for c in costs) for key in ("documents", "repetition_seconds", "prefill_seconds")}
+        cost["not_compared"] = sum(c.get("not_compared", 0) for c in costs)  # 0 from a server that predates it
         forwards = [c.get("forward_seconds") for c in costs]
         cost["forward_seconds"] = None if None in forwards else sum(forwards)
         for ratio, seconds in (("ratio", "repetition_seconds"), ("forward_ratio", "forward_seconds")):

@@ -102,14 +102,19 @@ class RepetitionCost:
     repetition_seconds: float = 0.0
     prefill_seconds: float = 0.0
     forward_seconds: float | None = 0.0
+    #: Repetitions left out of the sums: their commit gave no prefill to compare with (not
+    #: stamped, or most of its prompt taken from the cache).
+    not_compared: int = 0
 
     def add(self, repetition_seconds: float, prefill_seconds: float | None,
             forward_seconds: float | None = None) -> None:
-        if prefill_seconds:  # a commit without a forward stamp, or mostly cached, is left out of every sum
-            self.documents += 1
-            self.repetition_seconds += repetition_seconds
-            self.prefill_seconds += prefill_seconds
-            self.forward_seconds = add_known(self.forward_seconds, forward_seconds)
+        if not prefill_seconds:
+            self.not_compared += 1
+            return
+        self.documents += 1
+        self.repetition_seconds += repetition_seconds
+        self.prefill_seconds += prefill_seconds
+        self.forward_seconds = add_known(self.forward_seconds, forward_seconds)
 
     def stats(self) -> dict:
         def ratio(seconds):
@@ -118,4 +123,4 @@ class RepetitionCost:
         return {"documents": self.documents, "repetition_seconds": round(self.repetition_seconds, 3),
                 "prefill_seconds": round(self.prefill_seconds, 3), "ratio": ratio(self.repetition_seconds),
                 "forward_seconds": None if self.forward_seconds is None else round(self.forward_seconds, 3),
-                "forward_ratio": ratio(self.forward_seconds)}
+                "forward_ratio": ratio(self.forward_seconds), "not_compared": self.not_compared}

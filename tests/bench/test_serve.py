@@ -406,7 +406,7 @@ def test_each_server_behind_a_router_has_its_peak_entries_none_where_it_has_no_s
 def test_stores_of_servers_behind_a_router_are_summed():
     first = {**_store(2, 1000, 40, 800), "compressions": 2, "compress_seconds": 0.5, "last_repetition": {"seconds": 1},
              "repetition_cost": {"documents": 2, "repetition_seconds": 6.0, "prefill_seconds": 4.0, "ratio": 1.5,
-                                 "forward_seconds": 5.0, "forward_ratio": 1.25}}
+                                 "forward_seconds": 5.0, "forward_ratio": 1.25, "not_compared": 1}}
     second = {**_store(1, 3000, 20, 400), "compressions": 1, "compress_seconds": 0.25,
               "repetition_cost": {"documents": 1, "repetition_seconds": 4.0, "prefill_seconds": 1.0, "ratio": 4.0,
                                   "forward_seconds": 2.5, "forward_ratio": 2.5}}
@@ -415,7 +415,7 @@ def test_stores_of_servers_behind_a_router_are_summed():
                                                                                                           1200)
     assert total["compressions"] == 3 and total["compress_seconds"] == 0.75 and "last_repetition" not in total
     assert total["repetition_cost"] == {"documents": 3, "repetition_seconds": 10.0, "prefill_seconds": 5.0,
-                                        "ratio": 2.0, "forward_seconds": 7.5, "forward_ratio": 1.5}
+                                        "ratio": 2.0, "forward_seconds": 7.5, "forward_ratio": 1.5, "not_compared": 1}
     # A server that did not time its repetitions' forwards (one that predates them): their sum is unknown.
     older = {**second, "repetition_cost": {"documents": 1, "repetition_seconds": 4.0, "prefill_seconds": 1.0,
                                            "ratio": 4.0}}

@@ -169,12 +169,12 @@ def test_repetition_cost_sums_only_documents_whose_prefill_was_timed():
 
     cost = RepetitionCost()
     assert cost.stats() == {"documents": 0, "repetition_seconds": 0.0, "prefill_seconds": 0.0, "ratio": None,
-                            "forward_seconds": 0.0, "forward_ratio": None}
+                            "forward_seconds": 0.0, "forward_ratio": None, "not_compared": 0}
     cost.add(6.0, 4.0, 5.0)
-    cost.add(3.0, None, 3.0)  # a commit SGLang did not stamp: no side counted
+    cost.add(3.0, None, 3.0)  # a commit not stamped, or mostly cached: no side summed, counted apart
     cost.add(3.0, 2.0, 1.0)
     assert cost.stats() == {"documents": 2, "repetition_seconds": 9.0, "prefill_seconds": 6.0, "ratio": 1.5,
-                            "forward_seconds": 6.0, "forward_ratio": 1.0}
+                            "forward_seconds": 6.0, "forward_ratio": 1.0, "not_compared": 1}
     cost.add(3.0, 2.0, None)  # a repetition with an unstamped chunk: its forwards' sum is unknown from then on
     assert cost.stats()["ratio"] == 1.5 and cost.stats()["forward_seconds"] is None
     assert cost.stats()["forward_ratio"] is None
