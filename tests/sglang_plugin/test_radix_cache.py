@@ -1108,7 +1108,7 @@ def test_a_repetition_scores_its_prefix_chunk_by_chunk_frees_each_chunk_and_comp
 def test_a_commits_prefill_is_the_repetitions_yardstick_only_where_it_computed_the_prefix(cached_first, chunk):
     # A commit of a document plain requests cached recomputes only its window: its prefill,
     # milliseconds, would make the repetition read as hundreds of prefills in /server_info.
-    stub, _ = live_repetition_stub()
+    stub, asked = live_repetition_stub()
     if cached_first:
         run(stub, document(0))
     req = stub.prefill(stub.request(document(0), max_new_tokens=0), chunk=chunk)
@@ -1117,11 +1117,17 @@ def test_a_commits_prefill_is_the_repetitions_yardstick_only_where_it_computed_t
     assert req.cached_tokens == (200 - WINDOW if cached_first else 0)
     req.time_stats.forward_entry_time = time.perf_counter() - 1.5
     stub.finish(req)
-    (pending,) = stub.cache.pending
-    if cached_first:
-        assert pending.prefill_seconds is None
-    else:
-        assert 1.5 <= pending.prefill_seconds < 3.0
+    (scores,) = asked
+    for index in range(len(scores.chunks)):
+        run_chunk(stub, scores, index)
+    assert len(stub.compressed_nodes()) == 1  # compressed by its repetition either way
+    cost = stub.cache.repetition_cost.stats()
+    if cached_first:  # no prefill to compare with: out of the sums, counted apart
+        assert (cost["documents"], cost["not_compared"], cost["ratio"]) == (0, 1, None)
+        assert stub.cache.last_repetition["prefill_seconds"] is None
+    else:  # the commit's own prefill, stamped 1.5 s before its release, is the yardstick
+        assert (cost["documents"], cost["not_compared"]) == (1, 0)
+        assert cost["prefill_seconds"] >= 1.5 and cost["ratio"] is not None
 
 
 def test_no_repetition_is_started_for_a_prefix_whose_compressed_copy_cannot_fit_beside_it(caplog):
