@@ -11,7 +11,7 @@ the batch's attention itself:
 for each request, attention over its compressed prefix (each KV head its own kept rows, the
 G query heads of the group reading them together) and over its own tokens (its KV row
 after the prefix, causal), merged by LSE (on the torch path a decode batch attends to both in
-one masked call, `DecodeRows`). Extend (prefill) batches also record the window queries of
+one masked call per group of requests of similar lengths, `DecodeRows`). Extend (prefill) batches also record the window queries of
 long prefills for the compressor.
 
 The attention over compressed prefixes is `CompressedPrefixBatch`: on CUDA the Triton kernel
@@ -254,15 +254,63 @@ def _causal_states(queries, slots, layer):
     return out.permute(2, 0, 1, 3).reshape(num_rows, num_q_heads, -1), lse.permute(2, 0, 1).reshape(num_rows, -1)
 
 
+#: Padded own-token cells (request x position) a CPU decode group may hold beyond its requests'
+#: own tokens, when that is more than the tokens themselves: one long conversation beside many
+#: short requests is attended apart from them instead of padding each to its length.
+DECODE_PADDING_SLACK = 4096
+
+
+def decode_groups(own_lens: list[int]) -> list[list[int]]:
+    """Requests (batch positions) in groups attended together, longest own tokens first: a
+    request joins the current group while the group's padding (requests x longest - their own
+    tokens) stays within max(their own tokens, DECODE_PADDING_SLACK), so a group's grid is at
+    most about twice its tokens. Each group in batch order; a batch of similar lengths is one
+    group, [0, 1, ..., B - 1] (one call per layer)."""
+    groups: list[list[int]] = []
+    group_longest = group_tokens = 0
+    for position in sorted(range(len(own_lens)), key=lambda i: -own_lens[i]):
+        own_len = own_lens[position]
+        if groups:
+            padding = (len(groups[-1]) + 1) * group_longest - (group_tokens + own_len)
+            if padding <= max(group_tokens + own_len, DECODE_PADDING_SLACK):
+                groups[-1].append(position)
+                group_tokens += own_len
+                continue
+        groups.append([position])
+        group_longest = group_tokens = own_len
+    return [sorted(group) for group in groups]
+
+
+class _DecodeGroup:
+    """Requests of a decode batch attended in one masked call: their own tokens' slots, padded
+    to the longest of them, and which positions are real."""
+
+    def __init__(self, positions: list[int], req_to_token, req_pool_indices, starts, ends, entry_ids):
+        device = req_to_token.device
+        self.positions = torch.tensor(positions, device=device)
+        starts, ends = starts[self.positions], ends[self.positions]
+        own_lens = ends - starts
+        offsets = torch.arange(int(own_lens.max()), device=device)
+        columns = torch.minimum(starts[:, None] + offsets[None, :], ends[:, None] - 1)
+        slots = req_to_token[req_pool_indices[self.positions][:, None], columns].long()
+        self.num_requests, self.longest_own = slots.shape
+        self.own_slots = slots.flatten()
+        self.own_visible = offsets[None, None, :] < own_lens[:, None, None]  # [B, 1, O]
+        self.entry_ids = [entry_ids[position] for position in positions]
+
+
 class DecodeRows:
     """The torch path's attention for a decode batch that reads compressed prefixes: each
     request's one query sees its compressed prefix's rows of each KV head and all its own
-    tokens. Per layer, one masked SDPA call over a padded [requests, Hkv, P + O, d] grid of
-    keys: each distinct entry's rows read once and padded per head (`store.read_padded_layer`:
-    one gather per layer buffer), then each request's own tokens, gathered from its KV row by
+    tokens. Per layer, one masked SDPA call per group of requests (`decode_groups`; one group
+    unless own lengths differ widely) over a padded [requests, Hkv, P + O, d] grid of keys:
+    each distinct entry's rows read once and padded per head (`store.read_padded_layer`: one
+    gather per layer buffer), then each request's own tokens, gathered from its KV row by
     slots found once per batch. At decode sizes on the CPU the number of torch calls,
     not the arithmetic, is the cost (each small call waits for its threads, longer when
-    another process holds a core), hence no per-head loop and no merge of two partial states.
+    another process holds a core), hence no per-head loop and no merge of two partial states;
+    the groups bound the padding, which would otherwise make one long conversation cost its
+    length for every request of the batch.
 
     Request i (row req_pool_indices[i] of req_to_token) uses entries[i] (None: no compressed
     prefix) and reads its own tokens at positions own_starts(entries)[i] .. seq_lens[i] - 1."""
@@ -270,63 +318,75 @@ class DecodeRows:
     def __init__(self, req_to_token: torch.Tensor, req_pool_indices: torch.Tensor,
                  entries: list[StoreEntry | None], seq_lens: list[int]):
         device = req_to_token.device
-        starts = torch.tensor(own_starts(entries), device=device)
-        ends = torch.tensor(seq_lens, device=device)
-        own_lens = ends - starts
-        positions = torch.arange(int(own_lens.max()), device=device)
-        columns = torch.minimum(starts[:, None] + positions[None, :], ends[:, None] - 1)
-        slots = req_to_token[req_pool_indices.to(device)[:, None], columns].long()
-        self.num_requests, self.longest_own = slots.shape
-        self.own_slots = slots.flatten()
-        self.own_visible = positions[None, None, :] < own_lens[:, None, None]  # [B, 1, O]
+        starts = own_starts(entries)
+        self.num_requests = len(seq_lens)
         self.distinct: dict[int, StoreEntry] = {}
         for entry in entries:
             if entry is not None:
                 self.distinct.setdefault(entry.entry_id, entry)
-        self.entry_ids = [entry.entry_id if entry is not None else None for entry in entries]
+        entry_ids = [entry.entry_id if entry is not None else None for entry in entries]
+        own_lens = [end - start for start, end in zip(starts, seq_lens)]
+        row_indices = req_pool_indices.to(device)
+        starts, ends = torch.tensor(starts, device=device), torch.tensor(seq_lens, device=device)
+        self.groups = [_DecodeGroup(positions, req_to_token, row_indices, starts, ends, entry_ids)
+                       for positions in decode_groups(own_lens)]
 
     def attend(self, layer: int, queries: torch.Tensor, kv_pool, scaling: float) -> torch.Tensor:
         """queries [requests, Hq, d] -> out [requests, Hq, d_v], fp32."""
-        num_q_heads, head_dim = queries.shape[1:]
         k_buffer, v_buffer = kv_pool.get_key_buffer(layer), kv_pool.get_value_buffer(layer)
-        num_kv_heads = k_buffer.shape[1]
-        shape = (self.num_requests, self.longest_own, num_kv_heads, -1)
-        own_keys = k_buffer.index_select(0, self.own_slots).view(shape).transpose(1, 2)  # [B, Hkv, O, d]
-        own_values = v_buffer.index_select(0, self.own_slots).view(shape).transpose(1, 2)
-        prefix_keys, prefix_values, prefix_visible = self._prefix_grid(layer, kv_pool.k_buffer, kv_pool.v_buffer,
-                                                                       num_kv_heads)
-        keys = torch.cat([prefix_keys, own_keys], dim=2).float()
-        values = torch.cat([prefix_values, own_values], dim=2).float()
-        visible = torch.cat([prefix_visible, self.own_visible.expand(-1, num_kv_heads, -1)], dim=2)
-        query = queries.float().view(self.num_requests, num_kv_heads, -1, head_dim)  # the group's heads as rows
-        out = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=visible[:, :, None],
-                                                               scale=scaling)
-        return out.reshape(self.num_requests, num_q_heads, -1)
-
-    def _prefix_grid(self, layer, k_buffers, v_buffers, num_kv_heads):
-        """Each request's compressed prefix rows of `layer`, padded: keys, values [B, Hkv, P, d]
-        and visible [B, Hkv, P] (all False for a request without one); a batch whose requests
-        all share one entry gets it once, expanded."""
         grids = {}
         for entry_id, entry in self.distinct.items():
-            keys, values, visible = read_padded_layer(entry.layout, layer, k_buffers, v_buffers)
+            keys, values, visible = read_padded_layer(entry.layout, layer, kv_pool.k_buffer, kv_pool.v_buffer)
             grids[entry_id] = (keys, values, visible.to(keys.device))
-        if len(grids) == 1 and None not in self.entry_ids:
-            keys, values, visible = next(iter(grids.values()))
-            return (keys.expand(self.num_requests, -1, -1, -1), values.expand(self.num_requests, -1, -1, -1),
-                    visible.expand(self.num_requests, -1, -1))
-        width = max(keys.shape[1] for keys, _, _ in grids.values())
-        any_keys, any_values, any_visible = next(iter(grids.values()))
-        padded_keys = any_keys.new_zeros((self.num_requests, num_kv_heads, width, any_keys.shape[-1]))
-        padded_values = any_values.new_zeros((self.num_requests, num_kv_heads, width, any_values.shape[-1]))
-        padded_visible = any_visible.new_zeros((self.num_requests, num_kv_heads, width))
-        for row, entry_id in enumerate(self.entry_ids):
-            if entry_id is not None:
-                keys, values, visible = grids[entry_id]
-                padded_keys[row, :, :keys.shape[1]] = keys
-                padded_values[row, :, :keys.shape[1]] = values
-                padded_visible[row, :, :keys.shape[1]] = visible
-        return padded_keys, padded_values, padded_visible
+        if len(self.groups) == 1:  # the whole batch, in order
+            return self._attend_group(self.groups[0], queries, grids, k_buffer, v_buffer, scaling)
+        out = queries.new_empty((self.num_requests, queries.shape[1], v_buffer.shape[-1]), dtype=torch.float32)
+        for group in self.groups:
+            out[group.positions] = self._attend_group(group, queries[group.positions], grids, k_buffer, v_buffer,
+                                                      scaling)
+        return out
+
+    @staticmethod
+    def _attend_group(group: _DecodeGroup, queries, grids, k_buffer, v_buffer, scaling) -> torch.Tensor:
+        """The group's queries [requests, Hq, d] (its positions' order) -> out [requests, Hq, d_v], fp32."""
+        num_q_heads, head_dim = queries.shape[1:]
+        num_kv_heads = k_buffer.shape[1]
+        shape = (group.num_requests, group.longest_own, num_kv_heads, -1)
+        own_keys = k_buffer.index_select(0, group.own_slots).view(shape).transpose(1, 2)  # [B, Hkv, O, d]
+        own_values = v_buffer.index_select(0, group.own_slots).view(shape).transpose(1, 2)
+        prefix_keys, prefix_values, prefix_visible = _prefix_grid(group.entry_ids, grids, num_kv_heads)
+        keys = torch.cat([prefix_keys, own_keys], dim=2).float()
+        values = torch.cat([prefix_values, own_values], dim=2).float()
+        visible = torch.cat([prefix_visible, group.own_visible.expand(-1, num_kv_heads, -1)], dim=2)
+        query = queries.float().view(group.num_requests, num_kv_heads, -1, head_dim)  # the group's heads as rows
+        out = torch.nn.functional.scaled_dot_product_attention(query, keys, values, attn_mask=visible[:, :, None],
+                                                               scale=scaling)
+        return out.reshape(group.num_requests, num_q_heads, -1)
+
+
+def _prefix_grid(entry_ids: list[int | None], grids: dict, num_kv_heads: int):
+    """The compressed prefix rows of each request (its entry's id, None: no compressed prefix)
+    from the layer's padded `grids` by entry id, padded: keys, values [B, Hkv, P, d] and visible
+    [B, Hkv, P] (all False for a request without one, P = 0 for a group without any); requests
+    that all share one entry get it once, expanded."""
+    used = {entry_id for entry_id in entry_ids if entry_id is not None}
+    any_keys, any_values, any_visible = next(iter(grids.values()))
+    num_requests = len(entry_ids)
+    if len(used) == 1 and None not in entry_ids:
+        keys, values, visible = grids[next(iter(used))]
+        return (keys.expand(num_requests, -1, -1, -1), values.expand(num_requests, -1, -1, -1),
+                visible.expand(num_requests, -1, -1))
+    width = max((grids[entry_id][0].shape[1] for entry_id in used), default=0)
+    padded_keys = any_keys.new_zeros((num_requests, num_kv_heads, width, any_keys.shape[-1]))
+    padded_values = any_values.new_zeros((num_requests, num_kv_heads, width, any_values.shape[-1]))
+    padded_visible = any_visible.new_zeros((num_requests, num_kv_heads, width))
+    for row, entry_id in enumerate(entry_ids):
+        if entry_id is not None:
+            keys, values, visible = grids[entry_id]
+            padded_keys[row, :, :keys.shape[1]] = keys
+            padded_values[row, :, :keys.shape[1]] = values
+            padded_visible[row, :, :keys.shape[1]] = visible
+    return padded_keys, padded_values, padded_visible
 
 
 #: Chunks per (request, KV head) of a decode batch's prefix attention on CUDA (split-K).

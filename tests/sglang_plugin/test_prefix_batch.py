@@ -219,17 +219,24 @@ def test_compressed_prefix_path_with_kernels_equals_torch(bound_cache, extend_le
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
-@pytest.mark.parametrize("rows", [[3, 0, 4, 1], [3, 1], [0, 3], [2, 3]],
-                         ids=["mixed", "shared", "one-entry", "empty-layer"])
-def test_a_cpu_decode_step_is_one_padded_call_per_layer_equal_to_the_merged_states(bound_cache, rows, dtype):
+@pytest.mark.parametrize("rows, num_groups", [([3, 0, 4, 1], 1), ([3, 1], 1), ([0, 3], 1), ([2, 3], 1),
+                                              ([1, 4, 2], 2)],
+                         ids=["mixed", "shared", "one-entry", "empty-layer", "grouped"])
+def test_a_cpu_decode_step_is_one_padded_call_per_layer_equal_to_the_merged_states(bound_cache, monkeypatch, rows,
+                                                                                   num_groups, dtype):
     # On the torch path a decode batch over compressed prefixes is one masked SDPA call per
     # layer over each request's padded prefix rows and own tokens (DecodeRows): the same
     # attention as the per-head prefix states merged with the own tokens' by LSE (the extend
     # path). "mixed": two entries of different head lengths (one head keeps nothing in layer
     # 1), a request with none and an entry two requests share; "shared": every request uses
     # one; "one-entry": one entry and a request with none; "empty-layer": an entry of which
-    # every head keeps nothing in layer 1. Each step writes the new token's K and V first.
+    # every head keeps nothing in layer 1; "grouped": own lengths 1, 11 and 3, which with no
+    # padding slack are two calls, the 11 and 3 together and the 1 apart, out of batch order.
+    # Each step writes the new token's K and V first.
+    from lava_sglang.sglang_plugin import attention
     from lava_sglang.sglang_plugin.attention import CompressedPrefixPath, DecodeRows
+
+    monkeypatch.setattr(attention, "DECODE_PADDING_SLACK", 0)
 
     generator = torch.Generator().manual_seed(6)
     buffers, kv_pool, store, first, second = pool_with_two_entries(generator)
@@ -269,9 +276,32 @@ def test_a_cpu_decode_step_is_one_padded_call_per_layer_equal_to_the_merged_stat
         tolerance = 1e-5 if dtype == torch.float32 else 1e-2
         torch.testing.assert_close(out, expected, atol=tolerance, rtol=tolerance)
         assert isinstance(decode_path._own, DecodeRows)
+        assert len(decode_path._own.groups) == num_groups
         if layer_id == 0:
             plan = decode_path._own
         assert decode_path._own is plan  # planned once per batch, at its first layer
+
+
+def test_decode_groups_bound_the_padding_of_a_long_request_beside_short_ones():
+    from lava_sglang.sglang_plugin.attention import DECODE_PADDING_SLACK, decode_groups
+
+    # Similar lengths: the whole batch in order, one call per layer.
+    assert decode_groups([30, 12, 45, 7]) == [[0, 1, 2, 3]]
+    # One long conversation beside 32 short requests: padded together they would hold
+    # 33 x 20,000 cells for ~20,300 tokens; the long one takes one short one along (padding
+    # 19,990 for 20,010 tokens), the others go together.
+    own_lens = [10] * 16 + [20_000] + [9] * 16
+    assert decode_groups(own_lens) == [[0, 16], [position for position in range(1, 33) if position != 16]]
+    # Any lengths: every request once, each group's padding within max(its tokens, the slack).
+    generator = torch.Generator().manual_seed(0)
+    own_lens = (torch.randint(1, 50_000, (64,), generator=generator) ** torch.rand(64, generator=generator)).long()
+    groups = decode_groups(own_lens.tolist())
+    assert sorted(position for group in groups for position in group) == list(range(64))
+    for group in groups:
+        assert group == sorted(group)
+        lengths = [int(own_lens[position]) for position in group]
+        assert len(lengths) * max(lengths) - sum(lengths) <= max(sum(lengths), DECODE_PADDING_SLACK)
+    assert len(groups) > 1
 
 
 def test_decode_graph_step_equals_the_host_planned_path(bound_cache, monkeypatch):
