@@ -436,19 +436,22 @@ def policy_server_args(policy: str, config: ServeConfig, capacity: int | None, c
 
 
 def check_server_flags(config: ServeConfig, capacity: int | None, cuda: bool, prefix_tokens: list[int]) -> None:
-    """Every policy's --kv-* flags checked as its server will check them, before any server
-    starts: a `--server-args` that one policy's server refuses (`--kv-observe branches` for
-    kvzip) would otherwise stop the run after the policies before it had taken their time.
-    And every compressing server must compress the documents (`prefix_tokens`, each fork
-    prefix's tokens): a document below its --kv-min-prefix, or a budget that keeps a whole
-    document, would measure stock SGLang under the policy's name."""
-    from lava_sglang.sglang_plugin import config as plugin_config
+    """Every policy's server flags checked as its server will check them at launch (its --kv-*
+    flags and the SGLang options a policy cannot serve with), before any server starts: a
+    `--server-args` that one policy's server refuses (`--kv-observe branches` for kvzip,
+    `--page-size 16` for every compressing one) would otherwise stop the run after the
+    policies before it had taken their time. And every compressing server must compress the
+    documents (`prefix_tokens`, each fork prefix's tokens): a document below its
+    --kv-min-prefix, or a budget that keeps a whole document, would measure stock SGLang
+    under the policy's name."""
+    from lava_sglang.sglang_plugin.config import ConfigError
+    from lava_sglang.sglang_plugin.plugin import check_launch_args
 
     shortest = min(prefix_tokens)
     for policy in config.policies:
         try:
-            server = plugin_config.config_of_server_args(policy_server_args(policy, config, capacity, cuda))
-        except plugin_config.ConfigError as error:
+            server = check_launch_args(policy_server_args(policy, config, capacity, cuda))
+        except ConfigError as error:
             raise ValueError(f"--server-args: the {policy} server would refuse them: {error}; leave {policy} out "
                              f"with --policies") from None
         if not server.enabled:

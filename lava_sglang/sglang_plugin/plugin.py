@@ -77,6 +77,23 @@ def _around_from_cli_args(original, cls, args):
     return original(cls, args)
 
 
+def check_launch_args(server_args: list[str]) -> KvPolicyConfig:
+    """The config a `python -m sglang.launch_server` given `server_args` (with or without
+    --model-path) would run, with every refusal it makes before loading anything: the --kv-*
+    flags and the SGLang options a policy cannot serve with (`check_server_args`) on the device
+    SGLang would pick. For the commands that start servers, before they start one; raises
+    ConfigError."""
+    parser = touchpoints.server_arg_parser()
+    if not any(action.dest == "kv_policy" for action in parser._actions):
+        add_arguments(parser)
+    model_path = [] if {"--model-path", "--model"} & {arg.partition("=")[0] for arg in server_args} else [
+        "--model-path", "unused"]
+    args, _ = parser.parse_known_args(list(server_args) + model_path)
+    config = from_namespace(args)
+    check_server_args(config, args, _device(args))
+    return config
+
+
 def _device(args) -> str | None:
     """The device SGLang will run on; None where it finds none (it then stops with its own error)."""
     if args.device:

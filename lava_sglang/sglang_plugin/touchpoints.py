@@ -82,6 +82,18 @@ def register_radix_cache_backend(name, factory) -> None:
     register(name, factory)
 
 
+def server_arg_parser():
+    """SGLang's `launch_server` parser (`ServerArgs.add_cli_args`), without the --kv-* flags
+    unless the plugin's hook is loaded in this process."""
+    import argparse
+
+    from sglang.srt.server_args import ServerArgs
+
+    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    ServerArgs.add_cli_args(parser)
+    return parser
+
+
 def default_device() -> str:
     """The device SGLang picks when --device is not given (`ServerArgs`' own resolution)."""
     from sglang.srt.utils.common import get_device

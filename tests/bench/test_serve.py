@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import asdict, replace
 
 import pytest
@@ -159,6 +160,17 @@ def test_server_flags_a_policys_server_would_refuse_stop_the_run_before_any_serv
     alpha = ServeConfig(policies=["none", "ada_snapkv", "lava"], server_args=["--kv-alpha", "0.3"])
     with pytest.raises(ValueError, match="the lava server would refuse them: --kv-alpha 0.3"):
         serve.check_server_flags(alpha, capacity=4096, cuda=False, prefix_tokens=documents)
+    # SGLang's own options too, as the launcher refuses them with a policy (stock SGLang takes them).
+    for sglang_option, refused in ((["--page-size", "16"], "--page-size > 1"),
+                                   (["--kv-cache-dtype", "fp8_e5m2"], "--kv-cache-dtype fp8_e5m2"),
+                                   (["--disable-radix-cache"], "--disable-radix-cache"),
+                                   (["--attention-backend=fa3"], "--attention-backend fa3")):
+        with pytest.raises(ValueError, match=f"the lava server would refuse them: --kv-policy lava cannot run with "
+                                             f"{re.escape(refused)}"):
+            serve.check_server_flags(replace(config, policies=["none", "lava"], server_args=sglang_option),
+                                     capacity=None, cuda=False, prefix_tokens=documents)
+        serve.check_server_flags(replace(config, policies=["none"], server_args=sglang_option), capacity=None,
+                                 cuda=False, prefix_tokens=documents)
 
 
 def test_a_run_whose_servers_would_leave_a_document_uncompressed_is_refused_before_any_server_starts():
