@@ -85,28 +85,30 @@ class ServeConfig:
     def validate(self) -> None:
         unknown = [p for p in self.policies if p not in POLICIES]
         if unknown or not self.policies:
-            raise ValueError(f"policies: unknown {unknown}; choose from {POLICIES}")
+            raise ValueError(f"--policies: unknown {unknown}; choose from {POLICIES}")
         if len(set(self.policies)) < len(self.policies):  # one server and one report row per policy
-            raise ValueError(f"policies: each at most once, got {self.policies}")
+            raise ValueError(f"--policies: each at most once, got {self.policies}")
         if not 0 < self.budget <= 1:
-            raise ValueError(f"budget must be a keep ratio in (0, 1], got {self.budget}")
+            raise ValueError(f"--budget must be a keep ratio in (0, 1], got {self.budget}")
         if min(self.documents, self.questions, self.clients) < 1:
-            raise ValueError("documents, questions and clients must be >= 1")
+            raise ValueError("--documents, --questions and --clients must be >= 1")
         if self.max_tokens < CODE_DIGITS:  # every answer would be graded wrong (SmolLM2 spells one digit a token)
-            raise ValueError(f"max_tokens must be >= {CODE_DIGITS}: a shorter answer cannot name a {CODE_DIGITS}-digit "
+            raise ValueError(f"--max-tokens must be >= {CODE_DIGITS}: a shorter answer cannot name a {CODE_DIGITS}-digit "
                              f"code, got {self.max_tokens}")
         if not 0 <= self.questions_per_visit <= self.questions:
-            raise ValueError(f"questions_per_visit must be 0 (all in one visit) to questions ({self.questions}), got "
-                             f"{self.questions_per_visit}")
+            default = " (--memory-bound's default)" if self.memory_bound and \
+                self.questions_per_visit == MEMORY_BOUND["questions_per_visit"] else ""
+            raise ValueError(f"--questions-per-visit must be 0 (all in one visit) to --questions ({self.questions}), "
+                             f"got {self.questions_per_visit}{default}")
         if self.seed < 0:  # random.Random(-s) draws what Random(s) draws
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
+            raise ValueError(f"--seed must be >= 0, got {self.seed}")
         if self.order not in ORDERS:
-            raise ValueError(f"order must be one of {ORDERS}, got {self.order!r}")
+            raise ValueError(f"--order must be one of {ORDERS}, got {self.order!r}")
         if self.context < MIN_CONTEXT:
-            raise ValueError(f"context must be >= {MIN_CONTEXT} tokens, got {self.context}")
+            raise ValueError(f"--context must be >= {MIN_CONTEXT} tokens, got {self.context}")
         check_extra_server_args(self.server_args)
         if not (0 < self.max_seconds < math.inf and 0 < self.sample_interval < math.inf):
-            raise ValueError(f"max_seconds and sample_interval must be finite and > 0, got {self.max_seconds} and "
+            raise ValueError(f"--max-seconds and --sample-interval must be finite and > 0, got {self.max_seconds} and "
                              f"{self.sample_interval}")
         if self.url:
             check_loopback(self.url)
@@ -350,6 +352,25 @@ def flush_cache(url: str, attempts: int = 30, pause: float = 2.0) -> None:
                        "it is idle")
 
 
+#: Seconds the final figures wait, after the workload, for the servers' last compressions (a
+#: prefix waits for its repetition at most --kv-observe-wait, 30 s by default).
+SETTLE_SECONDS = 60.0
+
+
+def settled_stores(urls: list[str], timeout: float = SETTLE_SECONDS, pause: float = 0.5) -> list[dict | None]:
+    """Each server's counters once no prefix waits for its compression or is in its repetition
+    (`pending` and `repetitions` 0), or as they are `timeout` s after the workload ended: read
+    straight away, the last documents' compressions and repetitions would be missing from the
+    figures. The wait is not in the workload's time."""
+    deadline = time.monotonic() + timeout
+    while True:
+        finals = [server_facts(server)["store"] for server in urls]
+        unfinished = sum((final or {}).get("pending", 0) + (final or {}).get("repetitions", 0) for final in finals)
+        if not unfinished or time.monotonic() >= deadline:
+            return finals
+        time.sleep(pause)
+
+
 def per_server(urls: list[str], finals: list[dict | None], samples: list[dict]) -> list[dict]:
     """Behind a router: each server's peak compressed-store entries over the samples (None for
     a server without a store, as under --kv-policy none) and its compressions."""
@@ -408,7 +429,7 @@ def run_workload(url: str, documents, prefix_tokens: list[int], visits, config: 
         wall = time.perf_counter() - started
         samples = sampler.stop()
         bar.close()
-    finals = [server_facts(server)["store"] for server in urls]
+    finals = settled_stores(urls)
     store = combined_store(finals)
     bytes_per_token = facts["bytes_per_token"]
     if store and store.get("prefix_tokens"):  # the plugin's exact figure: full bytes / tokens
@@ -425,6 +446,8 @@ def run_workload(url: str, documents, prefix_tokens: list[int], visits, config: 
 
 
 def policy_server_args(policy: str, config: ServeConfig, capacity: int | None, cuda: bool) -> list[str]:
+    """The flags of `policy`'s server: stock SGLang's (`none`) without the plugin's --kv-*
+    flags of `--server-args`, which it refuses without a policy."""
     args = ["--kv-policy", policy, "--enable-cache-report"]
     if policy != "none":
         args += ["--kv-budget", str(config.budget)]
@@ -432,7 +455,24 @@ def policy_server_args(policy: str, config: ServeConfig, capacity: int | None, c
         args += ["--dtype", "float32"]  # the CPU engine's exact mode
     if capacity:
         args += ["--max-total-tokens", str(capacity)]
-    return args + list(config.server_args)
+    return args + (without_plugin_flags(config.server_args) if policy == "none" else list(config.server_args))
+
+
+def without_plugin_flags(server_args: list[str]) -> list[str]:
+    """`server_args` less the plugin's --kv-* flags and their values (each takes one value,
+    `--flag value` or `--flag=value`; abbreviations are refused by `check_extra_server_args`)."""
+    from lava_sglang.sglang_plugin.config import FLAGS
+
+    plugin_flags = {flag for flag, *_ in FLAGS.values()}
+    kept, skip_value = [], False
+    for arg in server_args:
+        if skip_value:
+            skip_value = False
+        elif arg in plugin_flags:
+            skip_value = True
+        elif arg.partition("=")[0] not in plugin_flags or "=" not in arg:
+            kept.append(arg)
+    return kept
 
 
 def check_server_flags(config: ServeConfig, capacity: int | None, cuda: bool, prefix_tokens: list[int]) -> None:

@@ -26,9 +26,11 @@ def _repetition(record: dict, measure: str = "seconds", ratio: str = "cost_ratio
     """A reconstruct run's repetition seconds per document (wall, or its chunks' own forwards)
     and their ratio to the document's prefill."""
     seconds = record.get(f"repetition_{measure}_per_document")
+    not_compared = record.get("repetition_not_compared")
+    left_out = f", {not_compared} not compared" if not_compared else ""
     if seconds is None:
-        return "n/a"
-    return f"{seconds:.2f} ({_num(record.get(f'repetition_{ratio}'))}x)"
+        return f"n/a{left_out}"
+    return f"{seconds:.2f} ({_num(record.get(f'repetition_{ratio}'))}x{left_out})"
 
 
 def _mib(value) -> str:
@@ -59,6 +61,11 @@ def comparison(records: list[dict], baseline: str = "none", policy: str = "lava"
             result["incomplete"].append(f"{record['policy']} was cut short by --max-seconds")
         if record.get("errors"):
             result["incomplete"].append(f"{record['policy']} had {len(record['errors'])} failed program(s)")
+    # SGLang may lower --max-total-tokens to what it found free (a log warning only): not one budget then.
+    if None not in (base.get("capacity_tokens"), other.get("capacity_tokens")) and \
+            base["capacity_tokens"] != other["capacity_tokens"]:
+        result["incomplete"].append(f"the pools differ ({baseline} {base['capacity_tokens']} tokens, {policy} "
+                                    f"{other['capacity_tokens']})")
     result["met"] = {
         "documents_resident": (result["documents_resident_ratio"] or 0) >= TARGETS["documents_resident"],
         "revisit_hit_rate": (result["revisit_hit_rate"] or 0) >= TARGETS["revisit_hit_rate"],
@@ -146,7 +153,9 @@ def markdown(result: dict, stem: str) -> str:
         f"prefill is a request that found fewer than (document tokens - {work['miss_slack_tokens']}) tokens in "
         "the cache; recomputations are those after the document's first. Repetition s/doc: `--kv-observe "
         "reconstruct`'s wall seconds from a document's first repetition chunk to its last release, and their "
-        "ratio to the document's prefill (its commit's first forward to its release), both in the scheduler; "
+        "ratio to the document's prefill (its commit's first forward to its release), both in the scheduler "
+        "(a repetition whose commit found most of its document cached has no prefill to compare with: counted "
+        "as not compared and left out); "
         "its forwards: the same summed over the repetition's chunks, each from its first forward to its "
         "release (timed as the prefill is, without the gaps between chunks, where other requests' batches "
         "run). Documents resident: the compressed store's peak entries with a compressing policy (summed over "
@@ -193,6 +202,11 @@ def markdown(result: dict, stem: str) -> str:
             lines.append(f"| {policy} | {first['correct']} / {first['questions']} | {_num(first['mean_seconds'])} "
                          f"| {revisit['correct']} / {revisit['questions']} | {_num(revisit['mean_seconds'])} |")
         lines.append("")
+    unfinished = [(r["policy"], r["compressions_unfinished"]) for r in records if r.get("compressions_unfinished")]
+    if unfinished:
+        lines += ["Compressions not finished when the figures were read (a minute after the workload): "
+                  + "; ".join(f"{policy}: {count}" for policy, count in unfinished)
+                  + ". Their compressions and repetitions are not in the table.", ""]
     errors = [(r["policy"], e) for r in records for e in r.get("errors", [])]
     if errors:
         lines += ["Failed programs: " + "; ".join(f"{p}: {e}" for p, e in errors[:10]), ""]

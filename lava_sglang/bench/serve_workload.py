@@ -114,6 +114,11 @@ def timed_endpoint(url: str):
                     first = time.perf_counter()
                 pieces.append(chunk)
             end = time.perf_counter()
+            finish = meta_info.get("finish_reason")
+            if isinstance(finish, dict) and finish.get("type") == "abort":
+                # SGLang ends an aborted stream with a normal chunk: a failure, not a wrong answer.
+                raise RuntimeError(f"the server aborted the request ({finish.get('status_code')}: "
+                                   f"{finish.get('message')})")
             self._record({"kind": "gen", "text": s.text_, "ttft": (first or end) - started, "e2e": end - started,
                           "meta_info": meta_info})
             return "".join(pieces), meta_info
@@ -281,6 +286,11 @@ def summarize(policy: str, visits: list[dict], questions: list[dict], samples: l
         cost["forward_seconds"] / cost["documents"] if cost.get("documents") and cost.get("forward_seconds") is not None
         else None)
     record["repetition_forward_ratio"] = cost.get("forward_ratio")
+    # Repetitions whose commit gave no prefill to compare with (mostly cached), left out above.
+    record["repetition_not_compared"] = cost.get("not_compared")
+    # Prefixes still waiting for their repetition (or in one) when the figures were read.
+    record["compressions_unfinished"] = (final_store.get("pending", 0) + final_store.get("repetitions", 0)
+                                         if final_store else None)
     # Documents resident: the compressed store's entries where the server reports them (summed
     # over --dp-size ranks and servers behind a router, which each compress their own copies,
     # so capped at the documents: an upper bound where copies repeat); else the radix tree's

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, replace
+from types import SimpleNamespace
 
 import pytest
 
@@ -119,7 +120,7 @@ def test_flags_for_started_servers_are_refused_with_url_and_times_must_be_positi
             with pytest.raises(SystemExit):
                 parser.parse_args([flag, bad])
         assert "finite number > 0" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="sample_interval must be finite and > 0"):
+    with pytest.raises(ValueError, match="--sample-interval must be finite and > 0"):
         ServeConfig(sample_interval=0).validate()
 
 
@@ -171,6 +172,17 @@ def test_server_flags_a_policys_server_would_refuse_stop_the_run_before_any_serv
                                      capacity=None, cuda=False, prefix_tokens=documents)
         serve.check_server_flags(replace(config, policies=["none"], server_args=sglang_option), capacity=None,
                                  cuda=False, prefix_tokens=documents)
+
+
+def test_stock_sglang_gets_the_server_args_without_the_plugins_flags():
+    # It refuses them (no policy); SGLang's own flags, --kv-cache-dtype included, reach every server.
+    config = ServeConfig(policies=["none", "lava"], server_args=["--kv-observe", "tail", "--chunked-prefill-size",
+                                                                 "256", "--kv-window=16", "--kv-cache-dtype", "auto"])
+    stock = serve.policy_server_args("none", config, capacity=None, cuda=False)
+    assert stock[stock.index("--dtype") + 2:] == ["--chunked-prefill-size", "256", "--kv-cache-dtype", "auto"]
+    lava = serve.policy_server_args("lava", config, capacity=None, cuda=False)
+    assert lava[-7:] == config.server_args
+    serve.check_server_flags(config, capacity=None, cuda=False, prefix_tokens=[1000])
 
 
 def test_a_run_whose_servers_would_leave_a_document_uncompressed_is_refused_before_any_server_starts():
@@ -353,12 +365,16 @@ def test_server_args_and_validation():
     with pytest.raises(ValueError, match="each at most once"):  # two servers, one label
         ServeConfig(policies=["none", "lava", "lava"]).validate()
     for per_visit in (-3, 5):  # above --questions, the report would give programs of 5 questions, not 4
-        with pytest.raises(ValueError, match=r"questions_per_visit must be 0 \(all in one visit\) to questions \(4\)"):
+        with pytest.raises(ValueError, match=r"--questions-per-visit must be 0 \(all in one visit\) to --questions \(4\)"):
             ServeConfig(questions=4, questions_per_visit=per_visit).validate()
-    with pytest.raises(ValueError, match="seed must be >= 0"):  # Random(-1) draws Random(1)'s documents
+    with pytest.raises(ValueError, match="--seed must be >= 0"):  # Random(-1) draws Random(1)'s documents
         ServeConfig(seed=-1).validate()
-    with pytest.raises(ValueError, match="max_tokens must be >= 7: a shorter answer cannot name a 7-digit code"):
+    with pytest.raises(ValueError, match="--max-tokens must be >= 7: a shorter answer cannot name a 7-digit code"):
         ServeConfig(max_tokens=6).validate()
+    # --memory-bound's 2 questions per visit, with --questions 1: the message says where the 2 came from.
+    with pytest.raises(ValueError, match=r"--questions \(1\), got 2 \(--memory-bound's default\)"):
+        config_from_args(add_arguments(__import__("argparse").ArgumentParser()).parse_args(
+            ["--memory-bound", "--questions", "1"])).validate()
     for flags in (["--questions-per-visit", "-3"], ["--seed", "-1"], ["--max-tokens", "6"]):
         with pytest.raises(SystemExit):  # refused at parse time, before any tokenizer or document
             add_arguments(__import__("argparse").ArgumentParser()).parse_args(flags)
@@ -496,6 +512,7 @@ def synthetic_run(policy: str, hit_on_revisit: bool, correct: bool, wall: float,
     samples = [] if entries is None else [{"store": _store(entries, 3000, 60, 6000)}]
     final = None if entries is None else {**_store(entries, 3000, 60, 6000), "compressions": 2,
                                           "compress_seconds": 0.5,
+                                          "pending": 0, "repetitions": 0,
                                           "repetition_cost": {"documents": 2, "repetition_seconds": 6.0,
                                                               "prefill_seconds": 4.0, "ratio": 1.5,
                                                               "forward_seconds": 5.0, "forward_ratio": 1.25}}
@@ -588,6 +605,61 @@ def test_comparison_against_the_targets():
     # 12/80 against 16/80 is 5 points down, on the target's edge (float noise must not fail it).
     edge = comparison([{"policy": "none", "accuracy": 16 / 80}, {"policy": "lava", "accuracy": 12 / 80}])
     assert edge["accuracy_points"] == -5.0 and edge["met"]["accuracy"] and edge["incomplete"] == []
+
+
+def test_targets_are_not_judged_on_servers_whose_pools_differ():
+    # SGLang lowers --max-total-tokens to the memory it found, with a warning only.
+    result = synthetic_result()
+    assert comparison(result["records"])["incomplete"] == []
+    result["records"][1]["capacity_tokens"] = 3000
+    assert comparison(result["records"])["incomplete"] == ["the pools differ (none 4096 tokens, lava 3000)"]
+
+
+def test_a_stream_the_server_aborts_fails_its_program_instead_of_counting_a_wrong_answer(monkeypatch):
+    # SGLang ends an aborted stream with an ordinary chunk whose finish_reason is "abort".
+    from sglang.lang.backend.runtime_endpoint import RuntimeEndpoint
+
+    from lava_sglang.bench.serve_workload import timed_endpoint
+
+    monkeypatch.setattr(RuntimeEndpoint, "__init__", lambda self, url: None)
+    endpoint = timed_endpoint("http://127.0.0.1:1").for_visit()
+    state = SimpleNamespace(text_="question")
+    finishes = iter([{"type": "length", "length": 24},
+                     {"type": "abort", "status_code": 503, "message": "the scheduler is overloaded"}])
+    monkeypatch.setattr(type(endpoint), "generate_stream",
+                        lambda self, s, sampling_params: iter([(" 1234", {}), ("", {"finish_reason": next(finishes)})]))
+    assert endpoint.generate(state, {})[0] == " 1234"
+    with pytest.raises(RuntimeError, match=r"the server aborted the request \(503: the scheduler is overloaded\)"):
+        endpoint.generate(state, {})
+    assert len(endpoint.calls) == 1  # the aborted one is not recorded as an answer
+
+
+def test_the_final_figures_wait_for_the_last_compressions(monkeypatch):
+    # A document whose repetition is still running when the workload ends would be missing from
+    # the compressions and the repetition cost; the wait gives up after the timeout.
+    reads = iter([{"pending": 1, "repetitions": 0, "compressions": 3}, {"pending": 0, "repetitions": 1,
+                                                                        "compressions": 3},
+                  {"pending": 0, "repetitions": 0, "compressions": 4}])
+    monkeypatch.setattr(serve, "server_facts", lambda url: {"store": next(reads)})
+    assert serve.settled_stores(["http://a"], timeout=5.0, pause=0.0) == [{"pending": 0, "repetitions": 0,
+                                                                            "compressions": 4}]
+    monkeypatch.setattr(serve, "server_facts", lambda url: {"store": {"pending": 1, "repetitions": 0}})
+    assert serve.settled_stores(["http://a", "http://b"], timeout=0.0, pause=0.0) == [{"pending": 1,
+                                                                                       "repetitions": 0}] * 2
+    monkeypatch.setattr(serve, "server_facts", lambda url: {"store": None})  # stock SGLang: nothing to wait for
+    assert serve.settled_stores(["http://a"], timeout=5.0, pause=0.0) == [None]
+
+
+def test_a_record_says_which_repetitions_were_not_compared_and_which_compressions_were_unfinished():
+    result = synthetic_result()
+    lava = result["records"][1]
+    assert lava["repetition_not_compared"] is None and lava["compressions_unfinished"] == 0
+    text = markdown(result, "serving")
+    assert "not compared |" not in text and "Compressions not finished" not in text
+    lava["repetition_not_compared"], lava["compressions_unfinished"] = 2, 1
+    text = markdown(result, "serving")
+    assert "3.00 (1.50x, 2 not compared)" in text
+    assert "Compressions not finished when the figures were read (a minute after the workload): lava: 1." in text
 
 
 def test_targets_are_not_judged_on_a_run_cut_short_or_with_failed_programs(tmp_path):
