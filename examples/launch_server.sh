@@ -17,8 +17,10 @@ args=(
 
     # The policy: lava (its default allocation, one budget threshold over all layers and KV
     # heads, measured best on documents scored by their repetition; docs/allocation.md), or
-    # kvzip, snapkv, ada_snapkv, pyramidkv, streamingllm; none is stock SGLang. The paper's
-    # LAVa: lava:layer_budget=entropy,value_norm=true,pool_kernel=7.
+    # kvzip, snapkv, ada_snapkv, pyramidkv, streamingllm; none is stock SGLang (which refuses
+    # the other --kv-* flags below: leave them out). The paper's LAVa:
+    # lava:layer_budget=entropy,value_norm=true,pool_kernel=7. streamingllm scores nothing:
+    # leave --kv-observe out with it.
     --kv-policy lava
 
     # How much of a compressed document is kept: a keep ratio in (0, 1] (0.2 keeps 20% of its

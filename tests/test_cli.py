@@ -98,7 +98,10 @@ def test_bench_serve_refuses_server_flags_that_would_leave_its_documents_uncompr
                                               "streamingllm, optionally with options, got 'none'"),
                                              ("lava:alpha=2", "alpha must be a number in [0, 1], got 2"),
                                              ("full", "keeps everything"),
-                                             ("kvzip --observe tail", "kvzip scores by reconstruct, not tail"),
+                                             ("kvzip --observe tail", "--policy kvzip with --observe tail (the "
+                                              "server's --kv-observe): the server would refuse it"),
+                                             ("streamingllm --observe tail", "--kv-observe tail: --kv-policy "
+                                              "streamingllm scores nothing"),
                                              ("lava:window=16", "its window 16 differs from --kv-window 8")])
 def test_the_demo_checks_its_policy_before_loading_anything(policy, message, capsys, monkeypatch):
     def no_model():
@@ -146,6 +149,21 @@ def test_a_quality_partial_file_in_no_folder_is_refused_before_anything_runs(cap
     monkeypatch.setattr(cli, "_load_runtime", no_model)
     assert cli.main(["bench", "quality", "--partial", "/nonexistent-folder/partial.json"]) == 2
     assert "--partial /nonexistent-folder/partial.json: no folder /nonexistent-folder" in capsys.readouterr().err
+
+
+def test_a_quality_document_beyond_the_models_positions_names_the_flag_before_the_first_question(capsys, monkeypatch,
+                                                                                                  tmp_path):
+    from types import SimpleNamespace
+
+    def words(text, add_special_tokens=False):
+        return {"input_ids": text.split()}
+
+    small_model = SimpleNamespace(tokenizer=words, model=SimpleNamespace(config=SimpleNamespace(
+        max_position_embeddings=256)))
+    monkeypatch.setattr(cli, "_load_runtime", lambda: small_model)
+    assert cli.main(["bench", "quality", "--contexts", "300", "--questions", "2", "--out", str(tmp_path),
+                     "--no-progress"]) == 2
+    assert "--contexts: 300: a prompt of" in capsys.readouterr().err
 
 
 def test_an_out_folder_that_cannot_be_made_is_refused_before_anything_runs(capsys, monkeypatch, tmp_path):

@@ -105,7 +105,10 @@ class QualityConfig:
                                                f"got {self.contexts}")
         for spec in self.policies:
             with _naming("policies", spec):
-                make_policy(spec, window=self.window)
+                window = make_policy(spec, window=self.window).window
+            if any(context < 2 * window for context in self.contexts):  # it would keep (nearly) every token
+                raise ConfigFieldError("policies", f"{spec}: its window of {window} tokens needs contexts of at least "
+                                                   f"{2 * window} tokens, got {self.contexts}")
         self.source_names()
         for name, values, allowed in (("modes", self.modes, MODES), ("tasks", self.tasks, TASKS),
                                       ("query_aware_splits", self.query_aware_splits, SPLITS)):
@@ -397,8 +400,14 @@ class QualityBenchmark:
         document, so a run cut short keeps what it measured. command: the command line, kept
         in the metadata (`--report-only` rebuilds a report from it)."""
         started = time.time()
-        plan = [(task, context, self.documents(task, context, count))
-                for context, count in zip(self.config.contexts, self.config.questions) for task in self.config.tasks]
+        plan = []
+        for context, count in zip(self.config.contexts, self.config.questions):
+            for task in self.config.tasks:
+                try:
+                    plan.append((task, context, self.documents(task, context, count)))
+                except ValueError as error:  # too many facts for the document's paragraphs
+                    raise ConfigFieldError("facts_per_document", f"{error} (contexts {context})") from None
+        self._check_positions(plan)
         total = sum(len(doc.questions) for _, _, docs in plan for doc in docs)
         done = 0  # not the bar's count, which a disabled bar does not keep
         with tqdm(total=total, desc="quality", unit="question", disable=not progress) as bar:
@@ -410,6 +419,22 @@ class QualityBenchmark:
                     if partial is not None:
                         replace_file(partial, json.dumps(self._result(started, done, total, command), indent=1) + "\n")
         return self._result(started, total, total, command)
+
+    def _check_positions(self, plan) -> None:
+        """Every document's longest prompt and its answer within the model's positions: beyond
+        them the model runs positions it was not trained on, and its answers mean nothing."""
+        positions = getattr(self.runtime.model.config, "max_position_embeddings", None)
+        if positions is None:
+            return
+        answer_tokens = max(self.config.retrieval_answer_tokens, self.config.fidelity_answer_tokens)
+        for _, context, documents in plan:
+            for document in documents:
+                longest = max(self._count_tokens("".join(prompt_parts(document.text, question.text)))
+                              for question in document.questions)
+                if longest + answer_tokens > positions:
+                    raise ConfigFieldError("contexts", f"{context}: a prompt of {longest} tokens and a "
+                                                       f"{answer_tokens}-token answer exceed the model's {positions} "
+                                                       "positions")
 
     def _result(self, started: float, questions_done: int, questions_planned: int, command: str | None) -> dict:
         meta = run_metadata(self.runtime, self.config, time.time() - started)

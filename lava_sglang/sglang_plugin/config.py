@@ -320,49 +320,67 @@ def from_namespace(args: argparse.Namespace) -> KvPolicyConfig:
         except ValueError as error:
             raise ConfigError(f"--kv-observe-view {observe_view} with --kv-observe-chunk {observe_chunk}: "
                               f"{error}") from None
-    if config.enabled:
-        for name in given_observe_flags:  # a flag the source does not read would do nothing
-            readers = OBSERVE_FLAG_READERS[name]
-            if FORK not in triggers:
-                raise ConfigError(f"{FLAGS['kv_' + name][0]} {getattr(config, name)}: --kv-compress-on "
-                                  f"{','.join(triggers)} compresses no fork prefix, the only prefixes --kv-observe "
-                                  "scores (a shared prefix is scored by its tail window); leave it out")
-            if observe not in readers:
-                raise ConfigError(f"{FLAGS['kv_' + name][0]} {getattr(config, name)}: --kv-observe {observe} does "
-                                  f"not read it (only {' and '.join(readers)} do); leave it out")
-        if alpha is not None and not _reads_alpha(policy, window):
-            raise ConfigError(f"--kv-alpha {args.kv_alpha}: --kv-policy {policy} does not read alpha (only lava's "
-                              "per-layer head top-k, layer_budget=entropy or uniform with head_budget=topk, and "
-                              "ada_snapkv do); leave it out")
+    if not config.enabled:  # stock SGLang: every other --kv-* flag would do nothing
+        for dest, (flag, default, _) in FLAGS.items():
+            value = getattr(args, dest)
+            unset = dest.removeprefix("kv_") in OBSERVE_FLAG_READERS  # None until given
+            if dest != "kv_policy" and value is not None and (unset or str(value) != str(default)):
+                raise ConfigError(f"{flag} {value}: no --kv-policy given (none, the default, is stock SGLang, which "
+                                  "reads no --kv-* flag); give a policy or leave it out")
+        return config
+    policy_object = _policy_object(config, args, policy, alpha, pool_kernel, window)
+    if FORK not in triggers or not policy_object.needs_scores:  # nothing reads the observation flags
+        why = (f"--kv-policy {policy} scores nothing" if not policy_object.needs_scores else
+               f"--kv-compress-on {','.join(triggers)} compresses no fork prefix, the only prefixes --kv-observe "
+               "scores (a shared prefix is scored by its tail window)")
+        given = [(FLAGS["kv_" + name][0], getattr(config, name)) for name in given_observe_flags]
+        if observe != FLAGS["kv_observe"][1]:
+            given.insert(0, ("--kv-observe", observe))
+        if given:
+            raise ConfigError(f"{given[0][0]} {given[0][1]}: {why}; leave it out")
+    for name in given_observe_flags:  # a flag the source does not read would do nothing
+        readers = OBSERVE_FLAG_READERS[name]
+        if observe not in readers:
+            raise ConfigError(f"{FLAGS['kv_' + name][0]} {getattr(config, name)}: --kv-observe {observe} does "
+                              f"not read it (only {' and '.join(readers)} do); leave it out")
+    config = dataclasses.replace(config, pool_kernel=getattr(policy_object, "pool_kernel", pool_kernel),
+                                 alpha=getattr(policy_object, "alpha", config.alpha))
+    try:
+        policy_object.check_source(observe)
+    except ValueError as error:
+        raise ConfigError(f"--kv-policy {policy}: {error} (--kv-observe)") from None
+    if SHARED in triggers:
         try:
-            policy_object = config.make_policy()
+            policy_object.check_source("tail")
         except ValueError as error:
-            raise ConfigError(f"--kv-policy {policy}: {error}") from None
-        if policy_object.window != window:  # the radix cache and the repetition read --kv-window too
-            raise ConfigError(f"--kv-policy {policy}: its window {policy_object.window} differs from --kv-window "
-                              f"{window}, which the radix cache and the repetition read too; set the window with "
-                              "--kv-window (a spec's window= must equal it)")
-        if pool_kernel is not None and not hasattr(policy_object, "pool_kernel"):
-            raise ConfigError(f"--kv-pool-kernel {pool_kernel}: --kv-policy {policy} scores no tokens, so it "
-                              "pools nothing; leave it out")
-        # A spec's option wins over its flag: refuse two values given, and report the one in effect.
-        given = (("--kv-pool-kernel", "pool_kernel", pool_kernel), ("--kv-alpha", "alpha", alpha))
-        for flag, name, value in given:
-            if value is not None and getattr(policy_object, name, value) != value:
-                raise ConfigError(f"--kv-policy {policy}: its {name} differs from {flag} {value}; set it in one place")
-        config = dataclasses.replace(config, pool_kernel=getattr(policy_object, "pool_kernel", pool_kernel),
-                                     alpha=getattr(policy_object, "alpha", config.alpha))
-        try:
-            policy_object.check_source(observe)
-        except ValueError as error:
-            raise ConfigError(f"--kv-policy {policy}: {error} (--kv-observe)") from None
-        if SHARED in triggers:
-            try:
-                policy_object.check_source("tail")
-            except ValueError as error:
-                raise ConfigError(f"--kv-policy {policy}: {error} (--kv-compress-on shared scores a shared prefix "
-                                  "by its tail window)") from None
+            raise ConfigError(f"--kv-policy {policy}: {error} (--kv-compress-on shared scores a shared prefix "
+                              "by its tail window)") from None
     return config
+
+
+def _policy_object(config: KvPolicyConfig, args, policy: str, alpha, pool_kernel, window: int):
+    """The policy the config makes, checked against the flags that set it too (--kv-alpha,
+    --kv-pool-kernel, --kv-window); raises ConfigError."""
+    if alpha is not None and not _reads_alpha(policy, window):
+        raise ConfigError(f"--kv-alpha {args.kv_alpha}: --kv-policy {policy} does not read alpha (only lava's "
+                          "per-layer head top-k, layer_budget=entropy or uniform with head_budget=topk, and "
+                          "ada_snapkv do); leave it out")
+    try:
+        policy_object = config.make_policy()
+    except ValueError as error:
+        raise ConfigError(f"--kv-policy {policy}: {error}") from None
+    if policy_object.window != window:  # the radix cache and the repetition read --kv-window too
+        raise ConfigError(f"--kv-policy {policy}: its window {policy_object.window} differs from --kv-window "
+                          f"{window}, which the radix cache and the repetition read too; set the window with "
+                          "--kv-window (a spec's window= must equal it)")
+    if pool_kernel is not None and not hasattr(policy_object, "pool_kernel"):
+        raise ConfigError(f"--kv-pool-kernel {pool_kernel}: --kv-policy {policy} scores no tokens, so it "
+                          "pools nothing; leave it out")
+    # A spec's option wins over its flag: refuse two values given, and report the one in effect.
+    for flag, name, value in (("--kv-pool-kernel", "pool_kernel", pool_kernel), ("--kv-alpha", "alpha", alpha)):
+        if value is not None and getattr(policy_object, name, value) != value:
+            raise ConfigError(f"--kv-policy {policy}: its {name} differs from {flag} {value}; set it in one place")
+    return policy_object
 
 
 #: The sources that read each --kv-observe-* flag, by KvPolicyConfig field.
@@ -460,6 +478,11 @@ def check_server_args(config: KvPolicyConfig, args: argparse.Namespace, device: 
         (getattr(args, "enable_deterministic_inference", False),
          "--enable-deterministic-inference: the compressed-prefix path's split-K and merges are not SGLang's "
          "batch-invariant kernels"),
+        (config.observe == RECONSTRUCT and FORK in config.compress_on and config.make_policy().needs_scores
+         and getattr(args, "skip_tokenizer_init", False),
+         "--skip-tokenizer-init and --kv-observe reconstruct (the default): the repetition's prompt is tokenized "
+         "in the scheduler, which then has no tokenizer, and every fork prefix would be scored by its tail "
+         "instead; give --kv-observe tail or branches"),
         (on_accelerator and config.observe == RECONSTRUCT and config.observe_view == "chunk",
          "--kv-observe-view chunk: a batch holding a repetition chunk under the view takes the torch attention "
          "path, which is not made for a GPU's batches (the CPU engine only)"),

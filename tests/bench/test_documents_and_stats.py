@@ -133,6 +133,9 @@ def test_the_share_of_the_full_caches_answers_is_resampled_by_document_and_paire
      "name one policy twice under reconstruct"),
     ({"contexts": [2048, 2048], "questions": [4, 4]}, "contexts: give distinct values"),
     ({"tasks": []}, "tasks: give at least one"),
+    # A window of half a document or more would keep (nearly) all of it at every ratio.
+    ({"policies": ["streamingllm:window=48"], "contexts": [2048, 64], "questions": [4, 4]},
+     r"streamingllm:window=48: its window of 48 tokens needs contexts of at least 96 tokens, got \[2048, 64\]"),
 ])
 def test_quality_config_validation(changes, message):
     with pytest.raises(ConfigFieldError, match=message) as refused:

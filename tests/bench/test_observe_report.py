@@ -1,6 +1,8 @@
 """Observation sources in the quality benchmark: records, splits, report, targets, CLI."""
 
 import json
+import re
+from dataclasses import replace
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -54,7 +56,8 @@ def test_a_partial_file_counts_the_questions_done_with_or_without_a_progress_bar
     def words(text, add_special_tokens=False):
         return {"input_ids": text.split()}
 
-    runtime = type("Runtime", (), {"tokenizer": staticmethod(words)})()
+    runtime = SimpleNamespace(tokenizer=words, model=SimpleNamespace(config=SimpleNamespace(
+        max_position_embeddings=8192)))
     monkeypatch.setattr(quality, "run_metadata", lambda runtime, config, wall_seconds: {})
     written = []  # questions_done of each partial file, one per document of 2 questions
     monkeypatch.setattr(quality, "replace_file", lambda path, text: written.append(
@@ -67,6 +70,31 @@ def test_a_partial_file_counts_the_questions_done_with_or_without_a_progress_bar
             len(document.questions)))
         bench.run(progress=progress, partial=Path("partial.json"))
     assert written == [2, 4, 6] * 2
+
+
+def test_documents_the_model_cannot_hold_or_facts_they_cannot_hold_are_refused_before_the_first_question():
+    def words(text, add_special_tokens=False):
+        return {"input_ids": text.split()}
+
+    def runtime(positions):
+        return SimpleNamespace(tokenizer=words, model=SimpleNamespace(
+            config=SimpleNamespace(max_position_embeddings=positions)))
+
+    def refused(bench) -> ConfigFieldError:
+        bench.run_document = lambda *args, **kwargs: pytest.fail("a question ran")
+        with pytest.raises(ConfigFieldError) as error:
+            bench.run(progress=False)
+        return error.value
+
+    config = QualityConfig(contexts=[300], questions=[2], facts_per_document=[2], tasks=["retrieval"])
+    beyond = refused(QualityBenchmark(runtime(300), config))  # 300 document tokens, a question, an answer
+    assert beyond.field_name == "contexts"
+    assert re.fullmatch(r"300: a prompt of \d+ tokens and a 32-token answer exceed the model's 300 positions",
+                        beyond.message)
+    crowded = refused(QualityBenchmark(runtime(8192), replace(config, contexts=[64], questions=[8],
+                                                              facts_per_document=[8])))
+    assert crowded.field_name == "facts_per_document"
+    assert "give more tokens or fewer facts (contexts 64)" in crowded.message
 
 
 def test_cli_rejects_unknown_observation_sources_and_policy_options(capsys):

@@ -153,7 +153,29 @@ def test_an_observe_flag_the_source_does_not_read_is_refused(flag, value, source
     # It would do nothing, silently (as --kv-alpha where the policy does not read it).
     with pytest.raises(ConfigError, match=f"{flag} {value}: --kv-observe {source} does not read it"):
         from_namespace(parse("--kv-policy", "lava", "--kv-observe", source, flag, value))
-    assert from_namespace(parse("--kv-policy", "none", "--kv-observe", source, flag, value)).observe == source
+    with pytest.raises(ConfigError, match=f"--kv-observe {source}: no --kv-policy given"):
+        from_namespace(parse("--kv-policy", "none", "--kv-observe", source, flag, value))
+
+
+@pytest.mark.parametrize("flags", [("--kv-budget", "0.1"), ("--kv-window", "16"), ("--kv-min-prefix", "512"),
+                                   ("--kv-alpha", "0.3"), ("--kv-pool-kernel", "3"), ("--kv-compress-on", "shared"),
+                                   ("--kv-observe", "tail"), ("--kv-observe-wait", "30"),
+                                   ("--kv-observe-chunk", "256"), ("--kv-observe-prompt", "plain")])
+def test_a_kv_flag_without_a_policy_is_refused(flags):
+    # The default policy, none, is stock SGLang: `--kv-budget 0.1` alone would compress nothing, silently.
+    for policy in ([], ["--kv-policy", "none"]):
+        with pytest.raises(ConfigError, match=f"{flags[0]} {flags[1]}: no --kv-policy given"):
+            from_namespace(parse(*policy, *flags))
+    # A flag at its default changes nothing (the --kv-observe-* flags are None until given: refused above).
+    assert not from_namespace(parse("--kv-budget", "0.2", "--kv-observe", "reconstruct")).enabled
+
+
+@pytest.mark.parametrize("flags", [("--kv-observe", "tail"), ("--kv-observe-wait", "5.0"), ("--kv-observe-chunk", "64")])
+def test_observe_flags_are_refused_for_a_policy_that_scores_nothing(flags):
+    # streamingllm keeps sinks and recent tokens: no repetition runs, no branch is waited for.
+    with pytest.raises(ConfigError, match=f"{flags[0]} {flags[1]}: --kv-policy streamingllm scores nothing"):
+        from_namespace(parse("--kv-policy", "streamingllm", *flags))
+    assert from_namespace(parse("--kv-policy", "streamingllm")).enabled
 
 
 @pytest.mark.parametrize("flag, value", [("--kv-observe-wait", "2.5"), ("--kv-observe-chunk", "256")])
@@ -162,6 +184,12 @@ def test_an_observe_flag_is_refused_where_no_fork_prefix_is_compressed(flag, val
     with pytest.raises(ConfigError, match=f"{flag} {value}: --kv-compress-on shared compresses no fork prefix"):
         from_namespace(parse("--kv-policy", "lava", "--kv-compress-on", "shared", flag, value))
     assert from_namespace(parse("--kv-policy", "lava", "--kv-compress-on", "fork,shared", flag, value))
+
+
+def test_a_source_is_refused_where_no_fork_prefix_is_compressed():
+    with pytest.raises(ConfigError, match="--kv-observe branches: --kv-compress-on shared compresses no fork prefix"):
+        from_namespace(parse("--kv-policy", "lava", "--kv-compress-on", "shared", "--kv-observe", "branches"))
+    assert from_namespace(parse("--kv-policy", "lava", "--kv-compress-on", "fork,shared", "--kv-observe", "branches"))
 
 
 @pytest.mark.parametrize("flag, value", [("--kv-observe-wait", "30"), ("--kv-observe-chunk", "512"),
@@ -258,6 +286,16 @@ def test_combinations_that_cannot_work_are_refused(option, value, reason):
     with pytest.raises(ConfigError, match=reason):
         check_server_args(config, argparse.Namespace(**{option: value}), "cpu")
     check_server_args(KvPolicyConfig(), argparse.Namespace(**{option: value}), "cpu")  # policy none: stock
+
+
+def test_the_repetition_without_a_tokenizer_is_refused_where_it_would_score():
+    # Every fork prefix would fall back to its tail, with one warning per prefix in the log.
+    no_tokenizer = argparse.Namespace(skip_tokenizer_init=True)
+    with pytest.raises(ConfigError, match="--skip-tokenizer-init and --kv-observe reconstruct"):
+        check_server_args(from_namespace(parse("--kv-policy", "lava")), no_tokenizer, "cpu")
+    for flags in (("--kv-policy", "lava", "--kv-observe", "tail"), ("--kv-policy", "streamingllm"),
+                  ("--kv-policy", "lava", "--kv-compress-on", "shared")):
+        check_server_args(from_namespace(parse(*flags)), no_tokenizer, "cpu")
 
 
 def test_phase_attention_backends_equal_to_the_one_in_effect_are_served():
