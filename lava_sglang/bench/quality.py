@@ -43,6 +43,7 @@ import torch
 from tqdm import tqdm
 
 from lava_sglang.argtypes import COMPRESSING_POLICIES, QUALITY_WINDOW, replace_file
+from lava_sglang.bench import code_revision
 from lava_sglang.bench.documents import (MAX_FACTS, RETRIEVAL_ANSWER_TOKENS, Document, code_finished,
                                          fidelity_documents, names_code, prompt_parts, retrieval_documents)
 from lava_sglang.bench.stats import mean_interval, wilson_interval
@@ -461,6 +462,7 @@ def run_metadata(runtime: ReferenceRuntime, config: QualityConfig, wall_seconds:
                         "kv_heads": model_config.num_key_value_heads, "head_dim": model_config.head_dim},
         "dtype": str(next(runtime.model.parameters()).dtype),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.platform()}",
+        "code": code_revision(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         # The documents are built from this Python's pydoc_data: another release gives other text.

@@ -217,7 +217,7 @@ def markdown(records: list[dict], meta: dict, command: str, notes: str | None) -
         f"- Model: {meta['model']} ({meta['model_shape']['layers']} layers, {meta['model_shape']['q_heads']} query "
         f"heads, {meta['model_shape']['kv_heads']} KV heads, head dim {meta['model_shape']['head_dim']}), "
         f"{meta['dtype']}, reference runtime (HF transformers {meta['transformers']}, torch {meta['torch']})",
-        f"- Machine: {meta['machine']}",
+        f"- Machine: {meta['machine']}" + (f"; lava-sglang {meta['code']}" if meta.get("code") else ""),
         f"- Wall time: {meta['wall_seconds'] / 60:.1f} min; seed {config['seed']}; window {config['window']}"
         + "".join(f", {window} under {source}" for source, window in meta.get("kept_window", {}).items()
                   if window != config["window"]),

@@ -43,6 +43,7 @@ from lava_sglang.argtypes import (COMPRESSING_POLICIES, REPORT_FLAGS, at_least, 
                                   refuse_run_flags)
 from lava_sglang.bench.serve_workload import (MISS_SLACK, ORDERS, build_workload, program_inputs, summarize,
                                               timed_endpoint, visit_records)
+from lava_sglang.bench import code_revision
 from lava_sglang.bench.documents import CODE_DIGITS, RETRIEVAL_ANSWER_TOKENS
 from lava_sglang.checks import is_number
 from lava_sglang.sglang_plugin.server_process import (CPU_DEFAULT_MAX_TOTAL_TOKENS, ServerExited, ServerProcess,
@@ -594,7 +595,7 @@ def run_metadata(config: ServeConfig, model_path: str, cuda: bool, servers: dict
         "model": Path(model_path).name,
         "device": device,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
-        "versions": {"sglang": sglang.__version__, "torch": torch.__version__,
+        "versions": {"lava-sglang": code_revision(), "sglang": sglang.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},
         "servers": servers,
         "workload": {

@@ -224,6 +224,8 @@ def test_old_records_read_as_tail_over_all_questions():
             "dtype": "float32", "transformers": "t", "torch": "t", "machine": "m", "wall_seconds": 60,
             "config": config}
     assert "| tail · lava | 0.30 [0.00, 1.00] |" in markdown([old], meta, "cmd", None)
+    assert "- Machine: m\n" in markdown([old], meta, "cmd", None)  # a run before the code was recorded
+    assert "- Machine: m; lava-sglang 0123456789ab\n" in markdown([old], dict(meta, code="0123456789ab"), "cmd", None)
 
 
 @pytest.mark.model

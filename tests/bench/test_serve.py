@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, replace
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -809,3 +810,21 @@ def test_the_timed_endpoint_records_the_first_token_and_the_whole_generation(mon
     assert call["kind"] == "gen" and call["text"] == "question" and call["meta_info"] == {"cached_tokens": 90}
     assert call["ttft"] >= 0.05 and call["e2e"] - call["ttft"] >= 0.1  # the second piece came 0.1 s after the first
     assert timed_endpoint("http://a").for_visit().calls == []  # each visit its own records
+
+
+def test_a_report_names_the_code_it_ran(tmp_path, monkeypatch):
+    # The checkout's commit, "-dirty" with changes; outside a checkout, the package version.
+    import subprocess
+
+    from lava_sglang import __version__
+    from lava_sglang.bench import code_revision
+
+    head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
+                          cwd=Path(__file__).parent).stdout.strip()
+    assert code_revision().startswith(head)
+    monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: (_ for _ in ()).throw(
+        subprocess.CalledProcessError(128, "git")))
+    assert code_revision() == __version__
+    result = synthetic_result()
+    result["meta"]["versions"] = {"lava-sglang": "abc123def456", **result["meta"]["versions"]}
+    assert "- Versions: lava-sglang abc123def456, sglang 0.5.23" in markdown(result, "serving")
