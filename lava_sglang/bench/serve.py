@@ -94,8 +94,8 @@ class ServeConfig:
         if min(self.documents, self.questions, self.clients) < 1:
             raise ValueError("--documents, --questions and --clients must be >= 1")
         if self.max_tokens < CODE_DIGITS:  # every answer would be graded wrong (SmolLM2 spells one digit a token)
-            raise ValueError(f"--max-tokens must be >= {CODE_DIGITS}: a shorter answer cannot name a {CODE_DIGITS}-digit "
-                             f"code, got {self.max_tokens}")
+            raise ValueError(f"--max-tokens must be >= {CODE_DIGITS}: a shorter answer cannot name a "
+                             f"{CODE_DIGITS}-digit code, got {self.max_tokens}")
         if not 0 <= self.questions_per_visit <= self.questions:
             default = " (--memory-bound's default)" if self.memory_bound and \
                 self.questions_per_visit == MEMORY_BOUND["questions_per_visit"] else ""

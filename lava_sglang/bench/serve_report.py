@@ -6,6 +6,7 @@ from pathlib import Path
 
 from lava_sglang.argtypes import replace_file
 from lava_sglang.bench.serve_workload import to_json
+from lava_sglang.bench.stats import gap_interval
 
 POLICY_COLOR = {"none": "black", "lava": "tab:red", "ada_snapkv": "tab:blue", "snapkv": "tab:green",
                 "pyramidkv": "tab:purple", "streamingllm": "tab:gray"}
@@ -33,6 +34,13 @@ def _repetition(record: dict, measure: str = "seconds", ratio: str = "cost_ratio
     return f"{seconds:.2f} ({_num(record.get(f'repetition_{ratio}'))}x{left_out})"
 
 
+def _gap_interval(compared: dict) -> str:
+    interval = compared.get("accuracy_points_ci95")
+    if not interval:
+        return ""
+    return f" [{interval[0]:+.1f}, {interval[1]:+.1f}] (95%, documents resampled)"
+
+
 def _mib(value) -> str:
     return _num(value / MiB if value is not None else None, "{:.1f}")
 
@@ -53,7 +61,8 @@ def comparison(records: list[dict], baseline: str = "none", policy: str = "lava"
         accuracy_gap = round(100 * (other["accuracy"] - base["accuracy"]), 9)  # -5.000000000000004 is -5
     result = {"policy": policy, "baseline": baseline, "documents_resident_ratio": ratio("documents_resident"),
               "revisit_hit_rate": other.get("revisit_hit_rate"),
-              "question_throughput_ratio": ratio("question_throughput"), "accuracy_points": accuracy_gap}
+              "question_throughput_ratio": ratio("question_throughput"), "accuracy_points": accuracy_gap,
+              "accuracy_points_ci95": accuracy_gap_interval(other, base)}
     # Runs cut short by --max-seconds, or with failed programs, answered different questions.
     result["incomplete"] = []
     for record in (base, other):
@@ -73,6 +82,25 @@ def comparison(records: list[dict], baseline: str = "none", policy: str = "lava"
         "accuracy": accuracy_gap is not None and accuracy_gap >= -TARGETS["accuracy_points"],
     }
     return result
+
+
+def accuracy_gap_interval(record: dict, baseline: dict) -> list[float] | None:
+    """The 95% interval of `record`'s accuracy minus `baseline`'s, in points, over the questions
+    both answered, documents resampled together (`stats.gap_interval`); None without their
+    question records or with fewer than two documents."""
+    def graded(source: dict) -> dict[tuple, bool]:
+        return {(q["document"], q["visit"], q["question"]): q["correct"]
+                for q in source.get("question_records", []) if q["correct"] is not None}
+
+    answers, baseline_answers = graded(record), graded(baseline)
+    per_document: dict[int, list[int]] = {}
+    for key in answers.keys() & baseline_answers.keys():
+        counts = per_document.setdefault(key[0], [0, 0, 0])
+        counts[0] += answers[key]
+        counts[1] += baseline_answers[key]
+        counts[2] += 1
+    interval = gap_interval([tuple(counts) for counts in per_document.values()])
+    return list(interval) if interval is not None else None
 
 
 def by_visit(record: dict) -> dict[str, dict]:
@@ -226,8 +254,8 @@ def markdown(result: dict, stem: str) -> str:
             f"{TARGETS['revisit_hit_rate']:g}: {verdict('revisit_hit_rate')})",
             f"- Question throughput: {_num(compared['question_throughput_ratio'], '{:.2f}')}x (target >= "
             f"{TARGETS['question_throughput']:g}x: {verdict('question_throughput')})",
-            f"- Accuracy: {_num(compared['accuracy_points'], '{:+.1f}')} points (target within "
-            f"{TARGETS['accuracy_points']:g}: {verdict('accuracy')})",
+            f"- Accuracy: {_num(compared['accuracy_points'], '{:+.1f}')} points{_gap_interval(compared)} (target "
+            f"within {TARGETS['accuracy_points']:g}: {verdict('accuracy')}, judged on the measured gap)",
             "",
         ]
         if incomplete:

@@ -59,3 +59,22 @@ def share_interval(pairs: Sequence[tuple[int, int]], resamples: int = 4000, seed
     low = np.percentile(shares, 2.5, method="lower")
     high = np.percentile(shares, 97.5, method="higher")
     return (float(low), float(high))
+
+
+def gap_interval(documents: Sequence[tuple[int, int, int]], resamples: int = 4000,
+                 seed: int = 0) -> tuple[float, float] | None:
+    """95% interval of 100 x (sum(right) - sum(other_right)) / sum(questions): the accuracy gap
+    in points between two systems that answered the same questions. documents: (right,
+    other_right, questions) per document; a percentile bootstrap over documents, paired (both
+    systems' answers of a document move together), as `share_interval`. Seeded. None for fewer
+    than two documents."""
+    import numpy as np
+
+    counts = np.array(documents, dtype=float).reshape(-1, 3)
+    if len(counts) < 2 or counts[:, 2].sum() == 0:
+        return None
+    picks = np.random.default_rng(seed).integers(0, len(counts), size=(resamples, len(counts)))
+    sums = counts[picks].sum(1)  # [resamples, 3]
+    gaps = 100 * (sums[:, 0] - sums[:, 1]) / np.maximum(sums[:, 2], 1)
+    return (float(np.percentile(gaps, 2.5, method="lower")), float(np.percentile(gaps, 97.5, method="higher")))
+

@@ -11,8 +11,8 @@ the batch's attention itself:
 for each request, attention over its compressed prefix (each KV head its own kept rows, the
 G query heads of the group reading them together) and over its own tokens (its KV row
 after the prefix, causal), merged by LSE (on the torch path a decode batch attends to both in
-one masked call per group of requests of similar lengths, `DecodeRows`). Extend (prefill) batches also record the window queries of
-long prefills for the compressor.
+one masked call per group of requests of similar lengths, `DecodeRows`). Extend (prefill)
+batches also record the window queries of long prefills for the compressor.
 
 The attention over compressed prefixes is `CompressedPrefixBatch`: on CUDA the Triton kernel
 of `lava_sglang.kernels.pool_prefix_attention` (the kept rows read in place from the pool

@@ -366,7 +366,8 @@ def test_server_args_and_validation():
     with pytest.raises(ValueError, match="each at most once"):  # two servers, one label
         ServeConfig(policies=["none", "lava", "lava"]).validate()
     for per_visit in (-3, 5):  # above --questions, the report would give programs of 5 questions, not 4
-        with pytest.raises(ValueError, match=r"--questions-per-visit must be 0 \(all in one visit\) to --questions \(4\)"):
+        with pytest.raises(ValueError,
+                           match=r"--questions-per-visit must be 0 \(all in one visit\) to --questions \(4\)"):
             ServeConfig(questions=4, questions_per_visit=per_visit).validate()
     with pytest.raises(ValueError, match="--seed must be >= 0"):  # Random(-1) draws Random(1)'s documents
         ServeConfig(seed=-1).validate()
@@ -828,3 +829,28 @@ def test_a_report_names_the_code_it_ran(tmp_path, monkeypatch):
     result = synthetic_result()
     result["meta"]["versions"] = {"lava-sglang": "abc123def456", **result["meta"]["versions"]}
     assert "- Versions: lava-sglang abc123def456, sglang 0.5.23" in markdown(result, "serving")
+
+
+def test_the_accuracy_gap_has_a_paired_interval_over_documents():
+    from lava_sglang.bench.stats import gap_interval
+
+    assert gap_interval([(3, 3, 8)] * 10) == (0.0, 0.0)  # the same answers: no spread
+    assert gap_interval([(3, 4, 8)] * 10) == (-12.5, -12.5)  # one fewer per document, every time
+    low, high = gap_interval([(8, 0, 8)] + [(0, 0, 8)] * 9)  # one document decides it: wide, and above 0
+    assert low == 0.0 and high >= 30.0
+    assert gap_interval([(3, 4, 8)]) is None and gap_interval([]) is None
+
+    def questions(right_per_document: list[int]) -> list[dict]:
+        return [{"document": document, "visit": document, "round": 0, "question": index, "correct": index < right}
+                for document, right in enumerate(right_per_document) for index in range(8)]
+
+    result = synthetic_result()
+    stock, lava = result["records"]
+    stock.update(accuracy=16 / 80, question_records=questions([2] * 8 + [0, 0]))
+    lava.update(accuracy=12 / 80, question_records=questions([2] * 6 + [0] * 4))
+    compared = comparison([stock, lava])
+    assert compared["accuracy_points"] == -5.0 and compared["met"]["accuracy"]
+    low, high = compared["accuracy_points_ci95"]
+    assert low < -5.0 < high <= 0.0  # -5 on the edge; the interval says how far it could move
+    text = markdown(dict(result, comparison=compared), "serving")
+    assert f"- Accuracy: -5.0 points [{low:+.1f}, {high:+.1f}] (95%, documents resampled)" in text

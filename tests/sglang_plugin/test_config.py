@@ -170,7 +170,8 @@ def test_a_kv_flag_without_a_policy_is_refused(flags):
     assert not from_namespace(parse("--kv-budget", "0.2", "--kv-observe", "reconstruct")).enabled
 
 
-@pytest.mark.parametrize("flags", [("--kv-observe", "tail"), ("--kv-observe-wait", "5.0"), ("--kv-observe-chunk", "64")])
+@pytest.mark.parametrize("flags", [("--kv-observe", "tail"), ("--kv-observe-wait", "5.0"),
+                                   ("--kv-observe-chunk", "64")])
 def test_observe_flags_are_refused_for_a_policy_that_scores_nothing(flags):
     # streamingllm keeps sinks and recent tokens: no repetition runs, no branch is waited for.
     with pytest.raises(ConfigError, match=f"{flags[0]} {flags[1]}: --kv-policy streamingllm scores nothing"):
