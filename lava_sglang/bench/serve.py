@@ -488,23 +488,45 @@ def check_server_flags(config: ServeConfig, capacity: int | None, cuda: bool, pr
     from lava_sglang.sglang_plugin.config import ConfigError
     from lava_sglang.sglang_plugin.plugin import check_launch_args
 
-    shortest = min(prefix_tokens)
     for policy in config.policies:
         try:
             server = check_launch_args(policy_server_args(policy, config, capacity, cuda))
         except ConfigError as error:
             raise ValueError(f"--server-args: the {policy} server would refuse them: {error}; leave {policy} out "
                              f"with --policies") from None
-        if not server.enabled:
-            continue
-        if shortest < server.min_prefix:
-            raise ValueError(f"a document of {shortest} tokens is below the {policy} server's --kv-min-prefix "
-                             f"{server.min_prefix}: it would not be compressed (raise --context, or pass "
-                             "--server-args=\"--kv-min-prefix N\")")
-        if not server.evicts(shortest - 1):
-            raise ValueError(f"--budget {config.budget} with the {policy} server's --kv-window {server.window} keeps "
-                             f"every token of a {shortest - 1}-token document: it would compress nothing; give a "
-                             "smaller ratio or a longer --context")
+        check_compresses(server, f"the {policy} server", prefix_tokens,
+                         "pass --server-args=\"--kv-min-prefix N\"", f"--budget {config.budget}", "give a smaller ratio")
+
+
+def check_compresses(server, name: str, prefix_tokens: list[int], min_prefix_fix: str, budget_name: str,
+                     budget_fix: str) -> None:
+    """Every document compressed by `server` (a KvPolicyConfig; nothing to check without a
+    policy): none below its --kv-min-prefix, and its budget keeps fewer tokens than the
+    shortest fork prefix (the prefix less its last token, which the commit recomputes)."""
+    if not server.enabled:
+        return
+    shortest = min(prefix_tokens)
+    if shortest < server.min_prefix:
+        raise ValueError(f"a document of {shortest} tokens is below {name}'s --kv-min-prefix {server.min_prefix}: "
+                         f"it would not be compressed (raise --context, or {min_prefix_fix})")
+    if not server.evicts(shortest - 1):
+        raise ValueError(f"{budget_name} with {name}'s --kv-window {server.window} keeps every token of a "
+                         f"{shortest - 1}-token document: it would compress nothing; {budget_fix} or a longer "
+                         "--context")
+
+
+def served_policy(kv_policy: dict | None):
+    """The KvPolicyConfig a running server reports in /server_info (`lava_kv_policy`: its
+    fields, beside counters); stock SGLang's (policy none) for a server without the plugin."""
+    import dataclasses
+
+    from lava_sglang.sglang_plugin.config import KvPolicyConfig
+
+    names = {field.name for field in dataclasses.fields(KvPolicyConfig)}
+    fields = {name: value for name, value in (kv_policy or {}).items() if name in names}
+    if "compress_on" in fields:
+        fields["compress_on"] = tuple(fields["compress_on"])
+    return KvPolicyConfig(**fields)
 
 
 def run_benchmark(config: ServeConfig, progress: bool = True, log_dir: Path | None = None,
@@ -549,6 +571,9 @@ def run_benchmark(config: ServeConfig, progress: bool = True, log_dir: Path | No
 
     if config.url:
         facts = server_facts(server_urls(config.url)[0])
+        check_compresses(served_policy(facts["kv_policy"]), f"the server at {config.url}", prefix_tokens,
+                         "start it with a smaller --kv-min-prefix", "its --kv-budget "
+                         f"{(facts['kv_policy'] or {}).get('budget')}", "start it with a smaller budget")
         label = facts["kv_policy"].get("policy", "none") if facts["kv_policy"] else "none"
         config = replace(config, budget=(facts["kv_policy"] or {}).get("budget"))  # the server's, for the report
         records.append(run_workload(config.url, documents, prefix_tokens, visits, config, label, progress))

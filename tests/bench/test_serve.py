@@ -152,6 +152,23 @@ def test_a_url_run_records_the_checkpoint_its_server_reported(monkeypatch, smoll
     assert recorded_model(result["meta"]) == (str(smollm2_path), True)
 
 
+def test_a_url_run_whose_server_would_leave_the_documents_uncompressed_is_refused(monkeypatch, smollm2_path):
+    # It would report stock SGLang's behaviour under the policy's name, as a run that starts its servers would.
+    monkeypatch.setattr(serve.requests, "get", lambda url, timeout: _Response(200, {"model_path": str(smollm2_path)}))
+    monkeypatch.setattr(serve, "server_urls", lambda url: [url])
+    monkeypatch.setattr(serve, "run_workload", lambda *args: pytest.fail("the workload ran"))
+    config = ServeConfig(url="http://127.0.0.1:30000", documents=1, questions=1, context=256)
+    for kv_policy, refused in (({"policy": "lava", "budget": 0.2, "window": 8, "min_prefix": 4096,
+                                 "compress_on": ["fork"], "pending": 0},
+                                r"below the server at http://127.0.0.1:30000's --kv-min-prefix 4096"),
+                               ({"policy": "lava", "budget": 1.0, "window": 8, "min_prefix": 64},
+                                r"its --kv-budget 1.0 with the server at .*'s --kv-window 8 keeps every token")):
+        monkeypatch.setattr(serve, "server_facts", lambda url: {"kv_policy": kv_policy})
+        with pytest.raises(ValueError, match=refused):
+            serve.run_benchmark(config, progress=False)
+    assert not serve.served_policy(None).enabled  # a server without the plugin: stock SGLang, nothing to check
+
+
 def test_server_flags_a_policys_server_would_refuse_stop_the_run_before_any_server_starts():
     config = ServeConfig(policies=["none", "lava", "kvzip"], server_args=["--kv-observe", "branches"])
     documents = [1000, 1010]
