@@ -15,8 +15,8 @@ import os
 from dataclasses import dataclass
 
 from lava_sglang.argtypes import DEFAULT_MIN_PREFIX
-from lava_sglang.policy import (POLICIES, REPEAT_NORMALIZATIONS, REPEAT_VIEWS, Reconstruct, budget_evicts, make_policy,
-                                resolve_budget)
+from lava_sglang.policy import (POLICIES, REPEAT_NORMALIZATIONS, REPEAT_VIEWS, HeadShard, Reconstruct, budget_evicts,
+                                make_policy, resolve_budget)
 from lava_sglang.sglang_plugin.touchpoints import RADIX_CACHE_BACKEND
 
 ENV_VAR = "LAVA_SGLANG_KV_POLICY"
@@ -509,6 +509,12 @@ def check_server_args(config: KvPolicyConfig, args: argparse.Namespace, device: 
     for refused, reason in refusals:
         if refused:
             raise ConfigError(f"--kv-policy {config.policy} cannot run with {reason}")
+    tp_size = getattr(args, "tp_size", 1) or 1
+    if tp_size > 1:  # found here, not once the model has loaded (the scheduler checks it again there)
+        try:
+            HeadShard.check_policy(config.make_policy())
+        except ValueError as error:
+            raise ConfigError(f"--kv-policy {config.policy} cannot run with --tp-size {tp_size}: {error}") from None
 
 
 def server_arg_overrides(args: argparse.Namespace, device: str) -> dict[str, object]:

@@ -289,6 +289,17 @@ def test_combinations_that_cannot_work_are_refused(option, value, reason):
     check_server_args(KvPolicyConfig(), argparse.Namespace(**{option: value}), "cpu")  # policy none: stock
 
 
+def test_a_policy_sharded_heads_cannot_plan_is_refused_before_the_model_loads():
+    # LAVa's entropy layer budgets with sinks: the gathered scores no longer give the entropy.
+    config = from_namespace(parse("--kv-policy", "lava:layer_budget=entropy,sink_tokens=4"))
+    with pytest.raises(ConfigError, match="cannot run with --tp-size 2: lava: entropy layer budgets with "
+                                          "sink_tokens > 0 cannot be planned over sharded heads"):
+        check_server_args(config, argparse.Namespace(tp_size=2), "cpu")
+    check_server_args(config, argparse.Namespace(tp_size=1), "cpu")
+    check_server_args(from_namespace(parse("--kv-policy", "lava:layer_budget=entropy")), argparse.Namespace(tp_size=2),
+                      "cpu")
+
+
 def test_the_repetition_without_a_tokenizer_is_refused_where_it_would_score():
     # Every fork prefix would fall back to its tail, with one warning per prefix in the log.
     no_tokenizer = argparse.Namespace(skip_tokenizer_init=True)
