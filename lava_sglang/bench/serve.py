@@ -705,6 +705,8 @@ def config_from_args(args: argparse.Namespace) -> ServeConfig:
         value = getattr(args, name)
         return defaults[name] if value is None else value
 
+    if args.budget is not None and args.policies is not None and set(args.policies) <= {"none"}:
+        raise ValueError("--budget: --policies none compresses nothing, so nothing reads it; leave it out")
     try:
         server_args = shlex.split(args.server_args)
     except ValueError as error:  # an unbalanced quote

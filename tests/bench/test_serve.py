@@ -221,6 +221,9 @@ def test_a_run_whose_servers_would_leave_a_document_uncompressed_is_refused_befo
 
 def test_flags_that_would_do_nothing_or_relabel_a_run_are_refused():
     parser = add_arguments(__import__("argparse").ArgumentParser())
+    with pytest.raises(ValueError, match="--budget: --policies none compresses nothing"):
+        config_from_args(parser.parse_args(["--policies", "none", "--budget", "0.5"]))
+    assert config_from_args(parser.parse_args(["--policies", "none", "lava", "--budget", "0.5"])).budget == 0.5
     for flags in (["--resident-documents", "4"], ["--memory-bound", "--resident-documents", "4",
                                                   "--max-total-tokens", "9000"]):
         with pytest.raises(ValueError, match="--resident-documents sizes the pool of --memory-bound runs"):
