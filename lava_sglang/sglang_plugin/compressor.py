@@ -35,8 +35,9 @@ class WindowCapture:
 
     Two windows per request: the tail (the last `window` queries, across chunked-prefill
     chunks) observes a prefix that ends where the request's prompt ends; the head (the first
-    `window` queries the request computes) observes a shared prefix whose last `window`
-    tokens the request was made to recompute (`--kv-compress-on shared`).
+    `window` queries the request computes, across chunks too: SGLang may give a request a
+    first chunk of whatever room the batch has left) observes a shared prefix whose last
+    `window` tokens the request was made to recompute (`--kv-compress-on shared`).
     """
 
     def __init__(self, window: int, min_prefix: int):
@@ -81,6 +82,10 @@ class WindowCapture:
         if previous.tail.end == start and tail.shape[0] < self.window:
             tail = torch.cat([previous.tail.queries, tail])[-self.window:]  # a chunk shorter than the window
         previous.tail = _CapturedQueries(end, tail.detach().clone())
+        missing = self.window - previous.head.queries.shape[0]
+        if previous.head.end == start and missing > 0:  # a first chunk shorter than the window
+            head = torch.cat([previous.head.queries, queries[:missing]])
+            previous.head = _CapturedQueries(start + min(missing, queries.shape[0]), head.detach().clone())
 
     def window_queries(self, req_pool_idx: int, seq_len: int, num_layers: int,
                        rows: int | None = None) -> list[torch.Tensor] | None:

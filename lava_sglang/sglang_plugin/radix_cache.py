@@ -572,6 +572,10 @@ class LavaRadixCache(CompressedRadixCache):
             if node is None:  # no room: it stays uncompressed; the branches' and repetition's tokens go
                 self.free_below(last_node)
                 continue
+            # The full copy goes before anything else runs: an error in the accounting below must
+            # not leave the prefix held twice.
+            self.free_below(full_copy)
+            self.free_uncompressed_path(full_copy)
             if cut_short:  # counted once compressed: a prefix left uncompressed was not compressed by its tail
                 self.repetitions_cut_short += 1
                 logger.warning("lava: the repetition of a %d-token prefix scored %d of its %d tokens (%s); the prefix "
@@ -599,8 +603,6 @@ class LavaRadixCache(CompressedRadixCache):
             else:
                 logger.info("lava: prefix %d observed by its tail and %d branch window(s)", node.entry.entry_id,
                             len(pending.branches))
-            self.free_below(full_copy)
-            self.free_uncompressed_path(full_copy)
 
     def _forget(self, pending: PendingPrefix) -> None:
         """Stop waiting for `pending`; a repetition of it still queued or running is aborted."""

@@ -61,6 +61,21 @@ def test_head_window_observes_a_recomputed_shared_prefix():
     assert captured_positions(capture.window_queries(3, 24, LAYERS)) == [[20, 21, 22, 23]] * LAYERS
 
 
+def test_head_window_spans_a_first_chunk_shorter_than_the_window():
+    # SGLang gives a request a first chunk of whatever room the batch has left: 3 of the 4
+    # recomputed tokens, then the rest with the next chunk.
+    capture = WindowCapture(WINDOW, min_prefix=8)
+    record(capture, req=3, start=20, stop=23)
+    assert capture.window_queries(3, 24, LAYERS) is None  # not yet computed
+    record(capture, req=3, start=23, stop=30)
+    assert captured_positions(capture.window_queries(3, 24, LAYERS)) == [[20, 21, 22, 23]] * LAYERS
+    assert captured_positions(capture.window_queries(3, 30, LAYERS)) == [[26, 27, 28, 29]] * LAYERS
+    record(capture, req=4, start=20, stop=21)  # one token a chunk
+    for start in range(21, 24):
+        record(capture, req=4, start=start, stop=start + 1)
+    assert captured_positions(capture.window_queries(4, 24, LAYERS)) == [[20, 21, 22, 23]] * LAYERS
+
+
 def test_a_layer_without_capture_or_a_short_window_gives_none():
     capture = WindowCapture(WINDOW, min_prefix=8)
     capture.record(0, 1, 0, positions(0, 10))  # layer 1 never recorded

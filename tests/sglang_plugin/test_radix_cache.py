@@ -688,6 +688,26 @@ def test_shared_prefixes_of_documents_behind_one_header_are_each_compressed_once
     assert_all_released(stub)
 
 
+@pytest.mark.parametrize("first_chunk", [WINDOW - 3, 1, None])
+def test_a_sharer_whose_first_chunk_is_shorter_than_the_window_still_observes_the_shared_prefix(first_chunk):
+    # SGLang gives a request a first chunk of whatever room the batch has left; the recomputed
+    # window then spans two chunks (it was read from the first alone, and the prefix stayed whole).
+    stub = make_stub(compress_on=(SHARED,))
+    run(stub, document(0) + question(0))
+    sharer = stub.request(document(0) + question(1), max_new_tokens=2)
+    if first_chunk is not None:
+        stub.prefill(sharer, chunk=first_chunk)
+        check(stub)
+    stub.prefill(sharer)
+    check(stub)
+    for token in range(2):
+        stub.decode(sharer, 7 + token)
+    stub.finish(sharer)
+    check(stub)
+    assert [len(node.key) for node in stub.compressed_nodes()] == [200]
+    assert_all_released(stub)
+
+
 def test_under_observe_branches_a_commit_waits_for_its_branches_then_is_compressed_and_they_are_freed():
     stub = make_stub(observe="branches")
     commit(stub, document(0))
@@ -1101,6 +1121,25 @@ def test_a_repetition_scores_its_prefix_chunk_by_chunk_frees_each_chunk_and_comp
     assert stub.cache.repetitions_cut_short == 0 and stub.cache.last_repetition is not None
     assert stub.cache.evictable_size() == node_slots(node)
     assert_all_released(stub)
+
+
+def test_an_error_after_a_compression_leaves_the_prefix_held_once():
+    # The full copy is freed before the repetition's figures are counted and logged: an error
+    # there must not leave the prefix in the tree twice, compressed and whole.
+    stub, asked = live_repetition_stub()
+    commit(stub, document(0))
+    (scores,) = asked
+
+    def broken(*args):
+        raise RuntimeError("a figure could not be counted")
+
+    stub.cache.repetition_cost.add = broken
+    for index in range(len(scores.chunks) - 1):
+        run_chunk(stub, scores, index)
+    with pytest.raises(RuntimeError, match="a figure could not be counted"):
+        run_chunk(stub, scores, len(scores.chunks) - 1)
+    (node,) = stub.compressed_nodes()
+    assert stub.cache.evictable_size() == node_slots(node)
 
 
 @pytest.mark.parametrize("chunk", [None, 50], ids=["one-prefill", "chunked"])
