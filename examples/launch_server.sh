@@ -5,7 +5,9 @@
 #   MODEL=/path/to/model PORT=8000 examples/launch_server.sh --kv-budget 0.1
 #
 # Extra arguments go to `python -m sglang.launch_server` after the ones below (a flag given
-# twice: the last one wins). Needs the lava-sglang environment (`source scripts/env.sh`).
+# twice: the last one wins; not --kv-policy none, with which the server refuses the --kv-*
+# flags below: run `python -m sglang.launch_server` yourself for stock SGLang). Needs the
+# lava-sglang environment (`source scripts/env.sh`).
 set -euo pipefail
 
 MODEL=${MODEL:-$(lava-sglang model)}   # default: the SmolLM2-135M checkpoint the project ships
@@ -20,7 +22,7 @@ args=(
     # kvzip, snapkv, ada_snapkv, pyramidkv, streamingllm; none is stock SGLang (which refuses
     # the other --kv-* flags below: leave them out). The paper's LAVa:
     # lava:layer_budget=entropy,value_norm=true,pool_kernel=7. streamingllm scores nothing:
-    # leave --kv-observe out with it.
+    # the --kv-observe-* flags are refused with it.
     --kv-policy lava
 
     # How much of a compressed document is kept: a keep ratio in (0, 1] (0.2 keeps 20% of its

@@ -100,8 +100,6 @@ def test_bench_serve_refuses_server_flags_that_would_leave_its_documents_uncompr
                                              ("full", "keeps everything"),
                                              ("kvzip --observe tail", "--policy kvzip with --observe tail (the "
                                               "server's --kv-observe): the server would refuse it"),
-                                             ("streamingllm --observe tail", "--kv-observe tail: --kv-policy "
-                                              "streamingllm scores nothing"),
                                              ("lava:window=16", "its window 16 differs from --kv-window 8")])
 def test_the_demo_checks_its_policy_before_loading_anything(policy, message, capsys, monkeypatch):
     def no_model():

@@ -401,6 +401,7 @@ class QualityBenchmark:
         document, so a run cut short keeps what it measured. command: the command line, kept
         in the metadata (`--report-only` rebuilds a report from it)."""
         started = time.time()
+        self.code = code_revision()  # now: a partial file written into the checkout would make it read dirty
         plan = []
         for context, count in zip(self.config.contexts, self.config.questions):
             for task in self.config.tasks:
@@ -427,8 +428,9 @@ class QualityBenchmark:
         positions = getattr(self.runtime.model.config, "max_position_embeddings", None)
         if positions is None:
             return
-        answer_tokens = max(self.config.retrieval_answer_tokens, self.config.fidelity_answer_tokens)
-        for _, context, documents in plan:
+        for task, context, documents in plan:
+            answer_tokens = (self.config.retrieval_answer_tokens if task == "retrieval"
+                             else self.config.fidelity_answer_tokens)
             for document in documents:
                 longest = max(self._count_tokens("".join(prompt_parts(document.text, question.text)))
                               for question in document.questions)
@@ -439,6 +441,7 @@ class QualityBenchmark:
 
     def _result(self, started: float, questions_done: int, questions_planned: int, command: str | None) -> dict:
         meta = run_metadata(self.runtime, self.config, time.time() - started)
+        meta["code"] = self.code
         if command is not None:
             meta["command"] = command
         meta["model_seconds"] = {name: round(value, 2) for name, value in self.seconds.items()}
@@ -462,7 +465,6 @@ def run_metadata(runtime: ReferenceRuntime, config: QualityConfig, wall_seconds:
                         "kv_heads": model_config.num_key_value_heads, "head_dim": model_config.head_dim},
         "dtype": str(next(runtime.model.parameters()).dtype),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, {platform.platform()}",
-        "code": code_revision(),
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         # The documents are built from this Python's pydoc_data: another release gives other text.

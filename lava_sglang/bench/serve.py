@@ -359,14 +359,14 @@ SETTLE_SECONDS = 60.0
 
 
 def settled_stores(urls: list[str], timeout: float = SETTLE_SECONDS, pause: float = 0.5) -> list[dict | None]:
-    """Each server's counters once no prefix waits for its compression or is in its repetition
-    (`pending` and `repetitions` 0), or as they are `timeout` s after the workload ended: read
+    """Each server's counters once no prefix waits for its compression (`pending` 0: a prefix in
+    its repetition waits too), or as they are `timeout` s after the workload ended: read
     straight away, the last documents' compressions and repetitions would be missing from the
     figures. The wait is not in the workload's time."""
     deadline = time.monotonic() + timeout
     while True:
         finals = [server_facts(server)["store"] for server in urls]
-        unfinished = sum((final or {}).get("pending", 0) + (final or {}).get("repetitions", 0) for final in finals)
+        unfinished = sum((final or {}).get("pending", 0) for final in finals)
         if not unfinished or time.monotonic() >= deadline:
             return finals
         time.sleep(pause)
@@ -447,8 +447,12 @@ def run_workload(url: str, documents, prefix_tokens: list[int], visits, config: 
 
 
 def policy_server_args(policy: str, config: ServeConfig, capacity: int | None, cuda: bool) -> list[str]:
-    """The flags of `policy`'s server: stock SGLang's (`none`) without the plugin's --kv-*
-    flags of `--server-args`, which it refuses without a policy."""
+    """The flags of `policy`'s server, `--server-args` last, less the plugin flags it refuses
+    as doing nothing there: stock SGLang's (`none`) gets none of them, a policy that scores
+    nothing (streamingllm) no --kv-observe-* flag."""
+    from lava_sglang.policy import POLICIES as POLICY_REGISTRY
+    from lava_sglang.sglang_plugin.config import FLAGS, OBSERVE_FLAG_READERS
+
     args = ["--kv-policy", policy, "--enable-cache-report"]
     if policy != "none":
         args += ["--kv-budget", str(config.budget)]
@@ -456,22 +460,25 @@ def policy_server_args(policy: str, config: ServeConfig, capacity: int | None, c
         args += ["--dtype", "float32"]  # the CPU engine's exact mode
     if capacity:
         args += ["--max-total-tokens", str(capacity)]
-    return args + (without_plugin_flags(config.server_args) if policy == "none" else list(config.server_args))
+    if policy == "none":
+        unread = [flag for flag, *_ in FLAGS.values()]
+    elif not POLICY_REGISTRY[policy].needs_scores:
+        unread = [FLAGS[f"kv_{name}"][0] for name in OBSERVE_FLAG_READERS]
+    else:
+        unread = []
+    return args + without_flags(config.server_args, unread)
 
 
-def without_plugin_flags(server_args: list[str]) -> list[str]:
-    """`server_args` less the plugin's --kv-* flags and their values (each takes one value,
-    `--flag value` or `--flag=value`; abbreviations are refused by `check_extra_server_args`)."""
-    from lava_sglang.sglang_plugin.config import FLAGS
-
-    plugin_flags = {flag for flag, *_ in FLAGS.values()}
+def without_flags(server_args: list[str], flags: list[str]) -> list[str]:
+    """`server_args` less `flags` and their values (each takes one value, `--flag value` or
+    `--flag=value`; abbreviations of the plugin's are refused by `check_extra_server_args`)."""
     kept, skip_value = [], False
     for arg in server_args:
         if skip_value:
             skip_value = False
-        elif arg in plugin_flags:
+        elif arg in flags:
             skip_value = True
-        elif arg.partition("=")[0] not in plugin_flags or "=" not in arg:
+        elif arg.partition("=")[0] not in flags or "=" not in arg:
             kept.append(arg)
     return kept
 
@@ -563,11 +570,13 @@ def run_benchmark(config: ServeConfig, progress: bool = True, log_dir: Path | No
                            max(prefix_tokens) + question_tokens, config.max_tokens, cpu_engine=not cuda)
     records, servers = [], {}
     distinct_questions = min(len({question.text for question in document.questions}) for document in documents)
+    code = code_revision()  # now: the run's own reports, written into the checkout, would make it read dirty
 
     def result_so_far() -> dict:
-        return {"records": list(records), "meta": run_metadata(config, model_path, cuda, servers, prefix_tokens,
-                                                               capacity, len(visits), time.time() - started,
-                                                               distinct_questions)}
+        meta = run_metadata(config, model_path, cuda, servers, prefix_tokens, capacity, len(visits),
+                            time.time() - started, distinct_questions)
+        meta["versions"] = {"lava-sglang": code, **meta["versions"]}
+        return {"records": list(records), "meta": meta}
 
     if config.url:
         facts = server_facts(server_urls(config.url)[0])
@@ -620,7 +629,7 @@ def run_metadata(config: ServeConfig, model_path: str, cuda: bool, servers: dict
         "model": Path(model_path).name,
         "device": device,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.platform()}",
-        "versions": {"lava-sglang": code_revision(), "sglang": sglang.__version__, "torch": torch.__version__,
+        "versions": {"sglang": sglang.__version__, "torch": torch.__version__,
                      "transformers": transformers.__version__, "python": platform.python_version()},
         "servers": servers,
         "workload": {

@@ -265,7 +265,8 @@ def summarize(policy: str, visits: list[dict], questions: list[dict], samples: l
         "capacity_tokens": capacity,
         "bytes_per_token": bytes_per_token,
         "documents": num_documents,
-        **store_peaks(samples, capacity, bytes_per_token),
+        # The final read too: a compression that finished after the last sample counts.
+        **store_peaks(samples + ([{"store": final_store}] if final_store else []), capacity, bytes_per_token),
     }
     if final_store:
         compressions = final_store.get("compressions", 0)
@@ -288,9 +289,8 @@ def summarize(policy: str, visits: list[dict], questions: list[dict], samples: l
     record["repetition_forward_ratio"] = cost.get("forward_ratio")
     # Repetitions whose commit gave no prefill to compare with (mostly cached), left out above.
     record["repetition_not_compared"] = cost.get("not_compared")
-    # Prefixes still waiting for their repetition (or in one) when the figures were read.
-    record["compressions_unfinished"] = (final_store.get("pending", 0) + final_store.get("repetitions", 0)
-                                         if final_store else None)
+    # Prefixes still waiting for their compression (their repetition's included) when the figures were read.
+    record["compressions_unfinished"] = final_store.get("pending", 0) if final_store else None
     # Documents resident: the compressed store's entries where the server reports them (summed
     # over --dp-size ranks and servers behind a router, which each compress their own copies,
     # so capped at the documents: an upper bound where copies repeat); else the radix tree's

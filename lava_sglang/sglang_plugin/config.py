@@ -324,7 +324,7 @@ def from_namespace(args: argparse.Namespace) -> KvPolicyConfig:
         for dest, (flag, default, _) in FLAGS.items():
             value = getattr(args, dest)
             unset = dest.removeprefix("kv_") in OBSERVE_FLAG_READERS  # None until given
-            if dest != "kv_policy" and value is not None and (unset or str(value) != str(default)):
+            if dest != "kv_policy" and value is not None and (unset or _differs(value, default)):
                 raise ConfigError(f"{flag} {value}: no --kv-policy given (none, the default, is stock SGLang, which "
                                   "reads no --kv-* flag); give a policy or leave it out")
         return config
@@ -334,7 +334,7 @@ def from_namespace(args: argparse.Namespace) -> KvPolicyConfig:
                f"--kv-compress-on {','.join(triggers)} compresses no fork prefix, the only prefixes --kv-observe "
                "scores (a shared prefix is scored by its tail window)")
         given = [(FLAGS["kv_" + name][0], getattr(config, name)) for name in given_observe_flags]
-        if observe != FLAGS["kv_observe"][1]:
+        if observe != FLAGS["kv_observe"][1] and FORK not in triggers:  # else it sets --kv-window's default
             given.insert(0, ("--kv-observe", observe))
         if given:
             raise ConfigError(f"{given[0][0]} {given[0][1]}: {why}; leave it out")
@@ -356,6 +356,14 @@ def from_namespace(args: argparse.Namespace) -> KvPolicyConfig:
             raise ConfigError(f"--kv-policy {policy}: {error} (--kv-compress-on shared scores a shared prefix "
                               "by its tail window)") from None
     return config
+
+
+def _differs(value, default) -> bool:
+    """Whether a flag's value is not its default, numbers by value (`0.20` is `0.2`)."""
+    try:
+        return float(value) != float(default)
+    except (TypeError, ValueError):
+        return str(value) != str(default)
 
 
 def _policy_object(config: KvPolicyConfig, args, policy: str, alpha, pool_kernel, window: int):

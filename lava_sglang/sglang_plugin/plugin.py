@@ -86,9 +86,14 @@ def check_launch_args(server_args: list[str]) -> KvPolicyConfig:
     parser = touchpoints.server_arg_parser()
     if not any(action.dest == "kv_policy" for action in parser._actions):
         add_arguments(parser)
+
+    def refuse(message: str):  # argparse's own error prints the whole usage and exits
+        raise ConfigError(f"SGLang's launcher would refuse them: {message}")
+
+    parser.error = refuse
     model_path = [] if {"--model-path", "--model"} & {arg.partition("=")[0] for arg in server_args} else [
         "--model-path", "unused"]
-    args, _ = parser.parse_known_args(list(server_args) + model_path)
+    args = parser.parse_args(list(server_args) + model_path)
     config = from_namespace(args)
     check_server_args(config, args, _device(args))
     return config

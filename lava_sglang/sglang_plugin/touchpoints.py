@@ -83,13 +83,14 @@ def register_radix_cache_backend(name, factory) -> None:
 
 
 def server_arg_parser():
-    """SGLang's `launch_server` parser (`ServerArgs.add_cli_args`), without the --kv-* flags
-    unless the plugin's hook is loaded in this process."""
+    """A parser as `launch_server`'s (`prepare_server_args`: `ServerArgs.add_cli_args`,
+    abbreviations allowed), without the --kv-* flags unless the plugin's hook is loaded in
+    this process."""
     import argparse
 
     from sglang.srt.server_args import ServerArgs
 
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    parser = argparse.ArgumentParser(prog="sglang serve", add_help=False)
     ServerArgs.add_cli_args(parser)
     return parser
 

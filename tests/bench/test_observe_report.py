@@ -89,8 +89,8 @@ def test_documents_the_model_cannot_hold_or_facts_they_cannot_hold_are_refused_b
     config = QualityConfig(contexts=[300], questions=[2], facts_per_document=[2], tasks=["retrieval"])
     beyond = refused(QualityBenchmark(runtime(300), config))  # 300 document tokens, a question, an answer
     assert beyond.field_name == "contexts"
-    assert re.fullmatch(r"300: a prompt of \d+ tokens and a 32-token answer exceed the model's 300 positions",
-                        beyond.message)
+    assert re.fullmatch(r"300: a prompt of \d+ tokens and a 24-token answer exceed the model's 300 positions",
+                        beyond.message)  # a retrieval answer's cap; a fidelity answer's is 32
     crowded = refused(QualityBenchmark(runtime(8192), replace(config, contexts=[64], questions=[8],
                                                               facts_per_document=[8])))
     assert crowded.field_name == "facts_per_document"

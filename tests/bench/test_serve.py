@@ -190,6 +190,14 @@ def test_server_flags_a_policys_server_would_refuse_stop_the_run_before_any_serv
                                      capacity=None, cuda=False, prefix_tokens=documents)
         serve.check_server_flags(replace(config, policies=["none"], server_args=sglang_option), capacity=None,
                                  cuda=False, prefix_tokens=documents)
+    # As the launcher parses them: an abbreviation is its flag, a bad value or an unknown flag a one-line refusal.
+    for sglang_option, refused in ((["--page-siz", "16"], "--page-size > 1"),
+                                   (["--page-size", "abc"], "argument --page-size: invalid int value: 'abc'"),
+                                   (["--no-such-flag"], "unrecognized arguments: --no-such-flag")):
+        with pytest.raises(ValueError, match=f"the none server would refuse them: .*{re.escape(refused)}|"
+                                             f"the lava server would refuse them: .*{re.escape(refused)}"):
+            serve.check_server_flags(replace(config, policies=["none", "lava"], server_args=sglang_option),
+                                     capacity=None, cuda=False, prefix_tokens=documents)
 
 
 def test_stock_sglang_gets_the_server_args_without_the_plugins_flags():
@@ -201,6 +209,12 @@ def test_stock_sglang_gets_the_server_args_without_the_plugins_flags():
     lava = serve.policy_server_args("lava", config, capacity=None, cuda=False)
     assert lava[-7:] == config.server_args
     serve.check_server_flags(config, capacity=None, cuda=False, prefix_tokens=[1000])
+    # A policy that scores nothing refuses the --kv-observe-* flags: streamingllm gets the rest.
+    chunk = ServeConfig(policies=["none", "lava", "streamingllm"],
+                        server_args=["--kv-observe-chunk", "1024", "--kv-observe-wait=60", "--kv-window", "16"])
+    streaming = serve.policy_server_args("streamingllm", chunk, capacity=None, cuda=False)
+    assert streaming[-2:] == ["--kv-window", "16"] and "--kv-observe-wait=60" not in streaming
+    serve.check_server_flags(chunk, capacity=None, cuda=False, prefix_tokens=[1000])
 
 
 def test_a_run_whose_servers_would_leave_a_document_uncompressed_is_refused_before_any_server_starts():
@@ -659,7 +673,7 @@ def test_a_stream_the_server_aborts_fails_its_program_instead_of_counting_a_wron
 def test_the_final_figures_wait_for_the_last_compressions(monkeypatch):
     # A document whose repetition is still running when the workload ends would be missing from
     # the compressions and the repetition cost; the wait gives up after the timeout.
-    reads = iter([{"pending": 1, "repetitions": 0, "compressions": 3}, {"pending": 0, "repetitions": 1,
+    reads = iter([{"pending": 2, "repetitions": 1, "compressions": 2}, {"pending": 1, "repetitions": 1,
                                                                         "compressions": 3},
                   {"pending": 0, "repetitions": 0, "compressions": 4}])
     monkeypatch.setattr(serve, "server_facts", lambda url: {"store": next(reads)})
@@ -670,6 +684,15 @@ def test_the_final_figures_wait_for_the_last_compressions(monkeypatch):
                                                                                        "repetitions": 0}] * 2
     monkeypatch.setattr(serve, "server_facts", lambda url: {"store": None})  # stock SGLang: nothing to wait for
     assert serve.settled_stores(["http://a"], timeout=5.0, pause=0.0) == [None]
+
+
+def test_a_compression_that_finished_after_the_last_sample_counts_in_the_documents_resident():
+    # The last sample saw 1 compressed document; the final read, once the last compression was
+    # done, 2: both are held.
+    final = {**_store(2, 3000, 60, 6000), "compressions": 2, "compress_seconds": 0.5}
+    record = summarize("lava", [], [], [{"store": _store(1, 3000, 60, 6000)}], final, 10.0, 4096, 100.0, 2,
+                       truncated=False)
+    assert record["peak_store_entries"] == 2 and record["documents_resident"] == 2
 
 
 def test_a_record_says_which_repetitions_were_not_compared_and_which_compressions_were_unfinished():
@@ -834,17 +857,26 @@ def test_the_timed_endpoint_records_the_first_token_and_the_whole_generation(mon
 
 
 def test_a_report_names_the_code_it_ran(tmp_path, monkeypatch):
-    # The checkout's commit, "-dirty" with changes; outside a checkout, the package version.
+    # This checkout's commit, "-dirty" with changes; the package version outside a checkout of
+    # its own (no git, or an installed copy inside another repository).
     import subprocess
 
     from lava_sglang import __version__
     from lava_sglang.bench import code_revision
 
     head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True, text=True,
-                          cwd=Path(__file__).parent).stdout.strip()
-    assert code_revision().startswith(head)
-    monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: (_ for _ in ()).throw(
-        subprocess.CalledProcessError(128, "git")))
+                          cwd=Path(__file__).parent, check=True).stdout.strip()
+    assert len(head) == 12 and code_revision().startswith(head)
+    real_run = subprocess.run
+
+    def inside_another_repository(command, **kwargs):
+        if "--show-toplevel" in command:
+            return subprocess.CompletedProcess(command, 0, stdout=str(tmp_path) + "\n")
+        return real_run(command, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", inside_another_repository)
+    assert code_revision() == __version__
+    monkeypatch.setattr(subprocess, "run", lambda *args, **kwargs: (_ for _ in ()).throw(FileNotFoundError("git")))
     assert code_revision() == __version__
     result = synthetic_result()
     result["meta"]["versions"] = {"lava-sglang": "abc123def456", **result["meta"]["versions"]}

@@ -168,15 +168,18 @@ def test_a_kv_flag_without_a_policy_is_refused(flags):
             from_namespace(parse(*policy, *flags))
     # A flag at its default changes nothing (the --kv-observe-* flags are None until given: refused above).
     assert not from_namespace(parse("--kv-budget", "0.2", "--kv-observe", "reconstruct")).enabled
+    assert not from_namespace(parse("--kv-budget", "0.20", "--kv-min-prefix", "256")).enabled  # numbers by value
 
 
-@pytest.mark.parametrize("flags", [("--kv-observe", "tail"), ("--kv-observe-wait", "5.0"),
-                                   ("--kv-observe-chunk", "64")])
+@pytest.mark.parametrize("flags", [("--kv-observe-wait", "5.0"), ("--kv-observe-chunk", "64"),
+                                   ("--kv-observe-prompt", "plain")])
 def test_observe_flags_are_refused_for_a_policy_that_scores_nothing(flags):
     # streamingllm keeps sinks and recent tokens: no repetition runs, no branch is waited for.
     with pytest.raises(ConfigError, match=f"{flags[0]} {flags[1]}: --kv-policy streamingllm scores nothing"):
         from_namespace(parse("--kv-policy", "streamingllm", *flags))
-    assert from_namespace(parse("--kv-policy", "streamingllm")).enabled
+    # --kv-observe itself still picks --kv-window's default (8 under reconstruct, else 32).
+    assert from_namespace(parse("--kv-policy", "streamingllm")).window == 8
+    assert from_namespace(parse("--kv-policy", "streamingllm", "--kv-observe", "tail")).window == 32
 
 
 @pytest.mark.parametrize("flag, value", [("--kv-observe-wait", "2.5"), ("--kv-observe-chunk", "256")])
