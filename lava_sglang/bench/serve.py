@@ -501,8 +501,8 @@ def check_server_flags(config: ServeConfig, capacity: int | None, cuda: bool, pr
         except ConfigError as error:
             raise ValueError(f"--server-args: the {policy} server would refuse them: {error}; leave {policy} out "
                              f"with --policies") from None
-        check_compresses(server, f"the {policy} server", prefix_tokens,
-                         "pass --server-args=\"--kv-min-prefix N\"", f"--budget {config.budget}", "give a smaller ratio")
+        check_compresses(server, f"the {policy} server", prefix_tokens, "pass --server-args=\"--kv-min-prefix N\"",
+                         f"--budget {config.budget}", "give a smaller ratio")
 
 
 def check_compresses(server, name: str, prefix_tokens: list[int], min_prefix_fix: str, budget_name: str,
