@@ -260,6 +260,8 @@ def _quality_command(args: argparse.Namespace) -> int:
         if args.partial and Path(args.partial).is_dir():
             raise ValueError(f"--partial {args.partial}: a folder; give a file in it")
         from lava_sglang.bench.quality import ConfigFieldError, QualityBenchmark, QualityConfig
+        from lava_sglang.policy import OBSERVE_SOURCES
+        from lava_sglang.policy.specs import parse_spec
 
         if args.observe and "compress_once" not in args.modes:
             raise ValueError("--observe: only compress_once reads it (query_aware scores by each question's own "
@@ -278,6 +280,10 @@ def _quality_command(args: argparse.Namespace) -> int:
         try:
             if args.branch_combine and ("compress_once" not in args.modes or "branches" not in config.source_names()):
                 raise ValueError("--branch-combine: no compress_once --observe branches reads it; leave it out")
+            if args.branch_combine and all("combine" in parse_spec(spec, OBSERVE_SOURCES, "observe")[1]
+                                           for spec in config.observe if spec.startswith("branches")):
+                raise ValueError("--branch-combine: every --observe branches spec sets its own combine=, which wins; "
+                                 "leave it out")
             if args.policies is None:
                 config.policies = [policy for policy in COMPRESSING_POLICIES if config.runs(policy)]
             config.validate()

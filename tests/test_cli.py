@@ -203,6 +203,9 @@ def test_quality_refuses_an_option_no_selected_source_or_mode_reads(capsys, monk
     assert "--query-aware-splits: no query_aware mode reads it" in capsys.readouterr().err
     assert cli.main(["bench", "quality", "--tasks", "fidelity", "--facts", "2"]) == 2
     assert "--facts: only the retrieval task plants facts" in capsys.readouterr().err
+    # A spec's own option wins over the flag: the flag would do nothing.
+    assert cli.main(["bench", "quality", "--observe", "branches:combine=mean", "--branch-combine", "max"]) == 2
+    assert "--branch-combine: every --observe branches spec sets its own combine=" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("argv, message", [
