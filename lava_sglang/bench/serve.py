@@ -299,13 +299,19 @@ def server_facts(url: str) -> dict:
     }
 
 
-def run_clients(visits, clients: int, deadline: float, run_visit) -> None:
+#: Seconds after --max-seconds a visit still under way is waited for; then it is taken as held
+#: by a server that no longer answers (a program's requests have no timeout of their own).
+STUCK_SECONDS = 600.0
+
+
+def run_clients(visits, clients: int, deadline: float, run_visit, stuck_seconds: float = STUCK_SECONDS) -> int:
     """`run_visit(visit)` for every visit in order, `clients` at a time, until all are done or
-    time.perf_counter() passes `deadline` (visits already started finish). An interrupt
-    (Ctrl-C) or an error raised out of `run_visit` stops the other clients after their current
-    visit, and is raised once they have; a second Ctrl-C stops waiting for them. The clients
-    are daemon threads: a visit held by a server that no longer answers does not keep the
-    process alive once the run gives up on it (with --url nothing else would end it)."""
+    time.perf_counter() passes `deadline` (visits already started finish, within
+    `stuck_seconds` after it). Returns how many visits were still under way then, abandoned.
+    An interrupt (Ctrl-C) or an error raised out of `run_visit` stops the other clients after
+    their current visit, and is raised once they have; a second Ctrl-C stops waiting for them.
+    The clients are daemon threads: a visit held by a server that no longer answers does not
+    keep the process alive once the run gives up on it (with --url nothing else would end it)."""
     pending = iter(visits)
     lock = threading.Lock()
     stop = threading.Event()
@@ -328,14 +334,16 @@ def run_clients(visits, clients: int, deadline: float, run_visit) -> None:
         thread.start()
     try:
         for thread in threads:
-            thread.join()
+            thread.join(timeout=max(0.0, deadline + stuck_seconds - time.perf_counter()))
     except BaseException:  # Ctrl-C reaches the main thread: the visits under way finish
         stop.set()
         for thread in threads:
             thread.join()
         raise
+    stop.set()  # a client past the bound starts no other visit, should its visit end after all
     if errors:
         raise errors[0]
+    return sum(thread.is_alive() for thread in threads)
 
 
 def flush_cache(url: str, attempts: int = 30, pause: float = 2.0) -> None:
@@ -425,11 +433,16 @@ def run_workload(url: str, documents, prefix_tokens: list[int], visits, config: 
 
     sampler.start()
     try:
-        run_clients(visits, config.clients, started + config.max_seconds, run_visit)
+        abandoned = run_clients(visits, config.clients, started + config.max_seconds, run_visit)
     finally:
         wall = time.perf_counter() - started
         samples = sampler.stop()
         bar.close()
+    with lock:  # an abandoned visit may still end: the record is of what ended before
+        visit_rows, question_rows, errors = list(visit_rows), list(question_rows), list(errors)
+    if abandoned:
+        errors.append(f"{abandoned} visit(s) still under way {STUCK_SECONDS:g} s after --max-seconds, abandoned "
+                      "(the server did not answer them)")
     finals = settled_stores(urls)
     store = combined_store(finals)
     bytes_per_token = facts["bytes_per_token"]

@@ -331,6 +331,25 @@ def test_clients_stop_after_their_current_visit_when_one_is_interrupted():
     assert len(finished) == 5
 
 
+def test_a_visit_a_silent_server_holds_is_abandoned_after_the_bound():
+    import threading
+    import time
+
+    # A program's requests have no timeout: without the bound the run would wait for ever.
+    answered, ended = threading.Event(), []
+
+    def run_visit(visit):
+        if visit == 0:
+            answered.wait(30)  # the server never answers
+        ended.append(visit)
+
+    began = time.perf_counter()
+    assert serve.run_clients(range(4), 2, time.perf_counter() + 0.2, run_visit, stuck_seconds=0.3) == 1
+    assert time.perf_counter() - began < 5 and 0 not in ended
+    answered.set()
+    assert serve.run_clients(range(4), 2, time.perf_counter() + 60, lambda visit: None) == 0
+
+
 def test_a_server_that_fails_keeps_the_policies_measured_before_it(tmp_path, monkeypatch, capsys):
     measured = synthetic_result()
 
