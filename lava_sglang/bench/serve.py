@@ -304,14 +304,53 @@ def server_facts(url: str) -> dict:
 STUCK_SECONDS = 600.0
 
 
-def run_clients(visits, clients: int, deadline: float, run_visit, stuck_seconds: float = STUCK_SECONDS) -> int:
+class VisitResults:
+    """What the clients' visits give, under one lock. Once closed, a visit that still ends is
+    left out, and each one under way then counts as a failed program (abandoned)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.visits: list[dict] = []
+        self.questions: list[dict] = []
+        self.errors: list[str] = []
+        self.under_way = 0
+        self.closed = False
+
+    def begin(self) -> None:
+        with self.lock:
+            self.under_way += 1
+
+    def end(self, record: dict | None = None, questions: list[dict] = (), error: str | None = None) -> bool:
+        """A visit's record and its questions', or its error; False (left out) once closed."""
+        with self.lock:
+            self.under_way -= 1
+            if self.closed:
+                return False
+            if error is not None:
+                self.errors.append(error)
+            else:
+                self.visits.append(record)
+                self.questions.extend(questions)
+            return True
+
+    def close(self) -> tuple[list[dict], list[dict], list[str]]:
+        """(visit records, question records, errors) of the visits that ended, and one error
+        per visit still under way."""
+        with self.lock:
+            self.closed = True
+            abandoned = [f"a visit still under way {STUCK_SECONDS:g} s after --max-seconds, abandoned (the server "
+                         "did not answer it)"] * self.under_way
+            return list(self.visits), list(self.questions), self.errors + abandoned
+
+
+def run_clients(visits, clients: int, deadline: float, run_visit, stuck_seconds: float = STUCK_SECONDS) -> None:
     """`run_visit(visit)` for every visit in order, `clients` at a time, until all are done or
-    time.perf_counter() passes `deadline` (visits already started finish, within
-    `stuck_seconds` after it). Returns how many visits were still under way then, abandoned.
-    An interrupt (Ctrl-C) or an error raised out of `run_visit` stops the other clients after
-    their current visit, and is raised once they have; a second Ctrl-C stops waiting for them.
-    The clients are daemon threads: a visit held by a server that no longer answers does not
-    keep the process alive once the run gives up on it (with --url nothing else would end it)."""
+    time.perf_counter() passes `deadline` (visits already started finish; those still under
+    way `stuck_seconds` after it are left running, abandoned). An interrupt (Ctrl-C) or an
+    error raised out of `run_visit` stops the other clients after their current visit, and is
+    raised once they have; a second Ctrl-C stops waiting for them. The clients are daemon
+    threads: a visit held by a server that no longer answers does not keep the process alive
+    once the run gives up on it (with --url nothing else would end it)."""
     pending = iter(visits)
     lock = threading.Lock()
     stop = threading.Event()
@@ -343,7 +382,6 @@ def run_clients(visits, clients: int, deadline: float, run_visit, stuck_seconds:
     stop.set()  # a client past the bound starts no other visit, should its visit end after all
     if errors:
         raise errors[0]
-    return sum(thread.is_alive() for thread in threads)
 
 
 def flush_cache(url: str, attempts: int = 30, pause: float = 2.0) -> None:
@@ -406,8 +444,7 @@ def run_workload(url: str, documents, prefix_tokens: list[int], visits, config: 
     facts = server_facts(urls[0])
     capacity = total([facts["capacity_tokens"], *(server_facts(server)["capacity_tokens"] for server in urls[1:])])
     sampler = Sampler(urls, config.sample_interval)
-    lock = threading.Lock()
-    visit_rows, question_rows, errors = [], [], []
+    results = VisitResults()
     started = time.perf_counter()
     bar = tqdm(total=sum(len(v.questions) for v in visits), desc=label, unit="question", disable=not progress)
 
@@ -416,33 +453,27 @@ def run_workload(url: str, documents, prefix_tokens: list[int], visits, config: 
         prefix, suffixes = program_inputs(document, visit)
         visit_endpoint = endpoint.for_visit()
         begin = time.perf_counter()
+        results.begin()
         try:
             state = multi_question_qa.run(prefix=prefix, suffixes=suffixes, max_tokens=config.max_tokens,
                                           backend=visit_endpoint)
             answers = state["answers"]
         except Exception as error:  # a failed program is counted, the run goes on
-            with lock:
-                errors.append(f"visit {visit.index}: {type(error).__name__}: {error}")
+            results.end(error=f"visit {visit.index}: {type(error).__name__}: {error}")
             return
         record, questions = visit_records(visit, document, prefix_tokens[visit.document], visit_endpoint.calls,
                                           answers, time.perf_counter() - begin)
-        with lock:
-            visit_rows.append(record)
-            question_rows.extend(questions)
+        if results.end(record, questions):
             bar.update(len(questions))
 
     sampler.start()
     try:
-        abandoned = run_clients(visits, config.clients, started + config.max_seconds, run_visit)
+        run_clients(visits, config.clients, started + config.max_seconds, run_visit)
     finally:
         wall = time.perf_counter() - started
+        visit_rows, question_rows, errors = results.close()
         samples = sampler.stop()
         bar.close()
-    with lock:  # an abandoned visit may still end: the record is of what ended before
-        visit_rows, question_rows, errors = list(visit_rows), list(question_rows), list(errors)
-    if abandoned:
-        errors.append(f"{abandoned} visit(s) still under way {STUCK_SECONDS:g} s after --max-seconds, abandoned "
-                      "(the server did not answer them)")
     finals = settled_stores(urls)
     store = combined_store(finals)
     bytes_per_token = facts["bytes_per_token"]
