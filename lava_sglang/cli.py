@@ -53,7 +53,8 @@ def _demo_command(args: argparse.Namespace) -> int:
     from lava_sglang.frontend import multi_question_qa
     from lava_sglang.model import smollm2_path
     from lava_sglang.policy import POLICIES
-    from lava_sglang.sglang_plugin.config import ConfigError, config_of_server_args
+    from lava_sglang.sglang_plugin.config import ConfigError
+    from lava_sglang.sglang_plugin.plugin import check_launch_args
     from lava_sglang.sglang_plugin.server_process import ServerProcess, check_request_fits
 
     compressing = sorted(set(POLICIES) - {"full"})
@@ -67,7 +68,7 @@ def _demo_command(args: argparse.Namespace) -> int:
     # model loads and the server starts.
     server_args = ["--kv-policy", args.policy, "--kv-budget", str(args.ratio), "--kv-observe", args.observe]
     try:
-        server_config = config_of_server_args(server_args)
+        server_config = check_launch_args(server_args)
     except ConfigError as error:
         raise ValueError(f"--policy {args.policy} with --observe {args.observe} (the server's --kv-observe): the "
                          f"server would refuse it: {error}") from None
@@ -278,12 +279,13 @@ def _quality_command(args: argparse.Namespace) -> int:
                                query_aware_splits=args.query_aware_splits or defaults.query_aware_splits,
                                facts_per_document=args.facts or defaults.facts_per_document, seed=args.seed)
         try:
-            if args.branch_combine and ("compress_once" not in args.modes or "branches" not in config.source_names()):
-                raise ValueError("--branch-combine: no compress_once --observe branches reads it; leave it out")
-            if args.branch_combine and all("combine" in parse_spec(spec, OBSERVE_SOURCES, "observe")[1]
-                                           for spec in config.observe if spec.startswith("branches")):
-                raise ValueError("--branch-combine: every --observe branches spec sets its own combine=, which wins; "
-                                 "leave it out")
+            if args.branch_combine:
+                if "compress_once" not in args.modes or "branches" not in config.source_names():
+                    raise ValueError("--branch-combine: no compress_once --observe branches reads it; leave it out")
+                specs = [parse_spec(spec, OBSERVE_SOURCES, "observe") for spec in config.observe]
+                if all("combine" in options for name, options in specs if name == "branches"):
+                    raise ValueError("--branch-combine: every --observe branches spec sets its own combine=, which "
+                                     "wins; leave it out")
             if args.policies is None:
                 config.policies = [policy for policy in COMPRESSING_POLICIES if config.runs(policy)]
             config.validate()

@@ -431,9 +431,10 @@ class QualityBenchmark:
         for task, context, documents in plan:
             answer_tokens = (self.config.retrieval_answer_tokens if task == "retrieval"
                              else self.config.fidelity_answer_tokens)
-            for document in documents:
-                longest = max(self._count_tokens("".join(prompt_parts(document.text, question.text)))
-                              for question in document.questions)
+            for document in documents:  # tokenized as `run_document` tokenizes it: prefix, then each suffix
+                suffixes = [prompt_parts(document.text, question.text)[1] for question in document.questions]
+                prefix_tokens = self._count_tokens(prompt_parts(document.text, "")[0])
+                longest = prefix_tokens + max(map(self._count_tokens, suffixes))
                 if longest + answer_tokens > positions:
                     raise ConfigFieldError("contexts", f"{context}: a prompt of {longest} tokens and a "
                                                        f"{answer_tokens}-token answer exceed the model's {positions} "

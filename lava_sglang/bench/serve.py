@@ -522,7 +522,7 @@ def without_flags(server_args: list[str], flags: list[str]) -> list[str]:
             skip_value = False
         elif arg in flags:
             skip_value = True
-        elif arg.partition("=")[0] not in flags or "=" not in arg:
+        elif arg.partition("=")[0] not in flags:
             kept.append(arg)
     return kept
 
@@ -569,15 +569,9 @@ def check_compresses(server, name: str, prefix_tokens: list[int], min_prefix_fix
 def served_policy(kv_policy: dict | None):
     """The KvPolicyConfig a running server reports in /server_info (`lava_kv_policy`: its
     fields, beside counters); stock SGLang's (policy none) for a server without the plugin."""
-    import dataclasses
-
     from lava_sglang.sglang_plugin.config import KvPolicyConfig
 
-    names = {field.name for field in dataclasses.fields(KvPolicyConfig)}
-    fields = {name: value for name, value in (kv_policy or {}).items() if name in names}
-    if "compress_on" in fields:
-        fields["compress_on"] = tuple(fields["compress_on"])
-    return KvPolicyConfig(**fields)
+    return KvPolicyConfig.from_fields(kv_policy or {})
 
 
 def run_benchmark(config: ServeConfig, progress: bool = True, log_dir: Path | None = None,

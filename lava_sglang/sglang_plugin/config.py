@@ -150,10 +150,17 @@ class KvPolicyConfig:
     @classmethod
     def from_env(cls, environ=os.environ) -> KvPolicyConfig:
         text = environ.get(ENV_VAR)
-        if not text:
-            return cls()
-        fields = json.loads(text)
-        return cls(**{**fields, "compress_on": tuple(fields["compress_on"])})
+        return cls.from_fields(json.loads(text)) if text else cls()
+
+    @classmethod
+    def from_fields(cls, fields: dict) -> KvPolicyConfig:
+        """The config whose fields `fields` holds as JSON gives them back (`to_env`, or
+        /server_info's `lava_kv_policy`, where counters sit beside them); the others default."""
+        names = {field.name for field in dataclasses.fields(cls)}
+        known = {name: value for name, value in fields.items() if name in names}
+        if "compress_on" in known:
+            known["compress_on"] = tuple(known["compress_on"])
+        return cls(**known)
 
 
 FLAGS = {
@@ -395,15 +402,6 @@ def _policy_object(config: KvPolicyConfig, args, policy: str, alpha, pool_kernel
 OBSERVE_FLAG_READERS = {"observe_wait": DEFERRED_OBSERVE_SOURCES, "observe_chunk": (RECONSTRUCT,),
                         "observe_normalize": (RECONSTRUCT,), "observe_view": (RECONSTRUCT,),
                         "observe_prompt": (RECONSTRUCT,)}
-
-
-def config_of_server_args(server_args: list[str]) -> KvPolicyConfig:
-    """The config a server started with `server_args` would run, checked as it checks them
-    (raises ConfigError): for the commands that start servers, before they start one."""
-    parser = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-    add_arguments(parser)
-    flags, _ = parser.parse_known_args(server_args)
-    return from_namespace(flags)
 
 
 def _reads_alpha(policy: str, window: int) -> bool:
