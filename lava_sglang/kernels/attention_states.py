@@ -59,28 +59,45 @@ def flash_attention_with_lse(
     the logits; None where that kernel does not apply (not fp32 on the CPU, or the private op
     missing from this PyTorch), for the caller to fall back on `attention_with_lse`.
 
-    query [Hkv, G, T, d]; keys, values [Hkv, S, d]; visible [T, S], every row seeing a key.
-    Returns out [Hkv, G, T, d] and lse [Hkv, G, T].
+    query [Hkv, G, T, d]; keys, values [Hkv, S, d]; visible [T, S]. Returns out [Hkv, G, T, d]
+    and lse [Hkv, G, T]; a row that sees no key gets out = 0 and lse = -inf, as in
+    `attention_with_lse` (the kernel alone would give lse 0, a full weight in a merge).
     """
     flash = _cpu_flash_attention(query, keys, values)
     if flash is None:
         return None
     num_kv_heads, group, num_rows, head_dim = query.shape
+    if num_rows == 0 or keys.shape[1] == 0:
+        return _empty_state(query, values.shape[-1])
     bias = torch.zeros(visible.shape, dtype=torch.float32).masked_fill_(~visible, float("-inf"))
     out, lse = flash(query.reshape(1, num_kv_heads * group, num_rows, head_dim),
                      keys.repeat_interleave(group, dim=0)[None], values.repeat_interleave(group, dim=0)[None],
                      0.0, False, attn_mask=bias[None, None], scale=scaling)
-    return out.view(num_kv_heads, group, num_rows, -1), lse.view(num_kv_heads, group, num_rows)
+    out, lse = out.view(num_kv_heads, group, num_rows, -1), lse.view(num_kv_heads, group, num_rows)
+    blind_rows = ~visible.any(dim=-1)
+    if blind_rows.any():
+        out[:, :, blind_rows] = 0.0
+        lse[:, :, blind_rows] = float("-inf")
+    return out, lse
+
+
+def _empty_state(query: torch.Tensor, value_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The state of queries [..., d] over no key (or of no query): out 0, lse -inf, fp32.
+    PyTorch's CPU flash kernel dies with SIGFPE on an empty side, so it is never called with one."""
+    out = torch.zeros((*query.shape[:-1], value_dim), dtype=torch.float32, device=query.device)
+    return out, torch.full(query.shape[:-1], float("-inf"), dtype=torch.float32, device=query.device)
 
 
 def rows_attention_with_lse(
     query: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, scaling: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every query row attending to every key, no mask: query [R, d], keys and values [S, d]
-    (S >= 1). Returns out [R, d] and lse [R], fp32. PyTorch's CPU flash-attention kernel on
-    the CPU (`flash_attention_with_lse`), else `attention_with_lse` (another device, or a
-    PyTorch without that op)."""
+    """Every query row attending to every key, no mask: query [R, d], keys and values [S, d].
+    Returns out [R, d] and lse [R], fp32 (no key: out 0, lse -inf). PyTorch's CPU
+    flash-attention kernel on the CPU (`flash_attention_with_lse`), else `attention_with_lse`
+    (another device, or a PyTorch without that op)."""
     query, keys, values = query.float(), keys.float(), values.float()
+    if query.shape[0] == 0 or keys.shape[0] == 0:
+        return _empty_state(query, values.shape[-1])
     flash = _cpu_flash_attention(query, keys, values)
     if flash is not None:
         out, lse = flash(query[None, None], keys[None, None], values[None, None], 0.0, False, scale=scaling)
@@ -110,6 +127,8 @@ def flash_extend_attention_with_lse(
     num_cached = keys.shape[1] - num_rows
     if num_cached < 0:
         raise ValueError(f"{num_rows} queries are the last of {keys.shape[1]} keys: need S >= T")
+    if num_rows == 0:
+        return _empty_state(query, values.shape[-1])
     new_out, new_lse = flash(query.reshape(1, num_kv_heads * group, num_rows, head_dim),
                              keys[None, :, num_cached:].repeat_interleave(group, dim=1),
                              values[None, :, num_cached:].repeat_interleave(group, dim=1), 0.0, True, scale=scaling)

@@ -125,7 +125,7 @@ def repeat_attention_chunk(queries: torch.Tensor, keys: torch.Tensor, first_posi
     start, end = copied
     if num_q_heads % num_kv_heads or keys.shape[2] != head_dim:
         raise ValueError(f"queries {tuple(queries.shape)} and keys {tuple(keys.shape)} do not match (GQA)")
-    if num_rows < 1:  # PyTorch's CPU flash kernel dies with SIGFPE on zero query rows
+    if num_rows < 1:  # a copied token's score is a max over the repetition's queries
         raise ValueError(f"queries must hold at least one repetition query, got {tuple(queries.shape)}")
     if not 0 <= start < end <= prefix_len <= first_position or first_position + num_rows > num_keys:
         raise ValueError(f"need 0 <= start ({start}) < end ({end}) <= prefix_len ({prefix_len}) <= first_position "
@@ -168,7 +168,7 @@ def repeat_log_sum_exp(grouped_queries: torch.Tensor, keys: torch.Tensor, visibl
     elsewhere the logits are formed in row blocks.
     """
     num_kv_heads, group, num_rows, _ = grouped_queries.shape
-    if num_rows < 1 or keys.shape[1] < 1:  # PyTorch's CPU flash kernel dies with SIGFPE on an empty side
+    if num_rows < 1 or keys.shape[1] < 1:  # a softmax over no key has no normaliser
         raise ValueError(f"need at least one query and one key, got queries {tuple(grouped_queries.shape)} and "
                          f"keys {tuple(keys.shape)}")
     flash = flash_attention_with_lse(grouped_queries, keys, keys, visible, scaling)

@@ -125,3 +125,32 @@ def test_the_flash_extend_attends_causally_after_the_cached_keys(num_rows, num_k
     assert flash_extend_attention_with_lse(query.double(), keys.double(), values.double(), 0.25) is None
     with pytest.raises(ValueError, match="S >= T"):
         flash_extend_attention_with_lse(query, keys[:, :num_rows - 1], values[:, :num_rows - 1], 0.25)
+
+
+def test_the_flash_helpers_give_an_empty_state_for_an_empty_side():
+    # PyTorch's CPU flash kernel dies with SIGFPE on an empty side: the helpers never call it
+    # with one and answer as attention_with_lse does (no key: out 0, lse -inf; no query: nothing).
+    generator = torch.Generator().manual_seed(6)
+    query = torch.randn(2, 3, 4, 16, generator=generator)
+    keys, values = torch.randn(2, 5, 16, generator=generator), torch.randn(2, 5, 8, generator=generator)
+    out, lse = flash_attention_with_lse(query, keys[:, :0], values[:, :0], torch.zeros(4, 0, dtype=torch.bool), 0.25)
+    assert out.shape == (2, 3, 4, 8) and bool((out == 0).all()) and bool(torch.isneginf(lse).all())
+    out, lse = flash_attention_with_lse(query[:, :, :0], keys, values, torch.zeros(0, 5, dtype=torch.bool), 0.25)
+    assert out.shape == (2, 3, 0, 8) and lse.shape == (2, 3, 0)
+    out, lse = rows_attention_with_lse(query[0, 0], keys[0, :0], values[0, :0], 0.25)
+    assert out.shape == (4, 8) and bool((out == 0).all()) and bool(torch.isneginf(lse).all())
+    out, lse = flash_extend_attention_with_lse(query[:, :, :0], keys, values, 0.25)
+    assert out.shape == (2, 3, 0, 8) and lse.shape == (2, 3, 0)
+
+
+def test_a_row_that_sees_no_key_weighs_nothing_in_a_merge():
+    # The flash kernel gives such a row lse 0 (a full weight against a real state); the helper
+    # gives what attention_with_lse gives, -inf and out 0.
+    generator = torch.Generator().manual_seed(7)
+    query = torch.randn(2, 3, 3, 16, generator=generator)
+    keys, values = torch.randn(2, 6, 16, generator=generator), torch.randn(2, 6, 16, generator=generator)
+    visible = torch.tensor([[True] * 6, [False] * 6, [True, False, True, False, True, False]])
+    out, lse = flash_attention_with_lse(query, keys, values, visible, 0.25)
+    expected_out, expected_lse = attention_with_lse(query[None], keys[None], values[None], visible, 0.25)
+    torch.testing.assert_close(out, expected_out[0])
+    torch.testing.assert_close(lse, expected_lse[0])
