@@ -287,10 +287,13 @@ class PoolPrefixAttention:
             return out, lse
         head_offsets, slot_list, slot_base, num_slots = self._tables
         num_splits = self._num_splits
-        partial_out = torch.empty(num_splits, self._num_tokens, self.num_q_heads, self.head_dim,
-                                  dtype=torch.float32, device=q.device)
-        partial_lse = torch.empty(num_splits, self._num_tokens, self.num_q_heads, dtype=torch.float32,
-                                  device=q.device)
+        if num_splits == 1:  # one chunk per sequence is its whole state: written in place, nothing to merge
+            partial_out, partial_lse = out[None], lse[None]
+        else:
+            partial_out = torch.empty(num_splits, self._num_tokens, self.num_q_heads, self.head_dim,
+                                      dtype=torch.float32, device=q.device)
+            partial_lse = torch.empty(num_splits, self._num_tokens, self.num_q_heads, dtype=torch.float32,
+                                      device=q.device)
         block_d = launch.block_size(self.head_dim)
         grid = launch.checked_grid(self._entry_of_request.numel() * self.num_kv_heads * num_splits, self._row_tiles)
         _pool_prefix_attention_kernel[grid](
@@ -303,13 +306,14 @@ class PoolPrefixAttention:
             HEAD_DIM=self.head_dim, BLOCK_M=self._block_m, BLOCK_N=self.block_keys, BLOCK_D=block_d,
             ROW_ALIGN=self.row_align, num_warps=self.num_warps, num_stages=self.num_stages,
         )
-        _merge_splits_kernel[launch.checked_grid(self._num_tokens, self.num_q_heads)](
-            partial_out, partial_lse, out, lse, self._token_request, self._splits,
-            partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
-            partial_lse.stride(0), partial_lse.stride(1), out.stride(0), out.stride(1), lse.stride(0),
-            self.num_kv_heads, self.group,
-            HEAD_DIM=self.head_dim, BLOCK_S=launch.block_size(self.max_splits, minimum=1), BLOCK_D=block_d,
-        )
+        if num_splits > 1:
+            _merge_splits_kernel[launch.checked_grid(self._num_tokens, self.num_q_heads)](
+                partial_out, partial_lse, out, lse, self._token_request, self._splits,
+                partial_out.stride(0), partial_out.stride(1), partial_out.stride(2),
+                partial_lse.stride(0), partial_lse.stride(1), out.stride(0), out.stride(1), lse.stride(0),
+                self.num_kv_heads, self.group,
+                HEAD_DIM=self.head_dim, BLOCK_S=launch.block_size(self.max_splits, minimum=1), BLOCK_D=block_d,
+            )
         return out, lse
 
 

@@ -214,13 +214,17 @@ def test_entries_come_and_go_without_touching_the_kernel_or_its_grid(device):
     assert pool.tables.rows_for_slots(first_slots).tolist() == [row for row, _ in live]
 
 
-# 40: a head dim that is not a power of two, the tail of a 64-wide block masked.
+# 40: a head dim that is not a power of two, the tail of a 64-wide block masked. One split
+# (written in place, in the pool's dtype) or several (fp32 partials merged); 16-key blocks so
+# that the 9-row head spans two chunks.
+@pytest.mark.parametrize("target_programs", [1, MANY_PROGRAMS], ids=["one_split", "splits"])
 @pytest.mark.parametrize("dtype, dim", [(torch.bfloat16, DIM), (torch.float16, 40)])
-def test_half_precision_pool(device, dtype, dim):
+def test_half_precision_pool(device, dtype, dim, target_programs):
     pool = Pool(device, dtype=dtype, seed=2, dim=dim)
     row, layout = pool.add([[9, 3], [4, 4], [2, 7]])
     attention = PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=KV_HEADS * GROUP,
-                                    sm_scale=SCALING)
+                                    target_programs=target_programs, block_keys=16, sm_scale=SCALING)
+    assert attention.splits(1) == (1 if target_programs == 1 else attention.max_splits)
     q = torch.randn(2, KV_HEADS * GROUP, dim, generator=torch.Generator().manual_seed(5)).to(device, dtype)
     qo_indptr = torch.tensor([0, 2], dtype=torch.int32, device=device)
     attention.plan(qo_indptr, torch.tensor([row], dtype=torch.int32, device=device), pool.tables.tables,
@@ -397,3 +401,26 @@ def test_cuda_graph_replay_follows_batches_and_entries(cuda_only):
     layouts = [live[1][1], live[0][1], live[1][1], None]
     load_batch(layouts, seed=2)
     check(layouts)
+
+
+def test_one_split_writes_the_output_in_place_without_a_merge(device, monkeypatch):
+    # A batch that fills the device takes one chunk per sequence: no fp32 partials, no second launch.
+    import lava_sglang.kernels.pool_prefix_attention as pool_module
+
+    class NoLaunch:
+        def __getitem__(self, grid):
+            raise AssertionError("the merge kernel was launched for a single split")
+
+    monkeypatch.setattr(pool_module, "_merge_splits_kernel", NoLaunch())
+    pool = Pool(device)
+    row, layout = pool.add([[5, 9], [3, 12], [7, 3]])
+    attention = PoolPrefixAttention(pool.k_buffers, pool.v_buffers, num_q_heads=KV_HEADS * GROUP, target_programs=1,
+                                    sm_scale=SCALING)
+    qo_indptr = torch.tensor([0, 2, 3], dtype=torch.int32, device=device)
+    attention.plan(qo_indptr, torch.tensor([row, -1], dtype=torch.int32, device=device), pool.tables.tables,
+                   num_tokens=3, max_q_len=2)
+    q = torch.randn(3, KV_HEADS * GROUP, DIM, generator=torch.Generator().manual_seed(6)).to(device)
+    out, lse = attention.run(q, layer=1)
+    expected_out, expected_lse = dense(q, [0, 2, 3], [layout, None], pool, 1)
+    torch.testing.assert_close(lse, expected_lse, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out.float(), expected_out, atol=1e-4, rtol=1e-4)
