@@ -137,10 +137,14 @@ class CompressedPrefixPath:
             prefix_lens = [seq_len - 1 for seq_len in seq_lens]
             return self._attend(q, k, v, layer, forward_batch, save_kv_cache, entries, prefix_lens,
                                 [1] * len(seq_lens))[0]
-        self._save_kv(k, v, layer, forward_batch, save_kv_cache)
         if self._own is None:
             self._own = DecodeRows(_cache.req_to_token_pool.req_to_token, forward_batch.req_pool_indices, entries,
                                    seq_lens)
+        grid_bytes = self._own.padded_rows * layer.tp_k_head_num * (layer.qk_head_dim + layer.v_head_dim) * 4
+        if grid_bytes > DECODE_GRID_BYTES:  # one padded copy per request would be too large: the per-entry states
+            return self._attend(q, k, v, layer, forward_batch, save_kv_cache, entries,
+                                [seq_len - 1 for seq_len in seq_lens], [1] * len(seq_lens))[0]
+        self._save_kv(k, v, layer, forward_batch, save_kv_cache)
         out = self._own.attend(layer.layer_id, q.reshape(len(seq_lens), layer.tp_q_head_num, layer.qk_head_dim),
                                _cache.kv_pool, layer.scaling)
         return out.to(q.dtype).view(-1, layer.tp_q_head_num * layer.v_head_dim)
@@ -259,6 +263,12 @@ def _causal_states(queries, slots, layer):
 #: short requests is attended apart from them instead of padding each to its length.
 DECODE_PADDING_SLACK = 4096
 
+#: The most bytes of fp32 key and value grids one layer of a CPU decode step may copy for
+#: `DecodeRows`' single call (each request its own copy of its prefix, padded to the widest
+#: head); a batch beyond it takes the per-entry states merged with the own tokens' (the extend
+#: path), which reads each entry once but makes a few calls per entry and request.
+DECODE_GRID_BYTES = 128 << 20
+
 
 def decode_groups(own_lens: list[int]) -> list[list[int]]:
     """Requests (batch positions) in groups attended together, longest own tokens first: a
@@ -285,7 +295,7 @@ class _DecodeGroup:
     """Requests of a decode batch attended in one masked call: their own tokens' slots, padded
     to the longest of them, and which positions are real."""
 
-    def __init__(self, positions: list[int], req_to_token, req_pool_indices, starts, ends, entry_ids):
+    def __init__(self, positions: list[int], req_to_token, req_pool_indices, starts, ends, entries):
         device = req_to_token.device
         self.positions = torch.tensor(positions, device=device)
         starts, ends = starts[self.positions], ends[self.positions]
@@ -296,7 +306,11 @@ class _DecodeGroup:
         self.num_requests, self.longest_own = slots.shape
         self.own_slots = slots.flatten()
         self.own_visible = offsets[None, None, :] < own_lens[:, None, None]  # [B, 1, O]
-        self.entry_ids = [entry_ids[position] for position in positions]
+        self.entry_ids = [entries[position].entry_id if entries[position] is not None else None
+                          for position in positions]
+        prefix_width = max((int(entries[position].layout.kept_lengths.max()) for position in positions
+                            if entries[position] is not None), default=0)
+        self.padded_rows = self.num_requests * (prefix_width + self.longest_own)  # per KV head, widest layer
 
 
 class DecodeRows:
@@ -310,7 +324,9 @@ class DecodeRows:
     not the arithmetic, is the cost (each small call waits for its threads, longer when
     another process holds a core), hence no per-head loop and no merge of two partial states;
     the groups bound the padding, which would otherwise make one long conversation cost its
-    length for every request of the batch.
+    length for every request of the batch. Each request gets its own copy of its prefix rows
+    in the grid: a batch whose grids would pass `DECODE_GRID_BYTES` is attended as an extend
+    is instead (`CompressedPrefixPath.forward_decode`).
 
     Request i (row req_pool_indices[i] of req_to_token) uses entries[i] (None: no compressed
     prefix) and reads its own tokens at positions own_starts(entries)[i] .. seq_lens[i] - 1."""
@@ -324,12 +340,13 @@ class DecodeRows:
         for entry in entries:
             if entry is not None:
                 self.distinct.setdefault(entry.entry_id, entry)
-        entry_ids = [entry.entry_id if entry is not None else None for entry in entries]
         own_lens = [end - start for start, end in zip(starts, seq_lens)]
         row_indices = req_pool_indices.to(device)
         starts, ends = torch.tensor(starts, device=device), torch.tensor(seq_lens, device=device)
-        self.groups = [_DecodeGroup(positions, req_to_token, row_indices, starts, ends, entry_ids)
+        self.groups = [_DecodeGroup(positions, req_to_token, row_indices, starts, ends, entries)
                        for positions in decode_groups(own_lens)]
+        #: Rows per KV head of the largest group's padded grids at the widest layer (`DECODE_GRID_BYTES`).
+        self.padded_rows = max(group.padded_rows for group in self.groups)
 
     def attend(self, layer: int, queries: torch.Tensor, kv_pool, scaling: float) -> torch.Tensor:
         """queries [requests, Hq, d] -> out [requests, Hq, d_v], fp32."""

@@ -218,12 +218,13 @@ def test_compressed_prefix_path_with_kernels_equals_torch(bound_cache, extend_le
         assert all(plans[use_kernels] == (path._own, path._prefixes) for use_kernels, path in paths.items())
 
 
+@pytest.mark.parametrize("over_limit", [False, True], ids=["one-call", "over-limit"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("rows, num_groups", [([3, 0, 4, 1], 1), ([3, 1], 1), ([0, 3], 1), ([2, 3], 1),
                                               ([1, 4, 2], 2)],
                          ids=["mixed", "shared", "one-entry", "empty-layer", "grouped"])
 def test_a_cpu_decode_step_is_one_padded_call_per_layer_equal_to_the_merged_states(bound_cache, monkeypatch, rows,
-                                                                                   num_groups, dtype):
+                                                                                   num_groups, dtype, over_limit):
     # On the torch path a decode batch over compressed prefixes is one masked SDPA call per
     # layer over each request's padded prefix rows and own tokens (DecodeRows): the same
     # attention as the per-head prefix states merged with the own tokens' by LSE (the extend
@@ -232,11 +233,17 @@ def test_a_cpu_decode_step_is_one_padded_call_per_layer_equal_to_the_merged_stat
     # one; "one-entry": one entry and a request with none; "empty-layer": an entry of which
     # every head keeps nothing in layer 1; "grouped": own lengths 1, 11 and 3, which with no
     # padding slack are two calls, the 11 and 3 together and the 1 apart, out of batch order.
-    # Each step writes the new token's K and V first.
+    # "over-limit": grids larger than DECODE_GRID_BYTES, so the batch takes the merged states
+    # and no padded call. Each step writes the new token's K and V first.
     from lava_sglang.sglang_plugin import attention
     from lava_sglang.sglang_plugin.attention import CompressedPrefixPath, DecodeRows
 
     monkeypatch.setattr(attention, "DECODE_PADDING_SLACK", 0)
+    if over_limit:
+        def no_padded_call(*args):
+            raise AssertionError("a batch over DECODE_GRID_BYTES took the padded call")
+
+        monkeypatch.setattr(DecodeRows, "_attend_group", staticmethod(no_padded_call))
 
     generator = torch.Generator().manual_seed(6)
     buffers, kv_pool, store, first, second = pool_with_two_entries(generator)
@@ -258,6 +265,13 @@ def test_a_cpu_decode_step_is_one_padded_call_per_layer_equal_to_the_merged_stat
     bound_cache(SimpleNamespace(kv_pool=kv_pool, req_to_token_pool=SimpleNamespace(req_to_token=req_to_token),
                                 store=store))
     seq_lens = [{3: 104, 0: 8, 4: 111, 1: 101, 2: 103}[row] for row in rows]
+    # Rows per KV head of the largest padded grid: its requests x (widest kept head + longest own).
+    widest = {3: 12, 0: 0, 4: 6, 1: 12, 2: 4}
+    groups = [rows] if num_groups == 1 else [[1], [4, 2]]
+    padded_rows = max(len(group) * (max(widest[row] for row in group) + max(
+        {3: 4, 0: 8, 4: 11, 1: 1, 2: 3}[row] for row in group)) for group in groups)
+    grid_bytes = padded_rows * KV_HEADS * 2 * DIM * 4
+    monkeypatch.setattr(attention, "DECODE_GRID_BYTES", grid_bytes - 1 if over_limit else grid_bytes)
     new_slots = torch.stack([req_to_token[row, seq_len - 1].long() for row, seq_len in zip(rows, seq_lens)])
     forward_batch = SimpleNamespace(req_pool_indices=torch.tensor(rows), seq_lens_cpu=torch.tensor(seq_lens),
                                     rids=None, out_cache_loc=new_slots)
@@ -277,6 +291,8 @@ def test_a_cpu_decode_step_is_one_padded_call_per_layer_equal_to_the_merged_stat
         torch.testing.assert_close(out, expected, atol=tolerance, rtol=tolerance)
         assert isinstance(decode_path._own, DecodeRows)
         assert len(decode_path._own.groups) == num_groups
+        assert decode_path._own.padded_rows == padded_rows
+        assert (decode_path._prefixes is not None) == (over_limit and any(entries))
         if layer_id == 0:
             plan = decode_path._own
         assert decode_path._own is plan  # planned once per batch, at its first layer
