@@ -28,6 +28,8 @@ same code.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 
 from lava_sglang.kernels.attention_states import (attention_with_lse, causal_visibility,
@@ -36,6 +38,8 @@ from lava_sglang.kernels.attention_states import (attention_with_lse, causal_vis
 from lava_sglang.sglang_plugin.own_attention import FlashInferOwnAttention, OwnTokenAttention, lengths_indptr
 from lava_sglang.sglang_plugin.touchpoints import flashinfer_own_wrappers, kv_write_loc, recomputes_cached_prefixes
 from lava_sglang.store import LayoutTables, StoreEntry, read_layer, read_padded_layer
+
+logger = logging.getLogger(__name__)
 
 _cache = None  # the scheduler process's LavaRadixCache, bound by the radix cache factory
 
@@ -519,6 +523,7 @@ def _score_repetitions(layer, forward_batch, q, lse, entries, prefix_lens, exten
                 scores.add_chunk(rid, layer.layer_id, queries[rows], k_buffer[slots], prefix_len, layer.scaling,
                                  pool_used, lse=lse[rows])
             except Exception as error:  # e.g. out of memory: the prefix falls back to its tail, the server serves on
+                logger.exception("lava: scoring the repetition of a %d-token prefix failed", scores.prefix_len)
                 scores.failed = f"scoring failed: {error}"
                 _cache.retire_repetition(scores)  # its chunks' tokens are still freed, its rids still matched
         start += extend_len

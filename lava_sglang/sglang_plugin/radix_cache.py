@@ -473,8 +473,7 @@ class LavaRadixCache(CompressedRadixCache):
         scores.end_chunk(req.rid, checkpointed, seconds_since_first_forward(req))
         if scores.failed is not None:
             self.retire_repetition(scores)
-            logger.warning("lava: repetition of a %d-token prefix stopped (%s); the prefix is compressed by its "
-                           "tail", scores.prefix_len, scores.failed)
+            logger.warning("lava: repetition of a %d-token prefix stopped (%s)", scores.prefix_len, scores.failed)
         return scores.prefix_len
 
     def _windowed_branch_of(self, key) -> PendingPrefix | None:
@@ -561,6 +560,9 @@ class LavaRadixCache(CompressedRadixCache):
                 continue
             repetition = pending.repetition if is_scored else None
             cut_short = pending.repetition is not None and repetition is None
+            if cut_short:  # read before _forget, whose abort would be taken for the cause
+                cut_short_reason = (pending.repetition.failed
+                                    or f"no progress within --kv-observe-wait {self.config.observe_wait:g} s")
             self._forget(pending)
             branch_windows = [[branch[layer] for branch in pending.branches] for layer in range(self.kv_pool.layer_num)]
             repeat_attention = repetition.repeat if repetition is not None else None
@@ -580,9 +582,7 @@ class LavaRadixCache(CompressedRadixCache):
                 self.repetitions_cut_short += 1
                 logger.warning("lava: the repetition of a %d-token prefix scored %d of its %d tokens (%s); the prefix "
                                "was compressed by its tail window instead", len(full_key),
-                               pending.repetition.num_scored, pending.repetition.num_queries,
-                               pending.repetition.failed or "no progress within "
-                               f"--kv-observe-wait {self.config.observe_wait:g} s")
+                               pending.repetition.num_scored, pending.repetition.num_queries, cut_short_reason)
             if repetition is not None:
                 seconds = repetition.ended_at - repetition.first_chunk_at
                 self.repetition_cost.add(seconds, pending.prefill_seconds, repetition.forward_seconds)
@@ -630,7 +630,7 @@ class LavaRadixCache(CompressedRadixCache):
             for rid in self._retirements.popleft():
                 self.retired_repetitions.pop(rid, None)
         if self.repetition_client is not None and self._sends_requests:
-            self.repetition_client.abort(repetition)
+            self.repetition_client.abort(repetition, remembered)
 
     def _compress_shared_prefix(self, req, prefix_key) -> None:
         """Compress a prompt prefix the request shared with an earlier one; the ordinary nodes

@@ -253,14 +253,19 @@ class RepetitionClient:
                                   daemon=True)
         thread.start()
 
-    def abort(self, scores: RepetitionScores) -> None:
+    def abort(self, scores: RepetitionScores, rids: list[str]) -> None:
         """Abort a repetition whose prefix no longer waits for it (its tokens would be wasted):
-        no further chunk is sent, and the one queued or running is aborted."""
+        no further chunk is sent, and `rids`, the chunks that may be queued or running, are
+        aborted. Never raises: a chunk that cannot be aborted runs to its end, and its tokens
+        are freed at its release."""
         if scores.failed is None:
             scores.failed = "aborted"
-        pending = [chunk.rid for chunk in scores.chunks if not chunk.done]
-        if pending:
-            threading.Thread(target=self._abort, args=(pending,), name=f"lava-abort-{pending[0]}", daemon=True).start()
+        if not rids:
+            return
+        try:
+            threading.Thread(target=self._abort, args=(rids,), name=f"lava-abort-{rids[0]}", daemon=True).start()
+        except Exception as error:  # e.g. no thread to spare: called from the scheduler, which must go on
+            logger.warning("lava: could not abort repetition %s (%s)", ", ".join(rids), error)
 
     def _abort(self, rids: list[str]) -> None:
         for rid in rids:
@@ -291,11 +296,14 @@ class RepetitionClient:
                     failure = f"chunk {chunk.rid} was aborted"
             except requests.RequestException as error:
                 failure = str(error)
+            except Exception as error:  # a bug here: the prefix must not wait out --kv-observe-wait for it
+                logger.exception("lava: sending repetition chunk %s failed", chunk.rid)
+                failure = f"sending chunk {chunk.rid} failed ({error})"
             if failure is not None:
-                if scores.failed is None:
+                if scores.failed is None:  # else the plugin stopped it (an abort answers so) and has said why
                     scores.failed = failure
-                logger.warning("lava: repetition chunk %s of a %d-token prefix did not run (%s); the prefix is "
-                               "compressed by its tail", chunk.rid, scores.prefix_len, failure)
+                    logger.warning("lava: repetition chunk %s of a %d-token prefix did not run (%s); the repetition "
+                                   "stops", chunk.rid, scores.prefix_len, failure)
                 return
 
 

@@ -753,3 +753,35 @@ def test_window_queries_are_recorded_from_each_rows_own_queries_in_a_batch(bound
     _record_window(attention_layer(1), batch, q, prefix_lens, extend_lens)
     assert [(layer_id, row, prefix_len) for layer_id, row, prefix_len, _ in recorded] == [(1, 7, 0), (1, 5, 4)]
     assert torch.equal(recorded[0][3], queries[0:2]) and torch.equal(recorded[1][3], queries[8:11])
+
+
+def test_a_scoring_failure_is_logged_with_its_traceback_and_retires_the_repetition(bound_cache, caplog):
+    # The prefix then falls back to its tail and the server serves on; a bug in the scoring
+    # (a shape mismatch, say) must still be seen, once, with where it happened.
+    import logging
+
+    from lava_sglang.sglang_plugin.attention import _score_repetitions
+
+    def add_chunk(*args, **kwargs):
+        raise RuntimeError("shapes do not match")
+
+    scores = SimpleNamespace(prefix_len=24, failed=None, add_chunk=add_chunk)
+    repetitions, retired = {"chunk": scores}, []
+
+    def retire(stopped):
+        retired.append(stopped)
+        repetitions.clear()
+
+    k_buffer = torch.zeros(OWN_POOL, KV_HEADS, DIM)
+    bound_cache(SimpleNamespace(kv_pool=SimpleNamespace(get_key_buffer=lambda layer_id: k_buffer),
+                                req_to_token_pool=SimpleNamespace(req_to_token=torch.arange(120).view(1, 120)),
+                                repetitions=repetitions, pool_used=lambda: 0, retire_repetition=retire))
+    forward_batch = SimpleNamespace(req_pool_indices=torch.tensor([0]), rids=["chunk"])
+    q = torch.zeros(5, KV_HEADS * GROUP * DIM)
+    with caplog.at_level(logging.WARNING, logger="lava_sglang.sglang_plugin.attention"):
+        for layer_id in range(LAYERS):
+            _score_repetitions(attention_layer(layer_id), forward_batch, q, torch.zeros(5, KV_HEADS * GROUP), [None],
+                               [24], [5])
+    assert scores.failed == "scoring failed: shapes do not match" and retired == [scores]
+    assert caplog.text.count("scoring the repetition of a 24-token prefix failed") == 1
+    assert "Traceback" in caplog.text and "RuntimeError: shapes do not match" in caplog.text

@@ -1415,3 +1415,49 @@ def test_a_retracted_second_sharer_compresses_the_shared_prefix_when_it_finishes
     check(stub)
     assert len(stub.compressed_nodes()) == 1
     assert_all_released(stub)
+
+
+@pytest.mark.parametrize("thread_starts", [True, False], ids=["aborted", "no-thread"])
+def test_a_repetition_cut_short_by_the_wait_is_reported_as_such_and_only_its_running_chunk_aborted(
+        monkeypatch, caplog, thread_starts):
+    # Compressing the prefix by its tail aborts the stalled repetition: the abort must not be
+    # reported as its cause, only the chunk that can be queued or running is aborted (not one
+    # request per chunk), and an abort that cannot start its thread must not stop the scheduler.
+    from types import SimpleNamespace
+
+    from lava_sglang.sglang_plugin import repetition
+    from lava_sglang.sglang_plugin.repetition import RepetitionClient
+
+    class AbortThread:  # the abort's thread, run in place (or refused, as when no thread is left)
+        def __init__(self, target, args, name, daemon):
+            self.target, self.args = target, args
+
+        def start(self):
+            if not thread_starts:
+                raise RuntimeError("can't start new thread")
+            self.target(*self.args)
+
+    monkeypatch.setattr(repetition, "threading", SimpleNamespace(Thread=AbortThread))
+    client = RepetitionClient("http://server:1/", 4096)
+    aborted = []
+    monkeypatch.setattr(client, "_abort", aborted.append)
+    stub = make_stub(observe="reconstruct")
+    stub.cache.repetition_client = client
+    planned = []
+
+    def start_repetition(req):  # registered as the server registers it; no chunk is ever sent here
+        planned.append(started(stub, repetition_of_document_0(stub, "stalled")))
+        return planned[0]
+
+    stub.cache._start_repetition = start_repetition
+    commit(stub, document(0))
+    stub.cache.pending[0].deadline = time.monotonic()  # the wait has passed, and no chunk has run
+    with caplog.at_level(logging.WARNING):
+        stub.cache.compress_ready_when_idle()
+    assert f"scored 0 of its {planned[0].num_queries} tokens (no progress within --kv-observe-wait 30 s)" in caplog.text
+    assert aborted == ([planned[0].rids[:1]] if thread_starts else [])
+    assert ("could not abort repetition " + planned[0].rids[0] + " (can't start new thread)" in caplog.text) is (
+        not thread_starts)
+    assert len(stub.compressed_nodes()) == 1 and not stub.cache.pending
+    run(stub, document(0) + question(0))
+    assert_all_released(stub)

@@ -270,3 +270,33 @@ def test_the_longest_repetition_prompt_is_the_longest_sglangs_scheduler_admits(c
     longest = touchpoints.max_prompt_tokens(context_len, pool_tokens)
     assert validate_input_length(SimpleNamespace(origin_input_ids=[0] * longest), admitted, False) is None
     assert validate_input_length(SimpleNamespace(origin_input_ids=[0] * (longest + 1)), admitted, False) is not None
+
+
+def test_a_chunk_the_plugin_stopped_is_not_reported_again_and_any_send_error_stops_the_repetition(monkeypatch,
+                                                                                                  caplog):
+    class Aborted:
+        status_code = 200
+
+        def json(self):
+            return {"meta_info": {"finish_reason": {"type": "abort"}}}
+
+    scores = new_scores(chunk_tokens=4)
+
+    def stopped_while_running(url, json, headers, timeout, verify):
+        scores.failed = "aborted"  # the plugin stopped the repetition (its prefix compressed or gone) and said why
+        return Aborted()
+
+    monkeypatch.setattr(repetition.requests, "post", stopped_while_running)
+    with caplog.at_level(logging.WARNING, logger="lava_sglang.sglang_plugin.repetition"):
+        RepetitionClient("http://server:1/", 2048)._post_chunks(scores)
+    assert scores.failed == "aborted" and caplog.text == ""
+
+    def broken(url, json, headers, timeout, verify):
+        raise TypeError("not JSON serializable")  # not a request error: the thread would end silently
+
+    scores = new_scores(chunk_tokens=4)
+    monkeypatch.setattr(repetition.requests, "post", broken)
+    with caplog.at_level(logging.WARNING, logger="lava_sglang.sglang_plugin.repetition"):
+        RepetitionClient("http://server:1/", 2048)._post_chunks(scores)
+    assert scores.failed == f"sending chunk {scores.rids[0]} failed (not JSON serializable)"
+    assert "Traceback" in caplog.text and "did not run" in caplog.text
