@@ -8,6 +8,7 @@ row of a batch; the extends over cached prefixes it takes from SGLang's torch_na
 from __future__ import annotations
 
 import math
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -20,6 +21,11 @@ from store_support import write_layer
 
 LAYERS, KV_HEADS, GROUP, DIM, POOL = 3, 2, 3, 16, 64
 SCALING = 1.0 / math.sqrt(DIM)
+# The Triton kernels run here on CPU tensors, which only Triton's interpreter takes; tests/conftest.py sets
+# TRITON_INTERPRET=1 where no CUDA device is present (tests/kernels test them compiled on one).
+interpreted_kernels = pytest.mark.skipif(
+    os.environ.get("TRITON_INTERPRET") != "1",
+    reason="the Triton kernels run on CPU tensors here, which needs TRITON_INTERPRET=1 (set it to run them)")
 
 
 @pytest.fixture
@@ -71,7 +77,7 @@ def new_store(pool_slots):
     return CompressedStore(tables)
 
 
-@pytest.mark.parametrize("use_kernel", [False, True])
+@pytest.mark.parametrize("use_kernel", [False, pytest.param(True, marks=interpreted_kernels)])
 @pytest.mark.parametrize("extend_lens", [[4, 3, 1, 2], [1, 1, 1, 1]], ids=["extend", "decode"])
 def test_compressed_prefix_states_match_dense_attention(pool, use_kernel, extend_lens):
     store = new_store(POOL)
@@ -107,6 +113,7 @@ def dense_own_states(queries, keys, values, visible, group=GROUP, scaling=SCALIN
     return torch.einsum("ths,shd->thd", logits.softmax(-1), values), logits.logsumexp(-1)
 
 
+@interpreted_kernels
 @pytest.mark.parametrize("decode", [False, True], ids=["extend", "decode"])
 def test_sglang_own_token_kernels_match_dense_attention(decode, monkeypatch):
     # SGLang's own Triton kernels (index builder with a start offset, extend with lse_extend,
@@ -181,6 +188,7 @@ def attention_layer(layer_id: int) -> SimpleNamespace:
                            qk_head_dim=DIM, v_head_dim=DIM, scaling=SCALING)
 
 
+@interpreted_kernels
 @pytest.mark.parametrize("extend_lens", [[4, 3, 1, 2], [1, 1, 1, 1]], ids=["extend", "decode"])
 def test_compressed_prefix_path_with_kernels_equals_torch(bound_cache, extend_lens):
     # The whole GPU path of a batch (SGLang's own-token kernels + the prefix kernel, merged by
@@ -320,6 +328,7 @@ def test_decode_groups_bound_the_padding_of_a_long_request_beside_short_ones():
     assert len(groups) > 1
 
 
+@interpreted_kernels
 def test_decode_graph_step_equals_the_host_planned_path(bound_cache, monkeypatch):
     # The decode step planned on the device (SGLang's index builder and split-K decode kernel,
     # the prefix kernel, all under the interpreter here) against the torch path planned on the
@@ -432,6 +441,7 @@ class StandInPrefillWrapper(StandInFlashInferWrapper):
         return self.run_plan(q, paged_kv_cache, causal, sm_scale)
 
 
+@interpreted_kernels
 @pytest.mark.parametrize("extend_lens", [[4, 3, 1, 2], [1, 1, 1, 1]], ids=["extend", "decode"])
 def test_flashinfer_wrapping_plans_own_rows_and_equals_torch(bound_cache, extend_lens):
     # Under SGLang's flashinfer backend the own tokens go to FlashInfer's paged wrappers,
