@@ -3,7 +3,8 @@ reading the pool through the store's layout tables is the CUDA path, here under
 TRITON_INTERPRET) and each request's own tokens by SGLang's Triton kernels, against the
 torch path and against dense attention; the torch path's own-token attention under a
 repetition view; a repetition chunk scored through forward_extend; window queries recorded per
-row of a batch; the extends over cached prefixes it takes from SGLang's torch_native."""
+row of a batch; the extends over cached prefixes it takes from SGLang's torch_native; a mixed
+batch through forward_extend and forward_decode against dense attention."""
 
 from __future__ import annotations
 
@@ -795,3 +796,92 @@ def test_a_scoring_failure_is_logged_with_its_traceback_and_retires_the_repetiti
     assert scores.failed == "scoring failed: shapes do not match" and retired == [scores]
     assert caplog.text.count("scoring the repetition of a 24-token prefix failed") == 1
     assert "Traceback" in caplog.text and "RuntimeError: shapes do not match" in caplog.text
+
+
+@pytest.mark.parametrize("use_kernels", [False, pytest.param(True, marks=interpreted_kernels)],
+                         ids=["torch", "kernels"])
+def test_a_mixed_batch_through_the_backend_entry_points_equals_dense_attention(bound_cache, use_kernels):
+    # forward_extend, then forward_decode, as SGLang calls them: each request's entry found by the
+    # first slot of its row (compressed_tree's row layout: the entry's slots, padding to the
+    # prefix's length, then its own tokens), against dense attention over the kept rows and the
+    # own tokens. The batch: a compressed prefix with a chunked prefill (5 own tokens cached, 7
+    # new), an uncompressed cached prefix (30 + 4), no prefix (6), a compressed prefix and its
+    # first own token, and one after 20 own tokens; a head that keeps nothing in layer 1. A
+    # batch with no compressed prefix goes to the wrapped backend.
+    from lava_sglang.sglang_plugin.attention import CompressedPrefixPath
+
+    generator = torch.Generator().manual_seed(11)
+    buffers = [torch.randn(OWN_POOL, KV_HEADS, DIM, generator=generator) for _ in range(2 * LAYERS)]
+
+    def set_kv_buffer(layer, write_loc, k, v):
+        buffers[layer.layer_id][write_loc.loc] = k.view(-1, KV_HEADS, DIM)
+        buffers[LAYERS + layer.layer_id][write_loc.loc] = v.view(-1, KV_HEADS, DIM)
+
+    kv_pool = SimpleNamespace(k_buffer=buffers[:LAYERS], v_buffer=buffers[LAYERS:], layer_num=LAYERS,
+                              get_key_buffer=lambda layer: buffers[layer],
+                              get_value_buffer=lambda layer: buffers[LAYERS + layer], set_kv_buffer=set_kv_buffer)
+    store = new_store(OWN_POOL)
+    prefix_len = 40
+    entry, kept_rows = add_entry(store, kv_pool, 1, [[5, 11], [0, 7], [3, 2]], seed=12, prefix_len=prefix_len)
+    req_to_token = torch.zeros(6, 128, dtype=torch.int32)
+    free_slots = iter(range(100, OWN_POOL))
+    # (row, compressed, cached tokens, new tokens)
+    requests = [(0, True, prefix_len + 5, 7), (1, False, 30, 4), (2, False, 0, 6), (3, True, prefix_len, 1),
+                (4, True, prefix_len + 20, 1)]
+    for row, compressed, cached, new in requests:
+        own_start = prefix_len if compressed else 0
+        if compressed:
+            req_to_token[row, :entry.layout.slots.numel()] = entry.layout.slots.int()
+        for position in range(own_start, cached + new + 1):  # and the decode step's token
+            req_to_token[row, position] = next(free_slots)
+    bound_cache(SimpleNamespace(kv_pool=kv_pool, req_to_token_pool=SimpleNamespace(req_to_token=req_to_token),
+                                store=store, capture=SimpleNamespace(rows_to_record=lambda *args: 0),
+                                repetitions={}))
+    inner_calls = []
+    backend = SimpleNamespace(forward_extend=lambda *args, **kwargs: inner_calls.append("extend"),
+                              forward_decode=lambda *args, **kwargs: inner_calls.append("decode"))
+    path = CompressedPrefixPath(backend, use_kernels=use_kernels)
+
+    def expected(queries, layer_id, row, compressed, cached, new):
+        own_start = prefix_len if compressed else 0
+        slots = req_to_token[row, own_start:cached + new].long()
+        visible = torch.arange(own_start, cached + new)[None, :] <= torch.arange(cached, cached + new)[:, None]
+        keys, values = buffers[layer_id][slots], buffers[LAYERS + layer_id][slots]
+        if not compressed:
+            return dense_own_states(queries, keys, values, visible)[0]
+        prefix_keys, prefix_values = kept_rows[layer_id]
+        out = torch.empty_like(queries)
+        for head in range(KV_HEADS):  # the head's kept rows, seen by every query, then its own tokens
+            heads = slice(head * GROUP, (head + 1) * GROUP)
+            head_keys = torch.cat([prefix_keys[head], keys[:, head]])[:, None]
+            head_values = torch.cat([prefix_values[head], values[:, head]])[:, None]
+            head_visible = torch.cat([torch.ones(new, prefix_keys[head].shape[0], dtype=torch.bool), visible], 1)
+            out[:, heads] = dense_own_states(queries[:, heads], head_keys, head_values, head_visible)[0]
+        return out
+
+    for step in ("extend", "decode"):
+        if step == "decode":
+            requests = [(row, compressed, cached + new, 1) for row, compressed, cached, new in requests]
+        new_slots = torch.cat([req_to_token[row, cached:cached + new].long() for row, _, cached, new in requests])
+        forward_batch = SimpleNamespace(
+            req_pool_indices=torch.tensor([row for row, *_ in requests]), rids=[f"r{row}" for row, *_ in requests],
+            extend_prefix_lens_cpu=[cached for _, _, cached, _ in requests],
+            extend_seq_lens_cpu=[new for *_, new in requests], out_cache_loc=new_slots,
+            seq_lens_cpu=torch.tensor([cached + new for _, _, cached, new in requests]))
+        num_tokens = new_slots.numel()
+        for layer_id in range(LAYERS):
+            q = torch.randn(num_tokens, KV_HEADS * GROUP * DIM, generator=generator)
+            k, v = (torch.randn(num_tokens, KV_HEADS * DIM, generator=generator) for _ in range(2))
+            forward = path.forward_extend if step == "extend" else path.forward_decode
+            out = forward(q, k, v, attention_layer(layer_id), forward_batch).view(num_tokens, KV_HEADS * GROUP, DIM)
+            start = 0
+            for request in requests:
+                rows = slice(start, start + request[3])
+                start = rows.stop
+                torch.testing.assert_close(out[rows], expected(q.view_as(out)[rows], layer_id, *request),
+                                           atol=1e-4, rtol=1e-4)
+    assert inner_calls == []
+    uncompressed_only = SimpleNamespace(req_pool_indices=torch.tensor([2]), rids=["r2"], extend_prefix_lens_cpu=[0],
+                                        extend_seq_lens_cpu=[6], out_cache_loc=req_to_token[2, :6].long())
+    path.forward_extend(torch.zeros(6, KV_HEADS * GROUP * DIM), None, None, attention_layer(0), uncompressed_only)
+    assert inner_calls == ["extend"]
