@@ -4,11 +4,18 @@
 # failed pip install went on to mark the environment complete).
 #   VENV, REPO_ROOT, PYTHON_FOR_VENV, LAVA_SGLANG_VENV: from env.sh; fd 9: the set-up lock.
 set -euo pipefail
+# pip would count packages on the caller's PYTHONPATH as installed and leave them out of the environment.
+unset PYTHONPATH
 
-# One creator at a time; a half-made keyed environment (no .complete) is made again.
+# One creator at a time; a half-made keyed environment (no .complete) is made again, as is one
+# whose Python no longer runs (its base interpreter removed or upgraded: another would run the tests).
 if ! flock -n 9; then
     echo "lava-sglang: waiting for another set-up of $VENV" >&2
     flock 9
+fi
+if [ -z "${LAVA_SGLANG_VENV:-}" ] && [ -f "$VENV/.complete" ] && ! "$VENV/bin/python" -c '' 2>/dev/null; then
+    echo "lava-sglang: the environment's Python ($VENV/bin/python) no longer runs; making it again" >&2
+    rm -f "$VENV/.complete"
 fi
 if [ -z "${LAVA_SGLANG_VENV:-}" ] && [ ! -f "$VENV/.complete" ]; then
     if ! command -v "$PYTHON_FOR_VENV" >/dev/null; then

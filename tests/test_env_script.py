@@ -12,10 +12,10 @@ import pytest
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
-# Records each call; `-m venv DIR` makes DIR/bin/python a copy of itself; a call whose
-# arguments contain $FAKE_FAIL fails, as pip does when a package cannot be installed.
+# Records each call (and the PYTHONPATH it sees); `-m venv DIR` makes DIR/bin/python a copy of
+# itself; a call whose arguments contain $FAKE_FAIL fails, as pip does when a package cannot be installed.
 FAKE_PYTHON = """#!/bin/bash
-echo "$*" >> "$FAKE_LOG"
+echo "$* [PYTHONPATH=${PYTHONPATH:-}]" >> "$FAKE_LOG"
 if [ "$1 $2" = "-m venv" ]; then mkdir -p "$3/bin"; cp "$0" "$3/bin/python"; exit 0; fi
 case "$*" in *"$FAKE_FAIL"*) exit 1;; esac
 exit 0
@@ -80,7 +80,29 @@ def test_a_complete_environment_is_reused_and_its_editable_install_made_once(tmp
     (venv / "bin" / "lava-sglang").chmod(0o755)
     calls_after_first = (tmp_path / "calls.log").read_text()
     assert source_env(tmp_path, "never").returncode == 0
-    assert (tmp_path / "calls.log").read_text() == calls_after_first  # no venv, pip or editable call
+    calls = (tmp_path / "calls.log").read_text()
+    assert calls.startswith(calls_after_first)
+    assert calls[len(calls_after_first):].splitlines() == ["-c  [PYTHONPATH=]"]  # only: does its Python run
+
+
+def test_a_complete_environment_whose_python_no_longer_runs_is_made_again(tmp_path):
+    # Its base interpreter removed or upgraded: bin/python dangles, and PATH would fall through
+    # to another Python without the locked packages.
+    assert source_env(tmp_path, "never").returncode == 0
+    (venv,) = environments(tmp_path)
+    (venv / "bin" / "python").write_text("#!/nonexistent/python3.11\n")
+    result = source_env(tmp_path, "never")
+    assert result.returncode == 0, result.stderr
+    assert "the environment's Python" in result.stderr and "no longer runs; making it again" in result.stderr
+    assert (tmp_path / "calls.log").read_text().count("-m venv") == 2 and (venv / ".complete").exists()
+
+
+def test_the_callers_pythonpath_does_not_reach_the_set_up(tmp_path):
+    # pip would take packages found there for installed ones and leave them out of the environment.
+    result = source_env(tmp_path, "never", before="export PYTHONPATH=/elsewhere/site-packages; ")
+    assert result.returncode == 0, result.stderr
+    calls = (tmp_path / "calls.log").read_text()
+    assert "pip install" in calls and "/elsewhere" not in calls
 
 
 def test_environments_of_other_locks_not_used_for_two_weeks_are_removed_when_one_is_made(tmp_path):
