@@ -281,6 +281,9 @@ Config = tuple[str, str, str, float]
 class QualityBenchmark:
     def __init__(self, runtime: ReferenceRuntime, config: QualityConfig):
         config.validate()
+        if getattr(runtime, "window", config.window) != config.window:  # the runtime's window is the one observed
+            raise ConfigFieldError("window", f"{config.window}, but the runtime observes windows of {runtime.window} "
+                                             "tokens: load it with the same window")
         self.runtime = runtime
         self.config = config
         self.tokenizer = runtime.tokenizer
@@ -314,7 +317,7 @@ class QualityBenchmark:
         prefixes = self.runtime.compress_many(capture, self.positional)
         for source in self.config.observe:
             # Without a branch at compression (a one-question document) branches is the tail.
-            if source == "branches" and not branches:
+            if make_observe(source).name == "branches" and not branches:
                 observation = None
             else:
                 observation = self.runtime.observe(capture, source, branches=branches,
@@ -473,5 +476,7 @@ def run_metadata(runtime: ReferenceRuntime, config: QualityConfig, wall_seconds:
         "wall_seconds": round(wall_seconds, 1),
         "config": asdict(config),
         # The window each compress_once source keeps unless a policy spec sets one.
-        "kept_window": {spec: make_observe(spec).kept_window or config.window for spec in config.observe},
+        "kept_window": ({spec: make_observe(spec).kept_window or config.window for spec in config.observe}
+                        if "compress_once" in config.modes else {}),
+        "fidelity_interval": "student-t",  # the report's label (before 09b5984, 2026-12-06: normal)
     }

@@ -233,12 +233,16 @@ def markdown(records: list[dict], meta: dict, command: str, notes: str | None) -
         "95% Wilson intervals.",
         f"- Fidelity: open questions; the full-cache greedy answer ({config['fidelity_answer_tokens']} tokens at "
         "most) is teacher-forced; top-1 = share of its tokens the compressed cache also ranks first; "
-        "KL(full || compressed) per token, averaged per question. 95% Student-t intervals over questions.",
+        "KL(full || compressed) per token, averaged per question. 95% "
+        + ("Student-t" if meta.get("fidelity_interval") == "student-t"
+           else "normal (Student-t since 2026-12-06: a run before that)") + " intervals over questions.",
         "- Modes: `compress_once` compresses the document once and answers every question from that cache; "
         "`query_aware` (rows `per question`) appends the question before scoring and compresses per question.",
-        f"- Observation sources of compress_once (docs/observe.md): {', '.join(sources)}"
-        + (f"; branches combine windows by `{config['branch_combine']}`" if "branches" in sources else "") + ".",
     ]
+    if "compress_once" in config.get("modes", ["compress_once"]):
+        lines.append(f"- Observation sources of compress_once (docs/observe.md): {', '.join(sources)}"
+                     + (f"; branches combine windows by `{config['branch_combine']}`" if "branches" in sources
+                        else "") + ".")
     if short := cut_short(meta):
         lines.append(f"- **Cut short:** {short[0]} of {short[1]} questions were "
                      "answered (a `--partial` file); each cell counts the questions it reached.")

@@ -114,6 +114,14 @@ def test_cli_rejects_unknown_observation_sources_and_policy_options(capsys):
     assert args.branch_combine is None  # QualityConfig's max unless given, and refused where no branches read it
 
 
+def test_a_runtime_observing_another_window_than_the_config_is_refused():
+    # The runtime's window is the one observed: the config's would only be recorded.
+    with pytest.raises(ConfigFieldError, match="runtime observes windows of 16 tokens") as refused:
+        QualityBenchmark(SimpleNamespace(tokenizer=None, window=16), QualityConfig())
+    assert refused.value.field_name == "window"
+    assert QualityBenchmark(SimpleNamespace(tokenizer=None, window=32), QualityConfig()).config.window == 32
+
+
 def test_kvzip_is_paired_with_repetition_sources_only():
     config = QualityConfig(policies=["lava", "kvzip", "streamingllm"], keep_ratios=[0.2],
                            observe=["tail", "reconstruct", "reconstruct:normalize=local"])
@@ -225,6 +233,9 @@ def test_old_records_read_as_tail_over_all_questions():
             "config": config}
     assert "| tail · lava | 0.30 [0.00, 1.00] |" in markdown([old], meta, "cmd", None)
     assert "- Machine: m\n" in markdown([old], meta, "cmd", None)  # a run before the code was recorded
+    # Fidelity intervals were normal ones before 2026-12-06; a run since records its Student-t.
+    assert "95% normal (Student-t since 2026-12-06: a run before that) intervals" in markdown([old], meta, "cmd", None)
+    assert "95% Student-t intervals" in markdown([old], dict(meta, fidelity_interval="student-t"), "cmd", None)
     assert "- Machine: m; lava-sglang 0123456789ab\n" in markdown([old], dict(meta, code="0123456789ab"), "cmd", None)
 
 
@@ -247,6 +258,20 @@ def test_every_source_and_split_is_recorded(runtime, tmp_path):
     assert json.loads(paths[0].read_text())[0]["observe"] in SOURCES
 
 
+@pytest.mark.model
+def test_a_branches_spec_with_options_falls_back_to_the_tail_where_no_branch_ran(runtime):
+    # Two one-question documents: the second's question comes later, so it has no branch at
+    # compression and its source is the tail. The check read the spec's text, so
+    # "branches:include_tail=false" asked for branches that never ran, and the run stopped.
+    config = QualityConfig(contexts=[160], questions=[2], policies=["lava"], keep_ratios=[0.5],
+                           modes=["compress_once"], tasks=["retrieval"], observe=["branches:include_tail=false"],
+                           facts_per_document=[1], retrieval_answer_tokens=4)
+    result = QualityBenchmark(runtime, config).run(progress=False)
+    assert {(r["observe"], r["split"], r["policy"], r["n_questions"]) for r in result["records"]} == {
+        ("branches:include_tail=false", split, policy, 2 if split == "all" else 1)
+        for split in ("at_compression", "later", "all") for policy in ("full", "lava")}
+
+
 def test_a_run_of_query_aware_cells_alone_is_reported_against_its_own_full_cache():
     records = [{**record, "observe": "tail"} for record in synthetic_records()
                if record["mode"] == "query_aware"]
@@ -256,6 +281,7 @@ def test_a_run_of_query_aware_cells_alone_is_reported_against_its_own_full_cache
             "config": {**CONFIG, "modes": ["query_aware"]}}
     text = markdown(records, meta, "cmd", None)
     assert "| full | 0.80 [0.00, 1.00] | 0.80 [0.00, 1.00] |" in text
+    assert "Observation sources" not in text  # no compress_once cell read one
     assert "| per question · lava | 0.62 | 0.62 |" in text  # 5 of 8 of the full cache's
 
 
