@@ -8,13 +8,16 @@ set -euo pipefail
 unset PYTHONPATH
 
 # One creator at a time; a half-made keyed environment (no .complete) is made again, as is one
-# whose Python no longer runs (its base interpreter removed or upgraded: another would run the tests).
+# whose Python is gone (its base interpreter removed or upgraded: bin/python dangles, and PATH
+# would fall through to another Python). Only a missing file counts: a run that fails for
+# another reason must not make 11 GB again under other clones' running servers.
 if ! flock -n 9; then
     echo "lava-sglang: waiting for another set-up of $VENV" >&2
     flock 9
 fi
-if [ -z "${LAVA_SGLANG_VENV:-}" ] && [ -f "$VENV/.complete" ] && ! "$VENV/bin/python" -c '' 2>/dev/null; then
-    echo "lava-sglang: the environment's Python ($VENV/bin/python) no longer runs; making it again" >&2
+if [ -z "${LAVA_SGLANG_VENV:-}" ] && [ -f "$VENV/.complete" ] && [ ! -e "$VENV/bin/python" ]; then
+    echo "lava-sglang: the environment's Python ($VENV/bin/python -> $(readlink "$VENV/bin/python" || true)) is" \
+         "gone; making it again" >&2
     rm -f "$VENV/.complete"
 fi
 if [ -z "${LAVA_SGLANG_VENV:-}" ] && [ ! -f "$VENV/.complete" ]; then

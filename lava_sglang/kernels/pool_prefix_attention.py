@@ -32,7 +32,8 @@ entries. Each program sizes its chunk on the device from its sequence's row coun
 number of key blocks, one at least where there are rows), so a short sequence uses few
 chunks, a long one all of them, and every row is read however long the context. Chunks past
 a sequence's end write an empty state, and the chunks are merged by their LSE
-(`prefix_attention._merge_splits_kernel`).
+(`prefix_attention._merge_splits_kernel`); with one chunk per sequence (a batch that fills the
+device) the kernel writes the output itself and nothing is merged.
 """
 
 from __future__ import annotations

@@ -11,7 +11,8 @@ the batch's attention itself:
 for each request, attention over its compressed prefix (each KV head its own kept rows, the
 G query heads of the group reading them together) and over its own tokens (its KV row
 after the prefix, causal), merged by LSE (on the torch path a decode batch attends to both in
-one masked call per group of requests of similar lengths, `DecodeRows`). Extend (prefill)
+one masked call per group of requests of similar lengths, `DecodeRows`, unless those calls'
+padded grids would pass `DECODE_GRID_BYTES`). Extend (prefill)
 batches also record the window queries of long prefills for the compressor.
 
 The attention over compressed prefixes is `CompressedPrefixBatch`: on CUDA the Triton kernel
@@ -137,21 +138,20 @@ class CompressedPrefixPath:
         if not any(entries):
             return self.inner_decode(q, k, v, layer, forward_batch, save_kv_cache=save_kv_cache, **kwargs)
         seq_lens = forward_batch.seq_lens_cpu.tolist()
-        if self._kernels_for(q):
-            prefix_lens = [seq_len - 1 for seq_len in seq_lens]
-            return self._attend(q, k, v, layer, forward_batch, save_kv_cache, entries, prefix_lens,
-                                [1] * len(seq_lens))[0]
-        if self._own is None:
-            self._own = DecodeRows(_cache.req_to_token_pool.req_to_token, forward_batch.req_pool_indices, entries,
-                                   seq_lens)
-        grid_bytes = self._own.padded_rows * layer.tp_k_head_num * (layer.qk_head_dim + layer.v_head_dim) * 4
-        if grid_bytes > DECODE_GRID_BYTES:  # one padded copy per request would be too large: the per-entry states
-            return self._attend(q, k, v, layer, forward_batch, save_kv_cache, entries,
-                                [seq_len - 1 for seq_len in seq_lens], [1] * len(seq_lens))[0]
-        self._save_kv(k, v, layer, forward_batch, save_kv_cache)
-        out = self._own.attend(layer.layer_id, q.reshape(len(seq_lens), layer.tp_q_head_num, layer.qk_head_dim),
-                               _cache.kv_pool, layer.scaling)
-        return out.to(q.dtype).view(-1, layer.tp_q_head_num * layer.v_head_dim)
+        if not self._kernels_for(q):
+            if self._own is None:
+                self._own = DecodeRows(_cache.req_to_token_pool.req_to_token, forward_batch.req_pool_indices,
+                                       entries, seq_lens)
+            grid_bytes = self._own.padded_rows * layer.tp_k_head_num * (layer.qk_head_dim + layer.v_head_dim) * 4
+            if grid_bytes <= DECODE_GRID_BYTES:
+                self._save_kv(k, v, layer, forward_batch, save_kv_cache)
+                out = self._own.attend(layer.layer_id,
+                                       q.reshape(len(seq_lens), layer.tp_q_head_num, layer.qk_head_dim),
+                                       _cache.kv_pool, layer.scaling)
+                return out.to(q.dtype).view(-1, layer.tp_q_head_num * layer.v_head_dim)
+        # The kernels, or grids too large for one padded call: the per-entry states merged with the own tokens'.
+        return self._attend(q, k, v, layer, forward_batch, save_kv_cache, entries,
+                            [seq_len - 1 for seq_len in seq_lens], [1] * len(seq_lens))[0]
 
     def _save_kv(self, k, v, layer, forward_batch, save_kv_cache) -> None:
         """Write the batch's new keys and values to the pool, as the wrapped backend would."""
@@ -267,10 +267,11 @@ def _causal_states(queries, slots, layer):
 #: short requests is attended apart from them instead of padding each to its length.
 DECODE_PADDING_SLACK = 4096
 
-#: The most bytes of fp32 key and value grids one layer of a CPU decode step may copy for
-#: `DecodeRows`' single call (each request its own copy of its prefix, padded to the widest
-#: head); a batch beyond it takes the per-entry states merged with the own tokens' (the extend
-#: path), which reads each entry once but makes a few calls per entry and request.
+#: The most bytes of fp32 key and value grids (at the widest layer) one layer of a CPU decode
+#: step may copy for `DecodeRows`' single call, each request its own copy of its prefix padded
+#: to the widest head; the concatenation in the pool's dtype before the fp32 copy adds up to a
+#: quarter more for a bf16 pool. A batch beyond it takes the per-entry states merged with the own
+#: tokens' (the extend path), which reads each entry once but makes a few calls per entry and request.
 DECODE_GRID_BYTES = 128 << 20
 
 

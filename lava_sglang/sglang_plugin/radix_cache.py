@@ -547,7 +547,10 @@ class LavaRadixCache(CompressedRadixCache):
             prefix_key = fork_prefix(full_key)
             slots, last_node = self.ordinary_slots(full_key, touch=False)  # waiting is not a use
             if slots.numel() < len(prefix_key) or self.already_compressed(prefix_key):
-                self._forget(pending)  # evicted while it waited, or compressed by another path
+                logger.info("lava: a %d-token prefix was %s while it waited to be observed; %s", len(full_key),
+                            "compressed by another path" if slots.numel() >= len(prefix_key) else "evicted",
+                            "its repetition stops" if pending.repetition is not None else "not compressed")
+                self._forget(pending)
                 continue
             # The commit's last token can go alone: where branches that merged it with their
             # questions' first split the tree after it, it is a 1-token leaf, the least recently

@@ -282,10 +282,10 @@ class RepetitionClient:
         for chunk in scores.chunks:
             if scores.failed is not None:
                 return
-            payload = {"rid": chunk.rid, "input_ids": scores.input_ids(chunk), "sampling_params": {"max_new_tokens": 0},
-                       **self.routing}
             failure = None
             try:
+                payload = {"rid": chunk.rid, "input_ids": scores.input_ids(chunk),
+                           "sampling_params": {"max_new_tokens": 0}, **self.routing}
                 # No read timeout: a chunk may queue and run for long under load, and the waiting prefix
                 # bounds the repetition by its progress (--kv-observe-wait), aborting a stalled one.
                 response = requests.post(self.url + "/generate", json=payload, headers=self.headers,

@@ -23,7 +23,8 @@ from store_support import write_layer
 LAYERS, KV_HEADS, GROUP, DIM, POOL = 3, 2, 3, 16, 64
 SCALING = 1.0 / math.sqrt(DIM)
 # The Triton kernels run here on CPU tensors, which only Triton's interpreter takes; tests/conftest.py sets
-# TRITON_INTERPRET=1 where no CUDA device is present (tests/kernels test them compiled on one).
+# TRITON_INTERPRET=1 where no CUDA device is present. On a CUDA host only the prefix kernels are tested
+# compiled (tests/kernels); SGLang's own-token kernels, the FlashInfer wrapping and DecodeGraphStep are not.
 interpreted_kernels = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1",
     reason="the Triton kernels run on CPU tensors here, which needs TRITON_INTERPRET=1 (set it to run them)")

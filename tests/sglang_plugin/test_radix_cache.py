@@ -1417,18 +1417,16 @@ def test_a_retracted_second_sharer_compresses_the_shared_prefix_when_it_finishes
     assert_all_released(stub)
 
 
-@pytest.mark.parametrize("thread_starts", [True, False], ids=["aborted", "no-thread"])
-def test_a_repetition_cut_short_by_the_wait_is_reported_as_such_and_only_its_running_chunk_aborted(
-        monkeypatch, caplog, thread_starts):
-    # Compressing the prefix by its tail aborts the stalled repetition: the abort must not be
-    # reported as its cause, only the chunk that can be queued or running is aborted (not one
-    # request per chunk), and an abort that cannot start its thread must not stop the scheduler.
+def stub_with_a_sent_repetition(monkeypatch, thread_starts: bool = True):
+    """A stub whose commit of document(0) starts a repetition registered as the server registers
+    it (no chunk ever runs here) and whose client records what it aborts, in place (or cannot
+    start the abort's thread, as when no thread is left): (the stub, the repetition, the aborted rids)."""
     from types import SimpleNamespace
 
     from lava_sglang.sglang_plugin import repetition
     from lava_sglang.sglang_plugin.repetition import RepetitionClient
 
-    class AbortThread:  # the abort's thread, run in place (or refused, as when no thread is left)
+    class AbortThread:
         def __init__(self, target, args, name, daemon):
             self.target, self.args = target, args
 
@@ -1445,19 +1443,40 @@ def test_a_repetition_cut_short_by_the_wait_is_reported_as_such_and_only_its_run
     stub.cache.repetition_client = client
     planned = []
 
-    def start_repetition(req):  # registered as the server registers it; no chunk is ever sent here
-        planned.append(started(stub, repetition_of_document_0(stub, "stalled")))
+    def start_repetition(req):
+        planned.append(started(stub, repetition_of_document_0(stub, "sent")))
         return planned[0]
 
     stub.cache._start_repetition = start_repetition
     commit(stub, document(0))
+    return stub, planned[0], aborted
+
+
+@pytest.mark.parametrize("thread_starts", [True, False], ids=["aborted", "no-thread"])
+def test_a_repetition_cut_short_by_the_wait_is_reported_as_such_and_only_its_running_chunk_aborted(
+        monkeypatch, caplog, thread_starts):
+    # Compressing the prefix by its tail aborts the stalled repetition: the abort must not be
+    # reported as its cause, only the chunk that can be queued or running is aborted (not one
+    # request per chunk), and an abort that cannot start its thread must not stop the scheduler.
+    stub, scores, aborted = stub_with_a_sent_repetition(monkeypatch, thread_starts)
     stub.cache.pending[0].deadline = time.monotonic()  # the wait has passed, and no chunk has run
     with caplog.at_level(logging.WARNING):
         stub.cache.compress_ready_when_idle()
-    assert f"scored 0 of its {planned[0].num_queries} tokens (no progress within --kv-observe-wait 30 s)" in caplog.text
-    assert aborted == ([planned[0].rids[:1]] if thread_starts else [])
-    assert ("could not abort repetition " + planned[0].rids[0] + " (can't start new thread)" in caplog.text) is (
+    assert f"scored 0 of its {scores.num_queries} tokens (no progress within --kv-observe-wait 30 s)" in caplog.text
+    assert aborted == ([scores.rids[:1]] if thread_starts else [])
+    assert (f"could not abort repetition {scores.rids[0]} (can't start new thread)" in caplog.text) is (
         not thread_starts)
     assert len(stub.compressed_nodes()) == 1 and not stub.cache.pending
     run(stub, document(0) + question(0))
+    assert_all_released(stub)
+
+
+def test_a_prefix_evicted_while_its_repetition_runs_stops_it_and_says_so(monkeypatch, caplog):
+    stub, scores, aborted = stub_with_a_sent_repetition(monkeypatch)
+    stub.cache.evict(EvictParams(num_tokens=stub.cache.evictable_size()))
+    with caplog.at_level(logging.INFO, logger="lava_sglang.sglang_plugin.radix_cache"):
+        run(stub, document(1, length=20))  # any release looks at the waiting prefixes again
+    assert "a 200-token prefix was evicted while it waited to be observed; its repetition stops" in caplog.text
+    assert aborted == [scores.rids[:1]] and scores.failed == "aborted"
+    assert not stub.cache.pending and not stub.compressed_nodes() and not stub.cache.repetitions
     assert_all_released(stub)

@@ -300,3 +300,11 @@ def test_a_chunk_the_plugin_stopped_is_not_reported_again_and_any_send_error_sto
         RepetitionClient("http://server:1/", 2048)._post_chunks(scores)
     assert scores.failed == f"sending chunk {scores.rids[0]} failed (not JSON serializable)"
     assert "Traceback" in caplog.text and "did not run" in caplog.text
+
+    def broken_chunk(chunk):
+        raise IndexError("a chunk past the prefix")
+
+    scores = new_scores(chunk_tokens=4)
+    scores.input_ids = broken_chunk  # the request's own making fails
+    RepetitionClient("http://server:1/", 2048)._post_chunks(scores)
+    assert scores.failed == f"sending chunk {scores.rids[0]} failed (a chunk past the prefix)"
