@@ -93,7 +93,7 @@ def reference_answers(runtime, documents, record: dict, max_tokens: int, progres
     observed_by = compressing_visits(record) if deferred else {}
     observers_of = ({visit: observing_questions(record, visit) for visit in set(observed_by.values()) - {None}}
                     if observe == BRANCHES else {})
-    captures, prefixes, rows = {}, {}, []
+    captures, prefixes, kept_rows, rows = {}, {}, {}, []
     tokenizer = runtime.tokenizer
 
     def prompt_of(question: dict) -> list[int]:
@@ -151,10 +151,12 @@ def reference_answers(runtime, documents, record: dict, max_tokens: int, progres
                                       kept=[[positions[positions < keep_len] for positions in heads]
                                             for heads in plan.kept])
             prefixes[key] = CompressedPrefix.from_plan(capture, cut)
+            kept_rows[key] = sum(len(positions) for heads in cut.kept for positions in heads)
         answer_ids = runtime.generate([prefixes[key]], prompt_ids[keep_len:], max_tokens)[0]
         answer = tokenizer.decode(answer_ids, skip_special_tokens=True)
         rows.append({"document": question["document"], "question": question["question"],
                      "compressed": compressed, "keep_len": keep_len, "observed_by_visit": observer,
+                     "kept_rows": kept_rows[key],  # every layer and KV head: /server_info's stored_rows
                      "observers_guessed": observers_guessed,
                      "prompt_tokens_match": len(prompt_ids) == question.get("prompt_tokens"),
                      "server_answer": question["answer"], "reference_answer": answer,

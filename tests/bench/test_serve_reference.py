@@ -120,6 +120,7 @@ def test_a_compressed_hit_is_answered_after_the_first_n_minus_1_tokens_whatever_
     rows = reference_answers(runtime, [document], record, max_tokens=4, progress=False)
     assert [row["compressed"] for row in rows] == [False, True, True, True]
     assert [row["keep_len"] for row in rows] == [n, n - 1, n - 1, n - 1]
+    assert [row["kept_rows"] for row in rows] == [n] + [len(range(0, n - 1, 2))] * 3  # the stub keeps every other
     question = program_inputs(document, Visit(0, 0, (0,), 0))[1][0]
     assert runtime.generated == [(n, False, question)] + [(n - 1, True, prefix[-1] + question)] * 3
     # Compressed once, as the server ran it: its policy, budget, window and options.

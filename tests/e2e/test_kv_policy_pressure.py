@@ -107,8 +107,8 @@ def test_ordinary_leaves_are_evicted_before_a_compressed_document(server, docume
 
 
 def reference_rows(smollm2_path, server_url: str, documents, questions: list[dict]) -> list[dict]:
-    """Each question's server answer beside the reference runtime's (fp32, token for token,
-    `identical`) with the server's policy options: a question read through a compressed copy
+    """Each question's server answer beside the reference runtime's (fp32, greedy; the decoded
+    texts compared, `identical`) with the server's policy options: a question read through a compressed copy
     against the reference's compressed prefix, one that recomputed its document against the
     full cache (`bench serve-reference`'s comparison)."""
     from lava_sglang.bench.serve_reference import reference_answers

@@ -136,6 +136,8 @@ def test_document_is_compressed_once_and_reused_by_every_fork(lava_server, progr
                              ANSWER_TOKENS, progress=False)
     assert all(row["compressed"] and row["prompt_tokens_match"] for row in rows)
     assert all(row["identical"] for row in rows), [(row["server_answer"], row["reference_answer"]) for row in rows]
+    # The copy holds exactly the reference plan's rows (a budget a few percent off answers alike).
+    assert {row["kept_rows"] for row in rows} == {stats["stored_rows"]}
 
 
 def generate(url: str, text: str) -> dict:
