@@ -14,7 +14,8 @@ import torch
 
 import lava_sglang.reference as reference
 from lava_sglang.bench.serve_reference import (compressing_visits, markdown, observing_questions, options_spec,
-                                               recorded_model, reference_answers, run, run_model, summary)
+                                               recorded_model, reference_answers, run, run_model, server_dtypes,
+                                               summary)
 from lava_sglang.bench.serve_workload import Visit, program_inputs
 from lava_sglang.model import smollm2_location
 
@@ -51,6 +52,12 @@ def test_a_visit_of_more_branches_than_observe_a_prefix_is_marked_a_guess_and_re
     summaries = [summary(policy, policy_rows) for policy, policy_rows in rows.items()]
     assert [item["observers_guessed"] for item in summaries] == [1, 0]
     report = markdown(Path("serving.json"), summaries, rows)
+    assert "not run in fp32" not in report
+    meta = {"servers": {"none": {"args": ["--kv-policy", "none", "--dtype", "float32"]},
+                        "snapkv": {"args": ["--kv-policy", "snapkv"]}, "lava": {"log": None}}}
+    assert server_dtypes(meta) == {"none": "float32", "snapkv": "auto", "lava": "unknown"}
+    assert ("**Servers not run in fp32** (snapkv auto, lava unknown): the reference runs in fp32" in
+            markdown(Path("serving.json"), summaries, rows, server_dtypes(meta)))
     assert "observed by a visit of more than 8 questions" in report and "may differ: lava 1." in report
     assert "observed by a visit" not in markdown(Path("serving.json"), summaries[1:], {"snapkv": [row]})
     # A prompt the reference tokenized to another length (documents from another Python's pydoc_data) is said.
