@@ -102,7 +102,8 @@ def test_memory_bound_defaults_and_capacity():
                                                  "--clients", "3"]))
     assert (config.documents, config.order, config.clients) == (5, "grouped", 3)
     plain = config_from_args(parser.parse_args([]))
-    assert len(plain.policies) == 7 and plain.order == "grouped" and plain.questions_per_visit == 0
+    # Two visits per document, round-robin: a deferred policy's copy is read by the second.
+    assert len(plain.policies) == 7 and plain.order == "interleaved" and plain.questions_per_visit == 2
     assert plain.clients == 2
     assert memory_bound_capacity([1000, 1100], 3) == 3584  # 3 * 1100 + 256, rounded up to 64
     assert memory_bound_capacity([1000, 1100], 3) % 64 == 0
@@ -147,7 +148,7 @@ def test_a_url_run_records_the_checkpoint_its_server_reported(monkeypatch, smoll
     monkeypatch.setattr(serve, "server_urls", lambda url: [url])
     monkeypatch.setattr(serve, "server_facts", lambda url: {"kv_policy": {"policy": "lava", "budget": 0.2}})
     monkeypatch.setattr(serve, "run_workload", lambda url, *args: {"policy": args[-2]})
-    config = ServeConfig(url="http://127.0.0.1:30000", documents=1, questions=1, context=256)
+    config = ServeConfig(url="http://127.0.0.1:30000", documents=1, questions=1, questions_per_visit=1, context=256)
     result = serve.run_benchmark(config, progress=False)
     assert recorded_model(result["meta"]) == (str(smollm2_path), True)
 
@@ -157,7 +158,7 @@ def test_a_url_run_whose_server_would_leave_the_documents_uncompressed_is_refuse
     monkeypatch.setattr(serve.requests, "get", lambda url, timeout: _Response(200, {"model_path": str(smollm2_path)}))
     monkeypatch.setattr(serve, "server_urls", lambda url: [url])
     monkeypatch.setattr(serve, "run_workload", lambda *args: pytest.fail("the workload ran"))
-    config = ServeConfig(url="http://127.0.0.1:30000", documents=1, questions=1, context=256)
+    config = ServeConfig(url="http://127.0.0.1:30000", documents=1, questions=1, questions_per_visit=1, context=256)
     for kv_policy, refused in (({"policy": "lava", "budget": 0.2, "window": 8, "min_prefix": 4096,
                                  "compress_on": ["fork"], "pending": 0},
                                 r"below the server at http://127.0.0.1:30000's --kv-min-prefix 4096"),
@@ -439,10 +440,13 @@ def test_server_args_and_validation():
         ServeConfig(seed=-1).validate()
     with pytest.raises(ValueError, match="--max-tokens must be >= 7: a shorter answer cannot name a 7-digit code"):
         ServeConfig(max_tokens=6).validate()
-    # --memory-bound's 2 questions per visit, with --questions 1: the message says where the 2 came from.
-    with pytest.raises(ValueError, match=r"--questions \(1\), got 2 \(--memory-bound's default\)"):
-        config_from_args(add_arguments(__import__("argparse").ArgumentParser()).parse_args(
-            ["--memory-bound", "--questions", "1"])).validate()
+    # The default 2 questions per visit, with --questions 1: one visit of the one question; the flag
+    # itself is checked.
+    parser = add_arguments(__import__("argparse").ArgumentParser())
+    for flags in ([], ["--memory-bound"]):
+        assert config_from_args(parser.parse_args([*flags, "--questions", "1"])).questions_per_visit == 1
+    with pytest.raises(ValueError, match=r"--questions \(1\), got 2$"):
+        config_from_args(parser.parse_args(["--questions", "1", "--questions-per-visit", "2"])).validate()
     for flags in (["--questions-per-visit", "-3"], ["--seed", "-1"], ["--max-tokens", "6"]):
         with pytest.raises(SystemExit):  # refused at parse time, before any tokenizer or document
             add_arguments(__import__("argparse").ArgumentParser()).parse_args(flags)
