@@ -18,7 +18,10 @@ each document's right answers paired with the full cache's on its questions
 (`stats.share_interval`; runs written before 2026-12-06 have no per-document counts, and a
 cell with one of them has no interval; where every document has the same share, every
 resample has it too, and the interval, of zero width, is marked so). A policy is pooled by
-its name: runs made when its defaults differed are pooled as one policy.
+its name: runs made when its defaults differed are pooled as one policy. The last column is
+the most of the reference's right answers the cell can share (per document, the fewer of the
+two counts): the share is a ratio of right answers, and a compressed cache is right on some
+questions the full cache misses.
 
     python scripts/pool_quality.py --against kvzip RUN RUN ...
 
@@ -87,6 +90,11 @@ class Pooled:
 
     def interval(self) -> tuple[float, float] | None:
         return None if self.by_document is None else share_interval(self.by_document)
+
+    def kept_at_most(self) -> int | None:
+        """The most of the reference's right answers this cell can share: per document the fewer
+        of the two counts (the records do not say which questions were right)."""
+        return None if self.by_document is None else sum(min(right, reference) for right, reference in self.by_document)
 
 
 def pooled(runs: list[list[dict]], context: int | None = None, against: str = "full") -> dict[tuple, Pooled]:
@@ -172,18 +180,20 @@ def main() -> None:
     print()
     reference = "full cache" if args.against == "full" else args.against
     print(f"| mode | observe | policy | keep | right | questions | {reference} right | x {args.against} | "
-          "95% interval |")
-    print("|---|---|---|---:|---:|---:|---:|---:|---|")
+          "95% interval | of its right answers kept, at most |")
+    print("|---|---|---|---:|---:|---:|---:|---:|---|---:|")
     for (mode, observe, policy, keep), cell in sorted(cells.items()):
-        share, shown = "n/a", "n/a"
+        share, shown, kept = "n/a", "n/a", "n/a"
         if cell.reference_right:
             share = f"{cell.right / cell.reference_right:.2f}"
+            if cell.kept_at_most() is not None:
+                kept = f"{cell.kept_at_most() / cell.reference_right:.2f}"
             interval = cell.interval()
             shown = "n/a (runs without per-document counts)" if interval is None else \
                 f"{interval[0]:.2f}-{interval[1]:.2f}" + (" (every document the same share)"
                                                           if interval[0] == interval[1] else "")
         print(f"| {mode} | {observe} | {policy} | {keep:g} | {cell.right} | {cell.questions} | {cell.reference_right} "
-              f"| {share} | {shown} |")
+              f"| {share} | {shown} | {kept} |")
 
 
 if __name__ == "__main__":

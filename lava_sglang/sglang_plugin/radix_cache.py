@@ -547,9 +547,9 @@ class LavaRadixCache(CompressedRadixCache):
             prefix_key = fork_prefix(full_key)
             slots, last_node = self.ordinary_slots(full_key, touch=False)  # waiting is not a use
             if slots.numel() < len(prefix_key) or self.already_compressed(prefix_key):
-                logger.info("lava: a %d-token prefix was %s while it waited to be observed; %s", len(full_key),
+                logger.info("lava: a %d-token prefix was %s while it waited to be observed%s", len(full_key),
                             "compressed by another path" if slots.numel() >= len(prefix_key) else "evicted",
-                            "its repetition stops" if pending.repetition is not None else "not compressed")
+                            "; its repetition stops" if pending.repetition is not None else "")
                 self._forget(pending)
                 continue
             # The commit's last token can go alone: where branches that merged it with their

@@ -184,3 +184,16 @@ def test_against_another_policy_each_cell_is_paired_with_its_cell_at_the_same_ke
     with pytest.raises(SystemExit):
         run_main(monkeypatch, "--against", "snapkv", tmp_path / "run")
     assert "no retrieval cell with a cell of snapkv to compare with in these runs" in capsys.readouterr().err
+
+
+def test_the_full_caches_right_answers_kept_are_bounded_by_each_documents_counts(tmp_path, capsys, monkeypatch):
+    # Right on more questions than the full cache (1.50x), but on its first document only one of
+    # the full cache's two and on the second none of them: at most 1 of its 2 right answers kept.
+    run = [with_documents(record(1024, "full", 1.0, 2, 4), [2, 0], 2),
+           with_documents(record(1024, "lava", 0.2, 3, 4), [1, 2], 2)]
+    (cell,) = pool_quality.pooled([run]).values()
+    assert (cell.right, cell.reference_right, cell.kept_at_most()) == (3, 2, 1)
+    run_main(monkeypatch, write_run(tmp_path / "run", run))
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if "| lava |" in line]
+    assert row.startswith("| compress_once | reconstruct | lava | 0.2 | 3 | 4 | 2 | 1.50 |")
+    assert row.endswith("| 0.50 |")
