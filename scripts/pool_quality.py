@@ -18,10 +18,11 @@ each document's right answers paired with the full cache's on its questions
 (`stats.share_interval`; runs written before 2026-12-06 have no per-document counts, and a
 cell with one of them has no interval; where every document has the same share, every
 resample has it too, and the interval, of zero width, is marked so). A policy is pooled by
-its name: runs made when its defaults differed are pooled as one policy. The last column is
-the most of the reference's right answers the cell can share (per document, the fewer of the
-two counts): the share is a ratio of right answers, and a compressed cache is right on some
-questions the full cache misses.
+its name: runs made when its defaults differed are pooled as one policy. The share is a ratio
+of right answers, and a compressed cache is right on some questions the full cache misses: the
+last column is the share of the reference's right answers the cell answers right too, from
+the questions each record names (`right_questions`, since 2026-12-07), or, where a run's
+records lack them, the most it can be ("at most": per document, the fewer of the two counts).
 
     python scripts/pool_quality.py --against kvzip RUN RUN ...
 
@@ -40,7 +41,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lava_sglang.bench.report import cut_short, hits, normalise, paired_by_document
+from lava_sglang.bench.report import cut_short, hits, normalise, paired_by_document, right_answers_shared
 from lava_sglang.bench.stats import share_interval
 
 
@@ -81,19 +82,22 @@ def read_records(file: Path) -> list[dict]:
 @dataclass
 class Pooled:
     """One cell pooled: right answers, questions, the reference's right answers on them (the
-    full cache's, or another policy's), and (right, reference's right) per document, None where
-    a run's records lack their documents' counts (runs before 2026-12-06)."""
+    full cache's, or another policy's), (right, reference's right) per document, None where
+    a run's records lack their documents' counts (runs before 2026-12-06), and the reference's
+    right answers the cell's are too, None where a run's records do not name them (before
+    2026-12-07)."""
     right: int = 0
     questions: int = 0
     reference_right: int = 0
     by_document: list[tuple[int, int]] | None = field(default_factory=list)
+    shared: int | None = 0
 
     def interval(self) -> tuple[float, float] | None:
         return None if self.by_document is None else share_interval(self.by_document)
 
     def kept_at_most(self) -> int | None:
         """The most of the reference's right answers this cell can share: per document the fewer
-        of the two counts (the records do not say which questions were right)."""
+        of the two counts (for records that do not say which questions were right)."""
         return None if self.by_document is None else sum(min(right, reference) for right, reference in self.by_document)
 
 
@@ -129,6 +133,8 @@ def pooled(runs: list[list[dict]], context: int | None = None, against: str = "f
                 cell.by_document += paired_by_document(record, reference)
             else:
                 cell.by_document = None
+            shared = right_answers_shared(record, reference)
+            cell.shared = None if cell.shared is None or shared is None else cell.shared + shared
     return dict(totals)
 
 
@@ -180,14 +186,16 @@ def main() -> None:
     print()
     reference = "full cache" if args.against == "full" else args.against
     print(f"| mode | observe | policy | keep | right | questions | {reference} right | x {args.against} | "
-          "95% interval | of its right answers kept, at most |")
+          "95% interval | of its right answers kept |")
     print("|---|---|---|---:|---:|---:|---:|---:|---|---:|")
     for (mode, observe, policy, keep), cell in sorted(cells.items()):
         share, shown, kept = "n/a", "n/a", "n/a"
         if cell.reference_right:
             share = f"{cell.right / cell.reference_right:.2f}"
-            if cell.kept_at_most() is not None:
-                kept = f"{cell.kept_at_most() / cell.reference_right:.2f}"
+            if cell.shared is not None:
+                kept = f"{cell.shared / cell.reference_right:.2f}"
+            elif cell.kept_at_most() is not None:
+                kept = f"at most {cell.kept_at_most() / cell.reference_right:.2f}"
             interval = cell.interval()
             shown = "n/a (runs without per-document counts)" if interval is None else \
                 f"{interval[0]:.2f}-{interval[1]:.2f}" + (" (every document the same share)"

@@ -238,12 +238,13 @@ class _Cells:
     def __init__(self):
         self.values: dict[tuple, list] = defaultdict(list)
         self.kept: dict[tuple, list[float]] = defaultdict(list)
-        self.documents: dict[tuple, list[int]] = defaultdict(list)  # each value's document, by its index
+        # Each value's document and question, by their indices in the run's order.
+        self.questions: dict[tuple, list[tuple[int, int]]] = defaultdict(list)
 
-    def add(self, key: tuple, value, prefix: CompressedPrefix, document: int) -> None:
+    def add(self, key: tuple, value, prefix: CompressedPrefix, document: int, question: int) -> None:
         self.values[key].append(value)
         self.kept[key].append(prefix.plan.keep_ratio)
-        self.documents[key].append(document)
+        self.questions[key].append((document, question))
 
     def records(self) -> list[dict]:
         records = []
@@ -258,10 +259,14 @@ class _Cells:
                 record["ci95"] = list(wilson_interval(hits, len(values)))
                 # [document, right, asked]: what the share of the full cache's answers is resampled by.
                 per_document: dict[int, list[int]] = defaultdict(lambda: [0, 0])
-                for document, hit in zip(self.documents[key], values):
+                for (document, _), hit in zip(self.questions[key], values):
                     per_document[document][0] += hit
                     per_document[document][1] += 1
                 record["by_document"] = [[document, right, asked] for document, (right, asked) in per_document.items()]
+                # [document, question] answered right: which of the full cache's right answers a
+                # compressed copy keeps (the counts alone bound it; written since 2026-12-07).
+                record["right_questions"] = sorted([document, question] for (document, question), hit
+                                                   in zip(self.questions[key], values) if hit)
             else:
                 kls = [kl for kl, _ in values]
                 top1s = [top1 for _, top1 in values]
@@ -344,13 +349,14 @@ class QualityBenchmark:
         prefixes = self.runtime.compress_many(self._prefill(token_ids, "query_aware_prefill"), pairs)
         return [("query_aware", "tail", policy, ratio) for policy, ratio in pairs], prefixes
 
-    def _record(self, task: str, context: int, document: int, split: str, configs: Sequence[Config],
+    def _record(self, task: str, context: int, document: int, question: int, split: str, configs: Sequence[Config],
                 prefixes: Sequence[CompressedPrefix], values) -> None:
         for (mode, source, policy, ratio), prefix, value in zip(configs, prefixes, values):
             # Positional policies do not depend on the source: recorded under each one.
             sources = [source] if (policy, ratio) in self.scored or mode == "query_aware" else self.config.observe
             for source, split_name in itertools.product(sources, (split, "all")):
-                self.cells.add((task, context, mode, source, split_name, policy, ratio), value, prefix, document)
+                self.cells.add((task, context, mode, source, split_name, policy, ratio), value, prefix, document,
+                               question)
 
     def _retrieval(self, prefixes, suffix_ids, answer: str) -> list[bool]:
         answers = self.runtime.generate(prefixes, suffix_ids, self.config.retrieval_answer_tokens,
@@ -383,7 +389,7 @@ class QualityBenchmark:
         if "compress_once" in self.config.modes:
             # The branches present at compression are the at_compression questions' prompts.
             once = self._compress_once(prefix_ids, [s for s, split in zip(suffixes, splits) if split == SPLITS[0]])
-        for question, suffix_ids, split in zip(document.questions, suffixes, splits):
+        for question_index, (question, suffix_ids, split) in enumerate(zip(document.questions, suffixes, splits)):
             reference = None  # the full cache's answer, generated once, for the first mode that needs it
             for mode in self.config.modes:
                 if mode == "query_aware" and split not in self.config.query_aware_splits:
@@ -396,7 +402,7 @@ class QualityBenchmark:
                     (configs, prefixes), suffix = self._query_aware(prefix_ids + suffix_ids), []
                 values = (self._retrieval(prefixes, suffix, question.answer) if task == "retrieval"
                           else self._fidelity(prefixes, suffix, reference))
-                self._record(task, context, document_index, split, configs, prefixes, values)
+                self._record(task, context, document_index, question_index, split, configs, prefixes, values)
             progress.update(1)
 
     def run(self, progress: bool = True, partial: Path | None = None, command: str | None = None) -> dict:

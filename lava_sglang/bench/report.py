@@ -53,6 +53,14 @@ def paired_by_document(record: dict, reference: dict) -> list[tuple[int, int]]:
     return pairs
 
 
+def right_answers_shared(record: dict, reference: dict) -> int | None:
+    """How many of the reference's right answers a retrieval record's are too (their
+    `right_questions`, written since 2026-12-07); None where either record lacks them."""
+    if "right_questions" not in record or "right_questions" not in reference:
+        return None
+    return len(set(map(tuple, record["right_questions"])) & set(map(tuple, reference["right_questions"])))
+
+
 def _share_of_full(records: list[dict], record: dict) -> str:
     """The share, and its interval over documents where the records have their documents' counts."""
     full = _select(records, task=record["task"], context_tokens=record["context_tokens"], split=record["split"],

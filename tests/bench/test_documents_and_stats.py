@@ -157,7 +157,7 @@ def test_a_cell_of_one_fidelity_question_is_written_as_strict_json():
 
     cells = _Cells()
     cells.add(("fidelity", 1024, "compress_once", "reconstruct", "all", "lava", 0.2), (0.05, 0.9),
-              SimpleNamespace(plan=SimpleNamespace(keep_ratio=0.2)), 0)
+              SimpleNamespace(plan=SimpleNamespace(keep_ratio=0.2)), 0, 0)
     (record,) = cells.records()
     assert record["kl_ci95"] == [0.0, None] and record["ci95"] == [0.0, 1.0]  # one question: nothing of the spread
     json.dumps(record, allow_nan=False)  # no Infinity for strict JSON readers
@@ -170,8 +170,11 @@ def test_a_retrieval_cell_counts_its_right_answers_per_document():
 
     cells = _Cells()
     prefix = SimpleNamespace(plan=SimpleNamespace(keep_ratio=0.2))
-    for document, right in [(0, True), (0, False), (2, True), (0, True), (2, True), (3, False)]:
-        cells.add(("retrieval", 1024, "compress_once", "reconstruct", "all", "lava", 0.2), right, prefix, document)
+    for document, question, right in [(0, 0, True), (0, 1, False), (2, 1, True), (0, 2, True), (2, 0, True),
+                                       (3, 0, False)]:
+        cells.add(("retrieval", 1024, "compress_once", "reconstruct", "all", "lava", 0.2), right, prefix, document,
+                  question)
     (record,) = cells.records()
     assert record["by_document"] == [[0, 2, 3], [2, 2, 2], [3, 0, 1]]
+    assert record["right_questions"] == [[0, 0], [0, 2], [2, 0], [2, 1]]  # which ones, in order
     assert record["accuracy"] == 4 / 6

@@ -259,6 +259,27 @@ def test_every_source_and_split_is_recorded(runtime, tmp_path):
 
 
 @pytest.mark.model
+def test_each_right_answer_is_recorded_as_its_document_and_question(runtime, monkeypatch):
+    # Two documents of two questions (the first of each asked at compression), every
+    # configuration right on the first document's second question alone.
+    config = QualityConfig(contexts=[160], questions=[4], policies=["lava"], keep_ratios=[0.5],
+                           modes=["compress_once"], tasks=["retrieval"], observe=["tail"], facts_per_document=[2],
+                           retrieval_answer_tokens=4)
+    benchmark = QualityBenchmark(runtime, config)
+    asked = []
+
+    def first_documents_second_question(prefixes, suffix_ids, answer):
+        asked.append(answer)
+        return [len(asked) == 2] * len(prefixes)
+
+    monkeypatch.setattr(benchmark, "_retrieval", first_documents_second_question)
+    records = benchmark.run(progress=False)["records"]
+    assert {(r["split"], r["policy"]): r["right_questions"] for r in records} == {
+        (split, policy): [] if split == "at_compression" else [[0, 1]]
+        for split in ("at_compression", "later", "all") for policy in ("full", "lava")}
+
+
+@pytest.mark.model
 def test_a_branches_spec_with_options_falls_back_to_the_tail_where_no_branch_ran(runtime):
     # Two one-question documents: the second's question comes later, so it has no branch at
     # compression and its source is the tail. The check read the spec's text, so

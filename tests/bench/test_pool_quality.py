@@ -196,4 +196,24 @@ def test_the_full_caches_right_answers_kept_are_bounded_by_each_documents_counts
     run_main(monkeypatch, write_run(tmp_path / "run", run))
     (row,) = [line for line in capsys.readouterr().out.splitlines() if "| lava |" in line]
     assert row.startswith("| compress_once | reconstruct | lava | 0.2 | 3 | 4 | 2 | 1.50 |")
+    assert row.endswith("| at most 0.50 |")  # these records do not say which questions were right
+
+
+def test_the_full_caches_right_answers_kept_are_counted_where_the_records_name_the_questions(
+        tmp_path, capsys, monkeypatch):
+    # Each document's counts allow 2 of the full cache's 2 right answers kept, but on the first
+    # document lava is right on the question the full cache missed: 1 of them is.
+    full = {**with_documents(record(1024, "full", 1.0, 2, 4), [1, 1], 2), "right_questions": [[0, 0], [1, 0]]}
+    lava = {**with_documents(record(1024, "lava", 0.2, 3, 4), [1, 2], 2),
+            "right_questions": [[0, 1], [1, 0], [1, 1]]}
+    (cell,) = pool_quality.pooled([[full, lava]]).values()
+    assert (cell.shared, cell.kept_at_most()) == (1, 2)
+    run_main(monkeypatch, write_run(tmp_path / "named", [full, lava]))
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if "| lava |" in line]
+    assert row.startswith("| compress_once | reconstruct | lava | 0.2 | 3 | 4 | 2 | 1.50 |")
     assert row.endswith("| 0.50 |")
+    # Pooled with a run whose records do not name them: the bound over both.
+    older = [with_documents(record(2048, "full", 1.0, 2, 2), [2], 2),
+             with_documents(record(2048, "lava", 0.2, 1, 2), [1], 2)]
+    (cell,) = pool_quality.pooled([[full, lava], older]).values()
+    assert (cell.shared, cell.kept_at_most()) == (None, 3)
