@@ -21,8 +21,9 @@ resample has it too, and the interval, of zero width, is marked so). A policy is
 its name: runs made when its defaults differed are pooled as one policy. The share is a ratio
 of right answers, and a compressed cache is right on some questions the full cache misses: the
 last column is the share of the reference's right answers the cell answers right too, from
-the questions each record names (`right_questions`, since 2026-12-07), or, where a run's
-records lack them, the most it can be ("at most": per document, the fewer of the two counts).
+the questions each record names (`right_questions`, since 2026-12-07); a run whose records
+lack them adds the most it can be (per document, the fewer of the two counts), and the column
+then says "at most".
 
     python scripts/pool_quality.py --against kvzip RUN RUN ...
 
@@ -84,21 +85,18 @@ class Pooled:
     """One cell pooled: right answers, questions, the reference's right answers on them (the
     full cache's, or another policy's), (right, reference's right) per document, None where
     a run's records lack their documents' counts (runs before 2026-12-06), and the reference's
-    right answers the cell's are too, None where a run's records do not name them (before
-    2026-12-07)."""
+    right answers the cell's are too: counted where the records name the questions answered
+    right (since 2026-12-07), bounded by each document's counts where they do not
+    (`kept_is_bound`), None where a run's records have neither."""
     right: int = 0
     questions: int = 0
     reference_right: int = 0
     by_document: list[tuple[int, int]] | None = field(default_factory=list)
-    shared: int | None = 0
+    kept: int | None = 0
+    kept_is_bound: bool = False
 
     def interval(self) -> tuple[float, float] | None:
         return None if self.by_document is None else share_interval(self.by_document)
-
-    def kept_at_most(self) -> int | None:
-        """The most of the reference's right answers this cell can share: per document the fewer
-        of the two counts (for records that do not say which questions were right)."""
-        return None if self.by_document is None else sum(min(right, reference) for right, reference in self.by_document)
 
 
 def pooled(runs: list[list[dict]], context: int | None = None, against: str = "full") -> dict[tuple, Pooled]:
@@ -129,12 +127,14 @@ def pooled(runs: list[list[dict]], context: int | None = None, against: str = "f
             cell.right += hits(record)
             cell.questions += record["n_questions"]
             cell.reference_right += hits(reference)
-            if cell.by_document is not None and "by_document" in record and "by_document" in reference:
-                cell.by_document += paired_by_document(record, reference)
-            else:
-                cell.by_document = None
-            shared = right_answers_shared(record, reference)
-            cell.shared = None if cell.shared is None or shared is None else cell.shared + shared
+            pairs = paired_by_document(record, reference) if "by_document" in record and "by_document" in reference \
+                else None
+            cell.by_document = None if cell.by_document is None or pairs is None else cell.by_document + pairs
+            kept = right_answers_shared(record, reference)
+            if kept is None and pairs is not None:
+                kept = sum(min(right, reference_right) for right, reference_right in pairs)
+                cell.kept_is_bound = True
+            cell.kept = None if cell.kept is None or kept is None else cell.kept + kept
     return dict(totals)
 
 
@@ -192,10 +192,8 @@ def main() -> None:
         share, shown, kept = "n/a", "n/a", "n/a"
         if cell.reference_right:
             share = f"{cell.right / cell.reference_right:.2f}"
-            if cell.shared is not None:
-                kept = f"{cell.shared / cell.reference_right:.2f}"
-            elif cell.kept_at_most() is not None:
-                kept = f"at most {cell.kept_at_most() / cell.reference_right:.2f}"
+            if cell.kept is not None:
+                kept = ("at most " if cell.kept_is_bound else "") + f"{cell.kept / cell.reference_right:.2f}"
             interval = cell.interval()
             shown = "n/a (runs without per-document counts)" if interval is None else \
                 f"{interval[0]:.2f}-{interval[1]:.2f}" + (" (every document the same share)"

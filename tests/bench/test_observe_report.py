@@ -261,21 +261,21 @@ def test_every_source_and_split_is_recorded(runtime, tmp_path):
 @pytest.mark.model
 def test_each_right_answer_is_recorded_as_its_document_and_question(runtime, monkeypatch):
     # Two documents of two questions (the first of each asked at compression), every
-    # configuration right on the first document's second question alone.
+    # configuration right on the first document's second question and the second's first.
     config = QualityConfig(contexts=[160], questions=[4], policies=["lava"], keep_ratios=[0.5],
                            modes=["compress_once"], tasks=["retrieval"], observe=["tail"], facts_per_document=[2],
                            retrieval_answer_tokens=4)
     benchmark = QualityBenchmark(runtime, config)
     asked = []
 
-    def first_documents_second_question(prefixes, suffix_ids, answer):
+    def two_right(prefixes, suffix_ids, answer):
         asked.append(answer)
-        return [len(asked) == 2] * len(prefixes)
+        return [len(asked) in (2, 3)] * len(prefixes)
 
-    monkeypatch.setattr(benchmark, "_retrieval", first_documents_second_question)
+    monkeypatch.setattr(benchmark, "_retrieval", two_right)
     records = benchmark.run(progress=False)["records"]
     assert {(r["split"], r["policy"]): r["right_questions"] for r in records} == {
-        (split, policy): [] if split == "at_compression" else [[0, 1]]
+        (split, policy): {"at_compression": [[1, 0]], "later": [[0, 1]], "all": [[0, 1], [1, 0]]}[split]
         for split in ("at_compression", "later", "all") for policy in ("full", "lava")}
 
 

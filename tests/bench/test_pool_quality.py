@@ -192,7 +192,7 @@ def test_the_full_caches_right_answers_kept_are_bounded_by_each_documents_counts
     run = [with_documents(record(1024, "full", 1.0, 2, 4), [2, 0], 2),
            with_documents(record(1024, "lava", 0.2, 3, 4), [1, 2], 2)]
     (cell,) = pool_quality.pooled([run]).values()
-    assert (cell.right, cell.reference_right, cell.kept_at_most()) == (3, 2, 1)
+    assert (cell.right, cell.reference_right, cell.kept, cell.kept_is_bound) == (3, 2, 1, True)
     run_main(monkeypatch, write_run(tmp_path / "run", run))
     (row,) = [line for line in capsys.readouterr().out.splitlines() if "| lava |" in line]
     assert row.startswith("| compress_once | reconstruct | lava | 0.2 | 3 | 4 | 2 | 1.50 |")
@@ -207,13 +207,25 @@ def test_the_full_caches_right_answers_kept_are_counted_where_the_records_name_t
     lava = {**with_documents(record(1024, "lava", 0.2, 3, 4), [1, 2], 2),
             "right_questions": [[0, 1], [1, 0], [1, 1]]}
     (cell,) = pool_quality.pooled([[full, lava]]).values()
-    assert (cell.shared, cell.kept_at_most()) == (1, 2)
+    assert (cell.kept, cell.kept_is_bound) == (1, False)  # the counts alone would allow 2
     run_main(monkeypatch, write_run(tmp_path / "named", [full, lava]))
     (row,) = [line for line in capsys.readouterr().out.splitlines() if "| lava |" in line]
     assert row.startswith("| compress_once | reconstruct | lava | 0.2 | 3 | 4 | 2 | 1.50 |")
     assert row.endswith("| 0.50 |")
-    # Pooled with a run whose records do not name them: the bound over both.
+    # Pooled with a run whose records do not name them: that run's bound is added to the count.
     older = [with_documents(record(2048, "full", 1.0, 2, 2), [2], 2),
              with_documents(record(2048, "lava", 0.2, 1, 2), [1], 2)]
     (cell,) = pool_quality.pooled([[full, lava], older]).values()
-    assert (cell.shared, cell.kept_at_most()) == (None, 3)
+    assert (cell.kept, cell.kept_is_bound) == (2, True)
+    run_main(monkeypatch, tmp_path / "named", write_run(tmp_path / "older", older, seed=1))
+    (row,) = [line for line in capsys.readouterr().out.splitlines() if "| lava |" in line]
+    assert row.endswith("| at most 0.50 |")  # 2 of the full cache's 4 right answers, at most
+    # Two runs whose questions are numbered alike: each run's against its own full cache's (1 and
+    # 2 kept), not the pairs of both runs in one set (2).
+    second_lava = {**lava, "right_questions": [[0, 0], [1, 0], [1, 1]]}
+    (cell,) = pool_quality.pooled([[full, lava], [full, second_lava]]).values()
+    assert (cell.kept, cell.reference_right) == (3, 4)
+    # Against another policy: its named questions are the reference.
+    kvzip = {**lava, "policy": "kvzip", "right_questions": [[0, 1], [1, 1]]}
+    (cell,) = pool_quality.pooled([[full, lava, kvzip]], against="kvzip").values()
+    assert (cell.right, cell.reference_right, cell.kept) == (3, 3, 2)
