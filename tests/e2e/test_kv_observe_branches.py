@@ -19,7 +19,10 @@ from lava_sglang.sglang_plugin.server_process import ServerProcess
 
 pytestmark = pytest.mark.model
 
-OBSERVE_WAIT = 5
+# The longest a committed prefix waits for a branch (it is compressed once its branches end): one
+# that no branch reached by then goes by its tail alone, as the second test checks by waiting it out;
+# 5 s could pass before the first test's branches reached a loaded machine's scheduler.
+OBSERVE_WAIT = 15
 ANSWER_TOKENS = 12
 SERVER_ARGS = ["--dtype", "float32", "--enable-cache-report", "--kv-policy", "lava", "--kv-budget", "0.25",
                "--kv-observe", "branches", "--kv-observe-wait", str(OBSERVE_WAIT)]
