@@ -61,10 +61,15 @@ def right_answers_shared(record: dict, reference: dict) -> int | None:
     return len(set(map(tuple, record["right_questions"])) & set(map(tuple, reference["right_questions"])))
 
 
+def _full_of(records: list[dict], record: dict) -> list[dict]:
+    """The full cache's record on a record's questions ([] where the run has none)."""
+    return _select(records, task=record["task"], context_tokens=record["context_tokens"], split=record["split"],
+                   mode=_reference_mode(records), policy="full")
+
+
 def _share_of_full(records: list[dict], record: dict) -> str:
     """The share, and its interval over documents where the records have their documents' counts."""
-    full = _select(records, task=record["task"], context_tokens=record["context_tokens"], split=record["split"],
-                   mode=_reference_mode(records), policy="full")
+    full = _full_of(records, record)
     if not full or not full[0]["accuracy"]:
         return ""
     share = f"{record['accuracy'] / full[0]['accuracy']:.2f}"
@@ -72,6 +77,16 @@ def _share_of_full(records: list[dict], record: dict) -> str:
         return share
     low, high = share_interval(paired_by_document(record, full[0]))
     return f"{share} [{low:.2f}, {high:.2f}]"
+
+
+def _kept_of_full(records: list[dict], record: dict) -> str:
+    """Of the full cache's right answers on a record's questions, the share it answers right too
+    ("" where the full cache answered none or the records do not name the questions)."""
+    full = _full_of(records, record)
+    shared = right_answers_shared(record, full[0]) if full else None
+    if shared is None or not hits(full[0]):
+        return ""
+    return f"{shared / hits(full[0]):.2f}"
 
 
 def hits(record: dict) -> int:
@@ -280,6 +295,11 @@ def markdown(records: list[dict], meta: dict, command: str, notes: str | None) -
                 lines += ["", "Accuracy as a share of the full cache's on the same questions (95% interval by a "
                           "bootstrap over documents, paired):", ""]
                 lines += _table(records, config, task, context, lambda record: _share_of_full(records, record))
+                if any("right_questions" in record for record in records):
+                    lines += ["", "Of the full cache's right answers on the same questions, the share also answered "
+                              "right (a compressed cache is right on some questions the full cache misses, so the "
+                              "share above can pass this one):", ""]
+                    lines += _table(records, config, task, context, lambda record: _kept_of_full(records, record))
             if task == "fidelity":
                 lines += ["", "KL(full || compressed) per answer token (lower is better):", ""]
                 lines += _table(records, config, task, context, lambda record: f"{record['kl']:.3f}")

@@ -317,6 +317,17 @@ def test_the_share_of_the_full_cache_has_an_interval_over_the_documents_where_th
     full["by_document"] = [[document, 2, 2] for document in range(5)] + [[5, 0, 10]]
     lava["by_document"] = [[document, 1, 2] for document in range(5)] + [[5, 0, 10]]
     assert "| reconstruct · lava | 0.50 [0.50, 0.50] |" in markdown([full, lava], meta, "cmd", None)
+    assert "the share also answered right" not in markdown([full, lava], meta, "cmd", None)  # questions not named
+    # Named: lava right on the first question of each of the first 5 documents, and on the last
+    # document's first, which the full cache missed: 5 of its 10 right answers kept, not 6.
+    full["right_questions"] = [[document, question] for document in range(5) for question in (0, 1)]
+    lava["right_questions"] = [[document, 0] for document in range(5)] + [[5, 0]]
+    lava["by_document"][-1] = [5, 1, 10]
+    lava["accuracy"] = 6 / 20
+    text = markdown([full, lava], meta, "cmd", None)
+    kept_table = text[text.index("the share also answered right"):]
+    assert "| reconstruct · lava | 0.50 |" in kept_table and "| full | 1.00 |" in kept_table
+    assert "| reconstruct · lava | 0.60 [" in text  # the ratio of right answers passes it
     lava["by_document"][-1] = [6, 0, 10]  # a document the full cache was not asked about
     with pytest.raises(ValueError, match="document 6: 10 questions in the lava cell, 0 in the full cell"):
         paired_by_document(lava, full)
