@@ -270,11 +270,13 @@ class _Cells:
             else:
                 kls = [kl for kl, _ in values]
                 top1s = [top1 for _, top1 in values]
+                documents = [document for document, _ in self.questions[key]]
                 record["kl"] = sum(kls) / len(kls)
-                # JSON has no infinity: the unbounded end of one question's interval is null.
-                record["kl_ci95"] = [bound if math.isfinite(bound) else None for bound in mean_interval(kls, low=0.0)]
+                # JSON has no infinity: the unbounded end of one document's interval is null.
+                record["kl_ci95"] = [bound if math.isfinite(bound) else None
+                                     for bound in mean_interval(kls, documents, low=0.0)]
                 record["top1"] = sum(top1s) / len(top1s)
-                record["ci95"] = list(mean_interval(top1s, low=0.0, high=1.0))
+                record["ci95"] = list(mean_interval(top1s, documents, low=0.0, high=1.0))
             records.append(record)
         return records
 
@@ -484,5 +486,7 @@ def run_metadata(runtime: ReferenceRuntime, config: QualityConfig, wall_seconds:
         # The window each compress_once source keeps unless a policy spec sets one.
         "kept_window": ({spec: make_observe(spec).kept_window or config.window for spec in config.observe}
                         if "compress_once" in config.modes else {}),
-        "fidelity_interval": "student-t",  # the report's label (before 09b5984, 2026-12-06: normal)
+        # The report's label: over documents since 2026-12-07; before, "student-t" over questions
+        # (since 09b5984, 2026-12-06), and normal over questions before that.
+        "fidelity_interval": "student-t-documents",
     }

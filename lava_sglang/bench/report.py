@@ -32,6 +32,14 @@ def _cell(record: dict, metric: str) -> str:
     return f"{record[metric]:.2f} [{low:.2f}, {high:.2f}]"
 
 
+#: The fidelity intervals' label by the run's `fidelity_interval` (runs before 2026-12-06 have none).
+FIDELITY_INTERVALS = {
+    "student-t-documents": "Student-t intervals over documents (a document's questions share one compressed "
+                           "copy; a cluster-robust standard error)",
+    "student-t": "Student-t intervals over questions (a run before 2026-12-07)",
+}
+
+
 def _reference_mode(records: list[dict]) -> str:
     """The mode whose full-cache records are the report's reference: compress-once's, or in a
     run of query-aware cells alone theirs (the same answers to the same questions)."""
@@ -253,12 +261,11 @@ def markdown(records: list[dict], meta: dict, command: str, notes: str | None) -
         f"({config['retrieval_answer_tokens']} tokens at most, stopped once it names a 7-digit number) names the "
         "code, not as part of a longer number (before 2026-12-06: the code anywhere in the answer, which stopped "
         "at its seventh digit). "
-        "95% Wilson intervals.",
+        "95% Wilson intervals over questions (the share's below: over documents).",
         f"- Fidelity: open questions; the full-cache greedy answer ({config['fidelity_answer_tokens']} tokens at "
         "most) is teacher-forced; top-1 = share of its tokens the compressed cache also ranks first; "
-        "KL(full || compressed) per token, averaged per question. 95% "
-        + ("Student-t" if meta.get("fidelity_interval") == "student-t"
-           else "normal (Student-t since 2026-12-06: a run before that)") + " intervals over questions.",
+        "KL(full || compressed) per token, averaged per question. 95% " + FIDELITY_INTERVALS.get(
+            meta.get("fidelity_interval"), "normal intervals over questions (a run before 2026-12-06)") + ".",
         "- Modes: `compress_once` compresses the document once and answers every question from that cache; "
         "`query_aware` (rows `per question`) appends the question before scoring and compresses per question.",
     ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Sequence
 
 Z95 = 1.959963984540054
@@ -19,20 +20,31 @@ def wilson_interval(successes: int, trials: int) -> tuple[float, float]:
     return (max(0.0, centre - half), min(1.0, centre + half))
 
 
-def mean_interval(values: Sequence[float], low: float = -math.inf, high: float = math.inf) -> tuple[float, float]:
-    """95% Student-t interval of the mean (sample standard deviation: at 6 questions the normal
-    quantile's would be a quarter too narrow), within [low, high], the range the values can
-    take; for one value, the whole range (one value says nothing of the spread)."""
+def mean_interval(values: Sequence[float], documents: Sequence[int] | None = None, low: float = -math.inf,
+                  high: float = math.inf) -> tuple[float, float]:
+    """95% Student-t interval of the mean of `values`, within [low, high], the range they can
+    take. With `documents` (each value's document) the spread is taken between documents: a
+    document's questions are answered from one compressed copy and move together, so its values
+    are one sample, not several (a cluster-robust standard error of the mean, with one degree of
+    freedom fewer than documents; without `documents` each value is its own, the sample standard
+    deviation's interval: at 6 questions the normal quantile's would be a quarter too narrow).
+    For one document, the whole range (one says nothing of the spread)."""
     from scipy.stats import t
 
-    n = len(values)
-    if n == 0:
+    count = len(values)
+    if count == 0:
         raise ValueError("the mean of no values has no interval")
-    mean = sum(values) / n
-    if n < 2:
+    mean = sum(values) / count
+    sums: dict[int, float] = defaultdict(float)
+    sizes: dict[int, int] = defaultdict(int)
+    for value, document in zip(values, range(count) if documents is None else documents):
+        sums[document] += value
+        sizes[document] += 1
+    clusters = len(sums)
+    if clusters < 2:
         return (low, high)
-    sd = math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1))
-    half = float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+    variance = clusters / (clusters - 1) * sum((sums[d] - mean * sizes[d]) ** 2 for d in sums) / count**2
+    half = float(t.ppf(0.975, clusters - 1)) * math.sqrt(variance)
     return (max(low, mean - half), min(high, mean + half))
 
 

@@ -92,6 +92,22 @@ def test_mean_interval():
     assert mean_interval([0.0, 0.01, 0.0], low=0.0)[0] == 0.0  # a KL interval does not go below 0
     assert mean_interval([1.0, 0.9, 1.0], low=0.0, high=1.0)[1] == 1.0
     assert mean_interval([0.5], low=0.0, high=1.0) == (0.0, 1.0)  # one question: nothing known of the spread
+
+
+def test_a_mean_interval_over_documents_takes_the_spread_between_them():
+    import math
+
+    # Three documents of two questions each, alike within a document: three samples, not six.
+    values, documents = [0.1, 0.1, 0.5, 0.5, 0.9, 0.9], [0, 0, 1, 1, 2, 2]
+    assert mean_interval(values, documents) == pytest.approx(mean_interval([0.1, 0.5, 0.9]))
+    over_questions = mean_interval(values)
+    over_documents = mean_interval(values, documents)
+    assert over_documents[1] - over_documents[0] > 2 * (over_questions[1] - over_questions[0])
+    # Documents of unequal sizes: centred on the mean over questions (2.2 / 7), not on the mean of
+    # the documents' means (1 / 3).
+    low, high = mean_interval([0.1, 0.1, 0.1, 0.7, 0.4, 0.5, 0.3], [0, 0, 0, 0, 1, 1, 2])
+    assert math.isclose((low + high) / 2, 2.2 / 7)
+    assert mean_interval([0.2, 0.4, 0.3], [5, 5, 5], low=0.0, high=1.0) == (0.0, 1.0)  # one document
     with pytest.raises(ValueError, match="no values"):
         mean_interval([])
 
@@ -161,6 +177,24 @@ def test_a_cell_of_one_fidelity_question_is_written_as_strict_json():
     (record,) = cells.records()
     assert record["kl_ci95"] == [0.0, None] and record["ci95"] == [0.0, 1.0]  # one question: nothing of the spread
     json.dumps(record, allow_nan=False)  # no Infinity for strict JSON readers
+
+
+def test_a_fidelity_cells_intervals_are_taken_over_its_documents():
+    from types import SimpleNamespace
+
+    from lava_sglang.bench.quality import _Cells
+
+    cells = _Cells()
+    prefix = SimpleNamespace(plan=SimpleNamespace(keep_ratio=0.2))
+    for document, question, kl, top1 in [(0, 0, 0.1, 0.9), (0, 1, 0.1, 0.9), (1, 0, 0.3, 0.5), (1, 1, 0.3, 0.5),
+                                         (2, 0, 0.2, 0.7)]:
+        cells.add(("fidelity", 1024, "compress_once", "reconstruct", "all", "lava", 0.2), (kl, top1), prefix,
+                  document, question)
+    (record,) = cells.records()
+    documents = [0, 0, 1, 1, 2]
+    assert record["ci95"] == list(mean_interval([0.9, 0.9, 0.5, 0.5, 0.7], documents, low=0.0, high=1.0))
+    assert record["kl_ci95"] == list(mean_interval([0.1, 0.1, 0.3, 0.3, 0.2], documents, low=0.0))
+    assert record["ci95"] != list(mean_interval([0.9, 0.9, 0.5, 0.5, 0.7], low=0.0, high=1.0))  # not over questions
 
 
 def test_a_retrieval_cell_counts_its_right_answers_per_document():

@@ -233,9 +233,13 @@ def test_old_records_read_as_tail_over_all_questions():
             "config": config}
     assert "| tail · lava | 0.30 [0.00, 1.00] |" in markdown([old], meta, "cmd", None)
     assert "- Machine: m\n" in markdown([old], meta, "cmd", None)  # a run before the code was recorded
-    # Fidelity intervals were normal ones before 2026-12-06; a run since records its Student-t.
-    assert "95% normal (Student-t since 2026-12-06: a run before that) intervals" in markdown([old], meta, "cmd", None)
-    assert "95% Student-t intervals" in markdown([old], dict(meta, fidelity_interval="student-t"), "cmd", None)
+    # Fidelity intervals were normal ones before 2026-12-06, Student-t over questions until
+    # 2026-12-07, over documents since: each run's label from its record.
+    assert "95% normal intervals over questions (a run before 2026-12-06)." in markdown([old], meta, "cmd", None)
+    assert "95% Student-t intervals over questions (a run before 2026-12-07)." in markdown(
+        [old], dict(meta, fidelity_interval="student-t"), "cmd", None)
+    assert "95% Student-t intervals over documents" in markdown(
+        [old], dict(meta, fidelity_interval="student-t-documents"), "cmd", None)
     assert "- Machine: m; lava-sglang 0123456789ab\n" in markdown([old], dict(meta, code="0123456789ab"), "cmd", None)
 
 
