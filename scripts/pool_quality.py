@@ -21,9 +21,10 @@ resample has it too, and the interval, of zero width, is marked so). A policy is
 its name: runs made when its defaults differed are pooled as one policy. The share is a ratio
 of right answers, and a compressed cache is right on some questions the full cache misses: the
 last column is the share of the reference's right answers the cell answers right too, from
-the questions each record names (`right_questions`, since 2026-12-07); a run whose records
-lack them adds the most it can be (per document, the fewer of the two counts), and the column
-then says "at most".
+the questions each record names (`right_questions`, since 2026-12-07), with its 95% interval
+by the same bootstrap over documents; a run whose records lack them adds the most it can be
+(per document, the fewer of the two counts), and the column then says "at most", without an
+interval.
 
     python scripts/pool_quality.py --against kvzip RUN RUN ...
 
@@ -42,7 +43,7 @@ from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from lava_sglang.bench.report import cut_short, hits, normalise, paired_by_document, right_answers_shared
+from lava_sglang.bench.report import cut_short, hits, kept_by_document, normalise, paired_by_document
 from lava_sglang.bench.stats import share_interval
 
 
@@ -85,18 +86,27 @@ class Pooled:
     """One cell pooled: right answers, questions, the reference's right answers on them (the
     full cache's, or another policy's), (right, reference's right) per document, None where
     a run's records lack their documents' counts (runs before 2026-12-06), and the reference's
-    right answers the cell's are too: counted where the records name the questions answered
-    right (since 2026-12-07), bounded by each document's counts where they do not
-    (`kept_is_bound`), None where a run's records have neither."""
+    right answers the cell's are too, per document as (kept, the reference's right): counted
+    where the records name the questions answered right (since 2026-12-07), bounded by each
+    document's counts where they do not (`kept_is_bound`), None where a run's records have
+    neither."""
     right: int = 0
     questions: int = 0
     reference_right: int = 0
     by_document: list[tuple[int, int]] | None = field(default_factory=list)
-    kept: int | None = 0
+    kept_by_document: list[tuple[int, int]] | None = field(default_factory=list)
     kept_is_bound: bool = False
 
     def interval(self) -> tuple[float, float] | None:
         return None if self.by_document is None else share_interval(self.by_document)
+
+    @property
+    def kept(self) -> int | None:
+        return None if self.kept_by_document is None else sum(kept for kept, _ in self.kept_by_document)
+
+    def kept_interval(self) -> tuple[float, float] | None:
+        """The interval of the share kept, over documents as the share's; None where it is a bound."""
+        return None if self.kept_by_document is None or self.kept_is_bound else share_interval(self.kept_by_document)
 
 
 def pooled(runs: list[list[dict]], context: int | None = None, against: str = "full") -> dict[tuple, Pooled]:
@@ -130,11 +140,12 @@ def pooled(runs: list[list[dict]], context: int | None = None, against: str = "f
             pairs = paired_by_document(record, reference) if "by_document" in record and "by_document" in reference \
                 else None
             cell.by_document = None if cell.by_document is None or pairs is None else cell.by_document + pairs
-            kept = right_answers_shared(record, reference)
+            kept = kept_by_document(record, reference)
             if kept is None and pairs is not None:
-                kept = sum(min(right, reference_right) for right, reference_right in pairs)
+                kept = [(min(right, reference_right), reference_right) for right, reference_right in pairs]
                 cell.kept_is_bound = True
-            cell.kept = None if cell.kept is None or kept is None else cell.kept + kept
+            cell.kept_by_document = None if cell.kept_by_document is None or kept is None \
+                else cell.kept_by_document + kept
     return dict(totals)
 
 
@@ -194,6 +205,8 @@ def main() -> None:
             share = f"{cell.right / cell.reference_right:.2f}"
             if cell.kept is not None:
                 kept = ("at most " if cell.kept_is_bound else "") + f"{cell.kept / cell.reference_right:.2f}"
+                if (kept_interval := cell.kept_interval()) is not None:
+                    kept += f" ({kept_interval[0]:.2f}-{kept_interval[1]:.2f})"
             interval = cell.interval()
             shown = "n/a (runs without per-document counts)" if interval is None else \
                 f"{interval[0]:.2f}-{interval[1]:.2f}" + (" (every document the same share)"

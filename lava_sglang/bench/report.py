@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections import Counter
 from pathlib import Path
 
 from lava_sglang.argtypes import replace_file
@@ -61,12 +62,17 @@ def paired_by_document(record: dict, reference: dict) -> list[tuple[int, int]]:
     return pairs
 
 
-def right_answers_shared(record: dict, reference: dict) -> int | None:
-    """How many of the reference's right answers a retrieval record's are too (their
-    `right_questions`, written since 2026-12-07); None where either record lacks them."""
-    if "right_questions" not in record or "right_questions" not in reference:
+def kept_by_document(record: dict, reference: dict) -> list[tuple[int, int]] | None:
+    """(the reference's right answers the record's are too, the reference's right answers) per
+    document of a retrieval record and its reference's (their `right_questions`, written since
+    2026-12-07, and `by_document`); None where either record lacks them."""
+    if any(field not in item for field in ("right_questions", "by_document") for item in (record, reference)):
         return None
-    return len(set(map(tuple, record["right_questions"])) & set(map(tuple, reference["right_questions"])))
+    both = set(map(tuple, record["right_questions"])) & set(map(tuple, reference["right_questions"]))
+    kept = Counter(document for document, _ in both)
+    documents = [document for document, _, _ in record["by_document"]]
+    return [(kept[document], reference_right)
+            for document, (_, reference_right) in zip(documents, paired_by_document(record, reference))]
 
 
 def _full_of(records: list[dict], record: dict) -> list[dict]:
@@ -91,10 +97,14 @@ def _kept_of_full(records: list[dict], record: dict) -> str:
     """Of the full cache's right answers on a record's questions, the share it answers right too
     ("" where the full cache answered none or the records do not name the questions)."""
     full = _full_of(records, record)
-    shared = right_answers_shared(record, full[0]) if full else None
-    if shared is None or not hits(full[0]):
+    pairs = kept_by_document(record, full[0]) if full else None
+    if pairs is None or not hits(full[0]):
         return ""
-    return f"{shared / hits(full[0]):.2f}"
+    share = f"{sum(kept for kept, _ in pairs) / hits(full[0]):.2f}"
+    if record["policy"] == "full":
+        return share
+    low, high = share_interval(pairs)
+    return f"{share} [{low:.2f}, {high:.2f}]"
 
 
 def hits(record: dict) -> int:

@@ -330,7 +330,7 @@ def test_the_share_of_the_full_cache_has_an_interval_over_the_documents_where_th
     lava["accuracy"] = 6 / 20
     text = markdown([full, lava], meta, "cmd", None)
     kept_table = text[text.index("the share also answered right"):]
-    assert "| reconstruct · lava | 0.50 |" in kept_table and "| full | 1.00 |" in kept_table
+    assert "| reconstruct · lava | 0.50 [0.50, 0.50] |" in kept_table and "| full | 1.00 |" in kept_table
     assert "| reconstruct · lava | 0.60 [" in text  # the ratio of right answers passes it
     lava["by_document"][-1] = [6, 0, 10]  # a document the full cache was not asked about
     with pytest.raises(ValueError, match="document 6: 10 questions in the lava cell, 0 in the full cell"):

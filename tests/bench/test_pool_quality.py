@@ -211,7 +211,8 @@ def test_the_full_caches_right_answers_kept_are_counted_where_the_records_name_t
     run_main(monkeypatch, write_run(tmp_path / "named", [full, lava]))
     (row,) = [line for line in capsys.readouterr().out.splitlines() if "| lava |" in line]
     assert row.startswith("| compress_once | reconstruct | lava | 0.2 | 3 | 4 | 2 | 1.50 |")
-    assert row.endswith("| 0.50 |")
+    assert row.endswith("| 0.50 (0.00-1.00) |")  # kept 0 of 1 and 1 of 1: resampled over the two documents
+    assert cell.kept_by_document == [(0, 1), (1, 1)]
     # Pooled with a run whose records do not name them: that run's bound is added to the count.
     older = [with_documents(record(2048, "full", 1.0, 2, 2), [2], 2),
              with_documents(record(2048, "lava", 0.2, 1, 2), [1], 2)]
@@ -219,7 +220,7 @@ def test_the_full_caches_right_answers_kept_are_counted_where_the_records_name_t
     assert (cell.kept, cell.kept_is_bound) == (2, True)
     run_main(monkeypatch, tmp_path / "named", write_run(tmp_path / "older", older, seed=1))
     (row,) = [line for line in capsys.readouterr().out.splitlines() if "| lava |" in line]
-    assert row.endswith("| at most 0.50 |")  # 2 of the full cache's 4 right answers, at most
+    assert row.endswith("| at most 0.50 |")  # 2 of the full cache's 4 right answers, at most: no interval of a bound
     # Two runs whose questions are numbered alike: each run's against its own full cache's (1 and
     # 2 kept), not the pairs of both runs in one set (2).
     second_lava = {**lava, "right_questions": [[0, 0], [1, 0], [1, 1]]}
