@@ -26,6 +26,11 @@ by the same bootstrap over documents; a run whose records lack them adds the mos
 (per document, the fewer of the two counts), and the column then says "at most", without an
 interval.
 
+    python scripts/pool_quality.py --facts 8 RUN RUN ...   (the documents with 8 planted facts only)
+
+`--facts K` restricts every cell to the documents with K planted facts (one question each),
+from each record's per-document counts: where the questions a compressed copy loses are.
+
     python scripts/pool_quality.py --against kvzip RUN RUN ...
 
 compares each cell with another policy's at the same keep ratio instead of the full cache's
@@ -109,12 +114,31 @@ class Pooled:
         return None if self.kept_by_document is None or self.kept_is_bound else share_interval(self.kept_by_document)
 
 
-def pooled(runs: list[list[dict]], context: int | None = None, against: str = "full") -> dict[tuple, Pooled]:
+def with_facts(record: dict, facts: int) -> dict:
+    """A retrieval record (over all its questions) restricted to its documents of `facts`
+    planted facts: one question is asked per fact, so those with as many questions. A
+    ValueError where the record lacks its documents' counts (runs before 2026-12-06)."""
+    if "by_document" not in record:
+        raise ValueError(f"the {record['policy']} cell at {record['context_tokens']} tokens has no per-document "
+                         "counts (a run before 2026-12-06): its documents' facts are unknown")
+    rows = [row for row in record["by_document"] if row[2] == facts]
+    documents = {document for document, _, _ in rows}
+    asked = sum(row[2] for row in rows)
+    restricted = {**record, "by_document": rows, "n_questions": asked,
+                  "accuracy": sum(row[1] for row in rows) / asked if asked else 0.0}
+    if "right_questions" in record:
+        restricted["right_questions"] = [pair for pair in record["right_questions"] if pair[0] in documents]
+    return restricted
+
+
+def pooled(runs: list[list[dict]], context: int | None = None, against: str = "full",
+           facts: int | None = None) -> dict[tuple, Pooled]:
     """(mode, observe, policy, keep ratio) -> the cell pooled over every run and length (with
-    `context`, that length only), against the full cache's cell on the same questions or, with
-    `against`, that policy's at the same keep ratio; a document is one of the bootstrap's
-    clusters in each run and length. A cell whose mode and source `against` did not run at that
-    length is left out; one without its reference cell otherwise is refused."""
+    `context`, that length only; with `facts`, the documents of that many planted facts only),
+    against the full cache's cell on the same questions or, with `against`, that policy's at
+    the same keep ratio; a document is one of the bootstrap's clusters in each run and length.
+    A cell whose mode and source `against` did not run at that length is left out; one without
+    its reference cell otherwise is refused."""
     totals: dict[tuple, Pooled] = defaultdict(Pooled)
     reference_name = "the full cache" if against == "full" else against
     for records in runs:
@@ -133,6 +157,10 @@ def pooled(runs: list[list[dict]], context: int | None = None, against: str = "f
             if reference["n_questions"] != record["n_questions"]:
                 raise ValueError(f"{policy} at {length} tokens answered {record['n_questions']} questions, "
                                  f"{reference_name} {reference['n_questions']}")
+            if facts is not None:
+                record, reference = with_facts(record, facts), with_facts(reference, facts)
+                if not record["n_questions"]:
+                    continue
             cell = totals[(mode, observe, policy, keep)]
             cell.right += hits(record)
             cell.questions += record["n_questions"]
@@ -154,6 +182,8 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path, help="a bench quality output folder, or its quality.json")
     parser.add_argument("--context", type=int, help="pool the documents of this length (tokens) only (default: "
                         "every length)")
+    parser.add_argument("--facts", type=int, metavar="K", help="pool the documents with K planted facts only "
+                        "(one question each; runs since 2026-12-06; default: every document)")
     parser.add_argument("--against", default="full", metavar="POLICY",
                         help="compare each cell with this policy's at the same keep ratio, e.g. kvzip (default: the "
                         "full cache)")
@@ -185,15 +215,17 @@ def main() -> None:
             asked_by[asked] = path
         runs.append(records)
     try:
-        cells = pooled(runs, args.context, args.against)
+        cells = pooled(runs, args.context, args.against, args.facts)
     except ValueError as error:
         parser.error(str(error))
     if not cells:
-        where = "" if args.context is None else f" at {args.context} tokens"
+        where = ("" if args.context is None else f" at {args.context} tokens") + (
+            "" if args.facts is None else f" on documents of {args.facts} facts")
         against = "" if args.against == "full" else f" with a cell of {args.against} to compare with"
         parser.error(f"no retrieval cell{where}{against} in these runs")
     print(f"runs: {', '.join(map(str, args.runs))}; documents of "
-          f"{'every length' if args.context is None else f'{args.context} tokens'}")
+          f"{'every length' if args.context is None else f'{args.context} tokens'}"
+          f"{'' if args.facts is None else f', {args.facts} planted facts'}")
     print()
     reference = "full cache" if args.against == "full" else args.against
     print(f"| mode | observe | policy | keep | right | questions | {reference} right | x {args.against} | "

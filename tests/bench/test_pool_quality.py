@@ -230,3 +230,25 @@ def test_the_full_caches_right_answers_kept_are_counted_where_the_records_name_t
     kvzip = {**lava, "policy": "kvzip", "right_questions": [[0, 1], [1, 1]]}
     (cell,) = pool_quality.pooled([[full, lava, kvzip]], against="kvzip").values()
     assert (cell.right, cell.reference_right, cell.kept) == (3, 3, 2)
+
+
+def test_facts_restricts_every_cell_to_the_documents_with_that_many_questions(tmp_path, capsys, monkeypatch):
+    # Documents of 1, 4 and 4 facts (one question each): with --facts 4, the last two only.
+    full = {**record(1024, "full", 1.0, 6, 9), "by_document": [[0, 1, 1], [1, 3, 4], [2, 2, 4]],
+            "right_questions": [[0, 0], [1, 0], [1, 1], [1, 2], [2, 0], [2, 1]]}
+    lava = {**record(1024, "lava", 0.2, 3, 9), "by_document": [[0, 1, 1], [1, 1, 4], [2, 1, 4]],
+            "right_questions": [[0, 0], [1, 3], [2, 1]]}
+    (cell,) = pool_quality.pooled([[full, lava]], facts=4).values()
+    assert (cell.right, cell.questions, cell.reference_right, cell.kept) == (2, 8, 5, 1)
+    assert cell.by_document == [(1, 3), (1, 2)] and cell.kept_by_document == [(0, 3), (1, 2)]
+    assert not pool_quality.pooled([[full, lava]], facts=8)  # no document of 8 facts
+    run_main(monkeypatch, "--facts", "1", write_run(tmp_path / "run", [full, lava]))
+    out = capsys.readouterr().out
+    assert "1 planted facts" in out and "| compress_once | reconstruct | lava | 0.2 | 1 | 1 | 1 | 1.00 |" in out
+    with pytest.raises(SystemExit):
+        run_main(monkeypatch, "--facts", "8", tmp_path / "run")
+    assert "no retrieval cell on documents of 8 facts in these runs" in capsys.readouterr().err
+    older = write_run(tmp_path / "older", [record(1024, "full", 1.0, 6, 9), record(1024, "lava", 0.2, 3, 9)], seed=1)
+    with pytest.raises(SystemExit):
+        run_main(monkeypatch, "--facts", "4", older)
+    assert "the lava cell at 1024 tokens has no per-document counts" in capsys.readouterr().err
