@@ -37,7 +37,7 @@ def _cell(record: dict, metric: str) -> str:
 FIDELITY_INTERVALS = {
     "student-t-documents": "Student-t intervals over documents (a document's questions share one compressed "
                            "copy; a cluster-robust standard error)",
-    "student-t": "Student-t intervals over questions (a run before 2026-12-07)",
+    "student-t": "Student-t intervals over questions (a run made before they were taken over documents, 2026-12-07)",
 }
 
 

@@ -236,8 +236,8 @@ def test_old_records_read_as_tail_over_all_questions():
     # Fidelity intervals were normal ones before 2026-12-06, Student-t over questions until
     # 2026-12-07, over documents since: each run's label from its record.
     assert "95% normal intervals over questions (a run before 2026-12-06)." in markdown([old], meta, "cmd", None)
-    assert "95% Student-t intervals over questions (a run before 2026-12-07)." in markdown(
-        [old], dict(meta, fidelity_interval="student-t"), "cmd", None)
+    assert ("95% Student-t intervals over questions (a run made before they were taken over documents, "
+            "2026-12-07).") in markdown([old], dict(meta, fidelity_interval="student-t"), "cmd", None)
     assert "95% Student-t intervals over documents" in markdown(
         [old], dict(meta, fidelity_interval="student-t-documents"), "cmd", None)
     assert "- Machine: m; lava-sglang 0123456789ab\n" in markdown([old], dict(meta, code="0123456789ab"), "cmd", None)
