@@ -81,16 +81,23 @@ def _full_of(records: list[dict], record: dict) -> list[dict]:
                    mode=_reference_mode(records), policy="full")
 
 
+def _share_with_interval(share: float, pairs: list[tuple[int, int]] | None) -> str:
+    """A share, with its interval over documents where there are (right, reference's right)
+    pairs to resample."""
+    if pairs is None:
+        return f"{share:.2f}"
+    low, high = share_interval(pairs)
+    return f"{share:.2f} [{low:.2f}, {high:.2f}]"
+
+
 def _share_of_full(records: list[dict], record: dict) -> str:
     """The share, and its interval over documents where the records have their documents' counts."""
     full = _full_of(records, record)
     if not full or not full[0]["accuracy"]:
         return ""
-    share = f"{record['accuracy'] / full[0]['accuracy']:.2f}"
-    if record["policy"] == "full" or "by_document" not in record or "by_document" not in full[0]:
-        return share
-    low, high = share_interval(paired_by_document(record, full[0]))
-    return f"{share} [{low:.2f}, {high:.2f}]"
+    counted = record["policy"] != "full" and "by_document" in record and "by_document" in full[0]
+    return _share_with_interval(record["accuracy"] / full[0]["accuracy"],
+                                paired_by_document(record, full[0]) if counted else None)
 
 
 def _kept_of_full(records: list[dict], record: dict) -> str:
@@ -100,11 +107,8 @@ def _kept_of_full(records: list[dict], record: dict) -> str:
     pairs = kept_by_document(record, full[0]) if full else None
     if pairs is None or not hits(full[0]):
         return ""
-    share = f"{sum(kept for kept, _ in pairs) / hits(full[0]):.2f}"
-    if record["policy"] == "full":
-        return share
-    low, high = share_interval(pairs)
-    return f"{share} [{low:.2f}, {high:.2f}]"
+    return _share_with_interval(sum(kept for kept, _ in pairs) / hits(full[0]),
+                                None if record["policy"] == "full" else pairs)
 
 
 def hits(record: dict) -> int:
