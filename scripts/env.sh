@@ -1,8 +1,9 @@
 # Sourced by the README's commands. Creates the virtual environment when it is missing
 # (about 4 minutes, 11 GB), reuses it when present, and puts it first on PATH.
 #
-# The environment lives outside the repository, keyed by the hash of requirements.lock and
-# requirements-nodeps.txt, so every clone (CI included) with the same lock shares one.
+# The environment lives outside the repository, keyed by the hash of requirements.lock,
+# requirements-nodeps.txt and scripts/make_env.sh (which installs them), so every clone (CI
+# included) with the same lock and set-up shares one, and a change to either makes a new one.
 #   LAVA_SGLANG_CACHE  root of the caches (default ~/.cache/lava-sglang)
 #   LAVA_SGLANG_PYTHON the Python 3.11 that creates it (default python3.11)
 #   LAVA_SGLANG_VENV   use this existing environment instead of the keyed one: it is never
@@ -17,9 +18,9 @@ if [ -z "${BASH_VERSION:-}" ]; then  # zsh, dash: no BASH_SOURCE, so the reposit
 fi
 REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CACHE_ROOT=${LAVA_SGLANG_CACHE:-$HOME/.cache/lava-sglang}
-if ! LOCK_KEY=$(set -o pipefail; cat "$REPO_ROOT/requirements.lock" "$REPO_ROOT/requirements-nodeps.txt" |
-                sha256sum | cut -c1-16); then
-    echo "lava-sglang: cannot read $REPO_ROOT/requirements.lock or requirements-nodeps.txt" >&2
+if ! LOCK_KEY=$(set -o pipefail; cat "$REPO_ROOT/requirements.lock" "$REPO_ROOT/requirements-nodeps.txt" \
+                "$REPO_ROOT/scripts/make_env.sh" | sha256sum | cut -c1-16); then
+    echo "lava-sglang: cannot read $REPO_ROOT/requirements.lock, requirements-nodeps.txt or scripts/make_env.sh" >&2
     return 2 2>/dev/null || exit 2
 fi
 VENV=${LAVA_SGLANG_VENV:-$CACHE_ROOT/venv-py311-$LOCK_KEY}

@@ -22,13 +22,14 @@ exit 0
 """
 
 
-def source_env(tmp_path: Path, fail: str, before: str = "", after: str = "") -> subprocess.CompletedProcess:
+def source_env(tmp_path: Path, fail: str, before: str = "", after: str = "",
+               repo_root: Path = REPO_ROOT) -> subprocess.CompletedProcess:
     python = tmp_path / "python3.11"
     python.write_text(FAKE_PYTHON)
     python.chmod(0o755)
     environment = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "LAVA_SGLANG_CACHE": str(tmp_path / "cache"),
                    "LAVA_SGLANG_PYTHON": str(python), "FAKE_LOG": str(tmp_path / "calls.log"), "FAKE_FAIL": fail}
-    return subprocess.run(["bash", "-c", f"{before}source {REPO_ROOT}/scripts/env.sh{after}"], env=environment,
+    return subprocess.run(["bash", "-c", f"{before}source {repo_root}/scripts/env.sh{after}"], env=environment,
                           cwd=tmp_path, capture_output=True, text=True, timeout=60)
 
 
@@ -45,6 +46,24 @@ def test_an_environment_whose_set_up_failed_is_not_marked_complete(tmp_path, fai
     (venv,) = environments(tmp_path)
     assert not (venv / ".complete").exists() and not (venv / ".editable").exists()
     source_env(tmp_path, fail)  # the next run makes it again
+    assert (tmp_path / "calls.log").read_text().count("-m venv") == 2
+
+
+def test_a_change_to_the_set_up_script_makes_a_new_environment(tmp_path):
+    # An environment made by an older make_env.sh may lack what the newer one installs.
+    repo = tmp_path / "repo"
+    (repo / "scripts").mkdir(parents=True)
+    for name in ("requirements.lock", "requirements-nodeps.txt", "pyproject.toml", "scripts/env.sh",
+                 "scripts/make_env.sh"):
+        shutil.copy(REPO_ROOT / name, repo / name)
+    assert source_env(tmp_path, "never", repo_root=repo).returncode == 0
+    assert source_env(tmp_path, "never", repo_root=repo).returncode == 0  # the same files: reused
+    (first,) = environments(tmp_path)
+    with open(repo / "scripts" / "make_env.sh", "a") as script:
+        script.write("# a changed set-up\n")
+    result = source_env(tmp_path, "never", repo_root=repo)
+    assert result.returncode == 0, result.stderr
+    assert len(environments(tmp_path)) == 2 and first in environments(tmp_path)
     assert (tmp_path / "calls.log").read_text().count("-m venv") == 2
 
 
