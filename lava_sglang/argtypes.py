@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 
 from lava_sglang.bench.documents import MAX_FACTS
+from lava_sglang.numbers import parse_float, parse_int
 
 #: The policies that evict (the full cache is the reference every benchmark runs anyway).
 COMPRESSING_POLICIES = ("lava", "kvzip", "snapkv", "ada_snapkv", "pyramidkv", "streamingllm")
@@ -29,14 +30,14 @@ QUALITY_WINDOW = 32
 
 
 def keep_ratio(text: str) -> float:
-    value = float(text)
+    value = parse_float(text)
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"keep ratio must be in (0, 1], got {text}")
     return value
 
 
 def positive_float(text: str) -> float:
-    value = float(text)
+    value = parse_float(text)
     if not value > 0 or value == float("inf"):
         raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
     return value
@@ -45,7 +46,7 @@ def positive_float(text: str) -> float:
 def at_least(minimum: int):
     """An int argument type that takes `minimum` or more."""
     def parse(text: str) -> int:
-        value = int(text)
+        value = parse_int(text)
         if value < minimum:
             raise argparse.ArgumentTypeError(f"must be an int >= {minimum}, got {text}")
         return value

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from lava_sglang import cli
-from lava_sglang.argtypes import (COMPRESSING_POLICIES, OBSERVE_SOURCES, at_least, fact_count, positive_float,
-                                  replace_file)
+from lava_sglang.argtypes import (COMPRESSING_POLICIES, OBSERVE_SOURCES, at_least, fact_count, keep_ratio,
+                                  positive_float, replace_file)
 from lava_sglang.bench import serve
 
 
@@ -28,6 +28,11 @@ def test_numeric_argument_types():
     for parse, bad in ((at_least(3), "2"), (at_least(1), "0"), (positive_float, "0"), (positive_float, "nan"),
                        (positive_float, "inf")):
         with pytest.raises(argparse.ArgumentTypeError):
+            parse(bad)
+    # What int() and float() take but a user most likely did not mean: argparse reports the ValueError.
+    for parse, bad in ((at_least(1), "1_024"), (at_least(1), " 8 "), (at_least(1), "\uff18"),
+                       (positive_float, "1_0"), (keep_ratio, "0.\uff12")):
+        with pytest.raises(ValueError):
             parse(bad)
     assert positive_float("0.5") == 0.5
     assert fact_count("20") == 20

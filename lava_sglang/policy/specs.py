@@ -12,21 +12,18 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
 
-
-# Numbers as written in a spec, in ASCII digits: Python's int() and float() also take "3_2",
-# " 8 " and "８", which in a flag are more likely typos than numbers; as strings, a number field's check refuses them.
-_INT = re.compile(r"[+-]?[0-9]+")
-_FLOAT = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?|[+-]?(nan|inf|infinity)", re.IGNORECASE)
+from lava_sglang.numbers import FLOAT_PATTERN, INT_PATTERN
 
 
 def _value(text: str) -> bool | int | float | str:
+    """A spec's value: numbers only in ASCII digits (`lava_sglang.numbers`); anything else
+    stays a string, which a number field's check refuses."""
     if text.lower() in ("true", "false"):
         return text.lower() == "true"
-    if _INT.fullmatch(text):
+    if INT_PATTERN.fullmatch(text):
         return int(text)
-    if _FLOAT.fullmatch(text):
+    if FLOAT_PATTERN.fullmatch(text):
         return float(text)
     return text
 

@@ -15,6 +15,7 @@ import os
 from dataclasses import dataclass
 
 from lava_sglang.argtypes import DEFAULT_MIN_PREFIX
+from lava_sglang.numbers import INT_PATTERN, parse_float, parse_int
 from lava_sglang.policy import (POLICIES, REPEAT_NORMALIZATIONS, REPEAT_VIEWS, HeadShard, Reconstruct, budget_evicts,
                                 make_policy, resolve_budget)
 from lava_sglang.sglang_plugin.touchpoints import RADIX_CACHE_BACKEND
@@ -239,8 +240,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def _int(flag: str, text: str, minimum: int) -> int:
     try:
-        value = int(text)
-    except (TypeError, ValueError):
+        value = parse_int(text)
+    except ValueError:
         raise ConfigError(f"{flag} must be an int >= {minimum}, got {text!r}") from None
     if value < minimum:
         raise ConfigError(f"{flag} must be an int >= {minimum}, got {text!r}")
@@ -250,19 +251,18 @@ def _int(flag: str, text: str, minimum: int) -> int:
 def _float(text: str) -> float:
     """`text` as a float; nan (which every range check refuses) when it is not one."""
     try:
-        return float(text)
-    except (TypeError, ValueError):
+        return parse_float(text)
+    except ValueError:
         return math.nan
 
 
 def parse_budget(text: str) -> float | int:
     """'0.2' -> keep ratio 0.2; '512' -> 512 tokens."""
     allowed = "a keep ratio in (0, 1] (e.g. 0.2) or an int >= 1 in tokens (e.g. 512)"
-    text = str(text).strip()
     try:
-        budget = int(text) if text.lstrip("+-").isdigit() else float(text)
+        budget = parse_int(text) if isinstance(text, int) or INT_PATTERN.fullmatch(str(text)) else parse_float(text)
         resolve_budget(budget, 1)
-    except (TypeError, ValueError):
+    except ValueError:
         raise ConfigError(f"--kv-budget must be {allowed}, got {text!r}") from None
     return budget
 

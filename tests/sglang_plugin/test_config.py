@@ -66,6 +66,9 @@ def test_config_survives_the_trip_to_the_children():
     ("--kv-observe-wait", "inf"), ("--kv-observe-wait", "soon"),
     ("--kv-observe-chunk", "0"), ("--kv-observe-chunk", "1.5"),
     ("--kv-observe-normalize", "softmax"), ("--kv-observe-prompt", "chatml"), ("--kv-observe-view", "document"),
+    # Python's int() and float() take these; as a flag they are more likely typos (lava_sglang.numbers).
+    ("--kv-window", "3_2"), ("--kv-budget", "\uff11\uff12"), ("--kv-budget", "0.2_5"), ("--kv-min-prefix", " 300 "),
+    ("--kv-observe-chunk", "5_12"), ("--kv-observe-wait", "\uff13\uff10"),
 ])
 def test_bad_values_name_the_flag(flag, value):
     with pytest.raises(ConfigError, match=flag):
