@@ -145,6 +145,24 @@ class QualityConfig:
                                                f"{' or '.join(POLICIES[policy_name(idle[0])].scored_by)}, which no "
                                                f"selected mode and observation source gives (query_aware scores by "
                                                f"its tail)")
+        self._check_windows_observed()
+
+    def _check_windows_observed(self) -> None:
+        """A policy that reads a window's queries (tail and branches sources, query_aware) reads the
+        benchmark's QUALITY_WINDOW of them: a spec's wider window would fail once the model has
+        loaded, with a fix no flag gives."""
+        window_read = {"tail", "branches"} & self.source_names() if "compress_once" in self.modes else set()
+        if "query_aware" in self.modes:
+            window_read.add("tail")
+        for spec in self.policies:
+            policy_class = POLICIES[policy_name(spec)]
+            reads = window_read & set(policy_class.scored_by or window_read)
+            window = make_policy(spec, window=self.window).window
+            if policy_class.needs_scores and reads and window > self.window:
+                raise ConfigFieldError("policies", f"{spec}: its window of {window} tokens is wider than the "
+                                                   f"{self.window} window queries that score it under "
+                                                   f"{' and '.join(sorted(reads))} (query_aware scores by the tail); "
+                                                   f"give window <= {self.window}, or a reconstruct source alone")
 
     def _check_distinct(self) -> None:
         """Two labels for one source, or for one policy as the benchmark builds it, would give

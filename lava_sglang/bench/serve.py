@@ -52,6 +52,10 @@ from lava_sglang.sglang_plugin.server_process import (CPU_DEFAULT_MAX_TOTAL_TOKE
 POLICIES = ["none", *COMPRESSING_POLICIES]
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "docs" / "results"
 MIN_CONTEXT = 128  # the shortest document (tokens) this benchmark builds
+#: The longest --max-seconds: a week, far below what Python's thread waits take (threading.TIMEOUT_MAX).
+MAX_WORKLOAD_SECONDS = 7 * 86400
+#: The shortest --sample-interval: a shorter one would poll /server_info without pause.
+MIN_SAMPLE_INTERVAL = 0.1
 # --memory-bound's defaults (each overridable by its flag).
 # One client in the memory-bound case: a document being compressed is held in full next to
 # the store until its plan is made, so the cap must fit the in-flight documents as well;
@@ -109,9 +113,12 @@ class ServeConfig:
         if self.context < MIN_CONTEXT:
             raise ValueError(f"--context must be >= {MIN_CONTEXT} tokens, got {self.context}")
         check_extra_server_args(self.server_args)
-        if not (0 < self.max_seconds < math.inf and 0 < self.sample_interval < math.inf):
-            raise ValueError(f"--max-seconds and --sample-interval must be finite and > 0, got {self.max_seconds} and "
-                             f"{self.sample_interval}")
+        if not 0 < self.max_seconds <= MAX_WORKLOAD_SECONDS:
+            raise ValueError(f"--max-seconds must be in (0, {MAX_WORKLOAD_SECONDS}] (a week), "
+                             f"got {self.max_seconds:g}")
+        if not MIN_SAMPLE_INTERVAL <= self.sample_interval <= self.max_seconds:
+            raise ValueError(f"--sample-interval must be in [{MIN_SAMPLE_INTERVAL}, --max-seconds "
+                             f"({self.max_seconds:g})] seconds, got {self.sample_interval:g}")
         if self.url:
             check_loopback(self.url)
 
@@ -718,8 +725,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
              "--resident-documents full documents, each flag's --memory-bound default, and the issue's targets "
              "judged in the report")
     add("--max-seconds", type=positive_float, default=900.0, help="workload time per policy, server start excluded; "
-        "no visit starts after it (default 900)")
-    add("--sample-interval", type=positive_float, default=2.0, help="seconds between /server_info samples (default 2)")
+        f"no visit starts after it; at most {MAX_WORKLOAD_SECONDS} (a week; default 900)")
+    add("--sample-interval", type=positive_float, default=2.0,
+        help=f"seconds between /server_info samples, {MIN_SAMPLE_INTERVAL} to --max-seconds (default 2)")
     add("--server-args", default="",
         help="extra server flags, one string, given with = (--server-args=\"--kv-window 64\")")
     add("--seed", type=at_least(0), default=0, help="document seed (default 0); one seed draws the keys and codes "

@@ -152,6 +152,11 @@ def test_the_share_of_the_full_caches_answers_is_resampled_by_document_and_paire
     # A window of half a document or more would keep (nearly) all of it at every ratio.
     ({"policies": ["streamingllm:window=48"], "contexts": [2048, 64], "questions": [4, 4]},
      r"streamingllm:window=48: its window of 48 tokens needs contexts of at least 96 tokens, got \[2048, 64\]"),
+    # Window queries score it (query_aware by default, tail, branches): there are only 32 of them.
+    ({"policies": ["lava:window=64"]}, "lava:window=64: its window of 64 tokens is wider than the 32 window "
+                                       "queries that score it under tail"),
+    ({"policies": ["snapkv:window=48"], "observe": ["reconstruct", "branches"], "modes": ["compress_once"]},
+     "under branches"),
 ])
 def test_quality_config_validation(changes, message):
     with pytest.raises(ConfigFieldError, match=message) as refused:
@@ -163,6 +168,10 @@ def test_two_specs_that_build_different_policies_or_sources_are_both_run():
     QualityConfig(policies=["lava", "lava:window=32"], observe=["reconstruct"], modes=["compress_once"]).validate()
     QualityConfig(policies=["streamingllm", "streamingllm:window=8"], observe=["reconstruct"]).validate()
     QualityConfig(policies=["lava"], observe=["branches", "branches:combine=max"], branch_combine="mean").validate()
+    # A repetition's scores, or none read: a wider window than the observation window's is fine.
+    QualityConfig(policies=["lava:window=64", "kvzip:window=64"], observe=["reconstruct"],
+                  modes=["compress_once"]).validate()
+    QualityConfig(policies=["streamingllm:window=64"]).validate()
 
 
 def test_a_cell_of_one_fidelity_question_is_written_as_strict_json():

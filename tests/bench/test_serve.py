@@ -122,8 +122,13 @@ def test_flags_for_started_servers_are_refused_with_url_and_times_must_be_positi
             with pytest.raises(SystemExit):
                 parser.parse_args([flag, bad])
         assert "finite number > 0" in capsys.readouterr().err
-    with pytest.raises(ValueError, match="--sample-interval must be finite and > 0"):
-        ServeConfig(sample_interval=0).validate()
+    # Beyond what a thread wait takes (a traceback mid-run), or a poll without pause, refused before any server starts.
+    with pytest.raises(ValueError, match=r"--max-seconds must be in \(0, 604800\] \(a week\), got 1e\+10"):
+        ServeConfig(max_seconds=1e10).validate()
+    for bad in (0, 0.01, 901):
+        with pytest.raises(ValueError, match=r"--sample-interval must be in \[0.1, --max-seconds \(900\)\] seconds"):
+            ServeConfig(max_seconds=900, sample_interval=bad).validate()
+    ServeConfig(max_seconds=900, sample_interval=900).validate()
 
 
 def test_a_url_is_a_servers_address():
