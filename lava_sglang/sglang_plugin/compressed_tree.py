@@ -380,8 +380,9 @@ class CompressedRadixCache(RadixCache):
             node = parent
 
     def free_below(self, node) -> None:
-        """Give back the (unlocked) nodes under `node`: the requests' own tokens below a full
-        prefix that is being replaced by its compressed copy."""
+        """Give back every node under `node`: the requests' own tokens below a full prefix that
+        is being replaced by its compressed copy. Locks are not checked: the caller's `node` is
+        unlocked, so nothing below it is (a lock holds a node's whole path)."""
         for child in list(node.children.values()):
             self.free_below(child)
             self.free_leaf(child)

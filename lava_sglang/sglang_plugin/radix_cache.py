@@ -574,9 +574,8 @@ class LavaRadixCache(CompressedRadixCache):
                                     for layer_scores in repeat_attention]
             node = self._compress_path(prefix_key, slots, last_node, pending.tail_queries,
                                        branch_windows if pending.branches else None, repeat_attention)
-            if node is None:  # no room: it stays uncompressed; the branches' and repetition's tokens go
-                self.free_below(last_node)
-                continue
+            if node is None:  # not compressed (no room, no row kept, an error: logged): it stays an ordinary
+                continue       # prefix, and what is cached below it stays too, as stock SGLang would keep it
             # The full copy goes before anything else runs: an error in the accounting below must
             # not leave the prefix held twice.
             self.free_below(full_copy)
@@ -645,6 +644,11 @@ class LavaRadixCache(CompressedRadixCache):
         if self._waits_on_path_of(prefix_key):
             # it would move the waiting prefix under a compressed node, where it is not compressed
             logger.info("lava: shared prefix of %d tokens not compressed: a fork prefix below it waits to be "
+                        "observed", len(prefix_key))
+            return
+        if self._pending_of(prefix_key) is not None:
+            # it would free the full copy of the waiting prefix it extends, whose branches then match none of it
+            logger.info("lava: shared prefix of %d tokens not compressed: a fork prefix it extends waits to be "
                         "observed", len(prefix_key))
             return
         slots, last_node = self.ordinary_slots(prefix_key)

@@ -935,6 +935,27 @@ def test_a_sharer_cut_before_a_fork_prefix_on_its_path_began_to_wait_is_not_comp
     assert_all_released(stub)
 
 
+@pytest.mark.parametrize("observe", ["branches", "reconstruct"])
+def test_a_shared_prefix_that_extends_a_waiting_fork_prefix_is_not_compressed(observe, caplog):
+    # The sharer's match was cut to observe document + common; the document's fork commit began
+    # to wait before its release: compressing the longer shared key would free the waiting
+    # document's full copy, and its branches (which leave the shared key) would match none of it.
+    stub = make_waiting_stub(observe, compress_on=(FORK, SHARED))
+    common = [50, 51, 52]
+    run(stub, document(0) + common + [60, 61])
+    sharer = stub.prefill(stub.request(document(0) + common + [70, 71]))
+    commit(stub, document(0))
+    with caplog.at_level(logging.INFO, logger="lava_sglang.sglang_plugin.radix_cache"):
+        stub.finish(sharer)
+    assert "shared prefix of 203 tokens not compressed: a fork prefix it extends waits" in caplog.text
+    assert not stub.compressed_nodes() and len(stub.cache.pending) == 1
+    branch = run(stub, document(0) + question(1))
+    assert branch.prefix_len == len(document(0))  # the whole document reused
+    if observe == "branches":  # its branch observed it: compressed, as a fork prefix
+        assert [len(node.key) for node in stub.compressed_nodes()] == [199] and not stub.cache.pending
+    assert_all_released(stub)
+
+
 @pytest.mark.parametrize("namespace", [{"cache_salt": "tenant-2"}, {"extra_key": "adapter-2"}])
 @pytest.mark.parametrize("compress_on", [(FORK,), (FORK, SHARED)])
 def test_requests_in_another_cache_namespace_are_served_beside_a_waiting_prefix(namespace, compress_on):
@@ -1352,6 +1373,26 @@ def test_a_compression_that_fails_leaves_the_prefix_uncompressed_and_leaks_nothi
     monkeypatch.undo()
     commit(stub, document(0))  # a later commit compresses it
     assert len(stub.compressed_nodes()) == 1
+    assert_all_released(stub)
+
+
+def test_a_waiting_prefix_left_uncompressed_keeps_what_its_branches_cached(monkeypatch, caplog):
+    # Its compression fails once its branch has run: the prefix stays an ordinary one, and the
+    # branch's own tokens stay cached below it, as stock SGLang would keep them.
+    from lava_sglang.sglang_plugin import radix_cache
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("out of memory (simulated)")
+
+    stub = make_stub(observe="branches")
+    commit(stub, document(0))
+    monkeypatch.setattr(radix_cache, "plan_prefix", fail)
+    branch = document(0) + question(0)
+    with caplog.at_level(logging.ERROR, logger="lava_sglang.sglang_plugin.radix_cache"):
+        run(stub, branch)
+    assert "compressing a 199-token prefix failed; it is kept uncompressed" in caplog.text
+    assert not stub.compressed_nodes() and not stub.cache.pending
+    assert run(stub, branch).prefix_len == len(branch) - 1  # the branch's question is still cached
     assert_all_released(stub)
 
 
