@@ -15,7 +15,7 @@ from pathlib import Path
 from lava_sglang.argtypes import (COMPRESSING_POLICIES, DEFAULT_MIN_PREFIX, OBSERVE_SOURCES, QUALITY_WINDOW,
                                   REPORT_FLAGS, at_least, check_results, fact_count, keep_ratio, named_spec,
                                   output_folder, positive_int, read_json, read_notes, refuse_run_flags, replace_file)
-from lava_sglang.bench.documents import RETRIEVAL_ANSWER_TOKENS, names_code
+from lava_sglang.bench.documents import CODE_DIGITS, MAX_FACTS, RETRIEVAL_ANSWER_TOKENS, names_code
 from lava_sglang.model import ModelNotAvailable
 from lava_sglang.sglang_plugin.server_process import ServerExited
 
@@ -84,8 +84,10 @@ def _demo_command(args: argparse.Namespace) -> int:
     prefix = prompt_parts(document.text, "")[0]
     suffixes = [prompt_parts("", question.text)[1] for question in document.questions]
     prefix_len = len(tokenizer(prefix).input_ids)
-    print(f"Document: {prefix_len} tokens of Python's language reference with "
-          f"{args.facts} planted facts; {len(suffixes)} questions.")
+    # SGLang matches at most a prompt's first n - 1 tokens, so the fork prefix it caches, and the
+    # plugin compresses, is the document's prompt less its last token.
+    print(f"Document: {prefix_len} tokens of Python's language reference with {args.facts} planted facts "
+          f"(the server caches and compresses its first {prefix_len - 1}); {len(suffixes)} questions.")
     if not server_config.evicts(prefix_len - 1):  # the server caches such a prefix uncompressed
         raise ValueError(f"--ratio {args.ratio} keeps every token of the document's {prefix_len - 1}-token fork "
                          "prefix: there is nothing to compress; give a smaller ratio")
@@ -161,12 +163,14 @@ def _demo_command(args: argparse.Namespace) -> int:
         print(f"   {'':>16}  ({meta['cached_tokens']} of {meta['prompt_tokens']} prompt tokens from the cache)")
         print()
     print(f"Planted codes found: full cache {right['full cache']}/{len(planted)}, "
-          f"{label} {right[label]}/{len(planted)}")
+          f"{label} {right[label]}/{len(planted)}\n   ([right]: the answer's first {CODE_DIGITS}-digit number is the "
+          "planted code; what follows it is not graded)")
     full_bytes = stats["bytes_stored"] + stats["bytes_saved"]
     print(f"KV memory of the document ({stats['prefix_tokens']} tokens, all layers and KV heads, "
           f"{'fp32' if not torch.cuda.is_available() else 'model dtype'}):")
-    print(f"   full cache:     {full_bytes / 2**20:7.2f} MiB")
-    print(f"   {label}:   {stats['bytes_stored'] / 2**20:7.2f} MiB "
+    width = max(len("full cache"), len(label))
+    print(f"   {'full cache':<{width}}: {full_bytes / 2**20:7.2f} MiB")
+    print(f"   {label:<{width}}: {stats['bytes_stored'] / 2**20:7.2f} MiB "
           f"({stats['stored_rows']} rows in {stats['borrowed_slots']} pool slots, compressed "
           f"{stats['compressions']} time(s) in {stats['compress_seconds'] * 1e3:.0f} ms)")
     print(f"\nThe document was compressed once, scored by {OBSERVE_MEANING[args.observe]}, and the second visit's "
@@ -369,14 +373,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser("demo", help="an SGLang server with --kv-policy: one document, several "
                                             "forked questions, answers next to the full cache's")
-    demo.add_argument("--policy", default="lava", help="compression policy, as --kv-policy takes it (default lava)")
+    demo.add_argument("--policy", default="lava",
+                      help="compression policy, as --kv-policy takes it, with its options if any: "
+                           f"{', '.join(COMPRESSING_POLICIES)} (default lava)")
     demo.add_argument("--observe", default="reconstruct", choices=OBSERVE_SOURCES,
                       help="what scores the document, as --kv-observe (default reconstruct)")
     demo.add_argument("--ratio", type=keep_ratio, default=0.2, help="keep ratio in (0, 1] (default 0.2)")
     demo.add_argument("--context", type=at_least(DEFAULT_MIN_PREFIX), default=1024,
                       help=f"document tokens, at least {DEFAULT_MIN_PREFIX} (the server's --kv-min-prefix: a shorter "
                            "prompt is not compressed; default 1024)")
-    demo.add_argument("--facts", type=fact_count, default=4, help="planted facts to ask about (default 4)")
+    demo.add_argument("--facts", type=fact_count, default=4,
+                      help=f"planted facts to ask about, at most {MAX_FACTS} and fewer than the document's paragraphs "
+                           "(default 4)")
     demo.add_argument("--max-new-tokens", type=positive_int, default=RETRIEVAL_ANSWER_TOKENS,
                       help=f"answer length cap (default {RETRIEVAL_ANSWER_TOKENS})")
     demo.add_argument("--seed", type=at_least(0), default=0, help="document seed (default 0)")

@@ -1,5 +1,5 @@
 # Sourced by the README's commands. Creates the virtual environment when it is missing
-# (about 4 minutes, 11 GB), reuses it when present, and puts it first on PATH.
+# (4-6 minutes, 11 GB), reuses it when present, and puts it first on PATH.
 #
 # The environment lives outside the repository, keyed by the hash of requirements.lock,
 # requirements-nodeps.txt and scripts/make_env.sh (which installs them), so every clone (CI

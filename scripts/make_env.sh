@@ -34,7 +34,7 @@ if [ -z "${LAVA_SGLANG_VENV:-}" ] && [ ! -f "$VENV/.complete" ]; then
              "LAVA_SGLANG_PYTHON to one" >&2
         exit 1
     fi
-    echo "lava-sglang: creating the environment in $VENV (first run only, about 4 minutes)" >&2
+    echo "lava-sglang: creating the environment in $VENV (first run only, 4-6 minutes)" >&2
     rm -rf "$VENV"
     "$PYTHON_FOR_VENV" -m venv "$VENV"
     # Not --quiet: ~11 GB over several minutes, so pip's own lines show it moving (on stderr).
