@@ -272,9 +272,17 @@ class LavaRadixCache(CompressedRadixCache):
     def release_aborted_request(self, handle) -> None:
         """An aborted request (SGLang calls this on every rank, with the request's handle) gives
         back its place among a waiting prefix's captured branches: one dropped from the
-        waiting queue (its abort, its timeout, the queue's limit) is never released."""
+        waiting queue (its abort, its timeout, the queue's limit) is never released. A
+        repetition chunk dropped so stops its repetition here, on every rank: the thread that
+        sends the chunks sees the abort on the first rank only, and the others would wait
+        --kv-observe-wait without progress before the ranks agree the prefix is ready."""
         for pending in self.pending:
             pending.release_branch(handle.rid)
+        repetition = self.repetitions.get(handle.rid)
+        if repetition is not None and repetition.failed is None:
+            repetition.failed = f"chunk {handle.rid} was aborted"
+            logger.warning("lava: repetition chunk %s of a %d-token prefix was aborted before it ran; the repetition "
+                           "stops", handle.rid, repetition.prefix_len)
         super().release_aborted_request(handle)
 
     def _serving_on(self, step: str, action, req) -> None:

@@ -1396,6 +1396,25 @@ def test_a_waiting_prefix_left_uncompressed_keeps_what_its_branches_cached(monke
     assert_all_released(stub)
 
 
+def test_a_repetition_chunk_dropped_from_the_queue_stops_its_repetition_on_this_rank(caplog):
+    # SGLang releases a request aborted while queued through release_aborted_request on every
+    # rank; only the first rank's sending thread hears of it over HTTP.
+    from types import SimpleNamespace
+
+    stub = make_waiting_stub("reconstruct")
+    commit(stub, document(0))
+    repetition = stub.cache.pending[0].repetition
+    stub.cache.repetitions.update(dict.fromkeys(repetition.rids, repetition))  # as a sent repetition is registered
+    first = repetition.chunks[0].rid
+    with caplog.at_level(logging.WARNING, logger="lava_sglang.sglang_plugin.radix_cache"):
+        stub.cache.release_aborted_request(SimpleNamespace(rid=first))
+    assert repetition.failed == f"chunk {first} was aborted"
+    assert f"repetition chunk {first} of a 200-token prefix was aborted before it ran" in caplog.text
+    stub.cache.compress_ready_when_idle()  # ready at once: compressed by its tail window
+    assert not stub.cache.pending and len(stub.compressed_nodes()) == 1
+    assert_all_released(stub)
+
+
 def test_the_radix_cache_internals_the_tree_relies_on_exist_in_this_sglang():
     from lava_sglang.sglang_plugin import touchpoints
 
