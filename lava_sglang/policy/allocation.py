@@ -46,7 +46,8 @@ def distribute(total: int, weights: Sequence[float], cap: int) -> list[int]:
 def pyramid_weights(num_layers: int, per_layer: int, beta: float) -> list[float]:
     """PyramidKV's linear schedule: layer 0 gets the most, the last layer `per_layer / beta`.
 
-    The weights average to `per_layer`, so the total equals the uniform total.
+    The weights average to `per_layer`, so they sum to the uniform total; the budgets made
+    from them are floored per layer (`distribute`), up to L - 1 tokens fewer.
     """
     if num_layers == 1:
         return [float(per_layer)]

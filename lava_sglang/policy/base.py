@@ -96,7 +96,7 @@ class WindowPolicy(Policy):
 
     pool_kernel: int = 7
     #: The first tokens (attention sinks) kept in every layer and head whatever their scores,
-    #: counted in the budget.
+    #: counted in the budget: where the budget beyond the window holds fewer, only so many.
     sink_tokens: int = 0
 
     #: How the G query heads of a KV group are reduced: "max" (LAVa) or "mean" (SnapKV).

@@ -3,7 +3,8 @@
 The scores come from the observation source (`reconstruct` for KVzip proper,
 docs/observe.md): per KV head the max over its query group, no pooling, no value norm. The
 budget is one threshold over every layer and KV head, so layers and heads keep as many tokens
-as their scores win; the first tokens (attention sinks) are always kept. Where this differs
+as their scores win; the first tokens (attention sinks) are kept before any score, as far as
+the budget beyond the window holds them (docs/kvzip.md). Where this differs
 from the authors' code is listed in docs/kvzip.md.
 """
 

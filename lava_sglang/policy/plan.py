@@ -360,6 +360,11 @@ class PlanBuilder:
                 scores = self._gathered(scores)
                 if self.policy.uses_layer_entropy:
                     entropies = [score_ops.layer_entropy(layer) for layer in scores]
+        # Scores computed here from finite inputs can still overflow fp32 (a key of 1e30), and a
+        # nan sorts above every score. Checked once gathered, so that every rank refuses alike.
+        if scores is not None and torch.isnan(scores).any():
+            raise ValueError("the scores computed from the observation contain nan (an overflow of the queries, "
+                             "keys or values)")
         layer_budgets, head_budgets = self.policy.allocate(scores, entropies, selectable * self.num_layers,
                                                            self.prefix_len, num_kv_heads)
         head_budgets = [heads[own_heads] for heads in head_budgets]

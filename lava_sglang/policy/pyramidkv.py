@@ -1,4 +1,5 @@
-"""PyramidKV: SnapKV scores with a linear layer schedule (more in early layers, same total)."""
+"""PyramidKV: SnapKV scores with a linear layer schedule (more in early layers; the uniform
+total, less what flooring each layer's share drops: up to L - 1 tokens per KV head, docs/lava.md)."""
 
 from __future__ import annotations
 

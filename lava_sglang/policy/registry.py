@@ -20,7 +20,8 @@ POLICIES: dict[str, type[Policy]] = {
 def make_policy(name: str, **options) -> Policy:
     """Build policy `name` with the options it has as fields; options it lacks but another
     policy has are ignored, so one set of options (window, pool_kernel, alpha) serves every
-    policy, and an option no policy has is refused. `name` may be a spec with options of its
+    policy, and an option no policy has is refused (a policy may still refuse a value it would
+    not read: `lava` refuses alpha under its global threshold). `name` may be a spec with options of its
     own (`lava:layer_budget=global`, `specs.py`); those win."""
     return build(name, POLICIES, "policy", options)
 
