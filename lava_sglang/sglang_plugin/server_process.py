@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import signal
 import socket
@@ -45,10 +46,35 @@ _STOPPED_WITH_PARENT = (
 )
 
 
+#: The lowest port `free_port` picks.
+PORT_FLOOR = 10000
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
+    """A port free now, picked at random below the kernel's ephemeral range. A server binds
+    its port only once its model has loaded; a port from that range (what binding port 0
+    gives) may meanwhile be handed to any program's outgoing connection, and the readiness
+    check would then ask whatever holds it. Below the range only a program that asks for a
+    port by number takes it, and ours pick at random."""
+    ephemeral_low = _ephemeral_port_low()
+    picker = random.SystemRandom()
+    for _ in range(100):
+        port = picker.randrange(PORT_FLOOR, ephemeral_low) if ephemeral_low > PORT_FLOOR else 0
+        with socket.socket() as sock:
+            try:
+                sock.bind((HOST, port))
+            except OSError:  # taken: another pick
+                continue
+            return sock.getsockname()[1]
+    raise OSError(f"no free port in [{PORT_FLOOR}, {ephemeral_low}) after 100 picks")
+
+
+def _ephemeral_port_low() -> int:
+    """The first port of the kernel's ephemeral range (Linux's default 32768 where it cannot be read)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
 
 
 def _flag_value(args: list[str], *names: str, default: str) -> str:
@@ -257,11 +283,11 @@ class RouterProcess(_LoggedProcess):
             try:
                 with urllib.request.urlopen(self.url + "/workers", timeout=30) as response:
                     workers = json.load(response)["workers"]
-            except OSError:  # a transient refusal or error answer: ask again
-                workers = []
-            registered = {_router_worker_server(worker["url"]) for worker in workers}
-            if registered == set(self.worker_urls) and all(worker["is_healthy"] for worker in workers):
-                return self
+                registered = {_router_worker_server(worker["url"]) for worker in workers}
+                if registered == set(self.worker_urls) and all(worker["is_healthy"] for worker in workers):
+                    return self
+            except (OSError, ValueError, KeyError, TypeError):  # a refusal, an error or a half-made answer: ask again
+                pass
             time.sleep(0.5)
         raise TimeoutError(f"{self.name}: not every worker healthy after {timeout:.0f} s\n{self.log_tail()}")
 

@@ -24,7 +24,9 @@ from lava_sglang.sglang_plugin import touchpoints
 class TensorParallel:
     """This scheduler's place in the TP group. `group`: SGLang's `GroupCoordinator`: the
     scores go through `all_gather(tensor, dim)` on the device's group; the few numbers
-    through `all_gather_object` and `broadcast_object` on its CPU group, on any device."""
+    through `all_gather_object` on its CPU group and `broadcast_object` (by SGLang's
+    shared-memory message queue where the group has one, as the TP group does by default;
+    else the CPU group), on any device."""
 
     rank: int
     world_size: int

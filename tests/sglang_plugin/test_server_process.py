@@ -95,3 +95,36 @@ def test_the_cpu_engine_flags_are_added_where_the_caller_gave_none(args, expecte
 def test_the_scheduler_ranks_are_data_parallel_times_tensor_parallel():
     assert _scheduler_ranks(["--tp-size", "3", "--dp=2"]) == 6 and _scheduler_ranks([]) == 1
     assert _scheduler_ranks(["--tp-size"]) == 1  # a missing value: SGLang's parser refuses it
+
+
+def test_a_free_port_is_below_the_ephemeral_range_and_skips_a_taken_one(monkeypatch):
+    # Ports from the ephemeral range are handed to any program's connections while a server loads its model.
+    import socket
+
+    from lava_sglang.sglang_plugin import server_process
+
+    low = server_process._ephemeral_port_low()
+    ports = {server_process.free_port() for _ in range(20)}
+    assert all(server_process.PORT_FLOOR <= port < low for port in ports) and len(ports) > 1
+    with socket.socket() as taken:
+        taken.bind((server_process.HOST, 0))
+        held = taken.getsockname()[1]
+        picks = iter([held, *range(server_process.PORT_FLOOR, server_process.PORT_FLOOR + 100)])
+        monkeypatch.setattr(server_process.random.SystemRandom, "randrange", lambda self, start, stop: next(picks))
+        assert server_process.free_port() != held
+
+
+def test_the_router_is_asked_again_after_a_half_made_answer(tmp_path, monkeypatch):
+    # While it starts, /workers may answer with a body that is not the JSON of its worker list.
+    import io
+
+    from lava_sglang.sglang_plugin import server_process
+
+    worker = "http://127.0.0.1:30001"
+    answers = iter([b"starting", b'{"workers": [{"url": "http://127.0.0.1:30001"}]}',
+                    json.dumps({"workers": [{"url": worker, "is_healthy": True}]}).encode()])
+    monkeypatch.setattr(server_process._LoggedProcess, "wait_ready", lambda self, timeout: self)
+    monkeypatch.setattr(server_process.urllib.request, "urlopen", lambda url, timeout: io.BytesIO(next(answers)))
+    monkeypatch.setattr(server_process.time, "sleep", lambda seconds: None)
+    router = server_process.RouterProcess([worker], port=1, log_path=tmp_path / "router.log")
+    assert router.wait_ready(timeout=10) is router
