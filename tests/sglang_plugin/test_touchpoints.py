@@ -61,3 +61,36 @@ def test_the_cached_prompt_tokens_are_sglangs_count_made_at_each_prefill():
     req.cached_tokens = 2
     assert touchpoints.cached_prompt_tokens(req) == 2
     assert "req.cached_tokens += " in inspect.getsource(ScheduleBatch.prepare_for_extend)
+
+
+def test_the_names_the_start_up_checks_read_exist_in_this_sglang():
+    """plugin._check_model, touchpoints.multimodal_processor_runs and has_input_embeddings read
+    SGLang attributes with a default that means "allowed" (no MLA, a generating model, an
+    unquantized pool, no media): an upgrade that renamed one would turn a refusal off with
+    no other test failing. Each name is looked up where SGLang 0.5.23 sets it."""
+    import dataclasses
+    import inspect
+
+    from sglang.srt.configs.model_config import ModelConfig
+    from sglang.srt.layers.radix_attention import RadixAttention
+    from sglang.srt.managers.io_struct import GenerateReqInput
+    from sglang.srt.managers.schedule_batch import Req
+    from sglang.srt.managers.tokenizer_manager import TokenizerManager
+    from sglang.srt.mem_cache import memory_pool
+    from sglang.srt.mem_cache.registry import TreeCacheBuildContext
+
+    def sets(cls, names):
+        source = inspect.getsource(cls)
+        return [name for name in names if f"self.{name} =" not in source and f"self.{name}: " not in source]
+
+    context_fields = {field.name for field in dataclasses.fields(TreeCacheBuildContext)}
+    assert {"is_hybrid_swa", "is_hybrid_ssm", "is_dsa", "model_config", "tp_worker", "params"} <= context_fields
+    assert sets(ModelConfig, ["attention_arch", "is_generation", "context_len", "hf_config"]) == []
+    assert sets(RadixAttention, ["logit_cap", "is_cross_attention", "qk_head_dim", "v_head_dim", "scaling",
+                                 "tp_q_head_num", "tp_k_head_num"]) == []
+    assert sets(memory_pool.MHATokenToKVPool, ["k_buffer", "v_buffer"]) == []
+    assert any(isinstance(vars(cls).get("is_quantized_kv_cache"), property)
+               for cls in vars(memory_pool).values() if inspect.isclass(cls))
+    assert callable(GenerateReqInput.contains_mm_input)
+    assert sets(TokenizerManager, ["mm_processor"]) == []
+    assert sets(Req, ["input_embeds", "positional_embed_overrides", "cached_tokens"]) == []
