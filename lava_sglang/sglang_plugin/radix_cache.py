@@ -572,8 +572,10 @@ class LavaRadixCache(CompressedRadixCache):
             repetition = pending.repetition if is_scored else None
             cut_short = pending.repetition is not None and repetition is None
             if cut_short:  # read before _forget, whose abort would be taken for the cause
-                cut_short_reason = (pending.repetition.failed
-                                    or f"no progress within --kv-observe-wait {self.config.observe_wait:g} s")
+                stalled = f"no progress within --kv-observe-wait {self.config.observe_wait:g} s"
+                if self.tensor_parallel is not None:  # the ranks agreed: the cause may be another rank's
+                    stalled = f"stopped on another rank, or {stalled}"
+                cut_short_reason = pending.repetition.failed or stalled
             self._forget(pending)
             branch_windows = [[branch[layer] for branch in pending.branches] for layer in range(self.kv_pool.layer_num)]
             repeat_attention = repetition.repeat if repetition is not None else None

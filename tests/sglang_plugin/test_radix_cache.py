@@ -1046,6 +1046,31 @@ def test_under_tensor_parallel_a_prefix_waits_for_every_rank_and_takes_the_large
     assert_all_released(stub)
 
 
+def test_under_tensor_parallel_a_repetition_stopped_on_another_rank_is_not_reported_as_stalled(caplog):
+    # Every chunk scored here; the other rank's repetition failed: the ranks agree the prefix is
+    # ready and not scored, and this rank, whose repetition has no failure of its own, must not
+    # blame the wait.
+    class FailedOnOtherRank(OtherRank):
+        def all_gather_object(self, value):
+            if isinstance(value, list):  # ready + scored: ready there, its repetition not scored
+                half = len(value) // 2
+                return [value, [True] * half + [False] * half]
+            return super().all_gather_object(value)
+
+    stub = SchedulerStub(KvPolicyConfig(policy="lava", window=WINDOW, min_prefix=MIN_PREFIX, observe="reconstruct"),
+                         tensor_parallel=TensorParallel(rank=0, world_size=2, group=FailedOnOtherRank()))
+    stub.cache._start_repetition = make_waiting_stub("reconstruct").cache._start_repetition
+    commit(stub, document(0))
+    repetition = stub.cache.pending[0].repetition
+    for chunk in repetition.chunks:  # as each chunk's release with all its queries scored marks it
+        chunk.done = True
+    assert repetition.done and repetition.failed is None
+    with caplog.at_level(logging.WARNING, logger="lava_sglang.sglang_plugin.radix_cache"):
+        run(stub, document(1, length=20))  # any release looks at the waiting prefixes again
+    assert "(stopped on another rank, or no progress within --kv-observe-wait 30 s)" in caplog.text
+    assert len(stub.compressed_nodes()) == 1 and not stub.cache.pending
+
+
 def test_a_repetition_is_not_asked_for_where_a_plain_request_cannot_repeat_the_prefix(caplog):
     from types import SimpleNamespace
 
