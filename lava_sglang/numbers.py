@@ -1,7 +1,8 @@
 """Numbers as a user writes them in a flag or a spec: ASCII digits only.
 
 Python's int() and float() also take "3_2", " 8 " and "８" (a full-width digit); in a flag those
-are more likely typos than numbers, so every flag and spec of the project reads numbers here.
+are more likely typos than numbers, so every flag and spec the project parses reads numbers
+here (an SGLang built with patches/ types the --kv-* flags with its own parser first).
 No imports beyond the standard library: the commands parse their flags before torch loads.
 """
 
