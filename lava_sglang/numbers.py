@@ -30,6 +30,6 @@ def parse_float(text: str | float) -> float:
     A number is taken as it is."""
     if isinstance(text, (int, float)) and not isinstance(text, bool):
         return float(text)
-    if not isinstance(text, str) or not (INT_PATTERN.fullmatch(text) or FLOAT_PATTERN.fullmatch(text)):
+    if not isinstance(text, str) or not FLOAT_PATTERN.fullmatch(text):  # the pattern takes ints too
         raise ValueError(f"not a number: {text!r}")
     return float(text)

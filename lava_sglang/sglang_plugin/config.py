@@ -260,7 +260,7 @@ def parse_budget(text: str) -> float | int:
     """'0.2' -> keep ratio 0.2; '512' -> 512 tokens."""
     allowed = "a keep ratio in (0, 1] (e.g. 0.2) or an int >= 1 in tokens (e.g. 512)"
     try:
-        budget = parse_int(text) if isinstance(text, int) or INT_PATTERN.fullmatch(str(text)) else parse_float(text)
+        budget = parse_int(text) if INT_PATTERN.fullmatch(str(text)) else parse_float(text)
         resolve_budget(budget, 1)
     except ValueError:
         raise ConfigError(f"--kv-budget must be {allowed}, got {text!r}") from None

@@ -79,18 +79,18 @@ def test_the_names_the_start_up_checks_read_exist_in_this_sglang():
     from sglang.srt.mem_cache import memory_pool
     from sglang.srt.mem_cache.registry import TreeCacheBuildContext
 
-    def sets(cls, names):
+    def not_set_in(cls, names):
         source = inspect.getsource(cls)
         return [name for name in names if f"self.{name} =" not in source and f"self.{name}: " not in source]
 
     context_fields = {field.name for field in dataclasses.fields(TreeCacheBuildContext)}
     assert {"is_hybrid_swa", "is_hybrid_ssm", "is_dsa", "model_config", "tp_worker", "params"} <= context_fields
-    assert sets(ModelConfig, ["attention_arch", "is_generation", "context_len", "hf_config"]) == []
-    assert sets(RadixAttention, ["logit_cap", "is_cross_attention", "qk_head_dim", "v_head_dim", "scaling",
+    assert not_set_in(ModelConfig, ["attention_arch", "is_generation", "context_len", "hf_config"]) == []
+    assert not_set_in(RadixAttention, ["logit_cap", "is_cross_attention", "qk_head_dim", "v_head_dim", "scaling",
                                  "tp_q_head_num", "tp_k_head_num"]) == []
-    assert sets(memory_pool.MHATokenToKVPool, ["k_buffer", "v_buffer"]) == []
+    assert not_set_in(memory_pool.MHATokenToKVPool, ["k_buffer", "v_buffer"]) == []
     assert any(isinstance(vars(cls).get("is_quantized_kv_cache"), property)
                for cls in vars(memory_pool).values() if inspect.isclass(cls))
     assert callable(GenerateReqInput.contains_mm_input)
-    assert sets(TokenizerManager, ["mm_processor"]) == []
-    assert sets(Req, ["input_embeds", "positional_embed_overrides", "cached_tokens"]) == []
+    assert not_set_in(TokenizerManager, ["mm_processor"]) == []
+    assert not_set_in(Req, ["input_embeds", "positional_embed_overrides", "cached_tokens"]) == []
