@@ -39,3 +39,17 @@ def test_gpu_check_stops_with_the_reason_without_a_gpu():
     assert result.returncode == 2
     assert result.stdout.startswith("# kernels/gpu_check.sh, ") and "commit " in result.stdout
     assert "no CUDA device here" in result.stderr
+
+
+def test_gpu_check_runs_its_steps_compiled_when_the_interpreter_flag_is_set(tmp_path):
+    # Under TRITON_INTERPRET=1 the CUDA cases are skipped and pytest passes: a check run with the
+    # CPU instructions' flag would report success having tested nothing on the GPU.
+    fake_python = tmp_path / "python"  # a GPU machine's python that records each step's flag
+    fake_python.write_text('#!/bin/sh\necho "step TRITON_INTERPRET=${TRITON_INTERPRET-unset}: $*"\n')
+    fake_python.chmod(0o755)
+    result = subprocess.run(["bash", str(SCRIPTS / "gpu_check.sh")], capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHON": str(fake_python), "TRITON_INTERPRET": "1"})
+    assert result.returncode == 0, result.stderr
+    steps = [line for line in result.stdout.splitlines() if line.startswith("step ") and ": -c " not in line]
+    assert len(steps) == 4, result.stdout  # pytest and the three benchmarks
+    assert all(line.startswith("step TRITON_INTERPRET=unset: ") for line in steps), result.stdout
