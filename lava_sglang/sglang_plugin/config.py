@@ -40,7 +40,8 @@ CUDA_GRAPH_PHASES = ("cuda_graph_backend_decode", "cuda_graph_backend_prefill")
 # Per-phase attention backends: two that differ give a hybrid backend.
 ATTENTION_PHASES = ("prefill_attention_backend", "decode_attention_backend")
 # --kv-cache-dtype values whose pool holds K and V as plain numbers: the compressor scores and
-# copies them as such, so a quantized pool (fp8, fp4: bytes plus scales) is refused.
+# copies them as such, so a quantized pool (fp8, fp4: bytes plus scales) is refused. (`auto`
+# takes fp8 from a checkpoint that declares it: the scheduler's start-up check refuses that pool.)
 PLAIN_KV_CACHE_DTYPES = ("auto", "bf16", "bfloat16")
 FORK, SHARED = "fork", "shared"
 COMPRESS_TRIGGERS = (FORK, SHARED)

@@ -6,6 +6,8 @@ import logging
 import math
 import os
 
+import torch
+
 from lava_sglang.policy import HeadShard, spec_of
 from lava_sglang.sglang_plugin import attention, touchpoints
 from lava_sglang.sglang_plugin.config import (
@@ -23,6 +25,8 @@ from lava_sglang.sglang_plugin.config import (
 logger = logging.getLogger(__name__)
 
 _registered = False
+# The pool dtypes whose K and V rows the compressor and the compressed-prefix path read as numbers.
+PLAIN_KV_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 def register() -> None:
@@ -221,8 +225,11 @@ def _check_model(ctx, config: KvPolicyConfig, tensor_parallel=None) -> None:
         # Their requests generate nothing, the shape of a fork commit: prompts would be compressed.
         (not getattr(model_config, "is_generation", True),
          "models that do not generate (embedding, reward, classification) are not supported"),
-        (getattr(hf_config, "sliding_window", None) not in (None, 0)
-         and getattr(hf_config, "use_sliding_window", True), "sliding-window attention is not supported"),
+        # A multimodal config (Gemma 3) holds the window in its text config, which SGLang's
+        # layers then apply: the compressed-prefix path would attend over the whole prefix.
+        ((getattr(hf_config, "sliding_window", None) not in (None, 0) and getattr(hf_config, "use_sliding_window", True))
+         or any(layer.sliding_window_size not in (None, 0, -1) for layer in layers),
+         "sliding-window attention is not supported"),
         # The compressed-prefix path computes plain softmax attention; these change it.
         (any(layer.logit_cap for layer in layers), "attention logit soft-capping is not supported"),
         (touchpoints.has_attention_sinks(model), "learned attention sinks are not supported"),
@@ -242,8 +249,13 @@ def _check_model(ctx, config: KvPolicyConfig, tensor_parallel=None) -> None:
         # 1.0, is served: the plugin's path with stock SGLang's answers, documented and tested.)
         (config.min_prefix >= model_config.context_len,
          f"--kv-min-prefix {config.min_prefix} must be below the model's context length {model_config.context_len}"),
-        (not isinstance(getattr(kv_pool, "k_buffer", None), list) or getattr(kv_pool, "is_quantized_kv_cache", False),
-         f"KV pool {type(kv_pool).__name__} is not a plain per-layer K/V pool"),
+        # --kv-cache-dtype auto takes fp8 from a checkpoint that declares it, in a pool that holds
+        # bytes (store_dtype uint8) without calling itself quantized.
+        (not isinstance(getattr(kv_pool, "k_buffer", None), list) or getattr(kv_pool, "is_quantized_kv_cache", False)
+         or getattr(kv_pool, "dtype", None) not in PLAIN_KV_DTYPES
+         or getattr(kv_pool, "store_dtype", None) != kv_pool.dtype,
+         f"KV pool {type(kv_pool).__name__} of {getattr(kv_pool, 'dtype', None)} is not a plain per-layer K/V pool "
+         f"of {', '.join(map(str, PLAIN_KV_DTYPES))}"),
         (not hasattr(backend, "compressed_prefix_path"),
          f"attention backend {type(backend).__name__}: supported: {', '.join(SUPPORTED_ATTENTION_BACKENDS)}"),
         (bool(sharding_refusals), "; ".join(sharding_refusals)),  # both, so that one fix does not reveal the other

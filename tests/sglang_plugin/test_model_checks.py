@@ -1,8 +1,8 @@
 """The start-up refusals of models and engine states the plugin cannot serve (MLA, sliding
-window, hybrid layers, logit soft-capping, learned sinks, cross-attention, key and value
+window in the config or on a layer, hybrid layers, logit soft-capping, learned sinks, cross-attention, key and value
 heads of different sizes, non-causal attention, an attention scaling other than
 1/sqrt(head_dim) for a scoring policy, a window or a minimum prefix as long
-as the context, a quantized or unusual KV pool, an attention backend without the
+as the context, a quantized, fp8 or unusual KV pool, an attention backend without the
 compressed-prefix path): each names its reason."""
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def server_context(**changes):
         tp_worker=SimpleNamespace(model_runner=SimpleNamespace(
             attn_backend=SimpleNamespace(compressed_prefix_path=object()), model=model_with_attention())),
     )
-    kv_pool = SimpleNamespace(k_buffer=[], is_quantized_kv_cache=False)
+    kv_pool = SimpleNamespace(k_buffer=[], is_quantized_kv_cache=False, dtype=torch.float32, store_dtype=torch.float32)
     context.params = SimpleNamespace(token_to_kv_pool_allocator=SimpleNamespace(get_kvcache=lambda: kv_pool))
     context.kv_pool = kv_pool
     for path, value in changes.items():
@@ -69,10 +69,16 @@ def test_a_supported_model_passes():
     ({"model_config.attention_arch": "AttentionArch.MLA"}, "MLA attention"),
     ({"model_config.is_generation": False}, "models that do not generate"),
     ({"model_config.hf_config.sliding_window": 4096}, "sliding-window attention"),
+    # Gemma 3's multimodal config keeps the window in text_config; its layers apply it.
+    ({"tp_worker.model_runner.model": model_with_attention(sliding_window_size=1024)}, "sliding-window attention"),
     ({"model_config.context_len": 8}, "--kv-window 8 must be below the model's context length 8"),
     ({"model_config.context_len": 256}, "--kv-min-prefix 256 must be below the model's context length 256"),
     ({"kv_pool.is_quantized_kv_cache": True}, "not a plain per-layer K/V pool"),
     ({"kv_pool.k_buffer": None}, "not a plain per-layer K/V pool"),
+    # SGLang's own fp8 pool under --kv-cache-dtype auto: bytes, not called quantized.
+    ({"kv_pool.dtype": torch.float8_e4m3fn, "kv_pool.store_dtype": torch.uint8},
+     "of torch.float8_e4m3fn is not a plain per-layer K/V pool"),
+    ({"kv_pool.store_dtype": torch.uint8}, "not a plain per-layer K/V pool"),
     ({"tp_worker.model_runner.attn_backend": SimpleNamespace()}, "attention backend SimpleNamespace"),
     ({"tp_worker.model_runner.model": model_with_attention(logit_cap=30.0)}, "logit soft-capping"),
     ({"tp_worker.model_runner.model": model_with_attention(sinks=torch.nn.Parameter(torch.zeros(9)))},

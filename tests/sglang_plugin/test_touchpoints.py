@@ -87,8 +87,9 @@ def test_the_names_the_start_up_checks_read_exist_in_this_sglang():
     assert {"is_hybrid_swa", "is_hybrid_ssm", "is_dsa", "model_config", "tp_worker", "params"} <= context_fields
     assert not_set_in(ModelConfig, ["attention_arch", "is_generation", "context_len", "hf_config"]) == []
     assert not_set_in(RadixAttention, ["logit_cap", "is_cross_attention", "qk_head_dim", "v_head_dim", "scaling",
-                                 "tp_q_head_num", "tp_k_head_num"]) == []
+                                 "tp_q_head_num", "tp_k_head_num", "sliding_window_size"]) == []
     assert not_set_in(memory_pool.MHATokenToKVPool, ["k_buffer", "v_buffer"]) == []
+    assert not_set_in(memory_pool.KVCache, ["dtype", "store_dtype"]) == []
     assert any(isinstance(vars(cls).get("is_quantized_kv_cache"), property)
                for cls in vars(memory_pool).values() if inspect.isclass(cls))
     assert callable(GenerateReqInput.contains_mm_input)
