@@ -48,10 +48,14 @@ def wrapped_torch_native(k_buffer: torch.Tensor, v_buffer: torch.Tensor, req_to_
     return attention.with_compressed_prefixes(backend)
 
 
-def extend_batch(req_pool_indices: list[int], prefix_lens: list[int], extend_lens: list[int]) -> SimpleNamespace:
+class BatchFields(SimpleNamespace):
+    """Fields of SGLang's ForwardBatch; weakly referenced, as the attention path holds a batch."""
+
+
+def extend_batch(req_pool_indices: list[int], prefix_lens: list[int], extend_lens: list[int]) -> BatchFields:
     """The fields of SGLang's ForwardBatch that both paths read, for an extend whose keys are
     in the pool already (called with save_kv_cache=False)."""
-    return SimpleNamespace(
+    return BatchFields(
         req_pool_indices=torch.tensor(req_pool_indices), rids=None, encoder_lens=None, out_cache_loc=None,
         extend_prefix_lens_cpu=prefix_lens, extend_seq_lens_cpu=extend_lens,
         seq_lens=torch.tensor([prefix + extend for prefix, extend in zip(prefix_lens, extend_lens)]),

@@ -30,6 +30,7 @@ same code.
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 
@@ -79,9 +80,10 @@ class CompressedPrefixPath:
         self.inner_extend = backend.forward_extend
         self.inner_decode = backend.forward_decode
         # What every layer of one forward batch shares, found at its first layer: the batch
-        # it is for (held, so that a new batch is never taken for it), each request's entry,
-        # whether it holds a repetition chunk, and the compressed prefixes' metadata.
-        self._batch = None
+        # it is for (a weak reference: a new batch is never taken for it, and once SGLang drops
+        # the batch this state is dropped too, with the device tensors it holds), each
+        # request's entry, whether it holds a repetition chunk, and the compressed prefixes' metadata.
+        self._batch: weakref.ref | None = None
         self._entries: list[StoreEntry | None] = []
         self._repeating = False
         self._prefixes: CompressedPrefixBatch | None = None
@@ -92,12 +94,21 @@ class CompressedPrefixPath:
     def _batch_entries(self, forward_batch) -> list[StoreEntry | None]:
         """The compressed prefix each request of the batch uses (None for none), from the
         first slot of each request's KV row (the row layout of `compressed_tree.py`)."""
-        if forward_batch is not self._batch:
+        if self._batch is None or self._batch() is not forward_batch:
             first_slots = _cache.req_to_token_pool.req_to_token[forward_batch.req_pool_indices, 0]
-            self._batch, self._entries = forward_batch, _cache.store.entries_for_slots(first_slots)
+            self._forget_batch()
+            self._batch = weakref.ref(forward_batch, self._forget_batch)
+            self._entries = _cache.store.entries_for_slots(first_slots)
             self._repeating = any(rid in _cache.repetitions for rid in forward_batch.rids or ())
-            self._prefixes = self._own = self._views = None
         return self._entries
+
+    def _forget_batch(self, dropped: weakref.ref | None = None) -> None:
+        """Drop the batch's shared state; as the callback of a batch SGLang dropped (`dropped`),
+        only if it is still the batch's (a later batch's state is not touched)."""
+        if dropped is not None and dropped is not self._batch:
+            return
+        self._batch, self._entries, self._repeating = None, [], False
+        self._prefixes = self._own = self._views = None
 
     def _repetition_views(self, forward_batch, prefix_lens, extend_lens) -> list[tuple[int, torch.Tensor] | None]:
         """Per request, when it is a repetition chunk under view "chunk", (how many of its

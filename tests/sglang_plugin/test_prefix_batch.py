@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import weakref
 from types import SimpleNamespace
 
 import pytest
@@ -28,6 +29,10 @@ SCALING = 1.0 / math.sqrt(DIM)
 interpreted_kernels = pytest.mark.skipif(
     os.environ.get("TRITON_INTERPRET") != "1",
     reason="the Triton kernels run on CPU tensors here, which needs TRITON_INTERPRET=1 (set it to run them)")
+
+
+class Batch(SimpleNamespace):
+    """A stand-in for SGLang's ForwardBatch: weakly referenced, as the attention path holds it."""
 
 
 @pytest.fixture
@@ -204,7 +209,7 @@ def test_compressed_prefix_path_with_kernels_equals_torch(bound_cache, extend_le
     bound_cache(SimpleNamespace(kv_pool=kv_pool, req_to_token_pool=SimpleNamespace(req_to_token=req_to_token),
                                 store=store))
     prefix_lens = [103, 7, 110, 100]
-    forward_batch = SimpleNamespace(req_pool_indices=torch.tensor([3, 0, 4, 1]))
+    forward_batch = Batch(req_pool_indices=torch.tensor([3, 0, 4, 1]))
     backend = SimpleNamespace(forward_extend=None, forward_decode=None)
     paths = {use_kernels: CompressedPrefixPath(backend, use_kernels=use_kernels) for use_kernels in (True, False)}
     num_tokens = sum(extend_lens)
@@ -283,7 +288,7 @@ def test_a_cpu_decode_step_is_one_padded_call_per_layer_equal_to_the_merged_stat
     grid_bytes = padded_rows * KV_HEADS * 2 * DIM * 4
     monkeypatch.setattr(attention, "DECODE_GRID_BYTES", grid_bytes - 1 if over_limit else grid_bytes)
     new_slots = torch.stack([req_to_token[row, seq_len - 1].long() for row, seq_len in zip(rows, seq_lens)])
-    forward_batch = SimpleNamespace(req_pool_indices=torch.tensor(rows), seq_lens_cpu=torch.tensor(seq_lens),
+    forward_batch = Batch(req_pool_indices=torch.tensor(rows), seq_lens_cpu=torch.tensor(seq_lens),
                                     rids=None, out_cache_loc=new_slots)
     backend = SimpleNamespace(forward_extend=None, forward_decode=None)
     decode_path, extend_path = (CompressedPrefixPath(backend, use_kernels=False) for _ in range(2))
@@ -367,7 +372,7 @@ def test_decode_graph_step_equals_the_host_planned_path(bound_cache, monkeypatch
             q = torch.randn(len(entries), KV_HEADS * GROUP * DIM, generator=generator)
             out, lse = step.run(layer_id, q.view(len(entries), KV_HEADS * GROUP, DIM), buffers[layer_id],
                                 buffers[LAYERS + layer_id])
-            expected_out, expected_lse = host_path._attend(q, None, None, layer, SimpleNamespace(req_pool_indices=rows),
+            expected_out, expected_lse = host_path._attend(q, None, None, layer, Batch(req_pool_indices=rows),
                                                            False, entries, [seq_len - 1 for seq_len in seq_lens],
                                                            [1] * len(entries))
             torch.testing.assert_close(lse, expected_lse, atol=1e-4, rtol=1e-4)
@@ -475,7 +480,7 @@ def test_flashinfer_wrapping_plans_own_rows_and_equals_torch(bound_cache, extend
     prefix_lens = [103, 7, 110, 100]
     new_slots = torch.cat([req_to_token[row, prefix:prefix + extend].long() for row, prefix, extend
                            in zip([3, 0, 4, 1], prefix_lens, extend_lens)])
-    forward_batch = SimpleNamespace(req_pool_indices=torch.tensor([3, 0, 4, 1]), out_cache_loc=new_slots)
+    forward_batch = Batch(req_pool_indices=torch.tensor([3, 0, 4, 1]), out_cache_loc=new_slots)
     backend = SimpleNamespace(forward_extend=None, forward_decode=None)
     wrapped = CompressedPrefixPath(backend, use_kernels=True, flashinfer_wrappers=(decode_wrapper, prefill_wrapper))
     torch_path = CompressedPrefixPath(backend, use_kernels=False)
@@ -631,7 +636,7 @@ def test_own_states_of_a_bf16_pool_take_the_flash_kernel_not_the_dense_logits(bo
     kv_pool = SimpleNamespace(get_key_buffer=lambda layer_id: k_buffer, get_value_buffer=lambda layer_id: v_buffer)
     bound_cache(SimpleNamespace(kv_pool=kv_pool, req_to_token_pool=SimpleNamespace(req_to_token=req_to_token)))
     prefix_lens, extend_lens = [30, 0], [5, 4]
-    forward_batch = SimpleNamespace(req_pool_indices=torch.tensor([1, 4]))
+    forward_batch = Batch(req_pool_indices=torch.tensor([1, 4]))
     queries = torch.randn(sum(extend_lens), KV_HEADS * GROUP, DIM, generator=generator).bfloat16()
     out, lse = attention._own_states_extend(queries, attention_layer(0), forward_batch, [None] * 2, prefix_lens,
                                             extend_lens)
@@ -666,7 +671,7 @@ def test_own_states_extend_under_a_repetition_view_attends_to_the_viewed_positio
         positions = torch.cat([repeat_view_positions(copied, 4),
                                torch.arange(repeated_prefix, prefix_len + extend_len)])
         views.append((max(0, repeated_prefix - prefix_len), positions))
-    forward_batch = SimpleNamespace(req_pool_indices=torch.tensor([2, 0, 3]))
+    forward_batch = Batch(req_pool_indices=torch.tensor([2, 0, 3]))
     queries = torch.randn(sum(extend_lens), KV_HEADS * GROUP, DIM, generator=generator)
     out, lse = _own_states_extend(queries, attention_layer(0), forward_batch, [None] * 3, prefix_lens, extend_lens,
                                   views)
@@ -717,7 +722,7 @@ def test_a_repetition_chunk_in_two_pieces_is_scored_as_its_dense_attention(bound
     queries = torch.randn(seq_len, KV_HEADS * GROUP, DIM, generator=generator)
     path = CompressedPrefixPath(SimpleNamespace(forward_extend=None, forward_decode=None), use_kernels=False)
     for piece_start, piece_end in ((prefix_len - 2, prefix_len + 10), (prefix_len + 10, seq_len)):
-        forward_batch = SimpleNamespace(req_pool_indices=torch.tensor([3, 1]), rids=["ordinary", chunk.rid],
+        forward_batch = Batch(req_pool_indices=torch.tensor([3, 1]), rids=["ordinary", chunk.rid],
                                         extend_prefix_lens_cpu=[5, piece_start],
                                         extend_seq_lens_cpu=[3, piece_end - piece_start])
         q = torch.cat([torch.randn(3, KV_HEADS * GROUP, DIM, generator=generator), queries[piece_start:piece_end]])
@@ -788,7 +793,7 @@ def test_a_scoring_failure_is_logged_with_its_traceback_and_retires_the_repetiti
     bound_cache(SimpleNamespace(kv_pool=SimpleNamespace(get_key_buffer=lambda layer_id: k_buffer),
                                 req_to_token_pool=SimpleNamespace(req_to_token=torch.arange(120).view(1, 120)),
                                 repetitions=repetitions, pool_used=lambda: 0, retire_repetition=retire))
-    forward_batch = SimpleNamespace(req_pool_indices=torch.tensor([0]), rids=["chunk"])
+    forward_batch = Batch(req_pool_indices=torch.tensor([0]), rids=["chunk"])
     q = torch.zeros(5, KV_HEADS * GROUP * DIM)
     with caplog.at_level(logging.WARNING, logger="lava_sglang.sglang_plugin.attention"):
         for layer_id in range(LAYERS):
@@ -864,7 +869,7 @@ def test_a_mixed_batch_through_the_backend_entry_points_equals_dense_attention(b
         if step == "decode":
             requests = [(row, compressed, cached + new, 1) for row, compressed, cached, new in requests]
         new_slots = torch.cat([req_to_token[row, cached:cached + new].long() for row, _, cached, new in requests])
-        forward_batch = SimpleNamespace(
+        forward_batch = Batch(
             req_pool_indices=torch.tensor([row for row, *_ in requests]), rids=[f"r{row}" for row, *_ in requests],
             extend_prefix_lens_cpu=[cached for _, _, cached, _ in requests],
             extend_seq_lens_cpu=[new for *_, new in requests], out_cache_loc=new_slots,
@@ -882,7 +887,33 @@ def test_a_mixed_batch_through_the_backend_entry_points_equals_dense_attention(b
                 torch.testing.assert_close(out[rows], expected(q.view_as(out)[rows], layer_id, *request),
                                            atol=1e-4, rtol=1e-4)
     assert inner_calls == []
-    uncompressed_only = SimpleNamespace(req_pool_indices=torch.tensor([2]), rids=["r2"], extend_prefix_lens_cpu=[0],
+    uncompressed_only = Batch(req_pool_indices=torch.tensor([2]), rids=["r2"], extend_prefix_lens_cpu=[0],
                                         extend_seq_lens_cpu=[6], out_cache_loc=req_to_token[2, :6].long())
     path.forward_extend(torch.zeros(6, KV_HEADS * GROUP * DIM), None, None, attention_layer(0), uncompressed_only)
     assert inner_calls == ["extend"]
+
+
+def test_the_path_lets_go_of_a_batch_and_its_state_once_sglang_drops_it(bound_cache, pool):
+    # A batch's device tensors (its embeddings, the prefixes' metadata) stay allocated for as
+    # long as anything refers to them: an idle server would keep its last batch.
+    from lava_sglang.sglang_plugin.attention import CompressedPrefixPath
+
+    store = new_store(POOL)
+    entry, _ = add_entry(store, pool, 1, [[2, 3], [1, 4], [3, 3]], seed=3, prefix_len=20)
+    req_to_token = torch.zeros(1, 32, dtype=torch.int32)
+    req_to_token[0, :entry.layout.slots.numel()] = entry.layout.slots.int()
+    req_to_token[0, 20:23] = torch.arange(40, 43, dtype=torch.int32)
+    pool.get_key_buffer, pool.get_value_buffer = pool.k_buffer.__getitem__, pool.v_buffer.__getitem__
+    bound_cache(SimpleNamespace(kv_pool=pool, req_to_token_pool=SimpleNamespace(req_to_token=req_to_token),
+                                store=store, capture=SimpleNamespace(rows_to_record=lambda *args: 0),
+                                repetitions={}))
+    path = CompressedPrefixPath(SimpleNamespace(forward_extend=None, forward_decode=None), use_kernels=False)
+    forward_batch = Batch(req_pool_indices=torch.tensor([0]), rids=["r"], extend_prefix_lens_cpu=[20],
+                          extend_seq_lens_cpu=[3], out_cache_loc=torch.arange(40, 43))
+    layer = attention_layer(0)
+    path.forward_extend(torch.randn(3, KV_HEADS * GROUP * DIM), None, None, layer, forward_batch,
+                        save_kv_cache=False)
+    held_batch, held_entry = weakref.ref(forward_batch), weakref.ref(entry)
+    store.remove(entry.entry_id)  # evicted while the batch ran: only the path's state still refers to it
+    del forward_batch, entry
+    assert held_batch() is None and held_entry() is None
