@@ -25,9 +25,9 @@ def chat_template(messages, add_generation_prompt, tokenize):
 PREFIX_IDS = list(range(1, PREFIX_LEN + 1))
 
 
-def new_scores(chunk_tokens=PREFIX_LEN, num_layers=1, normalize="global") -> RepetitionScores:
+def new_scores(chunk_tokens=PREFIX_LEN, num_layers=1, normalize="global", view="prefix") -> RepetitionScores:
     source = Reconstruct(instruction="I", continue_instruction="C", overlap_tokens=2, chunk_tokens=chunk_tokens,
-                         normalize=normalize, sink_tokens=1)
+                         normalize=normalize, sink_tokens=1, view=view)
     return RepetitionScores.plan(PREFIX_IDS, source, PROMPTS.__getitem__, WINDOW, num_layers, chat_template)
 
 
@@ -125,6 +125,18 @@ def test_the_attentions_own_lse_gives_the_global_scores_and_is_ignored_under_loc
         doubled = new_scores(normalize=normalize)
         doubled.add_chunk(doubled.chunks[0].rid, 0, queries[7:end], keys[:end], 7, SCALING, lse=lse + math.log(2))
         torch.testing.assert_close(doubled.repeat[0], without.repeat[0] / (2 if normalize == "global" else 1))
+
+
+def test_under_view_chunk_global_scores_need_the_attentions_lse():
+    # The pool's keys are the whole row; the view's queries saw fewer: only their own LSE normalises them.
+    scores = new_scores(chunk_tokens=4, view="chunk")
+    chunk = scores.chunks[0]
+    queries, keys = sequence(chunk)
+    with pytest.raises(ValueError, match="needs its attention's lse"):
+        feed(scores, chunk, queries, keys, [(PREFIX_LEN, PREFIX_LEN + chunk.num_queries)])
+    local = new_scores(chunk_tokens=4, view="chunk", normalize="local")  # its normaliser is the view's own keys
+    feed(local, local.chunks[0], queries, keys, [(PREFIX_LEN, PREFIX_LEN + chunk.num_queries)])
+    assert local.repeat[0] is not None
 
 
 def test_recomputed_prefix_tokens_are_not_repetition_queries_and_a_piece_seen_twice_changes_nothing():
