@@ -6,7 +6,7 @@ prefix lives in the tree; what gets compressed, and when, is `radix_cache.py`'s 
 The compressed node. A compressed node covers the first n - 1 tokens of a prefix (a request
 always recomputes its last prompt token, so that is all a later request can match). It keeps
 the full token key, so matching is unchanged, and is a child of the root kept apart from the
-ordinary children (`compressed`), so an ordinary insert never splits it and a request that
+ordinary children (`compressed`, a radix index of its own: `key_index.py`), so an ordinary insert never splits it and a request that
 matches only part of it does not use it. Ordinary nodes hang below it (the requests' own
 tokens).
 
@@ -40,6 +40,7 @@ import time
 
 import torch
 
+from lava_sglang.sglang_plugin.key_index import KeyIndex
 from lava_sglang.sglang_plugin.metrics import StoreMetrics
 from lava_sglang.sglang_plugin.touchpoints import commit_deferred_frees, radix_cache_api
 from lava_sglang.store import CellLayout, CompressedStore, LayoutTables, StoreEntry
@@ -87,13 +88,13 @@ class CompressedRadixCache(RadixCache):
                               num_layers=len(kv_pool.k_buffer), num_kv_heads=kv_pool.k_buffer[0].shape[1],
                               device=device)
         self.store = CompressedStore(tables)
-        self.compressed: dict = {}  # child key of the first token -> [CompressedNode]
+        self.compressed: KeyIndex[CompressedNode] = KeyIndex()
         super().__init__(params)
 
     def reset(self):
         super().reset()
         self.store.clear()
-        self.compressed = {}
+        self.compressed = KeyIndex()
         self.metrics.store_changed(self.store)
 
     def pool_used(self) -> int:
@@ -103,14 +104,7 @@ class CompressedRadixCache(RadixCache):
 
     def compressed_match(self, key) -> CompressedNode | None:
         """The longest compressed node whose whole key is a prefix of `key`."""
-        if len(key) == 0:
-            return None
-        best = None
-        for node in self.compressed.get(key.child_key(self.page_size), ()):
-            if len(node.key) <= len(key) and node.key.match(key) == len(node.key):
-                if best is None or len(node.key) > len(best.key):
-                    best = node
-        return best
+        return self.compressed.longest_prefix_of(key)
 
     def ordinary_slots(self, key, *, touch: bool = True) -> tuple[torch.Tensor, object]:
         """The pool slots of `key`'s longest match in the ordinary tree (compressed nodes
@@ -246,7 +240,7 @@ class CompressedRadixCache(RadixCache):
 
     def total_size(self):
         total = super().total_size()
-        stack = [node for nodes in self.compressed.values() for node in nodes]
+        stack = list(self.compressed)
         while stack:
             node = stack.pop()
             total += node_size(node)
@@ -262,7 +256,7 @@ class CompressedRadixCache(RadixCache):
         node.parent = self.root_node
         node.key = prefix_key
         node.value = compressed_row(entry.layout, len(prefix_key), self.device)
-        self.compressed.setdefault(prefix_key.child_key(self.page_size), []).append(node)
+        self.compressed.add(prefix_key, node)
         self.evictable_size_ += node_size(node)
         self._update_leaf_status(node)
         return node
@@ -334,15 +328,12 @@ class CompressedRadixCache(RadixCache):
         self.update_eviction_metrics(evictable_before - self.evictable_size_, start_time)
 
     def _store_victim(self) -> CompressedNode | None:
-        unheld = [node for nodes in self.compressed.values() for node in nodes if node.lock_ref == 0]
+        unheld = [node for node in self.compressed if node.lock_ref == 0]
         return min(unheld, key=self.eviction_strategy.get_priority, default=None)
 
     def _drop_compressed(self, node: CompressedNode) -> int:
         assert node.lock_ref == 0 and not node.children, "dropping a compressed prefix in use"
-        siblings = self.compressed[node.key.child_key(self.page_size)]
-        siblings.remove(node)
-        if not siblings:
-            del self.compressed[node.key.child_key(self.page_size)]
+        self.compressed.remove(node.key)
         self.evictable_leaves.discard(node)
         size = node_size(node)
         self.evictable_size_ -= size
@@ -383,8 +374,12 @@ class CompressedRadixCache(RadixCache):
         """Give back every node under `node`: the requests' own tokens below a full prefix that
         is being replaced by its compressed copy. Locks are not checked: the caller's `node` is
         unlocked, so nothing below it is (a lock holds a node's whole path)."""
-        for child in list(node.children.values()):
-            self.free_below(child)
+        below, stack = [], list(node.children.values())
+        while stack:  # a walk, not recursion: a long conversation below a document is deep
+            child = stack.pop()
+            below.append(child)
+            stack.extend(child.children.values())
+        for child in reversed(below):  # each after everything below it, so a leaf when freed
             self.free_leaf(child)
 
     def free_beyond(self, key, keep_len: int) -> None:

@@ -170,4 +170,4 @@ class SchedulerStub:
         return next((node for node in self.compressed_nodes() if node.entry.entry_id == entry_id), None)
 
     def compressed_nodes(self) -> list[CompressedNode]:
-        return [node for nodes in self.cache.compressed.values() for node in nodes]
+        return list(self.cache.compressed)

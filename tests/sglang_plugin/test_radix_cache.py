@@ -505,6 +505,23 @@ def test_a_full_store_drops_a_compressed_prefix_with_branch_tokens_below_it(monk
     assert_all_released(stub)
 
 
+def test_a_prefix_with_a_long_conversation_cached_below_it_is_compressed():
+    # Each checkpointed turn of a conversation is a node below the last: deeper than Python's recursion
+    # limit, a recursive walk failed in the commit's release, leaving the full copy beside the compressed one.
+    stub = make_stub()
+    turns = 1200
+    conversation = stub.prefill(stub.request(document(0) + question(0), max_new_tokens=turns))
+    for _ in range(turns):
+        stub.decode(conversation, 7, checkpoint=True)
+    stub.finish(conversation)
+    check(stub)
+    commit(stub, document(0))
+    (node,) = stub.compressed_nodes()
+    assert len(node.key) == 199 and not node.children
+    assert stub.cache.evictable_size() == node.entry.layout.slots.numel()  # the document and its turns freed
+    assert_all_released(stub)
+
+
 def test_slots_freed_in_the_batchs_open_free_group_count_as_room():
     # SGLang frees a batch's finished requests in a free group, committed after the batch:
     # those slots are pending, not in available_size(), when a compression in the same batch
