@@ -130,6 +130,10 @@ SET_BY_THIS_COMMAND = {"--kv-policy": "--policies", "--kv-budget": "--budget",
                        "--host": "--url (to benchmark a server started apart)",
                        "--port": "--url (to benchmark a server started apart)",
                        "--config": "the flags themselves in --server-args"}
+#: SGLang flags whose server the programs' answers cannot be read from: its streamed chunks
+#: hold only their new text, which SGLang's frontend takes for the whole answer so far (it
+#: keeps the part beyond the length read before), so every answer would be cut short.
+UNREADABLE_ANSWERS = {"--incremental-streaming-output": "incremental_streaming_output"}
 
 
 def check_extra_server_args(server_args: list[str]) -> None:
@@ -145,6 +149,10 @@ def check_extra_server_args(server_args: list[str]) -> None:
         if full is not None:
             raise ValueError(f"--server-args {flag} ({full}): this command sets it for each server; use "
                              f"{SET_BY_THIS_COMMAND[full]}")
+        unreadable = next((name for name in UNREADABLE_ANSWERS if name.startswith(flag) and len(flag) > 3), None)
+        if unreadable is not None:
+            raise ValueError(f"--server-args {flag} ({unreadable}): the programs' streamed answers would be cut "
+                             "short (each chunk holds only its new text, which SGLang's frontend takes for the whole)")
         if flag not in plugin_flags and any(name.startswith(flag) for name in plugin_flags if len(flag) > 3):
             raise ValueError(f"--server-args {flag}: an abbreviation of a plugin flag; write one of "
                              f"{', '.join(name for name in plugin_flags if name.startswith(flag))} in full")
@@ -304,6 +312,7 @@ def server_facts(url: str) -> dict:
         "model_path": info.get("model_path"),
         "dtype": info.get("dtype"),
         "version": info.get("version"),
+        "unreadable_answers": [flag for flag, field in UNREADABLE_ANSWERS.items() if info.get(field)],
     }
 
 
@@ -626,11 +635,15 @@ def run_benchmark(config: ServeConfig, progress: bool = True, log_dir: Path | No
 
     if config.url:
         facts = server_facts(server_urls(config.url)[0])
+        if facts["unreadable_answers"]:
+            raise ValueError(f"the server at {config.url} runs with {', '.join(facts['unreadable_answers'])}: the "
+                             "programs' streamed answers would be cut short; start it without")
         check_compresses(served_policy(facts["kv_policy"]), f"the server at {config.url}", prefix_tokens,
                          "start it with a smaller --kv-min-prefix", "its --kv-budget "
                          f"{(facts['kv_policy'] or {}).get('budget')}", "start it with a smaller budget")
         label = facts["kv_policy"].get("policy", "none") if facts["kv_policy"] else "none"
-        config = replace(config, budget=(facts["kv_policy"] or {}).get("budget"))  # the server's, for the report
+        # The server's policy and budget, for the report (the policies' default list did not run).
+        config = replace(config, policies=[label], budget=(facts["kv_policy"] or {}).get("budget"))
         records.append(run_workload(config.url, documents, prefix_tokens, visits, config, label, progress))
         servers[label] = {"url": config.url, "args": None, "model_path": model_path}  # for serve-reference
     else:

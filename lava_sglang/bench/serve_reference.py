@@ -190,9 +190,20 @@ def server_dtypes(meta: dict) -> dict[str, str]:
     dtypes = {}
     for policy, server in meta.get("servers", {}).items():
         args = server.get("args")
-        dtypes[policy] = ("unknown" if args is None
-                          else args[args.index("--dtype") + 1] if "--dtype" in args[:-1] else "auto")
+        dtypes[policy] = "unknown" if args is None else last_flag_value(args, "--dtype") or "auto"
     return dtypes
+
+
+def last_flag_value(args: list[str], flag: str) -> str | None:
+    """The value SGLang's parser takes for `flag` from `args` (`--flag V` or `--flag=V`): the
+    last one given, as a user's --server-args follow the flags `bench serve` sets."""
+    value = None
+    for index, arg in enumerate(args):
+        if arg == flag and index + 1 < len(args):
+            value = args[index + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.partition("=")[2]
+    return value
 
 
 def markdown(results_path: Path, summaries: list[dict], rows: dict[str, list[dict]],

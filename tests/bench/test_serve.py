@@ -151,11 +151,17 @@ def test_a_url_run_records_the_checkpoint_its_server_reported(monkeypatch, smoll
 
     monkeypatch.setattr(serve.requests, "get", lambda url, timeout: _Response(200, {"model_path": str(smollm2_path)}))
     monkeypatch.setattr(serve, "server_urls", lambda url: [url])
-    monkeypatch.setattr(serve, "server_facts", lambda url: {"kv_policy": {"policy": "lava", "budget": 0.2}})
+    facts = {"kv_policy": {"policy": "lava", "budget": 0.2}, "unreadable_answers": []}
+    monkeypatch.setattr(serve, "server_facts", lambda url: facts)
     monkeypatch.setattr(serve, "run_workload", lambda url, *args: {"policy": args[-2]})
     config = ServeConfig(url="http://127.0.0.1:30000", documents=1, questions=1, questions_per_visit=1, context=256)
     result = serve.run_benchmark(config, progress=False)
     assert recorded_model(result["meta"]) == (str(smollm2_path), True)
+    # The report is of the server's policy alone, not a partial run of the default list.
+    assert result["meta"]["config"]["policies"] == ["lava"] and result["meta"]["config"]["budget"] == 0.2
+    facts["unreadable_answers"] = ["--incremental-streaming-output"]
+    with pytest.raises(ValueError, match="runs with --incremental-streaming-output: the programs' streamed answers"):
+        serve.run_benchmark(config, progress=False)
 
 
 def test_a_url_run_whose_server_would_leave_the_documents_uncompressed_is_refused(monkeypatch, smollm2_path):
@@ -169,7 +175,7 @@ def test_a_url_run_whose_server_would_leave_the_documents_uncompressed_is_refuse
                                 r"below the server at http://127.0.0.1:30000's --kv-min-prefix 4096"),
                                ({"policy": "lava", "budget": 1.0, "window": 8, "min_prefix": 64},
                                 r"its --kv-budget 1.0 with the server at .*'s --kv-window 8 keeps every token")):
-        monkeypatch.setattr(serve, "server_facts", lambda url: {"kv_policy": kv_policy})
+        monkeypatch.setattr(serve, "server_facts", lambda url: {"kv_policy": kv_policy, "unreadable_answers": []})
         with pytest.raises(ValueError, match=refused):
             serve.run_benchmark(config, progress=False)
     assert not serve.served_policy(None).enabled  # a server without the plugin: stock SGLang, nothing to check
@@ -366,7 +372,7 @@ def test_a_visit_that_ends_after_the_run_closed_is_left_out_and_one_under_way_co
     assert errors[0] == "visit 1: RuntimeError: refused" and len(errors) == 2
     assert errors[1].startswith("a visit still under way 600 s after --max-seconds, abandoned")
     assert not results.end({"visit": 2}, [])  # it ended at last: the record is already made
-    assert visits == [{"visit": 0}] and len(errors) == 2
+    assert results.visits == [{"visit": 0}] and results.errors == [errors[0]]
 
 
 def test_a_server_that_fails_keeps_the_policies_measured_before_it(tmp_path, monkeypatch, capsys):
@@ -431,6 +437,9 @@ def test_server_args_and_validation():
     check_loopback("http://[::1]:8000")
     with pytest.raises(ValueError, match="loopback"):
         check_loopback("http://10.0.0.2:30000")
+    for flag in ("--incremental-streaming-output", "--incremental-streaming"):  # SGLang takes the abbreviation
+        with pytest.raises(ValueError, match="--incremental-streaming-output.*answers would be cut short"):
+            ServeConfig(server_args=[flag]).validate()
     with pytest.raises(ValueError, match="policies"):
         ServeConfig(policies=["full"]).validate()
     with pytest.raises(ValueError, match="budget"):
@@ -865,6 +874,9 @@ def test_samples_and_facts_read_every_server_and_a_missing_server_is_not_free_me
     facts = serve.server_facts("http://b")
     assert facts["capacity_tokens"] == 8192 and facts["bytes_per_token"] == 0.5 * 2**30 / 4096
     assert facts["kv_policy"] == {"window": 8} and facts["store"]["entries"] == 2
+    assert facts["unreadable_answers"] == []
+    answers["http://b/server_info"]["incremental_streaming_output"] = True  # SGLang's server args, flattened
+    assert serve.server_facts("http://b")["unreadable_answers"] == ["--incremental-streaming-output"]
     # A server that does not answer: no store sample at all (its pool would read as free).
     answers["http://b/server_info"] = ValueError("not JSON")
     sample = serve.Sampler(["http://a", "http://b"], interval=1.0).sample()

@@ -54,8 +54,13 @@ def test_a_visit_of_more_branches_than_observe_a_prefix_is_marked_a_guess_and_re
     report = markdown(Path("serving.json"), summaries, rows)
     assert "not run in fp32" not in report
     meta = {"servers": {"none": {"args": ["--kv-policy", "none", "--dtype", "float32"]},
-                        "snapkv": {"args": ["--kv-policy", "snapkv"]}, "lava": {"log": None}}}
-    assert server_dtypes(meta) == {"none": "float32", "snapkv": "auto", "lava": "unknown"}
+                        "snapkv": {"args": ["--kv-policy", "snapkv"]}, "lava": {"log": None},
+                        # a user's --server-args follow the command's flags, and SGLang takes the last
+                        "kvzip": {"args": ["--dtype", "float32", "--kv-policy", "kvzip", "--dtype", "bfloat16"]},
+                        "pyramidkv": {"args": ["--dtype", "float32", "--dtype=bfloat16"]}}}
+    assert server_dtypes(meta) == {"none": "float32", "snapkv": "auto", "lava": "unknown", "kvzip": "bfloat16",
+                                   "pyramidkv": "bfloat16"}
+    meta["servers"] = {policy: meta["servers"][policy] for policy in ("none", "snapkv", "lava")}
     assert ("**Servers not run in fp32** (snapkv auto, lava unknown): the reference runs in fp32" in
             markdown(Path("serving.json"), summaries, rows, server_dtypes(meta)))
     assert "observed by a visit of more than 8 questions" in report and "may differ: lava 1." in report
