@@ -8,8 +8,8 @@ from lava_sglang.policy.observe import (OBSERVE_SOURCES, REPEAT_NORMALIZATIONS, 
                                         Branches, Observe, ObservationWindow, Reconstruct, Tail, assistant_turn_text,
                                         combine_window_masses, make_observe, repeat_attention_chunk,
                                         repeat_attention_max, repeat_chunks, repeat_log_sum_exp, repeat_view_positions)
-from lava_sglang.policy.plan import (CompressionPlan, HeadShard, PlanBuilder, budget_evicts, compress_plan,
-                                    resolve_budget)
+from lava_sglang.policy.plan import (CompressionPlan, HeadShard, PlanBuilder, PlanRefused, budget_evicts,
+                                    compress_plan, resolve_budget)
 from lava_sglang.policy.registry import POLICIES, make_policy, policy_name
 from lava_sglang.policy.specs import spec_of
 
@@ -37,6 +37,7 @@ __all__ = [
     "HeadShard",
     "LayerScores",
     "PlanBuilder",
+    "PlanRefused",
     "Policy",
     "WindowPolicy",
     "compress_plan",

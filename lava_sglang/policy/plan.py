@@ -92,6 +92,11 @@ def budget_evicts(budget: float | int, seq_len: int, window: int) -> bool:
     return resolve_budget(budget, seq_len) < seq_len and seq_len > window
 
 
+class PlanRefused(ValueError):
+    """A plan refused once the scores are gathered: every tensor-parallel rank refuses it alike,
+    so a caller can go on without compressing (the ranks' pools stay alike)."""
+
+
 def _check_tensor(name: str, tensor: object, layer: int) -> torch.Tensor:
     if not isinstance(tensor, torch.Tensor) or tensor.dim() != 3:
         shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
@@ -363,7 +368,7 @@ class PlanBuilder:
         # Scores computed here from finite inputs can still overflow fp32 (a key of 1e30), and a
         # nan sorts above every score. Checked once gathered, so that every rank refuses alike.
         if scores is not None and torch.isnan(scores).any():
-            raise ValueError("the scores computed from the observation contain nan (an overflow of the queries, "
+            raise PlanRefused("the scores computed from the observation contain nan (an overflow of the queries, "
                              "keys or values)")
         layer_budgets, head_budgets = self.policy.allocate(scores, entropies, selectable * self.num_layers,
                                                            self.prefix_len, num_kv_heads)

@@ -6,9 +6,9 @@ prefix lives in the tree; what gets compressed, and when, is `radix_cache.py`'s 
 The compressed node. A compressed node covers the first n - 1 tokens of a prefix (a request
 always recomputes its last prompt token, so that is all a later request can match). It keeps
 the full token key, so matching is unchanged, and is a child of the root kept apart from the
-ordinary children (`compressed`, a radix index of its own: `key_index.py`), so an ordinary insert never splits it and a request that
-matches only part of it does not use it. Ordinary nodes hang below it (the requests' own
-tokens).
+ordinary children (`compressed`, a radix index of its own: `key_index.py`), so an ordinary
+insert never splits it and a request that matches only part of it does not use it. Ordinary
+nodes hang below it (the requests' own tokens).
 
 The row layout, the contract between this tree, SGLang and the attention path
 (`compressed_row`): the node's value, and so the first n - 1 entries of the KV row of every
@@ -177,6 +177,8 @@ class CompressedRadixCache(RadixCache):
         # The compressed prefix already holds these tokens: the caller frees its copies.
         compressed.last_access_time = time.monotonic()
         covered = len(compressed.key)
+        if covered > inserted_len:  # as SGLang counts the nodes its insert walks (LFU and SLRU read it)
+            self._inc_hit_count(compressed)
         below_len, last_node = super()._insert_helper(
             compressed, key[covered:], value[covered:], priority, max(inserted_len - covered, 0))
         return covered + below_len, last_node

@@ -227,7 +227,8 @@ def _check_model(ctx, config: KvPolicyConfig, tensor_parallel=None) -> None:
          "models that do not generate (embedding, reward, classification) are not supported"),
         # A multimodal config (Gemma 3) holds the window in its text config, which SGLang's
         # layers then apply: the compressed-prefix path would attend over the whole prefix.
-        ((getattr(hf_config, "sliding_window", None) not in (None, 0) and getattr(hf_config, "use_sliding_window", True))
+        ((getattr(hf_config, "sliding_window", None) not in (None, 0)
+          and getattr(hf_config, "use_sliding_window", True))
          or any(layer.sliding_window_size not in (None, 0, -1) for layer in layers),
          "sliding-window attention is not supported"),
         # The compressed-prefix path computes plain softmax attention; these change it.
@@ -258,6 +259,9 @@ def _check_model(ctx, config: KvPolicyConfig, tensor_parallel=None) -> None:
          f"of {', '.join(map(str, PLAIN_KV_DTYPES))}"),
         (not hasattr(backend, "compressed_prefix_path"),
          f"attention backend {type(backend).__name__}: supported: {', '.join(SUPPORTED_ATTENTION_BACKENDS)}"),
+        # The launcher refuses --page-size > 1; SGLang may still choose pages of its own (ROCm's
+        # aiter layout): a compressed prefix's n - 1 tokens would not fill whole pages.
+        (ctx.params.page_size != 1, f"a KV page of {ctx.params.page_size} tokens: the plugin supports page size 1"),
         (bool(sharding_refusals), "; ".join(sharding_refusals)),  # both, so that one fix does not reveal the other
     ]
     for refused, reason in refusals:

@@ -47,7 +47,7 @@ from functools import partial
 
 import torch
 
-from lava_sglang.policy import ObservationWindow, resolve_budget
+from lava_sglang.policy import ObservationWindow, PlanRefused, resolve_budget
 from lava_sglang.sglang_plugin.compressed_tree import CompressedNode, CompressedRadixCache, prompt_key
 from lava_sglang.sglang_plugin.compressor import WindowCapture, plan_prefix
 from lava_sglang.sglang_plugin.config import (BRANCHES, DEFERRED_OBSERVE_SOURCES, FORK, MAX_BRANCH_OWN_TOKENS,
@@ -691,10 +691,13 @@ class LavaRadixCache(CompressedRadixCache):
         given windows or repetition scores (`plan_prefix`); None when there is no room, or when
         compressing failed (logged): the prefix stays uncompressed and the scheduler, which
         calls this from a request's release, keeps serving. With tensor parallel a failure is
-        raised: the ranks' pools must stay alike."""
+        raised (the ranks' pools must stay alike), but for a plan every rank refuses alike."""
         self.inc_lock_ref(last_node)  # keep the full prefix while it is read
         try:
             return self._compress(prefix_key, slots, window_queries, branch_windows, repeat_attention)
+        except PlanRefused as refusal:
+            logger.warning("lava: a %d-token prefix is kept uncompressed: %s", len(prefix_key), refusal)
+            return None
         except Exception:
             if self.tensor_parallel is not None:
                 raise

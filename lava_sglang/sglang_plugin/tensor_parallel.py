@@ -55,7 +55,10 @@ class TensorParallel:
 
     def all_agree(self, flags: list[bool]) -> list[bool]:
         """Per position, whether `flags` is True on every rank (every rank passes as many)."""
-        return [all(position) for position in zip(*self.group.all_gather_object(list(flags)))]
+        gathered = self.group.all_gather_object(list(flags))
+        if len({len(rank_flags) for rank_flags in gathered}) != 1:  # zip would pair unrelated prefixes
+            raise RuntimeError(f"the ranks' flags differ in number: {[len(rank_flags) for rank_flags in gathered]}")
+        return [all(position) for position in zip(*gathered)]
 
     def from_first_rank(self, value):
         """Rank 0's `value` on every rank (a picklable object)."""

@@ -41,7 +41,8 @@ RADIX_CACHE_BACKEND = "lava"
 # bodies, changed where a compressed node counts its owned slots, not its key's length: diff
 # them against the new version on an upgrade.
 RADIX_CACHE_METHODS = ("_match_prefix_helper", "_insert_helper", "_split_node", "_delete_leaf",
-                       "_update_leaf_status", "update_eviction_metrics", "inc_lock_ref", "dec_lock_ref", "evict")
+                       "_update_leaf_status", "_inc_hit_count", "update_eviction_metrics", "inc_lock_ref",
+                       "dec_lock_ref", "evict")
 RADIX_CACHE_STATE = ("evictable_leaves", "evictable_size_", "protected_size_", "kv_events", "eviction_strategy")
 
 

@@ -7,8 +7,8 @@ import numpy
 import pytest
 import torch
 
-from lava_sglang.policy import (POLICIES, PlanBuilder, compress_plan, make_observe, make_policy, resolve_budget,
-                                spec_of)
+from lava_sglang.policy import (POLICIES, PlanBuilder, PlanRefused, compress_plan, make_observe, make_policy,
+                                resolve_budget, spec_of)
 from lava_sglang.policy.base import LayerScores
 from lava_sglang.policy.lava import PAPER_SPEC
 from lava_sglang.policy.scores import layer_entropy, pool_scores, window_attention_mass
@@ -250,7 +250,7 @@ def test_scores_that_overflow_from_finite_inputs_are_refused(policy):
     queries, keys, values = torch.randn(2, 4, 8), torch.randn(2, 20, 8), torch.randn(2, 20, 8)
     keys[0, 3] = 1e30
     queries[0, 1] = 1e10
-    with pytest.raises(ValueError, match="the scores computed from the observation contain nan"):
+    with pytest.raises(PlanRefused, match="the scores computed from the observation contain nan"):
         compress_plan(policy, [queries], [keys], [values], 8, window=4)
     keys[0, 3] = 1.0
     compress_plan(policy, [queries], [keys], [values], 8, window=4)

@@ -2,7 +2,7 @@
 window in the config or on a layer, hybrid layers, logit soft-capping, learned sinks, cross-attention, key and value
 heads of different sizes, non-causal attention, an attention scaling other than
 1/sqrt(head_dim) for a scoring policy, a window or a minimum prefix as long
-as the context, a quantized, fp8 or unusual KV pool, an attention backend without the
+as the context, a quantized, fp8 or unusual KV pool, pages of more than one token, an attention backend without the
 compressed-prefix path): each names its reason."""
 
 from __future__ import annotations
@@ -44,7 +44,8 @@ def server_context(**changes):
             attn_backend=SimpleNamespace(compressed_prefix_path=object()), model=model_with_attention())),
     )
     kv_pool = SimpleNamespace(k_buffer=[], is_quantized_kv_cache=False, dtype=torch.float32, store_dtype=torch.float32)
-    context.params = SimpleNamespace(token_to_kv_pool_allocator=SimpleNamespace(get_kvcache=lambda: kv_pool))
+    context.params = SimpleNamespace(token_to_kv_pool_allocator=SimpleNamespace(get_kvcache=lambda: kv_pool),
+                                     page_size=1)
     context.kv_pool = kv_pool
     for path, value in changes.items():
         *parents, name = path.split(".")
@@ -80,6 +81,7 @@ def test_a_supported_model_passes():
      "of torch.float8_e4m3fn is not a plain per-layer K/V pool"),
     ({"kv_pool.store_dtype": torch.uint8}, "not a plain per-layer K/V pool"),
     ({"tp_worker.model_runner.attn_backend": SimpleNamespace()}, "attention backend SimpleNamespace"),
+    ({"params.page_size": 64}, "a KV page of 64 tokens: the plugin supports page size 1"),
     ({"tp_worker.model_runner.model": model_with_attention(logit_cap=30.0)}, "logit soft-capping"),
     ({"tp_worker.model_runner.model": model_with_attention(sinks=torch.nn.Parameter(torch.zeros(9)))},
      "learned attention sinks"),

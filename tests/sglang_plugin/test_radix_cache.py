@@ -397,6 +397,16 @@ def path_to_root(node) -> list:
     return path
 
 
+def test_each_branch_that_reads_a_compressed_prefix_counts_a_hit():
+    # SGLang counts a hit on each node a request's insert walks; LFU and SLRU eviction order by it.
+    stub = make_stub()
+    commit(stub, document(0))
+    for index in range(3):
+        run(stub, document(0) + question(index))
+    (node,) = stub.compressed_nodes()
+    assert node.hit_count == 3
+
+
 def test_a_request_that_diverges_inside_a_compressed_prefix_does_not_use_it():
     stub = make_stub()
     commit(stub, document(0))
@@ -1047,6 +1057,16 @@ class OtherRank:
         return value
 
 
+def test_ranks_agree_position_by_position_and_a_rank_with_other_prefixes_is_an_error():
+    group = OtherRank()
+    tensor_parallel = TensorParallel(rank=0, world_size=2, group=group)
+    group.ready = True
+    assert tensor_parallel.all_agree([True, False]) == [True, False]
+    group.all_gather_object = lambda flags: [flags, flags[:1]]  # a rank waiting on fewer prefixes
+    with pytest.raises(RuntimeError, match=r"the ranks' flags differ in number: \[2, 1\]"):
+        tensor_parallel.all_agree([True, True])
+
+
 def test_under_tensor_parallel_a_prefix_waits_for_every_rank_and_takes_the_largest_ranks_slots():
     group = OtherRank()
     tensor_parallel = TensorParallel(rank=0, world_size=2, group=group)
@@ -1060,6 +1080,23 @@ def test_under_tensor_parallel_a_prefix_waits_for_every_rank_and_takes_the_large
     (node,) = stub.compressed_nodes()
     assert node.entry.layout.kept_rows < 300
     assert node_slots(node) == slots_needed(600, LAYERS, KV_HEADS)
+    assert_all_released(stub)
+
+
+def test_under_tensor_parallel_a_plan_every_rank_refuses_leaves_the_prefix_uncompressed_and_serving(caplog):
+    # Finite keys whose scores overflow to nan: refused once the scores are gathered, on every rank
+    # alike, so the server goes on with the prefix uncompressed (a failure on one rank is raised).
+    stub = SchedulerStub(KvPolicyConfig(policy="lava", window=WINDOW, min_prefix=MIN_PREFIX),
+                         tensor_parallel=TensorParallel(rank=0, world_size=2, group=OtherRank()))
+    fork_commit = stub.prefill(stub.request(document(0), max_new_tokens=0))
+    row = stub.req_to_token_pool.req_to_token[fork_commit.kv.req_pool_idx, :5].long()
+    for k_buffer in stub.kv_pool.k_buffer:
+        k_buffer[row] = 3e38
+    with caplog.at_level(logging.WARNING):
+        stub.finish(fork_commit)
+    assert not stub.compressed_nodes() and "kept uncompressed: the scores computed from the observation contain nan" \
+        in caplog.text
+    run(stub, document(1))  # still serving
     assert_all_released(stub)
 
 

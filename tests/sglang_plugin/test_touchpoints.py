@@ -85,6 +85,9 @@ def test_the_names_the_start_up_checks_read_exist_in_this_sglang():
 
     context_fields = {field.name for field in dataclasses.fields(TreeCacheBuildContext)}
     assert {"is_hybrid_swa", "is_hybrid_ssm", "is_dsa", "model_config", "tp_worker", "params"} <= context_fields
+    from sglang.srt.mem_cache.cache_init_params import CacheInitParams
+
+    assert "page_size" in {field.name for field in dataclasses.fields(CacheInitParams)}
     assert not_set_in(ModelConfig, ["attention_arch", "is_generation", "context_len", "hf_config"]) == []
     assert not_set_in(RadixAttention, ["logit_cap", "is_cross_attention", "qk_head_dim", "v_head_dim", "scaling",
                                  "tp_q_head_num", "tp_k_head_num", "sliding_window_size"]) == []
