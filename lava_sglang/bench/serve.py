@@ -803,12 +803,12 @@ def run(args: argparse.Namespace) -> int:
     out_dir = Path(args.out)
     notes = read_notes(args.notes, out_dir / f"{stem}_notes.md" if args.report_only else None)
 
-    def write(result) -> list[Path]:
+    def write(result, file_stem: str = stem) -> list[Path]:
         if notes:
             result["notes"] = notes
         elif args.notes is not None:  # an explicit --notes none (or an empty file) takes out a run's own
             result.pop("notes", None)
-        return write_serving_report(result, out_dir, stem)
+        return write_serving_report(result, out_dir, file_stem)
 
     if args.report_only:
         refuse_run_flags(args, add_arguments(argparse.ArgumentParser()), REPORT_FLAGS + ("name", "memory_bound"))
@@ -824,23 +824,29 @@ def run(args: argparse.Namespace) -> int:
         if argv[:2] == ["bench", "serve"]:  # as `lava-sglang bench serve` passes them
             argv = argv[2:]
         command = "lava-sglang bench serve " + " ".join(shlex.quote(a) for a in argv)
-        written = []
+        partial_stem, written, partial_paths = f"{stem}_partial", [], []
 
-        def write_so_far(result):  # the policies measured so far, replaced by the next write
+        def write_so_far(result):
+            # The policies measured so far, in files of their own: a run that fails part way leaves
+            # the folder's last whole run (docs/results' published one, by default) as it was.
             result["meta"]["command"] = command
-            write(result)
+            partial_paths[:] = write(result, partial_stem)
             written[:] = [record["policy"] for record in result["records"]]
 
         try:
             result = run_benchmark(config, progress=not args.no_progress, log_dir=args.log_dir,
                                    on_policy_done=write_so_far)
         except (ServerExited, TimeoutError, requests.RequestException) as error:  # a server failed or died
-            saved = f"; {out_dir / stem}.md holds what was measured before: {', '.join(written)}" if written else ""
+            saved = (f"; {out_dir / partial_stem}.md holds what was measured before: {', '.join(written)}"
+                     if written else "")
             print(f"lava-sglang bench serve: error: {error}{saved}", file=sys.stderr)
             return 1
         result["meta"]["command"] = command
     for path in write(result):
         print(f"wrote {path}")
+    if not args.report_only:
+        for path in partial_paths:  # the whole run replaces what was measured part way
+            path.unlink(missing_ok=True)
     return 0
 
 

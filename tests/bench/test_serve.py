@@ -384,14 +384,23 @@ def test_a_server_that_fails_keeps_the_policies_measured_before_it(tmp_path, mon
 
     monkeypatch.setattr(serve, "run_benchmark", run_benchmark)
     monkeypatch.setattr("sys.argv", ["lava-sglang", "bench", "serve"])
+    (tmp_path / "serving.md").write_text("the folder's last whole run\n")
     assert serve.main(["--policies", "none", "lava", "--out", str(tmp_path), "--no-progress"]) == 1
     error = capsys.readouterr().err
-    assert (f"error: the lava server exited with code 1; {tmp_path / 'serving'}.md holds what was measured "
-            "before: none") in error
-    saved = json.loads((tmp_path / "serving.json").read_text())
+    assert (f"error: the lava server exited with code 1; {tmp_path / 'serving_partial'}.md holds what was "
+            "measured before: none") in error
+    saved = json.loads((tmp_path / "serving_partial.json").read_text())
     assert [record["policy"] for record in saved["records"]] == ["none"]
     assert saved["meta"]["command"] == f"lava-sglang bench serve --policies none lava --out {tmp_path} --no-progress"
-    assert "**A partial run**: no figures for lava" in (tmp_path / "serving.md").read_text()
+    assert "**A partial run**: no figures for lava" in (tmp_path / "serving_partial.md").read_text()
+    assert (tmp_path / "serving.md").read_text() == "the folder's last whole run\n"  # a published run stays
+    # A run that goes through replaces both.
+    monkeypatch.setattr(serve, "run_benchmark", lambda config, progress, log_dir, on_policy_done: (
+        on_policy_done({"records": measured["records"][:1], "meta": {**measured["meta"], "config": asdict(config)}})
+        or synthetic_result()))
+    assert serve.main(["--policies", "none", "lava", "--out", str(tmp_path), "--no-progress"]) == 0
+    assert not list(tmp_path.glob("serving_partial.*"))
+    assert "**A partial run**" not in (tmp_path / "serving.md").read_text()
 
 
 def test_a_new_run_does_not_take_the_notes_of_the_run_already_in_its_folder(tmp_path, monkeypatch):
