@@ -361,10 +361,10 @@ def plot(records: list[dict], config: dict, path: Path) -> None:
                     axis.axhline(found[0][metric], color="black", linestyle="--", label="full cache")
                     continue
                 if _is_positional(where["policy"]):
-                    color, marker, style = "gray", "x", ":"
-                    if where["mode"] == "query_aware" and _select(records, mode="compress_once",
-                                                                  policy=where["policy"]):
-                        continue  # its compress-once line is the reference: the same cells
+                    # Not the same cells per question: the question takes the recent window, and
+                    # the ratio is of the longer prompt.
+                    color = SOURCE_COLOR["per question"] if where["mode"] == "query_aware" else "gray"
+                    marker, style = "x", ":"
                 elif single_source:  # one source: a colour per policy, so variants can be told apart
                     marker, style = POLICY_MARKER.get(where["policy"], ("o", "-"))
                     color = policy_colors[where["policy"]]

@@ -10,7 +10,7 @@ import pytest
 
 from lava_sglang.bench.quality import (ConfigFieldError, QualityBenchmark, QualityConfig, middles_at_compression,
                                        split_of)
-from lava_sglang.bench.report import markdown, normalise, paired_by_document, targets, write_quality_report
+from lava_sglang.bench.report import markdown, normalise, paired_by_document, plot, targets, write_quality_report
 from lava_sglang.cli import build_parser, main
 
 SOURCES = ["tail", "branches", "reconstruct"]
@@ -335,3 +335,17 @@ def test_the_share_of_the_full_cache_has_an_interval_over_the_documents_where_th
     lava["by_document"][-1] = [6, 0, 10]  # a document the full cache was not asked about
     with pytest.raises(ValueError, match="document 6: 10 questions in the lava cell, 0 in the full cell"):
         paired_by_document(lava, full)
+
+
+def test_the_plot_draws_streamingllm_per_question_beside_its_compress_once_line(tmp_path, monkeypatch):
+    # Not the same cells: per question, the question takes the recent window and the ratio is of the longer prompt.
+    from matplotlib.figure import Figure
+
+    legend_labels = []
+    original_legend = Figure.legend
+    monkeypatch.setattr(Figure, "legend", lambda figure, handles, labels, **options: legend_labels.extend(labels)
+                        or original_legend(figure, handles, labels, **options))
+    records = synthetic_records() + [retrieval("query_aware", "tail", "at_compression", "streamingllm", ratio, 3)
+                                     for ratio in (0.2, 0.4)]
+    plot(records, CONFIG, tmp_path / "quality.png")
+    assert {"streamingllm", "per question · streamingllm", "per question · lava"} <= set(legend_labels)
