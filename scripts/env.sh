@@ -16,7 +16,8 @@ if [ -z "${BASH_VERSION:-}" ]; then  # zsh, dash: no BASH_SOURCE, so the reposit
     echo "lava-sglang: scripts/env.sh is for bash; run bash, then source it there" >&2
     return 2 2>/dev/null || exit 2
 fi
-REPO_ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+# CDPATH= : an exported CDPATH would send a relative cd elsewhere, and make it print the folder.
+REPO_ROOT=$(CDPATH= cd -- "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 CACHE_ROOT=${LAVA_SGLANG_CACHE:-$HOME/.cache/lava-sglang}
 if ! LOCK_KEY=$(set -o pipefail; cat "$REPO_ROOT/requirements.lock" "$REPO_ROOT/requirements-nodeps.txt" \
                 "$REPO_ROOT/scripts/make_env.sh" | sha256sum | cut -c1-16); then

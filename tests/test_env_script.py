@@ -91,6 +91,16 @@ def test_a_relative_cache_folder_is_found_after_the_scripts_change_directory(tmp
     assert result.stdout.strip() == str(venv / "bin" / "python")
 
 
+def test_the_repository_is_found_whatever_an_exported_cdpath_says(tmp_path):
+    # .ci/run and test.sh source env.sh by a relative path, which cd looks up in CDPATH first.
+    (tmp_path / "elsewhere" / REPO_ROOT.name / "scripts").mkdir(parents=True)
+    for cdpath in (f".:{tmp_path / 'elsewhere'}", str(tmp_path / "elsewhere")):
+        result = source_env(tmp_path, "never", before=f"cd {REPO_ROOT.parent} && export CDPATH={cdpath}; ",
+                            after=' && echo "repository: $REPO_ROOT"', repo_root=Path(REPO_ROOT.name))
+        assert result.returncode == 0, result.stderr
+        assert result.stdout.splitlines()[-1] == f"repository: {REPO_ROOT}"
+
+
 def test_a_complete_environment_is_reused_and_its_editable_install_made_once(tmp_path):
     assert source_env(tmp_path, "never").returncode == 0
     (venv,) = environments(tmp_path)
