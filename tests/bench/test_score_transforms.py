@@ -31,8 +31,9 @@ def test_every_variant_plans_at_every_keep_ratio_and_the_table_is_written(runtim
     result = score_transforms.run(arguments(tmp_path), "test", "Harness", ["as observed"], variants, runtime)
     assert calls == [0.2, 1.0]
     assert list(result["right"]) == ["full cache", "as observed, keep 0.2", "as observed, keep 1"]
-    # keep 1.0 keeps every row: it answers as the full cache does
+    # keep 1.0 keeps every row: it answers as the full cache does, right or wrong in the same way
     assert result["right"]["as observed, keep 1"] == result["right"]["full cache"]
+    assert result["wrong"]["as observed, keep 1"] == result["wrong"]["full cache"]
     assert json.loads((tmp_path / "one.json").read_text())["right"] == result["right"]
     for cell, count in result["right"].items():  # every answer is right or wrong in one way
         assert count + sum(result["wrong"][cell].values()) == 1
