@@ -55,7 +55,7 @@ from lava_sglang.sglang_plugin.config import (BRANCHES, DEFERRED_OBSERVE_SOURCES
                                               KvPolicyConfig)
 from lava_sglang.sglang_plugin.metrics import StoreMetrics
 from lava_sglang.sglang_plugin.pending import PendingPrefix, RepetitionCost
-from lava_sglang.sglang_plugin.repetition import REPETITION_RID_PREFIX, RepetitionClient, RepetitionScores
+from lava_sglang.sglang_plugin.repetition import RepetitionClient, RepetitionScores
 from lava_sglang.sglang_plugin.tensor_parallel import TensorParallel
 from lava_sglang.sglang_plugin.touchpoints import (cached_prompt_tokens, has_input_embeddings, radix_cache_api,
                                                    seconds_since_first_forward)
@@ -98,7 +98,7 @@ class LavaRadixCache(CompressedRadixCache):
         # them, and a client must not guess them), then a count.
         self.repetition_rid_base = uuid.uuid4().hex if tensor_parallel is None else tensor_parallel.from_first_rank(
             uuid.uuid4().hex)
-        self._repetition_rid_prefix = f"{REPETITION_RID_PREFIX}{self.repetition_rid_base}-"
+        self._repetition_rid_prefix = f"{self.repetition_rid_base}-"
         self.repetitions_started = 0
         self.policy = config.make_policy()
         self.capture = WindowCapture(config.window, config.min_prefix)
@@ -224,7 +224,7 @@ class LavaRadixCache(CompressedRadixCache):
     def on_release(self, req, *, checkpointed: bool) -> None:
         repeated_len = None
         try:
-            # By this server's random base, which a client cannot guess (it may send "lava-repeat-..."); a
+            # By this server's random base, which a client cannot guess (it may send "...lava-repeat-..."); a
             # chunk whose repetition is forgotten still is no commit, though max_new_tokens is 0.
             if isinstance(req.rid, str) and req.rid.startswith(self._repetition_rid_prefix):
                 repeated_len = self._end_repetition(req, checkpointed)

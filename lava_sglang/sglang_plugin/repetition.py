@@ -4,7 +4,7 @@ When a fork prefix P (n tokens) is committed, the plugin splits it into chunks o
 `--kv-observe-chunk` tokens (`Reconstruct`, docs/observe.md) and asks its own server (HTTP
 on loopback, as SGLang's start-up warm-up request does) to prefill, one chunk after the
 other, P + I_t + P[start:end], I_t being the chunk's repeat instruction, with
-`max_new_tokens` 0 and a rid starting with `REPETITION_RID_PREFIX`. The scheduler runs each
+`max_new_tokens` 0 and a rid naming `REPETITION_RID_TAG` after a random base. The scheduler runs each
 like any request: it matches the cached P and prefills I_t and the chunk (in as many pieces
 as chunked prefill makes). For each piece the attention path calls
 `RepetitionScores.add_chunk`, which folds the piece's attention on the tokens the chunk
@@ -36,7 +36,10 @@ from lava_sglang.policy import (Reconstruct, assistant_turn_text, repeat_attenti
 
 logger = logging.getLogger(__name__)
 
-REPETITION_RID_PREFIX = "lava-repeat-"
+# In the chunks' request ids, after a random base: SGLang's scheduler aborts every request whose
+# rid starts with an aborted one's, so a fixed prefix would let one client's abort of its own
+# request "lava-repeat-" stop every repetition.
+REPETITION_RID_TAG = "lava-repeat"
 
 
 def add_known(total: float | None, seconds: float | None) -> float | None:
@@ -98,7 +101,7 @@ class RepetitionScores:
         the window alone would score nothing the plan reads). apply_chat_template: the
         tokenizer's, for `Reconstruct.chat_turn`; without a usable template the chunks are
         introduced by the instruction alone (logged). rid_base: what the chunks' request ids
-        start with, after REPETITION_RID_PREFIX (default: a random one); the ranks of one
+        start with, before REPETITION_RID_TAG (default: a random one); the ranks of one
         tensor-parallel group plan the same repetition with the same one."""
         assistant_turn = ""
         if source.chat_turn:
@@ -112,7 +115,7 @@ class RepetitionScores:
         prefix_ids = list(prefix_ids)
         prefix_len = len(prefix_ids)
         selectable = prefix_len - min(window, prefix_len)
-        base = REPETITION_RID_PREFIX + (rid_base or uuid.uuid4().hex)
+        base = f"{rid_base or uuid.uuid4().hex}-{REPETITION_RID_TAG}"
         chunks = []
         for index, (start, end) in enumerate(repeat_chunks(prefix_len, source.chunk_tokens)):
             if start >= selectable:

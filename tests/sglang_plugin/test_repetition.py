@@ -10,7 +10,7 @@ import torch
 
 from lava_sglang.policy import Reconstruct, repeat_attention_chunk
 from lava_sglang.sglang_plugin import repetition, touchpoints
-from lava_sglang.sglang_plugin.repetition import REPETITION_RID_PREFIX, RepetitionClient, RepetitionScores
+from lava_sglang.sglang_plugin.repetition import REPETITION_RID_TAG, RepetitionClient, RepetitionScores
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 4, 2, 8
 PREFIX_LEN, WINDOW = 10, 3  # n, w: m = 7 selectable tokens
@@ -58,7 +58,11 @@ def test_chunks_skip_the_window_and_each_request_is_prefix_prompt_and_chunk():
                                                                   PREFIX_IDS + [200, 3, 4, 300] + PREFIX_IDS[4:8]]
     assert scores.num_queries == (3 + 4) + (4 + 4)
     assert scores.longest_request == PREFIX_LEN + 4 + 4
-    assert len(set(scores.rids)) == 2 and all(rid.startswith(REPETITION_RID_PREFIX) for rid in scores.rids)
+    # One random base, then the tag: SGLang aborts every rid that starts with an aborted one's, so no
+    # client's own request ("lava-repeat-") may be a prefix of the chunks'.
+    bases = {rid.partition(f"-{REPETITION_RID_TAG}-")[0] for rid in scores.rids}
+    assert len(set(scores.rids)) == 2 and len(bases) == 1 and len(bases.pop()) == 32
+    assert not any(rid.startswith(REPETITION_RID_TAG) for rid in scores.rids)
     assert new_scores().rids[0] != scores.rids[0]
 
 
