@@ -49,7 +49,8 @@ def wrapped_torch_native(k_buffer: torch.Tensor, v_buffer: torch.Tensor, req_to_
 
 
 class BatchFields(SimpleNamespace):
-    """Fields of SGLang's ForwardBatch; weakly referenced, as the attention path holds a batch."""
+    """Fields of SGLang's ForwardBatch, in a class of their own: the attention path keeps a weak
+    reference to its batch, which a SimpleNamespace cannot be."""
 
 
 def extend_batch(req_pool_indices: list[int], prefix_lens: list[int], extend_lens: list[int]) -> BatchFields:

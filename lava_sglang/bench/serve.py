@@ -9,7 +9,8 @@ front of several (`--url`, loopback only; documents resident are then reported p
 Per policy it reports accuracy, cached-token share, peak KV memory (main pool +
 compressed store, sampled from /server_info), compression time per document, throughput,
 TTFT / end-to-end latency percentiles (every generation is streamed to time its first
-token) and document recomputations (cache misses), into serving.{json,md,png}.
+token) and document recomputations (cache misses), into serving.{json,md,png} (after each
+policy, what was measured so far into serving_partial.*, which the whole run removes).
 
 `--memory-bound` caps the KV pool (`--max-total-tokens`) so stock SGLang keeps only
 `--resident-documents` documents, and asks more documents than that, a few questions per
@@ -139,7 +140,8 @@ UNREADABLE_ANSWERS = {"--incremental-streaming-output": "incremental_streaming_o
 def check_extra_server_args(server_args: list[str]) -> None:
     """Refuse --server-args that would change what the report says ran: a flag this command
     sets, also abbreviated (SGLang's parser takes any unambiguous prefix of a flag, which the
-    plugin's checks before a server starts do not), or a plugin's --kv-* flag abbreviated.
+    plugin's checks before a server starts do not), or a plugin's --kv-* flag abbreviated; and
+    a flag whose answers the programs cannot read (`UNREADABLE_ANSWERS`), abbreviated too.
     SGLang's own --kv-* flags (--kv-cache-dtype) pass."""
     from lava_sglang.sglang_plugin.config import FLAGS
 
@@ -296,7 +298,8 @@ class Sampler(threading.Thread):
 
 
 def server_facts(url: str) -> dict:
-    """What the server says about itself: capacity, KV bytes per token, its policy options."""
+    """What the server says about itself: capacity, KV bytes per token, its policy options, and
+    the flags it runs with whose answers the programs cannot read (`UNREADABLE_ANSWERS`)."""
     info = requests.get(url + "/server_info", timeout=60).json()
     state = info["internal_states"][0]
     memory = state.get("memory_usage", {})

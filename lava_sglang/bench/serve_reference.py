@@ -195,8 +195,9 @@ def server_dtypes(meta: dict) -> dict[str, str]:
 
 
 def last_flag_value(args: list[str], flag: str) -> str | None:
-    """The value SGLang's parser takes for `flag` from `args` (`--flag V` or `--flag=V`): the
-    last one given, as a user's --server-args follow the flags `bench serve` sets."""
+    """The value SGLang's parser takes for `flag` from `args`, given in full (`--flag V` or
+    `--flag=V`; not an abbreviation): the last one given, as a user's --server-args follow the
+    flags `bench serve` sets."""
     value = None
     for index, arg in enumerate(args):
         if arg == flag and index + 1 < len(args):

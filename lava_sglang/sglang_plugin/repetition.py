@@ -180,8 +180,8 @@ class RepetitionScores:
         first_position .. first_position + T - 1, keys [S, Hkv, d] of positions 0 .. S - 1;
         pool_used: pool slots in use now; lse [T, Hq]: the queries' log-sum-exp over every key
         they see, from the attention that computed them (the global normaliser, used when
-        the scores are normalised globally; required under view "chunk", whose queries see
-        fewer keys than `keys` holds)."""
+        the scores are normalised globally, and then required under view "chunk", whose
+        queries see fewer keys than `keys` holds)."""
         if lse is None and self.source.view == "chunk" and self.source.normalize == "global":
             raise ValueError('under view "chunk" a globally normalised repetition needs its attention\'s lse')
         started = time.perf_counter()
