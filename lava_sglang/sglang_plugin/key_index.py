@@ -2,8 +2,8 @@
 
 A match asks for the longest compressed prefix whose whole key starts a request's key. Most
 prompts start alike (a BOS token, a chat template's opening, a shared system prompt), so a
-list per first token made every match compare the request with every stored document (about
-20 ms of scheduler time per match at 4096 documents). Here one walk from the root reads each
+list per first token made every match compare the request with every stored document
+(`scripts/key_index_timing.py` times both). Here one walk from the root reads each
 of the request's tokens at most once, however many documents share a header.
 
 The keys are SGLang's RadixKeys, compared token by token (page size 1, as the compressed
@@ -75,7 +75,7 @@ class KeyIndex(Generic[Item]):
 
     def remove(self, key) -> Item:
         """Take out and return the item stored under `key`; KeyError where none is."""
-        node = self._exact(key)
+        node = next((node for node, read in self._walk(key) if read == len(key)), None)
         if node is None or node.item is None:
             raise KeyError(f"no item under this {len(key)}-token key")
         item, node.item = node.item, None
@@ -87,21 +87,19 @@ class KeyIndex(Generic[Item]):
 
     def longest_prefix_of(self, key) -> Item | None:
         """The item whose key is the longest one that `key` starts with (all of it matched)."""
-        best, node, offset = None, self.root, 0
-        while offset < len(key):
-            child = node.children.get(key.child_key_at(offset, 1))
-            if child is None or child.key.match_at(key, offset) < len(child.key):
-                break
-            node, offset = child, offset + len(child.key)
+        best = None
+        for node, _ in self._walk(key):
             if node.item is not None:
                 best = node.item
         return best
 
-    def _exact(self, key) -> _IndexNode | None:
-        node, offset = self.root, 0
-        while offset < len(key):
-            child = node.children.get(key.child_key_at(offset, 1))
-            if child is None or child.key.match_at(key, offset) < len(child.key):
-                return None
-            node, offset = child, offset + len(child.key)
-        return node
+    def _walk(self, key) -> Iterator[tuple[_IndexNode, int]]:
+        """Each node whose whole run `key` continues through, from the root's child on, with how
+        many of `key`'s tokens are read at its end."""
+        node, read = self.root, 0
+        while read < len(key):
+            node = node.children.get(key.child_key_at(read, 1))
+            if node is None or node.key.match_at(key, read) < len(node.key):
+                return
+            read += len(node.key)
+            yield node, read
